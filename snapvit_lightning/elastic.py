@@ -1,0 +1,429 @@
+"""The elastic model: permuted weights + scores, from which any budget is a prefix slice.
+
+File format (``*.elastic.safetensors``, :data:`FORMAT_VERSION`):
+
+* tensors ``model.<name>``: the full state dict of the permuted model (or of a sliced subnet);
+* tensors ``scores.mlp`` ``[B, hidden]``, ``scores.heads`` ``[B, H]`` and, when the search ran,
+  ``scores.block_weights`` ``[B]``, ``scores.head_weights`` ``[B, H]``, ``scores.covariance``;
+  all in the permuted unit order, so unit ``i`` of a block is its ``i``-th best;
+* tensors ``order.mlp`` / ``order.heads``: the original index of each permuted unit;
+* string metadata (JSON values): ``format``, ``format_version``, ``kind`` (``elastic`` or
+  ``subnet``), ``model_name`` and ``model_kwargs`` (to rebuild the timm model with
+  ``pretrained=False``), ``input_size``, ``block_dims`` (per block ``[heads, neurons]``),
+  ``scores_meta``, ``snapvit_version``, ``timm_version``, ``torch_version``.
+
+Loading parses JSON and reads tensors only; the model is rebuilt by its registered timm name
+with plain keyword values, so nothing in a file is ever executed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .scores import ImportanceScores, check_ratio
+from .structure import (
+    BlockDims,
+    block_dims,
+    count_flops,
+    count_params,
+    get_blocks,
+    inspect_vit,
+    permute_block,
+    slice_model,
+)
+
+__all__ = ["ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata"]
+
+FORMAT = "snapvit-elastic"
+FORMAT_VERSION = 1
+
+
+class ElasticViT:
+    """A timm ViT whose blocks are permuted by descending importance, sliceable to any budget.
+
+    Args:
+        model: A supported timm ``VisionTransformer`` (see :mod:`snapvit_lightning.structure`);
+            it is copied, never changed.
+        scores: Importance scores whose shapes match the model's blocks. If they carry search
+            weights, units are ranked by the weighted scores.
+        model_name: Registered timm name to rebuild the model from a file. Default: the model's
+            ``pretrained_cfg["architecture"]``.
+        model_kwargs: JSON-serialisable keyword arguments for ``timm.create_model`` that rebuild
+            the same architecture. Default: ``num_classes``, ``img_size`` and ``global_pool``
+            read from the model; checked by building the model on the meta device.
+
+    Raises:
+        UnsupportedModelError: For a model the cut would get wrong.
+        ValueError: If the scores do not match the model, the blocks are not uniform, or the
+            name/kwargs do not rebuild the same architecture.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scores: ImportanceScores,
+        *,
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        structure = inspect_vit(model)
+        if not structure.is_uniform:
+            raise ValueError("model has blocks of different sizes; build the elastic model from the dense model")
+        _check_scores_match(scores, structure.blocks[0], structure.num_blocks)
+        self.model_name, self.model_kwargs = _resolve_rebuild(model, model_name, model_kwargs)
+        elastic = copy.deepcopy(model).eval().requires_grad_(False)
+        mlp_order, head_order = scores.block_orders()
+        for block, m_order, h_order in zip(get_blocks(elastic), mlp_order, head_order):
+            permute_block(block, m_order, h_order)
+        self._init(elastic, scores.permuted(mlp_order, head_order), mlp_order, head_order)
+
+    def _init(
+        self, model: nn.Module, scores: ImportanceScores, mlp_order: torch.Tensor, head_order: torch.Tensor
+    ) -> None:
+        self.model = model
+        self.scores = scores
+        self.mlp_order = mlp_order
+        self.head_order = head_order
+        self.structure = inspect_vit(model)
+        self._dense_flops = count_flops(model)["total"]
+        self._dense_params = count_params(model)["total"]
+
+    # ------------------------------------------------------------------------------------------
+    # Budgets
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The model's input image size ``(H, W)``."""
+        return tuple(int(s) for s in self.model.patch_embed.img_size)
+
+    def dims(self, mlp_ratio: float = 0.0, head_ratio: float = 0.0) -> list[BlockDims]:
+        """Per-block kept heads and neurons at ``(mlp_ratio, head_ratio)`` (global ranking).
+
+        Raises:
+            ValueError: A ratio outside ``[0, 1)``.
+        """
+        neurons, heads = self.scores.keep_counts(mlp_ratio, head_ratio)
+        return [BlockDims(int(h), int(n)) for h, n in zip(heads, neurons)]
+
+    def cost(self, dims: Sequence[BlockDims]) -> dict[str, float]:
+        """FLOPs and parameters (absolute and as a fraction of the dense model) of ``dims``."""
+        flops = count_flops(self.model, dims=dims)["total"]
+        params = count_params(self.model, dims=dims)["total"]
+        return {
+            "flops": flops,
+            "params": params,
+            "flops_fraction": flops / self._dense_flops,
+            "params_fraction": params / self._dense_params,
+        }
+
+    def resolve_budget(
+        self,
+        mlp_ratio: float | None = None,
+        head_ratio: float | None = None,
+        *,
+        flops: float | None = None,
+        params: float | None = None,
+        head_ratio_scale: float = 1.0,
+    ) -> tuple[float, float]:
+        """Turn a budget into ``(mlp_ratio, head_ratio)``.
+
+        Give either ratios (a missing one is 0) or exactly one of ``flops``/``params``. For a
+        FLOPs or parameter fraction ``f`` the rule is: prune ``r`` of the neurons and
+        ``head_ratio_scale * r`` of the heads (the same ratio by default), with the smallest
+        ``r`` whose cost is at most ``f`` times the dense model's, found by bisection (the cost
+        does not increase with ``r``). So the result is the largest model on that line that
+        fits the budget.
+
+        Raises:
+            ValueError: Both a ratio and a fraction, a fraction outside ``(0, 1]``, or a budget
+                below what the per-block minimum keep allows.
+        """
+        if flops is None and params is None:
+            return (
+                check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
+                check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"),
+            )
+        if flops is not None and params is not None:
+            raise ValueError("give only one of flops and params")
+        if mlp_ratio is not None or head_ratio is not None:
+            raise ValueError("give either mlp_ratio/head_ratio or a flops/params fraction, not both")
+        name, target = ("flops", flops) if flops is not None else ("params", params)
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ValueError(f"{name} must be a fraction in (0, 1], got {target!r}")
+        if isinstance(head_ratio_scale, bool) or not 0.0 <= head_ratio_scale <= 1.0:
+            raise ValueError(f"head_ratio_scale must be in [0, 1], got {head_ratio_scale!r}")
+        key = f"{name}_fraction"
+
+        def fraction(r: float) -> float:
+            return self.cost(self.dims(r, head_ratio_scale * r))[key]
+
+        if fraction(0.0) <= target:
+            return 0.0, 0.0
+        hi = math.nextafter(1.0, 0.0)
+        if fraction(hi) > target:
+            raise ValueError(
+                f"{name}={target} is below the smallest reachable fraction {fraction(hi):.4f} "
+                f"(min_mlp_keep={self.scores.min_mlp_keep}, min_head_keep={self.scores.min_head_keep})"
+            )
+        lo = 0.0  # fraction(lo) > target >= fraction(hi)
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if fraction(mid) <= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi, head_ratio_scale * hi
+
+    def subnet(
+        self,
+        mlp_ratio: float | None = None,
+        head_ratio: float | None = None,
+        *,
+        flops: float | None = None,
+        params: float | None = None,
+        head_ratio_scale: float = 1.0,
+    ) -> nn.Module:
+        """A new, physically smaller, ordinary timm model at the given budget.
+
+        The elastic model is left whole, so budgets can be cut in any order. See
+        :meth:`resolve_budget` for how a ``flops``/``params`` fraction is turned into ratios.
+
+        Raises:
+            ValueError: See :meth:`resolve_budget`.
+        """
+        ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
+        return self.slice(self.dims(*ratios))
+
+    def slice(self, dims: Sequence[BlockDims]) -> nn.Module:
+        """A copy of the elastic model with each block cut to the first ``dims`` units."""
+        sub = copy.deepcopy(self.model)
+        slice_model(sub, dims)
+        return sub
+
+    # ------------------------------------------------------------------------------------------
+    # Files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the elastic checkpoint (safetensors; written to a temporary file, then renamed)."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(self.scores.to_tensors())
+        tensors["order.mlp"] = self.mlp_order
+        tensors["order.heads"] = self.head_order
+        meta = _metadata("elastic", self.model, self.model_name, self.model_kwargs)
+        meta["scores_meta"] = json.dumps(self.scores.metadata())
+        _write(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ElasticViT":
+        """Read an elastic checkpoint written by :meth:`save` (no network, no code execution).
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: A corrupt or truncated file, another format or version, a subnet file,
+                or contents that do not fit the model they name.
+        """
+        tensors, meta = _read(path)
+        if meta["kind"] != "elastic":
+            raise ValueError(f"{path} holds a {meta['kind']!r}, not an elastic model; use load_subnet()")
+        try:
+            scores = ImportanceScores.from_tensors(tensors, json.loads(meta["scores_meta"]))
+            mlp_order, head_order = tensors["order.mlp"], tensors["order.heads"]
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: invalid scores in the elastic checkpoint: {err}") from err
+        model = _rebuild(path, meta, tensors)
+        _check_scores_match(scores, block_dims(get_blocks(model)[0]), len(get_blocks(model)))
+        self = cls.__new__(cls)
+        self.model_name, self.model_kwargs = meta["model_name"], meta["model_kwargs"]
+        self._init(model, scores, mlp_order, head_order)
+        return self
+
+    def save_subnet(self, path: str | os.PathLike, subnet: nn.Module) -> None:
+        """Write a subnet cut from this model, with its per-block dims (see :func:`save_subnet`)."""
+        save_subnet(subnet, path, model_name=self.model_name, model_kwargs=self.model_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def save_subnet(
+    model: nn.Module, path: str | os.PathLike, *, model_name: str, model_kwargs: dict[str, Any]
+) -> None:
+    """Write a (sliced) timm ViT with its per-block dims so :func:`load_subnet` rebuilds it.
+
+    Raises:
+        ValueError: If ``model_name``/``model_kwargs`` do not rebuild this architecture.
+    """
+    inspect_vit(model)
+    _check_kwargs_json(model_kwargs)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta = _metadata("subnet", model, model_name, model_kwargs)
+    _rebuild(path, {**meta, "model_kwargs": model_kwargs, "block_dims": json.loads(meta["block_dims"])}, tensors, check_only=True)
+    _write(path, tensors, meta)
+
+
+def load_subnet(path: str | os.PathLike) -> nn.Module:
+    """Read a subnet written by :func:`save_subnet` (or the full model of an elastic file).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: A corrupt file, another format or version, or mismatching contents.
+    """
+    tensors, meta = _read(path)
+    return _rebuild(path, meta, tensors)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed metadata of an elastic or subnet file, without reading its tensors."""
+    return _read(path, tensors=False)[1]
+
+
+def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: int) -> None:
+    expected = (num_blocks, dims.mlp_hidden, dims.num_heads)
+    got = (scores.num_blocks, scores.mlp_hidden, scores.num_heads)
+    if got != expected:
+        raise ValueError(
+            f"scores (blocks, neurons, heads) = {got} do not match the model's {expected}"
+        )
+
+
+def _check_kwargs_json(model_kwargs: Any) -> None:
+    if not isinstance(model_kwargs, dict):
+        raise ValueError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+    try:
+        json.dumps(model_kwargs)
+    except TypeError as err:
+        raise ValueError(f"model_kwargs must hold JSON values only (names, numbers, lists): {err}") from err
+
+
+def _resolve_rebuild(
+    model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    if model_name is None:
+        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not model_name:
+            raise ValueError("model_name is required: the model has no pretrained_cfg['architecture']")
+    if not timm.is_model(model_name):
+        raise ValueError(f"model_name {model_name!r} is not a registered timm model")
+    if model_kwargs is None:
+        model_kwargs = {
+            "num_classes": int(model.num_classes),
+            "img_size": [int(s) for s in model.patch_embed.img_size],
+            "global_pool": model.global_pool,
+        }
+        if getattr(model, "dynamic_img_size", False):
+            model_kwargs["dynamic_img_size"] = True
+    _check_kwargs_json(model_kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        rebuilt = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
+        raise ValueError(
+            f"timm.create_model({model_name!r}, **{model_kwargs}) does not rebuild this model "
+            f"(first differences: {diff}); pass model_name and model_kwargs explicitly"
+        )
+    return model_name, dict(model_kwargs)
+
+
+def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[str, Any]) -> dict[str, str]:
+    dims = [[d.num_heads, d.mlp_hidden] for d in map(block_dims, get_blocks(model))]
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
+        "model_name": model_name,
+        "model_kwargs": json.dumps(model_kwargs),
+        "input_size": json.dumps([int(s) for s in model.patch_embed.img_size]),
+        "block_dims": json.dumps(dims),
+        "snapvit_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_REQUIRED_META = ("format", "format_version", "kind", "model_name", "model_kwargs", "block_dims", "input_size")
+
+
+def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no elastic/subnet file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (format={raw.get('format')!r})")
+    if raw.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path} has format_version {raw.get('format_version')!r}; this snapvit_lightning "
+            f"{__version__} reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in _REQUIRED_META if k not in raw]
+    if missing:
+        raise ValueError(f"{path} lacks metadata {missing}")
+    meta: dict[str, Any] = dict(raw)
+    try:
+        for key in ("model_kwargs", "block_dims", "input_size"):
+            meta[key] = json.loads(raw[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid metadata JSON: {err}") from err
+    if meta["kind"] not in ("elastic", "subnet"):
+        raise ValueError(f"{path}: unknown kind {meta['kind']!r}")
+    return data, meta
+
+
+def _rebuild(
+    path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_only: bool = False
+) -> nn.Module:
+    name, kwargs = meta["model_name"], meta["model_kwargs"]
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(f"{path}: model_name {name!r} is not a registered timm model")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: model_kwargs must be a JSON object, got {kwargs!r}")
+    try:
+        dims = [BlockDims(int(h), int(n)) for h, n in meta["block_dims"]]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid block_dims {meta['block_dims']!r}") from err
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        slice_model(model, dims)
+        if check_only:
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if expected != {k: tuple(v.shape) for k, v in state.items()}:
+                raise ValueError("state dict shapes differ from the rebuilt model")
+            return model
+        model.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"{path}: the weights do not fit {name} with {kwargs} and block_dims {meta['block_dims']}: {err}") from err
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"{path}: the file does not hold {leftover[:3]} of {name}")
+    return model.eval()

@@ -1,0 +1,266 @@
+"""Importance scores of MLP neurons and attention heads, and the global ranking.
+
+:class:`ImportanceScores` is a plain object of tensors and scalars: it is what the scoring
+stage produces, what the search rescales, and what the elastic checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["ImportanceScores", "check_ratio"]
+
+
+def check_ratio(value: float, name: str) -> float:
+    """Validate a pruning ratio in ``[0, 1)``.
+
+    Raises:
+        ValueError: If ``value`` is not a finite number in ``[0, 1)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_keep(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass
+class ImportanceScores:
+    """Per-block MLP-neuron and head scores, optional search weights, and the global ranking.
+
+    Attributes:
+        mlp: ``[B, hidden]`` non-negative neuron scores (higher = more important).
+        heads: ``[B, H]`` non-negative head scores.
+        block_weights: Optional ``[B]`` search weights that rescale each block's MLP scores.
+        head_weights: Optional ``[B, H]`` search weights that rescale each head's score.
+        covariance: Optional ``[B + B*H, B + B*H]`` covariance learned by the search (the
+            cross-structure correlation estimate), in the order ``block_weights`` then
+            ``head_weights`` flattened row-major.
+        min_mlp_keep: Fraction of each block's neurons that is always kept (the best-scoring).
+        min_head_keep: Fraction of each block's heads that is always kept.
+        criterion: Name of the criterion that produced the scores.
+    """
+
+    mlp: torch.Tensor
+    heads: torch.Tensor
+    block_weights: torch.Tensor | None = None
+    head_weights: torch.Tensor | None = None
+    covariance: torch.Tensor | None = None
+    min_mlp_keep: float = 0.05
+    min_head_keep: float = 0.2
+    criterion: str = "dino"
+
+    def __post_init__(self) -> None:
+        for name in ("mlp", "heads"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.numel() == 0:
+                raise ValueError(f"{name} must be a non-empty 2-D tensor [blocks, units], got {_shape(value)}")
+            if not torch.isfinite(value).all() or (value < 0).any():
+                raise ValueError(f"{name} scores must be finite and non-negative")
+            setattr(self, name, value.detach().to("cpu", torch.float64))
+        if self.mlp.shape[0] != self.heads.shape[0]:
+            raise ValueError(f"mlp has {self.mlp.shape[0]} blocks but heads has {self.heads.shape[0]}")
+        num_blocks, num_heads = self.heads.shape
+        if self.block_weights is not None:
+            self.block_weights = self._check_tensor(self.block_weights, (num_blocks,), "block_weights")
+        if self.head_weights is not None:
+            self.head_weights = self._check_tensor(self.head_weights, (num_blocks, num_heads), "head_weights")
+        if (self.block_weights is None) != (self.head_weights is None):
+            raise ValueError("block_weights and head_weights must be given together")
+        if self.covariance is not None:
+            d = self.num_weights
+            self.covariance = self._check_tensor(self.covariance, (d, d), "covariance")
+        self.min_mlp_keep = _check_keep(self.min_mlp_keep, "min_mlp_keep")
+        self.min_head_keep = _check_keep(self.min_head_keep, "min_head_keep")
+        if not isinstance(self.criterion, str) or not self.criterion:
+            raise ValueError(f"criterion must be a non-empty string, got {self.criterion!r}")
+
+    @staticmethod
+    def _check_tensor(value: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got {_shape(value)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} must be finite")
+        return value.detach().to("cpu", torch.float64)
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks ``B``."""
+        return int(self.mlp.shape[0])
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Neurons per block."""
+        return int(self.mlp.shape[1])
+
+    @property
+    def num_heads(self) -> int:
+        """Heads per block ``H``."""
+        return int(self.heads.shape[1])
+
+    @property
+    def num_weights(self) -> int:
+        """Length ``B + B*H`` of the search's weight vector."""
+        return self.num_blocks * (1 + self.num_heads)
+
+    @property
+    def min_neurons(self) -> int:
+        """Neurons each block always keeps: ``ceil(min_mlp_keep * hidden)``."""
+        return math.ceil(self.min_mlp_keep * self.mlp_hidden - 1e-9)
+
+    @property
+    def min_heads(self) -> int:
+        """Heads each block always keeps: ``ceil(min_head_keep * H)``."""
+        return math.ceil(self.min_head_keep * self.num_heads - 1e-9)
+
+    def weight_vector(self) -> torch.Tensor | None:
+        """The search weights as one ``[B + B*H]`` vector, or ``None`` when there are none."""
+        if self.block_weights is None:
+            return None
+        return torch.cat([self.block_weights, self.head_weights.flatten()])
+
+    def with_weights(self, weights: torch.Tensor, covariance: torch.Tensor | None = None) -> "ImportanceScores":
+        """A copy that carries the search weights ``weights`` (``[B + B*H]``) and ``covariance``.
+
+        Raises:
+            ValueError: If ``weights`` has the wrong length.
+        """
+        weights = torch.as_tensor(weights)
+        if weights.shape != (self.num_weights,):
+            raise ValueError(f"weights must have shape [{self.num_weights}] (B + B*H), got {list(weights.shape)}")
+        b = self.num_blocks
+        return replace(
+            self,
+            block_weights=weights[:b].clone(),
+            head_weights=weights[b:].reshape(b, self.num_heads).clone(),
+            covariance=None if covariance is None else torch.as_tensor(covariance).clone(),
+        )
+
+    def weighted(self, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLP and head scores rescaled by ``|w|`` (the stored weights when ``weights`` is None)."""
+        if weights is None:
+            if self.block_weights is None:
+                return self.mlp, self.heads
+            block_w, head_w = self.block_weights, self.head_weights
+        else:
+            weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
+            if weights.shape != (self.num_weights,):
+                raise ValueError(f"weights must have shape [{self.num_weights}], got {list(weights.shape)}")
+            block_w, head_w = weights[: self.num_blocks], weights[self.num_blocks :].view_as(self.heads)
+        return self.mlp * block_w.abs()[:, None], self.heads * head_w.abs()
+
+    def keep_counts(
+        self, mlp_ratio: float, head_ratio: float, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block kept neurons and heads under the global ranking.
+
+        Prunes the globally lowest ``round(ratio * B * units_per_block)`` units (scores rescaled
+        by the search weights), except that each block always keeps its best ``min_*`` units.
+        Within a block the kept units are always its best-scoring ones, so after permuting by
+        descending score every budget is a prefix slice.
+
+        Args:
+            mlp_ratio: Fraction of all MLP neurons to prune, in ``[0, 1)``.
+            head_ratio: Fraction of all heads to prune, in ``[0, 1)``.
+            weights: Optional ``[B + B*H]`` search weights overriding the stored ones.
+
+        Returns:
+            ``(neurons [B], heads [B])`` as int64 tensors.
+
+        Raises:
+            ValueError: A ratio outside ``[0, 1)`` or weights of the wrong shape.
+        """
+        mlp_ratio = check_ratio(mlp_ratio, "mlp_ratio")
+        head_ratio = check_ratio(head_ratio, "head_ratio")
+        mlp, heads = self.weighted(weights)
+        return (
+            _global_keep(mlp, mlp_ratio, self.min_neurons),
+            _global_keep(heads, head_ratio, self.min_heads),
+        )
+
+    def block_orders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block unit orders by descending (weighted) score: ``([B, hidden], [B, H])``."""
+        mlp, heads = self.weighted()
+        return _descending(mlp), _descending(heads)
+
+    def permuted(self, mlp_order: torch.Tensor, head_order: torch.Tensor) -> "ImportanceScores":
+        """A copy whose per-block units are reordered by ``mlp_order`` / ``head_order``.
+
+        The covariance is left in the original head order it was learned in.
+        """
+        head_w = None if self.head_weights is None else self.head_weights.gather(1, head_order)
+        return replace(
+            self,
+            mlp=self.mlp.gather(1, mlp_order),
+            heads=self.heads.gather(1, head_order),
+            head_weights=head_w,
+        )
+
+    # ------------------------------------------------------------------------------------------
+
+    def to_tensors(self, prefix: str = "scores.") -> dict[str, torch.Tensor]:
+        """The tensors of these scores, keyed for a safetensors file."""
+        out = {f"{prefix}mlp": self.mlp, f"{prefix}heads": self.heads}
+        for name in ("block_weights", "head_weights", "covariance"):
+            value = getattr(self, name)
+            if value is not None:
+                out[f"{prefix}{name}"] = value
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def metadata(self) -> dict[str, object]:
+        """The plain (non-tensor) values of these scores."""
+        return {"min_mlp_keep": self.min_mlp_keep, "min_head_keep": self.min_head_keep, "criterion": self.criterion}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, object], prefix: str = "scores."
+    ) -> "ImportanceScores":
+        """Rebuild from :meth:`to_tensors` and :meth:`metadata`.
+
+        Raises:
+            KeyError: If the required ``mlp`` or ``heads`` tensors are missing.
+        """
+        values = {name: tensors.get(f"{prefix}{name}") for name in ("block_weights", "head_weights", "covariance")}
+        return cls(mlp=tensors[f"{prefix}mlp"], heads=tensors[f"{prefix}heads"], **values, **metadata)
+
+    def state_dict(self) -> dict[str, object]:
+        """Tensors and plain values, loadable with ``torch.load(weights_only=True)``."""
+        return {**self.to_tensors(prefix=""), **self.metadata()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> "ImportanceScores":
+        """Inverse of :meth:`state_dict`."""
+        return cls(**{k: v for k, v in state.items()})
+
+
+def _shape(value: object) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _descending(scores: torch.Tensor) -> torch.Tensor:
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices
+
+
+def _global_keep(scores: torch.Tensor, ratio: float, min_keep: int) -> torch.Tensor:
+    num_blocks, units = scores.shape
+    num_prune = round(ratio * num_blocks * units)
+    keep = torch.full((num_blocks,), units, dtype=torch.long)
+    if num_prune == 0:
+        return keep
+    # Each block's best `min_keep` units are protected; the rest compete globally.
+    ranked = torch.sort(scores, dim=1, descending=True, stable=True).values
+    candidates = ranked[:, min_keep:]
+    num_prune = min(num_prune, candidates.numel())
+    block_of = torch.arange(num_blocks)[:, None].expand_as(candidates).flatten()
+    lowest = torch.sort(candidates.flatten(), stable=True).indices[:num_prune]
+    keep -= torch.bincount(block_of[lowest], minlength=num_blocks)
+    return keep
