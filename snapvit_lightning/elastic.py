@@ -97,7 +97,9 @@ class ElasticViT:
         self.mlp_order = mlp_order
         self.head_order = head_order
         self.structure = inspect_vit(model)
-        self._dense_flops = count_flops(model)["total"]
+        dense = count_flops(model)
+        self._head_flops = dense["head"]
+        self._dense_flops = dense["total"]
         self._dense_params = count_params(model)["total"]
 
     # ------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ class ElasticViT:
 
     def cost(self, dims: Sequence[BlockDims]) -> dict[str, float]:
         """FLOPs and parameters (absolute and as a fraction of the dense model) of ``dims``."""
-        flops = count_flops(self.model, dims=dims)["total"]
+        flops = count_flops(self.model, dims=dims, head_flops=self._head_flops)["total"]
         params = count_params(self.model, dims=dims)["total"]
         return {
             "flops": flops,
@@ -326,9 +328,12 @@ def _resolve_rebuild(
             model_kwargs["dynamic_img_size"] = True
     _check_kwargs_json(model_kwargs)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    with torch.device("meta"):
-        rebuilt = timm.create_model(model_name, pretrained=False, **model_kwargs)
-    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    try:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(model_name, pretrained=False, **model_kwargs)
+        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    except (AssertionError, TypeError, ValueError, RuntimeError) as err:
+        got = {"<timm.create_model failed>": (str(err),)}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
         raise ValueError(
@@ -421,7 +426,7 @@ def _rebuild(
                 raise ValueError("state dict shapes differ from the rebuilt model")
             return model
         model.load_state_dict(state, strict=True, assign=True)
-    except (RuntimeError, ValueError, TypeError) as err:
+    except (AssertionError, RuntimeError, ValueError, TypeError) as err:  # timm asserts on bad kwargs
         raise ValueError(f"{path}: the weights do not fit {name} with {kwargs} and block_dims {meta['block_dims']}: {err}") from err
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

@@ -536,12 +536,14 @@ def count_flops(
     model: nn.Module,
     img_size: int | tuple[int, int] | None = None,
     dims: Sequence[BlockDims] | None = None,
+    head_flops: int | None = None,
 ) -> dict[str, object]:
     """Matmul FLOPs for one image, per block and in total, as is or as if sliced to ``dims``.
 
     The blocks and the patch embedding are counted analytically; the part after the blocks
-    (pooling, attention-pool, classifier) never changes with cutting and is measured once
-    with ``FlopCounterMode`` on ``forward_head``.
+    (pooling, attention-pool, classifier) never changes with cutting and is measured with
+    ``FlopCounterMode`` on ``forward_head`` unless ``head_flops`` (an earlier result's
+    ``"head"``) is given.
 
     Returns:
         ``{"tokens": int, "patch_embed": int, "blocks": [int, ...], "head": int, "total": int}``.
@@ -555,9 +557,11 @@ def count_flops(
     patches = tokens - int(model.num_prefix_tokens)
     patch_flops = 2 * patches * proj.weight.numel() if isinstance(proj, nn.Conv2d) else 0
     per_block = [block_flops(b, tokens, d.num_heads, d.mlp_hidden) for b, d in zip(blocks, dims)]
-    param = next(model.parameters())
-    dummy = torch.zeros(1, tokens, int(model.embed_dim), dtype=param.dtype, device=param.device)
-    head = measure_flops(_HeadOnly(model), dummy)
+    head = head_flops
+    if head is None:
+        param = next(model.parameters())
+        dummy = torch.zeros(1, tokens, int(model.embed_dim), dtype=param.dtype, device=param.device)
+        head = measure_flops(_HeadOnly(model), dummy)
     return {
         "tokens": tokens,
         "patch_embed": patch_flops,

@@ -1,0 +1,666 @@
+"""SnapViTModule: the LightningModule that accumulates self-supervised gradient scores.
+
+Method step 1 of SnapViT. One ``trainer.fit`` over calibration batches of DINO multi-crop
+views ``(views [B, 2 + N, 3, S, S], labels [B])`` accumulates the gradients of the MLP input
+layers (``fc1``, or ``fc1_g``/``fc1_x``) and of the V rows of ``attn.qkv``; at the end of the
+epoch they become :class:`~snapvit_lightning.scores.ImportanceScores` (``module.scores``).
+No weight ever changes: there is no optimizer.
+
+Teacher. The paper's teacher is a frozen copy of the pretrained model with its classifier
+removed. While scoring, teacher and student have identical weights and both run in eval mode,
+so the teacher's embeddings of the two global crops *are* the student's embeddings of those
+crops: they are taken from the student's single forward pass over all views and
+``detach()``-ed. No second copy of the model is kept and no second forward pass is run.
+
+Gradient accumulation. The per-batch loss is a **sum over samples** (the paper's loss is a
+mean over the batch; a constant factor does not change a ranking). The gradient of a sum is
+additive over samples, so with ``accumulation="sum_then_square"`` the accumulated gradient,
+hence the scores, are the same whatever the batch size and however the images are split over
+DDP ranks. After each backward the gradients are added (or, for ``"fisher"``, their squares)
+to float32 buffers owned by this module and the parameters' ``.grad`` is cleared; float32
+buffers keep long sums exact under ``bf16-true`` too.
+
+DDP. Lightning's DDP wrapper would all-reduce (average) the parameter gradients after every
+backward. This module instead runs the whole training epoch inside the wrapper's
+``no_sync()`` context (entered in ``on_train_epoch_start``, which precedes every forward as
+DDP requires), so each rank accumulates only its own images without any communication, and
+at the end of the epoch one ``trainer.strategy.reduce(..., reduce_op="sum")`` sums the
+buffers over ranks. Every rank then computes identical scores. Sharding strategies (FSDP,
+DeepSpeed) are refused. Lightning's ``DistributedSampler`` pads the last per-rank batch by
+repeating images when the dataset size is not divisible by the number of ranks; use a
+divisible size (or ``drop_last``) for scores identical to a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from .scores import ImportanceScores
+from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers, mlp_kind
+
+__all__ = [
+    "SnapViTModule",
+    "CRITERIA",
+    "GRADIENT_CRITERIA",
+    "ACCUMULATIONS",
+    "ALLOWED_PRECISIONS",
+    "dino_loss",
+    "lamp_scores",
+    "load_weights",
+]
+
+#: Criteria selectable by name (see :class:`SnapViTModule`).
+CRITERIA = ("dino", "cross_entropy", "snip_magnitude", "magnitude", "lamp", "random")
+#: Criteria that need a backward pass over the calibration data.
+GRADIENT_CRITERIA = ("dino", "cross_entropy", "snip_magnitude")
+#: How per-batch gradients are combined over the epoch.
+ACCUMULATIONS = ("sum_then_square", "fisher")
+#: Trainer precisions that leave gradients unscaled (``16-mixed`` scales the loss).
+ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
+#: Number of global crops (teacher views) at the front of every multi-crop.
+NUM_GLOBAL_VIEWS = 2
+
+_CHECKPOINT_KEY = "snapvit_scoring"
+_CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Small functions
+# ----------------------------------------------------------------------------------------------
+
+
+def dino_loss(
+    embeddings: Tensor, teacher_temp: float | None = None, student_temp: float | None = None
+) -> Tensor:
+    """Per-sample DINO multi-crop loss with the teacher taken from the global views.
+
+    Embeddings are L2-normalised; the teacher distribution is ``softmax(z / teacher_temp)``
+    of the (detached) embeddings of views 0 and 1, the student's is
+    ``log_softmax(z / student_temp)`` of every view (no temperature when ``None``). The loss
+    of a sample is the sum over teacher views ``t`` and student views ``s != t`` of the
+    cross-entropy ``-sum_k p_t[k] * log q_s[k]``.
+
+    Args:
+        embeddings: ``[B, V, D]`` embeddings, views 0 and 1 being the global crops (``V >= 2``).
+        teacher_temp: Teacher temperature, or ``None``.
+        student_temp: Student temperature, or ``None``.
+
+    Returns:
+        ``[B]`` per-sample losses (float32 or wider).
+
+    Raises:
+        ValueError: If ``embeddings`` is not ``[B, V >= 2, D]``.
+    """
+    if embeddings.dim() != 3 or embeddings.shape[1] < NUM_GLOBAL_VIEWS:
+        raise ValueError(f"embeddings must be [B, V >= 2, D], got {list(embeddings.shape)}")
+    z = F.normalize(embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings, dim=-1)
+    teacher = z[:, :NUM_GLOBAL_VIEWS].detach()
+    p = F.softmax(teacher / (1.0 if teacher_temp is None else teacher_temp), dim=-1)
+    log_q = F.log_softmax(z / (1.0 if student_temp is None else student_temp), dim=-1)
+    ce = -torch.einsum("btd,bsd->bts", p, log_q)  # [B, teacher views, student views]
+    same = torch.zeros(ce.shape[1:], dtype=torch.bool, device=ce.device)
+    same[torch.arange(NUM_GLOBAL_VIEWS), torch.arange(NUM_GLOBAL_VIEWS)] = True
+    return ce.masked_fill(same, 0.0).sum(dim=(1, 2))
+
+
+def lamp_scores(magnitudes: Tensor) -> Tensor:
+    """LAMP scores (Lee et al., 2021) of the units in each row of ``magnitudes``.
+
+    ``score(u) = m_u / sum_{v : m_v >= m_u} m_v`` over the units ``v`` of the same row (layer),
+    where ``m`` are squared magnitudes; ties share a denominator, the largest unit scores 1 and
+    a row of zeros scores 0.
+
+    Args:
+        magnitudes: ``[rows, units]`` non-negative squared magnitudes.
+
+    Returns:
+        ``[rows, units]`` scores in ``[0, 1]``.
+    """
+    m = magnitudes.to(torch.float64)
+    ascending, _ = torch.sort(m, dim=1)
+    # suffix[:, i] = sum of ascending[:, i:]; suffix[:, units] = 0
+    suffix = torch.flip(torch.cumsum(torch.flip(ascending, dims=[1]), dim=1), dims=[1])
+    first = torch.searchsorted(ascending.contiguous(), m.contiguous(), right=False)
+    denom = suffix.gather(1, first)
+    return torch.where(denom > 0, m / denom.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load local weights into ``model`` (strictly).
+
+    Reads ``*.safetensors`` with safetensors, anything else with
+    ``torch.load(weights_only=True)``. A Lightning checkpoint (a dict with ``state_dict``) is
+    accepted; a common ``student.``/``model.``/``module.`` key prefix is stripped.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file holds no state dict or its keys/shapes do not match the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"checkpoint_path {str(path)!r} is not a readable safetensors file: {err}") from err
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"checkpoint_path {str(path)!r} could not be read with torch.load(weights_only=True): {err}"
+            ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint_path {str(path)!r} does not hold a state dict of tensors")
+    for prefix in ("student.", "model.", "module."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+            break
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint_path {str(path)!r} does not match the model: {err}") from err
+
+
+def _check_temperature(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_fraction(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _mlp_unit_mean(values: list[Tensor], kind: str, hidden: int) -> Tensor:
+    """Mean of per-weight values over each neuron's rows of the MLP input layer(s) -> ``[hidden]``."""
+    if kind == "glu":  # rows j and j + hidden of fc1
+        return values[0].reshape(2, hidden, -1).mean(dim=(0, 2))
+    return torch.stack([v.reshape(hidden, -1).mean(dim=1) for v in values]).mean(dim=0)
+
+
+def _head_unit_mean(values: Tensor, num_heads: int) -> Tensor:
+    """Mean of per-weight values over each head's V rows -> ``[num_heads]``."""
+    return values.reshape(num_heads, -1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------
+
+
+class SnapViTModule(pl.LightningModule):
+    """Accumulate SnapViT importance scores of a timm ViT's MLP neurons and attention heads.
+
+    Criteria (``criterion``):
+
+    * ``"dino"``: the paper's label-free score: DINO multi-crop loss (teacher = the detached
+      global-view embeddings), gradient accumulated over the epoch, then squared.
+    * ``"cross_entropy"``: the same with the supervised cross-entropy of the classifier on the
+      first global crop (needs labels ``>= 0`` and a model with ``num_classes > 0``).
+    * ``"snip_magnitude"``: SNIP saliency ``|w * g|`` of the DINO-loss gradient ``g``.
+    * ``"magnitude"``: mean squared weight of the unit's rows (no data needed).
+    * ``"lamp"``: LAMP score of the unit's mean squared weight within its block (no data needed).
+    * ``"random"``: uniform random scores from ``seed`` (no data needed).
+
+    A neuron's score is the mean over its ``fc1`` rows (SwiGLU: the rows of ``fc1_g`` and
+    ``fc1_x``; GluMlp: rows ``j`` and ``j + hidden``) of the per-weight value; a head's score
+    is the mean over its V rows of ``attn.qkv`` (rows ``2 * attn_dim + h * head_dim + d``).
+    The per-weight value is ``G**2`` (``G`` = gradient summed over the whole epoch, the paper)
+    for ``accumulation="sum_then_square"``, or ``sum_batches g**2`` for ``"fisher"``; for
+    ``"snip_magnitude"`` it is ``|w * G|`` or ``|w| * sqrt(sum_batches g**2)``.
+
+    The model is used as is (not copied); only the MLP input weights and ``attn.qkv.weight``
+    require gradients, and it always stays in eval mode (no dropout or drop-path). See the
+    module docstring for the teacher, the sum-over-samples loss and the DDP handling.
+
+    Args:
+        model: A timm model name (built with ``pretrained=False``) or a timm
+            ``VisionTransformer`` instance.
+        checkpoint_path: Local weights for the model (``.safetensors`` or a
+            ``torch.load(weights_only=True)`` file), loaded strictly.
+        model_kwargs: Keyword arguments for ``timm.create_model`` (e.g. ``img_size``,
+            ``num_classes``); only with a model name.
+        criterion: One of :data:`CRITERIA`.
+        accumulation: ``"sum_then_square"`` or ``"fisher"``.
+        teacher_temp: Teacher softmax temperature (``None``: none, as in the paper).
+        student_temp: Student softmax temperature (``None``: none, as in the paper).
+        min_mlp_keep: Fraction of each block's neurons always kept (stored in the scores).
+        min_head_keep: Fraction of each block's heads always kept (stored in the scores).
+        seed: Seed of the ``"random"`` criterion.
+
+    Attributes:
+        student: The timm model.
+        scores: The :class:`ImportanceScores` after a training epoch (``None`` before).
+        num_samples: Calibration images seen by the scores (over all ranks and epochs).
+
+    Raises:
+        TypeError: If ``model`` is neither a string nor an ``nn.Module``.
+        UnsupportedModelError: For a model the cut would get wrong, or blocks of different sizes.
+        ValueError: An unknown model name, criterion or accumulation; a temperature that is
+            not ``None`` or > 0; a keep fraction outside ``[0, 1]``; ``model_kwargs`` with a
+            model instance; ``"cross_entropy"`` without a classifier; unreadable or
+            mismatching ``checkpoint_path``.
+        FileNotFoundError: If ``checkpoint_path`` does not exist.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        criterion: str = "dino",
+        accumulation: str = "sum_then_square",
+        teacher_temp: float | None = None,
+        student_temp: float | None = None,
+        min_mlp_keep: float = 0.05,
+        min_head_keep: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation must be one of {list(ACCUMULATIONS)}, got {accumulation!r}")
+        self.teacher_temp = _check_temperature(teacher_temp, "teacher_temp")
+        self.student_temp = _check_temperature(student_temp, "student_temp")
+        self.min_mlp_keep = _check_fraction(min_mlp_keep, "min_mlp_keep")
+        self.min_head_keep = _check_fraction(min_head_keep, "min_head_keep")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.criterion = criterion
+        self.accumulation = accumulation
+        self.seed = seed
+
+        if isinstance(model, str):
+            if not timm.is_model(model):
+                raise ValueError(f"model {model!r} is not a registered timm model name")
+            student = timm.create_model(model, pretrained=False, **(model_kwargs or {}))
+        elif isinstance(model, nn.Module):
+            if model_kwargs:
+                raise ValueError(
+                    f"model_kwargs={model_kwargs!r} only applies when model is a timm name, not a module instance"
+                )
+            student = model
+        else:
+            raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
+        check_supported(student)  # early, before any weights are read
+        structure = inspect_vit(student)
+        if not structure.is_uniform:
+            raise UnsupportedModelError(
+                f"blocks have different sizes {[(d.num_heads, d.mlp_hidden) for d in structure.blocks]}; "
+                "scores need the same number of heads and neurons in every block"
+            )
+        if criterion == "cross_entropy" and int(getattr(student, "num_classes", 0) or 0) <= 0:
+            raise ValueError(
+                "criterion='cross_entropy' needs a classifier head; the model has num_classes="
+                f"{getattr(student, 'num_classes', None)!r} (set model_kwargs num_classes > 0)"
+            )
+        if checkpoint_path is not None:
+            load_weights(student, checkpoint_path)
+        self.student = student
+        self.structure = structure
+        self._mlp_kind = structure.mlp_kind
+
+        # Only the MLP input layers and qkv need gradients.
+        self.student.requires_grad_(False)
+        for block in get_blocks(self.student):
+            for layer in mlp_input_layers(block):
+                layer.weight.requires_grad_(True)
+            block.attn.qkv.weight.requires_grad_(True)
+        self.student.eval()
+
+        self.automatic_optimization = False
+        self.scores: ImportanceScores | None = None
+        self.num_samples: int = 0
+        self._grads: dict[str, Tensor] | None = None  # local (per-rank) fp32 accumulators
+        self._samples = 0  # local sample count
+        self._pending: dict[str, Any] | None = None  # restored by on_load_checkpoint
+        self._no_sync: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Embeddings with the classification head removed: ``forward_head(..., pre_logits=True)``.
+
+        Args:
+            x: ``[N, 3, S, S]`` normalised images.
+
+        Returns:
+            ``[N, D]`` embeddings (not normalised).
+        """
+        return self.student.forward_head(self.student.forward_features(x), pre_logits=True)
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Same as :meth:`embed`."""
+        return self.embed(x)
+
+    @override
+    def train(self, mode: bool = True) -> "SnapViTModule":
+        """Set the module's mode; the student always stays in eval mode (no dropout/drop-path)."""
+        super().train(mode)
+        self.student.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up checks
+
+    @override
+    def configure_optimizers(self) -> None:
+        """No optimizer: scoring never changes a weight."""
+        return None
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Refuse precisions that scale the loss and strategies that shard gradients.
+
+        Raises:
+            ValueError: For ``precision`` other than 32/64/bf16, or a strategy that is neither
+                single-device nor DDP.
+        """
+        precision = str(self.trainer.precision)
+        if precision not in ALLOWED_PRECISIONS:
+            raise ValueError(
+                f"precision={precision!r} is not supported for scoring: fp16 (and its loss scaling) "
+                f"corrupts raw gradient scores; use one of {list(ALLOWED_PRECISIONS)}"
+            )
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"strategy {type(strategy).__name__} is not supported for scoring (sharded gradients); "
+                "use a single device or DDP"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Accumulators
+
+    def _grad_sources(self) -> dict[str, tuple[Tensor, slice | None]]:
+        """Accumulator key -> (parameter, row slice) for every gradient the scores read."""
+        out: dict[str, tuple[Tensor, slice | None]] = {}
+        for i, block in enumerate(get_blocks(self.student)):
+            for k, layer in enumerate(mlp_input_layers(block)):
+                out[f"blocks.{i}.mlp.{k}"] = (layer.weight, None)
+            attn_dim = int(block.attn.num_heads) * int(block.attn.head_dim)
+            out[f"blocks.{i}.attn.v"] = (block.attn.qkv.weight, slice(2 * attn_dim, 3 * attn_dim))
+        return out
+
+    def _zero_grads(self) -> dict[str, Tensor]:
+        return {
+            key: torch.zeros((p if rows is None else p[rows]).shape, dtype=torch.float32, device=p.device)
+            for key, (p, rows) in self._grad_sources().items()
+        }
+
+    def _accumulate(self) -> None:
+        """Move the parameters' ``.grad`` into the fp32 accumulators (squared for ``fisher``)."""
+        assert self._grads is not None
+        for key, (param, rows) in self._grad_sources().items():
+            grad = param.grad
+            if grad is None:
+                continue
+            g = (grad if rows is None else grad[rows]).float()
+            if self.accumulation == "fisher":
+                self._grads[key].add_(g.square())
+            else:
+                self._grads[key].add_(g)
+        for param, _ in self._grad_sources().values():
+            param.grad = None
+
+    def _reduced(self) -> tuple[dict[str, Tensor], int]:
+        """The accumulators and sample count summed over ranks (local ones are left as they are)."""
+        assert self._grads is not None
+        keys = list(self._grads)
+        flat = torch.cat([self._grads[k].flatten() for k in keys] + [self._grads[keys[0]].new_tensor([self._samples])])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        out, offset = {}, 0
+        for k in keys:
+            n = self._grads[k].numel()
+            out[k] = flat[offset : offset + n].view_as(self._grads[k])
+            offset += n
+        return out, int(round(float(flat[-1])))
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks
+
+    @override
+    def on_fit_start(self) -> None:
+        """Start fresh accumulators, or continue those restored by :meth:`on_load_checkpoint`.
+
+        Restored sums (already summed over the ranks that saved them) go to rank 0 only, so
+        the sum over ranks is preserved whatever the new number of ranks.
+        """
+        device = self.student.patch_embed.proj.weight.device
+        self._grads = {k: v.to(device) for k, v in self._zero_grads().items()}
+        self._samples = 0
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if self.global_rank == 0:
+                for key, value in pending["grads"].items():
+                    if key not in self._grads or value.shape != self._grads[key].shape:
+                        raise ValueError(f"restored accumulator {key!r} does not match the model")
+                    self._grads[key].copy_(value)
+                self._samples = int(pending["num_samples"])
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        """Keep the student in eval mode and switch off DDP's per-backward gradient all-reduce."""
+        self.student.eval()
+        self._exit_no_sync()
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            # Entered before the epoch's first forward, as DDP requires; sums are reduced once
+            # at the end of the epoch instead.
+            self._no_sync = contextlib.ExitStack()
+            self._no_sync.enter_context(model.no_sync())
+
+    def _exit_no_sync(self) -> None:
+        if self._no_sync is not None:
+            self._no_sync.close()
+            self._no_sync = None
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, Tensor):
+            views, labels = batch, None
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
+            views = batch[0]
+            labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        else:
+            raise TypeError(f"batch must be views [B, V, 3, S, S] or (views, labels), got {type(batch).__name__}")
+        if views.dim() != 5:
+            raise ValueError(f"views must be [B, V, 3, S, S], got shape {list(views.shape)}")
+        return views, labels
+
+    def compute_loss(self, views: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The criterion's loss of one batch, summed over samples.
+
+        Args:
+            views: ``[B, V, 3, S, S]`` multi-crop views, views 0 and 1 the global crops.
+            labels: ``[B]`` class indices (``-1``: unlabeled); needed by ``"cross_entropy"``.
+
+        Returns:
+            A scalar: the DINO loss (``"dino"``, ``"snip_magnitude"``) or the cross-entropy
+            of the first global crop (``"cross_entropy"``), summed over the batch.
+
+        Raises:
+            ValueError: Too few views, or missing/negative labels for ``"cross_entropy"``.
+        """
+        if self.criterion == "cross_entropy":
+            if labels is None or labels.numel() != views.shape[0] or bool((labels < 0).any()):
+                raise ValueError(
+                    "criterion='cross_entropy' needs a label >= 0 for every image (got "
+                    f"{None if labels is None else labels.tolist()}); use criterion='dino' for unlabeled data"
+                )
+            logits = self.student(views[:, 0])
+            return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
+        if views.shape[1] < NUM_GLOBAL_VIEWS:
+            raise ValueError(f"criterion={self.criterion!r} needs >= 2 views per image, got {views.shape[1]}")
+        b, v = views.shape[:2]
+        emb = self.embed(views.flatten(0, 1)).reshape(b, v, -1)
+        return dino_loss(emb, self.teacher_temp, self.student_temp).sum()
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """Backward the batch's summed loss and add its gradients to the accumulators.
+
+        The data-free criteria (``magnitude``, ``lamp``, ``random``) do nothing here.
+
+        Raises:
+            TypeError: If the batch is not ``views`` or ``(views, labels)``.
+            ValueError: See :meth:`compute_loss`.
+        """
+        views, labels = self._unpack(batch)
+        if self.criterion not in GRADIENT_CRITERIA:
+            return None
+        if self._grads is None:  # training_step called outside fit
+            self._grads = {k: v.to(views.device) for k, v in self._zero_grads().items()}
+        loss = self.compute_loss(views, labels)
+        self.manual_backward(loss)
+        self._accumulate()
+        self._samples += int(views.shape[0])
+        loss = loss.detach()
+        self.log("loss", loss / views.shape[0], prog_bar=True, batch_size=int(views.shape[0]))
+        return loss
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        """Sum the accumulators over ranks and turn them into ``self.scores`` (same on every rank)."""
+        self._exit_no_sync()
+        self.scores = self.compute_scores()
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Leave DDP's ``no_sync`` if an epoch was interrupted."""
+        self._exit_no_sync()
+
+    # ------------------------------------------------------------------------------------------
+    # Scores
+
+    def compute_scores(self) -> ImportanceScores:
+        """Scores from the accumulators (summed over ranks under DDP) or from the weights.
+
+        Under DDP this is a collective call: every rank must call it.
+        """
+        blocks = get_blocks(self.student)
+        hidden = self.structure.blocks[0].mlp_hidden
+        num_heads = self.structure.blocks[0].num_heads
+        kind = self._mlp_kind
+        sources = self._grad_sources()
+
+        def weights(key: str) -> Tensor:
+            param, rows = sources[key]
+            return (param if rows is None else param[rows]).detach().float()
+
+        mlp_keys = [[k for k in sources if k.startswith(f"blocks.{i}.mlp.")] for i in range(len(blocks))]
+        if self.criterion in GRADIENT_CRITERIA:
+            if self._grads is None:
+                self._grads = self._zero_grads()
+            acc, self.num_samples = self._reduced()
+            if self.criterion == "snip_magnitude":
+                if self.accumulation == "fisher":
+                    value = {k: weights(k).abs() * acc[k].clamp_min(0).sqrt() for k in acc}
+                else:
+                    value = {k: (weights(k) * acc[k]).abs() for k in acc}
+            elif self.accumulation == "fisher":
+                value = acc
+            else:
+                value = {k: g.square() for k, g in acc.items()}
+        elif self.criterion in ("magnitude", "lamp"):
+            value = {k: weights(k).square() for k in sources}
+        else:  # random
+            gen = torch.Generator().manual_seed(self.seed)
+            mlp = torch.rand(len(blocks), hidden, generator=gen, dtype=torch.float64)
+            heads = torch.rand(len(blocks), num_heads, generator=gen, dtype=torch.float64)
+            return self._make_scores(mlp, heads)
+        mlp = torch.stack([_mlp_unit_mean([value[k] for k in keys], kind, hidden) for keys in mlp_keys])
+        heads = torch.stack([_head_unit_mean(value[f"blocks.{i}.attn.v"], num_heads) for i in range(len(blocks))])
+        mlp, heads = mlp.double().cpu(), heads.double().cpu()
+        if self.criterion == "lamp":
+            mlp, heads = lamp_scores(mlp), lamp_scores(heads)
+        return self._make_scores(mlp, heads)
+
+    def _make_scores(self, mlp: Tensor, heads: Tensor) -> ImportanceScores:
+        return ImportanceScores(
+            mlp=mlp,
+            heads=heads,
+            min_mlp_keep=self.min_mlp_keep,
+            min_head_keep=self.min_head_keep,
+            criterion=self.criterion,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the scores and the accumulated gradients (tensors and plain values only).
+
+        Under DDP the accumulators are summed over ranks first (a collective: Lightning calls
+        this hook on every rank), so a resumed run loses no rank's images.
+        """
+        grads: dict[str, Tensor] | None = None
+        samples = 0
+        if self._grads is not None:
+            reduced, samples = self._reduced()
+            grads = {k: v.detach().cpu().clone() for k, v in reduced.items()}
+        elif self._pending is not None:
+            grads, samples = self._pending["grads"], int(self._pending["num_samples"])
+        checkpoint[_CHECKPOINT_KEY] = {
+            "version": _CHECKPOINT_VERSION,
+            "criterion": self.criterion,
+            "accumulation": self.accumulation,
+            "num_samples": int(samples),
+            "grads": grads,
+            "scores": None if self.scores is None else self.scores.state_dict(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the scores and the accumulated gradients saved by :meth:`on_save_checkpoint`.
+
+        The next ``fit`` continues accumulating from the restored sums.
+
+        Raises:
+            ValueError: If the checkpoint was made with another criterion or accumulation.
+        """
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is None:
+            return
+        for name in ("criterion", "accumulation"):
+            if state[name] != getattr(self, name):
+                raise ValueError(
+                    f"checkpoint was scored with {name}={state[name]!r}, this module uses {getattr(self, name)!r}"
+                )
+        if state.get("scores") is not None:
+            self.scores = ImportanceScores.from_state_dict(state["scores"])
+        self.num_samples = int(state.get("num_samples", 0))
+        if state.get("grads") is not None:
+            self._pending = {"grads": dict(state["grads"]), "num_samples": int(state["num_samples"])}
+            self._grads = None

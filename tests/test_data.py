@@ -1,0 +1,574 @@
+"""Tests for snapvit_lightning.data: multi-crop transform, image sources, data module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from snapvit_lightning.data import (
+    CalibrationDataModule,
+    DatasetSource,
+    DINOMultiCrop,
+    ImageFolderSource,
+    SkimagePhotosSource,
+    UnreadableImageError,
+    eval_transform,
+    find_images,
+    load_image,
+    resolve_input_config,
+    to_uint8_image,
+)
+
+PHOTOS8 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos8"
+needs_photos8 = pytest.mark.skipif(not PHOTOS8.is_dir(), reason=f"{PHOTOS8} not available")
+
+
+def _rand_uint8(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def _write_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _write_corrupt(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not an image")
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_vit() -> torch.nn.Module:
+    return timm.create_model("test_vit", pretrained=False)
+
+
+class _PairDataset(Dataset):
+    """(uint8 tensor, label) pairs; image i is a solid colour i so sets can be told apart."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((3, 20 + i, 24), i, dtype=torch.uint8), i
+
+
+class _NoiseDataset(Dataset):
+    def __init__(self, n: int) -> None:
+        self.images = [_rand_uint8(40, 50, seed=i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], i
+
+
+class _PILDataset(Dataset):
+    def __init__(self, n: int) -> None:
+        self.images = [Image.fromarray(np.full((30, 36, 3), 10 * i, dtype=np.uint8)) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return self.images[i]
+
+
+# ------------------------------------------------------------------ multi-crop
+
+
+@pytest.mark.parametrize(("size", "num_local"), [(32, 10), (24, 0), (40, 3)])
+def test_multicrop_shape_dtype(size: int, num_local: int) -> None:
+    t = DINOMultiCrop(size=size, num_local_crops=num_local)
+    out = t(_rand_uint8(70, 90), index=3)
+    assert out.shape == (2 + num_local, 3, size, size)
+    assert out.dtype == torch.float32
+    assert t.num_views == 2 + num_local
+    assert torch.isfinite(out).all()
+
+
+def test_multicrop_views_are_independent() -> None:
+    t = DINOMultiCrop(size=32, num_local_crops=10)
+    out = t(_rand_uint8(96, 128), index=0)
+    flat = out.flatten(1)
+    for a in range(out.shape[0]):
+        for b in range(a + 1, out.shape[0]):
+            assert not torch.allclose(flat[a], flat[b]), f"views {a} and {b} are identical"
+
+
+def test_multicrop_reproducible() -> None:
+    img = _rand_uint8(64, 64)
+    a = DINOMultiCrop(size=32, seed=1)(img, index=5)
+    b = DINOMultiCrop(size=32, seed=1)(img, index=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, DINOMultiCrop(size=32, seed=2)(img, index=5))
+    assert not torch.allclose(a, DINOMultiCrop(size=32, seed=1)(img, index=6))
+    assert not torch.allclose(a, DINOMultiCrop(size=32, seed=1)(img, index=5, epoch=1))
+    gen_a = DINOMultiCrop(size=32)(img, generator=torch.Generator().manual_seed(7))
+    gen_b = DINOMultiCrop(size=32)(img, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(gen_a, gen_b, rtol=0, atol=0)
+
+
+def test_multicrop_normalisation_and_flip() -> None:
+    img = torch.full((3, 50, 60), 255, dtype=torch.uint8)
+    out = DINOMultiCrop(size=16, num_local_crops=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(img)
+    torch.testing.assert_close(out, torch.full_like(out, 2.0))
+    # flip=False and a full-image crop range give the un-flipped resized image
+    ramp = torch.arange(64, dtype=torch.uint8).repeat(3, 64, 1)
+    t = DINOMultiCrop(size=64, num_local_crops=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    out = t(ramp)
+    assert (out[0, 0, 0, 1:] > out[0, 0, 0, :-1]).all()
+
+
+@pytest.mark.parametrize(("scale", "height", "width"), [((0.05, 0.25), 90, 120), ((0.25, 1.0), 40, 33), ((1.0, 1.0), 8, 50)])
+def test_crop_params_in_bounds(scale: tuple[float, float], height: int, width: int) -> None:
+    t = DINOMultiCrop(size=16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = t.crop_params(height, width, scale, g)
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h >= 1 and w >= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"size": 0}, ValueError, "size"),
+        ({"size": 32.0}, TypeError, "size"),
+        ({"size": 32, "num_local_crops": -1}, ValueError, "num_local_crops.*-1"),
+        ({"size": 32, "global_scale": (0.5, 0.2)}, ValueError, "global_scale"),
+        ({"size": 32, "local_scale": (0.0, 0.2)}, ValueError, "local_scale"),
+        ({"size": 32, "local_scale": (0.1, 1.5)}, ValueError, "local_scale"),
+        ({"size": 32, "std": (1.0, 0.0, 1.0)}, ValueError, "std"),
+        ({"size": 32, "mean": (0.5, 0.5)}, ValueError, "mean"),
+    ],
+)
+def test_multicrop_bad_args(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        DINOMultiCrop(**kwargs)
+
+
+def test_multicrop_bad_image() -> None:
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        DINOMultiCrop(size=8)(torch.zeros(4, 10, 10, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------ model config
+
+
+def test_resolve_input_config(test_vit: torch.nn.Module) -> None:
+    size, mean, std = resolve_input_config(test_vit)
+    cfg = timm.data.resolve_data_config({}, model=test_vit)
+    assert size == cfg["input_size"][-1] == 160
+    assert mean == tuple(cfg["mean"]) and std == tuple(cfg["std"])
+    # a model built at another size reports the size it was built for
+    small = timm.create_model("test_vit", pretrained=False, img_size=64)
+    assert resolve_input_config(small)[0] == 64
+
+
+def test_resolve_input_config_non_square() -> None:
+    model = timm.create_model("test_vit", pretrained=False, img_size=(64, 96))
+    with pytest.raises(ValueError, match="square.*64x96"):
+        resolve_input_config(model)
+
+
+def test_eval_transform() -> None:
+    img = torch.full((3, 100, 50), 51, dtype=torch.uint8)
+    out = eval_transform(img, 32, mean=(0.2, 0.2, 0.2), std=(0.5, 0.5, 0.5))
+    assert out.shape == (3, 32, 32)
+    torch.testing.assert_close(out, torch.zeros_like(out), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ conversion / decoding
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)),
+        Image.fromarray(np.zeros((30, 40), dtype=np.uint8)),
+        Image.fromarray(np.zeros((30, 40, 4), dtype=np.uint8)),
+        torch.zeros(3, 30, 40, dtype=torch.uint8),
+        torch.zeros(1, 30, 40),
+        torch.zeros(30, 40),
+        np.zeros((30, 40, 3), dtype=np.uint8),
+        np.zeros((30, 40), dtype=np.float32),
+        np.zeros((30, 40), dtype=bool),
+    ],
+    ids=["pil-rgb", "pil-l", "pil-rgba", "uint8", "float-1ch", "float-hw", "np-hwc", "np-hw-float", "np-bool"],
+)
+def test_to_uint8_image(image: object) -> None:
+    out = to_uint8_image(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 30, 40)
+
+
+def test_to_uint8_image_max_side_and_errors() -> None:
+    out = to_uint8_image(torch.zeros(3, 100, 300, dtype=torch.uint8), max_side=50)
+    assert out.shape == (3, 50, 150)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8_image(torch.randn(3, 10, 10) * 3)
+    with pytest.raises(TypeError, match="unsupported image type str"):
+        to_uint8_image("a.jpg")
+    with pytest.raises(ValueError, match="shape"):
+        to_uint8_image(torch.zeros(5, 10, 10))
+
+
+def test_load_image(tmp_path: Path) -> None:
+    path = _write_image(tmp_path / "a.PNG", size=(200, 100))
+    img = load_image(path, max_side=40)
+    assert img.dtype == torch.uint8 and img.shape == (3, 40, 80)
+    jpg = tmp_path / "b.jpg"
+    Image.fromarray(np.full((300, 200, 3), 128, dtype=np.uint8)).save(jpg)
+    assert load_image(jpg, max_side=50).shape == (3, 75, 50)
+    with pytest.raises(UnreadableImageError, match="bad.jpg"):
+        load_image(_write_corrupt(tmp_path / "bad.jpg"))
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        load_image(tmp_path / "nope.jpg")
+
+
+# ------------------------------------------------------------------ folder sources
+
+
+def test_find_images_imagefolder_layout(tmp_path: Path) -> None:
+    _write_image(tmp_path / "dogs" / "b.jpg")
+    _write_image(tmp_path / "dogs" / "sub" / "a.JPEG")
+    _write_image(tmp_path / "cats" / "x.png")
+    _write_image(tmp_path / "cats" / ".hidden.png")
+    _write_image(tmp_path / "birds" / "y.webp")
+    (tmp_path / "cats" / "notes.txt").write_text("x")
+    (tmp_path / "README.md").write_text("x")
+    files, labels, classes = find_images(tmp_path)
+    assert classes == ["birds", "cats", "dogs"]
+    rel = [f.relative_to(tmp_path).as_posix() for f in files]
+    assert rel == ["birds/y.webp", "cats/x.png", "dogs/b.jpg", "dogs/sub/a.JPEG"]
+    assert labels == [0, 1, 2, 2]
+
+
+def test_find_images_flat(tmp_path: Path) -> None:
+    for i, name in enumerate(["c.bmp", "a.jpg", "b.Png"]):
+        _write_image(tmp_path / name, seed=i)
+    _write_image(tmp_path / "sub" / "d.jpg")
+    files, labels, classes = find_images(tmp_path)
+    assert [f.name for f in files] == ["a.jpg", "b.Png", "c.bmp", "d.jpg"]
+    assert labels == [-1] * 4 and classes == []
+    source = ImageFolderSource(tmp_path)
+    assert len(source) == 4
+    img, label = source.load(1, max_side=16)
+    assert img.shape[0] == 3 and min(img.shape[1:]) == 16 and label == -1
+
+
+@needs_photos8
+def test_photos8_folder() -> None:
+    files, labels, classes = find_images(PHOTOS8)
+    assert len(files) == 196 and len(classes) == 8 and set(labels) == set(range(8))
+    dm = CalibrationDataModule(data_dir=PHOTOS8, img_size=32)
+    dm.setup("fit")
+    assert dm.num_calibration_images == 196
+    assert set(dm.calibration_labels().tolist()) == set(range(8))
+    assert dm.classes == classes
+
+
+@needs_photos8
+@pytest.mark.parametrize("max_samples", [1, 16])
+def test_photos8_max_samples(max_samples: int) -> None:
+    dm = CalibrationDataModule(data_dir=PHOTOS8, img_size=32, max_samples=max_samples, batch_size=8)
+    views, labels = next(iter(dm.train_dataloader()))
+    assert dm.num_calibration_images == max_samples
+    assert views.shape == (min(8, max_samples), 12, 3, 32, 32)
+    assert labels.dtype == torch.long and ((labels >= 0) & (labels < 8)).all()
+    # a seeded subset: same seed → same subset
+    again = CalibrationDataModule(data_dir=PHOTOS8, img_size=32, max_samples=max_samples)
+    torch.testing.assert_close(again.calibration_images_eval(), dm.calibration_images_eval())
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        CalibrationDataModule(data_dir=missing, img_size=16).setup("fit")
+    dm = CalibrationDataModule(dataset=_PairDataset(2), fitness_data_dir=missing, img_size=16)
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        dm.setup("fit")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    with pytest.raises(ValueError, match="no image files.*empty"):
+        CalibrationDataModule(data_dir=tmp_path / "empty", img_size=16).setup("fit")
+
+
+def test_folder_without_readable_images(tmp_path: Path) -> None:
+    _write_corrupt(tmp_path / "bad" / "a.jpg")
+    _write_corrupt(tmp_path / "bad" / "b.png")
+    dm = CalibrationDataModule(data_dir=tmp_path / "bad", img_size=16)
+    with pytest.raises(ValueError, match="no readable images in.*bad"), pytest.warns(UserWarning):
+        dm.setup("fit")
+
+
+def test_single_unreadable_file(tmp_path: Path) -> None:
+    bad = _write_corrupt(tmp_path / "broken.jpg")
+    with pytest.raises(ValueError, match="cannot read image file.*broken.jpg"):
+        CalibrationDataModule(data_dir=bad, img_size=16).setup("fit")
+
+
+def test_single_good_file(tmp_path: Path) -> None:
+    good = _write_image(tmp_path / "one.jpg")
+    dm = CalibrationDataModule(data_dir=good, img_size=16)
+    assert dm.train_dataset()[0][0].shape == (12, 3, 16, 16)
+
+
+def test_corrupt_file_is_skipped_with_warning(tmp_path: Path) -> None:
+    for i in range(3):
+        _write_image(tmp_path / f"good{i}.png", seed=i)
+    _write_corrupt(tmp_path / "corrupt.jpg")
+    dm = CalibrationDataModule(data_dir=tmp_path, img_size=16)
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    messages = [str(w.message) for w in record]
+    assert any("corrupt.jpg" in m for m in messages)
+    assert any("skipped 1 of 4 files" in m for m in messages)
+    assert dm.num_calibration_images == 3
+
+
+def test_corrupt_file_is_replaced_under_max_samples(tmp_path: Path) -> None:
+    for i in range(4):
+        _write_image(tmp_path / f"good{i}.png", seed=i)
+    for i in range(2):
+        _write_corrupt(tmp_path / f"bad{i}.jpg")
+    with pytest.warns(UserWarning):
+        dm = CalibrationDataModule(data_dir=tmp_path, img_size=16, max_samples=4)
+        dm.setup("fit")
+    assert dm.num_calibration_images == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_samples": 0}, ValueError, "max_samples.*0"),
+        ({"max_samples": -3}, ValueError, "max_samples.*-3"),
+        ({"max_samples": 2.5}, TypeError, "max_samples"),
+        ({"batch_size": 0}, ValueError, "batch_size.*0"),
+        ({"batch_size": True}, TypeError, "batch_size"),
+        ({"num_workers": -1}, ValueError, "num_workers.*-1"),
+        ({"num_local_crops": -2}, ValueError, "num_local_crops.*-2"),
+        ({"global_scale": (0.3, 0.2)}, ValueError, "global_scale"),
+        ({"global_scale": 0.5}, TypeError, "global_scale"),
+        ({"local_scale": (0.0, 0.25)}, ValueError, "local_scale"),
+        ({"img_size": 0}, ValueError, "img_size.*0"),
+        ({"holdout": -1}, ValueError, "holdout.*-1"),
+        ({"holdout": 1.0}, ValueError, "holdout.*1.0"),
+        ({"holdout": "10"}, TypeError, "holdout"),
+        ({"holdout": 2, "fitness_data_dir": "x"}, ValueError, "holdout.*fitness_data_dir"),
+        ({"data_dir": "x", "dataset": _PairDataset(2)}, ValueError, "data_dir.*dataset"),
+        ({"dataset": iter([1, 2])}, TypeError, "dataset"),
+        ({"mean": (0.5, 0.5)}, ValueError, "mean"),
+    ],
+)
+def test_datamodule_bad_args(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        CalibrationDataModule(**kwargs)
+
+
+def test_iterable_dataset_rejected() -> None:
+    class _Stream(IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield torch.zeros(3, 8, 8)
+
+    with pytest.raises(TypeError, match="map-style"):
+        CalibrationDataModule(dataset=_Stream())
+
+
+@pytest.mark.parametrize("holdout", [5, 0.99])
+def test_holdout_leaves_nothing(holdout: int | float) -> None:
+    with pytest.raises(ValueError, match="holdout.*leaves no calibration images"):
+        CalibrationDataModule(dataset=_PairDataset(5), holdout=holdout, img_size=16).setup("fit")
+
+
+def test_size_unknown() -> None:
+    dm = CalibrationDataModule(dataset=_PairDataset(3))
+    dm.setup("fit")  # lists the source, defers decoding
+    with pytest.raises(RuntimeError, match="configure_from_model"):
+        dm.train_dataloader()
+
+
+def test_bad_dataset_item() -> None:
+    class _Bad(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> tuple[str, int]:
+            return "not an image", 0
+
+    with pytest.raises(TypeError, match="item 0.*unsupported image type"):
+        CalibrationDataModule(dataset=_Bad(), img_size=16).setup("fit")
+
+
+# ------------------------------------------------------------------ built-in default / datasets
+
+
+def test_builtin_skimage_default() -> None:
+    pytest.importorskip("skimage")
+    dm = CalibrationDataModule(img_size=24, batch_size=4, num_local_crops=2)
+    dm.setup("fit")
+    n = dm.num_calibration_images
+    assert n >= 8
+    assert (dm.calibration_labels() == -1).all()
+    views, labels = next(iter(dm.train_dataloader()))
+    assert views.shape == (4, 4, 3, 24, 24) and labels.tolist() == [-1] * 4
+
+
+def test_builtin_without_skimage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(ImportError, match="pip install scikit-image"):
+        SkimagePhotosSource()
+    with pytest.raises(ImportError, match="data_dir"):
+        CalibrationDataModule(img_size=16).setup("fit")
+
+
+def test_pil_dataset_source() -> None:
+    dm = CalibrationDataModule(dataset=_PILDataset(5), img_size=16, batch_size=5)
+    views, labels = next(iter(dm.train_dataloader()))
+    assert views.shape == (5, 12, 3, 16, 16) and labels.tolist() == [-1] * 5
+
+
+def test_pair_dataset_source() -> None:
+    source = DatasetSource(_PairDataset(4))
+    img, label = source.load(2)
+    assert img.dtype == torch.uint8 and img.shape == (3, 22, 24) and label == 2
+    dm = CalibrationDataModule(dataset=_PairDataset(6), img_size=16, batch_size=4)
+    batches = list(dm.train_dataloader())
+    assert [b[0].shape[0] for b in batches] == [4, 2]
+    assert torch.cat([b[1] for b in batches]).tolist() == list(range(6))
+
+
+# ------------------------------------------------------------------ holdout / fitness
+
+
+@pytest.mark.parametrize(("holdout", "expected"), [(3, 3), (0.25, 5), (0.01, 1)])
+def test_holdout_is_disjoint(test_vit: torch.nn.Module, holdout: int | float, expected: int) -> None:
+    dm = CalibrationDataModule(dataset=_PairDataset(20), holdout=holdout)
+    dm.configure_from_model(test_vit)
+    fit_labels = dm.fitness_labels().tolist()
+    cal_labels = dm.calibration_labels().tolist()
+    assert len(fit_labels) == expected
+    assert set(fit_labels).isdisjoint(cal_labels)
+    assert sorted(fit_labels + cal_labels) == list(range(20))
+    assert fit_labels == sorted(fit_labels) and cal_labels == sorted(cal_labels)
+    size, mean, std = resolve_input_config(test_vit)
+    fit = dm.fitness_images()
+    assert fit.shape == (expected, 3, size, size) and fit.dtype == torch.float32
+    # solid colour image i → (i/255 - mean) / std everywhere
+    for row, label in zip(fit, fit_labels):
+        torch.testing.assert_close(row, torch.full_like(row, (label / 255 - mean[0]) / std[0]), atol=1e-4, rtol=0)
+    views, _ = dm.train_dataset()[0]
+    assert views.shape == (12, 3, size, size)
+    # the same seed gives the same split; another seed another one
+    other = CalibrationDataModule(dataset=_PairDataset(20), holdout=holdout, img_size=16)
+    assert other.fitness_labels().tolist() == fit_labels
+    if expected > 1:
+        reseeded = CalibrationDataModule(dataset=_PairDataset(20), holdout=holdout, img_size=16, seed=5)
+        assert reseeded.fitness_labels().tolist() != fit_labels
+
+
+def test_holdout_and_max_samples() -> None:
+    dm = CalibrationDataModule(dataset=_PairDataset(30), holdout=4, max_samples=10, img_size=16)
+    assert len(dm.fitness_labels()) == 4 and len(dm.calibration_labels()) == 10
+    assert set(dm.fitness_labels().tolist()).isdisjoint(dm.calibration_labels().tolist())
+
+
+def test_fitness_defaults_to_calibration_images() -> None:
+    dm = CalibrationDataModule(dataset=_PairDataset(5), img_size=16)
+    torch.testing.assert_close(dm.fitness_images(), dm.calibration_images_eval())
+    assert dm.fitness_labels().tolist() == dm.calibration_labels().tolist() == list(range(5))
+
+
+def test_fitness_data_dir(tmp_path: Path) -> None:
+    for i, cls in enumerate(["a", "b", "b"]):
+        _write_image(tmp_path / "fit" / cls / f"{i}.png", seed=i)
+    dm = CalibrationDataModule(dataset=_PairDataset(4), fitness_data_dir=tmp_path / "fit", img_size=20)
+    assert dm.fitness_images().shape == (3, 3, 20, 20)
+    assert dm.fitness_labels().tolist() == [0, 1, 1]
+    assert dm.num_calibration_images == 4
+
+
+def test_explicit_size_wins_and_model_normalisation(test_vit: torch.nn.Module) -> None:
+    dm = CalibrationDataModule(dataset=_PairDataset(3), img_size=24)
+    dm.configure_from_model(test_vit)
+    assert dm.size == 24 and dm.normalization == ((0.5,) * 3, (0.5,) * 3)
+    assert dm.train_dataset()[0][0].shape == (12, 3, 24, 24)
+    # without a model: ImageNet statistics
+    plain = CalibrationDataModule(dataset=_PairDataset(3), img_size=24)
+    assert plain.normalization[0] == (0.485, 0.456, 0.406)
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def test_dataloader_reproducible_and_worker_independent() -> None:
+    kwargs = {"dataset": _NoiseDataset(6), "img_size": 16, "batch_size": 4, "num_local_crops": 2}
+    first = [b[0] for b in CalibrationDataModule(**kwargs).train_dataloader()]
+    again = [b[0] for b in CalibrationDataModule(**kwargs, num_workers=2).train_dataloader()]
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = next(iter(CalibrationDataModule(**kwargs, seed=1).train_dataloader()))[0]
+    assert not torch.allclose(first[0], other)
+
+
+def test_set_epoch_changes_crops() -> None:
+    dm = CalibrationDataModule(dataset=_NoiseDataset(2))
+    dm.configure_from_model(timm.create_model("test_vit", pretrained=False, img_size=16))
+    epoch0 = dm.train_dataset()[1][0]
+    dm.set_epoch(1)
+    assert not torch.allclose(epoch0, dm.train_dataset()[1][0])
+    dm.set_epoch(0)
+    torch.testing.assert_close(epoch0, dm.train_dataset()[1][0], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*configure_optimizers.*returned `None`")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+def test_trainer_fit_sees_batches() -> None:
+    import lightning.pytorch as pl
+
+    class _Probe(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = timm.create_model("test_vit", pretrained=False, img_size=16)
+            self.automatic_optimization = False
+            self.shapes: list[tuple[int, ...]] = []
+
+        def setup(self, stage: str) -> None:
+            self.trainer.datamodule.configure_from_model(self.model)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            views, labels = batch
+            self.shapes.append(tuple(views.shape))
+            assert labels.shape == (views.shape[0],)
+
+        def configure_optimizers(self) -> None:
+            return None
+
+    probe = _Probe()
+    dm = CalibrationDataModule(dataset=_PairDataset(5), batch_size=2, num_local_crops=3)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(probe, datamodule=dm)
+    assert probe.shapes == [(2, 5, 3, 16, 16), (2, 5, 3, 16, 16), (1, 5, 3, 16, 16)]

@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from snapvit_lightning.elastic import ElasticViT, load_subnet, read_metadata, save_subnet
+from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.structure import (
+    UnsupportedModelError,
+    block_dims,
+    count_params,
+    get_blocks,
+    inspect_vit,
+    measure_flops,
+)
+
+from conftest import TINY_MODELS, load_real_model, model_input, tiny_model
+
+BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.6)]
+
+
+def _random_scores(model: torch.nn.Module, seed: int = 0) -> ImportanceScores:
+    s = inspect_vit(model)
+    g = torch.Generator().manual_seed(seed)
+    return ImportanceScores(
+        torch.rand(s.num_blocks, s.blocks[0].mlp_hidden, generator=g),
+        torch.rand(s.num_blocks, s.blocks[0].num_heads, generator=g),
+    )
+
+
+def _elastic(key: str) -> tuple[ElasticViT, torch.nn.Module]:
+    model, name, kwargs = tiny_model(key)
+    return ElasticViT(model, _random_scores(model), model_name=name, model_kwargs=kwargs or None), model
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def _masked_reference(model: torch.nn.Module, scores: ImportanceScores, mlp_ratio: float, head_ratio: float):
+    """The dense model with the units the global ranking drops zeroed in fc2 / proj."""
+    import copy
+
+    masked = copy.deepcopy(model)
+    neurons, heads = scores.keep_counts(mlp_ratio, head_ratio)
+    mlp_order, head_order = scores.block_orders()
+    with torch.no_grad():
+        for b, block in enumerate(get_blocks(masked)):
+            block.mlp.fc2.weight[:, mlp_order[b, neurons[b]:]] = 0
+            hd = block.attn.head_dim
+            for h in head_order[b, heads[b]:].tolist():
+                block.attn.proj.weight[:, h * hd:(h + 1) * hd] = 0
+    return masked
+
+
+@pytest.mark.parametrize("key", list(TINY_MODELS))
+def test_subnets_equal_masked_dense_model(key: str) -> None:
+    elastic, dense = _elastic(key)
+    x = model_input(dense)
+    reference = _forward(dense, x)
+    torch.testing.assert_close(_forward(elastic.model, x), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_forward(elastic.subnet(0.0, 0.0), x), reference, atol=1e-5, rtol=1e-5)
+    for ratios in BUDGETS[1:]:
+        sub = elastic.subnet(*ratios)
+        masked = _masked_reference(dense, _random_scores(dense), *ratios)
+        torch.testing.assert_close(_forward(sub, x), _forward(masked, x), atol=1e-5, rtol=1e-5)
+        # physically smaller, and FLOPs/params predicted without slicing match measurement
+        cost = elastic.cost([block_dims(b) for b in get_blocks(sub)])
+        assert cost["params"] == sum(p.numel() for p in sub.parameters())
+        assert cost["flops"] == measure_flops(sub, x[:1])
+    # the elastic model stays whole whatever was cut from it
+    torch.testing.assert_close(_forward(elastic.model, x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_subnet_is_a_copy_in_any_order() -> None:
+    elastic, dense = _elastic("test_vit2")
+    x = model_input(dense)
+    small = _forward(elastic.subnet(0.65, 0.5), x)
+    large = _forward(elastic.subnet(0.15, 0.0), x)
+    torch.testing.assert_close(_forward(elastic.subnet(0.65, 0.5), x), small)
+    torch.testing.assert_close(_forward(elastic.subnet(0.15, 0.0), x), large)
+    assert not torch.allclose(small, large)
+
+
+@pytest.mark.parametrize("key", ["test_vit3", "swiglu", "glu", "distilled", "registers"])
+def test_save_load_round_trip(key: str, tmp_path) -> None:
+    elastic, dense = _elastic(key)
+    path = tmp_path / "m.elastic.safetensors"
+    elastic.save(path)
+    loaded = ElasticViT.load(path)
+    x = model_input(dense)
+    for ratios in BUDGETS:
+        torch.testing.assert_close(_forward(loaded.subnet(*ratios), x), _forward(elastic.subnet(*ratios), x), atol=0, rtol=0)
+    assert torch.equal(loaded.mlp_order, elastic.mlp_order)
+    meta = read_metadata(path)
+    assert meta["kind"] == "elastic" and meta["format_version"] == "1"
+    assert meta["model_name"] == elastic.model_name and meta["input_size"] == list(elastic.input_size)
+    assert {"snapvit_version", "timm_version"} <= set(meta)
+
+
+def test_search_weights_and_covariance_are_saved(tmp_path) -> None:
+    model, name, _ = tiny_model("test_vit")
+    scores = _random_scores(model)
+    w = torch.linspace(0.2, 1.8, scores.num_weights)
+    scores = scores.with_weights(w, covariance=torch.diag(w))
+    elastic = ElasticViT(model, scores)
+    elastic.save(tmp_path / "w.elastic.safetensors")
+    loaded = ElasticViT.load(tmp_path / "w.elastic.safetensors")
+    assert torch.equal(loaded.scores.covariance, scores.covariance)
+    assert torch.equal(loaded.scores.block_weights, scores.block_weights)
+    assert [d for d in loaded.dims(0.5, 0.3)] == elastic.dims(0.5, 0.3)
+    # ranking follows the weighted scores
+    assert torch.equal(torch.stack(elastic.scores.keep_counts(0.5, 0.3)), torch.stack(scores.keep_counts(0.5, 0.3)))
+
+
+def test_subnet_file_round_trip(tmp_path) -> None:
+    elastic, dense = _elastic("siglip")
+    sub = elastic.subnet(0.55, 0.4)
+    elastic.save_subnet(tmp_path / "sub.safetensors", sub)
+    back = load_subnet(tmp_path / "sub.safetensors")
+    x = model_input(dense)
+    torch.testing.assert_close(_forward(back, x), _forward(sub, x), atol=0, rtol=0)
+    assert [block_dims(b) for b in get_blocks(back)] == [block_dims(b) for b in get_blocks(sub)]
+    assert read_metadata(tmp_path / "sub.safetensors")["kind"] == "subnet"
+    with pytest.raises(ValueError, match="not an elastic model; use load_subnet"):
+        ElasticViT.load(tmp_path / "sub.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["flops", "params"])
+@pytest.mark.parametrize("fraction", [1.0, 0.8, 0.5])
+def test_fraction_budgets(kind: str, fraction: float) -> None:
+    elastic, dense = _elastic("test_vit4")
+    ratios = elastic.resolve_budget(**{kind: fraction})
+    cost = elastic.cost(elastic.dims(*ratios))
+    assert cost[f"{kind}_fraction"] <= fraction + 1e-12
+    assert ratios[0] == ratios[1]  # same ratio for neurons and heads by default
+    if ratios[0] > 0:  # the largest model on the line that fits: a little less pruning does not fit
+        slightly_less = elastic.cost(elastic.dims(ratios[0] - 1e-3, ratios[1] - 1e-3))
+        assert slightly_less[f"{kind}_fraction"] > fraction - 0.02
+    sub = elastic.subnet(**{kind: fraction})
+    assert count_params(sub)["total"] == cost["params"]
+
+
+def test_budget_errors() -> None:
+    elastic, _ = _elastic("test_vit")
+    with pytest.raises(ValueError, match="flops must be a fraction in \\(0, 1\\]"):
+        elastic.subnet(flops=0.0)
+    with pytest.raises(ValueError, match="params must be a fraction"):
+        elastic.subnet(params=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        elastic.subnet(0.3, flops=0.5)
+    with pytest.raises(ValueError, match="only one of flops and params"):
+        elastic.subnet(flops=0.5, params=0.5)
+    with pytest.raises(ValueError, match="below the smallest reachable fraction"):
+        elastic.subnet(flops=0.01)
+    with pytest.raises(ValueError, match="mlp_ratio must be a number in \\[0, 1\\)"):
+        elastic.subnet(1.0, 0.0)
+
+
+def test_construction_errors() -> None:
+    model, _, _ = tiny_model("test_vit")
+    with pytest.raises(ValueError, match="do not match the model's"):
+        ElasticViT(model, ImportanceScores(torch.rand(6, 10), torch.rand(6, 2)))
+    with pytest.raises(UnsupportedModelError):
+        ElasticViT(torch.nn.Linear(2, 2), _random_scores(model))
+    with pytest.raises(ValueError, match="not a registered timm model"):
+        ElasticViT(model, _random_scores(model), model_name="no_such_model")
+    with pytest.raises(ValueError, match="does not rebuild this model"):
+        ElasticViT(model, _random_scores(model), model_name="test_vit2")
+    with pytest.raises(ValueError, match="JSON values only"):
+        ElasticViT(model, _random_scores(model), model_kwargs={"act_layer": torch.nn.GELU})
+    sliced, _, _ = tiny_model("test_vit")
+    from snapvit_lightning.structure import slice_block
+
+    slice_block(sliced.blocks[0], 1, 10)
+    with pytest.raises(ValueError, match="blocks of different sizes"):
+        ElasticViT(sliced, _random_scores(model))
+
+
+def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
+    elastic, _ = _elastic("test_vit")
+    good = tmp_path / "good.elastic.safetensors"
+    elastic.save(good)
+    with pytest.raises(FileNotFoundError, match="no elastic/subnet file"):
+        ElasticViT.load(tmp_path / "missing.elastic.safetensors")
+    data = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        ElasticViT.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        ElasticViT.load(tmp_path / "junk.safetensors")
+
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(good))
+
+    def variant(name: str, **changes: str) -> str:
+        path = tmp_path / name
+        save_file(tensors, str(path), metadata={**meta, **changes})
+        return str(path)
+
+    with pytest.raises(ValueError, match="has format_version '99'"):
+        ElasticViT.load(variant("v99.safetensors", format_version="99"))
+    with pytest.raises(ValueError, match="is not a snapvit-elastic file"):
+        ElasticViT.load(variant("other.safetensors", format="something-else"))
+    with pytest.raises(ValueError, match="is not a registered timm model"):
+        ElasticViT.load(variant("name.safetensors", model_name="os.system"))
+    with pytest.raises(ValueError, match="the weights do not fit"):
+        ElasticViT.load(variant("dims.safetensors", block_dims=json.dumps([[1, 5]] * 6)))
+    with pytest.raises(ValueError, match="the weights do not fit"):
+        ElasticViT.load(variant("kw.safetensors", model_kwargs=json.dumps({"embed_dim": 32})))
+    scores_bad = dict(tensors)
+    scores_bad["scores.mlp"] = torch.rand(6, 7)
+    save_file(scores_bad, str(tmp_path / "scores.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="do not match the model's"):
+        ElasticViT.load(tmp_path / "scores.safetensors")
+    # a failed save leaves no file behind
+    with pytest.raises(ValueError):
+        save_subnet(elastic.model, tmp_path / "bad.safetensors", model_name="test_vit", model_kwargs={"depth": 2})
+    assert not (tmp_path / "bad.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_real_dinov2_slicing(real_weights) -> None:
+    """The real DINOv2 ViT-S/14 at 112 px: (0.35, 0.2) cuts block params as expected, fast."""
+    model = load_real_model(real_weights)
+    elastic = ElasticViT(model, _random_scores(model), model_name="vit_small_patch14_dinov2",
+                         model_kwargs={"num_classes": 0, "img_size": 112})
+    start = time.perf_counter()
+    sub = elastic.subnet(0.35, 0.2)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0, f"subnet() took {elapsed:.2f} s"
+    dims = [block_dims(b) for b in get_blocks(sub)]
+    assert sum(d.mlp_hidden for d in dims) == 12 * 1536 - round(0.35 * 12 * 1536)
+    assert sum(d.num_heads for d in dims) == 12 * 6 - round(0.2 * 72)
+    dense_blocks = sum(count_params(model)["blocks"])
+    sub_blocks = sum(count_params(sub)["blocks"])
+    # per neuron: fc1 row + bias + fc2 column = 769; per head: 64 * (3 * 385 + 384) = 98496
+    expected_cut = round(0.35 * 12 * 1536) * 769 + round(0.2 * 72) * 98496
+    assert dense_blocks - sub_blocks == expected_cut
+    x = torch.randn(2, 3, 112, 112)
+    assert torch.isfinite(_forward(sub, x)).all()
