@@ -26,8 +26,10 @@ from snapvit_lightning.data import (
     to_uint8_image,
 )
 
-PHOTOS8 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos8"
-needs_photos8 = pytest.mark.skipif(not PHOTOS8.is_dir(), reason=f"{PHOTOS8} not available")
+from conftest import PHOTOS as PHOTOS8
+
+# photos8 is required: its tests fail (via the photos_dir fixture), never skip, when it is missing.
+needs_photos8 = pytest.mark.usefixtures("photos_dir")
 
 
 def _rand_uint8(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -423,7 +425,6 @@ def test_bad_dataset_item() -> None:
 
 
 def test_builtin_skimage_default() -> None:
-    pytest.importorskip("skimage")
     dm = CalibrationDataModule(img_size=24, batch_size=4, num_local_crops=2)
     dm.setup("fit")
     n = dm.num_calibration_images

@@ -1,0 +1,472 @@
+"""Tests for snapvit_lightning.module (SnapViTModule: gradient scores with Lightning)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning.module import CRITERIA, SnapViTModule, dino_loss, lamp_scores
+from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.structure import UnsupportedModelError, get_blocks, mlp_input_layers
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*configure_optimizers.*returned `None`:UserWarning",
+    "ignore:.*module\\(s\\) in eval mode:UserWarning",
+    "ignore:.*does not have many workers:UserWarning",
+    "ignore:.*LeafSpec.*",
+    "ignore:.*`weights_only` was not set.*",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+VIT = "test_vit"
+VIT_KW = {"img_size": 32}
+MODELS = {
+    "mlp": (VIT, VIT_KW),
+    "swiglu": ("aimv2_large_patch14_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=56, num_classes=0)),
+    "glu": ("vit_giant_patch14_dinov2", dict(depth=2, embed_dim=96, num_heads=3, img_size=56)),
+}
+
+
+def views(n: int, v: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, 3, size, size, generator=g)
+
+
+def loader(x: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 2) -> DataLoader:
+    labels = torch.full((x.shape[0],), -1, dtype=torch.long) if labels is None else labels
+    return DataLoader(TensorDataset(x, labels), batch_size=batch_size)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**base, **kwargs})
+
+
+def fit(module: SnapViTModule, x: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 2, **kw):
+    trainer(**kw).fit(module, loader(x, labels, batch_size))
+    return module.scores
+
+
+def vit(seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(VIT, pretrained=False, **{**VIT_KW, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """The tiny test_vit's weights as a safetensors file (same weights for every run)."""
+    path = tmp_path_factory.mktemp("w") / "test_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit().state_dict().items()}, str(path))
+    return path
+
+
+def scoring(weights: Path, **kwargs) -> SnapViTModule:
+    return SnapViTModule(VIT, checkpoint_path=str(weights), model_kwargs=VIT_KW, **kwargs)
+
+
+def assert_scores_close(a: ImportanceScores, b: ImportanceScores, rtol: float) -> None:
+    for x, y in ((a.mlp, b.mlp), (a.heads, b.heads)):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * float(y.abs().max()))
+
+
+def hand_scores(model: torch.nn.Module, x: torch.Tensor, tt: float | None, st: float | None):
+    """Paper's scores by hand: one forward of all images, explicit pair loops, autograd.grad."""
+    model = model.eval()
+    b, v = x.shape[:2]
+    emb = model.forward_head(model.forward_features(x.flatten(0, 1)), pre_logits=True).view(b, v, -1)
+    z = emb / emb.norm(dim=-1, keepdim=True)
+    loss = torch.zeros(())
+    for i in range(b):
+        for t in range(2):
+            p = torch.softmax(z[i, t].detach() / (tt or 1.0), dim=-1)
+            for s in range(v):
+                if s != t:
+                    loss = loss - (p * torch.log_softmax(z[i, s] / (st or 1.0), dim=-1)).sum()
+    blocks = get_blocks(model)
+    params = [blk.mlp.fc1.weight for blk in blocks] + [blk.attn.qkv.weight for blk in blocks]
+    grads = torch.autograd.grad(loss, params)
+    mlp = torch.stack([g.square().mean(1) for g in grads[: len(blocks)]])
+    heads = []
+    for blk, g in zip(blocks, grads[len(blocks) :]):
+        d = blk.attn.num_heads * blk.attn.head_dim
+        heads.append(g[2 * d :].view(blk.attn.num_heads, blk.attn.head_dim, -1).square().mean(dim=(1, 2)))
+    return mlp.double(), torch.stack(heads).double()
+
+
+# ------------------------------------------------------------------------------ scores
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_scores_shapes_finite_nonnegative(kind: str) -> None:
+    name, kwargs = MODELS[kind]
+    torch.manual_seed(0)
+    module = SnapViTModule(name, model_kwargs=kwargs)
+    size = module.student.patch_embed.img_size[0]
+    scores = fit(module, views(2, v=3, size=size))
+    blocks = get_blocks(module.student)
+    assert scores.mlp.shape == (len(blocks), blocks[0].mlp.fc2.in_features)
+    assert scores.heads.shape == (len(blocks), blocks[0].attn.num_heads)
+    for s in (scores.mlp, scores.heads):
+        assert torch.isfinite(s).all() and (s >= 0).all() and (s > 0).any()
+    assert scores.criterion == "dino" and scores.min_mlp_keep == 0.05 and scores.min_head_keep == 0.2
+    assert module.num_samples == 2
+
+
+def test_only_mlp_input_and_qkv_require_grad_and_weights_unchanged(weights: Path) -> None:
+    module = scoring(weights)
+    expected = set()
+    for i, block in enumerate(get_blocks(module.student)):
+        expected |= {f"blocks.{i}.attn.qkv.weight", f"blocks.{i}.mlp.fc1.weight"}
+    assert {n for n, p in module.student.named_parameters() if p.requires_grad} == expected
+    before = copy.deepcopy(module.student.state_dict())
+    t = trainer()
+    t.fit(module, loader(views(4)))
+    assert module.configure_optimizers() is None and t.optimizers == []
+    after = module.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in module.student.parameters())
+    assert not any(m.training for m in module.student.modules())  # never left eval mode
+
+
+def test_swiglu_requires_grad_on_both_input_layers() -> None:
+    name, kwargs = MODELS["swiglu"]
+    module = SnapViTModule(name, model_kwargs=kwargs)
+    block = get_blocks(module.student)[0]
+    assert [layer.weight.requires_grad for layer in mlp_input_layers(block)] == [True, True]
+    assert not block.mlp.fc2.weight.requires_grad and not block.attn.proj.weight.requires_grad
+
+
+def test_dead_neuron_and_head_score_zero() -> None:
+    model = vit()
+    dead_neuron, dead_head = 5, 1
+    with torch.no_grad():
+        for block in get_blocks(model)[:2]:
+            block.mlp.fc1.weight[dead_neuron] = 0
+            block.mlp.fc1.bias[dead_neuron] = 0
+            block.mlp.fc2.weight[:, dead_neuron] = 0
+            d, hd = block.attn.num_heads * block.attn.head_dim, block.attn.head_dim
+            rows = slice(2 * d + dead_head * hd, 2 * d + (dead_head + 1) * hd)
+            block.attn.qkv.weight[rows] = 0
+            block.attn.qkv.bias[rows] = 0
+            block.attn.proj.weight[:, dead_head * hd : (dead_head + 1) * hd] = 0
+    scores = fit(SnapViTModule(model), views(2))
+    assert (scores.mlp[:2, dead_neuron] == 0).all() and (scores.heads[:2, dead_head] == 0).all()
+    assert (scores.mlp[:2].sum(1) > 0).all() and (scores.mlp[2:, dead_neuron] > 0).all()
+    assert (scores.heads[2:, dead_head] > 0).all()
+
+
+@pytest.mark.parametrize("temps", [(None, None), (0.04, 0.1)])
+def test_matches_hand_computation(temps) -> None:
+    # Dropout and drop-path are on in the config: scoring must run in eval mode regardless.
+    model = vit(proj_drop_rate=0.3, drop_path_rate=0.3)
+    reference = copy.deepcopy(model)
+    x = views(4, v=4)
+    module = SnapViTModule(model, teacher_temp=temps[0], student_temp=temps[1])
+    scores = fit(module, x, batch_size=2)  # two batches, accumulated
+    mlp, heads = hand_scores(reference, x, *temps)
+    torch.testing.assert_close(scores.mlp, mlp, rtol=1e-5, atol=1e-5 * float(mlp.max()))
+    torch.testing.assert_close(scores.heads, heads, rtol=1e-5, atol=1e-5 * float(heads.max()))
+
+
+def test_dino_loss_skips_same_view_pairs() -> None:
+    emb = torch.randn(3, 2, 8)
+    same = torch.stack([emb[:, 0], emb[:, 0]], dim=1)  # two identical global views
+    z = F.normalize(emb[:, 0], dim=-1)
+    expected = -2 * (z.softmax(-1) * z.log_softmax(-1)).sum(-1)  # entropy, counted twice
+    torch.testing.assert_close(dino_loss(same), expected)
+    assert dino_loss(emb).shape == (3,)
+    with pytest.raises(ValueError, match="V >= 2"):
+        dino_loss(torch.randn(3, 1, 8))
+
+
+def test_fisher_and_sum_then_square_and_batch_size_invariance(weights: Path) -> None:
+    x = views(4)
+    s2 = fit(scoring(weights), x, batch_size=2)
+    s4 = fit(scoring(weights), x, batch_size=4)
+    assert_scores_close(s2, s4, rtol=1e-4)  # loss summed over samples: invariant to batching
+    fisher2 = fit(scoring(weights, accumulation="fisher"), x, batch_size=2)
+    fisher4 = fit(scoring(weights, accumulation="fisher"), x, batch_size=4)
+    assert_scores_close(fisher4, s4, rtol=1e-5)  # one batch: sum of squares == square of sum
+    for s in (fisher2.mlp, fisher2.heads):
+        assert torch.isfinite(s).all() and (s >= 0).all()
+    assert not torch.allclose(fisher2.mlp, s2.mlp, rtol=1e-2)
+    assert not torch.allclose(fisher2.heads, s2.heads, rtol=1e-2)
+
+
+def test_bf16_mixed_runs(weights: Path) -> None:
+    x = views(2)
+    ref = fit(scoring(weights), x)
+    bf16 = fit(scoring(weights), x, precision="bf16-mixed")
+    assert torch.isfinite(bf16.mlp).all() and (bf16.mlp >= 0).all()
+    corr = torch.corrcoef(torch.stack([ref.mlp.flatten(), bf16.mlp.flatten()]))[0, 1]
+    assert corr > 0.9
+
+
+# ------------------------------------------------------------------------------ criteria
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_criteria_by_name(weights: Path, criterion: str) -> None:
+    x = views(2)
+    labels = torch.tensor([3, 7])
+    module = scoring(weights, criterion=criterion, seed=3)
+    scores = fit(module, x, labels)
+    assert scores.criterion == criterion and scores.mlp.shape == (6, 192) and scores.heads.shape == (6, 2)
+    assert torch.isfinite(scores.mlp).all() and (scores.mlp >= 0).all() and (scores.heads >= 0).all()
+    blocks = get_blocks(module.student)
+    w_mlp = torch.stack([b.mlp.fc1.weight.detach().double().square().mean(1) for b in blocks])
+    if criterion == "magnitude":
+        torch.testing.assert_close(scores.mlp, w_mlp)
+    elif criterion == "lamp":
+        assert torch.allclose(scores.mlp.amax(1), torch.ones(6, dtype=torch.float64))
+        assert torch.equal(scores.mlp.argsort(1), w_mlp.argsort(1))  # same order within a block
+    elif criterion == "random":
+        again = scoring(weights, criterion=criterion, seed=3).compute_scores()
+        other = scoring(weights, criterion=criterion, seed=4).compute_scores()
+        assert torch.equal(again.mlp, scores.mlp) and not torch.equal(other.mlp, scores.mlp)
+        assert (scores.mlp < 1).all()
+    else:
+        assert (scores.mlp > 0).any() and module.num_samples == 2
+
+
+def test_snip_is_abs_weight_times_accumulated_grad(weights: Path) -> None:
+    x = views(2)
+    snip = scoring(weights, criterion="snip_magnitude")
+    fit(snip, x)
+    dino = scoring(weights)
+    fit(dino, x)
+    g = dino._reduced()[0]["blocks.0.mlp.0"]
+    w = dino.student.blocks[0].mlp.fc1.weight.detach()
+    torch.testing.assert_close(snip.scores.mlp[0], (w * g).abs().mean(1).double())
+    torch.testing.assert_close(dino.scores.mlp[0], g.square().mean(1).double())
+
+
+def test_lamp_scores_definition() -> None:
+    m = torch.tensor([[4.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    expected = torch.tensor([[4 / 4, 1 / 9, 2 / 8, 2 / 8], [0, 0, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(lamp_scores(m), expected)
+
+
+def test_cross_entropy_needs_labels(weights: Path) -> None:
+    module = scoring(weights, criterion="cross_entropy")
+    with pytest.raises(ValueError, match="label >= 0"):
+        fit(module, views(2), torch.tensor([1, -1]))
+
+
+def test_cross_entropy_matches_hand_computation() -> None:
+    model = vit()
+    reference = copy.deepcopy(model).eval()
+    x, labels = views(2, v=2), torch.tensor([4, 9])
+    scores = fit(SnapViTModule(model, criterion="cross_entropy"), x, labels, batch_size=1)
+    loss = F.cross_entropy(reference(x[:, 0]), labels, reduction="sum")
+    g = torch.autograd.grad(loss, reference.blocks[3].mlp.fc1.weight)[0]
+    torch.testing.assert_close(scores.mlp[3], g.square().mean(1).double(), rtol=1e-5, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(criterion="hessian"), ValueError, r"criterion must be one of \['dino', 'cross_entropy'"),
+        (dict(accumulation="mean"), ValueError, "accumulation must be one of"),
+        (dict(teacher_temp=0.0), ValueError, "teacher_temp must be None or a finite number > 0, got 0.0"),
+        (dict(student_temp=-1), ValueError, "student_temp must be None or a finite number > 0, got -1"),
+        (dict(student_temp=float("nan")), ValueError, "student_temp"),
+        (dict(teacher_temp="0.1"), ValueError, "teacher_temp"),
+        (dict(min_mlp_keep=1.5), ValueError, "min_mlp_keep must be a number in"),
+        (dict(checkpoint_path="/nonexistent/w.safetensors"), FileNotFoundError, "checkpoint_path"),
+        (dict(model="no_such_vit"), ValueError, "not a registered timm model"),
+        (dict(model=3), TypeError, "model must be a timm model name or an nn.Module, got int"),
+        (dict(model="resnet18", model_kwargs={}), UnsupportedModelError, "not a timm VisionTransformer"),
+        (dict(criterion="cross_entropy", model_kwargs=dict(VIT_KW, num_classes=0)), ValueError, "num_classes"),
+    ],
+)
+def test_argument_errors(kwargs, error, match) -> None:
+    args = dict(model=VIT, model_kwargs=VIT_KW)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        SnapViTModule(**args)
+
+
+def test_model_kwargs_with_instance_refused() -> None:
+    with pytest.raises(ValueError, match="model_kwargs"):
+        SnapViTModule(vit(), model_kwargs={"img_size": 64})
+    with pytest.raises(UnsupportedModelError):
+        SnapViTModule(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
+def test_fp16_precision_refused(weights: Path, precision: str) -> None:
+    with pytest.raises(ValueError, match="fp16 .*loss scaling.* corrupts"):
+        fit(scoring(weights), views(2), precision=precision)
+
+
+def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
+    reference = vit()
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    torch.save({"state_dict": {f"student.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "l.ckpt")
+    for path in (weights, tmp_path / "w.pt", tmp_path / "l.ckpt"):
+        module = SnapViTModule(VIT, checkpoint_path=str(path), model_kwargs=VIT_KW)
+        assert all(torch.equal(a, b) for a, b in zip(module.student.state_dict().values(), reference.state_dict().values()))
+    torch.save(vit(img_size=48).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not match the model"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other.pt"), model_kwargs=VIT_KW)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="weights_only"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "junk.pt"), model_kwargs=VIT_KW)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_hooks_resume_midway(tmp_path: Path, weights: Path) -> None:
+    x = views(4)
+    full = fit(scoring(weights), x)
+    first = scoring(weights)
+    fit(first, x[:2])
+    checkpoint: dict = {}
+    first.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "half.pt")
+    loaded = torch.load(tmp_path / "half.pt", weights_only=True)
+    assert loaded["snapvit_scoring"]["num_samples"] == 2
+    second = scoring(weights)
+    second.on_load_checkpoint(loaded)
+    assert_scores_close(second.scores, first.scores, rtol=0)
+    fit(second, x[2:])  # continues the restored sums
+    assert second.num_samples == 4
+    assert_scores_close(second.scores, full, rtol=1e-5)
+    with pytest.raises(ValueError, match="accumulation='sum_then_square'"):
+        scoring(weights, accumulation="fisher").on_load_checkpoint(loaded)
+
+
+class _ResumableLoader(DataLoader):
+    """A stateful loader (what Lightning needs to resume mid-epoch): skips batches already served."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.served = self.skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        self.served = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.served = i + 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["served"]
+
+
+class _SaveAfterFirstBatch(pl.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def test_trainer_checkpoint_resume_mid_epoch(tmp_path: Path, weights: Path) -> None:
+    x = views(6)
+    labels = torch.full((6,), -1)
+    ckpt = tmp_path / "mid.ckpt"
+    module = scoring(weights)
+    trainer(callbacks=[_SaveAfterFirstBatch(ckpt)]).fit(module, _ResumableLoader(TensorDataset(x, labels), batch_size=2))
+    raw = torch.load(ckpt, weights_only=True)  # the whole Lightning checkpoint is weights_only
+    assert raw["snapvit_scoring"]["num_samples"] == 2 and raw["snapvit_scoring"]["scores"] is None
+    resumed = scoring(weights)
+    trainer().fit(resumed, _ResumableLoader(TensorDataset(x, labels), batch_size=2), ckpt_path=ckpt)
+    assert resumed.num_samples == 6
+    assert_scores_close(resumed.scores, module.scores, rtol=1e-5)
+    # an end-of-run checkpoint restores the scores with load_from_checkpoint
+    t = trainer()
+    t.fit(module, loader(x))
+    t.save_checkpoint(tmp_path / "end.ckpt")
+    restored = SnapViTModule.load_from_checkpoint(tmp_path / "end.ckpt", weights_only=True)
+    assert_scores_close(restored.scores, module.scores, rtol=0)
+    assert restored.hparams.model == VIT and restored.hparams.model_kwargs == VIT_KW
+
+
+# ------------------------------------------------------------------------------ DDP
+
+_DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning.module import SnapViTModule
+
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+data = torch.load(out / "data.pt", weights_only=True)
+module = SnapViTModule("test_vit", checkpoint_path=str(out / "w.safetensors"), model_kwargs={"img_size": 32})
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+)
+trainer.fit(module, DataLoader(TensorDataset(data["views"], data["labels"]), batch_size=2))
+trainer.save_checkpoint(out / "ddp.ckpt")  # on_save_checkpoint sums the accumulators over ranks
+torch.save(
+    {"world_size": trainer.world_size, "num_samples": module.num_samples, **module.scores.state_dict()},
+    out / f"rank{trainer.global_rank}.pt",
+)
+"""
+
+
+def test_ddp_two_processes_match_single_process(tmp_path: Path, weights: Path) -> None:
+    x = views(8)
+    labels = torch.full((8,), -1)
+    torch.save({"views": x, "labels": labels}, tmp_path / "data.pt")
+    (tmp_path / "w.safetensors").write_bytes(weights.read_bytes())
+    script = tmp_path / "ddp_scores.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(r["world_size"] == 2 and r["num_samples"] == 8 for r in ranks)
+    assert torch.equal(ranks[0]["mlp"], ranks[1]["mlp"]) and torch.equal(ranks[0]["heads"], ranks[1]["heads"])
+
+    single = fit(scoring(weights), x, batch_size=2)  # per-rank batches differ: 0,2 | 4,6 vs 0,1 | 2,3
+    assert_scores_close(ImportanceScores.from_state_dict({k: v for k, v in ranks[0].items() if k not in ("world_size", "num_samples")}), single, rtol=1e-4)
+
+    # the DDP checkpoint holds the accumulators summed over both ranks
+    ckpt = torch.load(tmp_path / "ddp.ckpt", weights_only=True)
+    restored = scoring(weights)
+    restored.on_load_checkpoint(ckpt)
+    assert restored.num_samples == 8
+    restored.on_fit_start()
+    assert_scores_close(restored.compute_scores(), single, rtol=1e-4)
