@@ -959,15 +959,6 @@ class CalibrationDataModule(LightningDataModule):
         self._train_dataset = None
         self._eval_cache.clear()
 
-    def _autoconfigure(self) -> None:
-        if self._model_cfg is not None or self.img_size is not None:
-            return
-        trainer = getattr(self, "trainer", None)
-        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        model = getattr(module, "model", None)
-        if isinstance(model, nn.Module) and hasattr(model, "pretrained_cfg"):
-            self.configure_from_model(model)
-
     @property
     def size(self) -> int:
         """The view size ``S``.
@@ -977,7 +968,6 @@ class CalibrationDataModule(LightningDataModule):
         """
         if self.img_size is not None:
             return self.img_size
-        self._autoconfigure()
         if self._model_cfg is None:
             raise RuntimeError(
                 "the image size is unknown: pass `img_size=` or call `configure_from_model(model)` first"
@@ -987,7 +977,6 @@ class CalibrationDataModule(LightningDataModule):
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``(mean, std)`` in use."""
-        self._autoconfigure()
         cfg_mean, cfg_std = (self._model_cfg[1], self._model_cfg[2]) if self._model_cfg else (None, None)
         mean = self.mean or cfg_mean or IMAGENET_DEFAULT_MEAN
         std = self.std or cfg_std or IMAGENET_DEFAULT_STD

@@ -20,15 +20,20 @@ DDP ranks. After each backward the gradients are added (or, for ``"fisher"``, th
 to float32 buffers owned by this module and the parameters' ``.grad`` is cleared; float32
 buffers keep long sums exact under ``bf16-true`` too.
 
-DDP. Lightning's DDP wrapper would all-reduce (average) the parameter gradients after every
-backward. This module instead runs the whole training epoch inside the wrapper's
-``no_sync()`` context (entered in ``on_train_epoch_start``, which precedes every forward as
-DDP requires), so each rank accumulates only its own images without any communication, and
-at the end of the epoch one ``trainer.strategy.reduce(..., reduce_op="sum")`` sums the
-buffers over ranks. Every rank then computes identical scores. Sharding strategies (FSDP,
-DeepSpeed) are refused. Lightning's ``DistributedSampler`` pads the last per-rank batch by
-repeating images when the dataset size is not divisible by the number of ranks; use a
-divisible size (or ``drop_last``) for scores identical to a single process.
+DDP. Lightning's DDP wrapper would all-reduce (average) the parameter gradients in every
+``manual_backward``. Each backward here runs inside the wrapper's ``no_sync()`` context, so
+each rank accumulates only its own images without any communication, and at the end of the
+epoch one ``trainer.strategy.reduce(..., reduce_op="sum")`` sums the buffers over ranks;
+every rank then computes identical scores. (DDP wants ``no_sync`` around the forward too, so
+that its post-forward hook does not arm the reducer; in manual optimization Lightning already
+switches that hook off around the ``training_step`` forward and arms the reducer only in
+``manual_backward``, and it re-enables sync after every step, so an epoch-wide ``no_sync``
+would not survive the first step.) For ``"sum_then_square"`` averaging and then summing
+over ranks would give the same sum; for ``"fisher"`` it would not: the per-rank squared
+gradients must be of the rank's own batch. Sharding strategies (FSDP, DeepSpeed) are refused.
+Lightning's ``DistributedSampler`` shuffles and pads the last per-rank batch by repeating
+images when the dataset size is not divisible by the number of ranks; use a divisible size
+(or ``drop_last``) for scores identical to a single process.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from .scores import ImportanceScores
-from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers, mlp_kind
+from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
 
 __all__ = [
     "SnapViTModule",
@@ -143,7 +149,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
     Reads ``*.safetensors`` with safetensors, anything else with
     ``torch.load(weights_only=True)``. A Lightning checkpoint (a dict with ``state_dict``) is
-    accepted; a common ``student.``/``model.``/``module.`` key prefix is stripped.
+    accepted; a common ``student.``/``model.``/``module.`` key prefix is stripped. If the keys
+    do not match as they are, the timm model family's ``checkpoint_filter_fn`` is applied (as
+    timm does for pretrained weights: original key layouts, position embeddings resampled to
+    the model's ``img_size``) and the strict load is tried once more.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -176,8 +185,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             break
     try:
         model.load_state_dict(state, strict=True)
+        return
     except RuntimeError as err:
-        raise ValueError(f"checkpoint_path {str(path)!r} does not match the model: {err}") from err
+        error = err
+    # Like timm's pretrained loading: the model family's checkpoint_filter_fn converts original
+    # key layouts and resamples position embeddings to the model's img_size.
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            model.load_state_dict(filter_fn(dict(state), model), strict=True)
+            return
+        except Exception:  # report the unfiltered mismatch below
+            pass
+    raise ValueError(f"checkpoint_path {str(path)!r} does not match the model: {error}") from error
 
 
 def _check_temperature(value: float | None, name: str) -> float | None:
@@ -341,7 +361,6 @@ class SnapViTModule(pl.LightningModule):
         self._grads: dict[str, Tensor] | None = None  # local (per-rank) fp32 accumulators
         self._samples = 0  # local sample count
         self._pending: dict[str, Any] | None = None  # restored by on_load_checkpoint
-        self._no_sync: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -379,18 +398,21 @@ class SnapViTModule(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Refuse precisions that scale the loss and strategies that shard gradients.
+        """Configure the datamodule from the model; refuse fp16 and sharding strategies.
 
         Raises:
-            ValueError: For ``precision`` other than 32/64/bf16, or a strategy that is neither
-                single-device nor DDP.
+            ValueError: For ``precision`` other than 32/64/bf16 (or any precision plugin with a
+                gradient scaler), or a strategy that is neither single-device nor DDP.
         """
         precision = str(self.trainer.precision)
-        if precision not in ALLOWED_PRECISIONS:
+        if precision not in ALLOWED_PRECISIONS or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 f"precision={precision!r} is not supported for scoring: fp16 (and its loss scaling) "
                 f"corrupts raw gradient scores; use one of {list(ALLOWED_PRECISIONS)}"
             )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "configure_from_model"):  # crops at the model's size and normalisation
+            datamodule.configure_from_model(self.student)
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
@@ -470,20 +492,13 @@ class SnapViTModule(pl.LightningModule):
 
     @override
     def on_train_epoch_start(self) -> None:
-        """Keep the student in eval mode and switch off DDP's per-backward gradient all-reduce."""
+        """Keep the student in eval mode (no dropout or drop-path)."""
         self.student.eval()
-        self._exit_no_sync()
-        model = self.trainer.strategy.model
-        if isinstance(model, DistributedDataParallel):
-            # Entered before the epoch's first forward, as DDP requires; sums are reduced once
-            # at the end of the epoch instead.
-            self._no_sync = contextlib.ExitStack()
-            self._no_sync.enter_context(model.no_sync())
 
-    def _exit_no_sync(self) -> None:
-        if self._no_sync is not None:
-            self._no_sync.close()
-            self._no_sync = None
+    def _no_grad_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` when wrapped in DDP (no all-reduce in the backward), else nothing."""
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -542,7 +557,8 @@ class SnapViTModule(pl.LightningModule):
         if self._grads is None:  # training_step called outside fit
             self._grads = {k: v.to(views.device) for k, v in self._zero_grads().items()}
         loss = self.compute_loss(views, labels)
-        self.manual_backward(loss)
+        with self._no_grad_sync():  # summed over ranks once, at the end of the epoch
+            self.manual_backward(loss)
         self._accumulate()
         self._samples += int(views.shape[0])
         loss = loss.detach()
@@ -552,13 +568,7 @@ class SnapViTModule(pl.LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         """Sum the accumulators over ranks and turn them into ``self.scores`` (same on every rank)."""
-        self._exit_no_sync()
         self.scores = self.compute_scores()
-
-    @override
-    def teardown(self, stage: str) -> None:
-        """Leave DDP's ``no_sync`` if an epoch was interrupted."""
-        self._exit_no_sync()
 
     # ------------------------------------------------------------------------------------------
     # Scores

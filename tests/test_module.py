@@ -11,6 +11,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.core.optimizer import _MockOptimizer
+from lightning.pytorch.plugins import MixedPrecision
 import timm
 import torch
 import torch.nn.functional as F
@@ -142,7 +144,8 @@ def test_only_mlp_input_and_qkv_require_grad_and_weights_unchanged(weights: Path
     before = copy.deepcopy(module.student.state_dict())
     t = trainer()
     t.fit(module, loader(views(4)))
-    assert module.configure_optimizers() is None and t.optimizers == []
+    assert module.configure_optimizers() is None
+    assert all(isinstance(o, _MockOptimizer) for o in t.optimizers)  # Lightning's placeholder
     after = module.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in module.student.parameters())
@@ -250,6 +253,26 @@ def test_criteria_by_name(weights: Path, criterion: str) -> None:
         assert (scores.mlp > 0).any() and module.num_samples == 2
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_magnitude_reads_each_units_rows(kind: str) -> None:
+    name, kwargs = MODELS[kind]
+    module = SnapViTModule(name, model_kwargs=kwargs, criterion="magnitude")
+    scores = module.compute_scores()  # data-free: no fit needed
+    block = get_blocks(module.student)[-1]
+    hidden, heads = block.mlp.fc2.in_features, block.attn.num_heads
+    j, h = hidden - 1, heads - 1
+    if kind == "swiglu":
+        rows = torch.cat([block.mlp.fc1_g.weight[j], block.mlp.fc1_x.weight[j]])
+    elif kind == "glu":
+        rows = torch.cat([block.mlp.fc1.weight[j], block.mlp.fc1.weight[j + hidden]])
+    else:
+        rows = block.mlp.fc1.weight[j]
+    d, hd = heads * block.attn.head_dim, block.attn.head_dim
+    v_rows = block.attn.qkv.weight[2 * d + h * hd : 2 * d + (h + 1) * hd]
+    torch.testing.assert_close(scores.mlp[-1, j], rows.detach().double().square().mean())
+    torch.testing.assert_close(scores.heads[-1, h], v_rows.detach().double().square().mean())
+
+
 def test_snip_is_abs_weight_times_accumulated_grad(weights: Path) -> None:
     x = views(2)
     snip = scoring(weights, criterion="snip_magnitude")
@@ -320,8 +343,14 @@ def test_model_kwargs_with_instance_refused() -> None:
 
 @pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
 def test_fp16_precision_refused(weights: Path, precision: str) -> None:
-    with pytest.raises(ValueError, match="fp16 .*loss scaling.* corrupts"):
-        fit(scoring(weights), views(2), precision=precision)
+    # On CPU Lightning itself turns "16-mixed" into "bf16-mixed"; a plugin forces real fp16 AMP.
+    kw = (
+        dict(plugins=[MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))])
+        if precision == "16-mixed"
+        else dict(precision=precision)
+    )
+    with pytest.raises(ValueError, match=f"precision='{precision}' is not supported for scoring: fp16 .*loss scaling"):
+        fit(scoring(weights), views(2), **kw)
 
 
 def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
@@ -330,9 +359,14 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     torch.save({"state_dict": {f"student.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "l.ckpt")
     for path in (weights, tmp_path / "w.pt", tmp_path / "l.ckpt"):
         module = SnapViTModule(VIT, checkpoint_path=str(path), model_kwargs=VIT_KW)
-        assert all(torch.equal(a, b) for a, b in zip(module.student.state_dict().values(), reference.state_dict().values()))
-    torch.save(vit(img_size=48).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="does not match the model"):
+        loaded = module.student.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+    # other img_size: position embeddings resampled by timm's checkpoint_filter_fn
+    torch.save(vit(img_size=48).state_dict(), tmp_path / "48px.pt")
+    module = SnapViTModule(VIT, checkpoint_path=str(tmp_path / "48px.pt"), model_kwargs=VIT_KW)
+    assert module.student.pos_embed.shape[1] == 1 + 4
+    torch.save(vit(depth=2).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="(?s)does not match the model.*Missing key"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other.pt"), model_kwargs=VIT_KW)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="weights_only"):
@@ -398,11 +432,12 @@ def test_trainer_checkpoint_resume_mid_epoch(tmp_path: Path, weights: Path) -> N
     labels = torch.full((6,), -1)
     ckpt = tmp_path / "mid.ckpt"
     module = scoring(weights)
-    trainer(callbacks=[_SaveAfterFirstBatch(ckpt)]).fit(module, _ResumableLoader(TensorDataset(x, labels), batch_size=2))
+    data = TensorDataset(x, labels)
+    trainer(callbacks=[_SaveAfterFirstBatch(ckpt)]).fit(module, _ResumableLoader(data, batch_size=2))
     raw = torch.load(ckpt, weights_only=True)  # the whole Lightning checkpoint is weights_only
     assert raw["snapvit_scoring"]["num_samples"] == 2 and raw["snapvit_scoring"]["scores"] is None
     resumed = scoring(weights)
-    trainer().fit(resumed, _ResumableLoader(TensorDataset(x, labels), batch_size=2), ckpt_path=ckpt)
+    trainer().fit(resumed, _ResumableLoader(data, batch_size=2), ckpt_path=ckpt)
     assert resumed.num_samples == 6
     assert_scores_close(resumed.scores, module.scores, rtol=1e-5)
     # an end-of-run checkpoint restores the scores with load_from_checkpoint
@@ -422,24 +457,35 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from snapvit_lightning.module import SnapViTModule
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
 data = torch.load(out / "data.pt", weights_only=True)
-module = SnapViTModule("test_vit", checkpoint_path=str(out / "w.safetensors"), model_kwargs={"img_size": 32})
-trainer = pl.Trainer(
-    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
-    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-)
-trainer.fit(module, DataLoader(TensorDataset(data["views"], data["labels"]), batch_size=2))
-trainer.save_checkpoint(out / "ddp.ckpt")  # on_save_checkpoint sums the accumulators over ranks
-torch.save(
-    {"world_size": trainer.world_size, "num_samples": module.num_samples, **module.scores.state_dict()},
-    out / f"rank{trainer.global_rank}.pt",
-)
+
+
+class Data(pl.LightningDataModule):
+    def train_dataloader(self):  # unshuffled: rank 0 gets images 0 2 4 6, rank 1 gets 1 3 5 7
+        dataset = TensorDataset(data["views"], data["labels"])
+        return DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
+
+
+for accumulation in ("sum_then_square", "fisher"):
+    module = SnapViTModule(
+        "test_vit", checkpoint_path=str(out / "w.safetensors"), model_kwargs={"img_size": 32}, accumulation=accumulation
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=Data())
+    trainer.save_checkpoint(out / f"{accumulation}.ckpt")  # on_save_checkpoint sums the accumulators over ranks
+    torch.save(
+        {"world_size": trainer.world_size, "num_samples": module.num_samples, **module.scores.state_dict()},
+        out / f"{accumulation}_rank{trainer.global_rank}.pt",
+    )
 """
 
 
@@ -450,23 +496,29 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, weights: Path) -
     (tmp_path / "w.safetensors").write_bytes(weights.read_bytes())
     script = tmp_path / "ddp_scores.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert all(r["world_size"] == 2 and r["num_samples"] == 8 for r in ranks)
-    assert torch.equal(ranks[0]["mlp"], ranks[1]["mlp"]) and torch.equal(ranks[0]["heads"], ranks[1]["heads"])
 
-    single = fit(scoring(weights), x, batch_size=2)  # per-rank batches differ: 0,2 | 4,6 vs 0,1 | 2,3
-    assert_scores_close(ImportanceScores.from_state_dict({k: v for k, v in ranks[0].items() if k not in ("world_size", "num_samples")}), single, rtol=1e-4)
-
-    # the DDP checkpoint holds the accumulators summed over both ranks
-    ckpt = torch.load(tmp_path / "ddp.ckpt", weights_only=True)
-    restored = scoring(weights)
-    restored.on_load_checkpoint(ckpt)
-    assert restored.num_samples == 8
-    restored.on_fit_start()
-    assert_scores_close(restored.compute_scores(), single, rtol=1e-4)
+    for accumulation in ("sum_then_square", "fisher"):
+        ranks = [torch.load(tmp_path / f"{accumulation}_rank{r}.pt", weights_only=True) for r in range(2)]
+        assert all(r.pop("world_size") == 2 and r.pop("num_samples") == 8 for r in ranks)
+        ddp = [ImportanceScores.from_state_dict(r) for r in ranks]
+        assert torch.equal(ddp[0].mlp, ddp[1].mlp) and torch.equal(ddp[0].heads, ddp[1].heads)
+        # DistributedSampler: rank 0 sees images 0 2 4 6, rank 1 sees 1 3 5 7, two per batch. The
+        # single process sees the same batches; for "fisher" a rank-averaged gradient (DDP's
+        # all-reduce) would give (g0 + g1)^2 / 2 instead of g0^2 + g1^2.
+        order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+        single = fit(scoring(weights, accumulation=accumulation), x[order], batch_size=2)
+        assert_scores_close(ddp[0], single, rtol=1e-4)
+        # the DDP checkpoint holds the accumulators summed over both ranks
+        restored = scoring(weights, accumulation=accumulation)
+        restored.on_load_checkpoint(torch.load(tmp_path / f"{accumulation}.ckpt", weights_only=True))
+        assert restored.num_samples == 8
+        assert_scores_close(restored.scores, single, rtol=1e-4)
+        restored.on_fit_start()
+        assert_scores_close(restored.compute_scores(), single, rtol=1e-4)
