@@ -1,0 +1,90 @@
+"""Benchmark of the scoring stage on the real DINOv2 ViT-S/14 (CPU).
+
+Scores the photos with the DINO criterion (both accumulations), prints the wall time, and
+prints the fidelity (mean cosine similarity of the pruned model's CLS features to the dense
+model's, on the plain resized photos) of gradient-only pruning against uniform random scores::
+
+    python -m snapvit_lightning.bench_scores --data ../shared/data/photos8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
+
+
+def fidelity(model: torch.nn.Module, dense: torch.Tensor, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean cosine similarity of ``model``'s pre-logits features to ``dense`` features."""
+    feats = []
+    with torch.inference_mode():
+        for chunk in images.split(batch_size):
+            feats.append(model.forward_head(model.forward_features(chunk), pre_logits=True).float())
+    return torch.nn.functional.cosine_similarity(torch.cat(feats), dense, dim=-1).mean().item()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import lightning as pl
+
+    from .data import CalibrationDataModule
+    from .elastic import ElasticViT
+    from .module import SnapViTModule
+    from .quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+    from .scores import ImportanceScores
+
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_scores", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="folder of photos (e.g. ../shared/data/photos8)")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--img-size", type=int, default=112)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--accumulations", nargs="+", default=["sum_then_square", "fisher"])
+    args = parser.parse_args(argv)
+    kwargs = {"num_classes": 0, "img_size": args.img_size}
+    weights = str(ensure_weights(args.weights))
+    print(f"torch threads: {torch.get_num_threads()}")
+
+    rows: dict[str, list[float]] = {}
+    dense_model = images = dense = None
+    for accumulation in args.accumulations:
+        module = SnapViTModule(MODEL_NAME, checkpoint_path=weights, model_kwargs=kwargs, accumulation=accumulation)
+        dm = CalibrationDataModule(data_dir=args.data, batch_size=args.batch_size)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        print(f"scoring [{accumulation}]: {module.num_samples} images x {dm.num_views} views, "
+              f"batch {args.batch_size}: {time.perf_counter() - start:.1f} s (incl. decoding)")
+        if images is None:
+            dense_model = module.student.eval()
+            images = dm.calibration_images_eval()
+            with torch.inference_mode():
+                dense = torch.cat([dense_model.forward_head(dense_model.forward_features(c), pre_logits=True)
+                                   for c in images.split(64)])
+        elastic = ElasticViT(module.student, module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
+        rows[f"dino ({accumulation})"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
+
+    shape = (module.scores.mlp.shape, module.scores.heads.shape)
+    random_rows = []
+    for seed in range(args.random_seeds):
+        g = torch.Generator().manual_seed(seed)
+        scores = ImportanceScores(torch.rand(*shape[0], generator=g), torch.rand(*shape[1], generator=g), criterion="random")
+        elastic = ElasticViT(dense_model, scores, model_name=MODEL_NAME, model_kwargs=kwargs)
+        random_rows.append([fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS])
+    rows[f"random (mean of {args.random_seeds} seeds)"] = torch.tensor(random_rows).mean(0).tolist()
+    rows["random (std)"] = torch.tensor(random_rows).std(0).tolist()
+
+    print(f"\nfidelity (mean cosine of CLS features to the dense model, {images.shape[0]} photos, {args.img_size} px)")
+    print(f"{'scores':<32}" + "".join(f"{str(b):>14}" for b in BUDGETS))
+    for name, values in rows.items():
+        print(f"{name:<32}" + "".join(f"{v:>14.3f}" for v in values))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
