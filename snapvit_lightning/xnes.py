@@ -361,7 +361,7 @@ class XNES:
 
     def _prepare_fitness(self, fitnesses: Tensor | Sequence[float], expected: int) -> Tensor:
         try:
-            f = torch.as_tensor(fitnesses).detach().to(device="cpu", dtype=_DTYPE)
+            f = torch.as_tensor(fitnesses, dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"`fitnesses` must be a tensor or a sequence of floats, got {fitnesses!r}") from err
         if tuple(f.shape) != (expected,):
@@ -452,7 +452,7 @@ class XNES:
         while self._evals < max_evals:
             x = self.ask()
             k = min(self.popsize, max_evals - self._evals)
-            values = [torch.as_tensor(fn(x[i])).detach().to(device="cpu", dtype=_DTYPE) for i in range(k)]
+            values = [torch.as_tensor(fn(x[i]), dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE) for i in range(k)]
             for v in values:
                 if v.numel() != 1:
                     raise ValueError(f"`fn` must return a scalar, got a tensor of shape {tuple(v.shape)}")

@@ -1,0 +1,498 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.search import (
+    EvolutionarySearch,
+    Fitness,
+    default_initial_weights,
+    run_search,
+)
+from snapvit_lightning.structure import get_blocks, inspect_vit
+
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.6)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_vit(seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
+    """``test_vit`` (6 blocks, 3 heads) at 48 px: 10 tokens, fast enough for many forwards."""
+    torch.manual_seed(seed)
+    kwargs = {"img_size": 48}
+    model = timm.create_model("test_vit", pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, "test_vit", kwargs
+
+
+def random_scores(model: torch.nn.Module, seed: int = 0) -> ImportanceScores:
+    s = inspect_vit(model)
+    g = torch.Generator().manual_seed(seed)
+    return ImportanceScores(
+        torch.rand(s.num_blocks, s.blocks[0].mlp_hidden, generator=g),
+        torch.rand(s.num_blocks, s.blocks[0].num_heads, generator=g),
+    )
+
+
+def images_for(model: torch.nn.Module, n: int = 6, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *model.patch_embed.img_size, generator=g)
+
+
+def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def elastic(model, name, kwargs, scores) -> ElasticViT:
+    kw = dict(kwargs, num_classes=int(model.num_classes), global_pool=model.global_pool)
+    return ElasticViT(model, scores, model_name=name, model_kwargs=kw)
+
+
+# ------------------------------------------------------------------------------ initial weights
+
+
+def test_default_initial_weights_layout() -> None:
+    w = default_initial_weights(4, 3)
+    assert w.shape == (4 + 12,) and w.dtype == torch.float64
+    block = torch.linspace(1.2, 0.8, 4, dtype=torch.float64)
+    assert torch.equal(w[:4], block)
+    assert torch.equal(w[4:].view(4, 3), block[:, None].expand(4, 3))
+    scores = ImportanceScores(torch.rand(4, 8), torch.rand(4, 3)).with_weights(w)
+    assert torch.equal(scores.block_weights, block) and torch.equal(scores.head_weights[:, 0], block)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_default_initial_weights_errors(bad) -> None:
+    with pytest.raises(ValueError, match="num_blocks"):
+        default_initial_weights(bad, 2)
+
+
+# ------------------------------------------------------------------------------ the fast path
+
+
+NORMS = ("vit_small_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=32, scale_attn_norm=True, scale_mlp_norm=True, qk_norm=True))
+
+
+def variant(key: str) -> tuple[torch.nn.Module, str, dict]:
+    if key == "test_vit":
+        return small_vit()
+    if key == "norms":  # scale_norm over heads, MLP norm over neurons, qk_norm
+        torch.manual_seed(0)
+        model = timm.create_model(NORMS[0], pretrained=False, **NORMS[1]).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        return model, *NORMS
+    return tiny_model(key)
+
+
+@pytest.mark.parametrize("key", ["test_vit", "norms", "siglip", "distilled", "swiglu", "glu", "registers"])
+def test_fast_path_equals_elastic_subnet(key: str) -> None:
+    model, name, kwargs = variant(key)
+    scores = random_scores(model)
+    x = images_for(model, n=3)
+    fitness = Fitness(model, scores, x, ratio_pairs=PAIRS, pca_components=4, autocast_dtype=None)
+    g = torch.Generator().manual_seed(3)
+    for trial in range(2):
+        w = 2 * torch.rand(scores.num_weights, generator=g, dtype=torch.float64)
+        if trial == 1:  # a zero block weight (ties) and a zero head weight: gathered, not prefix
+            w[0] = 0.0
+            w[scores.num_blocks] = 0.0
+        el = elastic(model, name, kwargs, scores.with_weights(w))
+        for pair in PAIRS:
+            expected = embed(el.subnet(*pair), x)
+            got = embed(fitness.apply(w, *pair), x)
+            dims = [(b.attn.num_heads, b.mlp.fc2.in_features) for b in get_blocks(fitness.model)]
+            assert dims == [(d.num_heads, d.mlp_hidden) for d in el.dims(*pair)]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=f"{key} w#{trial} {pair}")
+        fitness.restore()
+
+
+def test_fitness_matches_explicit_computation() -> None:
+    model, name, kwargs = small_vit()
+    scores = random_scores(model)
+    x = images_for(model, n=8)
+    pairs = [(0.35, 0.2), (0.65, 0.5)]
+    fitness = Fitness(model, scores, x, ratio_pairs=pairs, pca_components=5, autocast_dtype=None)
+    w = default_initial_weights(scores.num_blocks, scores.num_heads)
+    teacher = embed(model, x).double()
+    mean = teacher.mean(0)
+    basis = torch.linalg.svd(teacher - mean, full_matrices=False).Vh[:5].T
+    el = elastic(model, name, kwargs, scores.with_weights(w))
+    losses = []
+    for pair in pairs:
+        s = (embed(el.subnet(*pair), x).double() - mean) @ basis
+        t = (teacher - mean) @ basis
+        losses.append(1 - torch.nn.functional.cosine_similarity(s, t, dim=1).mean())
+    assert fitness.num_components == 5
+    assert fitness(w) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_unpruned_fitness_is_zero_deterministic_and_model_unchanged(autocast_dtype) -> None:
+    model, _, _ = small_vit()
+    heads = inspect_vit(model).blocks[0].num_heads
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = random_scores(model)
+    x = images_for(model, n=5)
+    w = default_initial_weights(scores.num_blocks, scores.num_heads)
+    dense = Fitness(model, scores, x, ratio_pairs=[(0.0, 0.0)], pca_components=64, autocast_dtype=autocast_dtype)
+    assert dense.num_components == 4  # min(64, M - 1, D)
+    assert abs(dense(w)) <= 1e-6
+    assert abs(dense(2 * torch.rand(scores.num_weights, dtype=torch.float64))) <= 1e-6
+
+    fitness = Fitness(model, scores, x, pca_components=4, autocast_dtype=autocast_dtype, batch_size=2)
+    masters = [[m.weight.clone() for m in (*mb.mlp_rows, mb.fc2, mb.qkv, mb.proj)] for mb in fitness.masters]
+    first = fitness(w)
+    other = fitness(torch.full((scores.num_weights,), 0.7, dtype=torch.float64))
+    assert first > 1e-4 and other != first
+    assert fitness(w) == first  # deterministic
+    assert fitness.num_evals == 3 and len(fitness.eval_times) == 3 and fitness.total_time > 0
+    for mb, saved in zip(fitness.masters, masters):
+        for m, t in zip((*mb.mlp_rows, mb.fc2, mb.qkv, mb.proj), saved):
+            assert torch.equal(m.weight, t)
+    # the working copy is dense again, and the caller's model was never touched
+    if autocast_dtype is None:
+        torch.testing.assert_close(embed(fitness.model, x), embed(model, x), atol=2e-5, rtol=1e-4)
+    assert all(b.attn.num_heads == heads for b in get_blocks(fitness.model))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert fitness.pair_cosines(w, pca=False)[0] <= 1.0 + 1e-9
+
+
+# ------------------------------------------------------------------------------ run_search
+
+
+def test_run_search_lowers_fitness() -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    x = images_for(model, n=8)
+    kw = dict(ratio_pairs=[(0.35, 0.2), (0.65, 0.5)], pca_components=6, autocast=False)
+    w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    start = Fitness(model, scores, x, kw["ratio_pairs"], 6, autocast_dtype=None)(w0)
+    seen = []
+    best_w, cov, history = run_search(
+        model, scores, x, max_evals=16, popsize=8, sigma=0.3, seed=0, on_eval=lambda i, f, b: seen.append((i, f, b)), **kw
+    )
+    assert len(history) == 16 and [s[0] for s in seen] == list(range(16))
+    assert [s[2] for s in seen] == [min(history[: i + 1]) for i in range(16)]
+    assert min(history) < start
+    check = Fitness(model, scores, x, kw["ratio_pairs"], 6, autocast_dtype=None)
+    assert check(best_w) == pytest.approx(min(history), abs=1e-9)
+    assert cov.shape == (scores.num_weights, scores.num_weights) and torch.allclose(cov, cov.T)
+    assert ((best_w >= 0) & (best_w <= 2)).all()
+    # same seed, same result
+    again = run_search(model, scores, x, max_evals=16, popsize=8, sigma=0.3, seed=0, **kw)
+    assert torch.equal(again[0], best_w) and again[2] == history
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_evals": 0}, "max_evals"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"popsize": 1}, "popsize"),
+        ({"pca_components": 0}, "pca_components"),
+        ({"ratio_pairs": [(1.0, 0.0)]}, "mlp_ratio"),
+        ({"ratio_pairs": [(0.1, -0.1)]}, "head_ratio"),
+        ({"ratio_pairs": []}, "ratio_pairs"),
+        ({"ratio_pairs": [(0.1,)]}, "ratio_pairs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"initial_weights": torch.ones(3)}, "initial_weights"),
+        ({"initial_covariance": torch.eye(3)}, "initial_covariance"),
+        ({"autocast": "yes"}, "autocast"),
+    ],
+)
+def test_run_search_errors(kwargs, match) -> None:
+    model, _, _ = small_vit()
+    with pytest.raises(ValueError, match=match):
+        run_search(model, random_scores(model), images_for(model), **{"max_evals": 1, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (torch.zeros(4, 32, 32), r"\[M, 3, S, S\]"),
+        (torch.zeros(4, 1, 32, 32), r"\[M, 3, S, S\]"),
+        (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), r"\[M, 3, S, S\]"),
+        (torch.zeros(1, 3, 32, 32), "at least 2"),
+    ],
+)
+def test_fitness_image_errors(images, match) -> None:
+    model, _, _ = small_vit()
+    with pytest.raises(ValueError, match=match):
+        Fitness(model, random_scores(model), images)
+    with pytest.raises(ValueError, match=match):
+        EvolutionarySearch(images=images)
+
+
+def test_fitness_other_errors() -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    x = images_for(model)
+    with pytest.raises(ValueError, match="do not match"):
+        Fitness(model, ImportanceScores(torch.rand(2, 5), torch.rand(2, 3)), x)
+    with pytest.raises(ValueError, match="reduce_fn"):
+        Fitness(model, scores, x, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        Fitness(model, scores, x, world_size=2, rank=2, reduce_fn=lambda t: t)
+    fitness = Fitness(model, scores, x, pca_components=2, autocast_dtype=None)
+    with pytest.raises(ValueError, match=r"w must be a finite tensor of shape \[%d\]" % scores.num_weights):
+        fitness(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_evals": 0}, "max_evals must be an int >= 1, got 0"),
+        ({"sigma": -0.1}, "sigma must be a finite number > 0, got -0.1"),
+        ({"ratio_pairs": [(0.2, 1.5)]}, "head_ratio"),
+        ({"pca_components": 0}, "pca_components must be an int >= 1, got 0"),
+        ({"popsize": 1}, "popsize"),
+        ({"log_every_n_evals": -1}, "log_every_n_evals"),
+        ({"images": 3}, "images"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_callback_errors(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        EvolutionarySearch(**kwargs)
+
+
+# ------------------------------------------------------------------------------ the callback
+
+
+class Scoring(pl.LightningModule):
+    """Duck-typed stand-in for SnapViTModule: ``student`` and, after the epoch, ``scores``."""
+
+    def __init__(self, model: torch.nn.Module, scores: ImportanceScores) -> None:
+        super().__init__()
+        self.student = model
+        self._final_scores = scores
+        self.scores: ImportanceScores | None = None
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self.scores = self._final_scores
+
+    def configure_optimizers(self):
+        return None
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
+
+
+def fit_with(callback: EvolutionarySearch, model, scores, tmp_path: Path, logger=False) -> Scoring:
+    module = Scoring(model, scores)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, callbacks=[callback], logger=logger,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module)
+    return module
+
+
+SEARCH_KW = dict(popsize=4, sigma=0.3, ratio_pairs=[(0.35, 0.2), (0.65, 0.5)], pca_components=4, autocast=False, log_every_n_evals=4)
+
+
+def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    x = images_for(model, n=6)
+    callback = EvolutionarySearch(max_evals=8, images=DataLoader(TensorDataset(x, torch.zeros(6)), batch_size=4), **SEARCH_KW)
+    module = fit_with(callback, model, scores, tmp_path, logger=CSVLogger(tmp_path, name="log"))
+    out = module.scores
+    assert out.block_weights is not None and out.covariance is not None
+    assert out.covariance.shape == (scores.num_weights,) * 2
+    assert torch.equal(out.weight_vector(), callback.best_weights)
+    assert torch.equal(out.mlp, scores.mlp)
+    assert len(callback.history) == 8
+    assert callback.best_fitness == min([callback.initial_fitness, *callback.history])
+    # same as the Trainer-free function
+    best_w, cov, history = run_search(model, scores, x, max_evals=8, **{k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"})
+    assert history == callback.history and torch.equal(best_w, callback.best_weights)
+    torch.testing.assert_close(cov, callback.covariance)
+    # logged per evaluation
+    metrics = (next(tmp_path.glob("log/*/metrics.csv"))).read_text().splitlines()
+    header = metrics[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in metrics[1:]]
+    logged = [(int(r["step"]), float(r["search/fitness"]), float(r["search/best"])) for r in rows if r.get("search/fitness")]
+    assert [s for s, _, _ in logged] == list(range(8))
+    assert [f for _, f, _ in logged] == pytest.approx(callback.history)
+    assert logged[-1][2] == pytest.approx(min(callback.history))
+
+
+def test_callback_uses_datamodule_fitness_images(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    x = images_for(model, n=5)
+
+    class DM(pl.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
+
+        def fitness_images(self):
+            return x
+
+    callback = EvolutionarySearch(max_evals=2, **SEARCH_KW)
+    module = Scoring(model, scores)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=DM())
+    assert callback.fitness.images.shape[0] == 5 and module.scores.covariance is not None
+
+
+def test_callback_needs_images_and_scores(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    with pytest.raises(RuntimeError, match="fitness images"):
+        fit_with(EvolutionarySearch(max_evals=1, **SEARCH_KW), model, random_scores(model), tmp_path)
+
+    class NoScores(Scoring):
+        def on_train_epoch_end(self) -> None:
+            pass
+
+    module = NoScores(model, random_scores(model))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EvolutionarySearch(max_evals=1, images=images_for(model), **SEARCH_KW)])
+    with pytest.raises(RuntimeError, match="pl_module.scores"):
+        trainer.fit(module)
+
+
+def test_callback_state_dict_round_trip_and_resume(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    x = images_for(model, n=6)
+    full = EvolutionarySearch(max_evals=8, images=x, **SEARCH_KW)
+    fit_with(full, model, scores, tmp_path)
+
+    first = EvolutionarySearch(max_evals=4, images=x, **SEARCH_KW)  # one generation, then "interrupted"
+    fit_with(first, model, scores, tmp_path)
+    torch.save(first.state_dict(), tmp_path / "search.pt")
+    state = torch.load(tmp_path / "search.pt", weights_only=True)
+    assert state["history"] == first.history and len(state["history"]) == 4
+
+    resumed = EvolutionarySearch(max_evals=8, images=x, **SEARCH_KW)
+    resumed.load_state_dict(state)
+    module = fit_with(resumed, model, scores, tmp_path)
+    assert resumed.history == full.history
+    assert resumed.initial_fitness == full.initial_fitness
+    assert torch.equal(resumed.best_weights, full.best_weights)
+    torch.testing.assert_close(resumed.covariance, full.covariance)
+    assert torch.equal(module.scores.weight_vector(), full.best_weights)
+    # a finished search round-trips and does not evaluate again
+    done = EvolutionarySearch(max_evals=8, images=x, **SEARCH_KW)
+    done.load_state_dict(resumed.state_dict())
+    fit_with(done, model, scores, tmp_path)
+    assert done.fitness.num_evals == 0 and done.history == full.history
+
+
+# ------------------------------------------------------------------------------ DDP
+
+_DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning.search import EvolutionarySearch
+from snapvit_lightning.scores import ImportanceScores
+
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+data = torch.load(out / "data.pt", weights_only=True)
+model = torch.load(out / "model.pt", weights_only=False)
+
+
+class Scoring(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.student = model
+        self.scores = None
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+    def on_train_epoch_end(self):
+        self.scores = ImportanceScores.from_state_dict(data["scores"])
+
+    def configure_optimizers(self):
+        return None
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
+
+
+callback = EvolutionarySearch(images=data["images"], **data["kwargs"])
+module = Scoring()
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+    enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+)
+trainer.fit(module)
+torch.save(
+    {"w": module.scores.weight_vector(), "cov": module.scores.covariance, "history": callback.history,
+     "images": callback.fitness.images.shape[0], "world_size": trainer.world_size},
+    out / f"rank{trainer.global_rank}.pt",
+)
+"""
+
+
+def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    x = images_for(model, n=7)
+    kwargs = {k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"}
+    kwargs["max_evals"] = 8
+    torch.save({"images": x, "scores": scores.state_dict(), "kwargs": kwargs}, tmp_path / "data.pt")
+    torch.save(model, tmp_path / "model.pt")
+    script = tmp_path / "ddp_search.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["images"] for r in ranks] == [4, 3]  # images[rank::2]
+    assert torch.equal(ranks[0]["w"], ranks[1]["w"]) and torch.equal(ranks[0]["cov"], ranks[1]["cov"])
+    assert ranks[0]["history"] == ranks[1]["history"]
+    best_w, cov, history = run_search(model, scores, x, **kwargs)
+    assert ranks[0]["history"] == pytest.approx(history, abs=1e-6)
+    torch.testing.assert_close(ranks[0]["w"], best_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ranks[0]["cov"], cov, atol=1e-6, rtol=1e-6)
