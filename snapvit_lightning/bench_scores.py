@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--accumulations", nargs="+", default=["sum_then_square", "fisher"])
+    parser.add_argument("--identical-views", action="store_true",
+                        help="repeat one global and one local crop, as the official code does")
+    parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed")
     args = parser.parse_args(argv)
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     weights = str(ensure_weights(args.weights))
@@ -53,12 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     dense_model = images = dense = None
     for accumulation in args.accumulations:
         module = SnapViTModule(MODEL_NAME, checkpoint_path=weights, model_kwargs=kwargs, accumulation=accumulation)
-        dm = CalibrationDataModule(data_dir=args.data, batch_size=args.batch_size)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        dm = CalibrationDataModule(data_dir=args.data, batch_size=args.batch_size,
+                                   independent_views=not args.identical_views)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=args.precision, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
-        print(f"scoring [{accumulation}]: {module.num_samples} images x {dm.num_views} views, "
+        print(f"scoring [{accumulation}, {args.precision}]: {module.num_samples} images x {dm.num_views} views, "
               f"batch {args.batch_size}: {time.perf_counter() - start:.1f} s (incl. decoding)")
         if images is None:
             dense_model = module.student.eval()
@@ -67,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dense = torch.cat([dense_model.forward_head(dense_model.forward_features(c), pre_logits=True)
                                    for c in images.split(64)])
         elastic = ElasticViT(module.student, module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
-        rows[f"dino ({accumulation})"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
+        views = "identical" if args.identical_views else "independent"
+        rows[f"dino ({accumulation}, {args.precision}, {views} views)"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
 
     shape = (module.scores.mlp.shape, module.scores.heads.shape)
     random_rows = []
@@ -77,12 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elastic = ElasticViT(dense_model, scores, model_name=MODEL_NAME, model_kwargs=kwargs)
         random_rows.append([fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS])
     rows[f"random (mean of {args.random_seeds} seeds)"] = torch.tensor(random_rows).mean(0).tolist()
-    rows["random (std)"] = torch.tensor(random_rows).std(0).tolist()
+    if len(random_rows) > 1:
+        rows["random (std)"] = torch.tensor(random_rows).std(0).tolist()
 
     print(f"\nfidelity (mean cosine of CLS features to the dense model, {images.shape[0]} photos, {args.img_size} px)")
-    print(f"{'scores':<32}" + "".join(f"{str(b):>14}" for b in BUDGETS))
+    print(f"{'scores':<52}" + "".join(f"{str(b):>14}" for b in BUDGETS))
     for name, values in rows.items():
-        print(f"{name:<32}" + "".join(f"{v:>14.3f}" for v in values))
+        print(f"{name:<52}" + "".join(f"{v:>14.3f}" for v in values))
     return 0
 
 

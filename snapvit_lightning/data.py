@@ -394,6 +394,9 @@ class DINOMultiCrop:
         std: per-channel std for normalisation.
         flip: random horizontal flips (p=0.5).
         seed: base seed.
+        independent_views: ``True`` (default, the method as described): every view is its own
+            crop. ``False`` reproduces the official code, which transforms stacked copies in
+            one batch: both global views are the same crop and all local views are one crop.
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -416,6 +419,7 @@ class DINOMultiCrop:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         flip: bool = True,
         seed: int = 0,
+        independent_views: bool = True,
     ) -> None:
         self.size = _check_int("size", size, 1)
         self.num_local_crops = _check_int("num_local_crops", num_local_crops, 0)
@@ -428,6 +432,9 @@ class DINOMultiCrop:
             raise TypeError(f"`flip` must be a bool, got {flip!r}")
         self.flip = flip
         self.seed = _check_int("seed", seed, -(2**63))
+        if not isinstance(independent_views, bool):
+            raise TypeError(f"`independent_views` must be a bool, got {independent_views!r}")
+        self.independent_views = independent_views
 
     @property
     def num_views(self) -> int:
@@ -495,6 +502,9 @@ class DINOMultiCrop:
         scales = [self.global_scale] * 2 + [self.local_scale] * self.num_local_crops
         out = torch.empty(len(scales), 3, self.size, self.size, dtype=torch.uint8)
         for k, scale in enumerate(scales):
+            if not self.independent_views and k not in (0, 2):
+                out[k] = out[0] if k < 2 else out[2]  # official behaviour: repeated crops
+                continue
             top, left, h, w = self.crop_params(height, width, scale, gen)
             crop = x[:, :, top : top + h, left : left + w]
             view = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
@@ -507,7 +517,8 @@ class DINOMultiCrop:
         return (
             f"{type(self).__name__}(size={self.size}, num_local_crops={self.num_local_crops}, "
             f"global_scale={self.global_scale}, local_scale={self.local_scale}, ratio={self.ratio}, "
-            f"mean={self.mean}, std={self.std}, flip={self.flip}, seed={self.seed})"
+            f"mean={self.mean}, std={self.std}, flip={self.flip}, seed={self.seed}, "
+            f"independent_views={self.independent_views})"
         )
 
 
@@ -859,6 +870,8 @@ class CalibrationDataModule(LightningDataModule):
         std: normalisation std; ``None`` = the model's (ImageNet's without a model).
         max_side: bound on the cached images' shorter side; ``None`` = ``2 * img_size``.
         flip: random horizontal flips of the views.
+        independent_views: every view its own crop (default); ``False`` repeats one global and
+            one local crop as the official code does (see :class:`DINOMultiCrop`).
 
     Raises:
         ValueError: if both ``data_dir`` and ``dataset`` (or both ``holdout`` and
@@ -884,6 +897,7 @@ class CalibrationDataModule(LightningDataModule):
         std: tuple[float, float, float] | None = None,
         max_side: int | None = None,
         flip: bool = True,
+        independent_views: bool = True,
     ) -> None:
         super().__init__()
         if data_dir is not None and dataset is not None:
@@ -927,6 +941,9 @@ class CalibrationDataModule(LightningDataModule):
         if not isinstance(flip, bool):
             raise TypeError(f"`flip` must be a bool, got {flip!r}")
         self.flip = flip
+        if not isinstance(independent_views, bool):
+            raise TypeError(f"`independent_views` must be a bool, got {independent_views!r}")
+        self.independent_views = independent_views
         self.data_dir = None if data_dir is None else Path(data_dir)
         self.fitness_data_dir = None if fitness_data_dir is None else Path(fitness_data_dir)
         self.dataset = dataset
@@ -1092,6 +1109,7 @@ class CalibrationDataModule(LightningDataModule):
             mean=mean,
             std=std,
             flip=self.flip,
+            independent_views=self.independent_views,
             seed=self.seed,
         )
 

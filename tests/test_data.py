@@ -573,3 +573,15 @@ def test_trainer_fit_sees_batches() -> None:
     )
     trainer.fit(probe, datamodule=dm)
     assert probe.shapes == [(2, 5, 3, 16, 16), (2, 5, 3, 16, 16), (1, 5, 3, 16, 16)]
+
+
+def test_official_style_repeated_views() -> None:
+    img = _rand_uint8(64, 80)
+    views = DINOMultiCrop(size=16, num_local_crops=4, independent_views=False)(img, index=3)
+    assert torch.equal(views[0], views[1])
+    assert all(torch.equal(views[2], views[k]) for k in range(3, 6))
+    assert not torch.equal(views[0], views[2])
+    independent = DINOMultiCrop(size=16, num_local_crops=4)(img, index=3)
+    assert not torch.equal(independent[0], independent[1])
+    with pytest.raises(TypeError, match="independent_views"):
+        DINOMultiCrop(size=16, independent_views=1)
