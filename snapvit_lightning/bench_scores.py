@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accumulations", nargs="+", default=["sum_then_square", "fisher"])
     parser.add_argument("--identical-views", action="store_true",
                         help="repeat one global and one local crop, as the official code does")
+    parser.add_argument("--search-evals", type=int, default=0,
+                        help="also run the xNES search (on the same photos) and add w_init / w_best rows")
     parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed")
     args = parser.parse_args(argv)
     kwargs = {"num_classes": 0, "img_size": args.img_size}
@@ -73,6 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elastic = ElasticViT(module.student, module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
         views = "identical" if args.identical_views else "independent"
         rows[f"dino ({accumulation}, {args.precision}, {views} views)"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
+        if args.search_evals:
+            from .search import default_initial_weights, run_search
+
+            scores = module.scores
+            w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+            start = time.perf_counter()
+            best, cov, history = run_search(dense_model, scores, images, max_evals=args.search_evals)
+            print(f"search: {args.search_evals} evaluations in {time.perf_counter() - start:.1f} s; "
+                  f"best fitness {min(history):.4f}")
+            for name, w in (("w_init", w0), ("w_searched", best)):
+                searched = ElasticViT(dense_model, scores.with_weights(w), model_name=MODEL_NAME, model_kwargs=kwargs)
+                rows[f"dino + {name}"] = [fidelity(searched.subnet(*b), dense, images) for b in BUDGETS]
 
     shape = (module.scores.mlp.shape, module.scores.heads.shape)
     random_rows = []

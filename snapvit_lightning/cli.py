@@ -1,9 +1,15 @@
-"""The ``snapvit`` command line."""
+"""The ``snapvit`` command line.
+
+``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
+:class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
+info`` and ``snapvit slice`` work on elastic checkpoints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
@@ -29,6 +35,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slice(args: argparse.Namespace) -> int:
+    from .elastic import ElasticViT
+
+    if args.flops is not None and (args.mlp_ratio is not None or args.head_ratio is not None):
+        raise ValueError("give either --flops or --mlp-ratio/--head-ratio, not both")
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    elastic = ElasticViT.load(args.path)
+    mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=args.flops)
+    sub = elastic.slice(elastic.dims(mlp_ratio, head_ratio))
+    elastic.save_subnet(out, sub)
+    cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))
+    print(f"wrote {out}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
+          f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%)")
+    return 0
+
+
 def _budget(text: str) -> tuple[float, float]:
     try:
         mlp, head = (float(v) for v in text.split(","))
@@ -51,11 +75,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5)",
     )
     info.set_defaults(func=_info)
+    cut = sub.add_parser("slice", help="write a sliced subnet of an elastic checkpoint")
+    cut.add_argument("path", help="an *.elastic.safetensors file")
+    cut.add_argument("--flops", type=float, default=None, help="fraction of the dense FLOPs to keep, in (0, 1]")
+    cut.add_argument("--mlp-ratio", type=float, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
+    cut.add_argument("--head-ratio", type=float, default=None, help="fraction of all heads to prune, in [0, 1)")
+    cut.add_argument("-o", "--output", required=True, help="output .safetensors file (load with load_subnet)")
+    cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    cut.set_defaults(func=_slice)
+    sub.add_parser("fit", help="score (+ search + export) with LightningCLI: snapvit fit --config CONFIG.yaml",
+                   add_help=False)
     return parser
+
+
+class SnapViTCLI:
+    """Factory for the LightningCLI over SnapViTModule and CalibrationDataModule."""
+
+    @staticmethod
+    def run(args: Sequence[str] | None) -> None:
+        """Run a LightningCLI subcommand (fit/validate/test/predict); ``None`` reads ``sys.argv``."""
+        from lightning.pytorch.cli import LightningCLI
+
+        from .data import CalibrationDataModule
+        from .module import SnapViTModule
+
+        LightningCLI(
+            SnapViTModule,
+            CalibrationDataModule,
+            args=None if args is None else list(args),
+            trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "snapvit"},
+        )
+
+_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``snapvit`` console script."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in _LIGHTNING_SUBCOMMANDS:
+        SnapViTCLI.run(None if argv is None else words)
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from .scores import ImportanceScores
+from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
 
 __all__ = [
@@ -208,12 +208,6 @@ def _check_temperature(value: float | None, name: str) -> float | None:
     return float(value)
 
 
-def _check_fraction(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
 def _mlp_unit_mean(values: list[Tensor], kind: str, hidden: int) -> Tensor:
     """Mean of per-weight values over each neuron's rows of the MLP input layer(s) -> ``[hidden]``."""
     if kind == "glu":  # rows j and j + hidden of fc1
@@ -306,8 +300,8 @@ class SnapViTModule(pl.LightningModule):
             raise ValueError(f"accumulation must be one of {list(ACCUMULATIONS)}, got {accumulation!r}")
         self.teacher_temp = _check_temperature(teacher_temp, "teacher_temp")
         self.student_temp = _check_temperature(student_temp, "student_temp")
-        self.min_mlp_keep = _check_fraction(min_mlp_keep, "min_mlp_keep")
-        self.min_head_keep = _check_fraction(min_head_keep, "min_head_keep")
+        self.min_mlp_keep = check_fraction(min_mlp_keep, "min_mlp_keep")
+        self.min_head_keep = check_fraction(min_head_keep, "min_head_keep")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if model_kwargs is not None and not isinstance(model_kwargs, dict):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["ImportanceScores", "check_ratio"]
+__all__ = ["ImportanceScores", "check_ratio", "check_fraction"]
 
 
 def check_ratio(value: float, name: str) -> float:
@@ -25,7 +25,12 @@ def check_ratio(value: float, name: str) -> float:
     return float(value)
 
 
-def _check_keep(value: float, name: str) -> float:
+def check_fraction(value: float, name: str) -> float:
+    """Validate a keep fraction in ``[0, 1]``.
+
+    Raises:
+        ValueError: If ``value`` is not a number in ``[0, 1]``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
@@ -77,8 +82,8 @@ class ImportanceScores:
         if self.covariance is not None:
             d = self.num_weights
             self.covariance = self._check_tensor(self.covariance, (d, d), "covariance")
-        self.min_mlp_keep = _check_keep(self.min_mlp_keep, "min_mlp_keep")
-        self.min_head_keep = _check_keep(self.min_head_keep, "min_head_keep")
+        self.min_mlp_keep = check_fraction(self.min_mlp_keep, "min_mlp_keep")
+        self.min_head_keep = check_fraction(self.min_head_keep, "min_head_keep")
         if not isinstance(self.criterion, str) or not self.criterion:
             raise ValueError(f"criterion must be a non-empty string, got {self.criterion!r}")
 

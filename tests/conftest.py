@@ -42,6 +42,19 @@ def tiny_model(key: str, seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
     return model, name, kwargs
 
 
+def random_scores(model: torch.nn.Module, seed: int = 0):
+    """Uniform random ImportanceScores shaped for ``model``."""
+    from snapvit_lightning.scores import ImportanceScores
+    from snapvit_lightning.structure import inspect_vit
+
+    s = inspect_vit(model)
+    g = torch.Generator().manual_seed(seed)
+    return ImportanceScores(
+        torch.rand(s.num_blocks, s.blocks[0].mlp_hidden, generator=g),
+        torch.rand(s.num_blocks, s.blocks[0].num_heads, generator=g),
+    )
+
+
 def model_input(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)

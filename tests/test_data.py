@@ -51,7 +51,7 @@ def _write_corrupt(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_vit() -> torch.nn.Module:
+def tiny_vit() -> torch.nn.Module:
     return timm.create_model("test_vit", pretrained=False)
 
 
@@ -171,9 +171,9 @@ def test_multicrop_bad_image() -> None:
 # ------------------------------------------------------------------ model config
 
 
-def test_resolve_input_config(test_vit: torch.nn.Module) -> None:
-    size, mean, std = resolve_input_config(test_vit)
-    cfg = timm.data.resolve_data_config({}, model=test_vit)
+def test_resolve_input_config(tiny_vit: torch.nn.Module) -> None:
+    size, mean, std = resolve_input_config(tiny_vit)
+    cfg = timm.data.resolve_data_config({}, model=tiny_vit)
     assert size == cfg["input_size"][-1] == 160
     assert mean == tuple(cfg["mean"]) and std == tuple(cfg["std"])
     # a model built at another size reports the size it was built for
@@ -463,16 +463,16 @@ def test_pair_dataset_source() -> None:
 
 
 @pytest.mark.parametrize(("holdout", "expected"), [(3, 3), (0.25, 5), (0.01, 1)])
-def test_holdout_is_disjoint(test_vit: torch.nn.Module, holdout: int | float, expected: int) -> None:
+def test_holdout_is_disjoint(tiny_vit: torch.nn.Module, holdout: int | float, expected: int) -> None:
     dm = CalibrationDataModule(dataset=_PairDataset(20), holdout=holdout)
-    dm.configure_from_model(test_vit)
+    dm.configure_from_model(tiny_vit)
     fit_labels = dm.fitness_labels().tolist()
     cal_labels = dm.calibration_labels().tolist()
     assert len(fit_labels) == expected
     assert set(fit_labels).isdisjoint(cal_labels)
     assert sorted(fit_labels + cal_labels) == list(range(20))
     assert fit_labels == sorted(fit_labels) and cal_labels == sorted(cal_labels)
-    size, mean, std = resolve_input_config(test_vit)
+    size, mean, std = resolve_input_config(tiny_vit)
     fit = dm.fitness_images()
     assert fit.shape == (expected, 3, size, size) and fit.dtype == torch.float32
     # solid colour image i → (i/255 - mean) / std everywhere
@@ -509,9 +509,9 @@ def test_fitness_data_dir(tmp_path: Path) -> None:
     assert dm.num_calibration_images == 4
 
 
-def test_explicit_size_wins_and_model_normalisation(test_vit: torch.nn.Module) -> None:
+def test_explicit_size_wins_and_model_normalisation(tiny_vit: torch.nn.Module) -> None:
     dm = CalibrationDataModule(dataset=_PairDataset(3), img_size=24)
-    dm.configure_from_model(test_vit)
+    dm.configure_from_model(tiny_vit)
     assert dm.size == 24 and dm.normalization == ((0.5,) * 3, (0.5,) * 3)
     assert dm.train_dataset()[0][0].shape == (12, 3, 24, 24)
     # without a model: ImageNet statistics

@@ -14,27 +14,17 @@ from snapvit_lightning.structure import (
     block_dims,
     count_params,
     get_blocks,
-    inspect_vit,
     measure_flops,
 )
 
-from conftest import TINY_MODELS, load_real_model, model_input, tiny_model
+from conftest import TINY_MODELS, load_real_model, model_input, random_scores, tiny_model
 
 BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.6)]
 
 
-def _random_scores(model: torch.nn.Module, seed: int = 0) -> ImportanceScores:
-    s = inspect_vit(model)
-    g = torch.Generator().manual_seed(seed)
-    return ImportanceScores(
-        torch.rand(s.num_blocks, s.blocks[0].mlp_hidden, generator=g),
-        torch.rand(s.num_blocks, s.blocks[0].num_heads, generator=g),
-    )
-
-
 def _elastic(key: str) -> tuple[ElasticViT, torch.nn.Module]:
     model, name, kwargs = tiny_model(key)
-    return ElasticViT(model, _random_scores(model), model_name=name, model_kwargs=kwargs or None), model
+    return ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs or None), model
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +57,7 @@ def test_subnets_equal_masked_dense_model(key: str) -> None:
     torch.testing.assert_close(_forward(elastic.subnet(0.0, 0.0), x), reference, atol=1e-5, rtol=1e-5)
     for ratios in BUDGETS[1:]:
         sub = elastic.subnet(*ratios)
-        masked = _masked_reference(dense, _random_scores(dense), *ratios)
+        masked = _masked_reference(dense, random_scores(dense), *ratios)
         torch.testing.assert_close(_forward(sub, x), _forward(masked, x), atol=1e-5, rtol=1e-5)
         # physically smaller, and FLOPs/params predicted without slicing match measurement
         cost = elastic.cost([block_dims(b) for b in get_blocks(sub)])
@@ -105,7 +95,7 @@ def test_save_load_round_trip(key: str, tmp_path) -> None:
 
 def test_search_weights_and_covariance_are_saved(tmp_path) -> None:
     model, name, _ = tiny_model("test_vit")
-    scores = _random_scores(model)
+    scores = random_scores(model)
     w = torch.linspace(0.2, 1.8, scores.num_weights)
     scores = scores.with_weights(w, covariance=torch.diag(w))
     elastic = ElasticViT(model, scores)
@@ -167,19 +157,19 @@ def test_construction_errors() -> None:
     with pytest.raises(ValueError, match="do not match the model's"):
         ElasticViT(model, ImportanceScores(torch.rand(6, 10), torch.rand(6, 2)))
     with pytest.raises(UnsupportedModelError):
-        ElasticViT(torch.nn.Linear(2, 2), _random_scores(model))
+        ElasticViT(torch.nn.Linear(2, 2), random_scores(model))
     with pytest.raises(ValueError, match="not a registered timm model"):
-        ElasticViT(model, _random_scores(model), model_name="no_such_model")
+        ElasticViT(model, random_scores(model), model_name="no_such_model")
     with pytest.raises(ValueError, match="does not rebuild this model"):
-        ElasticViT(model, _random_scores(model), model_name="test_vit2")
+        ElasticViT(model, random_scores(model), model_name="test_vit2")
     with pytest.raises(ValueError, match="JSON values only"):
-        ElasticViT(model, _random_scores(model), model_kwargs={"act_layer": torch.nn.GELU})
+        ElasticViT(model, random_scores(model), model_kwargs={"act_layer": torch.nn.GELU})
     sliced, _, _ = tiny_model("test_vit")
     from snapvit_lightning.structure import slice_block
 
     slice_block(sliced.blocks[0], 1, 10)
     with pytest.raises(ValueError, match="blocks of different sizes"):
-        ElasticViT(sliced, _random_scores(model))
+        ElasticViT(sliced, random_scores(model))
 
 
 def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
@@ -232,7 +222,7 @@ def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
 def test_real_dinov2_slicing(real_weights) -> None:
     """The real DINOv2 ViT-S/14 at 112 px: (0.35, 0.2) cuts block params as expected, fast."""
     model = load_real_model(real_weights)
-    elastic = ElasticViT(model, _random_scores(model), model_name="vit_small_patch14_dinov2",
+    elastic = ElasticViT(model, random_scores(model), model_name="vit_small_patch14_dinov2",
                          model_kwargs={"num_classes": 0, "img_size": 112})
     start = time.perf_counter()
     sub = elastic.subnet(0.35, 0.2)

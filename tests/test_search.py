@@ -23,7 +23,7 @@ from snapvit_lightning.search import (
 )
 from snapvit_lightning.structure import get_blocks, inspect_vit
 
-from conftest import tiny_model
+from conftest import random_scores, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.6)]
@@ -47,15 +47,6 @@ def small_vit(seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model, "test_vit", kwargs
-
-
-def random_scores(model: torch.nn.Module, seed: int = 0) -> ImportanceScores:
-    s = inspect_vit(model)
-    g = torch.Generator().manual_seed(seed)
-    return ImportanceScores(
-        torch.rand(s.num_blocks, s.blocks[0].mlp_hidden, generator=g),
-        torch.rand(s.num_blocks, s.blocks[0].num_heads, generator=g),
-    )
 
 
 def images_for(model: torch.nn.Module, n: int = 6, seed: int = 1) -> torch.Tensor:
