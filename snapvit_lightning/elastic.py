@@ -210,8 +210,15 @@ class ElasticViT:
 
     def slice(self, dims: Sequence[BlockDims]) -> nn.Module:
         """A copy of the elastic model with each block cut to the first ``dims`` units."""
-        sub = copy.deepcopy(self.model)
+        # Copy the module tree but share the parameters, cut the blocks (which copies only the
+        # kept units), then copy whatever parameter is still shared: each weight is copied once.
+        shared = {id(p): p for p in self.model.parameters()}
+        sub = copy.deepcopy(self.model, memo=dict(shared))
         slice_model(sub, dims)
+        for module in sub.modules():
+            for name, param in module._parameters.items():
+                if param is not None and id(param) in shared:
+                    module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
         return sub
 
     # ------------------------------------------------------------------------------------------

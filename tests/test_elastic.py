@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -220,14 +219,11 @@ def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
 
 
 def test_real_dinov2_slicing(real_weights) -> None:
-    """The real DINOv2 ViT-S/14 at 112 px: (0.35, 0.2) cuts block params as expected, fast."""
+    """The real DINOv2 ViT-S/14 at 112 px: (0.35, 0.2) cuts block params by the expected amount."""
     model = load_real_model(real_weights)
     elastic = ElasticViT(model, random_scores(model), model_name="vit_small_patch14_dinov2",
                          model_kwargs={"num_classes": 0, "img_size": 112})
-    start = time.perf_counter()
-    sub = elastic.subnet(0.35, 0.2)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"subnet() took {elapsed:.2f} s"
+    sub = elastic.subnet(0.35, 0.2)  # its speed is measured by `python -m snapvit_lightning.bench_slice`
     dims = [block_dims(b) for b in get_blocks(sub)]
     assert sum(d.mlp_hidden for d in dims) == 12 * 1536 - round(0.35 * 12 * 1536)
     assert sum(d.num_heads for d in dims) == 12 * 6 - round(0.2 * 72)

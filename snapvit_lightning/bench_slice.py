@@ -1,0 +1,54 @@
+"""Time ``ElasticViT.subnet()`` on the real DINOv2 ViT-S/14 (CPU)::
+
+    python -m snapvit_lightning.bench_slice [--weights PATH] [--img-size 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+BUDGETS = ((0.15, 0.0), (0.35, 0.2), (0.55, 0.4), (0.65, 0.5))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .elastic import ElasticViT
+    from .module import load_weights
+    from .quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+    from .scores import ImportanceScores
+
+    import timm
+
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_slice", description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget")
+    args = parser.parse_args(argv)
+    kwargs = {"num_classes": 0, "img_size": args.img_size}
+    model = timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
+    load_weights(model, ensure_weights(args.weights))
+    g = torch.Generator().manual_seed(0)
+    scores = ImportanceScores(torch.rand(12, 1536, generator=g), torch.rand(12, 6, generator=g))
+    start = time.perf_counter()
+    elastic = ElasticViT(model, scores, model_name=MODEL_NAME, model_kwargs=kwargs)
+    print(f"ElasticViT(): {time.perf_counter() - start:.3f} s; torch threads {torch.get_num_threads()}")
+    for budget in BUDGETS:
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            elastic.subnet(*budget)
+            times.append(time.perf_counter() - start)
+        print(f"subnet{budget}: median {statistics.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
+    start = time.perf_counter()
+    elastic.subnet(flops=0.5)
+    print(f"subnet(flops=0.5) incl. bisection: {(time.perf_counter() - start) * 1000:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

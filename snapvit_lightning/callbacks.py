@@ -1,0 +1,940 @@
+"""Lightning callbacks: the export hook and the plug-in for an existing Trainer.
+
+* :func:`export_elastic` writes an :class:`~snapvit_lightning.elastic.ElasticViT` to a
+  directory: the elastic checkpoint, optional sliced subnets, ``report.json`` and two plots.
+  :class:`ElasticExport` calls it at the end of a scoring (+ search) ``fit``.
+* :class:`SnapViT` is one callback a user adds to their *own* ``Trainer``: after their fit it
+  finds the timm ViT inside their LightningModule, scores a copy of it on calibration data,
+  optionally runs the evolutionary search, and exports the elastic checkpoint.
+
+Export directory (``name`` defaults to the timm model name)::
+
+    <name>.elastic.safetensors            ElasticViT.save (load with ElasticViT.load)
+    <name>.mlp<a>_head<b>.safetensors     subnets (save_subnets=True; load with load_subnet)
+    report.json                           per-budget kept units, params, FLOPs, fidelity
+    fidelity_vs_flops.png                 fidelity (cosine to the dense model) against FLOPs
+    kept_units.png                        per-block kept fraction of neurons / heads per budget
+
+Atomicity: every file is first written to a hidden staging name in the same directory; only
+when all of them are complete are they renamed (``os.replace``) to their final names. A
+failure before that leaves the directory as it was (an old export included); a failure while
+renaming removes the files this export already put in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from . import __version__
+from .elastic import ElasticViT
+from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
+from .scores import ImportanceScores, check_ratio
+from .search import EvolutionarySearch
+from .structure import UnsupportedModelError, check_supported
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "REPORT_NAME",
+    "FIDELITY_PLOT_NAME",
+    "KEPT_UNITS_PLOT_NAME",
+    "Budget",
+    "export_elastic",
+    "export_targets",
+    "find_vit",
+    "ElasticExport",
+    "SnapViT",
+]
+
+#: A budget: ``(mlp_ratio, head_ratio)``, a FLOPs fraction in ``(0, 1]``, or a dict
+#: ``{"mlp_ratio": a, "head_ratio": b}`` / ``{"flops": f}`` (handy in YAML configs).
+Budget = Union[tuple[float, float], float, dict]
+
+#: Budgets reported by default: the dense model and the reference fitness budgets.
+DEFAULT_BUDGETS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.55, 0.4), (0.65, 0.5))
+REPORT_NAME = "report.json"
+FIDELITY_PLOT_NAME = "fidelity_vs_flops.png"
+KEPT_UNITS_PLOT_NAME = "kept_units.png"
+REPORT_FORMAT = "snapvit-export"
+REPORT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """Normalise budgets to ``("ratios", (a, b))`` / ``("flops", (f,))`` entries.
+
+    Raises:
+        ValueError: A budget that is not a ratio pair in ``[0, 1)`` or a fraction in ``(0, 1]``.
+    """
+    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, Sequence):
+        raise ValueError(f"{name} must be a sequence of (mlp_ratio, head_ratio) pairs or FLOPs fractions, got {budgets!r}")
+    out: list[tuple[str, tuple[float, ...]]] = []
+    for budget in budgets:
+        try:
+            if isinstance(budget, dict):
+                if set(budget) == {"flops"}:
+                    budget = float(budget["flops"]) if not isinstance(budget["flops"], bool) else budget["flops"]
+                elif set(budget) <= {"mlp_ratio", "head_ratio"} and budget:
+                    budget = (budget.get("mlp_ratio", 0.0), budget.get("head_ratio", 0.0))
+                else:
+                    raise ValueError("a dict budget needs keys mlp_ratio/head_ratio or flops")
+            if isinstance(budget, bool):
+                raise ValueError("not a number")
+            if isinstance(budget, (int, float)):
+                f = float(budget)
+                if not (math.isfinite(f) and 0.0 < f <= 1.0):
+                    raise ValueError("a FLOPs fraction must be in (0, 1]")
+                out.append(("flops", (f,)))
+            elif isinstance(budget, Sequence) and not isinstance(budget, str) and len(budget) == 2:
+                out.append(("ratios", (check_ratio(budget[0], "mlp_ratio"), check_ratio(budget[1], "head_ratio"))))
+            else:
+                raise ValueError("expected an (mlp_ratio, head_ratio) pair or a FLOPs fraction")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name}: invalid budget {budget!r}: {err}") from None
+    return tuple(out)
+
+
+def _check_name(name: Any) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise ValueError(f"name must be a non-empty file-name stem without path separators or a leading dot, got {name!r}")
+    return name
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _check_model_kwargs(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"model_kwargs must be a dict or None, got {type(value).__name__}")
+    try:
+        json.dumps(value)
+    except TypeError as err:
+        raise ValueError(f"model_kwargs must hold JSON values only, got {value!r}: {err}") from None
+    return dict(value)
+
+
+def _check_model_name(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError(f"model_name must be a non-empty str or None, got {value!r}")
+    return value
+
+
+def _check_dirpath(value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise TypeError(f"dirpath must be a str or os.PathLike, got {value!r}")
+    return Path(value)
+
+
+def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:
+    if images is None:
+        return None
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a float tensor [M, 3, S, S] or None, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one image")
+    return images
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def subnet_label(mlp_ratio: float, head_ratio: float) -> str:
+    """The file-name label of a budget: ``mlp<a>_head<b>`` (4 significant digits)."""
+    return f"mlp{_fmt(mlp_ratio)}_head{_fmt(head_ratio)}"
+
+
+def export_targets(out_dir: str | os.PathLike, name: str, subnet_labels: Sequence[str] = ()) -> dict[str, Path]:
+    """Final paths of an export (without creating anything)."""
+    out = Path(out_dir)
+    targets = {
+        "elastic": out / f"{name}.elastic.safetensors",
+        "report": out / REPORT_NAME,
+        "fidelity_plot": out / FIDELITY_PLOT_NAME,
+        "kept_units_plot": out / KEPT_UNITS_PLOT_NAME,
+    }
+    for label in subnet_labels:
+        targets[f"subnet:{label}"] = out / f"{name}.{label}.safetensors"
+    return targets
+
+
+def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    for path in targets.values():
+        if path.exists():
+            raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements and plots
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _features(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    model.eval()
+    out = [
+        model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True).float()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(out)
+
+
+def _fidelity(sub: nn.Module, dense_features: Tensor, images: Tensor, batch_size: int) -> float:
+    feats = _features(sub, images, batch_size)
+    return float(F.cosine_similarity(feats.double(), dense_features.double(), dim=-1).mean())
+
+
+def _figure(width: float, height: float):
+    # The object-oriented API with an Agg canvas: no pyplot, no change of the global backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _fidelity_figure(entries: list[dict[str, Any]], title: str):
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    points = sorted((e["flops_fraction"], e["fidelity"], e["label"]) for e in entries if e["fidelity"] is not None)
+    if points:
+        xs, ys, labels = zip(*points)
+        ax.plot(xs, ys, "o-")
+        for x, y, label in points:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no fitness images: fidelity not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("FLOPs (fraction of the dense model)")
+    ax.set_ylabel("fidelity (mean cosine to dense features)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _kept_units_figure(entries: list[dict[str, Any]], mlp_hidden: int, num_heads: int, title: str):
+    import numpy as np
+
+    rows = max(1, len(entries))
+    fig = _figure(10.0, 1.5 + 0.45 * rows)
+    labels = [e["label"] for e in entries]
+    for k, (key, total, what) in enumerate((("kept_neurons", mlp_hidden, "MLP neurons"), ("kept_heads", num_heads, "heads"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        data = np.array([[v / total for v in e[key]] for e in entries], dtype=float) if entries else np.zeros((1, 1))
+        im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels if entries else [])
+        ax.set_xlabel("block")
+        ax.set_title(f"kept {what} (fraction)")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Staged, atomic writing
+# ----------------------------------------------------------------------------------------------
+
+
+def _staging(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def _write_figure(path: Path, fig: Any) -> None:
+    fig.savefig(path, format="png")
+
+
+def _write_elastic(path: Path, elastic: ElasticViT) -> None:
+    elastic.save(path)
+
+
+def _write_subnet(path: Path, elastic: ElasticViT, sub: nn.Module) -> None:
+    elastic.save_subnet(path, sub)
+
+
+# ----------------------------------------------------------------------------------------------
+# export_elastic
+# ----------------------------------------------------------------------------------------------
+
+
+def export_elastic(
+    elastic: ElasticViT,
+    out_dir: str | os.PathLike,
+    *,
+    budgets: Sequence[Budget] = DEFAULT_BUDGETS,
+    fitness_images: Tensor | None = None,
+    save_subnets: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Write an elastic model, optional subnets, ``report.json`` and two plots to ``out_dir``.
+
+    For every budget the report holds the resolved ``mlp_ratio``/``head_ratio``, the per-block
+    kept neurons and heads, parameters and FLOPs (absolute and as fractions of the dense
+    model) and, when ``fitness_images`` are given, the *fidelity*: the mean cosine similarity
+    between the subnet's and the dense model's pre-logits features
+    (``forward_head(forward_features(x), pre_logits=True)``) on those images, computed on CPU
+    in float32. See the module docstring for the file names and the atomic write.
+
+    Args:
+        elastic: The elastic model (left unchanged).
+        out_dir: Output directory (created when missing).
+        budgets: ``(mlp_ratio, head_ratio)`` pairs, FLOPs fractions in ``(0, 1]`` (resolved with
+            :meth:`ElasticViT.resolve_budget`), or dicts ``{"mlp_ratio", "head_ratio"}`` /
+            ``{"flops"}``.
+        fitness_images: Float ``[M, 3, S, S]`` images, normalised for the model, or ``None``
+            (the fidelity is then ``null``).
+        save_subnets: Also write each budget's sliced subnet.
+        overwrite: Replace existing files of an earlier export.
+        name: File-name stem; default the elastic model's timm name.
+        batch_size: Images per forward pass for the fidelity.
+
+    Returns:
+        ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
+        ``fidelity_plot``, ``kept_units_plot`` and ``subnet:<label>`` per subnet.
+
+    Raises:
+        FileExistsError: If a target file exists and ``overwrite`` is false (checked before
+            any work).
+        TypeError: If ``elastic`` is not an ElasticViT or a flag is not a bool.
+        ValueError: Invalid budgets, images, name or batch size; two budgets that resolve to
+            the same subnet file name.
+    """
+    if not isinstance(elastic, ElasticViT):
+        raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
+    out_dir = _check_dirpath(out_dir)
+    entries_in = _check_budgets(budgets)
+    images = _check_images(fitness_images)
+    save_subnets = _check_bool("save_subnets", save_subnets)
+    overwrite = _check_bool("overwrite", overwrite)
+    name = _check_name(name) or elastic.model_name
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+    # 1. Refuse to overwrite, before any work.
+    _refuse_existing(export_targets(out_dir, name), overwrite)
+    resolved: list[tuple[Any, float, float]] = []
+    for kind, values in entries_in:
+        if kind == "flops":
+            a, b = elastic.resolve_budget(flops=values[0])
+            resolved.append(({"flops": values[0]}, a, b))
+        else:
+            resolved.append(({"mlp_ratio": values[0], "head_ratio": values[1]}, *values))
+    labels = [subnet_label(a, b) for _, a, b in resolved]
+    seen: dict[str, tuple[float, float]] = {}
+    for label, (_, a, b) in zip(labels, resolved):
+        if label in seen and seen[label] != (a, b):
+            raise ValueError(f"budgets resolve to ratios {seen[label]} and {(a, b)} with the same file label {label!r}")
+        seen[label] = (a, b)
+    subnet_labels = list(dict.fromkeys(labels)) if save_subnets else []
+    targets = export_targets(out_dir, name, subnet_labels)
+    _refuse_existing(targets, overwrite)
+
+    # 2. Measure.
+    structure = elastic.structure
+    num_blocks = structure.num_blocks
+    mlp_hidden, num_heads = structure.blocks[0].mlp_hidden, structure.blocks[0].num_heads
+    dense_cost = elastic.cost(elastic.dims(0.0, 0.0))
+    dense_features = None
+    if images is not None:
+        images = images.detach().to("cpu", torch.float32)
+        dense_features = _features(elastic.model, images, batch_size)
+    entries: list[dict[str, Any]] = []
+    subnets: dict[str, nn.Module] = {}
+    for (requested, a, b), label in zip(resolved, labels):
+        dims = elastic.dims(a, b)
+        cost = elastic.cost(dims)
+        neurons = [d.mlp_hidden for d in dims]
+        heads = [d.num_heads for d in dims]
+        sub = elastic.slice(dims) if (images is not None or save_subnets) else None
+        fidelity = None if sub is None or images is None else _fidelity(sub, dense_features, images, batch_size)
+        if save_subnets and label not in subnets:
+            subnets[label] = sub
+        entries.append(
+            {
+                "label": label,
+                "requested": requested,
+                "mlp_ratio": a,
+                "head_ratio": b,
+                "kept_neurons": neurons,
+                "kept_heads": heads,
+                "kept_neurons_fraction": sum(neurons) / (num_blocks * mlp_hidden),
+                "kept_heads_fraction": sum(heads) / (num_blocks * num_heads),
+                "params": int(cost["params"]),
+                "flops": int(cost["flops"]),
+                "params_fraction": float(cost["params_fraction"]),
+                "flops_fraction": float(cost["flops_fraction"]),
+                "fidelity": fidelity,
+                "subnet_file": targets[f"subnet:{label}"].name if save_subnets else None,
+            }
+        )
+    scores = elastic.scores
+    report = {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "snapvit_version": __version__,
+        "name": name,
+        "model_name": elastic.model_name,
+        "model_kwargs": elastic.model_kwargs,
+        "input_size": list(elastic.input_size),
+        "num_blocks": num_blocks,
+        "num_heads": num_heads,
+        "mlp_hidden": mlp_hidden,
+        "dense": {"params": int(dense_cost["params"]), "flops": int(dense_cost["flops"])},
+        "scores": {**scores.metadata(), "searched": scores.block_weights is not None},
+        "fidelity_images": None if images is None else int(images.shape[0]),
+        "fidelity_definition": "mean cosine similarity of forward_head(forward_features(x), pre_logits=True) "
+        "of the subnet vs the dense model",
+        "files": {role: path.name for role, path in targets.items() if not role.startswith("subnet:")},
+        "budgets": entries,
+    }
+    title = f"{name} ({elastic.model_name})"
+
+    # 3. Stage every file under a hidden name, then rename them all into place.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    placed: list[Path] = []
+    try:
+        staged["elastic"] = _staging(targets["elastic"])
+        _write_elastic(staged["elastic"], elastic)
+        for label, sub in subnets.items():
+            role = f"subnet:{label}"
+            staged[role] = _staging(targets[role])
+            _write_subnet(staged[role], elastic, sub)
+        staged["fidelity_plot"] = _staging(targets["fidelity_plot"])
+        _write_figure(staged["fidelity_plot"], _fidelity_figure(entries, title))
+        staged["kept_units_plot"] = _staging(targets["kept_units_plot"])
+        _write_figure(staged["kept_units_plot"], _kept_units_figure(entries, mlp_hidden, num_heads, title))
+        staged["report"] = _staging(targets["report"])
+        _write_json(staged["report"], report)
+        for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
+            os.replace(staged[role], targets[role])
+            placed.append(targets[role])
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+    rank_zero_info(f"ElasticExport: wrote {len(targets)} files to {out_dir}")
+    return {"paths": dict(targets), "report": report}
+
+
+# ----------------------------------------------------------------------------------------------
+# ElasticExport
+# ----------------------------------------------------------------------------------------------
+
+
+def _rebuild_info(pl_module: pl.LightningModule, model_name: str | None, model_kwargs: dict | None) -> tuple[str | None, dict | None]:
+    """Model name/kwargs: explicit > module attributes > hparams (model given by name) > None (inferred)."""
+    if model_name is None:
+        name = getattr(pl_module, "model_name", None)
+        if isinstance(name, str):
+            model_name = name
+            if model_kwargs is None and isinstance(getattr(pl_module, "model_kwargs", None), dict):
+                model_kwargs = dict(pl_module.model_kwargs)
+        else:
+            hparams = getattr(pl_module, "hparams", {}) or {}
+            if isinstance(hparams.get("model"), str):
+                model_name = hparams["model"]
+                if model_kwargs is None:
+                    model_kwargs = dict(hparams.get("model_kwargs") or {})
+    return model_name, model_kwargs
+
+
+def _default_name(model_name: str | None, model: nn.Module | None) -> str | None:
+    if model_name is not None:
+        return model_name
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") if model is not None else None
+
+
+def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool) -> None:
+    """Raise FileExistsError on every rank when rank 0 sees an existing export (no rank hangs)."""
+    existing = None
+    if trainer.is_global_zero and name is not None and not overwrite:
+        existing = next((str(p) for p in export_targets(dirpath, name).values() if p.exists()), None)
+    existing = trainer.strategy.broadcast(existing, src=0)
+    if existing is not None:
+        raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it")
+
+
+class ElasticExport(Callback):
+    """Write the elastic checkpoint, subnets, report and plots at the end of a scoring fit.
+
+    Runs in ``on_train_end``, after the scores are final. **Order matters**: Lightning calls
+    the callbacks' hooks in list order, so put it *after* :class:`EvolutionarySearch`
+    (``callbacks=[EvolutionarySearch(...), ElasticExport(...)]``), or the export would hold the
+    unsearched scores; the wrong order is refused in ``setup`` (before the fit) and again in
+    ``on_train_end``.
+
+    The LightningModule must expose ``student`` (the timm ViT) and ``scores``
+    (:class:`ImportanceScores`), as :class:`SnapViTModule` does. The export works on a CPU
+    copy of the student (the user's model is never changed). Only global rank 0 writes; every
+    rank then meets at ``trainer.strategy.barrier()`` (no collective is called inside the
+    rank-0-only part), and an error of rank 0 is raised after the barrier. Existing files
+    are checked in ``setup`` (rank 0's view, broadcast) so a run fails before, not after, the
+    work.
+
+    Fidelity images: ``images`` if given, else ``trainer.datamodule.fitness_images()`` when the
+    datamodule has it (e.g. :class:`~snapvit_lightning.data.CalibrationDataModule`), else none.
+
+    Args:
+        dirpath: Output directory.
+        budgets: See :func:`export_elastic`.
+        save_subnets: Also write the sliced subnet of every budget.
+        overwrite: Replace an earlier export in ``dirpath``.
+        model_name: timm name to rebuild the model. Default: ``pl_module.model_name``, else the
+            ``model`` hyper-parameter when the model was given by name, else inferred by
+            :class:`ElasticViT` from ``pretrained_cfg``.
+        model_kwargs: ``timm.create_model`` kwargs to rebuild it (same fallbacks:
+            ``pl_module.model_kwargs``, the ``model_kwargs`` hyper-parameter, inferred).
+        name: File-name stem (default: the model name).
+        images: Fitness images ``[M, 3, S, S]`` for the fidelity.
+        batch_size: Images per forward pass for the fidelity.
+
+    Attributes:
+        elastic: The :class:`ElasticViT` exported (rank 0, after the fit).
+        export_paths: ``{role: Path}`` of the written files (rank 0).
+        report: The report written to ``report.json`` (rank 0).
+
+    Raises:
+        TypeError: A wrong argument type.
+        ValueError: Invalid budgets, name or images; or (at ``setup``) the wrong callback order.
+        FileExistsError: (At ``setup`` / export) an export exists and ``overwrite`` is false.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        budgets: Sequence[Budget] = DEFAULT_BUDGETS,
+        save_subnets: bool = False,
+        overwrite: bool = False,
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        images: Tensor | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.dirpath = _check_dirpath(dirpath)
+        _check_budgets(budgets)
+        self.budgets = list(budgets)
+        self.save_subnets = _check_bool("save_subnets", save_subnets)
+        self.overwrite = _check_bool("overwrite", overwrite)
+        self.model_name = _check_model_name(model_name)
+        self.model_kwargs = _check_model_kwargs(model_kwargs)
+        self.name = _check_name(name)
+        self.images = _check_images(images, "images")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.elastic: ElasticViT | None = None
+        self.export_paths: dict[str, Path] | None = None
+        self.report: dict[str, Any] | None = None
+
+    def _check_order(self, trainer: pl.Trainer) -> None:
+        callbacks = list(trainer.callbacks)
+        mine = next((i for i, c in enumerate(callbacks) if c is self), None)
+        if mine is None:
+            return
+        late = [type(c).__name__ for c in callbacks[mine + 1 :] if isinstance(c, EvolutionarySearch)]
+        if late:
+            order = [type(c).__name__ for c in callbacks]
+            raise ValueError(
+                "ElasticExport must come after EvolutionarySearch in Trainer(callbacks=[...]) "
+                f"(hooks run in list order; the export would miss the search), got {order}"
+            )
+
+    def _targets_name(self, pl_module: pl.LightningModule) -> str | None:
+        model_name, _ = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
+        return self.name or _default_name(model_name, getattr(pl_module, "student", None))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse the wrong callback order and an existing export before the fit starts."""
+        if stage != "fit":
+            return
+        self._check_order(trainer)
+        _refuse_existing_before_fit(trainer, self.dirpath, self._targets_name(pl_module), self.overwrite)
+
+    def _images(self, trainer: pl.Trainer) -> Tensor | None:
+        if self.images is not None:
+            return self.images
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "fitness_images"):
+            return dm.fitness_images()
+        return None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Export from rank 0, then wait on every rank (see the class docstring)."""
+        self._check_order(trainer)
+        scores = getattr(pl_module, "scores", None)
+        student = getattr(pl_module, "student", None)
+        if not isinstance(scores, ImportanceScores) or not isinstance(student, nn.Module):
+            raise RuntimeError(
+                "ElasticExport needs `pl_module.student` (the timm ViT) and `pl_module.scores` "
+                f"(ImportanceScores) at the end of training, got scores={type(scores).__name__}"
+            )
+        error: BaseException | None = None
+        if trainer.is_global_zero:  # no collectives in here
+            try:
+                model_name, model_kwargs = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
+                model = copy.deepcopy(student).cpu()
+                self.elastic = ElasticViT(model, scores, model_name=model_name, model_kwargs=model_kwargs)
+                result = export_elastic(
+                    self.elastic,
+                    self.dirpath,
+                    budgets=self.budgets,
+                    fitness_images=self._images(trainer),
+                    save_subnets=self.save_subnets,
+                    overwrite=self.overwrite,
+                    name=self.name,
+                    batch_size=self.batch_size,
+                )
+                self.export_paths, self.report = result["paths"], result["report"]
+            except BaseException as err:  # raised after the barrier, so no rank waits forever
+                error = err
+        trainer.strategy.barrier("snapvit_elastic_export")
+        if error is not None:
+            raise error
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the ViT inside a user's module
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_timm_vit(module: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(module, VisionTransformer)
+
+
+def find_vit(
+    pl_module: nn.Module,
+    model_attr: str | None = None,
+    model_getter: Callable[[Any], nn.Module] | None = None,
+) -> tuple[str, nn.Module]:
+    """Find the timm ViT inside a (Lightning) module.
+
+    By ``model_attr`` (a dotted attribute path), by ``model_getter(pl_module)``, or by
+    auto-detection: the submodules that are timm ``VisionTransformer`` instances (one inside
+    another counted once) that SnapViT supports; exactly one must be found.
+
+    Returns:
+        ``(where, model)``: the attribute path (``"<getter>"`` for a getter) and the model.
+
+    Raises:
+        ValueError: No such attribute, no supported ViT, or several ViTs (listing their names).
+        TypeError: The attribute or getter result is not an ``nn.Module``.
+        UnsupportedModelError: The chosen model is not supported (attr/getter).
+    """
+    cls = type(pl_module).__name__
+    if model_attr is not None:
+        try:
+            model = functools.reduce(getattr, model_attr.split("."), pl_module)
+        except AttributeError:
+            raise ValueError(f"model_attr={model_attr!r}: {cls} has no such attribute") from None
+        where = model_attr
+    elif model_getter is not None:
+        model = model_getter(pl_module)
+        where = "<model_getter>"
+    else:
+        found: list[tuple[str, nn.Module]] = []
+        for name, module in pl_module.named_modules():
+            if _is_timm_vit(module) and not any(name.startswith(f"{n}.") for n, _ in found):
+                found.append((name, module))
+        supported, unsupported = [], []
+        for name, module in found:
+            try:
+                check_supported(module)
+                supported.append((name, module))
+            except UnsupportedModelError as err:
+                unsupported.append(f"{name} ({err})")
+        if len(supported) == 1:
+            return supported[0]
+        if not supported:
+            extra = f"; unsupported ones: {unsupported}" if unsupported else ""
+            raise ValueError(
+                f"found no supported timm VisionTransformer in {cls}{extra}; pass model_attr= or model_getter="
+            )
+        raise ValueError(
+            f"found several timm VisionTransformers in {cls}: {[n for n, _ in supported]}; "
+            "choose one with model_attr= (e.g. model_attr='backbone') or model_getter="
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where} of {cls} must be an nn.Module (a timm ViT), got {type(model).__name__}")
+    try:
+        check_supported(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{where} of {cls}: {err}") from None
+    return where, model
+
+
+# ----------------------------------------------------------------------------------------------
+# SnapViT plug-in
+# ----------------------------------------------------------------------------------------------
+
+
+class SnapViT(Callback):
+    """Plug SnapViT into an existing Trainer: after the user's fit, export an elastic ViT.
+
+    ``Trainer(callbacks=[SnapViT(datamodule=CalibrationDataModule(...), dirpath="elastic")])``.
+    In ``on_fit_end`` of the user's fit (after teardown, the model on CPU) it:
+
+    1. finds the timm ViT in the user's LightningModule (:func:`find_vit`: ``model_attr``,
+       ``model_getter`` or auto-detection; checked already in ``setup``, so a bad set-up fails
+       before the user's training);
+    2. deep-copies it (the user's trained weights, ``requires_grad`` flags and mode are never
+       touched) and wraps the copy in a :class:`SnapViTModule` with ``criterion``;
+    3. runs a fresh internal ``Trainer(devices=1, max_epochs=1, logger=False,
+       enable_checkpointing=False)`` over the calibration data with
+       :class:`EvolutionarySearch` (``search_evals`` evaluations; 0 skips the search);
+    4. exports with :func:`export_elastic` to ``dirpath``.
+
+    Multi-GPU: the work runs on global rank 0 of the user's run only, on one device; other
+    ranks return at once. For calibration on several GPUs use the ``snapvit`` CLI / a DDP
+    ``SnapViTModule`` run with :class:`EvolutionarySearch` and :class:`ElasticExport`.
+
+    Fitness/fidelity images: ``fitness_images`` if given, else the datamodule's
+    ``fitness_images()``, else (a DataLoader) the first global crop ``views[:, 0]`` of every
+    calibration batch.
+
+    Args:
+        datamodule: A :class:`~snapvit_lightning.data.CalibrationDataModule` (or another
+            LightningDataModule yielding ``(views, labels)``) or a DataLoader of such batches.
+        dirpath: Output directory of the export.
+        model_attr: Attribute path of the ViT in the user's module (e.g. ``"backbone"``,
+            ``"model.encoder"``).
+        model_getter: ``f(pl_module) -> nn.Module`` returning the ViT.
+        criterion: Scoring criterion (see :data:`~snapvit_lightning.module.CRITERIA`).
+        search_evals: Evolutionary-search evaluations (0: no search).
+        budgets: Budgets of the report (see :func:`export_elastic`).
+        save_subnets: Also write each budget's subnet.
+        overwrite: Replace an earlier export.
+        model_name: timm name to rebuild the model (default: inferred from ``pretrained_cfg``).
+        model_kwargs: ``timm.create_model`` kwargs to rebuild it (default: inferred).
+        name: File-name stem of the export.
+        precision: Precision of the internal scoring Trainer (fp16 is refused).
+        accelerator: Accelerator of the internal Trainer; ``None``: ``"cpu"`` when the user's
+            run was on CPU, else ``"auto"``.
+        search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
+        fitness_images: Float ``[M, 3, S, S]`` fitness images.
+
+    Attributes:
+        elastic: The exported :class:`ElasticViT` (after the fit, rank 0).
+        export_paths: ``{role: Path}`` of the written files.
+        report: The report written to ``report.json``.
+        scores: The (searched) :class:`ImportanceScores`.
+        model_path: Where the ViT was found in the user's module.
+
+    Raises:
+        TypeError: Wrong argument types (datamodule, getter, flags, kwargs).
+        ValueError: Invalid criterion, search_evals, budgets, precision, or both
+            ``model_attr`` and ``model_getter``.
+    """
+
+    def __init__(
+        self,
+        datamodule: pl.LightningDataModule | DataLoader,
+        dirpath: str | os.PathLike,
+        model_attr: str | None = None,
+        model_getter: Callable[[pl.LightningModule], nn.Module] | None = None,
+        criterion: str = "dino",
+        search_evals: int = 50,
+        budgets: Sequence[Budget] = DEFAULT_BUDGETS,
+        save_subnets: bool = False,
+        overwrite: bool = False,
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        precision: str = "32-true",
+        accelerator: str | None = None,
+        search_kwargs: dict[str, Any] | None = None,
+        fitness_images: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(datamodule, (pl.LightningDataModule, DataLoader)):
+            raise TypeError(
+                f"datamodule must be a LightningDataModule (e.g. CalibrationDataModule) or a DataLoader, "
+                f"got {type(datamodule).__name__}"
+            )
+        self.datamodule = datamodule
+        self.dirpath = _check_dirpath(dirpath)
+        if model_attr is not None and model_getter is not None:
+            raise ValueError(f"give model_attr or model_getter, not both (got model_attr={model_attr!r})")
+        if model_attr is not None and (
+            not isinstance(model_attr, str) or not all(part.isidentifier() for part in model_attr.split("."))
+        ):
+            raise ValueError(f"model_attr must be an attribute name, possibly dotted, got {model_attr!r}")
+        if model_getter is not None and not callable(model_getter):
+            raise TypeError(f"model_getter must be callable, got {type(model_getter).__name__}")
+        self.model_attr = model_attr
+        self.model_getter = model_getter
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+        self.criterion = criterion
+        if isinstance(search_evals, bool) or not isinstance(search_evals, int) or search_evals < 0:
+            raise ValueError(f"search_evals must be an int >= 0 (0: no search), got {search_evals!r}")
+        self.search_evals = search_evals
+        _check_budgets(budgets)
+        self.budgets = list(budgets)
+        self.save_subnets = _check_bool("save_subnets", save_subnets)
+        self.overwrite = _check_bool("overwrite", overwrite)
+        self.model_name = _check_model_name(model_name)
+        self.model_kwargs = _check_model_kwargs(model_kwargs)
+        self.name = _check_name(name)
+        if str(precision) not in ALLOWED_PRECISIONS:
+            raise ValueError(f"precision must be one of {list(ALLOWED_PRECISIONS)} (fp16 corrupts gradient scores), got {precision!r}")
+        self.precision = precision
+        if accelerator is not None and not isinstance(accelerator, str):
+            raise TypeError(f"accelerator must be a str or None, got {accelerator!r}")
+        self.accelerator = accelerator
+        if search_kwargs is not None and not isinstance(search_kwargs, dict):
+            raise TypeError(f"search_kwargs must be a dict or None, got {type(search_kwargs).__name__}")
+        if search_kwargs and "max_evals" in search_kwargs:
+            raise ValueError("search_kwargs must not hold max_evals; use search_evals")
+        self.search_kwargs = dict(search_kwargs or {})
+        if search_evals:
+            EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)  # validate early
+        self.fitness_images = _check_images(fitness_images)
+        if search_evals and fitness_images is None and not (
+            isinstance(datamodule, DataLoader) or hasattr(datamodule, "fitness_images")
+        ):
+            raise ValueError(
+                f"search_evals={search_evals} needs fitness images: pass fitness_images=, a DataLoader or a "
+                f"datamodule with fitness_images() (e.g. CalibrationDataModule), got {type(datamodule).__name__}"
+            )
+
+        self.elastic: ElasticViT | None = None
+        self.export_paths: dict[str, Path] | None = None
+        self.report: dict[str, Any] | None = None
+        self.scores: ImportanceScores | None = None
+        self.model_path: str | None = None
+
+    def _name(self, model: nn.Module) -> str | None:
+        return self.name or _default_name(self.model_name, model)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the ViT and refuse an existing export before the user's fit starts."""
+        if stage != "fit":
+            return
+        self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite)
+
+    def _accelerator(self, trainer: pl.Trainer) -> str:
+        if self.accelerator is not None:
+            return self.accelerator
+        return "cpu" if trainer.strategy.root_device.type == "cpu" else "auto"
+
+    def _fitness_images(self) -> Tensor | None:
+        if self.fitness_images is not None:
+            return self.fitness_images
+        if hasattr(self.datamodule, "fitness_images"):
+            return self.datamodule.fitness_images()
+        if isinstance(self.datamodule, DataLoader):
+            crops = []
+            for batch in self.datamodule:
+                views = batch[0] if isinstance(batch, (tuple, list)) else batch
+                crops.append(views[:, 0].detach().cpu().float())
+            return torch.cat(crops) if crops else None
+        return None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Score, search and export a copy of the user's ViT (global rank 0 only)."""
+        if not trainer.is_global_zero:
+            return
+        self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        student = copy.deepcopy(model)
+        for p in student.parameters():
+            p.grad = None
+        name = self._name(student)
+        if name is not None:
+            _refuse_existing(export_targets(self.dirpath, name), self.overwrite)
+        module = SnapViTModule(student, criterion=self.criterion)
+        # Before the fit only explicit or DataLoader images; a datamodule's are read after the
+        # fit (the inner fit configures it from the model), and the search reads them itself.
+        images = (
+            self._fitness_images()
+            if self.fitness_images is not None or isinstance(self.datamodule, DataLoader)
+            else None
+        )
+        callbacks: list[Callback] = []
+        if self.search_evals:
+            callbacks.append(EvolutionarySearch(max_evals=self.search_evals, images=images, **self.search_kwargs))
+        inner = pl.Trainer(
+            accelerator=self._accelerator(trainer),
+            devices=1,
+            max_epochs=1,
+            precision=self.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=str(self.dirpath),
+        )
+        if isinstance(self.datamodule, DataLoader):
+            inner.fit(module, train_dataloaders=self.datamodule)
+        else:
+            inner.fit(module, datamodule=self.datamodule)
+        if module.scores is None:
+            raise RuntimeError("calibration produced no scores (empty calibration data?)")
+        self.scores = module.scores
+        self.elastic = ElasticViT(
+            module.student.cpu(), module.scores, model_name=self.model_name, model_kwargs=self.model_kwargs
+        )
+        if images is None:
+            images = self._fitness_images()
+        result = export_elastic(
+            self.elastic,
+            self.dirpath,
+            budgets=self.budgets,
+            fitness_images=images,
+            save_subnets=self.save_subnets,
+            overwrite=self.overwrite,
+            name=self.name,
+        )
+        self.export_paths, self.report = result["paths"], result["report"]

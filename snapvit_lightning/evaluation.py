@@ -1,0 +1,504 @@
+"""Evaluation: k-NN top-1 and feature fidelity (functions and torchmetrics ``Metric`` s),
+parameters and FLOPs, measured latency/throughput, and feature extraction.
+
+The metrics keep their states so that they reduce correctly under DDP: :class:`KNNAccuracy`
+gathers features and labels (``dist_reduce_fx="cat"``) and classifies once at ``compute()``;
+:class:`FeatureFidelity` sums cosine similarities and counts (``dist_reduce_fx="sum"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+from typing_extensions import override
+
+from snapvit_lightning.structure import count_flops, count_params
+
+__all__ = [
+    "knn_accuracy",
+    "KNNAccuracy",
+    "feature_fidelity",
+    "FeatureFidelity",
+    "model_cost",
+    "measure_latency",
+    "extract_features",
+]
+
+_CHUNK = 1024  # query rows per similarity matmul: bounds memory at _CHUNK x N
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_float_dtype(name: str, value: object) -> torch.dtype | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{name} must be None or a floating-point torch.dtype, got {value!r}")
+    return value
+
+
+def _shape(t: object) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_features_labels(features: object, labels: object, fname: str, lname: str) -> tuple[Tensor, Tensor]:
+    if not isinstance(features, Tensor) or features.ndim != 2 or not features.is_floating_point():
+        raise ValueError(f"{fname} must be a floating-point 2-D tensor [N, D], got {_shape(features)}")
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{lname} must be an integer 1-D tensor [N], got {_shape(labels)}")
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{lname} has {labels.shape[0]} entries but {fname} has {features.shape[0]} rows; they must match"
+        )
+    return features, labels
+
+
+# --------------------------------------------------------------------------- k-NN
+
+
+def knn_accuracy(
+    features: Tensor,
+    labels: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    weighted: bool = True,
+    test_features: Tensor | None = None,
+    test_labels: Tensor | None = None,
+) -> float:
+    """k-NN top-1 accuracy on features (Caron et al. 2021, DINO's weighted k-NN).
+
+    Features are L2-normalised and compared by cosine similarity. Each query takes its ``k``
+    most similar reference samples; each neighbour votes for its label with weight
+    ``exp(sim / temperature)`` (``weighted=True``) or 1 (``weighted=False``), and the label with
+    the largest vote wins (ties go to the smallest label). ``k=1`` is plain 1-NN either way.
+
+    Without a test set the accuracy is leave-one-out over ``features``: every sample is
+    classified by all the others (never by itself). With ``test_features``/``test_labels``
+    the test samples are classified by ``features``/``labels``. When fewer than ``k``
+    reference samples exist, all of them are used.
+
+    Args:
+        features: ``[N, D]`` reference (training) features.
+        labels: ``[N]`` integer labels of ``features``.
+        k: Number of neighbours (1 for 1-NN, 20 for DINO's weighted 20-NN).
+        temperature: Softmax temperature of the weighted vote.
+        weighted: Weight votes by ``exp(sim / temperature)``; otherwise a majority vote.
+        test_features: ``[M, D]`` query features, or ``None`` for leave-one-out.
+        test_labels: ``[M]`` integer labels of ``test_features``.
+
+    Returns:
+        Top-1 accuracy in ``[0, 1]``.
+
+    Raises:
+        ValueError: If shapes, dtypes, ``k`` or ``temperature`` are invalid, only one of
+            ``test_features``/``test_labels`` is given, feature widths differ, or leave-one-out
+            is asked of fewer than 2 samples.
+    """
+    k = _check_int("k", k, 1)
+    temperature = _check_positive_float("temperature", temperature)
+    features, labels = _check_features_labels(features, labels, "features", "labels")
+    if (test_features is None) != (test_labels is None):
+        raise ValueError(
+            "test_features and test_labels must be given together, got "
+            f"test_features={_shape(test_features)} and test_labels={_shape(test_labels)}"
+        )
+    loo = test_features is None
+    if loo:
+        if features.shape[0] < 2:
+            raise ValueError(f"leave-one-out k-NN needs at least 2 samples, got features {_shape(features)}")
+        queries, query_labels = features, labels
+    else:
+        queries, query_labels = _check_features_labels(test_features, test_labels, "test_features", "test_labels")
+        if queries.shape[1] != features.shape[1]:
+            raise ValueError(
+                f"test_features has width {queries.shape[1]} but features has {features.shape[1]}; they must match"
+            )
+        if features.shape[0] < 1:
+            raise ValueError(f"features must hold at least 1 sample, got {_shape(features)}")
+        if queries.shape[0] == 0:
+            raise ValueError(f"test_features must hold at least 1 sample, got {_shape(queries)}")
+
+    ref = F.normalize(features.float(), dim=1)
+    qry = ref if loo else F.normalize(queries.float().to(ref.device), dim=1)
+    classes, ref_idx = torch.unique(labels.to(ref.device), return_inverse=True)
+    query_labels = query_labels.to(ref.device)
+    kk = min(k, ref.shape[0] - 1 if loo else ref.shape[0])
+
+    correct = 0
+    for start in range(0, qry.shape[0], _CHUNK):
+        sim = qry[start:start + _CHUNK] @ ref.T  # [c, N]
+        if loo:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + start] = -math.inf  # a sample never votes for itself
+        top_sim, top_idx = sim.topk(kk, dim=1)
+        # exp(sim / T) up to a per-query factor exp(-max / T), which leaves the vote unchanged
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp() if weighted else torch.ones_like(top_sim)
+        votes = torch.zeros(sim.shape[0], classes.numel(), device=sim.device)
+        votes.scatter_add_(1, ref_idx[top_idx], weights)
+        pred = classes[votes.argmax(dim=1)]
+        correct += int((pred == query_labels[start:start + _CHUNK]).sum())
+    return correct / qry.shape[0]
+
+
+class KNNAccuracy(Metric):
+    """k-NN top-1 accuracy as a torchmetrics ``Metric`` (same result as :func:`knn_accuracy`).
+
+    ``update(features, labels)`` adds reference samples; ``update(..., split="test")`` adds
+    query samples. At ``compute()`` the accuracy is train/test when any test samples were
+    added, leave-one-out over the reference samples otherwise. The states are lists gathered
+    with ``dist_reduce_fx="cat"``, so under DDP every rank sees all samples.
+
+    Args:
+        k: Number of neighbours.
+        temperature: Temperature of the weighted vote.
+        weighted: Weight votes by ``exp(sim / temperature)``.
+        **kwargs: Passed to ``torchmetrics.Metric``.
+
+    Raises:
+        ValueError: If ``k`` or ``temperature`` is invalid.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, weighted: bool = True, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.k = _check_int("k", k, 1)
+        self.temperature = _check_positive_float("temperature", temperature)
+        self.weighted = bool(weighted)
+        self.add_state("train_features", default=[], dist_reduce_fx="cat")
+        self.add_state("train_labels", default=[], dist_reduce_fx="cat")
+        self.add_state("test_features", default=[], dist_reduce_fx="cat")
+        self.add_state("test_labels", default=[], dist_reduce_fx="cat")
+
+    @override
+    def update(self, features: Tensor, labels: Tensor, split: str = "train") -> None:
+        """Add a batch of ``[B, D]`` features with ``[B]`` integer labels.
+
+        Args:
+            features: ``[B, D]`` features.
+            labels: ``[B]`` integer labels.
+            split: ``"train"`` (reference samples) or ``"test"`` (queries).
+
+        Raises:
+            ValueError: If shapes or dtypes are invalid or ``split`` is unknown.
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        features, labels = _check_features_labels(features, labels, "features", "labels")
+        getattr(self, f"{split}_features").append(features.detach().float())
+        getattr(self, f"{split}_labels").append(labels.detach().long())
+
+    @override
+    def compute(self) -> Tensor:
+        """Accuracy over everything added so far (a 0-d float tensor).
+
+        Raises:
+            ValueError: If no training samples were added (or fewer than 2 for leave-one-out).
+        """
+        if not _nonempty(self.train_features):
+            raise ValueError("KNNAccuracy.compute() needs training samples: call update(features, labels) first")
+        train_x, train_y = dim_zero_cat(self.train_features), dim_zero_cat(self.train_labels)
+        test_x = test_y = None
+        if _nonempty(self.test_features):
+            test_x, test_y = dim_zero_cat(self.test_features), dim_zero_cat(self.test_labels)
+        acc = knn_accuracy(train_x, train_y, self.k, self.temperature, self.weighted, test_x, test_y)
+        return torch.tensor(acc, device=self.device)
+
+
+def _nonempty(state: list[Tensor] | Tensor) -> bool:
+    return (len(state) > 0) if isinstance(state, list) else state.numel() > 0
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def _cosines(features: object, reference: object) -> Tensor:
+    if not isinstance(features, Tensor) or not isinstance(reference, Tensor) or features.ndim < 1:
+        raise ValueError(
+            f"features and reference must be tensors [..., D], got {_shape(features)} and {_shape(reference)}"
+        )
+    if features.shape != reference.shape:
+        raise ValueError(
+            f"features {_shape(features)} and reference {_shape(reference)} must have the same shape"
+        )
+    return F.cosine_similarity(features.float(), reference.float().to(features.device), dim=-1)
+
+
+def feature_fidelity(features: Tensor, reference: Tensor) -> float:
+    """Mean cosine similarity of ``features`` to ``reference`` (e.g. pruned vs dense model).
+
+    Args:
+        features: ``[..., D]`` features (the cosine is taken over the last dimension).
+        reference: Reference features of the same shape.
+
+    Returns:
+        Mean cosine similarity in ``[-1, 1]`` (1: same directions).
+
+    Raises:
+        ValueError: If the shapes differ or there are no feature vectors.
+    """
+    cos = _cosines(features, reference)
+    if cos.numel() == 0:
+        raise ValueError(f"features must hold at least one vector, got {_shape(features)}")
+    return float(cos.double().mean())
+
+
+class FeatureFidelity(Metric):
+    """Mean cosine similarity of features to reference (dense-model) features.
+
+    States are a float64 sum of cosines and a count, both ``dist_reduce_fx="sum"``, so the
+    result is exact under DDP and over any batching. Same value as :func:`feature_fidelity`.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @override
+    def update(self, features: Tensor, reference: Tensor) -> None:
+        """Add a batch of features and their reference features (same shape ``[..., D]``).
+
+        Raises:
+            ValueError: If the shapes differ.
+        """
+        cos = _cosines(features.detach(), reference.detach()).double()
+        self.total += cos.sum().to(self.total.device)
+        self.count += cos.numel()
+
+    @override
+    def compute(self) -> Tensor:
+        """Mean cosine similarity so far (0-d float64 tensor).
+
+        Raises:
+            ValueError: If nothing was added.
+        """
+        if int(self.count) == 0:
+            raise ValueError("FeatureFidelity.compute() needs data: call update(features, reference) first")
+        return self.total / self.count
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def model_cost(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> dict[str, int]:
+    """Parameters and matmul FLOPs (per image) of a timm ViT as it is now.
+
+    Thin wrapper over :func:`snapvit_lightning.structure.count_params` and
+    :func:`snapvit_lightning.structure.count_flops`.
+
+    Args:
+        model: A timm VisionTransformer (sliced or not).
+        img_size: Input size for the FLOPs; the model's own by default.
+
+    Returns:
+        ``{"params": int, "flops": int}``.
+
+    Raises:
+        ValueError: If ``img_size`` is not accepted by the model (see ``count_flops``).
+    """
+    return {
+        "params": int(count_params(model)["total"]),
+        "flops": int(count_flops(model, img_size)["total"]),
+    }
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _input_size(model: nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    if img_size is None:
+        pe = getattr(model, "patch_embed", None)
+        size = getattr(pe, "img_size", None)
+        if size is None:
+            raise ValueError("img_size must be given: the model has no patch_embed.img_size")
+        return int(size[0]), int(size[1])
+    if isinstance(img_size, int) and not isinstance(img_size, bool) and img_size > 0:
+        return img_size, img_size
+    if (
+        isinstance(img_size, (tuple, list)) and len(img_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in img_size)
+    ):
+        return int(img_size[0]), int(img_size[1])
+    raise ValueError(f"img_size must be None, a positive int or a pair of positive ints, got {img_size!r}")
+
+
+def _in_chans(model: nn.Module) -> int:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    return int(getattr(proj, "in_channels", 3))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def measure_latency(
+    model: nn.Module,
+    batch_size: int = 32,
+    img_size: int | tuple[int, int] | None = None,
+    device: str | torch.device = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+    dtype: torch.dtype | None = None,
+) -> dict[str, object]:
+    """Measured forward latency and throughput of ``model`` on random images.
+
+    Runs ``warmup`` untimed forwards, then ``repeats`` timed ones, in eval mode under
+    ``torch.inference_mode`` (synchronising CUDA around each). The model is moved to
+    ``device`` for the measurement and moved back (and its train/eval mode restored) after.
+
+    Args:
+        model: The model (any module taking ``[B, C, H, W]`` images).
+        batch_size: Images per forward.
+        img_size: Input size; ``model.patch_embed.img_size`` by default.
+        device: Device to measure on (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        warmup: Untimed forwards before measuring.
+        repeats: Timed forwards.
+        dtype: If given, forwards run under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16``); otherwise in the model's own precision.
+
+    Returns:
+        ``{"median_ms", "p90_ms"}`` (per batch), ``"throughput_img_s"`` (from the median),
+        ``"batch_size"``, ``"device"`` (str), ``"repeats"``.
+
+    Raises:
+        ValueError: If an argument is invalid or the device is not available.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    repeats = _check_int("repeats", repeats, 1)
+    dtype = _check_float_dtype("dtype", dtype)
+    size = _input_size(model, img_size)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must name a torch device, got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+
+    home = _model_device(model)
+    times: list[float] = []
+    try:
+        model.to(dev)
+        param = next(model.parameters(), None)
+        in_dtype = param.dtype if param is not None and dtype is None else torch.float32
+        x = torch.randn(batch_size, _in_chans(model), *size, device=dev, dtype=in_dtype)
+        with _eval_mode(model), torch.inference_mode(), _autocast(dev, dtype):
+            for _ in range(warmup):
+                model(x)
+            _sync(dev)
+            for _ in range(repeats):
+                _sync(dev)
+                t0 = time.perf_counter()
+                model(x)
+                _sync(dev)
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        model.to(home)
+
+    median = statistics.median(times)
+    p90 = float(torch.quantile(torch.tensor(times, dtype=torch.float64), 0.9))
+    return {
+        "median_ms": median,
+        "p90_ms": p90,
+        "throughput_img_s": batch_size / (median / 1e3) if median > 0 else math.inf,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "repeats": repeats,
+    }
+
+
+# --------------------------------------------------------------------------- features
+
+
+def extract_features(
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int = 64,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Pre-logits features ``model.forward_head(model.forward_features(x), pre_logits=True)``.
+
+    Runs in eval mode (restored after) under ``torch.inference_mode``, in batches on the
+    model's device.
+
+    Args:
+        model: A timm model with ``forward_features`` and ``forward_head``.
+        images: ``[M, C, H, W]`` images.
+        batch_size: Images per forward.
+        autocast_dtype: If given, forwards run under ``torch.autocast`` with this dtype.
+
+    Returns:
+        ``[M, D]`` float32 features on ``images``' device.
+
+    Raises:
+        ValueError: If ``images`` is not a 4-D floating-point tensor, or ``batch_size`` or
+            ``autocast_dtype`` is invalid.
+        TypeError: If the model lacks ``forward_features``/``forward_head``.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point 4-D tensor [M, C, H, W], got {_shape(images)}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    autocast_dtype = _check_float_dtype("autocast_dtype", autocast_dtype)
+    if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+        raise TypeError(f"model must have forward_features and forward_head (a timm model), got {type(model).__name__}")
+    dev = _model_device(model)
+    param = next(model.parameters(), None)
+    in_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    out: list[Tensor] = []
+    with _eval_mode(model), torch.inference_mode(), _autocast(dev, autocast_dtype):
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(dev, in_dtype)
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            out.append(feats.float().to(images.device))
+    if not out:
+        raise ValueError(f"images must hold at least one image, got {_shape(images)}")
+    return torch.cat(out)

@@ -1,0 +1,356 @@
+"""Tests of snapvit_lightning.callbacks: export_elastic, ElasticExport, SnapViT (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from conftest import random_scores, tiny_model
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning import callbacks as cb
+from snapvit_lightning.callbacks import ElasticExport, SnapViT, export_elastic, find_vit
+from snapvit_lightning.data import CalibrationDataModule
+from snapvit_lightning.elastic import ElasticViT, load_subnet
+from snapvit_lightning.module import SnapViTModule
+from snapvit_lightning.search import EvolutionarySearch
+
+BUDGETS = [(0.0, 0.0), (0.5, 0.5), 0.6]
+IMG = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP contention on a shared 2-core machine (100x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def elastic() -> ElasticViT:
+    model, name, kwargs = tiny_model("test_vit")
+    return ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+
+
+def _listing(path):
+    return sorted((p.name, p.stat().st_mtime_ns) for p in path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# export_elastic
+
+
+def test_export_writes_everything(tmp_path, elastic, images):
+    out = export_elastic(elastic, tmp_path / "exp", budgets=BUDGETS, fitness_images=images, save_subnets=True)
+    paths, report = out["paths"], out["report"]
+    exp = tmp_path / "exp"
+    assert paths["elastic"] == exp / "test_vit.elastic.safetensors"
+    assert all(p.is_file() for p in paths.values())
+    assert not [p for p in exp.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    for png in ("fidelity_vs_flops.png", "kept_units.png"):
+        assert (exp / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    loaded = ElasticViT.load(paths["elastic"])
+    assert torch.equal(loaded.scores.mlp, elastic.scores.mlp)
+
+    on_disk = json.loads((exp / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["model_name"] == "test_vit" and on_disk["fidelity_images"] == 6
+    entries = on_disk["budgets"]
+    assert len(entries) == 3
+    b = elastic.structure.num_blocks
+    for e in entries:
+        for key in ("mlp_ratio", "head_ratio", "params", "flops", "params_fraction", "flops_fraction", "fidelity"):
+            assert isinstance(e[key], (int, float)), key
+        assert len(e["kept_neurons"]) == b and len(e["kept_heads"]) == b
+        sub = load_subnet(exp / e["subnet_file"])
+        assert [blk.mlp.fc2.in_features for blk in sub.blocks] == e["kept_neurons"]
+        assert [blk.attn.num_heads for blk in sub.blocks] == e["kept_heads"]
+    dense, half, flops = entries
+    assert dense["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert dense["flops_fraction"] == pytest.approx(1.0) and dense["params"] == on_disk["dense"]["params"]
+    assert half["flops_fraction"] < 1.0 and half["fidelity"] < 1.0
+    assert flops["requested"] == {"flops": 0.6} and flops["flops_fraction"] <= 0.6
+    assert half["label"] == "mlp0.5_head0.5"
+
+
+def test_export_without_images_or_subnets(tmp_path, elastic):
+    out = export_elastic(elastic, tmp_path, budgets=[{"mlp_ratio": 0.3, "head_ratio": 0.0}], name="mine")
+    assert set(out["paths"]) == {"elastic", "report", "fidelity_plot", "kept_units_plot"}
+    assert (tmp_path / "mine.elastic.safetensors").is_file()
+    entry = out["report"]["budgets"][0]
+    assert entry["fidelity"] is None and entry["subnet_file"] is None
+
+
+def test_export_refuses_overwrite_and_keeps_first(tmp_path, elastic):
+    export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
+    before = _listing(tmp_path)
+    with pytest.raises(FileExistsError, match="test_vit.elastic.safetensors|report.json"):
+        export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)])
+    assert _listing(tmp_path) == before
+    export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], overwrite=True)
+    assert json.loads((tmp_path / "report.json").read_text())["budgets"][0]["mlp_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("where", ["_write_json", "_write_figure", "_write_subnet"])
+def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cb, where, boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], save_subnets=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_old_export(tmp_path, elastic, monkeypatch):
+    export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
+    before = _listing(tmp_path)
+    monkeypatch.setattr(cb, "_write_json", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError, match="boom"):
+        export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], overwrite=True)
+    assert _listing(tmp_path) == before
+
+
+def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypatch):
+    real = cb.os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(cb.os, "replace", flaky)
+    with pytest.raises(OSError, match="rename failed"):
+        export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"budgets": [(1.0, 0.0)]}, "mlp_ratio"),
+        ({"budgets": [1.5]}, "FLOPs fraction"),
+        ({"budgets": "0.5"}, "budgets"),
+        ({"budgets": [{"params": 0.5}]}, "dict budget"),
+        ({"name": "a/b"}, "name"),
+        ({"fitness_images": torch.zeros(2, 3)}, "fitness_images"),
+    ],
+)
+def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export_elastic(elastic, tmp_path, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# ElasticExport in a scoring Trainer
+
+
+def _multicrop_loader(n: int = 4, views: int = 4, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(n, views, 3, IMG, IMG, generator=g), torch.full((n,), -1))
+    return DataLoader(data, batch_size=2)
+
+
+def _trainer(tmp_path, callbacks) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path),
+    )
+
+
+def test_elastic_export_callback(tmp_path):
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    images = torch.randn(4, 3, IMG, IMG)
+    export = ElasticExport(tmp_path / "out", budgets=[(0.0, 0.0), (0.4, 0.5)], save_subnets=True, images=images)
+    search = EvolutionarySearch(max_evals=2, images=images, pca_components=2, log_every_n_evals=0)
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    _trainer(tmp_path, [search, export]).fit(module, train_dataloaders=_multicrop_loader())
+    paths = export.export_paths
+    assert paths["elastic"] == tmp_path / "out" / "test_vit.elastic.safetensors"
+    loaded = ElasticViT.load(paths["elastic"])
+    assert loaded.model_kwargs == {"img_size": IMG}
+    assert loaded.scores.block_weights is not None and loaded.scores.covariance is not None
+    assert torch.allclose(loaded.scores.block_weights, module.scores.block_weights.double())
+    assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert export.report["scores"]["searched"] is True
+    assert paths["subnet:mlp0.4_head0.5"].is_file()
+    after = module.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model is untouched
+
+    # A second run into the same directory fails in setup, before any scoring.
+    module2 = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    with pytest.raises(FileExistsError, match="test_vit.elastic.safetensors|report.json"):
+        _trainer(tmp_path, [ElasticExport(tmp_path / "out")]).fit(module2, train_dataloaders=_multicrop_loader())
+    assert module2.scores is None
+
+
+def test_elastic_export_with_calibration_datamodule(tmp_path):
+    dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    dm = CalibrationDataModule(dataset=dataset, img_size=IMG, num_local_crops=2, batch_size=2)
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    export = ElasticExport(tmp_path, budgets=[(0.0, 0.0), 0.7])
+    _trainer(tmp_path, [export]).fit(module, datamodule=dm)
+    assert export.report["fidelity_images"] == 4  # from dm.fitness_images()
+    assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert export.report["scores"]["searched"] is False
+
+
+def test_elastic_export_wrong_order_raises(tmp_path):
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    callbacks = [ElasticExport(tmp_path), EvolutionarySearch(max_evals=2, images=torch.randn(4, 3, IMG, IMG))]
+    with pytest.raises(ValueError, match="ElasticExport must come after EvolutionarySearch"):
+        _trainer(tmp_path, callbacks).fit(module, train_dataloaders=_multicrop_loader())
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"budgets": [(0.5,)]}, ValueError, "budgets"),
+        ({"save_subnets": 1}, TypeError, "save_subnets"),
+        ({"model_kwargs": "x"}, TypeError, "model_kwargs"),
+        ({"dirpath": 3}, TypeError, "dirpath"),
+    ],
+)
+def test_elastic_export_bad_arguments(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ElasticExport(**{"dirpath": tmp_path, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------
+# SnapViT plug-in in a user's own LightningModule / Trainer
+
+
+class UserModule(pl.LightningModule):
+    def __init__(self, num_vits: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        if num_vits >= 1:
+            self.backbone = timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=0)
+        if num_vits >= 2:
+            self.aux = nn.ModuleDict({"teacher": timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=0)})
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        feats = self.backbone(x) if hasattr(self, "backbone") else x.mean(dim=(2, 3)).repeat(1, 22)[:, :64]
+        return self.head(feats)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _user_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(6, 3, IMG, IMG, generator=g), torch.randint(0, 3, (6,), generator=g)), batch_size=2)
+
+
+class Snapshot(pl.Callback):
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.requires_grad = [p.requires_grad for p in pl_module.parameters()]
+
+
+def _user_trainer(tmp_path, callbacks) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path),
+    )
+
+
+def test_snapvit_plugin_with_dataloader(tmp_path):
+    user = UserModule()
+    initial = {k: v.clone() for k, v in user.state_dict().items()}
+    snapshot = Snapshot()
+    plugin = SnapViT(
+        datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=2,
+        budgets=[(0.0, 0.0), (0.5, 0.5)], search_kwargs={"pca_components": 2, "log_every_n_evals": 0},
+    )
+    _user_trainer(tmp_path, [snapshot, plugin]).fit(user, train_dataloaders=_user_loader())
+    assert plugin.model_path == "backbone"
+    assert plugin.export_paths["elastic"].is_file()
+    loaded = ElasticViT.load(plugin.export_paths["elastic"])
+    assert loaded.scores.block_weights is not None  # the search ran
+    assert loaded.model_kwargs["num_classes"] == 0 and loaded.model_kwargs["img_size"] == [IMG, IMG]
+    assert plugin.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    # The user's training happened and the plug-in changed nothing of it.
+    assert not torch.equal(initial["backbone.blocks.0.mlp.fc1.weight"], user.state_dict()["backbone.blocks.0.mlp.fc1.weight"])
+    after = user.state_dict()
+    assert all(torch.equal(snapshot.state[k], after[k]) for k in snapshot.state)
+    assert [p.requires_grad for p in user.parameters()] == snapshot.requires_grad
+    # The elastic dense model is the user's trained backbone (permuted): same features.
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), user.backbone.eval()(x), atol=1e-5)
+
+
+def test_snapvit_plugin_with_calibration_datamodule(tmp_path):
+    dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    dm = CalibrationDataModule(dataset=dataset, num_local_crops=2, batch_size=2)  # size from the model
+    user = UserModule(num_vits=2)
+    plugin = SnapViT(datamodule=dm, dirpath=tmp_path, model_attr="aux.teacher", search_evals=0, budgets=[0.8], name="teacher")
+    _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert plugin.model_path == "aux.teacher"
+    assert (tmp_path / "teacher.elastic.safetensors").is_file()
+    assert plugin.report["fidelity_images"] == 4
+    assert plugin.scores.block_weights is None  # no search
+
+
+def test_snapvit_model_getter(tmp_path):
+    where, model = find_vit(UserModule(num_vits=2), model_getter=lambda m: m.aux["teacher"])
+    assert where == "<model_getter>" and isinstance(model, timm.models.vision_transformer.VisionTransformer)
+
+
+@pytest.mark.parametrize("num_vits, match", [(0, "found no supported timm VisionTransformer"), (2, r"several .*'backbone', 'aux.teacher'")])
+def test_snapvit_autodetect_errors_before_fit(tmp_path, num_vits, match):
+    user = UserModule(num_vits=num_vits)
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
+    with pytest.raises(ValueError, match=match):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
+
+
+def test_snapvit_refuses_existing_export_before_fit(tmp_path):
+    (tmp_path / "report.json").write_text("{}")
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
+    with pytest.raises(FileExistsError, match="report.json"):
+        _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"datamodule": [1, 2]}, TypeError, "datamodule"),
+        ({"model_attr": "a", "model_getter": lambda m: m}, ValueError, "not both"),
+        ({"model_attr": "a-b"}, ValueError, "model_attr"),
+        ({"model_getter": 3}, TypeError, "model_getter"),
+        ({"criterion": "hessian"}, ValueError, "criterion"),
+        ({"search_evals": -1}, ValueError, "search_evals"),
+        ({"budgets": [2.0]}, ValueError, "budgets"),
+        ({"precision": "16-mixed"}, ValueError, "precision"),
+        ({"search_kwargs": {"sigma": -1.0}}, ValueError, "sigma"),
+        ({"datamodule": pl.LightningDataModule()}, ValueError, "fitness images"),
+    ],
+)
+def test_snapvit_bad_arguments(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, **kwargs})

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from snapvit_lightning.evaluation import (
+    FeatureFidelity,
+    KNNAccuracy,
+    extract_features,
+    feature_fidelity,
+    knn_accuracy,
+    measure_latency,
+    model_cost,
+)
+from snapvit_lightning.structure import count_flops, count_params
+
+
+def _clusters(n_per: int = 25, classes: int = 4, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight clusters around orthogonal centres: perfectly separable by cosine similarity."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[:classes] * 10
+    labels = torch.arange(classes).repeat_interleave(n_per)
+    feats = centres[labels] + 0.3 * torch.randn(labels.numel(), dim, generator=g)
+    perm = torch.randperm(labels.numel(), generator=g)
+    return feats[perm], labels[perm]
+
+
+def _angles(degrees: list[float]) -> torch.Tensor:
+    rad = torch.tensor(degrees) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], dim=1)
+
+
+@pytest.fixture(scope="module")
+def vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+# --------------------------------------------------------------------------- k-NN
+
+
+@pytest.mark.parametrize("k,weighted", [(1, False), (1, True), (20, True), (20, False)])
+def test_knn_separable_clusters(k: int, weighted: bool) -> None:
+    x, y = _clusters()
+    assert knn_accuracy(x, y, k=k, weighted=weighted) == 1.0
+    xt, yt = _clusters(n_per=5, seed=1)
+    assert knn_accuracy(x, y, k=k, weighted=weighted, test_features=xt, test_labels=yt) == 1.0
+
+
+def test_knn_loo_known_answer() -> None:
+    # Angles 0, 10, 25, 60 degrees with labels 0, 0, 1, 0: nearest neighbours are
+    # 0->10 (right), 10->0 (right), 25->10 (wrong), 60->25 (wrong).
+    x, y = _angles([0, 10, 25, 60]), torch.tensor([0, 0, 1, 0])
+    assert knn_accuracy(x, y, k=1) == 0.5
+    # Scale does not matter (cosine similarity on L2-normalised features).
+    assert knn_accuracy(x * torch.tensor([[1.0], [5.0], [0.1], [3.0]]), y, k=1) == 0.5
+
+
+def test_knn_loo_excludes_self() -> None:
+    x, y = torch.eye(3), torch.arange(3)  # one sample per class: only itself could be right
+    assert knn_accuracy(x, y, k=1) == 0.0
+    assert knn_accuracy(x, y, k=1, test_features=x, test_labels=y) == 1.0
+
+
+def test_knn_weighted_vote_differs_from_majority() -> None:
+    # One neighbour at cosine 1 with label 0, two at cosine 0.5 with label 1.
+    train = torch.cat([_angles([0]), _angles([60, -60])])
+    labels = torch.tensor([0, 1, 1])
+    query, truth = _angles([0]), torch.tensor([0])
+    assert knn_accuracy(train, labels, k=3, weighted=True, test_features=query, test_labels=truth) == 1.0
+    assert knn_accuracy(train, labels, k=3, weighted=False, test_features=query, test_labels=truth) == 0.0
+    # A very high temperature flattens the weights back to a majority vote.
+    assert knn_accuracy(train, labels, k=3, temperature=1e6, test_features=query, test_labels=truth) == 0.0
+    # A tiny temperature does not overflow.
+    assert knn_accuracy(train, labels, k=3, temperature=1e-4, test_features=query, test_labels=truth) == 1.0
+
+
+def test_knn_arbitrary_label_values_and_k_larger_than_n() -> None:
+    x, y = _clusters(n_per=3, classes=3)
+    assert knn_accuracy(x, y * 7 - 5, k=1) == 1.0
+    assert 0.0 <= knn_accuracy(x, y, k=50) <= 1.0  # k clamps to the 8 other samples
+
+
+@pytest.mark.parametrize("k,weighted,split", [(1, True, False), (20, True, False), (20, False, True)])
+def test_knn_metric_matches_function(k: int, weighted: bool, split: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(60, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
+    metric = KNNAccuracy(k=k, weighted=weighted)
+    for xb, yb in zip(x[:40].split(7), y[:40].split(7)):
+        metric.update(xb, yb)
+    if split:
+        metric.update(x[40:], y[40:], split="test")
+        expected = knn_accuracy(x[:40], y[:40], k=k, weighted=weighted, test_features=x[40:], test_labels=y[40:])
+    else:
+        metric.update(x[40:], y[40:])
+        expected = knn_accuracy(x, y, k=k, weighted=weighted)
+    assert metric.compute().item() == pytest.approx(expected)
+
+
+def test_knn_metric_states_merge_like_ddp() -> None:
+    """Two 'ranks' with half the data each, merged via the states' reduce fns = one metric."""
+    x, y = _clusters(n_per=6, classes=3)
+    x = x + 0.5 * torch.randn_like(x)
+    whole, a, b = KNNAccuracy(k=5), KNNAccuracy(k=5), KNNAccuracy(k=5)
+    whole.update(x, y)
+    a.update(x[:9], y[:9])
+    b.update(x[9:], y[9:])
+    a.merge_state(b)
+    assert a.compute().item() == pytest.approx(whole.compute().item())
+    assert whole.compute().item() == pytest.approx(knn_accuracy(x, y, k=5))
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_knn_errors() -> None:
+    x, y = torch.randn(5, 3), torch.arange(5)
+    with pytest.raises(ValueError, match="labels has 4 entries"):
+        knn_accuracy(x, y[:4])
+    with pytest.raises(ValueError, match=r"features must be a floating-point 2-D tensor"):
+        knn_accuracy(x[0], y)
+    with pytest.raises(ValueError, match="labels must be an integer 1-D tensor"):
+        knn_accuracy(x, y.float())
+    with pytest.raises(ValueError, match="test_labels has 2 entries"):
+        knn_accuracy(x, y, test_features=x[:3], test_labels=y[:2])
+    with pytest.raises(ValueError, match="test_features has width 4"):
+        knn_accuracy(x, y, test_features=torch.randn(2, 4), test_labels=y[:2])
+    with pytest.raises(ValueError, match="given together"):
+        knn_accuracy(x, y, test_features=x)
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        knn_accuracy(x, y, k=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got -1"):
+        knn_accuracy(x, y, temperature=-1)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        knn_accuracy(x[:1], y[:1])
+    with pytest.raises(ValueError, match="k must be"):
+        KNNAccuracy(k=1.5)
+    metric = KNNAccuracy()
+    with pytest.raises(ValueError, match="labels has 4 entries"):
+        metric.update(x, y[:4])
+    with pytest.raises(ValueError, match="split must be"):
+        metric.update(x, y, split="val")
+    with pytest.raises(ValueError, match="needs training samples"):
+        metric.compute()
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def test_fidelity_known_answers() -> None:
+    x = torch.randn(10, 6)
+    assert feature_fidelity(x, x) == pytest.approx(1.0)
+    assert feature_fidelity(x, 3 * x) == pytest.approx(1.0)
+    assert feature_fidelity(-x, x) == pytest.approx(-1.0)
+    assert feature_fidelity(torch.eye(4)[:2], torch.eye(4)[2:]) == pytest.approx(0.0)
+    assert feature_fidelity(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == 0.5
+
+
+def test_fidelity_metric_chunks_match_function() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(23, 8, generator=g), torch.randn(23, 8, generator=g)
+    metric = FeatureFidelity()
+    for ca, cb in zip(a.split(5), b.split(5)):
+        metric.update(ca, cb)
+    assert metric.compute().item() == pytest.approx(feature_fidelity(a, b), abs=1e-9)
+    other = FeatureFidelity()
+    other.update(a, b)
+    metric.merge_state(other)  # sum/count states: merging doubles both, the mean is unchanged
+    assert metric.compute().item() == pytest.approx(feature_fidelity(a, b), abs=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_fidelity_errors() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        feature_fidelity(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="same shape"):
+        FeatureFidelity().update(torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="needs data"):
+        FeatureFidelity().compute()
+
+
+# --------------------------------------------------------------------------- cost, latency, features
+
+
+def test_model_cost_matches_structure(vit: torch.nn.Module) -> None:
+    cost = model_cost(vit)
+    assert cost == {"params": count_params(vit)["total"], "flops": count_flops(vit)["total"]}
+    assert cost["params"] == sum(p.numel() for p in vit.parameters())
+    assert cost["flops"] > 0
+
+
+def test_measure_latency(vit: torch.nn.Module) -> None:
+    vit.train()
+    out = measure_latency(vit, batch_size=2, warmup=1, repeats=2)
+    assert vit.training  # mode restored
+    vit.eval()
+    assert out["repeats"] == 2 and out["batch_size"] == 2 and out["device"] == "cpu"
+    assert out["median_ms"] > 0 and out["p90_ms"] >= out["median_ms"] and out["throughput_img_s"] > 0
+    assert out["throughput_img_s"] == pytest.approx(2 / (out["median_ms"] / 1e3))
+    out = measure_latency(vit, batch_size=1, img_size=160, warmup=0, repeats=1, dtype=torch.bfloat16)
+    assert out["repeats"] == 1 and out["median_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(repeats=0), "repeats must be an int >= 1, got 0"),
+        (dict(warmup=-1), "warmup must be an int >= 0, got -1"),
+        (dict(repeats=2.5), "repeats must be an int >= 1, got 2.5"),
+        (dict(img_size=-3), "img_size must be None, a positive int"),
+        (dict(dtype=torch.int8), "dtype must be None or a floating-point torch.dtype"),
+        (dict(device="nonsense"), "device must name a torch device, got 'nonsense'"),
+    ],
+)
+def test_measure_latency_bad_args(vit: torch.nn.Module, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        measure_latency(vit, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_measure_latency_cuda_unavailable(vit: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        measure_latency(vit, device="cuda", repeats=1)
+
+
+def test_extract_features(vit: torch.nn.Module) -> None:
+    images = torch.randn(5, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    feats = extract_features(vit, images, batch_size=2)
+    assert feats.shape == (5, vit.num_features) and feats.dtype == torch.float32
+    with torch.no_grad():
+        ref = vit.forward_head(vit.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="images must be a floating-point 4-D tensor"):
+        extract_features(vit, images[0])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        extract_features(vit, images, batch_size=0)
