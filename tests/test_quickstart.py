@@ -1,6 +1,8 @@
-"""End to end on the real DINOv2 ViT-S/14: the README's main job writes a usable elastic checkpoint."""
+"""End to end on the real DINOv2 ViT-S/14: the README's main job (configs/quickstart.yaml)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -10,20 +12,24 @@ from snapvit_lightning.quickstart import main, run
 
 
 def test_main_job_on_real_model(real_weights, photos_dir, tmp_path, capsys) -> None:
-    target = run(tmp_path, weights=real_weights, data=str(photos_dir), img_size=56, max_samples=4, batch_size=4)
+    args = ["--data.data_dir", str(photos_dir), "--data.max_samples", "6", "--data.batch_size", "3",
+            "--model.model_kwargs", '{"num_classes": 0, "img_size": 56}', "--trainer.enable_progress_bar", "false"]
+    target = run(tmp_path, weights=real_weights, cli_args=args, search_evals=3)
     elastic = ElasticViT.load(target)
     assert elastic.scores.criterion == "dino" and elastic.input_size == (56, 56)
-    assert (elastic.scores.mlp > 0).any() and (elastic.scores.heads > 0).any()
-    sub = elastic.subnet(0.35, 0.2)
+    assert elastic.scores.block_weights is not None and elastic.scores.covariance is not None  # searched
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["budgets"]) == 5 and report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / "fidelity_vs_flops.png").stat().st_size > 0
     with torch.no_grad():
-        out = sub(torch.randn(2, 3, 56, 56))
+        out = elastic.subnet(0.35, 0.2)(torch.randn(2, 3, 56, 56))
     assert out.shape == (2, 384) and torch.isfinite(out).all()
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
-        run(tmp_path, weights=real_weights, data=str(photos_dir), img_size=56, max_samples=4)
 
 
-def test_main_job_errors(tmp_path, capsys) -> None:
+def test_main_job_errors(real_weights, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["--out", str(tmp_path), "--weights", str(tmp_path / "none.safetensors"), "--data", str(tmp_path / "nope")])
-    assert exc.value.code == 2
-    assert "error:" in capsys.readouterr().err
+        main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.data_dir", str(tmp_path / "nope")])
+    assert exc.value.code == 2 and "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a bad LightningCLI option fails with the usual CLI message
+        main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.no_such_option", "1"])
+    assert exc.value.code != 0 and "no_such_option" in capsys.readouterr().err
