@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("-o", "--output", required=True, help="output .safetensors file (load with load_subnet)")
     cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     cut.set_defaults(func=_slice)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     sub.add_parser("fit", help="score (+ search + export) with LightningCLI: snapvit fit --config CONFIG.yaml",
                    add_help=False)
     return parser
@@ -104,7 +107,7 @@ class SnapViTCLI:
             CalibrationDataModule,
             args=None if args is None else list(args),
             trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False},
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=None,  # the quickstart saves the config it used; no stray config.yaml in cwd
             parser_kwargs={"prog": "snapvit"},
         )
 

@@ -1,0 +1,357 @@
+"""``snapvit bench``: accuracy and real speed of an elastic checkpoint at a list of budgets.
+
+For each budget ``(mlp_ratio, head_ratio)`` (plus the dense model, row ``0,0``) the subnet is
+cut and measured on the images of a folder (plain eval views at the model's input size):
+
+* FLOPs and parameter fractions of the dense model;
+* fidelity: mean cosine similarity of its pre-logits features to the dense model's;
+* k-NN top-1 (leave-one-out 1-NN and DINO's weighted 20-NN, T=0.07) when the folder has
+  ImageFolder class subfolders (at least 2 classes), else ``null``;
+* latency (median ms per batch on CPU under ``torch.inference_mode``) and the measured
+  speed-up over the dense model's latency measured in the same run.
+
+The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows and settings:
+command, hardware, threads, versions) and ``bench.md``::
+
+    snapvit bench model.elastic.safetensors --data photos/ --out results/
+    python -m snapvit_lightning.bench model.elastic.safetensors --data photos/ --no-latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
+
+DEFAULT_BUDGETS: tuple[tuple[float, float], ...] = (
+    (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5),
+)
+KNN_K = 20
+DESCRIPTION = ("k-NN, feature fidelity, FLOPs/params and measured CPU latency of an elastic "
+               "checkpoint at several budgets, as a markdown table (and JSON with --out)")
+KNN_TEMPERATURE = 0.07
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _budget(text: str) -> tuple[float, float]:
+    try:
+        mlp, head = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"budget must be MLP_RATIO,HEAD_RATIO such as 0.35,0.2, got {text!r}"
+        ) from err
+    for name, value in (("MLP_RATIO", mlp), ("HEAD_RATIO", head)):
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value!r} in {text!r}")
+    return mlp, head
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
+    parser.add_argument(
+        "--data", required=True, metavar="FOLDER",
+        help="folder of images (class subfolders give k-NN labels; a flat folder gives no k-NN)",
+    )
+    parser.add_argument(
+        "--budgets", nargs="+", type=_budget, default=list(DEFAULT_BUDGETS), metavar="MLP,HEAD",
+        help="MLP_RATIO,HEAD_RATIO pairs to prune (default: 0.15,0 0.25,0.1 0.35,0.2 0.45,0.3 "
+             "0.55,0.4 0.65,0.5); the dense row 0,0 is always added",
+    )
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                        help="images per forward for features and latency (default: 32)")
+    parser.add_argument("--repeats", type=_int_at_least(1), default=10,
+                        help="timed forwards per model; the median is reported (default: 10)")
+    parser.add_argument("--warmup", type=_int_at_least(0), default=3,
+                        help="untimed forwards before timing each model (default: 3)")
+    parser.add_argument("--threads", type=_int_at_least(1), default=None,
+                        help="torch CPU threads (default: torch's own setting)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write bench.json and bench.md into DIR (created if missing)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the latency measurement (latency and speed-up are null)")
+    parser.set_defaults(func=run_bench)
+    return parser
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``bench`` subcommand on an ``argparse`` subparsers object.
+
+    Its handler (``args.func``) is :func:`run_bench`.
+    """
+    parser = subparsers.add_parser(
+        "bench",
+        help="k-NN, fidelity, FLOPs and measured latency of an elastic checkpoint at several budgets",
+        description=DESCRIPTION,
+    )
+    return _configure(parser)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The canonical ``snapvit bench ...`` command that reproduces ``args``."""
+    words = ["snapvit", "bench", str(args.path), "--data", str(args.data), "--budgets"]
+    words += [f"{m:g},{h:g}" for m, h in args.budgets]
+    words += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.threads is not None:
+        words += ["--threads", str(args.threads)]
+    if args.out is not None:
+        words += ["--out", str(args.out)]
+    if args.no_latency:
+        words.append("--no-latency")
+    return shlex.join(words)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_images(folder: Path, model: Any) -> tuple[Any, Any, list[str]]:
+    """Eval views ``[N, 3, S, S]`` of every image under ``folder``, labels ``[N]`` and classes."""
+    import torch
+
+    from .data import eval_transform, find_images, load_image, resolve_input_config
+
+    size, mean, std = resolve_input_config(model)
+    files, labels, classes = find_images(folder)
+    views = [eval_transform(load_image(f, max_side=2 * size), size, mean, std) for f in files]
+    return torch.stack(views), torch.tensor(labels, dtype=torch.long), classes
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _has_labels(labels: Any) -> bool:
+    return bool(labels.numel() >= 2 and (labels >= 0).all() and labels.unique().numel() >= 2)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "–" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`run_bench` as a markdown table."""
+    header = ("| mlp_ratio | head_ratio | params | FLOPs | fidelity | 1-NN | 20-NN "
+              "| latency (ms) | speed-up | FLOPs speed-up |")
+    lines = [header, "|" + "---:|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['mlp_ratio']:.2f} | {r['head_ratio']:.2f} | {100 * r['params_fraction']:.1f}% "
+            f"| {100 * r['flops_fraction']:.1f}% | {r['fidelity']:.4f} "
+            f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_20nn'], '.1f', 100, '%')} "
+            f"| {_fmt(r['latency_ms'], '.2f')} | {_fmt(r['speedup'], '.2f', suffix='x')} "
+            f"| {1 / r['flops_fraction']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
+    hw = settings["hardware"]
+    lat = (f"latency: median of {settings['repeats']} forwards after {settings['warmup']} warm-up, "
+           f"batch {settings['batch_size']}, {settings['device']}, torch.inference_mode"
+           if settings["latency"] else "latency: not measured (--no-latency)")
+    knn = (f"k-NN: leave-one-out on {settings['num_images']} images, {settings['num_classes']} classes "
+           f"(1-NN; weighted {KNN_K}-NN, T={KNN_TEMPERATURE})" if settings["knn"] else "k-NN: no labels")
+    return (
+        f"# snapvit bench: {settings['model_name']} at {settings['img_size']} px\n\n"
+        f"```\n{settings['command']}\n```\n\n"
+        f"- hardware: {hw['cpu']} ({hw['machine']}), "
+        f"{hw['torch_threads']} torch threads, {hw['platform']}\n"
+        f"- torch {settings['versions']['torch']}, timm {settings['versions']['timm']}, "
+        f"snapvit_lightning {settings['versions']['snapvit_lightning']}\n"
+        f"- {lat}\n- {knn}\n"
+        f"- fidelity: mean cosine similarity of pre-logits features to the dense model's\n\n"
+        + markdown_table(rows)
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``snapvit bench`` (see the module docstring); returns the exit status 0.
+
+    Raises:
+        FileNotFoundError: The checkpoint or the data folder does not exist.
+        ValueError: An unreadable checkpoint or image, a folder without images, a bad budget
+            or setting, or ``--out`` naming a file.
+    """
+    import timm
+    import torch
+
+    from . import __version__
+    from .elastic import ElasticViT
+    from .evaluation import extract_features, feature_fidelity, knn_accuracy, measure_latency
+
+    path, data = Path(args.path), Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"elastic checkpoint not found: '{path}'")
+    if not data.exists():
+        raise FileNotFoundError(f"image folder not found: '{data}'")
+    out = None if args.out is None else Path(args.out)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out must be a folder, but '{out}' is a file")
+    budgets = [(float(m), float(h)) for m, h in args.budgets]
+    for m, h in budgets:  # range check when run_bench is called with a hand-made Namespace
+        try:
+            _budget(f"{m},{h}")
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(str(err)) from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+
+    t_start = time.perf_counter()
+    elastic = ElasticViT.load(path)
+    dense = elastic.model
+    images, labels, classes = _load_images(data, dense)
+    knn = _has_labels(labels)
+
+    def quality(model: Any) -> dict[str, Any]:
+        feats = extract_features(model, images, batch_size=args.batch_size)
+        return {
+            "features": feats,
+            "knn_1nn": knn_accuracy(feats, labels, k=1) if knn else None,
+            "knn_20nn": knn_accuracy(feats, labels, k=KNN_K, temperature=KNN_TEMPERATURE) if knn else None,
+        }
+
+    todo = [(0.0, 0.0)] + [b for b in dict.fromkeys(budgets) if b != (0.0, 0.0)]
+    entries: list[dict[str, Any]] = []
+    for mlp_ratio, head_ratio in todo:
+        t0 = time.perf_counter()
+        is_dense = (mlp_ratio, head_ratio) == (0.0, 0.0)
+        dims = elastic.dims(mlp_ratio, head_ratio)
+        model = dense if is_dense else elastic.slice(dims)
+        entries.append({"ratios": (mlp_ratio, head_ratio), "dense": is_dense, "dims": dims, "model": model,
+                        "cost": elastic.cost(dims), **quality(model), "wall_s": time.perf_counter() - t0})
+    dense_feats = entries[0]["features"]
+
+    # Latency: warm every model up, then time them in interleaved rounds (one forward of each
+    # model per round), so that load changes on the machine hit every row alike.
+    times: list[list[float]] = [[] for _ in entries]
+    if not args.no_latency:
+        for e in entries:
+            measure_latency(e["model"], batch_size=args.batch_size, device="cpu", warmup=args.warmup, repeats=1)
+        for _ in range(args.repeats):
+            for e, t in zip(entries, times):
+                t.append(measure_latency(e["model"], batch_size=args.batch_size, device="cpu",
+                                         warmup=0, repeats=1)["median_ms"])
+    dense_latency = statistics.median(times[0]) if times[0] else None
+
+    rows: list[dict[str, Any]] = []
+    for e, t in zip(entries, times):
+        latency = statistics.median(t) if t else None
+        cost, dims = e["cost"], e["dims"]
+        rows.append({
+            "mlp_ratio": e["ratios"][0],
+            "head_ratio": e["ratios"][1],
+            "dense": e["dense"],
+            "params": int(cost["params"]),
+            "flops": int(cost["flops"]),
+            "params_fraction": float(cost["params_fraction"]),
+            "flops_fraction": float(cost["flops_fraction"]),
+            "fidelity": feature_fidelity(e["features"], dense_feats),
+            "knn_1nn": e["knn_1nn"],
+            "knn_20nn": e["knn_20nn"],
+            "latency_ms": latency,
+            "p90_ms": float(torch.quantile(torch.tensor(t, dtype=torch.float64), 0.9)) if t else None,
+            "throughput_img_s": None if not latency else args.batch_size / (latency / 1e3),
+            "speedup": None if not latency else dense_latency / latency,
+            "kept_heads": [d.num_heads for d in dims],
+            "kept_neurons": [d.mlp_hidden for d in dims],
+            "quality_wall_s": e["wall_s"],
+        })
+    del entries
+
+    settings = {
+        "command": command_line(args),
+        "elastic": str(path),
+        "data": str(data),
+        "model_name": elastic.model_name,
+        "model_kwargs": elastic.model_kwargs,
+        "img_size": int(images.shape[-1]),
+        "num_images": int(images.shape[0]),
+        "num_classes": len(classes),
+        "knn": knn,
+        "knn_protocol": {"split": "leave-one-out", "k": [1, KNN_K], "temperature": KNN_TEMPERATURE},
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "latency": not args.no_latency,
+        "device": "cpu",
+        "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "
+                            "interleaved rounds (one per model per round); median and p90 per batch",
+        "hardware": {
+            "cpu": _cpu_model(),
+            "processor": platform.processor(),
+            "machine": platform.machine(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "snapvit_lightning": __version__},
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+    table = markdown_table(rows)
+    print(table, end="")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"settings": settings, "rows": [{k: _finite(v) for k, v in r.items()} for r in rows]}
+        (out / "bench.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        (out / "bench.md").write_text(_markdown_file(rows, settings))
+        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m snapvit_lightning.bench``), same options as ``snapvit bench``."""
+    parser = _configure(argparse.ArgumentParser(prog="snapvit bench", description=DESCRIPTION))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"snapvit bench: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""``snapvit bench`` on a tiny model: JSON/markdown outputs, dense row, fractions, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import random_scores, tiny_model
+from snapvit_lightning import bench
+from snapvit_lightning.elastic import ElasticViT
+
+BUDGETS = ["0.15,0", "0.35,0.2", "0.65,0.5"]
+FAST = ["--batch-size", "4", "--repeats", "2", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model, name, kwargs = tiny_model("test_vit")
+    path = root / "tiny.elastic.safetensors"
+    ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs or None).save(path)
+    data = root / "photos"
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("cats", "dogs")):
+        (data / cls).mkdir(parents=True)
+        for i in range(4):  # two classes of differently tinted noise
+            arr = rng.integers(0, 128, (40, 48, 3), dtype=np.uint8) + np.uint8(100 * c)
+            Image.fromarray(arr).save(data / cls / f"{i}.png")
+    return path, data, root
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    path, data, root = setup
+    out = root / "out"
+    assert bench.main([str(path), "--data", str(data), "--budgets", *BUDGETS, *FAST, "--out", str(out)]) == 0
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_json_rows_and_settings(result, setup) -> None:
+    js, _ = result
+    rows, settings = js["rows"], js["settings"]
+    assert len(rows) == len(BUDGETS) + 1
+    assert [(r["mlp_ratio"], r["head_ratio"]) for r in rows] == [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5)]
+    dense = rows[0]
+    assert dense["dense"] and dense["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert dense["flops_fraction"] == pytest.approx(1.0) and dense["params_fraction"] == pytest.approx(1.0)
+    assert dense["speedup"] == pytest.approx(1.0, abs=1e-6)
+    for key in ("flops_fraction", "params_fraction"):
+        fr = [r[key] for r in rows]
+        assert all(a > b for a, b in zip(fr, fr[1:])), (key, fr)
+    for r in rows:
+        assert -1.0 <= r["fidelity"] <= 1.0 + 1e-6
+        assert 0.0 <= r["knn_1nn"] <= 1.0 and 0.0 <= r["knn_20nn"] <= 1.0
+        assert r["latency_ms"] > 0 and r["speedup"] > 0
+        assert len(r["kept_heads"]) == len(r["kept_neurons"]) == 6
+    assert settings["num_images"] == 8 and settings["num_classes"] == 2 and settings["knn"]
+    assert settings["batch_size"] == 4 and settings["repeats"] == 2
+    assert settings["command"].startswith("snapvit bench ") and "--budgets 0.15,0 0.35,0.2 0.65,0.5" in settings["command"]
+    assert {"processor", "machine", "torch_threads"} <= settings["hardware"].keys()
+    assert {"torch", "timm"} <= settings["versions"].keys()
+
+
+def test_markdown(result) -> None:
+    js, md = result
+    assert js["settings"]["command"] in md
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
+    assert len(lines) == 2 + len(js["rows"])
+    assert lines[2].startswith("| 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
+
+
+def test_no_latency_flat_folder(setup, tmp_path, capsys) -> None:
+    path, data, _ = setup
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(data.rglob("*.png"))[:3]):
+        (flat / f"{i}.png").write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    assert bench.main([str(path), "--data", str(flat), "--budgets", "0.5,0.5", "--no-latency",
+                       "--batch-size", "4", "--out", str(out)]) == 0
+    js = json.loads((out / "bench.json").read_text())
+    assert len(js["rows"]) == 2 and js["settings"]["knn"] is False and js["settings"]["latency"] is False
+    for r in js["rows"]:
+        assert r["latency_ms"] is None and r["speedup"] is None
+        assert r["knn_1nn"] is None and r["knn_20nn"] is None
+    assert "| 0.00 | 0.00 |" in capsys.readouterr().out
+
+
+def test_errors(setup, tmp_path, capsys) -> None:
+    path, data, _ = setup
+    missing = tmp_path / "missing.elastic.safetensors"
+    with pytest.raises(SystemExit) as err:
+        bench.main([str(missing), "--data", str(data)])
+    assert err.value.code == 2 and str(missing) in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        bench.main([str(path), "--data", str(tmp_path / "nowhere")])
+    assert err.value.code == 2 and "nowhere" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as err:
+        bench.main([str(path), "--data", str(empty), "--no-latency"])
+    assert err.value.code == 2 and "no image files" in capsys.readouterr().err
+    for bad in (["--budgets", "0.3"], ["--budgets", "1.2,0"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as err:
+            bench.main([str(path), "--data", str(data), *bad])
+        assert err.value.code == 2
+    with pytest.raises(FileNotFoundError, match="missing"):
+        bench.run_bench(argparse.Namespace(
+            path=str(missing), data=str(data), budgets=[(0.1, 0.0)], batch_size=4, repeats=1, warmup=0,
+            threads=None, out=None, no_latency=True,
+        ))
+
+
+def test_subcommand_registration() -> None:
+    parser = argparse.ArgumentParser(prog="snapvit")
+    sub = parser.add_subparsers(dest="command")
+    bench.add_bench_parser(sub)
+    args = parser.parse_args(["bench", "x.safetensors", "--data", "d"])
+    assert args.func is bench.run_bench and args.budgets == list(bench.DEFAULT_BUDGETS)
+    assert args.batch_size == 32 and args.repeats == 10 and args.warmup == 3 and not args.no_latency
+    help_text = sub.choices["bench"].format_help()
+    for option in ("--data", "--budgets", "--batch-size", "--repeats", "--warmup", "--out", "--no-latency"):
+        assert option in help_text
+
+
+def test_run_bench_rejects_bad_budget(setup) -> None:
+    path, data, _ = setup
+    with pytest.raises(ValueError, match="MLP_RATIO"):
+        bench.run_bench(argparse.Namespace(
+            path=str(path), data=str(data), budgets=[(1.5, 0.0)], batch_size=4, repeats=1, warmup=0,
+            threads=None, out=None, no_latency=True,
+        ))
