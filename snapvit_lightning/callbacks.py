@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from . import __version__
-from .elastic import ElasticViT
+from .elastic import ElasticViT, check_model_kwargs
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .scores import ImportanceScores, check_ratio
 from .search import EvolutionarySearch
@@ -129,15 +129,7 @@ def _check_bool(name: str, value: Any) -> bool:
 
 
 def _check_model_kwargs(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise TypeError(f"model_kwargs must be a dict or None, got {type(value).__name__}")
-    try:
-        json.dumps(value)
-    except TypeError as err:
-        raise ValueError(f"model_kwargs must hold JSON values only, got {value!r}: {err}") from None
-    return dict(value)
+    return None if value is None else check_model_kwargs(value)
 
 
 def _check_model_name(value: Any) -> str | None:

@@ -44,7 +44,9 @@ from .structure import (
     slice_model,
 )
 
-__all__ = ["ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata"]
+__all__ = [
+    "ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata", "check_model_kwargs",
+]
 
 FORMAT = "snapvit-elastic"
 FORMAT_VERSION = 1
@@ -275,7 +277,7 @@ def save_subnet(
         ValueError: If ``model_name``/``model_kwargs`` do not rebuild this architecture.
     """
     inspect_vit(model)
-    _check_kwargs_json(model_kwargs)
+    check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta = _metadata("subnet", model, model_name, model_kwargs)
     _rebuild(path, {**meta, "model_kwargs": model_kwargs, "block_dims": json.loads(meta["block_dims"])}, tensors, check_only=True)
@@ -307,13 +309,20 @@ def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: i
         )
 
 
-def _check_kwargs_json(model_kwargs: Any) -> None:
+def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
+    """Validate ``timm.create_model`` keyword arguments that a file can store; returns a copy.
+
+    Raises:
+        TypeError: If ``model_kwargs`` is not a dict.
+        ValueError: If it holds values that are not JSON (names, numbers, lists, dicts).
+    """
     if not isinstance(model_kwargs, dict):
-        raise ValueError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+        raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
     try:
         json.dumps(model_kwargs)
     except TypeError as err:
         raise ValueError(f"model_kwargs must hold JSON values only (names, numbers, lists): {err}") from err
+    return dict(model_kwargs)
 
 
 def _resolve_rebuild(
@@ -333,7 +342,7 @@ def _resolve_rebuild(
         }
         if getattr(model, "dynamic_img_size", False):
             model_kwargs["dynamic_img_size"] = True
-    _check_kwargs_json(model_kwargs)
+    check_model_kwargs(model_kwargs)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         with torch.device("meta"):
