@@ -1,0 +1,33 @@
+"""notebooks/quickstart.ipynb runs top to bottom offline on an elastic checkpoint of the real ViT-S/14."""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.scores import ImportanceScores
+
+from conftest import REPO, load_real_model
+
+
+def test_quickstart_notebook_runs(real_weights, photos_dir, tmp_path, monkeypatch) -> None:
+    model = load_real_model(real_weights, img_size=56)
+    g = torch.Generator().manual_seed(0)
+    scores = ImportanceScores(torch.rand(12, 1536, generator=g), torch.rand(12, 6, generator=g))
+    path = tmp_path / "vits14.elastic.safetensors"
+    ElasticViT(model, scores, model_name="vit_small_patch14_dinov2",
+               model_kwargs={"num_classes": 0, "img_size": 56}).save(path)
+    monkeypatch.setenv("SNAPVIT_ELASTIC", str(path))
+    monkeypatch.setenv("SNAPVIT_PHOTOS", str(photos_dir))
+    monkeypatch.setenv("SNAPVIT_MAX_IMAGES", "16")
+    nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "fidelity 1.000" in outputs and "speed-up" in outputs
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
