@@ -70,3 +70,59 @@ def test_fit_subcommand_goes_to_lightning_cli(capsys) -> None:
     assert exc.value.code == 0
     printed = capsys.readouterr().out
     assert "criterion: dino" in printed and "num_local_crops: 10" in printed
+
+
+_DDP_CONFIG = """
+seed_everything: 0
+model:
+  model: test_vit
+  model_kwargs: {{img_size: 32}}
+data:
+  data_dir: {images}
+  batch_size: 2
+  num_local_crops: 2
+trainer:
+  accelerator: cpu
+  max_epochs: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: snapvit_lightning.search.EvolutionarySearch
+      init_args: {{max_evals: 4, autocast: false}}
+    - class_path: snapvit_lightning.callbacks.ElasticExport
+      init_args: {{dirpath: {out}, budgets: [[0.0, 0.0], [0.35, 0.2]]}}
+"""
+
+
+def test_fit_with_two_ddp_processes_equals_one(tmp_path) -> None:
+    """`snapvit fit` on 2 CPU processes (DDP, gloo) writes the same elastic checkpoint as 1 process."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    for i in range(8):  # divisible by ranks x batch size: DistributedSampler adds no padding
+        folder = tmp_path / "images" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"out{devices}"
+        config = tmp_path / f"config{devices}.yaml"
+        config.write_text(_DDP_CONFIG.format(images=tmp_path / "images", out=out))
+        cmd = [sys.executable, "-m", "snapvit_lightning.cli", "fit", "--config", str(config), "--trainer.devices", str(devices)]
+        if devices > 1:
+            cmd += ["--trainer.strategy", "ddp"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = load_file(str(out / "test_vit.elastic.safetensors"))
+    one, two = results[1], results[2]
+    assert set(one) == set(two)
+    for key in one:
+        if key.startswith("scores.mlp") or key.startswith("scores.heads"):
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-9)
+        else:  # permuted weights, unit orders, search weights and covariance: identical
+            assert torch.equal(two[key], one[key]), key
