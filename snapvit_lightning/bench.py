@@ -10,6 +10,17 @@ cut and measured on the images of a folder (plain eval views at the model's inpu
 * latency (median ms per batch on CPU under ``torch.inference_mode``) and the measured
   speed-up over the dense model's latency measured in the same run.
 
+``--baselines`` adds, after the SnapViT rows (method ``snapvit``), rows at the same (non-dense)
+budgets for other unit rankings, each a new elastic model built from the checkpoint's weights:
+
+* ``gradient-only``: the checkpoint's own scores without the search weights (no search);
+* ``magnitude`` and ``lamp``: data-free scores of the weights, as ``SnapViTModule`` computes them;
+* ``random``: uniform random scores, seeds 0, 1, 2; one row with the mean over seeds (fidelity,
+  k-NN, cost, latency), the seeds' ``fidelity_std`` (sample std) and the ``per_seed`` values;
+* ``uniform``: the same share pruned in every block (per block keep
+  ``max(round((1 - ratio) * units), per-block minimum)``), the checkpoint's best units of each
+  block; its FLOPs differ from the snapvit row's and are reported as measured.
+
 The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows and settings:
 command, hardware, threads, versions) and ``bench.md``::
 
@@ -39,6 +50,8 @@ KNN_K = 20
 DESCRIPTION = ("k-NN, feature fidelity, FLOPs/params and measured CPU latency of an elastic "
                "checkpoint at several budgets, as a markdown table (and JSON with --out)")
 KNN_TEMPERATURE = 0.07
+BASELINES = ("gradient-only", "magnitude", "lamp", "random", "uniform")
+RANDOM_SEEDS = (0, 1, 2)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -93,6 +106,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="write bench.json and bench.md into DIR (created if missing)")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency measurement (latency and speed-up are null)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also bench other rankings at the same budgets: gradient-only (no search), "
+                             "magnitude, lamp, random (mean of seeds 0,1,2) and uniform per-block pruning")
     parser.set_defaults(func=run_bench)
     return parser
 
@@ -121,6 +137,8 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--out", str(args.out)]
     if args.no_latency:
         words.append("--no-latency")
+    if getattr(args, "baselines", False):
+        words.append("--baselines")
     return shlex.join(words)
 
 
@@ -169,13 +187,16 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of :func:`run_bench` as a markdown table."""
-    header = ("| mlp_ratio | head_ratio | params | FLOPs | fidelity | 1-NN | 20-NN "
+    header = ("| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | 1-NN | 20-NN "
               "| latency (ms) | speed-up | FLOPs speed-up |")
-    lines = [header, "|" + "---:|" * 10]
+    lines = [header, "|:---|" + "---:|" * 10]
     for r in rows:
+        std = r.get("fidelity_std")
+        fidelity = f"{r['fidelity']:.4f}" + ("" if std is None else f" ± {std:.4f}")
         lines.append(
+            f"| {r.get('method', 'snapvit')} "
             f"| {r['mlp_ratio']:.2f} | {r['head_ratio']:.2f} | {100 * r['params_fraction']:.1f}% "
-            f"| {100 * r['flops_fraction']:.1f}% | {r['fidelity']:.4f} "
+            f"| {100 * r['flops_fraction']:.1f}% | {fidelity} "
             f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_20nn'], '.1f', 100, '%')} "
             f"| {_fmt(r['latency_ms'], '.2f')} | {_fmt(r['speedup'], '.2f', suffix='x')} "
             f"| {1 / r['flops_fraction']:.2f}x |"
@@ -198,9 +219,96 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
         f"- torch {settings['versions']['torch']}, timm {settings['versions']['timm']}, "
         f"snapvit_lightning {settings['versions']['snapvit_lightning']}\n"
         f"- {lat}\n- {knn}\n"
-        f"- fidelity: mean cosine similarity of pre-logits features to the dense model's\n\n"
+        f"- fidelity: mean cosine similarity of pre-logits features to the dense model's"
+        + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + "\n\n"
         + markdown_table(rows)
     )
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _baseline_scores(elastic: Any) -> list[tuple[str, int | None, Any]]:
+    """``(method, seed, ImportanceScores)`` of the score baselines, in the elastic model's unit order.
+
+    The data-free scores are computed by :class:`~snapvit_lightning.module.SnapViTModule` itself
+    (on a copy of the weights, which it marks as requiring gradients), so their definitions are
+    the module's; every baseline keeps the checkpoint's per-block minimums.
+    """
+    import copy
+
+    from .module import SnapViTModule
+    from .scores import ImportanceScores
+
+    s = elastic.scores
+    keeps = {"min_mlp_keep": s.min_mlp_keep, "min_head_keep": s.min_head_keep}
+    out: list[tuple[str, int | None, Any]] = [
+        ("gradient-only", None, ImportanceScores(s.mlp, s.heads, criterion=s.criterion, **keeps)),
+    ]
+    weights = copy.deepcopy(elastic.model)
+    for criterion, seeds in (("magnitude", (None,)), ("lamp", (None,)), ("random", RANDOM_SEEDS)):
+        for seed in seeds:
+            module = SnapViTModule(weights, criterion=criterion, seed=0 if seed is None else seed, **keeps)
+            out.append((criterion, seed, module.compute_scores()))
+    return out
+
+
+def _uniform_dims(scores: Any, mlp_ratio: float, head_ratio: float) -> list[Any]:
+    """The same keep in every block: ``max(round((1 - ratio) * units), per-block minimum, 1)``."""
+    from .structure import BlockDims
+
+    neurons = max(round((1.0 - mlp_ratio) * scores.mlp_hidden), scores.min_neurons, 1)
+    heads = max(round((1.0 - head_ratio) * scores.num_heads), scores.min_heads, 1)
+    return [BlockDims(int(heads), int(neurons)) for _ in range(scores.num_blocks)]
+
+
+def _mean(values: Sequence[Any]) -> Any:
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def _merge_seeds(rows: list[dict[str, Any]], batch_size: int, dense_latency: float | None) -> list[dict[str, Any]]:
+    """Replace the per-seed rows of a method by one row per budget: means, ``fidelity_std``, ``per_seed``."""
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["seed"] is None:
+            out.append({k: v for k, v in r.items() if k != "seed"})
+            continue
+        key = (r["method"], r["mlp_ratio"], r["head_ratio"])
+        if key not in groups:
+            groups[key] = []
+            out.append({"_group": key})
+        groups[key].append(r)
+    merged: list[dict[str, Any]] = []
+    for r in out:
+        if "_group" not in r:
+            merged.append(r)
+            continue
+        group = groups[r["_group"]]
+        first = group[0]
+        fidelities = [g["fidelity"] for g in group]
+        latency = _mean([g["latency_ms"] for g in group])
+        merged.append({
+            **{k: v for k, v in first.items() if k != "seed"},
+            "params": int(round(statistics.fmean(g["params"] for g in group))),
+            "flops": int(round(statistics.fmean(g["flops"] for g in group))),
+            "params_fraction": statistics.fmean(g["params_fraction"] for g in group),
+            "flops_fraction": statistics.fmean(g["flops_fraction"] for g in group),
+            "fidelity": statistics.fmean(fidelities),
+            "fidelity_std": statistics.stdev(fidelities) if len(fidelities) > 1 else 0.0,
+            "knn_1nn": _mean([g["knn_1nn"] for g in group]),
+            "knn_20nn": _mean([g["knn_20nn"] for g in group]),
+            "latency_ms": latency,
+            "p90_ms": _mean([g["p90_ms"] for g in group]),
+            "throughput_img_s": None if not latency else batch_size / (latency / 1e3),
+            "speedup": None if not latency or dense_latency is None else dense_latency / latency,
+            "quality_wall_s": sum(g["quality_wall_s"] for g in group),
+            "seeds": [g["seed"] for g in group],
+            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "knn_1nn", "knn_20nn", "flops_fraction",
+                                            "params_fraction", "latency_ms", "kept_heads", "kept_neurons")}
+                         for g in group],
+        })
+    return merged
 
 
 # --------------------------------------------------------------------------- run
@@ -255,14 +363,28 @@ def run_bench(args: argparse.Namespace) -> int:
         }
 
     todo = [(0.0, 0.0)] + [b for b in dict.fromkeys(budgets) if b != (0.0, 0.0)]
+    keep_models = not args.no_latency
     entries: list[dict[str, Any]] = []
-    for mlp_ratio, head_ratio in todo:
+
+    def add(method: str, source: Any, ratios: tuple[float, float], dims: Any, seed: int | None = None) -> None:
         t0 = time.perf_counter()
-        is_dense = (mlp_ratio, head_ratio) == (0.0, 0.0)
-        dims = elastic.dims(mlp_ratio, head_ratio)
-        model = dense if is_dense else elastic.slice(dims)
-        entries.append({"ratios": (mlp_ratio, head_ratio), "dense": is_dense, "dims": dims, "model": model,
-                        "cost": elastic.cost(dims), **quality(model), "wall_s": time.perf_counter() - t0})
+        is_dense = ratios == (0.0, 0.0) and method == "snapvit"
+        model = dense if is_dense else source.slice(dims)
+        entries.append({"method": method, "seed": seed, "ratios": ratios, "dense": is_dense, "dims": dims,
+                        "model": model if keep_models else None, "cost": source.cost(dims), **quality(model),
+                        "wall_s": time.perf_counter() - t0})
+
+    for ratios in todo:
+        add("snapvit", elastic, ratios, elastic.dims(*ratios))
+    if getattr(args, "baselines", False):
+        pruned = todo[1:]
+        for method, seed, scores in _baseline_scores(elastic):
+            other = ElasticViT(dense, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
+            for ratios in pruned:
+                add(method, other, ratios, other.dims(*ratios), seed)
+            del other
+        for ratios in pruned:
+            add("uniform", elastic, ratios, _uniform_dims(elastic.scores, *ratios))
     dense_feats = entries[0]["features"]
 
     # Latency: warm every model up, then time them in interleaved rounds (one forward of each
@@ -282,6 +404,7 @@ def run_bench(args: argparse.Namespace) -> int:
         latency = statistics.median(t) if t else None
         cost, dims = e["cost"], e["dims"]
         rows.append({
+            "method": e["method"],
             "mlp_ratio": e["ratios"][0],
             "head_ratio": e["ratios"][1],
             "dense": e["dense"],
@@ -299,8 +422,10 @@ def run_bench(args: argparse.Namespace) -> int:
             "kept_heads": [d.num_heads for d in dims],
             "kept_neurons": [d.mlp_hidden for d in dims],
             "quality_wall_s": e["wall_s"],
+            "seed": e["seed"],
         })
     del entries
+    rows = _merge_seeds(rows, args.batch_size, dense_latency)
 
     settings = {
         "command": command_line(args),
@@ -317,6 +442,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "latency": not args.no_latency,
+        "baselines": list(BASELINES) if getattr(args, "baselines", False) else [],
+        "random_seeds": list(RANDOM_SEEDS) if getattr(args, "baselines", False) else [],
         "device": "cpu",
         "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "
                             "interleaved rounds (one per model per round); median and p90 per batch",

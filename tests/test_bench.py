@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def test_json_rows_and_settings(result, setup) -> None:
     assert [(r["mlp_ratio"], r["head_ratio"]) for r in rows] == [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5)]
     dense = rows[0]
     assert dense["dense"] and dense["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert all(r["method"] == "snapvit" for r in rows) and js["settings"]["baselines"] == []
     assert dense["flops_fraction"] == pytest.approx(1.0) and dense["params_fraction"] == pytest.approx(1.0)
     assert dense["speedup"] == pytest.approx(1.0, abs=1e-6)
     for key in ("flops_fraction", "params_fraction"):
@@ -69,9 +71,9 @@ def test_markdown(result) -> None:
     js, md = result
     assert js["settings"]["command"] in md
     lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert lines[0].startswith("| mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
+    assert lines[0].startswith("| method | mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
     assert len(lines) == 2 + len(js["rows"])
-    assert lines[2].startswith("| 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
+    assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
 
 
 def test_no_latency_flat_folder(setup, tmp_path, capsys) -> None:
@@ -88,7 +90,7 @@ def test_no_latency_flat_folder(setup, tmp_path, capsys) -> None:
     for r in js["rows"]:
         assert r["latency_ms"] is None and r["speedup"] is None
         assert r["knn_1nn"] is None and r["knn_20nn"] is None
-    assert "| 0.00 | 0.00 |" in capsys.readouterr().out
+    assert "| snapvit | 0.00 | 0.00 |" in capsys.readouterr().out
 
 
 def test_errors(setup, tmp_path, capsys) -> None:
@@ -124,7 +126,9 @@ def test_subcommand_registration() -> None:
     assert args.func is bench.run_bench and args.budgets == list(bench.DEFAULT_BUDGETS)
     assert args.batch_size == 32 and args.repeats == 10 and args.warmup == 3 and not args.no_latency
     help_text = sub.choices["bench"].format_help()
-    for option in ("--data", "--budgets", "--batch-size", "--repeats", "--warmup", "--out", "--no-latency"):
+    assert not args.baselines
+    for option in ("--data", "--budgets", "--batch-size", "--repeats", "--warmup", "--out", "--no-latency",
+                   "--baselines"):
         assert option in help_text
 
 
@@ -135,3 +139,42 @@ def test_run_bench_rejects_bad_budget(setup) -> None:
             path=str(path), data=str(data), budgets=[(1.5, 0.0)], batch_size=4, repeats=1, warmup=0,
             threads=None, out=None, no_latency=True,
         ))
+
+
+def test_baselines(setup, capsys) -> None:
+    path, data, root = setup
+    out = root / "baselines"
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "0.65,0.5", "--no-latency", "--baselines",
+                       "--batch-size", "4", "--out", str(out)]) == 0
+    js = json.loads((out / "bench.json").read_text())
+    rows, settings = js["rows"], js["settings"]
+    assert settings["baselines"] == list(bench.BASELINES) and "--baselines" in settings["command"]
+    budgets = [(0.35, 0.2), (0.65, 0.5)]
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    assert list(by_method) == ["snapvit", *bench.BASELINES]
+    assert [(r["mlp_ratio"], r["head_ratio"]) for r in by_method["snapvit"]] == [(0.0, 0.0), *budgets]
+    assert by_method["snapvit"][0]["dense"] and by_method["snapvit"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    for method in bench.BASELINES:
+        assert [(r["mlp_ratio"], r["head_ratio"]) for r in by_method[method]] == budgets, method
+    for r in rows:
+        assert -1.0 <= r["fidelity"] <= 1.0 + 1e-6 and 0.0 <= r["knn_1nn"] <= 1.0
+        assert r["latency_ms"] is None and 0.0 < r["flops_fraction"] <= 1.0
+        assert ("fidelity_std" in r) == (r["method"] == "random")
+    for r in by_method["random"]:
+        assert r["fidelity_std"] >= 0.0 and r["seeds"] == [0, 1, 2] and len(r["per_seed"]) == 3
+        assert r["fidelity"] == pytest.approx(sum(s["fidelity"] for s in r["per_seed"]) / 3)
+    # The test checkpoint has no search weights: gradient-only is the same ranking as snapvit.
+    for g, s in zip(by_method["gradient-only"], by_method["snapvit"][1:]):
+        assert g["kept_heads"] == s["kept_heads"] and g["kept_neurons"] == s["kept_neurons"]
+        assert g["fidelity"] == pytest.approx(s["fidelity"], abs=1e-6)
+    hidden, heads = by_method["snapvit"][0]["kept_neurons"][0], by_method["snapvit"][0]["kept_heads"][0]
+    for r, (m, h) in zip(by_method["uniform"], budgets):
+        assert len(set(r["kept_neurons"])) == 1 and len(set(r["kept_heads"])) == 1
+        assert r["kept_neurons"][0] == max(round((1 - m) * hidden), math.ceil(0.05 * hidden - 1e-9), 1)
+        assert r["kept_heads"][0] == max(round((1 - h) * heads), math.ceil(0.2 * heads - 1e-9), 1)
+    md = (out / "bench.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and table[0].startswith("| method |")
+    assert any(line.startswith("| random |") and "±" in line for line in table)
