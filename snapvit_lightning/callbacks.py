@@ -46,7 +46,7 @@ from . import __version__
 from .elastic import ElasticViT, check_model_kwargs
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .scores import ImportanceScores, check_ratio
-from .search import EvolutionarySearch
+from .search import EvolutionarySearch, scored_model
 from .structure import UnsupportedModelError, check_supported
 
 __all__ = [
@@ -489,6 +489,19 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
         raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it")
 
 
+def _set_export_options(
+    owner: Any, budgets: Any, save_subnets: Any, overwrite: Any, model_name: Any, model_kwargs: Any, name: Any
+) -> None:
+    """Validate the export options shared by ElasticExport and SnapViT and set them on ``owner``."""
+    _check_budgets(budgets)
+    owner.budgets = list(budgets)
+    owner.save_subnets = _check_bool("save_subnets", save_subnets)
+    owner.overwrite = _check_bool("overwrite", overwrite)
+    owner.model_name = _check_model_name(model_name)
+    owner.model_kwargs = _check_model_kwargs(model_kwargs)
+    owner.name = _check_name(name)
+
+
 class ElasticExport(Callback):
     """Write the elastic checkpoint, subnets, report and plots at the end of a scoring fit.
 
@@ -548,13 +561,7 @@ class ElasticExport(Callback):
     ) -> None:
         super().__init__()
         self.dirpath = _check_dirpath(dirpath)
-        _check_budgets(budgets)
-        self.budgets = list(budgets)
-        self.save_subnets = _check_bool("save_subnets", save_subnets)
-        self.overwrite = _check_bool("overwrite", overwrite)
-        self.model_name = _check_model_name(model_name)
-        self.model_kwargs = _check_model_kwargs(model_kwargs)
-        self.name = _check_name(name)
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name)
         self.images = _check_images(images, "images")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -600,13 +607,7 @@ class ElasticExport(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export from rank 0, then wait on every rank (see the class docstring)."""
         self._check_order(trainer)
-        scores = getattr(pl_module, "scores", None)
-        student = getattr(pl_module, "student", None)
-        if not isinstance(scores, ImportanceScores) or not isinstance(student, nn.Module):
-            raise RuntimeError(
-                "ElasticExport needs `pl_module.student` (the timm ViT) and `pl_module.scores` "
-                f"(ImportanceScores) at the end of training, got scores={type(scores).__name__}"
-            )
+        student, scores = scored_model(pl_module, "ElasticExport")
         error: BaseException | None = None
         if trainer.is_global_zero:  # no collectives in here
             try:
@@ -809,13 +810,7 @@ class SnapViT(Callback):
         if isinstance(search_evals, bool) or not isinstance(search_evals, int) or search_evals < 0:
             raise ValueError(f"search_evals must be an int >= 0 (0: no search), got {search_evals!r}")
         self.search_evals = search_evals
-        _check_budgets(budgets)
-        self.budgets = list(budgets)
-        self.save_subnets = _check_bool("save_subnets", save_subnets)
-        self.overwrite = _check_bool("overwrite", overwrite)
-        self.model_name = _check_model_name(model_name)
-        self.model_kwargs = _check_model_kwargs(model_kwargs)
-        self.name = _check_name(name)
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name)
         if str(precision) not in ALLOWED_PRECISIONS:
             raise ValueError(f"precision must be one of {list(ALLOWED_PRECISIONS)} (fp16 corrupts gradient scores), got {precision!r}")
         self.precision = precision

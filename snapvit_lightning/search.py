@@ -56,6 +56,7 @@ __all__ = [
     "Fitness",
     "EvolutionarySearch",
     "run_search",
+    "scored_model",
 ]
 
 #: The ``(mlp_ratio, head_ratio)`` budgets of the reference fitness.
@@ -712,6 +713,22 @@ def _collect_images(source: Any) -> Tensor:
     return torch.cat(batches)
 
 
+def scored_model(pl_module: pl.LightningModule, caller: str) -> tuple[nn.Module, ImportanceScores]:
+    """The ``(student, scores)`` of a scoring module (e.g. SnapViTModule) after its fit.
+
+    Raises:
+        RuntimeError: If ``pl_module`` has no ``student`` module or no ``ImportanceScores``.
+    """
+    scores = getattr(pl_module, "scores", None)
+    student = getattr(pl_module, "student", None)
+    if not isinstance(scores, ImportanceScores) or not isinstance(student, nn.Module):
+        raise RuntimeError(
+            f"{caller} needs `pl_module.student` (the timm model) and `pl_module.scores` "
+            f"(ImportanceScores) at the end of training, got scores={type(scores).__name__}"
+        )
+    return student, scores
+
+
 class EvolutionarySearch(Callback):
     """Search the block/head score weights with xNES after the scores are computed.
 
@@ -833,13 +850,7 @@ class EvolutionarySearch(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        scores = getattr(pl_module, "scores", None)
-        student = getattr(pl_module, "student", None)
-        if not isinstance(scores, ImportanceScores) or not isinstance(student, nn.Module):
-            raise RuntimeError(
-                "EvolutionarySearch needs `pl_module.student` (the timm model) and `pl_module.scores` "
-                f"(ImportanceScores) at the end of training, got scores={type(scores).__name__}"
-            )
+        student, scores = scored_model(pl_module, "EvolutionarySearch")
         strategy = trainer.strategy
         world = int(trainer.world_size)
         device = next(student.parameters()).device
