@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .correction import CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint
 from .scores import ImportanceScores, check_ratio
 from .structure import (
     BlockDims,
@@ -103,6 +104,7 @@ class ElasticViT:
         self._head_flops = dense["head"]
         self._dense_flops = dense["total"]
         self._dense_params = count_params(model)["total"]
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------------------------------
     # Budgets
@@ -198,20 +200,60 @@ class ElasticViT:
         flops: float | None = None,
         params: float | None = None,
         head_ratio_scale: float = 1.0,
+        correct: str = "none",
+        calibration: CorrectionStats | torch.Tensor | None = None,
+        damping: float = 0.01,
+        damping_reference: str = "mean",
+        sequential: bool = False,
     ) -> nn.Module:
         """A new, physically smaller, ordinary timm model at the given budget.
 
         The elastic model is left whole, so budgets can be cut in any order. See
-        :meth:`resolve_budget` for how a ``flops``/``params`` fraction is turned into ratios.
+        :meth:`resolve_budget` for how a ``flops``/``params`` fraction is turned into ratios and
+        :meth:`slice` for the weight correction options.
 
         Raises:
-            ValueError: See :meth:`resolve_budget`.
+            ValueError: See :meth:`resolve_budget` and :meth:`slice`.
+            SingularGramError: See :meth:`slice`.
         """
+        correction = dict(
+            correct=correct, calibration=calibration, damping=damping,
+            damping_reference=damping_reference, sequential=sequential,
+        )
+        _check_correction_args(**correction)
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
-        return self.slice(self.dims(*ratios))
+        return self.slice(self.dims(*ratios), **correction)
 
-    def slice(self, dims: Sequence[BlockDims]) -> nn.Module:
-        """A copy of the elastic model with each block cut to the first ``dims`` units."""
+    def slice(
+        self,
+        dims: Sequence[BlockDims],
+        *,
+        correct: str = "none",
+        calibration: CorrectionStats | torch.Tensor | None = None,
+        damping: float = 0.01,
+        damping_reference: str = "mean",
+        sequential: bool = False,
+    ) -> nn.Module:
+        """A copy of the elastic model with each block cut to the first ``dims`` units.
+
+        Args:
+            dims: Kept heads and neurons per block.
+            correct: ``"none"``, ``"bias"`` (bias compensation) or ``"lstsq"`` (least-squares
+                refit of ``attn.proj``/``mlp.fc2``); see :mod:`snapvit_lightning.correction`.
+                The elastic model itself never changes.
+            calibration: For a correction: stored :class:`CorrectionStats` of this model
+                (:meth:`collect_stats`, :meth:`CorrectionStats.load`) or preprocessed images
+                ``[N, 3, H, W]``.
+            damping: Least-squares damping relative to the mean (or max) Gram diagonal.
+            damping_reference: ``"mean"`` or ``"max"``.
+            sequential: Fit block by block on the corrected subnet's activations (images only).
+
+        Raises:
+            ValueError: A correction without calibration (or calibration without one), a bad
+                option, or statistics of another model.
+            SingularGramError: A damped Gram matrix that is not positive definite.
+        """
+        _check_correction_args(correct, calibration, damping, damping_reference, sequential)
         # Copy the module tree but share the parameters, cut the blocks (which copies only the
         # kept units), then copy whatever parameter is still shared: each weight is copied once.
         shared = {id(p): p for p in self.model.parameters()}
@@ -221,7 +263,34 @@ class ElasticViT:
             for name, param in module._parameters.items():
                 if param is not None and id(param) in shared:
                     module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        if correct != "none":
+            correct_subnet(
+                self.model, sub, calibration, method=correct, damping=damping, damping_reference=damping_reference,
+                sequential=sequential, expected_fingerprint=self.fingerprint,
+            )
         return sub
+
+    # ------------------------------------------------------------------------------------------
+    # Correction statistics
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash that ties :class:`CorrectionStats` to this elastic model."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model, self.mlp_order, self.head_order)
+        return self._fingerprint
+
+    def collect_stats(self, images: torch.Tensor, batch_size: int = 32) -> CorrectionStats:
+        """Correction statistics of this model on preprocessed images ``[N, 3, H, W]``.
+
+        Store them with :meth:`CorrectionStats.save` beside the checkpoint; correcting any
+        budget from them is then one small solve per cut layer. Size: ``4·B·((C+1)² +
+        (hidden+1)²)`` bytes, 120.5 MB for ViT-S (B=12, C=384, hidden=1536), 481.6 MB for ViT-B.
+
+        Raises:
+            ValueError: Bad images or batch size.
+        """
+        return collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint)
 
     # ------------------------------------------------------------------------------------------
     # Files
@@ -298,6 +367,19 @@ def load_subnet(path: str | os.PathLike) -> nn.Module:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed metadata of an elastic or subnet file, without reading its tensors."""
     return _read(path, tensors=False)[1]
+
+
+def _check_correction_args(
+    correct: Any, calibration: Any, damping: Any, damping_reference: Any, sequential: Any
+) -> None:
+    check_correction(correct, damping, damping_reference)
+    if correct == "none" and (calibration is not None or sequential):
+        raise ValueError("calibration/sequential are only used with correct='bias' or 'lstsq', got correct='none'")
+    if correct != "none" and not isinstance(calibration, (CorrectionStats, torch.Tensor)):
+        raise ValueError(
+            f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W], "
+            f"got {type(calibration).__name__}"
+        )
 
 
 def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: int) -> None:

@@ -1,0 +1,234 @@
+"""Weight correction: invariants on tiny models, errors, stored statistics, and the real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from conftest import load_real_model, model_input, random_scores, tiny_model
+from snapvit_lightning.correction import CorrectionStats, SingularGramError
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.structure import BlockDims, get_blocks
+
+
+def _elastic(key: str = "test_vit", seed: int = 0) -> ElasticViT:
+    model, name, kwargs = tiny_model(key, seed)
+    return ElasticViT(model, random_scores(model, seed), model_name=name, model_kwargs=kwargs)
+
+
+def _images(model: torch.nn.Module, n: int = 12, seed: int = 3) -> torch.Tensor:
+    return model_input(model, batch=n, seed=seed)
+
+
+def _full_dims(el: ElasticViT) -> list[BlockDims]:
+    return [BlockDims(b.num_heads, b.mlp_hidden) for b in el.structure.blocks]
+
+
+def _redundant(seed: int = 0) -> tuple[ElasticViT, torch.Tensor]:
+    """test_vit whose block-0 MLP neuron 5 copies neuron 2 and is ranked last, so it is cut first."""
+    model, name, kwargs = tiny_model("test_vit", seed)
+    fc1 = get_blocks(model)[0].mlp.fc1
+    with torch.no_grad():
+        fc1.weight[5] = fc1.weight[2]
+        fc1.bias[5] = fc1.bias[2]
+    scores = random_scores(model, seed)
+    mlp = scores.mlp + 1.0
+    mlp[0, 5] = 0.0
+    el = ElasticViT(model, ImportanceScores(mlp, scores.heads + 1.0), model_name=name, model_kwargs=kwargs)
+    return el, _images(model, n=16)
+
+
+@pytest.mark.parametrize("key", ["test_vit", "test_vit2", "swiglu", "glu"])
+@pytest.mark.parametrize("method", ["bias", "lstsq"])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_nothing_removed_changes_nothing(key: str, method: str, sequential: bool) -> None:
+    el = _elastic(key)
+    images = _images(el.model)
+    calibration = images if sequential else el.collect_stats(images)
+    sub = el.subnet(0.0, 0.0, correct=method, calibration=calibration, sequential=sequential)
+    for (name, a), b in zip(el.model.state_dict().items(), sub.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("source", ["stats", "images", "sequential"])
+def test_redundant_neuron_is_restored_exactly(source: str) -> None:
+    el, images = _redundant()
+    dims = _full_dims(el)
+    dims[0] = BlockDims(dims[0].num_heads, dims[0].mlp_hidden - 1)
+    calibration = el.collect_stats(images) if source == "stats" else images
+    x = _images(el.model, n=4, seed=9)
+    with torch.inference_mode():
+        dense = el.model(x)
+        plain = el.slice(dims)(x)
+        fixed = el.slice(dims, correct="lstsq", calibration=calibration, damping=0.0, sequential=source == "sequential")(x)
+    assert (plain - dense).abs().max() > 1e-3  # the cut matters
+    torch.testing.assert_close(fixed, dense, rtol=0, atol=2e-5)
+
+
+def test_bias_compensation_equals_analytic_expectation() -> None:
+    el = _elastic("test_vit")
+    images = _images(el.model, n=10)
+    inputs: dict[int, list[torch.Tensor]] = {}
+    handles = [
+        get_blocks(el.model)[i].mlp.fc2.register_forward_pre_hook(
+            lambda m, a, i=i: inputs.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for i in range(len(get_blocks(el.model)))
+    ]
+    with torch.inference_mode():
+        el.model(images)
+    for h in handles:
+        h.remove()
+    dims = el.dims(0.5, 0.0)
+    sub = el.slice(dims, correct="bias", calibration=el.collect_stats(images))
+    for i, (dense_block, block, d) in enumerate(zip(get_blocks(el.model), get_blocks(sub), dims)):
+        mean = torch.cat(inputs[i]).double().mean(0)
+        k = d.mlp_hidden
+        w, b = dense_block.mlp.fc2.weight.double(), dense_block.mlp.fc2.bias.double()
+        expected = b + w[:, k:] @ mean[k:]
+        torch.testing.assert_close(block.mlp.fc2.bias.double(), expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(block.mlp.fc2.weight, dense_block.mlp.fc2.weight[:, :k])
+
+
+def test_singular_gram_raises_without_damping() -> None:
+    model, name, kwargs = tiny_model("test_vit")
+    fc1 = get_blocks(model)[0].mlp.fc1
+    with torch.no_grad():  # a dead neuron: GELU(-30) == 0 on every token
+        fc1.weight[7].zero_()
+        fc1.bias[7] = -30.0
+    scores = random_scores(model)
+    mlp = scores.mlp + 1.0
+    mlp[0, 7] = 10.0  # ranked first, so it stays
+    el = ElasticViT(model, ImportanceScores(mlp, scores.heads + 1.0), model_name=name, model_kwargs=kwargs)
+    stats = el.collect_stats(_images(model))
+    dims = el.dims(0.3, 0.0)
+    with pytest.raises(SingularGramError, match=r"block 0 mlp\.fc2.*not positive definite"):
+        el.slice(dims, correct="lstsq", calibration=stats, damping=0.0)
+    sub = el.slice(dims, correct="lstsq", calibration=stats, damping=0.01)  # damping makes it solvable
+    assert all(torch.isfinite(p).all() for p in sub.parameters())
+
+
+def test_correction_works_under_inference_mode_and_keeps_elastic_model() -> None:
+    el = _elastic("test_vit")
+    before = {k: v.clone() for k, v in el.model.state_dict().items()}
+    images = _images(el.model)
+    with torch.inference_mode():
+        stats = el.collect_stats(images)
+        sub = el.subnet(0.5, 0.25, correct="lstsq", calibration=stats)
+        out = sub(images[:2])
+    assert torch.isfinite(out).all()
+    for k, v in el.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(("method", "factor"), [("bias", 0.95), ("lstsq", 0.3)])
+def test_correction_reduces_output_error(method: str, factor: float) -> None:
+    el = _elastic("test_vit")
+    calib, held_out = _images(el.model, n=24, seed=3), _images(el.model, n=8, seed=4)
+    with torch.inference_mode():
+        dense = el.model.forward_features(held_out)
+        plain = el.subnet(0.5, 0.25).forward_features(held_out)
+        fixed = el.subnet(0.5, 0.25, correct=method, calibration=el.collect_stats(calib)).forward_features(held_out)
+    assert (fixed - dense).pow(2).mean() < factor * (plain - dense).pow(2).mean()
+
+
+def test_stats_round_trip_and_size(tmp_path: Path) -> None:
+    el = _elastic("test_vit")
+    stats = el.collect_stats(_images(el.model, n=5))
+    s = el.structure.blocks[0]
+    c = get_blocks(el.model)[0].attn.proj.in_features
+    assert stats.attn.shape == (len(el.structure.blocks), c + 1, c + 1)
+    assert stats.mlp.shape == (len(el.structure.blocks), s.mlp_hidden + 1, s.mlp_hidden + 1)
+    assert stats.num_images == 5 and stats.num_tokens == 5 * (el.model.patch_embed.num_patches + el.model.num_prefix_tokens)
+    assert stats.nbytes == 4 * len(el.structure.blocks) * ((c + 1) ** 2 + (s.mlp_hidden + 1) ** 2)
+    torch.testing.assert_close(stats.mlp[:, -1, -1], torch.ones(len(el.structure.blocks)))
+    path = tmp_path / "m.stats.safetensors"
+    stats.save(path)
+    loaded = CorrectionStats.load(path)
+    assert torch.equal(loaded.mlp, stats.mlp) and torch.equal(loaded.attn, stats.attn)
+    assert (loaded.num_images, loaded.num_tokens, loaded.fingerprint) == (5, stats.num_tokens, el.fingerprint)
+    a = el.subnet(0.4, 0.2, correct="lstsq", calibration=stats)
+    b = ElasticViT.load(_save(el, tmp_path)).subnet(0.4, 0.2, correct="lstsq", calibration=loaded)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def _save(el: ElasticViT, tmp_path: Path) -> Path:
+    path = tmp_path / "m.elastic.safetensors"
+    el.save(path)
+    return path
+
+
+def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
+    a, b = _elastic("test_vit", seed=0), _elastic("test_vit", seed=1)
+    stats = a.collect_stats(_images(a.model, n=4))
+    with pytest.raises(ValueError, match="belong to another elastic model"):
+        b.subnet(0.3, 0.2, correct="lstsq", calibration=stats)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        CorrectionStats.load(tmp_path / "missing.stats.safetensors")
+    with pytest.raises(ValueError, match="is not a snapvit-correction-stats file"):
+        CorrectionStats.load(_save(a, tmp_path))
+    junk = tmp_path / "junk.stats.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable correction statistics"):
+        CorrectionStats.load(junk)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(correct="lstsq"), "needs calibration"),
+        (dict(correct="none", calibration="x"), "only used with correct='bias' or 'lstsq'"),
+        (dict(correct="obs"), "correct must be one of"),
+        (dict(correct="lstsq", damping=-1.0), "damping must be a finite number >= 0"),
+        (dict(correct="lstsq", damping_reference="median"), "damping_reference must be one of"),
+    ],
+)
+def test_bad_correction_options(kwargs: dict, match: str) -> None:
+    el = _elastic("test_vit")
+    kwargs.setdefault("calibration", None)
+    with pytest.raises(ValueError, match=match):
+        el.subnet(0.3, 0.2, **kwargs)
+
+
+def test_bad_calibration_inputs() -> None:
+    el = _elastic("test_vit")
+    with pytest.raises(ValueError, match=r"calibration images must be .*\[N, 3, H, W\]"):
+        el.subnet(0.3, 0.2, correct="lstsq", calibration=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="sequential=True needs calibration images"):
+        el.subnet(0.3, 0.2, correct="lstsq", calibration=el.collect_stats(_images(el.model, n=2)), sequential=True)
+
+
+def test_norm_over_cut_dimension_needs_sequential() -> None:
+    torch.manual_seed(0)
+    kwargs = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, scale_attn_norm=True, scale_mlp_norm=True)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval()
+    el = ElasticViT(model, random_scores(model), model_name="vit_small_patch16_224", model_kwargs=kwargs)
+    images = _images(model, n=8)
+    with pytest.raises(ValueError, match="norm over the cut dimension.*sequential=True"):
+        el.subnet(0.4, 0.5, correct="lstsq", calibration=images)
+    sub = el.subnet(0.4, 0.5, correct="lstsq", calibration=images, sequential=True)
+    assert torch.isfinite(sub(images[:2])).all()
+
+
+def test_real_model_correction_keeps_more_features(real_weights: Path, photos_dir: Path) -> None:
+    """Cross-fitted on photos8: calibrate on even images, measure fidelity on odd ones."""
+    from snapvit_lightning.bench import _load_images
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+
+    model = load_real_model(real_weights)
+    images, _, _ = _load_images(photos_dir, model)
+    from snapvit_lightning.module import SnapViTModule  # magnitude scores: data-free and deterministic
+
+    scores = SnapViTModule(model, criterion="magnitude").compute_scores()
+    el = ElasticViT(model, scores, model_name="vit_small_patch14_dinov2", model_kwargs=dict(num_classes=0, img_size=112))
+    calib, held_out = images[0::2], images[1::2]
+    stats = el.collect_stats(calib)
+    dense = extract_features(el.model, held_out)
+    plain = feature_fidelity(extract_features(el.subnet(0.55, 0.4), held_out), dense)
+    fixed = feature_fidelity(extract_features(el.subnet(0.55, 0.4, correct="lstsq", calibration=stats), held_out), dense)
+    assert fixed > plain + 0.1, (plain, fixed)
