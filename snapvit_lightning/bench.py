@@ -21,8 +21,19 @@ budgets for other unit rankings, each a new elastic model built from the checkpo
   ``max(round((1 - ratio) * units), per-block minimum)``), the checkpoint's best units of each
   block; its FLOPs differ from the snapvit row's and are reported as measured.
 
-The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows and settings:
-command, hardware, threads, versions) and ``bench.md``::
+Under the table a *Build time* section gives the wall time of each stage of building the
+elastic model, measured at build time on the build machine (not by this run): ``scoring``
+(``on_train_start`` to the end of the calibration epoch, scores included), ``search`` (the
+:class:`~snapvit_lightning.search.EvolutionarySearch` hook, with its number of candidate
+evaluations) and ``export`` (:func:`~snapvit_lightning.callbacks.export_elastic` up to writing
+``report.json``). Scoring and search come from the checkpoint (``build_info`` in its scores
+metadata), the export time from the ``report.json`` beside it (only when that report names this
+checkpoint); unknown values are ``null`` (older checkpoints, a moved file, a resumed run's
+earlier part).
+
+The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows, settings:
+command, hardware, threads, versions; and ``build_times``: ``scoring_s``, ``search_s``,
+``search_evaluations``, ``export_s``, their ``sources``, ``build_machine``) and ``bench.md``::
 
     snapvit bench model.elastic.safetensors --data photos/ --out results/
     python -m snapvit_lightning.bench model.elastic.safetensors --data photos/ --no-latency
@@ -166,6 +177,60 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def build_machine(device: Any = "cpu") -> dict[str, Any]:
+    """Where a build stage ran: ``device``, ``device_name`` (GPU or CPU model), ``cpu``, threads, platform."""
+    import torch
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else _cpu_model()
+    return {"device": str(device), "device_name": name, "cpu": _cpu_model(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def _build_times(path: Path, scores: Any) -> dict[str, Any]:
+    """Stage wall times recorded at build time: the checkpoint's ``build_info`` and the
+    ``report.json`` written beside it by the same export (``export_s``); ``None`` where unknown."""
+    info = dict(getattr(scores, "build_info", None) or {})
+    report_path, report = path.parent / "report.json", {}
+    try:
+        loaded = json.loads(report_path.read_text())
+        if isinstance(loaded, dict) and (loaded.get("files") or {}).get("elastic") == path.name:
+            report = loaded.get("build_times") or {}
+    except (OSError, ValueError):
+        pass
+    out: dict[str, Any] = {}
+    sources: dict[str, Any] = {}
+    for key in ("scoring_s", "search_s", "search_evaluations", "export_s"):
+        if info.get(key) is not None:
+            out[key], sources[key] = info[key], "checkpoint"
+        elif report.get(key) is not None:
+            out[key], sources[key] = report[key], "report.json"
+        else:
+            out[key], sources[key] = None, None
+    out["sources"] = sources
+    out["report"] = str(report_path) if report else None
+    out["build_machine"] = info.get("machine") or report.get("machine")
+    out["export_machine"] = report.get("export_machine")
+    out["note"] = ("wall times measured when the elastic model was built, on the build machine "
+                   "(not in this bench run)")
+    return out
+
+
+def _build_markdown(times: dict[str, Any]) -> str:
+    """The ``Build time`` section: stage and seconds (``–`` where unknown)."""
+    evals = times["search_evaluations"]
+    rows = [("scoring", times["scoring_s"], ""),
+            ("search", times["search_s"], "" if evals is None else f" ({evals} evaluations)"),
+            ("export", times["export_s"], "")]
+    machine = times.get("build_machine") or {}
+    where = (f"{machine.get('device')} ({machine.get('device_name')}), {machine.get('torch_threads')} torch threads"
+             if machine else "unknown machine")
+    lines = [f"\nBuild time (measured when the elastic model was built, on {where}):\n",
+             "| stage | seconds |", "|:---|---:|"]
+    lines += [f"| {stage}{extra} | {_fmt(value, '.2f')} |" for stage, value, extra in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _has_labels(labels: Any) -> bool:
@@ -350,6 +415,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     elastic = ElasticViT.load(path)
+    build_times = _build_times(path, elastic.scores)
     dense = elastic.model
     images, labels, classes = _load_images(data, dense)
     knn = _has_labels(labels)
@@ -460,12 +526,13 @@ def run_bench(args: argparse.Namespace) -> int:
     }
 
     table = markdown_table(rows)
-    print(table, end="")
+    print(table + _build_markdown(build_times), end="")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        result = {"settings": settings, "rows": [{k: _finite(v) for k, v in r.items()} for r in rows]}
+        result = {"settings": settings, "build_times": build_times,
+                  "rows": [{k: _finite(v) for k, v in r.items()} for r in rows]}
         (out / "bench.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        (out / "bench.md").write_text(_markdown_file(rows, settings))
+        (out / "bench.md").write_text(_markdown_file(rows, settings) + _build_markdown(build_times))
         print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
 

@@ -24,11 +24,13 @@ renaming removes the files this export already put in place.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
 import os
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from . import __version__
+from .bench import build_machine
 from .elastic import ElasticViT, check_model_kwargs
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .scores import ImportanceScores, check_ratio
@@ -304,7 +307,10 @@ def export_elastic(
     model) and, when ``fitness_images`` are given, the *fidelity*: the mean cosine similarity
     between the subnet's and the dense model's pre-logits features
     (``forward_head(forward_features(x), pre_logits=True)``) on those images, computed on CPU
-    in float32. See the module docstring for the file names and the atomic write.
+    in float32. See the module docstring for the file names and the atomic write. Its
+    ``build_times`` holds the stage wall times: ``scoring_s``, ``search_s``,
+    ``search_evaluations`` and ``machine`` from ``elastic.scores.build_info`` (``null`` when
+    unknown) and ``export_s``, this call's time up to writing ``report.json`` (the report last).
 
     Args:
         elastic: The elastic model (left unchanged).
@@ -341,6 +347,7 @@ def export_elastic(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
+    export_start = time.perf_counter()
     # 1. Refuse to overwrite, before any work.
     _refuse_existing(export_targets(out_dir, name), overwrite)
     resolved: list[tuple[Any, float, float]] = []
@@ -417,6 +424,13 @@ def export_elastic(
         "of the subnet vs the dense model",
         "files": {role: path.name for role, path in targets.items() if not role.startswith("subnet:")},
         "budgets": entries,
+        "build_times": {  # scoring/search from the scores' build_info; export_s set just before writing
+            **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine")},
+            "export_s": None,
+            "export_s_covers": "export_elastic from its start to just before writing report.json: fidelity, "
+            "slicing, the elastic checkpoint, subnets and plots (not report.json itself nor the final renames)",
+            "export_machine": build_machine("cpu"),
+        },
     }
     title = f"{name} ({elastic.model_name})"
 
@@ -436,6 +450,7 @@ def export_elastic(
         staged["kept_units_plot"] = _staging(targets["kept_units_plot"])
         _write_figure(staged["kept_units_plot"], _kept_units_figure(entries, mlp_hidden, num_heads, title))
         staged["report"] = _staging(targets["report"])
+        report["build_times"]["export_s"] = time.perf_counter() - export_start
         _write_json(staged["report"], report)
         for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
             os.replace(staged[role], targets[role])
@@ -604,10 +619,21 @@ class ElasticExport(Callback):
         return None
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note when the scoring epoch starts (for ``scoring_s`` when no search recorded it)."""
+        self._train_start = time.perf_counter()
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export from rank 0, then wait on every rank (see the class docstring)."""
         self._check_order(trainer)
         student, scores = scored_model(pl_module, "ElasticExport")
+        start_at = getattr(self, "_train_start", None)
+        if (scores.build_info or {}).get("scoring_s") is None and start_at is not None:  # no search before us
+            device = next(student.parameters()).device
+            scores = dataclasses.replace(scores, build_info={
+                **(scores.build_info or {}), "scoring_s": time.perf_counter() - start_at,
+                "machine": {**build_machine(device), "world_size": int(trainer.world_size)}})
         error: BaseException | None = None
         if trainer.is_global_zero:  # no collectives in here
             try:

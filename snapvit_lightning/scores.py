@@ -6,6 +6,7 @@ stage produces, what the search rescales, and what the elastic checkpoint stores
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -51,6 +52,9 @@ class ImportanceScores:
         min_mlp_keep: Fraction of each block's neurons that is always kept (the best-scoring).
         min_head_keep: Fraction of each block's heads that is always kept.
         criterion: Name of the criterion that produced the scores.
+        build_info: Plain JSON values recorded while building the elastic model: stage wall
+            times ``scoring_s``, ``search_s``, ``search_evaluations`` and the build machine
+            (see :mod:`snapvit_lightning.bench`); ``None`` when unknown (older checkpoints).
     """
 
     mlp: torch.Tensor
@@ -61,6 +65,7 @@ class ImportanceScores:
     min_mlp_keep: float = 0.05
     min_head_keep: float = 0.2
     criterion: str = "dino"
+    build_info: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("mlp", "heads"):
@@ -86,6 +91,11 @@ class ImportanceScores:
         self.min_head_keep = check_fraction(self.min_head_keep, "min_head_keep")
         if not isinstance(self.criterion, str) or not self.criterion:
             raise ValueError(f"criterion must be a non-empty string, got {self.criterion!r}")
+        if self.build_info is not None:
+            try:
+                self.build_info = json.loads(json.dumps(dict(self.build_info), allow_nan=False))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"build_info must be a dict of plain JSON values, got {self.build_info!r}") from err
 
     @staticmethod
     def _check_tensor(value: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -223,7 +233,12 @@ class ImportanceScores:
 
     def metadata(self) -> dict[str, object]:
         """The plain (non-tensor) values of these scores."""
-        return {"min_mlp_keep": self.min_mlp_keep, "min_head_keep": self.min_head_keep, "criterion": self.criterion}
+        meta: dict[str, object] = {
+            "min_mlp_keep": self.min_mlp_keep, "min_head_keep": self.min_head_keep, "criterion": self.criterion
+        }
+        if self.build_info is not None:
+            meta["build_info"] = self.build_info
+        return meta
 
     @classmethod
     def from_tensors(

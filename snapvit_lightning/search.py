@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -741,6 +741,9 @@ class EvolutionarySearch(Callback):
     logged to every logger as ``search/fitness`` and ``search/best`` at ``step=eval_idx``.
     At the end ``pl_module.scores`` becomes ``scores.with_weights(best_weights,
     covariance=xnes.covariance)``; the start point is kept when no candidate beats it.
+    Its ``build_info`` records the wall times ``scoring_s`` (``on_train_start`` to this hook:
+    the calibration epoch and the scores), ``search_s`` (this hook), ``search_evaluations``
+    (candidates of this run) and the ``machine``; a resumed run times only its own part.
 
     Step size: the default ``sigma=0.15`` perturbs weights that start at 0.8-1.2 by about
     15 %. That is enough to move a meaningful number of units across the global pruning
@@ -849,7 +852,14 @@ class EvolutionarySearch(Callback):
         return _check_images(dm.fitness_images())
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note when the scoring epoch starts (the scoring time is recorded with the scores)."""
+        self._train_start = time.perf_counter()
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        search_start = time.perf_counter()
+        evals_before = len(self.history)
         student, scores = scored_model(pl_module, "EvolutionarySearch")
         strategy = trainer.strategy
         world = int(trainer.world_size)
@@ -915,7 +925,16 @@ class EvolutionarySearch(Callback):
             covariance = broadcast(covariance).double().cpu()
         self.best_weights, self.best_fitness, self.covariance = best_w, float(best_f), covariance
         self._final_state = xnes.state_dict()
-        pl_module.scores = scores.with_weights(best_w, covariance=covariance)
+        from .bench import build_machine
+
+        start_at = getattr(self, "_train_start", None)
+        pl_module.scores = replace(scores.with_weights(best_w, covariance=covariance), build_info={
+            **(scores.build_info or {}),
+            "scoring_s": None if start_at is None else search_start - start_at,  # train start -> here
+            "search_s": time.perf_counter() - search_start,  # this hook: fitness set-up, start point, xNES
+            "search_evaluations": len(self.history) - evals_before,  # candidates, start point not counted
+            "machine": {**build_machine(device), "world_size": world},
+        })
         for logger in trainer.loggers:
             logger.save()
         rank_zero_info(

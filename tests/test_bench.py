@@ -70,10 +70,19 @@ def test_json_rows_and_settings(result, setup) -> None:
 def test_markdown(result) -> None:
     js, md = result
     assert js["settings"]["command"] in md
-    lines = [line for line in md.splitlines() if line.startswith("|")]
+    lines = [line for line in md.split("\nBuild time")[0].splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
     assert len(lines) == 2 + len(js["rows"])
     assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
+
+
+def test_build_times_unknown_for_checkpoint_without_timings(result) -> None:
+    js, md = result  # the fixture's checkpoint has no build_info and no report.json beside it
+    bt = js["build_times"]
+    assert {k: bt[k] for k in ("scoring_s", "search_s", "search_evaluations", "export_s")} == dict.fromkeys(
+        ("scoring_s", "search_s", "search_evaluations", "export_s"))
+    assert bt["report"] is None and bt["build_machine"] is None
+    assert "Build time" in md and "| scoring | – |" in md and "| export | – |" in md
 
 
 def test_no_latency_flat_folder(setup, tmp_path, capsys) -> None:
@@ -175,6 +184,6 @@ def test_baselines(setup, capsys) -> None:
         assert r["kept_neurons"][0] == max(round((1 - m) * hidden), math.ceil(0.05 * hidden - 1e-9), 1)
         assert r["kept_heads"][0] == max(round((1 - h) * heads), math.ceil(0.2 * heads - 1e-9), 1)
     md = (out / "bench.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
+    table = [line for line in md.split("\nBuild time")[0].splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows) and table[0].startswith("| method |")
     assert any(line.startswith("| random |") and "±" in line for line in table)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import timm
 import torch
 from conftest import random_scores, tiny_model
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from snapvit_lightning import bench
 from snapvit_lightning import callbacks as cb
 from snapvit_lightning.callbacks import ElasticExport, SnapViT, export_elastic, find_vit
 from snapvit_lightning.data import CalibrationDataModule
@@ -208,6 +212,46 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     assert export.report["fidelity_images"] == 4  # from dm.fitness_images()
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert export.report["scores"]["searched"] is False
+    times = export.report["build_times"]  # no search: ElasticExport records the scoring time
+    assert times["scoring_s"] > 0 and times["search_s"] is None and times["search_evaluations"] is None
+    assert times["export_s"] > 0
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_stage_times_travel_to_report_and_bench(tmp_path, capsys):
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    images = torch.randn(4, 3, IMG, IMG)
+    export = ElasticExport(tmp_path / "out", budgets=[(0.0, 0.0), (0.4, 0.5)], images=images)
+    search = EvolutionarySearch(max_evals=2, images=images, pca_components=2, log_every_n_evals=0)
+    _trainer(tmp_path, [search, export]).fit(module, train_dataloaders=_multicrop_loader())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    times = report["build_times"]
+    assert all(_positive(times[k]) for k in ("scoring_s", "search_s", "export_s")), times
+    assert times["search_evaluations"] == 2 and times["machine"]["device"] == "cpu"
+    info = ElasticViT.load(export.export_paths["elastic"]).scores.build_info  # in the checkpoint itself
+    assert info["scoring_s"] == times["scoring_s"] and info["search_s"] == times["search_s"]
+    assert "export_s" not in info  # known only after writing it: report.json only
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "bench"
+    args = [str(export.export_paths["elastic"]), "--data", str(data), "--budgets", "0.4,0.5", "--no-latency",
+            "--batch-size", "4", "--out", str(out)]
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Build time" in printed and "| search (2 evaluations) |" in printed
+    js = json.loads((out / "bench.json").read_text())
+    bt = js["build_times"]
+    assert {k: bt[k] for k in ("scoring_s", "search_s", "search_evaluations", "export_s")} == {
+        k: times[k] for k in ("scoring_s", "search_s", "search_evaluations", "export_s")}
+    assert bt["sources"] == {"scoring_s": "checkpoint", "search_s": "checkpoint",
+                             "search_evaluations": "checkpoint", "export_s": "report.json"}
+    assert bt["build_machine"]["device"] == "cpu" and "Build time" in (out / "bench.md").read_text()
 
 
 def test_elastic_export_wrong_order_raises(tmp_path):
