@@ -17,7 +17,7 @@ of dataloader workers, on the batch size, on the number of DDP ranks, or on iter
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler
 from typing_extensions import override
 
 __all__ = [
@@ -42,6 +42,8 @@ __all__ = [
     "ImageFolderSource",
     "ImageSource",
     "MultiCropDataset",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
     "SkimagePhotosSource",
     "UnreadableImageError",
     "eval_transform",
@@ -817,6 +819,88 @@ class MultiCropDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------
+# resumable loading
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A :class:`~torch.utils.data.BatchSampler` whose next pass can start after ``skip`` batches.
+
+    Skipping happens on indices only (no image is loaded or cropped for a skipped batch) and
+    applies to one pass: ``skip`` is reset to 0 when the pass starts. Lightning re-creates it
+    around a ``DistributedSampler`` under DDP (same ``(sampler, batch_size, drop_last)``
+    arguments), so the skip then counts the rank's own batches.
+
+    Args:
+        sampler: the index sampler.
+        batch_size: indices per batch.
+        drop_last: drop the last incomplete batch.
+    """
+
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` that Lightning can resume in the middle of an epoch.
+
+    Lightning (2.x) stores ``state_dict()`` of every train dataloader that has
+    ``state_dict``/``load_state_dict`` in the checkpoint's loop state and, on
+    ``trainer.fit(..., ckpt_path=...)``, calls ``load_state_dict`` before the first ``iter()``;
+    its batch progress continues from the restored ``batch_idx``. The state is the number of
+    batches this loader has yielded in the current pass (counted in the main process, after
+    worker prefetching, so it equals the steps Lightning has taken for a sized loader). After
+    ``load_state_dict`` the next pass starts after those batches: at the index level with a
+    :class:`ResumableBatchSampler`, otherwise by loading and dropping them. ``len()`` stays the
+    full length, as Lightning expects.
+    """
+
+    _served: int = 0
+    _resume_at: int = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        start, self._resume_at = self._resume_at, 0
+        skip_here = start
+        if start and isinstance(self.batch_sampler, ResumableBatchSampler):
+            self.batch_sampler.skip, skip_here = start, 0
+        self._served = start
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip_here:
+                continue
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"batches": yielded in this pass, "num_samples": dataset length}`` (plain ints)."""
+        return {"batches": int(self._served), "num_samples": len(self.dataset)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Start the next pass after ``state_dict["batches"]`` batches.
+
+        Raises:
+            ValueError: if the saved dataset length differs from this loader's, or the batch
+                count is negative or beyond the loader's length.
+        """
+        batches = int(state_dict.get("batches", 0))
+        saved = state_dict.get("num_samples")
+        current = len(self.dataset)  # type: ignore[arg-type]
+        if saved is not None and int(saved) != current:
+            raise ValueError(
+                f"the checkpoint's dataloader state was saved with num_samples={int(saved)}, but this "
+                f"loader's dataset has {current} samples: resume with the same calibration data"
+            )
+        if not 0 <= batches <= len(self):
+            raise ValueError(f"dataloader state batches={batches} is outside [0, {len(self)}]")
+        self._resume_at = batches
+
+
+# --------------------------------------------------------------------------------------
 # data module
 
 
@@ -1123,14 +1207,19 @@ class CalibrationDataModule(LightningDataModule):
         return self._train_dataset
 
     @override
-    def train_dataloader(self) -> DataLoader:
-        """Batches ``(views [B, 2+N, 3, S, S], labels [B])`` in a fixed order."""
-        return DataLoader(
-            self.train_dataset(),
-            batch_size=self.batch_size,
-            shuffle=False,
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Batches ``(views [B, 2+N, 3, S, S], labels [B])`` in a fixed order.
+
+        The loader is a :class:`ResumableDataLoader`: a Lightning checkpoint saved in the
+        middle of the epoch records how many batches were served, and
+        ``trainer.fit(..., ckpt_path=...)`` continues with the remaining ones. The views of
+        an image depend only on ``(seed, epoch, index)``, so they are the same after a resume.
+        """
+        dataset = self.train_dataset()
+        return ResumableDataLoader(
+            dataset,
+            batch_sampler=ResumableBatchSampler(SequentialSampler(dataset), self.batch_size, drop_last=False),
             num_workers=self.num_workers,
-            drop_last=False,
         )
 
     def _eval_stack(self, key: str, images: list[Tensor]) -> Tensor:

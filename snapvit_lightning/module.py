@@ -50,6 +50,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
@@ -355,6 +356,8 @@ class SnapViTModule(pl.LightningModule):
         self._grads: dict[str, Tensor] | None = None  # local (per-rank) fp32 accumulators
         self._samples = 0  # local sample count
         self._pending: dict[str, Any] | None = None  # restored by on_load_checkpoint
+        self._resumed = False  # this fit continues sums restored from a checkpoint
+        self._train_started = False  # this fit reached on_train_start
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -475,6 +478,8 @@ class SnapViTModule(pl.LightningModule):
         device = self.student.patch_embed.proj.weight.device
         self._grads = {k: v.to(device) for k, v in self._zero_grads().items()}
         self._samples = 0
+        self._resumed = self._pending is not None
+        self._train_started = False
         if self._pending is not None:
             pending, self._pending = self._pending, None
             if self.global_rank == 0:
@@ -483,6 +488,34 @@ class SnapViTModule(pl.LightningModule):
                         raise ValueError(f"restored accumulator {key!r} does not match the model")
                     self._grads[key].copy_(value)
                 self._samples = int(pending["num_samples"])
+
+    @override
+    def on_train_start(self) -> None:
+        """Compute the scores of an epoch that a resumed fit will not finish itself.
+
+        A checkpoint saved at the end of an epoch's *last* training batch is restored by
+        Lightning as an epoch already processed: that epoch's ``on_train_epoch_end`` (where the
+        scores are computed) never runs again. The restored sums are complete, so the scores are
+        computed here, before any ``on_train_end`` callback (the search) needs them.
+        """
+        self._train_started = True
+        progress = self.trainer.fit_loop.epoch_progress.current
+        if self._resumed and progress.started > 0 and progress.processed == progress.started:
+            self.scores = self.compute_scores()
+
+    @override
+    def on_fit_end(self) -> None:
+        """Warn when a resumed fit ran no training (so no ``on_train_end`` callback ran)."""
+        ckpt_path = self.trainer.ckpt_path
+        if ckpt_path is not None and not self._train_started:
+            rank_zero_warn(
+                f"trainer.fit(ckpt_path={str(ckpt_path)!r}) resumed a checkpoint saved after the scoring "
+                "epoch had ended (e.g. an end-of-epoch ModelCheckpoint, or one saved during the search or "
+                "export): Lightning considers that fit finished, so no on_train_end callback ran "
+                "(EvolutionarySearch, ElasticExport). The restored scores are in `module.scores`; to finish "
+                "the run, resume from a checkpoint saved during the scoring epoch (ModelCheckpoint("
+                "every_n_train_steps=k, save_on_train_epoch_end=False)) or start a new fit."
+            )
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -555,6 +588,11 @@ class SnapViTModule(pl.LightningModule):
             self.manual_backward(loss)
         self._accumulate()
         self._samples += int(views.shape[0])
+        if self._trainer is not None:
+            # Lightning's placeholder optimizer (no parameter has a .grad any more, so even a
+            # real optimizer would change nothing): counts the batch in trainer.global_step,
+            # which step-based checkpointing (every_n_train_steps), max_steps and loggers use.
+            self.optimizers().step()
         loss = loss.detach()
         self.log("loss", loss / views.shape[0], prog_bar=True, batch_size=int(views.shape[0]))
         return loss

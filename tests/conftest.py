@@ -30,6 +30,15 @@ TINY_MODELS = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models' forwards are much faster so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(key: str, seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
     """Build one of TINY_MODELS with random weights; returns (model, timm name, kwargs)."""
     spec = TINY_MODELS[key]

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from snapvit_lightning import __version__
 from snapvit_lightning.cli import main
@@ -126,3 +127,103 @@ def test_fit_with_two_ddp_processes_equals_one(tmp_path) -> None:
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-9)
         else:  # permuted weights, unit orders, search weights and covariance: identical
             assert torch.equal(two[key], one[key]), key
+
+
+# ------------------------------------------------------------------------------ resuming an interrupted fit
+
+_RESUME_CONFIG = """
+seed_everything: 0
+model:
+  model: test_vit
+  model_kwargs: {{img_size: 32}}
+data:
+  data_dir: {images}
+  batch_size: 2
+  num_local_crops: 2
+trainer:
+  accelerator: cpu
+  max_epochs: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: snapvit_lightning.search.EvolutionarySearch
+      init_args: {{max_evals: 4, autocast: false, log_every_n_evals: 0}}
+    - class_path: snapvit_lightning.callbacks.ElasticExport
+      init_args: {{dirpath: {out}, budgets: [[0.0, 0.0], [0.35, 0.2]]}}
+"""
+
+
+class CrashAtBatch(Callback):
+    """Raise at the start of training batch ``batch_idx`` (simulates a killed run)."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            raise RuntimeError(f"simulated crash at batch {batch_idx}")
+
+
+class RecordBatches(Callback):
+    """Record the batch indices trained and the module's sample count at the end (class-level)."""
+
+    seen: list[int] = []
+    num_samples: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        RecordBatches.seen.append(batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        RecordBatches.num_samples = pl_module.num_samples
+
+
+def _images(root, n: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for i in range(n):
+        folder = root / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_path, one_thread) -> None:
+    """`snapvit fit --ckpt_path` after a crash mid-scoring writes the same elastic checkpoint as one run."""
+    from safetensors.torch import load_file
+
+    _images(tmp_path / "images", 9)  # batches of 2: 5 batches, the last one incomplete
+    here = __name__
+    ckpt_cb = (
+        '--trainer.callbacks+={"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+        f'{{"dirpath": "{tmp_path / "ckpts"}", "every_n_train_steps": 2, "save_top_k": -1, '
+        '"save_on_train_epoch_end": false}}'
+    )
+
+    def fit(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(_RESUME_CONFIG.format(images=tmp_path / "images", out=out))
+        RecordBatches.seen, RecordBatches.num_samples = [], None
+        main(["fit", "--config", str(config), *extra, f"--trainer.callbacks+={here}.RecordBatches"])
+        return load_file(str(out / "test_vit.elastic.safetensors"))
+
+    straight = fit("straight", "--trainer.enable_checkpointing", "false")
+    assert RecordBatches.seen == [0, 1, 2, 3, 4] and RecordBatches.num_samples == 9
+
+    with pytest.raises(RuntimeError, match="simulated crash at batch 3"):  # checkpoint after step 2, crash in step 4
+        fit("crashed", "--trainer.enable_checkpointing", "true", ckpt_cb, f"--trainer.callbacks+={here}.CrashAtBatch",
+            "--trainer.callbacks.batch_idx", "3")
+    assert not (tmp_path / "crashed" / "test_vit.elastic.safetensors").exists()
+    ckpt = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == [ckpt.name]
+    raw = torch.load(ckpt, weights_only=True)  # plain tensors and values only
+    assert raw["snapvit_scoring"]["num_samples"] == 4 and raw["snapvit_scoring"]["scores"] is None
+    assert raw["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 2, "num_samples": 9}]
+
+    resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt))
+    assert RecordBatches.seen == [2, 3, 4]  # only the remaining batches, none counted twice
+    assert RecordBatches.num_samples == 9
+    assert set(resumed) == set(straight)
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key

@@ -17,6 +17,8 @@ from snapvit_lightning.data import (
     DatasetSource,
     DINOMultiCrop,
     ImageFolderSource,
+    ResumableBatchSampler,
+    ResumableDataLoader,
     SkimagePhotosSource,
     UnreadableImageError,
     eval_transform,
@@ -530,6 +532,57 @@ def test_dataloader_reproducible_and_worker_independent() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     other = next(iter(CalibrationDataModule(**kwargs, seed=1).train_dataloader()))[0]
     assert not torch.allclose(first[0], other)
+
+
+class _RecordingDataset(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n, self.loaded = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded.append(i)
+        return i
+
+
+@pytest.mark.parametrize("index_level", [True, False])
+def test_resumable_loader_continues_after_served_batches(index_level: bool) -> None:
+    data = _RecordingDataset(5)
+
+    def make() -> ResumableDataLoader:
+        if index_level:
+            return ResumableDataLoader(data, batch_sampler=ResumableBatchSampler(range(5), 2, drop_last=False))
+        return ResumableDataLoader(data, batch_size=2)
+
+    first = make()
+    it = iter(first)
+    assert [next(it).tolist(), next(it).tolist()] == [[0, 1], [2, 3]]
+    state = first.state_dict()
+    assert state == {"batches": 2, "num_samples": 5}
+    data.loaded.clear()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert len(resumed) == 3  # Lightning needs the full length
+    assert [b.tolist() for b in resumed] == [[4]]
+    assert data.loaded == ([4] if index_level else [0, 1, 2, 3, 4])  # skipped batches are never loaded
+    assert resumed.state_dict()["batches"] == 3
+    assert [b.tolist() for b in resumed] == [[0, 1], [2, 3], [4]]  # the skip applies to one pass only
+    with pytest.raises(ValueError, match="num_samples=4"):
+        resumed.load_state_dict({"batches": 1, "num_samples": 4})
+    with pytest.raises(ValueError, match="batches=4"):
+        resumed.load_state_dict({"batches": 4, "num_samples": 5})
+
+
+def test_datamodule_loader_resumes_with_identical_views() -> None:
+    kwargs = {"dataset": _NoiseDataset(5), "img_size": 16, "batch_size": 2, "num_local_crops": 2}
+    full = [b[0] for b in CalibrationDataModule(**kwargs).train_dataloader()]
+    loader = CalibrationDataModule(**kwargs).train_dataloader()
+    loader.load_state_dict({"batches": 1, "num_samples": 5})
+    rest = [b[0] for b in loader]
+    assert len(rest) == 2
+    for a, b in zip(rest, full[1:], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_set_epoch_changes_crops() -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from snapvit_lightning.data import ResumableDataLoader
 from snapvit_lightning.module import CRITERIA, SnapViTModule, dino_loss, lamp_scores
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.structure import UnsupportedModelError, get_blocks, mlp_input_layers
@@ -396,38 +397,21 @@ def test_checkpoint_hooks_resume_midway(tmp_path: Path, weights: Path) -> None:
         scoring(weights, accumulation="fisher").on_load_checkpoint(loaded)
 
 
-class _ResumableLoader(DataLoader):
-    """A stateful loader (what Lightning needs to resume mid-epoch): skips batches already served."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.served = self.skip = 0
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        self.served = skip
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                self.served = i + 1
-                yield batch
-
-    def state_dict(self) -> dict:
-        return {"served": self.served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.skip = state["served"]
+_ResumableLoader = ResumableDataLoader  # the stateful loader CalibrationDataModule returns
 
 
 class _SaveAfterFirstBatch(pl.Callback):
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, batch_idx: int = 0, crash: bool = False) -> None:
+        self.path, self.batch_idx, self.crash = path, batch_idx, crash
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx == 0:
+        if batch_idx == self.batch_idx:
             trainer.save_checkpoint(self.path)
+            if self.crash:
+                raise RuntimeError("simulated crash")
 
 
-def test_trainer_checkpoint_resume_mid_epoch(tmp_path: Path, weights: Path) -> None:
+def test_trainer_checkpoint_resume_mid_epoch(tmp_path: Path, weights: Path, one_thread) -> None:
     x = views(6)
     labels = torch.full((6,), -1)
     ckpt = tmp_path / "mid.ckpt"
@@ -447,6 +431,47 @@ def test_trainer_checkpoint_resume_mid_epoch(tmp_path: Path, weights: Path) -> N
     restored = SnapViTModule.load_from_checkpoint(tmp_path / "end.ckpt", weights_only=True)
     assert_scores_close(restored.scores, module.scores, rtol=0)
     assert restored.hparams.model == VIT and restored.hparams.model_kwargs == VIT_KW
+
+
+def test_every_batch_is_a_global_step(tmp_path: Path, weights: Path, one_thread) -> None:
+    """Step-based checkpointing works: each scoring batch advances trainer.global_step (weights unchanged)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = scoring(weights)
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    t = trainer(enable_checkpointing=True, callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)])
+    t.fit(module, loader(views(6)))
+    assert t.global_step == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt"]
+    assert all(torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+
+
+def test_resume_from_last_batch_checkpoint_computes_scores(tmp_path: Path, weights: Path, one_thread) -> None:
+    """Lightning restores a checkpoint saved after the last batch as a processed epoch (no epoch-end hook)."""
+    x = views(6)
+    data = TensorDataset(x, torch.full((6,), -1))
+    full = fit(scoring(weights), x)
+    ckpt = tmp_path / "last_batch.ckpt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(callbacks=[_SaveAfterFirstBatch(ckpt, batch_idx=2, crash=True)]).fit(
+            scoring(weights), _ResumableLoader(data, batch_size=2)
+        )
+    resumed = scoring(weights)
+    trainer().fit(resumed, _ResumableLoader(data, batch_size=2), ckpt_path=ckpt)
+    assert resumed.num_samples == 6
+    assert_scores_close(resumed.scores, full, rtol=1e-5)
+
+
+def test_resume_after_the_epoch_warns_that_nothing_runs(tmp_path: Path, weights: Path, one_thread) -> None:
+    x = views(4)
+    module = scoring(weights)
+    t = trainer()
+    t.fit(module, loader(x))
+    t.save_checkpoint(tmp_path / "end.ckpt")
+    resumed = scoring(weights)
+    with pytest.warns(UserWarning, match="no on_train_end callback ran"):
+        trainer().fit(resumed, loader(x), ckpt_path=tmp_path / "end.ckpt")
+    assert_scores_close(resumed.scores, module.scores, rtol=0)  # restored, not recomputed
 
 
 # ------------------------------------------------------------------------------ DDP
