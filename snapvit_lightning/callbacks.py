@@ -10,7 +10,10 @@
 Export directory (``name`` defaults to the timm model name)::
 
     <name>.elastic.safetensors            ElasticViT.save (load with ElasticViT.load)
-    <name>.mlp<a>_head<b>.safetensors     subnets (save_subnets=True; load with load_subnet)
+    <name>.mlp<a>_head<b>.safetensors     subnets (save_subnets=True; load with load_subnet),
+                                          weight-corrected when correct != "none"
+    <name>.stats.safetensors              correction statistics (correct != "none";
+                                          CorrectionStats.load, reused by snapvit slice)
     report.json                           per-budget kept units, params, FLOPs, fidelity
     fidelity_vs_flops.png                 fidelity (cosine to the dense model) against FLOPs
     kept_units.png                        per-block kept fraction of neurons / heads per budget
@@ -46,6 +49,7 @@ from typing_extensions import override
 
 from . import __version__
 from .bench import build_machine
+from .correction import CORRECTIONS
 from .elastic import ElasticViT, check_model_kwargs
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .scores import ImportanceScores, check_ratio
@@ -125,6 +129,19 @@ def _check_name(name: Any) -> str | None:
     return name
 
 
+def _check_correct(value: Any) -> str:
+    if value not in CORRECTIONS:
+        raise ValueError(f"correct must be one of {CORRECTIONS}, got {value!r}")
+    return str(value)
+
+
+def _calibration_images(source: Any, fallback: Tensor | None) -> Tensor | None:
+    """Plain views of a datamodule's calibration images, else ``fallback`` (the fitness images)."""
+    if hasattr(source, "calibration_images_eval"):
+        return source.calibration_images_eval()
+    return fallback
+
+
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -167,7 +184,9 @@ def subnet_label(mlp_ratio: float, head_ratio: float) -> str:
     return f"mlp{_fmt(mlp_ratio)}_head{_fmt(head_ratio)}"
 
 
-def export_targets(out_dir: str | os.PathLike, name: str, subnet_labels: Sequence[str] = ()) -> dict[str, Path]:
+def export_targets(
+    out_dir: str | os.PathLike, name: str, subnet_labels: Sequence[str] = (), stats: bool = False
+) -> dict[str, Path]:
     """Final paths of an export (without creating anything)."""
     out = Path(out_dir)
     targets = {
@@ -178,6 +197,8 @@ def export_targets(out_dir: str | os.PathLike, name: str, subnet_labels: Sequenc
     }
     for label in subnet_labels:
         targets[f"subnet:{label}"] = out / f"{name}.{label}.safetensors"
+    if stats:
+        targets["stats"] = out / f"{name}.stats.safetensors"
     return targets
 
 
@@ -223,11 +244,15 @@ def _fidelity_figure(entries: list[dict[str, Any]], title: str):
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     points = sorted((e["flops_fraction"], e["fidelity"], e["label"]) for e in entries if e["fidelity"] is not None)
+    corrected = sorted((e["flops_fraction"], e["fidelity_corrected"]) for e in entries if e["fidelity_corrected"] is not None)
     if points:
         xs, ys, labels = zip(*points)
-        ax.plot(xs, ys, "o-")
+        ax.plot(xs, ys, "o-", label="sliced")
         for x, y, label in points:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if corrected:
+            ax.plot(*zip(*corrected), "s--", label="sliced + weight correction")
+            ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no fitness images: fidelity not measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("FLOPs (fraction of the dense model)")
@@ -299,6 +324,8 @@ def export_elastic(
     overwrite: bool = False,
     name: str | None = None,
     batch_size: int = 64,
+    correct: str = "none",
+    calibration_images: Tensor | None = None,
 ) -> dict[str, Any]:
     """Write an elastic model, optional subnets, ``report.json`` and two plots to ``out_dir``.
 
@@ -312,6 +339,12 @@ def export_elastic(
     ``search_evaluations`` and ``machine`` from ``elastic.scores.build_info`` (``null`` when
     unknown) and ``export_s``, this call's time up to writing ``report.json`` (the report last).
 
+    With ``correct="bias"`` or ``"lstsq"`` (see :mod:`snapvit_lightning.correction`) the
+    correction statistics are collected on ``calibration_images`` and written beside the
+    checkpoint (``<name>.stats.safetensors``), the saved subnets are corrected, and every budget
+    also gets ``fidelity_corrected``; ``report["correction"]`` says how, and whether the
+    fidelity images were also the calibration images (then the corrected fidelity is optimistic).
+
     Args:
         elastic: The elastic model (left unchanged).
         out_dir: Output directory (created when missing).
@@ -324,17 +357,20 @@ def export_elastic(
         overwrite: Replace existing files of an earlier export.
         name: File-name stem; default the elastic model's timm name.
         batch_size: Images per forward pass for the fidelity.
+        correct: ``"none"``, ``"bias"`` or ``"lstsq"``.
+        calibration_images: Float ``[N, 3, S, S]`` images for the correction statistics
+            (required when ``correct`` is not ``"none"``).
 
     Returns:
         ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
-        ``fidelity_plot``, ``kept_units_plot`` and ``subnet:<label>`` per subnet.
+        ``fidelity_plot``, ``kept_units_plot``, ``subnet:<label>`` per subnet and ``stats``.
 
     Raises:
         FileExistsError: If a target file exists and ``overwrite`` is false (checked before
             any work).
         TypeError: If ``elastic`` is not an ElasticViT or a flag is not a bool.
         ValueError: Invalid budgets, images, name or batch size; two budgets that resolve to
-            the same subnet file name.
+            the same subnet file name; a correction without calibration images.
     """
     if not isinstance(elastic, ElasticViT):
         raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
@@ -346,10 +382,14 @@ def export_elastic(
     name = _check_name(name) or elastic.model_name
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    correct = _check_correct(correct)
+    calibration = _check_images(calibration_images, "calibration_images")
+    if correct != "none" and calibration is None:
+        raise ValueError(f"correct={correct!r} needs calibration_images [N, 3, S, S]")
 
     export_start = time.perf_counter()
     # 1. Refuse to overwrite, before any work.
-    _refuse_existing(export_targets(out_dir, name), overwrite)
+    _refuse_existing(export_targets(out_dir, name, stats=correct != "none"), overwrite)
     resolved: list[tuple[Any, float, float]] = []
     for kind, values in entries_in:
         if kind == "flops":
@@ -364,7 +404,7 @@ def export_elastic(
             raise ValueError(f"budgets resolve to ratios {seen[label]} and {(a, b)} with the same file label {label!r}")
         seen[label] = (a, b)
     subnet_labels = list(dict.fromkeys(labels)) if save_subnets else []
-    targets = export_targets(out_dir, name, subnet_labels)
+    targets = export_targets(out_dir, name, subnet_labels, stats=correct != "none")
     _refuse_existing(targets, overwrite)
 
     # 2. Measure.
@@ -376,6 +416,10 @@ def export_elastic(
     if images is not None:
         images = images.detach().to("cpu", torch.float32)
         dense_features = _features(elastic.model, images, batch_size)
+    stats = None
+    if correct != "none":
+        calibration = calibration.detach().to("cpu", torch.float32)
+        stats = elastic.collect_stats(calibration, batch_size=batch_size)
     entries: list[dict[str, Any]] = []
     subnets: dict[str, nn.Module] = {}
     for (requested, a, b), label in zip(resolved, labels):
@@ -385,6 +429,11 @@ def export_elastic(
         heads = [d.num_heads for d in dims]
         sub = elastic.slice(dims) if (images is not None or save_subnets) else None
         fidelity = None if sub is None or images is None else _fidelity(sub, dense_features, images, batch_size)
+        fidelity_corrected = None
+        if sub is not None and stats is not None:
+            sub = elastic.slice(dims, correct=correct, calibration=stats)
+            if images is not None:
+                fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
         if save_subnets and label not in subnets:
             subnets[label] = sub
         entries.append(
@@ -402,6 +451,7 @@ def export_elastic(
                 "params_fraction": float(cost["params_fraction"]),
                 "flops_fraction": float(cost["flops_fraction"]),
                 "fidelity": fidelity,
+                "fidelity_corrected": fidelity_corrected,
                 "subnet_file": targets[f"subnet:{label}"].name if save_subnets else None,
             }
         )
@@ -424,6 +474,14 @@ def export_elastic(
         "of the subnet vs the dense model",
         "files": {role: path.name for role, path in targets.items() if not role.startswith("subnet:")},
         "budgets": entries,
+        "correction": None if stats is None else {
+            "method": correct,
+            "stats_file": targets["stats"].name,
+            "stats_bytes": stats.nbytes,
+            "calibration_images": stats.num_images,
+            "fidelity_images_are_calibration_images": images is not None and images.shape == calibration.shape
+            and bool(torch.equal(images, calibration)),
+        },
         "build_times": {  # scoring/search from the scores' build_info; export_s set just before writing
             **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine")},
             "export_s": None,
@@ -441,6 +499,9 @@ def export_elastic(
     try:
         staged["elastic"] = _staging(targets["elastic"])
         _write_elastic(staged["elastic"], elastic)
+        if stats is not None:
+            staged["stats"] = _staging(targets["stats"])
+            stats.save(staged["stats"])
         for label, sub in subnets.items():
             role = f"subnet:{label}"
             staged[role] = _staging(targets[role])
@@ -505,9 +566,11 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
 
 
 def _set_export_options(
-    owner: Any, budgets: Any, save_subnets: Any, overwrite: Any, model_name: Any, model_kwargs: Any, name: Any
+    owner: Any, budgets: Any, save_subnets: Any, overwrite: Any, model_name: Any, model_kwargs: Any, name: Any,
+    correct: Any = "none",
 ) -> None:
     """Validate the export options shared by ElasticExport and SnapViT and set them on ``owner``."""
+    owner.correct = _check_correct(correct)
     _check_budgets(budgets)
     owner.budgets = list(budgets)
     owner.save_subnets = _check_bool("save_subnets", save_subnets)
@@ -550,6 +613,10 @@ class ElasticExport(Callback):
         name: File-name stem (default: the model name).
         images: Fitness images ``[M, 3, S, S]`` for the fidelity.
         batch_size: Images per forward pass for the fidelity.
+        correct: Weight correction of the exported subnets, ``"none"``, ``"bias"`` or
+            ``"lstsq"`` (see :func:`export_elastic`); its statistics are collected on
+            ``trainer.datamodule.calibration_images_eval()`` when the datamodule has it, else
+            on the fitness images.
 
     Attributes:
         elastic: The :class:`ElasticViT` exported (rank 0, after the fit).
@@ -573,10 +640,11 @@ class ElasticExport(Callback):
         name: str | None = None,
         images: Tensor | None = None,
         batch_size: int = 64,
+        correct: str = "none",
     ) -> None:
         super().__init__()
         self.dirpath = _check_dirpath(dirpath)
-        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name)
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct)
         self.images = _check_images(images, "images")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -649,6 +717,10 @@ class ElasticExport(Callback):
                     overwrite=self.overwrite,
                     name=self.name,
                     batch_size=self.batch_size,
+                    correct=self.correct,
+                    calibration_images=None if self.correct == "none" else _calibration_images(
+                        getattr(trainer, "datamodule", None), self._images(trainer)
+                    ),
                 )
                 self.export_paths, self.report = result["paths"], result["report"]
             except BaseException as err:  # raised after the barrier, so no rank waits forever
@@ -779,6 +851,9 @@ class SnapViT(Callback):
             run was on CPU, else ``"auto"``.
         search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
         fitness_images: Float ``[M, 3, S, S]`` fitness images.
+        correct: Weight correction of the exported subnets (``"none"``, ``"bias"``,
+            ``"lstsq"``); statistics from the datamodule's ``calibration_images_eval()`` when
+            it has one, else from the fitness images.
 
     Attributes:
         elastic: The exported :class:`ElasticViT` (after the fit, rank 0).
@@ -811,6 +886,7 @@ class SnapViT(Callback):
         accelerator: str | None = None,
         search_kwargs: dict[str, Any] | None = None,
         fitness_images: Tensor | None = None,
+        correct: str = "none",
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, (pl.LightningDataModule, DataLoader)):
@@ -836,7 +912,7 @@ class SnapViT(Callback):
         if isinstance(search_evals, bool) or not isinstance(search_evals, int) or search_evals < 0:
             raise ValueError(f"search_evals must be an int >= 0 (0: no search), got {search_evals!r}")
         self.search_evals = search_evals
-        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name)
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct)
         if str(precision) not in ALLOWED_PRECISIONS:
             raise ValueError(f"precision must be one of {list(ALLOWED_PRECISIONS)} (fp16 corrupts gradient scores), got {precision!r}")
         self.precision = precision
@@ -949,5 +1025,7 @@ class SnapViT(Callback):
             save_subnets=self.save_subnets,
             overwrite=self.overwrite,
             name=self.name,
+            correct=self.correct,
+            calibration_images=None if self.correct == "none" else _calibration_images(self.datamodule, images),
         )
         self.export_paths, self.report = result["paths"], result["report"]

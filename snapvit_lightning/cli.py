@@ -2,7 +2,8 @@
 
 ``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
 :class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
-info`` and ``snapvit slice`` work on elastic checkpoints.
+info``, ``snapvit slice`` (optionally weight-corrected) and ``snapvit stats`` (correction
+statistics) work on elastic checkpoints; ``snapvit bench`` measures them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .correction import CORRECTIONS
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -35,21 +37,67 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace, elastic: object) -> object:
+    """Stored statistics or images for ``--correct`` (``--calibration``, else the stats file beside)."""
+    from .bench import _load_images
+    from .correction import CorrectionStats, stats_path_for
+
+    source = Path(args.calibration) if args.calibration is not None else stats_path_for(args.path)
+    if source.is_dir():
+        return _load_images(source, elastic.model)[0]
+    if args.sequential:
+        raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
+    if args.calibration is None and not source.is_file():
+        raise ValueError(
+            f"--correct {args.correct} needs --calibration STATS_FILE|IMAGE_FOLDER "
+            f"(no statistics at '{source}'; write them with `snapvit stats {args.path} --data FOLDER`)"
+        )
+    return CorrectionStats.load(source)
+
+
 def _slice(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT
 
     if args.flops is not None and (args.mlp_ratio is not None or args.head_ratio is not None):
         raise ValueError("give either --flops or --mlp-ratio/--head-ratio, not both")
+    if args.correct == "none" and (args.calibration is not None or args.sequential):
+        raise ValueError("--calibration/--sequential need --correct bias|lstsq")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     elastic = ElasticViT.load(args.path)
     mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=args.flops)
-    sub = elastic.slice(elastic.dims(mlp_ratio, head_ratio))
+    correction = {}
+    if args.correct != "none":
+        correction = dict(
+            correct=args.correct, calibration=_calibration(args, elastic), damping=args.damping,
+            damping_reference=args.damping_reference, sequential=args.sequential,
+        )
+    sub = elastic.slice(elastic.dims(mlp_ratio, head_ratio), **correction)
     elastic.save_subnet(out, sub)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))
     print(f"wrote {out}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
-          f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%)")
+          f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
+          f"correction {args.correct}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .bench import _load_images
+    from .correction import stats_path_for
+    from .elastic import ElasticViT
+
+    out = Path(args.output) if args.output is not None else stats_path_for(args.path)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"image folder not found: '{data}'")
+    elastic = ElasticViT.load(args.path)
+    stats = elastic.collect_stats(_load_images(data, elastic.model)[0], batch_size=args.batch_size)
+    stats.save(out)
+    print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens), "
+          f"{stats.nbytes / 1e6:.1f} MB")
     return 0
 
 
@@ -82,7 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--head-ratio", type=float, default=None, help="fraction of all heads to prune, in [0, 1)")
     cut.add_argument("-o", "--output", required=True, help="output .safetensors file (load with load_subnet)")
     cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    cut.add_argument("--correct", choices=CORRECTIONS, default="none",
+                     help="weight correction of the subnet: bias compensation or least-squares refit of "
+                          "attn.proj/mlp.fc2 (default: none)")
+    cut.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
+                     help="correction statistics (*.stats.safetensors) or an image folder "
+                          "(default: <name>.stats.safetensors beside the checkpoint)")
+    cut.add_argument("--damping", type=float, default=0.01,
+                     help="least-squares damping, relative to the mean Gram diagonal (default: 0.01)")
+    cut.add_argument("--damping-reference", choices=("mean", "max"), default="mean",
+                     help="scale the damping by the mean or the max Gram diagonal (default: mean)")
+    cut.add_argument("--sequential", action="store_true",
+                     help="fit block by block on the corrected subnet's activations (needs an image folder)")
     cut.set_defaults(func=_slice)
+    stats = sub.add_parser("stats", help="collect weight-correction statistics of an elastic checkpoint")
+    stats.add_argument("path", help="an *.elastic.safetensors file")
+    stats.add_argument("--data", required=True, metavar="FOLDER", help="folder of calibration images")
+    stats.add_argument("-o", "--output", default=None,
+                       help="output file (default: <name>.stats.safetensors beside the checkpoint)")
+    stats.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
+    stats.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    stats.set_defaults(func=_stats)
     from .bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -51,6 +51,7 @@ from .structure import get_blocks
 
 __all__ = [
     "CORRECTIONS", "CorrectionStats", "SingularGramError", "collect_stats", "correct_subnet", "fingerprint",
+    "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION",
 ]
 
@@ -178,6 +179,14 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def _has_cut_norm(block: nn.Module) -> bool:
     return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
+
+
+def stats_path_for(elastic_path: str | os.PathLike) -> Path:
+    """Where statistics of ``<name>.elastic.safetensors`` live: ``<name>.stats.safetensors`` beside it."""
+    path = Path(elastic_path)
+    suffix = ".elastic.safetensors"
+    stem = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.stem
+    return path.with_name(f"{stem}.stats.safetensors")
 
 
 def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:

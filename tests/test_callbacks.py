@@ -97,6 +97,40 @@ def test_export_without_images_or_subnets(tmp_path, elastic):
     assert entry["fidelity"] is None and entry["subnet_file"] is None
 
 
+@pytest.mark.parametrize("method", ["bias", "lstsq"])
+def test_export_with_weight_correction(tmp_path, elastic, images, method):
+    from snapvit_lightning.correction import CorrectionStats
+
+    calibration = torch.randn(8, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    out = export_elastic(
+        elastic, tmp_path, budgets=[(0.0, 0.0), (0.5, 0.5)], fitness_images=images, save_subnets=True,
+        correct=method, calibration_images=calibration,
+    )
+    report, paths = out["report"], out["paths"]
+    stats = CorrectionStats.load(paths["stats"])
+    assert paths["stats"].name == "test_vit.stats.safetensors" and stats.num_images == 8
+    assert report["correction"] == {
+        "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": stats.nbytes,
+        "calibration_images": 8, "fidelity_images_are_calibration_images": False,
+    }
+    dense, half = report["budgets"]
+    assert dense["fidelity_corrected"] == pytest.approx(1.0, abs=1e-5)  # nothing cut: nothing changes
+    assert half["fidelity_corrected"] is not None and half["fidelity_corrected"] != half["fidelity"]
+    # The saved subnet is the corrected one, equal to a correction from the stored statistics.
+    saved = load_subnet(tmp_path / half["subnet_file"])
+    expected = elastic.subnet(0.5, 0.5, correct=method, calibration=stats)
+    for a, b in zip(saved.state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_export_correction_needs_calibration_images(tmp_path, elastic):
+    with pytest.raises(ValueError, match="correct='lstsq' needs calibration_images"):
+        export_elastic(elastic, tmp_path, correct="lstsq")
+    with pytest.raises(ValueError, match="correct must be one of"):
+        export_elastic(elastic, tmp_path, correct="obs")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_overwrite_and_keeps_first(tmp_path, elastic):
     export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
     before = _listing(tmp_path)
@@ -207,9 +241,12 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     dm = CalibrationDataModule(dataset=dataset, img_size=IMG, num_local_crops=2, batch_size=2)
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
-    export = ElasticExport(tmp_path, budgets=[(0.0, 0.0), 0.7])
+    export = ElasticExport(tmp_path, budgets=[(0.0, 0.0), 0.7], correct="lstsq")
     _trainer(tmp_path, [export]).fit(module, datamodule=dm)
     assert export.report["fidelity_images"] == 4  # from dm.fitness_images()
+    assert export.report["correction"]["calibration_images"] == 4  # dm.calibration_images_eval()
+    assert export.report["correction"]["fidelity_images_are_calibration_images"] is True  # no holdout
+    assert export.export_paths["stats"].is_file()
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert export.report["scores"]["searched"] is False
     times = export.report["build_times"]  # no search: ElasticExport records the scoring time
@@ -350,10 +387,16 @@ def test_snapvit_plugin_with_calibration_datamodule(tmp_path):
     dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     dm = CalibrationDataModule(dataset=dataset, num_local_crops=2, batch_size=2)  # size from the model
     user = UserModule(num_vits=2)
-    plugin = SnapViT(datamodule=dm, dirpath=tmp_path, model_attr="aux.teacher", search_evals=0, budgets=[0.8], name="teacher")
+    plugin = SnapViT(
+        datamodule=dm, dirpath=tmp_path, model_attr="aux.teacher", search_evals=0, budgets=[0.8], name="teacher",
+        correct="bias",
+    )
     _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     assert plugin.model_path == "aux.teacher"
     assert (tmp_path / "teacher.elastic.safetensors").is_file()
+    assert (tmp_path / "teacher.stats.safetensors").is_file()
+    assert plugin.report["correction"]["method"] == "bias" and plugin.report["correction"]["calibration_images"] == 4
+    assert plugin.report["budgets"][0]["fidelity_corrected"] is not None
     assert plugin.report["fidelity_images"] == 4
     assert plugin.scores.block_weights is None  # no search
 

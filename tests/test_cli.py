@@ -227,3 +227,49 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     assert set(resumed) == set(straight)
     for key, value in straight.items():
         assert torch.equal(resumed[key], value), key
+
+
+def _image_folder(path, n: int = 6):
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (180, 200, 3), dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
+    from snapvit_lightning.correction import CorrectionStats
+    from snapvit_lightning.elastic import load_subnet
+
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs).save(path)
+    photos = _image_folder(tmp_path / "photos")
+    out = tmp_path / "s.safetensors"
+    with pytest.raises(SystemExit) as exc:  # no statistics yet
+        main(["slice", str(path), "--flops", "0.6", "--correct", "lstsq", "-o", str(out)])
+    assert exc.value.code == 2 and "snapvit stats" in capsys.readouterr().err
+    assert main(["stats", str(path), "--data", str(photos)]) == 0
+    assert "6 images" in capsys.readouterr().out
+    stats = CorrectionStats.load(tmp_path / "m.stats.safetensors")
+    assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "--correct", "lstsq", "-o", str(out)]) == 0
+    elastic = ElasticViT.load(path)
+    expected = elastic.subnet(0.4, 0.5, correct="lstsq", calibration=stats)
+    for a, b in zip(load_subnet(out).state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+    # An image folder works too (one-shot or sequential), and the options are checked.
+    assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(photos),
+                 "--sequential", "-o", str(out), "--overwrite"]) == 0
+    for argv, match in (
+        (["--calibration", str(photos)], "need --correct"),
+        (["--correct", "lstsq", "--sequential"], "--sequential needs an image folder"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["slice", str(path), "--flops", "0.7", "-o", str(out), "--overwrite", *argv])
+        assert exc.value.code == 2 and match in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # stats exist, no --overwrite
+        main(["stats", str(path), "--data", str(photos)])
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
