@@ -31,6 +31,12 @@ metadata), the export time from the ``report.json`` beside it (only when that re
 checkpoint); unknown values are ``null`` (older checkpoints, a moved file, a resumed run's
 earlier part).
 
+``--correct bias lstsq`` adds, after each pruned row, the same subnet with weight correction
+(:mod:`snapvit_lightning.correction`) as method ``<method>+<correction>``. Its statistics come
+from ``--calibration`` (a stats file of this checkpoint, or an image folder) or, by default, from
+a 2-fold cross-fit on ``--data``: the features of the even-position images come from a subnet
+corrected on the odd ones and vice versa, so no image is both calibration and evaluation.
+
 The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows, settings:
 command, hardware, threads, versions; and ``build_times``: ``scoring_s``, ``search_s``,
 ``search_evaluations``, ``export_s``, their ``sources``, ``build_machine``) and ``bench.md``::
@@ -120,6 +126,13 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--baselines", action="store_true",
                         help="also bench other rankings at the same budgets: gradient-only (no search), "
                              "magnitude, lamp, random (mean of seeds 0,1,2) and uniform per-block pruning")
+    parser.add_argument("--correct", nargs="+", choices=("bias", "lstsq"), default=[], metavar="METHOD",
+                        help="also bench weight-corrected subnets (bias and/or lstsq) of every method, as rows "
+                             "'<method>+<correction>'")
+    parser.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
+                        help="correction statistics (*.stats.safetensors of this checkpoint; not with --baselines) "
+                             "or an image folder; default: 2-fold cross-fit on --data (each image's features "
+                             "come from a subnet corrected on the other half)")
     parser.set_defaults(func=run_bench)
     return parser
 
@@ -150,6 +163,10 @@ def command_line(args: argparse.Namespace) -> str:
         words.append("--no-latency")
     if getattr(args, "baselines", False):
         words.append("--baselines")
+    if getattr(args, "correct", None):
+        words += ["--correct", *args.correct]
+    if getattr(args, "calibration", None) is not None:
+        words += ["--calibration", str(args.calibration)]
     return shlex.join(words)
 
 
@@ -285,9 +302,91 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
         f"snapvit_lightning {settings['versions']['snapvit_lightning']}\n"
         f"- {lat}\n- {knn}\n"
         f"- fidelity: mean cosine similarity of pre-logits features to the dense model's"
-        + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + "\n\n"
+        + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + "\n"
+        + ("" if not settings.get("correction") else
+           f"- weight correction ({', '.join(settings['correction']['methods'])}): "
+           f"{settings['correction']['calibration']}\n")
+        + "\n"
         + markdown_table(rows)
     )
+
+
+# --------------------------------------------------------------------------- correction
+
+
+class _Calibrator:
+    """Corrected subnets and their features on the bench images, from one calibration source.
+
+    Without ``--calibration`` the images are split into two folds (even / odd positions); the
+    features of each fold come from a subnet corrected on the other fold, so no image is both
+    calibration and evaluation. Statistics are collected once per elastic model (cached).
+    """
+
+    def __init__(self, source: str | None, images: Any, batch_size: int) -> None:
+        import torch
+
+        self.images, self.batch_size = images, batch_size
+        self.path = None if source is None else Path(source)
+        self.stats_file = self.path is not None and not self.path.is_dir()
+        self.stats_s = 0.0
+        self._cache: dict[str, list[tuple[Any, Any]]] = {}
+        n = int(images.shape[0])
+        if self.path is None:
+            if n < 2:
+                raise ValueError(f"cross-fitted correction needs >= 2 images in --data, got {n}")
+            even, odd = torch.arange(0, n, 2), torch.arange(1, n, 2)
+            self._folds = [(images[even], odd), (images[odd], even)]  # (calibrate on, evaluate on)
+            self.description = "2-fold cross-fit on --data: features of even/odd images from subnets corrected on the other half"
+        elif self.stats_file:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"correction statistics not found: '{self.path}'")
+            self.description = f"stored statistics {self.path}"
+        else:
+            self.description = f"images in {self.path} (features of all --data images)"
+
+    def _sources(self, elastic: Any) -> list[tuple[Any, Any]]:
+        """``[(CorrectionStats, evaluation index or None)]`` for ``elastic``."""
+        from .correction import CorrectionStats
+
+        key = elastic.fingerprint
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            if self.path is None:
+                sources = [(elastic.collect_stats(cal, self.batch_size), idx) for cal, idx in self._folds]
+            elif self.stats_file:
+                sources = [(CorrectionStats.load(self.path), None)]
+            else:
+                sources = [(elastic.collect_stats(_load_images(self.path, elastic.model)[0], self.batch_size), None)]
+            self.stats_s += time.perf_counter() - t0
+            # Keep the first model's (the checkpoint's) statistics and the current one's only.
+            self._cache = dict(list(self._cache.items())[:1])
+            self._cache[key] = sources
+        return self._cache[key]
+
+    def corrected(self, elastic: Any, dims: Any, method: str) -> tuple[Any, Any]:
+        """A corrected subnet (for latency) and the features of every bench image."""
+        from .evaluation import extract_features
+
+        model, feats = None, None
+        for stats, index in self._sources(elastic):
+            sub = elastic.slice(dims, correct=method, calibration=stats)
+            x = self.images if index is None else self.images[index]
+            f = extract_features(sub, x, batch_size=self.batch_size)
+            if index is None:
+                feats = f
+            else:
+                feats = f.new_empty(self.images.shape[0], f.shape[1]) if feats is None else feats
+                feats[index] = f
+            model = sub if model is None else model
+        return model, feats
+
+
+def _calibrator(source: str | None, images: Any, batch_size: int, corrections: list[str]) -> Any:
+    if not corrections:
+        if source is not None:
+            raise ValueError("--calibration needs --correct bias|lstsq")
+        return None
+    return _Calibrator(source, images, batch_size)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -420,8 +519,8 @@ def run_bench(args: argparse.Namespace) -> int:
     images, labels, classes = _load_images(data, dense)
     knn = _has_labels(labels)
 
-    def quality(model: Any) -> dict[str, Any]:
-        feats = extract_features(model, images, batch_size=args.batch_size)
+    def quality(model: Any, feats: Any = None) -> dict[str, Any]:
+        feats = extract_features(model, images, batch_size=args.batch_size) if feats is None else feats
         return {
             "features": feats,
             "knn_1nn": knn_accuracy(feats, labels, k=1) if knn else None,
@@ -432,6 +531,12 @@ def run_bench(args: argparse.Namespace) -> int:
     keep_models = not args.no_latency
     entries: list[dict[str, Any]] = []
 
+    corrections = list(dict.fromkeys(getattr(args, "correct", None) or []))
+    calibrate = _calibrator(getattr(args, "calibration", None), images, args.batch_size, corrections)
+    if calibrate is not None and calibrate.stats_file and getattr(args, "baselines", False):
+        raise ValueError("--calibration STATS fits only this checkpoint's units; with --baselines give an image "
+                         "folder or leave --calibration out (cross-fit)")
+
     def add(method: str, source: Any, ratios: tuple[float, float], dims: Any, seed: int | None = None) -> None:
         t0 = time.perf_counter()
         is_dense = ratios == (0.0, 0.0) and method == "snapvit"
@@ -439,6 +544,12 @@ def run_bench(args: argparse.Namespace) -> int:
         entries.append({"method": method, "seed": seed, "ratios": ratios, "dense": is_dense, "dims": dims,
                         "model": model if keep_models else None, "cost": source.cost(dims), **quality(model),
                         "wall_s": time.perf_counter() - t0})
+        for correct in [] if is_dense else corrections:
+            t0 = time.perf_counter()
+            model, feats = calibrate.corrected(source, dims, correct)
+            entries.append({"method": f"{method}+{correct}", "seed": seed, "ratios": ratios, "dense": False,
+                            "dims": dims, "model": model if keep_models else None, "cost": source.cost(dims),
+                            **quality(model, feats), "wall_s": time.perf_counter() - t0})
 
     for ratios in todo:
         add("snapvit", elastic, ratios, elastic.dims(*ratios))
@@ -509,6 +620,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "latency": not args.no_latency,
         "baselines": list(BASELINES) if getattr(args, "baselines", False) else [],
+        "correction": None if not corrections else {
+            "methods": corrections, "calibration": calibrate.description, "stats_s": calibrate.stats_s,
+        },
         "random_seeds": list(RANDOM_SEEDS) if getattr(args, "baselines", False) else [],
         "device": "cpu",
         "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "

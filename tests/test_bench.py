@@ -187,3 +187,47 @@ def test_baselines(setup, capsys) -> None:
     table = [line for line in md.split("\nBuild time")[0].splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows) and table[0].startswith("| method |")
     assert any(line.startswith("| random |") and "±" in line for line in table)
+
+
+def test_correction_rows_are_cross_fitted(setup) -> None:
+    import torch
+
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+
+    path, data, root = setup
+    out = root / "corrected"
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
+                       "--correct", "bias", "lstsq", "--out", str(out)]) == 0
+    js = json.loads((out / "bench.json").read_text())
+    rows, settings = js["rows"], js["settings"]
+    assert [r["method"] for r in rows] == ["snapvit", "snapvit", "snapvit+bias", "snapvit+lstsq"]
+    assert settings["correction"]["methods"] == ["bias", "lstsq"] and "--correct bias lstsq" in settings["command"]
+    assert rows[3]["kept_neurons"] == rows[1]["kept_neurons"] and rows[3]["flops"] == rows[1]["flops"]
+    # The same number by hand: each half's features from a subnet corrected on the other half.
+    el = ElasticViT.load(path)
+    images = bench._load_images(data, el.model)[0]
+    dense = extract_features(el.model, images, batch_size=4)
+    even, odd = torch.arange(0, len(images), 2), torch.arange(1, len(images), 2)
+    feats = torch.empty_like(dense)
+    for cal, idx in ((even, odd), (odd, even)):
+        sub = el.subnet(0.35, 0.2, correct="lstsq", calibration=el.collect_stats(images[cal], batch_size=4))
+        feats[idx] = extract_features(sub, images[idx], batch_size=4)
+    assert rows[3]["fidelity"] == pytest.approx(feature_fidelity(feats, dense), abs=1e-6)
+    assert "weight correction (bias, lstsq): 2-fold cross-fit" in (out / "bench.md").read_text()
+
+
+def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
+    path, data, root = setup
+    stats = tmp_path / "tiny.stats.safetensors"
+    ElasticViT.load(path).collect_stats(bench._load_images(data, ElasticViT.load(path).model)[0][:2]).save(stats)
+    for argv, match in (
+        (["--calibration", str(stats)], "--calibration needs --correct"),
+        (["--correct", "lstsq", "--calibration", str(stats), "--baselines"], "with --baselines give an image folder"),
+        (["--correct", "lstsq", "--calibration", str(tmp_path / "nope.safetensors")], "not found"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", *argv])
+        assert exc.value.code == 2 and match in capsys.readouterr().err, argv
+    # Stored statistics of this checkpoint evaluate every image with one corrected subnet.
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
+                       "--correct", "lstsq", "--calibration", str(stats)]) == 0
