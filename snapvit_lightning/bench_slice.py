@@ -1,6 +1,10 @@
-"""Time ``ElasticViT.subnet()`` on the real DINOv2 ViT-S/14 (CPU)::
+"""Time ``ElasticViT.subnet()``, plain and weight-corrected, on the real DINOv2 ViT-S/14 (CPU)::
 
-    python -m snapvit_lightning.bench_slice [--weights PATH] [--img-size 112]
+    python -m snapvit_lightning.bench_slice [--weights PATH] [--img-size 112] [--data FOLDER]
+
+With ``--data`` it also collects the correction statistics on those images (timed, with their
+size) and times ``subnet(..., correct="bias"|"lstsq", calibration=stats)`` per budget: the
+"correction from stored statistics" cost (slicing included).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget")
+    parser.add_argument("--data", type=Path, default=None, help="image folder for the correction statistics")
     args = parser.parse_args(argv)
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     model = timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
@@ -47,6 +52,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     elastic.subnet(flops=0.5)
     print(f"subnet(flops=0.5) incl. bisection: {(time.perf_counter() - start) * 1000:.1f} ms")
+    if args.data is not None:
+        from .bench import _load_images
+
+        images = _load_images(args.data, elastic.model)[0]
+        start = time.perf_counter()
+        stats = elastic.collect_stats(images)
+        print(f"collect_stats({len(images)} images): {time.perf_counter() - start:.2f} s, {stats.nbytes / 1e6:.1f} MB")
+        for method in ("bias", "lstsq"):
+            for budget in BUDGETS:
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    elastic.subnet(*budget, correct=method, calibration=stats)
+                    times.append(time.perf_counter() - start)
+                print(f"subnet{budget}, correct={method!r} from stats: median {statistics.median(times):.3f} s, "
+                      f"max {max(times):.3f} s")
     return 0
 
 
