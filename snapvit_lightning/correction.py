@@ -36,14 +36,12 @@ Only layers whose inputs were cut are changed: with nothing removed the subnet i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from . import __version__
@@ -193,7 +191,7 @@ def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:
     """A short hash that ties statistics to one elastic model (unit orders + last block's fc2)."""
     digest = hashlib.sha256()
     for t in (mlp_order, head_order, get_blocks(model)[-1].mlp.fc2.weight):
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()[:16]
 
 
@@ -251,23 +249,15 @@ class CorrectionStats:
             FileNotFoundError: ``path`` does not exist.
             ValueError: Not a statistics file of this format/version, or inconsistent contents.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"correction statistics not found: '{path}'")
+        from .elastic import read_format
+
+        tensors, meta = read_format(path, STATS_FORMAT, STATS_FORMAT_VERSION, "correction statistics")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != STATS_FORMAT:
-                    raise ValueError(f"{path} is not a {STATS_FORMAT} file (format={meta.get('format')!r})")
-                if meta.get("format_version") != str(STATS_FORMAT_VERSION):
-                    raise ValueError(
-                        f"{path}: unsupported {STATS_FORMAT} version {meta.get('format_version')!r} "
-                        f"(this version reads {STATS_FORMAT_VERSION})"
-                    )
-                attn, mlp = f.get_tensor("attn"), f.get_tensor("mlp")
-            stats = cls(attn, mlp, int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"]))
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: unreadable correction statistics: {err}") from err
+            stats = cls(
+                tensors["attn"], tensors["mlp"], int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"])
+            )
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
         for name, t in (("attn", stats.attn), ("mlp", stats.mlp)):
             if t.ndim != 3 or t.shape[1] != t.shape[2]:
                 raise ValueError(f"{path}: '{name}' must be [B, n, n], got {tuple(t.shape)}")

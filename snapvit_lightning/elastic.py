@@ -470,23 +470,36 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict
 _REQUIRED_META = ("format", "format_version", "kind", "model_name", "model_kwargs", "block_dims", "input_size")
 
 
-def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_format(
+    path: str | os.PathLike, fmt: str, version: int, what: str, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw metadata of a safetensors file of format ``fmt`` and ``version``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names ``what``).
+        ValueError: An unreadable file, another format or another version.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no elastic/subnet file at {path}")
+        raise FileNotFoundError(f"no {what} file at {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
             data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file (format={raw.get('format')!r})")
-    if raw.get("format_version") != str(FORMAT_VERSION):
+    if raw.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} file (format={raw.get('format')!r})")
+    if raw.get("format_version") != str(version):
         raise ValueError(
             f"{path} has format_version {raw.get('format_version')!r}; this snapvit_lightning "
-            f"{__version__} reads version {FORMAT_VERSION}"
+            f"{__version__} reads version {version}"
         )
+    return data, raw
+
+
+def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    data, raw = read_format(path, FORMAT, FORMAT_VERSION, "elastic/subnet", tensors)
     missing = [k for k in _REQUIRED_META if k not in raw]
     if missing:
         raise ValueError(f"{path} lacks metadata {missing}")

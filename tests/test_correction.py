@@ -168,13 +168,13 @@ def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
     stats = a.collect_stats(_images(a.model, n=4))
     with pytest.raises(ValueError, match="belong to another elastic model"):
         b.subnet(0.3, 0.2, correct="lstsq", calibration=stats)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no correction statistics file"):
         CorrectionStats.load(tmp_path / "missing.stats.safetensors")
     with pytest.raises(ValueError, match="is not a snapvit-correction-stats file"):
         CorrectionStats.load(_save(a, tmp_path))
     junk = tmp_path / "junk.stats.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="unreadable correction statistics"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         CorrectionStats.load(junk)
 
 
