@@ -160,6 +160,29 @@ class ImportanceScores:
             covariance=None if covariance is None else torch.as_tensor(covariance).clone(),
         )
 
+    def balanced(self, quantile: float) -> "ImportanceScores":
+        """A copy whose every block's neuron and head scores are divided by their ``quantile``.
+
+        The order inside each block is unchanged, but the global ranking of the copy prunes
+        about the same share of every block at ratio ``quantile`` (a uniform split across
+        blocks); search weights then move budget between blocks from there. Search weights and
+        covariance are dropped.
+
+        Raises:
+            ValueError: If ``quantile`` is not in ``(0, 1)``.
+        """
+        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < float(quantile) < 1.0:
+            raise ValueError(f"quantile must be a number in (0, 1), got {quantile!r}")
+
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            dtype, x = x.dtype, x.double()
+            q = x.quantile(float(quantile), dim=1, keepdim=True)
+            floor = x.abs().amax().clamp_min(1e-300) * 1e-12  # a block of zeros stays zeros
+            return (x / q.clamp_min(floor)).to(dtype)
+
+        return replace(self, mlp=scale(self.mlp), heads=scale(self.heads), block_weights=None,
+                       head_weights=None, covariance=None)
+
     def weighted(self, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MLP and head scores rescaled by ``|w|`` (the stored weights when ``weights`` is None)."""
         if weights is None:

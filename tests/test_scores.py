@@ -103,3 +103,19 @@ def test_bad_scores_raise(kwargs: dict, match: str) -> None:
 def test_bad_weight_vector_raises() -> None:
     with pytest.raises(ValueError, match="weights must have shape \\[24\\]"):
         _scores().with_weights(torch.ones(5))
+
+
+@pytest.mark.parametrize("quantile", [0.25, 0.5, 0.7])
+def test_balanced_scores_split_uniformly(quantile: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-4, 4, 6)[:, None]  # raw scores of very different scales per block
+    scores = ImportanceScores(torch.rand(6, 40, generator=g) * scale, torch.rand(6, 10, generator=g) * scale)
+    neurons, heads = scores.keep_counts(quantile, quantile)
+    assert neurons.max() - neurons.min() > 20  # the raw global ranking is far from uniform
+    balanced = scores.balanced(quantile)
+    neurons, heads = balanced.keep_counts(quantile, quantile)
+    assert neurons.max() - neurons.min() <= 1 and heads.max() - heads.min() <= 1
+    assert torch.equal(balanced.block_orders()[0], scores.block_orders()[0])  # same order inside blocks
+    assert balanced.block_weights is None and balanced.mlp.dtype == scores.mlp.dtype
+    with pytest.raises(ValueError, match=r"quantile must be a number in \(0, 1\), got 1"):
+        scores.balanced(1)

@@ -218,6 +218,7 @@ def test_run_search_lowers_fitness() -> None:
         ({"initial_weights": torch.ones(3)}, "initial_weights"),
         ({"initial_covariance": torch.eye(3)}, "initial_covariance"),
         ({"autocast": "yes"}, "autocast"),
+        ({"balance": 1.0}, "balance must be None or a ratio in"),
     ],
 )
 def test_run_search_errors(kwargs, match) -> None:
@@ -269,6 +270,7 @@ def test_fitness_other_errors() -> None:
         ({"log_every_n_evals": -1}, "log_every_n_evals"),
         ({"images": 3}, "images"),
         ({"seed": 1.5}, "seed"),
+        ({"balance": 0.0}, "balance must be None or a ratio in"),
     ],
 )
 def test_callback_errors(kwargs, match) -> None:
@@ -340,6 +342,24 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     assert [s for s, _, _ in logged] == list(range(8))
     assert [f for _, f, _ in logged] == pytest.approx(callback.history)
     assert logged[-1][2] == pytest.approx(min(callback.history))
+
+
+def test_callback_balance_searches_around_a_uniform_split(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    raw = random_scores(model)
+    scale = torch.logspace(-3, 3, raw.num_blocks)[:, None]  # blocks on very different scales
+    scores = ImportanceScores(raw.mlp * scale, raw.heads * scale)
+    x = images_for(model, n=6)
+    kw = {k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"}
+    callback = EvolutionarySearch(max_evals=4, images=x, balance=0.5, **SEARCH_KW)
+    module = fit_with(callback, model, scores, tmp_path)
+    balanced = scores.balanced(0.5)
+    assert torch.equal(module.scores.mlp, balanced.mlp) and torch.equal(module.scores.heads, balanced.heads)
+    # The start point is w = 1 on the balanced scores, the same as the Trainer-free function.
+    start = Fitness(model, balanced, x, kw["ratio_pairs"], kw["pca_components"], autocast_dtype=None)
+    assert callback.initial_fitness == pytest.approx(start(torch.ones(scores.num_weights, dtype=torch.float64)))
+    best_w, _, history = run_search(model, scores, x, max_evals=4, balance=0.5, **kw)
+    assert history == callback.history and torch.equal(best_w, callback.best_weights)
 
 
 def test_callback_uses_datamodule_fitness_images(tmp_path: Path) -> None:
