@@ -1,0 +1,87 @@
+"""Compare search starts on an elastic checkpoint's own scores: fidelity with and without correction.
+
+::
+
+    python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5] [--max-evals 50]
+
+Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
+scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
+default start (``linspace(1.2 -> 0.8)``) and once with ``balance`` (around a uniform split). For
+the start point and the searched weights of each it prints the fidelity (mean cosine similarity
+of pre-logits features to the dense model, on the same images) at the budgets, uncorrected and
+with ``lstsq`` weight correction, cross-fitted as in ``snapvit bench --correct``: the features of
+the even-position images come from a subnet corrected on the odd ones and vice versa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
+
+
+def fidelities(elastic: object, images: torch.Tensor, dense: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Uncorrected and cross-fitted ``lstsq`` fidelity of ``elastic`` at :data:`BUDGETS`."""
+    from .evaluation import extract_features, feature_fidelity
+
+    n = images.shape[0]
+    folds = [(torch.arange(0, n, 2), torch.arange(1, n, 2)), (torch.arange(1, n, 2), torch.arange(0, n, 2))]
+    stats = [elastic.collect_stats(images[cal]) for cal, _ in folds]
+    plain, corrected = [], []
+    for budget in BUDGETS:
+        plain.append(feature_fidelity(extract_features(elastic.subnet(*budget), images), dense))
+        feats = torch.empty_like(dense)
+        for s, (_, idx) in zip(stats, folds):
+            feats[idx] = extract_features(elastic.subnet(*budget, correct="lstsq", calibration=s), images[idx])
+        corrected.append(feature_fidelity(feats, dense))
+    return plain, corrected
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .bench import _load_images
+    from .elastic import ElasticViT
+    from .evaluation import extract_features
+    from .scores import ImportanceScores
+    from .search import default_initial_weights, run_search
+
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
+    parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
+    parser.add_argument("--data", required=True, type=Path, help="fitness and evaluation images")
+    parser.add_argument("--balance", type=float, default=0.5, help="quantile of the balanced start (default: 0.5)")
+    parser.add_argument("--max-evals", type=int, default=50, help="search evaluations (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="xNES seed (default: 0)")
+    args = parser.parse_args(argv)
+
+    elastic = ElasticViT.load(args.path)
+    s = elastic.scores
+    raw = ImportanceScores(s.mlp, s.heads, min_mlp_keep=s.min_mlp_keep, min_head_keep=s.min_head_keep, criterion=s.criterion)
+    images = _load_images(args.data, elastic.model)[0]
+    dense = extract_features(elastic.model, images)
+    print(f"{elastic.model_name}: {images.shape[0]} images, {args.max_evals} evaluations, seed {args.seed}; "
+          f"fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
+    ones = torch.ones(raw.num_weights, dtype=torch.float64)
+    for name, balance, start in (
+        ("default", None, default_initial_weights(raw.num_blocks, raw.num_heads)),
+        (f"balance={args.balance:g}", args.balance, ones),
+    ):
+        t0 = time.perf_counter()
+        best, _, history = run_search(elastic.model, raw, images, max_evals=args.max_evals, seed=args.seed, balance=balance)
+        searched_s = time.perf_counter() - t0
+        scores = raw if balance is None else raw.balanced(balance)
+        for label, w in (("start", start), ("searched", best)):
+            candidate = ElasticViT(elastic.model, scores.with_weights(w), model_name=elastic.model_name,
+                                   model_kwargs=elastic.model_kwargs)
+            plain, corrected = fidelities(candidate, images, dense)
+            print(f"{name:>14} {label:>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
+                  + " ".join(f"{v:.3f}" for v in corrected), flush=True)
+        print(f"{name:>14} search: {searched_s:.0f} s, best fitness {min(history):.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""``python -m snapvit_lightning.bench_balance`` runs end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from conftest import random_scores, tiny_model
+from snapvit_lightning import bench_balance
+from snapvit_lightning.elastic import ElasticViT
+
+
+def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "tiny.elastic.safetensors"
+    ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (170, 170, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    assert bench_balance.main([str(path), "--data", str(photos), "--max-evals", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.split(":")[0].split()[-1] in ("start", "searched")]
+    assert len(rows) == 4 and sum("balance=0.5" in line for line in rows) == 2
+    for row in rows:
+        plain, corrected = row.split(": ", 1)[1].split(" | ")
+        values = [float(v) for v in plain.split() + corrected.split()]
+        assert len(values) == 2 * len(bench_balance.BUDGETS) and all(-1.0 <= v <= 1.0 + 1e-6 for v in values)
