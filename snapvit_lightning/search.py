@@ -804,10 +804,11 @@ class EvolutionarySearch(Callback):
             divided by their ``q``-quantile (:meth:`ImportanceScores.balanced`; these are the
             scores the module ends with), so ``w = 1`` (the start) prunes about the same share
             of every block at ratio ``q``. Measured on the real ViT-S/14 (photos8, 50
-            evaluations, fidelity at (0.35,0.2) (0.45,0.3) (0.55,0.4) (0.65,0.5)): ``balance=0.5``
-            start .566 .327 .148 .127, searched .561 .277 .217 .130 vs the default's searched
-            .543 .313 .120 .078 (random .284 .228 .175 .129); with ``lstsq`` weight correction
-            the default keeps more (.923 .878 .842 .763 vs .926 .845 .796 .760). See the README.
+            evaluations, ``python -m snapvit_lightning.bench_balance``; fidelity at (0.35,0.2)
+            (0.45,0.3) (0.55,0.4) (0.65,0.5)): ``balance=0.5`` searched .561 .277 .217 .130, the
+            default searched .536 .283 .120 .099 (random .284 .228 .175 .129); with ``lstsq``
+            weight correction both keep about the same (.926 .845 .796 .760 vs .925 .846 .801
+            .759). See the README.
 
     Attributes:
         best_weights: Best weights found (``None`` before the search).
