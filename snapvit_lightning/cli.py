@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .correction import CORRECTIONS
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -130,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--head-ratio", type=float, default=None, help="fraction of all heads to prune, in [0, 1)")
     cut.add_argument("-o", "--output", required=True, help="output .safetensors file (load with load_subnet)")
     cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    cut.add_argument("--correct", choices=CORRECTIONS, default="none",
+    cut.add_argument("--correct", choices=("none", "bias", "lstsq"), default="none",
                      help="weight correction of the subnet: bias compensation or least-squares refit of "
                           "attn.proj/mlp.fc2 (default: none)")
     cut.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
