@@ -325,13 +325,14 @@ def _solve(
     weight = dense.weight.detach().double()
     bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if dense.bias is None else dense.bias.detach().double()
     w_aug = torch.cat([weight, bias[:, None]], dim=1).to(cross.device)
-    target = w_aug @ cross  # E[t x̃ₐᵀ], t = W x + b: [out, k+1]
     if method == "bias":
         if sub.bias is None:
             raise ValueError(f"{where} has no bias to compensate into; use correct='lstsq'")
-        new_bias = target[:, k] - sub.weight.detach().double().to(cross.device) @ gram[:k, k]
+        # Mean dense output W E[x] + b minus the kept columns' mean output.
+        new_bias = w_aug @ cross[:, k] - sub.weight.detach().double().to(cross.device) @ gram[:k, k]
         _assign(sub, None, new_bias)
         return
+    target = w_aug @ cross  # E[t x̃ₐᵀ], t = W x + b: [out, k+1]
     cols = list(range(k)) + ([k] if sub.bias is not None else [])
     g = gram[cols][:, cols].clone()
     if k:
