@@ -173,18 +173,6 @@ def command_line(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def _load_images(folder: Path, model: Any) -> tuple[Any, Any, list[str]]:
-    """Eval views ``[N, 3, S, S]`` of every image under ``folder``, labels ``[N]`` and classes."""
-    import torch
-
-    from .data import eval_transform, find_images, load_image, resolve_input_config
-
-    size, mean, std = resolve_input_config(model)
-    files, labels, classes = find_images(folder)
-    views = [eval_transform(load_image(f, max_side=2 * size), size, mean, std) for f in files]
-    return torch.stack(views), torch.tensor(labels, dtype=torch.long), classes
-
-
 def _cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
     try:
@@ -347,6 +335,7 @@ class _Calibrator:
     def _sources(self, elastic: Any) -> list[tuple[Any, Any]]:
         """``[(CorrectionStats, evaluation index or None)]`` for ``elastic``."""
         from .correction import CorrectionStats
+        from .data import load_eval_images
 
         key = elastic.fingerprint
         if key not in self._cache:
@@ -356,7 +345,7 @@ class _Calibrator:
             elif self.stats_file:
                 sources = [(CorrectionStats.load(self.path), None)]
             else:
-                sources = [(elastic.collect_stats(_load_images(self.path, elastic.model)[0], self.batch_size), None)]
+                sources = [(elastic.collect_stats(load_eval_images(self.path, elastic.model)[0], self.batch_size), None)]
             self.stats_s += time.perf_counter() - t0
             # Keep the first model's (the checkpoint's) statistics and the current one's only.
             self._cache = dict(list(self._cache.items())[:1])
@@ -490,6 +479,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
+    from .data import load_eval_images
     from .elastic import ElasticViT
     from .evaluation import extract_features, feature_fidelity, knn_accuracy, measure_latency
 
@@ -516,7 +506,7 @@ def run_bench(args: argparse.Namespace) -> int:
     elastic = ElasticViT.load(path)
     build_times = _build_times(path, elastic.scores)
     dense = elastic.model
-    images, labels, classes = _load_images(data, dense)
+    images, labels, classes = load_eval_images(data, dense)
     knn = _has_labels(labels)
 
     def quality(model: Any, feats: Any = None) -> dict[str, Any]:

@@ -27,23 +27,20 @@ BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
 
 def fidelities(elastic: object, images: torch.Tensor, dense: torch.Tensor) -> tuple[list[float], list[float]]:
     """Uncorrected and cross-fitted ``lstsq`` fidelity of ``elastic`` at :data:`BUDGETS`."""
+    from .bench import _Calibrator
     from .evaluation import extract_features, feature_fidelity
 
-    n = images.shape[0]
-    folds = [(torch.arange(0, n, 2), torch.arange(1, n, 2)), (torch.arange(1, n, 2), torch.arange(0, n, 2))]
-    stats = [elastic.collect_stats(images[cal]) for cal, _ in folds]
+    calibrate = _Calibrator(None, images, batch_size=32)  # the 2-fold cross-fit of `snapvit bench --correct`
     plain, corrected = [], []
     for budget in BUDGETS:
-        plain.append(feature_fidelity(extract_features(elastic.subnet(*budget), images), dense))
-        feats = torch.empty_like(dense)
-        for s, (_, idx) in zip(stats, folds):
-            feats[idx] = extract_features(elastic.subnet(*budget, correct="lstsq", calibration=s), images[idx])
-        corrected.append(feature_fidelity(feats, dense))
+        dims = elastic.dims(*budget)
+        plain.append(feature_fidelity(extract_features(elastic.slice(dims), images), dense))
+        corrected.append(feature_fidelity(calibrate.corrected(elastic, dims, "lstsq")[1], dense))
     return plain, corrected
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .bench import _load_images
+    from .data import load_eval_images
     from .elastic import ElasticViT
     from .evaluation import extract_features
     from .scores import ImportanceScores
@@ -60,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elastic = ElasticViT.load(args.path)
     s = elastic.scores
     raw = ImportanceScores(s.mlp, s.heads, min_mlp_keep=s.min_mlp_keep, min_head_keep=s.min_head_keep, criterion=s.criterion)
-    images = _load_images(args.data, elastic.model)[0]
+    images = load_eval_images(args.data, elastic.model)[0]
     dense = extract_features(elastic.model, images)
     print(f"{elastic.model_name}: {images.shape[0]} images, {args.max_evals} evaluations, seed {args.seed}; "
           f"fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")

@@ -53,9 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elastic.subnet(flops=0.5)
     print(f"subnet(flops=0.5) incl. bisection: {(time.perf_counter() - start) * 1000:.1f} ms")
     if args.data is not None:
-        from .bench import _load_images
+        from .data import load_eval_images
 
-        images = _load_images(args.data, elastic.model)[0]
+        images = load_eval_images(args.data, elastic.model)[0]
         start = time.perf_counter()
         stats = elastic.collect_stats(images)
         print(f"collect_stats({len(images)} images): {time.perf_counter() - start:.2f} s, {stats.nbytes / 1e6:.1f} MB")

@@ -38,12 +38,12 @@ def _info(args: argparse.Namespace) -> int:
 
 def _calibration(args: argparse.Namespace, elastic: object) -> object:
     """Stored statistics or images for ``--correct`` (``--calibration``, else the stats file beside)."""
-    from .bench import _load_images
     from .correction import CorrectionStats, stats_path_for
+    from .data import load_eval_images
 
     source = Path(args.calibration) if args.calibration is not None else stats_path_for(args.path)
     if source.is_dir():
-        return _load_images(source, elastic.model)[0]
+        return load_eval_images(source, elastic.model)[0]
     if args.sequential:
         raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
     if args.calibration is None and not source.is_file():
@@ -82,8 +82,8 @@ def _slice(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .bench import _load_images
     from .correction import stats_path_for
+    from .data import load_eval_images
     from .elastic import ElasticViT
 
     out = Path(args.output) if args.output is not None else stats_path_for(args.path)
@@ -93,7 +93,7 @@ def _stats(args: argparse.Namespace) -> int:
     if not data.is_dir():
         raise FileNotFoundError(f"image folder not found: '{data}'")
     elastic = ElasticViT.load(args.path)
-    stats = elastic.collect_stats(_load_images(data, elastic.model)[0], batch_size=args.batch_size)
+    stats = elastic.collect_stats(load_eval_images(data, elastic.model)[0], batch_size=args.batch_size)
     stats.save(out)
     print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens), "
           f"{stats.nbytes / 1e6:.1f} MB")

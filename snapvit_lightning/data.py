@@ -48,6 +48,7 @@ __all__ = [
     "UnreadableImageError",
     "eval_transform",
     "find_images",
+    "load_eval_images",
     "load_image",
     "resolve_input_config",
     "to_uint8_image",
@@ -570,6 +571,21 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.relative_to(root).parts[0]] for p in files]
     return files, labels, classes
+
+
+def load_eval_images(folder: str | Path, model: nn.Module) -> tuple[Tensor, Tensor, list[str]]:
+    """Eval views ``[N, 3, S, S]`` of every image under ``folder`` at ``model``'s input config.
+
+    Returns the views, the ImageFolder labels ``[N]`` (``-1`` for a flat folder, see
+    :func:`find_images`) and the class names.
+
+    Raises:
+        FileNotFoundError, ValueError: See :func:`find_images` and :func:`load_image`.
+    """
+    size, mean, std = resolve_input_config(model)
+    files, labels, classes = find_images(folder)
+    views = [eval_transform(load_image(f, max_side=2 * size), size, mean, std) for f in files]
+    return torch.stack(views), torch.tensor(labels, dtype=torch.long), classes
 
 
 class ImageSource:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import random_scores, tiny_model
 from snapvit_lightning import bench
+from snapvit_lightning.data import load_eval_images
 from snapvit_lightning.elastic import ElasticViT
 
 BUDGETS = ["0.15,0", "0.35,0.2", "0.65,0.5"]
@@ -205,7 +206,7 @@ def test_correction_rows_are_cross_fitted(setup) -> None:
     assert rows[3]["kept_neurons"] == rows[1]["kept_neurons"] and rows[3]["flops"] == rows[1]["flops"]
     # The same number by hand: each half's features from a subnet corrected on the other half.
     el = ElasticViT.load(path)
-    images = bench._load_images(data, el.model)[0]
+    images = load_eval_images(data, el.model)[0]
     dense = extract_features(el.model, images, batch_size=4)
     even, odd = torch.arange(0, len(images), 2), torch.arange(1, len(images), 2)
     feats = torch.empty_like(dense)
@@ -219,7 +220,8 @@ def test_correction_rows_are_cross_fitted(setup) -> None:
 def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
     path, data, root = setup
     stats = tmp_path / "tiny.stats.safetensors"
-    ElasticViT.load(path).collect_stats(bench._load_images(data, ElasticViT.load(path).model)[0][:2]).save(stats)
+    elastic = ElasticViT.load(path)
+    elastic.collect_stats(load_eval_images(data, elastic.model)[0][:2]).save(stats)
     for argv, match in (
         (["--calibration", str(stats)], "--calibration needs --correct"),
         (["--correct", "lstsq", "--calibration", str(stats), "--baselines"], "with --baselines give an image folder"),

@@ -217,11 +217,11 @@ def test_norm_over_cut_dimension_needs_sequential() -> None:
 
 def test_real_model_correction_keeps_more_features(real_weights: Path, photos_dir: Path) -> None:
     """Cross-fitted on photos8: calibrate on even images, measure fidelity on odd ones."""
-    from snapvit_lightning.bench import _load_images
+    from snapvit_lightning.data import load_eval_images
     from snapvit_lightning.evaluation import extract_features, feature_fidelity
 
     model = load_real_model(real_weights)
-    images, _, _ = _load_images(photos_dir, model)
+    images, _, _ = load_eval_images(photos_dir, model)
     from snapvit_lightning.module import SnapViTModule  # magnitude scores: data-free and deterministic
 
     scores = SnapViTModule(model, criterion="magnitude").compute_scores()
