@@ -1,8 +1,9 @@
-"""Compare search starts on an elastic checkpoint's own scores: fidelity with and without correction.
+"""Compare search starts and fitnesses on an elastic checkpoint's own scores: fidelity with and without correction.
 
 ::
 
     python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5] [--max-evals 50]
+        [--starts default balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
 
 Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
 scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
@@ -11,6 +12,9 @@ the start point and the searched weights of each it prints the fidelity (mean co
 of pre-logits features to the dense model, on the same images) at the budgets, uncorrected and
 with ``lstsq`` weight correction, cross-fitted as in ``snapvit bench --correct``: the features of
 the even-position images come from a subnet corrected on the odd ones and vice versa.
+``--fitness-correct lstsq`` searches with weight correction inside the fitness
+(:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
+per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row.
 """
 
 from __future__ import annotations
@@ -18,28 +22,35 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
 
 
-def fidelities(elastic: object, images: torch.Tensor, dense: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Uncorrected and cross-fitted ``lstsq`` fidelity of ``elastic`` at :data:`BUDGETS`."""
+def fidelities(
+    elastic: object, images: torch.Tensor, dense: torch.Tensor, dims_fn: Callable[..., Any] | None = None
+) -> tuple[list[float], list[float]]:
+    """Uncorrected and cross-fitted ``lstsq`` fidelity of ``elastic`` at :data:`BUDGETS`.
+
+    ``dims_fn(mlp_ratio, head_ratio)`` gives each budget's block sizes (default ``elastic.dims``).
+    """
     from .bench import _Calibrator
     from .evaluation import extract_features, feature_fidelity
 
     calibrate = _Calibrator(None, images, batch_size=32)  # the 2-fold cross-fit of `snapvit bench --correct`
     plain, corrected = [], []
     for budget in BUDGETS:
-        dims = elastic.dims(*budget)
+        dims = (dims_fn or elastic.dims)(*budget)
         plain.append(feature_fidelity(extract_features(elastic.slice(dims), images), dense))
         corrected.append(feature_fidelity(calibrate.corrected(elastic, dims, "lstsq")[1], dense))
     return plain, corrected
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .bench import _uniform_dims
+    from .correction import CORRECTIONS
     from .data import load_eval_images
     from .elastic import ElasticViT
     from .evaluation import extract_features
@@ -52,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--balance", type=float, default=0.5, help="quantile of the balanced start (default: 0.5)")
     parser.add_argument("--max-evals", type=int, default=50, help="search evaluations (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="xNES seed (default: 0)")
+    parser.add_argument("--starts", nargs="+", choices=("default", "balance"), default=["default", "balance"],
+                        help="search starts to run (default: both)")
+    parser.add_argument("--fitness-correct", choices=CORRECTIONS, default="none",
+                        help="weight correction inside the search's fitness (default: none, the paper's)")
+    parser.add_argument("--uniform", action="store_true", help="add the uniform per-block split as a reference")
     args = parser.parse_args(argv)
 
     elastic = ElasticViT.load(args.path)
@@ -60,14 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = load_eval_images(args.data, elastic.model)[0]
     dense = extract_features(elastic.model, images)
     print(f"{elastic.model_name}: {images.shape[0]} images, {args.max_evals} evaluations, seed {args.seed}; "
-          f"fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
+          f"fitness correction {args.fitness_correct}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
+    if args.uniform:
+        plain, corrected = fidelities(elastic, images, dense, lambda m, h: _uniform_dims(raw, m, h))
+        print(f"{'uniform':>14} {'':>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
+              + " ".join(f"{v:.3f}" for v in corrected), flush=True)
     ones = torch.ones(raw.num_weights, dtype=torch.float64)
-    for name, balance, start in (
-        ("default", None, default_initial_weights(raw.num_blocks, raw.num_heads)),
-        (f"balance={args.balance:g}", args.balance, ones),
-    ):
+    starts = {
+        "default": ("default", None, default_initial_weights(raw.num_blocks, raw.num_heads)),
+        "balance": (f"balance={args.balance:g}", args.balance, ones),
+    }
+    for name, balance, start in (starts[key] for key in args.starts):
         t0 = time.perf_counter()
-        best, _, history = run_search(elastic.model, raw, images, max_evals=args.max_evals, seed=args.seed, balance=balance)
+        best, _, history = run_search(elastic.model, raw, images, max_evals=args.max_evals, seed=args.seed,
+                                      balance=balance, correct=args.fitness_correct)
         searched_s = time.perf_counter() - t0
         scores = raw if balance is None else raw.balanced(balance)
         for label, w in (("start", start), ("searched", best)):

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from .forward import embed
+
 BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
 
 
@@ -24,7 +26,7 @@ def fidelity(model: torch.nn.Module, dense: torch.Tensor, images: torch.Tensor, 
     feats = []
     with torch.inference_mode():
         for chunk in images.split(batch_size):
-            feats.append(model.forward_head(model.forward_features(chunk), pre_logits=True).float())
+            feats.append(embed(model, chunk).float())
     return torch.nn.functional.cosine_similarity(torch.cat(feats), dense, dim=-1).mean().item()
 
 
@@ -70,8 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dense_model = module.student.eval()
             images = dm.calibration_images_eval()
             with torch.inference_mode():
-                dense = torch.cat([dense_model.forward_head(dense_model.forward_features(c), pre_logits=True)
-                                   for c in images.split(64)])
+                dense = torch.cat([embed(dense_model, c) for c in images.split(64)])
         elastic = ElasticViT(module.student, module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
         views = "identical" if args.identical_views else "independent"
         rows[f"dino ({accumulation}, {args.precision}, {views} views)"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]

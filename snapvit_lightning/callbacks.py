@@ -51,6 +51,7 @@ from . import __version__
 from .bench import build_machine
 from .correction import CORRECTIONS
 from .elastic import ElasticViT, check_model_kwargs
+from .forward import embed
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .scores import ImportanceScores, check_ratio
 from .search import EvolutionarySearch, scored_model
@@ -219,7 +220,7 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
 def _features(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
     model.eval()
     out = [
-        model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True).float()
+        embed(model, images[i : i + batch_size]).float()
         for i in range(0, images.shape[0], batch_size)
     ]
     return torch.cat(out)

@@ -49,7 +49,7 @@ from .structure import get_blocks
 
 __all__ = [
     "CORRECTIONS", "CorrectionStats", "SingularGramError", "collect_stats", "correct_subnet", "fingerprint",
-    "stats_path_for",
+    "has_cut_norm", "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION",
 ]
 
@@ -175,7 +175,8 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _has_cut_norm(block: nn.Module) -> bool:
+def has_cut_norm(block: nn.Module) -> bool:
+    """Whether ``block`` has a norm over a cut dimension (``scale_norm`` / MLP norm): stored statistics cannot correct it."""
     return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
 
 
@@ -321,19 +322,54 @@ def _solve(
     ``cross = E[xₐ x̃ₐᵀ]`` ``[n+1, k+1]`` (dense inputs × subnet inputs) and
     ``gram = E[x̃ₐ x̃ₐᵀ]`` ``[k+1, k+1]``, both augmented with a constant 1 as last entry.
     """
-    k = sub.in_features
     weight = dense.weight.detach().double()
     bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if dense.bias is None else dense.bias.detach().double()
     w_aug = torch.cat([weight, bias[:, None]], dim=1).to(cross.device)
+    kept = sub.weight.detach().double().to(cross.device)
+    k = kept.shape[1]
+    target = w_aug @ (cross if method == "lstsq" else cross[:, k:])  # bias: only the mean column
+    new_weight, new_bias = solve_layer(target, kept, gram, sub.bias is not None, method, damping, reference, where)
+    _assign(sub, new_weight, new_bias)
+
+
+def solve_layer(
+    target: Tensor,
+    kept_weight: Tensor,
+    gram: Tensor,
+    has_bias: bool,
+    method: str,
+    damping: float,
+    reference: str,
+    where: str,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The corrected weight and bias of one cut layer (float64), without changing any layer.
+
+    Args:
+        target: ``E[t x̃ₐᵀ]`` ``[out, k+1]``: the dense layer's augmented weight times the
+            (dense × kept, augmented) input moments; ``t = W x + b`` is the dense output
+            (``bias`` reads only the last column, so ``[out, 1]`` is enough there).
+        kept_weight: The kept columns of the dense weight ``[out, k]`` (``bias`` only).
+        gram: ``E[x̃ₐ x̃ₐᵀ]`` ``[k+1, k+1]`` of the kept inputs, augmented.
+        has_bias: Whether the layer has a bias (``lstsq`` fits one only then).
+        method: ``"bias"`` or ``"lstsq"``.
+        damping: Ridge damping relative to the Gram diagonal (``lstsq``).
+        reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
+        where: Names the layer in errors.
+
+    Returns:
+        ``(weight [out, k] or None when unchanged, bias [out] or None)``.
+
+    Raises:
+        ValueError: ``bias`` for a layer without a bias.
+        SingularGramError: The damped Gram matrix is not positive definite.
+    """
+    k = kept_weight.shape[1]
     if method == "bias":
-        if sub.bias is None:
+        if not has_bias:
             raise ValueError(f"{where} has no bias to compensate into; use correct='lstsq'")
         # Mean dense output W E[x] + b minus the kept columns' mean output.
-        new_bias = w_aug @ cross[:, k] - sub.weight.detach().double().to(cross.device) @ gram[:k, k]
-        _assign(sub, None, new_bias)
-        return
-    target = w_aug @ cross  # E[t x̃ₐᵀ], t = W x + b: [out, k+1]
-    cols = list(range(k)) + ([k] if sub.bias is not None else [])
+        return None, target[:, -1] - kept_weight @ gram[:k, k]
+    cols = list(range(k)) + ([k] if has_bias else [])
     g = gram[cols][:, cols].clone()
     if k:
         diag = torch.diagonal(g)[:k]
@@ -347,7 +383,7 @@ def _solve(
             "use a larger damping, more calibration images, or correct='bias'"
         )
     solution = torch.cholesky_solve(target[:, cols].T.contiguous(), chol).T  # [out, len(cols)]
-    _assign(sub, solution[:, :k], solution[:, k] if sub.bias is not None else None)
+    return solution[:, :k], solution[:, k] if has_bias else None
 
 
 def _assign(layer: nn.Linear, weight: Tensor | None, bias: Tensor | None) -> None:
@@ -438,7 +474,7 @@ def _correct_from_stats(
             f"the correction statistics belong to another elastic model (fingerprint {stats.fingerprint!r}, "
             f"this model {expected_fingerprint!r}); collect them again for this checkpoint"
         )
-    if any(_has_cut_norm(b) for b in dense_blocks):
+    if any(has_cut_norm(b) for b in dense_blocks):
         raise ValueError(
             "stored statistics cannot correct a model with a norm over the cut dimension (scale_norm or "
             "an MLP norm): its kept activations change with the cut; pass calibration images with sequential=True"

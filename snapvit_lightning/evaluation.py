@@ -21,6 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
+from snapvit_lightning.forward import embed
 from snapvit_lightning.structure import count_flops, count_params
 
 __all__ = [
@@ -468,7 +469,8 @@ def extract_features(
     """Pre-logits features ``model.forward_head(model.forward_features(x), pre_logits=True)``.
 
     Runs in eval mode (restored after) under ``torch.inference_mode``, in batches on the
-    model's device.
+    model's device, through :func:`~snapvit_lightning.forward.embed` (the same values, without
+    the last block's unused patch-token outputs).
 
     Args:
         model: A timm model with ``forward_features`` and ``forward_head``.
@@ -497,7 +499,7 @@ def extract_features(
     with _eval_mode(model), torch.inference_mode(), _autocast(dev, autocast_dtype):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(dev, in_dtype)
-            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            feats = embed(model, x)
             out.append(feats.float().to(images.device))
     if not out:
         raise ValueError(f"images must hold at least one image, got {_shape(images)}")

@@ -39,6 +39,7 @@ images when the dataset size is not divisible by the number of ranks; use a divi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from .forward import embed
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
 
@@ -87,6 +89,65 @@ _CHECKPOINT_VERSION = 1
 # ----------------------------------------------------------------------------------------------
 # Small functions
 # ----------------------------------------------------------------------------------------------
+
+
+class _RowsGradLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient is computed for rows ``[start, stop)`` only.
+
+    The other rows' gradient is returned as zeros: the scores read only the V rows of
+    ``attn.qkv``, and the Q/K rows' weight gradient would cost two thirds of the layer's weight
+    gradient matmul. Under autocast the inputs are cast as autocast would cast them, explicitly,
+    so the backward does not depend on the autocast state of the thread that runs it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.rows = (start, stop)
+        ctx.has_bias = bias is not None
+        with torch.autocast(device, enabled=False):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        start, stop = ctx.rows
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight)
+            grad_w[start:stop] = grad[..., start:stop].reshape(-1, stop - start).T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+@contextlib.contextmanager
+def _v_rows_weight_grads(model: nn.Module) -> Any:
+    """Within the context, every ``attn.qkv`` of ``model`` computes only its V rows' weight gradient."""
+    patched = []
+    try:
+        for block in get_blocks(model):
+            qkv = block.attn.qkv
+            if torch.is_grad_enabled() and qkv.weight.requires_grad:
+                width = qkv.out_features // 3
+                qkv.forward = functools.partial(_rows_grad_linear, qkv, 2 * width, 3 * width)
+                patched.append(qkv)
+        yield
+    finally:
+        for qkv in patched:
+            del qkv.forward  # back to nn.Linear.forward
+
+
+def _rows_grad_linear(layer: nn.Linear, start: int, stop: int, x: Tensor) -> Tensor:
+    return _RowsGradLinear.apply(x, layer.weight, layer.bias, start, stop)
 
 
 def dino_loss(
@@ -371,7 +432,7 @@ class SnapViTModule(pl.LightningModule):
         Returns:
             ``[N, D]`` embeddings (not normalised).
         """
-        return self.student.forward_head(self.student.forward_features(x), pre_logits=True)
+        return embed(self.student, x)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -565,7 +626,8 @@ class SnapViTModule(pl.LightningModule):
         if views.shape[1] < NUM_GLOBAL_VIEWS:
             raise ValueError(f"criterion={self.criterion!r} needs >= 2 views per image, got {views.shape[1]}")
         b, v = views.shape[:2]
-        emb = self.embed(views.flatten(0, 1)).reshape(b, v, -1)
+        with _v_rows_weight_grads(self.student):
+            emb = self.embed(views.flatten(0, 1)).reshape(b, v, -1)
         return dino_loss(emb, self.teacher_temp, self.student_temp).sum()
 
     @override

@@ -45,6 +45,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .correction import check_correction, collect_stats, has_cut_norm, solve_layer
+from .forward import embed
 from .scores import ImportanceScores, check_ratio
 from .structure import get_blocks, inspect_vit, mlp_kind
 from .xnes import XNES
@@ -348,6 +350,15 @@ class Fitness:
         world_size: Number of processes (data parallel).
         reduce_fn: Sums a tensor over processes (required when ``world_size > 1``).
         broadcast_fn: Broadcasts a tensor from process 0 (optional).
+        correct: Weight correction applied to every pruned model before it is embedded:
+            ``"none"`` (default, the paper's fitness), ``"bias"`` or ``"lstsq"``
+            (:mod:`~snapvit_lightning.correction`, one-shot). The search then optimises what the
+            corrected subnets keep, which is what a corrected export delivers. Statistics are
+            collected once on all fitness images (in-sample); each candidate's kept rows and
+            columns of them are solved per cut layer (float64 Cholesky), exactly as
+            :meth:`ElasticViT.subnet` with ``correct=`` and these statistics would.
+        damping: Ridge damping of ``lstsq`` relative to the Gram diagonal.
+        damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
 
     Attributes:
         num_evals: Calls so far.
@@ -356,7 +367,9 @@ class Fitness:
 
     Raises:
         ValueError: Bad images, ratio pairs, ``pca_components``, ``batch_size``, rank/world
-            size, scores that do not match the model, or blocks of different sizes.
+            size, scores that do not match the model, blocks of different sizes, a bad
+            correction option, or a correction for a model with a norm over a cut dimension.
+        SingularGramError: (during a call) a damped Gram matrix that is not positive definite.
         UnsupportedModelError: For a model the cut would get wrong.
     """
 
@@ -374,8 +387,12 @@ class Fitness:
         world_size: int = 1,
         reduce_fn: Callable[[Tensor], Tensor] | None = None,
         broadcast_fn: Callable[[Tensor], Tensor] | None = None,
+        correct: str = "none",
+        damping: float = 0.01,
+        damping_reference: str = "mean",
     ) -> None:
         self.ratio_pairs = _check_ratio_pairs(ratio_pairs)
+        self.correct, self.damping, self.damping_reference = check_correction(correct, damping, damping_reference)
         self.pca_components = _check_int("pca_components", pca_components, 1)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         images = _check_images(images)
@@ -418,10 +435,12 @@ class Fitness:
         self.masters = [
             _build_master(block, order, linear_dtype) for block, order in zip(self.blocks, self._mlp_raw_order)
         ]
+        images = images.to(self.device, param.dtype if param.is_floating_point() else images.dtype)
+        self._corrections = self._correction_terms(model, images) if self.correct != "none" else None
+        self._dense_bias = [(b.attn.proj.bias, b.mlp.fc2.bias) for b in self.blocks]
         self._restore()
 
         # Teacher embeddings (same path, every unit kept) and the PCA.
-        images = images.to(self.device, param.dtype if param.is_floating_point() else images.dtype)
         self.images = images[rank::world_size] if world_size > 1 else images
         teacher_all = self._embed(images).double().cpu()
         self.num_components = min(self.pca_components, images.shape[0] - 1, teacher_all.shape[1])
@@ -463,7 +482,7 @@ class Fitness:
         with torch.inference_mode(), self._autocast():
             for i in range(0, images.shape[0], self.batch_size):
                 x = images[i : i + self.batch_size]
-                outs.append(self.model.forward_head(self.model.forward_features(x), pre_logits=True).float())
+                outs.append(embed(self.model, x).float())
         if not outs:
             return torch.zeros(0, int(self.model.num_features), device=self.device)
         return torch.cat(outs)
@@ -472,8 +491,44 @@ class Fitness:
         return (emb - self.pca_mean) @ self.pca_basis
 
     def _restore(self) -> None:
-        for block, master in zip(self.blocks, self.masters):
+        for block, master, (proj_bias, fc2_bias) in zip(self.blocks, self.masters, self._dense_bias):
             _set_block_view(block, master, master.hidden, None)
+            block.attn.proj.bias, block.mlp.fc2.bias = proj_bias, fc2_bias
+
+    def _correction_terms(self, model: nn.Module, images: Tensor) -> list[dict[str, tuple[Tensor, Tensor, Tensor]]]:
+        """Per block and cut layer: (dense weight, ``[W | b] E[xₐ xₐᵀ]``, ``E[xₐ xₐᵀ]``), original order."""
+        blocks = get_blocks(model)
+        if any(has_cut_norm(b) for b in blocks):
+            raise ValueError(
+                f"correct={self.correct!r}: the fitness corrects from statistics, which cannot correct a model "
+                "with a norm over a cut dimension (scale_norm or an MLP norm); use correct='none'"
+            )
+        stats = collect_stats(model, images, batch_size=self.batch_size)
+        terms = []
+        for i, block in enumerate(blocks):
+            entry = {}
+            for name, layer, moments in (("attn", block.attn.proj, stats.attn), ("mlp", block.mlp.fc2, stats.mlp)):
+                weight = layer.weight.detach().double()
+                bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if layer.bias is None else layer.bias.detach().double()
+                gram = moments[i].to(self.device)  # float32 as stored; solved in float64
+                entry[name] = (weight, torch.cat([weight, bias[:, None]], 1) @ gram.double(), gram)
+            terms.append(entry)
+        return terms
+
+    def _correct(self, b: int, name: str, layer: nn.Linear, kept: Tensor) -> None:
+        """Replace a cut ``layer``'s weight/bias by the corrected ones (``kept``: original input indices)."""
+        assert self._corrections is not None
+        weight, target, gram = self._corrections[b][name]
+        n = weight.shape[1]
+        cols = torch.cat([kept, torch.tensor([n], device=kept.device)])
+        new_w, new_b = solve_layer(
+            target[:, cols], weight[:, kept], gram[cols][:, cols].double(), layer.bias is not None,
+            self.correct, self.damping, self.damping_reference, f"block {b} {name}",
+        )
+        if new_w is not None:
+            layer.weight = _frozen(new_w.to(layer.weight.dtype))
+        if new_b is not None:
+            layer.bias = _frozen(new_b.to(layer.bias.dtype))
 
     def _selections(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Per-block unit orders under ``w``: MLP as positions in the master, heads as indices."""
@@ -505,6 +560,15 @@ class Fitness:
                 mlp_sel = pos.sort().values.to(self.device)
             head_sel = None if h == master.num_heads else head_order[b, :h].sort().values.to(self.device)
             _set_block_view(block, master, mlp_sel, head_sel)
+            if self._corrections is None:
+                continue
+            if k < master.hidden:
+                order = self._mlp_raw_order[b].to(self.device)
+                self._correct(b, "mlp", block.mlp.fc2, order[:k] if isinstance(mlp_sel, int) else order[mlp_sel])
+            if head_sel is not None:
+                hd = master.head_dim
+                channels = (head_sel[:, None] * hd + torch.arange(hd, device=self.device)[None, :]).flatten()
+                self._correct(b, "attn", block.attn.proj, channels)
 
     def _pair_sums(self, w: Tensor, project: bool) -> Tensor:
         """``[P, 2]`` float64: per ratio pair, (sum of cosines, number of images), all processes."""
@@ -669,6 +733,9 @@ def run_search(
     initial_covariance: Tensor | None = None,
     on_eval: Callable[[int, float, float], None] | None = None,
     balance: float | None = None,
+    correct: str = "none",
+    damping: float = 0.01,
+    damping_reference: str = "mean",
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Search the block/head weights without a Trainer (see :class:`EvolutionarySearch`).
 
@@ -692,6 +759,9 @@ def run_search(
         on_eval: Called as ``on_eval(eval_idx, fitness, best_so_far)`` after each evaluation.
         balance: Search around a uniform split: the weights apply to
             ``scores.balanced(balance)`` and start at 1 (see :class:`EvolutionarySearch`).
+        correct: Weight correction inside the fitness (see :class:`Fitness`).
+        damping: ``lstsq`` damping of that correction.
+        damping_reference: ``"mean"`` or ``"max"``.
 
     Returns:
         ``(best_w [B + B*H], covariance [d, d], history)`` where ``history`` holds the fitness of
@@ -705,7 +775,8 @@ def run_search(
     popsize = _check_popsize(popsize)
     scores, initial_weights = _balanced_start(scores, _check_balance(balance), initial_weights)
     fitness = Fitness(
-        model, scores, images, ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast)
+        model, scores, images, ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
+        correct=correct, damping=damping, damping_reference=damping_reference,
     )
     xnes, w0 = _make_xnes(
         scores.num_weights, scores.num_blocks, scores.num_heads, sigma, popsize, seed, initial_weights, initial_covariance
@@ -809,6 +880,11 @@ class EvolutionarySearch(Callback):
             default searched .536 .283 .120 .099 (random .284 .228 .175 .129); with ``lstsq``
             weight correction both keep about the same (.926 .845 .796 .760 vs .925 .846 .801
             .759). See the README.
+        correct: Weight correction inside the fitness: ``"none"`` (default, the paper),
+            ``"bias"`` or ``"lstsq"`` (see :class:`Fitness`). Use the correction the elastic
+            model will be sliced with, so the search optimises what the corrected subnets keep.
+        damping: ``lstsq`` damping of that correction (relative to the Gram diagonal).
+        damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
 
     Attributes:
         best_weights: Best weights found (``None`` before the search).
@@ -839,9 +915,13 @@ class EvolutionarySearch(Callback):
         initial_covariance: Tensor | None = None,
         log_every_n_evals: int = 10,
         balance: float | None = None,
+        correct: str = "none",
+        damping: float = 0.01,
+        damping_reference: str = "mean",
     ) -> None:
         super().__init__()
         self.balance = _check_balance(balance)
+        self.correct, self.damping, self.damping_reference = check_correction(correct, damping, damping_reference)
         self.max_evals = _check_int("max_evals", max_evals, 1)
         self.popsize = _check_popsize(popsize)
         self.sigma = _check_sigma(sigma)
@@ -921,6 +1001,9 @@ class EvolutionarySearch(Callback):
             world_size=world,
             reduce_fn=reduce if world > 1 else None,
             broadcast_fn=broadcast if world > 1 else None,
+            correct=self.correct,
+            damping=self.damping,
+            damping_reference=self.damping_reference,
         )
         xnes, w0 = _make_xnes(
             scores.num_weights,

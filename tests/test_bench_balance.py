@@ -27,3 +27,21 @@ def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
         plain, corrected = row.split(": ", 1)[1].split(" | ")
         values = [float(v) for v in plain.split() + corrected.split()]
         assert len(values) == 2 * len(bench_balance.BUDGETS) and all(-1.0 <= v <= 1.0 + 1e-6 for v in values)
+
+
+def test_bench_balance_corrected_fitness_one_start_and_uniform(tmp_path, capsys, one_thread) -> None:
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "tiny.elastic.safetensors"
+    ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (170, 170, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--fitness-correct", "lstsq",
+            "--uniform"]
+    assert bench_balance.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fitness correction lstsq" in out
+    rows = [line for line in out.splitlines()[1:] if " | " in line]
+    assert [row.split(":")[0].split()[0] for row in rows] == ["uniform", "balance=0.5", "balance=0.5"]

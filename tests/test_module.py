@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -191,6 +192,34 @@ def test_matches_hand_computation(temps) -> None:
     mlp, heads = hand_scores(reference, x, *temps)
     torch.testing.assert_close(scores.mlp, mlp, rtol=1e-5, atol=1e-5 * float(mlp.max()))
     torch.testing.assert_close(scores.heads, heads, rtol=1e-5, atol=1e-5 * float(heads.max()))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_v_rows_weight_grads_equal_autograd_on_the_v_rows(autocast: bool) -> None:
+    """The patched qkv: same output and input gradient, V-row weight gradient, zeros elsewhere."""
+    from snapvit_lightning.module import _v_rows_weight_grads
+
+    model = vit().eval()
+    x = views(2, v=1).flatten(0, 1)
+    grads = []
+    for patched in (False, True):
+        model.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with _v_rows_weight_grads(model) if patched else contextlib.nullcontext():
+                out = model.forward_head(model.forward_features(inp), pre_logits=True)
+        out.float().square().sum().backward()
+        grads.append((out.detach().float(), inp.grad, [b.attn.qkv.weight.grad for b in get_blocks(model)]))
+    assert all("forward" not in vars(b.attn.qkv) for b in get_blocks(model))  # unpatched after the context
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **tol)
+    for block, full, rows in zip(get_blocks(model), grads[0][2], grads[1][2]):
+        d = block.attn.num_heads * block.attn.head_dim
+        assert rows.dtype == full.dtype and torch.equal(rows[: 2 * d], torch.zeros_like(rows[: 2 * d]))
+        scale = float(full[2 * d :].abs().max())
+        torch.testing.assert_close(rows[2 * d :], full[2 * d :], rtol=tol["rtol"], atol=tol["atol"] * scale)
+        assert scale > 0
 
 
 def test_dino_loss_skips_same_view_pairs() -> None:

@@ -124,6 +124,50 @@ def test_fast_path_equals_elastic_subnet(key: str) -> None:
         fitness.restore()
 
 
+@pytest.mark.parametrize("key", ["test_vit", "siglip", "glu", "registers"])
+@pytest.mark.parametrize("correct", ["bias", "lstsq"])
+def test_corrected_fast_path_equals_corrected_elastic_subnet(key: str, correct: str) -> None:
+    """``correct=``: the working copy is exactly the elastic subnet corrected on the fitness images."""
+    model, name, kwargs = variant(key)
+    scores = random_scores(model)
+    x = images_for(model, n=12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fitness = Fitness(model, scores, x, ratio_pairs=PAIRS, pca_components=4, autocast_dtype=None, correct=correct)
+    plain = Fitness(model, scores, x, ratio_pairs=PAIRS, pca_components=4, autocast_dtype=None)
+    g = torch.Generator().manual_seed(3)
+    for trial in range(2):
+        w = 2 * torch.rand(scores.num_weights, generator=g, dtype=torch.float64)
+        if trial == 1:  # ties: the kept set is gathered, not a prefix
+            w[0] = 0.0
+            w[scores.num_blocks] = 0.0
+        el = elastic(model, name, kwargs, scores.with_weights(w))
+        for pair in PAIRS:
+            expected = embed(el.subnet(*pair, correct=correct, calibration=x), x)
+            got = embed(fitness.apply(w, *pair), x)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"{key} {correct} w#{trial} {pair}")
+            if pair[0] > 0.3:  # the correction really changes the pruned model
+                assert (got - embed(plain.apply(w, *pair), x)).abs().max() > 1e-3
+        fitness.restore()
+    # dense again after every call; the unpruned model still has fitness 0; the model is untouched
+    torch.testing.assert_close(embed(fitness.model, x), embed(model, x), atol=2e-5, rtol=1e-4)
+    dense = Fitness(model, scores, x, ratio_pairs=[(0.0, 0.0)], pca_components=4, autocast_dtype=None, correct=correct)
+    assert abs(dense(default_initial_weights(scores.num_blocks, scores.num_heads))) <= 1e-6
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_corrected_fitness_errors() -> None:
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=4)
+    with pytest.raises(ValueError, match="correct"):
+        Fitness(model, scores, x, correct="ols")
+    with pytest.raises(ValueError, match="damping"):
+        Fitness(model, scores, x, correct="lstsq", damping=-1.0)
+    norms, _, _ = variant("norms")  # a norm over the cut dimension: stored statistics cannot correct it
+    with pytest.raises(ValueError, match="scale_norm"):
+        Fitness(norms, random_scores(norms), images_for(norms, n=4), correct="lstsq")
+
+
 def test_fitness_matches_explicit_computation() -> None:
     model, name, kwargs = small_vit()
     scores = random_scores(model)
