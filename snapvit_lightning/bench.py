@@ -17,9 +17,9 @@ budgets for other unit rankings, each a new elastic model built from the checkpo
 * ``magnitude`` and ``lamp``: data-free scores of the weights, as ``SnapViTModule`` computes them;
 * ``random``: uniform random scores, seeds 0, 1, 2; one row with the mean over seeds (fidelity,
   k-NN, cost, latency), the seeds' ``fidelity_std`` (sample std) and the ``per_seed`` values;
-* ``uniform``: the same share pruned in every block (per block keep
-  ``max(round((1 - ratio) * units), per-block minimum)``), the checkpoint's best units of each
-  block; its FLOPs differ from the snapvit row's and are reported as measured.
+* ``uniform``: the same share pruned in every block at equal FLOPs: the snapvit row's total of
+  kept neurons (heads) split evenly over the blocks (``total // B`` each, one more in
+  ``total % B`` evenly spaced blocks), the checkpoint's best units of each block.
 
 Under the table a *Build time* section gives the wall time of each stage of building the
 elastic model, measured at build time on the build machine (not by this run): ``scoring``
@@ -406,13 +406,20 @@ def _baseline_scores(elastic: Any) -> list[tuple[str, int | None, Any]]:
     return out
 
 
+def _even_split(total: int, num_blocks: int) -> list[int]:
+    """``total`` units over ``num_blocks``: ``total // B`` each, one more in evenly spaced blocks."""
+    base, extra = divmod(total, num_blocks)
+    more = {(j * num_blocks) // extra for j in range(extra)} if extra else set()
+    return [base + (b in more) for b in range(num_blocks)]
+
+
 def _uniform_dims(scores: Any, mlp_ratio: float, head_ratio: float) -> list[Any]:
-    """The same keep in every block: ``max(round((1 - ratio) * units), per-block minimum, 1)``."""
+    """The same keep in every block, with the global ranking's total (equal params and FLOPs)."""
     from .structure import BlockDims
 
-    neurons = max(round((1.0 - mlp_ratio) * scores.mlp_hidden), scores.min_neurons, 1)
-    heads = max(round((1.0 - head_ratio) * scores.num_heads), scores.min_heads, 1)
-    return [BlockDims(int(heads), int(neurons)) for _ in range(scores.num_blocks)]
+    neurons, heads = scores.keep_counts(mlp_ratio, head_ratio)
+    split = zip(_even_split(int(heads.sum()), scores.num_blocks), _even_split(int(neurons.sum()), scores.num_blocks))
+    return [BlockDims(h, n) for h, n in split]
 
 
 def _mean(values: Sequence[Any]) -> Any:

@@ -48,6 +48,10 @@ def fidelities(
     return plain, corrected
 
 
+def _balance(text: str) -> float | str:
+    return text if text == "rank" else float(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .bench import _uniform_dims
     from .correction import CORRECTIONS
@@ -60,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
     parser.add_argument("--data", required=True, type=Path, help="fitness and evaluation images")
-    parser.add_argument("--balance", type=float, default=0.5, help="quantile of the balanced start (default: 0.5)")
+    parser.add_argument("--balance", type=_balance, default=0.5,
+                        help="quantile of the balanced start, or 'rank' (default: 0.5)")
     parser.add_argument("--max-evals", type=int, default=50, help="search evaluations (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="xNES seed (default: 0)")
     parser.add_argument("--starts", nargs="+", choices=("default", "balance"), default=["default", "balance"],
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ones = torch.ones(raw.num_weights, dtype=torch.float64)
     starts = {
         "default": ("default", None, default_initial_weights(raw.num_blocks, raw.num_heads)),
-        "balance": (f"balance={args.balance:g}", args.balance, ones),
+        "balance": (f"balance={args.balance}", args.balance, ones),
     }
     for name, balance, start in (starts[key] for key in args.starts):
         t0 = time.perf_counter()

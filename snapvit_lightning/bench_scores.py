@@ -96,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = ImportanceScores(torch.rand(*shape[0], generator=g), torch.rand(*shape[1], generator=g), criterion="random")
         elastic = ElasticViT(dense_model, scores, model_name=MODEL_NAME, model_kwargs=kwargs)
         random_rows.append([fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS])
-    rows[f"random (mean of {args.random_seeds} seeds)"] = torch.tensor(random_rows).mean(0).tolist()
+    if random_rows:
+        rows[f"random (mean of {args.random_seeds} seeds)"] = torch.tensor(random_rows).mean(0).tolist()
     if len(random_rows) > 1:
         rows["random (std)"] = torch.tensor(random_rows).std(0).tolist()
 

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--correct", choices=("none", "bias", "lstsq"), default="none",
+                        help="weight correction inside the fitness (Fitness(correct=...))")
     parser.add_argument(
         "--baseline-evals", type=int, default=2,
         help="also time this many evaluations of the copy-per-candidate approach (0: skip)",
@@ -95,13 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model vit_small_patch14_dinov2 @ {args.img_size}px, {images.shape[0]} fitness images, "
         f"{scores.num_weights} weights, pca {args.pca}, pairs {list(DEFAULT_RATIO_PAIRS)}, "
-        f"autocast {'off (fp32)' if args.fp32 else 'bf16'}, batch {args.batch_size}, "
+        f"autocast {'off (fp32)' if args.fp32 else 'bf16'}, batch {args.batch_size}, fitness correction {args.correct}, "
         f"threads {torch.get_num_threads()}"
     )
 
     t0 = time.perf_counter()
     fitness = Fitness(
-        model, scores, images, DEFAULT_RATIO_PAIRS, args.pca, args.batch_size, None if args.fp32 else torch.bfloat16
+        model, scores, images, DEFAULT_RATIO_PAIRS, args.pca, args.batch_size, None if args.fp32 else torch.bfloat16,
+        correct=args.correct,
     )
     setup = time.perf_counter() - t0
     print(f"setup (working copy + teacher embeddings + PCA {fitness.num_components}): {setup:.2f} s")

@@ -160,19 +160,25 @@ class ImportanceScores:
             covariance=None if covariance is None else torch.as_tensor(covariance).clone(),
         )
 
-    def balanced(self, quantile: float) -> "ImportanceScores":
+    def balanced(self, quantile: float | str) -> "ImportanceScores":
         """A copy whose every block's neuron and head scores are divided by their ``quantile``.
 
         The order inside each block is unchanged, but the global ranking of the copy prunes
         about the same share of every block at ratio ``quantile`` (a uniform split across
-        blocks); search weights then move budget between blocks from there. Search weights and
-        covariance are dropped.
+        blocks); search weights then move budget between blocks from there. With
+        ``quantile="rank"`` every score becomes its rank inside the block divided by the
+        block's size (best unit 1, worst ``1/n``): the copy then prunes the same share of every
+        block (to one unit) at *every* ratio, and a block weight ``w`` keeps the units whose
+        rank is above ``threshold / w``. Search weights and covariance are dropped.
 
         Raises:
-            ValueError: If ``quantile`` is not in ``(0, 1)``.
+            ValueError: If ``quantile`` is neither in ``(0, 1)`` nor ``"rank"``.
         """
+        if quantile == "rank":
+            return replace(self, mlp=_block_ranks(self.mlp), heads=_block_ranks(self.heads), block_weights=None,
+                           head_weights=None, covariance=None)
         if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < float(quantile) < 1.0:
-            raise ValueError(f"quantile must be a number in (0, 1), got {quantile!r}")
+            raise ValueError(f"quantile must be a number in (0, 1) or 'rank', got {quantile!r}")
 
         def scale(x: torch.Tensor) -> torch.Tensor:
             dtype, x = x.dtype, x.double()
@@ -291,6 +297,16 @@ def _shape(value: object) -> str:
 
 def _descending(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
+
+
+def _block_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Per block, ``(n - position) / n`` of each unit in the descending (stable) score order."""
+    num_blocks, units = scores.shape
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(scores, dtype=torch.float64)
+    values = torch.arange(units, 0, -1, dtype=torch.float64).div(units).expand(num_blocks, units)
+    ranks.scatter_(1, order, values)
+    return ranks.to(scores.dtype if scores.is_floating_point() else torch.float64)
 
 
 def _global_keep(scores: torch.Tensor, ratio: float, min_keep: int) -> torch.Tensor:

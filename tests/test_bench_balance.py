@@ -38,10 +38,10 @@ def test_bench_balance_corrected_fitness_one_start_and_uniform(tmp_path, capsys,
     rng = np.random.default_rng(0)
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (170, 170, 3), dtype=np.uint8)).save(photos / f"{i}.png")
-    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--fitness-correct", "lstsq",
-            "--uniform"]
+    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--balance", "rank",
+            "--fitness-correct", "lstsq", "--uniform"]
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
     assert "fitness correction lstsq" in out
     rows = [line for line in out.splitlines()[1:] if " | " in line]
-    assert [row.split(":")[0].split()[0] for row in rows] == ["uniform", "balance=0.5", "balance=0.5"]
+    assert [row.split(":")[0].split()[0] for row in rows] == ["uniform", "balance=rank", "balance=rank"]

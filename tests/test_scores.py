@@ -117,5 +117,24 @@ def test_balanced_scores_split_uniformly(quantile: float) -> None:
     assert neurons.max() - neurons.min() <= 1 and heads.max() - heads.min() <= 1
     assert torch.equal(balanced.block_orders()[0], scores.block_orders()[0])  # same order inside blocks
     assert balanced.block_weights is None and balanced.mlp.dtype == scores.mlp.dtype
-    with pytest.raises(ValueError, match=r"quantile must be a number in \(0, 1\), got 1"):
+    with pytest.raises(ValueError, match=r"quantile must be a number in \(0, 1\) or 'rank', got 1"):
         scores.balanced(1)
+
+
+def test_rank_balanced_scores_split_uniformly_at_every_ratio() -> None:
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-4, 4, 6)[:, None]
+    scores = ImportanceScores(torch.rand(6, 40, generator=g) * scale, torch.rand(6, 10, generator=g) * scale)
+    ranked = scores.balanced("rank")
+    assert torch.equal(ranked.block_orders()[0], scores.block_orders()[0])
+    assert torch.equal(ranked.block_orders()[1], scores.block_orders()[1])
+    assert torch.equal(ranked.mlp.sort(dim=1).values[0], torch.arange(1, 41, dtype=ranked.mlp.dtype) / 40)
+    for ratio in (0.1, 0.35, 0.5, 0.65, 0.9):
+        neurons, heads = ranked.keep_counts(ratio, ratio)
+        assert neurons.max() - neurons.min() <= 1 and heads.max() - heads.min() <= 1, ratio
+        assert int(neurons.sum()) == 240 - round(ratio * 240)
+    # a larger block weight keeps more of that block
+    w = torch.ones(ranked.num_weights, dtype=torch.float64)
+    w[2] = 1.5
+    neurons, _ = ranked.keep_counts(0.5, 0.5, weights=w)
+    assert neurons[2] > neurons[[0, 1, 3, 4, 5]].max()

@@ -262,7 +262,9 @@ def test_run_search_lowers_fitness() -> None:
         ({"initial_weights": torch.ones(3)}, "initial_weights"),
         ({"initial_covariance": torch.eye(3)}, "initial_covariance"),
         ({"autocast": "yes"}, "autocast"),
-        ({"balance": 1.0}, "balance must be None or a ratio in"),
+        ({"balance": 1.0}, "balance must be None, a ratio in"),
+        ({"balance": "ranks"}, "balance must be None, a ratio in"),
+        ({"correct": "ols"}, "correct must be one of"),
     ],
 )
 def test_run_search_errors(kwargs, match) -> None:
@@ -314,7 +316,7 @@ def test_fitness_other_errors() -> None:
         ({"log_every_n_evals": -1}, "log_every_n_evals"),
         ({"images": 3}, "images"),
         ({"seed": 1.5}, "seed"),
-        ({"balance": 0.0}, "balance must be None or a ratio in"),
+        ({"balance": 0.0}, "balance must be None, a ratio in"),
     ],
 )
 def test_callback_errors(kwargs, match) -> None:
@@ -388,21 +390,22 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     assert logged[-1][2] == pytest.approx(min(callback.history))
 
 
-def test_callback_balance_searches_around_a_uniform_split(tmp_path: Path) -> None:
+@pytest.mark.parametrize("balance, correct", [(0.5, "none"), ("rank", "lstsq")])
+def test_callback_balance_searches_around_a_uniform_split(tmp_path: Path, balance, correct) -> None:
     model, _, _ = small_vit()
     raw = random_scores(model)
     scale = torch.logspace(-3, 3, raw.num_blocks)[:, None]  # blocks on very different scales
     scores = ImportanceScores(raw.mlp * scale, raw.heads * scale)
     x = images_for(model, n=6)
     kw = {k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"}
-    callback = EvolutionarySearch(max_evals=4, images=x, balance=0.5, **SEARCH_KW)
+    callback = EvolutionarySearch(max_evals=4, images=x, balance=balance, correct=correct, **SEARCH_KW)
     module = fit_with(callback, model, scores, tmp_path)
-    balanced = scores.balanced(0.5)
+    balanced = scores.balanced(balance)
     assert torch.equal(module.scores.mlp, balanced.mlp) and torch.equal(module.scores.heads, balanced.heads)
     # The start point is w = 1 on the balanced scores, the same as the Trainer-free function.
-    start = Fitness(model, balanced, x, kw["ratio_pairs"], kw["pca_components"], autocast_dtype=None)
+    start = Fitness(model, balanced, x, kw["ratio_pairs"], kw["pca_components"], autocast_dtype=None, correct=correct)
     assert callback.initial_fitness == pytest.approx(start(torch.ones(scores.num_weights, dtype=torch.float64)))
-    best_w, _, history = run_search(model, scores, x, max_evals=4, balance=0.5, **kw)
+    best_w, _, history = run_search(model, scores, x, max_evals=4, balance=balance, correct=correct, **kw)
     assert history == callback.history and torch.equal(best_w, callback.best_weights)
 
 

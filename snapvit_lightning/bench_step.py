@@ -1,0 +1,88 @@
+"""Time one scoring step on the real DINOv2 ViT-S/14 with and without the dead-work shortcuts.
+
+::
+
+    python -m snapvit_lightning.bench_step [--batch-size 16] [--views 12] [--repeats 3]
+
+One step is the DINO loss of ``batch`` images × ``views`` crops, its backward and the gradient
+accumulation, as ``SnapViTModule.training_step`` runs them (the work does not depend on the pixels, so the views are
+random). Three variants run interleaved, ``repeats`` rounds after one warm-up, in fp32 and under
+bf16 autocast: the plain timm forward with the full ``attn.qkv`` weight gradient (the code before
+the shortcuts), the CLS-only last block (:func:`snapvit_lightning.forward.embed`), and both
+shortcuts (also the V-rows-only ``qkv`` weight gradient: the module's default). Prints the median
+seconds per step of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+
+def _plain_embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@contextlib.contextmanager
+def _variant(cls_only: bool, v_rows: bool) -> Iterator[None]:
+    """Swap the module's shortcuts for the plain code while timing (restored after)."""
+    from . import module
+
+    saved = module.embed, module._v_rows_weight_grads
+    if not cls_only:
+        module.embed = _plain_embed
+    if not v_rows:
+        module._v_rows_weight_grads = lambda model: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        module.embed, module._v_rows_weight_grads = saved
+
+
+def _step(module: torch.nn.Module, views: torch.Tensor) -> None:
+    """``training_step`` without a Trainer: loss, backward, gradients into the accumulators."""
+    if module._grads is None:
+        module._grads = module._zero_grads()
+    module.compute_loss(views).backward()
+    module._accumulate()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .module import SnapViTModule
+    from .quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--img-size", type=int, default=112)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--views", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    module = SnapViTModule(MODEL_NAME, checkpoint_path=str(ensure_weights(DEFAULT_WEIGHTS)),
+                           model_kwargs={"num_classes": 0, "img_size": args.img_size})
+    views = torch.randn(args.batch_size, args.views, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    variants = {"plain forward, full qkv grad": (False, False), "CLS-only last block": (True, False),
+                "CLS-only + V-rows qkv grad": (True, True)}
+    print(f"{MODEL_NAME} @ {args.img_size}px, {args.batch_size} images x {args.views} views, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    for precision in ("fp32", "bf16-autocast"):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for round_ in range(args.repeats + 1):
+            for name, flags in variants.items():
+                with _variant(*flags), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+                    start = time.perf_counter()
+                    _step(module, views)
+                    if round_:  # round 0 warms up
+                        times[name].append(time.perf_counter() - start)
+        base = statistics.median(times["plain forward, full qkv grad"])
+        for name, t in times.items():
+            print(f"  {precision:13} {name:30} {statistics.median(t):6.2f} s/step  ({base / statistics.median(t):.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
