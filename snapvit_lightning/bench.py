@@ -125,7 +125,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="skip the latency measurement (latency and speed-up are null)")
     parser.add_argument("--baselines", action="store_true",
                         help="also bench other rankings at the same budgets: gradient-only (no search), "
-                             "magnitude, lamp, random (mean of seeds 0,1,2) and uniform per-block pruning")
+                             "magnitude, lamp, random (mean of seeds 0,1,2) and uniform per-block pruning at equal FLOPs")
     parser.add_argument("--correct", nargs="+", choices=("bias", "lstsq"), default=[], metavar="METHOD",
                         help="also bench weight-corrected subnets (bias and/or lstsq) of every method, as rows "
                              "'<method>+<correction>'")
