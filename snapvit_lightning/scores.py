@@ -302,7 +302,7 @@ def _descending(scores: torch.Tensor) -> torch.Tensor:
 def _block_ranks(scores: torch.Tensor) -> torch.Tensor:
     """Per block, ``(n - position) / n`` of each unit in the descending (stable) score order."""
     num_blocks, units = scores.shape
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = _descending(scores)
     ranks = torch.empty_like(scores, dtype=torch.float64)
     values = torch.arange(units, 0, -1, dtype=torch.float64).div(units).expand(num_blocks, units)
     ranks.scatter_(1, order, values)
