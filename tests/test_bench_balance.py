@@ -10,15 +10,21 @@ from snapvit_lightning import bench_balance
 from snapvit_lightning.elastic import ElasticViT
 
 
-def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
+def _checkpoint_and_photos(tmp_path, num_photos: int):
+    """A tiny elastic checkpoint and a folder of random photos."""
     model, name, kwargs = tiny_model("test_vit")
     path = tmp_path / "tiny.elastic.safetensors"
     ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(6):
+    for i in range(num_photos):
         Image.fromarray(rng.integers(0, 256, (170, 170, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    return path, photos
+
+
+def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
+    path, photos = _checkpoint_and_photos(tmp_path, 6)
     assert bench_balance.main([str(path), "--data", str(photos), "--max-evals", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.split(":")[0].split()[-1] in ("start", "searched")]
@@ -30,14 +36,7 @@ def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
 
 
 def test_bench_balance_corrected_fitness_one_start_and_uniform(tmp_path, capsys, one_thread) -> None:
-    model, name, kwargs = tiny_model("test_vit")
-    path = tmp_path / "tiny.elastic.safetensors"
-    ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (170, 170, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    path, photos = _checkpoint_and_photos(tmp_path, 8)
     argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--balance", "rank",
             "--fitness-correct", "lstsq", "--uniform"]
     assert bench_balance.main(argv) == 0
