@@ -528,12 +528,14 @@ torch.save(
 """
 
 
-def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("correct", ["none", "lstsq"])
+def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str) -> None:
     model, _, _ = small_vit()
     scores = random_scores(model)
     x = images_for(model, n=7)
     kwargs = {k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"}
     kwargs["max_evals"] = 8
+    kwargs["correct"] = correct  # corrected fitness: every rank collects the statistics on all images
     torch.save({"images": x, "scores": scores.state_dict(), "kwargs": kwargs}, tmp_path / "data.pt")
     torch.save(model, tmp_path / "model.pt")
     script = tmp_path / "ddp_search.py"
