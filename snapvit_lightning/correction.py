@@ -49,7 +49,7 @@ from .structure import get_blocks
 
 __all__ = [
     "CORRECTIONS", "CorrectionStats", "SingularGramError", "collect_stats", "correct_subnet", "fingerprint",
-    "has_cut_norm", "solve_layer", "stats_path_for",
+    "augmented_weight", "has_cut_norm", "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION",
 ]
 
@@ -322,14 +322,19 @@ def _solve(
     ``cross = E[xₐ x̃ₐᵀ]`` ``[n+1, k+1]`` (dense inputs × subnet inputs) and
     ``gram = E[x̃ₐ x̃ₐᵀ]`` ``[k+1, k+1]``, both augmented with a constant 1 as last entry.
     """
-    weight = dense.weight.detach().double()
-    bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if dense.bias is None else dense.bias.detach().double()
-    w_aug = torch.cat([weight, bias[:, None]], dim=1).to(cross.device)
+    w_aug = augmented_weight(dense).to(cross.device)
     kept = sub.weight.detach().double().to(cross.device)
     k = kept.shape[1]
     target = w_aug @ (cross if method == "lstsq" else cross[:, k:])  # bias: only the mean column
     new_weight, new_bias = solve_layer(target, kept, gram, sub.bias is not None, method, damping, reference, where)
     _assign(sub, new_weight, new_bias)
+
+
+def augmented_weight(layer: nn.Linear) -> Tensor:
+    """``[W | b]`` of ``layer`` in float64 (``b = 0`` without a bias): ``[out, in + 1]``."""
+    weight = layer.weight.detach().double()
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if layer.bias is None else layer.bias.detach().double()
+    return torch.cat([weight, bias[:, None]], dim=1)
 
 
 def solve_layer(

@@ -45,10 +45,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .correction import check_correction, collect_stats, has_cut_norm, solve_layer
+from .correction import augmented_weight, check_correction, collect_stats, has_cut_norm, solve_layer
 from .forward import embed
 from .scores import ImportanceScores, check_ratio
-from .structure import get_blocks, inspect_vit, mlp_kind
+from .structure import get_blocks, head_channels, inspect_vit, mlp_kind
 from .xnes import XNES
 
 __all__ = [
@@ -296,7 +296,7 @@ def _set_block_view(block: nn.Module, master: _BlockMaster, mlp_sel: int | Tenso
         qkv_sel: int | Tensor = 3 * master.num_heads * hd
         n = master.num_heads
     else:
-        channels = (heads[:, None] * hd + torch.arange(hd, device=heads.device)[None, :]).flatten()
+        channels = head_channels(heads, hd)
         attn_dim = master.num_heads * hd
         sel = channels
         qkv_sel = torch.cat([channels, channels + attn_dim, channels + 2 * attn_dim])
@@ -437,6 +437,7 @@ class Fitness:
         ]
         images = images.to(self.device, param.dtype if param.is_floating_point() else images.dtype)
         self._corrections = self._correction_terms(model, images) if self.correct != "none" else None
+        self._mlp_order_device = self._mlp_raw_order.to(self.device)  # original index of each master position
         self._dense_bias = [(b.attn.proj.bias, b.mlp.fc2.bias) for b in self.blocks]
         self._restore()
 
@@ -508,10 +509,9 @@ class Fitness:
         for i, block in enumerate(blocks):
             entry = {}
             for name, layer, moments in (("attn", block.attn.proj, stats.attn), ("mlp", block.mlp.fc2, stats.mlp)):
-                weight = layer.weight.detach().double()
-                bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if layer.bias is None else layer.bias.detach().double()
+                w_aug = augmented_weight(layer)
                 gram = moments[i].to(self.device)  # float32 as stored; solved in float64
-                entry[name] = (weight, torch.cat([weight, bias[:, None]], 1) @ gram.double(), gram)
+                entry[name] = (w_aug[:, :-1], w_aug @ gram.double(), gram)
             terms.append(entry)
         return terms
 
@@ -563,12 +563,10 @@ class Fitness:
             if self._corrections is None:
                 continue
             if k < master.hidden:
-                order = self._mlp_raw_order[b].to(self.device)
+                order = self._mlp_order_device[b]
                 self._correct(b, "mlp", block.mlp.fc2, order[:k] if isinstance(mlp_sel, int) else order[mlp_sel])
             if head_sel is not None:
-                hd = master.head_dim
-                channels = (head_sel[:, None] * hd + torch.arange(hd, device=self.device)[None, :]).flatten()
-                self._correct(b, "attn", block.attn.proj, channels)
+                self._correct(b, "attn", block.attn.proj, head_channels(head_sel, master.head_dim))
 
     def _pair_sums(self, w: Tensor, project: bool) -> Tensor:
         """``[P, 2]`` float64: per ratio pair, (sum of cosines, number of images), all processes."""

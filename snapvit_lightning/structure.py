@@ -29,6 +29,7 @@ __all__ = [
     "get_blocks",
     "mlp_kind",
     "mlp_input_layers",
+    "head_channels",
     "select_units",
     "permute_block",
     "slice_block",
@@ -298,13 +299,14 @@ def _select_mlp(mlp: nn.Module, index: torch.Tensor) -> None:
     _select_linear_cols(mlp.fc2, index)
 
 
-def _head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The ``attn_dim`` channels (qkv rows per section, proj columns) of ``heads``, head by head."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)[None, :]).flatten()
 
 
 def _select_heads(attn: nn.Module, heads: torch.Tensor) -> None:
     head_dim = attn.head_dim
-    channels = _head_channels(heads, head_dim)
+    channels = head_channels(heads, head_dim)
     attn_dim = attn.num_heads * head_dim
     qkv_rows = torch.cat([s * attn_dim + channels for s in range(3)])
     _select_linear_rows(attn.qkv, qkv_rows)
