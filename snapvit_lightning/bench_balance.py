@@ -4,6 +4,7 @@
 
     python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5] [--max-evals 50]
         [--starts default balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
+        [--gradient-only] [--pairs 0.35,0.2 0.45,0.3 ...]
 
 Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
 scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
@@ -14,7 +15,8 @@ with ``lstsq`` weight correction, cross-fitted as in ``snapvit bench --correct``
 the even-position images come from a subnet corrected on the odd ones and vice versa.
 ``--fitness-correct lstsq`` searches with weight correction inside the fitness
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
-per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row.
+per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row; ``--gradient-only`` adds the raw scores without search weights; ``--pairs``
+replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's).
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def _balance(text: str) -> float | str:
     return text if text == "rank" else float(text)
 
 
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        mlp_ratio, head_ratio = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a pair is MLP_RATIO,HEAD_RATIO (e.g. 0.35,0.2), got {text!r}") from None
+    return mlp_ratio, head_ratio
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .bench import _uniform_dims
     from .correction import CORRECTIONS
@@ -59,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .elastic import ElasticViT
     from .evaluation import extract_features
     from .scores import ImportanceScores
-    from .search import default_initial_weights, run_search
+    from .search import DEFAULT_RATIO_PAIRS, default_initial_weights, run_search
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
@@ -73,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fitness-correct", choices=CORRECTIONS, default="none",
                         help="weight correction inside the search's fitness (default: none, the paper's)")
     parser.add_argument("--uniform", action="store_true", help="add the uniform per-block split as a reference")
+    parser.add_argument("--gradient-only", action="store_true", help="add the raw scores (w = 1) as a reference")
+    parser.add_argument("--pairs", nargs="+", type=_pair, default=list(DEFAULT_RATIO_PAIRS), metavar="M,H",
+                        help="the fitness's (mlp_ratio, head_ratio) pairs (default: the search's)")
     args = parser.parse_args(argv)
 
     elastic = ElasticViT.load(args.path)
@@ -81,10 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = load_eval_images(args.data, elastic.model)[0]
     dense = extract_features(elastic.model, images)
     print(f"{elastic.model_name}: {images.shape[0]} images, {args.max_evals} evaluations, seed {args.seed}; "
-          f"fitness correction {args.fitness_correct}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
+          f"fitness correction {args.fitness_correct}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
+    references = []
     if args.uniform:
-        plain, corrected = fidelities(elastic, images, dense, lambda m, h: _uniform_dims(raw, m, h))
-        print(f"{'uniform':>14} {'':>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
+        references.append(("uniform", elastic, lambda m, h: _uniform_dims(raw, m, h)))
+    if args.gradient_only:
+        gradient = ElasticViT(elastic.model, raw, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
+        references.append(("gradient-only", gradient, None))
+    for label, candidate, dims_fn in references:
+        plain, corrected = fidelities(candidate, images, dense, dims_fn)
+        print(f"{label:>14} {'':>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
               + " ".join(f"{v:.3f}" for v in corrected), flush=True)
     ones = torch.ones(raw.num_weights, dtype=torch.float64)
     starts = {
@@ -94,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, balance, start in (starts[key] for key in args.starts):
         t0 = time.perf_counter()
         best, _, history = run_search(elastic.model, raw, images, max_evals=args.max_evals, seed=args.seed,
-                                      balance=balance, correct=args.fitness_correct)
+                                      balance=balance, correct=args.fitness_correct, ratio_pairs=args.pairs)
         searched_s = time.perf_counter() - t0
         scores = raw if balance is None else raw.balanced(balance)
         for label, w in (("start", start), ("searched", best)):

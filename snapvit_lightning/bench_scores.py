@@ -1,4 +1,4 @@
-"""Benchmark of the scoring stage on the real DINOv2 ViT-S/14 (CPU).
+"""Benchmark of the scoring stage on the real DINOv2 ViT-S/14 (CPU, or ``--accelerator gpu``).
 
 Scores the photos with the DINO criterion (both accumulations), prints the wall time, and
 prints the fidelity (mean cosine similarity of the pruned model's CLS features to the dense
@@ -51,10 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--search-evals", type=int, default=0,
                         help="also run the xNES search (on the same photos) and add w_init / w_best rows")
     parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed")
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
+                        help="Trainer accelerator; the fidelity is measured on the same device")
     args = parser.parse_args(argv)
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     weights = str(ensure_weights(args.weights))
-    print(f"torch threads: {torch.get_num_threads()}")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    print(f"torch threads: {torch.get_num_threads()}, device: {device}")
 
     rows: dict[str, list[float]] = {}
     dense_model = images = dense = None
@@ -62,18 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = SnapViTModule(MODEL_NAME, checkpoint_path=weights, model_kwargs=kwargs, accumulation=accumulation)
         dm = CalibrationDataModule(data_dir=args.data, batch_size=args.batch_size,
                                    independent_views=not args.identical_views)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=args.precision, logger=False, enable_checkpointing=False,
+        trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_epochs=1, precision=args.precision, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         print(f"scoring [{accumulation}, {args.precision}]: {module.num_samples} images x {dm.num_views} views, "
               f"batch {args.batch_size}: {time.perf_counter() - start:.1f} s (incl. decoding)")
         if images is None:
-            dense_model = module.student.eval()
-            images = dm.calibration_images_eval()
+            dense_model = module.student.eval().to(device)
+            images = dm.calibration_images_eval().to(device)
             with torch.inference_mode():
                 dense = torch.cat([embed(dense_model, c) for c in images.split(64)])
-        elastic = ElasticViT(module.student, module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
+        elastic = ElasticViT(module.student.to(device), module.scores, model_name=MODEL_NAME, model_kwargs=kwargs)
         views = "identical" if args.identical_views else "independent"
         rows[f"dino ({accumulation}, {args.precision}, {views} views)"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
         if args.search_evals:

@@ -1,4 +1,4 @@
-"""Benchmark of the evolutionary search on the real DINOv2 ViT-S/14 (CPU).
+"""Benchmark of the evolutionary search on the real DINOv2 ViT-S/14 (CPU, or ``--device cuda``).
 
 Run ``python -m snapvit_lightning.bench_search`` (see ``--help``). Defaults reproduce the
 setting in which the official code was timed: DINOv2 ViT-S/14 at 112 px, the 196 photos of
@@ -55,10 +55,10 @@ def naive_fitness(model, scores, images, w, fitness: Fitness, autocast: bool, ba
     for pair in fitness.ratio_pairs:
         sub = el.subnet(*pair)
         outs = []
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             for i in range(0, images.shape[0], batch_size):
                 outs.append(sub.forward_head(sub.forward_features(images[i : i + batch_size]), pre_logits=True).float())
-        p = fitness._project(torch.cat(outs).double())
+        p = fitness._project(torch.cat(outs).double().cpu())
         t = fitness.teacher_projected
         losses.append(1 - float(((p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1))).mean()))
     return sum(losses) / len(losses)
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device of the model and fitness images (cpu, cuda)")
     parser.add_argument("--correct", choices=("none", "bias", "lstsq"), default="none",
                         help="weight correction inside the fitness (Fitness(correct=...))")
     parser.add_argument(
@@ -89,16 +90,16 @@ def main(argv: list[str] | None = None) -> None:
 
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=args.img_size)
     model.load_state_dict(checkpoint_filter_fn(load_file(args.weights), model))
-    model.eval()
+    model.eval().to(args.device)
     dm = CalibrationDataModule(data_dir=args.data, img_size=args.img_size)
     dm.configure_from_model(model)
-    images = dm.fitness_images()
+    images = dm.fitness_images().to(args.device)
     scores = magnitude_scores(model)
     print(
         f"model vit_small_patch14_dinov2 @ {args.img_size}px, {images.shape[0]} fitness images, "
         f"{scores.num_weights} weights, pca {args.pca}, pairs {list(DEFAULT_RATIO_PAIRS)}, "
         f"autocast {'off (fp32)' if args.fp32 else 'bf16'}, batch {args.batch_size}, fitness correction {args.correct}, "
-        f"threads {torch.get_num_threads()}"
+        f"threads {torch.get_num_threads()}, device {images.device}"
     )
 
     t0 = time.perf_counter()

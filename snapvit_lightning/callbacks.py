@@ -49,7 +49,7 @@ from typing_extensions import override
 
 from . import __version__
 from .bench import build_machine
-from .correction import CORRECTIONS
+from .correction import CORRECTIONS, collect_stats
 from .elastic import ElasticViT, check_model_kwargs
 from .forward import embed
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
@@ -227,8 +227,18 @@ def _features(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
 
 
 def _fidelity(sub: nn.Module, dense_features: Tensor, images: Tensor, batch_size: int) -> float:
+    """Fidelity of ``sub`` measured on the device of ``images`` (``sub`` itself is not moved)."""
+    if next(sub.parameters()).device != images.device:
+        sub = copy.deepcopy(sub).to(images.device)
     feats = _features(sub, images, batch_size)
     return float(F.cosine_similarity(feats.double(), dense_features.double(), dim=-1).mean())
+
+
+def _check_device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'), got {device!r}") from err
 
 
 def _figure(width: float, height: float):
@@ -327,6 +337,7 @@ def export_elastic(
     batch_size: int = 64,
     correct: str = "none",
     calibration_images: Tensor | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Write an elastic model, optional subnets, ``report.json`` and two plots to ``out_dir``.
 
@@ -334,8 +345,8 @@ def export_elastic(
     kept neurons and heads, parameters and FLOPs (absolute and as fractions of the dense
     model) and, when ``fitness_images`` are given, the *fidelity*: the mean cosine similarity
     between the subnet's and the dense model's pre-logits features
-    (``forward_head(forward_features(x), pre_logits=True)``) on those images, computed on CPU
-    in float32. See the module docstring for the file names and the atomic write. Its
+    (``forward_head(forward_features(x), pre_logits=True)``) on those images, computed on
+    ``device`` in float32. See the module docstring for the file names and the atomic write. Its
     ``build_times`` holds the stage wall times: ``scoring_s``, ``search_s``,
     ``search_evaluations`` and ``machine`` from ``elastic.scores.build_info`` (``null`` when
     unknown) and ``export_s``, this call's time up to writing ``report.json`` (the report last).
@@ -361,6 +372,9 @@ def export_elastic(
         correct: ``"none"``, ``"bias"`` or ``"lstsq"``.
         calibration_images: Float ``[N, 3, S, S]`` images for the correction statistics
             (required when ``correct`` is not ``"none"``).
+        device: Where the fidelity and the correction statistics are computed (a copy of the
+            model is moved there; the written files are the same on any device). On a GPU run
+            pass the model's device: on CPU these forward passes can take longer than the search.
 
     Returns:
         ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
@@ -370,8 +384,8 @@ def export_elastic(
         FileExistsError: If a target file exists and ``overwrite`` is false (checked before
             any work).
         TypeError: If ``elastic`` is not an ElasticViT or a flag is not a bool.
-        ValueError: Invalid budgets, images, name or batch size; two budgets that resolve to
-            the same subnet file name; a correction without calibration images.
+        ValueError: Invalid budgets, images, name, batch size or device; two budgets that resolve
+            to the same subnet file name; a correction without calibration images.
     """
     if not isinstance(elastic, ElasticViT):
         raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
@@ -387,6 +401,7 @@ def export_elastic(
     calibration = _check_images(calibration_images, "calibration_images")
     if correct != "none" and calibration is None:
         raise ValueError(f"correct={correct!r} needs calibration_images [N, 3, S, S]")
+    device = _check_device(device)
 
     export_start = time.perf_counter()
     # 1. Refuse to overwrite, before any work.
@@ -414,13 +429,15 @@ def export_elastic(
     mlp_hidden, num_heads = structure.blocks[0].mlp_hidden, structure.blocks[0].num_heads
     dense_cost = elastic.cost(elastic.dims(0.0, 0.0))
     dense_features = None
+    measured = elastic.model if device.type == "cpu" else copy.deepcopy(elastic.model).to(device)
     if images is not None:
-        images = images.detach().to("cpu", torch.float32)
-        dense_features = _features(elastic.model, images, batch_size)
+        images = images.detach().to(device, torch.float32)
+        dense_features = _features(measured, images, batch_size)
     stats = None
     if correct != "none":
-        calibration = calibration.detach().to("cpu", torch.float32)
-        stats = elastic.collect_stats(calibration, batch_size=batch_size)
+        calibration = calibration.detach().to(device, torch.float32)
+        stats = collect_stats(measured, calibration, batch_size=batch_size, fingerprint=elastic.fingerprint)
+    del measured
     entries: list[dict[str, Any]] = []
     subnets: dict[str, nn.Module] = {}
     for (requested, a, b), label in zip(resolved, labels):
@@ -488,7 +505,7 @@ def export_elastic(
             "export_s": None,
             "export_s_covers": "export_elastic from its start to just before writing report.json: fidelity, "
             "slicing, the elastic checkpoint, subnets and plots (not report.json itself nor the final renames)",
-            "export_machine": build_machine("cpu"),
+            "export_machine": build_machine(device),
         },
     }
     title = f"{name} ({elastic.model_name})"
@@ -592,7 +609,8 @@ class ElasticExport(Callback):
 
     The LightningModule must expose ``student`` (the timm ViT) and ``scores``
     (:class:`ImportanceScores`), as :class:`SnapViTModule` does. The export works on a CPU
-    copy of the student (the user's model is never changed). Only global rank 0 writes; every
+    copy of the student (the user's model is never changed); the fidelity and correction
+    statistics are computed on the student's device (``export_elastic(device=...)``). Only global rank 0 writes; every
     rank then meets at ``trainer.strategy.barrier()`` (no collective is called inside the
     rank-0-only part), and an error of rank 0 is raised after the barrier. Existing files
     are checked in ``setup`` (rank 0's view, broadcast) so a run fails before, not after, the
@@ -707,6 +725,7 @@ class ElasticExport(Callback):
         if trainer.is_global_zero:  # no collectives in here
             try:
                 model_name, model_kwargs = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
+                device = next(student.parameters()).device
                 model = copy.deepcopy(student).cpu()
                 self.elastic = ElasticViT(model, scores, model_name=model_name, model_kwargs=model_kwargs)
                 result = export_elastic(
@@ -722,6 +741,7 @@ class ElasticExport(Callback):
                     calibration_images=None if self.correct == "none" else _calibration_images(
                         getattr(trainer, "datamodule", None), self._images(trainer)
                     ),
+                    device=device,
                 )
                 self.export_paths, self.report = result["paths"], result["report"]
             except BaseException as err:  # raised after the barrier, so no rank waits forever
@@ -1028,5 +1048,6 @@ class SnapViT(Callback):
             name=self.name,
             correct=self.correct,
             calibration_images=None if self.correct == "none" else _calibration_images(self.datamodule, images),
+            device=inner.strategy.root_device,
         )
         self.export_paths, self.report = result["paths"], result["report"]

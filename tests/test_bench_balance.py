@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import random_scores, tiny_model
@@ -44,3 +45,28 @@ def test_bench_balance_corrected_fitness_one_start_and_uniform(tmp_path, capsys,
     assert "fitness correction lstsq" in out
     rows = [line for line in out.splitlines()[1:] if " | " in line]
     assert [row.split(":")[0].split()[0] for row in rows] == ["uniform", "balance=rank", "balance=rank"]
+
+
+def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> None:
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.evaluation import extract_features
+
+    path, photos = _checkpoint_and_photos(tmp_path, 6)
+    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--gradient-only",
+            "--pairs", "0.3,0.2", "0.6,0.4"]
+    assert bench_balance.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out
+    row = next(line for line in out.splitlines() if line.split(":")[0].strip() == "gradient-only")
+    printed = [float(v) for v in row.split(": ", 1)[1].replace("|", " ").split()]
+    # The checkpoint's scores carry no search weights: gradient-only is the checkpoint's own slicing.
+    elastic = ElasticViT.load(path)
+    images = load_eval_images(photos, elastic.model)[0]
+    plain, corrected = bench_balance.fidelities(elastic, images, extract_features(elastic.model, images))
+    np.testing.assert_allclose(printed, plain + corrected, atol=6e-4)
+
+
+def test_bench_balance_rejects_a_bad_pair(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench_balance.main([str(tmp_path / "x.elastic.safetensors"), "--data", str(tmp_path), "--pairs", "0.3"])
+    assert "a pair is MLP_RATIO,HEAD_RATIO" in capsys.readouterr().err

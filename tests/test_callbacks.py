@@ -186,6 +186,7 @@ def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypa
         ({"budgets": [{"params": 0.5}]}, "dict budget"),
         ({"name": "a/b"}, "name"),
         ({"fitness_images": torch.zeros(2, 3)}, "fitness_images"),
+        ({"device": "tpu9"}, "device must be a torch device"),
     ],
 )
 def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
@@ -252,6 +253,29 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     times = export.report["build_times"]  # no search: ElasticExport records the scoring time
     assert times["scoring_s"] > 0 and times["search_s"] is None and times["search_evaluations"] is None
     assert times["export_s"] > 0
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_export_measures_on_the_models_device(tmp_path, monkeypatch, plugin):
+    # On a GPU run the fidelity and statistics must not fall back to the CPU (minutes for ViT-B):
+    # both callbacks hand export_elastic the device the model was scored on.
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    real = cb.export_elastic
+    monkeypatch.setattr(cb, "export_elastic", spy)
+    if plugin:
+        callback = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "e", search_evals=0, budgets=[(0.0, 0.0)])
+        _user_trainer(tmp_path, [callback]).fit(UserModule(), train_dataloaders=_user_loader())
+    else:
+        callback = ElasticExport(tmp_path / "e", budgets=[(0.0, 0.0)], images=torch.randn(2, 3, IMG, IMG))
+        _trainer(tmp_path, [callback]).fit(SnapViTModule("test_vit", model_kwargs={"img_size": IMG}),
+                                           train_dataloaders=_multicrop_loader())
+    assert seen == [torch.device("cpu")]
+    assert callback.report["build_times"]["export_machine"]["device"] == "cpu"
 
 
 def _positive(value) -> bool:
