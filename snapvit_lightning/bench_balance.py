@@ -4,7 +4,7 @@
 
     python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5] [--max-evals 50]
         [--starts default balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
-        [--gradient-only] [--pairs 0.35,0.2 0.45,0.3 ...]
+        [--gradient-only] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout]
 
 Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
 scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
@@ -16,7 +16,9 @@ the even-position images come from a subnet corrected on the odd ones and vice v
 ``--fitness-correct lstsq`` searches with weight correction inside the fitness
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
 per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row; ``--gradient-only`` adds the raw scores without search weights; ``--pairs``
-replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's).
+replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout``
+searches on the even-position images only and measures every row on the odd-position ones (the
+correction is then cross-fitted inside the odd half), so no evaluated image was seen by the search.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="weight correction inside the search's fitness (default: none, the paper's)")
     parser.add_argument("--uniform", action="store_true", help="add the uniform per-block split as a reference")
     parser.add_argument("--gradient-only", action="store_true", help="add the raw scores (w = 1) as a reference")
+    parser.add_argument("--holdout", action="store_true",
+                        help="search on the even-position images, measure on the odd-position ones")
     parser.add_argument("--pairs", nargs="+", type=_pair, default=list(DEFAULT_RATIO_PAIRS), metavar="M,H",
                         help="the fitness's (mlp_ratio, head_ratio) pairs (default: the search's)")
     args = parser.parse_args(argv)
@@ -92,8 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = elastic.scores
     raw = ImportanceScores(s.mlp, s.heads, min_mlp_keep=s.min_mlp_keep, min_head_keep=s.min_head_keep, criterion=s.criterion)
     images = load_eval_images(args.data, elastic.model)[0]
+    fitness_images = images
+    if args.holdout:
+        if images.shape[0] < 4:
+            raise SystemExit(f"--holdout needs at least 4 images in --data, got {images.shape[0]}")
+        fitness_images, images = images[0::2], images[1::2]
     dense = extract_features(elastic.model, images)
-    print(f"{elastic.model_name}: {images.shape[0]} images, {args.max_evals} evaluations, seed {args.seed}; "
+    print(f"{elastic.model_name}: {fitness_images.shape[0]} fitness images, {images.shape[0]} evaluation images"
+          f"{' (held out)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}; "
           f"fitness correction {args.fitness_correct}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
     references = []
     if args.uniform:
@@ -112,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for name, balance, start in (starts[key] for key in args.starts):
         t0 = time.perf_counter()
-        best, _, history = run_search(elastic.model, raw, images, max_evals=args.max_evals, seed=args.seed,
+        best, _, history = run_search(elastic.model, raw, fitness_images, max_evals=args.max_evals, seed=args.seed,
                                       balance=balance, correct=args.fitness_correct, ratio_pairs=args.pairs)
         searched_s = time.perf_counter() - t0
         scores = raw if balance is None else raw.balanced(balance)

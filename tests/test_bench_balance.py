@@ -70,3 +70,25 @@ def test_bench_balance_rejects_a_bad_pair(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         bench_balance.main([str(tmp_path / "x.elastic.safetensors"), "--data", str(tmp_path), "--pairs", "0.3"])
     assert "a pair is MLP_RATIO,HEAD_RATIO" in capsys.readouterr().err
+
+
+def test_bench_balance_holdout_measures_unseen_images(tmp_path, capsys, one_thread) -> None:
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.evaluation import extract_features
+
+    path, photos = _checkpoint_and_photos(tmp_path, 6)
+    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--holdout", "--gradient-only"]
+    assert bench_balance.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 fitness images, 3 evaluation images (held out)" in out
+    row = next(line for line in out.splitlines() if line.split(":")[0].strip() == "gradient-only")
+    printed = [float(v) for v in row.split(": ", 1)[1].replace("|", " ").split()]
+    elastic = ElasticViT.load(path)
+    odd = load_eval_images(photos, elastic.model)[0][1::2]  # the rows are measured on the odd half only
+    plain, corrected = bench_balance.fidelities(elastic, odd, extract_features(elastic.model, odd))
+    np.testing.assert_allclose(printed, plain + corrected, atol=6e-4)
+
+    (tmp_path / "few").mkdir()
+    path, photos = _checkpoint_and_photos(tmp_path / "few", 3)
+    with pytest.raises(SystemExit, match="--holdout needs at least 4 images"):
+        bench_balance.main([str(path), "--data", str(photos), "--holdout"])
