@@ -15,10 +15,11 @@ with ``lstsq`` weight correction, cross-fitted as in ``snapvit bench --correct``
 the even-position images come from a subnet corrected on the odd ones and vice versa.
 ``--fitness-correct lstsq`` searches with weight correction inside the fitness
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
-per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row; ``--gradient-only`` adds the raw scores without search weights; ``--pairs``
-replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout``
-searches on the even-position images only and measures every row on the odd-position ones (the
-correction is then cross-fitted inside the odd half), so no evaluated image was seen by the search.
+per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row,
+``--gradient-only`` the raw scores without search weights. ``--pairs`` replaces the fitness's
+(mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout`` searches on the
+even-position images only and measures every row on the odd-position ones (the correction is
+then cross-fitted inside the odd half), so no evaluated image was seen by the search.
 """
 
 from __future__ import annotations

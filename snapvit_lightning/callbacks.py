@@ -610,11 +610,11 @@ class ElasticExport(Callback):
     The LightningModule must expose ``student`` (the timm ViT) and ``scores``
     (:class:`ImportanceScores`), as :class:`SnapViTModule` does. The export works on a CPU
     copy of the student (the user's model is never changed); the fidelity and correction
-    statistics are computed on the student's device (``export_elastic(device=...)``). Only global rank 0 writes; every
-    rank then meets at ``trainer.strategy.barrier()`` (no collective is called inside the
-    rank-0-only part), and an error of rank 0 is raised after the barrier. Existing files
-    are checked in ``setup`` (rank 0's view, broadcast) so a run fails before, not after, the
-    work.
+    statistics are computed on the student's device (``export_elastic(device=...)``). Only
+    global rank 0 writes; every rank then meets at ``trainer.strategy.barrier()`` (no
+    collective is called inside the rank-0-only part), and an error of rank 0 is raised after
+    the barrier. Existing files are checked in ``setup`` (rank 0's view, broadcast) so a run
+    fails before, not after, the work.
 
     Fidelity images: ``images`` if given, else ``trainer.datamodule.fitness_images()`` when the
     datamodule has it (e.g. :class:`~snapvit_lightning.data.CalibrationDataModule`), else none.
