@@ -4,7 +4,7 @@
 
     python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5] [--max-evals 50]
         [--starts default balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
-        [--gradient-only] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout]
+        [--gradient-only] [--random] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout]
 
 Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
 scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
@@ -16,7 +16,8 @@ the even-position images come from a subnet corrected on the odd ones and vice v
 ``--fitness-correct lstsq`` searches with weight correction inside the fitness
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
 per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row,
-``--gradient-only`` the raw scores without search weights. ``--pairs`` replaces the fitness's
+``--gradient-only`` the raw scores without search weights, ``--random`` the mean over seeds 0, 1, 2
+of ``snapvit bench``'s random baseline (``--starts`` with no value runs no search). ``--pairs`` replaces the fitness's
 (mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout`` searches on the
 even-position images only and measures every row on the odd-position ones (the correction is
 then cross-fitted inside the odd half), so no evaluated image was seen by the search.
@@ -66,7 +67,7 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .bench import _uniform_dims
+    from .bench import _baseline_scores, _uniform_dims
     from .correction import CORRECTIONS
     from .data import load_eval_images
     from .elastic import ElasticViT
@@ -81,12 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="quantile of the balanced start, or 'rank' (default: 0.5)")
     parser.add_argument("--max-evals", type=int, default=50, help="search evaluations (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="xNES seed (default: 0)")
-    parser.add_argument("--starts", nargs="+", choices=("default", "balance"), default=["default", "balance"],
+    parser.add_argument("--starts", nargs="*", choices=("default", "balance"), default=["default", "balance"],
                         help="search starts to run (default: both)")
     parser.add_argument("--fitness-correct", choices=CORRECTIONS, default="none",
                         help="weight correction inside the search's fitness (default: none, the paper's)")
     parser.add_argument("--uniform", action="store_true", help="add the uniform per-block split as a reference")
     parser.add_argument("--gradient-only", action="store_true", help="add the raw scores (w = 1) as a reference")
+    parser.add_argument("--random", action="store_true",
+                        help="add the random baseline of `snapvit bench` (mean of its seeds) as a reference")
     parser.add_argument("--holdout", action="store_true",
                         help="search on the even-position images, measure on the odd-position ones")
     parser.add_argument("--pairs", nargs="+", type=_pair, default=list(DEFAULT_RATIO_PAIRS), metavar="M,H",
@@ -112,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gradient_only:
         gradient = ElasticViT(elastic.model, raw, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
         references.append(("gradient-only", gradient, None))
-    for label, candidate, dims_fn in references:
-        plain, corrected = fidelities(candidate, images, dense, dims_fn)
+    if args.random:
+        randoms = [ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
+                   for method, _, scores in _baseline_scores(elastic) if method == "random"]
+        references.append((f"random (x{len(randoms)})", randoms, None))
+    for label, candidates, dims_fn in references:
+        runs = [fidelities(c, images, dense, dims_fn) for c in (candidates if isinstance(candidates, list) else [candidates])]
+        plain, corrected = ([sum(v) / len(runs) for v in zip(*(run[i] for run in runs))] for i in (0, 1))
         print(f"{label:>14} {'':>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
               + " ".join(f"{v:.3f}" for v in corrected), flush=True)
     ones = torch.ones(raw.num_weights, dtype=torch.float64)

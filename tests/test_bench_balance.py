@@ -92,3 +92,24 @@ def test_bench_balance_holdout_measures_unseen_images(tmp_path, capsys, one_thre
     path, photos = _checkpoint_and_photos(tmp_path / "few", 3)
     with pytest.raises(SystemExit, match="--holdout needs at least 4 images"):
         bench_balance.main([str(path), "--data", str(photos), "--holdout"])
+
+
+def test_bench_balance_random_reference_without_search(tmp_path, capsys, one_thread) -> None:
+    from snapvit_lightning.bench import _baseline_scores
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.evaluation import extract_features
+
+    path, photos = _checkpoint_and_photos(tmp_path, 6)
+    assert bench_balance.main([str(path), "--data", str(photos), "--starts", "--random"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines()[1:] if " | " in line]
+    assert len(rows) == 1 and rows[0].split(":")[0].strip() == "random (x3)"  # no search ran
+    printed = [float(v) for v in rows[0].split(": ", 1)[1].replace("|", " ").split()]
+    elastic = ElasticViT.load(path)
+    images = load_eval_images(photos, elastic.model)[0]
+    dense = extract_features(elastic.model, images)
+    runs = [bench_balance.fidelities(ElasticViT(elastic.model, s, model_name=elastic.model_name,
+                                                model_kwargs=elastic.model_kwargs), images, dense)
+            for method, _, s in _baseline_scores(elastic) if method == "random"]
+    expected = np.mean([plain + corrected for plain, corrected in runs], axis=0)
+    np.testing.assert_allclose(printed, expected, atol=6e-4)
