@@ -16,16 +16,17 @@ the even-position images come from a subnet corrected on the odd ones and vice v
 ``--fitness-correct lstsq`` searches with weight correction inside the fitness
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
 per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row,
-``--gradient-only`` the raw scores without search weights, ``--random`` the mean over seeds 0, 1, 2
-of ``snapvit bench``'s random baseline (``--starts`` with no value runs no search). ``--pairs`` replaces the fitness's
-(mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout`` searches on the
-even-position images only and measures every row on the odd-position ones (the correction is
-then cross-fitted inside the odd half), so no evaluated image was seen by the search.
+``--gradient-only`` the raw scores without search weights, ``--random`` the mean over seeds 0, 1,
+2 of ``snapvit bench``'s random baseline (``--starts`` with no value runs no search). ``--pairs``
+replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout``
+searches on the even-position images only and measures every row on the odd-position ones (the
+correction is then cross-fitted inside the odd half), so no evaluated image was seen by the search.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -109,19 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{elastic.model_name}: {fitness_images.shape[0]} fitness images, {images.shape[0]} evaluation images"
           f"{' (held out)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}; "
           f"fitness correction {args.fitness_correct}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
-    references = []
+    def rebuilt(scores: ImportanceScores) -> ElasticViT:
+        return ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
+
+    references = []  # (label, elastic models whose fidelities are averaged, dims_fn)
     if args.uniform:
-        references.append(("uniform", elastic, lambda m, h: _uniform_dims(raw, m, h)))
+        references.append(("uniform", [elastic], lambda m, h: _uniform_dims(raw, m, h)))
     if args.gradient_only:
-        gradient = ElasticViT(elastic.model, raw, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
-        references.append(("gradient-only", gradient, None))
+        references.append(("gradient-only", [rebuilt(raw)], None))
     if args.random:
-        randoms = [ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
-                   for method, _, scores in _baseline_scores(elastic) if method == "random"]
+        randoms = [rebuilt(scores) for method, _, scores in _baseline_scores(elastic) if method == "random"]
         references.append((f"random (x{len(randoms)})", randoms, None))
     for label, candidates, dims_fn in references:
-        runs = [fidelities(c, images, dense, dims_fn) for c in (candidates if isinstance(candidates, list) else [candidates])]
-        plain, corrected = ([sum(v) / len(runs) for v in zip(*(run[i] for run in runs))] for i in (0, 1))
+        runs = [fidelities(c, images, dense, dims_fn) for c in candidates]
+        plain = [statistics.fmean(v) for v in zip(*(run[0] for run in runs))]
+        corrected = [statistics.fmean(v) for v in zip(*(run[1] for run in runs))]
         print(f"{label:>14} {'':>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
               + " ".join(f"{v:.3f}" for v in corrected), flush=True)
     ones = torch.ones(raw.num_weights, dtype=torch.float64)

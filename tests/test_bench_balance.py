@@ -24,6 +24,12 @@ def _checkpoint_and_photos(tmp_path, num_photos: int):
     return path, photos
 
 
+def _printed(out: str, label: str) -> list[float]:
+    """The uncorrected then corrected values of the row ``label`` of bench_balance's output."""
+    row = next(line for line in out.splitlines()[1:] if line.split(":")[0].strip() == label)
+    return [float(v) for v in row.split(": ", 1)[1].replace("|", " ").split()]
+
+
 def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
     path, photos = _checkpoint_and_photos(tmp_path, 6)
     assert bench_balance.main([str(path), "--data", str(photos), "--max-evals", "2"]) == 0
@@ -57,8 +63,7 @@ def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> 
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
     assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out
-    row = next(line for line in out.splitlines() if line.split(":")[0].strip() == "gradient-only")
-    printed = [float(v) for v in row.split(": ", 1)[1].replace("|", " ").split()]
+    printed = _printed(out, "gradient-only")
     # The checkpoint's scores carry no search weights: gradient-only is the checkpoint's own slicing.
     elastic = ElasticViT.load(path)
     images = load_eval_images(photos, elastic.model)[0]
@@ -81,8 +86,7 @@ def test_bench_balance_holdout_measures_unseen_images(tmp_path, capsys, one_thre
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
     assert "3 fitness images, 3 evaluation images (held out)" in out
-    row = next(line for line in out.splitlines() if line.split(":")[0].strip() == "gradient-only")
-    printed = [float(v) for v in row.split(": ", 1)[1].replace("|", " ").split()]
+    printed = _printed(out, "gradient-only")
     elastic = ElasticViT.load(path)
     odd = load_eval_images(photos, elastic.model)[0][1::2]  # the rows are measured on the odd half only
     plain, corrected = bench_balance.fidelities(elastic, odd, extract_features(elastic.model, odd))
@@ -102,9 +106,8 @@ def test_bench_balance_random_reference_without_search(tmp_path, capsys, one_thr
     path, photos = _checkpoint_and_photos(tmp_path, 6)
     assert bench_balance.main([str(path), "--data", str(photos), "--starts", "--random"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines()[1:] if " | " in line]
-    assert len(rows) == 1 and rows[0].split(":")[0].strip() == "random (x3)"  # no search ran
-    printed = [float(v) for v in rows[0].split(": ", 1)[1].replace("|", " ").split()]
+    assert sum(" | " in line for line in out.splitlines()[1:]) == 1  # the random row only: no search ran
+    printed = _printed(out, "random (x3)")
     elastic = ElasticViT.load(path)
     images = load_eval_images(photos, elastic.model)[0]
     dense = extract_features(elastic.model, images)
