@@ -2,13 +2,14 @@
 
 ::
 
-    python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5] [--max-evals 50]
-        [--starts default balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
-        [--gradient-only] [--random] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout]
+    python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5,0.65] [--max-evals 50]
+        [--starts paper balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
+        [--gradient-only] [--random] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout [even|odd]]
 
 Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
 scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
-default start (``linspace(1.2 -> 0.8)``) and once with ``balance`` (around a uniform split). For
+paper's start (raw scores, ``linspace(1.2 -> 0.8)``) and once from ``balance`` (``M,H``: MLP and head
+quantiles, one number for both, or ``rank``; default the search's). For
 the start point and the searched weights of each it prints the fidelity (mean cosine similarity
 of pre-logits features to the dense model, on the same images) at the budgets, uncorrected and
 with ``lstsq`` weight correction, cross-fitted as in ``snapvit bench --correct``: the features of
@@ -19,8 +20,9 @@ per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference r
 ``--gradient-only`` the raw scores without search weights, ``--random`` the mean over seeds 0, 1,
 2 of ``snapvit bench``'s random baseline (``--starts`` with no value runs no search). ``--pairs``
 replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout``
-searches on the even-position images only and measures every row on the odd-position ones (the
-correction is then cross-fitted inside the odd half), so no evaluated image was seen by the search.
+(``--holdout even``) searches on the even-position images only and measures every row on the
+odd-position ones (the correction is then cross-fitted inside the odd half), so no evaluated image
+was seen by the search; ``--holdout odd`` swaps the halves.
 """
 
 from __future__ import annotations
@@ -55,8 +57,20 @@ def fidelities(
     return plain, corrected
 
 
-def _balance(text: str) -> float | str:
-    return text if text == "rank" else float(text)
+def _balance(text: str) -> float | tuple[float, float] | str:
+    if text == "rank":
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"a balance is Q, MLP_Q,HEAD_Q or rank (e.g. 0.5,0.65), got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _label(balance: float | tuple[float, float] | str) -> str:
+    return "balance=" + (",".join(f"{v:g}" for v in balance) if isinstance(balance, tuple) else f"{balance}")
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -74,16 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .elastic import ElasticViT
     from .evaluation import extract_features
     from .scores import ImportanceScores
-    from .search import DEFAULT_RATIO_PAIRS, default_initial_weights, run_search
+    from .search import DEFAULT_BALANCE, DEFAULT_RATIO_PAIRS, default_initial_weights, run_search
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
     parser.add_argument("--data", required=True, type=Path, help="fitness and evaluation images")
-    parser.add_argument("--balance", type=_balance, default=0.5,
-                        help="quantile of the balanced start, or 'rank' (default: 0.5)")
+    parser.add_argument("--balance", type=_balance, default=DEFAULT_BALANCE,
+                        help="quantiles of the balanced start: Q, MLP_Q,HEAD_Q or 'rank' (default: the search's, "
+                             + ",".join(f"{v:g}" for v in DEFAULT_BALANCE) + ")")
     parser.add_argument("--max-evals", type=int, default=50, help="search evaluations (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="xNES seed (default: 0)")
-    parser.add_argument("--starts", nargs="*", choices=("default", "balance"), default=["default", "balance"],
+    parser.add_argument("--starts", nargs="*", choices=("paper", "balance"), default=["paper", "balance"],
                         help="search starts to run (default: both)")
     parser.add_argument("--fitness-correct", choices=CORRECTIONS, default="none",
                         help="weight correction inside the search's fitness (default: none, the paper's)")
@@ -91,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gradient-only", action="store_true", help="add the raw scores (w = 1) as a reference")
     parser.add_argument("--random", action="store_true",
                         help="add the random baseline of `snapvit bench` (mean of its seeds) as a reference")
-    parser.add_argument("--holdout", action="store_true",
-                        help="search on the even-position images, measure on the odd-position ones")
+    parser.add_argument("--holdout", nargs="?", const="even", choices=("even", "odd"), default=None,
+                        help="search on the even-position (or odd-position) images, measure on the others")
     parser.add_argument("--pairs", nargs="+", type=_pair, default=list(DEFAULT_RATIO_PAIRS), metavar="M,H",
                         help="the fitness's (mlp_ratio, head_ratio) pairs (default: the search's)")
     args = parser.parse_args(argv)
@@ -105,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.holdout:
         if images.shape[0] < 4:
             raise SystemExit(f"--holdout needs at least 4 images in --data, got {images.shape[0]}")
-        fitness_images, images = images[0::2], images[1::2]
+        search, measure = (0, 1) if args.holdout == "even" else (1, 0)
+        fitness_images, images = images[search::2], images[measure::2]
     dense = extract_features(elastic.model, images)
     print(f"{elastic.model_name}: {fitness_images.shape[0]} fitness images, {images.shape[0]} evaluation images"
-          f"{' (held out)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}; "
+          f"{f' (held out: search on the {args.holdout}-position ones)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}; "
           f"fitness correction {args.fitness_correct}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
     def rebuilt(scores: ImportanceScores) -> ElasticViT:
         return ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
@@ -129,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + " ".join(f"{v:.3f}" for v in corrected), flush=True)
     ones = torch.ones(raw.num_weights, dtype=torch.float64)
     starts = {
-        "default": ("default", None, default_initial_weights(raw.num_blocks, raw.num_heads)),
-        "balance": (f"balance={args.balance}", args.balance, ones),
+        "paper": ("paper", None, default_initial_weights(raw.num_blocks, raw.num_heads)),
+        "balance": (_label(args.balance), args.balance, ones),
     }
     for name, balance, start in (starts[key] for key in args.starts):
         t0 = time.perf_counter()

@@ -10,7 +10,9 @@ File format (``*.elastic.safetensors``, :data:`FORMAT_VERSION`):
 * string metadata (JSON values): ``format``, ``format_version``, ``kind`` (``elastic`` or
   ``subnet``), ``model_name`` and ``model_kwargs`` (to rebuild the timm model with
   ``pretrained=False``), ``input_size``, ``block_dims`` (per block ``[heads, neurons]``),
-  ``scores_meta``, ``snapvit_version``, ``timm_version``, ``torch_version``.
+  ``scores_meta`` (``min_mlp_keep``, ``min_head_keep``, ``criterion``, and when set ``build_info``
+  and ``balance``: how the ranking compares blocks, see :class:`ImportanceScores`),
+  ``snapvit_version``, ``timm_version``, ``torch_version``.
 
 Loading parses JSON and reads tensors only; the model is rebuilt by its registered timm name
 with plain keyword values, so nothing in a file is ever executed.

@@ -37,6 +37,25 @@ def check_fraction(value: float, name: str) -> float:
     return float(value)
 
 
+def check_quantiles(value: object, name: str) -> tuple[float, float]:
+    """Validate a balancing quantile: a number in ``(0, 1)`` or an ``(mlp, heads)`` pair of them.
+
+    Returns:
+        ``(mlp_quantile, head_quantile)`` (equal for a single number).
+
+    Raises:
+        ValueError: Otherwise, naming ``name`` and the value.
+    """
+    def ok(q: object) -> bool:
+        return not isinstance(q, bool) and isinstance(q, (int, float)) and 0.0 < float(q) < 1.0
+
+    if ok(value):
+        return float(value), float(value)  # type: ignore[arg-type]
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(ok(q) for q in value):
+        return float(value[0]), float(value[1])
+    raise ValueError(f"{name} must be a number in (0, 1), an (mlp, heads) pair of them or 'rank', got {value!r}")
+
+
 @dataclass
 class ImportanceScores:
     """Per-block MLP-neuron and head scores, optional search weights, and the global ranking.
@@ -55,6 +74,11 @@ class ImportanceScores:
         build_info: Plain JSON values recorded while building the elastic model: stage wall
             times ``scoring_s``, ``search_s``, ``search_evaluations`` and the build machine
             (see :mod:`snapvit_lightning.bench`); ``None`` when unknown (older checkpoints).
+        balance: How the global ranking compares blocks (``mlp`` and ``heads`` always stay the
+            raw scores): ``None``, the raw scores; a quantile ``q`` in ``(0, 1)`` or an
+            ``(mlp, heads)`` pair, each block's scores divided by their ``q``-quantile; ``"rank"``,
+            each score replaced by its rank inside its block (see :meth:`balanced`). The search
+            weights rescale these balanced scores.
     """
 
     mlp: torch.Tensor
@@ -66,6 +90,7 @@ class ImportanceScores:
     min_head_keep: float = 0.2
     criterion: str = "dino"
     build_info: dict | None = None
+    balance: float | tuple[float, float] | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("mlp", "heads"):
@@ -91,6 +116,9 @@ class ImportanceScores:
         self.min_head_keep = check_fraction(self.min_head_keep, "min_head_keep")
         if not isinstance(self.criterion, str) or not self.criterion:
             raise ValueError(f"criterion must be a non-empty string, got {self.criterion!r}")
+        if self.balance is not None and self.balance != "rank":
+            mlp_q, head_q = check_quantiles(self.balance, "balance")
+            self.balance = (mlp_q, head_q) if isinstance(self.balance, (tuple, list)) else mlp_q
         if self.build_info is not None:
             try:
                 self.build_info = json.loads(json.dumps(dict(self.build_info), allow_nan=False))
@@ -160,47 +188,55 @@ class ImportanceScores:
             covariance=None if covariance is None else torch.as_tensor(covariance).clone(),
         )
 
-    def balanced(self, quantile: float | str) -> "ImportanceScores":
-        """A copy whose every block's neuron and head scores are divided by their ``quantile``.
+    def balanced(self, quantile: float | tuple[float, float] | str) -> "ImportanceScores":
+        """A copy whose global ranking compares blocks on balanced scores (``balance=quantile``).
 
-        The order inside each block is unchanged, but the global ranking of the copy prunes
-        about the same share of every block at ratio ``quantile`` (a uniform split across
-        blocks); search weights then move budget between blocks from there. With
+        Every block's neuron and head scores are divided by their ``quantile`` before the
+        global ranking: the order inside each block is unchanged, but the copy prunes about the
+        same share of every block at ratio ``quantile`` (a uniform split across blocks); search
+        weights then move budget between blocks from there. A pair ``(mlp_quantile,
+        head_quantile)`` uses a different quantile for the head scores. With
         ``quantile="rank"`` every score becomes its rank inside the block divided by the
         block's size (best unit 1, worst ``1/n``): the copy then prunes the same share of every
         block (to one unit) at *every* ratio, and a block weight ``w`` keeps the units whose
-        rank is above ``threshold / w``. Search weights and covariance are dropped.
+        rank is above ``threshold / w``. The raw scores are kept (``mlp``, ``heads``); search
+        weights and covariance are dropped.
 
         Raises:
-            ValueError: If ``quantile`` is neither in ``(0, 1)`` nor ``"rank"``.
+            ValueError: If ``quantile`` is neither in ``(0, 1)``, a pair of such numbers nor ``"rank"``.
         """
-        if quantile == "rank":
-            return replace(self, mlp=_block_ranks(self.mlp), heads=_block_ranks(self.heads), block_weights=None,
-                           head_weights=None, covariance=None)
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < float(quantile) < 1.0:
-            raise ValueError(f"quantile must be a number in (0, 1) or 'rank', got {quantile!r}")
+        if quantile != "rank":
+            check_quantiles(quantile, "quantile")
+        return replace(self, balance=quantile, block_weights=None, head_weights=None, covariance=None)
 
-        def scale(x: torch.Tensor) -> torch.Tensor:
-            dtype, x = x.dtype, x.double()
-            q = x.quantile(float(quantile), dim=1, keepdim=True)
+    def ranking_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP and head scores the global ranking compares (``balance`` applied, no weights)."""
+        if self.balance is None:
+            return self.mlp, self.heads
+        if self.balance == "rank":
+            return _block_ranks(self.mlp), _block_ranks(self.heads)
+        mlp_q, head_q = check_quantiles(self.balance, "balance")
+
+        def scale(x: torch.Tensor, q: float) -> torch.Tensor:
+            value = x.quantile(q, dim=1, keepdim=True)
             floor = x.abs().amax().clamp_min(1e-300) * 1e-12  # a block of zeros stays zeros
-            return (x / q.clamp_min(floor)).to(dtype)
+            return x / value.clamp_min(floor)
 
-        return replace(self, mlp=scale(self.mlp), heads=scale(self.heads), block_weights=None,
-                       head_weights=None, covariance=None)
+        return scale(self.mlp, mlp_q), scale(self.heads, head_q)
 
     def weighted(self, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """MLP and head scores rescaled by ``|w|`` (the stored weights when ``weights`` is None)."""
+        """The ranking scores (:meth:`ranking_scores`) rescaled by ``|w|`` (default: the stored weights)."""
+        mlp, heads = self.ranking_scores()
         if weights is None:
             if self.block_weights is None:
-                return self.mlp, self.heads
+                return mlp, heads
             block_w, head_w = self.block_weights, self.head_weights
         else:
             weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
             if weights.shape != (self.num_weights,):
                 raise ValueError(f"weights must have shape [{self.num_weights}], got {list(weights.shape)}")
             block_w, head_w = weights[: self.num_blocks], weights[self.num_blocks :].view_as(self.heads)
-        return self.mlp * block_w.abs()[:, None], self.heads * head_w.abs()
+        return mlp * block_w.abs()[:, None], heads * head_w.abs()
 
     def keep_counts(
         self, mlp_ratio: float, head_ratio: float, weights: torch.Tensor | None = None
@@ -267,6 +303,8 @@ class ImportanceScores:
         }
         if self.build_info is not None:
             meta["build_info"] = self.build_info
+        if self.balance is not None:
+            meta["balance"] = list(self.balance) if isinstance(self.balance, tuple) else self.balance
         return meta
 
     @classmethod

@@ -26,20 +26,32 @@ def _checkpoint_and_photos(tmp_path, num_photos: int):
 
 def _printed(out: str, label: str) -> list[float]:
     """The uncorrected then corrected values of the row ``label`` of bench_balance's output."""
-    row = next(line for line in out.splitlines()[1:] if line.split(":")[0].strip() == label)
+    row = next(line for line in out.splitlines()[1:] if " ".join(line.split(":")[0].split()) == label)
     return [float(v) for v in row.split(": ", 1)[1].replace("|", " ").split()]
 
 
 def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.evaluation import extract_features
+    from snapvit_lightning.search import DEFAULT_BALANCE
+
     path, photos = _checkpoint_and_photos(tmp_path, 6)
     assert bench_balance.main([str(path), "--data", str(photos), "--max-evals", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = [line for line in lines if line.split(":")[0].split()[-1] in ("start", "searched")]
-    assert len(rows) == 4 and sum("balance=0.5" in line for line in rows) == 2
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.split(":")[0].split()[-1] in ("start", "searched")]
+    assert [row.split(":")[0].split() for row in rows] == [
+        ["paper", "start"], ["paper", "searched"], ["balance=0.5,0.65", "start"], ["balance=0.5,0.65", "searched"]]
     for row in rows:
         plain, corrected = row.split(": ", 1)[1].split(" | ")
         values = [float(v) for v in plain.split() + corrected.split()]
         assert len(values) == 2 * len(bench_balance.BUDGETS) and all(-1.0 <= v <= 1.0 + 1e-6 for v in values)
+    # The balanced start is w = 1 on the scores balanced at the search's default quantiles.
+    elastic = ElasticViT.load(path)
+    start = ElasticViT(elastic.model, elastic.scores.balanced(DEFAULT_BALANCE), model_name=elastic.model_name,
+                       model_kwargs=elastic.model_kwargs)
+    images = load_eval_images(photos, elastic.model)[0]
+    plain, corrected = bench_balance.fidelities(start, images, extract_features(elastic.model, images))
+    np.testing.assert_allclose(_printed(out, "balance=0.5,0.65 start"), plain + corrected, atol=6e-4)
 
 
 def test_bench_balance_corrected_fitness_one_start_and_uniform(tmp_path, capsys, one_thread) -> None:
@@ -71,25 +83,34 @@ def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> 
     np.testing.assert_allclose(printed, plain + corrected, atol=6e-4)
 
 
-def test_bench_balance_rejects_a_bad_pair(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("option, value, message", [
+    ("--pairs", "0.3", "a pair is MLP_RATIO,HEAD_RATIO"),
+    ("--balance", "0.5,0.6,0.7", "a balance is Q, MLP_Q,HEAD_Q or rank"),
+    ("--balance", "half", "a balance is Q, MLP_Q,HEAD_Q or rank"),
+])
+def test_bench_balance_rejects_bad_options(tmp_path, capsys, option, value, message) -> None:
     with pytest.raises(SystemExit):
-        bench_balance.main([str(tmp_path / "x.elastic.safetensors"), "--data", str(tmp_path), "--pairs", "0.3"])
-    assert "a pair is MLP_RATIO,HEAD_RATIO" in capsys.readouterr().err
+        bench_balance.main([str(tmp_path / "x.elastic.safetensors"), "--data", str(tmp_path), option, value])
+    assert message in capsys.readouterr().err
 
 
-def test_bench_balance_holdout_measures_unseen_images(tmp_path, capsys, one_thread) -> None:
+@pytest.mark.parametrize("holdout, search, measure", [([], 0, 1), (["odd"], 1, 0)])
+def test_bench_balance_holdout_measures_unseen_images(tmp_path, capsys, one_thread, holdout, search, measure) -> None:
     from snapvit_lightning.data import load_eval_images
     from snapvit_lightning.evaluation import extract_features
 
-    path, photos = _checkpoint_and_photos(tmp_path, 6)
-    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--holdout", "--gradient-only"]
+    path, photos = _checkpoint_and_photos(tmp_path, 7)
+    argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--gradient-only",
+            "--holdout", *holdout]
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
-    assert "3 fitness images, 3 evaluation images (held out)" in out
+    sizes = (4, 3) if search == 0 else (3, 4)
+    side = "even" if search == 0 else "odd"
+    assert f"{sizes[0]} fitness images, {sizes[1]} evaluation images (held out: search on the {side}-position ones)" in out
     printed = _printed(out, "gradient-only")
     elastic = ElasticViT.load(path)
-    odd = load_eval_images(photos, elastic.model)[0][1::2]  # the rows are measured on the odd half only
-    plain, corrected = bench_balance.fidelities(elastic, odd, extract_features(elastic.model, odd))
+    measured = load_eval_images(photos, elastic.model)[0][measure::2]  # the rows are measured on the other half only
+    plain, corrected = bench_balance.fidelities(elastic, measured, extract_features(elastic.model, measured))
     np.testing.assert_allclose(printed, plain + corrected, atol=6e-4)
 
     (tmp_path / "few").mkdir()

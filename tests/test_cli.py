@@ -12,7 +12,7 @@ from snapvit_lightning.cli import main
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 
 def test_version_and_help() -> None:
@@ -71,6 +71,19 @@ def test_fit_subcommand_goes_to_lightning_cli(capsys) -> None:
     assert exc.value.code == 0
     printed = capsys.readouterr().out
     assert "criterion: dino" in printed and "num_local_crops: 10" in printed
+
+
+@pytest.mark.parametrize("name", ["deit_base", "dino_vitb16", "dinov2_vits14", "multi_gpu", "quickstart"])
+def test_shipped_configs_parse(name, capsys) -> None:
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
+    assert exc.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    search = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EvolutionarySearch"))
+    # The paper-settings config keeps the paper's start; the others search from the balanced default.
+    assert search["init_args"]["balance"] == (None if name == "dino_vitb16" else [0.5, 0.65])
 
 
 _DDP_CONFIG = """

@@ -92,9 +92,14 @@ def test_save_load_round_trip(key: str, tmp_path) -> None:
     assert {"snapvit_version", "timm_version"} <= set(meta)
 
 
-def test_search_weights_and_covariance_are_saved(tmp_path) -> None:
+@pytest.mark.parametrize("balance", [None, (0.5, 0.65), "rank"])
+def test_search_weights_and_covariance_are_saved(tmp_path, balance) -> None:
     model, name, _ = tiny_model("test_vit")
     scores = random_scores(model)
+    scale = torch.logspace(-2, 2, scores.num_blocks)[:, None]  # balancing changes the split across blocks
+    scores = ImportanceScores(scores.mlp * scale, scores.heads * scale)
+    if balance is not None:
+        scores = scores.balanced(balance)
     w = torch.linspace(0.2, 1.8, scores.num_weights)
     scores = scores.with_weights(w, covariance=torch.diag(w))
     elastic = ElasticViT(model, scores)
@@ -103,8 +108,15 @@ def test_search_weights_and_covariance_are_saved(tmp_path) -> None:
     assert torch.equal(loaded.scores.covariance, scores.covariance)
     assert torch.equal(loaded.scores.block_weights, scores.block_weights)
     assert [d for d in loaded.dims(0.5, 0.3)] == elastic.dims(0.5, 0.3)
-    # ranking follows the weighted scores
-    assert torch.equal(torch.stack(elastic.scores.keep_counts(0.5, 0.3)), torch.stack(scores.keep_counts(0.5, 0.3)))
+    assert loaded.scores.balance == balance
+    # ranking follows the weighted (balanced) scores, before and after the permutation and the file
+    for ratios in ((0.5, 0.3), (0.65, 0.5)):
+        expected = torch.stack(scores.keep_counts(*ratios))
+        assert torch.equal(torch.stack(elastic.scores.keep_counts(*ratios)), expected)
+        assert torch.equal(torch.stack(loaded.scores.keep_counts(*ratios)), expected)
+    if balance is not None:
+        raw = ImportanceScores(scores.mlp, scores.heads).with_weights(w)
+        assert not torch.equal(torch.stack(raw.keep_counts(0.65, 0.5)), torch.stack(scores.keep_counts(0.65, 0.5)))
 
 
 def test_subnet_file_round_trip(tmp_path) -> None:

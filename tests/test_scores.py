@@ -66,12 +66,14 @@ def test_block_orders_are_descending() -> None:
     assert (p.mlp[:, :-1] >= p.mlp[:, 1:]).all() and (p.heads[:, :-1] >= p.heads[:, 1:]).all()
 
 
-def test_state_dict_round_trip(tmp_path) -> None:
-    s = _scores().with_weights(torch.linspace(0.5, 1.5, 24), covariance=torch.eye(24))
+@pytest.mark.parametrize("balance", [None, 0.4, (0.5, 0.65), "rank"])
+def test_state_dict_round_trip(tmp_path, balance) -> None:
+    s = _scores().balanced(balance) if balance is not None else _scores()
+    s = s.with_weights(torch.linspace(0.5, 1.5, 24), covariance=torch.eye(24))
     torch.save(s.state_dict(), tmp_path / "s.pt")
     back = ImportanceScores.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert torch.equal(back.mlp, s.mlp) and torch.equal(back.covariance, s.covariance)
-    assert torch.equal(back.keep_counts(0.4, 0.2)[0], s.keep_counts(0.4, 0.2)[0])
+    assert torch.equal(back.keep_counts(0.4, 0.2)[0], s.keep_counts(0.4, 0.2)[0]) and back.balance == balance
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
@@ -93,6 +95,8 @@ def test_bad_ratio_raises(ratio: object) -> None:
         (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), block_weights=torch.ones(3)), "given together"),
         (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), block_weights=torch.ones(2),
               head_weights=torch.ones(3, 2)), "block_weights must be a tensor of shape \\[3\\]"),
+        (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), balance=1.5), "balance must be a number in \\(0, 1\\)"),
+        (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), balance="ranks"), "balance must be a number in"),
     ],
 )
 def test_bad_scores_raise(kwargs: dict, match: str) -> None:
@@ -116,9 +120,30 @@ def test_balanced_scores_split_uniformly(quantile: float) -> None:
     neurons, heads = balanced.keep_counts(quantile, quantile)
     assert neurons.max() - neurons.min() <= 1 and heads.max() - heads.min() <= 1
     assert torch.equal(balanced.block_orders()[0], scores.block_orders()[0])  # same order inside blocks
-    assert balanced.block_weights is None and balanced.mlp.dtype == scores.mlp.dtype
-    with pytest.raises(ValueError, match=r"quantile must be a number in \(0, 1\) or 'rank', got 1"):
+    assert balanced.block_weights is None and balanced.balance == quantile
+    # The ranking divides each block by its quantile; the stored scores stay the raw ones.
+    mlp, heads = balanced.weighted()
+    torch.testing.assert_close(mlp, scores.mlp / scores.mlp.quantile(quantile, dim=1, keepdim=True))
+    torch.testing.assert_close(heads, scores.heads / scores.heads.quantile(quantile, dim=1, keepdim=True))
+    assert torch.equal(balanced.mlp, scores.mlp)
+    with pytest.raises(ValueError, match=r"quantile must be a number in \(0, 1\), an \(mlp, heads\) pair of them or .rank., got 1"):
         scores.balanced(1)
+
+
+def test_balanced_scores_take_separate_head_quantile() -> None:
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-4, 4, 6)[:, None]
+    scores = ImportanceScores(torch.rand(6, 40, generator=g) * scale, torch.rand(6, 10, generator=g) * scale)
+    pair = scores.balanced((0.3, 0.7))
+    assert torch.equal(pair.mlp, scores.mlp) and torch.equal(pair.heads, scores.heads)  # the raw scores stay
+    assert torch.equal(pair.weighted()[0], scores.balanced(0.3).weighted()[0])
+    assert torch.equal(pair.weighted()[1], scores.balanced(0.7).weighted()[1])
+    neurons, _ = pair.keep_counts(0.3, 0.0)
+    _, heads = pair.keep_counts(0.0, 0.7)
+    assert neurons.max() - neurons.min() <= 1 and heads.max() - heads.min() <= 1
+    for bad in ((0.3,), (0.3, 0.0), (0.3, True), "0.5"):
+        with pytest.raises(ValueError, match="quantile must be a number in"):
+            scores.balanced(bad)
 
 
 def test_rank_balanced_scores_split_uniformly_at_every_ratio() -> None:
@@ -128,7 +153,7 @@ def test_rank_balanced_scores_split_uniformly_at_every_ratio() -> None:
     ranked = scores.balanced("rank")
     assert torch.equal(ranked.block_orders()[0], scores.block_orders()[0])
     assert torch.equal(ranked.block_orders()[1], scores.block_orders()[1])
-    assert torch.equal(ranked.mlp.sort(dim=1).values[0], torch.arange(1, 41, dtype=ranked.mlp.dtype) / 40)
+    assert torch.equal(ranked.weighted()[0].sort(dim=1).values[0], torch.arange(1, 41, dtype=ranked.mlp.dtype) / 40)
     for ratio in (0.1, 0.35, 0.5, 0.65, 0.9):
         neurons, heads = ranked.keep_counts(ratio, ratio)
         assert neurons.max() - neurons.min() <= 1 and heads.max() - heads.min() <= 1, ratio

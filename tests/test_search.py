@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search import (
+    DEFAULT_BALANCE,
     EvolutionarySearch,
     Fitness,
     default_initial_weights,
@@ -223,16 +224,19 @@ def test_unpruned_fitness_is_zero_deterministic_and_model_unchanged(autocast_dty
 # ------------------------------------------------------------------------------ run_search
 
 
-def test_run_search_lowers_fitness() -> None:
+@pytest.mark.parametrize("balance", [None, DEFAULT_BALANCE])
+def test_run_search_lowers_fitness(balance) -> None:
     model, _, _ = small_vit()
-    scores = random_scores(model)
+    raw = random_scores(model)
     x = images_for(model, n=8)
-    kw = dict(ratio_pairs=[(0.35, 0.2), (0.65, 0.5)], pca_components=6, autocast=False)
-    w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    kw = dict(ratio_pairs=[(0.35, 0.2), (0.65, 0.5)], pca_components=6, autocast=False, balance=balance)
+    # None: the paper's start on the raw scores; the default: w = 1 on the balanced scores.
+    scores = raw if balance is None else raw.balanced(balance)
+    w0 = default_initial_weights(scores.num_blocks, scores.num_heads) if balance is None else torch.ones(scores.num_weights)
     start = Fitness(model, scores, x, kw["ratio_pairs"], 6, autocast_dtype=None)(w0)
     seen = []
     best_w, cov, history = run_search(
-        model, scores, x, max_evals=16, popsize=8, sigma=0.3, seed=0, on_eval=lambda i, f, b: seen.append((i, f, b)), **kw
+        model, raw, x, max_evals=16, popsize=8, sigma=0.3, seed=0, on_eval=lambda i, f, b: seen.append((i, f, b)), **kw
     )
     assert len(history) == 16 and [s[0] for s in seen] == list(range(16))
     assert [s[2] for s in seen] == [min(history[: i + 1]) for i in range(16)]
@@ -242,7 +246,7 @@ def test_run_search_lowers_fitness() -> None:
     assert cov.shape == (scores.num_weights, scores.num_weights) and torch.allclose(cov, cov.T)
     assert ((best_w >= 0) & (best_w <= 2)).all()
     # same seed, same result
-    again = run_search(model, scores, x, max_evals=16, popsize=8, sigma=0.3, seed=0, **kw)
+    again = run_search(model, raw, x, max_evals=16, popsize=8, sigma=0.3, seed=0, **kw)
     assert torch.equal(again[0], best_w) and again[2] == history
 
 
@@ -264,6 +268,7 @@ def test_run_search_lowers_fitness() -> None:
         ({"autocast": "yes"}, "autocast"),
         ({"balance": 1.0}, "balance must be None, a ratio in"),
         ({"balance": "ranks"}, "balance must be None, a ratio in"),
+        ({"balance": (0.5, 1.0)}, r"balance must be None, a ratio in \(0, 1\), an \(mlp, heads\) pair of ratios or 'rank', got \(0.5, 1.0\)"),
         ({"correct": "ols"}, "correct must be one of"),
     ],
 )
@@ -317,6 +322,7 @@ def test_fitness_other_errors() -> None:
         ({"images": 3}, "images"),
         ({"seed": 1.5}, "seed"),
         ({"balance": 0.0}, "balance must be None, a ratio in"),
+        ({"balance": [0.5, 0.6, 0.7]}, "balance must be None, a ratio in"),
     ],
 )
 def test_callback_errors(kwargs, match) -> None:
@@ -373,7 +379,8 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     assert out.block_weights is not None and out.covariance is not None
     assert out.covariance.shape == (scores.num_weights,) * 2
     assert torch.equal(out.weight_vector(), callback.best_weights)
-    assert torch.equal(out.mlp, scores.mlp)
+    # the default searches the balanced ranking and keeps it (the raw scores stay)
+    assert out.balance == DEFAULT_BALANCE and torch.equal(out.mlp, scores.mlp) and torch.equal(out.heads, scores.heads)
     assert len(callback.history) == 8
     assert callback.best_fitness == min([callback.initial_fitness, *callback.history])
     # same as the Trainer-free function
@@ -390,7 +397,7 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     assert logged[-1][2] == pytest.approx(min(callback.history))
 
 
-@pytest.mark.parametrize("balance, correct", [(0.5, "none"), ("rank", "lstsq")])
+@pytest.mark.parametrize("balance, correct", [(0.5, "none"), ((0.4, 0.7), "none"), ("rank", "lstsq")])
 def test_callback_balance_searches_around_a_uniform_split(tmp_path: Path, balance, correct) -> None:
     model, _, _ = small_vit()
     raw = random_scores(model)
@@ -401,7 +408,7 @@ def test_callback_balance_searches_around_a_uniform_split(tmp_path: Path, balanc
     callback = EvolutionarySearch(max_evals=4, images=x, balance=balance, correct=correct, **SEARCH_KW)
     module = fit_with(callback, model, scores, tmp_path)
     balanced = scores.balanced(balance)
-    assert torch.equal(module.scores.mlp, balanced.mlp) and torch.equal(module.scores.heads, balanced.heads)
+    assert module.scores.balance == balance and torch.equal(module.scores.mlp, scores.mlp)
     # The start point is w = 1 on the balanced scores, the same as the Trainer-free function.
     start = Fitness(model, balanced, x, kw["ratio_pairs"], kw["pca_components"], autocast_dtype=None, correct=correct)
     assert callback.initial_fitness == pytest.approx(start(torch.ones(scores.num_weights, dtype=torch.float64)))
