@@ -4,7 +4,8 @@
 
     python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5,0.65] [--max-evals 50]
         [--starts paper balance] [--fitness-correct none|bias|lstsq] [--seed 0] [--uniform]
-        [--gradient-only] [--random] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout [even|odd]]
+        [--gradient-only] [--random] [--magnitude-lamp] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout [even|odd]]
+        [--sigma 0.08]
 
 Runs :func:`~snapvit_lightning.search.run_search` on the checkpoint's dense model and its raw
 scores (its search weights dropped) with the images of ``FOLDER`` as fitness images: once from the
@@ -18,7 +19,8 @@ the even-position images come from a subnet corrected on the odd ones and vice v
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``); ``--uniform`` adds the uniform
 per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row,
 ``--gradient-only`` the raw scores without search weights, ``--random`` the mean over seeds 0, 1,
-2 of ``snapvit bench``'s random baseline (``--starts`` with no value runs no search). ``--pairs``
+2 of ``snapvit bench``'s random baseline, ``--magnitude-lamp`` its ``magnitude`` and ``lamp``
+baselines (``--starts`` with no value runs no search). ``--sigma`` sets the search's step size. ``--pairs``
 replaces the fitness's (mlp_ratio, head_ratio) pairs (default: the search's). ``--holdout``
 (``--holdout even``) searches on the even-position images only and measures every row on the
 odd-position ones (the correction is then cross-fitted inside the odd half), so no evaluated image
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .elastic import ElasticViT
     from .evaluation import extract_features
     from .scores import ImportanceScores
-    from .search import DEFAULT_BALANCE, DEFAULT_RATIO_PAIRS, default_initial_weights, run_search
+    from .search import DEFAULT_BALANCE, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, default_initial_weights, run_search
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
@@ -106,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gradient-only", action="store_true", help="add the raw scores (w = 1) as a reference")
     parser.add_argument("--random", action="store_true",
                         help="add the random baseline of `snapvit bench` (mean of its seeds) as a reference")
+    parser.add_argument("--magnitude-lamp", action="store_true",
+                        help="add the magnitude and LAMP baselines of `snapvit bench` as references")
+    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help=f"xNES step size (default: {DEFAULT_SIGMA})")
     parser.add_argument("--holdout", nargs="?", const="even", choices=("even", "odd"), default=None,
                         help="search on the even-position (or odd-position) images, measure on the others")
     parser.add_argument("--pairs", nargs="+", type=_pair, default=list(DEFAULT_RATIO_PAIRS), metavar="M,H",
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fitness_images, images = images[search::2], images[measure::2]
     dense = extract_features(elastic.model, images)
     print(f"{elastic.model_name}: {fitness_images.shape[0]} fitness images, {images.shape[0]} evaluation images"
-          f"{f' (held out: search on the {args.holdout}-position ones)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}; "
+          f"{f' (held out: search on the {args.holdout}-position ones)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}, sigma {args.sigma}; "
           f"fitness correction {args.fitness_correct}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
     def rebuilt(scores: ImportanceScores) -> ElasticViT:
         return ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
@@ -134,9 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         references.append(("uniform", [elastic], lambda m, h: _uniform_dims(raw, m, h)))
     if args.gradient_only:
         references.append(("gradient-only", [rebuilt(raw)], None))
+    baselines = _baseline_scores(elastic) if args.random or args.magnitude_lamp else []
     if args.random:
-        randoms = [rebuilt(scores) for method, _, scores in _baseline_scores(elastic) if method == "random"]
+        randoms = [rebuilt(scores) for method, _, scores in baselines if method == "random"]
         references.append((f"random (x{len(randoms)})", randoms, None))
+    if args.magnitude_lamp:
+        references += [(method, [rebuilt(scores)], None) for method, _, scores in baselines if method in ("magnitude", "lamp")]
     for label, candidates, dims_fn in references:
         runs = [fidelities(c, images, dense, dims_fn) for c in candidates]
         plain = [statistics.fmean(v) for v in zip(*(run[0] for run in runs))]
@@ -150,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for name, balance, start in (starts[key] for key in args.starts):
         t0 = time.perf_counter()
-        best, _, history = run_search(elastic.model, raw, fitness_images, max_evals=args.max_evals, seed=args.seed,
+        best, _, history = run_search(elastic.model, raw, fitness_images, max_evals=args.max_evals, seed=args.seed, sigma=args.sigma,
                                       balance=balance, correct=args.fitness_correct, ratio_pairs=args.pairs)
         searched_s = time.perf_counter() - t0
         scores = raw if balance is None else raw.balanced(balance)

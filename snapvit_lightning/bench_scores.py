@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--identical-views", action="store_true",
                         help="repeat one global and one local crop, as the official code does")
     parser.add_argument("--search-evals", type=int, default=0,
-                        help="also run the xNES search (on the same photos) and add w_init / w_best rows")
+                        help="also run the default xNES search (balanced scores, on the same photos) and add w_init (its start) / w_searched rows")
     parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed")
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
                         help="Trainer accelerator; the fidelity is measured on the same device")
@@ -80,12 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         views = "identical" if args.identical_views else "independent"
         rows[f"dino ({accumulation}, {args.precision}, {views} views)"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
         if args.search_evals:
-            from .search import default_initial_weights, run_search
+            from .search import DEFAULT_BALANCE, run_search
 
-            scores = module.scores
-            w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+            scores = module.scores.balanced(DEFAULT_BALANCE)  # what the search ranks by default; it starts at w = 1
+            w0 = torch.ones(scores.num_weights, dtype=torch.float64)
             start = time.perf_counter()
-            best, cov, history = run_search(dense_model, scores, images, max_evals=args.search_evals)
+            best, cov, history = run_search(dense_model, module.scores, images, max_evals=args.search_evals)
             print(f"search: {args.search_evals} evaluations in {time.perf_counter() - start:.1f} s; "
                   f"best fitness {min(history):.4f}")
             for name, w in (("w_init", w0), ("w_searched", best)):

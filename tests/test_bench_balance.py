@@ -71,10 +71,10 @@ def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> 
 
     path, photos = _checkpoint_and_photos(tmp_path, 6)
     argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--gradient-only",
-            "--pairs", "0.3,0.2", "0.6,0.4"]
+            "--pairs", "0.3,0.2", "0.6,0.4", "--sigma", "0.3"]
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
-    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out
+    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out and "seed 0, sigma 0.3;" in out
     printed = _printed(out, "gradient-only")
     # The checkpoint's scores carry no search weights: gradient-only is the checkpoint's own slicing.
     elastic = ElasticViT.load(path)
@@ -125,15 +125,18 @@ def test_bench_balance_random_reference_without_search(tmp_path, capsys, one_thr
     from snapvit_lightning.evaluation import extract_features
 
     path, photos = _checkpoint_and_photos(tmp_path, 6)
-    assert bench_balance.main([str(path), "--data", str(photos), "--starts", "--random"]) == 0
+    assert bench_balance.main([str(path), "--data", str(photos), "--starts", "--random", "--magnitude-lamp"]) == 0
     out = capsys.readouterr().out
-    assert sum(" | " in line for line in out.splitlines()[1:]) == 1  # the random row only: no search ran
-    printed = _printed(out, "random (x3)")
+    rows = [line.split(":")[0].strip() for line in out.splitlines()[1:] if " | " in line]
+    assert rows == ["random (x3)", "magnitude", "lamp"]  # the references only: no search ran
     elastic = ElasticViT.load(path)
     images = load_eval_images(photos, elastic.model)[0]
     dense = extract_features(elastic.model, images)
-    runs = [bench_balance.fidelities(ElasticViT(elastic.model, s, model_name=elastic.model_name,
-                                                model_kwargs=elastic.model_kwargs), images, dense)
-            for method, _, s in _baseline_scores(elastic) if method == "random"]
-    expected = np.mean([plain + corrected for plain, corrected in runs], axis=0)
-    np.testing.assert_allclose(printed, expected, atol=6e-4)
+    runs = {}
+    for method, _, s in _baseline_scores(elastic):
+        rebuilt = ElasticViT(elastic.model, s, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
+        plain, corrected = bench_balance.fidelities(rebuilt, images, dense)
+        runs.setdefault(method, []).append(plain + corrected)
+    np.testing.assert_allclose(_printed(out, "random (x3)"), np.mean(runs["random"], axis=0), atol=6e-4)
+    np.testing.assert_allclose(_printed(out, "magnitude"), runs["magnitude"][0], atol=6e-4)
+    np.testing.assert_allclose(_printed(out, "lamp"), runs["lamp"][0], atol=6e-4)

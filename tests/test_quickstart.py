@@ -18,6 +18,7 @@ def test_main_job_on_real_model(real_weights, photos_dir, tmp_path, capsys) -> N
     elastic = ElasticViT.load(target)
     assert elastic.scores.criterion == "dino" and elastic.input_size == (56, 56)
     assert elastic.scores.block_weights is not None and elastic.scores.covariance is not None  # searched
+    assert elastic.scores.balance == (0.5, 0.65)  # from the default balanced start, recorded in the file
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["budgets"]) == 5 and report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / "fidelity_vs_flops.png").stat().st_size > 0
