@@ -56,6 +56,26 @@ def check_quantiles(value: object, name: str) -> tuple[float, float]:
     raise ValueError(f"{name} must be a number in (0, 1), an (mlp, heads) pair of them or 'rank', got {value!r}")
 
 
+def check_balance(value: object, name: str = "balance") -> float | tuple[float, float] | str | None:
+    """Validate how a ranking balances blocks: ``None``, ``"rank"``, a quantile or an ``(mlp, heads)`` pair.
+
+    Returns:
+        The value normalised: ``None``, ``"rank"``, a float, or a tuple of two floats.
+
+    Raises:
+        ValueError: Otherwise, naming ``name`` and the value.
+    """
+    if value is None or value == "rank":
+        return value  # type: ignore[return-value]
+    try:
+        mlp_q, head_q = check_quantiles(value, name)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be None, a ratio in (0, 1), an (mlp, heads) pair of ratios or 'rank', got {value!r}"
+        ) from None
+    return (mlp_q, head_q) if isinstance(value, (tuple, list)) else mlp_q
+
+
 @dataclass
 class ImportanceScores:
     """Per-block MLP-neuron and head scores, optional search weights, and the global ranking.
@@ -116,9 +136,7 @@ class ImportanceScores:
         self.min_head_keep = check_fraction(self.min_head_keep, "min_head_keep")
         if not isinstance(self.criterion, str) or not self.criterion:
             raise ValueError(f"criterion must be a non-empty string, got {self.criterion!r}")
-        if self.balance is not None and self.balance != "rank":
-            mlp_q, head_q = check_quantiles(self.balance, "balance")
-            self.balance = (mlp_q, head_q) if isinstance(self.balance, (tuple, list)) else mlp_q
+        self.balance = check_balance(self.balance)
         if self.build_info is not None:
             try:
                 self.build_info = json.loads(json.dumps(dict(self.build_info), allow_nan=False))

@@ -47,7 +47,7 @@ from typing_extensions import override
 
 from .correction import augmented_weight, check_correction, collect_stats, has_cut_norm, solve_layer
 from .forward import embed
-from .scores import ImportanceScores, check_quantiles, check_ratio
+from .scores import ImportanceScores, check_balance, check_ratio
 from .structure import get_blocks, head_channels, inspect_vit, mlp_kind
 from .xnes import XNES
 
@@ -642,18 +642,6 @@ def _check_popsize(popsize: Any) -> int | None:
     return _check_int("popsize", popsize, 2, allow_none=True)
 
 
-def _check_balance(balance: Any) -> float | tuple[float, float] | str | None:
-    if balance is None or balance == "rank":
-        return balance
-    try:
-        mlp_q, head_q = check_quantiles(balance, "balance")
-    except ValueError:
-        raise ValueError(
-            f"balance must be None, a ratio in (0, 1), an (mlp, heads) pair of ratios or 'rank', got {balance!r}"
-        ) from None
-    return (mlp_q, head_q) if isinstance(balance, (tuple, list)) else mlp_q
-
-
 def _balanced_start(
     scores: ImportanceScores, balance: float | tuple[float, float] | str | None, initial_weights: Tensor | None
 ) -> tuple[ImportanceScores, Tensor | None]:
@@ -778,7 +766,7 @@ def run_search(
     max_evals = _check_int("max_evals", max_evals, 1)
     sigma = _check_sigma(sigma)
     popsize = _check_popsize(popsize)
-    scores, initial_weights = _balanced_start(scores, _check_balance(balance), initial_weights)
+    scores, initial_weights = _balanced_start(scores, check_balance(balance), initial_weights)
     fitness = Fitness(
         model, scores, images, ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
         correct=correct, damping=damping, damping_reference=damping_reference,
@@ -944,7 +932,7 @@ class EvolutionarySearch(Callback):
         damping_reference: str = "mean",
     ) -> None:
         super().__init__()
-        self.balance = _check_balance(balance)
+        self.balance = check_balance(balance)
         self.correct, self.damping, self.damping_reference = check_correction(correct, damping, damping_reference)
         self.max_evals = _check_int("max_evals", max_evals, 1)
         self.popsize = _check_popsize(popsize)

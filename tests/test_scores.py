@@ -95,8 +95,8 @@ def test_bad_ratio_raises(ratio: object) -> None:
         (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), block_weights=torch.ones(3)), "given together"),
         (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), block_weights=torch.ones(2),
               head_weights=torch.ones(3, 2)), "block_weights must be a tensor of shape \\[3\\]"),
-        (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), balance=1.5), "balance must be a number in \\(0, 1\\)"),
-        (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), balance="ranks"), "balance must be a number in"),
+        (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), balance=1.5), "balance must be None, a ratio in \\(0, 1\\)"),
+        (dict(mlp=torch.rand(3, 4), heads=torch.rand(3, 2), balance="ranks"), "balance must be None, a ratio in"),
     ],
 )
 def test_bad_scores_raise(kwargs: dict, match: str) -> None:
