@@ -391,12 +391,11 @@ def _baseline_scores(elastic: Any) -> list[tuple[str, int | None, Any]]:
     import copy
 
     from .module import SnapViTModule
-    from .scores import ImportanceScores
 
     s = elastic.scores
     keeps = {"min_mlp_keep": s.min_mlp_keep, "min_head_keep": s.min_head_keep}
     out: list[tuple[str, int | None, Any]] = [
-        ("gradient-only", None, ImportanceScores(s.mlp, s.heads, criterion=s.criterion, **keeps)),
+        ("gradient-only", None, s.raw()),
     ]
     weights = copy.deepcopy(elastic.model)
     for criterion, seeds in (("magnitude", (None,)), ("lamp", (None,)), ("random", RANDOM_SEEDS)):

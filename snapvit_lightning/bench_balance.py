@@ -118,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     elastic = ElasticViT.load(args.path)
-    s = elastic.scores
-    raw = ImportanceScores(s.mlp, s.heads, min_mlp_keep=s.min_mlp_keep, min_head_keep=s.min_head_keep, criterion=s.criterion)
+    raw = elastic.scores.raw()
     images = load_eval_images(args.data, elastic.model)[0]
     fitness_images = images
     if args.holdout:

@@ -227,6 +227,10 @@ class ImportanceScores:
             check_quantiles(quantile, "quantile")
         return replace(self, balance=quantile, block_weights=None, head_weights=None, covariance=None)
 
+    def raw(self) -> "ImportanceScores":
+        """A copy ranked by the raw scores alone: no balance, search weights, covariance or build info."""
+        return replace(self, balance=None, block_weights=None, head_weights=None, covariance=None, build_info=None)
+
     def ranking_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP and head scores the global ranking compares (``balance`` applied, no weights)."""
         if self.balance is None:

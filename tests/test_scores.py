@@ -74,6 +74,10 @@ def test_state_dict_round_trip(tmp_path, balance) -> None:
     back = ImportanceScores.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert torch.equal(back.mlp, s.mlp) and torch.equal(back.covariance, s.covariance)
     assert torch.equal(back.keep_counts(0.4, 0.2)[0], s.keep_counts(0.4, 0.2)[0]) and back.balance == balance
+    raw = back.raw()  # the raw ranking of the same scores, whatever balance and weights they carry
+    assert raw.balance is None and raw.weight_vector() is None and raw.covariance is None
+    assert torch.equal(raw.mlp, s.mlp) and raw.criterion == s.criterion and raw.min_head_keep == s.min_head_keep
+    assert torch.equal(raw.keep_counts(0.4, 0.2)[0], _scores().keep_counts(0.4, 0.2)[0])
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
