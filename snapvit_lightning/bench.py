@@ -14,12 +14,17 @@ cut and measured on the images of a folder (plain eval views at the model's inpu
 budgets for other unit rankings, each a new elastic model built from the checkpoint's weights:
 
 * ``gradient-only``: the checkpoint's own scores without the search weights (no search);
+* ``snip-magnitude``: SNIP saliency ``|w * G|`` of the DINO-loss gradient ``G``, from one
+  calibration epoch on ``--data`` with :class:`~snapvit_lightning.data.CalibrationDataModule`'s
+  defaults (2 global + 10 local views, batch 16, seed 0) in 32-bit on the CPU (labels ignored);
 * ``magnitude`` and ``lamp``: data-free scores of the weights, as ``SnapViTModule`` computes them;
 * ``random``: uniform random scores, seeds 0, 1, 2; one row with the mean over seeds (fidelity,
   k-NN, cost, latency), the seeds' ``fidelity_std`` (sample std) and the ``per_seed`` values;
 * ``uniform``: the same share pruned in every block at equal FLOPs: the snapvit row's total of
   kept neurons (heads) split evenly over the blocks (``total // B`` each, one more in
-  ``total % B`` evenly spaced blocks), the checkpoint's best units of each block.
+  ``total % B`` evenly spaced blocks), each block keeping its best units by the gradient-only
+  ranking (the raw scores: the search's head weights, which reorder heads inside a block, are
+  not used, so the baseline does not depend on the search).
 
 Under the table a *Build time* section gives the wall time of each stage of building the
 elastic model, measured at build time on the build machine (not by this run): ``scoring``
@@ -67,7 +72,7 @@ KNN_K = 20
 DESCRIPTION = ("k-NN, feature fidelity, FLOPs/params and measured CPU latency of an elastic "
                "checkpoint at several budgets, as a markdown table (and JSON with --out)")
 KNN_TEMPERATURE = 0.07
-BASELINES = ("gradient-only", "magnitude", "lamp", "random", "uniform")
+BASELINES = ("gradient-only", "snip-magnitude", "magnitude", "lamp", "random", "uniform")
 RANDOM_SEEDS = (0, 1, 2)
 
 
@@ -124,8 +129,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency measurement (latency and speed-up are null)")
     parser.add_argument("--baselines", action="store_true",
-                        help="also bench other rankings at the same budgets: gradient-only (no search), "
-                             "magnitude, lamp, random (mean of seeds 0,1,2) and uniform per-block pruning at equal FLOPs")
+                        help="also bench other rankings at the same budgets: gradient-only (no search), snip-magnitude "
+                             "(one DINO calibration epoch on --data), magnitude, lamp, random (mean of seeds 0,1,2) "
+                             "and uniform per-block pruning at equal FLOPs")
     parser.add_argument("--correct", nargs="+", choices=("bias", "lstsq"), default=[], metavar="METHOD",
                         help="also bench weight-corrected subnets (bias and/or lstsq) of every method, as rows "
                              "'<method>+<correction>'")
@@ -381,15 +387,23 @@ def _calibrator(source: str | None, images: Any, batch_size: int, corrections: l
 # --------------------------------------------------------------------------- baselines
 
 
-def _baseline_scores(elastic: Any) -> list[tuple[str, int | None, Any]]:
+def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[str, int | None, Any]]:
     """``(method, seed, ImportanceScores)`` of the score baselines, in the elastic model's unit order.
 
-    The data-free scores are computed by :class:`~snapvit_lightning.module.SnapViTModule` itself
-    (on a copy of the weights, which it marks as requiring gradients), so their definitions are
-    the module's; every baseline keeps the checkpoint's per-block minimums.
+    The data-free and SNIP scores are computed by :class:`~snapvit_lightning.module.SnapViTModule`
+    itself (on a copy of the weights, which it marks as requiring gradients), so their definitions
+    are the module's; every baseline keeps the checkpoint's per-block minimums.
+
+    Args:
+        elastic: The checkpoint's :class:`~snapvit_lightning.elastic.ElasticViT`.
+        snip_data: Image folder for the ``snip-magnitude`` scores (one calibration epoch, see the
+            module docstring); ``None`` leaves that baseline out.
     """
     import copy
 
+    import lightning as pl
+
+    from .data import CalibrationDataModule
     from .module import SnapViTModule
 
     s = elastic.scores
@@ -397,6 +411,12 @@ def _baseline_scores(elastic: Any) -> list[tuple[str, int | None, Any]]:
     out: list[tuple[str, int | None, Any]] = [
         ("gradient-only", None, s.raw()),
     ]
+    if snip_data is not None:
+        module = SnapViTModule(copy.deepcopy(elastic.model), criterion="snip_magnitude", **keeps)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=CalibrationDataModule(data_dir=snip_data))
+        out.append(("snip-magnitude", None, module.scores))
     weights = copy.deepcopy(elastic.model)
     for criterion, seeds in (("magnitude", (None,)), ("lamp", (None,)), ("random", RANDOM_SEEDS)):
         for seed in seeds:
@@ -551,13 +571,16 @@ def run_bench(args: argparse.Namespace) -> int:
         add("snapvit", elastic, ratios, elastic.dims(*ratios))
     if getattr(args, "baselines", False):
         pruned = todo[1:]
-        for method, seed, scores in _baseline_scores(elastic):
+        for method, seed, scores in _baseline_scores(elastic, snip_data=data):
             other = ElasticViT(dense, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
             for ratios in pruned:
                 add(method, other, ratios, other.dims(*ratios), seed)
+            if method == "gradient-only":
+                raw_order = other  # uniform keeps each block's units in this order
             del other
-        for ratios in pruned:
-            add("uniform", elastic, ratios, _uniform_dims(elastic.scores, *ratios))
+        for ratios in pruned:  # the snapvit rule's totals (equal FLOPs), split evenly
+            add("uniform", raw_order, ratios, _uniform_dims(elastic.scores, *ratios))
+        del raw_order
     dense_feats = entries[0]["features"]
 
     # Latency: warm every model up, then time them in interleaved rounds (one forward of each

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     references = []  # (label, elastic models whose fidelities are averaged, dims_fn)
     if args.uniform:
-        references.append(("uniform", [elastic], lambda m, h: _uniform_dims(raw, m, h)))
+        references.append(("uniform", [rebuilt(raw)], lambda m, h: _uniform_dims(raw, m, h)))
     if args.gradient_only:
         references.append(("gradient-only", [rebuilt(raw)], None))
     baselines = _baseline_scores(elastic) if args.random or args.magnitude_lamp else []

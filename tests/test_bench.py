@@ -188,6 +188,55 @@ def test_baselines(setup, capsys) -> None:
     assert any(line.startswith("| random |") and "±" in line for line in table)
 
 
+def test_snip_and_uniform_baselines_are_search_free(setup, tmp_path, one_thread) -> None:
+    """snip-magnitude = SnapViTModule's scores after one calibration epoch on --data; uniform keeps
+    each block's units in the gradient-only order, not in the order the search weights give."""
+    import copy
+
+    import lightning as pl
+    import torch
+
+    from snapvit_lightning.data import CalibrationDataModule
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+    from snapvit_lightning.module import SnapViTModule
+
+    _, data, _ = setup
+    model, name, kwargs = tiny_model("test_vit")
+    scores = random_scores(model)
+    # head weights that favour each block's lower-scored head: the weighted order inside a block differs
+    flip = torch.where(scores.heads == scores.heads.amax(1, keepdim=True), 0.1, 2.0).flatten()
+    w = torch.cat([torch.ones(scores.num_blocks), flip]).double()
+    path = tmp_path / "searched.elastic.safetensors"
+    ElasticViT(model, scores.with_weights(w), model_name=name, model_kwargs=kwargs or None).save(path)
+    out = tmp_path / "out"
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "0.65,0.5", "--no-latency",
+                       "--baselines", "--batch-size", "4", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+
+    elastic = ElasticViT.load(path)
+    images = load_eval_images(data, elastic.model)[0]
+    dense = extract_features(elastic.model, images, batch_size=4)
+
+    def fidelity(source: ElasticViT, dims) -> float:
+        return feature_fidelity(extract_features(source.slice(dims), images, batch_size=4), dense)
+
+    module = SnapViTModule(copy.deepcopy(elastic.model), criterion="snip_magnitude")
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(module, datamodule=CalibrationDataModule(data_dir=data))
+    snip = ElasticViT(elastic.model, module.scores, model_name=name, model_kwargs=kwargs or None)
+    raw = ElasticViT(elastic.model, elastic.scores.raw(), model_name=name, model_kwargs=kwargs or None)
+    differs = False
+    for budget in [(0.35, 0.2), (0.65, 0.5)]:
+        row = {r["method"]: r for r in rows if (r["mlp_ratio"], r["head_ratio"]) == budget}
+        dims = snip.dims(*budget)
+        assert row["snip-magnitude"]["kept_heads"] == [d.num_heads for d in dims]
+        assert row["snip-magnitude"]["fidelity"] == pytest.approx(fidelity(snip, dims), abs=1e-5)
+        dims = bench._uniform_dims(elastic.scores, *budget)
+        assert row["uniform"]["fidelity"] == pytest.approx(fidelity(raw, dims), abs=1e-5)
+        differs |= abs(fidelity(elastic, dims) - fidelity(raw, dims)) > 1e-3
+    assert differs  # the search weights reorder heads here, so the order matters to this check
+
+
 def test_correction_rows_are_cross_fitted(setup) -> None:
     import torch
 
