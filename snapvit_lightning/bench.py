@@ -5,6 +5,9 @@ cut and measured on the images of a folder (plain eval views at the model's inpu
 
 * FLOPs and parameter fractions of the dense model;
 * fidelity: mean cosine similarity of its pre-logits features to the dense model's;
+* centered fidelity: the same after removing each model's mean feature over the images
+  (:func:`~snapvit_lightning.evaluation.centered_fidelity`): what is kept of the image-specific part
+  of the features, which the shared direction of ViT features hides in the plain fidelity;
 * k-NN top-1 (leave-one-out 1-NN and DINO's weighted 20-NN, T=0.07) when the folder has
   ImageFolder class subfolders (at least 2 classes), else ``null``;
 * latency (median ms per batch on CPU under ``torch.inference_mode``) and the measured
@@ -263,16 +266,16 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of :func:`run_bench` as a markdown table."""
-    header = ("| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | 1-NN | 20-NN "
+    header = ("| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | 1-NN | 20-NN "
               "| latency (ms) | speed-up | FLOPs speed-up |")
-    lines = [header, "|:---|" + "---:|" * 10]
+    lines = [header, "|:---|" + "---:|" * 11]
     for r in rows:
         std = r.get("fidelity_std")
         fidelity = f"{r['fidelity']:.4f}" + ("" if std is None else f" ± {std:.4f}")
         lines.append(
             f"| {r.get('method', 'snapvit')} "
             f"| {r['mlp_ratio']:.2f} | {r['head_ratio']:.2f} | {100 * r['params_fraction']:.1f}% "
-            f"| {100 * r['flops_fraction']:.1f}% | {fidelity} "
+            f"| {100 * r['flops_fraction']:.1f}% | {fidelity} | {_fmt(r.get('centered_fidelity'), '.4f')} "
             f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_20nn'], '.1f', 100, '%')} "
             f"| {_fmt(r['latency_ms'], '.2f')} | {_fmt(r['speedup'], '.2f', suffix='x')} "
             f"| {1 / r['flops_fraction']:.2f}x |"
@@ -296,7 +299,8 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
         f"snapvit_lightning {settings['versions']['snapvit_lightning']}\n"
         f"- {lat}\n- {knn}\n"
         f"- fidelity: mean cosine similarity of pre-logits features to the dense model's"
-        + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + "\n"
+        + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + "; centered: the same after "
+        "subtracting each model's mean feature over the images (the image-specific part)\n"
         + ("" if not settings.get("correction") else
            f"- weight correction ({', '.join(settings['correction']['methods'])}): "
            f"{settings['correction']['calibration']}\n")
@@ -474,6 +478,7 @@ def _merge_seeds(rows: list[dict[str, Any]], batch_size: int, dense_latency: flo
             "params_fraction": statistics.fmean(g["params_fraction"] for g in group),
             "flops_fraction": statistics.fmean(g["flops_fraction"] for g in group),
             "fidelity": statistics.fmean(fidelities),
+            "centered_fidelity": statistics.fmean(g["centered_fidelity"] for g in group),
             "fidelity_std": statistics.stdev(fidelities) if len(fidelities) > 1 else 0.0,
             "knn_1nn": _mean([g["knn_1nn"] for g in group]),
             "knn_20nn": _mean([g["knn_20nn"] for g in group]),
@@ -483,7 +488,7 @@ def _merge_seeds(rows: list[dict[str, Any]], batch_size: int, dense_latency: flo
             "speedup": None if not latency or dense_latency is None else dense_latency / latency,
             "quality_wall_s": sum(g["quality_wall_s"] for g in group),
             "seeds": [g["seed"] for g in group],
-            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "knn_1nn", "knn_20nn", "flops_fraction",
+            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "centered_fidelity", "knn_1nn", "knn_20nn", "flops_fraction",
                                             "params_fraction", "latency_ms", "kept_heads", "kept_neurons")}
                          for g in group],
         })
@@ -507,7 +512,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import __version__
     from .data import load_eval_images
     from .elastic import ElasticViT
-    from .evaluation import extract_features, feature_fidelity, knn_accuracy, measure_latency
+    from .evaluation import centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency
 
     path, data = Path(args.path), Path(args.data)
     if not path.is_file():
@@ -609,6 +614,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "params_fraction": float(cost["params_fraction"]),
             "flops_fraction": float(cost["flops_fraction"]),
             "fidelity": feature_fidelity(e["features"], dense_feats),
+            "centered_fidelity": centered_fidelity(e["features"], dense_feats),
             "knn_1nn": e["knn_1nn"],
             "knn_20nn": e["knn_20nn"],
             "latency_ms": latency,

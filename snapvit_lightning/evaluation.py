@@ -28,6 +28,7 @@ __all__ = [
     "knn_accuracy",
     "KNNAccuracy",
     "feature_fidelity",
+    "centered_fidelity",
     "FeatureFidelity",
     "model_cost",
     "measure_latency",
@@ -266,6 +267,33 @@ def feature_fidelity(features: Tensor, reference: Tensor) -> float:
     if cos.numel() == 0:
         raise ValueError(f"features must hold at least one vector, got {_shape(features)}")
     return float(cos.double().mean())
+
+
+def centered_fidelity(features: Tensor, reference: Tensor) -> float:
+    """Mean cosine similarity after removing each set's mean vector: the image-specific part.
+
+    ``features - features.mean(0)`` against ``reference - reference.mean(0)``, per vector. Pre-logits
+    features of a ViT share a large common direction (for DINOv2 ViT-S/14 on photos8 the mean
+    feature has 0.82x the norm of a typical feature), so :func:`feature_fidelity` stays well above
+    0 for a model that keeps only that direction and nothing that tells images apart; this one is
+    about 0 for it, and 1 for features equal to the reference up to one common shift. It needs
+    the whole set (the means), so there is no streaming ``Metric`` of it.
+
+    Args:
+        features: ``[N, D]`` features, ``N >= 2``.
+        reference: Reference features ``[N, D]``.
+
+    Returns:
+        Mean cosine similarity in ``[-1, 1]``.
+
+    Raises:
+        ValueError: If the shapes differ or are not ``[N, D]`` with ``N >= 2``.
+    """
+    _cosines(features, reference)  # validates types and shapes
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be [N, D] with N >= 2 (the means), got {_shape(features)}")
+    f, r = features.double(), reference.double().to(features.device)
+    return float(F.cosine_similarity(f - f.mean(0), r - r.mean(0), dim=-1).mean())
 
 
 class FeatureFidelity(Metric):

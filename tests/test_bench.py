@@ -49,6 +49,7 @@ def test_json_rows_and_settings(result, setup) -> None:
     assert [(r["mlp_ratio"], r["head_ratio"]) for r in rows] == [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5)]
     dense = rows[0]
     assert dense["dense"] and dense["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert dense["centered_fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert all(r["method"] == "snapvit" for r in rows) and js["settings"]["baselines"] == []
     assert dense["flops_fraction"] == pytest.approx(1.0) and dense["params_fraction"] == pytest.approx(1.0)
     assert dense["speedup"] == pytest.approx(1.0, abs=1e-6)
@@ -56,7 +57,7 @@ def test_json_rows_and_settings(result, setup) -> None:
         fr = [r[key] for r in rows]
         assert all(a > b for a, b in zip(fr, fr[1:])), (key, fr)
     for r in rows:
-        assert -1.0 <= r["fidelity"] <= 1.0 + 1e-6
+        assert -1.0 <= r["fidelity"] <= 1.0 + 1e-6 and -1.0 <= r["centered_fidelity"] <= 1.0 + 1e-6
         assert 0.0 <= r["knn_1nn"] <= 1.0 and 0.0 <= r["knn_20nn"] <= 1.0
         assert r["latency_ms"] > 0 and r["speedup"] > 0
         assert len(r["kept_heads"]) == len(r["kept_neurons"]) == 6
@@ -174,6 +175,7 @@ def test_baselines(setup, capsys) -> None:
     for r in by_method["random"]:
         assert r["fidelity_std"] >= 0.0 and r["seeds"] == [0, 1, 2] and len(r["per_seed"]) == 3
         assert r["fidelity"] == pytest.approx(sum(s["fidelity"] for s in r["per_seed"]) / 3)
+        assert r["centered_fidelity"] == pytest.approx(sum(s["centered_fidelity"] for s in r["per_seed"]) / 3)
     # The test checkpoint has no search weights: gradient-only is the same ranking as snapvit.
     for g, s in zip(by_method["gradient-only"], by_method["snapvit"][1:]):
         assert g["kept_heads"] == s["kept_heads"] and g["kept_neurons"] == s["kept_neurons"]
@@ -197,7 +199,7 @@ def test_snip_and_uniform_baselines_are_search_free(setup, tmp_path, one_thread)
     import torch
 
     from snapvit_lightning.data import CalibrationDataModule
-    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+    from snapvit_lightning.evaluation import centered_fidelity, extract_features, feature_fidelity
     from snapvit_lightning.module import SnapViTModule
 
     _, data, _ = setup
@@ -240,7 +242,7 @@ def test_snip_and_uniform_baselines_are_search_free(setup, tmp_path, one_thread)
 def test_correction_rows_are_cross_fitted(setup) -> None:
     import torch
 
-    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+    from snapvit_lightning.evaluation import centered_fidelity, extract_features, feature_fidelity
 
     path, data, root = setup
     out = root / "corrected"
@@ -261,6 +263,7 @@ def test_correction_rows_are_cross_fitted(setup) -> None:
         sub = el.subnet(0.35, 0.2, correct="lstsq", calibration=el.collect_stats(images[cal], batch_size=4))
         feats[idx] = extract_features(sub, images[idx], batch_size=4)
     assert rows[3]["fidelity"] == pytest.approx(feature_fidelity(feats, dense), abs=1e-6)
+    assert rows[3]["centered_fidelity"] == pytest.approx(centered_fidelity(feats, dense), abs=1e-6)
     assert "weight correction (bias, lstsq): 2-fold cross-fit" in (out / "bench.md").read_text()
 
 

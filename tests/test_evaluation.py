@@ -7,6 +7,7 @@ import timm
 import torch
 
 from snapvit_lightning.evaluation import (
+    centered_fidelity,
     FeatureFidelity,
     KNNAccuracy,
     extract_features,
@@ -168,6 +169,25 @@ def test_fidelity_metric_chunks_match_function() -> None:
     other.update(a, b)
     metric.merge_state(other)  # sum/count states: merging doubles both, the mean is unchanged
     assert metric.compute().item() == pytest.approx(feature_fidelity(a, b), abs=1e-9)
+
+
+def test_centered_fidelity_known_answers() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 6, generator=g)
+    shared = 20 * torch.randn(6, generator=g)  # a large common direction, as ViT features have
+    assert centered_fidelity(x, x) == pytest.approx(1.0)
+    assert centered_fidelity(x + shared, x) == pytest.approx(1.0)  # one common shift is not image-specific
+    assert feature_fidelity(x + shared, x) < 0.5
+    # keeping only the shared direction: the plain fidelity is high, the centered one is 0
+    noise = torch.randn(12, 6, generator=g)
+    assert feature_fidelity(shared + 0.1 * noise, shared + x) > 0.9
+    assert centered_fidelity(shared + 0.1 * noise, shared + x) == pytest.approx(centered_fidelity(noise, x), abs=1e-5)
+    expected = torch.nn.functional.cosine_similarity(noise - noise.mean(0), x - x.mean(0), dim=-1).mean()
+    assert centered_fidelity(noise, x) == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        centered_fidelity(x[:1], x[:1])
+    with pytest.raises(ValueError, match="same shape"):
+        centered_fidelity(x, x[:, :5])
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
