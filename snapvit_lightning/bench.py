@@ -405,7 +405,7 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
     """
     import copy
 
-    import lightning as pl
+    import lightning.pytorch as pl
 
     from .data import CalibrationDataModule
     from .module import SnapViTModule

@@ -1,5 +1,6 @@
-"""Evaluation: k-NN top-1 and feature fidelity (functions and torchmetrics ``Metric`` s),
-parameters and FLOPs, measured latency/throughput, and feature extraction.
+"""Evaluation: k-NN top-1 and feature fidelity (functions and torchmetrics ``Metric`` s), the
+centered fidelity (a function: it needs the whole set), parameters and FLOPs, measured
+latency/throughput, and feature extraction.
 
 The metrics keep their states so that they reduce correctly under DDP: :class:`KNNAccuracy`
 gathers features and labels (``dist_reduce_fx="cat"``) and classifies once at ``compute()``;

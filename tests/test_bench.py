@@ -195,11 +195,11 @@ def test_snip_and_uniform_baselines_are_search_free(setup, tmp_path, one_thread)
     each block's units in the gradient-only order, not in the order the search weights give."""
     import copy
 
-    import lightning as pl
+    import lightning.pytorch as pl
     import torch
 
     from snapvit_lightning.data import CalibrationDataModule
-    from snapvit_lightning.evaluation import centered_fidelity, extract_features, feature_fidelity
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
     from snapvit_lightning.module import SnapViTModule
 
     _, data, _ = setup
