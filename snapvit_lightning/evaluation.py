@@ -240,6 +240,11 @@ def _nonempty(state: list[Tensor] | Tensor) -> bool:
 
 
 def _cosines(features: object, reference: object) -> Tensor:
+    _check_pair(features, reference)
+    return F.cosine_similarity(features.float(), reference.float().to(features.device), dim=-1)
+
+
+def _check_pair(features: object, reference: object) -> None:
     if not isinstance(features, Tensor) or not isinstance(reference, Tensor) or features.ndim < 1:
         raise ValueError(
             f"features and reference must be tensors [..., D], got {_shape(features)} and {_shape(reference)}"
@@ -248,7 +253,6 @@ def _cosines(features: object, reference: object) -> Tensor:
         raise ValueError(
             f"features {_shape(features)} and reference {_shape(reference)} must have the same shape"
         )
-    return F.cosine_similarity(features.float(), reference.float().to(features.device), dim=-1)
 
 
 def feature_fidelity(features: Tensor, reference: Tensor) -> float:
@@ -290,7 +294,7 @@ def centered_fidelity(features: Tensor, reference: Tensor) -> float:
     Raises:
         ValueError: If the shapes differ or are not ``[N, D]`` with ``N >= 2``.
     """
-    _cosines(features, reference)  # validates types and shapes
+    _check_pair(features, reference)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be [N, D] with N >= 2 (the means), got {_shape(features)}")
     f, r = features.double(), reference.double().to(features.device)
