@@ -134,10 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
 
     references = []  # (label, elastic models whose fidelities are averaged, dims_fn)
+    raw_order = rebuilt(raw) if args.uniform or args.gradient_only else None
     if args.uniform:
-        references.append(("uniform", [rebuilt(raw)], lambda m, h: _uniform_dims(raw, m, h)))
+        references.append(("uniform", [raw_order], lambda m, h: _uniform_dims(raw, m, h)))
     if args.gradient_only:
-        references.append(("gradient-only", [rebuilt(raw)], None))
+        references.append(("gradient-only", [raw_order], None))
     baselines = _baseline_scores(elastic) if args.random or args.magnitude_lamp else []
     if args.random:
         randoms = [rebuilt(scores) for method, _, scores in baselines if method == "random"]
