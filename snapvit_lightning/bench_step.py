@@ -6,11 +6,12 @@
 
 One step is the DINO loss of ``batch`` images × ``views`` crops, its backward and the gradient
 accumulation, as ``SnapViTModule.training_step`` runs them (the work does not depend on the pixels, so the views are
-random). Three variants run interleaved, ``repeats`` rounds after one warm-up, in fp32 and under
+random). The variants run interleaved, ``repeats`` rounds after one warm-up, in fp32 and under
 bf16 autocast: the plain timm forward with the full ``attn.qkv`` weight gradient (the code before
-the shortcuts), the CLS-only last block (:func:`snapvit_lightning.forward.embed`), and both
-shortcuts (also the V-rows-only ``qkv`` weight gradient: the module's default). Prints the median
-seconds per step of each.
+the shortcuts), the CLS-only last block (:func:`snapvit_lightning.forward.embed`), both shortcuts
+(also the V-rows-only ``qkv`` weight gradient), and, in bf16 only, both with the explicit-matmul
+attention (:func:`snapvit_lightning.forward.explicit_attention`; the module's default there, while
+the first three keep PyTorch's fused attention kernel). Prints the median seconds per step of each.
 """
 
 from __future__ import annotations
@@ -29,19 +30,21 @@ def _plain_embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _variant(cls_only: bool, v_rows: bool) -> Iterator[None]:
+def _variant(cls_only: bool, v_rows: bool, explicit_attention: bool) -> Iterator[None]:
     """Swap the module's shortcuts for the plain code while timing (restored after)."""
-    from . import module
+    from . import forward, module
 
-    saved = module.embed, module._v_rows_weight_grads
+    saved = module.embed, module._v_rows_weight_grads, forward.prefers_explicit_attention
     if not cls_only:
         module.embed = _plain_embed
     if not v_rows:
         module._v_rows_weight_grads = lambda model: contextlib.nullcontext()
+    if not explicit_attention:
+        forward.prefers_explicit_attention = lambda model, x: False
     try:
         yield
     finally:
-        module.embed, module._v_rows_weight_grads = saved
+        module.embed, module._v_rows_weight_grads, forward.prefers_explicit_attention = saved
 
 
 def _step(module: torch.nn.Module, views: torch.Tensor) -> None:
@@ -65,14 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = SnapViTModule(MODEL_NAME, checkpoint_path=str(ensure_weights(DEFAULT_WEIGHTS)),
                            model_kwargs={"num_classes": 0, "img_size": args.img_size})
     views = torch.randn(args.batch_size, args.views, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
-    variants = {"plain forward, full qkv grad": (False, False), "CLS-only last block": (True, False),
-                "CLS-only + V-rows qkv grad": (True, True)}
+    variants = {"plain forward, full qkv grad": (False, False, False), "CLS-only last block": (True, False, False),
+                "CLS-only + V-rows qkv grad": (True, True, False), "+ explicit attention": (True, True, True)}
     print(f"{MODEL_NAME} @ {args.img_size}px, {args.batch_size} images x {args.views} views, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     for precision in ("fp32", "bf16-autocast"):
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        # In fp32 the module keeps the fused kernel, so the last variant would repeat the third.
+        timed = {name: flags for name, flags in variants.items() if precision != "fp32" or not flags[2]}
+        times: dict[str, list[float]] = {name: [] for name in timed}
         for round_ in range(args.repeats + 1):
-            for name, flags in variants.items():
+            for name, flags in timed.items():
                 with _variant(*flags), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
                     start = time.perf_counter()
                     _step(module, views)

@@ -20,6 +20,8 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .forward import explicit_attention
+
 __all__ = [
     "UnsupportedModelError",
     "BlockDims",
@@ -519,18 +521,11 @@ def measure_flops(module: nn.Module, *args: torch.Tensor) -> int:
     so modules with a ``fused_attn`` flag run the explicit-matmul path while counting (the
     flag is restored afterwards; the result of the forward is the same up to rounding).
     """
-    fused = [(m, m.fused_attn) for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     counter = FlopCounterMode(display=False)
-    try:
-        for m, _ in fused:
-            m.fused_attn = False
-        # FlopCounterMode's module tracker needs an autograd graph behind every tensor it sees.
-        args = tuple(a.detach().requires_grad_(a.is_floating_point()) for a in args)
-        with torch.enable_grad(), counter:
-            module(*args)
-    finally:
-        for m, flag in fused:
-            m.fused_attn = flag
+    # FlopCounterMode's module tracker needs an autograd graph behind every tensor it sees.
+    args = tuple(a.detach().requires_grad_(a.is_floating_point()) for a in args)
+    with explicit_attention(module), torch.enable_grad(), counter:
+        module(*args)
     return int(counter.get_total_flops())
 
 

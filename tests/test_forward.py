@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_MODELS, load_real_model, model_input, tiny_model
 
-from snapvit_lightning.forward import embed, supports_cls_only
+from snapvit_lightning.forward import embed, explicit_attention, prefers_explicit_attention, supports_cls_only
 from snapvit_lightning.structure import inspect_vit, select_units
 
 
@@ -59,3 +59,56 @@ def test_embed_on_the_real_model(real_weights):
     x = model_input(model, batch=4)
     with torch.inference_mode():
         torch.testing.assert_close(embed(model, x), _full(model, x), rtol=1e-4, atol=1e-4)
+
+
+def _attention_flags(model: torch.nn.Module) -> list[bool]:
+    return [m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+
+
+def test_explicit_attention_restores_the_flags():
+    model = tiny_model("test_vit")[0]
+    layers = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    assert len(layers) == len(model.blocks)
+    layers[0].fused_attn = False  # a mixed setting comes back as it was
+    before = _attention_flags(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with explicit_attention(model):
+            assert not any(_attention_flags(model))
+            raise RuntimeError("inside")
+    assert _attention_flags(model) == before
+
+
+def test_which_forwards_prefer_explicit_attention():
+    model = tiny_model("test_vit")[0]
+    x = model_input(model)
+    assert not prefers_explicit_attention(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert prefers_explicit_attention(model, x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not prefers_explicit_attention(model, x)
+    assert prefers_explicit_attention(model.to(torch.bfloat16), x.bfloat16())
+    assert not prefers_explicit_attention(model, x.to("meta"))  # not on CPU: the fused kernels
+
+
+@pytest.mark.parametrize("key", ["test_vit", "test_vit2"])  # the CLS-only path and the model's own
+def test_bf16_embed_takes_the_explicit_path(key, one_thread, monkeypatch):
+    model, _, _ = tiny_model(key)
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = True
+    x = model_input(model, batch=3)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    with torch.no_grad():
+        dense = embed(model, x)
+        assert len(calls) == len(model.blocks)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explicit = embed(model, x)
+        assert len(calls) == len(model.blocks)  # no fused call under bf16
+        with explicit_attention(model):
+            explicit_fp32 = embed(model, x)
+    assert all(_attention_flags(model))
+    torch.testing.assert_close(explicit_fp32, dense, rtol=1e-5, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(explicit.float(), dense, dim=-1)
+    assert cos.min() > 0.99
