@@ -54,16 +54,16 @@ VARIANTS = {
 
 
 @contextlib.contextmanager
-def _variant(cls_only: bool, v_rows: bool, explicit_attention: bool) -> Iterator[None]:
+def _variant(variant: _Variant) -> Iterator[None]:
     """Swap the module's shortcuts for the plain code while timing (restored after)."""
     from . import forward, module
 
     saved = module.embed, module._v_rows_weight_grads, forward.prefers_explicit_attention
-    if not cls_only:
+    if not variant.cls_only:
         module.embed = _plain_embed
-    if not v_rows:
+    if not variant.v_rows:
         module._v_rows_weight_grads = lambda model: contextlib.nullcontext()
-    if not explicit_attention:
+    if not variant.explicit_attention:
         forward.prefers_explicit_attention = lambda model, x: False
     try:
         yield
@@ -109,8 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         times: dict[str, list[float]] = {name: [] for name in timed}
         for round_ in range(args.repeats + 1):
             for name, v in timed.items():
-                with _variant(v.cls_only, v.v_rows, v.explicit_attention), \
-                        torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+                with _variant(v), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
                     start = time.perf_counter()
                     _step(module, views, v.teacher_pass)
                     if round_:  # round 0 warms up
