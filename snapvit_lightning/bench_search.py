@@ -24,7 +24,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .data import CalibrationDataModule
 from .scores import ImportanceScores
-from .search import DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, Fitness, _best, _make_xnes, _search_loop, default_initial_weights
+from .search import DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, Fitness, _best, _make_xnes, _search_loop, default_initial_weights
 from .structure import get_blocks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the model and fitness images (cpu, cuda)")
     parser.add_argument("--correct", choices=("none", "bias", "lstsq"), default="none",
                         help="weight correction inside the fitness (Fitness(correct=...))")
+    parser.add_argument("--space", choices=FITNESS_SPACES, default=DEFAULT_SPACE,
+                        help=f"where the fitness takes the cosine (Fitness(space=...), default {DEFAULT_SPACE})")
     parser.add_argument(
         "--baseline-evals", type=int, default=2,
         help="also time this many evaluations of the copy-per-candidate approach (0: skip)",
@@ -98,14 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model vit_small_patch14_dinov2 @ {args.img_size}px, {images.shape[0]} fitness images, "
         f"{scores.num_weights} weights, pca {args.pca}, pairs {list(DEFAULT_RATIO_PAIRS)}, "
-        f"autocast {'off (fp32)' if args.fp32 else 'bf16'}, batch {args.batch_size}, fitness correction {args.correct}, "
+        f"autocast {'off (fp32)' if args.fp32 else 'bf16'}, batch {args.batch_size}, fitness correction {args.correct}, space {args.space}, "
         f"threads {torch.get_num_threads()}, device {images.device}"
     )
 
     t0 = time.perf_counter()
     fitness = Fitness(
         model, scores, images, DEFAULT_RATIO_PAIRS, args.pca, args.batch_size, None if args.fp32 else torch.bfloat16,
-        correct=args.correct,
+        correct=args.correct, space=args.space,
     )
     setup = time.perf_counter() - t0
     print(f"setup (working copy + teacher embeddings + PCA {fitness.num_components}): {setup:.2f} s")

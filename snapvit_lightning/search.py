@@ -4,8 +4,9 @@ A weight vector ``w`` of ``B + B*H`` entries (``B`` block weights, then ``B*H`` 
 row-major, the layout of :meth:`ImportanceScores.with_weights`) rescales each block's MLP
 scores and each head's score. Its :class:`Fitness` is the mean, over several
 ``(mlp_ratio, head_ratio)`` budgets, of ``1 - mean cosine similarity`` between the pruned
-model's embeddings and the dense model's, both projected on a PCA basis fitted once on the
-dense embeddings of the fitness images. :class:`EvolutionarySearch` (a Lightning callback)
+model's embeddings and the dense model's: the embeddings themselves (``space="raw"``, the
+default: what fidelity measures) or, as in the paper, both projected on a PCA basis fitted
+once on the dense embeddings of the fitness images (``space="pca"``). :class:`EvolutionarySearch` (a Lightning callback)
 and :func:`run_search` (no Trainer) minimise it with :class:`~snapvit_lightning.xnes.XNES`;
 the learned covariance is the cross-structure correlation estimate and is kept with the
 scores.
@@ -55,6 +56,8 @@ __all__ = [
     "DEFAULT_BALANCE",
     "DEFAULT_RATIO_PAIRS",
     "DEFAULT_SIGMA",
+    "DEFAULT_SPACE",
+    "FITNESS_SPACES",
     "default_initial_weights",
     "Fitness",
     "EvolutionarySearch",
@@ -68,6 +71,10 @@ DEFAULT_RATIO_PAIRS: tuple[tuple[float, float], ...] = ((0.15, 0.0), (0.35, 0.2)
 DEFAULT_SIGMA = 0.15
 #: Default balancing quantiles ``(mlp, heads)`` of the search's scores (see :class:`EvolutionarySearch`).
 DEFAULT_BALANCE: tuple[float, float] = (0.5, 0.65)
+#: Where the fitness compares pruned and dense embeddings (see :class:`Fitness`).
+FITNESS_SPACES = ("raw", "pca")
+#: The default of :data:`FITNESS_SPACES` (see :class:`EvolutionarySearch`).
+DEFAULT_SPACE = "raw"
 _BOUNDS = (0.0, 2.0)
 
 
@@ -327,10 +334,11 @@ class Fitness:
     SVD in float64). Calling the object with ``w`` prunes a working copy of the model for each
     ratio pair by the global ranking of the ``w``-rescaled scores (exactly what
     ``ElasticViT(model, scores.with_weights(w)).subnet(mlp_ratio, head_ratio)`` builds), embeds
-    the images under ``torch.inference_mode`` (and autocast), projects both embeddings with the
-    PCA (centered with the teacher mean) and returns
-    ``mean_pairs(1 - mean_images(cos(pruned, teacher)))``. See the module docstring for how the
-    working copy is re-sliced without copying the model.
+    the images under ``torch.inference_mode`` (and autocast) and returns
+    ``mean_pairs(1 - mean_images(cos(pruned, teacher)))``, the cosine taken on the embeddings
+    themselves (``space="raw"``) or on their PCA projections, centered with the teacher mean
+    (``space="pca"``). See the module docstring for how the working copy is re-sliced without
+    copying the model.
 
     The model itself is never modified (one working copy is made at construction).
 
@@ -362,6 +370,14 @@ class Fitness:
             :meth:`ElasticViT.subnet` with ``correct=`` and these statistics would.
         damping: Ridge damping of ``lstsq`` relative to the Gram diagonal.
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
+        space: Where the cosine is taken: ``"raw"`` (default), the embeddings themselves, which
+            is the fidelity the elastic model is judged by; ``"pca"``, the paper's, their
+            projections on the ``num_components`` principal directions of the dense embeddings,
+            centered on the dense mean. Uncorrected subnets from about (0.45, 0.3) on keep
+            almost none of the centered, image-specific part, so the PCA cosine is about 0 for
+            every ``w`` there and those budgets add only noise to a ``"pca"`` fitness; the raw
+            cosine still tells splits apart (see :class:`EvolutionarySearch`). The PCA is fitted
+            in both cases (``pair_cosines(w, pca=True)`` reads it).
 
     Attributes:
         num_evals: Calls so far.
@@ -393,8 +409,10 @@ class Fitness:
         correct: str = "none",
         damping: float = 0.01,
         damping_reference: str = "mean",
+        space: str = DEFAULT_SPACE,
     ) -> None:
         self.ratio_pairs = _check_ratio_pairs(ratio_pairs)
+        self.space = check_space(space)
         self.correct, self.damping, self.damping_reference = check_correction(correct, damping, damping_reference)
         self.pca_components = _check_int("pca_components", pca_components, 1)
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -610,7 +628,7 @@ class Fitness:
         """
         w = _check_weights(w, self.num_weights, "w")
         start = time.perf_counter()
-        sums = self._pair_sums(w, project=True)
+        sums = self._pair_sums(w, project=self.space == "pca")
         loss = float((1.0 - sums[:, 0] / sums[:, 1].clamp_min(1)).mean())
         self.eval_times.append(time.perf_counter() - start)
         self.num_evals += 1
@@ -620,6 +638,13 @@ class Fitness:
 # ----------------------------------------------------------------------------------------------
 # The search loop (shared by run_search and the callback)
 # ----------------------------------------------------------------------------------------------
+
+
+def check_space(space: Any) -> str:
+    """Validate a fitness comparison space (:data:`FITNESS_SPACES`)."""
+    if space not in FITNESS_SPACES:
+        raise ValueError(f"space must be one of {FITNESS_SPACES}, got {space!r}")
+    return space
 
 
 def _resolve_autocast(autocast: bool | torch.dtype | None) -> torch.dtype | None:
@@ -729,6 +754,7 @@ def run_search(
     correct: str = "none",
     damping: float = 0.01,
     damping_reference: str = "mean",
+    space: str = DEFAULT_SPACE,
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Search the block/head weights without a Trainer (see :class:`EvolutionarySearch`).
 
@@ -769,7 +795,7 @@ def run_search(
     scores, initial_weights = _balanced_start(scores, check_balance(balance), initial_weights)
     fitness = Fitness(
         model, scores, images, ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
-        correct=correct, damping=damping, damping_reference=damping_reference,
+        correct=correct, damping=damping, damping_reference=damping_reference, space=space,
     )
     xnes, w0 = _make_xnes(
         scores.num_weights, scores.num_blocks, scores.num_heads, sigma, popsize, seed, initial_weights, initial_covariance
@@ -930,9 +956,11 @@ class EvolutionarySearch(Callback):
         correct: str = "none",
         damping: float = 0.01,
         damping_reference: str = "mean",
+        space: str = DEFAULT_SPACE,
     ) -> None:
         super().__init__()
         self.balance = check_balance(balance)
+        self.space = check_space(space)
         self.correct, self.damping, self.damping_reference = check_correction(correct, damping, damping_reference)
         self.max_evals = _check_int("max_evals", max_evals, 1)
         self.popsize = _check_popsize(popsize)
@@ -1016,6 +1044,7 @@ class EvolutionarySearch(Callback):
             correct=self.correct,
             damping=self.damping,
             damping_reference=self.damping_reference,
+            space=self.space,
         )
         xnes, w0 = _make_xnes(
             scores.num_weights,

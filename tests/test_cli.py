@@ -82,8 +82,9 @@ def test_shipped_configs_parse(name, capsys) -> None:
     assert exc.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     search = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EvolutionarySearch"))
-    # The paper-settings config keeps the paper's start; the others search from the balanced default.
+    # The paper-settings config keeps the paper's start and fitness; the others use our defaults.
     assert search["init_args"]["balance"] == (None if name == "dino_vitb16" else [0.5, 0.65])
+    assert search["init_args"]["space"] == ("pca" if name == "dino_vitb16" else "raw")
 
 
 _DDP_CONFIG = """

@@ -169,24 +169,27 @@ def test_corrected_fitness_errors() -> None:
         Fitness(norms, random_scores(norms), images_for(norms, n=4), correct="lstsq")
 
 
-def test_fitness_matches_explicit_computation() -> None:
+@pytest.mark.parametrize("space", ["pca", "raw"])
+def test_fitness_matches_explicit_computation(space: str) -> None:
     model, name, kwargs = small_vit()
     scores = random_scores(model)
     x = images_for(model, n=8)
     pairs = [(0.35, 0.2), (0.65, 0.5)]
-    fitness = Fitness(model, scores, x, ratio_pairs=pairs, pca_components=5, autocast_dtype=None)
+    fitness = Fitness(model, scores, x, ratio_pairs=pairs, pca_components=5, autocast_dtype=None, space=space)
     w = default_initial_weights(scores.num_blocks, scores.num_heads)
     teacher = embed(model, x).double()
     mean = teacher.mean(0)
     basis = torch.linalg.svd(teacher - mean, full_matrices=False).Vh[:5].T
     el = elastic(model, name, kwargs, scores.with_weights(w))
-    losses = []
+    losses, raw_cos = [], []
     for pair in pairs:
-        s = (embed(el.subnet(*pair), x).double() - mean) @ basis
-        t = (teacher - mean) @ basis
+        pruned = embed(el.subnet(*pair), x).double()
+        s, t = ((pruned - mean) @ basis, (teacher - mean) @ basis) if space == "pca" else (pruned, teacher)
         losses.append(1 - torch.nn.functional.cosine_similarity(s, t, dim=1).mean())
+        raw_cos.append(float(torch.nn.functional.cosine_similarity(pruned, teacher, dim=1).mean()))
     assert fitness.num_components == 5
     assert fitness(w) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+    assert fitness.pair_cosines(w, pca=False) == pytest.approx(raw_cos, abs=1e-5)
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
@@ -270,6 +273,7 @@ def test_run_search_lowers_fitness(balance) -> None:
         ({"balance": "ranks"}, "balance must be None, a ratio in"),
         ({"balance": (0.5, 1.0)}, r"balance must be None, a ratio in \(0, 1\), an \(mlp, heads\) pair of ratios or 'rank', got \(0.5, 1.0\)"),
         ({"correct": "ols"}, "correct must be one of"),
+        ({"space": "cosine"}, r"space must be one of \('raw', 'pca'\), got 'cosine'"),
     ],
 )
 def test_run_search_errors(kwargs, match) -> None:
@@ -323,6 +327,7 @@ def test_fitness_other_errors() -> None:
         ({"seed": 1.5}, "seed"),
         ({"balance": 0.0}, "balance must be None, a ratio in"),
         ({"balance": [0.5, 0.6, 0.7]}, "balance must be None, a ratio in"),
+        ({"space": None}, r"space must be one of \('raw', 'pca'\), got None"),
     ],
 )
 def test_callback_errors(kwargs, match) -> None:
@@ -535,14 +540,15 @@ torch.save(
 """
 
 
-@pytest.mark.parametrize("correct", ["none", "lstsq"])
-def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str) -> None:
+@pytest.mark.parametrize("correct, space", [("none", "pca"), ("lstsq", "pca"), ("none", "raw")])
+def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, space: str) -> None:
     model, _, _ = small_vit()
     scores = random_scores(model)
     x = images_for(model, n=7)
     kwargs = {k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"}
     kwargs["max_evals"] = 8
     kwargs["correct"] = correct  # corrected fitness: every rank collects the statistics on all images
+    kwargs["space"] = space
     torch.save({"images": x, "scores": scores.state_dict(), "kwargs": kwargs}, tmp_path / "data.pt")
     torch.save(model, tmp_path / "model.pt")
     script = tmp_path / "ddp_search.py"
