@@ -41,15 +41,19 @@ def magnitude_scores(model: torch.nn.Module) -> ImportanceScores:
     return ImportanceScores(torch.stack(mlp), torch.stack(heads), criterion="magnitude")
 
 
-def naive_fitness(model, scores, images, w, fitness: Fitness, autocast: bool, batch_size: int) -> float:
+def naive_fitness(
+    model, scores, images, w, fitness: Fitness, autocast: bool, batch_size: int, model_name: str = "vit_small_patch14_dinov2"
+) -> float:
     """The copy-per-candidate approach (as in the official code, minus its second teacher copy).
 
     Builds ``ElasticViT(model, scores.with_weights(w))`` (a deep copy, permuted) and cuts a
-    subnet (another deep copy) per ratio pair; uses ``fitness``'s PCA and teacher.
+    subnet (another deep copy) per ratio pair; compares in ``fitness``'s space (its PCA when
+    ``fitness.space == "pca"``) with its teacher embeddings, so its value equals ``fitness(w)``
+    up to bf16 rounding.
     """
     from .elastic import ElasticViT
 
-    el = ElasticViT(model, scores.with_weights(w), model_name="vit_small_patch14_dinov2",
+    el = ElasticViT(model, scores.with_weights(w), model_name=model_name,
                     model_kwargs={"num_classes": 0, "img_size": list(model.patch_embed.img_size)})
     losses = []
     for pair in fitness.ratio_pairs:
@@ -58,8 +62,10 @@ def naive_fitness(model, scores, images, w, fitness: Fitness, autocast: bool, ba
         with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             for i in range(0, images.shape[0], batch_size):
                 outs.append(sub.forward_head(sub.forward_features(images[i : i + batch_size]), pre_logits=True).float())
-        p = fitness._project(torch.cat(outs).double().cpu())
-        t = fitness.teacher_projected
+        p = torch.cat(outs).double().cpu()
+        t = fitness.teacher
+        if fitness.space == "pca":
+            p, t = fitness._project(p), fitness.teacher_projected
         losses.append(1 - float(((p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1))).mean()))
     return sum(losses) / len(losses)
 

@@ -614,7 +614,8 @@ class Fitness:
 
         Args:
             w: ``[B + B*H]`` weights.
-            pca: Compare PCA projections (what the fitness uses) or the raw embeddings.
+            pca: Compare PCA projections (what the fitness compares when ``space="pca"``) or the
+                raw embeddings (``space="raw"``).
         """
         w = _check_weights(w, self.num_weights, "w")
         sums = self._pair_sums(w, project=pca)
