@@ -17,7 +17,8 @@ with ``lstsq`` weight correction, cross-fitted as in ``snapvit bench --correct``
 the even-position images come from a subnet corrected on the odd ones and vice versa.
 ``--fitness-correct lstsq`` searches with weight correction inside the fitness
 (:class:`~snapvit_lightning.search.Fitness` ``correct=``), ``--fitness-space pca`` with the paper's
-PCA-projected cosine instead of the raw one (``space=``); ``--uniform`` adds the uniform
+PCA-projected cosine instead of the raw one (``space=``), ``--guard 0`` with the plain mean over
+the fitness pairs (``guard=``); ``--uniform`` adds the uniform
 per-block split (the ``uniform`` baseline of ``snapvit bench``) as a reference row,
 ``--gradient-only`` the raw scores without search weights, ``--random`` the mean over seeds 0, 1,
 2 of ``snapvit bench``'s random baseline, ``--magnitude-lamp`` its ``magnitude`` and ``lamp``
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .elastic import ElasticViT
     from .evaluation import extract_features
     from .scores import ImportanceScores
-    from .search import DEFAULT_BALANCE, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, default_initial_weights, run_search
+    from .search import DEFAULT_BALANCE, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, default_initial_weights, run_search
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="weight correction inside the search's fitness (default: none, the paper's)")
     parser.add_argument("--fitness-space", choices=FITNESS_SPACES, default=DEFAULT_SPACE,
                         help=f"where the fitness compares embeddings (default: {DEFAULT_SPACE}; pca is the paper's)")
+    parser.add_argument("--guard", type=float, default=DEFAULT_GUARD,
+                        help=f"penalty per unit of cosine a fitness pair loses against the start (default: {DEFAULT_GUARD}; 0 is the paper's mean)")
     parser.add_argument("--uniform", action="store_true", help="add the uniform per-block split as a reference")
     parser.add_argument("--gradient-only", action="store_true", help="add the raw scores (w = 1) as a reference")
     parser.add_argument("--random", action="store_true",
@@ -132,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dense = extract_features(elastic.model, images)
     print(f"{elastic.model_name}: {fitness_images.shape[0]} fitness images, {images.shape[0]} evaluation images"
           f"{f' (held out: search on the {args.holdout}-position ones)' if args.holdout else ' (the same)'}, {args.max_evals} evaluations, seed {args.seed}, sigma {args.sigma}; "
-          f"fitness correction {args.fitness_correct}, space {args.fitness_space}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
+          f"fitness correction {args.fitness_correct}, space {args.fitness_space}, guard {args.guard}, pairs {args.pairs}; fidelity at {list(BUDGETS)}: uncorrected | lstsq (cross-fitted)")
     def rebuilt(scores: ImportanceScores) -> ElasticViT:
         return ElasticViT(elastic.model, scores, model_name=elastic.model_name, model_kwargs=elastic.model_kwargs)
 
@@ -163,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         best, _, history = run_search(elastic.model, raw, fitness_images, max_evals=args.max_evals, seed=args.seed, sigma=args.sigma,
                                       balance=balance, correct=args.fitness_correct, ratio_pairs=args.pairs,
-                                      space=args.fitness_space)
+                                      space=args.fitness_space, guard=args.guard)
         searched_s = time.perf_counter() - t0
         scores = raw if balance is None else raw.balanced(balance)
         for label, w in (("start", start), ("searched", best)):

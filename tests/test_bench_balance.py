@@ -57,10 +57,10 @@ def test_bench_balance_prints_both_starts(tmp_path, capsys, one_thread) -> None:
 def test_bench_balance_corrected_fitness_one_start_and_uniform(tmp_path, capsys, one_thread) -> None:
     path, photos = _checkpoint_and_photos(tmp_path, 8)
     argv = [str(path), "--data", str(photos), "--max-evals", "2", "--starts", "balance", "--balance", "rank",
-            "--fitness-correct", "lstsq", "--uniform"]
+            "--fitness-correct", "lstsq", "--uniform", "--guard", "2"]
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
-    assert "fitness correction lstsq" in out
+    assert "fitness correction lstsq" in out and "guard 2.0," in out
     rows = [line for line in out.splitlines()[1:] if " | " in line]
     assert [row.split(":")[0].split()[0] for row in rows] == ["uniform", "balance=rank", "balance=rank"]
 
@@ -74,7 +74,7 @@ def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> 
             "--pairs", "0.3,0.2", "0.6,0.4", "--sigma", "0.3"]
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
-    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out and "seed 0, sigma 0.3;" in out
+    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out and "seed 0, sigma 0.3;" in out and "guard 0.0," in out
     printed = _printed(out, "gradient-only")
     # The checkpoint's scores carry no search weights: gradient-only is the checkpoint's own slicing.
     elastic = ElasticViT.load(path)

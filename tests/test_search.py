@@ -192,6 +192,50 @@ def test_fitness_matches_explicit_computation(space: str) -> None:
     assert fitness.pair_cosines(w, pca=False) == pytest.approx(raw_cos, abs=1e-5)
 
 
+def test_guard_penalises_each_pair_below_the_first_call() -> None:
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=6)
+    pairs = [(0.15, 0.0), (0.35, 0.2), (0.65, 0.5)]
+    plain = Fitness(model, scores, x, ratio_pairs=pairs, pca_components=3, autocast_dtype=None)
+    guarded = Fitness(model, scores, x, ratio_pairs=pairs, pca_components=3, autocast_dtype=None, guard=2.5)
+    w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    assert guarded(w0) == plain(w0)  # the first call is the reference: nothing below it
+    ref = torch.tensor(plain.pair_cosines(w0, pca=False), dtype=torch.float64)
+    torch.testing.assert_close(guarded.reference_cosines, ref)
+    g = torch.Generator().manual_seed(5)
+    penalised = 0
+    for _ in range(6):
+        w = (w0 + 0.8 * torch.randn(w0.shape, generator=g, dtype=torch.float64)).clamp(0, 2)
+        cos = torch.tensor(plain.pair_cosines(w, pca=False), dtype=torch.float64)
+        penalty = 2.5 * float((ref - cos).clamp_min(0).sum())
+        penalised += penalty > 0
+        assert guarded(w) == pytest.approx(plain(w) + penalty, abs=1e-12)
+    assert penalised > 0  # the draws do lose cosine somewhere
+    given = Fitness(model, scores, x, ratio_pairs=pairs, pca_components=3, autocast_dtype=None, guard=1.0,
+                    reference_cosines=[1.0, 1.0, 1.0])
+    assert given(w0) == pytest.approx(plain(w0) + float((1 - ref).sum()), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"guard": -1.0}, r"guard must be a finite number >= 0, got -1.0"),
+        ({"guard": float("nan")}, r"guard must be a finite number >= 0, got nan"),
+        ({"guard": True}, r"guard must be a finite number >= 0, got True"),
+        ({"guard": 1.0, "reference_cosines": [0.5]}, r"reference_cosines must be 4 finite numbers"),
+    ],
+)
+def test_guard_errors(kwargs, match) -> None:
+    model, _, _ = small_vit()
+    with pytest.raises(ValueError, match=match):
+        Fitness(model, random_scores(model), images_for(model, n=4), **kwargs)
+    if "reference_cosines" not in kwargs:
+        with pytest.raises(ValueError, match=match):
+            EvolutionarySearch(**kwargs)
+        with pytest.raises(ValueError, match=match):
+            run_search(model, random_scores(model), images_for(model, n=4), max_evals=1, **kwargs)
+
+
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_unpruned_fitness_is_zero_deterministic_and_model_unchanged(autocast_dtype) -> None:
     model, _, _ = small_vit()
@@ -458,20 +502,22 @@ def test_callback_needs_images_and_scores(tmp_path: Path) -> None:
         trainer.fit(module)
 
 
-def test_callback_state_dict_round_trip_and_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("guard", [0.0, 10.0])
+def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float) -> None:
     model, _, _ = small_vit()
     scores = random_scores(model)
     x = images_for(model, n=6)
-    full = EvolutionarySearch(max_evals=8, images=x, **SEARCH_KW)
+    kw = {**SEARCH_KW, "guard": guard}
+    full = EvolutionarySearch(max_evals=8, images=x, **kw)
     fit_with(full, model, scores, tmp_path)
 
-    first = EvolutionarySearch(max_evals=4, images=x, **SEARCH_KW)  # one generation, then "interrupted"
+    first = EvolutionarySearch(max_evals=4, images=x, **kw)  # one generation, then "interrupted"
     fit_with(first, model, scores, tmp_path)
     torch.save(first.state_dict(), tmp_path / "search.pt")
     state = torch.load(tmp_path / "search.pt", weights_only=True)
     assert state["history"] == first.history and len(state["history"]) == 4
 
-    resumed = EvolutionarySearch(max_evals=8, images=x, **SEARCH_KW)
+    resumed = EvolutionarySearch(max_evals=8, images=x, **kw)
     resumed.load_state_dict(state)
     module = fit_with(resumed, model, scores, tmp_path)
     assert resumed.history == full.history
@@ -479,8 +525,17 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path) -> None:
     assert torch.equal(resumed.best_weights, full.best_weights)
     torch.testing.assert_close(resumed.covariance, full.covariance)
     assert torch.equal(module.scores.weight_vector(), full.best_weights)
+    assert resumed.reference_cosines == full.reference_cosines and (full.reference_cosines is None) == (guard == 0)
+    # a state saved without the guard's reference (an older file): recomputed from the start point
+    old = {k: v for k, v in state.items() if k != "reference_cosines"}
+    again = EvolutionarySearch(max_evals=8, images=x, **kw)
+    again.load_state_dict(old)
+    fit_with(again, model, scores, tmp_path)
+    assert again.history == full.history
+    if guard:
+        assert again.reference_cosines == pytest.approx(full.reference_cosines, abs=1e-12)
     # a finished search round-trips and does not evaluate again
-    done = EvolutionarySearch(max_evals=8, images=x, **SEARCH_KW)
+    done = EvolutionarySearch(max_evals=8, images=x, **kw)
     done.load_state_dict(resumed.state_dict())
     fit_with(done, model, scores, tmp_path)
     assert done.fitness.num_evals == 0 and done.history == full.history
@@ -540,8 +595,8 @@ torch.save(
 """
 
 
-@pytest.mark.parametrize("correct, space", [("none", "pca"), ("lstsq", "pca"), ("none", "raw")])
-def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, space: str) -> None:
+@pytest.mark.parametrize("correct, space, guard", [("none", "pca", 0.0), ("lstsq", "pca", 0.0), ("none", "raw", 10.0)])
+def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, space: str, guard: float) -> None:
     model, _, _ = small_vit()
     scores = random_scores(model)
     x = images_for(model, n=7)
@@ -549,6 +604,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, sp
     kwargs["max_evals"] = 8
     kwargs["correct"] = correct  # corrected fitness: every rank collects the statistics on all images
     kwargs["space"] = space
+    kwargs["guard"] = guard
     torch.save({"images": x, "scores": scores.state_dict(), "kwargs": kwargs}, tmp_path / "data.pt")
     torch.save(model, tmp_path / "model.pt")
     script = tmp_path / "ddp_search.py"
