@@ -424,7 +424,7 @@ class Fitness:
         damping: float = 0.01,
         damping_reference: str = "mean",
         space: str = DEFAULT_SPACE,
-        guard: float = 0.0,
+        guard: float = DEFAULT_GUARD,
         reference_cosines: Sequence[float] | Tensor | None = None,
     ) -> None:
         self.ratio_pairs = _check_ratio_pairs(ratio_pairs)
@@ -1138,7 +1138,8 @@ class EvolutionarySearch(Callback):
         if self.initial_fitness is None:
             self.initial_fitness = fitness(broadcast(w0))
         elif self.guard > 0 and fitness.reference_cosines is None:  # resumed from a state saved without them
-            fitness.reference_cosines = torch.tensor(fitness.pair_cosines(broadcast(w0), pca=self.space == "pca"), dtype=torch.float64)
+            start_cosines = fitness.pair_cosines(broadcast(w0), pca=self.space == "pca")
+            fitness.reference_cosines = torch.tensor(start_cosines, dtype=torch.float64)
         if fitness.reference_cosines is not None:
             self.reference_cosines = fitness.reference_cosines.tolist()
         rank_zero_info(
