@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import random_scores, tiny_model
 from snapvit_lightning import bench_balance
 from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.search import DEFAULT_GUARD
 
 
 def _checkpoint_and_photos(tmp_path, num_photos: int):
@@ -74,7 +75,7 @@ def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> 
             "--pairs", "0.3,0.2", "0.6,0.4", "--sigma", "0.3"]
     assert bench_balance.main(argv) == 0
     out = capsys.readouterr().out
-    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out and "seed 0, sigma 0.3;" in out and "guard 0.0," in out
+    assert "pairs [(0.3, 0.2), (0.6, 0.4)]" in out and "seed 0, sigma 0.3;" in out and f"guard {DEFAULT_GUARD}," in out
     printed = _printed(out, "gradient-only")
     # The checkpoint's scores carry no search weights: gradient-only is the checkpoint's own slicing.
     elastic = ElasticViT.load(path)

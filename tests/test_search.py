@@ -17,6 +17,8 @@ from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search import (
     DEFAULT_BALANCE,
+    DEFAULT_GUARD,
+    DEFAULT_RATIO_PAIRS,
     EvolutionarySearch,
     Fitness,
     default_initial_weights,
@@ -222,7 +224,7 @@ def test_guard_penalises_each_pair_below_the_first_call() -> None:
         ({"guard": -1.0}, r"guard must be a finite number >= 0, got -1.0"),
         ({"guard": float("nan")}, r"guard must be a finite number >= 0, got nan"),
         ({"guard": True}, r"guard must be a finite number >= 0, got True"),
-        ({"guard": 1.0, "reference_cosines": [0.5]}, r"reference_cosines must be 4 finite numbers"),
+        ({"guard": 1.0, "reference_cosines": [0.5]}, rf"reference_cosines must be {len(DEFAULT_RATIO_PAIRS)} finite numbers"),
     ],
 )
 def test_guard_errors(kwargs, match) -> None:
@@ -288,7 +290,9 @@ def test_run_search_lowers_fitness(balance) -> None:
     assert len(history) == 16 and [s[0] for s in seen] == list(range(16))
     assert [s[2] for s in seen] == [min(history[: i + 1]) for i in range(16)]
     assert min(history) < start
-    check = Fitness(model, scores, x, kw["ratio_pairs"], 6, autocast_dtype=None)
+    # the search's default guard: measured against the start point, evaluated first
+    check = Fitness(model, scores, x, kw["ratio_pairs"], 6, autocast_dtype=None, guard=DEFAULT_GUARD)
+    assert check(w0) == pytest.approx(start, abs=1e-12)
     assert check(best_w) == pytest.approx(min(history), abs=1e-9)
     assert cov.shape == (scores.num_weights, scores.num_weights) and torch.allclose(cov, cov.T)
     assert ((best_w >= 0) & (best_w <= 2)).all()
