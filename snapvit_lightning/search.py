@@ -960,7 +960,8 @@ class EvolutionarySearch(Callback):
             every ratio). Measured on the real DINOv2 ViT-S/14 (photos8, 112 px, 50
             evaluations; search on the 98 even-position photos, fidelity on the 98 odd ones at
             (0.35,0.2) (0.45,0.3) (0.55,0.4) (0.65,0.5), ``python -m
-            snapvit_lightning.bench_balance --holdout``): the default searched .617 .366 .264
+            snapvit_lightning.bench_balance --holdout``, with the fitness of the time: PCA cosine,
+            paper's pairs, no guard): the default start searched .617 .366 .264
             .189 (seed 0), .585 .368 .257 .166 (seed 1), .584 .336 .224 .142 (seed 2), against
             raw gradient scores .557 .310 .143 .071 and random scores .293 .234 .181 .134 (the
             paper's start lost to random scores from (0.55,0.4) on). With the halves swapped one
@@ -970,8 +971,9 @@ class EvolutionarySearch(Callback):
             ``"bias"`` or ``"lstsq"`` (see :class:`Fitness`). Use the correction the elastic
             model will be sliced with, so the search optimises what the corrected subnets keep.
             About 1.4x the time per evaluation on ViT-S/14 (the per-layer solves). Measured
-            (same protocol, seed 0, ``lstsq`` cross-fitted): the default start searched with an
-            ``lstsq`` fitness keeps .921 .877 .848 .807 after correction vs .925 .846 .801 .759
+            with the fitness defaults of the time (``space="pca"``, :data:`PAPER_RATIO_PAIRS`,
+            ``guard=0``; same protocol, seed 0, ``lstsq`` cross-fitted): the paper's start
+            (``balance=None``) searched with an ``lstsq`` fitness keeps .921 .877 .848 .807 after correction vs .925 .846 .801 .759
             with the plain fitness; ``balance=0.5`` .925 .882 .855 .773 (uncorrected .528 .353
             .246 .160, above random at every budget; mean of seeds 0-2 .926 .891 .862 .815, the
             best configuration measured for corrected exports); ``balance="rank"`` .924 .833 .811
