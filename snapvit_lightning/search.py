@@ -42,7 +42,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -973,8 +973,8 @@ class EvolutionarySearch(Callback):
             About 1.4x the time per evaluation on ViT-S/14 (the per-layer solves). Measured
             with the fitness defaults of the time (``space="pca"``, :data:`PAPER_RATIO_PAIRS`,
             ``guard=0``; same protocol, seed 0, ``lstsq`` cross-fitted): the paper's start
-            (``balance=None``) searched with an ``lstsq`` fitness keeps .921 .877 .848 .807 after correction vs .925 .846 .801 .759
-            with the plain fitness; ``balance=0.5`` .925 .882 .855 .773 (uncorrected .528 .353
+            (``balance=None``) searched with an ``lstsq`` fitness keeps .921 .877 .848 .807
+            after correction vs .925 .846 .801 .759 with the plain fitness; ``balance=0.5`` .925 .882 .855 .773 (uncorrected .528 .353
             .246 .160, above random at every budget; mean of seeds 0-2 .926 .891 .862 .815, the
             best configuration measured for corrected exports); ``balance="rank"`` .924 .833 .811
             .783 (it lost at (0.45,0.3), which no fitness pair covers). See the README.
@@ -1212,14 +1212,52 @@ class EvolutionarySearch(Callback):
             "history": list(self.history),
             "initial_fitness": self.initial_fitness,
             "reference_cosines": None if self.reference_cosines is None else list(self.reference_cosines),
+            "fitness_settings": self._fitness_settings(),
             "best_fitness": self.best_fitness,
             "best_weights": None if self.best_weights is None else self.best_weights.clone(),
             "covariance": None if self.covariance is None else self.covariance.clone(),
         }
 
+    def _fitness_settings(self) -> dict[str, Any]:
+        """What defines the fitness values of a state: a resumed search must use the same."""
+        balance = self.balance if self.balance is None or isinstance(self.balance, str) else list(self.balance)
+        return {
+            "ratio_pairs": [list(p) for p in self.ratio_pairs],
+            "guard": self.guard,
+            "space": self.space,
+            "correct": self.correct,
+            "pca_components": self.pca_components,
+            "balance": balance,
+        }
+
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next search continues up to ``max_evals`` in total."""
+        """Restore :meth:`state_dict`; the next search continues up to ``max_evals`` in total.
+
+        Raises:
+            ValueError: If the state was saved with other fitness settings (``ratio_pairs``,
+                ``guard``, ``space``, ``correct``, ``pca_components``, ``balance``) than this
+                callback's: its fitness values would not be comparable. A state saved before
+                these settings were recorded (no ``fitness_settings``) is restored as it is, with
+                a warning.
+        """
+        saved = state_dict.get("fitness_settings")
+        if state_dict.get("history"):
+            if saved is None:
+                rank_zero_warn(
+                    "EvolutionarySearch.load_state_dict: the state does not record its fitness settings "
+                    "(saved by an older version); resuming assumes they equal this callback's "
+                    f"{self._fitness_settings()}"
+                )
+            else:
+                ours = self._fitness_settings()
+                differ = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+                if differ:
+                    detail = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in differ.items())
+                    raise ValueError(
+                        f"state_dict was saved by a search with other fitness settings ({detail}); "
+                        "resume with the same settings, or start a new search"
+                    )
         self._xnes_state = None if state_dict.get("xnes") is None else dict(state_dict["xnes"])
         self._final_state = None
         self.history = [float(f) for f in state_dict.get("history", [])]

@@ -530,10 +530,17 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     torch.testing.assert_close(resumed.covariance, full.covariance)
     assert torch.equal(module.scores.weight_vector(), full.best_weights)
     assert resumed.reference_cosines == full.reference_cosines and (full.reference_cosines is None) == (guard == 0)
-    # a state saved without the guard's reference (an older file): recomputed from the start point
-    old = {k: v for k, v in state.items() if k != "reference_cosines"}
+    # a state saved by another fitness cannot be resumed: its values are not comparable
+    for change in ({"guard": guard + 1.0}, {"ratio_pairs": [(0.35, 0.2)]}, {"space": "pca"}, {"balance": None}):
+        other = EvolutionarySearch(max_evals=8, images=x, **{**kw, **change})
+        with pytest.raises(ValueError, match=f"other fitness settings \\({next(iter(change))}: saved"):
+            other.load_state_dict(state)
+    # a state saved without the guard's reference and the settings (an older file): the reference is
+    # recomputed from the start point, the settings are assumed, with a warning
+    old = {k: v for k, v in state.items() if k not in ("reference_cosines", "fitness_settings")}
     again = EvolutionarySearch(max_evals=8, images=x, **kw)
-    again.load_state_dict(old)
+    with pytest.warns(UserWarning, match="does not record its fitness settings"):
+        again.load_state_dict(old)
     fit_with(again, model, scores, tmp_path)
     assert again.history == full.history
     if guard:
