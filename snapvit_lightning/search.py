@@ -1231,6 +1231,21 @@ class EvolutionarySearch(Callback):
             "balance": balance,
         }
 
+    def _check_saved_settings(self, saved: dict[str, Any] | None) -> None:
+        ours = self._fitness_settings()
+        if saved is None:
+            rank_zero_warn(
+                "EvolutionarySearch.load_state_dict: the state does not record its fitness settings "
+                f"(saved by an older version); resuming assumes they equal this callback's {ours}"
+            )
+            return
+        differ = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in ours.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(
+                f"state_dict was saved by a search with other fitness settings ({', '.join(differ)}); "
+                "resume with the same settings, or start a new search"
+            )
+
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next search continues up to ``max_evals`` in total.
@@ -1242,23 +1257,8 @@ class EvolutionarySearch(Callback):
                 these settings were recorded (no ``fitness_settings``) is restored as it is, with
                 a warning.
         """
-        saved = state_dict.get("fitness_settings")
-        if state_dict.get("history"):
-            if saved is None:
-                rank_zero_warn(
-                    "EvolutionarySearch.load_state_dict: the state does not record its fitness settings "
-                    "(saved by an older version); resuming assumes they equal this callback's "
-                    f"{self._fitness_settings()}"
-                )
-            else:
-                ours = self._fitness_settings()
-                differ = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
-                if differ:
-                    detail = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in differ.items())
-                    raise ValueError(
-                        f"state_dict was saved by a search with other fitness settings ({detail}); "
-                        "resume with the same settings, or start a new search"
-                    )
+        if state_dict.get("history"):  # an empty search has no fitness values to compare
+            self._check_saved_settings(state_dict.get("fitness_settings"))
         self._xnes_state = None if state_dict.get("xnes") is None else dict(state_dict["xnes"])
         self._final_state = None
         self.history = [float(f) for f in state_dict.get("history", [])]
