@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
     stats.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     stats.set_defaults(func=_stats)
-    from .bench import add_bench_parser
+    from .benchmarks.bench import add_bench_parser
 
     add_bench_parser(sub)
     sub.add_parser("fit", help="score (+ search + export) with LightningCLI: snapvit fit --config CONFIG.yaml",

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .checkpoint import _write, read_format
 from .structure import get_blocks
 
 __all__ = [
@@ -230,8 +231,6 @@ class CorrectionStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (to a temporary file, then renamed)."""
-        from .elastic import _write
-
         meta = {
             "format": STATS_FORMAT,
             "format_version": str(STATS_FORMAT_VERSION),
@@ -250,8 +249,6 @@ class CorrectionStats:
             FileNotFoundError: ``path`` does not exist.
             ValueError: Not a statistics file of this format/version, or inconsistent contents.
         """
-        from .elastic import read_format
-
         tensors, meta = read_format(path, STATS_FORMAT, STATS_FORMAT_VERSION, "correction statistics")
         try:
             stats = cls(

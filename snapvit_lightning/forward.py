@@ -17,7 +17,7 @@ explicit-matmul path (``fused_attn=False``, see :func:`explicit_attention`): at 
 PyTorch's fused CPU attention kernel is the slower one in bfloat16, above all in the backward.
 Measured on 2 cores of an AMD EPYC (Zen 4, AVX512-BF16), DINOv2 ViT-S/14 at 112 px: a scoring
 step (16 images × 12 views, forward and backward) 6.8 → 4.6 s (``python -m
-snapvit_lightning.bench_step``), a search fitness evaluation (196 images, 4 subnets) 6.34 → 6.09 s.
+snapvit_lightning.benchmarks.step``), a search fitness evaluation (196 images, 4 subnets) 6.34 → 6.09 s.
 In fp32 the two paths cost about the same and on GPUs the fused kernels win, so both keep the
 model's own setting.
 """

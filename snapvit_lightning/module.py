@@ -39,11 +39,7 @@ images when the dataset size is not divisible by the number of ranks; use a divi
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,8 +53,10 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from .forward import embed
+from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
+from .weights_io import load_weights
 
 __all__ = [
     "SnapViTModule",
@@ -66,122 +64,31 @@ __all__ = [
     "GRADIENT_CRITERIA",
     "ACCUMULATIONS",
     "ALLOWED_PRECISIONS",
-    "dino_loss",
     "lamp_scores",
+    "dino_loss",
     "load_weights",
 ]
 
 #: Criteria selectable by name (see :class:`SnapViTModule`).
 CRITERIA = ("dino", "cross_entropy", "snip_magnitude", "magnitude", "lamp", "random")
+
+
 #: Criteria that need a backward pass over the calibration data.
 GRADIENT_CRITERIA = ("dino", "cross_entropy", "snip_magnitude")
+
+
 #: How per-batch gradients are combined over the epoch.
 ACCUMULATIONS = ("sum_then_square", "fisher")
+
+
 #: Trainer precisions that leave gradients unscaled (``16-mixed`` scales the loss).
 ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
-#: Number of global crops (teacher views) at the front of every multi-crop.
-NUM_GLOBAL_VIEWS = 2
+
 
 _CHECKPOINT_KEY = "snapvit_scoring"
+
+
 _CHECKPOINT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Small functions
-# ----------------------------------------------------------------------------------------------
-
-
-class _RowsGradLinear(torch.autograd.Function):
-    """``F.linear`` whose weight gradient is computed for rows ``[start, stop)`` only.
-
-    The other rows' gradient is returned as zeros: the scores read only the V rows of
-    ``attn.qkv``, and the Q/K rows' weight gradient would cost two thirds of the layer's weight
-    gradient matmul. Under autocast the inputs are cast as autocast would cast them, explicitly,
-    so the backward does not depend on the autocast state of the thread that runs it.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        ctx.save_for_backward(x, weight)
-        ctx.rows = (start, stop)
-        ctx.has_bias = bias is not None
-        with torch.autocast(device, enabled=False):
-            return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        grad = grad.to(weight.dtype)
-        start, stop = ctx.rows
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight)
-            grad_w[start:stop] = grad[..., start:stop].reshape(-1, stop - start).T @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None, None
-
-
-@contextlib.contextmanager
-def _v_rows_weight_grads(model: nn.Module) -> Any:
-    """Within the context, every ``attn.qkv`` of ``model`` computes only its V rows' weight gradient."""
-    patched = []
-    try:
-        for block in get_blocks(model):
-            qkv = block.attn.qkv
-            if torch.is_grad_enabled() and qkv.weight.requires_grad:
-                width = qkv.out_features // 3
-                qkv.forward = functools.partial(_rows_grad_linear, qkv, 2 * width, 3 * width)
-                patched.append(qkv)
-        yield
-    finally:
-        for qkv in patched:
-            del qkv.forward  # back to nn.Linear.forward
-
-
-def _rows_grad_linear(layer: nn.Linear, start: int, stop: int, x: Tensor) -> Tensor:
-    return _RowsGradLinear.apply(x, layer.weight, layer.bias, start, stop)
-
-
-def dino_loss(
-    embeddings: Tensor, teacher_temp: float | None = None, student_temp: float | None = None
-) -> Tensor:
-    """Per-sample DINO multi-crop loss with the teacher taken from the global views.
-
-    Embeddings are L2-normalised; the teacher distribution is ``softmax(z / teacher_temp)``
-    of the (detached) embeddings of views 0 and 1, the student's is
-    ``log_softmax(z / student_temp)`` of every view (no temperature when ``None``). The loss
-    of a sample is the sum over teacher views ``t`` and student views ``s != t`` of the
-    cross-entropy ``-sum_k p_t[k] * log q_s[k]``.
-
-    Args:
-        embeddings: ``[B, V, D]`` embeddings, views 0 and 1 being the global crops (``V >= 2``).
-        teacher_temp: Teacher temperature, or ``None``.
-        student_temp: Student temperature, or ``None``.
-
-    Returns:
-        ``[B]`` per-sample losses (float32 or wider).
-
-    Raises:
-        ValueError: If ``embeddings`` is not ``[B, V >= 2, D]``.
-    """
-    if embeddings.dim() != 3 or embeddings.shape[1] < NUM_GLOBAL_VIEWS:
-        raise ValueError(f"embeddings must be [B, V >= 2, D], got {list(embeddings.shape)}")
-    z = F.normalize(embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings, dim=-1)
-    teacher = z[:, :NUM_GLOBAL_VIEWS].detach()
-    p = F.softmax(teacher / (1.0 if teacher_temp is None else teacher_temp), dim=-1)
-    log_q = F.log_softmax(z / (1.0 if student_temp is None else student_temp), dim=-1)
-    ce = -torch.einsum("btd,bsd->bts", p, log_q)  # [B, teacher views, student views]
-    same = torch.zeros(ce.shape[1:], dtype=torch.bool, device=ce.device)
-    same[torch.arange(NUM_GLOBAL_VIEWS), torch.arange(NUM_GLOBAL_VIEWS)] = True
-    return ce.masked_fill(same, 0.0).sum(dim=(1, 2))
 
 
 def lamp_scores(magnitudes: Tensor) -> Tensor:
@@ -206,62 +113,6 @@ def lamp_scores(magnitudes: Tensor) -> Tensor:
     return torch.where(denom > 0, m / denom.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load local weights into ``model`` (strictly).
-
-    Reads ``*.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)``. A Lightning checkpoint (a dict with ``state_dict``) is
-    accepted; a common ``student.``/``model.``/``module.`` key prefix is stripped. If the keys
-    do not match as they are, the timm model family's ``checkpoint_filter_fn`` is applied (as
-    timm does for pretrained weights: original key layouts, position embeddings resampled to
-    the model's ``img_size``) and the strict load is tried once more.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file holds no state dict or its keys/shapes do not match the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"checkpoint_path {str(path)!r} is not a readable safetensors file: {err}") from err
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"checkpoint_path {str(path)!r} could not be read with torch.load(weights_only=True): {err}"
-            ) from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint_path {str(path)!r} does not hold a state dict of tensors")
-    for prefix in ("student.", "model.", "module."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-            break
-    try:
-        model.load_state_dict(state, strict=True)
-        return
-    except RuntimeError as err:
-        error = err
-    # Like timm's pretrained loading: the model family's checkpoint_filter_fn converts original
-    # key layouts and resamples position embeddings to the model's img_size.
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        try:
-            model.load_state_dict(filter_fn(dict(state), model), strict=True)
-            return
-        except Exception:  # report the unfiltered mismatch below
-            pass
-    raise ValueError(f"checkpoint_path {str(path)!r} does not match the model: {error}") from error
-
-
 def _check_temperature(value: float | None, name: str) -> float | None:
     if value is None:
         return None
@@ -280,11 +131,6 @@ def _mlp_unit_mean(values: list[Tensor], kind: str, hidden: int) -> Tensor:
 def _head_unit_mean(values: Tensor, num_heads: int) -> Tensor:
     """Mean of per-weight values over each head's V rows -> ``[num_heads]``."""
     return values.reshape(num_heads, -1).mean(dim=1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The module
-# ----------------------------------------------------------------------------------------------
 
 
 class SnapViTModule(pl.LightningModule):

@@ -93,7 +93,7 @@ class ImportanceScores:
         criterion: Name of the criterion that produced the scores.
         build_info: Plain JSON values recorded while building the elastic model: stage wall
             times ``scoring_s``, ``search_s``, ``search_evaluations`` and the build machine
-            (see :mod:`snapvit_lightning.bench`); ``None`` when unknown (older checkpoints).
+            (see :mod:`snapvit_lightning.benchmarks.bench`); ``None`` when unknown (older checkpoints).
         balance: How the global ranking compares blocks (``mlp`` and ``heads`` always stay the
             raw scores): ``None``, the raw scores; a quantile ``q`` in ``(0, 1)`` or an
             ``(mlp, heads)`` pair, each block's scores divided by their ``q``-quantile; ``"rank"``,

@@ -110,7 +110,7 @@ trainer:
   callbacks:
     - class_path: snapvit_lightning.search.EvolutionarySearch
       init_args: {{max_evals: 4, autocast: false}}
-    - class_path: snapvit_lightning.callbacks.ElasticExport
+    - class_path: snapvit_lightning.export.ElasticExport
       init_args: {{dirpath: {out}, budgets: [[0.0, 0.0], [0.35, 0.2]]}}
 """
 
@@ -168,7 +168,7 @@ trainer:
   callbacks:
     - class_path: snapvit_lightning.search.EvolutionarySearch
       init_args: {{max_evals: 4, autocast: false, log_every_n_evals: 0}}
-    - class_path: snapvit_lightning.callbacks.ElasticExport
+    - class_path: snapvit_lightning.export.ElasticExport
       init_args: {{dirpath: {out}, budgets: [[0.0, 0.0], [0.35, 0.2]]}}
 """
 

@@ -197,7 +197,7 @@ def test_matches_hand_computation(temps) -> None:
 @pytest.mark.parametrize("autocast", [False, True])
 def test_v_rows_weight_grads_equal_autograd_on_the_v_rows(autocast: bool) -> None:
     """The patched qkv: same output and input gradient, V-row weight gradient, zeros elsewhere."""
-    from snapvit_lightning.module import _v_rows_weight_grads
+    from snapvit_lightning.loss import _v_rows_weight_grads
 
     model = vit().eval()
     x = views(2, v=1).flatten(0, 1)

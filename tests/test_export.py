@@ -1,25 +1,23 @@
-"""Tests of snapvit_lightning.callbacks: export_elastic, ElasticExport, SnapViT (tiny models)."""
+"""Tests of snapvit_lightning.export: export_elastic and the ElasticExport hook (tiny models)."""
 
 from __future__ import annotations
 
 import json
 import math
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
-import timm
 import torch
+from conftest import cpu_trainer as _trainer
+from conftest import multicrop_loader as _multicrop_loader
 from conftest import random_scores, tiny_model
 from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from snapvit_lightning import bench
-from snapvit_lightning import callbacks as cb
-from snapvit_lightning.callbacks import ElasticExport, SnapViT, export_elastic, find_vit
+from snapvit_lightning import export as ex
+from snapvit_lightning.benchmarks import bench
 from snapvit_lightning.data import CalibrationDataModule
 from snapvit_lightning.elastic import ElasticViT, load_subnet
+from snapvit_lightning.export import ElasticExport, export_elastic
 from snapvit_lightning.module import SnapViTModule
 from snapvit_lightning.search import EvolutionarySearch
 
@@ -27,13 +25,7 @@ BUDGETS = [(0.0, 0.0), (0.5, 0.5), 0.6]
 IMG = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP contention on a shared 2-core machine (100x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +138,7 @@ def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cb, where, boom)
+    monkeypatch.setattr(ex, where, boom)
     with pytest.raises(OSError, match="disk full"):
         export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], save_subnets=True)
     assert list(tmp_path.iterdir()) == []
@@ -155,14 +147,14 @@ def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
 def test_failed_overwrite_keeps_old_export(tmp_path, elastic, monkeypatch):
     export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
     before = _listing(tmp_path)
-    monkeypatch.setattr(cb, "_write_json", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(ex, "_write_json", lambda *a: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
         export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], overwrite=True)
     assert _listing(tmp_path) == before
 
 
 def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypatch):
-    real = cb.os.replace
+    real = ex.os.replace
     calls = []
 
     def flaky(src, dst):
@@ -171,7 +163,7 @@ def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypa
             raise OSError("rename failed")
         real(src, dst)
 
-    monkeypatch.setattr(cb.os, "replace", flaky)
+    monkeypatch.setattr(ex.os, "replace", flaky)
     with pytest.raises(OSError, match="rename failed"):
         export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
     assert list(tmp_path.iterdir()) == []
@@ -197,19 +189,6 @@ def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
 
 # ----------------------------------------------------------------------------------------------
 # ElasticExport in a scoring Trainer
-
-
-def _multicrop_loader(n: int = 4, views: int = 4, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    data = TensorDataset(torch.randn(n, views, 3, IMG, IMG, generator=g), torch.full((n,), -1))
-    return DataLoader(data, batch_size=2)
-
-
-def _trainer(tmp_path, callbacks) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path),
-    )
 
 
 def test_elastic_export_callback(tmp_path):
@@ -254,28 +233,6 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     assert times["scoring_s"] > 0 and times["search_s"] is None and times["search_evaluations"] is None
     assert times["export_s"] > 0
 
-
-@pytest.mark.parametrize("plugin", [False, True])
-def test_export_measures_on_the_models_device(tmp_path, monkeypatch, plugin):
-    # On a GPU run the fidelity and statistics must not fall back to the CPU (minutes for ViT-B):
-    # both callbacks hand export_elastic the device the model was scored on.
-    seen = []
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("device"))
-        return real(*args, **kwargs)
-
-    real = cb.export_elastic
-    monkeypatch.setattr(cb, "export_elastic", spy)
-    if plugin:
-        callback = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "e", search_evals=0, budgets=[(0.0, 0.0)])
-        _user_trainer(tmp_path, [callback]).fit(UserModule(), train_dataloaders=_user_loader())
-    else:
-        callback = ElasticExport(tmp_path / "e", budgets=[(0.0, 0.0)], images=torch.randn(2, 3, IMG, IMG))
-        _trainer(tmp_path, [callback]).fit(SnapViTModule("test_vit", model_kwargs={"img_size": IMG}),
-                                           train_dataloaders=_multicrop_loader())
-    assert seen == [torch.device("cpu")]
-    assert callback.report["build_times"]["export_machine"]["device"] == "cpu"
 
 
 def _positive(value) -> bool:
@@ -336,132 +293,3 @@ def test_elastic_export_bad_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         ElasticExport(**{"dirpath": tmp_path, **kwargs})
 
-
-# ----------------------------------------------------------------------------------------------
-# SnapViT plug-in in a user's own LightningModule / Trainer
-
-
-class UserModule(pl.LightningModule):
-    def __init__(self, num_vits: int = 1) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        if num_vits >= 1:
-            self.backbone = timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=0)
-        if num_vits >= 2:
-            self.aux = nn.ModuleDict({"teacher": timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=0)})
-        self.head = nn.Linear(64, 3)
-
-    def forward(self, x):
-        feats = self.backbone(x) if hasattr(self, "backbone") else x.mean(dim=(2, 3)).repeat(1, 22)[:, :64]
-        return self.head(feats)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
-def _user_loader() -> DataLoader:
-    g = torch.Generator().manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(6, 3, IMG, IMG, generator=g), torch.randint(0, 3, (6,), generator=g)), batch_size=2)
-
-
-class Snapshot(pl.Callback):
-    def on_fit_end(self, trainer, pl_module):
-        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        self.requires_grad = [p.requires_grad for p in pl_module.parameters()]
-
-
-def _user_trainer(tmp_path, callbacks) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path),
-    )
-
-
-def test_snapvit_plugin_with_dataloader(tmp_path):
-    user = UserModule()
-    initial = {k: v.clone() for k, v in user.state_dict().items()}
-    snapshot = Snapshot()
-    plugin = SnapViT(
-        datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=2,
-        budgets=[(0.0, 0.0), (0.5, 0.5)], search_kwargs={"pca_components": 2, "log_every_n_evals": 0},
-    )
-    _user_trainer(tmp_path, [snapshot, plugin]).fit(user, train_dataloaders=_user_loader())
-    assert plugin.model_path == "backbone"
-    assert plugin.export_paths["elastic"].is_file()
-    loaded = ElasticViT.load(plugin.export_paths["elastic"])
-    assert loaded.scores.block_weights is not None  # the search ran
-    assert loaded.model_kwargs["num_classes"] == 0 and loaded.model_kwargs["img_size"] == [IMG, IMG]
-    assert plugin.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
-    # The user's training happened and the plug-in changed nothing of it.
-    assert not torch.equal(initial["backbone.blocks.0.mlp.fc1.weight"], user.state_dict()["backbone.blocks.0.mlp.fc1.weight"])
-    after = user.state_dict()
-    assert all(torch.equal(snapshot.state[k], after[k]) for k in snapshot.state)
-    assert [p.requires_grad for p in user.parameters()] == snapshot.requires_grad
-    # The elastic dense model is the user's trained backbone (permuted): same features.
-    x = torch.randn(2, 3, IMG, IMG)
-    with torch.no_grad():
-        assert torch.allclose(loaded.model(x), user.backbone.eval()(x), atol=1e-5)
-
-
-def test_snapvit_plugin_with_calibration_datamodule(tmp_path):
-    dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    dm = CalibrationDataModule(dataset=dataset, num_local_crops=2, batch_size=2)  # size from the model
-    user = UserModule(num_vits=2)
-    plugin = SnapViT(
-        datamodule=dm, dirpath=tmp_path, model_attr="aux.teacher", search_evals=0, budgets=[0.8], name="teacher",
-        correct="bias",
-    )
-    _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
-    assert plugin.model_path == "aux.teacher"
-    assert (tmp_path / "teacher.elastic.safetensors").is_file()
-    assert (tmp_path / "teacher.stats.safetensors").is_file()
-    assert plugin.report["correction"]["method"] == "bias" and plugin.report["correction"]["calibration_images"] == 4
-    assert plugin.report["budgets"][0]["fidelity_corrected"] is not None
-    assert plugin.report["fidelity_images"] == 4
-    assert plugin.scores.block_weights is None  # no search
-
-
-def test_snapvit_model_getter(tmp_path):
-    where, model = find_vit(UserModule(num_vits=2), model_getter=lambda m: m.aux["teacher"])
-    assert where == "<model_getter>" and isinstance(model, timm.models.vision_transformer.VisionTransformer)
-
-
-@pytest.mark.parametrize("num_vits, match", [(0, "found no supported timm VisionTransformer"), (2, r"several .*'backbone', 'aux.teacher'")])
-def test_snapvit_autodetect_errors_before_fit(tmp_path, num_vits, match):
-    user = UserModule(num_vits=num_vits)
-    before = {k: v.clone() for k, v in user.state_dict().items()}
-    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
-    with pytest.raises(ValueError, match=match):
-        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
-    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
-
-
-def test_snapvit_refuses_existing_export_before_fit(tmp_path):
-    (tmp_path / "report.json").write_text("{}")
-    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
-    with pytest.raises(FileExistsError, match="report.json"):
-        _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        ({"datamodule": [1, 2]}, TypeError, "datamodule"),
-        ({"model_attr": "a", "model_getter": lambda m: m}, ValueError, "not both"),
-        ({"model_attr": "a-b"}, ValueError, "model_attr"),
-        ({"model_getter": 3}, TypeError, "model_getter"),
-        ({"criterion": "hessian"}, ValueError, "criterion"),
-        ({"search_evals": -1}, ValueError, "search_evals"),
-        ({"budgets": [2.0]}, ValueError, "budgets"),
-        ({"precision": "16-mixed"}, ValueError, "precision"),
-        ({"search_kwargs": {"sigma": -1.0}}, ValueError, "sigma"),
-        ({"datamodule": pl.LightningDataModule()}, ValueError, "fitness images"),
-    ],
-)
-def test_snapvit_bad_arguments(tmp_path, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, **kwargs})

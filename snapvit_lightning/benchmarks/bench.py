@@ -33,7 +33,7 @@ Under the table a *Build time* section gives the wall time of each stage of buil
 elastic model, measured at build time on the build machine (not by this run): ``scoring``
 (``on_train_start`` to the end of the calibration epoch, scores included), ``search`` (the
 :class:`~snapvit_lightning.search.EvolutionarySearch` hook, with its number of candidate
-evaluations) and ``export`` (:func:`~snapvit_lightning.callbacks.export_elastic` up to writing
+evaluations) and ``export`` (:func:`~snapvit_lightning.export.export_elastic` up to writing
 ``report.json``). Scoring and search come from the checkpoint (``build_info`` in its scores
 metadata), the export time from the ``report.json`` beside it (only when that report names this
 checkpoint); unknown values are ``null`` (older checkpoints, a moved file, a resumed run's
@@ -50,7 +50,7 @@ command, hardware, threads, versions; and ``build_times``: ``scoring_s``, ``sear
 ``search_evaluations``, ``export_s``, their ``sources``, ``build_machine``) and ``bench.md``::
 
     snapvit bench model.elastic.safetensors --data photos/ --out results/
-    python -m snapvit_lightning.bench model.elastic.safetensors --data photos/ --no-latency
+    python -m snapvit_lightning.benchmarks.bench model.elastic.safetensors --data photos/ --no-latency
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..machine import cpu_model
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
 
@@ -180,27 +182,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def build_machine(device: Any = "cpu") -> dict[str, Any]:
-    """Where a build stage ran: ``device``, ``device_name`` (GPU or CPU model), ``cpu``, threads, platform."""
-    import torch
-
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else _cpu_model()
-    return {"device": str(device), "device_name": name, "cpu": _cpu_model(),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
 def _build_times(path: Path, scores: Any) -> dict[str, Any]:
@@ -344,8 +325,8 @@ class _Calibrator:
 
     def _sources(self, elastic: Any) -> list[tuple[Any, Any]]:
         """``[(CorrectionStats, evaluation index or None)]`` for ``elastic``."""
-        from .correction import CorrectionStats
-        from .data import load_eval_images
+        from ..correction import CorrectionStats
+        from ..data import load_eval_images
 
         key = elastic.fingerprint
         if key not in self._cache:
@@ -364,7 +345,7 @@ class _Calibrator:
 
     def corrected(self, elastic: Any, dims: Any, method: str) -> tuple[Any, Any]:
         """A corrected subnet (for latency) and the features of every bench image."""
-        from .evaluation import extract_features
+        from ..evaluation import extract_features
 
         model, feats = None, None
         for stats, index in self._sources(elastic):
@@ -407,8 +388,8 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
 
     import lightning.pytorch as pl
 
-    from .data import CalibrationDataModule
-    from .module import SnapViTModule
+    from ..data import CalibrationDataModule
+    from ..module import SnapViTModule
 
     s = elastic.scores
     keeps = {"min_mlp_keep": s.min_mlp_keep, "min_head_keep": s.min_head_keep}
@@ -438,7 +419,7 @@ def _even_split(total: int, num_blocks: int) -> list[int]:
 
 def _uniform_dims(scores: Any, mlp_ratio: float, head_ratio: float) -> list[Any]:
     """The same keep in every block, with the global ranking's total (equal params and FLOPs)."""
-    from .structure import BlockDims
+    from ..structure import BlockDims
 
     neurons, heads = scores.keep_counts(mlp_ratio, head_ratio)
     split = zip(_even_split(int(heads.sum()), scores.num_blocks), _even_split(int(neurons.sum()), scores.num_blocks))
@@ -509,10 +490,10 @@ def run_bench(args: argparse.Namespace) -> int:
     import timm
     import torch
 
-    from . import __version__
-    from .data import load_eval_images
-    from .elastic import ElasticViT
-    from .evaluation import centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency
+    from .. import __version__
+    from ..data import load_eval_images
+    from ..elastic import ElasticViT
+    from ..evaluation import centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency
 
     path, data = Path(args.path), Path(args.data)
     if not path.is_file():
@@ -653,7 +634,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "
                             "interleaved rounds (one per model per round); median and p90 per batch",
         "hardware": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "processor": platform.processor(),
             "machine": platform.machine(),
             "platform": platform.platform(),
@@ -677,7 +658,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m snapvit_lightning.bench``), same options as ``snapvit bench``."""
+    """Stand-alone entry point (``python -m snapvit_lightning.benchmarks.bench``), same options as ``snapvit bench``."""
     parser = _configure(argparse.ArgumentParser(prog="snapvit bench", description=DESCRIPTION))
     args = parser.parse_args(argv)
     try:

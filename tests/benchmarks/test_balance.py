@@ -1,4 +1,4 @@
-"""``python -m snapvit_lightning.bench_balance`` runs end to end on a tiny checkpoint."""
+"""``python -m snapvit_lightning.benchmarks.balance`` runs end to end on a tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import random_scores, tiny_model
-from snapvit_lightning import bench_balance
+from snapvit_lightning.benchmarks import balance as bench_balance
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.search import DEFAULT_GUARD
 
@@ -121,7 +121,7 @@ def test_bench_balance_holdout_measures_unseen_images(tmp_path, capsys, one_thre
 
 
 def test_bench_balance_random_reference_without_search(tmp_path, capsys, one_thread) -> None:
-    from snapvit_lightning.bench import _baseline_scores
+    from snapvit_lightning.benchmarks.bench import _baseline_scores
     from snapvit_lightning.data import load_eval_images
     from snapvit_lightning.evaluation import extract_features
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import random_scores, tiny_model
-from snapvit_lightning import bench
+from snapvit_lightning.benchmarks import bench
 from snapvit_lightning.data import load_eval_images
 from snapvit_lightning.elastic import ElasticViT
 

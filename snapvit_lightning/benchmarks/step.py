@@ -2,7 +2,7 @@
 
 ::
 
-    python -m snapvit_lightning.bench_step [--batch-size 16] [--views 12] [--repeats 3]
+    python -m snapvit_lightning.benchmarks.step [--batch-size 16] [--views 12] [--repeats 3]
 
 One step is the DINO loss of ``batch`` images × ``views`` crops, its backward and the gradient
 accumulation, as ``SnapViTModule.training_step`` runs them (the work does not depend on the pixels, so the views are
@@ -56,7 +56,7 @@ VARIANTS = {
 @contextlib.contextmanager
 def _variant(variant: _Variant) -> Iterator[None]:
     """Swap the module's shortcuts for the plain code while timing (restored after)."""
-    from . import forward, module
+    from .. import forward, module
 
     saved = module.embed, module._v_rows_weight_grads, forward.prefers_explicit_attention
     if not variant.cls_only:
@@ -77,7 +77,7 @@ def _step(module: torch.nn.Module, views: torch.Tensor, teacher_pass: bool = Fal
     ``teacher_pass`` adds the official code's separate teacher forward of the global views (its
     output is not used: the work is the same).
     """
-    from .module import NUM_GLOBAL_VIEWS
+    from ..module import NUM_GLOBAL_VIEWS
 
     if module._grads is None:
         module._grads = module._zero_grads()
@@ -89,10 +89,10 @@ def _step(module: torch.nn.Module, views: torch.Tensor, teacher_pass: bool = Fal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .module import SnapViTModule
-    from .quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+    from ..module import SnapViTModule
+    from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
 
-    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_step", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.step", description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--views", type=int, default=12)

@@ -1,6 +1,6 @@
 """Benchmark of the evolutionary search on the real DINOv2 ViT-S/14 (CPU, or ``--device cuda``).
 
-Run ``python -m snapvit_lightning.bench_search`` (see ``--help``). Defaults reproduce the
+Run ``python -m snapvit_lightning.benchmarks.search`` (see ``--help``). Defaults reproduce the
 setting in which the official code was timed: DINOv2 ViT-S/14 at 112 px, the 196 photos of
 ``../shared/data/photos8`` as fitness images, 64 PCA components, the paper's 4 ratio pairs
 (:data:`~snapvit_lightning.search.PAPER_RATIO_PAIRS`; the search's default adds a fifth, 1.12x
@@ -24,12 +24,13 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from .data import CalibrationDataModule
-from .scores import ImportanceScores
-from .search import PAPER_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, Fitness, _best, _make_xnes, _search_loop, default_initial_weights
-from .structure import get_blocks
+from ..data import CalibrationDataModule
+from ..scores import ImportanceScores
+from ..search import DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, PAPER_RATIO_PAIRS, Fitness, default_initial_weights
+from ..search.loop import _best, _make_xnes, _search_loop
+from ..structure import get_blocks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def magnitude_scores(model: torch.nn.Module) -> ImportanceScores:
@@ -53,7 +54,7 @@ def naive_fitness(
     ``fitness.space == "pca"``) with its teacher embeddings, so its value equals ``fitness(w)``
     up to bf16 rounding.
     """
-    from .elastic import ElasticViT
+    from ..elastic import ElasticViT
 
     el = ElasticViT(model, scores.with_weights(w), model_name=model_name,
                     model_kwargs={"num_classes": 0, "img_size": list(model.patch_embed.img_size)})

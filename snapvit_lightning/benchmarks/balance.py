@@ -2,7 +2,7 @@
 
 ::
 
-    python -m snapvit_lightning.bench_balance ELASTIC --data FOLDER [--balance 0.5,0.65] [--max-evals 50]
+    python -m snapvit_lightning.benchmarks.balance ELASTIC --data FOLDER [--balance 0.5,0.65] [--max-evals 50]
         [--starts paper balance] [--fitness-correct none|bias|lstsq] [--fitness-space raw|pca] [--seed 0] [--uniform]
         [--gradient-only] [--random] [--magnitude-lamp] [--pairs 0.35,0.2 0.45,0.3 ...] [--holdout [even|odd]]
         [--sigma 0.08]
@@ -50,7 +50,7 @@ def fidelities(
     ``dims_fn(mlp_ratio, head_ratio)`` gives each budget's block sizes (default ``elastic.dims``).
     """
     from .bench import _Calibrator
-    from .evaluation import extract_features, feature_fidelity
+    from ..evaluation import extract_features, feature_fidelity
 
     calibrate = _Calibrator(None, images, batch_size=32)  # the 2-fold cross-fit of `snapvit bench --correct`
     plain, corrected = [], []
@@ -87,14 +87,14 @@ def _pair(text: str) -> tuple[float, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .bench import _baseline_scores, _uniform_dims
-    from .correction import CORRECTIONS
-    from .data import load_eval_images
-    from .elastic import ElasticViT
-    from .evaluation import extract_features
-    from .scores import ImportanceScores
-    from .search import DEFAULT_BALANCE, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, default_initial_weights, run_search
+    from ..correction import CORRECTIONS
+    from ..data import load_eval_images
+    from ..elastic import ElasticViT
+    from ..evaluation import extract_features
+    from ..scores import ImportanceScores
+    from ..search import DEFAULT_BALANCE, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, default_initial_weights, run_search
 
-    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_balance", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.balance", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
     parser.add_argument("--data", required=True, type=Path, help="fitness and evaluation images")
     parser.add_argument("--balance", type=_balance, default=DEFAULT_BALANCE,

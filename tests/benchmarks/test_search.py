@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from snapvit_lightning.bench_search import naive_fitness
+from snapvit_lightning.benchmarks.search import naive_fitness
 from snapvit_lightning.search import Fitness, default_initial_weights
 
 from conftest import random_scores, tiny_model

@@ -1,6 +1,6 @@
 """Time ``ElasticViT.subnet()``, plain and weight-corrected, on the real DINOv2 ViT-S/14 (CPU)::
 
-    python -m snapvit_lightning.bench_slice [--weights PATH] [--img-size 112] [--data FOLDER]
+    python -m snapvit_lightning.benchmarks.slice [--weights PATH] [--img-size 112] [--data FOLDER]
 
 With ``--data`` it also collects the correction statistics on those images (timed, with their
 size) and times ``subnet(..., correct="bias"|"lstsq", calibration=stats)`` per budget: the
@@ -21,14 +21,14 @@ BUDGETS = ((0.15, 0.0), (0.35, 0.2), (0.55, 0.4), (0.65, 0.5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .elastic import ElasticViT
-    from .module import load_weights
-    from .quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
-    from .scores import ImportanceScores
+    from ..elastic import ElasticViT
+    from ..module import load_weights
+    from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+    from ..scores import ImportanceScores
 
     import timm
 
-    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_slice", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.slice", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elastic.subnet(flops=0.5)
     print(f"subnet(flops=0.5) incl. bisection: {(time.perf_counter() - start) * 1000:.1f} ms")
     if args.data is not None:
-        from .data import load_eval_images
+        from ..data import load_eval_images
 
         images = load_eval_images(args.data, elastic.model)[0]
         start = time.perf_counter()

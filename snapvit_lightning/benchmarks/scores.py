@@ -4,7 +4,7 @@ Scores the photos with the DINO criterion (both accumulations), prints the wall 
 prints the fidelity (mean cosine similarity of the pruned model's CLS features to the dense
 model's, on the plain resized photos) of gradient-only pruning against uniform random scores::
 
-    python -m snapvit_lightning.bench_scores --data ../shared/data/photos8
+    python -m snapvit_lightning.benchmarks.scores --data ../shared/data/photos8
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .forward import embed
+from ..forward import embed
 
 BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
 
@@ -33,13 +33,13 @@ def fidelity(model: torch.nn.Module, dense: torch.Tensor, images: torch.Tensor, 
 def main(argv: Sequence[str] | None = None) -> int:
     import lightning as pl
 
-    from .data import CalibrationDataModule
-    from .elastic import ElasticViT
-    from .module import SnapViTModule
-    from .quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
-    from .scores import ImportanceScores
+    from ..data import CalibrationDataModule
+    from ..elastic import ElasticViT
+    from ..module import SnapViTModule
+    from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+    from ..scores import ImportanceScores
 
-    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.bench_scores", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.scores", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="folder of photos (e.g. ../shared/data/photos8)")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--img-size", type=int, default=112)
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         views = "identical" if args.identical_views else "independent"
         rows[f"dino ({accumulation}, {args.precision}, {views} views)"] = [fidelity(elastic.subnet(*b), dense, images) for b in BUDGETS]
         if args.search_evals:
-            from .search import DEFAULT_BALANCE, run_search
+            from ..search import DEFAULT_BALANCE, run_search
 
             scores = module.scores.balanced(DEFAULT_BALANCE)  # what the search ranks by default; it starts at w = 1
             w0 = torch.ones(scores.num_weights, dtype=torch.float64)

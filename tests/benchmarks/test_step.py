@@ -1,10 +1,11 @@
-"""``python -m snapvit_lightning.bench_step`` runs on the real ViT-S/14 and restores the module."""
+"""``python -m snapvit_lightning.benchmarks.step`` runs on the real ViT-S/14 and restores the module."""
 
 from __future__ import annotations
 
 import torch
 
-from snapvit_lightning import bench_step, forward, module
+from snapvit_lightning import forward, module
+from snapvit_lightning.benchmarks import step as bench_step
 
 
 def test_bench_step_prints_the_variants_per_precision(real_weights, capsys, one_thread) -> None:

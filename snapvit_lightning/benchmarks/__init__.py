@@ -1,0 +1,11 @@
+"""The measuring scripts, out of the core: each runs as ``python -m snapvit_lightning.benchmarks.<name>``.
+
+* :mod:`.bench`: ``snapvit bench``: k-NN, fidelity, FLOPs/params and latency of an elastic checkpoint.
+* :mod:`.balance`: the search's balance / fitness settings against fidelity.
+* :mod:`.scores`: scoring criteria against fidelity.
+* :mod:`.search`: the fitness and the search loop's speed.
+* :mod:`.slice`: slicing speed.
+* :mod:`.step`: the scoring training step's speed.
+
+Nothing in the core imports from here.
+"""

@@ -1,0 +1,196 @@
+"""The file formats: safetensors files with string metadata, read and written by the others.
+
+* elastic checkpoints and subnets (``format = "snapvit-elastic"``, ``kind`` ``elastic`` or
+  ``subnet``; see :mod:`snapvit_lightning.elastic` for the layout): :func:`save_subnet`,
+  :func:`load_subnet`, :func:`read_metadata`;
+* any format: :func:`read_format` checks ``format`` / ``format_version`` (the correction
+  statistics of :class:`~snapvit_lightning.correction.CorrectionStats` use it), and files are
+  written to a temporary name, then renamed.
+
+Loading parses JSON and reads tensors only; the model is rebuilt by its registered timm name
+with plain keyword values, so nothing in a file is ever executed. This module imports neither
+:mod:`~snapvit_lightning.elastic` nor :mod:`~snapvit_lightning.correction`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .structure import BlockDims, block_dims, get_blocks, inspect_vit, slice_model
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "save_subnet",
+    "load_subnet",
+    "read_metadata",
+    "check_model_kwargs",
+    "read_format",
+]
+
+FORMAT = "snapvit-elastic"
+
+
+FORMAT_VERSION = 1
+
+
+def save_subnet(
+    model: nn.Module, path: str | os.PathLike, *, model_name: str, model_kwargs: dict[str, Any]
+) -> None:
+    """Write a (sliced) timm ViT with its per-block dims so :func:`load_subnet` rebuilds it.
+
+    Raises:
+        ValueError: If ``model_name``/``model_kwargs`` do not rebuild this architecture.
+    """
+    inspect_vit(model)
+    check_model_kwargs(model_kwargs)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta = _metadata("subnet", model, model_name, model_kwargs)
+    _rebuild(path, {**meta, "model_kwargs": model_kwargs, "block_dims": json.loads(meta["block_dims"])}, tensors, check_only=True)
+    _write(path, tensors, meta)
+
+
+def load_subnet(path: str | os.PathLike) -> nn.Module:
+    """Read a subnet written by :func:`save_subnet` (or the full model of an elastic file).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: A corrupt file, another format or version, or mismatching contents.
+    """
+    tensors, meta = _read(path)
+    return _rebuild(path, meta, tensors)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed metadata of an elastic or subnet file, without reading its tensors."""
+    return _read(path, tensors=False)[1]
+
+
+def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
+    """Validate ``timm.create_model`` keyword arguments that a file can store; returns a copy.
+
+    Raises:
+        TypeError: If ``model_kwargs`` is not a dict.
+        ValueError: If it holds values that are not JSON (names, numbers, lists, dicts).
+    """
+    if not isinstance(model_kwargs, dict):
+        raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+    try:
+        json.dumps(model_kwargs)
+    except TypeError as err:
+        raise ValueError(f"model_kwargs must hold JSON values only (names, numbers, lists): {err}") from err
+    return dict(model_kwargs)
+
+
+def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[str, Any]) -> dict[str, str]:
+    dims = [[d.num_heads, d.mlp_hidden] for d in map(block_dims, get_blocks(model))]
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
+        "model_name": model_name,
+        "model_kwargs": json.dumps(model_kwargs),
+        "input_size": json.dumps([int(s) for s in model.patch_embed.img_size]),
+        "block_dims": json.dumps(dims),
+        "snapvit_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_REQUIRED_META = ("format", "format_version", "kind", "model_name", "model_kwargs", "block_dims", "input_size")
+
+
+def read_format(
+    path: str | os.PathLike, fmt: str, version: int, what: str, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw metadata of a safetensors file of format ``fmt`` and ``version``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names ``what``).
+        ValueError: An unreadable file, another format or another version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
+    if raw.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} file (format={raw.get('format')!r})")
+    if raw.get("format_version") != str(version):
+        raise ValueError(
+            f"{path} has format_version {raw.get('format_version')!r}; this snapvit_lightning "
+            f"{__version__} reads version {version}"
+        )
+    return data, raw
+
+
+def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    data, raw = read_format(path, FORMAT, FORMAT_VERSION, "elastic/subnet", tensors)
+    missing = [k for k in _REQUIRED_META if k not in raw]
+    if missing:
+        raise ValueError(f"{path} lacks metadata {missing}")
+    meta: dict[str, Any] = dict(raw)
+    try:
+        for key in ("model_kwargs", "block_dims", "input_size"):
+            meta[key] = json.loads(raw[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid metadata JSON: {err}") from err
+    if meta["kind"] not in ("elastic", "subnet"):
+        raise ValueError(f"{path}: unknown kind {meta['kind']!r}")
+    return data, meta
+
+
+def _rebuild(
+    path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_only: bool = False
+) -> nn.Module:
+    name, kwargs = meta["model_name"], meta["model_kwargs"]
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(f"{path}: model_name {name!r} is not a registered timm model")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: model_kwargs must be a JSON object, got {kwargs!r}")
+    try:
+        dims = [BlockDims(int(h), int(n)) for h, n in meta["block_dims"]]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid block_dims {meta['block_dims']!r}") from err
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        slice_model(model, dims)
+        if check_only:
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if expected != {k: tuple(v.shape) for k, v in state.items()}:
+                raise ValueError("state dict shapes differ from the rebuilt model")
+            return model
+        model.load_state_dict(state, strict=True, assign=True)
+    except (AssertionError, RuntimeError, ValueError, TypeError) as err:  # timm asserts on bad kwargs
+        raise ValueError(f"{path}: the weights do not fit {name} with {kwargs} and block_dims {meta['block_dims']}: {err}") from err
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"{path}: the file does not hold {leftover[:3]} of {name}")
+    return model.eval()

@@ -1,0 +1,519 @@
+"""The calibration data module: multi-crop dataset, resumable loader, Lightning data module.
+
+Reproducibility: the crops of calibration image ``i`` are drawn from a ``torch.Generator``
+seeded with a hash of ``(seed, epoch, i)`` where ``i`` is the image's position in the
+(deterministically ordered) calibration set. The views therefore do not depend on the number
+of dataloader workers, on the batch size, on the number of DDP ranks, or on iteration order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from typing_extensions import override
+
+from .crops import (
+    DINOMultiCrop,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    _check_int,
+    _check_scale,
+    _check_triple,
+    _mix_seed,
+    eval_transform,
+    resolve_input_config,
+)
+from .sources import (
+    DatasetSource,
+    ImageFolderSource,
+    ImageSource,
+    SkimagePhotosSource,
+    _decode,
+    _no_readable,
+    _report_skips,
+    _sorted_by_index,
+)
+
+__all__ = [
+    "CalibrationDataModule",
+    "MultiCropDataset",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
+]
+
+class MultiCropDataset(Dataset):
+    """Decoded images → ``(views [2+N, 3, S, S], label)``.
+
+    The crops of item ``i`` are seeded by ``(transform.seed, epoch, i)``; set ``epoch`` (or
+    :meth:`CalibrationDataModule.set_epoch`) to get new crops in a later epoch.
+
+    Args:
+        images: ``uint8`` ``[3, H, W]`` tensors.
+        labels: one int per image (-1 = unlabeled).
+        transform: the multi-crop transform.
+
+    Raises:
+        ValueError: if ``images`` and ``labels`` differ in length.
+    """
+
+    def __init__(self, images: Sequence[Tensor], labels: Sequence[int], transform: DINOMultiCrop) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+        self.images = list(images)
+        self.labels = [int(v) for v in labels]
+        self.transform = transform
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(self.images[index], index=index, epoch=self.epoch), self.labels[index]
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A :class:`~torch.utils.data.BatchSampler` whose next pass can start after ``skip`` batches.
+
+    Skipping happens on indices only (no image is loaded or cropped for a skipped batch) and
+    applies to one pass: ``skip`` is reset to 0 when the pass starts. Lightning re-creates it
+    around a ``DistributedSampler`` under DDP (same ``(sampler, batch_size, drop_last)``
+    arguments), so the skip then counts the rank's own batches.
+
+    Args:
+        sampler: the index sampler.
+        batch_size: indices per batch.
+        drop_last: drop the last incomplete batch.
+    """
+
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` that Lightning can resume in the middle of an epoch.
+
+    Lightning (2.x) stores ``state_dict()`` of every train dataloader that has
+    ``state_dict``/``load_state_dict`` in the checkpoint's loop state and, on
+    ``trainer.fit(..., ckpt_path=...)``, calls ``load_state_dict`` before the first ``iter()``;
+    its batch progress continues from the restored ``batch_idx``. The state is the number of
+    batches this loader has yielded in the current pass (counted in the main process, after
+    worker prefetching, so it equals the steps Lightning has taken for a sized loader). After
+    ``load_state_dict`` the next pass starts after those batches: at the index level with a
+    :class:`ResumableBatchSampler`, otherwise by loading and dropping them. ``len()`` stays the
+    full length, as Lightning expects.
+    """
+
+    _served: int = 0
+    _resume_at: int = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        start, self._resume_at = self._resume_at, 0
+        skip_here = start
+        if start and isinstance(self.batch_sampler, ResumableBatchSampler):
+            self.batch_sampler.skip, skip_here = start, 0
+        self._served = start
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip_here:
+                continue
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"batches": yielded in this pass, "num_samples": dataset length}`` (plain ints)."""
+        return {"batches": int(self._served), "num_samples": len(self.dataset)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Start the next pass after ``state_dict["batches"]`` batches.
+
+        Raises:
+            ValueError: if the saved dataset length differs from this loader's, or the batch
+                count is negative or beyond the loader's length.
+        """
+        batches = int(state_dict.get("batches", 0))
+        saved = state_dict.get("num_samples")
+        current = len(self.dataset)  # type: ignore[arg-type]
+        if saved is not None and int(saved) != current:
+            raise ValueError(
+                f"the checkpoint's dataloader state was saved with num_samples={int(saved)}, but this "
+                f"loader's dataset has {current} samples: resume with the same calibration data"
+            )
+        if not 0 <= batches <= len(self):
+            raise ValueError(f"dataloader state batches={batches} is outside [0, {len(self)}]")
+        self._resume_at = batches
+
+
+class CalibrationDataModule(LightningDataModule):
+    """Unlabeled calibration images as DINO multi-crops, plus fixed fitness images.
+
+    Sources (at most one of ``data_dir``/``dataset``): a folder (ImageFolder layout →
+    labels from class folders, flat → -1) or a single image file; a map-style ``Dataset``
+    of images or ``(image, label)`` pairs; or, when neither is given, the photos shipped with
+    scikit-image (needs ``scikit-image``).
+
+    Every image is decoded once and cached in memory as ``uint8`` with its shorter side at
+    most ``max_side`` (default ``2 * img_size``). Unreadable files inside a folder are skipped
+    with a warning naming each (and a final "skipped K of N files" warning); another image is
+    decoded in its place when ``max_samples`` leaves some unused.
+
+    Selection (deterministic from ``seed``): the pool is shuffled with ``seed``; the first
+    ``holdout`` readable images are the fitness images, the next ``max_samples`` (or all)
+    readable ones are the calibration images. Both sets keep the source's order.
+
+    Fitness images (for the search) are, by priority: ``fitness_data_dir`` (all its images),
+    else the ``holdout`` images, else (``holdout=0``) **the calibration images themselves**.
+    They are returned by :meth:`fitness_images` as timm-style eval views (shorter side to
+    ``floor(S * 256 / 224)``, center crop ``S``, normalised).
+
+    Size and normalisation come from the model via :meth:`configure_from_model` (the
+    LightningModule or callback calls it) unless ``img_size``/``mean``/``std`` are given
+    (explicit values win). Images are decoded lazily, at the first :meth:`train_dataloader`
+    / :meth:`fitness_images` call, because ``setup`` runs before the LightningModule's.
+
+    Batches are ``(views [B, 2+N, 3, S, S], labels [B])``. The loader does not shuffle and
+    keeps Lightning's default distributed sampler, so under DDP each rank sees a disjoint
+    share (``DistributedSampler`` repeats a few images to even out the shares when the set
+    size is not a multiple of the world size).
+
+    Args:
+        data_dir: folder (or image file) of calibration images.
+        dataset: map-style dataset of calibration images.
+        max_samples: number of calibration images to use (a seeded subset); ``None`` = all.
+        batch_size: images per batch.
+        num_workers: dataloader workers.
+        num_local_crops: local views per image (the reference uses 10).
+        global_scale: area-fraction range of the 2 global crops.
+        local_scale: area-fraction range of the local crops.
+        img_size: view size; ``None`` = the model's input size.
+        seed: seeds the selection and the crops.
+        holdout: images held out of calibration for the fitness set: a count (int >= 0) or a
+            fraction of the pool (float in [0, 1)).
+        fitness_data_dir: a separate folder of fitness images (excludes ``holdout``).
+        mean: normalisation mean; ``None`` = the model's (ImageNet's without a model).
+        std: normalisation std; ``None`` = the model's (ImageNet's without a model).
+        max_side: bound on the cached images' shorter side; ``None`` = ``2 * img_size``.
+        flip: random horizontal flips of the views.
+        independent_views: every view its own crop (default); ``False`` repeats one global and
+            one local crop as the official code does (see :class:`DINOMultiCrop`).
+
+    Raises:
+        ValueError: if both ``data_dir`` and ``dataset`` (or both ``holdout`` and
+            ``fitness_data_dir``) are given, or an argument is out of range.
+        TypeError: if an argument has the wrong type.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        dataset: Dataset | None = None,
+        max_samples: int | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        num_local_crops: int = 10,
+        global_scale: tuple[float, float] = (0.25, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.25),
+        img_size: int | None = None,
+        seed: int = 0,
+        holdout: int | float = 0,
+        fitness_data_dir: str | Path | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        max_side: int | None = None,
+        flip: bool = True,
+        independent_views: bool = True,
+    ) -> None:
+        super().__init__()
+        if data_dir is not None and dataset is not None:
+            raise ValueError(
+                f"pass either `data_dir` or `dataset`, not both (got data_dir={str(data_dir)!r} "
+                f"and dataset={type(dataset).__name__})"
+            )
+        if data_dir is not None and not isinstance(data_dir, (str, Path)):
+            raise TypeError(f"`data_dir` must be a path, got {data_dir!r}")
+        if fitness_data_dir is not None and not isinstance(fitness_data_dir, (str, Path)):
+            raise TypeError(f"`fitness_data_dir` must be a path, got {fitness_data_dir!r}")
+        if dataset is not None:
+            DatasetSource(dataset)  # type check only
+        self.max_samples = None if max_samples is None else _check_int("max_samples", max_samples, 1)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.num_local_crops = _check_int("num_local_crops", num_local_crops, 0)
+        self.global_scale = _check_scale("global_scale", global_scale)
+        self.local_scale = _check_scale("local_scale", local_scale)
+        self.img_size = None if img_size is None else _check_int("img_size", img_size, 1)
+        self.seed = _check_int("seed", seed, -(2**63))
+        if isinstance(holdout, bool) or not isinstance(holdout, (int, float, np.integer, np.floating)):
+            raise TypeError(f"`holdout` must be an int (count) or a float (fraction), got {holdout!r}")
+        if isinstance(holdout, (float, np.floating)):
+            if not 0.0 <= holdout < 1.0:
+                raise ValueError(f"`holdout` as a fraction must be in [0, 1), got {holdout!r}")
+            holdout = float(holdout)
+        elif holdout < 0:
+            raise ValueError(f"`holdout` as a count must be >= 0, got {holdout!r}")
+        else:
+            holdout = int(holdout)
+        if holdout and fitness_data_dir is not None:
+            raise ValueError(
+                f"pass either `holdout` or `fitness_data_dir`, not both (got holdout={holdout!r} "
+                f"and fitness_data_dir={str(fitness_data_dir)!r})"
+            )
+        self.holdout = holdout
+        self.mean = None if mean is None else _check_triple("mean", mean)
+        self.std = None if std is None else _check_triple("std", std, positive=True)
+        self.max_side = None if max_side is None else _check_int("max_side", max_side, 1)
+        if not isinstance(flip, bool):
+            raise TypeError(f"`flip` must be a bool, got {flip!r}")
+        self.flip = flip
+        if not isinstance(independent_views, bool):
+            raise TypeError(f"`independent_views` must be a bool, got {independent_views!r}")
+        self.independent_views = independent_views
+        self.data_dir = None if data_dir is None else Path(data_dir)
+        self.fitness_data_dir = None if fitness_data_dir is None else Path(fitness_data_dir)
+        self.dataset = dataset
+        self.save_hyperparameters(ignore=["dataset"])
+
+        self._model_cfg: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None
+        self._source: ImageSource | None = None
+        self._fitness_source: ImageSource | None = None
+        self._decoded_side: int | None = None
+        self._cal_images: list[Tensor] = []
+        self._cal_labels: list[int] = []
+        self._fit_images: list[Tensor] | None = None  # None: use the calibration images
+        self._fit_labels: list[int] | None = None
+        self._train_dataset: MultiCropDataset | None = None
+        self._eval_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+        self._epoch = 0
+
+    # ---------------------------------------------------------------- configuration
+
+    def configure_from_model(self, model: nn.Module) -> None:
+        """Take the view size and mean/std from a timm model (explicit arguments win).
+
+        Args:
+            model: the timm model to be pruned.
+
+        Raises:
+            ValueError: if the model's input size is not square.
+        """
+        self._model_cfg = resolve_input_config(model)
+        self._train_dataset = None
+        self._eval_cache.clear()
+
+    @property
+    def size(self) -> int:
+        """The view size ``S``.
+
+        Raises:
+            RuntimeError: if neither ``img_size`` nor a model configuration is known.
+        """
+        if self.img_size is not None:
+            return self.img_size
+        if self._model_cfg is None:
+            raise RuntimeError(
+                "the image size is unknown: pass `img_size=` or call `configure_from_model(model)` first"
+            )
+        return self._model_cfg[0]
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` in use."""
+        cfg_mean, cfg_std = (self._model_cfg[1], self._model_cfg[2]) if self._model_cfg else (None, None)
+        mean = self.mean or cfg_mean or IMAGENET_DEFAULT_MEAN
+        std = self.std or cfg_std or IMAGENET_DEFAULT_STD
+        return tuple(mean), tuple(std)
+
+    @property
+    def num_views(self) -> int:
+        """Views per image, ``2 + num_local_crops``."""
+        return 2 + self.num_local_crops
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the crops of ``epoch`` (default 0) from now on."""
+        self._epoch = _check_int("epoch", epoch, 0)
+        if self._train_dataset is not None:
+            self._train_dataset.epoch = self._epoch
+
+    # ---------------------------------------------------------------- setup / decoding
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """List the sources (fails early on bad paths); decode if the size is known.
+
+        Raises:
+            FileNotFoundError: if a folder does not exist.
+            ValueError: if a folder has no images, or ``holdout`` leaves no calibration images.
+            ImportError: if no source is given and scikit-image is missing.
+        """
+        if self._source is None:
+            if self.data_dir is not None:
+                self._source = ImageFolderSource(self.data_dir)
+            elif self.dataset is not None:
+                self._source = DatasetSource(self.dataset)
+            else:
+                self._source = SkimagePhotosSource()
+            n = len(self._source)
+            if n == 0:
+                raise ValueError(f"{self._source.description} is empty")
+            if self._holdout_count(n) >= n:
+                raise ValueError(
+                    f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}"
+                )
+        if self._fitness_source is None and self.fitness_data_dir is not None:
+            self._fitness_source = ImageFolderSource(self.fitness_data_dir)
+        if self.img_size is not None or self.max_side is not None or self._model_cfg is not None:
+            self._ensure_decoded()
+
+    def _holdout_count(self, n: int) -> int:
+        if isinstance(self.holdout, float):
+            return max(1, round(self.holdout * n)) if self.holdout > 0 else 0
+        return self.holdout
+
+    def _target_side(self) -> int:
+        return self.max_side if self.max_side is not None else 2 * self.size
+
+    def _ensure_decoded(self) -> None:
+        if self._source is None:
+            self.setup("fit")
+        side = self._target_side()
+        if self._decoded_side == side:
+            return
+        source = self._source
+        if source is None:  # pragma: no cover - setup() always sets it
+            raise RuntimeError("no image source: call setup() first")
+        n = len(source)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, n))).tolist()
+        n_hold = self._holdout_count(n)
+        skipped: list[tuple[str, str]] = []
+        fit_idx, fit_imgs, fit_lbls, used = _decode(source, order, n_hold, side, skipped) if n_hold else ([], [], [], 0)
+        cal_idx, cal_imgs, cal_lbls, used2 = _decode(source, order[used:], self.max_samples, side, skipped)
+        _report_skips(source, skipped, used + used2)
+        if not cal_idx:
+            if not fit_idx:
+                raise _no_readable(source, skipped)
+            raise ValueError(
+                f"`holdout`={self.holdout!r} leaves no readable calibration images in {source.description}"
+            )
+        if n_hold and len(fit_idx) < n_hold:
+            rank_zero_warn(f"only {len(fit_idx)} of the requested {n_hold} holdout images could be read")
+        self._cal_images, self._cal_labels = _sorted_by_index(cal_idx, cal_imgs, cal_lbls)
+        if n_hold:
+            self._fit_images, self._fit_labels = _sorted_by_index(fit_idx, fit_imgs, fit_lbls)
+        elif self._fitness_source is not None:
+            fsrc = self._fitness_source
+            fskipped: list[tuple[str, str]] = []
+            f_idx, f_imgs, f_lbls, f_used = _decode(fsrc, range(len(fsrc)), None, side, fskipped)
+            _report_skips(fsrc, fskipped, f_used)
+            if not f_idx:
+                raise _no_readable(fsrc, fskipped)
+            self._fit_images, self._fit_labels = f_imgs, f_lbls
+        else:
+            self._fit_images = self._fit_labels = None
+        self._decoded_side = side
+        self._train_dataset = None
+        self._eval_cache.clear()
+
+    # ---------------------------------------------------------------- outputs
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of the calibration source (empty when unlabeled)."""
+        if self._source is None:
+            self.setup("fit")
+        return list(self._source.classes)  # type: ignore[union-attr]
+
+    def multicrop(self) -> DINOMultiCrop:
+        """The transform used for the calibration views."""
+        mean, std = self.normalization
+        return DINOMultiCrop(
+            size=self.size,
+            num_local_crops=self.num_local_crops,
+            global_scale=self.global_scale,
+            local_scale=self.local_scale,
+            mean=mean,
+            std=std,
+            flip=self.flip,
+            independent_views=self.independent_views,
+            seed=self.seed,
+        )
+
+    def train_dataset(self) -> MultiCropDataset:
+        """The calibration dataset (decodes the images on first use)."""
+        self._ensure_decoded()
+        transform = self.multicrop()
+        if self._train_dataset is None or repr(self._train_dataset.transform) != repr(transform):
+            self._train_dataset = MultiCropDataset(self._cal_images, self._cal_labels, transform)
+            self._train_dataset.epoch = self._epoch
+        return self._train_dataset
+
+    @override
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Batches ``(views [B, 2+N, 3, S, S], labels [B])`` in a fixed order.
+
+        The loader is a :class:`ResumableDataLoader`: a Lightning checkpoint saved in the
+        middle of the epoch records how many batches were served, and
+        ``trainer.fit(..., ckpt_path=...)`` continues with the remaining ones. The views of
+        an image depend only on ``(seed, epoch, index)``, so they are the same after a resume.
+        """
+        dataset = self.train_dataset()
+        return ResumableDataLoader(
+            dataset,
+            batch_sampler=ResumableBatchSampler(SequentialSampler(dataset), self.batch_size, drop_last=False),
+            num_workers=self.num_workers,
+        )
+
+    def _eval_stack(self, key: str, images: list[Tensor]) -> Tensor:
+        mean, std = self.normalization
+        config = (self.size, mean, std, self._decoded_side)
+        cached = self._eval_cache.get(key)
+        if cached is not None and cached[0] == config:
+            return cached[1]
+        out = torch.stack([eval_transform(img, self.size, mean, std) for img in images])
+        self._eval_cache[key] = (config, out)
+        return out
+
+    def calibration_images_eval(self) -> Tensor:
+        """Calibration images as eval views, float ``[N, 3, S, S]`` (cached)."""
+        self._ensure_decoded()
+        return self._eval_stack("calibration", self._cal_images)
+
+    def calibration_labels(self) -> Tensor:
+        """Labels of the calibration images, ``int64 [N]`` (-1 = unlabeled)."""
+        self._ensure_decoded()
+        return torch.tensor(self._cal_labels, dtype=torch.long)
+
+    def fitness_images(self) -> Tensor:
+        """Fitness images as eval views, float ``[M, 3, S, S]`` (cached).
+
+        From ``fitness_data_dir``, else the holdout, else the calibration images themselves.
+        """
+        self._ensure_decoded()
+        if self._fit_images is None:
+            return self.calibration_images_eval()
+        return self._eval_stack("fitness", self._fit_images)
+
+    def fitness_labels(self) -> Tensor:
+        """Labels of :meth:`fitness_images`, ``int64 [M]`` (-1 = unlabeled)."""
+        self._ensure_decoded()
+        if self._fit_labels is None:
+            return self.calibration_labels()
+        return torch.tensor(self._fit_labels, dtype=torch.long)
+
+    @property
+    def num_calibration_images(self) -> int:
+        """Number of (readable) calibration images."""
+        self._ensure_decoded()
+        return len(self._cal_images)

@@ -1,0 +1,456 @@
+"""Image sources: where calibration and evaluation images come from, decoded once.
+
+Images are decoded once (PIL → RGB → ``uint8`` tensor, shorter side bounded by ``max_side``)
+and kept in memory. An :class:`ImageSource` yields ``(image, label)`` pairs; unreadable files
+are skipped and reported (:class:`UnreadableImageError` names the file).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset
+from typing_extensions import override
+
+from .crops import eval_transform, resolve_input_config
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "SKIMAGE_PHOTOS",
+    "DatasetSource",
+    "ImageFolderSource",
+    "ImageSource",
+    "SkimagePhotosSource",
+    "UnreadableImageError",
+    "find_images",
+    "load_eval_images",
+    "load_image",
+    "to_uint8_image",
+]
+
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+#: Real photographs shipped inside scikit-image (no download needed). Grayscale ones are
+#: stacked to three channels. ``cat`` is the same picture as ``chelsea`` and is left out.
+SKIMAGE_PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "camera",
+    "coins",
+    "moon",
+    "clock",
+    "grass",
+    "gravel",
+    "brick",
+)
+
+
+_MAX_NAMED_SKIPS = 10
+
+
+class UnreadableImageError(ValueError):
+    """An image file (or dataset item) could not be decoded."""
+
+
+def _resize_short_side_uint8(img: Tensor, max_side: int | None) -> Tensor:
+    if max_side is None or min(img.shape[-2:]) <= max_side:
+        return img.contiguous()
+    h, w = img.shape[-2:]
+    short = min(h, w)
+    new_h = max(1, round(h * max_side / short))
+    new_w = max(1, round(w * max_side / short))
+    x = img[None].contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].contiguous()
+
+
+def _pil_to_uint8(im: Image.Image, max_side: int | None) -> Tensor:
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    im = im.convert("RGB")
+    if max_side is not None and min(im.size) > max_side:
+        w, h = im.size
+        short = min(w, h)
+        size = (max(1, round(w * max_side / short)), max(1, round(h * max_side / short)))
+        im = im.resize(size, Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
+    """Decode an image file to an RGB ``uint8`` tensor ``[3, H, W]``.
+
+    Transparent pixels are composited on white, EXIF orientation is applied, and the image is
+    downscaled (bilinear, antialiased) so that its shorter side is at most ``max_side``.
+
+    Args:
+        path: the image file.
+        max_side: upper bound on the shorter side; ``None`` keeps the full resolution.
+
+    Returns:
+        The decoded image.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        UnreadableImageError: (a ``ValueError``) if the file cannot be decoded; the message
+            names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: '{path}'")
+    try:
+        with Image.open(path) as im:
+            if max_side is not None and im.format == "JPEG":
+                w, h = im.size
+                short = min(w, h)
+                if short > max_side:  # let libjpeg decode at a reduced scale (>= requested)
+                    im.draft("RGB", (math.ceil(w * max_side / short), math.ceil(h * max_side / short)))
+            im.load()
+            return _pil_to_uint8(im, max_side)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image file '{path}': {err}") from err
+
+
+def to_uint8_image(image: Any, max_side: int | None = None) -> Tensor:
+    """Convert an image object to an RGB ``uint8`` tensor ``[3, H, W]``.
+
+    Accepted: a PIL image (any mode); a tensor ``[3, H, W]``, ``[1, H, W]`` or ``[H, W]``
+    (``uint8`` in 0..255, or floating point in [0, 1]); a numpy array ``[H, W, C]`` or
+    ``[H, W]`` with C in {1, 3, 4} (``uint8``, ``bool`` or float in [0, 1]; alpha dropped).
+
+    Args:
+        image: the image.
+        max_side: upper bound on the shorter side after conversion; ``None`` keeps it.
+
+    Returns:
+        The image as a contiguous ``uint8`` tensor.
+
+    Raises:
+        TypeError: for an unsupported type or dtype.
+        ValueError: for an unsupported shape, or float values outside [0, 1] (e.g. an image
+            that was already normalised).
+    """
+    if isinstance(image, Image.Image):
+        return _pil_to_uint8(image, max_side)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in 1/3/4, got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(arr[:, :, :3])).permute(2, 0, 1)
+    elif isinstance(image, Tensor):
+        tensor = image.detach().cpu()
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+            raise ValueError(
+                f"tensor images must be [3, H, W], [1, H, W] or [H, W], got shape {tuple(image.shape)}"
+            )
+    else:
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}: expected a PIL image, a tensor or a numpy array"
+        )
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(torch.uint8) * 255
+    elif tensor.is_floating_point():
+        if tensor.numel() and (tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3):
+            raise ValueError(
+                "floating point images must hold values in [0, 1] (unnormalised); got range "
+                f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]"
+            )
+        tensor = (tensor.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+    elif tensor.dtype != torch.uint8:
+        raise TypeError(f"integer images must be uint8, got {tensor.dtype}")
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    return _resize_short_side_uint8(tensor, max_side)
+
+
+def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """List the images under ``root`` in a deterministic order.
+
+    ImageFolder layout (no images directly in ``root``, images in its subfolders): every
+    non-hidden subfolder that contains images (at any depth) is a class; classes are sorted
+    by name and labels are their indices. Otherwise (flat or mixed folder) every image found
+    recursively gets label -1. Files are matched by extension (``IMG_EXTENSIONS``, case
+    insensitive); hidden files and folders (name starting with ``.``) are ignored. ``root``
+    may also be a single image file (label -1).
+
+    Args:
+        root: a folder, or one image file.
+
+    Returns:
+        ``(files, labels, classes)``; files sorted by relative path.
+
+    Raises:
+        FileNotFoundError: if ``root`` does not exist.
+        ValueError: if ``root`` holds no image files.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: '{root}'")
+    if root.is_file():
+        return [root], [-1], []
+
+    def visible(p: Path) -> bool:
+        return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+    def is_image(p: Path) -> bool:
+        return p.suffix.lower() in IMG_EXTENSIONS and p.is_file() and visible(p)
+
+    files = sorted((p for p in root.rglob("*") if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}'")
+    top_level = [p for p in files if p.parent == root]
+    if top_level:
+        return files, [-1] * len(files), []
+    classes = sorted({p.relative_to(root).parts[0] for p in files})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[p.relative_to(root).parts[0]] for p in files]
+    return files, labels, classes
+
+
+def load_eval_images(folder: str | Path, model: nn.Module) -> tuple[Tensor, Tensor, list[str]]:
+    """Eval views ``[N, 3, S, S]`` of every image under ``folder`` at ``model``'s input config.
+
+    Returns the views, the ImageFolder labels ``[N]`` (``-1`` for a flat folder, see
+    :func:`find_images`) and the class names.
+
+    Raises:
+        FileNotFoundError, ValueError: See :func:`find_images` and :func:`load_image`.
+    """
+    size, mean, std = resolve_input_config(model)
+    files, labels, classes = find_images(folder)
+    views = [eval_transform(load_image(f, max_side=2 * size), size, mean, std) for f in files]
+    return torch.stack(views), torch.tensor(labels, dtype=torch.long), classes
+
+
+class ImageSource:
+    """A finite, indexable collection of images that are decoded on demand.
+
+    Subclasses implement ``__len__``, ``load`` and ``name``.
+    """
+
+    #: class names (index = label), empty when unlabeled.
+    classes: list[str]
+    #: a human-readable description used in error messages.
+    description: str
+    #: whether a decoding failure of single items may be skipped with a warning.
+    skippable: bool = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int, max_side: int | None = None) -> tuple[Tensor, int]:
+        """Decode item ``index`` → (``uint8`` ``[3, H, W]``, label)."""
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A name for item ``index`` in messages."""
+        return f"{self.description}[{index}]"
+
+
+class ImageFolderSource(ImageSource):
+    """Images in a folder (ImageFolder layout or flat), or one image file.
+
+    See :func:`find_images` for the layout rules and labels.
+
+    Args:
+        root: the folder, or one image file.
+
+    Raises:
+        FileNotFoundError: if ``root`` does not exist.
+        ValueError: if ``root`` holds no image files.
+    """
+
+    skippable = True
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.files, self.labels, self.classes = find_images(self.root)
+        self.description = f"'{self.root}'"
+        # an explicitly named single file must be readable: no skipping
+        self.skippable = not self.root.is_file()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @override
+    def load(self, index: int, max_side: int | None = None) -> tuple[Tensor, int]:
+        return load_image(self.files[index], max_side), self.labels[index]
+
+    @override
+    def name(self, index: int) -> str:
+        return str(self.files[index])
+
+
+def _label_to_int(label: Any, where: str) -> int:
+    if isinstance(label, Tensor):
+        if label.numel() != 1:
+            raise TypeError(f"{where}: label must be a scalar, got a tensor of shape {tuple(label.shape)}")
+        label = label.item()
+    if isinstance(label, (bool, float)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"{where}: label must be an int, got {label!r}")
+    return int(label)
+
+
+class DatasetSource(ImageSource):
+    """A map-style dataset yielding images or ``(image, label)`` pairs.
+
+    Images may be PIL images, tensors or numpy arrays (see :func:`to_uint8_image`). Items
+    without a label get -1.
+
+    Args:
+        dataset: a map-style ``torch.utils.data.Dataset`` (or any sequence) with ``__len__``.
+
+    Raises:
+        TypeError: if ``dataset`` is iterable-only or has no ``__len__``/``__getitem__``.
+    """
+
+    def __init__(self, dataset: Dataset | Sequence[Any]) -> None:
+        if isinstance(dataset, IterableDataset) or not (
+            hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+        ):
+            raise TypeError(
+                f"`dataset` must be a map-style Dataset with __len__ and __getitem__, got {type(dataset).__name__}"
+            )
+        self.dataset = dataset
+        self.classes = list(getattr(dataset, "classes", []) or [])
+        self.description = f"dataset {type(dataset).__name__}"
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @override
+    def load(self, index: int, max_side: int | None = None) -> tuple[Tensor, int]:
+        item = self.dataset[index]
+        where = f"{self.description} item {index}"
+        label = -1
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise TypeError(f"{where}: expected an image or an (image, label) pair, got {len(item)} values")
+            item, label = item[0], _label_to_int(item[1], where)
+        try:
+            return to_uint8_image(item, max_side), label
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from err
+
+
+class SkimagePhotosSource(ImageSource):
+    """The real photographs shipped with scikit-image (label -1); the default source.
+
+    Args:
+        names: ``skimage.data`` function names; photos missing from the installed version
+            are left out.
+
+    Raises:
+        ImportError: if scikit-image is not installed.
+        ValueError: if none of the photos is available.
+    """
+
+    skippable = True
+
+    def __init__(self, names: Sequence[str] = SKIMAGE_PHOTOS) -> None:
+        try:
+            import skimage.data as skdata
+        except ImportError as err:
+            raise ImportError(
+                "the built-in calibration images come from scikit-image: `pip install scikit-image`, "
+                "or pass `data_dir=` (a folder of images) or `dataset=`"
+            ) from err
+        self._skdata = skdata
+        self.names = [n for n in names if callable(getattr(skdata, n, None))]
+        if not self.names:
+            raise ValueError(f"none of the scikit-image photos {tuple(names)} is available")
+        self.classes = []
+        self.description = "scikit-image photos"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @override
+    def load(self, index: int, max_side: int | None = None) -> tuple[Tensor, int]:
+        try:
+            arr = getattr(self._skdata, self.names[index])()
+        except Exception as err:  # e.g. a file that needs pooch to download
+            raise UnreadableImageError(f"cannot load skimage.data.{self.names[index]}(): {err}") from err
+        return to_uint8_image(arr, max_side), -1
+
+    @override
+    def name(self, index: int) -> str:
+        return f"skimage.data.{self.names[index]}"
+
+
+def _decode(
+    source: ImageSource,
+    order: Sequence[int],
+    want: int | None,
+    max_side: int | None,
+    skipped: list[tuple[str, str]],
+) -> tuple[list[int], list[Tensor], list[int], int]:
+    """Decode items of ``source`` in ``order`` until ``want`` succeeded (all if None).
+
+    Returns:
+        (indices, images, labels, number of positions of ``order`` consumed)
+    """
+    indices: list[int] = []
+    images: list[Tensor] = []
+    labels: list[int] = []
+    pos = 0
+    for pos_, i in enumerate(order):
+        pos = pos_ + 1
+        try:
+            img, label = source.load(i, max_side)
+        except UnreadableImageError as err:
+            if not source.skippable:
+                raise
+            skipped.append((source.name(i), str(err.__cause__ or err)))
+            continue
+        indices.append(i)
+        images.append(img)
+        labels.append(label)
+        if want is not None and len(indices) >= want:
+            break
+    return indices, images, labels, pos
+
+
+def _sorted_by_index(indices: list[int], images: list[Tensor], labels: list[int]) -> tuple[list[Tensor], list[int]]:
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    return [images[k] for k in order], [labels[k] for k in order]
+
+
+def _report_skips(source: ImageSource, skipped: list[tuple[str, str]], attempted: int) -> None:
+    if not skipped:
+        return
+    for name, reason in skipped[:_MAX_NAMED_SKIPS]:
+        rank_zero_warn(f"skipping unreadable image '{name}': {reason}", category=UserWarning)
+    more = len(skipped) - _MAX_NAMED_SKIPS
+    tail = f" (and {more} more)" if more > 0 else ""
+    rank_zero_warn(
+        f"skipped {len(skipped)} of {attempted} files in {source.description} that could not be read{tail}",
+        category=UserWarning,
+    )
+
+
+def _no_readable(source: ImageSource, skipped: list[tuple[str, str]]) -> ValueError:
+    first = f" (e.g. '{skipped[0][0]}': {skipped[0][1]})" if skipped else ""
+    return ValueError(f"no readable images in {source.description}{first}")

@@ -1,0 +1,119 @@
+"""The scoring loss: DINO multi-crop self-distillation, and the V-rows gradient shortcut.
+
+:func:`dino_loss` is the per-sample loss whose gradients become the scores (the teacher taken
+from the student's own embeddings of the global views, see :mod:`snapvit_lightning.module`).
+:func:`_v_rows_weight_grads` makes every ``attn.qkv`` compute only its V rows' weight gradient,
+the only rows the scores read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .structure import get_blocks
+
+__all__ = [
+    "dino_loss",
+]
+
+#: Number of global crops (teacher views) at the front of every multi-crop.
+NUM_GLOBAL_VIEWS = 2
+
+
+class _RowsGradLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient is computed for rows ``[start, stop)`` only.
+
+    The other rows' gradient is returned as zeros: the scores read only the V rows of
+    ``attn.qkv``, and the Q/K rows' weight gradient would cost two thirds of the layer's weight
+    gradient matmul. Under autocast the inputs are cast as autocast would cast them, explicitly,
+    so the backward does not depend on the autocast state of the thread that runs it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.rows = (start, stop)
+        ctx.has_bias = bias is not None
+        with torch.autocast(device, enabled=False):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        start, stop = ctx.rows
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight)
+            grad_w[start:stop] = grad[..., start:stop].reshape(-1, stop - start).T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+@contextlib.contextmanager
+def _v_rows_weight_grads(model: nn.Module) -> Any:
+    """Within the context, every ``attn.qkv`` of ``model`` computes only its V rows' weight gradient."""
+    patched = []
+    try:
+        for block in get_blocks(model):
+            qkv = block.attn.qkv
+            if torch.is_grad_enabled() and qkv.weight.requires_grad:
+                width = qkv.out_features // 3
+                qkv.forward = functools.partial(_rows_grad_linear, qkv, 2 * width, 3 * width)
+                patched.append(qkv)
+        yield
+    finally:
+        for qkv in patched:
+            del qkv.forward  # back to nn.Linear.forward
+
+
+def _rows_grad_linear(layer: nn.Linear, start: int, stop: int, x: Tensor) -> Tensor:
+    return _RowsGradLinear.apply(x, layer.weight, layer.bias, start, stop)
+
+
+def dino_loss(
+    embeddings: Tensor, teacher_temp: float | None = None, student_temp: float | None = None
+) -> Tensor:
+    """Per-sample DINO multi-crop loss with the teacher taken from the global views.
+
+    Embeddings are L2-normalised; the teacher distribution is ``softmax(z / teacher_temp)``
+    of the (detached) embeddings of views 0 and 1, the student's is
+    ``log_softmax(z / student_temp)`` of every view (no temperature when ``None``). The loss
+    of a sample is the sum over teacher views ``t`` and student views ``s != t`` of the
+    cross-entropy ``-sum_k p_t[k] * log q_s[k]``.
+
+    Args:
+        embeddings: ``[B, V, D]`` embeddings, views 0 and 1 being the global crops (``V >= 2``).
+        teacher_temp: Teacher temperature, or ``None``.
+        student_temp: Student temperature, or ``None``.
+
+    Returns:
+        ``[B]`` per-sample losses (float32 or wider).
+
+    Raises:
+        ValueError: If ``embeddings`` is not ``[B, V >= 2, D]``.
+    """
+    if embeddings.dim() != 3 or embeddings.shape[1] < NUM_GLOBAL_VIEWS:
+        raise ValueError(f"embeddings must be [B, V >= 2, D], got {list(embeddings.shape)}")
+    z = F.normalize(embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings, dim=-1)
+    teacher = z[:, :NUM_GLOBAL_VIEWS].detach()
+    p = F.softmax(teacher / (1.0 if teacher_temp is None else teacher_temp), dim=-1)
+    log_q = F.log_softmax(z / (1.0 if student_temp is None else student_temp), dim=-1)
+    ce = -torch.einsum("btd,bsd->bts", p, log_q)  # [B, teacher views, student views]
+    same = torch.zeros(ce.shape[1:], dtype=torch.bool, device=ce.device)
+    same[torch.arange(NUM_GLOBAL_VIEWS), torch.arange(NUM_GLOBAL_VIEWS)] = True
+    return ce.masked_fill(same, 0.0).sum(dim=(1, 2))

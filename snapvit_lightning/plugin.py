@@ -1,0 +1,337 @@
+""":class:`SnapViT`: one callback a user adds to their *own* ``Trainer``.
+
+After their fit it finds the timm ViT inside their LightningModule (:func:`find_vit`), scores a
+copy of it on calibration data, optionally runs the evolutionary search, and exports the
+elastic checkpoint with :func:`~snapvit_lightning.export.export_elastic`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from .elastic import ElasticViT
+from .export import (
+    Budget,
+    DEFAULT_BUDGETS,
+    _calibration_images,
+    _check_dirpath,
+    _check_images,
+    _default_name,
+    _refuse_existing,
+    _refuse_existing_before_fit,
+    _set_export_options,
+    export_elastic,
+    export_targets,
+)
+from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
+from .scores import ImportanceScores
+from .search import EvolutionarySearch
+from .structure import UnsupportedModelError, check_supported
+
+__all__ = [
+    "find_vit",
+    "SnapViT",
+]
+
+def _is_timm_vit(module: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(module, VisionTransformer)
+
+
+def find_vit(
+    pl_module: nn.Module,
+    model_attr: str | None = None,
+    model_getter: Callable[[Any], nn.Module] | None = None,
+) -> tuple[str, nn.Module]:
+    """Find the timm ViT inside a (Lightning) module.
+
+    By ``model_attr`` (a dotted attribute path), by ``model_getter(pl_module)``, or by
+    auto-detection: the submodules that are timm ``VisionTransformer`` instances (one inside
+    another counted once) that SnapViT supports; exactly one must be found.
+
+    Returns:
+        ``(where, model)``: the attribute path (``"<getter>"`` for a getter) and the model.
+
+    Raises:
+        ValueError: No such attribute, no supported ViT, or several ViTs (listing their names).
+        TypeError: The attribute or getter result is not an ``nn.Module``.
+        UnsupportedModelError: The chosen model is not supported (attr/getter).
+    """
+    cls = type(pl_module).__name__
+    if model_attr is not None:
+        try:
+            model = functools.reduce(getattr, model_attr.split("."), pl_module)
+        except AttributeError:
+            raise ValueError(f"model_attr={model_attr!r}: {cls} has no such attribute") from None
+        where = model_attr
+    elif model_getter is not None:
+        model = model_getter(pl_module)
+        where = "<model_getter>"
+    else:
+        found: list[tuple[str, nn.Module]] = []
+        for name, module in pl_module.named_modules():
+            if _is_timm_vit(module) and not any(name.startswith(f"{n}.") for n, _ in found):
+                found.append((name, module))
+        supported, unsupported = [], []
+        for name, module in found:
+            try:
+                check_supported(module)
+                supported.append((name, module))
+            except UnsupportedModelError as err:
+                unsupported.append(f"{name} ({err})")
+        if len(supported) == 1:
+            return supported[0]
+        if not supported:
+            extra = f"; unsupported ones: {unsupported}" if unsupported else ""
+            raise ValueError(
+                f"found no supported timm VisionTransformer in {cls}{extra}; pass model_attr= or model_getter="
+            )
+        raise ValueError(
+            f"found several timm VisionTransformers in {cls}: {[n for n, _ in supported]}; "
+            "choose one with model_attr= (e.g. model_attr='backbone') or model_getter="
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where} of {cls} must be an nn.Module (a timm ViT), got {type(model).__name__}")
+    try:
+        check_supported(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{where} of {cls}: {err}") from None
+    return where, model
+
+
+class SnapViT(Callback):
+    """Plug SnapViT into an existing Trainer: after the user's fit, export an elastic ViT.
+
+    ``Trainer(callbacks=[SnapViT(datamodule=CalibrationDataModule(...), dirpath="elastic")])``.
+    In ``on_fit_end`` of the user's fit (after teardown, the model on CPU) it:
+
+    1. finds the timm ViT in the user's LightningModule (:func:`find_vit`: ``model_attr``,
+       ``model_getter`` or auto-detection; checked already in ``setup``, so a bad set-up fails
+       before the user's training);
+    2. deep-copies it (the user's trained weights, ``requires_grad`` flags and mode are never
+       touched) and wraps the copy in a :class:`SnapViTModule` with ``criterion``;
+    3. runs a fresh internal ``Trainer(devices=1, max_epochs=1, logger=False,
+       enable_checkpointing=False)`` over the calibration data with
+       :class:`EvolutionarySearch` (``search_evals`` evaluations; 0 skips the search);
+    4. exports with :func:`export_elastic` to ``dirpath``.
+
+    Multi-GPU: the work runs on global rank 0 of the user's run only, on one device; other
+    ranks return at once. For calibration on several GPUs use the ``snapvit`` CLI / a DDP
+    ``SnapViTModule`` run with :class:`EvolutionarySearch` and :class:`ElasticExport`.
+
+    Fitness/fidelity images: ``fitness_images`` if given, else the datamodule's
+    ``fitness_images()``, else (a DataLoader) the first global crop ``views[:, 0]`` of every
+    calibration batch.
+
+    Args:
+        datamodule: A :class:`~snapvit_lightning.data.CalibrationDataModule` (or another
+            LightningDataModule yielding ``(views, labels)``) or a DataLoader of such batches.
+        dirpath: Output directory of the export.
+        model_attr: Attribute path of the ViT in the user's module (e.g. ``"backbone"``,
+            ``"model.encoder"``).
+        model_getter: ``f(pl_module) -> nn.Module`` returning the ViT.
+        criterion: Scoring criterion (see :data:`~snapvit_lightning.module.CRITERIA`).
+        search_evals: Evolutionary-search evaluations (0: no search).
+        budgets: Budgets of the report (see :func:`export_elastic`).
+        save_subnets: Also write each budget's subnet.
+        overwrite: Replace an earlier export.
+        model_name: timm name to rebuild the model (default: inferred from ``pretrained_cfg``).
+        model_kwargs: ``timm.create_model`` kwargs to rebuild it (default: inferred).
+        name: File-name stem of the export.
+        precision: Precision of the internal scoring Trainer (fp16 is refused).
+        accelerator: Accelerator of the internal Trainer; ``None``: ``"cpu"`` when the user's
+            run was on CPU, else ``"auto"``.
+        search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
+        fitness_images: Float ``[M, 3, S, S]`` fitness images.
+        correct: Weight correction of the exported subnets (``"none"``, ``"bias"``,
+            ``"lstsq"``); statistics from the datamodule's ``calibration_images_eval()`` when
+            it has one, else from the fitness images.
+
+    Attributes:
+        elastic: The exported :class:`ElasticViT` (after the fit, rank 0).
+        export_paths: ``{role: Path}`` of the written files.
+        report: The report written to ``report.json``.
+        scores: The (searched) :class:`ImportanceScores`.
+        model_path: Where the ViT was found in the user's module.
+
+    Raises:
+        TypeError: Wrong argument types (datamodule, getter, flags, kwargs).
+        ValueError: Invalid criterion, search_evals, budgets, precision, or both
+            ``model_attr`` and ``model_getter``.
+    """
+
+    def __init__(
+        self,
+        datamodule: pl.LightningDataModule | DataLoader,
+        dirpath: str | os.PathLike,
+        model_attr: str | None = None,
+        model_getter: Callable[[pl.LightningModule], nn.Module] | None = None,
+        criterion: str = "dino",
+        search_evals: int = 50,
+        budgets: Sequence[Budget] = DEFAULT_BUDGETS,
+        save_subnets: bool = False,
+        overwrite: bool = False,
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        precision: str = "32-true",
+        accelerator: str | None = None,
+        search_kwargs: dict[str, Any] | None = None,
+        fitness_images: Tensor | None = None,
+        correct: str = "none",
+    ) -> None:
+        super().__init__()
+        if not isinstance(datamodule, (pl.LightningDataModule, DataLoader)):
+            raise TypeError(
+                f"datamodule must be a LightningDataModule (e.g. CalibrationDataModule) or a DataLoader, "
+                f"got {type(datamodule).__name__}"
+            )
+        self.datamodule = datamodule
+        self.dirpath = _check_dirpath(dirpath)
+        if model_attr is not None and model_getter is not None:
+            raise ValueError(f"give model_attr or model_getter, not both (got model_attr={model_attr!r})")
+        if model_attr is not None and (
+            not isinstance(model_attr, str) or not all(part.isidentifier() for part in model_attr.split("."))
+        ):
+            raise ValueError(f"model_attr must be an attribute name, possibly dotted, got {model_attr!r}")
+        if model_getter is not None and not callable(model_getter):
+            raise TypeError(f"model_getter must be callable, got {type(model_getter).__name__}")
+        self.model_attr = model_attr
+        self.model_getter = model_getter
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+        self.criterion = criterion
+        if isinstance(search_evals, bool) or not isinstance(search_evals, int) or search_evals < 0:
+            raise ValueError(f"search_evals must be an int >= 0 (0: no search), got {search_evals!r}")
+        self.search_evals = search_evals
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct)
+        if str(precision) not in ALLOWED_PRECISIONS:
+            raise ValueError(f"precision must be one of {list(ALLOWED_PRECISIONS)} (fp16 corrupts gradient scores), got {precision!r}")
+        self.precision = precision
+        if accelerator is not None and not isinstance(accelerator, str):
+            raise TypeError(f"accelerator must be a str or None, got {accelerator!r}")
+        self.accelerator = accelerator
+        if search_kwargs is not None and not isinstance(search_kwargs, dict):
+            raise TypeError(f"search_kwargs must be a dict or None, got {type(search_kwargs).__name__}")
+        if search_kwargs and "max_evals" in search_kwargs:
+            raise ValueError("search_kwargs must not hold max_evals; use search_evals")
+        self.search_kwargs = dict(search_kwargs or {})
+        if search_evals:
+            EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)  # validate early
+        self.fitness_images = _check_images(fitness_images)
+        if search_evals and fitness_images is None and not (
+            isinstance(datamodule, DataLoader) or hasattr(datamodule, "fitness_images")
+        ):
+            raise ValueError(
+                f"search_evals={search_evals} needs fitness images: pass fitness_images=, a DataLoader or a "
+                f"datamodule with fitness_images() (e.g. CalibrationDataModule), got {type(datamodule).__name__}"
+            )
+
+        self.elastic: ElasticViT | None = None
+        self.export_paths: dict[str, Path] | None = None
+        self.report: dict[str, Any] | None = None
+        self.scores: ImportanceScores | None = None
+        self.model_path: str | None = None
+
+    def _name(self, model: nn.Module) -> str | None:
+        return self.name or _default_name(self.model_name, model)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the ViT and refuse an existing export before the user's fit starts."""
+        if stage != "fit":
+            return
+        self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite)
+
+    def _accelerator(self, trainer: pl.Trainer) -> str:
+        if self.accelerator is not None:
+            return self.accelerator
+        return "cpu" if trainer.strategy.root_device.type == "cpu" else "auto"
+
+    def _fitness_images(self) -> Tensor | None:
+        if self.fitness_images is not None:
+            return self.fitness_images
+        if hasattr(self.datamodule, "fitness_images"):
+            return self.datamodule.fitness_images()
+        if isinstance(self.datamodule, DataLoader):
+            crops = []
+            for batch in self.datamodule:
+                views = batch[0] if isinstance(batch, (tuple, list)) else batch
+                crops.append(views[:, 0].detach().cpu().float())
+            return torch.cat(crops) if crops else None
+        return None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Score, search and export a copy of the user's ViT (global rank 0 only)."""
+        if not trainer.is_global_zero:
+            return
+        self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        student = copy.deepcopy(model)
+        for p in student.parameters():
+            p.grad = None
+        name = self._name(student)
+        if name is not None:
+            _refuse_existing(export_targets(self.dirpath, name), self.overwrite)
+        module = SnapViTModule(student, criterion=self.criterion)
+        # Before the fit only explicit or DataLoader images; a datamodule's are read after the
+        # fit (the inner fit configures it from the model), and the search reads them itself.
+        images = (
+            self._fitness_images()
+            if self.fitness_images is not None or isinstance(self.datamodule, DataLoader)
+            else None
+        )
+        callbacks: list[Callback] = []
+        if self.search_evals:
+            callbacks.append(EvolutionarySearch(max_evals=self.search_evals, images=images, **self.search_kwargs))
+        inner = pl.Trainer(
+            accelerator=self._accelerator(trainer),
+            devices=1,
+            max_epochs=1,
+            precision=self.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=str(self.dirpath),
+        )
+        if isinstance(self.datamodule, DataLoader):
+            inner.fit(module, train_dataloaders=self.datamodule)
+        else:
+            inner.fit(module, datamodule=self.datamodule)
+        if module.scores is None:
+            raise RuntimeError("calibration produced no scores (empty calibration data?)")
+        self.scores = module.scores
+        self.elastic = ElasticViT(
+            module.student.cpu(), module.scores, model_name=self.model_name, model_kwargs=self.model_kwargs
+        )
+        if images is None:
+            images = self._fitness_images()
+        result = export_elastic(
+            self.elastic,
+            self.dirpath,
+            budgets=self.budgets,
+            fitness_images=images,
+            save_subnets=self.save_subnets,
+            overwrite=self.overwrite,
+            name=self.name,
+            correct=self.correct,
+            calibration_images=None if self.correct == "none" else _calibration_images(self.datamodule, images),
+            device=inner.strategy.root_device,
+        )
+        self.export_paths, self.report = result["paths"], result["report"]

@@ -1,0 +1,86 @@
+"""What an export reports beside the numbers: the subnets' fidelity and the two plots.
+
+The *fidelity* of a subnet is the mean cosine similarity between its pre-logits features
+(``forward_head(forward_features(x), pre_logits=True)``) and the dense model's, in float32.
+The plots are ``fidelity_vs_flops.png`` and ``kept_units.png`` (see :mod:`snapvit_lightning.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .forward import embed
+
+@torch.inference_mode()
+def _features(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    model.eval()
+    out = [
+        embed(model, images[i : i + batch_size]).float()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(out)
+
+
+def _fidelity(sub: nn.Module, dense_features: Tensor, images: Tensor, batch_size: int) -> float:
+    """Fidelity of ``sub`` measured on the device of ``images`` (``sub`` itself is not moved)."""
+    if next(sub.parameters()).device != images.device:
+        sub = copy.deepcopy(sub).to(images.device)
+    feats = _features(sub, images, batch_size)
+    return float(F.cosine_similarity(feats.double(), dense_features.double(), dim=-1).mean())
+
+
+def _figure(width: float, height: float):
+    # The object-oriented API with an Agg canvas: no pyplot, no change of the global backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _fidelity_figure(entries: list[dict[str, Any]], title: str):
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    points = sorted((e["flops_fraction"], e["fidelity"], e["label"]) for e in entries if e["fidelity"] is not None)
+    corrected = sorted((e["flops_fraction"], e["fidelity_corrected"]) for e in entries if e["fidelity_corrected"] is not None)
+    if points:
+        xs, ys, labels = zip(*points)
+        ax.plot(xs, ys, "o-", label="sliced")
+        for x, y, label in points:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if corrected:
+            ax.plot(*zip(*corrected), "s--", label="sliced + weight correction")
+            ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no fitness images: fidelity not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("FLOPs (fraction of the dense model)")
+    ax.set_ylabel("fidelity (mean cosine to dense features)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _kept_units_figure(entries: list[dict[str, Any]], mlp_hidden: int, num_heads: int, title: str):
+    import numpy as np
+
+    rows = max(1, len(entries))
+    fig = _figure(10.0, 1.5 + 0.45 * rows)
+    labels = [e["label"] for e in entries]
+    for k, (key, total, what) in enumerate((("kept_neurons", mlp_hidden, "MLP neurons"), ("kept_heads", num_heads, "heads"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        data = np.array([[v / total for v in e[key]] for e in entries], dtype=float) if entries else np.zeros((1, 1))
+        im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels if entries else [])
+        ax.set_xlabel("block")
+        ax.set_title(f"kept {what} (fraction)")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

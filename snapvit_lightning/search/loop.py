@@ -1,0 +1,186 @@
+"""The xNES search loop without a Trainer: :func:`run_search` and the helpers it shares
+with :class:`~snapvit_lightning.search.EvolutionarySearch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..scores import ImportanceScores, check_balance
+from ..xnes import XNES
+from .fitness import (
+    DEFAULT_BALANCE,
+    DEFAULT_GUARD,
+    DEFAULT_RATIO_PAIRS,
+    DEFAULT_SIGMA,
+    DEFAULT_SPACE,
+    Fitness,
+    _BOUNDS,
+    _check_int,
+    _check_weights,
+    _resolve_autocast,
+    default_initial_weights,
+)
+
+__all__ = [
+    "run_search",
+]
+
+def _check_sigma(sigma: Any) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def _check_popsize(popsize: Any) -> int | None:
+    return _check_int("popsize", popsize, 2, allow_none=True)
+
+
+def _balanced_start(
+    scores: ImportanceScores, balance: float | tuple[float, float] | str | None, initial_weights: Tensor | None
+) -> tuple[ImportanceScores, Tensor | None]:
+    """The scores the weights apply to, and the start point (``w = 1`` for balanced scores)."""
+    if balance is None:
+        return scores, initial_weights
+    if initial_weights is None:
+        initial_weights = torch.ones(scores.num_weights, dtype=torch.float64)
+    return scores.balanced(balance), initial_weights
+
+
+def _make_xnes(
+    dim: int,
+    num_blocks: int,
+    num_heads: int,
+    sigma: float,
+    popsize: int | None,
+    seed: int,
+    initial_weights: Tensor | None,
+    initial_covariance: Tensor | None,
+) -> tuple[XNES, Tensor]:
+    w0 = default_initial_weights(num_blocks, num_heads) if initial_weights is None else _check_weights(
+        initial_weights, dim, "initial_weights"
+    )
+    w0 = w0.clamp(*_BOUNDS)
+    cov = None
+    if initial_covariance is not None:
+        cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
+        if tuple(cov.shape) != (dim, dim):
+            raise ValueError(f"initial_covariance must have shape [{dim}, {dim}], got {list(cov.shape)}")
+    xnes = XNES(dim, mean=w0, sigma=sigma, cov=cov, popsize=popsize, bounds=_BOUNDS, seed=seed)
+    return xnes, w0
+
+
+def _search_loop(
+    xnes: XNES,
+    fitness: Callable[[Tensor], float],
+    max_evals: int,
+    history: list[float],
+    on_eval: Callable[[int, float, float], None] | None = None,
+    broadcast: Callable[[Tensor], Tensor] | None = None,
+    best_so_far: float = math.inf,
+) -> None:
+    """Run ``xnes`` until ``max_evals`` total evaluations, appending to ``history``."""
+    best = [min([best_so_far, *history])]
+
+    def fn(x: Tensor) -> Tensor:
+        if broadcast is not None:
+            x = broadcast(x)
+        f = float(fitness(x))
+        history.append(f)
+        best[0] = min(best[0], f)
+        if on_eval is not None:
+            on_eval(len(history) - 1, f, best[0])
+        return torch.tensor(f, dtype=torch.float64)  # a bare float would pass through float32
+
+    if xnes.evals < max_evals:
+        xnes.optimize(fn, max_evals)
+
+
+def _best(xnes: XNES, w0: Tensor, initial_fitness: float) -> tuple[Tensor, float]:
+    """The best evaluated weights; the start point wins ties and when nothing beat it."""
+    if xnes.best_x is None or not xnes.best_f < initial_fitness:
+        return w0.clone(), initial_fitness
+    return xnes.best_x, xnes.best_f
+
+
+def run_search(
+    model: nn.Module,
+    scores: ImportanceScores,
+    images: Tensor,
+    *,
+    max_evals: int = 50,
+    popsize: int | None = None,
+    sigma: float = DEFAULT_SIGMA,
+    ratio_pairs: Sequence[tuple[float, float]] = DEFAULT_RATIO_PAIRS,
+    pca_components: int = 64,
+    seed: int = 0,
+    autocast: bool | torch.dtype | None = True,
+    batch_size: int = 64,
+    initial_weights: Tensor | None = None,
+    initial_covariance: Tensor | None = None,
+    on_eval: Callable[[int, float, float], None] | None = None,
+    balance: float | tuple[float, float] | str | None = DEFAULT_BALANCE,
+    correct: str = "none",
+    damping: float = 0.01,
+    damping_reference: str = "mean",
+    space: str = DEFAULT_SPACE,
+    guard: float = DEFAULT_GUARD,
+) -> tuple[Tensor, Tensor, list[float]]:
+    """Search the block/head weights without a Trainer (see :class:`EvolutionarySearch`).
+
+    The start point ``initial_weights`` (default :func:`default_initial_weights`) is evaluated
+    too (not counted in ``max_evals``) and returned when no candidate beats it.
+
+    Args:
+        model: The dense timm ViT (left unchanged).
+        scores: Its importance scores.
+        images: Fitness images ``[M, 3, S, S]``.
+        max_evals: Candidate evaluations.
+        popsize: xNES population (``None``: ``4 + floor(3 ln d)``).
+        sigma: Initial xNES step size.
+        ratio_pairs: Budgets of the fitness.
+        pca_components: PCA components of the fitness.
+        seed: xNES seed.
+        autocast: ``True`` (bfloat16), a dtype, or ``False``/``None`` (model dtype).
+        batch_size: Images per forward pass.
+        initial_weights: Start mean ``[B + B*H]`` (clipped into ``[0, 2]``).
+        initial_covariance: Initial covariance shape (identity by default), scaled by ``sigma**2``.
+        on_eval: Called as ``on_eval(eval_idx, fitness, best_so_far)`` after each evaluation.
+        balance: Balancing quantile(s) of the scores the weights apply to (``None``: the raw
+            scores and the paper's start); see :class:`EvolutionarySearch`.
+        correct: Weight correction inside the fitness (see :class:`Fitness`).
+        damping: ``lstsq`` damping of that correction.
+        damping_reference: ``"mean"`` or ``"max"``.
+        space: Where the fitness takes the cosine, ``"raw"`` or ``"pca"`` (see :class:`Fitness`).
+        guard: Penalty per unit of cosine a ratio pair loses against the start point (see
+            :class:`Fitness` and :class:`EvolutionarySearch`; ``0``: the paper's plain mean;
+            default :data:`DEFAULT_GUARD`).
+
+    Returns:
+        ``(best_w [B + B*H], covariance [d, d], history)`` where ``history`` holds the fitness of
+        each candidate in evaluation order.
+
+    Raises:
+        ValueError: An argument out of range (see :class:`Fitness` and :class:`EvolutionarySearch`).
+    """
+    max_evals = _check_int("max_evals", max_evals, 1)
+    sigma = _check_sigma(sigma)
+    popsize = _check_popsize(popsize)
+    scores, initial_weights = _balanced_start(scores, check_balance(balance), initial_weights)
+    fitness = Fitness(
+        model, scores, images, ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
+        correct=correct, damping=damping, damping_reference=damping_reference, space=space, guard=guard,
+    )
+    xnes, w0 = _make_xnes(
+        scores.num_weights, scores.num_blocks, scores.num_heads, sigma, popsize, seed, initial_weights, initial_covariance
+    )
+    initial_fitness = fitness(w0)
+    history: list[float] = []
+    _search_loop(xnes, fitness, max_evals, history, on_eval)
+    best_w, _ = _best(xnes, w0, initial_fitness)
+    return best_w, xnes.covariance, history
