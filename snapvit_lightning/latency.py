@@ -1,0 +1,364 @@
+"""Measured latency: interleaved timing of models, and the largest budget that meets a latency target.
+
+Latency falls as the budget shrinks, so the largest subnet whose latency on *this* device is at
+most a target is found by bisection on the FLOPs fraction (:func:`find_latency_budget`). Every
+candidate is timed in interleaved rounds with the dense model (one forward of each per round,
+after a warm-up; the median of each), and its latency is read relative to the dense model's in
+the same rounds, so that load changes on a shared machine shift both alike.
+
+This module knows nothing of elastic checkpoints: it takes a function that builds the subnet for
+a FLOPs fraction (:meth:`ElasticViT.latency_budget` passes its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .evaluation import _check_device as _check_torch_device
+from .evaluation import _check_int, _check_positive_float, _model_device, measure_latency
+from .structure import count_flops
+
+__all__ = [
+    "BACKENDS",
+    "LatencyTargetError",
+    "LatencyTrial",
+    "LatencyBudget",
+    "torch_threads",
+    "measure_interleaved",
+    "measure_models",
+    "find_latency_budget",
+]
+
+BACKENDS = ("torch", "onnx")
+
+Timer = Callable[[Sequence[nn.Module]], Sequence[float]]
+
+
+class LatencyTargetError(ValueError):
+    """A latency target outside what the budgets reach: below the smallest, or met by the dense model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTrial:
+    """One timed candidate of the search.
+
+    Attributes:
+        flops: Requested FLOPs fraction (what the builder was called with).
+        flops_fraction: The built subnet's FLOPs as a fraction of the dense model's.
+        latency_ms: ``raw_ms`` scaled by the dense model's reference latency over its latency
+            in the same rounds (the number compared with the target).
+        raw_ms: Median of the candidate's timed forwards (ms per batch).
+        dense_alongside_ms: Median of the dense model's forwards in the same rounds.
+        meets: ``latency_ms <= target``.
+    """
+
+    flops: float
+    flops_fraction: float
+    latency_ms: float
+    raw_ms: float
+    dense_alongside_ms: float
+    meets: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyBudget:
+    """The result of :func:`find_latency_budget`.
+
+    Attributes:
+        target_ms: The latency target (ms per batch).
+        flops: The FLOPs fraction to build (``ElasticViT.subnet(flops=...)``): the largest
+            candidate that met the target.
+        flops_fraction: That subnet's actual FLOPs fraction.
+        latency_ms: Its latency (see :class:`LatencyTrial`).
+        dense_ms: The dense model's reference latency (first rounds).
+        smallest_ms: The smallest budget's latency.
+        step: Width of the last bisection interval: no budget more than ``step`` (FLOPs
+            fraction) above ``flops`` was left untested.
+        trials: Every timed candidate, in order (smallest budget first).
+        batch_size, device, backend, threads: How it was measured.
+        seconds: Wall time of the search.
+    """
+
+    target_ms: float
+    flops: float
+    flops_fraction: float
+    latency_ms: float
+    dense_ms: float
+    smallest_ms: float
+    step: float
+    trials: tuple[LatencyTrial, ...]
+    batch_size: int
+    device: str
+    backend: str
+    threads: int | None
+    seconds: float
+
+    def describe(self) -> str:
+        """What was measured and chosen, as lines of text."""
+        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {_where(self)}: "
+                 f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms"]
+        for t in self.trials:
+            lines.append(f"  FLOPs {100 * t.flops_fraction:5.1f}%: {t.latency_ms:8.2f} ms "
+                         f"(raw {t.raw_ms:.2f} ms, dense alongside {t.dense_alongside_ms:.2f} ms)  "
+                         f"{'meets' if t.meets else 'too slow'}")
+        lines.append(f"chose FLOPs {100 * self.flops_fraction:.1f}% at {self.latency_ms:.2f} ms "
+                     f"({100 * self.latency_ms / self.target_ms:.0f}% of the target; bisection step "
+                     f"{100 * self.step:.1f} FLOPs points), search {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _where(m: LatencyBudget) -> str:
+    threads = "" if m.threads is None else f", {m.threads} thread{'s' if m.threads != 1 else ''}"
+    return f"{m.device} ({m.backend}{threads})"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_device(device: object, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = _check_torch_device(device)
+    if backend == "onnx" and dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"ONNX Runtime runs on cpu or cuda, got device {device!r}")
+    return str(dev)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (restored after); ``None``: as is."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(_check_int("threads", threads, 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_interleaved(
+    models: Sequence[nn.Module],
+    *,
+    batch_size: int = 1,
+    img_size: int | tuple[int, int] | None = None,
+    device: str | torch.device = "cpu",
+    warmup: int = 2,
+    repeats: int = 10,
+) -> list[float]:
+    """Median latency (ms per batch) of each model, timed in interleaved rounds.
+
+    Each model is warmed up, then every round runs one timed forward of each model in turn
+    (:func:`~snapvit_lightning.evaluation.measure_latency` with one repeat), so a load change on
+    the machine hits all of them alike.
+
+    Args:
+        models: Modules taking ``[B, C, H, W]`` images (torch models or :class:`OnnxModel`).
+        batch_size: Images per forward.
+        img_size: Input size; each model's ``patch_embed.img_size`` by default.
+        device: Where to time (see ``measure_latency``).
+        warmup: Untimed forwards of each model first.
+        repeats: Rounds; the result is each model's median over them.
+
+    Raises:
+        ValueError: A bad argument (see ``measure_latency``).
+    """
+    warmup = _check_int("warmup", warmup, 0)
+    repeats = _check_int("repeats", repeats, 1)
+    options = dict(batch_size=batch_size, img_size=img_size, device=device)
+    if warmup:
+        for model in models:
+            measure_latency(model, warmup=warmup - 1, repeats=1, **options)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for model, t in zip(models, times):
+            t.append(measure_latency(model, warmup=0, repeats=1, **options)["median_ms"])
+    return [statistics.median(t) for t in times]
+
+
+def _prepare(model: nn.Module, backend: str, device: str, threads: int | None) -> nn.Module:
+    """The module to time: the torch model on ``device``, or its ONNX graph in ONNX Runtime."""
+    if backend == "torch":
+        return model.eval().to(device)
+    from .onnx_export import OnnxModel, onnx_bytes
+
+    return OnnxModel(onnx_bytes(model), threads=threads, device=torch.device(device).type)
+
+
+def _input_size(model: nn.Module) -> tuple[int, int]:
+    size = model.patch_embed.img_size
+    return int(size[0]), int(size[1])
+
+
+def _timer(size: tuple[int, int], batch_size: int, device: str, backend: str, warmup: int, repeats: int) -> Timer:
+    """:func:`measure_interleaved` with these settings (ONNX Runtime graphs take CPU tensors)."""
+    return functools.partial(
+        measure_interleaved, batch_size=batch_size, img_size=size, device=device if backend == "torch" else "cpu",
+        warmup=warmup, repeats=repeats,
+    )
+
+
+def measure_models(
+    models: Sequence[nn.Module],
+    *,
+    batch_size: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    backend: str = "torch",
+    warmup: int = 2,
+    repeats: int = 10,
+) -> list[float]:
+    """Median latency (ms per batch) of each timm ViT, timed interleaved on ``device``.
+
+    Args:
+        models: timm ViTs (for ``backend="torch"`` moved to ``device`` and back after, left in
+            eval mode; for ``"onnx"`` exported and run by ONNX Runtime).
+        batch_size: Images per forward.
+        device: ``"cpu"``, ``"cuda"``, ...
+        threads: Intra-op threads of torch (or ONNX Runtime); ``None``: the current setting.
+        backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime; needs the ``onnx`` extra).
+        warmup: Untimed forwards of each model first.
+        repeats: Interleaved rounds.
+
+    Raises:
+        ValueError: A bad argument or an unavailable device.
+    """
+    device = _check_device(device, backend)
+    if not models:
+        return []
+    timer = _timer(_input_size(models[0]), batch_size, device, backend, warmup, repeats)
+    homes = [_model_device(m) for m in models]
+    with torch_threads(threads):
+        try:
+            return list(timer([_prepare(m, backend, device, threads) for m in models]))
+        finally:
+            for model, home in zip(models, homes):
+                model.to(home)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def find_latency_budget(
+    build: Callable[[float], nn.Module],
+    latency_ms: float,
+    *,
+    min_flops: float,
+    batch_size: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    backend: str = "torch",
+    warmup: int = 2,
+    repeats: int = 10,
+    resolution: float = 0.02,
+    timer: Timer | None = None,
+) -> LatencyBudget:
+    """The largest budget whose measured latency is at most ``latency_ms``, by bisection on FLOPs.
+
+    ``build(f)`` must return the subnet (a timm ViT) for FLOPs fraction ``f`` in
+    ``[min_flops, 1]``, ``build(1.0)`` the dense model, with FLOPs not decreasing in ``f``.
+    The dense model and the smallest budget are timed first; a target the dense model already
+    meets, or one below the smallest budget's latency, is refused. Then ``[min_flops, 1]`` is
+    halved until it is at most ``resolution`` wide, timing each new subnet interleaved with the
+    dense model (subnets that equal one already timed are not timed again). Latency is assumed
+    to fall with the budget; the result is the lower end, a budget that met the target, at most
+    ``resolution`` below the largest tested budget boundary that did not.
+
+    Args:
+        build: FLOPs fraction → subnet (a new model; it is moved to ``device``).
+        latency_ms: Target latency, ms per batch of ``batch_size``.
+        min_flops: The smallest fraction ``build`` accepts.
+        batch_size: Images per timed forward.
+        device: Where to time (torch device; ``cpu``/``cuda`` for ONNX Runtime).
+        threads: Intra-op threads (torch and ONNX Runtime); ``None``: the current setting.
+        backend: ``"torch"`` or ``"onnx"`` (each candidate exported and run by ONNX Runtime).
+        warmup: Untimed forwards of each model before a measurement.
+        repeats: Interleaved rounds per measurement (median; at least 10 recommended).
+        resolution: Stop when the bisection interval is this narrow (FLOPs fraction).
+        timer: Replaces the timing: models → latencies (ms), e.g. a deterministic model of
+            latency for tests. Default: :func:`measure_interleaved`.
+
+    Raises:
+        LatencyTargetError: (a ``ValueError``) The dense model meets the target, or the target
+            is below the smallest budget's latency; the message says what was measured.
+        ValueError: A bad argument.
+    """
+    latency_ms = _check_positive_float("latency_ms", latency_ms)
+    min_flops = _check_positive_float("min_flops", min_flops)
+    if min_flops > 1.0:
+        raise ValueError(f"min_flops must be in (0, 1], got {min_flops!r}")
+    resolution = _check_positive_float("resolution", resolution)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    repeats = _check_int("repeats", repeats, 1)
+    if threads is not None:
+        threads = _check_int("threads", threads, 1)
+    device = _check_device(device, backend)
+    start = time.perf_counter()
+
+    with torch_threads(threads):
+        dense_model = build(1.0)
+        dense_flops = count_flops(dense_model)["total"]
+        size = _input_size(dense_model)
+        dense = _prepare(dense_model, backend, device, threads)
+        del dense_model
+        timer = timer or _timer(size, batch_size, device, backend, warmup, repeats)
+
+        trials: list[LatencyTrial] = []
+        by_flops: dict[int, LatencyTrial] = {}
+        reference: list[float] = []  # the dense model's latency in the first rounds
+
+        def trial(f: float) -> LatencyTrial:
+            model = build(f)
+            flops = count_flops(model)["total"]
+            if flops in by_flops:
+                return by_flops[flops]
+            dense_ms, raw_ms = (float(v) for v in timer([dense, _prepare(model, backend, device, threads)]))
+            if not reference:
+                reference.append(dense_ms)
+            estimate = raw_ms * reference[0] / dense_ms
+            result = LatencyTrial(f, flops / dense_flops, estimate, raw_ms, dense_ms, estimate <= latency_ms)
+            trials.append(result)
+            by_flops[flops] = result
+            return result
+
+        smallest = trial(min_flops)
+        dense_ms = reference[0]
+        by_flops.setdefault(dense_flops, LatencyTrial(1.0, 1.0, dense_ms, dense_ms, dense_ms, dense_ms <= latency_ms))
+        where = f"batch {batch_size} on {device} ({backend}{'' if threads is None else f', {threads} threads'})"
+        if dense_ms <= latency_ms:
+            raise LatencyTargetError(
+                f"the dense model already meets latency_ms={latency_ms:g}: it measured {dense_ms:.2f} ms per "
+                f"{where}; no slicing needed"
+            )
+        if not smallest.meets:
+            raise LatencyTargetError(
+                f"latency_ms={latency_ms:g} is below the smallest budget's {smallest.latency_ms:.2f} ms "
+                f"(FLOPs {100 * smallest.flops_fraction:.1f}%; dense {dense_ms:.2f} ms) per {where}"
+            )
+        lo, hi, best = min_flops, 1.0, smallest  # best (at lo) meets the target; hi does not
+        while hi - lo > resolution:
+            mid = 0.5 * (lo + hi)
+            t = trial(mid)
+            if t.meets:
+                lo, best = mid, t
+            else:
+                hi = mid
+    return LatencyBudget(
+        target_ms=latency_ms, flops=lo, flops_fraction=best.flops_fraction, latency_ms=best.latency_ms,
+        dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
+        batch_size=batch_size, device=device, backend=backend, threads=threads,
+        seconds=time.perf_counter() - start,
+    )

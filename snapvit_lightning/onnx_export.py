@@ -1,0 +1,277 @@
+"""ONNX export of (sliced, corrected) timm ViTs, and running them with ONNX Runtime.
+
+Needs the optional extra: ``pip install "snapvit_lightning[onnx]"`` (``onnx``, ``onnxruntime``).
+
+The export uses torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``):
+it needs neither ``onnxscript`` nor a network, and traces every supported timm ViT (fused or
+explicit attention, sliced or not). The graph takes float images ``[batch, C, H, W]`` named
+``images`` with a dynamic batch dimension and a fixed image size (the model's input size), and
+returns the model's output (pre-logits features for ``num_classes=0``) named ``output``.
+Exported graphs live in one protobuf, so models over 2 GB (ViT-g and larger) are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import io
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .evaluation import _check_int, _eval_mode, _model_device
+
+__all__ = [
+    "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME",
+    "onnx_bytes", "checked_onnx", "save_onnx", "OnnxModel", "onnx_max_abs_diff",
+]
+
+ONNX_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "output"
+
+
+def _require(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(
+            f"ONNX export needs the optional dependency {name!r}: pip install \"snapvit_lightning[onnx]\""
+        ) from err
+
+
+def _input_shape(model: nn.Module, batch_size: int) -> tuple[int, ...]:
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None:
+        raise TypeError(f"model must be a timm ViT with patch_embed.img_size, got {type(model).__name__}")
+    chans = int(getattr(getattr(patch_embed, "proj", None), "in_channels", 3))
+    return (batch_size, chans, int(size[0]), int(size[1]))
+
+
+def _rms_norm(g, x, normalized_shape, weight, eps):  # noqa: ANN001 - a TorchScript-exporter symbolic
+    """ONNX for ``aten::rms_norm`` (RmsNorm of AIMv2 and others), which the TorchScript exporter lacks."""
+    from torch.onnx import symbolic_helper as sh
+
+    axes = list(range(-len(sh._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    eps = torch.finfo(torch.float32).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    square = g.op("Mul", x, x)
+    if g.opset >= 18:  # ReduceMean takes its axes as an input from opset 18
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))))
+    out = g.op("Div", x, rms)
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
+@contextlib.contextmanager
+def _symbolics(opset: int) -> Iterator[None]:
+    """Symbolics the TorchScript exporter lacks, registered for the export only."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
+
+
+class _NoHeads(nn.Module):
+    """Stands in for an attention left with zero heads: its output is ``proj``'s bias (or zeros).
+
+    timm's reshape to ``[B, N, 3, 0, head_dim]`` becomes an ONNX ``Reshape`` whose 0 means
+    "copy this dimension", which ONNX Runtime rejects.
+    """
+
+    def __init__(self, proj: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = proj.out_features
+        self.bias = proj.bias
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        zeros = torch.zeros_like(x[..., :1]).expand(*x.shape[:-1], self.out_features)
+        return zeros if self.bias is None else zeros + self.bias
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose zero-head attentions are replaced by :class:`_NoHeads`."""
+    blocks = [b for b in getattr(model, "blocks", ()) if getattr(getattr(b, "attn", None), "num_heads", 1) == 0]
+    if not blocks:
+        return model
+    shared = {id(p): p for p in model.parameters()}  # copy the module tree, share the weights
+    model = copy.deepcopy(model, memo=dict(shared))
+    for block in model.blocks:
+        if getattr(getattr(block, "attn", None), "num_heads", 1) == 0:
+            block.attn = _NoHeads(block.attn.proj)
+    return model
+
+
+def onnx_bytes(model: nn.Module, *, batch_size: int = 2, opset: int = ONNX_OPSET) -> bytes:
+    """The ONNX graph of ``model`` (in eval mode) as bytes, with a dynamic batch dimension.
+
+    Args:
+        model: A timm ViT (sliced or not); its train/eval mode is restored afterwards.
+        batch_size: Batch of the example input the graph is traced with (any batch runs).
+        opset: ONNX opset version (at least 14, for ``scaled_dot_product_attention``).
+
+    Raises:
+        TypeError: If ``model`` is not a timm ViT.
+        ValueError: A bad ``batch_size`` or ``opset``.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    opset = _check_int("opset", opset, 14)
+    param = next(model.parameters(), None)
+    example = torch.randn(
+        _input_shape(model, batch_size),
+        device=param.device if param is not None else None,
+        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
+    )
+    buffer = io.BytesIO()
+    with _eval_mode(model), _symbolics(opset), torch.no_grad(), warnings.catch_warnings():
+        # The tracer notes that timm's shape checks become constants: the image size is fixed.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        torch.onnx.export(
+            _exportable(model),
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+def checked_onnx(
+    model: nn.Module,
+    images: Tensor | None = None,
+    *,
+    batch_size: int = 2,
+    opset: int = ONNX_OPSET,
+    max_images: int = 8,
+) -> tuple[bytes, float]:
+    """The ONNX graph of ``model`` (:func:`onnx_bytes`) and ONNX Runtime's max abs difference
+    from torch on the first ``max_images`` of ``images`` (two seeded random images without them).
+
+    Raises:
+        ImportError: Without ``onnxruntime``.
+        ValueError: A bad argument (see :func:`onnx_bytes`, :func:`onnx_max_abs_diff`).
+    """
+    graph = onnx_bytes(model, batch_size=batch_size, opset=opset)
+    if images is None:
+        images = torch.randn(2, *_input_shape(model, 1)[1:], generator=torch.Generator().manual_seed(0))
+    return graph, onnx_max_abs_diff(model, graph, images[:_check_int("max_images", max_images, 1)])
+
+
+def save_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    batch_size: int = 2,
+    opset: int = ONNX_OPSET,
+    check_images: Tensor | None = None,
+    atol: float = 1e-4,
+) -> float:
+    """Write ``model`` as an ONNX file once ONNX Runtime has been checked to match torch.
+
+    The file is written to a temporary name and renamed, so ``path`` is never left half written.
+
+    Args:
+        model: A timm ViT (sliced or not).
+        path: Output ``.onnx`` file.
+        batch_size: Batch of the traced example input.
+        opset: ONNX opset version.
+        check_images: ``[N, C, H, W]`` images (up to 8 used) on which ONNX Runtime's output must
+            be within ``atol`` (max abs) of the torch model's; default two random images.
+        atol: Tolerance of the check.
+
+    Returns:
+        The check's max abs difference.
+
+    Raises:
+        ValueError: The check failed (nothing is written), or a bad argument.
+        ImportError: Without ``onnxruntime``.
+    """
+    data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset)
+    if not diff <= atol:
+        raise ValueError(f"ONNX Runtime's output differs from torch's by {diff:.3g} (max abs) > atol={atol}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
+class OnnxModel(nn.Module):
+    """An ONNX graph run by ONNX Runtime behind a module's call: ``images`` in, ``output`` out.
+
+    Takes and returns CPU float tensors, so it can stand in for the torch model in
+    :func:`~snapvit_lightning.evaluation.measure_latency` (pass ``img_size``: it has no
+    ``patch_embed``).
+
+    Args:
+        onnx: The graph (bytes from :func:`onnx_bytes`) or the path of an ``.onnx`` file.
+        threads: ONNX Runtime intra-op threads; ``None`` leaves its default (all cores).
+        device: ``"cpu"``, or ``"cuda"`` when the installed onnxruntime has the CUDA provider.
+
+    Raises:
+        ImportError: Without ``onnxruntime``.
+        ValueError: A bad ``threads`` or an unavailable device.
+    """
+
+    def __init__(self, onnx: bytes | str | os.PathLike, *, threads: int | None = None, device: str = "cpu") -> None:
+        super().__init__()
+        ort = _require("onnxruntime")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = _check_int("threads", threads, 1)
+        provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(str(device))
+        if provider is None or provider not in ort.get_available_providers():
+            raise ValueError(
+                f"device {device!r} is not available to ONNX Runtime (providers: {ort.get_available_providers()})"
+            )
+        source = bytes(onnx) if isinstance(onnx, (bytes, bytearray)) else str(onnx)
+        self.session = ort.InferenceSession(source, options, providers=[provider])
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Run the graph on ``images`` ``[B, C, H, W]``; returns the output as a CPU float tensor."""
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
+
+
+def onnx_max_abs_diff(
+    model: nn.Module,
+    onnx: bytes | str | os.PathLike | OnnxModel,
+    images: Tensor,
+    *,
+    batch_size: int = 32,
+) -> float:
+    """Max abs difference between ``model`` (torch, eval mode, float32) and its ONNX graph on ``images``.
+
+    Raises:
+        ValueError: ``images`` not ``[N, C, H, W]`` floats, or a bad ``batch_size``.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point() or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a non-empty floating-point tensor [N, C, H, W], got {shape}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    runner = onnx if isinstance(onnx, OnnxModel) else OnnxModel(onnx)
+    device = _model_device(model)
+    diff = 0.0
+    with _eval_mode(model), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(torch.float32)
+            expected = model(x.to(device)).float().cpu()
+            diff = max(diff, float((runner(x) - expected).abs().max()))
+    return diff
