@@ -30,6 +30,28 @@ TINY_MODELS = {
 }
 
 
+#: Relative tolerance for two float32 computations of one quantity whose sums run in different
+#: orders. The order is the kernels' choice: SIMD width (AVX512, AVX2, none), thread count, fused
+#: or explicit attention, the autograd path. A length-n float32 sum is off by up to n·eps relative
+#: (typically √n·eps, eps = 2**-23 ≈ 1.2e-7); the tiny models' gradients are sums over a few
+#: hundred tokens × channels through a few blocks, so 2**10 ulps (1.2e-4) bounds them with room,
+#: and is still 80x tighter than any real error here (a wrong unit, a missed token) would give.
+FP32_RTOL = 2.0**10 * torch.finfo(torch.float32).eps
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+    """``assert_close`` at :data:`FP32_RTOL`, relative to each value and to the tensor's scale.
+
+    Elements that cancel to near zero carry the rounding of the large terms they were summed
+    from, so the absolute tolerance is ``FP32_RTOL`` times the largest magnitude (a norm-wise bound).
+    """
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    kwargs = dict(rtol=FP32_RTOL, atol=FP32_RTOL * scale)
+    if msg is not None:
+        kwargs["msg"] = lambda default: f"{msg}: {default}"
+    torch.testing.assert_close(actual, expected, **kwargs)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models' forwards are much faster so on a busy 2-core machine."""

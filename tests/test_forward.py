@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODELS, load_real_model, model_input, tiny_model
+from conftest import TINY_MODELS, assert_close_fp32, load_real_model, model_input, tiny_model
 
 from snapvit_lightning.forward import embed, explicit_attention, prefers_explicit_attention, supports_cls_only
 from snapvit_lightning.structure import inspect_vit, select_units
@@ -50,7 +50,7 @@ def test_embed_on_a_cut_model_and_its_gradients(one_thread):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_fp32(grads[0][name], grads[1][name], msg=name)
 
 
 def test_embed_on_the_real_model(real_weights):

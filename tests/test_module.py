@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import assert_close_fp32
 from snapvit_lightning.data import ResumableDataLoader
 from snapvit_lightning.module import CRITERIA, SnapViTModule, dino_loss, lamp_scores
 from snapvit_lightning.scores import ImportanceScores
@@ -334,7 +335,7 @@ def test_cross_entropy_matches_hand_computation() -> None:
     scores = fit(SnapViTModule(model, criterion="cross_entropy"), x, labels, batch_size=1)
     loss = F.cross_entropy(reference(x[:, 0]), labels, reduction="sum")
     g = torch.autograd.grad(loss, reference.blocks[3].mlp.fc1.weight)[0]
-    torch.testing.assert_close(scores.mlp[3], g.square().mean(1).double(), rtol=1e-5, atol=1e-12)
+    assert_close_fp32(scores.mlp[3], g.square().mean(1).double())
 
 
 # ------------------------------------------------------------------------------ errors
