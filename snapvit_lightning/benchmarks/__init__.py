@@ -1,6 +1,7 @@
 """The measuring scripts, out of the core: each runs as ``python -m snapvit_lightning.benchmarks.<name>``.
 
 * :mod:`.bench`: ``snapvit bench``: k-NN, fidelity, FLOPs/params and latency of an elastic checkpoint.
+* :mod:`.job`: stage times of the whole main job at its defaults and the paper's settings (vs the official code).
 * :mod:`.balance`: the search's balance / fitness settings against fidelity.
 * :mod:`.scores`: scoring criteria against fidelity.
 * :mod:`.search`: the fitness and the search loop's speed.
