@@ -109,7 +109,9 @@ def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[s
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write a safetensors file atomically (a temporary file, then renamed), creating its folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)

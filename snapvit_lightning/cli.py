@@ -43,7 +43,7 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
 
     source = Path(args.calibration) if args.calibration is not None else stats_path_for(args.path)
     if source.is_dir():
-        return load_eval_images(source, elastic.model)[0]
+        return load_eval_images(source, elastic.model, argument="--calibration")[0]
     if args.sequential:
         raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
     if args.calibration is None and not source.is_file():
@@ -64,6 +64,7 @@ def _slice(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     elastic = ElasticViT.load(args.path)
     mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=args.flops)
     correction = {}
@@ -91,9 +92,9 @@ def _stats(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     data = Path(args.data)
     if not data.is_dir():
-        raise FileNotFoundError(f"image folder not found: '{data}'")
+        raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     elastic = ElasticViT.load(args.path)
-    stats = elastic.collect_stats(load_eval_images(data, elastic.model)[0], batch_size=args.batch_size)
+    stats = elastic.collect_stats(load_eval_images(data, elastic.model, argument="--data")[0], batch_size=args.batch_size)
     stats.save(out)
     print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens), "
           f"{stats.nbytes / 1e6:.1f} MB")
@@ -193,6 +194,7 @@ class SnapViTCLI:
         from lightning.pytorch.cli import LightningCLI
 
         from .data import CalibrationDataModule
+        from .errors import one_line_error_parser
         from .module import SnapViTModule
 
         LightningCLI(
@@ -202,27 +204,33 @@ class SnapViTCLI:
             trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False},
             save_config_callback=None,  # the quickstart saves the config it used; no stray config.yaml in cwd
             parser_kwargs={"prog": "snapvit"},
+            parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
         )
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``snapvit`` console script."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in _LIGHTNING_SUBCOMMANDS:
-        SnapViTCLI.run(None if argv is None else words)
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"snapvit {args.command}: error: {err}\n")
+    """Entry point of the ``snapvit`` console script.
 
+    A user error (a bad argument, path, file or config key) ends it with one line
+    ``snapvit COMMAND: error: ...`` on stderr and exit status 2, without a traceback;
+    ``SNAPVIT_TRACEBACK=1`` shows the traceback (see :mod:`snapvit_lightning.errors`).
+    """
+    from .errors import exit_on_user_error
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
+    with exit_on_user_error(prog):
+        if words and words[0] in _LIGHTNING_SUBCOMMANDS:
+            SnapViTCLI.run(None if argv is None else words)
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -91,10 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors (built when missing)")
     parser.add_argument("--search-evals", type=int, default=None, help="xNES evaluations (default: the config's)")
     args, rest = parser.parse_known_args(argv)
-    try:
+    from .errors import exit_on_user_error
+
+    with exit_on_user_error(parser.prog):  # as `snapvit`: one line, exit 2; SNAPVIT_TRACEBACK=1 for the traceback
         target = run(args.out, args.weights, rest, search_evals=args.search_evals)
-    except (OSError, ImportError, ValueError, RuntimeError) as err:
-        parser.exit(2, f"error: {err}\n")
     from .cli import main as cli_main
 
     return cli_main(["info", str(target)])

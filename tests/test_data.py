@@ -23,6 +23,7 @@ from snapvit_lightning.data import (
     UnreadableImageError,
     eval_transform,
     find_images,
+    load_eval_images,
     load_image,
     resolve_input_config,
     to_uint8_image,
@@ -344,10 +345,43 @@ def test_corrupt_file_is_skipped_with_warning(tmp_path: Path) -> None:
     dm = CalibrationDataModule(data_dir=tmp_path, img_size=16)
     with pytest.warns(UserWarning) as record:
         dm.setup("fit")
-    messages = [str(w.message) for w in record]
-    assert any("corrupt.jpg" in m for m in messages)
-    assert any("skipped 1 of 4 files" in m for m in messages)
+    messages = [str(w.message) for w in record if "could not be read" in str(w.message)]
+    assert len(messages) == 1  # one warning names every skipped file and counts them
+    assert "corrupt.jpg" in messages[0] and "skipped 1 of 4 images in data_dir=" in messages[0]
     assert dm.num_calibration_images == 3
+
+
+@pytest.mark.parametrize("argument, reader", [("data_dir", "datamodule"), ("--data", "load_eval_images")])
+def test_one_rule_for_unreadable_images(tmp_path: Path, tiny_vit: torch.nn.Module, argument: str, reader: str) -> None:
+    """The calibration data and the eval images (stats/slice/bench) skip, name and count alike."""
+    for i in range(3):
+        _write_image(tmp_path / "photos" / f"good{i}.png", seed=i)
+    for i in range(12):
+        _write_corrupt(tmp_path / "photos" / f"bad{i:02d}.jpg")
+
+    def read(folder: Path) -> int:
+        if reader == "datamodule":
+            dm = CalibrationDataModule(data_dir=folder, img_size=16)
+            dm.setup("fit")
+            return dm.num_calibration_images
+        return len(load_eval_images(folder, tiny_vit, argument=argument)[0])
+
+    with pytest.warns(UserWarning, match="could not be read") as record:
+        assert read(tmp_path / "photos") == 3
+    messages = [str(w.message) for w in record if "could not be read" in str(w.message)]
+    assert len(messages) == 1
+    assert f"skipped 12 of 15 images in {argument}=" in messages[0]
+    assert sum(f"bad{i:02d}.jpg" in messages[0] for i in range(12)) == 10  # 10 named (in reading order)
+    assert messages[0].endswith("and 2 more")
+    for i in range(3):
+        (tmp_path / "photos" / f"good{i}.png").unlink()
+    with pytest.raises(ValueError, match=f"no readable images in {argument}=.*bad"), pytest.warns(UserWarning):
+        read(tmp_path / "photos")
+    with pytest.raises(FileNotFoundError, match=f"{argument}: image folder not found: .*missing"):
+        read(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{argument}: no image files .* found in .*empty"):
+        read(tmp_path / "empty")
 
 
 def test_corrupt_file_is_replaced_under_max_samples(tmp_path: Path) -> None:

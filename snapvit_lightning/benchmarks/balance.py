@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     elastic = ElasticViT.load(args.path)
     raw = elastic.scores.raw()
-    images = load_eval_images(args.data, elastic.model)[0]
+    images = load_eval_images(args.data, elastic.model, argument="--data")[0]
     fitness_images = images
     if args.holdout:
         if images.shape[0] < 4:

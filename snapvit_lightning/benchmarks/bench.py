@@ -336,7 +336,7 @@ class _Calibrator:
             elif self.stats_file:
                 sources = [(CorrectionStats.load(self.path), None)]
             else:
-                sources = [(elastic.collect_stats(load_eval_images(self.path, elastic.model)[0], self.batch_size), None)]
+                sources = [(elastic.collect_stats(load_eval_images(self.path, elastic.model, argument="--calibration")[0], self.batch_size), None)]
             self.stats_s += time.perf_counter() - t0
             # Keep the first model's (the checkpoint's) statistics and the current one's only.
             self._cache = dict(list(self._cache.items())[:1])
@@ -497,9 +497,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     path, data = Path(args.path), Path(args.data)
     if not path.is_file():
-        raise FileNotFoundError(f"elastic checkpoint not found: '{path}'")
+        raise FileNotFoundError(f"ELASTIC: elastic checkpoint not found: '{path}'")
     if not data.exists():
-        raise FileNotFoundError(f"image folder not found: '{data}'")
+        raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     out = None if args.out is None else Path(args.out)
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder, but '{out}' is a file")
@@ -518,7 +518,7 @@ def run_bench(args: argparse.Namespace) -> int:
     elastic = ElasticViT.load(path)
     build_times = _build_times(path, elastic.scores)
     dense = elastic.model
-    images, labels, classes = load_eval_images(data, dense)
+    images, labels, classes = load_eval_images(data, dense, argument="--data")
     knn = _has_labels(labels)
 
     def quality(model: Any, feats: Any = None) -> dict[str, Any]:
@@ -661,10 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m snapvit_lightning.benchmarks.bench``), same options as ``snapvit bench``."""
     parser = _configure(argparse.ArgumentParser(prog="snapvit bench", description=DESCRIPTION))
     args = parser.parse_args(argv)
-    try:
+    from ..errors import exit_on_user_error
+
+    with exit_on_user_error(parser.prog):
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"snapvit bench: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data is not None:
         from ..data import load_eval_images
 
-        images = load_eval_images(args.data, elastic.model)[0]
+        images = load_eval_images(args.data, elastic.model, argument="--data")[0]
         start = time.perf_counter()
         stats = elastic.collect_stats(images)
         print(f"collect_stats({len(images)} images): {time.perf_counter() - start:.2f} s, {stats.nbytes / 1e6:.1f} MB")

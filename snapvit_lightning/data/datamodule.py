@@ -167,8 +167,8 @@ class CalibrationDataModule(LightningDataModule):
 
     Every image is decoded once and cached in memory as ``uint8`` with its shorter side at
     most ``max_side`` (default ``2 * img_size``). Unreadable files inside a folder are skipped
-    with a warning naming each (and a final "skipped K of N files" warning); another image is
-    decoded in its place when ``max_samples`` leaves some unused.
+    with one warning that names them and counts them ("skipped K of N images"); another image
+    is decoded in its place when ``max_samples`` leaves some unused.
 
     Selection (deterministic from ``seed``): the pool is shuffled with ``seed``; the first
     ``holdout`` readable images are the fitness images, the next ``max_samples`` (or all)
@@ -355,12 +355,13 @@ class CalibrationDataModule(LightningDataModule):
 
         Raises:
             FileNotFoundError: if a folder does not exist.
-            ValueError: if a folder has no images, or ``holdout`` leaves no calibration images.
+            ValueError: if a folder has no images (or, once decoded, no readable ones), or
+                ``holdout`` leaves no calibration images.
             ImportError: if no source is given and scikit-image is missing.
         """
         if self._source is None:
             if self.data_dir is not None:
-                self._source = ImageFolderSource(self.data_dir)
+                self._source = ImageFolderSource(self.data_dir, argument="data_dir")
             elif self.dataset is not None:
                 self._source = DatasetSource(self.dataset)
             else:
@@ -373,7 +374,7 @@ class CalibrationDataModule(LightningDataModule):
                     f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}"
                 )
         if self._fitness_source is None and self.fitness_data_dir is not None:
-            self._fitness_source = ImageFolderSource(self.fitness_data_dir)
+            self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
         if self.img_size is not None or self.max_side is not None or self._model_cfg is not None:
             self._ensure_decoded()
 

@@ -1,8 +1,13 @@
 """Image sources: where calibration and evaluation images come from, decoded once.
 
 Images are decoded once (PIL → RGB → ``uint8`` tensor, shorter side bounded by ``max_side``)
-and kept in memory. An :class:`ImageSource` yields ``(image, label)`` pairs; unreadable files
-are skipped and reported (:class:`UnreadableImageError` names the file).
+and kept in memory. An :class:`ImageSource` yields ``(image, label)`` pairs.
+
+One rule for unreadable files inside a folder, for every reader (the calibration data module,
+:func:`load_eval_images` and so ``snapvit stats|slice|bench``): each is skipped, one warning
+names them (the first 10, then "and N more") and counts them ("skipped K of N images"), and
+an error is raised when no readable image remains. A single image file named on its own must
+be readable (:class:`UnreadableImageError` names it).
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ def to_uint8_image(image: Any, max_side: int | None = None) -> Tensor:
     return _resize_short_side_uint8(tensor, max_side)
 
 
-def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Path], list[int], list[str]]:
     """List the images under ``root`` in a deterministic order.
 
     ImageFolder layout (no images directly in ``root``, images in its subfolders): every
@@ -197,6 +202,8 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
 
     Args:
         root: a folder, or one image file.
+        argument: the name the user gave ``root`` under (e.g. ``"data_dir"``, ``"--data"``);
+            errors name it.
 
     Returns:
         ``(files, labels, classes)``; files sorted by relative path.
@@ -206,8 +213,9 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
         ValueError: if ``root`` holds no image files.
     """
     root = Path(root).expanduser()
+    named = f"{argument}: " if argument else ""
     if not root.exists():
-        raise FileNotFoundError(f"image folder not found: '{root}'")
+        raise FileNotFoundError(f"{named}image folder not found: '{root}' (give a folder of images or one image file)")
     if root.is_file():
         return [root], [-1], []
 
@@ -219,7 +227,7 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
 
     files = sorted((p for p in root.rglob("*") if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}'")
+        raise ValueError(f"{named}no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}'")
     top_level = [p for p in files if p.parent == root]
     if top_level:
         return files, [-1] * len(files), []
@@ -229,19 +237,37 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def load_eval_images(folder: str | Path, model: nn.Module) -> tuple[Tensor, Tensor, list[str]]:
-    """Eval views ``[N, 3, S, S]`` of every image under ``folder`` at ``model``'s input config.
+def load_eval_images(
+    folder: str | Path, model: nn.Module, argument: str | None = None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Eval views ``[N, 3, S, S]`` of every readable image under ``folder`` at ``model``'s input config.
 
-    Returns the views, the ImageFolder labels ``[N]`` (``-1`` for a flat folder, see
-    :func:`find_images`) and the class names.
+    Unreadable files in a folder are skipped with one warning that names them and counts them
+    (the same rule as :class:`CalibrationDataModule`).
+
+    Args:
+        folder: a folder of images (ImageFolder layout or flat), or one image file.
+        model: the timm model whose input size and normalisation the views get.
+        argument: the name the user gave ``folder`` under (e.g. ``"--data"``); errors name it.
+
+    Returns:
+        The views, the ImageFolder labels ``[N]`` (``-1`` for a flat folder, see
+        :func:`find_images`) and the class names.
 
     Raises:
-        FileNotFoundError, ValueError: See :func:`find_images` and :func:`load_image`.
+        FileNotFoundError: if ``folder`` does not exist.
+        ValueError: if ``folder`` holds no image files, or none of them can be read.
+        UnreadableImageError: (a ``ValueError``) if ``folder`` is one image file that cannot be read.
     """
     size, mean, std = resolve_input_config(model)
-    files, labels, classes = find_images(folder)
-    views = [eval_transform(load_image(f, max_side=2 * size), size, mean, std) for f in files]
-    return torch.stack(views), torch.tensor(labels, dtype=torch.long), classes
+    source = ImageFolderSource(folder, argument=argument)
+    skipped: list[tuple[str, str]] = []
+    _, images, labels, attempted = _decode(source, range(len(source)), None, 2 * size, skipped)
+    _report_skips(source, skipped, attempted)
+    if not images:
+        raise _no_readable(source, skipped)
+    views = [eval_transform(image, size, mean, std) for image in images]
+    return torch.stack(views), torch.tensor(labels, dtype=torch.long), list(source.classes)
 
 
 class ImageSource:
@@ -276,6 +302,7 @@ class ImageFolderSource(ImageSource):
 
     Args:
         root: the folder, or one image file.
+        argument: the name the user gave ``root`` under (e.g. ``"data_dir"``); messages name it.
 
     Raises:
         FileNotFoundError: if ``root`` does not exist.
@@ -284,10 +311,10 @@ class ImageFolderSource(ImageSource):
 
     skippable = True
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, argument: str | None = None) -> None:
         self.root = Path(root).expanduser()
-        self.files, self.labels, self.classes = find_images(self.root)
-        self.description = f"'{self.root}'"
+        self.files, self.labels, self.classes = find_images(self.root, argument)
+        self.description = f"{argument}='{self.root}'" if argument else f"'{self.root}'"
         # an explicitly named single file must be readable: no skipping
         self.skippable = not self.root.is_file()
 
@@ -439,14 +466,14 @@ def _sorted_by_index(indices: list[int], images: list[Tensor], labels: list[int]
 
 
 def _report_skips(source: ImageSource, skipped: list[tuple[str, str]], attempted: int) -> None:
+    """One warning: how many of the ``attempted`` images were skipped, naming the first 10."""
     if not skipped:
         return
-    for name, reason in skipped[:_MAX_NAMED_SKIPS]:
-        rank_zero_warn(f"skipping unreadable image '{name}': {reason}", category=UserWarning)
+    named = "; ".join(f"'{name}' ({reason})" for name, reason in skipped[:_MAX_NAMED_SKIPS])
     more = len(skipped) - _MAX_NAMED_SKIPS
-    tail = f" (and {more} more)" if more > 0 else ""
+    tail = f"; and {more} more" if more > 0 else ""
     rank_zero_warn(
-        f"skipped {len(skipped)} of {attempted} files in {source.description} that could not be read{tail}",
+        f"skipped {len(skipped)} of {attempted} images in {source.description} that could not be read: {named}{tail}",
         category=UserWarning,
     )
 

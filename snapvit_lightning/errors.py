@@ -1,0 +1,127 @@
+"""User errors on the command line: one line on stderr, no traceback.
+
+``snapvit`` (every subcommand, LightningCLI's ``fit``/``validate`` included) and the main job
+``python -m snapvit_lightning.quickstart`` run inside :func:`exit_on_user_error`: an error
+caused by the user's input ends the program with ``<prog>: error: <message>`` and exit
+status 2. User errors are
+
+* a missing, existing or inaccessible path (``FileNotFoundError``, ``FileExistsError``,
+  ``IsADirectoryError``, ``NotADirectoryError``, ``PermissionError``);
+* an optional dependency that is not installed (``ModuleNotFoundError`` of another package);
+* a ``ValueError``, ``TypeError`` or ``ImportError`` that this package raises on purpose, i.e.
+  whose innermost frame is a ``raise`` statement in ``snapvit_lightning`` (argument checks, bad
+  image folders, files of another format, a missing optional dependency);
+* Lightning's ``MisconfigurationException`` (a Trainer setting that cannot work here);
+* a config or option LightningCLI cannot parse (an unknown key, a value of the wrong type):
+  :func:`one_line_error_parser` prints those in the same one-line form.
+
+Anything else is a bug and keeps its traceback. ``SNAPVIT_TRACEBACK=1`` in the environment
+shows the full traceback (and LightningCLI's full usage) for user errors too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = [
+    "TRACEBACK_ENV",
+    "exit_on_user_error",
+    "is_user_error",
+    "one_line",
+    "one_line_error_parser",
+    "traceback_requested",
+]
+
+#: Set to ``1`` to get the full traceback of a user error.
+TRACEBACK_ENV = "SNAPVIT_TRACEBACK"
+
+#: Exit status of a user error (as argparse's usage errors).
+USER_ERROR_STATUS = 2
+
+_PACKAGE = Path(__file__).resolve().parent
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_RAISED_ON_PURPOSE = (ValueError, TypeError, ImportError)
+
+
+def traceback_requested() -> bool:
+    """Whether ``SNAPVIT_TRACEBACK`` asks for full tracebacks (set, and not ``0`` or empty)."""
+    return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
+
+
+def _raised_by_this_package(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    innermost = frames[-1]
+    inside = Path(innermost.filename).resolve().is_relative_to(_PACKAGE)
+    return inside and (innermost.line or "").lstrip().startswith("raise")
+
+
+def _is_misconfiguration(err: BaseException) -> bool:
+    module = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return module is not None and isinstance(err, module.MisconfigurationException)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` was caused by the user's input (see the module docstring) rather than a bug."""
+    if isinstance(err, _PATH_ERRORS) or _is_misconfiguration(err):
+        return True
+    if isinstance(err, ModuleNotFoundError) and not (err.name or "").startswith(_PACKAGE.name):
+        return True  # an optional dependency that is not installed
+    return isinstance(err, _RAISED_ON_PURPOSE) and _raised_by_this_package(err)
+
+
+def one_line(message: str) -> str:
+    """``message`` with its lines joined by single spaces."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+@contextmanager
+def exit_on_user_error(prog: str) -> Iterator[None]:
+    """Turn a user error raised inside the block into ``<prog>: error: <message>`` and exit 2.
+
+    Other exceptions pass unchanged, and so does every exception when :func:`traceback_requested`.
+
+    Args:
+        prog: the program as the user typed it, e.g. ``"snapvit slice"``.
+
+    Raises:
+        SystemExit: with status 2 after printing the one-line message to stderr.
+    """
+    try:
+        yield
+    except Exception as err:
+        if traceback_requested() or not is_user_error(err):
+            raise
+        sys.stderr.write(f"{prog}: error: {one_line(str(err))}\n")
+        raise SystemExit(USER_ERROR_STATUS) from None
+
+
+@functools.cache
+def one_line_error_parser() -> type:
+    """A ``LightningArgumentParser`` whose parse errors are one line: ``snapvit fit: error: ...``.
+
+    Pass it to LightningCLI as ``parser_class``. jsonargparse's own error prints the whole
+    usage (dozens of lines) before the message; this one prints the message and where to find
+    the options, and exits with status 2. With ``SNAPVIT_TRACEBACK=1`` (or when the parser is
+    used with ``exit_on_error=False``, as jsonargparse does internally) it behaves as jsonargparse's.
+    """
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class OneLineErrorParser(LightningArgumentParser):
+        def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+            if not self.exit_on_error or traceback_requested():
+                super().error(message, ex)
+            parser: Any = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            sys.stderr.write(f"{prog}: error: {one_line(message)} (see `{prog} --help`)\n")
+            self.exit(USER_ERROR_STATUS)
+
+    return OneLineErrorParser

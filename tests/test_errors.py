@@ -1,0 +1,133 @@
+"""User errors of `snapvit` and the main job: one line, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from snapvit_lightning import quickstart
+from snapvit_lightning.cli import main
+from snapvit_lightning.data import CalibrationDataModule
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.errors import exit_on_user_error, is_user_error
+from snapvit_lightning.scores import ImportanceScores
+
+from conftest import tiny_model
+
+
+@pytest.fixture
+def elastic_file(tmp_path):
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs).save(path)
+    return path
+
+
+def _photos(folder, n: int = 3, corrupt: tuple[str, ...] = ()):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for name in corrupt:
+        (folder / name).write_bytes(b"not an image")
+    return folder
+
+
+def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and match in errors[0], err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["info", "{tmp}/missing.elastic.safetensors"], "snapvit info: error: no elastic/subnet file"),
+        (["info", "{tmp}/plain.safetensors"], "is not a snapvit-elastic file"),
+        (["info", "{elastic}", "--budgets", "1.5,0"], "mlp_ratio must be a number in [0, 1), got 1.5"),
+        (["slice", "{elastic}", "--flops", "1.5", "-o", "{tmp}/s.safetensors"], "flops must be a fraction"),
+        (["slice", "{tmp}/missing.elastic.safetensors", "--flops", "0.5", "-o", "{tmp}/s.safetensors"],
+         "no elastic/subnet file"),
+        (["stats", "{elastic}", "--data", "{tmp}/missing"], "snapvit stats: error: --data: image folder not found"),
+        (["stats", "{elastic}", "--data", "{tmp}/empty"], "--data: no image files"),
+        (["stats", "{elastic}", "--data", "{tmp}/broken"], "no readable images in --data="),
+        (["bench", "{elastic}", "--data", "{tmp}/missing", "--no-latency"], "--data: image folder not found"),
+        (["bench", "{elastic}", "--data", "{tmp}/empty", "--no-latency"], "--data: no image files"),
+        (["fit", "--model.nope", "1"], "snapvit fit: error: unrecognized arguments: --model.nope 1"),
+        (["fit", "--config", "{tmp}/unknown_key.yaml"], "does not accept option 'model.nope'"),
+        (["fit", "--config", "{tmp}/missing.yaml"], "File does not exist"),
+        (["fit", "--model.model", "test_vit", "--data.batch_size", "0"], "`batch_size` must be >= 1, got 0"),
+        (["fit", "--model.model", "test_vit", "--data.data_dir", "{tmp}/missing", "--trainer.logger", "false"],
+         "snapvit fit: error: data_dir: image folder not found"),
+        (["fit", "--model.model", "test_vit", "--data.data_dir", "{tmp}/empty", "--trainer.logger", "false"],
+         "data_dir: no image files"),
+    ],
+)
+def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)  # Lightning writes nothing into the repository
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    (tmp_path / "empty").mkdir()
+    _photos(tmp_path / "broken", n=0, corrupt=("a.jpg", "b.png"))
+    (tmp_path / "unknown_key.yaml").write_text("model:\n  model: test_vit\n  nope: 1\n")
+    words = [w.format(tmp=tmp_path, elastic=elastic_file) for w in argv]
+    if "broken" in " ".join(words):
+        with pytest.warns(UserWarning, match="skipped 2 of 2 images"):
+            _fails_in_one_line(words, capsys, match)
+    else:
+        _fails_in_one_line(words, capsys, match)
+
+
+def test_traceback_on_request(tmp_path, elastic_file, monkeypatch) -> None:
+    monkeypatch.setenv("SNAPVIT_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="--data: image folder not found"):
+        main(["stats", str(elastic_file), "--data", str(tmp_path / "missing")])
+
+
+def test_bugs_keep_their_traceback() -> None:
+    """Only errors this package raises on purpose are user errors; others are bugs."""
+    with pytest.raises(ValueError, match="invalid literal"), exit_on_user_error("snapvit x"):
+        int("x")  # a ValueError from outside a `raise` of snapvit_lightning
+    with pytest.raises(KeyError), exit_on_user_error("snapvit x"):
+        {}["x"]
+    with pytest.raises(ValueError, match="batch_size") as exc:
+        CalibrationDataModule(batch_size=0)
+    assert is_user_error(exc.value)
+    assert is_user_error(FileNotFoundError("x")) and is_user_error(ModuleNotFoundError("no onnx", name="onnx"))
+    assert not is_user_error(RuntimeError("x"))
+
+
+@pytest.mark.parametrize("command", ["slice", "stats"])
+def test_missing_output_folder_is_created(command, tmp_path, elastic_file, capsys) -> None:
+    out = tmp_path / "new" / "folder" / "out.safetensors"
+    photos = _photos(tmp_path / "photos", corrupt=("bad.jpg",))
+    extra = ["--flops", "0.6"] if command == "slice" else ["--data", str(photos)]
+    with pytest.warns(UserWarning, match="bad.jpg") if command == "stats" else contextlib.nullcontext():
+        assert main([command, str(elastic_file), *extra, "-o", str(out)]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+
+
+def test_stats_skips_a_corrupt_image_and_names_it(tmp_path, elastic_file, capsys) -> None:
+    photos = _photos(tmp_path / "photos", n=3, corrupt=("bad.jpg",))
+    with pytest.warns(UserWarning, match="skipped 1 of 4 images in --data=.*bad.jpg") as record:
+        assert main(["stats", str(elastic_file), "--data", str(photos)]) == 0
+    assert sum("could not be read" in str(w.message) for w in record) == 1
+    assert "3 images" in capsys.readouterr().out
+
+
+def test_main_job_user_error_is_one_line(tmp_path, capsys) -> None:
+    _fails_in_one_line(
+        ["--weights", str(tmp_path / "weights.bin"), "--out", str(tmp_path / "run")], capsys,
+        "python -m snapvit_lightning.quickstart: error:", run=quickstart.main,
+    )
