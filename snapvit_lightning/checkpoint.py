@@ -124,9 +124,12 @@ _REQUIRED_META = ("format", "format_version", "kind", "model_name", "model_kwarg
 
 
 def read_format(
-    path: str | os.PathLike, fmt: str, version: int, what: str, tensors: bool = True
+    path: str | os.PathLike, fmt: str, version: int | tuple[int, ...], what: str, tensors: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and raw metadata of a safetensors file of format ``fmt`` and ``version``.
+
+    ``version`` may be a tuple of the versions this reader understands (the file's is then in
+    ``meta["format_version"]``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names ``what``).
@@ -143,10 +146,12 @@ def read_format(
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     if raw.get("format") != fmt:
         raise ValueError(f"{path} is not a {fmt} file (format={raw.get('format')!r})")
-    if raw.get("format_version") != str(version):
+    versions = (version,) if isinstance(version, int) else tuple(version)
+    if raw.get("format_version") not in {str(v) for v in versions}:
+        readable = f"version {versions[0]}" if len(versions) == 1 else f"versions {', '.join(map(str, versions))}"
         raise ValueError(
             f"{path} has format_version {raw.get('format_version')!r}; this snapvit_lightning "
-            f"{__version__} reads version {version}"
+            f"{__version__} reads {readable}"
         )
     return data, raw
 

@@ -2,8 +2,9 @@
 
 ``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
 :class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
-info``, ``snapvit slice`` (optionally weight-corrected) and ``snapvit stats`` (correction
-statistics) work on elastic checkpoints; ``snapvit bench`` measures them.
+info``, ``snapvit slice`` (weight-corrected by default when the checkpoint's statistics are
+beside it; ``--no-correct`` for the plain cut) and ``snapvit stats`` (correction statistics)
+work on elastic checkpoints; ``snapvit bench`` measures them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,38 @@ def _info(args: argparse.Namespace) -> int:
         kept = " ".join(f"{d.num_heads}/{d.mlp_hidden}" for d in dims)
         print(f"{mlp_ratio:>9.2f} {head_ratio:>10.2f} {cost['params']:>12,} {cost['flops']:>14,} "
               f"{100 * cost['flops_fraction']:>7.1f}%  {kept}")
+    _info_correction(args, elastic)
     return 0
+
+
+def _info_correction(args: argparse.Namespace, elastic: object) -> None:
+    """The statistics beside the checkpoint, and each budget's fidelity from ``report.json`` beside it."""
+    import json
+
+    from .correction import stats_path_for
+
+    stats = elastic.stats
+    beside = stats_path_for(args.path)
+    if stats is None:
+        print(f"correction statistics: none at {beside} (subnets are plain cuts; `snapvit stats` writes them)")
+    else:
+        print(f"correction statistics: {beside} ({stats.num_images} images, {stats.stored_bytes / 1e6:.1f} MB): "
+              "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut)")
+    report_path = Path(args.path).with_name("report.json")
+    if not report_path.is_file():
+        return
+    report = json.loads(report_path.read_text())
+    if report.get("files", {}).get("elastic") != Path(args.path).name:
+        return
+    rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
+    if not rows:
+        return
+    method = (report.get("correction") or {}).get("method", "none")
+    print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images):")
+    print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'flops %':>8} {'plain':>7} {'corrected':>9}  ({method})")
+    for b in rows:
+        cells = [f"{b[k]:.4f}" if b.get(k) is not None else "-" for k in ("fidelity", "fidelity_corrected")]
+        print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
 
 
 def _calibration(args: argparse.Namespace, elastic: object) -> object:
@@ -48,10 +80,41 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
         raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
     if args.calibration is None and not source.is_file():
         raise ValueError(
-            f"--correct {args.correct} needs --calibration STATS_FILE|IMAGE_FOLDER "
+            f"--correct {args.correct or 'lstsq'} needs --calibration STATS_FILE|IMAGE_FOLDER "
             f"(no statistics at '{source}'; write them with `snapvit stats {args.path} --data FOLDER`)"
         )
     return CorrectionStats.load(source)
+
+
+def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, str]:
+    """``slice``'s correction options and how it was chosen, from the flags.
+
+    ``--no-correct`` (or ``--correct none``): the plain cut. ``--correct METHOD`` and/or
+    ``--calibration``: that correction (``lstsq`` by default) from those statistics or images,
+    else the statistics beside the checkpoint. Neither: ``lstsq`` from the statistics
+    beside the checkpoint (attached by ``ElasticViT.load``) when they exist, else the plain cut.
+
+    Raises:
+        ValueError: ``--no-correct`` with ``--correct bias|lstsq``, ``--calibration`` or
+            ``--sequential``; see :func:`_calibration`.
+    """
+    from .correction import stats_path_for
+
+    plain = args.no_correct or args.correct == "none"
+    if args.no_correct and args.correct not in (None, "none"):
+        raise ValueError(f"give --no-correct or --correct {args.correct}, not both")
+    if plain and (args.calibration is not None or args.sequential):
+        raise ValueError("--calibration/--sequential need a correction (--correct bias|lstsq), not --no-correct")
+    if plain:
+        return {"correct": "none"}, "none (the plain cut)"
+    options = dict(damping=args.damping, damping_reference=args.damping_reference, sequential=args.sequential)
+    if args.correct is None and args.calibration is None and not args.sequential:
+        if elastic.stats is None:
+            return {"correct": "none"}, f"none (no statistics at {stats_path_for(args.path)}: the plain cut)"
+        return {"correct": "lstsq", **options}, f"lstsq (default, statistics {stats_path_for(args.path)})"
+    method = args.correct or "lstsq"
+    source = args.calibration if args.calibration is not None else stats_path_for(args.path)
+    return {"correct": method, "calibration": _calibration(args, elastic), **options}, f"{method} (calibration {source})"
 
 
 def _slice(args: argparse.Namespace) -> int:
@@ -59,26 +122,19 @@ def _slice(args: argparse.Namespace) -> int:
 
     if args.flops is not None and (args.mlp_ratio is not None or args.head_ratio is not None):
         raise ValueError("give either --flops or --mlp-ratio/--head-ratio, not both")
-    if args.correct == "none" and (args.calibration is not None or args.sequential):
-        raise ValueError("--calibration/--sequential need --correct bias|lstsq")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    elastic = ElasticViT.load(args.path)
+    elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
     mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=args.flops)
-    correction = {}
-    if args.correct != "none":
-        correction = dict(
-            correct=args.correct, calibration=_calibration(args, elastic), damping=args.damping,
-            damping_reference=args.damping_reference, sequential=args.sequential,
-        )
+    correction, how = _slice_correction(args, elastic)
     sub = elastic.slice(elastic.dims(mlp_ratio, head_ratio), **correction)
     elastic.save_subnet(out, sub)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))
     print(f"wrote {out}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
-          f"correction {args.correct}")
+          f"correction {how}")
     return 0
 
 
@@ -97,7 +153,7 @@ def _stats(args: argparse.Namespace) -> int:
     stats = elastic.collect_stats(load_eval_images(data, elastic.model, argument="--data")[0], batch_size=args.batch_size)
     stats.save(out)
     print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens), "
-          f"{stats.nbytes / 1e6:.1f} MB")
+          f"{stats.stored_bytes / 1e6:.1f} MB")
     return 0
 
 
@@ -148,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--head-ratio", type=float, default=None, help="fraction of all heads to prune, in [0, 1)")
     cut.add_argument("-o", "--output", required=True, help="output .safetensors file (load with load_subnet)")
     cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    cut.add_argument("--correct", choices=("none", "bias", "lstsq"), default="none",
+    cut.add_argument("--correct", choices=("none", "bias", "lstsq"), default=None,
                      help="weight correction of the subnet: bias compensation or least-squares refit of "
-                          "attn.proj/mlp.fc2 (default: none)")
+                          "attn.proj/mlp.fc2 (default: lstsq when <name>.stats.safetensors is beside the "
+                          "checkpoint or --calibration is given, else none)")
+    cut.add_argument("--no-correct", action="store_true",
+                     help="the paper's plain cut, even when statistics exist (same as --correct none)")
     cut.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
                      help="correction statistics (*.stats.safetensors) or an image folder "
                           "(default: <name>.stats.safetensors beside the checkpoint)")

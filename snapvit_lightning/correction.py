@@ -36,6 +36,7 @@ Only layers whose inputs were cut are changed: with nothing removed the subnet i
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +51,15 @@ from .structure import get_blocks
 
 __all__ = [
     "CORRECTIONS", "CorrectionStats", "SingularGramError", "collect_stats", "correct_subnet", "fingerprint",
-    "augmented_weight", "has_cut_norm", "solve_layer", "stats_path_for",
-    "STATS_FORMAT", "STATS_FORMAT_VERSION",
+    "augmented_weight", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
+    "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
 ]
 
 CORRECTIONS = ("none", "bias", "lstsq")
 DAMPING_REFERENCES = ("mean", "max")
 STATS_FORMAT = "snapvit-correction-stats"
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: upper triangles only (lossless; 1 stored the full matrices)
+STATS_READABLE_VERSIONS = (1, 2)
 _LAYERS = (("attn", "proj"), ("mlp", "fc2"))  # (branch, consuming layer), in forward order
 
 
@@ -181,6 +183,28 @@ def has_cut_norm(block: nn.Module) -> bool:
     return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
 
 
+def _triu(matrices: Tensor) -> Tensor:
+    """The upper triangles (diagonal included) of ``[B, n, n]`` as ``[B, n(n+1)/2]``, row by row."""
+    n = matrices.shape[-1]
+    rows, cols = torch.triu_indices(n, n)
+    return matrices[:, rows, cols]
+
+
+def _from_triu(packed: Tensor, n: int) -> Tensor:
+    """The symmetric ``[B, n, n]`` whose upper triangles are ``packed`` (the inverse of :func:`_triu`)."""
+    rows, cols = torch.triu_indices(n, n)
+    out = packed.new_empty(packed.shape[0], n, n)
+    out[:, rows, cols] = packed
+    out[:, cols, rows] = packed
+    return out
+
+
+def _triangle_side(length: int) -> int:
+    """``n`` with ``n(n+1)/2 == length``, or -1."""
+    n = int((math.isqrt(8 * length + 1) - 1) // 2)
+    return n if n * (n + 1) // 2 == length else -1
+
+
 def stats_path_for(elastic_path: str | os.PathLike) -> Path:
     """Where statistics of ``<name>.elastic.safetensors`` live: ``<name>.stats.safetensors`` beside it."""
     path = Path(elastic_path)
@@ -206,7 +230,10 @@ def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:
 class CorrectionStats:
     """Second moments of the dense model's ``attn.proj`` and ``mlp.fc2`` inputs, per block.
 
-    In the elastic model's (permuted) unit order, so a budget's kept inputs are a prefix.
+    In the elastic model's (permuted) unit order, so a budget's kept inputs are a prefix. The
+    matrices are symmetric (:func:`collect_stats` makes them exactly so), and a file stores only
+    their upper triangles: lossless, half the bytes (format version 2; version 1 files, which
+    hold the full matrices, are still read).
 
     Attributes:
         attn: ``[B, C + 1, C + 1]`` float32 ``E[xₐ xₐᵀ]`` of the ``attn.proj`` inputs
@@ -226,11 +253,23 @@ class CorrectionStats:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored tensors."""
+        """Bytes of the (full, float32) matrices in memory."""
         return self.attn.numel() * self.attn.element_size() + self.mlp.numel() * self.mlp.element_size()
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors :meth:`save` writes: the float32 upper triangles, ``4·B·n(n+1)/2`` per layer."""
+        return sum(4 * t.shape[0] * t.shape[1] * (t.shape[1] + 1) // 2 for t in (self.attn, self.mlp))
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file (to a temporary file, then renamed)."""
+        """Write a safetensors file of the upper triangles (to a temporary file, then renamed).
+
+        Raises:
+            ValueError: A matrix that is not symmetric (the lower triangle would be lost).
+        """
+        for name, t in (("attn", self.attn), ("mlp", self.mlp)):
+            if not torch.equal(t, t.transpose(1, 2)):
+                raise ValueError(f"correction statistics '{name}' are not symmetric; collect them with collect_stats()")
         meta = {
             "format": STATS_FORMAT,
             "format_version": str(STATS_FORMAT_VERSION),
@@ -239,21 +278,25 @@ class CorrectionStats:
             "fingerprint": self.fingerprint,
             "snapvit_version": __version__,
         }
-        _write(path, {"attn": self.attn.float().contiguous(), "mlp": self.mlp.float().contiguous()}, meta)
+        _write(path, {"attn_triu": _triu(self.attn.float()), "mlp_triu": _triu(self.mlp.float())}, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CorrectionStats":
         """Read statistics written by :meth:`save` (tensors and plain values only).
 
+        Reads format version 2 (upper triangles) and version 1 (full matrices).
+
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: Not a statistics file of this format/version, or inconsistent contents.
+            ValueError: Not a statistics file of a readable format/version, or inconsistent contents.
         """
-        tensors, meta = read_format(path, STATS_FORMAT, STATS_FORMAT_VERSION, "correction statistics")
+        tensors, meta = read_format(path, STATS_FORMAT, STATS_READABLE_VERSIONS, "correction statistics")
         try:
-            stats = cls(
-                tensors["attn"], tensors["mlp"], int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"])
-            )
+            if meta["format_version"] == "1":
+                attn, mlp = tensors["attn"], tensors["mlp"]
+            else:
+                attn, mlp = (_unpack(path, name, tensors[f"{name}_triu"]) for name in ("attn", "mlp"))
+            stats = cls(attn, mlp, int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"]))
         except (KeyError, ValueError) as err:
             raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
         for name, t in (("attn", stats.attn), ("mlp", stats.mlp)):
@@ -262,6 +305,13 @@ class CorrectionStats:
         if stats.attn.shape[0] != stats.mlp.shape[0]:
             raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
         return stats
+
+
+def _unpack(path: str | os.PathLike, name: str, packed: Tensor) -> Tensor:
+    n = _triangle_side(packed.shape[-1]) if packed.ndim == 2 else -1
+    if n < 1:
+        raise ValueError(f"{path}: '{name}_triu' must be [B, n(n+1)/2] upper triangles, got {tuple(packed.shape)}")
+    return _from_triu(packed, n)
 
 
 @torch.no_grad()
@@ -294,7 +344,10 @@ def collect_stats(
                     moments[i, branch].add(seen[f"{branch}.{name}"])
     finally:
         model.train(was_training)
-    stack = {b: torch.stack([moments[i, b].augmented() for i in range(len(blocks))]).float().cpu() for b, _ in _LAYERS}
+    stack = {}
+    for b, _ in _LAYERS:
+        m = torch.stack([moments[i, b].augmented() for i in range(len(blocks))])
+        stack[b] = (0.5 * (m + m.transpose(1, 2))).float().cpu()  # exactly symmetric: a file stores one triangle
     tokens = moments[0, "mlp"].count
     return CorrectionStats(stack["attn"], stack["mlp"], int(images.shape[0]), int(tokens), fingerprint)
 
@@ -313,18 +366,68 @@ def _solve(
     damping: float,
     reference: str,
     where: str,
+    target: Tensor | None = None,
 ) -> None:
     """Refit ``sub`` (kept inputs of ``dense``) in place.
 
     ``cross = E[xₐ x̃ₐᵀ]`` ``[n+1, k+1]`` (dense inputs × subnet inputs) and
     ``gram = E[x̃ₐ x̃ₐᵀ]`` ``[k+1, k+1]``, both augmented with a constant 1 as last entry.
+    ``target``, when given, is ``[W | b] · cross`` already (see :func:`prepare_targets`).
     """
-    w_aug = augmented_weight(dense).to(cross.device)
-    kept = sub.weight.detach().double().to(cross.device)
+    kept = sub.weight.detach().double().to(gram.device)
     k = kept.shape[1]
-    target = w_aug @ (cross if method == "lstsq" else cross[:, k:])  # bias: only the mean column
+    if target is None:
+        w_aug = augmented_weight(dense).to(cross.device)
+        target = w_aug @ (cross if method == "lstsq" else cross[:, k:])  # bias: only the mean column
     new_weight, new_bias = solve_layer(target, kept, gram, sub.bias is not None, method, damping, reference, where)
     _assign(sub, new_weight, new_bias)
+
+
+def prepare_targets(dense: nn.Module, stats: CorrectionStats) -> list[dict[str, Tensor]]:
+    """Per block and branch (``"attn"``, ``"mlp"``) the float64 ``[W | b] · E[xₐ xₐᵀ]`` ``[out, n+1]``.
+
+    What a one-shot correction from ``stats`` needs of the dense layers, for every budget: a
+    budget's least-squares target is its kept columns (a prefix and the last). Computing it once
+    (``correct_subnet(..., prepared=...)``; :class:`~snapvit_lightning.elastic.ElasticViT` keeps
+    it with attached statistics) halves the work of each further corrected subnet.
+
+    Raises:
+        ValueError: Statistics whose shapes do not fit ``dense``.
+    """
+    blocks = get_blocks(dense)
+    stored = {"attn": stats.attn, "mlp": stats.mlp}
+    out: list[dict[str, Tensor]] = []
+    for i, block in enumerate(blocks):
+        row = {}
+        for branch, name in _LAYERS:
+            layer = _layer(block, branch, name)
+            _check_stats_shape(stored[branch], branch, len(blocks), layer.in_features)
+            row[branch] = augmented_weight(layer) @ stored[branch][i].double()
+        out.append(row)
+    return out
+
+
+def _kept(t: Tensor, k: int, dim: int) -> Tensor:
+    """``t`` along ``dim`` at the kept inputs of a prefix cut: indices ``0..k-1`` and the last (the constant 1)."""
+    return torch.cat([t.narrow(dim, 0, k), t.narrow(dim, t.shape[dim] - 1, 1)], dim=dim)
+
+
+def _kept_gram(moment: Tensor, k: int) -> Tensor:
+    """``moment`` ``[n+1, n+1]`` at the kept inputs of a prefix cut (rows and columns), float64, one copy."""
+    gram = moment.new_empty(k + 1, k + 1, dtype=torch.float64)
+    gram[:k, :k] = moment[:k, :k]
+    gram[:k, k] = moment[:k, -1]
+    gram[k, :k] = moment[-1, :k]
+    gram[k, k] = moment[-1, -1]
+    return gram
+
+
+def _check_stats_shape(stored: Tensor, branch: str, num_blocks: int, n: int) -> None:
+    if stored.shape[0] != num_blocks or stored.shape[1] != n + 1:
+        raise ValueError(
+            f"correction statistics '{branch}' have shape {tuple(stored.shape)}, "
+            f"the model needs [{num_blocks}, {n + 1}, {n + 1}]"
+        )
 
 
 def augmented_weight(layer: nn.Linear) -> Tensor:
@@ -371,20 +474,20 @@ def solve_layer(
             raise ValueError(f"{where} has no bias to compensate into; use correct='lstsq'")
         # Mean dense output W E[x] + b minus the kept columns' mean output.
         return None, target[:, -1] - kept_weight @ gram[:k, k]
-    cols = list(range(k)) + ([k] if has_bias else [])
-    g = gram[cols][:, cols].clone()
+    size = k + 1 if has_bias else k  # the bias is fitted as the constant input's weight
+    g = gram[:size, :size].clone()
     if k:
         diag = torch.diagonal(g)[:k]
         lam = damping * float(diag.mean() if reference == "mean" else diag.max())
-        g[range(k), range(k)] += lam
+        diag += lam  # a view: damps the kept inputs, never the bias
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
         raise SingularGramError(
-            f"{where}: the input Gram matrix ({len(cols)}x{len(cols)}, damping={damping}, "
+            f"{where}: the input Gram matrix ({size}x{size}, damping={damping}, "
             f"damping_reference={reference!r}) is not positive definite (leading minor {int(info)} fails); "
             "use a larger damping, more calibration images, or correct='bias'"
         )
-    solution = torch.cholesky_solve(target[:, cols].T.contiguous(), chol).T  # [out, len(cols)]
+    solution = torch.cholesky_solve(target[:, :size].T.contiguous(), chol).T  # [out, size]
     return solution[:, :k], solution[:, k] if has_bias else None
 
 
@@ -413,6 +516,7 @@ def correct_subnet(
     sequential: bool = False,
     batch_size: int = 32,
     expected_fingerprint: str | None = None,
+    prepared: list[dict[str, Tensor]] | None = None,
 ) -> nn.Module:
     """Correct ``subnet`` (a prefix slice of ``dense``) in place and return it.
 
@@ -429,6 +533,8 @@ def correct_subnet(
             which kept more of the dense features on our real model (README, "Weight correction").
         batch_size: Images per forward (images only).
         expected_fingerprint: If given, stored statistics must carry this fingerprint.
+        prepared: :func:`prepare_targets` of ``dense`` and these stored statistics (speed only;
+            ignored for images).
 
     Raises:
         ValueError: A bad option, statistics of another model or shape, statistics for a
@@ -453,14 +559,16 @@ def correct_subnet(
             cut.append(k < n)
     if method == "none" or not any(cut):
         return subnet
-    solve = lambda d, s, cross, gram, where: _solve(d, s, cross, gram, method, damping, damping_reference, where)  # noqa: E731
+    def solve(d: nn.Linear, s: nn.Linear, cross: Tensor, gram: Tensor, where: str, target: Tensor | None = None) -> None:
+        _solve(d, s, cross, gram, method, damping, damping_reference, where, target)
+
     if sequential:
         _correct_sequential(dense, subnet, _check_images(calibration), _check_batch_size(batch_size), solve)
         return subnet
     if not isinstance(calibration, CorrectionStats):
         calibration = collect_stats(dense, calibration, batch_size=batch_size)
-        expected_fingerprint = None
-    _correct_from_stats(dense_blocks, sub_blocks, calibration, expected_fingerprint, solve)
+        expected_fingerprint, prepared = None, None
+    _correct_from_stats(dense_blocks, sub_blocks, calibration, expected_fingerprint, solve, prepared)
     return subnet
 
 
@@ -470,6 +578,7 @@ def _correct_from_stats(
     stats: CorrectionStats,
     expected_fingerprint: str | None,
     solve: Callable[..., None],
+    prepared: list[dict[str, Tensor]] | None = None,
 ) -> None:
     if expected_fingerprint is not None and stats.fingerprint != expected_fingerprint:
         raise ValueError(
@@ -486,16 +595,15 @@ def _correct_from_stats(
         for branch, name in _LAYERS:
             dl, sl = _layer(d, branch, name), _layer(s, branch, name)
             n, k = dl.in_features, sl.in_features
-            if stored[branch].shape[0] != len(dense_blocks) or stored[branch].shape[1] != n + 1:
-                raise ValueError(
-                    f"correction statistics '{branch}' have shape {tuple(stored[branch].shape)}, "
-                    f"the model needs [{len(dense_blocks)}, {n + 1}, {n + 1}]"
-                )
+            _check_stats_shape(stored[branch], branch, len(dense_blocks), n)
             if k == n:
                 continue
-            moment = stored[branch][i].double()
-            cols = list(range(k)) + [n]
-            solve(dl, sl, moment[:, cols], moment[cols][:, cols], f"block {i} {branch}.{name}")
+            moment = stored[branch][i]
+            gram = _kept_gram(moment, k)
+            if prepared is None:
+                solve(dl, sl, _kept(moment, k, 1).double(), gram, f"block {i} {branch}.{name}")
+            else:
+                solve(dl, sl, None, gram, f"block {i} {branch}.{name}", _kept(prepared[i][branch], k, 1))
 
 
 @torch.no_grad()

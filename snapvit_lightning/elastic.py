@@ -17,6 +17,11 @@ written by :mod:`snapvit_lightning.checkpoint`):
 
 Loading parses JSON and reads tensors only; the model is rebuilt by its registered timm name
 with plain keyword values, so nothing in a file is ever executed.
+
+Correction statistics live beside the checkpoint, ``<name>.stats.safetensors``
+(:func:`~snapvit_lightning.correction.stats_path_for`); :meth:`ElasticViT.load` attaches them
+when present, and :meth:`ElasticViT.subnet` then gives the ``lstsq``-corrected subnet by default
+(``correct="none"`` gives the plain cut).
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from .checkpoint import (  # the file format; its public names are importable fr
     read_metadata,
     save_subnet,
 )
-from .correction import CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint
+from .correction import (
+    CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint, prepare_targets, stats_path_for,
+)
 from .scores import ImportanceScores, check_ratio
 from .structure import (
     BlockDims,
@@ -59,6 +66,10 @@ from .structure import (
 __all__ = [
     "ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata", "check_model_kwargs",
 ]
+
+#: What ``ElasticViT.subnet(correct=...)`` accepts: ``"auto"`` and the corrections.
+CORRECT_CHOICES = ("auto", "none", "bias", "lstsq")
+
 
 class ElasticViT:
     """A timm ViT whose blocks are permuted by descending importance, sliceable to any budget.
@@ -112,6 +123,8 @@ class ElasticViT:
         self._dense_flops = dense["total"]
         self._dense_params = count_params(model)["total"]
         self._fingerprint: str | None = None
+        self.stats: CorrectionStats | None = None
+        self._prepared: list[dict[str, torch.Tensor]] | None = None  # prepare_targets of the attached stats
 
     # ------------------------------------------------------------------------------------------
     # Budgets
@@ -207,7 +220,7 @@ class ElasticViT:
         flops: float | None = None,
         params: float | None = None,
         head_ratio_scale: float = 1.0,
-        correct: str = "none",
+        correct: str = "auto",
         calibration: CorrectionStats | torch.Tensor | None = None,
         damping: float = 0.01,
         damping_reference: str = "mean",
@@ -223,6 +236,7 @@ class ElasticViT:
             ValueError: See :meth:`resolve_budget` and :meth:`slice`.
             SingularGramError: See :meth:`slice`.
         """
+        correct, calibration = self._resolve_correction(correct, calibration)
         correction = dict(
             correct=correct, calibration=calibration, damping=damping,
             damping_reference=damping_reference, sequential=sequential,
@@ -235,7 +249,7 @@ class ElasticViT:
         self,
         dims: Sequence[BlockDims],
         *,
-        correct: str = "none",
+        correct: str = "auto",
         calibration: CorrectionStats | torch.Tensor | None = None,
         damping: float = 0.01,
         damping_reference: str = "mean",
@@ -245,12 +259,14 @@ class ElasticViT:
 
         Args:
             dims: Kept heads and neurons per block.
-            correct: ``"none"``, ``"bias"`` (bias compensation) or ``"lstsq"`` (least-squares
-                refit of ``attn.proj``/``mlp.fc2``); see :mod:`snapvit_lightning.correction`.
-                The elastic model itself never changes.
+            correct: ``"auto"`` (default: ``"lstsq"`` when statistics are attached, see
+                :meth:`attach_stats`, or ``calibration`` is given, else ``"none"``), ``"none"``
+                (the paper's plain cut), ``"bias"`` (bias compensation) or ``"lstsq"``
+                (least-squares refit of ``attn.proj``/``mlp.fc2``); see
+                :mod:`snapvit_lightning.correction`. The elastic model itself never changes.
             calibration: For a correction: stored :class:`CorrectionStats` of this model
                 (:meth:`collect_stats`, :meth:`CorrectionStats.load`) or preprocessed images
-                ``[N, 3, H, W]``.
+                ``[N, 3, H, W]``. Default: the attached statistics (:attr:`stats`).
             damping: Least-squares damping relative to the mean (or max) Gram diagonal.
             damping_reference: ``"mean"`` or ``"max"``.
             sequential: Fit block by block on the corrected subnet's activations (images only).
@@ -260,6 +276,7 @@ class ElasticViT:
                 option, or statistics of another model.
             SingularGramError: A damped Gram matrix that is not positive definite.
         """
+        correct, calibration = self._resolve_correction(correct, calibration)
         _check_correction_args(correct, calibration, damping, damping_reference, sequential)
         # Copy the module tree but share the parameters, cut the blocks (which copies only the
         # kept units), then copy whatever parameter is still shared: each weight is copied once.
@@ -271,14 +288,50 @@ class ElasticViT:
                 if param is not None and id(param) in shared:
                     module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
         if correct != "none":
+            prepared = None
+            if calibration is self.stats and not sequential:
+                if self._prepared is None:
+                    self._prepared = prepare_targets(self.model, self.stats)
+                prepared = self._prepared
             correct_subnet(
                 self.model, sub, calibration, method=correct, damping=damping, damping_reference=damping_reference,
-                sequential=sequential, expected_fingerprint=self.fingerprint,
+                sequential=sequential, expected_fingerprint=self.fingerprint, prepared=prepared,
             )
         return sub
 
     # ------------------------------------------------------------------------------------------
     # Correction statistics
+
+    def _resolve_correction(
+        self, correct: Any, calibration: Any
+    ) -> tuple[Any, CorrectionStats | torch.Tensor | None]:
+        """``correct="auto"`` → ``"lstsq"`` with calibration or attached statistics, else ``"none"``;
+        a correction without ``calibration`` uses the attached statistics (checked afterwards)."""
+        if correct == "auto":
+            correct = "lstsq" if calibration is not None or self.stats is not None else "none"
+        if correct not in ("none", "auto") and calibration is None:
+            calibration = self.stats
+        return correct, calibration
+
+    def attach_stats(self, stats: CorrectionStats | None) -> None:
+        """Use ``stats`` as the default calibration of :meth:`subnet`/:meth:`slice` (``None`` detaches).
+
+        With statistics attached ``subnet()`` is ``lstsq``-corrected by default; ``correct="none"``
+        still gives the plain cut.
+
+        Raises:
+            TypeError: ``stats`` is not :class:`CorrectionStats` or ``None``.
+            ValueError: Statistics of another elastic model (their fingerprint differs).
+        """
+        if stats is not None and not isinstance(stats, CorrectionStats):
+            raise TypeError(f"stats must be CorrectionStats or None, got {type(stats).__name__}")
+        if stats is not None and stats.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"the correction statistics belong to another elastic model (fingerprint {stats.fingerprint!r}, "
+                f"this model {self.fingerprint!r}); collect them again for this checkpoint"
+            )
+        self.stats = stats
+        self._prepared = None
 
     @property
     def fingerprint(self) -> str:
@@ -313,14 +366,24 @@ class ElasticViT:
         _write(path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ElasticViT":
+    def load(cls, path: str | os.PathLike, *, stats: bool = True) -> "ElasticViT":
         """Read an elastic checkpoint written by :meth:`save` (no network, no code execution).
+
+        Args:
+            path: The ``*.elastic.safetensors`` file.
+            stats: Attach the correction statistics beside it (``<name>.stats.safetensors``,
+                :func:`~snapvit_lightning.correction.stats_path_for`) when that file exists, so
+                :meth:`subnet` is corrected by default; ``False`` loads the model alone.
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
+            TypeError: ``stats`` is not a bool.
             ValueError: A corrupt or truncated file, another format or version, a subnet file,
-                or contents that do not fit the model they name.
+                contents that do not fit the model they name, or a statistics file beside it
+                that is unreadable or belongs to another elastic model.
         """
+        if not isinstance(stats, bool):
+            raise TypeError(f"stats must be a bool, got {stats!r}")
         tensors, meta = _read(path)
         if meta["kind"] != "elastic":
             raise ValueError(f"{path} holds a {meta['kind']!r}, not an elastic model; use load_subnet()")
@@ -334,6 +397,12 @@ class ElasticViT:
         self = cls.__new__(cls)
         self.model_name, self.model_kwargs = meta["model_name"], meta["model_kwargs"]
         self._init(model, scores, mlp_order, head_order)
+        beside = stats_path_for(path)
+        if stats and beside.is_file():
+            try:
+                self.attach_stats(CorrectionStats.load(beside))
+            except ValueError as err:
+                raise ValueError(f"{beside} (beside {path}): {err}; remove or replace it, or load(..., stats=False)") from err
         return self
 
     def save_subnet(self, path: str | os.PathLike, subnet: nn.Module) -> None:
@@ -344,13 +413,15 @@ class ElasticViT:
 def _check_correction_args(
     correct: Any, calibration: Any, damping: Any, damping_reference: Any, sequential: Any
 ) -> None:
+    if correct not in CORRECT_CHOICES:
+        raise ValueError(f"correct must be one of {CORRECT_CHOICES}, got {correct!r}")
     check_correction(correct, damping, damping_reference)
     if correct == "none" and (calibration is not None or sequential):
         raise ValueError("calibration/sequential are only used with correct='bias' or 'lstsq', got correct='none'")
     if correct != "none" and not isinstance(calibration, (CorrectionStats, torch.Tensor)):
         raise ValueError(
-            f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W], "
-            f"got {type(calibration).__name__}"
+            f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W] "
+            f"(or statistics attached with attach_stats / found by ElasticViT.load), got {type(calibration).__name__}"
         )
 
 

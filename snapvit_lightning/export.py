@@ -10,9 +10,10 @@ Export directory (``name`` defaults to the timm model name)::
 
     <name>.elastic.safetensors            ElasticViT.save (load with ElasticViT.load)
     <name>.mlp<a>_head<b>.safetensors     subnets (save_subnets=True; load with load_subnet),
-                                          weight-corrected when correct != "none"
-    <name>.stats.safetensors              correction statistics (correct != "none";
-                                          CorrectionStats.load, reused by snapvit slice)
+                                          weight-corrected unless correct="none"
+    <name>.stats.safetensors              correction statistics (by default; not with
+                                          correct="none"): ElasticViT.load attaches them, so
+                                          subnet() and snapvit slice are corrected by default
     report.json                           per-budget kept units, params, FLOPs, fidelity
     fidelity_vs_flops.png                 fidelity (cosine to the dense model) against FLOPs
     kept_units.png                        per-block kept fraction of neurons / heads per budget
@@ -249,7 +250,7 @@ def export_elastic(
     overwrite: bool = False,
     name: str | None = None,
     batch_size: int = 64,
-    correct: str = "none",
+    correct: str = "lstsq",
     calibration_images: Tensor | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
@@ -265,11 +266,14 @@ def export_elastic(
     ``search_evaluations`` and ``machine`` from ``elastic.scores.build_info`` (``null`` when
     unknown) and ``export_s``, this call's time up to writing ``report.json`` (the report last).
 
-    With ``correct="bias"`` or ``"lstsq"`` (see :mod:`snapvit_lightning.correction`) the
-    correction statistics are collected on ``calibration_images`` and written beside the
-    checkpoint (``<name>.stats.safetensors``), the saved subnets are corrected, and every budget
-    also gets ``fidelity_corrected``; ``report["correction"]`` says how, and whether the
-    fidelity images were also the calibration images (then the corrected fidelity is optimistic).
+    By default (``correct="lstsq"``; also ``"bias"``, see :mod:`snapvit_lightning.correction`)
+    the correction statistics are collected on ``calibration_images`` (or, without them, the
+    statistics attached to ``elastic`` are used) and written beside the checkpoint
+    (``<name>.stats.safetensors``, where :meth:`ElasticViT.load` finds them), the saved subnets
+    are corrected, and every budget gets ``fidelity_corrected`` beside the plain cut's
+    ``fidelity``; ``report["correction"]`` says how, and whether the fidelity images were also
+    the calibration images (then the corrected fidelity is optimistic). ``correct="none"``
+    writes the paper's plain cut and no statistics.
 
     Args:
         elastic: The elastic model (left unchanged).
@@ -283,9 +287,9 @@ def export_elastic(
         overwrite: Replace existing files of an earlier export.
         name: File-name stem; default the elastic model's timm name.
         batch_size: Images per forward pass for the fidelity.
-        correct: ``"none"``, ``"bias"`` or ``"lstsq"``.
+        correct: ``"lstsq"`` (default), ``"bias"`` or ``"none"``.
         calibration_images: Float ``[N, 3, S, S]`` images for the correction statistics
-            (required when ``correct`` is not ``"none"``).
+            (required when ``correct`` is not ``"none"``, unless ``elastic.stats`` is set).
         device: Where the fidelity and the correction statistics are computed (a copy of the
             model is moved there; the written files are the same on any device). On a GPU run
             pass the model's device: on CPU these forward passes can take longer than the search.
@@ -299,7 +303,8 @@ def export_elastic(
             any work).
         TypeError: If ``elastic`` is not an ElasticViT or a flag is not a bool.
         ValueError: Invalid budgets, images, name, batch size or device; two budgets that resolve
-            to the same subnet file name; a correction without calibration images.
+            to the same subnet file name; a correction without calibration images or
+            attached statistics.
     """
     if not isinstance(elastic, ElasticViT):
         raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
@@ -313,8 +318,11 @@ def export_elastic(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     correct = _check_correct(correct)
     calibration = _check_images(calibration_images, "calibration_images")
-    if correct != "none" and calibration is None:
-        raise ValueError(f"correct={correct!r} needs calibration_images [N, 3, S, S]")
+    if correct != "none" and calibration is None and elastic.stats is None:
+        raise ValueError(
+            f"correct={correct!r} needs calibration_images [N, 3, S, S] (or statistics attached to the elastic "
+            "model with attach_stats); pass correct='none' for the plain cut without statistics"
+        )
     device = _check_device(device)
 
     export_start = time.perf_counter()
@@ -348,10 +356,16 @@ def export_elastic(
         images = images.detach().to(device, torch.float32)
         dense_features = _features(measured, images, batch_size)
     stats = None
-    if correct != "none":
+    if correct != "none" and calibration is None:
+        stats = elastic.stats
+    elif correct != "none":
         calibration = calibration.detach().to(device, torch.float32)
         stats = collect_stats(measured, calibration, batch_size=batch_size, fingerprint=elastic.fingerprint)
     del measured
+    corrector = None
+    if stats is not None:  # shares elastic's model; its own attached statistics (prepared once for every budget)
+        corrector = copy.copy(elastic)
+        corrector.attach_stats(stats)
     entries: list[dict[str, Any]] = []
     subnets: dict[str, nn.Module] = {}
     for (requested, a, b), label in zip(resolved, labels):
@@ -359,11 +373,11 @@ def export_elastic(
         cost = elastic.cost(dims)
         neurons = [d.mlp_hidden for d in dims]
         heads = [d.num_heads for d in dims]
-        sub = elastic.slice(dims) if (images is not None or save_subnets) else None
+        sub = elastic.slice(dims, correct="none") if (images is not None or save_subnets) else None
         fidelity = None if sub is None or images is None else _fidelity(sub, dense_features, images, batch_size)
         fidelity_corrected = None
         if sub is not None and stats is not None:
-            sub = elastic.slice(dims, correct=correct, calibration=stats)
+            sub = corrector.slice(dims, correct=correct)
             if images is not None:
                 fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
         if save_subnets and label not in subnets:
@@ -409,10 +423,10 @@ def export_elastic(
         "correction": None if stats is None else {
             "method": correct,
             "stats_file": targets["stats"].name,
-            "stats_bytes": stats.nbytes,
+            "stats_bytes": stats.stored_bytes,
             "calibration_images": stats.num_images,
-            "fidelity_images_are_calibration_images": images is not None and images.shape == calibration.shape
-            and bool(torch.equal(images, calibration)),
+            "fidelity_images_are_calibration_images": None if calibration is None  # attached statistics: unknown
+            else images is not None and images.shape == calibration.shape and bool(torch.equal(images, calibration)),
         },
         "build_times": {  # scoring/search from the scores' build_info; export_s set just before writing
             **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine")},
@@ -494,7 +508,7 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
 
 def _set_export_options(
     owner: Any, budgets: Any, save_subnets: Any, overwrite: Any, model_name: Any, model_kwargs: Any, name: Any,
-    correct: Any = "none",
+    correct: Any = "lstsq",
 ) -> None:
     """Validate the export options shared by ElasticExport and SnapViT and set them on ``owner``."""
     owner.correct = _check_correct(correct)
@@ -541,10 +555,10 @@ class ElasticExport(Callback):
         name: File-name stem (default: the model name).
         images: Fitness images ``[M, 3, S, S]`` for the fidelity.
         batch_size: Images per forward pass for the fidelity.
-        correct: Weight correction of the exported subnets, ``"none"``, ``"bias"`` or
-            ``"lstsq"`` (see :func:`export_elastic`); its statistics are collected on
-            ``trainer.datamodule.calibration_images_eval()`` when the datamodule has it, else
-            on the fitness images.
+        correct: Weight correction of the exported subnets, ``"lstsq"`` (default), ``"bias"``
+            or ``"none"`` (the plain cut, no statistics; see :func:`export_elastic`); its
+            statistics are collected on ``trainer.datamodule.calibration_images_eval()`` when
+            the datamodule has it, else on the fitness images (checked in ``setup``).
 
     Attributes:
         elastic: The :class:`ElasticViT` exported (rank 0, after the fit).
@@ -553,7 +567,8 @@ class ElasticExport(Callback):
 
     Raises:
         TypeError: A wrong argument type.
-        ValueError: Invalid budgets, name or images; or (at ``setup``) the wrong callback order.
+        ValueError: Invalid budgets, name or images; or (at ``setup``) the wrong callback order
+            or, for a correction, no source of calibration images.
         FileExistsError: (At ``setup`` / export) an export exists and ``overwrite`` is false.
     """
 
@@ -568,7 +583,7 @@ class ElasticExport(Callback):
         name: str | None = None,
         images: Tensor | None = None,
         batch_size: int = 64,
-        correct: str = "none",
+        correct: str = "lstsq",
     ) -> None:
         super().__init__()
         self.dirpath = _check_dirpath(dirpath)
@@ -600,11 +615,20 @@ class ElasticExport(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse the wrong callback order and an existing export before the fit starts."""
+        """Refuse the wrong callback order, an existing export and a correction without images before the fit."""
         if stage != "fit":
             return
         self._check_order(trainer)
         _refuse_existing_before_fit(trainer, self.dirpath, self._targets_name(pl_module), self.overwrite)
+        dm = getattr(trainer, "datamodule", None)
+        if self.correct != "none" and self.images is None and not (
+            hasattr(dm, "calibration_images_eval") or hasattr(dm, "fitness_images")
+        ):
+            raise ValueError(
+                f"ElasticExport(correct={self.correct!r}) needs calibration images: pass images=, or a datamodule "
+                f"with calibration_images_eval() (e.g. CalibrationDataModule); got {type(dm).__name__}. "
+                "correct='none' exports the plain cut without statistics"
+            )
 
     def _images(self, trainer: pl.Trainer) -> Tensor | None:
         if self.images is not None:

@@ -156,9 +156,10 @@ class SnapViT(Callback):
             run was on CPU, else ``"auto"``.
         search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
         fitness_images: Float ``[M, 3, S, S]`` fitness images.
-        correct: Weight correction of the exported subnets (``"none"``, ``"bias"``,
-            ``"lstsq"``); statistics from the datamodule's ``calibration_images_eval()`` when
-            it has one, else from the fitness images.
+        correct: Weight correction of the exported subnets: ``"lstsq"`` (default), ``"bias"``
+            or ``"none"`` (the paper's plain cut, no statistics file); statistics from the
+            datamodule's ``calibration_images_eval()`` when it has one, else from the fitness
+            images, written beside the checkpoint (see :func:`export_elastic`).
 
     Attributes:
         elastic: The exported :class:`ElasticViT` (after the fit, rank 0).
@@ -191,7 +192,7 @@ class SnapViT(Callback):
         accelerator: str | None = None,
         search_kwargs: dict[str, Any] | None = None,
         fitness_images: Tensor | None = None,
-        correct: str = "none",
+        correct: str = "lstsq",
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, (pl.LightningDataModule, DataLoader)):

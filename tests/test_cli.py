@@ -30,7 +30,7 @@ def test_info_lists_budgets(tmp_path, capsys) -> None:
     assert main(["info", str(path), "--budgets", "0,0", "0.5,0.5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "100.0%" in lines[2] and lines[3].split()[:2] == ["0.50", "0.50"]
-    assert len(lines) == 4
+    assert lines[4].startswith("correction statistics: none at") and len(lines) == 5
 
 
 def test_info_errors(tmp_path, capsys) -> None:
@@ -283,7 +283,8 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(photos),
                  "--sequential", "-o", str(out), "--overwrite"]) == 0
     for argv, match in (
-        (["--calibration", str(photos)], "need --correct"),
+        (["--no-correct", "--calibration", str(photos)], "not --no-correct"),
+        (["--no-correct", "--correct", "bias"], "give --no-correct or --correct bias, not both"),
         (["--correct", "lstsq", "--sequential"], "--sequential needs an image folder"),
     ):
         with pytest.raises(SystemExit) as exc:
@@ -292,3 +293,50 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:  # stats exist, no --overwrite
         main(["stats", str(path), "--data", str(photos)])
     assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, capsys) -> None:
+    import copy
+
+    from snapvit_lightning.elastic import load_subnet
+    from snapvit_lightning.export import export_elastic
+    from snapvit_lightning.structure import slice_model
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
+    images = torch.randn(6, 3, *elastic.input_size, generator=torch.Generator().manual_seed(0))
+    result = export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0), (0.4, 0.5)], fitness_images=images[:3],
+                            calibration_images=images[3:])
+    path = result["paths"]["elastic"]
+    plain_reference = copy.deepcopy(elastic.model)  # today's plain cut, built without subnet()
+    slice_model(plain_reference, elastic.dims(0.4, 0.5))
+    stats = result["paths"]["stats"]
+    argv = ["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "--overwrite", "-o"]
+    for extra, expected, said in (
+        ([], ElasticViT.load(path).subnet(0.4, 0.5), f"correction lstsq (default, statistics {stats})"),
+        (["--no-correct"], plain_reference, "correction none (the plain cut)"),
+        (["--correct", "none"], plain_reference, "correction none (the plain cut)"),
+    ):
+        out = tmp_path / "s.safetensors"
+        assert main([*argv, str(out), *extra]) == 0
+        assert said in capsys.readouterr().out
+        got, want = load_subnet(out).state_dict(), expected.state_dict()
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in got), extra
+    corrected = ElasticViT.load(path).subnet(0.4, 0.5).state_dict()
+    assert not all(torch.equal(corrected[k], v) for k, v in plain_reference.state_dict().items())
+    assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"correction statistics: {stats} (3 images" in printed and "lstsq-corrected by default" in printed
+    fidelity = {(f"{b['mlp_ratio']:.2f}", f"{b['head_ratio']:.2f}"): b for b in result["report"]["budgets"]}
+    row = [r for r in printed.splitlines() if r.split()[:2] == ["mlp_ratio", "head_ratio"] and "corrected" in r]
+    assert row and row[0].split()[-1] == "(lstsq)"
+    half = fidelity[("0.40", "0.50")]
+    line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
+    assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", f"{half['fidelity_corrected']:.4f}"]
+    # Without the statistics file: the plain cut, and the printed line says why.
+    stats.unlink()
+    out = tmp_path / "p.safetensors"
+    assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "-o", str(out)]) == 0
+    assert "correction none (no statistics at" in capsys.readouterr().out
+    got, want = load_subnet(out).state_dict(), plain_reference.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in got)

@@ -232,3 +232,111 @@ def test_real_model_correction_keeps_more_features(real_weights: Path, photos_di
     plain = feature_fidelity(extract_features(el.subnet(0.55, 0.4), held_out), dense)
     fixed = feature_fidelity(extract_features(el.subnet(0.55, 0.4, correct="lstsq", calibration=stats), held_out), dense)
     assert fixed > plain + 0.1, (plain, fixed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrected by default: attached statistics, compact files
+
+
+def _plain_reference(el: ElasticViT, mlp_ratio: float, head_ratio: float) -> torch.nn.Module:
+    """The plain cut as it always was, built without subnet(): the permuted model, sliced."""
+    import copy
+
+    from snapvit_lightning.structure import slice_model
+
+    sub = copy.deepcopy(el.model)
+    slice_model(sub, el.dims(mlp_ratio, head_ratio))
+    return sub
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("key", ["test_vit", "test_vit2", "swiglu"])
+def test_subnet_default_is_corrected_when_stats_exist(key: str) -> None:
+    el = _elastic(key)
+    stats = el.collect_stats(_images(el.model, n=6))
+    assert _same(el.subnet(0.4, 0.3), _plain_reference(el, 0.4, 0.3))  # nothing attached: the plain cut
+    assert _same(el.subnet(0.4, 0.3, calibration=stats), el.subnet(0.4, 0.3, correct="lstsq", calibration=stats))
+    el.attach_stats(stats)
+    corrected = el.subnet(0.4, 0.3)
+    assert _same(corrected, el.subnet(0.4, 0.3, correct="lstsq", calibration=stats))
+    assert not _same(corrected, _plain_reference(el, 0.4, 0.3))
+    assert _same(el.subnet(0.4, 0.3, correct="none"), _plain_reference(el, 0.4, 0.3))  # bit for bit
+    if key != "swiglu":  # no bias to compensate into
+        assert _same(el.subnet(0.4, 0.3, correct="bias"), el.subnet(0.4, 0.3, correct="bias", calibration=stats))
+    el.attach_stats(None)
+    assert _same(el.subnet(0.4, 0.3), _plain_reference(el, 0.4, 0.3))
+
+
+def test_prepared_targets_match_the_direct_solve() -> None:
+    el = _elastic("test_vit")
+    stats = el.collect_stats(_images(el.model, n=6))
+    el.attach_stats(stats)
+    for budget in ((0.2, 0.0), (0.6, 0.5), (0.3, 0.2)):  # any order, from the same prepared targets
+        fast, direct = el.subnet(*budget), el.subnet(*budget, correct="lstsq", calibration=stats)
+        for a, b in zip(fast.state_dict().values(), direct.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_attaches_stats_beside_and_checks_them(tmp_path: Path) -> None:
+    el = _elastic("test_vit")
+    path = _save(el, tmp_path)
+    assert ElasticViT.load(path).stats is None
+    stats = el.collect_stats(_images(el.model, n=4))
+    stats.save(tmp_path / "m.stats.safetensors")
+    loaded = ElasticViT.load(path)
+    assert loaded.stats is not None and torch.equal(loaded.stats.mlp, stats.mlp)
+    assert _same(loaded.subnet(0.5, 0.5), el.subnet(0.5, 0.5, correct="lstsq", calibration=stats))
+    assert ElasticViT.load(path, stats=False).stats is None
+    other = _elastic("test_vit", seed=1)
+    other.collect_stats(_images(other.model, n=4)).save(tmp_path / "m.stats.safetensors")
+    with pytest.raises(ValueError, match=r"m\.stats\.safetensors.*belong to another elastic model"):
+        ElasticViT.load(path)
+    assert ElasticViT.load(path, stats=False).stats is None
+    with pytest.raises(ValueError, match="belong to another elastic model"):
+        el.attach_stats(CorrectionStats.load(tmp_path / "m.stats.safetensors"))
+    with pytest.raises(TypeError, match="stats must be CorrectionStats or None"):
+        el.attach_stats(tmp_path)
+
+
+def test_stats_file_stores_upper_triangles_losslessly(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    el = _elastic("test_vit2")
+    stats = el.collect_stats(_images(el.model, n=5))
+    for t in (stats.attn, stats.mlp):
+        assert torch.equal(t, t.transpose(1, 2))  # exactly symmetric
+    path = tmp_path / "m.stats.safetensors"
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == ["attn_triu", "mlp_triu"] and f.metadata()["format_version"] == "2"
+        stored = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+    b, n, m = stats.mlp.shape[0], stats.attn.shape[1], stats.mlp.shape[1]
+    assert stored == stats.stored_bytes == 4 * b * (n * (n + 1) // 2 + m * (m + 1) // 2)
+    assert stats.stored_bytes < 0.51 * stats.nbytes
+    loaded = CorrectionStats.load(path)
+    assert torch.equal(loaded.attn, stats.attn) and torch.equal(loaded.mlp, stats.mlp)
+    asymmetric = CorrectionStats(stats.attn.clone(), stats.mlp.clone(), 5, stats.num_tokens, stats.fingerprint)
+    asymmetric.mlp[0, 0, 1] += 1.0
+    with pytest.raises(ValueError, match="'mlp' are not symmetric"):
+        asymmetric.save(tmp_path / "bad.stats.safetensors")
+
+
+def test_version_1_stats_file_is_still_read(tmp_path: Path) -> None:
+    from snapvit_lightning.checkpoint import _write
+
+    el = _elastic("test_vit")
+    stats = el.collect_stats(_images(el.model, n=4))
+    path = tmp_path / "m.stats.safetensors"
+    _write(path, {"attn": stats.attn, "mlp": stats.mlp}, {  # what version 1 wrote: the full matrices
+        "format": "snapvit-correction-stats", "format_version": "1", "num_images": "4",
+        "num_tokens": str(stats.num_tokens), "fingerprint": stats.fingerprint, "snapvit_version": "0"})
+    loaded = CorrectionStats.load(path)
+    assert torch.equal(loaded.attn, stats.attn) and torch.equal(loaded.mlp, stats.mlp)
+    assert _same(ElasticViT.load(_save(el, tmp_path)).subnet(0.4, 0.2), el.subnet(0.4, 0.2, calibration=stats))
+    _write(path, {"attn_triu": stats.attn[:, 0]}, {"format": "snapvit-correction-stats", "format_version": "3"})
+    with pytest.raises(ValueError, match="format_version '3'.*reads versions 1, 2"):
+        CorrectionStats.load(path)

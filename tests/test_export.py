@@ -48,17 +48,22 @@ def _listing(path):
 
 
 def test_export_writes_everything(tmp_path, elastic, images):
-    out = export_elastic(elastic, tmp_path / "exp", budgets=BUDGETS, fitness_images=images, save_subnets=True)
+    calibration = torch.randn(8, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    out = export_elastic(elastic, tmp_path / "exp", budgets=BUDGETS, fitness_images=images, save_subnets=True,
+                         calibration_images=calibration)  # correct="lstsq" by default
     paths, report = out["paths"], out["report"]
     exp = tmp_path / "exp"
     assert paths["elastic"] == exp / "test_vit.elastic.safetensors"
+    assert paths["stats"] == exp / "test_vit.stats.safetensors"  # the statistics ship beside the checkpoint
     assert all(p.is_file() for p in paths.values())
+    assert report["correction"]["method"] == "lstsq" and report["correction"]["stats_file"] == "test_vit.stats.safetensors"
     assert not [p for p in exp.iterdir() if p.name.startswith(".")]  # no staging leftovers
     for png in ("fidelity_vs_flops.png", "kept_units.png"):
         assert (exp / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     loaded = ElasticViT.load(paths["elastic"])
     assert torch.equal(loaded.scores.mlp, elastic.scores.mlp)
+    assert loaded.stats is not None and loaded.stats.num_images == 8  # attached: subnet() is corrected
 
     on_disk = json.loads((exp / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
@@ -67,7 +72,8 @@ def test_export_writes_everything(tmp_path, elastic, images):
     assert len(entries) == 3
     b = elastic.structure.num_blocks
     for e in entries:
-        for key in ("mlp_ratio", "head_ratio", "params", "flops", "params_fraction", "flops_fraction", "fidelity"):
+        for key in ("mlp_ratio", "head_ratio", "params", "flops", "params_fraction", "flops_fraction", "fidelity",
+                    "fidelity_corrected"):
             assert isinstance(e[key], (int, float)), key
         assert len(e["kept_neurons"]) == b and len(e["kept_heads"]) == b
         sub = load_subnet(exp / e["subnet_file"])
@@ -82,11 +88,12 @@ def test_export_writes_everything(tmp_path, elastic, images):
 
 
 def test_export_without_images_or_subnets(tmp_path, elastic):
-    out = export_elastic(elastic, tmp_path, budgets=[{"mlp_ratio": 0.3, "head_ratio": 0.0}], name="mine")
+    out = export_elastic(elastic, tmp_path, budgets=[{"mlp_ratio": 0.3, "head_ratio": 0.0}], name="mine", correct="none")
     assert set(out["paths"]) == {"elastic", "report", "fidelity_plot", "kept_units_plot"}
     assert (tmp_path / "mine.elastic.safetensors").is_file()
     entry = out["report"]["budgets"][0]
     assert entry["fidelity"] is None and entry["subnet_file"] is None
+    assert out["report"]["correction"] is None and not list(tmp_path.glob("*.stats.safetensors"))
 
 
 @pytest.mark.parametrize("method", ["bias", "lstsq"])
@@ -102,7 +109,7 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     stats = CorrectionStats.load(paths["stats"])
     assert paths["stats"].name == "test_vit.stats.safetensors" and stats.num_images == 8
     assert report["correction"] == {
-        "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": stats.nbytes,
+        "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
         "calibration_images": 8, "fidelity_images_are_calibration_images": False,
     }
     dense, half = report["budgets"]
@@ -110,12 +117,65 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert half["fidelity_corrected"] is not None and half["fidelity_corrected"] != half["fidelity"]
     # The saved subnet is the corrected one, equal to a correction from the stored statistics.
     saved = load_subnet(tmp_path / half["subnet_file"])
-    expected = elastic.subnet(0.5, 0.5, correct=method, calibration=stats)
-    for a, b in zip(saved.state_dict().values(), expected.state_dict().values()):
-        assert torch.equal(a, b)
+    _assert_same_tensors(saved, ElasticViT.load(paths["elastic"]).subnet(0.5, 0.5, correct=method))
+    direct = elastic.subnet(0.5, 0.5, correct=method, calibration=stats)  # without the prepared targets
+    for a, b in zip(saved.state_dict().values(), direct.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert elastic.stats is None  # the export attached nothing to the caller's model
+
+
+def _plain_cut(elastic, mlp_ratio, head_ratio):
+    """Today's plain subnet, built independently of subnet(): the permuted model, sliced."""
+    import copy
+
+    from snapvit_lightning.structure import slice_model
+
+    sub = copy.deepcopy(elastic.model)
+    slice_model(sub, elastic.dims(mlp_ratio, head_ratio))
+    return sub
+
+
+def _assert_same_tensors(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_export_correct_none_writes_the_plain_cut(tmp_path, elastic, images):
+    out = export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], fitness_images=images, save_subnets=True,
+                         correct="none")
+    assert "stats" not in out["paths"] and not list(tmp_path.glob("*.stats.safetensors"))
+    entry = out["report"]["budgets"][0]
+    assert entry["fidelity_corrected"] is None and out["report"]["correction"] is None
+    _assert_same_tensors(load_subnet(tmp_path / entry["subnet_file"]), _plain_cut(elastic, 0.5, 0.5))
+    assert ElasticViT.load(out["paths"]["elastic"]).stats is None
+
+
+def test_export_ships_attached_statistics(tmp_path, images):
+    model, name, kwargs = tiny_model("test_vit")
+    el = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    el.attach_stats(el.collect_stats(images[:4]))
+    out = export_elastic(el, tmp_path, budgets=[(0.5, 0.5)], fitness_images=images, save_subnets=True)
+    correction = out["report"]["correction"]
+    assert correction["method"] == "lstsq" and correction["calibration_images"] == 4
+    assert correction["fidelity_images_are_calibration_images"] is None  # not known for attached statistics
+    loaded = ElasticViT.load(out["paths"]["elastic"])
+    assert torch.equal(loaded.stats.mlp, el.stats.mlp) and torch.equal(loaded.stats.attn, el.stats.attn)
+    entry = out["report"]["budgets"][0]
+    _assert_same_tensors(load_subnet(tmp_path / entry["subnet_file"]), el.subnet(0.5, 0.5))
+    assert entry["fidelity_corrected"] != entry["fidelity"]
+
+
+def _header(path) -> int:
+    """Bytes of a safetensors file before its tensor data (8-byte length + JSON header)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def test_export_correction_needs_calibration_images(tmp_path, elastic):
+    with pytest.raises(ValueError, match="correct='lstsq' needs calibration_images.*correct='none' for the plain cut"):
+        export_elastic(elastic, tmp_path)  # the default corrects
     with pytest.raises(ValueError, match="correct='lstsq' needs calibration_images"):
         export_elastic(elastic, tmp_path, correct="lstsq")
     with pytest.raises(ValueError, match="correct must be one of"):
@@ -124,12 +184,12 @@ def test_export_correction_needs_calibration_images(tmp_path, elastic):
 
 
 def test_export_refuses_overwrite_and_keeps_first(tmp_path, elastic):
-    export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
+    export_elastic(elastic, tmp_path, correct="none", budgets=[(0.0, 0.0)])
     before = _listing(tmp_path)
     with pytest.raises(FileExistsError, match="test_vit.elastic.safetensors|report.json"):
-        export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)])
+        export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)])
     assert _listing(tmp_path) == before
-    export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], overwrite=True)
+    export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)], overwrite=True)
     assert json.loads((tmp_path / "report.json").read_text())["budgets"][0]["mlp_ratio"] == 0.5
 
 
@@ -140,16 +200,16 @@ def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
 
     monkeypatch.setattr(ex, where, boom)
     with pytest.raises(OSError, match="disk full"):
-        export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], save_subnets=True)
+        export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)], save_subnets=True)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_overwrite_keeps_old_export(tmp_path, elastic, monkeypatch):
-    export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
+    export_elastic(elastic, tmp_path, correct="none", budgets=[(0.0, 0.0)])
     before = _listing(tmp_path)
     monkeypatch.setattr(ex, "_write_json", lambda *a: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
-        export_elastic(elastic, tmp_path, budgets=[(0.5, 0.5)], overwrite=True)
+        export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)], overwrite=True)
     assert _listing(tmp_path) == before
 
 
@@ -165,7 +225,7 @@ def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypa
 
     monkeypatch.setattr(ex.os, "replace", flaky)
     with pytest.raises(OSError, match="rename failed"):
-        export_elastic(elastic, tmp_path, budgets=[(0.0, 0.0)])
+        export_elastic(elastic, tmp_path, correct="none", budgets=[(0.0, 0.0)])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -183,7 +243,7 @@ def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypa
 )
 def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        export_elastic(elastic, tmp_path, **kwargs)
+        export_elastic(elastic, tmp_path, correct="none", **kwargs)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -207,6 +267,10 @@ def test_elastic_export_callback(tmp_path):
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert export.report["scores"]["searched"] is True
     assert paths["subnet:mlp0.4_head0.5"].is_file()
+    # Corrected by default: statistics from the fitness images (no datamodule), attached on load.
+    assert export.correct == "lstsq" and paths["stats"].is_file() and loaded.stats is not None
+    assert export.report["correction"]["fidelity_images_are_calibration_images"] is True
+    _assert_same_tensors(load_subnet(paths["subnet:mlp0.4_head0.5"]), loaded.subnet(0.4, 0.5))
     after = module.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model is untouched
 
@@ -270,6 +334,13 @@ def test_stage_times_travel_to_report_and_bench(tmp_path, capsys):
     assert bt["sources"] == {"scoring_s": "checkpoint", "search_s": "checkpoint",
                              "search_evaluations": "checkpoint", "export_s": "report.json"}
     assert bt["build_machine"]["device"] == "cpu" and "Build time" in (out / "bench.md").read_text()
+
+
+def test_elastic_export_without_calibration_source_fails_in_setup(tmp_path):
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    with pytest.raises(ValueError, match=r"ElasticExport\(correct='lstsq'\) needs calibration images"):
+        _trainer(tmp_path, [ElasticExport(tmp_path / "out")]).fit(module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None  # before the scoring
 
 
 def test_elastic_export_wrong_order_raises(tmp_path):

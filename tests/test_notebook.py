@@ -19,8 +19,9 @@ def test_quickstart_notebook_runs(real_weights, photos_dir, tmp_path, monkeypatc
     g = torch.Generator().manual_seed(0)
     scores = ImportanceScores(torch.rand(12, 1536, generator=g), torch.rand(12, 6, generator=g))
     path = tmp_path / "vits14.elastic.safetensors"
-    ElasticViT(model, scores, model_name="vit_small_patch14_dinov2",
-               model_kwargs={"num_classes": 0, "img_size": 56}).save(path)
+    elastic = ElasticViT(model, scores, model_name="vit_small_patch14_dinov2", model_kwargs={"num_classes": 0, "img_size": 56})
+    elastic.save(path)
+    elastic.collect_stats(torch.randn(8, 3, 56, 56, generator=g)).save(tmp_path / "vits14.stats.safetensors")
     monkeypatch.setenv("SNAPVIT_ELASTIC", str(path))
     monkeypatch.setenv("SNAPVIT_PHOTOS", str(photos_dir))
     monkeypatch.setenv("SNAPVIT_MAX_IMAGES", "16")
@@ -29,5 +30,6 @@ def test_quickstart_notebook_runs(real_weights, photos_dir, tmp_path, monkeypatc
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "fidelity 1.000" in outputs and "speed-up" in outputs
+    assert "attached: subnet() is lstsq-corrected" in outputs and "(plain cut 1.000)" in outputs
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -108,6 +108,9 @@ def test_snapvit_plugin_with_dataloader(tmp_path):
     assert loaded.scores.block_weights is not None  # the search ran
     assert loaded.model_kwargs["num_classes"] == 0 and loaded.model_kwargs["img_size"] == [IMG, IMG]
     assert plugin.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    # Corrected by default: the statistics ship beside the checkpoint and ElasticViT.load attaches them.
+    assert plugin.report["correction"]["method"] == "lstsq" and plugin.export_paths["stats"].is_file()
+    assert loaded.stats is not None and plugin.report["budgets"][1]["fidelity_corrected"] is not None
     # The user's training happened and the plug-in changed nothing of it.
     assert not torch.equal(initial["backbone.blocks.0.mlp.fc1.weight"], user.state_dict()["backbone.blocks.0.mlp.fc1.weight"])
     after = user.state_dict()

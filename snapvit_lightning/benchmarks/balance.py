@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the fitness's (mlp_ratio, head_ratio) pairs (default: the search's)")
     args = parser.parse_args(argv)
 
-    elastic = ElasticViT.load(args.path)
+    elastic = ElasticViT.load(args.path, stats=False)  # plain cuts (the correction is measured explicitly)
     raw = elastic.scores.raw()
     images = load_eval_images(args.data, elastic.model, argument="--data")[0]
     fitness_images = images

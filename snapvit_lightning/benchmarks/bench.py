@@ -515,7 +515,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
 
     t_start = time.perf_counter()
-    elastic = ElasticViT.load(path)
+    elastic = ElasticViT.load(path, stats=False)  # plain rows are plain cuts; --correct adds corrected ones
     build_times = _build_times(path, elastic.scores)
     dense = elastic.model
     images, labels, classes = load_eval_images(data, dense, argument="--data")
