@@ -250,13 +250,12 @@ class SnapViTCLI:
     @staticmethod
     def run(args: Sequence[str] | None) -> None:
         """Run a LightningCLI subcommand (fit/validate/test/predict); ``None`` reads ``sys.argv``."""
-        from lightning.pytorch.cli import LightningCLI
-
         from .data import CalibrationDataModule
         from .errors import one_line_error_parser
         from .module import SnapViTModule
+        from .precision import lightning_cli  # LightningCLI that resolves trainer.precision: auto
 
-        LightningCLI(
+        lightning_cli(
             SnapViTModule,
             CalibrationDataModule,
             args=None if args is None else list(args),

@@ -263,7 +263,8 @@ def export_elastic(
     (``forward_head(forward_features(x), pre_logits=True)``) on those images, computed on
     ``device`` in float32. See the module docstring for the file names and the atomic write. Its
     ``build_times`` holds the stage wall times: ``scoring_s``, ``search_s``,
-    ``search_evaluations`` and ``machine`` from ``elastic.scores.build_info`` (``null`` when
+    ``search_evaluations``, ``machine`` and ``precision`` (the probe of ``precision: auto``,
+    :mod:`snapvit_lightning.precision`) from ``elastic.scores.build_info`` (``null`` when
     unknown) and ``export_s``, this call's time up to writing ``report.json`` (the report last).
 
     By default (``correct="lstsq"``; also ``"bias"``, see :mod:`snapvit_lightning.correction`)
@@ -429,7 +430,7 @@ def export_elastic(
             else images is not None and images.shape == calibration.shape and bool(torch.equal(images, calibration)),
         },
         "build_times": {  # scoring/search from the scores' build_info; export_s set just before writing
-            **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine")},
+            **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine", "precision")},
             "export_s": None,
             "export_s_covers": "export_elastic from its start to just before writing report.json: fidelity, "
             "slicing, the elastic checkpoint, subnets and plots (not report.json itself nor the final renames)",

@@ -117,17 +117,23 @@ def _cls_block(block: Block, x: Tensor) -> Tensor:
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
-def embed(model: nn.Module, x: Tensor) -> Tensor:
+def embed(model: nn.Module, x: Tensor, explicit: bool | None = None) -> Tensor:
     """``model.forward_head(model.forward_features(x), pre_logits=True)``, computed cheaply.
 
     Args:
         model: A timm ViT (dense or cut).
         x: ``[N, 3, S, S]`` normalised images.
+        explicit: Attention kernel: ``True`` the explicit-matmul path
+            (:func:`explicit_attention`), ``False`` the model's own ``fused_attn`` setting,
+            ``None`` whichever :func:`prefers_explicit_attention` says (a probe's choice,
+            :mod:`snapvit_lightning.precision`, passes ``True``/``False``).
 
     Returns:
         ``[N, D]`` pre-logits embeddings.
     """
-    with explicit_attention(model) if prefers_explicit_attention(model, x) else contextlib.nullcontext():
+    if explicit is None:
+        explicit = prefers_explicit_attention(model, x)
+    with explicit_attention(model) if explicit else contextlib.nullcontext():
         if not supports_cls_only(model):
             return model.forward_head(model.forward_features(x), pre_logits=True)
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))

@@ -178,6 +178,12 @@ class SnapViTModule(pl.LightningModule):
 
     Attributes:
         student: The timm model.
+        explicit_attention: The attention kernel of the scoring forward: ``True`` explicit
+            matmuls, ``False`` the model's fused setting, ``None`` (default) as
+            :func:`~snapvit_lightning.forward.embed` prefers; set by
+            :func:`~snapvit_lightning.precision.resolve_precision` with ``"auto"``.
+        precision_probe: That probe's record (plain values), or ``None``; kept in the scores'
+            ``build_info["precision"]`` and read by a search with ``autocast="auto"``.
         scores: The :class:`ImportanceScores` after a training epoch (``None`` before).
         num_samples: Calibration images seen by the scores (over all ranks and epochs).
 
@@ -276,6 +282,8 @@ class SnapViTModule(pl.LightningModule):
         self._pending: dict[str, Any] | None = None  # restored by on_load_checkpoint
         self._resumed = False  # this fit continues sums restored from a checkpoint
         self._train_started = False  # this fit reached on_train_start
+        self.explicit_attention: bool | None = None  # attention kernel (None: forward.embed decides)
+        self.precision_probe: dict[str, Any] | None = None  # set by precision.resolve_precision("auto")
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -289,7 +297,7 @@ class SnapViTModule(pl.LightningModule):
         Returns:
             ``[N, D]`` embeddings (not normalised).
         """
-        return embed(self.student, x)
+        return embed(self.student, x, self.explicit_attention)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -574,6 +582,7 @@ class SnapViTModule(pl.LightningModule):
             min_mlp_keep=self.min_mlp_keep,
             min_head_keep=self.min_head_keep,
             criterion=self.criterion,
+            build_info=None if self.precision_probe is None else {"precision": self.precision_probe},
         )
 
     # ------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .export import (
     export_targets,
 )
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
+from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .scores import ImportanceScores
 from .search import EvolutionarySearch
 from .structure import UnsupportedModelError, check_supported
@@ -151,7 +152,9 @@ class SnapViT(Callback):
         model_name: timm name to rebuild the model (default: inferred from ``pretrained_cfg``).
         model_kwargs: ``timm.create_model`` kwargs to rebuild it (default: inferred).
         name: File-name stem of the export.
-        precision: Precision of the internal scoring Trainer (fp16 is refused).
+        precision: Precision of the internal scoring Trainer (fp16 is refused); ``"auto"``: a
+            probe on the internal Trainer's device picks it and the attention kernel
+            (:func:`~snapvit_lightning.precision.resolve_precision`).
         accelerator: Accelerator of the internal Trainer; ``None``: ``"cpu"`` when the user's
             run was on CPU, else ``"auto"``.
         search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
@@ -219,8 +222,10 @@ class SnapViT(Callback):
             raise ValueError(f"search_evals must be an int >= 0 (0: no search), got {search_evals!r}")
         self.search_evals = search_evals
         _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct)
-        if str(precision) not in ALLOWED_PRECISIONS:
-            raise ValueError(f"precision must be one of {list(ALLOWED_PRECISIONS)} (fp16 corrupts gradient scores), got {precision!r}")
+        if str(precision) not in ("auto", *ALLOWED_PRECISIONS):
+            raise ValueError(
+                f"precision must be one of {['auto', *ALLOWED_PRECISIONS]} (fp16 corrupts gradient scores), got {precision!r}"
+            )
         self.precision = precision
         if accelerator is not None and not isinstance(accelerator, str):
             raise TypeError(f"accelerator must be a str or None, got {accelerator!r}")
@@ -299,11 +304,16 @@ class SnapViT(Callback):
         callbacks: list[Callback] = []
         if self.search_evals:
             callbacks.append(EvolutionarySearch(max_evals=self.search_evals, images=images, **self.search_kwargs))
+        accelerator = self._accelerator(trainer)
+        precision = self.precision
+        if precision == "auto":  # explicit precisions as before, without a probe
+            views = min(PROBE_VIEWS, int(getattr(self.datamodule, "num_views", PROBE_VIEWS)))
+            precision = resolve_precision("auto", module, cli_device(accelerator), views=views)
         inner = pl.Trainer(
-            accelerator=self._accelerator(trainer),
+            accelerator=accelerator,
             devices=1,
             max_epochs=1,
-            precision=self.precision,
+            precision=precision,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,

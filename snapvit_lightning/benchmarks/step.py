@@ -17,7 +17,8 @@ bf16 autocast, each adding one saving to the one above it:
 5. in bf16 only, the explicit-matmul attention
    (:func:`snapvit_lightning.forward.explicit_attention`); rows 1–4 keep PyTorch's fused kernel.
 
-The last row of each precision is what ``SnapViTModule`` runs. Prints the median seconds per step
+The last row of each precision is what ``SnapViTModule`` runs by default (``precision: auto``
+picks the precision and kernel by a shorter probe of the same step, :mod:`snapvit_lightning.precision`). Prints the median seconds per step
 of each and its speed-up over row 1. Row 1 reproduces the official step's work with this package's
 code, not the official code itself (its data pipeline is not included either).
 """
@@ -26,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
+from .. import forward
+from ..precision import time_interleaved
 
-def _plain_embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+def _plain_embed(model: torch.nn.Module, x: torch.Tensor, explicit: bool | None = None) -> torch.Tensor:
+    with forward.explicit_attention(model) if explicit else contextlib.nullcontext():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 class _Variant(NamedTuple):
@@ -106,17 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for precision in ("fp32", "bf16-autocast"):
         # In fp32 the module keeps the fused kernel, so the last variant would repeat the one above.
         timed = {name: v for name, v in VARIANTS.items() if precision != "fp32" or not v.explicit_attention}
-        times: dict[str, list[float]] = {name: [] for name in timed}
-        for round_ in range(args.repeats + 1):
-            for name, v in timed.items():
-                with _variant(v), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-                    start = time.perf_counter()
+        def runner(v: _Variant, bf16: bool = precision != "fp32") -> Callable[[], None]:
+            def run() -> None:
+                with _variant(v), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     _step(module, views, v.teacher_pass)
-                    if round_:  # round 0 warms up
-                        times[name].append(time.perf_counter() - start)
-        base = statistics.median(times["official (own teacher pass)"])
+
+            return run
+
+        times = time_interleaved({name: runner(v) for name, v in timed.items()}, args.repeats)  # 1 warm-up round
+        base = times["official (own teacher pass)"]
         for name, t in times.items():
-            print(f"  {precision:13} {name:30} {statistics.median(t):6.2f} s/step  ({base / statistics.median(t):.2f}x)")
+            print(f"  {precision:13} {name:30} {t:6.2f} s/step  ({base / t:.2f}x)")
     return 0
 
 

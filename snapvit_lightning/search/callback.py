@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from ..correction import check_correction
 from ..machine import build_machine
+from ..precision import search_setting
 from ..scores import ImportanceScores, check_balance
 from .fitness import (
     DEFAULT_BALANCE,
@@ -37,6 +38,27 @@ from .fitness import (
     check_space,
 )
 from .loop import _balanced_start, _best, _check_popsize, _check_sigma, _make_xnes, _search_loop
+
+
+def _search_probe(trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device) -> dict[str, Any]:
+    """The module's precision probe record, else a fitness-only probe's (rank 0's under DDP)."""
+    from ..module import SnapViTModule
+    from ..precision import probe
+
+    record = getattr(pl_module, "precision_probe", None)
+    if record is not None:
+        return record
+    if not isinstance(pl_module, SnapViTModule):
+        raise ValueError(
+            f"autocast='auto' probes a SnapViTModule; got {type(pl_module).__name__} without a precision_probe"
+        )
+    record = None
+    if trainer.is_global_zero:
+        result = probe(pl_module, device=device, scoring=False)
+        rank_zero_info(f"EvolutionarySearch: {result.summary()}")
+        record = result.to_dict()
+    return trainer.strategy.broadcast(record, src=0)
+
 
 __all__ = [
     "EvolutionarySearch",
@@ -116,7 +138,11 @@ class EvolutionarySearch(Callback):
             (default :data:`DEFAULT_RATIO_PAIRS`; the paper's: :data:`PAPER_RATIO_PAIRS`).
         pca_components: PCA components of the fitness (``>= 1``; at most ``M - 1`` and ``D`` used).
         seed: xNES seed.
-        autocast: bfloat16 autocast for the fitness forwards (``True``), a dtype, or ``False``.
+        autocast: bfloat16 autocast for the fitness forwards (``True``), a dtype, ``False``,
+            or ``"auto"``: the autocast and attention kernel a precision probe chose
+            (:mod:`snapvit_lightning.precision`): the module's (``precision_probe``, set by a
+            ``precision: auto`` Trainer) or, when it has none, a fitness-only probe run here;
+            the record lands in the scores' ``build_info["precision"]``.
         batch_size: Images per forward pass.
         images: Fitness images: a float tensor ``[M, 3, S, S]`` or an iterable (e.g. a
             DataLoader) of such batches or ``(images, ...)`` tuples. ``None``: the datamodule's.
@@ -212,7 +238,7 @@ class EvolutionarySearch(Callback):
         ratio_pairs: Sequence[tuple[float, float]] = DEFAULT_RATIO_PAIRS,
         pca_components: int = 64,
         seed: int = 0,
-        autocast: bool = True,
+        autocast: bool | str = True,
         batch_size: int = 64,
         images: Tensor | Iterable[Any] | None = None,
         initial_weights: Tensor | None = None,
@@ -238,7 +264,10 @@ class EvolutionarySearch(Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
-        self.autocast_dtype = _resolve_autocast(autocast)
+        if isinstance(autocast, str) and autocast != "auto":
+            raise ValueError(f"autocast must be a bool, a torch.dtype, None or 'auto', got {autocast!r}")
+        self.autocast = autocast
+        self.autocast_dtype = None if autocast == "auto" else _resolve_autocast(autocast)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         if isinstance(images, Tensor):
             _check_images(images)
@@ -298,6 +327,10 @@ class EvolutionarySearch(Callback):
             return strategy.broadcast(t, src=0) if world > 1 else t
 
         images = self._fitness_images(trainer)
+        autocast_dtype, explicit, probe_record = self.autocast_dtype, None, None
+        if self.autocast == "auto":
+            probe_record = _search_probe(trainer, pl_module, device)
+            autocast_dtype, explicit = search_setting(probe_record)
         self.fitness = fitness = Fitness(
             student,
             scores,
@@ -305,7 +338,7 @@ class EvolutionarySearch(Callback):
             self.ratio_pairs,
             self.pca_components,
             self.batch_size,
-            self.autocast_dtype,
+            autocast_dtype,
             rank=int(trainer.global_rank) if world > 1 else 0,
             world_size=world,
             reduce_fn=reduce if world > 1 else None,
@@ -316,6 +349,7 @@ class EvolutionarySearch(Callback):
             space=self.space,
             guard=self.guard,
             reference_cosines=self.reference_cosines,  # restored with the start's fitness, else set by its call
+            explicit_attention=explicit,
         )
         xnes, w0 = _make_xnes(
             scores.num_weights,
@@ -369,6 +403,7 @@ class EvolutionarySearch(Callback):
             "search_s": time.perf_counter() - search_start,  # this hook: fitness set-up, start point, xNES
             "search_evaluations": len(self.history) - evals_before,  # candidates, start point not counted
             "machine": {**build_machine(device), "world_size": world},
+            **({} if probe_record is None else {"precision": probe_record}),
         })
         for logger in trainer.loggers:
             logger.save()

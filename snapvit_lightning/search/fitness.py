@@ -199,6 +199,9 @@ class Fitness:
         reference_cosines: Per ratio pair, the cosines the guard protects (those of the start
             point). ``None``: the first call's (:func:`run_search` and
             :class:`EvolutionarySearch` evaluate the start point first).
+        explicit_attention: Attention kernel of the forwards: ``True`` explicit matmuls,
+            ``False`` the model's fused setting, ``None`` (default) as
+            :func:`~snapvit_lightning.forward.embed` prefers (explicit under bf16 on CPU).
 
     Attributes:
         num_evals: Calls so far.
@@ -235,7 +238,11 @@ class Fitness:
         space: str = DEFAULT_SPACE,
         guard: float = 0.0,
         reference_cosines: Sequence[float] | Tensor | None = None,
+        explicit_attention: bool | None = None,
     ) -> None:
+        if explicit_attention is not None and not isinstance(explicit_attention, bool):
+            raise ValueError(f"explicit_attention must be None, True or False, got {explicit_attention!r}")
+        self.explicit_attention = explicit_attention
         self.ratio_pairs = _check_ratio_pairs(ratio_pairs)
         self.space = check_space(space)
         self.guard = check_guard(guard)
@@ -333,7 +340,7 @@ class Fitness:
         with torch.inference_mode(), self._autocast():
             for i in range(0, images.shape[0], self.batch_size):
                 x = images[i : i + self.batch_size]
-                outs.append(embed(self.model, x).float())
+                outs.append(embed(self.model, x, self.explicit_attention).float())
         if not outs:
             return torch.zeros(0, int(self.model.num_features), device=self.device)
         return torch.cat(outs)
