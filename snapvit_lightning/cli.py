@@ -27,15 +27,35 @@ def _info(args: argparse.Namespace) -> int:
     elastic = ElasticViT.load(args.path)
     print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
-    print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}  kept heads / neurons per block")
-    for mlp_ratio, head_ratio in args.budgets:
+    latencies = _info_latencies(args, elastic) if args.latency else None
+    measured = "" if latencies is None else f" {'ms':>7} {'x dense':>11}"
+    print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
+          "  kept heads / neurons per block")
+    for row, (mlp_ratio, head_ratio) in enumerate(args.budgets):
         dims = elastic.dims(mlp_ratio, head_ratio)
         cost = elastic.cost(dims)
         kept = " ".join(f"{d.num_heads}/{d.mlp_hidden}" for d in dims)
+        ms = "" if latencies is None else f" {latencies[row + 1]:>7.2f} {latencies[0] / latencies[row + 1]:>10.2f}x"
         print(f"{mlp_ratio:>9.2f} {head_ratio:>10.2f} {cost['params']:>12,} {cost['flops']:>14,} "
-              f"{100 * cost['flops_fraction']:>7.1f}%  {kept}")
+              f"{100 * cost['flops_fraction']:>7.1f}%{ms}  {kept}")
     _info_correction(args, elastic)
     return 0
+
+
+def _info_latencies(args: argparse.Namespace, elastic: object) -> list[float]:
+    """Measured ms per batch of the dense model, then of each ``--budgets`` row (interleaved)."""
+    from .latency import measure_models
+
+    dense, rows = tuple(elastic.dims(0.0, 0.0)), [tuple(elastic.dims(*b)) for b in args.budgets]
+    unique = list(dict.fromkeys([dense, *rows]))  # a budget that equals another is timed once
+    models = [elastic.model if d == dense else elastic.slice(d, correct="none") for d in unique]
+    measured = dict(zip(unique, measure_models(models, batch_size=args.batch_size, device=args.device,
+                                               threads=args.threads)))
+    latencies = [measured[dense], *(measured[d] for d in rows)]
+    threads = "" if args.threads is None else f", {args.threads} thread{'s' * (args.threads != 1)}"
+    print(f"latency: median of 10 interleaved runs, ms per batch of {args.batch_size} on {args.device} "
+          f"(torch{threads}); dense model {latencies[0]:.2f} ms")
+    return latencies
 
 
 def _info_correction(args: argparse.Namespace, elastic: object) -> None:
@@ -122,17 +142,37 @@ def _slice(args: argparse.Namespace) -> int:
 
     if args.flops is not None and (args.mlp_ratio is not None or args.head_ratio is not None):
         raise ValueError("give either --flops or --mlp-ratio/--head-ratio, not both")
+    if args.latency_ms is not None and (args.flops, args.mlp_ratio, args.head_ratio) != (None, None, None):
+        raise ValueError("give either --latency-ms or --flops/--mlp-ratio/--head-ratio, not both")
+    if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
+        raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    onnx = args.format == "onnx" or (args.format is None and out.suffix == ".onnx")
     elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
-    mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=args.flops)
     correction, how = _slice_correction(args, elastic)
+    flops = args.flops
+    if args.latency_ms is not None:
+        budget = elastic.latency_budget(
+            args.latency_ms, batch_size=args.batch_size or 1, device=args.device or "cpu", threads=args.threads,
+            backend="onnx" if onnx else "torch",
+        )
+        print(budget.describe())
+        flops = budget.flops
+    mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
     sub = elastic.slice(elastic.dims(mlp_ratio, head_ratio), **correction)
-    elastic.save_subnet(out, sub)
+    written = out
+    if onnx:
+        from .onnx_export import save_onnx
+
+        diff = save_onnx(sub, out)
+        written = f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images)"
+    else:
+        elastic.save_subnet(out, sub)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))
-    print(f"wrote {out}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
+    print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")
     return 0
@@ -196,13 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=[(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5)],
         help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5)",
     )
+    info.add_argument("--latency", action="store_true", help="also measure each budget's latency on this machine")
+    info.add_argument("--batch-size", type=int, default=1, help="images per timed batch for --latency (default: 1)")
+    info.add_argument("--threads", type=int, default=None, help="intra-op threads for --latency (default: as is)")
+    info.add_argument("--device", default="cpu", help="device for --latency (default: cpu)")
     info.set_defaults(func=_info)
     cut = sub.add_parser("slice", help="write a sliced subnet of an elastic checkpoint")
     cut.add_argument("path", help="an *.elastic.safetensors file")
     cut.add_argument("--flops", type=float, default=None, help="fraction of the dense FLOPs to keep, in (0, 1]")
     cut.add_argument("--mlp-ratio", type=float, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
     cut.add_argument("--head-ratio", type=float, default=None, help="fraction of all heads to prune, in [0, 1)")
-    cut.add_argument("-o", "--output", required=True, help="output .safetensors file (load with load_subnet)")
+    cut.add_argument("--latency-ms", type=float, default=None, metavar="T",
+                     help="the largest subnet measured to run a batch within T ms on this machine "
+                          "(bisection on the FLOPs fraction; ONNX Runtime latency with --format onnx)")
+    cut.add_argument("--batch-size", type=int, default=None,
+                     help="images per timed batch for --latency-ms (default: 1)")
+    cut.add_argument("--threads", type=int, default=None, help="intra-op threads for --latency-ms (default: as is)")
+    cut.add_argument("--device", default=None, help="device that --latency-ms is measured on (default: cpu)")
+    cut.add_argument("-o", "--output", required=True,
+                     help="output .safetensors file (load with load_subnet), or .onnx with --format onnx")
+    cut.add_argument("--format", choices=("safetensors", "onnx"), default=None,
+                     help="safetensors subnet or ONNX graph with a dynamic batch (needs the onnx extra); "
+                          "default: onnx for an -o ending in .onnx, else safetensors")
     cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     cut.add_argument("--correct", choices=("none", "bias", "lstsq"), default=None,
                      help="weight correction of the subnet: bias compensation or least-squares refit of "

@@ -30,7 +30,7 @@ import copy
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import timm
 import torch
@@ -62,6 +62,9 @@ from .structure import (
     permute_block,
     slice_model,
 )
+
+if TYPE_CHECKING:
+    from .latency import LatencyBudget
 
 __all__ = [
     "ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata", "check_model_kwargs",
@@ -220,6 +223,8 @@ class ElasticViT:
         flops: float | None = None,
         params: float | None = None,
         head_ratio_scale: float = 1.0,
+        latency_ms: float | None = None,
+        batch_size: int | None = None,
         correct: str = "auto",
         calibration: CorrectionStats | torch.Tensor | None = None,
         damping: float = 0.01,
@@ -229,11 +234,14 @@ class ElasticViT:
         """A new, physically smaller, ordinary timm model at the given budget.
 
         The elastic model is left whole, so budgets can be cut in any order. See
-        :meth:`resolve_budget` for how a ``flops``/``params`` fraction is turned into ratios and
-        :meth:`slice` for the weight correction options.
+        :meth:`resolve_budget` for how a ``flops``/``params`` fraction is turned into ratios,
+        :meth:`latency_budget` for ``latency_ms`` (the largest budget measured to run a batch of
+        ``batch_size``, default 1, within ``latency_ms`` on this CPU) and :meth:`slice` for the
+        weight correction options.
 
         Raises:
-            ValueError: See :meth:`resolve_budget` and :meth:`slice`.
+            ValueError: See :meth:`resolve_budget`, :meth:`latency_budget` and :meth:`slice`;
+                ``latency_ms`` with another budget, or ``batch_size`` without ``latency_ms``.
             SingularGramError: See :meth:`slice`.
         """
         correct, calibration = self._resolve_correction(correct, calibration)
@@ -242,8 +250,55 @@ class ElasticViT:
             damping_reference=damping_reference, sequential=sequential,
         )
         _check_correction_args(**correction)
+        if latency_ms is not None:
+            if any(v is not None for v in (mlp_ratio, head_ratio, flops, params)):
+                raise ValueError("give either latency_ms or mlp_ratio/head_ratio/flops/params, not both")
+            flops = self.latency_budget(
+                latency_ms, batch_size=1 if batch_size is None else batch_size, head_ratio_scale=head_ratio_scale
+            ).flops
+        elif batch_size is not None:
+            raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
         return self.slice(self.dims(*ratios), **correction)
+
+    def latency_budget(
+        self,
+        latency_ms: float,
+        *,
+        batch_size: int = 1,
+        device: str = "cpu",
+        threads: int | None = None,
+        backend: str = "torch",
+        head_ratio_scale: float = 1.0,
+        **options: Any,
+    ) -> LatencyBudget:
+        """The largest FLOPs budget whose subnet is measured to run within ``latency_ms`` here.
+
+        Candidates on the :meth:`resolve_budget` line are timed on ``device`` (``backend``
+        ``"torch"``, or ``"onnx"``: exported and run by ONNX Runtime), each interleaved with the
+        dense model, in a bisection on the FLOPs fraction; see
+        :func:`~snapvit_lightning.latency.find_latency_budget`, which also takes the ``options``
+        (``warmup``, ``repeats``, ``resolution``, ``timer``). Slice the result with
+        ``subnet(flops=budget.flops, ...)``, with any correction: it does not change the shapes.
+
+        Raises:
+            LatencyTargetError: A target the dense model meets, or one below the smallest budget's
+                latency (a ``ValueError``; the message says what was measured).
+            ValueError: A bad argument.
+        """
+        from .latency import find_latency_budget
+
+        def build(f: float) -> nn.Module:  # plain cuts: a correction does not change the shapes
+            ratios = self.resolve_budget(flops=f, head_ratio_scale=head_ratio_scale)
+            return self.slice(self.dims(*ratios), correct="none")
+
+        smallest = math.nextafter(1.0, 0.0)
+        return find_latency_budget(
+            build,
+            latency_ms,
+            min_flops=self.cost(self.dims(smallest, head_ratio_scale * smallest))["flops_fraction"],
+            batch_size=batch_size, device=device, threads=threads, backend=backend, **options,
+        )
 
     def slice(
         self,

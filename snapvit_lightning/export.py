@@ -11,6 +11,7 @@ Export directory (``name`` defaults to the timm model name)::
     <name>.elastic.safetensors            ElasticViT.save (load with ElasticViT.load)
     <name>.mlp<a>_head<b>.safetensors     subnets (save_subnets=True; load with load_subnet),
                                           weight-corrected unless correct="none"
+    <name>.mlp<a>_head<b>.onnx            the same subnets as ONNX graphs (onnx=True; dynamic batch)
     <name>.stats.safetensors              correction statistics (by default; not with
                                           correct="none"): ElasticViT.load attaches them, so
                                           subnet() and snapvit slice are corrected by default
@@ -49,6 +50,7 @@ from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS, collect_stats
 from .elastic import ElasticViT
 from .machine import build_machine
+from .onnx_export import checked_onnx
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .scores import check_ratio
 from .search import EvolutionarySearch, scored_model
@@ -253,6 +255,7 @@ def export_elastic(
     correct: str = "lstsq",
     calibration_images: Tensor | None = None,
     device: str | torch.device = "cpu",
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Write an elastic model, optional subnets, ``report.json`` and two plots to ``out_dir``.
 
@@ -294,10 +297,12 @@ def export_elastic(
         device: Where the fidelity and the correction statistics are computed (a copy of the
             model is moved there; the written files are the same on any device). On a GPU run
             pass the model's device: on CPU these forward passes can take longer than the search.
+        onnx: Also write each budget's subnet (corrected like the saved subnets) as ONNX, with
+            ``onnx_max_abs_diff`` from :func:`~snapvit_lightning.onnx_export.checked_onnx`.
 
     Returns:
         ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
-        ``fidelity_plot``, ``kept_units_plot``, ``subnet:<label>`` per subnet and ``stats``.
+        ``fidelity_plot``, ``kept_units_plot``, ``subnet:<label>``/``onnx:<label>`` per file, ``stats``.
 
     Raises:
         FileExistsError: If a target file exists and ``overwrite`` is false (checked before
@@ -313,6 +318,7 @@ def export_elastic(
     entries_in = _check_budgets(budgets)
     images = _check_images(fitness_images)
     save_subnets = _check_bool("save_subnets", save_subnets)
+    onnx = _check_bool("onnx", onnx)
     overwrite = _check_bool("overwrite", overwrite)
     name = _check_name(name) or elastic.model_name
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -344,6 +350,7 @@ def export_elastic(
         seen[label] = (a, b)
     subnet_labels = list(dict.fromkeys(labels)) if save_subnets else []
     targets = export_targets(out_dir, name, subnet_labels, stats=correct != "none")
+    targets.update({f"onnx:{label}": out_dir / f"{name}.{label}.onnx" for label in (labels if onnx else ())})
     _refuse_existing(targets, overwrite)
 
     # 2. Measure.
@@ -369,12 +376,13 @@ def export_elastic(
         corrector.attach_stats(stats)
     entries: list[dict[str, Any]] = []
     subnets: dict[str, nn.Module] = {}
+    graphs: dict[str, tuple[bytes, float]] = {}
     for (requested, a, b), label in zip(resolved, labels):
         dims = elastic.dims(a, b)
         cost = elastic.cost(dims)
         neurons = [d.mlp_hidden for d in dims]
         heads = [d.num_heads for d in dims]
-        sub = elastic.slice(dims, correct="none") if (images is not None or save_subnets) else None
+        sub = elastic.slice(dims, correct="none") if (images is not None or save_subnets or onnx) else None
         fidelity = None if sub is None or images is None else _fidelity(sub, dense_features, images, batch_size)
         fidelity_corrected = None
         if sub is not None and stats is not None:
@@ -383,6 +391,8 @@ def export_elastic(
                 fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
         if save_subnets and label not in subnets:
             subnets[label] = sub
+        if onnx and label not in graphs:
+            graphs[label] = checked_onnx(sub, None if images is None else images[:8].cpu())
         entries.append(
             {
                 "label": label,
@@ -400,6 +410,8 @@ def export_elastic(
                 "fidelity": fidelity,
                 "fidelity_corrected": fidelity_corrected,
                 "subnet_file": targets[f"subnet:{label}"].name if save_subnets else None,
+                "onnx_file": targets[f"onnx:{label}"].name if onnx else None,
+                "onnx_max_abs_diff": graphs[label][1] if onnx else None,
             }
         )
     scores = elastic.scores
@@ -419,7 +431,7 @@ def export_elastic(
         "fidelity_images": None if images is None else int(images.shape[0]),
         "fidelity_definition": "mean cosine similarity of forward_head(forward_features(x), pre_logits=True) "
         "of the subnet vs the dense model",
-        "files": {role: path.name for role, path in targets.items() if not role.startswith("subnet:")},
+        "files": {role: path.name for role, path in targets.items() if not role.startswith(("subnet:", "onnx:"))},
         "budgets": entries,
         "correction": None if stats is None else {
             "method": correct,
@@ -453,6 +465,8 @@ def export_elastic(
             role = f"subnet:{label}"
             staged[role] = _staging(targets[role])
             _write_subnet(staged[role], elastic, sub)
+        for label, (graph, _) in graphs.items():
+            staged.setdefault(f"onnx:{label}", _staging(targets[f"onnx:{label}"])).write_bytes(graph)
         staged["fidelity_plot"] = _staging(targets["fidelity_plot"])
         _write_figure(staged["fidelity_plot"], _fidelity_figure(entries, title))
         staged["kept_units_plot"] = _staging(targets["kept_units_plot"])

@@ -1,0 +1,331 @@
+"""Latency budgets: the bisection with a deterministic latency model, refusals, and a timed smoke test."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+from conftest import load_real_model, random_scores, tiny_model
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.latency import (
+    LatencyTargetError,
+    find_latency_budget,
+    measure_interleaved,
+    measure_models,
+    torch_threads,
+)
+from snapvit_lightning.structure import block_dims, count_flops, get_blocks
+
+
+def _elastic(key: str = "test_vit") -> ElasticViT:
+    model, name, kwargs = tiny_model(key)
+    return ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+
+
+def _builder(el: ElasticViT) -> tuple[Callable[[float], torch.nn.Module], float]:
+    hi = math.nextafter(1.0, 0.0)
+    return (lambda f: el.slice(el.dims(*el.resolve_budget(flops=f)))), el.cost(el.dims(hi, hi))["flops_fraction"]
+
+
+def _flops_ms(model: torch.nn.Module) -> float:
+    """A deterministic latency model: 1 ms per MFLOP."""
+    return count_flops(model)["total"] / 1e6
+
+
+def _between(el: ElasticViT, fraction: float) -> float:
+    """A target ``fraction`` of the way from the smallest budget's latency to the dense model's."""
+    build, min_flops = _builder(el)
+    smallest, dense = _flops_ms(build(min_flops)), _flops_ms(el.model)
+    return smallest + fraction * (dense - smallest)
+
+
+def flops_timer(models: Sequence[torch.nn.Module]) -> list[float]:
+    return [_flops_ms(m) for m in models]
+
+
+class CountingTimer:
+    def __init__(self, drift: float = 0.0) -> None:
+        self.calls = 0
+        self.drift = drift
+
+    def __call__(self, models: Sequence[torch.nn.Module]) -> list[float]:
+        load = 1.0 + self.drift * self.calls  # the machine gets slower with every measurement
+        self.calls += 1
+        return [load * _flops_ms(m) for m in models]
+
+
+@pytest.fixture(scope="module")
+def el() -> ElasticViT:
+    return _elastic("test_vit")
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.77, 0.95])
+@pytest.mark.parametrize("resolution", [0.02, 0.1])
+def test_largest_budget_within_one_bisection_step(el: ElasticViT, fraction: float, resolution: float) -> None:
+    build, min_flops = _builder(el)
+    dense_ms = _flops_ms(el.model)
+    target = _between(el, fraction)
+    timer = CountingTimer()
+    found = find_latency_budget(build, target, min_flops=min_flops, resolution=resolution, timer=timer)
+    assert found.latency_ms <= target
+    assert found.latency_ms == pytest.approx(_flops_ms(build(found.flops)))
+    assert found.dense_ms == pytest.approx(dense_ms)
+    assert 0 < found.step <= resolution
+    # Every budget at least one step above the result is too slow; all fast-enough ones lie below.
+    for f in torch.linspace(min_flops, 1.0, 15).tolist():
+        if el.cost(el.dims(*el.resolve_budget(flops=f)))["flops"] / 1e6 <= target:
+            assert f < found.flops + found.step + 1e-12, (f, found.flops, found.step)
+    assert _flops_ms(build(min(1.0, found.flops + found.step))) > target
+    assert timer.calls <= 1 + math.ceil(math.log2((1 - min_flops) / resolution))
+    assert found.trials[0].flops == min_flops and found.trials[0].meets
+    assert "chose FLOPs" in found.describe() and f"{target:g} ms" in found.describe()
+
+
+def test_target_met_within_ten_percent_when_latency_is_proportional_to_flops(el: ElasticViT) -> None:
+    build, min_flops = _builder(el)
+    for fraction in (0.2, 0.5, 0.8):
+        target = _between(el, fraction)
+        found = find_latency_budget(build, target, min_flops=min_flops, timer=flops_timer)
+        assert 0.9 * target <= found.latency_ms <= target
+
+
+def test_refuses_targets_outside_the_budgets(el: ElasticViT) -> None:
+    build, min_flops = _builder(el)
+    dense_ms = _flops_ms(el.model)
+    smallest_ms = _flops_ms(build(min_flops))
+    meets = rf"dense model already meets latency_ms={dense_ms:g}: it measured {dense_ms:.2f}"
+    with pytest.raises(LatencyTargetError, match=meets):
+        find_latency_budget(build, dense_ms, min_flops=min_flops, timer=flops_timer)
+    with pytest.raises(LatencyTargetError, match=rf"below the smallest budget's {smallest_ms:.2f} ms \(FLOPs"):
+        find_latency_budget(build, 0.99 * smallest_ms, min_flops=min_flops, timer=flops_timer)
+    found = find_latency_budget(build, smallest_ms, min_flops=min_flops, timer=flops_timer)
+    assert found.flops < min_flops + 0.02 and found.latency_ms <= smallest_ms
+    assert issubclass(LatencyTargetError, ValueError)
+
+
+def test_larger_targets_give_larger_nested_subnets(el: ElasticViT) -> None:
+    build, min_flops = _builder(el)
+    previous = None
+    for fraction in (0.0, 0.3, 0.6, 0.9):
+        found = find_latency_budget(build, _between(el, fraction), min_flops=min_flops, timer=flops_timer)
+        dims = [block_dims(b) for b in get_blocks(build(found.flops))]
+        if previous is not None:
+            assert found.flops >= previous[0]
+            assert all(a.num_heads <= b.num_heads and a.mlp_hidden <= b.mlp_hidden for a, b in zip(previous[1], dims))
+        previous = (found.flops, dims)
+
+
+def test_load_drift_is_read_relative_to_the_dense_model(el: ElasticViT) -> None:
+    build, min_flops = _builder(el)
+    target = _between(el, 0.6)
+    steady = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer())
+    drifting = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer(drift=0.5))
+    assert drifting.flops == steady.flops
+    assert drifting.latency_ms == pytest.approx(steady.latency_ms)
+    assert drifting.trials[-1].raw_ms > 2 * drifting.trials[-1].latency_ms  # raw times did drift
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(latency_ms=0.0), "latency_ms must be a finite number > 0"),
+        (dict(latency_ms=float("nan")), "latency_ms must be a finite number > 0"),
+        (dict(min_flops=1.5), r"min_flops must be in \(0, 1\]"),
+        (dict(min_flops=0), "min_flops must be a finite number > 0"),
+        (dict(resolution=0), "resolution must be a finite number > 0"),
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(repeats=0), "repeats must be an int >= 1"),
+        (dict(threads=0), "threads must be an int >= 1"),
+        (dict(backend="tensorrt"), r"backend must be one of \('torch', 'onnx'\)"),
+        (dict(device="nonsense"), "device must name a torch device"),
+    ],
+)
+def test_bad_arguments(el: ElasticViT, kwargs: dict, match: str) -> None:
+    build, min_flops = _builder(el)
+    args = dict(latency_ms=1.0, min_flops=min_flops, timer=flops_timer) | kwargs
+    with pytest.raises(ValueError, match=match):
+        find_latency_budget(build, **args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_refused_without_cuda(el: ElasticViT) -> None:
+    build, min_flops = _builder(el)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        find_latency_budget(build, 1.0, min_flops=min_flops, device="cuda", timer=flops_timer)
+
+
+def test_onnx_backend_times_onnx_runtime_graphs(el: ElasticViT, one_thread: None) -> None:
+    from snapvit_lightning.onnx_export import OnnxModel
+
+    build, min_flops = _builder(el)
+    built: list[torch.nn.Module] = []
+
+    def recording(f: float) -> torch.nn.Module:
+        built.append(build(f))
+        return built[-1]
+
+    def timer(models: Sequence[torch.nn.Module]) -> list[float]:
+        assert all(isinstance(m, OnnxModel) for m in models)
+        assert models[1](torch.zeros(1, 3, *el.input_size)).shape == (1, el.model.num_classes)
+        return [_flops_ms(built[0]), _flops_ms(built[-1])]  # dense first, then the newest candidate
+
+    target = _between(el, 0.6)
+    found = find_latency_budget(recording, target, min_flops=min_flops, backend="onnx", threads=1,
+                                resolution=0.1, timer=timer)
+    torch_found = find_latency_budget(build, target, min_flops=min_flops, resolution=0.1, timer=flops_timer)
+    assert (found.flops, found.backend, found.threads) == (torch_found.flops, "onnx", 1)
+
+
+def test_torch_threads_restores_the_setting() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_measure_interleaved_and_models_smoke(el: ElasticViT, one_thread: None) -> None:
+    small = el.subnet(0.9, 0.9)
+    times = measure_interleaved([el.model, small], batch_size=2, warmup=1, repeats=3)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    onnx_times = measure_models([el.model, small], backend="onnx", threads=1, warmup=1, repeats=3)
+    assert len(onnx_times) == 2 and all(t > 0 for t in onnx_times)
+    assert measure_models([]) == []
+
+
+def test_real_vit_s14_latency_search_smoke(real_weights: Path) -> None:
+    """Real timing, loose checks: ViT-S/14 at 112 px, batch 1, one thread, a target between the extremes.
+
+    The target comes from a first measurement; if the machine's load changes so much that the
+    search then refuses it, the test measures again and retries once.
+    """
+    from snapvit_lightning.module import SnapViTModule
+
+    model = load_real_model(real_weights)
+    el = ElasticViT(model, SnapViTModule(model, criterion="magnitude").compute_scores(),
+                    model_name="vit_small_patch14_dinov2", model_kwargs=dict(num_classes=0, img_size=112))
+    build, min_flops = _builder(el)
+    for attempt in range(2):
+        dense_ms, smallest_ms = measure_models([el.model, build(min_flops)], threads=1, repeats=10)
+        assert smallest_ms < dense_ms
+        target = math.sqrt(dense_ms * smallest_ms)
+        try:
+            found = find_latency_budget(build, target, min_flops=min_flops, threads=1)
+            break
+        except LatencyTargetError:
+            if attempt:
+                raise
+    print(found.describe())
+    assert found.latency_ms <= target
+    assert min_flops <= found.flops < 1.0 and found.step <= 0.02
+    assert len(found.trials) <= 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Wired in: ElasticViT.latency_budget / subnet(latency_ms=...), snapvit slice --latency-ms, info --latency
+
+
+@pytest.fixture
+def flops_clock(monkeypatch) -> None:
+    """Replace the timing everywhere with the deterministic latency model."""
+    import snapvit_lightning.latency as latency
+
+    monkeypatch.setattr(latency, "measure_interleaved", lambda models, **kwargs: flops_timer(models))
+
+
+def test_elastic_latency_budget_is_the_bisection_on_its_budgets(el: ElasticViT) -> None:
+    build, min_flops = _builder(el)
+    target = _between(el, 0.5)
+    found = el.latency_budget(target, timer=flops_timer)
+    assert found == dataclasses.replace(find_latency_budget(build, target, min_flops=min_flops, timer=flops_timer),
+                                        seconds=found.seconds)
+
+
+def test_subnet_latency_ms_passes_the_correction_through(el: ElasticViT, flops_clock: None) -> None:
+    target = _between(el, 0.5)
+    flops = el.latency_budget(target, batch_size=4).flops
+    plain = el.subnet(latency_ms=target, batch_size=4, correct="none")
+    expected = el.subnet(flops=flops, correct="none")
+    assert [block_dims(b) for b in get_blocks(plain)] == [block_dims(b) for b in get_blocks(expected)]
+    stats = el.collect_stats(torch.randn(6, 3, *el.input_size, generator=torch.Generator().manual_seed(0)))
+    fixed = el.subnet(latency_ms=target, correct="lstsq", calibration=stats)
+    expected = el.subnet(flops=flops, correct="lstsq", calibration=stats)
+    for a, b in zip(fixed.state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_subnet_latency_ms_errors(el: ElasticViT, one_thread: None) -> None:
+    with pytest.raises(ValueError, match="either latency_ms or mlp_ratio/head_ratio/flops/params"):
+        el.subnet(flops=0.5, latency_ms=3.0)
+    with pytest.raises(ValueError, match="batch_size=4 is only used with latency_ms"):
+        el.subnet(flops=0.5, batch_size=4)
+    # Real timing, but no target can be in doubt: a day per batch, or a femtosecond.
+    with pytest.raises(LatencyTargetError, match="dense model already meets latency_ms=8.64e\\+07"):
+        el.subnet(latency_ms=86_400_000.0)
+    with pytest.raises(LatencyTargetError, match="latency_ms=1e-12 is below the smallest budget's"):
+        el.subnet(latency_ms=1e-12)
+
+
+def _saved(tmp_path: Path) -> Path:
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
+    return path
+
+
+def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Path, capsys, flops_clock: None) -> None:
+    from snapvit_lightning.checkpoint import load_subnet
+    from snapvit_lightning.cli import main
+
+    path = _saved(tmp_path)
+    el = ElasticViT.load(path)
+    target = _between(el, 0.5)
+    out = tmp_path / "fast.safetensors"
+    assert main(["slice", str(path), "--latency-ms", str(target), "--batch-size", "2", "--threads", "1",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"latency target {target:g} ms per batch of 2 on cpu (torch, 1 thread)" in printed
+    assert "chose FLOPs" in printed and f"wrote {out}" in printed
+    found = el.latency_budget(target, timer=flops_timer)
+    assert count_flops(load_subnet(out))["total"] == count_flops(el.subnet(flops=found.flops))["total"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--latency-ms", "86400000"], "the dense model already meets latency_ms=8.64e+07: it measured"),
+        (["--latency-ms", "1e-12"], "latency_ms=1e-12 is below the smallest budget's"),
+        (["--latency-ms", "5", "--flops", "0.5"], "give either --latency-ms or --flops/--mlp-ratio/--head-ratio"),
+        (["--flops", "0.5", "--threads", "2"], "say how --latency-ms is measured; give --latency-ms too"),
+        (["--latency-ms", "0"], "latency_ms must be a finite number > 0"),
+    ],
+)
+def test_cli_slice_latency_refusals_are_one_line(
+    tmp_path: Path, capsys, one_thread: None, argv: list, match: str
+) -> None:
+    from snapvit_lightning.cli import main
+
+    path = _saved(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["slice", str(path), *argv, "-o", str(tmp_path / "out.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and match in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_info_latency_column(tmp_path: Path, capsys, one_thread: None) -> None:
+    from snapvit_lightning.cli import main
+
+    path = _saved(tmp_path)
+    assert main(["info", str(path), "--budgets", "0,0", "0.5,0.5", "--latency", "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("latency: median of 10 interleaved runs, ms per batch of 2 on cpu")
+    assert lines[2].split()[6:9] == ["ms", "x", "dense"]
+    dense, half = (float(line.split()[5]) for line in lines[3:5])
+    assert dense > 0 and half > 0 and lines[3].split()[6] == "1.00x"  # the dense row is the reference itself

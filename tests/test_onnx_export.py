@@ -1,0 +1,192 @@
+"""ONNX export: ONNX Runtime against torch on tiny and real models, dynamic batch, errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_MODELS, load_real_model, model_input, random_scores, tiny_model
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.onnx_export import OnnxModel, onnx_bytes, onnx_max_abs_diff, save_onnx
+from snapvit_lightning.structure import BlockDims
+
+
+def _elastic(key: str) -> ElasticViT:
+    model, name, kwargs = tiny_model(key)
+    return ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("key", sorted(TINY_MODELS))
+def test_sliced_tiny_models_match_and_batch_is_dynamic(key: str, one_thread: None) -> None:
+    el = _elastic(key)
+    sub = el.subnet(0.5, 0.3)
+    graph = onnx_bytes(sub, batch_size=2)
+    x = model_input(sub, batch=3, seed=4)  # traced at batch 2, run at 3 and 1
+    assert onnx_max_abs_diff(sub, graph, x) < 1e-5
+    runner = OnnxModel(graph, threads=1)
+    assert runner(x[:1]).shape == sub(x[:1]).shape
+
+
+def test_block_without_heads_exports(one_thread: None) -> None:
+    el = _elastic("test_vit")
+    dims = [BlockDims(b.num_heads, b.mlp_hidden) for b in el.structure.blocks]
+    dims[0] = BlockDims(0, 3)
+    sub = el.slice(dims)
+    assert onnx_max_abs_diff(sub, onnx_bytes(sub), model_input(sub, batch=3)) < 1e-5
+    assert type(sub.blocks[0].attn).__name__ == "Attention"  # replaced in a copy for the export only
+
+
+def test_save_onnx_checks_and_writes_atomically(tmp_path: Path, one_thread: None, monkeypatch) -> None:
+    el = _elastic("test_vit")
+    sub = el.subnet(flops=0.6)
+    x = model_input(sub, batch=2)
+    out = tmp_path / "sub.onnx"
+    diff = save_onnx(sub, out, check_images=x)
+    assert diff is not None and diff < 1e-5
+    assert onnx_max_abs_diff(sub, out, x) == pytest.approx(diff)
+    assert [p.name for p in tmp_path.iterdir()] == ["sub.onnx"]
+    assert save_onnx(sub, tmp_path / "random.onnx") < 1e-5  # checked on random images by default
+
+    import snapvit_lightning.onnx_export as mod
+
+    monkeypatch.setattr(mod, "onnx_max_abs_diff", lambda *a, **k: 0.5)
+    with pytest.raises(ValueError, match=r"differs from torch's by 0\.5"):
+        save_onnx(sub, tmp_path / "bad.onnx", check_images=x)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_export_keeps_train_mode_and_device(one_thread: None) -> None:
+    sub = _elastic("test_vit").subnet(0.3, 0.0).train()
+    onnx_bytes(sub)
+    assert sub.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),
+        (dict(opset=13), ValueError, "opset must be an int >= 14"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        onnx_bytes(_elastic("test_vit").model, **kwargs)
+
+
+def test_not_a_vit_and_bad_inputs() -> None:
+    with pytest.raises(TypeError, match="timm ViT"):
+        onnx_bytes(torch.nn.Linear(2, 2))
+    el = _elastic("test_vit")
+    with pytest.raises(ValueError, match=r"images must be a non-empty floating-point tensor"):
+        onnx_max_abs_diff(el.model, b"", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="device 'tpu' is not available to ONNX Runtime"):
+        OnnxModel(b"", device="tpu")
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        OnnxModel(b"", threads=0)
+
+
+def test_missing_onnxruntime_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install \"snapvit_lightning\[onnx\]\""):
+        OnnxModel(b"")
+
+
+@pytest.fixture(scope="module")
+def real(real_weights: Path, photos_dir: Path) -> tuple[ElasticViT, torch.Tensor]:
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.module import SnapViTModule
+
+    model = load_real_model(real_weights)
+    images, _, _ = load_eval_images(photos_dir, model)
+    scores = SnapViTModule(model, criterion="magnitude").compute_scores()
+    el = ElasticViT(model, scores, model_name="vit_small_patch14_dinov2",
+                    model_kwargs=dict(num_classes=0, img_size=112))
+    return el, images
+
+
+@pytest.mark.parametrize("correct", ["none", "lstsq"])
+def test_real_vit_s14_onnx_runtime_matches_torch(real: tuple[ElasticViT, torch.Tensor], correct: str) -> None:
+    """Real DINOv2 ViT-S/14 at 112 px on real photos: ONNX Runtime within 1e-4 of torch (fp32)."""
+    el, images = real
+    correction = {"correct": "none"}
+    if correct != "none":
+        correction = dict(correct=correct, calibration=el.collect_stats(images[0::4]))
+    sub = el.subnet(flops=0.5, **correction)
+    held_out = images[1::2][:24]
+    runner = OnnxModel(onnx_bytes(sub, batch_size=2))
+    diff = onnx_max_abs_diff(sub, runner, held_out, batch_size=3)  # traced at 2, run at 3
+    print(f"ViT-S/14 flops=0.5 correct={correct}: ONNX Runtime vs torch max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+    if correct != "none":  # the graph holds the corrected weights
+        with torch.inference_mode():
+            plain = el.subnet(flops=0.5, correct="none")(held_out[:3])
+        assert (runner(held_out[:3]) - plain).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Wired in: snapvit slice --format onnx, export_elastic(onnx=True)
+
+
+def _saved_elastic(tmp_path: Path) -> tuple[ElasticViT, Path]:
+    el = _elastic("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    el.save(path)
+    return el, path
+
+
+def test_cli_slice_writes_onnx_plain_and_corrected(tmp_path: Path, capsys, one_thread: None) -> None:
+    from snapvit_lightning.cli import main
+
+    el, path = _saved_elastic(tmp_path)
+    x = model_input(el.model, batch=3, seed=5)
+    out = tmp_path / "sub.onnx"
+    assert main(["slice", str(path), "--flops", "0.6", "--format", "onnx", "-o", str(out)]) == 0
+    assert "(ONNX, dynamic batch; ONNX Runtime matches torch within" in capsys.readouterr().out
+    with torch.inference_mode():
+        assert (OnnxModel(out)(x) - el.subnet(flops=0.6, correct="none")(x)).abs().max() < 1e-5
+
+    stats = tmp_path / "m.stats.safetensors"
+    el.collect_stats(model_input(el.model, batch=8, seed=6)).save(stats)
+    fixed = tmp_path / "fixed.onnx"  # the .onnx suffix is enough
+    assert main(["slice", str(path), "--flops", "0.6", "--correct", "lstsq", "-o", str(fixed)]) == 0
+    assert "correction lstsq" in capsys.readouterr().out
+    from snapvit_lightning.correction import CorrectionStats
+
+    expected = el.subnet(flops=0.6, correct="lstsq", calibration=CorrectionStats.load(stats))
+    with torch.inference_mode():
+        assert (OnnxModel(fixed)(x) - expected(x)).abs().max() < 1e-5
+        assert (OnnxModel(fixed)(x) - OnnxModel(out)(x)).abs().max() > 1e-4
+
+
+def test_cli_slice_onnx_without_onnxruntime_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    from snapvit_lightning.cli import main
+
+    _, path = _saved_elastic(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["slice", str(path), "--flops", "0.6", "-o", str(tmp_path / "s.onnx")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and 'pip install "snapvit_lightning[onnx]"' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_export_elastic_writes_onnx_per_budget(tmp_path: Path, one_thread: None) -> None:
+    from snapvit_lightning.export import export_elastic
+
+    el = _elastic("test_vit")
+    images = model_input(el.model, batch=6, seed=7)
+    result = export_elastic(el, tmp_path, budgets=[(0.0, 0.0), (0.5, 0.5)], onnx=True, correct="lstsq",
+                            calibration_images=images, fitness_images=images)
+    stats = el.collect_stats(images)
+    for entry in result["report"]["budgets"]:
+        graph = tmp_path / entry["onnx_file"]
+        assert result["paths"][f"onnx:{entry['label']}"] == graph and entry["onnx_max_abs_diff"] < 1e-5
+        expected = el.subnet(entry["mlp_ratio"], entry["head_ratio"], correct="lstsq", calibration=stats)
+        with torch.inference_mode():
+            assert (OnnxModel(graph)(images[:2]) - expected(images[:2])).abs().max() < 1e-5
+    assert not any(name.endswith(".onnx") for name in result["report"]["files"].values())
+    plain = export_elastic(el, tmp_path / "plain", budgets=[0.6], correct="none")
+    assert plain["report"]["budgets"][0]["onnx_file"] is None and not list((tmp_path / "plain").glob("*.onnx"))
