@@ -305,20 +305,25 @@ class SnapViTCLI:
     @staticmethod
     def run(args: Sequence[str] | None) -> None:
         """Run a LightningCLI subcommand (fit/validate/test/predict); ``None`` reads ``sys.argv``."""
+        from .console import lightning_cli_args, quiet_lightning
         from .data import CalibrationDataModule
         from .errors import one_line_error_parser
         from .module import SnapViTModule
         from .precision import lightning_cli  # LightningCLI that resolves trainer.precision: auto
 
-        lightning_cli(
-            SnapViTModule,
-            CalibrationDataModule,
-            args=None if args is None else list(args),
-            trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False},
-            save_config_callback=None,  # the quickstart saves the config it used; no stray config.yaml in cwd
-            parser_kwargs={"prog": "snapvit"},
-            parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
-        )
+        with quiet_lightning(), lightning_cli_args(args) as cli_args:
+            lightning_cli(
+                SnapViTModule,
+                CalibrationDataModule,
+                args=cli_args,
+                # no model summary: a scoring run trains nothing (and its size estimate warns under bf16);
+                # the loss of every batch: an epoch of a few batches is all there is (Lightning warns otherwise)
+                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+                                  "enable_model_summary": False, "log_every_n_steps": 1},
+                save_config_callback=None,  # the quickstart saves the config it used; no stray config.yaml in cwd
+                parser_kwargs={"prog": "snapvit"},
+                parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
+            )
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -344,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         return args.func(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,6 +45,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -315,9 +316,14 @@ class SnapViTModule(pl.LightningModule):
     # Set-up checks
 
     @override
-    def configure_optimizers(self) -> None:
-        """No optimizer: scoring never changes a weight."""
-        return None
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """No optimizer: scoring never changes a weight.
+
+        Lightning's placeholder optimizer, which it would put in place of ``None`` itself (with a
+        warning): its ``step()`` changes nothing and counts each batch in ``trainer.global_step``
+        (see :meth:`training_step`).
+        """
+        return _MockOptimizer()
 
     @override
     def setup(self, stage: str) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -293,6 +294,57 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:  # stats exist, no --overwrite
         main(["stats", str(path), "--data", str(photos)])
     assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a quiet console
+
+#: A warning line (``file.py:N: message``) or one of Lightning's tips.
+WARNING_LINE = re.compile(r"\.py:\d+: |💡 Tip|PossibleUserWarning")
+#: Lightning's notices that a scoring run caused before they were silenced at their source.
+SCORING_NOTICES = ("returned `None`", "module(s) in eval mode", "args parameter is intended", "model summary",
+                   "litlogger", "LeafSpec", "logging interval", "Modules in eval mode")
+
+
+def quiet_config(images, out) -> str:
+    """The DDP test's tiny run with a CSV logger, bf16, progress bars and model summary as the CLI defaults."""
+    import yaml
+
+    config = yaml.safe_load(_DDP_CONFIG.format(images=images, out=out))
+    trainer = config["trainer"]
+    for key in ("enable_progress_bar", "enable_model_summary"):
+        del trainer[key]
+    trainer["precision"] = "bf16-mixed"
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "log"}}
+    trainer["callbacks"][0]["init_args"] = {"max_evals": 3, "ratio_pairs": [[0.35, 0.2], [0.65, 0.5]]}
+    return yaml.safe_dump(config)
+
+
+def warning_lines(text: str) -> list[str]:
+    """The warning lines of a console output (progress-bar redraws split at carriage returns)."""
+    return [line for line in text.replace("\r", "\n").splitlines() if WARNING_LINE.search(line)]
+
+
+def test_fit_console_is_quiet_and_the_search_logs_its_curves(tmp_path) -> None:
+    """`snapvit fit` with a logger, bf16 and progress bars: no Lightning chatter a scoring run causes."""
+    import csv
+    import os
+
+    _images(tmp_path / "images", 4)
+    out = tmp_path / "out"
+    config = tmp_path / "config.yaml"
+    config.write_text(quiet_config(tmp_path / "images", out))
+    cmd = [sys.executable, "-m", "snapvit_lightning.cli", "fit", "--config", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert len(warning_lines(console)) <= 3, warning_lines(console)
+    assert [n for n in SCORING_NOTICES if n in console] == []
+    assert "Search: 100%" in console and "best=" in console  # the search's bar, under the training bar
+    with (out / "log" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["search/fitness"]]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert all(r["search/cos_mlp0.35_head0.2"] and r["search/cos_mlp0.65_head0.5"] for r in rows)
 
 
 def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, capsys) -> None:

@@ -34,3 +34,23 @@ def test_main_job_errors(real_weights, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:  # a bad LightningCLI option fails with the usual CLI message
         main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.no_such_option", "1"])
     assert exc.value.code != 0 and "no_such_option" in capsys.readouterr().err
+
+
+def test_main_job_console_is_quiet(real_weights, photos_dir, tmp_path) -> None:
+    """The main job as a command (its own arguments in ``sys.argv``): at most 3 warning lines."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cli import SCORING_NOTICES, warning_lines
+
+    cmd = [sys.executable, "-m", "snapvit_lightning.quickstart", "--out", str(tmp_path), "--weights", str(real_weights),
+           "--search-evals", "2", "--data.data_dir", str(photos_dir), "--data.max_samples", "4",
+           "--data.batch_size", "2", "--model.model_kwargs", '{"num_classes": 0, "img_size": 56}',
+           "--trainer.precision", "32-true"]  # whatever the config says: no precision probe in a test
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert len(warning_lines(console)) <= 3, warning_lines(console)
+    assert [n for n in SCORING_NOTICES if n in console] == []
+    assert "Search: 100%" in console and "2/2" in console

@@ -4,6 +4,7 @@
 * :mod:`.views`: the master weights and per-budget views the fitness slices.
 * :mod:`.loop`: :func:`run_search`, the search without a Trainer.
 * :mod:`.callback`: :class:`EvolutionarySearch`, the search as a Lightning callback.
+* :mod:`.progress`: what the callback reports per evaluation (progress bar, loggers' metrics).
 """
 
 from .callback import EvolutionarySearch, scored_model

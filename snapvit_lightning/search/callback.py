@@ -38,6 +38,7 @@ from .fitness import (
     check_space,
 )
 from .loop import _balanced_start, _best, _check_popsize, _check_sigma, _make_xnes, _search_loop
+from .progress import SearchProgress
 
 
 def _search_probe(trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device) -> dict[str, Any]:
@@ -105,7 +106,13 @@ class EvolutionarySearch(Callback):
     :class:`~snapvit_lightning.xnes.XNES` (bounds ``[0, 2]``, start mean ``initial_weights``,
     else ``w = 1`` on balanced scores or :func:`default_initial_weights` on raw ones, initial
     covariance ``sigma**2 * initial_covariance`` or ``sigma**2 * I``). Each evaluation is
-    logged to every logger as ``search/fitness`` and ``search/best`` at ``step=eval_idx``.
+    logged to every logger of the Trainer (``trainer.loggers``; e.g. a ``CSVLogger`` writes the
+    curves to ``metrics.csv``) at ``step=eval_idx`` as ``search/fitness``, ``search/best`` (the
+    best so far, start point included) and one ``search/cos_mlp{m}_head{h}`` per ratio pair
+    (e.g. ``search/cos_mlp0.35_head0.2``: that budget's mean cosine, in the fitness's
+    ``space``). A progress bar of Lightning's kind under the training bar shows the
+    evaluations with the fitness and the best (none with ``enable_progress_bar=False`` or
+    on ranks other than 0).
     At the end ``pl_module.scores`` becomes ``scores.with_weights(best_weights,
     covariance=xnes.covariance)`` (``scores`` balanced, as searched); the start point is kept
     when no candidate beats it.
@@ -148,7 +155,8 @@ class EvolutionarySearch(Callback):
             DataLoader) of such batches or ``(images, ...)`` tuples. ``None``: the datamodule's.
         initial_weights: Start mean ``[B + B*H]``.
         initial_covariance: Initial covariance shape ``[d, d]`` (e.g. a previous run's).
-        log_every_n_evals: Print progress every this many evaluations (``0``: never).
+        log_every_n_evals: Without a progress bar (``enable_progress_bar=False``), print a
+            line every this many evaluations (``0``: never).
         balance: Which scores the weights rescale, hence where the search starts.
             ``(0.5, 0.65)`` (default, :data:`DEFAULT_BALANCE`): every block's MLP scores are
             divided by their median and its head scores by their 0.65-quantile
@@ -376,19 +384,17 @@ class EvolutionarySearch(Callback):
             f"{fitness.images.shape[0]} images/rank, {fitness.num_components} PCA components; "
             f"start fitness {self.initial_fitness:.6f}"
         )
-        start = time.perf_counter()
+        progress = SearchProgress(
+            trainer, self.max_evals, min(len(self.history), self.max_evals), self.ratio_pairs, self.log_every_n_evals
+        )
 
         def on_eval(idx: int, f: float, best: float) -> None:
-            for logger in trainer.loggers:
-                logger.log_metrics({"search/fitness": f, "search/best": best}, step=idx)
-            n = self.log_every_n_evals
-            if n and ((idx + 1) % n == 0 or idx + 1 == self.max_evals):
-                rank_zero_info(
-                    f"EvolutionarySearch: eval {idx + 1}/{self.max_evals} fitness {f:.6f} best {best:.6f} "
-                    f"({time.perf_counter() - start:.1f} s)"
-                )
+            progress.update(idx, f, best, fitness.last_cosines)
 
-        _search_loop(xnes, fitness, self.max_evals, self.history, on_eval, broadcast, self.initial_fitness)
+        try:
+            _search_loop(xnes, fitness, self.max_evals, self.history, on_eval, broadcast, self.initial_fitness)
+        finally:
+            progress.close()
         best_w, best_f = _best(xnes, w0, self.initial_fitness)
         covariance = xnes.covariance
         if world > 1:
@@ -405,8 +411,6 @@ class EvolutionarySearch(Callback):
             "machine": {**build_machine(device), "world_size": world},
             **({} if probe_record is None else {"precision": probe_record}),
         })
-        for logger in trainer.loggers:
-            logger.save()
         rank_zero_info(
             f"EvolutionarySearch: best fitness {self.best_fitness:.6f} (start {self.initial_fitness:.6f}) "
             f"after {len(self.history)} evaluations, {fitness.mean_eval_time:.2f} s/eval"

@@ -206,6 +206,8 @@ class Fitness:
     Attributes:
         num_evals: Calls so far.
         eval_times: Wall time of each call, in seconds.
+        last_cosines: The last call's mean cosine per ratio pair, in the fitness's ``space``
+            (``None`` before the first call).
         num_components: The number of PCA components used.
 
     Raises:
@@ -279,6 +281,7 @@ class Fitness:
         self.device = param.device
         self.num_evals = 0
         self.eval_times: list[float] = []
+        self.last_cosines: list[float] | None = None
 
         # One working copy; its blocks' cut layers are re-pointed at master slices per budget.
         work = copy.deepcopy(model).eval().requires_grad_(False)
@@ -469,6 +472,7 @@ class Fitness:
         start = time.perf_counter()
         sums = self._pair_sums(w, project=self.space == "pca")
         cos = sums[:, 0] / sums[:, 1].clamp_min(1)
+        self.last_cosines = cos.tolist()
         loss = float((1.0 - cos).mean())
         if self.guard > 0:
             if self.reference_cosines is None:

@@ -1,0 +1,91 @@
+"""A quiet console for ``snapvit fit`` and the main job.
+
+A scoring run trains nothing, so some of Lightning's notices do not apply to it. Most are
+avoided where they arise: the CLI's Trainer defaults turn the model summary off (its table
+and its bf16 size warning say nothing about a run that only reads gradients),
+:meth:`SnapViTModule.configure_optimizers` says "no optimizer" the way that does not warn, and
+:func:`lightning_cli_args` hands LightningCLI an ``args`` list without a second command line
+beside it. :func:`quiet_lightning` silences, by message and module, only the three notices that
+no setting of ours avoids. It is used by the CLI alone, never installed for a user's own
+Trainer or code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+__all__ = [
+    "lightning_cli_args",
+    "quiet_lightning",
+]
+
+#: The Lightning logger that prints ``rank_zero_info`` messages (and the litlogger tip).
+_RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+_LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+
+
+def _not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_LITLOGGER_TIP)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence the Lightning notices that a scoring run causes and that no setting avoids.
+
+    * "Found N module(s) in eval mode at the start of training" (``PossibleUserWarning`` from
+      Lightning's fit loop): the student is in eval mode on purpose (no dropout or drop-path
+      while its gradients are read; nothing is trained) and Lightning has no way to declare it.
+    * "`isinstance(treespec, LeafSpec)` is deprecated" (``FutureWarning`` from Lightning's own
+      ``lightning.pytorch.utilities._pytree``): Lightning 2.6's CombinedLoader builds torch's
+      deprecated ``LeafSpec`` for every DataLoader of every fit; no call of ours avoids it.
+    * The "💡 Tip" to install litlogger: Lightning logs it from ``Trainer.__init__`` whenever no
+      ``LitLogger`` is among the loggers, whatever the run.
+
+    Everything else, warnings of user code and Lightning's other notices included, passes.
+    """
+    rank_zero_log = logging.getLogger(_RANK_ZERO_LOGGER)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+            category=PossibleUserWarning, module=r"lightning\.pytorch\.loops\.fit_loop",
+        )
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
+        )
+        rank_zero_log.addFilter(_not_litlogger_tip)
+        try:
+            yield
+        finally:
+            rank_zero_log.removeFilter(_not_litlogger_tip)
+
+
+@contextmanager
+def lightning_cli_args(args: Sequence[str] | None) -> Iterator[list[str] | None]:
+    """The ``args`` to give LightningCLI, with ``sys.argv`` set the way it expects them.
+
+    LightningCLI parses ``args`` *instead of* the command line and warns when ``sys.argv``
+    holds arguments too. A caller that passes ``args`` (the main job, tests, notebooks) has
+    consumed its own command line already, so while LightningCLI runs ``sys.argv`` holds the
+    program name only. ``None`` leaves ``sys.argv`` for LightningCLI to parse.
+
+    Raises:
+        TypeError: If ``args`` is a single string rather than a sequence of arguments.
+    """
+    if args is None:
+        yield None
+        return
+    if isinstance(args, str):
+        raise TypeError(f"args must be a sequence of arguments such as ['fit', '--config', 'c.yaml'], got the string {args!r}")
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield list(args)
+    finally:
+        sys.argv = saved

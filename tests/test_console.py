@@ -1,0 +1,88 @@
+"""Tests for snapvit_lightning.console (the notices the CLI silences, and only those)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import pytest
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from snapvit_lightning.console import lightning_cli_args, quiet_lightning
+
+EVAL_MODE = "Found 276 module(s) in eval mode at the start of training. If this is intentional, you can ignore this warning."
+LEAF_SPEC = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead."
+TIP = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/project/litlogger/)"
+
+
+def _warned(message: str, category: type[Warning], module: str) -> bool:
+    """Whether a warning attributed to ``module`` gets through (inside whatever filters are active)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module=module)
+    return len(caught) == 1
+
+
+@pytest.mark.parametrize(
+    "message, category, module",
+    [
+        (EVAL_MODE, PossibleUserWarning, "lightning.pytorch.loops.fit_loop"),
+        (LEAF_SPEC, FutureWarning, "lightning.pytorch.utilities._pytree"),
+    ],
+)
+def test_silences_the_two_lightning_warnings(message: str, category: type[Warning], module: str) -> None:
+    assert not _warned(message, category, module)
+
+
+@pytest.mark.parametrize(
+    "message, category, module",
+    [
+        (EVAL_MODE, PossibleUserWarning, "my_project.train"),  # the same words from user code
+        (LEAF_SPEC, FutureWarning, "my_project.trees"),
+        (EVAL_MODE, UserWarning, "lightning.pytorch.loops.fit_loop"),  # another category
+        ("The number of training batches (2) is smaller than the logging interval", PossibleUserWarning,
+         "lightning.pytorch.loops.fit_loop"),  # another Lightning warning
+        ("something else", DeprecationWarning, "lightning.pytorch.utilities._pytree"),
+    ],
+)
+def test_lets_other_warnings_through(message: str, category: type[Warning], module: str) -> None:
+    assert _warned(message, category, module)
+
+
+def test_filters_end_with_the_context() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            pass
+        warnings.warn_explicit(EVAL_MODE, PossibleUserWarning, "fit_loop.py", 1, module="lightning.pytorch.loops.fit_loop")
+    assert len(caught) == 1
+
+
+def test_drops_the_litlogger_tip_only_inside(caplog) -> None:
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        with quiet_lightning():
+            log.info(TIP)
+            log.info("GPU available: False, used: False")
+        log.info(TIP)
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False", TIP]
+
+
+def test_cli_args_hide_the_consumed_command_line(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["quickstart", "--out", "runs/x"])
+    with lightning_cli_args(("fit", "--config", "c.yaml")) as args:
+        assert args == ["fit", "--config", "c.yaml"] and sys.argv == ["quickstart"]
+    assert sys.argv == ["quickstart", "--out", "runs/x"]
+    with lightning_cli_args(None) as args:  # LightningCLI parses the command line itself
+        assert args is None and sys.argv == ["quickstart", "--out", "runs/x"]
+    with pytest.raises(RuntimeError, match="boom"), lightning_cli_args(["fit"]):
+        raise RuntimeError("boom")
+    assert sys.argv == ["quickstart", "--out", "runs/x"]  # restored after an error too
+
+
+def test_cli_args_refuse_a_string() -> None:
+    with pytest.raises(TypeError, match="args must be a sequence of arguments .* got the string 'fit --config c.yaml'"):
+        with lightning_cli_args("fit --config c.yaml"):
+            pass
