@@ -103,7 +103,8 @@ class LatencyBudget:
 
     def describe(self) -> str:
         """What was measured and chosen, as lines of text."""
-        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {_where(self)}: "
+        where = _where(self.backend, self.device, self.threads)
+        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}: "
                  f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms"]
         for t in self.trials:
             lines.append(f"  FLOPs {100 * t.flops_fraction:5.1f}%: {t.latency_ms:8.2f} ms "
@@ -115,9 +116,8 @@ class LatencyBudget:
         return "\n".join(lines)
 
 
-def _where(m: LatencyBudget) -> str:
-    threads = "" if m.threads is None else f", {m.threads} thread{'s' if m.threads != 1 else ''}"
-    return f"{m.device} ({m.backend}{threads})"
+def _where(backend: str, device: str, threads: int | None) -> str:
+    return f"{device} ({backend}{'' if threads is None else f', {threads} thread' + 's' * (threads != 1)})"
 
 
 # --------------------------------------------------------------------------- validation
@@ -337,7 +337,7 @@ def find_latency_budget(
         smallest = trial(min_flops)
         dense_ms = reference[0]
         by_flops.setdefault(dense_flops, LatencyTrial(1.0, 1.0, dense_ms, dense_ms, dense_ms, dense_ms <= latency_ms))
-        where = f"batch {batch_size} on {device} ({backend}{'' if threads is None else f', {threads} threads'})"
+        where = f"batch {batch_size} on {_where(backend, device, threads)}"
         if dense_ms <= latency_ms:
             raise LatencyTargetError(
                 f"the dense model already meets latency_ms={latency_ms:g}: it measured {dense_ms:.2f} ms per "
