@@ -13,8 +13,11 @@ candidate setting (:data:`CPU_SETTINGS` or :data:`CUDA_SETTINGS`) on a few image
 * a *fitness forward*: the pre-logits embeddings of ``fitness_images`` images under
   ``torch.inference_mode`` (what :class:`~snapvit_lightning.search.Fitness` runs per subnet).
 
-Each is run once to warm up (for the scoring step, the rank check's pass below) and ``repeats``
-times interleaved over the settings; the median counts. The scoring step and the search's fitness each get the fastest *allowed* setting,
+One untimed run warms the process up; then every setting runs once, timed (for the scoring
+step this is the rank check's pass below). That first round is a screen: a setting slower than
+:data:`SCREEN_RATIO` times the fastest first time cannot win and keeps its first time; only the
+others are timed ``repeats`` more times, interleaved, and their median counts. On a CPU
+without bf16 units this skips the slow bf16 rounds that made up most of the probe. The scoring step and the search's fitness each get the fastest *allowed* setting,
 independently. A reduced-precision setting (bf16 autocast, TF32) is allowed only when the
 order of the per-unit gradient scores it produces on the probe batch matches fp32's: the
 Spearman rank correlation of the per-row mean squared gradients of the MLP input layers and
@@ -58,6 +61,7 @@ __all__ = [
     "CUDA_SETTINGS",
     "DEFAULT_MIN_RANK_CORRELATION",
     "PROBE_VIEWS",
+    "SCREEN_RATIO",
     "ProbeResult",
     "Setting",
     "apply_probe",
@@ -73,6 +77,11 @@ __all__ = [
 #: Views per image in the probe's scoring step (2 global + 2 local crops): the settings' cost
 #: per view is what is compared, and a 12-view step would triple the probe's time.
 PROBE_VIEWS = 4
+
+#: A setting whose first timed run is this many times slower than the fastest first run is not
+#: timed again (the first run of every setting comes after one process-wide warm-up run, so
+#: one-off start-up costs do not screen a setting out). Settings that win differ by < 1.3x.
+SCREEN_RATIO = 1.5
 
 #: Lowest Spearman correlation of a reduced-precision setting's gradient scores with fp32's on
 #: the probe batch. Measured bf16 autocast vs fp32 on the real DINOv2 ViT-S/14 (112 px, one
@@ -321,11 +330,23 @@ def _choose(settings: tuple[Setting, ...], times: Mapping[str, float], allowed: 
     return full
 
 
+def _time_once(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def _time_settings(settings: tuple[Setting, ...], stage: str, run: Callable[[Setting], None],
-                   repeats: int, timer: Timer | None, warmup: int) -> dict[str, float]:
+                   repeats: int, timer: Timer | None, first: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Seconds per setting: a screening round (``first``, or one timed run each), then ``repeats``
+    interleaved runs of the settings within :data:`SCREEN_RATIO` of the fastest (median)."""
     if timer is not None:
         return {s.name: float(timer(s, stage, lambda s=s: run(s))) for s in settings}
-    return time_interleaved({s.name: (lambda s=s: run(s)) for s in settings}, repeats, warmup)
+    if first is None:
+        first = {s.name: _time_once(lambda s=s: run(s)) for s in settings}
+    fastest = min(first.values())
+    contenders = {s.name: (lambda s=s: run(s)) for s in settings if first[s.name] <= SCREEN_RATIO * fastest}
+    return {**first, **time_interleaved(contenders, repeats, warmup=0)}
 
 
 def probe(
@@ -337,7 +358,7 @@ def probe(
     scoring: bool = True,
     step_images: int = 1,
     views: int = PROBE_VIEWS,
-    fitness_images: int = 8,
+    fitness_images: int = 4,
     repeats: int = 2,
     min_rank_correlation: float = DEFAULT_MIN_RANK_CORRELATION,
     margin: float = 0.05,
@@ -364,7 +385,7 @@ def probe(
         views: Multi-crop views per image (2 global + local crops); fewer than the data's
             keep the probe short: what differs between settings is the per-view cost.
         fitness_images: Images per fitness forward.
-        repeats: Timed runs per setting after one warm-up (median taken).
+        repeats: Timed runs per setting after the screening round (median taken).
         min_rank_correlation: Lowest Spearman correlation, in ``[-1, 1]``, of a reduced
             setting's gradient scores with fp32's for it to be allowed.
         margin: A reduced setting is chosen only when faster than the fastest fp32 one by more
@@ -436,17 +457,24 @@ def probe(
         step_s: dict[str, float] = {}
         if scoring:
             reference = next(s for s in settings if not s.reduced)
+            step(reference)  # process-wide warm-up, untimed
             grads: dict[str, Tensor] = {}
-            for s in settings:  # every setting once: the rank check's pass is also the warm-up
+            first: dict[str, float] = {}
+            for s in settings:  # every setting once, timed: the rank check's pass is also the screen
                 module.explicit_attention = s.explicit_attention
+                begin = time.perf_counter()
                 with s.active(device):
                     module.compute_loss(step_views).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first[s.name] = time.perf_counter() - begin
                 grads[s.name] = _unit_scores(module)
                 _clear_grads(module)
             measure = rank_correlation or (lambda s, got, ref: spearman(got, ref))
             correlation = {s.name: float(measure(s, grads[s.name], grads[reference.name])) for s in settings if s.reduced}
-            step_s = _time_settings(settings, "step", step, repeats, timer, warmup=0)
-        fitness_s = _time_settings(settings, "fitness", fitness, repeats, timer, warmup=1)
+            step_s = _time_settings(settings, "step", step, repeats, timer, first)
+        fitness(next(s for s in settings if not s.reduced))  # warm-up of the inference path, untimed
+        fitness_s = _time_settings(settings, "fitness", fitness, repeats, timer)
     finally:
         _clear_grads(module)
         module.explicit_attention = saved_explicit

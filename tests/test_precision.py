@@ -235,3 +235,16 @@ def test_embed_follows_the_chosen_kernel(explicit, bf16, expect_fused, one_threa
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         embed(model, torch.randn(1, 3, *model.patch_embed.img_size), explicit)
     assert seen == [expect_fused] and model.blocks[0].attn.fused_attn  # restored afterwards
+
+
+def test_screen_times_again_only_the_settings_close_to_the_fastest() -> None:
+    from snapvit_lightning.precision import SCREEN_RATIO, _time_settings
+
+    calls: list[str] = []
+    first = {s.name: t for s, t in zip(CPU_SETTINGS, (1.0, 1.2, SCREEN_RATIO * 1.01, 3.0))}
+    times = _time_settings(CPU_SETTINGS, "step", lambda s: calls.append(s.name), repeats=3, timer=None, first=first)
+    screened_out = [name for name, t in first.items() if t > SCREEN_RATIO]
+    assert len(screened_out) == 2 and not set(calls) & set(screened_out)
+    assert calls.count(CPU_SETTINGS[0].name) == calls.count(CPU_SETTINGS[1].name) == 3
+    assert all(times[name] == first[name] for name in screened_out)  # their first time stands
+    assert all(times[name] < 0.5 for name in first if name not in screened_out)  # re-timed (no-op runs)
