@@ -127,7 +127,8 @@ def test_stats_skips_a_corrupt_image_and_names_it(tmp_path, elastic_file, capsys
 
 
 def test_main_job_user_error_is_one_line(tmp_path, capsys) -> None:
-    _fails_in_one_line(
+    line = _fails_in_one_line(
         ["--weights", str(tmp_path / "weights.bin"), "--out", str(tmp_path / "run")], capsys,
         "python -m snapvit_lightning.quickstart: error:", run=quickstart.main,
     )
+    assert "weights.bin" in line  # the message names the bad value
