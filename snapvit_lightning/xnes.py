@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["XNES", "default_popsize", "default_learning_rates", "rank_utilities"]
+__all__ = ["XNES", "default_popsize", "default_learning_rates", "positive_ranks", "rank_utilities"]
 
 _DTYPE = torch.float64
 
@@ -73,6 +73,38 @@ def default_learning_rates(dim: int) -> tuple[float, float, float]:
     return 1.0, eta, eta
 
 
+def _raw_utilities(n: int) -> Tensor:
+    """``max(0, ln(n/2 + 1) - ln k)`` for ``k = 1..n`` (float64), as :func:`rank_utilities` uses them."""
+    ranks = torch.arange(1, n + 1, dtype=_DTYPE)
+    return (math.log(n / 2.0 + 1.0) - torch.log(ranks)).clamp_min(0.0)
+
+
+def positive_ranks(n: int) -> int:
+    """Number ``m`` of ranks with a positive raw utility among ``n`` candidates.
+
+    In :func:`rank_utilities` the ``m`` best candidates get distinct utilities and every
+    candidate ranked below them gets the same ``-1/n`` (for ``n = 17``, ``m = 9``; for
+    ``n = 16``, ``m = 8``). Hence a candidate whose fitness is certainly worse than the ``m``-th
+    best of its generation does not need its exact value (see :meth:`XNES.optimize`'s
+    ``early_stop``). Computed with the same float64 expression as :func:`rank_utilities`.
+
+    Args:
+        n: Number of candidates (``>= 1``).
+
+    Returns:
+        ``m`` in ``[1, n]``.
+
+    Raises:
+        TypeError: If ``n`` is not an int.
+        ValueError: If ``n < 1``.
+    """
+    if not _is_int(n):
+        raise TypeError(f"`n` must be an int, got {n!r} of type {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1, got {n!r}")
+    return int((_raw_utilities(n) > 0).sum())
+
+
 def rank_utilities(fitnesses: Tensor) -> Tensor:
     """Rank-based fitness shaping for minimisation (utilities sum to zero).
 
@@ -91,8 +123,7 @@ def rank_utilities(fitnesses: Tensor) -> Tensor:
     """
     f = fitnesses.to(_DTYPE)
     n = f.numel()
-    ranks = torch.arange(1, n + 1, dtype=_DTYPE)
-    raw = (math.log(n / 2.0 + 1.0) - torch.log(ranks)).clamp_min(0.0)
+    raw = _raw_utilities(n)
     sorted_u = raw / raw.sum() - 1.0 / n
     sorted_f, order = torch.sort(f, stable=True)
     # Average the utilities over runs of equal fitness.
@@ -418,7 +449,9 @@ class XNES:
         self._update(z, f)
         self._pending_z = None
 
-    def optimize(self, fn: Callable[[Tensor], float | Tensor], max_evals: int) -> tuple[Tensor | None, float]:
+    def optimize(
+        self, fn: Callable[..., float | Tensor], max_evals: int, early_stop: bool = False
+    ) -> tuple[Tensor | None, float]:
         """Minimise ``fn`` with ask/tell until :attr:`evals` reaches ``max_evals``.
 
         ``max_evals`` is a *total* budget counted by :attr:`evals`, so calling this again on a
@@ -431,16 +464,34 @@ class XNES:
         ``optimize(fn, b)`` equals ``optimize(fn, b)`` only when ``a`` is a multiple of
         :attr:`popsize` (or the run was restored from a state saved on a generation boundary).
 
+        Early stop: every candidate ranked below the ``m = positive_ranks(k)`` best of its
+        generation gets the same utility ``-1/k`` (:func:`rank_utilities`), so its exact
+        fitness is not needed once it is certainly worse than the ``m``-th best. With
+        ``early_stop=True`` the ``i``-th candidate is evaluated as ``fn(x_i, cutoff)``, where
+        ``cutoff`` is the ``m``-th smallest fitness among the candidates of this generation
+        evaluated completely so far (``math.inf`` while fewer than ``m`` are), and ``fn`` may
+        return ``math.inf`` to mean "stopped: certainly greater than ``cutoff``" instead of its
+        exact value (any ``+inf`` returned under a finite ``cutoff`` counts as stopped). The
+        update, :attr:`best_x` and :attr:`best_f` are then bitwise those of
+        ``early_stop=False`` with the exact values (stopped candidates are ranked below every
+        completed one, each on a rank of its own; only ties between a stopped candidate's
+        unknown value and another value below the ``m`` best, which would share a mean
+        utility, could differ by rounding).
+
         Args:
             fn: Objective; called with one ``[dim]`` float64 candidate (clipped into
-                ``bounds``), returns a float or a scalar tensor.
+                ``bounds``), plus the ``cutoff`` float when ``early_stop``; returns a float or a
+                scalar tensor.
             max_evals: Total number of evaluations.
+            early_stop: Pass each candidate's ``cutoff`` to ``fn`` and accept ``inf`` for a
+                candidate stopped above it (see above).
 
         Returns:
             ``(best_x, best_f)``. ``best_x`` is ``None`` only if no finite fitness was seen.
 
         Raises:
-            TypeError: If ``max_evals`` is not an int or ``fn`` is not callable.
+            TypeError: If ``max_evals`` is not an int, ``early_stop`` not a bool or ``fn`` is
+                not callable.
             ValueError: If ``max_evals < 1``, or ``fn`` returns a non-scalar or ``-inf``.
         """
         if not callable(fn):
@@ -449,22 +500,64 @@ class XNES:
             raise TypeError(f"`max_evals` must be an int, got {max_evals!r} of type {type(max_evals).__name__}")
         if max_evals < 1:
             raise ValueError(f"`max_evals` must be >= 1, got {max_evals!r}")
+        if not isinstance(early_stop, bool):
+            raise TypeError(f"`early_stop` must be a bool, got {early_stop!r} of type {type(early_stop).__name__}")
         while self._evals < max_evals:
             x = self.ask()
             k = min(self.popsize, max_evals - self._evals)
-            values = [torch.as_tensor(fn(x[i]), dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE) for i in range(k)]
-            for v in values:
-                if v.numel() != 1:
-                    raise ValueError(f"`fn` must return a scalar, got a tensor of shape {tuple(v.shape)}")
-            f = self._prepare_fitness(torch.stack([v.reshape(()) for v in values]), k)
+            if early_stop:
+                f, f_rank = self._evaluate_early_stop(fn, x, k)
+            else:
+                values = [torch.as_tensor(fn(x[i]), dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE) for i in range(k)]
+                for v in values:
+                    if v.numel() != 1:
+                        raise ValueError(f"`fn` must return a scalar, got a tensor of shape {tuple(v.shape)}")
+                f = self._prepare_fitness(torch.stack([v.reshape(()) for v in values]), k)
+                f_rank = f
             z = self._pending_z
             if z is None:  # pragma: no cover - ask() always sets it
                 raise RuntimeError("internal error: no pending samples after `ask`")
             self._record(x[:k], f)
             if k >= 2:
-                self._update(z[:k], f)
+                self._update(z[:k], f_rank)
             self._pending_z = None
         return self.best_x, self.best_f
+
+    def _evaluate_early_stop(self, fn: Callable[..., float | Tensor], x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Evaluate ``x[:k]`` with cutoffs; returns (fitness, inf when stopped; fitness to rank by).
+
+        Stopped candidates are ranked with distinct finite values above every completed finite
+        one, so each gets the tail utility ``-1/k`` on its own, exactly as it would with its
+        (distinct) exact value; ``+inf`` ties would share a mean that can differ by rounding.
+        """
+        m = positive_ranks(k)
+        done: list[float] = []  # exact values of this generation (NaN as inf, as ranked)
+        values: list[float] = []
+        stopped: list[bool] = []
+        for i in range(k):
+            cutoff = sorted(done)[m - 1] if len(done) >= m else math.inf
+            v = torch.as_tensor(fn(x[i], cutoff), dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE)
+            if v.numel() != 1:
+                raise ValueError(f"`fn` must return a scalar, got a tensor of shape {tuple(v.shape)}")
+            value = float(v.reshape(()))
+            if value == -math.inf:
+                raise ValueError(f"`fn` must not return -inf, got it for candidate {i} of generation {self._generation}")
+            is_stopped = value == math.inf and cutoff < math.inf
+            values.append(value)
+            stopped.append(is_stopped)
+            if not is_stopped:
+                done.append(math.inf if math.isnan(value) else value)
+        f = self._prepare_fitness(torch.tensor(values, dtype=_DTYPE), k)
+        if not any(stopped):
+            return f, f
+        finite = [v for v in done if v < math.inf]
+        level = max(finite) if finite else 0.0
+        f_rank = f.clone()
+        for i in range(k):
+            if stopped[i]:
+                level = math.nextafter(level, math.inf)
+                f_rank[i] = level
+        return f, f_rank
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from snapvit_lightning.search import (
     run_search,
 )
 from snapvit_lightning.structure import get_blocks, inspect_vit
+from snapvit_lightning.xnes import positive_ranks
 
 from conftest import random_scores, tiny_model
 
@@ -60,6 +62,11 @@ def images_for(model: torch.nn.Module, n: int = 6, seed: int = 1) -> torch.Tenso
 def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def same_history(a: list[float], b: list[float]) -> bool:
+    """Equal fitness histories, a stopped candidate (``nan``) equal to a stopped one."""
+    return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
 
 
 def elastic(model, name, kwargs, scores) -> ElasticViT:
@@ -298,7 +305,78 @@ def test_run_search_lowers_fitness(balance) -> None:
     assert ((best_w >= 0) & (best_w <= 2)).all()
     # same seed, same result
     again = run_search(model, raw, x, max_evals=16, popsize=8, sigma=0.3, seed=0, **kw)
-    assert torch.equal(again[0], best_w) and again[2] == history
+    assert torch.equal(again[0], best_w) and same_history(again[2], history)
+
+
+# ------------------------------------------------------------------------------ early stop
+
+
+def test_fitness_stop_above_returns_the_exact_value_or_inf() -> None:
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=6)
+    pairs = [(0.15, 0.0), (0.65, 0.5), (0.35, 0.2)]  # evaluated sparsest first: 1, 2, 0
+    kw = dict(ratio_pairs=pairs, pca_components=3, autocast_dtype=None, guard=2.0)
+    fitness, plain = Fitness(model, scores, x, **kw), Fitness(model, scores, x, **kw)
+    w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    assert fitness(w0, stop_above=-1.0) == plain(w0)  # the start point sets the guard's reference: never stopped
+    assert fitness.num_stopped == 0 and torch.equal(fitness.reference_cosines, plain.reference_cosines)
+    w = (w0 + 0.6 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).clamp(0, 2)
+    exact = plain(w)
+    cos, ref = plain.last_cosines, plain.reference_cosines.tolist()
+    assert fitness(w, stop_above=exact) == exact and fitness.last_cosines == cos  # not certainly above: exact
+    assert fitness(w, stop_above=math.inf) == exact and fitness(w) == exact
+    assert fitness.num_stopped == 0 and fitness.num_skipped_pairs == 0
+
+    def term(i: int) -> float:
+        return (1 - cos[i]) / 3 + 2.0 * max(0.0, ref[i] - cos[i])
+
+    assert term(1) > 1e-3
+    assert fitness(w, stop_above=term(1) - 1e-3) == math.inf  # the sparsest pair alone is enough
+    assert (fitness.num_stopped, fitness.num_skipped_pairs) == (1, 2)
+    assert fitness.last_cosines[1] == cos[1] and math.isnan(fitness.last_cosines[0]) and math.isnan(fitness.last_cosines[2])
+    if term(2) > 1e-3:
+        assert fitness(w, stop_above=term(1) + term(2) - 1e-3) == math.inf  # after two pairs
+        assert (fitness.num_stopped, fitness.num_skipped_pairs) == (2, 3)
+    # the bound must exceed by the rounding margin; a bound at the value itself never stops
+    assert fitness(w, stop_above=exact - 1e-7) == exact
+    assert fitness.num_evals == len(fitness.eval_times) == 6 + (term(2) > 1e-3)
+    for bad in (math.nan, "1.0", True):
+        with pytest.raises(ValueError, match=r"stop_above must be None or a number \(inf: never stop; not nan\), got"):
+            fitness(w, stop_above=bad)
+
+
+@pytest.mark.parametrize("correct", ["bias", "lstsq"])
+def test_corrected_fitness_does_not_depend_on_the_pair_order(correct: str) -> None:
+    """Sparsest first: a layer a later, lighter budget leaves uncut must not keep a corrected bias."""
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=8)
+    pairs = [(0.15, 0.0), (0.35, 0.2), (0.65, 0.5)]
+    kw = dict(pca_components=3, autocast_dtype=None, correct=correct)
+    w = default_initial_weights(scores.num_blocks, scores.num_heads)
+    got = Fitness(model, scores, x, ratio_pairs=pairs, **kw).pair_cosines(w, pca=False)
+    for pair, cos in zip(pairs, got):
+        assert Fitness(model, scores, x, ratio_pairs=[pair], **kw).pair_cosines(w, pca=False) == [cos], pair
+
+
+def test_run_search_early_stop_gives_the_same_result() -> None:
+    model, _, _ = small_vit()
+    raw, x = random_scores(model), images_for(model, n=8)
+    kw = dict(max_evals=22, popsize=8, sigma=0.3, seed=0, autocast=False, pca_components=6)  # a truncated last generation
+    seen = []
+    best_w, cov, history = run_search(model, raw, x, early_stop=True, on_eval=lambda i, f, b: seen.append((i, f, b)), **kw)
+    full_w, full_cov, full = run_search(model, raw, x, early_stop=False, **kw)
+    assert torch.equal(best_w, full_w) and torch.equal(cov, full_cov)
+    stopped = [i for i, f in enumerate(history) if math.isnan(f)]
+    assert stopped and len(history) == len(full) == 22  # the test can fail
+    assert all(a == b for a, b in zip(history, full) if not math.isnan(a))
+    for i in stopped:  # certainly below the m best of its generation
+        start = i // 8 * 8
+        m = positive_ranks(min(8, 22 - start))
+        done = sorted(f for f in history[start:i] if not math.isnan(f))
+        assert len(done) >= m and full[i] > done[m - 1]
+    # reported as nan, and the best so far ignores it
+    assert [(i, f) for i, f, _ in seen if math.isnan(f)] == [(i, history[i]) for i in stopped]
+    assert [b for _, _, b in seen] == [min(full[: i + 1]) for i in range(22)]
 
 
 @pytest.mark.parametrize(
@@ -322,6 +400,7 @@ def test_run_search_lowers_fitness(balance) -> None:
         ({"balance": (0.5, 1.0)}, r"balance must be None, a ratio in \(0, 1\), an \(mlp, heads\) pair of ratios or 'rank', got \(0.5, 1.0\)"),
         ({"correct": "ols"}, "correct must be one of"),
         ({"space": "cosine"}, r"space must be one of \('raw', 'pca'\), got 'cosine'"),
+        ({"early_stop": 1}, r"early_stop must be True or False, got 1"),
     ],
 )
 def test_run_search_errors(kwargs, match) -> None:
@@ -376,6 +455,7 @@ def test_fitness_other_errors() -> None:
         ({"balance": 0.0}, "balance must be None, a ratio in"),
         ({"balance": [0.5, 0.6, 0.7]}, "balance must be None, a ratio in"),
         ({"space": None}, r"space must be one of \('raw', 'pca'\), got None"),
+        ({"early_stop": "yes"}, r"early_stop must be True or False, got 'yes'"),
     ],
 )
 def test_callback_errors(kwargs, match) -> None:
@@ -438,7 +518,7 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     assert callback.best_fitness == min([callback.initial_fitness, *callback.history])
     # same as the Trainer-free function
     best_w, cov, history = run_search(model, scores, x, max_evals=8, **{k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"})
-    assert history == callback.history and torch.equal(best_w, callback.best_weights)
+    assert same_history(history, callback.history) and torch.equal(best_w, callback.best_weights)
     torch.testing.assert_close(cov, callback.covariance)
     # logged per evaluation
     metrics = (next(tmp_path.glob("log/*/metrics.csv"))).read_text().splitlines()
@@ -446,8 +526,28 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     rows = [dict(zip(header, line.split(","))) for line in metrics[1:]]
     logged = [(int(r["step"]), float(r["search/fitness"]), float(r["search/best"])) for r in rows if r.get("search/fitness")]
     assert [s for s, _, _ in logged] == list(range(8))
-    assert [f for _, f, _ in logged] == pytest.approx(callback.history)
+    assert [f for _, f, _ in logged] == pytest.approx(callback.history, nan_ok=True)  # stopped: nan
     assert logged[-1][2] == pytest.approx(min(callback.history))
+
+
+def test_callback_early_stop_gives_the_same_result(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=6)
+    runs = {}
+    for early_stop in (True, False):
+        kw = {**SEARCH_KW, "ratio_pairs": DEFAULT_RATIO_PAIRS}  # five pairs: the sparsest alone can stop
+        callback = EvolutionarySearch(max_evals=12, images=x, early_stop=early_stop, **kw)
+        runs[early_stop] = (callback, fit_with(callback, model, scores, tmp_path).scores)
+    (early, early_scores), (full, full_scores) = runs[True], runs[False]
+    assert torch.equal(early.best_weights, full.best_weights) and torch.equal(early.covariance, full.covariance)
+    assert torch.equal(early_scores.weight_vector(), full_scores.weight_vector())
+    assert early.best_fitness == full.best_fitness
+    stopped = sum(math.isnan(f) for f in early.history)
+    assert stopped > 0 and not any(math.isnan(f) for f in full.history)  # the test can fail
+    assert all(a == b for a, b in zip(early.history, full.history) if not math.isnan(a))
+    assert early_scores.build_info["search_stopped"] == early.fitness.num_stopped == stopped
+    assert full_scores.build_info["search_stopped"] == 0
+    assert early_scores.build_info["search_evaluations"] == full_scores.build_info["search_evaluations"] == 12
 
 
 @pytest.mark.parametrize("balance, correct", [(0.5, "none"), ((0.4, 0.7), "none"), ("rank", "lstsq")])
@@ -466,7 +566,7 @@ def test_callback_balance_searches_around_a_uniform_split(tmp_path: Path, balanc
     start = Fitness(model, balanced, x, kw["ratio_pairs"], kw["pca_components"], autocast_dtype=None, correct=correct)
     assert callback.initial_fitness == pytest.approx(start(torch.ones(scores.num_weights, dtype=torch.float64)))
     best_w, _, history = run_search(model, scores, x, max_evals=4, balance=balance, correct=correct, **kw)
-    assert history == callback.history and torch.equal(best_w, callback.best_weights)
+    assert same_history(history, callback.history) and torch.equal(best_w, callback.best_weights)
 
 
 def test_callback_uses_datamodule_fitness_images(tmp_path: Path) -> None:
@@ -519,12 +619,12 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     fit_with(first, model, scores, tmp_path)
     torch.save(first.state_dict(), tmp_path / "search.pt")
     state = torch.load(tmp_path / "search.pt", weights_only=True)
-    assert state["history"] == first.history and len(state["history"]) == 4
+    assert same_history(state["history"], first.history) and len(state["history"]) == 4
 
     resumed = EvolutionarySearch(max_evals=8, images=x, **kw)
     resumed.load_state_dict(state)
     module = fit_with(resumed, model, scores, tmp_path)
-    assert resumed.history == full.history
+    assert same_history(resumed.history, full.history)
     assert resumed.initial_fitness == full.initial_fitness
     assert torch.equal(resumed.best_weights, full.best_weights)
     torch.testing.assert_close(resumed.covariance, full.covariance)
@@ -542,14 +642,14 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     with pytest.warns(UserWarning, match="does not record its fitness settings"):
         again.load_state_dict(old)
     fit_with(again, model, scores, tmp_path)
-    assert again.history == full.history
+    assert same_history(again.history, full.history)
     if guard:
         assert again.reference_cosines == pytest.approx(full.reference_cosines, abs=1e-12)
     # a finished search round-trips and does not evaluate again
     done = EvolutionarySearch(max_evals=8, images=x, **kw)
     done.load_state_dict(resumed.state_dict())
     fit_with(done, model, scores, tmp_path)
-    assert done.fitness.num_evals == 0 and done.history == full.history
+    assert done.fitness.num_evals == 0 and same_history(done.history, full.history)
 
 
 # ------------------------------------------------------------------------------ DDP
@@ -606,13 +706,18 @@ torch.save(
 """
 
 
-@pytest.mark.parametrize("correct, space, guard", [("none", "pca", 0.0), ("lstsq", "pca", 0.0), ("none", "raw", 10.0)])
-def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, space: str, guard: float) -> None:
+@pytest.mark.parametrize(
+    "correct, space, guard, evals",
+    [("none", "pca", 0.0, 8), ("lstsq", "pca", 0.0, 8), ("none", "raw", 10.0, 8), ("none", "raw", 10.0, 12)],
+)
+def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, space: str, guard: float, evals: int) -> None:
     model, _, _ = small_vit()
     scores = random_scores(model)
     x = images_for(model, n=7)
     kwargs = {k: v for k, v in SEARCH_KW.items() if k != "log_every_n_evals"}
-    kwargs["max_evals"] = 8
+    kwargs["max_evals"] = evals
+    if evals == 12:  # five pairs, 12 evaluations: early stops happen, decided alike on every rank
+        kwargs["ratio_pairs"] = DEFAULT_RATIO_PAIRS
     kwargs["correct"] = correct  # corrected fitness: every rank collects the statistics on all images
     kwargs["space"] = space
     kwargs["guard"] = guard
@@ -631,8 +736,10 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, sp
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["images"] for r in ranks] == [4, 3]  # images[rank::2]
     assert torch.equal(ranks[0]["w"], ranks[1]["w"]) and torch.equal(ranks[0]["cov"], ranks[1]["cov"])
-    assert ranks[0]["history"] == ranks[1]["history"]
+    assert same_history(ranks[0]["history"], ranks[1]["history"])
     best_w, cov, history = run_search(model, scores, x, **kwargs)
-    assert ranks[0]["history"] == pytest.approx(history, abs=1e-6)
+    assert ranks[0]["history"] == pytest.approx(history, abs=1e-6, nan_ok=True)
+    if evals == 12:
+        assert any(math.isnan(f) for f in history)  # the stopped path ran
     torch.testing.assert_close(ranks[0]["w"], best_w, atol=1e-6, rtol=0)
     torch.testing.assert_close(ranks[0]["cov"], cov, atol=1e-6, rtol=1e-6)

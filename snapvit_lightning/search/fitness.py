@@ -76,6 +76,11 @@ DEFAULT_GUARD = 10.0
 _BOUNDS = (0.0, 2.0)
 
 
+#: How far a partial fitness must exceed ``stop_above`` before a call stops: covers cosines a
+#: rounding error above 1 (a term ``1 - cos`` slightly below 0) and summation order.
+_STOP_MARGIN = 1e-6
+
+
 def default_initial_weights(num_blocks: int, num_heads: int) -> Tensor:
     """The reference's starting point: ``linspace(1.2 -> 0.8)`` over depth.
 
@@ -203,10 +208,22 @@ class Fitness:
             ``False`` the model's fused setting, ``None`` (default) as
             :func:`~snapvit_lightning.forward.embed` prefers (explicit under bf16 on CPU).
 
+    Early stop: every term of the fitness is ``>= 0`` (up to rounding, ``cos <= 1``), so after
+    some ratio pairs the partial sum is a lower bound of the value. A call evaluates the pairs
+    sparsest first (``mlp_ratio + head_ratio`` descending, ties in the given order: the largest
+    terms first) and, given ``stop_above``, stops as soon as that bound exceeds it by more than
+    a rounding margin (``1e-6``), returning ``math.inf``: the value is then certainly greater
+    than ``stop_above``. :meth:`~snapvit_lightning.xnes.XNES.optimize` with
+    ``early_stop=True`` supplies the bound under which a candidate's exact value no longer
+    matters. A call that does not stop returns exactly what it would without ``stop_above``.
+
     Attributes:
-        num_evals: Calls so far.
-        eval_times: Wall time of each call, in seconds.
-        last_cosines: The last call's mean cosine per ratio pair, in the fitness's ``space``
+        num_evals: Calls so far (stopped ones included).
+        num_stopped: Calls stopped early (returned ``inf``).
+        num_skipped_pairs: Ratio pairs those calls did not evaluate.
+        eval_times: Wall time of each call, in seconds (stopped ones included).
+        last_cosines: The last call's mean cosine per ratio pair, in the fitness's ``space``,
+            in ``ratio_pairs`` order; ``nan`` for the pairs a stopped call did not evaluate
             (``None`` before the first call).
         num_components: The number of PCA components used.
 
@@ -280,7 +297,11 @@ class Fitness:
         param = next(model.parameters())
         self.device = param.device
         self.num_evals = 0
+        self.num_stopped = 0
+        self.num_skipped_pairs = 0
         self.eval_times: list[float] = []
+        # Sparsest pair first (the largest expected loss): an early stop comes as soon as it can.
+        self._pair_order = sorted(range(len(self.ratio_pairs)), key=lambda i: -sum(self.ratio_pairs[i]))
         self.last_cosines: list[float] | None = None
 
         # One working copy; its blocks' cut layers are re-pointed at master slices per budget.
@@ -413,6 +434,8 @@ class Fitness:
     def _apply_counts(self, mlp_pos: Tensor, head_order: Tensor, neurons: Tensor, heads: Tensor) -> None:
         for b, (block, master) in enumerate(zip(self.blocks, self.masters)):
             k, h = int(neurons[b]), int(heads[b])
+            if self._corrections is not None:  # a layer left uncut must not keep an earlier budget's bias
+                block.attn.proj.bias, block.mlp.fc2.bias = self._dense_bias[b]
             pos = mlp_pos[b, :k]
             if k == 0 or int(pos.max()) == k - 1:
                 mlp_sel: int | Tensor = k  # the kept set is the master's prefix
@@ -428,13 +451,33 @@ class Fitness:
             if head_sel is not None:
                 self._correct(b, "attn", block.attn.proj, head_channels(head_sel, master.head_dim))
 
-    def _pair_sums(self, w: Tensor, project: bool) -> Tensor:
-        """``[P, 2]`` float64: per ratio pair, (sum of cosines, number of images), all processes."""
+    def _pair_loss(self, i: int, cos: float) -> float:
+        """Pair ``i``'s term of the fitness (``>= 0`` up to rounding)."""
+        loss = (1.0 - cos) / len(self.ratio_pairs)
+        if self.guard > 0 and self.reference_cosines is not None:
+            loss += self.guard * max(0.0, float(self.reference_cosines[i]) - cos)
+        return loss
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        return self._reduce_fn(t.to(self.device)).double().cpu() if self.world_size > 1 else t
+
+    def _pair_sums(self, w: Tensor, project: bool, stop_above: float | None = None) -> tuple[Tensor, bool]:
+        """Per ratio pair, (sum of cosines, number of images) over all processes, and completeness.
+
+        Returns ``([P, 2] float64, True)``, or with ``stop_above`` possibly ``(sums, False)``: the
+        partial fitness of the pairs evaluated (sparsest first) exceeded ``stop_above`` by more
+        than :data:`_STOP_MARGIN`; the pairs not evaluated hold ``nan``. Under data parallel the
+        pairs are reduced one by one for that decision (every process takes the same one), and a
+        complete call reduces them all at once, as without ``stop_above``.
+        """
         mlp_pos, head_order = self._selections(w)
         target = self.teacher_projected if project else self.teacher
         sums = torch.zeros(len(self.ratio_pairs), 2, dtype=torch.float64)
+        reduced = torch.full_like(sums, math.nan)
+        bound = 0.0
         try:
-            for i, (m, h) in enumerate(self.ratio_pairs):
+            for done, i in enumerate(self._pair_order, 1):
+                m, h = self.ratio_pairs[i]
                 neurons, heads = self.scores.keep_counts(m, h, weights=w)
                 self._apply_counts(mlp_pos, head_order, neurons, heads)
                 emb = self._embed(self.images).double().cpu()
@@ -442,11 +485,16 @@ class Fitness:
                     emb = self._project(emb)
                 cos = (emb * target).sum(1) / (emb.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
                 sums[i, 0], sums[i, 1] = cos.sum(), cos.numel()
+                if stop_above is None:
+                    continue
+                reduced[i] = self._reduce(sums[i])
+                bound += self._pair_loss(i, float(reduced[i, 0] / reduced[i, 1].clamp_min(1)))
+                if bound - _STOP_MARGIN > stop_above and done < len(self.ratio_pairs):
+                    self.num_skipped_pairs += len(self.ratio_pairs) - done
+                    return reduced, False
         finally:
             self._restore()
-        if self.world_size > 1:
-            sums = self._reduce_fn(sums.to(self.device)).double().cpu()
-        return sums
+        return self._reduce(sums), True
 
     def pair_cosines(self, w: Tensor, pca: bool = True) -> list[float]:
         """Mean cosine similarity to the dense embeddings per ratio pair (not counted as a call).
@@ -457,30 +505,58 @@ class Fitness:
                 raw embeddings (``space="raw"``).
         """
         w = _check_weights(w, self.num_weights, "w")
-        sums = self._pair_sums(w, project=pca)
+        sums, _ = self._pair_sums(w, project=pca)
         return (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
 
-    def __call__(self, w: Tensor) -> float:
+    def __call__(self, w: Tensor, stop_above: float | None = None) -> float:
         """The fitness of ``w`` (lower is better; 0 for the dense model).
 
-        With ``guard > 0`` and no ``reference_cosines`` yet, this call's cosines become them.
+        With ``guard > 0`` and no ``reference_cosines`` yet, this call's cosines become them (and
+        it never stops early).
+
+        Args:
+            w: ``[B + B*H]`` weights.
+            stop_above: Stop as soon as the fitness is certainly greater than this and return
+                ``math.inf`` (see the class docstring); ``None`` or ``math.inf``: never stop. A
+                call that does not stop returns the exact value.
+
+        Returns:
+            The fitness, or ``math.inf`` for a stopped call.
 
         Raises:
-            ValueError: If ``w`` does not have shape ``[B + B*H]`` or is not finite.
+            ValueError: If ``w`` does not have shape ``[B + B*H]`` or is not finite, or
+                ``stop_above`` is neither ``None`` nor a number (``nan`` is not allowed).
         """
         w = _check_weights(w, self.num_weights, "w")
+        stop_above = _check_stop_above(stop_above)
+        if stop_above == math.inf or (self.guard > 0 and self.reference_cosines is None):
+            stop_above = None  # never stops (no per-pair reduce); the start point's cosines are needed in full
         start = time.perf_counter()
-        sums = self._pair_sums(w, project=self.space == "pca")
+        sums, complete = self._pair_sums(w, project=self.space == "pca", stop_above=stop_above)
         cos = sums[:, 0] / sums[:, 1].clamp_min(1)
         self.last_cosines = cos.tolist()
-        loss = float((1.0 - cos).mean())
-        if self.guard > 0:
-            if self.reference_cosines is None:
-                self.reference_cosines = cos.clone()  # the first call is the start point
-            loss += self.guard * float((self.reference_cosines - cos).clamp_min(0).sum())
+        if complete:
+            loss = float((1.0 - cos).mean())
+            if self.guard > 0:
+                if self.reference_cosines is None:
+                    self.reference_cosines = cos.clone()  # the first call is the start point
+                loss += self.guard * float((self.reference_cosines - cos).clamp_min(0).sum())
+        else:
+            loss = math.inf
+            self.num_stopped += 1
         self.eval_times.append(time.perf_counter() - start)
         self.num_evals += 1
         return loss
+
+
+def _check_stop_above(stop_above: Any) -> float | None:
+    if stop_above is None:
+        return None
+    if isinstance(stop_above, Tensor) and stop_above.numel() == 1:
+        stop_above = stop_above.item()
+    if isinstance(stop_above, bool) or not isinstance(stop_above, (int, float)) or math.isnan(stop_above):
+        raise ValueError(f"stop_above must be None or a number (inf: never stop; not nan), got {stop_above!r}")
+    return float(stop_above)
 
 
 def check_guard(guard: Any) -> float:
