@@ -1,0 +1,85 @@
+"""``python -m snapvit_lightning.benchmarks.heldout``: halves, search specs, and a whole run on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import random_scores, tiny_model
+from snapvit_lightning import quickstart
+from snapvit_lightning.benchmarks import heldout
+from snapvit_lightning.correction import stats_path_for
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.search import PAPER_RATIO_PAIRS
+
+
+def _photos(root, per_class: int = 3):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_split_links_halves_are_disjoint_cover_everything_and_keep_the_layout(tmp_path) -> None:
+    from snapvit_lightning.data.sources import find_images
+
+    data = _photos(tmp_path / "photos")
+    halves = heldout.split_links(data, tmp_path / "out")
+    files, labels, classes = find_images(data)
+    even, even_labels, _ = find_images(halves["even"])
+    odd, _, _ = find_images(halves["odd"])
+    assert [p.resolve() for p in even] == files[0::2] and [p.resolve() for p in odd] == files[1::2]
+    assert even_labels == labels[0::2]
+    assert heldout.split_links(data, tmp_path / "out") == halves  # again: the links are reused
+
+
+def test_split_links_refuses_fewer_than_four_images(tmp_path) -> None:
+    data = _photos(tmp_path / "photos", per_class=1)
+    with pytest.raises(ValueError, match="--data: needs at least 4 images"):
+        heldout.split_links(data, tmp_path / "out")
+
+
+def test_parse_search() -> None:
+    assert heldout.parse_search("lstsq:correct=lstsq,guard=0,balance=0.5,pairs=paper") == (
+        "lstsq", {"correct": "lstsq", "guard": 0, "balance": 0.5, "ratio_pairs": [list(p) for p in PAPER_RATIO_PAIRS]}
+    )
+    assert heldout.parse_search("raw:balance=none") == ("raw", {"balance": None})
+    assert heldout.parse_search("plain") == ("plain", {})
+    with pytest.raises(argparse.ArgumentTypeError, match="not KEY=VALUE"):
+        heldout.parse_search("x:correct")
+
+
+def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, one_thread) -> None:
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+
+    data = _photos(tmp_path / "photos")
+    model, name, kwargs = tiny_model("test_vit")
+    main = tmp_path / "out" / "even" / "main"
+    main.mkdir(parents=True)
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    path = main / f"{quickstart.MODEL_NAME}.elastic.safetensors"
+    elastic.save(path)  # reused: no main job is run
+    even = load_eval_images(data, elastic.model)[0][0::2]
+    elastic.collect_stats(even).save(stats_path_for(path))  # the statistics a main job ships
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--calibrate", "even", "--seeds", "0",
+            "--max-evals", "2", "--search", "s:correct=lstsq,guard=0"]
+    assert heldout.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "heldout.json").read_text())
+    methods = report["even"]["methods"]
+    assert set(methods) == {"main job (default)", "gradient-only", "uniform", "random (x3)", "s"}
+    assert report["even"]["measure"] == "odd" and methods["s"]["settings"] == {"correct": "lstsq", "guard": 0}
+    # The default row is the shipped checkpoint's plain cut, measured on the odd half only.
+    odd = load_eval_images(tmp_path / "out" / "odd_images", elastic.model)[0]
+    dense = extract_features(elastic.model, odd)
+    expected = [feature_fidelity(extract_features(elastic.subnet(m, h, correct="none"), odd), dense)
+                for m, h in heldout.BUDGETS]
+    assert methods["main job (default)"]["plain"] == pytest.approx(expected, abs=1e-6)
+    assert len(methods["random (x3)"]["per_seed"]) == 3
+    assert all(len(methods[k]["lstsq"]) == len(heldout.BUDGETS) for k in methods)
