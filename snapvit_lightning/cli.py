@@ -3,8 +3,9 @@
 ``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
 :class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
 info``, ``snapvit slice`` (weight-corrected by default when the checkpoint's statistics are
-beside it; ``--no-correct`` for the plain cut) and ``snapvit stats`` (correction statistics)
-work on elastic checkpoints; ``snapvit bench`` measures them.
+beside it, with the units their ranking chooses when they carry one; ``--no-correct`` for the
+plain cut) and ``snapvit stats`` (correction statistics and the corrected path's ranking) work on
+elastic checkpoints; ``snapvit bench`` measures them.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     else:
         print(f"correction statistics: {beside} ({stats.num_images} images, {stats.stored_bytes / 1e6:.1f} MB): "
               "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut)")
+        if stats.has_ranking:
+            print("ranking: the statistics carry the corrected path's own ranking; corrected subnets keep the units it "
+                  "ranks highest (the kept counts per block differ from the table's, the totals do not)")
+        else:
+            print("ranking: none in the statistics; corrected subnets keep the checkpoint's units "
+                  "(`snapvit stats --overwrite` adds one)")
     report_path = Path(args.path).with_name("report.json")
     if not report_path.is_file():
         return
@@ -162,7 +169,7 @@ def _slice(args: argparse.Namespace) -> int:
         print(budget.describe())
         flops = budget.flops
     mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
-    sub = elastic.slice(elastic.dims(mlp_ratio, head_ratio), **correction)
+    sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
     if onnx:
         from .onnx_export import save_onnx
@@ -171,7 +178,7 @@ def _slice(args: argparse.Namespace) -> int:
         written = f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images)"
     else:
         elastic.save_subnet(out, sub)
-    cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))
+    cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")
@@ -189,11 +196,12 @@ def _stats(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
-    elastic = ElasticViT.load(args.path)
-    stats = elastic.collect_stats(load_eval_images(data, elastic.model, argument="--data")[0], batch_size=args.batch_size)
+    elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
+    images = load_eval_images(data, elastic.model, argument="--data")[0]
+    stats = elastic.collect_stats(images, batch_size=args.batch_size, ranking=True)
     stats.save(out)
-    print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens), "
-          f"{stats.stored_bytes / 1e6:.1f} MB")
+    print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens) "
+          f"and the corrected path's ranking, {stats.stored_bytes / 1e6:.1f} MB")
     return 0
 
 
@@ -275,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--sequential", action="store_true",
                      help="fit block by block on the corrected subnet's activations (needs an image folder)")
     cut.set_defaults(func=_slice)
-    stats = sub.add_parser("stats", help="collect weight-correction statistics of an elastic checkpoint")
+    stats = sub.add_parser("stats", help="collect weight-correction statistics (and the corrected path's ranking) "
+                                         "of an elastic checkpoint")
     stats.add_argument("path", help="an *.elastic.safetensors file")
     stats.add_argument("--data", required=True, metavar="FOLDER", help="folder of calibration images")
     stats.add_argument("-o", "--output", default=None,

@@ -21,7 +21,9 @@ with plain keyword values, so nothing in a file is ever executed.
 Correction statistics live beside the checkpoint, ``<name>.stats.safetensors``
 (:func:`~snapvit_lightning.correction.stats_path_for`); :meth:`ElasticViT.load` attaches them
 when present, and :meth:`ElasticViT.subnet` then gives the ``lstsq``-corrected subnet by default
-(``correct="none"`` gives the plain cut).
+(``correct="none"`` gives the plain cut). When the statistics carry the corrected path's own
+ranking (:func:`~snapvit_lightning.obs.with_ranking`), corrected subnets keep the units that ranking
+puts first (:meth:`ElasticViT.ranked_view`); plain cuts always follow the checkpoint's order.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class ElasticViT:
         self._fingerprint: str | None = None
         self.stats: CorrectionStats | None = None
         self._prepared: list[dict[str, torch.Tensor]] | None = None  # prepare_targets of the attached stats
+        self._ranked: tuple[CorrectionStats, ElasticViT] | None = None  # (stats, ranked_view(stats)), built lazily
 
     # ------------------------------------------------------------------------------------------
     # Budgets
@@ -239,6 +242,12 @@ class ElasticViT:
         ``batch_size``, default 1, within ``latency_ms`` on this CPU) and :meth:`slice` for the
         weight correction options.
 
+        A one-shot correction (``"bias"``/``"lstsq"``) from statistics that carry a ranking (the
+        attached ones or ``calibration``) cuts :meth:`ranked_view` at the same ratios: the same
+        global keep counts, so the same FLOPs and parameters, spread over the blocks and chosen
+        by the ranking. Otherwise (``correct="none"``, images, no ranking) it is
+        ``slice(dims(*ratios), ...)``, the plain cut bit for bit.
+
         Raises:
             ValueError: See :meth:`resolve_budget`, :meth:`latency_budget` and :meth:`slice`;
                 ``latency_ms`` with another budget, or ``batch_size`` without ``latency_ms``.
@@ -259,6 +268,10 @@ class ElasticViT:
         elif batch_size is not None:
             raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
+        if correct in ("bias", "lstsq") and not sequential and isinstance(calibration, CorrectionStats) \
+                and calibration.has_ranking:
+            view = self.ranked_view(calibration)
+            return view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
         return self.slice(self.dims(*ratios), **correction)
 
     def latency_budget(
@@ -387,6 +400,54 @@ class ElasticViT:
             )
         self.stats = stats
         self._prepared = None
+        self._ranked = None
+
+    def ranked_view(self, stats: CorrectionStats | None = None) -> "ElasticViT | None":
+        """This elastic model re-ordered by the ranking that ``stats`` carry, for corrected subnets.
+
+        An :class:`ElasticViT` of the same weights whose blocks are permuted so that the ranking
+        (``stats.ranking_mlp``/``ranking_heads``, with this model's ``min_mlp_keep`` /
+        ``min_head_keep``) is a prefix, with ``stats`` permuted into its order and attached. Its
+        :meth:`dims` at given ratios keep as many units in all as this model's (the same FLOPs
+        and parameters), spread over the blocks as the ranking says. Built once per statistics
+        (cached until :meth:`attach_stats`); its ``mlp_order``/``head_order`` index this model's units.
+
+        Args:
+            stats: Statistics of this model (default: the attached ones).
+
+        Returns:
+            The view, or ``None`` when the statistics carry no ranking (or there are none).
+
+        Raises:
+            TypeError: ``stats`` is not :class:`CorrectionStats` or ``None``.
+            ValueError: Statistics of another elastic model, or a ranking that does not fit it.
+        """
+        stats = self.stats if stats is None else stats
+        if stats is not None and not isinstance(stats, CorrectionStats):
+            raise TypeError(f"stats must be CorrectionStats or None, got {type(stats).__name__}")
+        if stats is None or not stats.has_ranking:
+            return None
+        if self._ranked is not None and self._ranked[0] is stats:
+            return self._ranked[1]
+        if stats.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"the correction statistics belong to another elastic model (fingerprint {stats.fingerprint!r}, "
+                f"this model {self.fingerprint!r}); collect them again for this checkpoint"
+            )
+        got = (tuple(stats.ranking_mlp.shape), tuple(stats.ranking_heads.shape))
+        if got != (tuple(self.scores.mlp.shape), tuple(self.scores.heads.shape)):
+            raise ValueError(
+                f"the statistics' ranking_mlp / ranking_heads have shapes {got}, this model needs "
+                f"{tuple(self.scores.mlp.shape)} / {tuple(self.scores.heads.shape)} ([blocks, neurons] / [blocks, heads])"
+            )
+        ranking = ImportanceScores(
+            stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=self.scores.min_mlp_keep,
+            min_head_keep=self.scores.min_head_keep, criterion="corrected-ranking",
+        )
+        view = ElasticViT(self.model, ranking, model_name=self.model_name, model_kwargs=self.model_kwargs)
+        view.attach_stats(_permuted_stats(stats, view.mlp_order, view.head_order, view.fingerprint))
+        self._ranked = (stats, view)
+        return view
 
     @property
     def fingerprint(self) -> str:
@@ -395,17 +456,33 @@ class ElasticViT:
             self._fingerprint = fingerprint(self.model, self.mlp_order, self.head_order)
         return self._fingerprint
 
-    def collect_stats(self, images: torch.Tensor, batch_size: int = 32) -> CorrectionStats:
+    def collect_stats(self, images: torch.Tensor, batch_size: int = 32, *, ranking: bool = False) -> CorrectionStats:
         """Correction statistics of this model on preprocessed images ``[N, 3, H, W]``.
 
         Store them with :meth:`CorrectionStats.save` beside the checkpoint; correcting any
-        budget from them is then one small solve per cut layer. Size: ``4·B·((C+1)² +
-        (hidden+1)²)`` bytes, 120.5 MB for ViT-S (B=12, C=384, hidden=1536), 481.6 MB for ViT-B.
+        budget from them is then one small solve per cut layer. Size in memory: ``4·B·((C+1)² +
+        (hidden+1)²)`` bytes, 120.5 MB for ViT-S (B=12, C=384, hidden=1536), 481.6 MB for ViT-B
+        (a file stores the upper triangles, half of that).
+
+        Args:
+            images: The calibration images.
+            batch_size: Images per forward.
+            ranking: Also compute the corrected path's own ranking on the same images
+                (:func:`~snapvit_lightning.obs.with_ranking`, as the export and ``snapvit stats``
+                do): corrected subnets then keep the units it ranks highest (:meth:`subnet`).
 
         Raises:
             ValueError: Bad images or batch size.
         """
-        return collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint)
+        stats = collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint)
+        if not ranking:
+            return stats
+        from .obs import with_ranking
+
+        return with_ranking(
+            self.model, stats, images, min_mlp_keep=self.scores.min_mlp_keep, min_head_keep=self.scores.min_head_keep,
+            batch_size=batch_size,
+        )
 
     # ------------------------------------------------------------------------------------------
     # Files
@@ -478,6 +555,26 @@ def _check_correction_args(
             f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W] "
             f"(or statistics attached with attach_stats / found by ElasticViT.load), got {type(calibration).__name__}"
         )
+
+
+def _permuted_stats(
+    stats: CorrectionStats, mlp_order: torch.Tensor, head_order: torch.Tensor, fingerprint: str
+) -> CorrectionStats:
+    """``stats`` in another unit order, without a ranking (the new order is the ranking).
+
+    Row and column ``i`` of block ``b``'s MLP matrix become those of neuron ``mlp_order[b, i]``;
+    the ``attn.proj`` inputs move with their heads (``head_order`` expanded to each head's
+    channels); the last row and column (the constant 1) stay last.
+    """
+    blocks, heads, channels = stats.attn.shape[0], head_order.shape[1], stats.attn.shape[-1] - 1
+    head_dim = channels // heads
+    channel_order = (head_order.long()[:, :, None] * head_dim + torch.arange(head_dim)).flatten(1)
+    out = {}
+    for name, moment, order in (("attn", stats.attn, channel_order), ("mlp", stats.mlp, mlp_order.long())):
+        last = torch.full((blocks, 1), moment.shape[-1] - 1, dtype=torch.long)
+        index = torch.cat([order, last], 1).to(moment.device)
+        out[name] = torch.stack([m.index_select(0, i).index_select(1, i) for m, i in zip(moment, index)])
+    return CorrectionStats(out["attn"], out["mlp"], stats.num_images, stats.num_tokens, fingerprint)
 
 
 def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: int) -> None:

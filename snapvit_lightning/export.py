@@ -13,8 +13,9 @@ Export directory (``name`` defaults to the timm model name)::
                                           weight-corrected unless correct="none"
     <name>.mlp<a>_head<b>.onnx            the same subnets as ONNX graphs (onnx=True; dynamic batch)
     <name>.stats.safetensors              correction statistics (by default; not with
-                                          correct="none"): ElasticViT.load attaches them, so
-                                          subnet() and snapvit slice are corrected by default
+                                          correct="none") and the corrected path's own ranking:
+                                          ElasticViT.load attaches them, so subnet() and snapvit
+                                          slice are corrected (and ranked) by default
     report.json                           per-budget kept units, params, FLOPs, fidelity
     fidelity_vs_flops.png                 fidelity (cosine to the dense model) against FLOPs
     kept_units.png                        per-block kept fraction of neurons / heads per budget
@@ -30,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import secrets
 import time
@@ -46,13 +46,16 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from . import __version__
-from .checkpoint import check_model_kwargs
-from .correction import CORRECTIONS, collect_stats
+from .correction import collect_stats
 from .elastic import ElasticViT
+from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
+    _check_bool, _check_budgets, _check_correct, _check_device, _check_dirpath, _check_images,
+    _check_model_kwargs, _check_model_name, _check_name,
+)
 from .machine import build_machine
+from .obs import with_ranking
 from .onnx_export import checked_onnx
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
-from .scores import check_ratio
 from .search import EvolutionarySearch, scored_model
 
 __all__ = [
@@ -90,92 +93,11 @@ REPORT_FORMAT = "snapvit-export"
 REPORT_VERSION = 1
 
 
-def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tuple[float, ...]], ...]:
-    """Normalise budgets to ``("ratios", (a, b))`` / ``("flops", (f,))`` entries.
-
-    Raises:
-        ValueError: A budget that is not a ratio pair in ``[0, 1)`` or a fraction in ``(0, 1]``.
-    """
-    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, Sequence):
-        raise ValueError(f"{name} must be a sequence of (mlp_ratio, head_ratio) pairs or FLOPs fractions, got {budgets!r}")
-    out: list[tuple[str, tuple[float, ...]]] = []
-    for budget in budgets:
-        try:
-            if isinstance(budget, dict):
-                if set(budget) == {"flops"}:
-                    budget = float(budget["flops"]) if not isinstance(budget["flops"], bool) else budget["flops"]
-                elif set(budget) <= {"mlp_ratio", "head_ratio"} and budget:
-                    budget = (budget.get("mlp_ratio", 0.0), budget.get("head_ratio", 0.0))
-                else:
-                    raise ValueError("a dict budget needs keys mlp_ratio/head_ratio or flops")
-            if isinstance(budget, bool):
-                raise ValueError("not a number")
-            if isinstance(budget, (int, float)):
-                f = float(budget)
-                if not (math.isfinite(f) and 0.0 < f <= 1.0):
-                    raise ValueError("a FLOPs fraction must be in (0, 1]")
-                out.append(("flops", (f,)))
-            elif isinstance(budget, Sequence) and not isinstance(budget, str) and len(budget) == 2:
-                out.append(("ratios", (check_ratio(budget[0], "mlp_ratio"), check_ratio(budget[1], "head_ratio"))))
-            else:
-                raise ValueError("expected an (mlp_ratio, head_ratio) pair or a FLOPs fraction")
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{name}: invalid budget {budget!r}: {err}") from None
-    return tuple(out)
-
-
-def _check_name(name: Any) -> str | None:
-    if name is None:
-        return None
-    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
-        raise ValueError(f"name must be a non-empty file-name stem without path separators or a leading dot, got {name!r}")
-    return name
-
-
-def _check_correct(value: Any) -> str:
-    if value not in CORRECTIONS:
-        raise ValueError(f"correct must be one of {CORRECTIONS}, got {value!r}")
-    return str(value)
-
-
 def _calibration_images(source: Any, fallback: Tensor | None) -> Tensor | None:
     """Plain views of a datamodule's calibration images, else ``fallback`` (the fitness images)."""
     if hasattr(source, "calibration_images_eval"):
         return source.calibration_images_eval()
     return fallback
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
-def _check_model_kwargs(value: Any) -> dict[str, Any] | None:
-    return None if value is None else check_model_kwargs(value)
-
-
-def _check_model_name(value: Any) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise TypeError(f"model_name must be a non-empty str or None, got {value!r}")
-    return value
-
-
-def _check_dirpath(value: Any) -> Path:
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise TypeError(f"dirpath must be a str or os.PathLike, got {value!r}")
-    return Path(value)
-
-
-def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:
-    if images is None:
-        return None
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{name} must be a float tensor [M, 3, S, S] or None, got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one image")
-    return images
 
 
 def _fmt(x: float) -> str:
@@ -211,13 +133,6 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
     for path in targets.values():
         if path.exists():
             raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
-
-
-def _check_device(device: Any) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'), got {device!r}") from err
 
 
 def _staging(path: Path) -> Path:
@@ -268,7 +183,8 @@ def export_elastic(
     ``build_times`` holds the stage wall times: ``scoring_s``, ``search_s``,
     ``search_evaluations``, ``machine`` and ``precision`` (the probe of ``precision: auto``,
     :mod:`snapvit_lightning.precision`) from ``elastic.scores.build_info`` (``null`` when
-    unknown) and ``export_s``, this call's time up to writing ``report.json`` (the report last).
+    unknown), ``ranking_s`` (the corrected path's ranking, ``null`` when not computed here) and
+    ``export_s``, this call's time up to writing ``report.json`` (the report last).
 
     By default (``correct="lstsq"``; also ``"bias"``, see :mod:`snapvit_lightning.correction`)
     the correction statistics are collected on ``calibration_images`` (or, without them, the
@@ -277,7 +193,12 @@ def export_elastic(
     are corrected, and every budget gets ``fidelity_corrected`` beside the plain cut's
     ``fidelity``; ``report["correction"]`` says how, and whether the fidelity images were also
     the calibration images (then the corrected fidelity is optimistic). ``correct="none"``
-    writes the paper's plain cut and no statistics.
+    writes the paper's plain cut and no statistics. Statistics collected here carry the
+    corrected path's own ranking (:func:`~snapvit_lightning.obs.with_ranking`, on the same
+    images): the corrected subnets (``fidelity_corrected``, saved, ONNX) are
+    ``subnet(mlp_ratio, head_ratio, correct=correct)``, whose units that ranking chooses; a
+    budget whose per-block counts then differ from the plain cut's also gets
+    ``kept_neurons_corrected``/``kept_heads_corrected``.
 
     Args:
         elastic: The elastic model (left unchanged).
@@ -363,17 +284,22 @@ def export_elastic(
     if images is not None:
         images = images.detach().to(device, torch.float32)
         dense_features = _features(measured, images, batch_size)
-    stats = None
+    stats, ranking_s, view = None, None, None
     if correct != "none" and calibration is None:
         stats = elastic.stats
     elif correct != "none":
         calibration = calibration.detach().to(device, torch.float32)
         stats = collect_stats(measured, calibration, batch_size=batch_size, fingerprint=elastic.fingerprint)
+        ranking_start = time.perf_counter()  # the corrected path's own ranking, on the same images
+        keep = {"min_mlp_keep": elastic.scores.min_mlp_keep, "min_head_keep": elastic.scores.min_head_keep}
+        stats = with_ranking(measured, stats, calibration, batch_size=batch_size, **keep)
+        ranking_s = time.perf_counter() - ranking_start
     del measured
     corrector = None
     if stats is not None:  # shares elastic's model; its own attached statistics (prepared once for every budget)
         corrector = copy.copy(elastic)
         corrector.attach_stats(stats)
+        view = corrector.ranked_view()  # None without a ranking
     entries: list[dict[str, Any]] = []
     subnets: dict[str, nn.Module] = {}
     graphs: dict[str, tuple[bytes, float]] = {}
@@ -385,8 +311,11 @@ def export_elastic(
         sub = elastic.slice(dims, correct="none") if (images is not None or save_subnets or onnx) else None
         fidelity = None if sub is None or images is None else _fidelity(sub, dense_features, images, batch_size)
         fidelity_corrected = None
+        ranked = {} if view is None or view.dims(a, b) == dims else {
+            "kept_neurons_corrected": [d.mlp_hidden for d in view.dims(a, b)],
+            "kept_heads_corrected": [d.num_heads for d in view.dims(a, b)]}
         if sub is not None and stats is not None:
-            sub = corrector.slice(dims, correct=correct)
+            sub = corrector.subnet(a, b, correct=correct)
             if images is not None:
                 fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
         if save_subnets and label not in subnets:
@@ -401,6 +330,7 @@ def export_elastic(
                 "head_ratio": b,
                 "kept_neurons": neurons,
                 "kept_heads": heads,
+                **ranked,
                 "kept_neurons_fraction": sum(neurons) / (num_blocks * mlp_hidden),
                 "kept_heads_fraction": sum(heads) / (num_blocks * num_heads),
                 "params": int(cost["params"]),
@@ -438,11 +368,13 @@ def export_elastic(
             "stats_file": targets["stats"].name,
             "stats_bytes": stats.stored_bytes,
             "calibration_images": stats.num_images,
+            "ranking": stats.has_ranking,
             "fidelity_images_are_calibration_images": None if calibration is None  # attached statistics: unknown
             else images is not None and images.shape == calibration.shape and bool(torch.equal(images, calibration)),
         },
         "build_times": {  # scoring/search from the scores' build_info; export_s set just before writing
             **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine", "precision")},
+            "ranking_s": ranking_s,
             "export_s": None,
             "export_s_covers": "export_elastic from its start to just before writing report.json: fidelity, "
             "slicing, the elastic checkpoint, subnets and plots (not report.json itself nor the final renames)",

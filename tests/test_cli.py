@@ -275,11 +275,23 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     assert main(["stats", str(path), "--data", str(photos)]) == 0
     assert "6 images" in capsys.readouterr().out
     stats = CorrectionStats.load(tmp_path / "m.stats.safetensors")
+    assert stats.has_ranking  # `snapvit stats` also stores the corrected path's ranking
     assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "--correct", "lstsq", "-o", str(out)]) == 0
     elastic = ElasticViT.load(path)
     expected = elastic.subnet(0.4, 0.5, correct="lstsq", calibration=stats)
-    for a, b in zip(load_subnet(out).state_dict().values(), expected.state_dict().values()):
-        assert torch.equal(a, b)
+    view = elastic.ranked_view(stats)
+    sliced = view.slice(view.dims(0.4, 0.5), correct="lstsq")  # the ranked cut
+    for a, b, c in zip(load_subnet(out).state_dict().values(), expected.state_dict().values(), sliced.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0
+    assert "ranking: the statistics carry the corrected path's own ranking" in capsys.readouterr().out
+    CorrectionStats(stats.attn, stats.mlp, 6, stats.num_tokens, stats.fingerprint).save(tmp_path / "m.stats.safetensors")
+    assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0  # statistics without a ranking (as version 2 wrote)
+    assert "ranking: none in the statistics" in capsys.readouterr().out
+    assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "-o", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    expected = elastic.slice(elastic.dims(0.4, 0.5), correct="lstsq", calibration=stats)  # the checkpoint's prefix
+    assert all(torch.equal(a, b) for a, b in zip(load_subnet(out).state_dict().values(), expected.state_dict().values()))
     # An image folder works too (one-shot or sequential), and the options are checked.
     assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(photos),
                  "--sequential", "-o", str(out), "--overwrite"]) == 0
@@ -379,6 +391,7 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0
     printed = capsys.readouterr().out
     assert f"correction statistics: {stats} (3 images" in printed and "lstsq-corrected by default" in printed
+    assert "ranking: the statistics carry the corrected path's own ranking" in printed  # the export stored one
     fidelity = {(f"{b['mlp_ratio']:.2f}", f"{b['head_ratio']:.2f}"): b for b in result["report"]["budgets"]}
     row = [r for r in printed.splitlines() if r.split()[:2] == ["mlp_ratio", "head_ratio"] and "corrected" in r]
     assert row and row[0].split()[-1] == "(lstsq)"

@@ -312,7 +312,7 @@ def test_stats_file_stores_upper_triangles_losslessly(tmp_path: Path) -> None:
     path = tmp_path / "m.stats.safetensors"
     stats.save(path)
     with safe_open(str(path), framework="pt") as f:
-        assert sorted(f.keys()) == ["attn_triu", "mlp_triu"] and f.metadata()["format_version"] == "2"
+        assert sorted(f.keys()) == ["attn_triu", "mlp_triu"] and f.metadata()["format_version"] == "3"
         stored = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
     b, n, m = stats.mlp.shape[0], stats.attn.shape[1], stats.mlp.shape[1]
     assert stored == stats.stored_bytes == 4 * b * (n * (n + 1) // 2 + m * (m + 1) // 2)
@@ -337,6 +337,82 @@ def test_version_1_stats_file_is_still_read(tmp_path: Path) -> None:
     loaded = CorrectionStats.load(path)
     assert torch.equal(loaded.attn, stats.attn) and torch.equal(loaded.mlp, stats.mlp)
     assert _same(ElasticViT.load(_save(el, tmp_path)).subnet(0.4, 0.2), el.subnet(0.4, 0.2, calibration=stats))
-    _write(path, {"attn_triu": stats.attn[:, 0]}, {"format": "snapvit-correction-stats", "format_version": "3"})
-    with pytest.raises(ValueError, match="format_version '3'.*reads versions 1, 2"):
+    _write(path, {"attn_triu": stats.attn[:, 0]}, {"format": "snapvit-correction-stats", "format_version": "4"})
+    with pytest.raises(ValueError, match="format_version '4'.*reads versions 1, 2, 3"):
         CorrectionStats.load(path)
+
+
+def _ranked_stats(el: ElasticViT, n: int = 4, seed: int = 0) -> CorrectionStats:
+    """Statistics of ``el`` with a random ranking (distinct positive scores)."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(seed)
+    stats = el.collect_stats(_images(el.model, n=n))
+    return dataclasses.replace(stats, ranking_mlp=torch.rand(el.scores.mlp.shape, generator=g),
+                               ranking_heads=torch.rand(el.scores.heads.shape, generator=g))
+
+
+def test_ranking_is_stored_in_version_3_and_older_files_load_without_one(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from snapvit_lightning.checkpoint import _write
+    from snapvit_lightning.correction import _triu
+
+    el = _elastic("test_vit")
+    stats = _ranked_stats(el)
+    assert stats.has_ranking and stats.ranking_mlp.dtype == torch.float64
+    path = tmp_path / "m.stats.safetensors"
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == ["attn_triu", "mlp_triu", "ranking_heads", "ranking_mlp"]
+        assert f.metadata()["format_version"] == "3"
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    b, n, m = stats.mlp.shape[0], stats.attn.shape[1], stats.mlp.shape[1]
+    ranking_bytes = 8 * b * (el.scores.mlp_hidden + el.scores.num_heads)
+    assert stored == stats.stored_bytes == 4 * b * (n * (n + 1) // 2 + m * (m + 1) // 2) + ranking_bytes
+    assert stats.nbytes == 4 * b * (n * n + m * m) + ranking_bytes
+    loaded = CorrectionStats.load(path)
+    assert torch.equal(loaded.ranking_mlp, stats.ranking_mlp) and torch.equal(loaded.ranking_heads, stats.ranking_heads)
+    assert torch.equal(loaded.mlp, stats.mlp) and loaded.fingerprint == stats.fingerprint
+    # Version 2 (what the previous release wrote): triangles only, loads with no ranking.
+    meta = {"format": "snapvit-correction-stats", "format_version": "2", "num_images": "4",
+            "num_tokens": str(stats.num_tokens), "fingerprint": stats.fingerprint, "snapvit_version": "0"}
+    _write(path, {"attn_triu": _triu(stats.attn), "mlp_triu": _triu(stats.mlp)}, meta)
+    old = CorrectionStats.load(path)
+    assert not old.has_ranking and old.ranking_heads is None and torch.equal(old.attn, stats.attn)
+    assert old.stored_bytes == stats.stored_bytes - ranking_bytes
+
+
+def test_a_ranking_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    from snapvit_lightning.checkpoint import _write
+    from snapvit_lightning.correction import _triu
+
+    el = _elastic("test_vit")
+    stats = _ranked_stats(el)
+    b, hidden, heads = el.scores.num_blocks, el.scores.mlp_hidden, el.scores.num_heads
+    for change, match in (
+        ({"ranking_heads": None}, "ranking_mlp and ranking_heads must be given together"),
+        ({"ranking_mlp": torch.rand(b, hidden - 1)}, rf"ranking_mlp must be \[{b}, {hidden}\].*got \({b}, {hidden - 1}\)"),
+        ({"ranking_mlp": torch.rand(b + 1, hidden)}, rf"ranking_mlp must be a \[{b}, units\] tensor.*got \({b + 1}, {hidden}\)"),
+        ({"ranking_heads": torch.rand(b, 5)}, "ranking_heads has 5 heads per block, which do not divide"),
+        ({"ranking_heads": -torch.rand(b, heads)}, "ranking_heads must hold finite, non-negative"),
+        ({"ranking_mlp": torch.full((b, hidden), float("nan"))}, "ranking_mlp must hold finite, non-negative"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(stats, **change)
+    path = tmp_path / "bad.stats.safetensors"
+    meta = {"format": "snapvit-correction-stats", "format_version": "3", "num_images": "4",
+            "num_tokens": str(stats.num_tokens), "fingerprint": stats.fingerprint, "snapvit_version": "0"}
+    tensors = {"attn_triu": _triu(stats.attn), "mlp_triu": _triu(stats.mlp)}
+    _write(path, {**tensors, "ranking_mlp": stats.ranking_mlp[:, :-2], "ranking_heads": stats.ranking_heads}, meta)
+    with pytest.raises(ValueError, match=rf"bad\.stats\.safetensors: invalid ranking.*ranking_mlp must be \[{b}, {hidden}\]"):
+        CorrectionStats.load(path)
+    _write(path, {**tensors, "ranking_mlp": stats.ranking_mlp}, meta)
+    with pytest.raises(ValueError, match="invalid ranking.*must be given together"):
+        CorrectionStats.load(path)
+    # Statistics whose ranking does not fit the model (another head count) are refused when used.
+    other = dataclasses.replace(stats, ranking_heads=torch.rand(b, 1))
+    with pytest.raises(ValueError, match=r"ranking_mlp / ranking_heads have shapes .* this model needs"):
+        el.subnet(0.3, 0.2, calibration=other)

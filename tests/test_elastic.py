@@ -16,7 +16,7 @@ from snapvit_lightning.structure import (
     measure_flops,
 )
 
-from conftest import TINY_MODELS, load_real_model, model_input, random_scores, tiny_model
+from conftest import TINY_MODELS, assert_close_fp32, load_real_model, model_input, random_scores, tiny_model
 
 BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.6)]
 
@@ -246,3 +246,155 @@ def test_real_dinov2_slicing(real_weights) -> None:
     assert dense_blocks - sub_blocks == expected_cut
     x = torch.randn(2, 3, 112, 112)
     assert torch.isfinite(_forward(sub, x)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrected subnets cut by the statistics' own ranking
+
+
+def _with_ranking(elastic: ElasticViT, images: torch.Tensor, seed: int = 11):
+    """Statistics of ``elastic`` carrying a random ranking (distinct positive scores)."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(seed)
+    stats = elastic.collect_stats(images)
+    return dataclasses.replace(stats, ranking_mlp=torch.rand(elastic.scores.mlp.shape, generator=g) + 0.01,
+                               ranking_heads=torch.rand(elastic.scores.heads.shape, generator=g) + 0.01)
+
+
+def _plain_cut(elastic: ElasticViT, mlp_ratio: float, head_ratio: float) -> torch.nn.Module:
+    """Today's plain subnet, built without subnet(): the permuted model, sliced."""
+    import copy
+
+    from snapvit_lightning.structure import slice_model
+
+    sub = copy.deepcopy(elastic.model)
+    slice_model(sub, elastic.dims(mlp_ratio, head_ratio))
+    return sub
+
+
+def _gathered_corrected(elastic: ElasticViT, stats, mlp_ratio: float, head_ratio: float, method: str):
+    """The elastic model's top units by the ranking, gathered per block, each cut layer refitted
+    directly from the statistics in the elastic model's own order (no permuted statistics)."""
+    import copy
+
+    from snapvit_lightning.correction import _assign, augmented_weight, solve_layer
+    from snapvit_lightning.structure import select_units
+
+    ranking = ImportanceScores(stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=elastic.scores.min_mlp_keep,
+                               min_head_keep=elastic.scores.min_head_keep)
+    neurons, heads = ranking.keep_counts(mlp_ratio, head_ratio)
+    sub, kept = copy.deepcopy(elastic.model), []
+    for i, (dense, block) in enumerate(zip(get_blocks(elastic.model), get_blocks(sub))):
+        keep_n = torch.argsort(stats.ranking_mlp[i], descending=True, stable=True)[: int(neurons[i])]
+        keep_h = torch.argsort(stats.ranking_heads[i], descending=True, stable=True)[: int(heads[i])]
+        kept.append((keep_n, keep_h))
+        select_units(block, keep_n, keep_h)
+        hd = dense.attn.head_dim
+        channels = (keep_h[:, None] * hd + torch.arange(hd)).flatten()
+        for layer, whole, moment, index in ((block.mlp.fc2, dense.mlp.fc2, stats.mlp[i], keep_n),
+                                             (block.attn.proj, dense.attn.proj, stats.attn[i], channels)):
+            n = whole.in_features
+            if len(index) == n:
+                continue
+            cols = torch.cat([index, torch.tensor([n])])
+            gram = moment.double()
+            weight, bias = solve_layer(augmented_weight(whole) @ gram[:, cols], whole.weight.detach().double()[:, index],
+                                       gram[cols][:, cols], whole.bias is not None, method, 0.01, "mean", f"block {i}")
+            _assign(layer, weight, bias)
+    return sub, kept
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("key", "method"), [("test_vit", "lstsq"), ("test_vit2", "lstsq"), ("swiglu", "lstsq"), ("test_vit", "bias")])
+def test_corrected_subnet_keeps_the_top_units_of_the_statistics_ranking(key: str, method: str) -> None:
+    elastic, dense = _elastic(key)
+    images = model_input(dense, batch=6, seed=5)
+    stats = _with_ranking(elastic, images)
+    elastic.attach_stats(stats)
+    view = elastic.ranked_view()
+    assert view is elastic.ranked_view() and view.model is not elastic.model  # built once, a copy
+    assert view.stats.fingerprint == view.fingerprint != elastic.fingerprint and not view.stats.has_ranking
+    # The permuted statistics are those of the view's own model (collected again, up to rounding).
+    again = view.collect_stats(images)
+    torch.testing.assert_close(view.stats.mlp, again.mlp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(view.stats.attn, again.attn, rtol=1e-4, atol=1e-5)
+    x = model_input(dense, batch=2, seed=7)
+    for ratios in ((0.4, 0.5), (0.65, 0.5)):
+        sub = elastic.subnet(*ratios, correct=method)
+        reference, kept = _gathered_corrected(elastic, stats, *ratios, method)
+        for (name, a), (ref_name, b) in zip(sub.state_dict().items(), reference.state_dict().items()):
+            assert name == ref_name
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert_close_fp32(_forward(sub, x), _forward(reference, x))
+        for i, (keep_n, keep_h) in enumerate(kept):  # the view's prefix: exactly the ranking's top units
+            assert set(view.mlp_order[i, : len(keep_n)].tolist()) == set(keep_n.tolist())
+            assert set(view.head_order[i, : len(keep_h)].tolist()) == set(keep_h.tolist())
+        # The same FLOPs and parameters as the plain cut at these ratios (other counts per block).
+        plain_dims, dims = elastic.dims(*ratios), [block_dims(b) for b in get_blocks(sub)]
+        assert dims == view.dims(*ratios) and dims != plain_dims
+        cost = elastic.cost(plain_dims)
+        assert count_params(sub)["total"] == cost["params"] and measure_flops(sub, x[:1]) == cost["flops"]
+        # The plain path is today's, bit for bit.
+        plain, expected = elastic.subnet(*ratios, correct="none").state_dict(), _plain_cut(elastic, *ratios).state_dict()
+        assert list(plain) == list(expected) and all(torch.equal(plain[k], expected[k]) for k in plain)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ranked_view_is_used_only_for_one_shot_corrections_and_rebuilt_for_new_statistics() -> None:
+    elastic, dense = _elastic("test_vit")
+    images = model_input(dense, batch=6, seed=5)
+    stats = _with_ranking(elastic, images)
+    unranked = elastic.collect_stats(images)
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    # Without a ranking: as before, the corrected cut of the elastic model's own prefix.
+    elastic.attach_stats(unranked)
+    assert elastic.ranked_view() is None
+    assert same(elastic.subnet(0.4, 0.5), elastic.slice(elastic.dims(0.4, 0.5), correct="lstsq"))
+    # A ranking passed as calibration is used too; attaching statistics drops the cached view.
+    by_calibration = elastic.subnet(0.4, 0.5, calibration=stats)
+    first = elastic.ranked_view(stats)
+    elastic.attach_stats(stats)
+    view = elastic.ranked_view()
+    assert view is not first and same(elastic.subnet(0.4, 0.5), by_calibration)
+    assert same(elastic.subnet(0.4, 0.5), view.slice(view.dims(0.4, 0.5), correct="lstsq"))
+    elastic.attach_stats(stats)
+    assert elastic.ranked_view() is not view
+    # slice() and images (one-shot or sequential) keep the checkpoint's order.
+    dims = elastic.dims(0.4, 0.5)
+    sliced = elastic.slice(dims)
+    assert [block_dims(b) for b in get_blocks(sliced)] == dims
+    sequential = elastic.subnet(0.4, 0.5, correct="lstsq", calibration=images, sequential=True)
+    assert same(sequential, elastic.slice(dims, correct="lstsq", calibration=images, sequential=True))
+    # A FLOPs budget resolves to the same ratios; the ranked cut has the plain cut's size.
+    ranked, plain = elastic.subnet(flops=0.6), elastic.subnet(flops=0.6, correct="none")
+    assert count_params(ranked)["total"] == count_params(plain)["total"]
+    assert measure_flops(ranked, images[:1]) == measure_flops(plain, images[:1])
+    # Statistics of another elastic model are refused before any view is built.
+    with pytest.raises(TypeError, match="stats must be CorrectionStats or None"):
+        elastic.ranked_view(images)
+    foreign = _with_ranking(_elastic("test_vit")[0], images)
+    foreign.fingerprint = "0" * 16
+    with pytest.raises(ValueError, match="belong to another elastic model"):
+        elastic.subnet(0.4, 0.5, calibration=foreign)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_collect_stats_with_ranking_and_the_ranked_cut_round_trip(tmp_path) -> None:
+    elastic, dense = _elastic("test_vit2")
+    images = model_input(dense, batch=4, seed=5)
+    stats = elastic.collect_stats(images, ranking=True)
+    assert stats.has_ranking and stats.ranking_mlp.shape == elastic.scores.mlp.shape
+    assert not elastic.collect_stats(images).has_ranking  # opt-in
+    path = tmp_path / "m.elastic.safetensors"
+    elastic.save(path)
+    stats.save(tmp_path / "m.stats.safetensors")
+    loaded = ElasticViT.load(path)
+    assert loaded.stats.has_ranking
+    elastic.attach_stats(stats)
+    a, b = elastic.subnet(0.5, 0.5), loaded.subnet(0.5, 0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -76,9 +76,15 @@ def test_export_writes_everything(tmp_path, elastic, images):
                     "fidelity_corrected"):
             assert isinstance(e[key], (int, float)), key
         assert len(e["kept_neurons"]) == b and len(e["kept_heads"]) == b
-        sub = load_subnet(exp / e["subnet_file"])
-        assert [blk.mlp.fc2.in_features for blk in sub.blocks] == e["kept_neurons"]
-        assert [blk.attn.num_heads for blk in sub.blocks] == e["kept_heads"]
+        sub = load_subnet(exp / e["subnet_file"])  # corrected: its units are the statistics' ranking's
+        neurons, heads = e.get("kept_neurons_corrected", e["kept_neurons"]), e.get("kept_heads_corrected", e["kept_heads"])
+        assert [blk.mlp.fc2.in_features for blk in sub.blocks] == neurons
+        assert [blk.attn.num_heads for blk in sub.blocks] == heads
+        assert sum(neurons) == sum(e["kept_neurons"]) and sum(heads) == sum(e["kept_heads"])  # same size
+        assert ("kept_neurons_corrected" in e or "kept_heads_corrected" in e) == (
+            (neurons, heads) != (e["kept_neurons"], e["kept_heads"]))
+    assert "kept_neurons_corrected" in entries[1] and "kept_neurons_corrected" not in entries[0]
+    assert on_disk["correction"]["ranking"] is True and on_disk["build_times"]["ranking_s"] > 0
     dense, half, flops = entries
     assert dense["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert dense["flops_fraction"] == pytest.approx(1.0) and dense["params"] == on_disk["dense"]["params"]
@@ -110,17 +116,28 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert paths["stats"].name == "test_vit.stats.safetensors" and stats.num_images == 8
     assert report["correction"] == {
         "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
-        "calibration_images": 8, "fidelity_images_are_calibration_images": False,
+        "calibration_images": 8, "ranking": True, "fidelity_images_are_calibration_images": False,
     }
+    assert stats.has_ranking  # computed on the calibration images, stored beside the checkpoint
     dense, half = report["budgets"]
     assert dense["fidelity_corrected"] == pytest.approx(1.0, abs=1e-5)  # nothing cut: nothing changes
     assert half["fidelity_corrected"] is not None and half["fidelity_corrected"] != half["fidelity"]
     # The saved subnet is the corrected one, equal to a correction from the stored statistics.
     saved = load_subnet(tmp_path / half["subnet_file"])
     _assert_same_tensors(saved, ElasticViT.load(paths["elastic"]).subnet(0.5, 0.5, correct=method))
-    direct = elastic.subnet(0.5, 0.5, correct=method, calibration=stats)  # without the prepared targets
+    direct = elastic.subnet(0.5, 0.5, correct=method, calibration=stats)  # the same ranked cut, rebuilt here
     for a, b in zip(saved.state_dict().values(), direct.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # The ranking is the corrected path's own: obs-stream scores of the calibration images.
+    from snapvit_lightning.obs import corrected_ranking
+
+    ranking = corrected_ranking(elastic.model, stats, calibration, min_mlp_keep=elastic.scores.min_mlp_keep,
+                                min_head_keep=elastic.scores.min_head_keep)
+    torch.testing.assert_close(stats.ranking_mlp, ranking.mlp, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(stats.ranking_heads, ranking.heads, rtol=1e-5, atol=0.0)
+    view = elastic.ranked_view(stats)
+    assert [blk.mlp.fc2.in_features for blk in saved.blocks] == [d.mlp_hidden for d in view.dims(0.5, 0.5)]
+    assert report["build_times"]["ranking_s"] > 0
     assert elastic.stats is None  # the export attached nothing to the caller's model
 
 
@@ -159,6 +176,8 @@ def test_export_ships_attached_statistics(tmp_path, images):
     out = export_elastic(el, tmp_path, budgets=[(0.5, 0.5)], fitness_images=images, save_subnets=True)
     correction = out["report"]["correction"]
     assert correction["method"] == "lstsq" and correction["calibration_images"] == 4
+    assert correction["ranking"] is False and out["report"]["build_times"]["ranking_s"] is None  # none attached
+    assert not any("kept_neurons_corrected" in e for e in out["report"]["budgets"])
     assert correction["fidelity_images_are_calibration_images"] is None  # not known for attached statistics
     loaded = ElasticViT.load(out["paths"]["elastic"])
     assert torch.equal(loaded.stats.mlp, el.stats.mlp) and torch.equal(loaded.stats.attn, el.stats.attn)

@@ -1,0 +1,110 @@
+"""Argument checks of the export (:func:`~snapvit_lightning.export.export_elastic`,
+:class:`~snapvit_lightning.export.ElasticExport` and the :class:`~snapvit_lightning.plugin.SnapViT`
+plug-in): each returns the normalised value or raises an error that names the argument, the
+bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import check_model_kwargs
+from .correction import CORRECTIONS
+from .scores import check_ratio
+
+__all__: list[str] = []
+
+
+def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """Normalise budgets to ``("ratios", (a, b))`` / ``("flops", (f,))`` entries.
+
+    Raises:
+        ValueError: A budget that is not a ratio pair in ``[0, 1)`` or a fraction in ``(0, 1]``.
+    """
+    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, Sequence):
+        raise ValueError(f"{name} must be a sequence of (mlp_ratio, head_ratio) pairs or FLOPs fractions, got {budgets!r}")
+    out: list[tuple[str, tuple[float, ...]]] = []
+    for budget in budgets:
+        try:
+            if isinstance(budget, dict):
+                if set(budget) == {"flops"}:
+                    budget = float(budget["flops"]) if not isinstance(budget["flops"], bool) else budget["flops"]
+                elif set(budget) <= {"mlp_ratio", "head_ratio"} and budget:
+                    budget = (budget.get("mlp_ratio", 0.0), budget.get("head_ratio", 0.0))
+                else:
+                    raise ValueError("a dict budget needs keys mlp_ratio/head_ratio or flops")
+            if isinstance(budget, bool):
+                raise ValueError("not a number")
+            if isinstance(budget, (int, float)):
+                f = float(budget)
+                if not (math.isfinite(f) and 0.0 < f <= 1.0):
+                    raise ValueError("a FLOPs fraction must be in (0, 1]")
+                out.append(("flops", (f,)))
+            elif isinstance(budget, Sequence) and not isinstance(budget, str) and len(budget) == 2:
+                out.append(("ratios", (check_ratio(budget[0], "mlp_ratio"), check_ratio(budget[1], "head_ratio"))))
+            else:
+                raise ValueError("expected an (mlp_ratio, head_ratio) pair or a FLOPs fraction")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name}: invalid budget {budget!r}: {err}") from None
+    return tuple(out)
+
+
+def _check_name(name: Any) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise ValueError(f"name must be a non-empty file-name stem without path separators or a leading dot, got {name!r}")
+    return name
+
+
+def _check_correct(value: Any) -> str:
+    if value not in CORRECTIONS:
+        raise ValueError(f"correct must be one of {CORRECTIONS}, got {value!r}")
+    return str(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _check_model_kwargs(value: Any) -> dict[str, Any] | None:
+    return None if value is None else check_model_kwargs(value)
+
+
+def _check_model_name(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError(f"model_name must be a non-empty str or None, got {value!r}")
+    return value
+
+
+def _check_dirpath(value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise TypeError(f"dirpath must be a str or os.PathLike, got {value!r}")
+    return Path(value)
+
+
+def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:
+    if images is None:
+        return None
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a float tensor [M, 3, S, S] or None, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one image")
+    return images
+
+
+def _check_device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'), got {device!r}") from err

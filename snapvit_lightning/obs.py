@@ -1,0 +1,259 @@
+"""Correction-aware unit scores: an OBS (optimal brain surgeon) greedy removal order per block.
+
+For a cut layer ``y = W x + b`` (``mlp.fc2`` over neurons, ``attn.proj`` over heads) and the
+second moments ``G = E[x̃ x̃ᵀ]`` of its augmented input (:class:`~snapvit_lightning.correction.CorrectionStats`),
+removing a set ``S`` of inputs and refitting the rest by least squares (what ``correct="lstsq"``
+does) costs ``E‖Δy‖² = tr(W_S [(G⁻¹)_SS]⁻¹ W_Sᵀ)``. Removing one unit (neuron, or head: its
+``head_dim`` columns) at a time, always the cheapest, and updating ``W`` and ``G⁻¹`` after each
+removal (ZipLM, Kurtic et al. 2023) gives a nested order; the cost of each step is the error it
+adds to the corrected layer's output. A unit's score is the largest step cost up to its removal
+(so scores never decrease along a block's order): the global ranking of these scores keeps, at
+every budget, the units whose removal would cost the most in corrected output error, and every
+budget stays a prefix of each block's order.
+
+Costs are in the units of the block's residual branch output (after LayerScale, when the block
+has one). ``scale`` divides each block's costs (e.g. by the energy of the residual stream there).
+
+:func:`corrected_ranking` is the ranking the corrected path uses (docs/correction.md, "The
+corrected path's own ranking"): the OBS costs of each block divided by :func:`stream_energy`, the
+mean squared norm of the residual stream at that block's output, so an error is weighed against
+the signal it is added to. :func:`with_ranking` stores it in the correction statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .correction import (
+    CorrectionStats, _batches, _check_batch_size, _check_images, _model_device_dtype, augmented_weight,
+)
+from .scores import ImportanceScores
+from .structure import get_blocks, inspect_vit
+
+__all__ = ["RANKING_CRITERION", "corrected_ranking", "greedy_removal", "obs_scores", "stream_energy", "with_ranking"]
+
+#: The criterion name of :func:`corrected_ranking`'s scores.
+RANKING_CRITERION = "obs-stream"
+
+
+def greedy_removal(
+    weight: Tensor, gram: Tensor, group: int = 1, damping: float = 0.01, chunk: int = 1
+) -> tuple[Tensor, Tensor]:
+    """The OBS greedy removal order of a layer's input groups and the cost of each step.
+
+    Args:
+        weight: ``[out, n + 1]`` augmented weight ``[W | b]`` (the bias column is never removed).
+        gram: ``[n + 1, n + 1]`` augmented input second moments.
+        group: Inputs per unit (``1`` for neurons, ``head_dim`` for heads); ``n % group == 0``.
+        damping: Ridge damping of the inputs relative to the mean of the Gram diagonal.
+        chunk: Units removed per update (``1``: the exact greedy). A chunk is the ``chunk``
+            cheapest units, removed together (one joint update, ``chunk`` times fewer steps); each
+            unit's cost is then its own cost at the start of its chunk.
+
+    Returns:
+        ``(order [n // group], costs [n // group])``: units in removal order and the output
+        error each removal adds (float64, ``>= 0``; with ``chunk=1`` they sum to the refit error
+        of every removed prefix).
+
+    Raises:
+        ValueError: Shapes that do not fit, or ``n`` not a multiple of ``group``.
+    """
+    n = gram.shape[0] - 1
+    if weight.shape[1] != n + 1 or gram.shape != (n + 1, n + 1) or n % group:
+        raise ValueError(f"weight {tuple(weight.shape)} / gram {tuple(gram.shape)} do not fit groups of {group}")
+    w = weight.double().clone()
+    g = gram.double().clone()
+    diag = torch.diagonal(g)[:n]
+    diag += damping * float(diag.mean())
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    units = n // group
+    idx = torch.arange(n).view(units, group)
+    alive = torch.ones(units, dtype=torch.bool)
+    order: list[int] = []
+    costs: list[float] = []
+    while len(order) < units:
+        if group == 1:
+            cost = (w[:, :n] ** 2).sum(0) / torch.diagonal(hinv)[:n]
+        else:
+            cost = torch.full((units,), torch.inf, dtype=torch.float64)
+            live = idx[alive]
+            blocks = hinv[live[:, :, None], live[:, None, :]]  # [alive, group, group]
+            ws = w[:, live].permute(1, 0, 2)  # [alive, out, group]
+            cost[alive] = (ws @ torch.linalg.inv(blocks) * ws).sum((1, 2))
+        cost = cost.masked_fill(~alive, torch.inf)
+        step = torch.argsort(cost)[: min(chunk, units - len(order))]
+        q = idx[step].flatten()
+        rows = torch.linalg.solve(hinv[q][:, q], hinv[q, :])  # [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:
+        w.addmm_(w[:, q], rows, alpha=-1.0)
+        hinv.addmm_(hinv[:, q], rows, alpha=-1.0)
+        w[:, q] = 0.0
+        alive[step] = False
+        order += step.tolist()
+        costs += cost[step].clamp_min(0.0).tolist()
+    return torch.tensor(order), torch.tensor(costs, dtype=torch.float64)
+
+
+def _branch_scale(block: nn.Module, name: str) -> Tensor | None:
+    ls = getattr(block, "ls1" if name == "attn" else "ls2", None)
+    gamma = getattr(ls, "gamma", None)
+    return None if gamma is None else gamma.detach().double()
+
+
+def _unit_scores(order: Tensor, costs: Tensor) -> Tensor:
+    """Scores in unit order: the running maximum of the step costs (never decreasing along the order)."""
+    scores = torch.empty_like(costs)
+    scores[order] = torch.cummax(costs, 0).values
+    return scores
+
+
+def obs_scores(
+    model: nn.Module,
+    stats: CorrectionStats,
+    *,
+    damping: float = 0.01,
+    scale: Sequence[float] | Tensor | None = None,
+    chunks: int = 128,
+    min_mlp_keep: float = 0.05,
+    min_head_keep: float = 0.2,
+) -> ImportanceScores:
+    """:class:`ImportanceScores` of the OBS greedy order of every block (module docstring).
+
+    Args:
+        model: The dense ViT the statistics were collected on (its unit order is the scores').
+        stats: Its correction statistics.
+        damping: Ridge damping relative to the mean Gram diagonal.
+        scale: Per-block divisors of the costs (``None``: none).
+        chunks: Updates per layer at most (:func:`greedy_removal` ``chunk = units // chunks``):
+            the exact greedy for the heads, chunks of 12 for 1536 neurons.
+        min_mlp_keep: As :class:`ImportanceScores`.
+        min_head_keep: As :class:`ImportanceScores`.
+
+    Raises:
+        ValueError: Statistics that do not fit the model.
+    """
+    structure = inspect_vit(model)
+    blocks = get_blocks(model)
+    if stats.mlp.shape[0] != len(blocks):
+        raise ValueError(f"stats have {stats.mlp.shape[0]} blocks, the model {len(blocks)}")
+    divisors = torch.ones(len(blocks), dtype=torch.float64) if scale is None else torch.as_tensor(scale, dtype=torch.float64)
+    mlp, heads = [], []
+    for b, block in enumerate(blocks):
+        per_branch = []
+        for name, layer, gram, group in (
+            ("mlp", block.mlp.fc2, stats.mlp[b], 1),
+            ("attn", block.attn.proj, stats.attn[b], structure.head_dim),
+        ):
+            weight = augmented_weight(layer).to(gram.device)  # the greedy runs where the statistics are
+            gamma = _branch_scale(block, name)
+            if gamma is not None:
+                weight = weight * gamma.to(gram.device)[:, None]
+            units = (gram.shape[0] - 1) // group
+            order, costs = greedy_removal(weight, gram, group, damping, chunk=max(1, units // chunks))
+            per_branch.append(_unit_scores(order, costs) / divisors[b])
+        mlp.append(per_branch[0])
+        heads.append(per_branch[1])
+    return ImportanceScores(
+        torch.stack(mlp), torch.stack(heads), min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep, criterion="obs"
+    )
+
+
+@torch.no_grad()
+def stream_energy(model: nn.Module, images: Tensor, batch_size: int = 32) -> Tensor:
+    """The energy of the residual stream after every block: ``E‖x‖²`` over images and tokens.
+
+    Args:
+        model: A timm ViT; not changed (its training mode is restored, its parameters untouched).
+        images: ``[N, 3, H, W]`` preprocessed images (moved to the model's device and dtype).
+        batch_size: Images per forward.
+
+    Returns:
+        ``[B]`` float64 (on the CPU): per block, the mean over images and tokens of the squared
+        norm of the block's output.
+
+    Raises:
+        ValueError: Bad images or batch size.
+    """
+    images, batch_size = _check_images(images), _check_batch_size(batch_size)
+    device, dtype = _model_device_dtype(model)
+    blocks = get_blocks(model)
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    counts = [0] * len(blocks)
+
+    def hook(index: int):
+        def record(module: nn.Module, args: tuple, out: Tensor) -> None:
+            energy = out.double().pow(2).sum(-1)  # [batch, tokens]
+            sums[index] += float(energy.sum())
+            counts[index] += energy.numel()
+        return record
+
+    handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(images, batch_size):
+            model.forward_features(batch.to(device, dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return sums / torch.tensor(counts, dtype=torch.float64)
+
+
+def corrected_ranking(
+    model: nn.Module,
+    stats: CorrectionStats,
+    images: Tensor,
+    *,
+    damping: float = 0.01,
+    min_mlp_keep: float,
+    min_head_keep: float,
+    batch_size: int = 32,
+) -> ImportanceScores:
+    """The corrected path's ranking: :func:`obs_scores` with each block's costs divided by its :func:`stream_energy`.
+
+    Args:
+        model: The dense (elastic) ViT the statistics were collected on; not changed.
+        stats: Its correction statistics (the unit order of the result is theirs and the model's).
+        images: The calibration images ``[N, 3, H, W]`` the statistics were collected on.
+        damping: Ridge damping of the OBS updates, relative to the mean Gram diagonal.
+        min_mlp_keep: As :class:`ImportanceScores` (use the elastic model's).
+        min_head_keep: As :class:`ImportanceScores`.
+        batch_size: Images per forward of :func:`stream_energy`.
+
+    Returns:
+        Scores with criterion :data:`RANKING_CRITERION` (higher = keep).
+
+    Raises:
+        ValueError: Bad images or batch size, or statistics that do not fit the model.
+    """
+    scores = obs_scores(
+        model, stats, damping=damping, scale=stream_energy(model, images, batch_size),
+        min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep,
+    )
+    return dataclasses.replace(scores, criterion=RANKING_CRITERION)
+
+
+def with_ranking(
+    model: nn.Module,
+    stats: CorrectionStats,
+    images: Tensor,
+    *,
+    min_mlp_keep: float,
+    min_head_keep: float,
+    damping: float = 0.01,
+    batch_size: int = 32,
+) -> CorrectionStats:
+    """A copy of ``stats`` carrying :func:`corrected_ranking` (``ranking_mlp``/``ranking_heads``).
+
+    :meth:`~snapvit_lightning.elastic.ElasticViT.subnet` then cuts corrected subnets by that
+    ranking; plain cuts keep the elastic model's own order. Arguments as :func:`corrected_ranking`.
+    """
+    ranking = corrected_ranking(
+        model, stats, images, damping=damping, min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep,
+        batch_size=batch_size,
+    )
+    return dataclasses.replace(stats, ranking_mlp=ranking.mlp, ranking_heads=ranking.heads)

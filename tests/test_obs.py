@@ -1,0 +1,139 @@
+"""OBS greedy removal: its step costs are the refit errors, its order is nested, its scores fit the model."""
+
+import pytest
+import timm
+import torch
+
+from snapvit_lightning.correction import augmented_weight, collect_stats
+from snapvit_lightning.obs import greedy_removal, obs_scores
+
+
+def _refit_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float) -> float:
+    """E||W x~ - W' x~_kept||^2 for the least-squares W' of the damped problem (bias column always kept)."""
+    n = gram.shape[0] - 1
+    g = gram.clone()
+    diag = torch.diagonal(g)[:n]
+    diag += damping * float(diag.mean())
+    cols = torch.cat([kept, torch.tensor([n])])
+    # Minimise tr((W - W'P) G (W - W'P)^T) over W' on the kept columns P (damped G throughout).
+    solution = torch.linalg.solve(g[cols][:, cols], (weight @ g[:, cols]).T).T
+    full = torch.zeros_like(weight)
+    full[:, cols] = solution
+    delta = weight - full
+    return float(torch.trace(delta @ g @ delta.T))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_step_costs_add_up_to_the_refit_error_of_each_prefix(group: int) -> None:
+    torch.manual_seed(0)
+    n, out, tokens = 24, 7, 200
+    x = torch.cat([torch.randn(tokens, n, dtype=torch.float64) @ torch.randn(n, n, dtype=torch.float64),
+                   torch.ones(tokens, 1, dtype=torch.float64)], 1)
+    gram = x.T @ x / tokens
+    weight = torch.randn(out, n + 1, dtype=torch.float64)
+    order, costs = greedy_removal(weight, gram, group, damping=0.01)
+    assert sorted(order.tolist()) == list(range(n // group))
+    assert bool((costs >= 0).all())
+    for k in range(1, n // group):
+        removed = order[:k]
+        kept_units = torch.tensor(sorted(set(range(n // group)) - set(removed.tolist())))
+        kept = (kept_units[:, None] * group + torch.arange(group)).flatten()
+        assert float(costs[:k].sum()) == pytest.approx(_refit_error(weight, gram, kept, 0.01), rel=1e-6, abs=1e-9)
+
+
+def test_each_step_removes_the_cheapest_unit() -> None:
+    torch.manual_seed(1)
+    n = 10
+    x = torch.cat([torch.randn(100, n, dtype=torch.float64), torch.ones(100, 1, dtype=torch.float64)], 1)
+    gram = x.T @ x / 100
+    weight = torch.randn(3, n + 1, dtype=torch.float64)
+    order, costs = greedy_removal(weight, gram, 1, damping=0.01)
+    first = min(range(n), key=lambda q: _refit_error(weight, gram, torch.tensor([i for i in range(n) if i != q]), 0.01))
+    assert int(order[0]) == first
+
+
+def test_obs_scores_rank_a_model_with_its_own_statistics() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    stats = collect_stats(model, torch.randn(4, 3, *model.patch_embed.img_size))
+    scores = obs_scores(model, stats)
+    blocks = len(model.blocks)
+    assert scores.mlp.shape == (blocks, model.blocks[0].mlp.fc2.in_features)
+    assert scores.heads.shape == (blocks, model.blocks[0].attn.num_heads)
+    assert scores.criterion == "obs"
+    # The first neuron removed in block 0 scores lowest there.
+    weight = augmented_weight(model.blocks[0].mlp.fc2)
+    gamma = getattr(getattr(model.blocks[0], "ls2", None), "gamma", None)
+    if gamma is not None:
+        weight = weight * gamma.double()[:, None]
+    order, _ = greedy_removal(weight, stats.mlp[0], 1)
+    assert int(scores.mlp[0].argmin()) == int(order[0])
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        greedy_removal(torch.zeros(2, 5), torch.eye(6), 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        greedy_removal(torch.zeros(2, 6), torch.eye(6), 2)
+
+
+def test_chunks_remove_the_cheapest_units_together_and_still_order_every_unit() -> None:
+    torch.manual_seed(2)
+    n = 32
+    x = torch.cat([torch.randn(150, n, dtype=torch.float64), torch.ones(150, 1, dtype=torch.float64)], 1)
+    gram = x.T @ x / 150
+    weight = torch.randn(5, n + 1, dtype=torch.float64)
+    order, costs = greedy_removal(weight, gram, 1, damping=0.01, chunk=8)
+    exact, exact_costs = greedy_removal(weight, gram, 1, damping=0.01)
+    assert sorted(order.tolist()) == list(range(n))
+    assert int(order[0]) == int(exact[0]) and float(costs[0]) == pytest.approx(float(exact_costs[0]))
+    assert costs[:8].tolist() == sorted(costs[:8].tolist())  # a chunk is listed cheapest first
+
+
+def _tiny_with_stats(key: str = "test_vit2"):
+    from conftest import model_input, tiny_model
+
+    model, _, _ = tiny_model(key)
+    images = model_input(model, batch=5, seed=4)
+    return model, images, collect_stats(model, images)
+
+
+def test_stream_energy_is_the_mean_squared_norm_after_each_block() -> None:
+    from snapvit_lightning.correction import _block_input
+    from snapvit_lightning.obs import stream_energy
+
+    model, images, _ = _tiny_with_stats()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    energy = stream_energy(model, images, batch_size=2)  # batches of 2, 2, 1: the mean is over all tokens
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert energy.dtype == torch.float64 and energy.shape == (len(model.blocks),)
+    model.eval()
+    with torch.no_grad():
+        x = _block_input(model, images)
+        expected = []
+        for block in model.blocks:
+            x = block(x)
+            expected.append(x.double().pow(2).sum(-1).mean())
+    torch.testing.assert_close(energy, torch.stack(expected), rtol=1e-6, atol=0.0)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        stream_energy(model, images, batch_size=0)
+
+
+def test_corrected_ranking_divides_each_block_by_its_stream_energy() -> None:
+    from snapvit_lightning.obs import RANKING_CRITERION, corrected_ranking, stream_energy, with_ranking
+
+    model, images, stats = _tiny_with_stats()
+    ranking = corrected_ranking(model, stats, images, min_mlp_keep=0.1, min_head_keep=0.5)
+    plain = obs_scores(model, stats)
+    energy = stream_energy(model, images)
+    assert ranking.criterion == RANKING_CRITERION == "obs-stream"
+    assert (ranking.min_mlp_keep, ranking.min_head_keep) == (0.1, 0.5)
+    torch.testing.assert_close(ranking.mlp, plain.mlp / energy[:, None], rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(ranking.heads, plain.heads / energy[:, None], rtol=1e-12, atol=0.0)
+    # Within a block the order is the OBS order; across blocks the scale moves the global ranking.
+    assert torch.equal(ranking.mlp.argsort(1), plain.mlp.argsort(1))
+    stored = with_ranking(model, stats, images, min_mlp_keep=0.1, min_head_keep=0.5)
+    assert stored.has_ranking and not stats.has_ranking  # a copy; the statistics given are unchanged
+    assert torch.equal(stored.ranking_mlp, ranking.mlp) and torch.equal(stored.ranking_heads, ranking.heads)
+    assert stored.mlp is stats.mlp and stored.fingerprint == stats.fingerprint
