@@ -139,6 +139,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _scalar(value: Any, what: str) -> Tensor:
+    v = torch.as_tensor(value, dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE)
+    if v.numel() != 1:
+        raise ValueError(f"{what} must return a scalar, got a tensor of shape {tuple(v.shape)}")
+    return v.reshape(())
+
+
+def _is_staged(fn: Any) -> bool:
+    """Whether ``fn`` is a staged objective (``start``, ``advance`` and ``finish``; see :meth:`XNES.optimize`)."""
+    return all(callable(getattr(fn, name, None)) for name in ("start", "advance", "finish"))
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -467,12 +479,29 @@ class XNES:
         Early stop: every candidate ranked below the ``m = positive_ranks(k)`` best of its
         generation gets the same utility ``-1/k`` (:func:`rank_utilities`), so its exact
         fitness is not needed once it is certainly worse than the ``m``-th best. With
-        ``early_stop=True`` the ``i``-th candidate is evaluated as ``fn(x_i, cutoff)``, where
-        ``cutoff`` is the ``m``-th smallest fitness among the candidates of this generation
-        evaluated completely so far (``math.inf`` while fewer than ``m`` are), and ``fn`` may
-        return ``math.inf`` to mean "stopped: certainly greater than ``cutoff``" instead of its
-        exact value (any ``+inf`` returned under a finite ``cutoff`` counts as stopped). The
-        update, :attr:`best_x` and :attr:`best_f` are then bitwise those of
+        ``early_stop=True`` ``fn`` is used in one of two ways:
+
+        * a *staged* objective (with ``start``, ``advance`` and ``finish`` methods, e.g.
+          :class:`~snapvit_lightning.search.Fitness`) is evaluated a generation at a time,
+          best first: ``state = fn.start(x_i)`` does the first stage of every candidate, in
+          order; ``state.complete`` tells whether it is finished and ``state.lower_bound`` is a
+          certain lower bound of its value, non-decreasing over the stages and equal to the
+          value once complete. Then, with ``cutoff`` the ``m``-th smallest value of the
+          generation's complete candidates (``math.inf`` while fewer than ``m`` are), the
+          incomplete candidate of the smallest bound not above ``cutoff`` (the first of equal
+          ones) is advanced one stage, ``fn.advance(state)``, until every candidate is complete
+          or bounded above ``cutoff`` (*stopped*): only stages whose bound is at most the
+          generation's final ``cutoff`` are evaluated, once the ``m`` best are found. At last
+          ``fn.finish(state)`` returns each candidate's value, in order (``math.inf`` for a
+          stopped one).
+        * a plain callable is called as ``fn(x_i, cutoff)``, candidate after candidate, where
+          ``cutoff`` is the ``m``-th smallest fitness among the candidates of this generation
+          evaluated completely so far (``math.inf`` while fewer than ``m`` are), and may return
+          ``math.inf`` to mean "stopped: certainly greater than ``cutoff``" instead of its
+          exact value (any ``+inf`` returned under a finite ``cutoff`` counts as stopped). The
+          first ``m`` candidates of a generation always run to completion.
+
+        Either way the update, :attr:`best_x` and :attr:`best_f` are bitwise those of
         ``early_stop=False`` with the exact values (stopped candidates are ranked below every
         completed one, each on a rank of its own; only ties between a stopped candidate's
         unknown value and another value below the ``m`` best, which would share a mean
@@ -481,20 +510,21 @@ class XNES:
         Args:
             fn: Objective; called with one ``[dim]`` float64 candidate (clipped into
                 ``bounds``), plus the ``cutoff`` float when ``early_stop``; returns a float or a
-                scalar tensor.
+                scalar tensor. With ``early_stop``, a staged objective (see above) instead.
             max_evals: Total number of evaluations.
-            early_stop: Pass each candidate's ``cutoff`` to ``fn`` and accept ``inf`` for a
-                candidate stopped above it (see above).
+            early_stop: Stop candidates certainly worse than the ``m`` best of their
+                generation (see above).
 
         Returns:
             ``(best_x, best_f)``. ``best_x`` is ``None`` only if no finite fitness was seen.
 
         Raises:
             TypeError: If ``max_evals`` is not an int, ``early_stop`` not a bool or ``fn`` is
-                not callable.
+                not callable (nor staged, with ``early_stop``).
             ValueError: If ``max_evals < 1``, or ``fn`` returns a non-scalar or ``-inf``.
         """
-        if not callable(fn):
+        staged = early_stop is True and _is_staged(fn)
+        if not callable(fn) and not staged:
             raise TypeError(f"`fn` must be callable, got {fn!r}")
         if not _is_int(max_evals):
             raise TypeError(f"`max_evals` must be an int, got {max_evals!r} of type {type(max_evals).__name__}")
@@ -505,14 +535,12 @@ class XNES:
         while self._evals < max_evals:
             x = self.ask()
             k = min(self.popsize, max_evals - self._evals)
-            if early_stop:
+            if staged:
+                f, f_rank = self._evaluate_staged(fn, x, k)
+            elif early_stop:
                 f, f_rank = self._evaluate_early_stop(fn, x, k)
             else:
-                values = [torch.as_tensor(fn(x[i]), dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE) for i in range(k)]
-                for v in values:
-                    if v.numel() != 1:
-                        raise ValueError(f"`fn` must return a scalar, got a tensor of shape {tuple(v.shape)}")
-                f = self._prepare_fitness(torch.stack([v.reshape(()) for v in values]), k)
+                f = self._prepare_fitness(torch.stack([_scalar(fn(x[i]), "`fn`") for i in range(k)]), k)
                 f_rank = f
             z = self._pending_z
             if z is None:  # pragma: no cover - ask() always sets it
@@ -524,22 +552,14 @@ class XNES:
         return self.best_x, self.best_f
 
     def _evaluate_early_stop(self, fn: Callable[..., float | Tensor], x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Evaluate ``x[:k]`` with cutoffs; returns (fitness, inf when stopped; fitness to rank by).
-
-        Stopped candidates are ranked with distinct finite values above every completed finite
-        one, so each gets the tail utility ``-1/k`` on its own, exactly as it would with its
-        (distinct) exact value; ``+inf`` ties would share a mean that can differ by rounding.
-        """
+        """Evaluate ``x[:k]`` with cutoffs; returns (fitness, inf when stopped; fitness to rank by)."""
         m = positive_ranks(k)
         done: list[float] = []  # exact values of this generation (NaN as inf, as ranked)
         values: list[float] = []
         stopped: list[bool] = []
         for i in range(k):
             cutoff = sorted(done)[m - 1] if len(done) >= m else math.inf
-            v = torch.as_tensor(fn(x[i], cutoff), dtype=_DTYPE).detach().to(device="cpu", dtype=_DTYPE)
-            if v.numel() != 1:
-                raise ValueError(f"`fn` must return a scalar, got a tensor of shape {tuple(v.shape)}")
-            value = float(v.reshape(()))
+            value = float(_scalar(fn(x[i], cutoff), "`fn`"))
             if value == -math.inf:
                 raise ValueError(f"`fn` must not return -inf, got it for candidate {i} of generation {self._generation}")
             is_stopped = value == math.inf and cutoff < math.inf
@@ -547,6 +567,40 @@ class XNES:
             stopped.append(is_stopped)
             if not is_stopped:
                 done.append(math.inf if math.isnan(value) else value)
+        return self._rank_stopped(values, stopped, done, k)
+
+    def _evaluate_staged(self, fn: Any, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Evaluate ``x[:k]`` with a staged ``fn``, best first (see :meth:`optimize`); as :meth:`_evaluate_early_stop`."""
+        m = positive_ranks(k)
+        states = [fn.start(x[i]) for i in range(k)]
+
+        def bound(i: int) -> float:
+            b = float(states[i].lower_bound)
+            return -math.inf if math.isnan(b) else b  # no bound: evaluate
+
+        while True:
+            done = sorted(math.inf if math.isnan(b) else b for b in (float(s.lower_bound) for s in states if s.complete))
+            cutoff = done[m - 1] if len(done) >= m else math.inf
+            open_ = [i for i in range(k) if not states[i].complete and not bound(i) > cutoff]
+            if not open_:
+                break
+            fn.advance(states[min(open_, key=lambda i: (bound(i), i))])
+        stopped = [not s.complete for s in states]
+        values = [float(_scalar(fn.finish(s), "`fn.finish`")) for s in states]  # once each, in order
+        values = [math.inf if s else v for v, s in zip(values, stopped)]
+        if -math.inf in values:
+            i = values.index(-math.inf)
+            raise ValueError(f"`fn` must not return -inf, got it for candidate {i} of generation {self._generation}")
+        done = [math.inf if math.isnan(v) else v for v, s in zip(values, stopped) if not s]
+        return self._rank_stopped(values, stopped, done, k)
+
+    def _rank_stopped(self, values: list[float], stopped: list[bool], done: list[float], k: int) -> tuple[Tensor, Tensor]:
+        """(fitness, inf when stopped; fitness to rank by), ``done``: the complete values (NaN as inf).
+
+        Stopped candidates are ranked with distinct finite values above every completed finite
+        one, so each gets the tail utility ``-1/k`` on its own, exactly as it would with its
+        (distinct) exact value; ``+inf`` ties would share a mean that can differ by rounding.
+        """
         f = self._prepare_fitness(torch.tensor(values, dtype=_DTYPE), k)
         if not any(stopped):
             return f, f

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.search.loop import _balanced_start, _make_xnes, _search_loop
 from snapvit_lightning.search import (
     DEFAULT_BALANCE,
     DEFAULT_GUARD,
@@ -62,6 +63,11 @@ def images_for(model: torch.nn.Module, n: int = 6, seed: int = 1) -> torch.Tenso
 def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def finite_min(history: list[float]) -> float:
+    """The best fitness of a history: stopped candidates (``nan``, any of them may be) skipped."""
+    return min((f for f in history if not math.isnan(f)), default=math.inf)
 
 
 def same_history(a: list[float], b: list[float]) -> bool:
@@ -295,12 +301,12 @@ def test_run_search_lowers_fitness(balance) -> None:
         model, raw, x, max_evals=16, popsize=8, sigma=0.3, seed=0, on_eval=lambda i, f, b: seen.append((i, f, b)), **kw
     )
     assert len(history) == 16 and [s[0] for s in seen] == list(range(16))
-    assert [s[2] for s in seen] == [min(history[: i + 1]) for i in range(16)]
-    assert min(history) < start
+    assert [s[2] for s in seen] == [finite_min(history[: i + 1]) for i in range(16)]
+    assert finite_min(history) < start
     # the search's default guard: measured against the start point, evaluated first
     check = Fitness(model, scores, x, kw["ratio_pairs"], 6, autocast_dtype=None, guard=DEFAULT_GUARD)
     assert check(w0) == pytest.approx(start, abs=1e-12)
-    assert check(best_w) == pytest.approx(min(history), abs=1e-9)
+    assert check(best_w) == pytest.approx(finite_min(history), abs=1e-9)
     assert cov.shape == (scores.num_weights, scores.num_weights) and torch.allclose(cov, cov.T)
     assert ((best_w >= 0) & (best_w <= 2)).all()
     # same seed, same result
@@ -358,6 +364,54 @@ def test_corrected_fitness_does_not_depend_on_the_pair_order(correct: str) -> No
         assert Fitness(model, scores, x, ratio_pairs=[pair], **kw).pair_cosines(w, pca=False) == [cos], pair
 
 
+def test_fitness_staged_evaluation_equals_a_call() -> None:
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=6)
+    pairs = [(0.15, 0.0), (0.65, 0.5), (0.35, 0.2)]  # evaluated sparsest first: 1, 2, 0
+    kw = dict(ratio_pairs=pairs, pca_components=3, autocast_dtype=None, guard=2.0)
+    fitness, plain = Fitness(model, scores, x, **kw), Fitness(model, scores, x, **kw)
+    w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    first = fitness.start(w0)  # no guard reference yet: every pair, its cosines become the reference
+    assert first.complete and fitness.finish(first) == plain(w0)
+    assert torch.equal(fitness.reference_cosines, plain.reference_cosines)
+    w = (w0 + 0.6 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).clamp(0, 2)
+    exact = plain(w)
+    state = fitness.start(w)
+    assert state.pairs_done == 1 and not state.complete and state.value is None
+    assert torch.equal(fitness._embed(fitness.images).double().cpu(), fitness.teacher)  # dense between stages
+    bounds = [state.lower_bound]
+    while not state.complete:
+        assert fitness.advance(state) is state
+        bounds.append(state.lower_bound)
+    assert bounds == sorted(bounds) and all(b <= exact for b in bounds) and bounds[-1] == exact == state.value
+    assert bounds[0] > 0  # the sparsest pair alone bounds it
+    fitness.advance(state)  # nothing left
+    assert state.pairs_done == 3 and fitness.finish(state) == exact and fitness.last_cosines == plain.last_cosines
+    stopped = fitness.start(w)
+    assert fitness.finish(stopped) == math.inf and (fitness.num_stopped, fitness.num_skipped_pairs) == (1, 2)
+    assert fitness.last_cosines[1] == plain.last_cosines[1] and math.isnan(fitness.last_cosines[0])
+    assert fitness.num_evals == len(fitness.eval_times) == 3 and all(t > 0 for t in fitness.eval_times)
+    with pytest.raises(ValueError, match="this evaluation was finished already"):
+        fitness.finish(state)
+    with pytest.raises(ValueError, match=r"w must be a finite tensor of shape \[18\]"):
+        fitness.start(w[:-1])
+
+
+def _stops_of_both_schemes(model, raw, x, max_evals: int) -> dict[str, tuple]:
+    """``_search_loop`` as ``run_search`` runs it, with a staged Fitness and with a plain callable."""
+    scores, w0 = _balanced_start(raw, DEFAULT_BALANCE, None)
+    runs = {}
+    for name in ("staged", "per_candidate"):
+        fitness = Fitness(model, scores, x, DEFAULT_RATIO_PAIRS, 6, autocast_dtype=None, guard=DEFAULT_GUARD)
+        xnes, start = _make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, 0.3, 8, 0, w0, None)
+        fitness(start)
+        objective = fitness if name == "staged" else (lambda w, stop_above, f=fitness: f(w, stop_above=stop_above))
+        history: list[float] = []
+        _search_loop(xnes, objective, max_evals, history, early_stop=True)
+        runs[name] = (fitness, xnes, history)
+    return runs
+
+
 def test_run_search_early_stop_gives_the_same_result() -> None:
     model, _, _ = small_vit()
     raw, x = random_scores(model), images_for(model, n=8)
@@ -372,11 +426,20 @@ def test_run_search_early_stop_gives_the_same_result() -> None:
     for i in stopped:  # certainly below the m best of its generation
         start = i // 8 * 8
         m = positive_ranks(min(8, 22 - start))
-        done = sorted(f for f in history[start:i] if not math.isnan(f))
+        done = sorted(f for f in history[start : start + 8] if not math.isnan(f))
         assert len(done) >= m and full[i] > done[m - 1]
-    # reported as nan, and the best so far ignores it
+    # reported as nan, in candidate order, and the best so far ignores it
+    assert [i for i, _, _ in seen] == list(range(22))
     assert [(i, f) for i, f, _ in seen if math.isnan(f)] == [(i, history[i]) for i in stopped]
-    assert [b for _, _, b in seen] == [min(full[: i + 1]) for i in range(22)]
+    assert [b for _, _, b in seen] == [finite_min(history[: i + 1]) for i in range(22)]
+    # the generation-wise (staged) schedule stops more than candidate after candidate, same update
+    runs = _stops_of_both_schemes(model, raw, x, 22)
+    (staged, staged_xnes, staged_history), (each, each_xnes, each_history) = runs["staged"], runs["per_candidate"]
+    assert same_history(staged_history, history) and torch.equal(staged_xnes.covariance, cov)
+    assert torch.equal(each_xnes.covariance, cov) and torch.equal(each_xnes.mean, staged_xnes.mean)
+    assert staged.num_stopped == len(stopped) > each.num_stopped == sum(math.isnan(f) for f in each_history)
+    assert staged.num_skipped_pairs > each.num_skipped_pairs
+    assert staged.num_evals == each.num_evals == len(staged.eval_times) == 23  # the start point and 22
 
 
 @pytest.mark.parametrize(
@@ -527,7 +590,7 @@ def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:
     logged = [(int(r["step"]), float(r["search/fitness"]), float(r["search/best"])) for r in rows if r.get("search/fitness")]
     assert [s for s, _, _ in logged] == list(range(8))
     assert [f for _, f, _ in logged] == pytest.approx(callback.history, nan_ok=True)  # stopped: nan
-    assert logged[-1][2] == pytest.approx(min(callback.history))
+    assert logged[-1][2] == pytest.approx(finite_min(callback.history))
 
 
 def test_callback_early_stop_gives_the_same_result(tmp_path: Path) -> None:

@@ -337,30 +337,35 @@ def test_positive_ranks_is_where_rank_utilities_become_flat() -> None:
         positive_ranks(2.0)  # type: ignore[arg-type]
 
 
+def _terms(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative terms of a separable objective, the largest weights first."""
+    return ((x - torch.linspace(0.2, 1.8, x.numel(), dtype=F64)) ** 2 * torch.arange(1, x.numel() + 1, dtype=F64)).flip(0)
+
+
+def _rounded(total: float, quantum: float | None) -> float:
+    """``total`` rounded down to a multiple of ``quantum`` (ties become frequent); monotone."""
+    return total if quantum is None else math.floor(total / quantum) * quantum
+
+
 def _separable(quantum: float | None):
     """A separable objective of non-negative terms, and an ``fn(x, cutoff)`` that stops on partial sums.
 
     ``quantum``: round the value down to a multiple of it, which makes ties frequent.
     """
 
-    def terms(x: torch.Tensor) -> torch.Tensor:
-        return (x - torch.linspace(0.2, 1.8, x.numel(), dtype=F64)) ** 2 * torch.arange(1, x.numel() + 1, dtype=F64)
-
-    def finish(total: float) -> float:
-        return total if quantum is None else math.floor(total / quantum) * quantum
-
     def full(x: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(finish(float(terms(x).sum())), dtype=F64)
+        return torch.tensor(_rounded(float(_terms(x).flip(0).sum()), quantum), dtype=F64)
 
-    calls = {"cutoffs": [], "stopped": 0, "values": []}
+    calls = {"cutoffs": [], "stopped": 0, "values": [], "stages": 0}
 
     def partial(x: torch.Tensor, cutoff: float) -> torch.Tensor:
         calls["cutoffs"].append(cutoff)
-        t = terms(x).flip(0)  # the largest weights first
+        t = _terms(x)
         total = 0.0
         for j in range(t.numel()):
             total += float(t[j])
-            if finish(total) > cutoff and j < t.numel() - 1:
+            calls["stages"] += 1
+            if _rounded(total, quantum) > cutoff and j < t.numel() - 1:
                 calls["stopped"] += 1
                 calls["values"].append(math.inf)
                 return torch.tensor(math.inf, dtype=F64)
@@ -369,6 +374,48 @@ def _separable(quantum: float | None):
         return value
 
     return full, partial, calls
+
+
+class _Stage:
+    """A staged evaluation of :func:`_separable`'s objective: one term per stage."""
+
+    def __init__(self, x: torch.Tensor, quantum: float | None, full) -> None:
+        self.x, self.t, self.quantum, self.full = x.clone(), _terms(x), quantum, full
+        self.j, self.total = 1, float(self.t[0])
+
+    @property
+    def complete(self) -> bool:
+        return self.j == self.t.numel()
+
+    @property
+    def lower_bound(self) -> float:
+        return float(self.full(self.x)) if self.complete else _rounded(self.total, self.quantum)
+
+
+class _StagedSeparable:
+    """:func:`_separable`'s objective as a staged one (``start``/``advance``/``finish``), logging its calls."""
+
+    def __init__(self, quantum: float | None) -> None:
+        self.quantum = quantum
+        self.full, _, _ = _separable(quantum)
+        self.starts, self.advances, self.values, self.stages = 0, [], [], 0
+
+    def start(self, x: torch.Tensor) -> _Stage:
+        self.starts += 1
+        self.stages += 1
+        return _Stage(x, self.quantum, self.full)
+
+    def advance(self, state: _Stage) -> None:
+        assert not state.complete
+        self.advances.append((self.starts, state.lower_bound))  # (candidates started so far, bound before)
+        state.total += float(state.t[state.j])
+        state.j += 1
+        self.stages += 1
+
+    def finish(self, state: _Stage) -> torch.Tensor:
+        value = float(self.full(state.x)) if state.complete else math.inf
+        self.values.append(value)
+        return torch.tensor(value, dtype=F64)
 
 
 @pytest.mark.parametrize("quantum", [None, 0.05])
@@ -413,3 +460,65 @@ def test_optimize_early_stop_errors() -> None:
         XNES(2).optimize(lambda x, c: -math.inf, 10, early_stop=True)
     with pytest.raises(ValueError, match="`fn` must return a scalar"):
         XNES(2).optimize(lambda x, c: x, 10, early_stop=True)
+
+
+@pytest.mark.parametrize("quantum", [None, 0.05])
+@pytest.mark.parametrize("max_evals", [80, 85, 81])  # whole generations; a truncated last one; one left over
+def test_optimize_staged_early_stop_is_bitwise_exact_and_stops_more(quantum, max_evals) -> None:
+    full, partial, calls = _separable(quantum)
+    staged = _StagedSeparable(quantum)
+    kw = dict(mean=torch.ones(6, dtype=F64), sigma=0.4, popsize=10, bounds=(0.0, 2.0), seed=0)
+    plain, each, early = XNES(6, **kw), XNES(6, **kw), XNES(6, **kw)
+    plain_values = []
+    best_plain = plain.optimize(lambda x: plain_values.append(float(full(x))) or full(x), max_evals)
+    each.optimize(partial, max_evals, early_stop=True)
+    best_early = early.optimize(staged, max_evals, early_stop=True)
+    assert torch.equal(best_plain[0], best_early[0]) and best_plain[1] == best_early[1]
+    for name in ("mean", "B", "covariance"):
+        assert torch.equal(getattr(plain, name), getattr(early, name)), name
+    assert (plain.sigma, plain.generation, plain.evals) == (early.sigma, early.generation, early.evals)
+    # more stopped, fewer stages than candidate after candidate (the test can fail)
+    stopped = sum(v == math.inf for v in staged.values)
+    assert stopped > calls["stopped"] > 0 and staged.stages < calls["stages"]
+    assert staged.starts == len(staged.values) == max_evals  # finished once each
+    # per generation: the final cutoff is the m-th best; stopped ones are certainly above it, the
+    # others exact; and best first never advanced a candidate whose bound was above it
+    start = 0
+    while start < max_evals:
+        k = min(10, max_evals - start)
+        cutoff = sorted(plain_values[start : start + k])[positive_ranks(k) - 1]
+        for i in range(start, start + k):
+            if staged.values[i] == math.inf:
+                assert plain_values[i] > cutoff
+            else:
+                assert staged.values[i] == plain_values[i]
+        advances = [b for started, b in staged.advances if start < started <= start + k]
+        assert all(b <= cutoff for b in advances)
+        start += k
+    if quantum is not None:
+        assert len(set(plain_values)) < len(plain_values)  # ties did occur
+
+
+def test_optimize_staged_protocol() -> None:
+    staged = _StagedSeparable(None)
+    assert not callable(staged)
+    XNES(6, popsize=4, seed=1).optimize(staged, 8, early_stop=True)  # staged objects need not be callable
+    with pytest.raises(TypeError, match="`fn` must be callable"):
+        XNES(6).optimize(staged, 8)  # without early stop they must
+    early = XNES(6, popsize=4, seed=1)
+    early.optimize(staged, 1, early_stop=True)  # one candidate: evaluated completely
+    assert staged.values[-1] < math.inf and early.evals == 1
+
+    class Bad(_StagedSeparable):
+        def finish(self, state):
+            return torch.zeros(2, dtype=F64)
+
+    with pytest.raises(ValueError, match=r"`fn.finish` must return a scalar, got a tensor of shape \(2,\)"):
+        XNES(6).optimize(Bad(None), 8, early_stop=True)
+
+    class Minus(_StagedSeparable):
+        def finish(self, state):
+            return -math.inf
+
+    with pytest.raises(ValueError, match=r"`fn` must not return -inf, got it for candidate \d+ of generation 0"):
+        XNES(6).optimize(Minus(None), 8, early_stop=True)

@@ -32,6 +32,7 @@ was seen by the search; ``--holdout odd`` swaps the halves.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain, corrected = fidelities(candidate, images, dense)
             print(f"{name:>14} {label:>8}: " + " ".join(f"{v:.3f}" for v in plain) + " | "
                   + " ".join(f"{v:.3f}" for v in corrected), flush=True)
-        print(f"{name:>14} search: {searched_s:.0f} s, best fitness {min(history):.4f}", flush=True)
+        print(f"{name:>14} search: {searched_s:.0f} s, best fitness {min(f for f in history if not math.isnan(f)):.4f}", flush=True)
     return 0
 
 

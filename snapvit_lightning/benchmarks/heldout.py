@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -201,7 +202,7 @@ def run_direction(
 
             scores = raw if balance is None else raw.balanced(DEFAULT_BALANCE if balance == "default" else balance)
             rows.append(measure(rebuilt(scores.with_weights(best)), calibration, images, dense))
-            log(f"[{calibrate}] search {name} seed {seed}: {times[-1]:.0f} s, best fitness {min(history):.4f}")
+            log(f"[{calibrate}] search {name} seed {seed}: {times[-1]:.0f} s, best fitness {min(f for f in history if not math.isnan(f)):.4f}")
         record(name, rows, settings={k: v for k, v in kwargs.items()}, seeds=list(seeds), search_s=times)
     return result
 

@@ -10,6 +10,7 @@ model's, on the plain resized photos) of gradient-only pruning against uniform r
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = time.perf_counter()
             best, cov, history = run_search(dense_model, module.scores, images, max_evals=args.search_evals)
             print(f"search: {args.search_evals} evaluations in {time.perf_counter() - start:.1f} s; "
-                  f"best fitness {min(history):.4f}")
+                  f"best fitness {min(f for f in history if not math.isnan(f)):.4f}")
             for name, w in (("w_init", w0), ("w_searched", best)):
                 searched = ElasticViT(dense_model, scores.with_weights(w), model_name=MODEL_NAME, model_kwargs=kwargs)
                 rows[f"dino + {name}"] = [fidelity(searched.subnet(*b), dense, images) for b in BUDGETS]

@@ -226,8 +226,10 @@ class EvolutionarySearch(Callback):
         early_stop: Stop a candidate's evaluation (sparsest ratio pair first) once its fitness
             is certainly worse than the candidates that decide the xNES update
             (:meth:`XNES.optimize`, :class:`Fitness`): the same result (weights, covariance,
-            every other fitness value), only faster. Not a fitness setting: a state saved
-            with one value resumes with the other.
+            every other fitness value), only faster. A generation is evaluated as a whole, best
+            first (every candidate on the sparsest pair, then always the lowest partial
+            fitness), so its evaluations are logged and shown when the generation is done. Not
+            a fitness setting: a state saved with one value resumes with the other.
 
     Attributes:
         best_weights: Best weights found (``None`` before the search).

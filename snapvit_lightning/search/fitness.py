@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "FITNESS_SPACES",
     "default_initial_weights",
     "Fitness",
+    "PartialFitness",
 ]
 
 #: The ``(mlp_ratio, head_ratio)`` budgets of the paper's (and the official code's) fitness.
@@ -140,6 +142,45 @@ def _check_weights(value: Any, dim: int, name: str) -> Tensor:
     return t
 
 
+@dataclass(eq=False)
+class PartialFitness:
+    """A staged evaluation of :class:`Fitness`, ratio pair by ratio pair (:meth:`Fitness.start`).
+
+    Holds a few numbers per ratio pair, never embeddings.
+
+    Attributes:
+        w: The weights evaluated.
+        pairs_done: Ratio pairs evaluated so far (sparsest first).
+        value: The fitness once complete, else ``None``.
+        seconds: Time spent evaluating it.
+    """
+
+    w: Tensor
+    project: bool
+    tracked: bool  # per-pair sums over all processes and the partial fitness are kept
+    local: Tensor  # [P, 2] this process's (sum of cosines, count) per pair
+    reduced: Tensor  # [P, 2] over all processes: per pair if tracked, all at completion
+    pairs_done: int = 0
+    partial: float = 0.0
+    value: float | None = None
+    seconds: float = 0.0
+    finished: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether every ratio pair is evaluated."""
+        return self.pairs_done == self.local.shape[0]
+
+    @property
+    def lower_bound(self) -> float:
+        """Certainly at most the fitness: the value once complete, else the evaluated pairs' terms less a margin."""
+        if self.value is not None:
+            return self.value
+        if not self.tracked or math.isnan(self.partial):
+            return -math.inf
+        return self.partial - _STOP_MARGIN
+
+
 class Fitness:
     """Fitness of search weights ``w``: mean over budgets of ``1 - cos`` to the dense model.
 
@@ -209,19 +250,25 @@ class Fitness:
             :func:`~snapvit_lightning.forward.embed` prefers (explicit under bf16 on CPU).
 
     Early stop: every term of the fitness is ``>= 0`` (up to rounding, ``cos <= 1``), so after
-    some ratio pairs the partial sum is a lower bound of the value. A call evaluates the pairs
+    some ratio pairs the partial sum is a lower bound of the value. The pairs are evaluated
     sparsest first (``mlp_ratio + head_ratio`` descending, ties in the given order: the largest
-    terms first) and, given ``stop_above``, stops as soon as that bound exceeds it by more than
-    a rounding margin (``1e-6``), returning ``math.inf``: the value is then certainly greater
-    than ``stop_above``. :meth:`~snapvit_lightning.xnes.XNES.optimize` with
-    ``early_stop=True`` supplies the bound under which a candidate's exact value no longer
-    matters. A call that does not stop returns exactly what it would without ``stop_above``.
+    terms first). A call given ``stop_above`` stops as soon as that bound exceeds it by more
+    than a rounding margin (``1e-6``) and returns ``math.inf``: the value is then certainly
+    greater than ``stop_above``; a call that does not stop returns exactly what it would
+    without it. The staged evaluation :meth:`start` (the sparsest pair), :meth:`advance` (the
+    next pair) and :meth:`finish` (the value, ``math.inf`` if incomplete; counted as one call)
+    lets :meth:`~snapvit_lightning.xnes.XNES.optimize` with ``early_stop=True`` evaluate a whole
+    generation best first: every candidate on the sparsest pair, then always the candidate of
+    the lowest bound (:attr:`PartialFitness.lower_bound`), so the generation's cutoff is tight
+    early and a candidate is stopped as soon as its bound exceeds it. A complete staged
+    evaluation has exactly the value of a call. Under data parallel every pair is all-reduced
+    for the bound (every process takes the same decisions).
 
     Attributes:
-        num_evals: Calls so far (stopped ones included).
-        num_stopped: Calls stopped early (returned ``inf``).
-        num_skipped_pairs: Ratio pairs those calls did not evaluate.
-        eval_times: Wall time of each call, in seconds (stopped ones included).
+        num_evals: Calls (and finished staged evaluations) so far, stopped ones included.
+        num_stopped: Of those, the ones stopped early (``inf``).
+        num_skipped_pairs: Ratio pairs those did not evaluate.
+        eval_times: Wall time of each (its stages summed), in seconds, stopped ones included.
         last_cosines: The last call's mean cosine per ratio pair, in the fitness's ``space``,
             in ``ratio_pairs`` order; ``nan`` for the pairs a stopped call did not evaluate
             (``None`` before the first call).
@@ -461,40 +508,47 @@ class Fitness:
     def _reduce(self, t: Tensor) -> Tensor:
         return self._reduce_fn(t.to(self.device)).double().cpu() if self.world_size > 1 else t
 
-    def _pair_sums(self, w: Tensor, project: bool, stop_above: float | None = None) -> tuple[Tensor, bool]:
-        """Per ratio pair, (sum of cosines, number of images) over all processes, and completeness.
+    def _new_state(self, w: Tensor, project: bool, tracked: bool) -> PartialFitness:
+        nan = torch.full((len(self.ratio_pairs), 2), math.nan, dtype=torch.float64)
+        return PartialFitness(w, project, tracked, nan, nan.clone())
 
-        Returns ``([P, 2] float64, True)``, or with ``stop_above`` possibly ``(sums, False)``: the
-        partial fitness of the pairs evaluated (sparsest first) exceeded ``stop_above`` by more
-        than :data:`_STOP_MARGIN`; the pairs not evaluated hold ``nan``. Under data parallel the
-        pairs are reduced one by one for that decision (every process takes the same one), and a
-        complete call reduces them all at once, as without ``stop_above``.
-        """
-        mlp_pos, head_order = self._selections(w)
-        target = self.teacher_projected if project else self.teacher
-        sums = torch.zeros(len(self.ratio_pairs), 2, dtype=torch.float64)
-        reduced = torch.full_like(sums, math.nan)
-        bound = 0.0
+    def _step(self, state: PartialFitness, mlp_pos: Tensor, head_order: Tensor) -> None:
+        """Evaluate ``state``'s next ratio pair (sparsest first; ``_selections(state.w)`` given); the caller restores."""
+        i = self._pair_order[state.pairs_done]
+        self._apply_counts(mlp_pos, head_order, *self.scores.keep_counts(*self.ratio_pairs[i], weights=state.w))
+        emb = self._embed(self.images).double().cpu()
+        target = self.teacher_projected if state.project else self.teacher
+        if state.project:
+            emb = self._project(emb)
+        cos = (emb * target).sum(1) / (emb.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
+        state.local[i, 0], state.local[i, 1] = cos.sum(), cos.numel()
+        state.pairs_done += 1
+        if state.tracked:  # data parallel: this pair's sums over all processes, for the bound
+            state.reduced[i] = self._reduce(state.local[i])
+            state.partial += self._pair_loss(i, float(state.reduced[i, 0] / state.reduced[i, 1].clamp_min(1)))
+        if state.complete:  # all pairs reduced at once, as an untracked evaluation
+            state.reduced = self._reduce(state.local)
+
+    def _run(self, state: PartialFitness, pairs: int) -> None:
+        """Evaluate up to ``pairs`` more ratio pairs of ``state``; its value once complete."""
+        if state.complete:
+            return
+        start = time.perf_counter()
+        selections = self._selections(state.w)
         try:
-            for done, i in enumerate(self._pair_order, 1):
-                m, h = self.ratio_pairs[i]
-                neurons, heads = self.scores.keep_counts(m, h, weights=w)
-                self._apply_counts(mlp_pos, head_order, neurons, heads)
-                emb = self._embed(self.images).double().cpu()
-                if project:
-                    emb = self._project(emb)
-                cos = (emb * target).sum(1) / (emb.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
-                sums[i, 0], sums[i, 1] = cos.sum(), cos.numel()
-                if stop_above is None:
-                    continue
-                reduced[i] = self._reduce(sums[i])
-                bound += self._pair_loss(i, float(reduced[i, 0] / reduced[i, 1].clamp_min(1)))
-                if bound - _STOP_MARGIN > stop_above and done < len(self.ratio_pairs):
-                    self.num_skipped_pairs += len(self.ratio_pairs) - done
-                    return reduced, False
+            for _ in range(min(pairs, len(self.ratio_pairs) - state.pairs_done)):
+                self._step(state, *selections)
         finally:
-            self._restore()
-        return self._reduce(sums), True
+            self._restore()  # dense between stages
+        if state.complete:
+            cos = state.reduced[:, 0] / state.reduced[:, 1].clamp_min(1)
+            loss = float((1.0 - cos).mean())
+            if self.guard > 0:
+                if self.reference_cosines is None:
+                    self.reference_cosines = cos.clone()  # the first evaluation is the start point
+                loss += self.guard * float((self.reference_cosines - cos).clamp_min(0).sum())
+            state.value = loss
+        state.seconds += time.perf_counter() - start
 
     def pair_cosines(self, w: Tensor, pca: bool = True) -> list[float]:
         """Mean cosine similarity to the dense embeddings per ratio pair (not counted as a call).
@@ -504,9 +558,50 @@ class Fitness:
             pca: Compare PCA projections (what the fitness compares when ``space="pca"``) or the
                 raw embeddings (``space="raw"``).
         """
-        w = _check_weights(w, self.num_weights, "w")
-        sums, _ = self._pair_sums(w, project=pca)
-        return (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
+        state = self._new_state(_check_weights(w, self.num_weights, "w"), pca, tracked=False)
+        selections = self._selections(state.w)
+        try:
+            while not state.complete:
+                self._step(state, *selections)
+        finally:
+            self._restore()
+        return (state.reduced[:, 0] / state.reduced[:, 1].clamp_min(1)).tolist()
+
+    def start(self, w: Tensor) -> PartialFitness:
+        """Begin a staged evaluation of ``w``: its sparsest ratio pair (see the class docstring).
+
+        With ``guard > 0`` and no ``reference_cosines`` yet, every pair is evaluated (the
+        evaluation is complete and its cosines become the reference).
+
+        Raises:
+            ValueError: If ``w`` does not have shape ``[B + B*H]`` or is not finite.
+        """
+        state = self._new_state(_check_weights(w, self.num_weights, "w").clone(), self.space == "pca", tracked=True)
+        needs_all = self.guard > 0 and self.reference_cosines is None
+        self._run(state, len(self.ratio_pairs) if needs_all else 1)
+        return state
+
+    def advance(self, state: PartialFitness) -> PartialFitness:
+        """Evaluate the next ratio pair of a staged evaluation (nothing if it is complete)."""
+        self._run(state, 1)
+        return state
+
+    def finish(self, state: PartialFitness) -> float:
+        """End a staged evaluation: counted as one call; its fitness, ``math.inf`` if incomplete (stopped).
+
+        Raises:
+            ValueError: If ``state`` was finished already.
+        """
+        if state.finished:
+            raise ValueError("this evaluation was finished already")
+        state.finished = True
+        self.last_cosines = (state.reduced[:, 0] / state.reduced[:, 1].clamp_min(1)).tolist()
+        if not state.complete:
+            self.num_stopped += 1
+            self.num_skipped_pairs += len(self.ratio_pairs) - state.pairs_done
+        self.eval_times.append(state.seconds)
+        self.num_evals += 1
+        return math.inf if state.value is None else state.value
 
     def __call__(self, w: Tensor, stop_above: float | None = None) -> float:
         """The fitness of ``w`` (lower is better; 0 for the dense model).
@@ -531,22 +626,11 @@ class Fitness:
         stop_above = _check_stop_above(stop_above)
         if stop_above == math.inf or (self.guard > 0 and self.reference_cosines is None):
             stop_above = None  # never stops (no per-pair reduce); the start point's cosines are needed in full
-        start = time.perf_counter()
-        sums, complete = self._pair_sums(w, project=self.space == "pca", stop_above=stop_above)
-        cos = sums[:, 0] / sums[:, 1].clamp_min(1)
-        self.last_cosines = cos.tolist()
-        if complete:
-            loss = float((1.0 - cos).mean())
-            if self.guard > 0:
-                if self.reference_cosines is None:
-                    self.reference_cosines = cos.clone()  # the first call is the start point
-                loss += self.guard * float((self.reference_cosines - cos).clamp_min(0).sum())
-        else:
-            loss = math.inf
-            self.num_stopped += 1
-        self.eval_times.append(time.perf_counter() - start)
-        self.num_evals += 1
-        return loss
+        state = self._new_state(w, self.space == "pca", tracked=stop_above is not None)
+        self._run(state, len(self.ratio_pairs) if stop_above is None else 1)
+        while not state.complete and not state.lower_bound > stop_above:
+            self._run(state, 1)
+        return self.finish(state)
 
 
 def _check_stop_above(stop_above: Any) -> float | None:

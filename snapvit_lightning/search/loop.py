@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..scores import ImportanceScores, check_balance
-from ..xnes import XNES
+from ..xnes import XNES, _is_staged
 from .fitness import (
     DEFAULT_BALANCE,
     DEFAULT_GUARD,
@@ -94,10 +95,13 @@ def _search_loop(
 ) -> None:
     """Run ``xnes`` until ``max_evals`` total evaluations, appending to ``history``.
 
-    With ``early_stop`` the fitness is called as ``fitness(x, stop_above=cutoff)`` with the
-    cutoff of :meth:`XNES.optimize`; a stopped candidate (``inf``) is recorded in ``history``
-    and passed to ``on_eval`` as ``nan``: it was certainly in the lower half of its generation.
-    ``nan`` entries never count as the best.
+    With ``early_stop`` a staged ``fitness`` (:class:`Fitness`: ``start``/``advance``/``finish``)
+    is evaluated a generation at a time, best first, and a plain callable as
+    ``fitness(x, stop_above=cutoff)`` candidate after candidate (:meth:`XNES.optimize`). A
+    stopped candidate is recorded in ``history`` and passed to ``on_eval`` as ``nan``: it was
+    certainly below the upper half of its generation; ``nan`` entries never count as the best.
+    ``history`` and ``on_eval`` follow the candidates' order (a staged generation reports its
+    candidates when it is done, ``fitness.last_cosines`` set to each one's before its ``on_eval``).
     """
     best = [min([best_so_far, *(f for f in history if not math.isnan(f))])]
 
@@ -109,24 +113,32 @@ def _search_loop(
             on_eval(len(history) - 1, f, best[0])
         return torch.tensor(f, dtype=torch.float64)  # a bare float would pass through float32
 
+    def shared(x: Tensor) -> Tensor:
+        return x if broadcast is None else broadcast(x)
+
     def fn(x: Tensor) -> Tensor:
-        if broadcast is not None:
-            x = broadcast(x)
-        return record(float(fitness(x)))
+        return record(float(fitness(shared(x))))
 
     def fn_cutoff(x: Tensor, cutoff: float) -> Tensor:
-        if broadcast is not None:
-            x = broadcast(x)
-        f = float(fitness(x, stop_above=cutoff))
+        f = float(fitness(shared(x), stop_above=cutoff))
         stopped = f == math.inf and cutoff < math.inf
         record(math.nan if stopped else f)
         return torch.tensor(f, dtype=torch.float64)
 
-    if xnes.evals < max_evals:
-        if early_stop:
-            xnes.optimize(fn_cutoff, max_evals, early_stop=True)
-        else:
-            xnes.optimize(fn, max_evals)
+    def finish(state: Any) -> Tensor:
+        f = float(fitness.finish(state))
+        record(f if state.complete else math.nan)
+        return torch.tensor(f, dtype=torch.float64)
+
+    if xnes.evals >= max_evals:
+        return
+    if not early_stop:
+        xnes.optimize(fn, max_evals)
+    elif _is_staged(fitness):
+        staged = SimpleNamespace(start=lambda x: fitness.start(shared(x)), advance=fitness.advance, finish=finish)
+        xnes.optimize(staged, max_evals, early_stop=True)
+    else:
+        xnes.optimize(fn_cutoff, max_evals, early_stop=True)
 
 
 def _best(xnes: XNES, w0: Tensor, initial_fitness: float) -> tuple[Tensor, float]:
@@ -196,8 +208,8 @@ def run_search(
     Returns:
         ``(best_w [B + B*H], covariance [d, d], history)`` where ``history`` holds the fitness of
         each candidate in evaluation order; a stopped candidate is recorded as ``nan``: it was
-        certainly in the lower half of its generation (never the first of a generation, so
-        ``min(history)`` is the best fitness).
+        certainly in the lower half of its generation (any candidate may be, the first one
+        too: the best fitness is ``min(f for f in history if not math.isnan(f))``).
 
     Raises:
         ValueError: An argument out of range (see :class:`Fitness` and :class:`EvolutionarySearch`).
