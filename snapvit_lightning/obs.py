@@ -71,15 +71,15 @@ def greedy_removal(
     diag += damping * float(diag.mean())
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))
     units = n // group
-    idx = torch.arange(n).view(units, group)
-    alive = torch.ones(units, dtype=torch.bool)
+    idx = torch.arange(n, device=g.device).view(units, group)
+    alive = torch.ones(units, dtype=torch.bool, device=g.device)
     order: list[int] = []
     costs: list[float] = []
     while len(order) < units:
         if group == 1:
             cost = (w[:, :n] ** 2).sum(0) / torch.diagonal(hinv)[:n]
         else:
-            cost = torch.full((units,), torch.inf, dtype=torch.float64)
+            cost = torch.full((units,), torch.inf, dtype=torch.float64, device=g.device)
             live = idx[alive]
             blocks = hinv[live[:, :, None], live[:, None, :]]  # [alive, group, group]
             ws = w[:, live].permute(1, 0, 2)  # [alive, out, group]
@@ -94,7 +94,7 @@ def greedy_removal(
         alive[step] = False
         order += step.tolist()
         costs += cost[step].clamp_min(0.0).tolist()
-    return torch.tensor(order), torch.tensor(costs, dtype=torch.float64)
+    return torch.tensor(order), torch.tensor(costs, dtype=torch.float64)  # on the CPU
 
 
 def _branch_scale(block: nn.Module, name: str) -> Tensor | None:
@@ -122,6 +122,9 @@ def obs_scores(
 ) -> ImportanceScores:
     """:class:`ImportanceScores` of the OBS greedy order of every block (module docstring).
 
+    The greedy runs in float64 on the model's device (the statistics are moved there a block at a
+    time); the scores are on the CPU.
+
     Args:
         model: The dense ViT the statistics were collected on (its unit order is the scores').
         stats: Its correction statistics.
@@ -140,6 +143,7 @@ def obs_scores(
     if stats.mlp.shape[0] != len(blocks):
         raise ValueError(f"stats have {stats.mlp.shape[0]} blocks, the model {len(blocks)}")
     divisors = torch.ones(len(blocks), dtype=torch.float64) if scale is None else torch.as_tensor(scale, dtype=torch.float64)
+    device = next(model.parameters()).device
     mlp, heads = [], []
     for b, block in enumerate(blocks):
         per_branch = []
@@ -147,10 +151,11 @@ def obs_scores(
             ("mlp", block.mlp.fc2, stats.mlp[b], 1),
             ("attn", block.attn.proj, stats.attn[b], structure.head_dim),
         ):
-            weight = augmented_weight(layer).to(gram.device)  # the greedy runs where the statistics are
+            gram = gram.to(device)
+            weight = augmented_weight(layer).to(device)
             gamma = _branch_scale(block, name)
             if gamma is not None:
-                weight = weight * gamma.to(gram.device)[:, None]
+                weight = weight * gamma.to(device)[:, None]
             units = (gram.shape[0] - 1) // group
             order, costs = greedy_removal(weight, gram, group, damping, chunk=max(1, units // chunks))
             per_branch.append(_unit_scores(order, costs) / divisors[b])

@@ -41,12 +41,16 @@ def test_step_costs_add_up_to_the_refit_error_of_each_prefix(group: int) -> None
         assert float(costs[:k].sum()) == pytest.approx(_refit_error(weight, gram, kept, 0.01), rel=1e-6, abs=1e-9)
 
 
+def _random_layer(seed: int, n: int, tokens: int, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An augmented ``[outputs, n+1]`` weight and the augmented Gram of ``tokens`` random inputs."""
+    torch.manual_seed(seed)
+    x = torch.cat([torch.randn(tokens, n, dtype=torch.float64), torch.ones(tokens, 1, dtype=torch.float64)], 1)
+    return torch.randn(outputs, n + 1, dtype=torch.float64), x.T @ x / tokens
+
+
 def test_each_step_removes_the_cheapest_unit() -> None:
-    torch.manual_seed(1)
     n = 10
-    x = torch.cat([torch.randn(100, n, dtype=torch.float64), torch.ones(100, 1, dtype=torch.float64)], 1)
-    gram = x.T @ x / 100
-    weight = torch.randn(3, n + 1, dtype=torch.float64)
+    weight, gram = _random_layer(1, n, 100, 3)
     order, costs = greedy_removal(weight, gram, 1, damping=0.01)
     first = min(range(n), key=lambda q: _refit_error(weight, gram, torch.tensor([i for i in range(n) if i != q]), 0.01))
     assert int(order[0]) == first
@@ -78,11 +82,8 @@ def test_bad_shapes_are_refused() -> None:
 
 
 def test_chunks_remove_the_cheapest_units_together_and_still_order_every_unit() -> None:
-    torch.manual_seed(2)
     n = 32
-    x = torch.cat([torch.randn(150, n, dtype=torch.float64), torch.ones(150, 1, dtype=torch.float64)], 1)
-    gram = x.T @ x / 150
-    weight = torch.randn(5, n + 1, dtype=torch.float64)
+    weight, gram = _random_layer(2, n, 150, 5)
     order, costs = greedy_removal(weight, gram, 1, damping=0.01, chunk=8)
     exact, exact_costs = greedy_removal(weight, gram, 1, damping=0.01)
     assert sorted(order.tolist()) == list(range(n))

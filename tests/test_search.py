@@ -24,6 +24,7 @@ from snapvit_lightning.search import (
     EvolutionarySearch,
     Fitness,
     default_initial_weights,
+    fitness_subset,
     run_search,
 )
 from snapvit_lightning.structure import get_blocks, inspect_vit
@@ -317,16 +318,21 @@ def test_run_search_lowers_fitness(balance) -> None:
 # ------------------------------------------------------------------------------ early stop
 
 
-def test_fitness_stop_above_returns_the_exact_value_or_inf() -> None:
+def _guarded_fitness_pair() -> tuple[Fitness, Fitness, torch.Tensor, torch.Tensor]:
+    """Two equal guarded fitnesses (pairs evaluated sparsest first: 1, 2, 0), the start and a perturbed ``w``."""
     model, _, _ = small_vit()
     scores, x = random_scores(model), images_for(model, n=6)
-    pairs = [(0.15, 0.0), (0.65, 0.5), (0.35, 0.2)]  # evaluated sparsest first: 1, 2, 0
+    pairs = [(0.15, 0.0), (0.65, 0.5), (0.35, 0.2)]
     kw = dict(ratio_pairs=pairs, pca_components=3, autocast_dtype=None, guard=2.0)
-    fitness, plain = Fitness(model, scores, x, **kw), Fitness(model, scores, x, **kw)
     w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    w = (w0 + 0.6 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).clamp(0, 2)
+    return Fitness(model, scores, x, **kw), Fitness(model, scores, x, **kw), w0, w
+
+
+def test_fitness_stop_above_returns_the_exact_value_or_inf() -> None:
+    fitness, plain, w0, w = _guarded_fitness_pair()
     assert fitness(w0, stop_above=-1.0) == plain(w0)  # the start point sets the guard's reference: never stopped
     assert fitness.num_stopped == 0 and torch.equal(fitness.reference_cosines, plain.reference_cosines)
-    w = (w0 + 0.6 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).clamp(0, 2)
     exact = plain(w)
     cos, ref = plain.last_cosines, plain.reference_cosines.tolist()
     assert fitness(w, stop_above=exact) == exact and fitness.last_cosines == cos  # not certainly above: exact
@@ -365,16 +371,10 @@ def test_corrected_fitness_does_not_depend_on_the_pair_order(correct: str) -> No
 
 
 def test_fitness_staged_evaluation_equals_a_call() -> None:
-    model, _, _ = small_vit()
-    scores, x = random_scores(model), images_for(model, n=6)
-    pairs = [(0.15, 0.0), (0.65, 0.5), (0.35, 0.2)]  # evaluated sparsest first: 1, 2, 0
-    kw = dict(ratio_pairs=pairs, pca_components=3, autocast_dtype=None, guard=2.0)
-    fitness, plain = Fitness(model, scores, x, **kw), Fitness(model, scores, x, **kw)
-    w0 = default_initial_weights(scores.num_blocks, scores.num_heads)
+    fitness, plain, w0, w = _guarded_fitness_pair()
     first = fitness.start(w0)  # no guard reference yet: every pair, its cosines become the reference
     assert first.complete and fitness.finish(first) == plain(w0)
     assert torch.equal(fitness.reference_cosines, plain.reference_cosines)
-    w = (w0 + 0.6 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).clamp(0, 2)
     exact = plain(w)
     state = fitness.start(w)
     assert state.pairs_done == 1 and not state.complete and state.value is None
@@ -806,3 +806,35 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, correct: str, sp
         assert any(math.isnan(f) for f in history)  # the stopped path ran
     torch.testing.assert_close(ranks[0]["w"], best_w, atol=1e-6, rtol=0)
     torch.testing.assert_close(ranks[0]["cov"], cov, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ fitness subset
+
+
+def test_fitness_subset_draws_without_replacement_in_order_and_is_seeded() -> None:
+    x = torch.arange(10, dtype=torch.float32)[:, None, None, None].expand(10, 3, 2, 2)
+    sub = fitness_subset(x, 4, seed=3)
+    kept = sub[:, 0, 0, 0].long().tolist()
+    assert len(set(kept)) == 4 and kept == sorted(kept) and torch.equal(sub, x[kept])
+    assert torch.equal(fitness_subset(x, 4, seed=3), sub) and not torch.equal(fitness_subset(x, 4, seed=4), sub)
+    assert fitness_subset(x, None, 0) is x and fitness_subset(x, 10, 0) is x and fitness_subset(x, 99, 0) is x
+    for bad in (1, 2.0, True):
+        with pytest.raises(ValueError, match=r"fitness_samples must be an int >= 2 or None, got"):
+            fitness_subset(x, bad, 0)
+
+
+def test_run_search_on_a_fitness_subset_equals_a_search_on_those_images() -> None:
+    model, _, _ = small_vit()
+    raw, x = random_scores(model), images_for(model, n=8)
+    kw = dict(max_evals=10, popsize=5, sigma=0.3, seed=2, autocast=False, pca_components=3)
+    subset = run_search(model, raw, x, fitness_samples=5, **kw)
+    direct = run_search(model, raw, fitness_subset(x, 5, 2), **kw)
+    assert torch.equal(subset[0], direct[0]) and same_history(subset[2], direct[2])
+    assert not same_history(run_search(model, raw, x, **kw)[2], subset[2])  # the subset changes the values
+
+
+def test_callback_fitness_samples_is_a_fitness_setting() -> None:
+    search = EvolutionarySearch(fitness_samples=6)
+    assert search._fitness_settings()["fitness_samples"] == 6
+    with pytest.raises(ValueError, match=r"fitness_samples must be an int >= 2 or None, got 1"):
+        EvolutionarySearch(fitness_samples=1)

@@ -158,7 +158,7 @@ def run_direction(
     from ..data import load_eval_images
     from ..elastic import ElasticViT
     from ..evaluation import extract_features
-    from ..search import run_search
+    from ..search import DEFAULT_BALANCE, run_search
 
     measured_half = _HALVES[1 - _HALVES.index(calibrate)]
     main_dir = out / calibrate / "main"
@@ -198,8 +198,6 @@ def run_direction(
             best, _, history = run_search(elastic.model, raw, calibration, max_evals=max_evals, seed=seed, **kwargs)
             times.append(time.perf_counter() - t0)
             balance = kwargs.get("balance", "default")
-            from ..search import DEFAULT_BALANCE
-
             scores = raw if balance is None else raw.balanced(DEFAULT_BALANCE if balance == "default" else balance)
             rows.append(measure(rebuilt(scores.with_weights(best)), calibration, images, dense))
             log(f"[{calibrate}] search {name} seed {seed}: {times[-1]:.0f} s, best fitness {min(f for f in history if not math.isnan(f)):.4f}")

@@ -20,6 +20,7 @@ from .fitness import (
     check_guard,
     check_space,
     default_initial_weights,
+    fitness_subset,
 )
 from .loop import run_search
 
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_SPACE",
     "FITNESS_SPACES",
     "default_initial_weights",
+    "fitness_subset",
     "Fitness",
     "EvolutionarySearch",
     "run_search",

@@ -36,6 +36,7 @@ from .fitness import (
     _resolve_autocast,
     check_guard,
     check_space,
+    fitness_subset,
 )
 from .loop import _balanced_start, _best, _check_early_stop, _check_popsize, _check_sigma, _make_xnes, _search_loop
 from .progress import SearchProgress
@@ -230,6 +231,10 @@ class EvolutionarySearch(Callback):
             first (every candidate on the sparsest pair, then always the lowest partial
             fitness), so its evaluations are logged and shown when the generation is done. Not
             a fitness setting: a state saved with one value resumes with the other.
+        fitness_samples: Embed only this many of the fitness images in every evaluation, drawn
+            once with ``seed`` (:func:`~snapvit_lightning.search.fitness.fitness_subset`; the
+            same on every process); ``None`` (default): all of them. The work per evaluation
+            scales with it; the export still measures on all fitness images.
 
     Attributes:
         best_weights: Best weights found (``None`` before the search).
@@ -269,9 +274,11 @@ class EvolutionarySearch(Callback):
         space: str = DEFAULT_SPACE,
         guard: float = DEFAULT_GUARD,
         early_stop: bool = True,
+        fitness_samples: int | None = None,
     ) -> None:
         super().__init__()
         self.early_stop = _check_early_stop(early_stop)
+        self.fitness_samples = _check_int("fitness_samples", fitness_samples, 2, allow_none=True)
         self.balance = check_balance(balance)
         self.space = check_space(space)
         self.guard = check_guard(guard)
@@ -346,7 +353,7 @@ class EvolutionarySearch(Callback):
         def broadcast(t: Tensor) -> Tensor:
             return strategy.broadcast(t, src=0) if world > 1 else t
 
-        images = self._fitness_images(trainer)
+        images = fitness_subset(self._fitness_images(trainer), self.fitness_samples, self.seed)
         autocast_dtype, explicit, probe_record = self.autocast_dtype, None, None
         if self.autocast == "auto":
             probe_record = _search_probe(trainer, pl_module, device)
@@ -459,6 +466,7 @@ class EvolutionarySearch(Callback):
             "correct": self.correct,
             "pca_components": self.pca_components,
             "balance": balance,
+            "fitness_samples": self.fitness_samples,
         }
 
     def _check_saved_settings(self, saved: dict[str, Any] | None) -> None:
@@ -482,7 +490,7 @@ class EvolutionarySearch(Callback):
 
         Raises:
             ValueError: If the state was saved with other fitness settings (``ratio_pairs``,
-                ``guard``, ``space``, ``correct``, ``pca_components``, ``balance``) than this
+                ``guard``, ``space``, ``correct``, ``pca_components``, ``balance``, ``fitness_samples``) than this
                 callback's: its fitness values would not be comparable. A state saved before
                 these settings were recorded (no ``fitness_settings``) is restored as it is, with
                 a warning.

@@ -135,6 +135,27 @@ def _check_images(images: Any) -> Tensor:
     return images
 
 
+def fitness_subset(images: Tensor, samples: int | None, seed: int) -> Tensor:
+    """``samples`` of the fitness ``images`` drawn without replacement, in their order (seeded).
+
+    The search's ``fitness_samples``: its fitness then embeds only these, ``samples / M`` of
+    the work per evaluation. Every process of a data-parallel run draws the same subset.
+
+    Args:
+        images: ``[M, 3, S, S]`` fitness images.
+        samples: How many to keep (``>= 2``); ``None`` or ``>= M``: all of them, unchanged.
+        seed: Seeds the draw.
+
+    Raises:
+        ValueError: If ``samples`` is not ``None`` nor an int ``>= 2``.
+    """
+    samples = _check_int("fitness_samples", samples, 2, allow_none=True)
+    if samples is None or samples >= images.shape[0]:
+        return images
+    keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    return images[keep.to(images.device)]
+
+
 def _check_weights(value: Any, dim: int, name: str) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     if tuple(t.shape) != (dim,) or not torch.isfinite(t).all():

@@ -26,6 +26,7 @@ from .fitness import (
     _check_weights,
     _resolve_autocast,
     default_initial_weights,
+    fitness_subset,
 )
 
 __all__ = [
@@ -171,6 +172,7 @@ def run_search(
     space: str = DEFAULT_SPACE,
     guard: float = DEFAULT_GUARD,
     early_stop: bool = True,
+    fitness_samples: int | None = None,
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Search the block/head weights without a Trainer (see :class:`EvolutionarySearch`).
 
@@ -204,6 +206,8 @@ def run_search(
         early_stop: Stop a candidate's evaluation once it is certainly worse than the candidates
             that decide the xNES update (:meth:`XNES.optimize`, :class:`Fitness`); the result
             (best weights, covariance, the other fitness values) is the same, only faster.
+        fitness_samples: Embed only this many of ``images``, drawn once with ``seed``
+            (:func:`~snapvit_lightning.search.fitness.fitness_subset`); ``None``: all of them.
 
     Returns:
         ``(best_w [B + B*H], covariance [d, d], history)`` where ``history`` holds the fitness of
@@ -220,7 +224,7 @@ def run_search(
     popsize = _check_popsize(popsize)
     scores, initial_weights = _balanced_start(scores, check_balance(balance), initial_weights)
     fitness = Fitness(
-        model, scores, images, ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
+        model, scores, fitness_subset(images, fitness_samples, seed), ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
         correct=correct, damping=damping, damping_reference=damping_reference, space=space, guard=guard,
     )
     xnes, w0 = _make_xnes(

@@ -1,0 +1,114 @@
+"""When does the default search first beat its start point? Generation by generation, per seed.
+
+Loads an elastic checkpoint (its model and raw DINO scores, e.g. the main job's), takes the eval
+views of ``--data`` as the fitness images (the main job's fitness images are its calibration
+images) and runs the default search of :func:`~snapvit_lightning.search.run_search` (balanced
+start, guard, the default ratio pairs, raw-embedding cosine, exact early stop) once per seed for
+``--generations`` generations. Prints per seed the start point's fitness, the best fitness after
+each generation and the first generation whose best beats the start; and how many seeds beat it
+within each number of generations. Writes ``OUT/first_gains.json`` with ``--out``::
+
+    python -m snapvit_lightning.benchmarks.first_gains runs/quickstart/vit_small_patch14_dinov2.elastic.safetensors \\
+        --data ../shared/data/photos8 --seeds 0 1 2 3 4 --generations 2
+
+Fitness values are in-sample (the search's own images): this measures the search's progress on
+its objective, not held-out quality (``benchmarks.heldout`` does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["first_gains", "main"]
+
+
+def first_gains(
+    checkpoint: Path, data: Path, seeds: Sequence[int], generations: int, autocast: bool = False
+) -> dict[str, Any]:
+    """Run the default search per seed; the start fitness and each generation's best.
+
+    Returns:
+        ``{"start": f0, "popsize", "seeds": {seed: {"best_after": [...], "first_gain": g | None,
+        "seconds"}}, "beat_within": [count of seeds that beat the start within 1..generations]}``.
+
+    Raises:
+        ValueError: If ``generations < 1`` or ``seeds`` is empty.
+    """
+    from ..data import load_eval_images
+    from ..elastic import ElasticViT
+    from ..search import DEFAULT_BALANCE, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, Fitness
+    from ..search.loop import _balanced_start, _make_xnes, _search_loop
+
+    if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
+        raise ValueError(f"generations must be an int >= 1, got {generations!r}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    elastic = ElasticViT.load(checkpoint, stats=False)
+    images = load_eval_images(data, elastic.model, argument="--data")[0]
+    scores, w_start = _balanced_start(elastic.scores.raw(), DEFAULT_BALANCE, None)
+    fitness = Fitness(
+        elastic.model, scores, images, DEFAULT_RATIO_PAIRS, 64, 64, torch.bfloat16 if autocast else None,
+        space=DEFAULT_SPACE, guard=DEFAULT_GUARD,
+    )
+    start = fitness(_make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, DEFAULT_SIGMA, None, 0,
+                               w_start, None)[1])
+    result: dict[str, Any] = {"start": start, "images": int(images.shape[0]), "seeds": {}}
+    for seed in seeds:
+        xnes, _ = _make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, DEFAULT_SIGMA, None, seed,
+                             w_start, None)
+        result["popsize"] = xnes.popsize
+        history: list[float] = []
+        t0 = time.perf_counter()
+        _search_loop(xnes, fitness, generations * xnes.popsize, history, early_stop=True)
+        best_after = []
+        for g in range(1, generations + 1):
+            done = [f for f in history[: g * xnes.popsize] if not math.isnan(f)]
+            best_after.append(min(done, default=math.inf))
+        first = next((g + 1 for g, best in enumerate(best_after) if best < start), None)
+        result["seeds"][int(seed)] = {"best_after": best_after, "first_gain": first, "seconds": time.perf_counter() - t0}
+    result["beat_within"] = [
+        sum(1 for s in result["seeds"].values() if s["first_gain"] is not None and s["first_gain"] <= g)
+        for g in range(1, generations + 1)
+    ]
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m snapvit_lightning.benchmarks.first_gains", description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("checkpoint", type=Path, help="elastic checkpoint (*.elastic.safetensors)")
+    parser.add_argument("--data", type=Path, required=True, help="fitness image folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in the fitness (default: the model's fp32)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for first_gains.json")
+    args = parser.parse_args(argv)
+    try:
+        result = first_gains(args.checkpoint, args.data, args.seeds, args.generations, args.bf16)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"start fitness {result['start']:.5f} ({result['images']} images, popsize {result['popsize']})")
+    for seed, row in result["seeds"].items():
+        bests = " ".join(f"{b:.5f}" for b in row["best_after"])
+        print(f"seed {seed}: best after each generation {bests}; first gain in generation {row['first_gain']} "
+              f"({row['seconds']:.0f} s)")
+    n = len(result["seeds"])
+    for g, count in enumerate(result["beat_within"], 1):
+        print(f"beat the start within {g} generation(s): {count} of {n} seeds")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "first_gains.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
