@@ -3,8 +3,8 @@
 Loads an elastic checkpoint (its model and raw DINO scores, e.g. the main job's), takes the eval
 views of ``--data`` as the fitness images (the main job's fitness images are its calibration
 images) and runs the default search of :func:`~snapvit_lightning.search.run_search` (balanced
-start, guard, the default ratio pairs, raw-embedding cosine, exact early stop) once per seed for
-``--generations`` generations. Prints per seed the start point's fitness, the best fitness after
+start, guard, the default ratio pairs, raw-embedding cosine, exact early stop, ``--fitness-samples``)
+once per seed for ``--generations`` generations. Prints per seed the start point's fitness, the best fitness after
 each generation and the first generation whose best beats the start; and how many seeds beat it
 within each number of generations. Writes ``OUT/first_gains.json`` with ``--out``::
 
@@ -31,20 +31,30 @@ __all__ = ["first_gains", "main"]
 
 
 def first_gains(
-    checkpoint: Path, data: Path, seeds: Sequence[int], generations: int, autocast: bool = False
+    checkpoint: Path,
+    data: Path,
+    seeds: Sequence[int],
+    generations: int,
+    autocast: bool = False,
+    fitness_samples: int | None = None,
 ) -> dict[str, Any]:
-    """Run the default search per seed; the start fitness and each generation's best.
+    """Run the default search per seed, exactly as :func:`~snapvit_lightning.search.run_search` would.
+
+    Each seed gets its own fitness (its ``fitness_samples`` subset is drawn with the seed) and
+    its own start fitness.
 
     Returns:
-        ``{"start": f0, "popsize", "seeds": {seed: {"best_after": [...], "first_gain": g | None,
-        "seconds"}}, "beat_within": [count of seeds that beat the start within 1..generations]}``.
+        ``{"images", "fitness_samples", "popsize", "seeds": {seed: {"start", "best_after": [...],
+        "first_gain": g | None, "seconds"}}, "beat_within": [seeds that beat their start within
+        1..generations generations]}``.
 
     Raises:
-        ValueError: If ``generations < 1`` or ``seeds`` is empty.
+        ValueError: If ``generations < 1``, ``seeds`` is empty or ``fitness_samples`` is bad.
     """
     from ..data import load_eval_images
     from ..elastic import ElasticViT
     from ..search import DEFAULT_BALANCE, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, Fitness
+    from ..search import fitness_subset
     from ..search.loop import _balanced_start, _make_xnes, _search_loop
 
     if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
@@ -54,26 +64,27 @@ def first_gains(
     elastic = ElasticViT.load(checkpoint, stats=False)
     images = load_eval_images(data, elastic.model, argument="--data")[0]
     scores, w_start = _balanced_start(elastic.scores.raw(), DEFAULT_BALANCE, None)
-    fitness = Fitness(
-        elastic.model, scores, images, DEFAULT_RATIO_PAIRS, 64, 64, torch.bfloat16 if autocast else None,
-        space=DEFAULT_SPACE, guard=DEFAULT_GUARD,
-    )
-    start = fitness(_make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, DEFAULT_SIGMA, None, 0,
-                               w_start, None)[1])
-    result: dict[str, Any] = {"start": start, "images": int(images.shape[0]), "seeds": {}}
+    result: dict[str, Any] = {"images": int(images.shape[0]), "fitness_samples": fitness_samples, "seeds": {}}
     for seed in seeds:
-        xnes, _ = _make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, DEFAULT_SIGMA, None, seed,
-                             w_start, None)
+        fitness = Fitness(
+            elastic.model, scores, fitness_subset(images, fitness_samples, seed), DEFAULT_RATIO_PAIRS, 64, 64,
+            torch.bfloat16 if autocast else None, space=DEFAULT_SPACE, guard=DEFAULT_GUARD,
+        )
+        xnes, w0 = _make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, DEFAULT_SIGMA, None, seed,
+                              w_start, None)
         result["popsize"] = xnes.popsize
-        history: list[float] = []
         t0 = time.perf_counter()
+        start = fitness(w0)
+        history: list[float] = []
         _search_loop(xnes, fitness, generations * xnes.popsize, history, early_stop=True)
         best_after = []
         for g in range(1, generations + 1):
             done = [f for f in history[: g * xnes.popsize] if not math.isnan(f)]
             best_after.append(min(done, default=math.inf))
         first = next((g + 1 for g, best in enumerate(best_after) if best < start), None)
-        result["seeds"][int(seed)] = {"best_after": best_after, "first_gain": first, "seconds": time.perf_counter() - t0}
+        result["seeds"][int(seed)] = {
+            "start": start, "best_after": best_after, "first_gain": first, "seconds": time.perf_counter() - t0,
+        }
     result["beat_within"] = [
         sum(1 for s in result["seeds"].values() if s["first_gain"] is not None and s["first_gain"] <= g)
         for g in range(1, generations + 1)
@@ -90,16 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in the fitness (default: the model's fp32)")
+    parser.add_argument("--fitness-samples", type=int, default=None, help="the search's fitness_samples (default: all images)")
     parser.add_argument("--out", type=Path, default=None, help="folder for first_gains.json")
     args = parser.parse_args(argv)
     try:
-        result = first_gains(args.checkpoint, args.data, args.seeds, args.generations, args.bf16)
+        result = first_gains(args.checkpoint, args.data, args.seeds, args.generations, args.bf16, args.fitness_samples)
     except (OSError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"start fitness {result['start']:.5f} ({result['images']} images, popsize {result['popsize']})")
+    print(f"{result['images']} images (fitness_samples {result['fitness_samples']}), popsize {result['popsize']}")
     for seed, row in result["seeds"].items():
         bests = " ".join(f"{b:.5f}" for b in row["best_after"])
-        print(f"seed {seed}: best after each generation {bests}; first gain in generation {row['first_gain']} "
+        print(f"seed {seed}: start {row['start']:.5f}, best after each generation {bests}; first gain in generation {row['first_gain']} "
               f"({row['seconds']:.0f} s)")
     n = len(result["seeds"])
     for g, count in enumerate(result["beat_within"], 1):

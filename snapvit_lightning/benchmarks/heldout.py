@@ -77,6 +77,8 @@ def _value(text: str) -> Any:
 
     if text == "paper":
         return [list(p) for p in PAPER_RATIO_PAIRS]
+    if text in ("true", "false"):
+        return text == "true"
     for cast in (int, float):
         try:
             return cast(text)
@@ -88,7 +90,8 @@ def _value(text: str) -> Any:
 def parse_search(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:KEY=VALUE,...`` → ``(NAME, run_search keyword arguments)``.
 
-    ``pairs=paper`` is the paper's ratio pairs (``ratio_pairs``); ``balance=none`` the raw scores.
+    ``pairs=paper`` is the paper's ratio pairs (``ratio_pairs``); ``balance=none`` the raw scores;
+    ``true``/``false`` are booleans (e.g. ``autocast=false``: an fp32 fitness; ``run_search``'s default is bf16).
     """
     name, _, spec = text.partition(":")
     if not name:

@@ -51,6 +51,7 @@ def test_parse_search() -> None:
     )
     assert heldout.parse_search("raw:balance=none") == ("raw", {"balance": None})
     assert heldout.parse_search("plain") == ("plain", {})
+    assert heldout.parse_search("f:autocast=false,early_stop=true") == ("f", {"autocast": False, "early_stop": True})
     with pytest.raises(argparse.ArgumentTypeError, match="not KEY=VALUE"):
         heldout.parse_search("x:correct")
 
