@@ -694,7 +694,8 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     assert torch.equal(module.scores.weight_vector(), full.best_weights)
     assert resumed.reference_cosines == full.reference_cosines and (full.reference_cosines is None) == (guard == 0)
     # a state saved by another fitness cannot be resumed: its values are not comparable
-    for change in ({"guard": guard + 1.0}, {"ratio_pairs": [(0.35, 0.2)]}, {"space": "pca"}, {"balance": None}):
+    changes = ({"guard": guard + 1.0}, {"ratio_pairs": [(0.35, 0.2)]}, {"space": "pca"}, {"balance": None}, {"fitness_samples": 3})
+    for change in changes:
         other = EvolutionarySearch(max_evals=8, images=x, **{**kw, **change})
         with pytest.raises(ValueError, match=f"other fitness settings \\({next(iter(change))}: saved"):
             other.load_state_dict(state)
