@@ -12,7 +12,7 @@ from snapvit_lightning import __version__
 from snapvit_lightning.cli import main
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
-from snapvit_lightning.search import DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, PAPER_RATIO_PAIRS
+from snapvit_lightning.search import DEFAULT_FITNESS_SAMPLES, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, PAPER_RATIO_PAIRS
 
 from conftest import REPO, tiny_model
 
@@ -89,6 +89,7 @@ def test_shipped_configs_parse(name, capsys) -> None:
     assert search["init_args"]["space"] == ("pca" if name == "dino_vitb16" else "raw")
     paper = name == "dino_vitb16"
     assert search["init_args"]["guard"] == (0.0 if paper else DEFAULT_GUARD)
+    assert search["init_args"]["fitness_samples"] == (None if paper else DEFAULT_FITNESS_SAMPLES)
     pairs = [tuple(p) for p in search["init_args"]["ratio_pairs"]]
     assert pairs == list(PAPER_RATIO_PAIRS if paper else DEFAULT_RATIO_PAIRS)
 

@@ -19,6 +19,7 @@ from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search.loop import _balanced_start, _make_xnes, _search_loop
 from snapvit_lightning.search import (
     DEFAULT_BALANCE,
+    DEFAULT_FITNESS_SAMPLES,
     DEFAULT_GUARD,
     DEFAULT_RATIO_PAIRS,
     EvolutionarySearch,
@@ -834,8 +835,19 @@ def test_run_search_on_a_fitness_subset_equals_a_search_on_those_images() -> Non
     assert not same_history(run_search(model, raw, x, **kw)[2], subset[2])  # the subset changes the values
 
 
+def test_run_search_embeds_64_fitness_images_by_default() -> None:
+    model, _, _ = small_vit()
+    raw, x = random_scores(model), images_for(model, n=DEFAULT_FITNESS_SAMPLES + 6)
+    kw = dict(max_evals=4, popsize=4, sigma=0.3, seed=1, autocast=False, pca_components=3)
+    default = run_search(model, raw, x, **kw)
+    assert same_history(default[2], run_search(model, raw, fitness_subset(x, 64, 1), fitness_samples=None, **kw)[2])
+    assert not same_history(default[2], run_search(model, raw, x, fitness_samples=None, **kw)[2])
+
+
 def test_callback_fitness_samples_is_a_fitness_setting() -> None:
     search = EvolutionarySearch(fitness_samples=6)
     assert search._fitness_settings()["fitness_samples"] == 6
+    assert EvolutionarySearch()._fitness_settings()["fitness_samples"] == DEFAULT_FITNESS_SAMPLES == 64
+    assert EvolutionarySearch(fitness_samples=None)._fitness_settings()["fitness_samples"] is None
     with pytest.raises(ValueError, match=r"fitness_samples must be an int >= 2 or None, got 1"):
         EvolutionarySearch(fitness_samples=1)

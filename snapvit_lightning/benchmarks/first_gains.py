@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..search.fitness import DEFAULT_FITNESS_SAMPLES
+
 __all__ = ["first_gains", "main"]
 
 
@@ -36,7 +38,7 @@ def first_gains(
     seeds: Sequence[int],
     generations: int,
     autocast: bool = False,
-    fitness_samples: int | None = None,
+    fitness_samples: int | None = DEFAULT_FITNESS_SAMPLES,
 ) -> dict[str, Any]:
     """Run the default search per seed, exactly as :func:`~snapvit_lightning.search.run_search` would.
 
@@ -92,6 +94,10 @@ def first_gains(
     return result
 
 
+def _samples(text: str) -> int | None:
+    return None if text == "none" else int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m snapvit_lightning.benchmarks.first_gains", description=__doc__.splitlines()[0],
@@ -101,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in the fitness (default: the model's fp32)")
-    parser.add_argument("--fitness-samples", type=int, default=None, help="the search's fitness_samples (default: all images)")
+    parser.add_argument("--fitness-samples", type=_samples, default=DEFAULT_FITNESS_SAMPLES,
+                        help=f"the search's fitness_samples, or none for all images (default: {DEFAULT_FITNESS_SAMPLES})")
     parser.add_argument("--out", type=Path, default=None, help="folder for first_gains.json")
     args = parser.parse_args(argv)
     try:

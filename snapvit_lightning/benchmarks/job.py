@@ -59,7 +59,7 @@ SETTINGS: tuple[str, ...] = ("default", "paper")
 #: The paper's search settings (the official code's), as ``EvolutionarySearch`` init args.
 PAPER_SEARCH: dict[str, Any] = {
     "ratio_pairs": [list(pair) for pair in PAPER_RATIO_PAIRS], "space": "pca", "pca_components": 64,
-    "guard": 0.0, "balance": None, "autocast": True,
+    "guard": 0.0, "balance": None, "autocast": True, "fitness_samples": None,
 }
 #: The official code's scoring precision (its fitness runs under bfloat16 autocast: ``autocast: true``).
 PAPER_PRECISION = "32-true"

@@ -10,6 +10,7 @@
 from .callback import EvolutionarySearch, scored_model
 from .fitness import (
     DEFAULT_BALANCE,
+    DEFAULT_FITNESS_SAMPLES,
     DEFAULT_GUARD,
     DEFAULT_RATIO_PAIRS,
     DEFAULT_SIGMA,
@@ -26,6 +27,7 @@ from .loop import run_search
 
 __all__ = [
     "DEFAULT_BALANCE",
+    "DEFAULT_FITNESS_SAMPLES",
     "DEFAULT_RATIO_PAIRS",
     "PAPER_RATIO_PAIRS",
     "DEFAULT_SIGMA",

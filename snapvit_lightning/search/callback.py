@@ -25,6 +25,7 @@ from ..precision import search_setting
 from ..scores import ImportanceScores, check_balance
 from .fitness import (
     DEFAULT_BALANCE,
+    DEFAULT_FITNESS_SAMPLES,
     DEFAULT_GUARD,
     DEFAULT_RATIO_PAIRS,
     DEFAULT_SIGMA,
@@ -233,8 +234,9 @@ class EvolutionarySearch(Callback):
             a fitness setting: a state saved with one value resumes with the other.
         fitness_samples: Embed only this many of the fitness images in every evaluation, drawn
             once with ``seed`` (:func:`~snapvit_lightning.search.fitness.fitness_subset`; the
-            same on every process); ``None`` (default): all of them. The work per evaluation
-            scales with it; the export still measures on all fitness images.
+            same on every process); default :data:`~snapvit_lightning.search.fitness.DEFAULT_FITNESS_SAMPLES`
+            (64); ``None``: all of them (the paper's). The work per evaluation scales with it; the
+            export still measures on all fitness images. Chosen held out: docs/defaults.md.
 
     Attributes:
         best_weights: Best weights found (``None`` before the search).
@@ -274,7 +276,7 @@ class EvolutionarySearch(Callback):
         space: str = DEFAULT_SPACE,
         guard: float = DEFAULT_GUARD,
         early_stop: bool = True,
-        fitness_samples: int | None = None,
+        fitness_samples: int | None = DEFAULT_FITNESS_SAMPLES,
     ) -> None:
         super().__init__()
         self.early_stop = _check_early_stop(early_stop)

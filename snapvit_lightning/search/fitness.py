@@ -75,6 +75,11 @@ DEFAULT_SPACE = "raw"
 DEFAULT_GUARD = 10.0
 
 
+#: How many of the fitness images the search embeds per evaluation (a fixed, seeded subset; see
+#: :func:`fitness_subset` and :class:`EvolutionarySearch`). ``None`` is the paper's: all of them.
+DEFAULT_FITNESS_SAMPLES: int | None = 64
+
+
 _BOUNDS = (0.0, 2.0)
 
 

@@ -16,6 +16,7 @@ from ..scores import ImportanceScores, check_balance
 from ..xnes import XNES, _is_staged
 from .fitness import (
     DEFAULT_BALANCE,
+    DEFAULT_FITNESS_SAMPLES,
     DEFAULT_GUARD,
     DEFAULT_RATIO_PAIRS,
     DEFAULT_SIGMA,
@@ -172,7 +173,7 @@ def run_search(
     space: str = DEFAULT_SPACE,
     guard: float = DEFAULT_GUARD,
     early_stop: bool = True,
-    fitness_samples: int | None = None,
+    fitness_samples: int | None = DEFAULT_FITNESS_SAMPLES,
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Search the block/head weights without a Trainer (see :class:`EvolutionarySearch`).
 
@@ -207,7 +208,8 @@ def run_search(
             that decide the xNES update (:meth:`XNES.optimize`, :class:`Fitness`); the result
             (best weights, covariance, the other fitness values) is the same, only faster.
         fitness_samples: Embed only this many of ``images``, drawn once with ``seed``
-            (:func:`~snapvit_lightning.search.fitness.fitness_subset`); ``None``: all of them.
+            (:func:`~snapvit_lightning.search.fitness.fitness_subset`); default
+            :data:`~snapvit_lightning.search.fitness.DEFAULT_FITNESS_SAMPLES`; ``None``: all of them.
 
     Returns:
         ``(best_w [B + B*H], covariance [d, d], history)`` where ``history`` holds the fitness of
