@@ -6,7 +6,7 @@
 """
 
 from .crops import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DINOMultiCrop, eval_transform, resolve_input_config
-from .datamodule import CalibrationDataModule, MultiCropDataset, ResumableBatchSampler, ResumableDataLoader
+from .datamodule import CalibrationDataModule, MultiCropDataset, ResumableDataLoader
 from .sources import (
     IMG_EXTENSIONS,
     SKIMAGE_PHOTOS,
@@ -32,7 +32,6 @@ __all__ = [
     "ImageFolderSource",
     "ImageSource",
     "MultiCropDataset",
-    "ResumableBatchSampler",
     "ResumableDataLoader",
     "SkimagePhotosSource",
     "UnreadableImageError",

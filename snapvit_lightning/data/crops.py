@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 __all__ = [
@@ -153,8 +153,9 @@ def eval_transform(
 ) -> Tensor:
     """timm-style evaluation view: resize the shorter side, center crop, normalise.
 
-    The shorter side is resized (bilinear, antialiased) to ``floor(size / crop_pct)``
-    (256 for 224), then the central ``size x size`` square is kept.
+    The shorter side is resized (bilinear, antialiased, torchvision's v2 ``resize`` on ``uint8``)
+    to ``floor(size / crop_pct)`` (256 for 224), the longer side rounded to keep the aspect
+    ratio, then the central ``size x size`` square is kept (offsets rounded down).
 
     Args:
         img: ``uint8`` ``[3, H, W]`` (or float in [0, 1]).
@@ -178,11 +179,8 @@ def eval_transform(
         new_h, new_w = scale, max(scale, round(w * scale / h))
     else:
         new_h, new_w = max(scale, round(h * scale / w)), scale
-    x = x[None].contiguous(memory_format=torch.channels_last)
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
-    top = (new_h - size) // 2
-    left = (new_w - size) // 2
-    x = x[:, top : top + size, left : left + size].contiguous()
+    x = TF.resize(x[None].contiguous(memory_format=torch.channels_last), [new_h, new_w], antialias=True)
+    x = TF.crop(x[0], (new_h - size) // 2, (new_w - size) // 2, size, size).contiguous()
     return _normalize_uint8(x, mean, std)
 
 
@@ -194,9 +192,10 @@ class DINOMultiCrop:
     *local* crops (area fraction in ``local_scale``). Each crop has an aspect ratio drawn
     log-uniformly from ``ratio`` (as ``RandomResizedCrop``), is resized to ``size x size``
     (bilinear, antialiased), flipped horizontally with probability 0.5 (if ``flip``) and
-    normalised with ``mean``/``std``. Cropping and resizing run on ``uint8`` tensors (as
-    torchvision's v2 transforms do; far faster on CPU than float), so views are quantised to
-    8 bits before normalisation.
+    normalised with ``mean``/``std``. Cropping, resizing and flipping are torchvision's v2
+    functional transforms on ``uint8`` tensors (far faster on CPU than float), so views are
+    quantised to 8 bits before normalisation; the crop boxes are drawn here, from a seeded
+    generator (torchvision's ``RandomResizedCrop`` draws from the global RNG).
 
     Randomness: a ``torch.Generator`` seeded with a hash of ``(seed, epoch, index)``, so the
     views of an image depend only on those three numbers (not on worker count or order).
@@ -312,8 +311,8 @@ class DINOMultiCrop:
             ValueError: if ``img`` is not ``[3, H, W]``.
             TypeError: if ``img`` has an unsupported dtype.
         """
-        # Work in uint8, channels-last: torch's antialiased bilinear kernel is ~100x faster
-        # there than on strided float crops; the only float pass is the final normalisation.
+        # Work in uint8, channels-last: the antialiased bilinear kernel torchvision calls is
+        # ~100x faster there than on strided float crops; the only float pass is the normalisation.
         x = _as_uint8_chw(img)[None].contiguous(memory_format=torch.channels_last)
         gen = generator if generator is not None else self.generator(index, epoch)
         height, width = x.shape[-2:]
@@ -324,10 +323,9 @@ class DINOMultiCrop:
                 out[k] = out[0] if k < 2 else out[2]  # official behaviour: repeated crops
                 continue
             top, left, h, w = self.crop_params(height, width, scale, gen)
-            crop = x[:, :, top : top + h, left : left + w]
-            view = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            view = TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
             if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
-                view = view.flip(-1)
+                view = TF.horizontal_flip(view)
             out[k] = view[0]
         return _normalize_uint8(out, self.mean, self.std)
 

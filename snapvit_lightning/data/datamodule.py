@@ -8,7 +8,8 @@ of dataloader workers, on the batch size, on the number of DDP ranks, or on iter
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
 from .crops import (
@@ -45,7 +47,6 @@ from .sources import (
 __all__ = [
     "CalibrationDataModule",
     "MultiCropDataset",
-    "ResumableBatchSampler",
     "ResumableDataLoader",
 ]
 
@@ -79,82 +80,51 @@ class MultiCropDataset(Dataset):
         return self.transform(self.images[index], index=index, epoch=self.epoch), self.labels[index]
 
 
-class ResumableBatchSampler(BatchSampler):
-    """A :class:`~torch.utils.data.BatchSampler` whose next pass can start after ``skip`` batches.
-
-    Skipping happens on indices only (no image is loaded or cropped for a skipped batch) and
-    applies to one pass: ``skip`` is reset to 0 when the pass starts. Lightning re-creates it
-    around a ``DistributedSampler`` under DDP (same ``(sampler, batch_size, drop_last)``
-    arguments), so the skip then counts the rank's own batches.
-
-    Args:
-        sampler: the index sampler.
-        batch_size: indices per batch.
-        drop_last: drop the last incomplete batch.
-    """
-
-    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip = self.skip, 0
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                yield batch
-
-
-class ResumableDataLoader(DataLoader):
-    """A :class:`~torch.utils.data.DataLoader` that Lightning can resume in the middle of an epoch.
+class ResumableDataLoader(StatefulDataLoader):
+    """torchdata's :class:`~torchdata.stateful_dataloader.StatefulDataLoader`, its state checked.
 
     Lightning (2.x) stores ``state_dict()`` of every train dataloader that has
     ``state_dict``/``load_state_dict`` in the checkpoint's loop state and, on
     ``trainer.fit(..., ckpt_path=...)``, calls ``load_state_dict`` before the first ``iter()``;
-    its batch progress continues from the restored ``batch_idx``. The state is the number of
-    batches this loader has yielded in the current pass (counted in the main process, after
-    worker prefetching, so it equals the steps Lightning has taken for a sized loader). After
-    ``load_state_dict`` the next pass starts after those batches: at the index level with a
-    :class:`ResumableBatchSampler`, otherwise by loading and dropping them. ``len()`` stays the
-    full length, as Lightning expects.
+    its batch progress continues from the restored ``batch_idx``. ``StatefulDataLoader`` records
+    how many batches the current pass has yielded (after worker prefetching) and, once a state is
+    loaded, starts its next pass after them, skipping them on the index sampler (no image of a
+    skipped batch is loaded). This subclass adds the dataset length to the state and refuses a
+    state saved with another, so a resume with other calibration data fails instead of silently
+    skipping the wrong images. ``len()`` stays the full length, as Lightning expects.
     """
 
-    _served: int = 0
-    _resume_at: int = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, which this torch deprecates: not the user's to act on.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            super().__init__(*args, **kwargs)
 
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        start, self._resume_at = self._resume_at, 0
-        skip_here = start
-        if start and isinstance(self.batch_sampler, ResumableBatchSampler):
-            self.batch_sampler.skip, skip_here = start, 0
-        self._served = start
-        for i, batch in enumerate(super().__iter__()):
-            if i < skip_here:
-                continue
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"batches": yielded in this pass, "num_samples": dataset length}`` (plain ints)."""
-        return {"batches": int(self._served), "num_samples": len(self.dataset)}  # type: ignore[arg-type]
+    def state_dict(self) -> dict[str, Any]:
+        """``StatefulDataLoader``'s state (plain values) plus ``"num_samples"``: the dataset length."""
+        return {**super().state_dict(), "num_samples": len(self.dataset)}  # type: ignore[arg-type]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Start the next pass after ``state_dict["batches"]`` batches.
+        """Start the next pass after the batches ``state_dict`` records as yielded.
 
         Raises:
-            ValueError: if the saved dataset length differs from this loader's, or the batch
-                count is negative or beyond the loader's length.
+            ValueError: if the state was saved with another dataset length, or by a version of this
+                package before the ``StatefulDataLoader`` (its ``{"batches", "num_samples"}`` state).
         """
-        batches = int(state_dict.get("batches", 0))
-        saved = state_dict.get("num_samples")
+        state = dict(state_dict)
+        saved = state.pop("num_samples", None)
         current = len(self.dataset)  # type: ignore[arg-type]
         if saved is not None and int(saved) != current:
             raise ValueError(
                 f"the checkpoint's dataloader state was saved with num_samples={int(saved)}, but this "
                 f"loader's dataset has {current} samples: resume with the same calibration data"
             )
-        if not 0 <= batches <= len(self):
-            raise ValueError(f"dataloader state batches={batches} is outside [0, {len(self)}]")
-        self._resume_at = batches
+        if "batches" in state:
+            raise ValueError(
+                f"the checkpoint's dataloader state {sorted(state_dict)} was written by snapvit_lightning's own "
+                "loader before it used torchdata's StatefulDataLoader: restart the fit without --ckpt_path"
+            )
+        super().load_state_dict(state)
 
 
 class CalibrationDataModule(LightningDataModule):
@@ -470,11 +440,7 @@ class CalibrationDataModule(LightningDataModule):
         an image depend only on ``(seed, epoch, index)``, so they are the same after a resume.
         """
         dataset = self.train_dataset()
-        return ResumableDataLoader(
-            dataset,
-            batch_sampler=ResumableBatchSampler(SequentialSampler(dataset), self.batch_size, drop_last=False),
-            num_workers=self.num_workers,
-        )
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def _eval_stack(self, key: str, images: list[Tensor]) -> Tensor:
         mean, std = self.normalization
