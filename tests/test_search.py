@@ -835,6 +835,18 @@ def test_run_search_on_a_fitness_subset_equals_a_search_on_those_images() -> Non
     assert not same_history(run_search(model, raw, x, **kw)[2], subset[2])  # the subset changes the values
 
 
+def test_run_search_reports_its_start_fitness_before_any_candidate() -> None:
+    model, _, _ = small_vit()
+    raw, x = random_scores(model), images_for(model, n=8)
+    events: list[tuple[str, float]] = []
+    run_search(model, raw, x, max_evals=6, popsize=3, sigma=0.3, seed=0, autocast=False, pca_components=6,
+               on_start=lambda f: events.append(("start", f)), on_eval=lambda i, f, best: events.append(("eval", best)))
+    assert [kind for kind, _ in events] == ["start"] + ["eval"] * 6
+    scores, w0 = _balanced_start(raw, DEFAULT_BALANCE, None)
+    fitness = Fitness(model, scores, x, DEFAULT_RATIO_PAIRS, 6, autocast_dtype=None, guard=DEFAULT_GUARD)
+    assert events[0][1] == pytest.approx(fitness(w0), rel=1e-12)
+
+
 def test_run_search_embeds_64_fitness_images_by_default() -> None:
     model, _, _ = small_vit()
     raw, x = random_scores(model), images_for(model, n=DEFAULT_FITNESS_SAMPLES + 6)

@@ -40,10 +40,10 @@ def first_gains(
     autocast: bool = False,
     fitness_samples: int | None = DEFAULT_FITNESS_SAMPLES,
 ) -> dict[str, Any]:
-    """Run the default search per seed, exactly as :func:`~snapvit_lightning.search.run_search` would.
+    """Run the default search (:func:`~snapvit_lightning.search.run_search`) per seed for ``generations``.
 
     Each seed gets its own fitness (its ``fitness_samples`` subset is drawn with the seed) and
-    its own start fitness.
+    its own start fitness. ``autocast``: bfloat16 in the fitness (default: the model's fp32).
 
     Returns:
         ``{"images", "fitness_samples", "popsize", "seeds": {seed: {"start", "best_after": [...],
@@ -55,9 +55,8 @@ def first_gains(
     """
     from ..data import load_eval_images
     from ..elastic import ElasticViT
-    from ..search import DEFAULT_BALANCE, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, DEFAULT_SIGMA, DEFAULT_SPACE, Fitness
-    from ..search import fitness_subset
-    from ..search.loop import _balanced_start, _make_xnes, _search_loop
+    from ..search import run_search
+    from ..xnes import default_popsize
 
     if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
         raise ValueError(f"generations must be an int >= 1, got {generations!r}")
@@ -65,23 +64,19 @@ def first_gains(
         raise ValueError("seeds must name at least one seed")
     elastic = ElasticViT.load(checkpoint, stats=False)
     images = load_eval_images(data, elastic.model, argument="--data")[0]
-    scores, w_start = _balanced_start(elastic.scores.raw(), DEFAULT_BALANCE, None)
-    result: dict[str, Any] = {"images": int(images.shape[0]), "fitness_samples": fitness_samples, "seeds": {}}
+    raw = elastic.scores.raw()
+    popsize = default_popsize(raw.num_weights)
+    result: dict[str, Any] = {"images": int(images.shape[0]), "fitness_samples": fitness_samples, "popsize": popsize,
+                              "seeds": {}}
     for seed in seeds:
-        fitness = Fitness(
-            elastic.model, scores, fitness_subset(images, fitness_samples, seed), DEFAULT_RATIO_PAIRS, 64, 64,
-            torch.bfloat16 if autocast else None, space=DEFAULT_SPACE, guard=DEFAULT_GUARD,
-        )
-        xnes, w0 = _make_xnes(scores.num_weights, scores.num_blocks, scores.num_heads, DEFAULT_SIGMA, None, seed,
-                              w_start, None)
-        result["popsize"] = xnes.popsize
         t0 = time.perf_counter()
-        start = fitness(w0)
-        history: list[float] = []
-        _search_loop(xnes, fitness, generations * xnes.popsize, history, early_stop=True)
+        starts: list[float] = []
+        _, _, history = run_search(elastic.model, raw, images, max_evals=generations * popsize, seed=seed,
+                                   autocast=autocast, fitness_samples=fitness_samples, on_start=starts.append)
+        (start,) = starts
         best_after = []
         for g in range(1, generations + 1):
-            done = [f for f in history[: g * xnes.popsize] if not math.isnan(f)]
+            done = [f for f in history[: g * popsize] if not math.isnan(f)]
             best_after.append(min(done, default=math.inf))
         first = next((g + 1 for g, best in enumerate(best_after) if best < start), None)
         result["seeds"][int(seed)] = {

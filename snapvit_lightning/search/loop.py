@@ -166,6 +166,7 @@ def run_search(
     initial_weights: Tensor | None = None,
     initial_covariance: Tensor | None = None,
     on_eval: Callable[[int, float, float], None] | None = None,
+    on_start: Callable[[float], None] | None = None,
     balance: float | tuple[float, float] | str | None = DEFAULT_BALANCE,
     correct: str = "none",
     damping: float = 0.01,
@@ -195,6 +196,7 @@ def run_search(
         initial_weights: Start mean ``[B + B*H]`` (clipped into ``[0, 2]``).
         initial_covariance: Initial covariance shape (identity by default), scaled by ``sigma**2``.
         on_eval: Called as ``on_eval(eval_idx, fitness, best_so_far)`` after each evaluation.
+        on_start: Called with the start point's fitness, before the first candidate.
         balance: Balancing quantile(s) of the scores the weights apply to (``None``: the raw
             scores and the paper's start); see :class:`EvolutionarySearch`.
         correct: Weight correction inside the fitness (see :class:`Fitness`).
@@ -233,6 +235,8 @@ def run_search(
         scores.num_weights, scores.num_blocks, scores.num_heads, sigma, popsize, seed, initial_weights, initial_covariance
     )
     initial_fitness = fitness(w0)
+    if on_start is not None:
+        on_start(initial_fitness)
     history: list[float] = []
     _search_loop(xnes, fitness, max_evals, history, on_eval, early_stop=early_stop)
     best_w, _ = _best(xnes, w0, initial_fitness)
