@@ -29,6 +29,7 @@ puts first (:meth:`ElasticViT.ranked_view`); plain cuts always follow the checkp
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -108,7 +109,11 @@ class ElasticViT:
         if not structure.is_uniform:
             raise ValueError("model has blocks of different sizes; build the elastic model from the dense model")
         _check_scores_match(scores, structure.blocks[0], structure.num_blocks)
-        self.model_name, self.model_kwargs = _resolve_rebuild(model, model_name, model_kwargs)
+        self._build(model, scores, *_resolve_rebuild(model, model_name, model_kwargs))
+
+    def _build(self, model: nn.Module, scores: ImportanceScores, model_name: str, model_kwargs: dict[str, Any]) -> None:
+        """A permuted copy of a checked ``model`` (``__init__`` after its checks; :meth:`ranked_view`)."""
+        self.model_name, self.model_kwargs = model_name, dict(model_kwargs)
         elastic = copy.deepcopy(model).eval().requires_grad_(False)
         mlp_order, head_order = scores.block_orders()
         for block, m_order, h_order in zip(get_blocks(elastic), mlp_order, head_order):
@@ -444,7 +449,8 @@ class ElasticViT:
             stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=self.scores.min_mlp_keep,
             min_head_keep=self.scores.min_head_keep, criterion="corrected-ranking",
         )
-        view = ElasticViT(self.model, ranking, model_name=self.model_name, model_kwargs=self.model_kwargs)
+        view = ElasticViT.__new__(ElasticViT)  # this model's architecture, already checked: no rebuild check
+        view._build(self.model, ranking, self.model_name, self.model_kwargs)
         view.attach_stats(_permuted_stats(stats, view.mlp_order, view.head_order, view.fingerprint))
         self._ranked = (stats, view)
         return view
@@ -586,6 +592,21 @@ def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: i
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _rebuilt_shapes(model_name: str, model_kwargs_json: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """Parameter shapes of ``timm.create_model(model_name, **kwargs)``, built on the meta device.
+
+    Cached: even on the meta device timm's weight initialisation takes ~0.5 s for a ViT-S, and
+    every :class:`ElasticViT` (e.g. each :meth:`ElasticViT.ranked_view`) checks its rebuild.
+    """
+    try:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(model_name, pretrained=False, **json.loads(model_kwargs_json))
+        return tuple((k, tuple(v.shape)) for k, v in rebuilt.state_dict().items())
+    except (AssertionError, TypeError, ValueError, RuntimeError) as err:
+        return (("<timm.create_model failed>", (str(err),)),)
+
+
 def _resolve_rebuild(
     model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any]]:
@@ -605,12 +626,7 @@ def _resolve_rebuild(
             model_kwargs["dynamic_img_size"] = True
     check_model_kwargs(model_kwargs)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        with torch.device("meta"):
-            rebuilt = timm.create_model(model_name, pretrained=False, **model_kwargs)
-        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    except (AssertionError, TypeError, ValueError, RuntimeError) as err:
-        got = {"<timm.create_model failed>": (str(err),)}
+    got = dict(_rebuilt_shapes(model_name, json.dumps(model_kwargs, sort_keys=True)))
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
         raise ValueError(
