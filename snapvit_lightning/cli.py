@@ -162,9 +162,10 @@ def _slice(args: argparse.Namespace) -> int:
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
-        budget = elastic.latency_budget(
+        budget = elastic.latency_budget(  # times the cuts this correction gives (the ranked ones, with a ranking)
             args.latency_ms, batch_size=args.batch_size or 1, device=args.device or "cpu", threads=args.threads,
-            backend="onnx" if onnx else "torch",
+            backend="onnx" if onnx else "torch", correct=correction["correct"],
+            calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
         )
         print(budget.describe())
         flops = budget.flops

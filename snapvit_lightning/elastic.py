@@ -264,20 +264,27 @@ class ElasticViT:
             damping_reference=damping_reference, sequential=sequential,
         )
         _check_correction_args(**correction)
+        view = self._ranked_cut(correct, calibration, sequential)
         if latency_ms is not None:
             if any(v is not None for v in (mlp_ratio, head_ratio, flops, params)):
                 raise ValueError("give either latency_ms or mlp_ratio/head_ratio/flops/params, not both")
             flops = self.latency_budget(
-                latency_ms, batch_size=1 if batch_size is None else batch_size, head_ratio_scale=head_ratio_scale
+                latency_ms, batch_size=1 if batch_size is None else batch_size, head_ratio_scale=head_ratio_scale,
+                correct=correct, calibration=calibration, sequential=sequential,
             ).flops
         elif batch_size is not None:
             raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
-        if correct in ("bias", "lstsq") and not sequential and isinstance(calibration, CorrectionStats) \
-                and calibration.has_ranking:
-            view = self.ranked_view(calibration)
+        if view is not None:
             return view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
         return self.slice(self.dims(*ratios), **correction)
+
+    def _ranked_cut(self, correct: Any, calibration: Any, sequential: bool = False) -> "ElasticViT | None":
+        """The :meth:`ranked_view` a (resolved) correction cuts, or ``None`` for this model's own cut."""
+        if correct in ("bias", "lstsq") and not sequential and isinstance(calibration, CorrectionStats) \
+                and calibration.has_ranking:
+            return self.ranked_view(calibration)
+        return None
 
     def latency_budget(
         self,
@@ -288,6 +295,9 @@ class ElasticViT:
         threads: int | None = None,
         backend: str = "torch",
         head_ratio_scale: float = 1.0,
+        correct: str = "auto",
+        calibration: CorrectionStats | torch.Tensor | None = None,
+        sequential: bool = False,
         **options: Any,
     ) -> LatencyBudget:
         """The largest FLOPs budget whose subnet is measured to run within ``latency_ms`` here.
@@ -297,7 +307,10 @@ class ElasticViT:
         dense model, in a bisection on the FLOPs fraction; see
         :func:`~snapvit_lightning.latency.find_latency_budget`, which also takes the ``options``
         (``warmup``, ``repeats``, ``resolution``, ``timer``). Slice the result with
-        ``subnet(flops=budget.flops, ...)``, with any correction: it does not change the shapes.
+        ``subnet(flops=budget.flops, correct=...)`` with the same ``correct``: the candidates
+        timed are the cuts that correction gives (with statistics that carry a ranking, the
+        :meth:`ranked_view`'s: the same FLOPs, other per-block widths; a correction only changes
+        weights, not shapes); ``correct``/``calibration``/``sequential`` as in :meth:`subnet`.
 
         Raises:
             LatencyTargetError: A target the dense model meets, or one below the smallest budget's
@@ -306,9 +319,11 @@ class ElasticViT:
         """
         from .latency import find_latency_budget
 
-        def build(f: float) -> nn.Module:  # plain cuts: a correction does not change the shapes
+        source = self._ranked_cut(*self._resolve_correction(correct, calibration), sequential) or self
+
+        def build(f: float) -> nn.Module:  # uncorrected: a correction does not change the shapes
             ratios = self.resolve_budget(flops=f, head_ratio_scale=head_ratio_scale)
-            return self.slice(self.dims(*ratios), correct="none")
+            return source.slice(source.dims(*ratios), correct="none")
 
         smallest = math.nextafter(1.0, 0.0)
         return find_latency_budget(

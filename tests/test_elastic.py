@@ -11,6 +11,7 @@ from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.structure import (
     UnsupportedModelError,
     block_dims,
+    count_flops,
     count_params,
     get_blocks,
     measure_flops,
@@ -341,6 +342,26 @@ def test_corrected_subnet_keeps_the_top_units_of_the_statistics_ranking(key: str
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_latency_budget_times_the_cuts_subnet_gives() -> None:
+    """With a ranking attached the bisection times the ranked cuts (other per-block widths), not plain ones."""
+    elastic, dense = _elastic("test_vit")
+    elastic.attach_stats(_with_ranking(elastic, model_input(dense, batch=6, seed=5)))
+    timed: list[list] = []
+
+    def timer(models):  # a deterministic latency: 1 ms per MFLOP; records what was timed
+        timed.extend([block_dims(b) for b in get_blocks(m)] for m in models)
+        return [count_flops(m)["total"] / 1e6 for m in models]
+
+    target = 0.7 * count_flops(dense)["total"] / 1e6
+    widths = lambda model: [block_dims(b) for b in get_blocks(model)]  # noqa: E731
+    for correct in ("auto", "none"):
+        timed.clear()
+        budget = elastic.latency_budget(target, timer=timer, correct=correct)
+        chosen, other = elastic.subnet(flops=budget.flops, correct=correct), elastic.subnet(
+            flops=budget.flops, correct="none" if correct == "auto" else "lstsq")
+        assert widths(chosen) in timed and widths(other) != widths(chosen) and widths(other) not in timed
+
+
 def test_ranked_view_is_used_only_for_one_shot_corrections_and_rebuilt_for_new_statistics() -> None:
     elastic, dense = _elastic("test_vit")
     images = model_input(dense, batch=6, seed=5)
