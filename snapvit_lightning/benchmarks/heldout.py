@@ -16,7 +16,9 @@ calibration half only:
 2. each ``--search`` (``NAME`` and :func:`~snapvit_lightning.search.run_search` keyword
    arguments, e.g. ``lstsq:correct=lstsq`` or ``paper:correct=lstsq,balance=0.5,space=pca,guard=0,
    pairs=paper``) for each seed, on the main job's raw scores with the calibration half as
-   fitness images;
+   fitness images; ``scores=ranking`` searches block/head weights of the corrected path's own
+   ranking instead (from ``w = 1``, that ranking, also measured as ``NAME start``), e.g.
+   ``obs:scores=ranking,correct=lstsq``;
 3. the references without search: ``gradient-only`` (raw scores ranked globally), ``uniform`` (the
    same share of every block), ``random`` (three seeds of ``snapvit bench``'s random scores).
 
@@ -147,6 +149,33 @@ def _mean_rows(rows: list[dict[str, list[float]]]) -> dict[str, Any]:
     return mean
 
 
+def _search_scores(kwargs: dict[str, Any], raw: Any, checkpoint: Path) -> Any:
+    """The scores a ``--search`` weights, popping its ``scores`` key from ``kwargs``.
+
+    ``scores=dino`` (default): the main job's raw DINO scores. ``scores=ranking``: the corrected
+    path's own ranking, shipped in the main job's statistics (OBS removal costs relative to the
+    residual stream, comparable across blocks); unless ``balance`` is given it is searched
+    unbalanced from ``w = 1``, which is exactly that ranking.
+    """
+    from ..elastic import ElasticViT
+    from ..scores import ImportanceScores
+
+    source = kwargs.pop("scores", "dino")
+    if source == "dino":
+        return raw
+    if source != "ranking":
+        raise ValueError(f"--search scores must be dino or ranking, got {source!r}")
+    stats = ElasticViT.load(checkpoint).stats
+    if stats is None or not stats.has_ranking:
+        raise ValueError(f"--search scores=ranking needs the main job's statistics with a ranking beside {checkpoint}")
+    ranking = ImportanceScores(stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=raw.min_mlp_keep,
+                               min_head_keep=raw.min_head_keep, criterion="corrected-ranking")
+    if "balance" not in kwargs:
+        kwargs["balance"] = None
+        kwargs.setdefault("initial_weights", torch.ones(ranking.num_weights, dtype=torch.float64))
+    return ranking
+
+
 def run_direction(
     data_halves: dict[str, Path], calibrate: str, out: Path, searches: list[tuple[str, dict[str, Any]]],
     seeds: Sequence[int], max_evals: int, baselines: bool, log: Callable[[str], None] = print,
@@ -194,17 +223,21 @@ def run_direction(
         record("uniform", [measure(rebuilt(raw), calibration, images, dense, lambda m, h: _uniform_dims(raw, m, h))])
         randoms = [scores for method, _, scores in _baseline_scores(elastic) if method == "random"]
         record(f"random (x{len(RANDOM_SEEDS)})", [measure(rebuilt(s), calibration, images, dense) for s in randoms])
-    for name, kwargs in searches:
+    for name, settings in searches:
+        kwargs = dict(settings)
+        base = _search_scores(kwargs, raw, checkpoint)
+        if base is not raw:
+            record(f"{name} start", [measure(rebuilt(base), calibration, images, dense)])
         rows, times = [], []
         for seed in seeds:
             t0 = time.perf_counter()
-            best, _, history = run_search(elastic.model, raw, calibration, max_evals=max_evals, seed=seed, **kwargs)
+            best, _, history = run_search(elastic.model, base, calibration, max_evals=max_evals, seed=seed, **kwargs)
             times.append(time.perf_counter() - t0)
             balance = kwargs.get("balance", "default")
-            scores = raw if balance is None else raw.balanced(DEFAULT_BALANCE if balance == "default" else balance)
+            scores = base if balance is None else base.balanced(DEFAULT_BALANCE if balance == "default" else balance)
             rows.append(measure(rebuilt(scores.with_weights(best)), calibration, images, dense))
             log(f"[{calibrate}] search {name} seed {seed}: {times[-1]:.0f} s, best fitness {min(f for f in history if not math.isnan(f)):.4f}")
-        record(name, rows, settings={k: v for k, v in kwargs.items()}, seeds=list(seeds), search_s=times)
+        record(name, rows, settings=dict(settings), seeds=list(seeds), search_s=times)
     return result
 
 
@@ -214,8 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder (links, main jobs, heldout.json)")
     parser.add_argument("--calibrate", nargs="+", choices=_HALVES, default=list(_HALVES),
                         help="the half (or halves, one direction each) to calibrate on (default: both)")
-    parser.add_argument("--search", nargs="*", type=parse_search, default=[], metavar="NAME:KEY=VALUE,...",
-                        help="extra searches on the main job's raw scores, e.g. lstsq:correct=lstsq")
+    parser.add_argument("--search", nargs="*", action="extend", type=parse_search, default=[], metavar="NAME:KEY=VALUE,...",
+                        help="extra searches (repeatable) on the main job's raw scores, e.g. lstsq:correct=lstsq, "
+                             "or on its statistics' ranking: obs:scores=ranking,correct=lstsq")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="xNES seeds of each --search")
     parser.add_argument("--max-evals", type=int, default=50, help="evaluations of each --search (default: 50)")
     parser.add_argument("--no-baselines", action="store_true", help="leave out gradient-only, uniform and random")

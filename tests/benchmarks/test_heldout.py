@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import random_scores, tiny_model
@@ -68,14 +70,20 @@ def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, o
     path = main / f"{quickstart.MODEL_NAME}.elastic.safetensors"
     elastic.save(path)  # reused: no main job is run
     even = load_eval_images(data, elastic.model)[0][0::2]
-    elastic.collect_stats(even).save(stats_path_for(path))  # the statistics a main job ships
+    g = torch.Generator().manual_seed(3)
+    ranking = dict(ranking_mlp=torch.rand(elastic.scores.mlp.shape, generator=g, dtype=torch.float64) + 0.01,
+                   ranking_heads=torch.rand(elastic.scores.heads.shape, generator=g, dtype=torch.float64) + 0.01)
+    dataclasses.replace(elastic.collect_stats(even), **ranking).save(stats_path_for(path))  # what a main job ships
     argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--calibrate", "even", "--seeds", "0",
-            "--max-evals", "2", "--search", "s:correct=lstsq,guard=0"]
+            "--max-evals", "2", "--search", "s:correct=lstsq,guard=0", "--search", "o:scores=ranking,correct=lstsq"]
     assert heldout.main(argv) == 0
     report = json.loads((tmp_path / "out" / "heldout.json").read_text())
     methods = report["even"]["methods"]
-    assert set(methods) == {"main job (default)", "gradient-only", "uniform", "random (x3)", "s"}
+    assert set(methods) == {"main job (default)", "gradient-only", "uniform", "random (x3)", "s", "o start", "o"}
     assert report["even"]["measure"] == "odd" and methods["s"]["settings"] == {"correct": "lstsq", "guard": 0}
+    assert methods["o"]["settings"] == {"scores": "ranking", "correct": "lstsq"}
+    # The ranking's own weights (w = 1) cut the units the shipped corrected path keeps: the same corrected fidelity.
+    assert methods["o start"]["lstsq"] == pytest.approx(methods["main job (default)"]["lstsq"], abs=1e-5)
     # The default row is the shipped checkpoint's plain cut, measured on the odd half only.
     odd = load_eval_images(tmp_path / "out" / "odd_images", elastic.model)[0]
     dense = extract_features(elastic.model, odd)
