@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..search.fitness import DEFAULT_FITNESS_SAMPLES
 
 __all__ = ["first_gains", "main"]
