@@ -70,30 +70,39 @@ def greedy_removal(
     diag = torch.diagonal(g)[:n]
     diag += damping * float(diag.mean())
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    # w and H⁻¹ hold the columns of `cols` (units' inputs, then the bias). Removed units are zeroed, and
+    # dropped from both matrices once they are a quarter of them, so later steps update smaller ones.
     units = n // group
-    idx = torch.arange(n, device=g.device).view(units, group)
+    unit_of = torch.arange(units, device=g.device)  # unit of each unit slot in w / H⁻¹
     alive = torch.ones(units, dtype=torch.bool, device=g.device)
+    offsets = torch.arange(group, device=g.device)
     order: list[int] = []
     costs: list[float] = []
     while len(order) < units:
+        m = unit_of.numel()
         if group == 1:
-            cost = (w[:, :n] ** 2).sum(0) / torch.diagonal(hinv)[:n]
+            cost = w[:, :m].square().sum(0) / torch.diagonal(hinv)[:m]
         else:
-            cost = torch.full((units,), torch.inf, dtype=torch.float64, device=g.device)
-            live = idx[alive]
-            blocks = hinv[live[:, :, None], live[:, None, :]]  # [alive, group, group]
-            ws = w[:, live].permute(1, 0, 2)  # [alive, out, group]
-            cost[alive] = (ws @ torch.linalg.inv(blocks) * ws).sum((1, 2))
+            width = m * group
+            blocks = torch.diagonal(hinv[:width, :width].reshape(m, group, m, group), dim1=0, dim2=2).permute(2, 0, 1)
+            ws = w[:, :width].reshape(-1, m, group).permute(1, 0, 2)  # [m, out, group]
+            blocks = torch.where(alive[:, None, None], blocks, torch.eye(group, dtype=blocks.dtype, device=g.device))
+            cost = (ws @ torch.linalg.inv(blocks) * ws).sum((1, 2))
         cost = cost.masked_fill(~alive, torch.inf)
-        step = torch.argsort(cost)[: min(chunk, units - len(order))]
-        q = idx[step].flatten()
+        step = torch.argsort(cost, stable=True)[: min(chunk, units - len(order))]
+        q = (step[:, None] * group + offsets).flatten()
         rows = torch.linalg.solve(hinv[q][:, q], hinv[q, :])  # [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:
         w.addmm_(w[:, q], rows, alpha=-1.0)
         hinv.addmm_(hinv[:, q], rows, alpha=-1.0)
         w[:, q] = 0.0
         alive[step] = False
-        order += step.tolist()
+        order += unit_of[step].tolist()
         costs += cost[step].clamp_min(0.0).tolist()
+        if 4 * int(alive.sum()) <= 3 * m:
+            bias = torch.ones(1, dtype=torch.bool, device=g.device)
+            keep = torch.cat([alive.repeat_interleave(group), bias]).nonzero().flatten()
+            w, hinv = w[:, keep], hinv[keep][:, keep]
+            unit_of, alive = unit_of[alive], alive[alive]
     return torch.tensor(order), torch.tensor(costs, dtype=torch.float64)  # on the CPU
 
 

@@ -303,11 +303,17 @@ def test_photos8_max_samples(max_samples: int) -> None:
 
 
 def test_missing_folder(tmp_path: Path) -> None:
+    """Refused at construction, before a Trainer (and its precision probe) is built, naming the argument."""
     missing = tmp_path / "does_not_exist"
-    with pytest.raises(FileNotFoundError, match="does_not_exist"):
-        CalibrationDataModule(data_dir=missing, img_size=16).setup("fit")
-    dm = CalibrationDataModule(dataset=_PairDataset(2), fitness_data_dir=missing, img_size=16)
-    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+    with pytest.raises(FileNotFoundError, match="^data_dir: .*does_not_exist"):
+        CalibrationDataModule(data_dir=missing, img_size=16)
+    with pytest.raises(FileNotFoundError, match="^fitness_data_dir: .*does_not_exist"):
+        CalibrationDataModule(dataset=_PairDataset(2), fitness_data_dir=missing, img_size=16)
+    folder = tmp_path / "later_removed"
+    folder.mkdir()
+    dm = CalibrationDataModule(data_dir=folder, img_size=16)
+    folder.rmdir()
+    with pytest.raises(FileNotFoundError, match="later_removed"):
         dm.setup("fit")
 
 

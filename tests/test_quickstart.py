@@ -8,17 +8,33 @@ import pytest
 import torch
 
 from snapvit_lightning.elastic import ElasticViT
-from snapvit_lightning.quickstart import main, run
+from snapvit_lightning.quickstart import main
 
 
-def test_main_job_on_real_model(real_weights, photos_dir, tmp_path, capsys) -> None:
-    args = ["--data.data_dir", str(photos_dir), "--data.max_samples", "6", "--data.batch_size", "3",
-            "--model.model_kwargs", '{"num_classes": 0, "img_size": 56}', "--trainer.enable_progress_bar", "false"]
-    target = run(tmp_path, weights=real_weights, cli_args=args, search_evals=3)
+def test_main_job_on_real_model(real_weights, photos_dir, tmp_path) -> None:
+    """The main job as a command (its own arguments in ``sys.argv``), small: its files, at most 3 warning lines."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cli import SCORING_NOTICES, warning_lines
+
+    cmd = [sys.executable, "-m", "snapvit_lightning.quickstart", "--out", str(tmp_path), "--weights", str(real_weights),
+           "--search-evals", "3", "--data.data_dir", str(photos_dir), "--data.max_samples", "6",
+           "--data.batch_size", "3", "--model.model_kwargs", '{"num_classes": 0, "img_size": 56}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert len(warning_lines(console)) <= 3, warning_lines(console)
+    assert [n for n in SCORING_NOTICES if n in console] == []
+    assert "Search: 100%" in console and "3/3" in console
+
+    target = tmp_path / "vit_small_patch14_dinov2.elastic.safetensors"
     elastic = ElasticViT.load(target)
     assert elastic.scores.criterion == "dino" and elastic.input_size == (56, 56)
     assert elastic.scores.block_weights is not None and elastic.scores.covariance is not None  # searched
     assert elastic.scores.balance == (0.5, 0.65)  # from the default balanced start, recorded in the file
+    assert elastic.scores.build_info["precision"]["trainer_precision"] in ("32-true", "bf16-mixed")  # the probe ran
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["budgets"]) == 5 and report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / "fidelity_vs_flops.png").stat().st_size > 0
@@ -34,23 +50,3 @@ def test_main_job_errors(real_weights, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:  # a bad LightningCLI option fails with the usual CLI message
         main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.no_such_option", "1"])
     assert exc.value.code != 0 and "no_such_option" in capsys.readouterr().err
-
-
-def test_main_job_console_is_quiet(real_weights, photos_dir, tmp_path) -> None:
-    """The main job as a command (its own arguments in ``sys.argv``): at most 3 warning lines."""
-    import os
-    import subprocess
-    import sys
-
-    from test_cli import SCORING_NOTICES, warning_lines
-
-    cmd = [sys.executable, "-m", "snapvit_lightning.quickstart", "--out", str(tmp_path), "--weights", str(real_weights),
-           "--search-evals", "2", "--data.data_dir", str(photos_dir), "--data.max_samples", "4",
-           "--data.batch_size", "2", "--model.model_kwargs", '{"num_classes": 0, "img_size": 56}',
-           "--trainer.precision", "32-true"]  # whatever the config says: no precision probe in a test
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    console = proc.stdout + proc.stderr
-    assert len(warning_lines(console)) <= 3, warning_lines(console)
-    assert [n for n in SCORING_NOTICES if n in console] == []
-    assert "Search: 100%" in console and "2/2" in console

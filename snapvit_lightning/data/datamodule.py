@@ -42,6 +42,7 @@ from .sources import (
     _no_readable,
     _report_skips,
     _sorted_by_index,
+    check_exists,
 )
 
 __all__ = [
@@ -251,8 +252,9 @@ class CalibrationDataModule(LightningDataModule):
         if not isinstance(independent_views, bool):
             raise TypeError(f"`independent_views` must be a bool, got {independent_views!r}")
         self.independent_views = independent_views
-        self.data_dir = None if data_dir is None else Path(data_dir)
-        self.fitness_data_dir = None if fitness_data_dir is None else Path(fitness_data_dir)
+        # A missing folder is refused here, before a Trainer (and its precision probe) is built.
+        self.data_dir = None if data_dir is None else check_exists(data_dir, "data_dir")
+        self.fitness_data_dir = None if fitness_data_dir is None else check_exists(fitness_data_dir, "fitness_data_dir")
         self.dataset = dataset
         self.save_hyperparameters(ignore=["dataset"])
 

@@ -190,6 +190,19 @@ def to_uint8_image(image: Any, max_side: int | None = None) -> Tensor:
     return _resize_short_side_uint8(tensor, max_side)
 
 
+def check_exists(root: str | Path, argument: str = "") -> Path:
+    """``root`` as a path, after checking it exists (what :func:`find_images` checks first, without listing it).
+
+    Raises:
+        FileNotFoundError: if ``root`` does not exist; the message names ``argument``.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        named = f"{argument}: " if argument else ""
+        raise FileNotFoundError(f"{named}image folder not found: '{root}' (give a folder of images or one image file)")
+    return root
+
+
 def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Path], list[int], list[str]]:
     """List the images under ``root`` in a deterministic order.
 
@@ -212,10 +225,7 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
         FileNotFoundError: if ``root`` does not exist.
         ValueError: if ``root`` holds no image files.
     """
-    root = Path(root).expanduser()
-    named = f"{argument}: " if argument else ""
-    if not root.exists():
-        raise FileNotFoundError(f"{named}image folder not found: '{root}' (give a folder of images or one image file)")
+    root = check_exists(root, argument)
     if root.is_file():
         return [root], [-1], []
 
@@ -227,6 +237,7 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
 
     files = sorted((p for p in root.rglob("*") if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
+        named = f"{argument}: " if argument else ""
         raise ValueError(f"{named}no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}'")
     top_level = [p for p in files if p.parent == root]
     if top_level:
