@@ -422,12 +422,48 @@ class ElasticViT:
         self._prepared = None
         self._ranked = None
 
+    def ranking_scores(self, stats: CorrectionStats | None = None) -> ImportanceScores | None:
+        """The corrected path's ranking that ``stats`` carry, as scores of this model's units.
+
+        ``stats.ranking_mlp``/``ranking_heads`` with this model's ``min_mlp_keep`` / ``min_head_keep``
+        (criterion ``"corrected-ranking"``), in this model's unit order.
+
+        Args:
+            stats: Statistics of this model (default: the attached ones).
+
+        Returns:
+            The scores, or ``None`` when the statistics carry no ranking (or there are none).
+
+        Raises:
+            TypeError: ``stats`` is not :class:`CorrectionStats` or ``None``.
+            ValueError: Statistics of another elastic model, or a ranking that does not fit it.
+        """
+        stats = self.stats if stats is None else stats
+        if stats is not None and not isinstance(stats, CorrectionStats):
+            raise TypeError(f"stats must be CorrectionStats or None, got {type(stats).__name__}")
+        if stats is None or not stats.has_ranking:
+            return None
+        if stats.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"the correction statistics belong to another elastic model (fingerprint {stats.fingerprint!r}, "
+                f"this model {self.fingerprint!r}); collect them again for this checkpoint"
+            )
+        got = (tuple(stats.ranking_mlp.shape), tuple(stats.ranking_heads.shape))
+        if got != (tuple(self.scores.mlp.shape), tuple(self.scores.heads.shape)):
+            raise ValueError(
+                f"the statistics' ranking_mlp / ranking_heads have shapes {got}, this model needs "
+                f"{tuple(self.scores.mlp.shape)} / {tuple(self.scores.heads.shape)} ([blocks, neurons] / [blocks, heads])"
+            )
+        return ImportanceScores(
+            stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=self.scores.min_mlp_keep,
+            min_head_keep=self.scores.min_head_keep, criterion="corrected-ranking",
+        )
+
     def ranked_view(self, stats: CorrectionStats | None = None) -> "ElasticViT | None":
         """This elastic model re-ordered by the ranking that ``stats`` carry, for corrected subnets.
 
         An :class:`ElasticViT` of the same weights whose blocks are permuted so that the ranking
-        (``stats.ranking_mlp``/``ranking_heads``, with this model's ``min_mlp_keep`` /
-        ``min_head_keep``) is a prefix, with ``stats`` permuted into its order and attached. Its
+        (:meth:`ranking_scores`) is a prefix, with ``stats`` permuted into its order and attached. Its
         :meth:`dims` at given ratios keep as many units in all as this model's (the same FLOPs
         and parameters), spread over the blocks as the ranking says. Built once per statistics
         (cached until :meth:`attach_stats`); its ``mlp_order``/``head_order`` index this model's units.
@@ -443,27 +479,11 @@ class ElasticViT:
             ValueError: Statistics of another elastic model, or a ranking that does not fit it.
         """
         stats = self.stats if stats is None else stats
-        if stats is not None and not isinstance(stats, CorrectionStats):
-            raise TypeError(f"stats must be CorrectionStats or None, got {type(stats).__name__}")
-        if stats is None or not stats.has_ranking:
-            return None
         if self._ranked is not None and self._ranked[0] is stats:
             return self._ranked[1]
-        if stats.fingerprint != self.fingerprint:
-            raise ValueError(
-                f"the correction statistics belong to another elastic model (fingerprint {stats.fingerprint!r}, "
-                f"this model {self.fingerprint!r}); collect them again for this checkpoint"
-            )
-        got = (tuple(stats.ranking_mlp.shape), tuple(stats.ranking_heads.shape))
-        if got != (tuple(self.scores.mlp.shape), tuple(self.scores.heads.shape)):
-            raise ValueError(
-                f"the statistics' ranking_mlp / ranking_heads have shapes {got}, this model needs "
-                f"{tuple(self.scores.mlp.shape)} / {tuple(self.scores.heads.shape)} ([blocks, neurons] / [blocks, heads])"
-            )
-        ranking = ImportanceScores(
-            stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=self.scores.min_mlp_keep,
-            min_head_keep=self.scores.min_head_keep, criterion="corrected-ranking",
-        )
+        ranking = self.ranking_scores(stats)
+        if ranking is None:
+            return None
         view = ElasticViT.__new__(ElasticViT)  # this model's architecture, already checked: no rebuild check
         view._build(self.model, ranking, self.model_name, self.model_kwargs)
         view.attach_stats(_permuted_stats(stats, view.mlp_order, view.head_order, view.fingerprint))

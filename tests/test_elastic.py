@@ -315,6 +315,9 @@ def test_corrected_subnet_keeps_the_top_units_of_the_statistics_ranking(key: str
     elastic.attach_stats(stats)
     view = elastic.ranked_view()
     assert view is elastic.ranked_view() and view.model is not elastic.model  # built once, a copy
+    ranking = elastic.ranking_scores()  # the ranking as scores of the elastic model's units: the view's order
+    assert ranking.criterion == "corrected-ranking" and torch.equal(ranking.mlp, stats.ranking_mlp)
+    assert torch.equal(ranking.mlp[torch.arange(ranking.num_blocks)[:, None], view.mlp_order], view.scores.mlp)
     assert view.stats.fingerprint == view.fingerprint != elastic.fingerprint and not view.stats.has_ranking
     # The permuted statistics are those of the view's own model (collected again, up to rounding).
     again = view.collect_stats(images)

@@ -158,18 +158,15 @@ def _search_scores(kwargs: dict[str, Any], raw: Any, checkpoint: Path) -> Any:
     unbalanced from ``w = 1``, which is exactly that ranking.
     """
     from ..elastic import ElasticViT
-    from ..scores import ImportanceScores
 
     source = kwargs.pop("scores", "dino")
     if source == "dino":
         return raw
     if source != "ranking":
         raise ValueError(f"--search scores must be dino or ranking, got {source!r}")
-    stats = ElasticViT.load(checkpoint).stats
-    if stats is None or not stats.has_ranking:
+    ranking = ElasticViT.load(checkpoint).ranking_scores()
+    if ranking is None:
         raise ValueError(f"--search scores=ranking needs the main job's statistics with a ranking beside {checkpoint}")
-    ranking = ImportanceScores(stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=raw.min_mlp_keep,
-                               min_head_keep=raw.min_head_keep, criterion="corrected-ranking")
     if "balance" not in kwargs:
         kwargs["balance"] = None
         kwargs.setdefault("initial_weights", torch.ones(ranking.num_weights, dtype=torch.float64))
