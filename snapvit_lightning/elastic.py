@@ -467,16 +467,7 @@ class ElasticViT:
         :meth:`dims` at given ratios keep as many units in all as this model's (the same FLOPs
         and parameters), spread over the blocks as the ranking says. Built once per statistics
         (cached until :meth:`attach_stats`); its ``mlp_order``/``head_order`` index this model's units.
-
-        Args:
-            stats: Statistics of this model (default: the attached ones).
-
-        Returns:
-            The view, or ``None`` when the statistics carry no ranking (or there are none).
-
-        Raises:
-            TypeError: ``stats`` is not :class:`CorrectionStats` or ``None``.
-            ValueError: Statistics of another elastic model, or a ranking that does not fit it.
+        ``None`` where :meth:`ranking_scores` is ``None``; arguments and errors as there.
         """
         stats = self.stats if stats is None else stats
         if self._ranked is not None and self._ranked[0] is stats:
