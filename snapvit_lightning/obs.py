@@ -70,8 +70,8 @@ def greedy_removal(
     diag = torch.diagonal(g)[:n]
     diag += damping * float(diag.mean())
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))
-    # w and H⁻¹ hold the columns of `cols` (units' inputs, then the bias). Removed units are zeroed, and
-    # dropped from both matrices once they are a quarter of them, so later steps update smaller ones.
+    # w and H⁻¹ hold the inputs of the units in `unit_of` (`group` columns each), then the bias. Removed
+    # units are zeroed, and dropped from both once they are a quarter of them: later steps update smaller ones.
     units = n // group
     unit_of = torch.arange(units, device=g.device)  # unit of each unit slot in w / H⁻¹
     alive = torch.ones(units, dtype=torch.bool, device=g.device)

@@ -34,7 +34,8 @@ def test_main_job_on_real_model(real_weights, photos_dir, tmp_path) -> None:
     assert elastic.scores.criterion == "dino" and elastic.input_size == (56, 56)
     assert elastic.scores.block_weights is not None and elastic.scores.covariance is not None  # searched
     assert elastic.scores.balance == (0.5, 0.65)  # from the default balanced start, recorded in the file
-    assert elastic.scores.build_info["precision"]["trainer_precision"] in ("32-true", "bf16-mixed")  # the probe ran
+    probe = elastic.scores.build_info["precision"]  # precision: auto, the config's: the probe ran and chose
+    assert probe["probe_s"] > 0 and probe["trainer_precision"] in ("32-true", "bf16-mixed") and "precision probe" in console
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["budgets"]) == 5 and report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / "fidelity_vs_flops.png").stat().st_size > 0
