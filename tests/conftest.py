@@ -137,9 +137,34 @@ def real_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
+    """photos8 from ../shared: only for quality claims, which are measured on its held-out photos."""
     if not PHOTOS.is_dir():
-        pytest.fail(f"real-photo tests need {PHOTOS} (set SNAPVIT_SHARED)")
+        pytest.fail(f"real-photo quality tests need {PHOTOS} (set SNAPVIT_SHARED)")
     return PHOTOS
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of real photographs that every install has: scikit-image's, as PNG files.
+
+    Classes ``color`` and ``gray`` (the photo's own channels); at most 256 px on the long side.
+    For end-to-end tests that need real photos in a folder but make no quality claim.
+    """
+    import numpy as np
+    import skimage.data as skdata
+    from PIL import Image
+
+    from snapvit_lightning.data.sources import SkimagePhotosSource
+
+    root = tmp_path_factory.mktemp("skimage_photos")
+    for name in SkimagePhotosSource().names:
+        array = np.asarray(getattr(skdata, name)())
+        kind = "gray" if array.ndim == 2 else "color"
+        image = Image.fromarray(array[..., :3] if array.ndim == 3 else array)
+        image.thumbnail((256, 256))
+        (root / kind).mkdir(exist_ok=True)
+        image.save(root / kind / f"{name}.png")
+    return root
 
 
 def load_real_model(path: Path, img_size: int = 112) -> torch.nn.Module:

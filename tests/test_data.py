@@ -29,11 +29,6 @@ from snapvit_lightning.data import (
     to_uint8_image,
 )
 
-from conftest import PHOTOS as PHOTOS8
-
-# photos8 is required: its tests fail (via the photos_dir fixture), never skip, when it is missing.
-needs_photos8 = pytest.mark.usefixtures("photos_dir")
-
 
 def _rand_uint8(h: int, w: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -275,28 +270,38 @@ def test_find_images_flat(tmp_path: Path) -> None:
     assert img.shape[0] == 3 and min(img.shape[1:]) == 16 and label == -1
 
 
-@needs_photos8
-def test_photos8_folder() -> None:
-    files, labels, classes = find_images(PHOTOS8)
-    assert len(files) == 196 and len(classes) == 8 and set(labels) == set(range(8))
-    dm = CalibrationDataModule(data_dir=PHOTOS8, img_size=32)
+def test_real_photo_folder(photo_folder: Path) -> None:
+    """An ImageFolder of real PNG photos (scikit-image's, in classes color/gray): files, classes, labels."""
+    files, labels, classes = find_images(photo_folder)
+    assert len(files) == 14 and classes == ["color", "gray"] and labels == [0] * 7 + [1] * 7
+    dm = CalibrationDataModule(data_dir=photo_folder, img_size=32)
     dm.setup("fit")
-    assert dm.num_calibration_images == 196
-    assert set(dm.calibration_labels().tolist()) == set(range(8))
+    assert dm.num_calibration_images == 14
+    assert sorted(dm.calibration_labels().tolist()) == labels
     assert dm.classes == classes
 
 
-@needs_photos8
-@pytest.mark.parametrize("max_samples", [1, 16])
-def test_photos8_max_samples(max_samples: int) -> None:
-    dm = CalibrationDataModule(data_dir=PHOTOS8, img_size=32, max_samples=max_samples, batch_size=8)
+@pytest.mark.parametrize("max_samples", [1, 8])
+def test_real_photo_folder_max_samples(photo_folder: Path, max_samples: int) -> None:
+    dm = CalibrationDataModule(data_dir=photo_folder, img_size=32, max_samples=max_samples, batch_size=4)
     views, labels = next(iter(dm.train_dataloader()))
     assert dm.num_calibration_images == max_samples
-    assert views.shape == (min(8, max_samples), 12, 3, 32, 32)
-    assert labels.dtype == torch.long and ((labels >= 0) & (labels < 8)).all()
+    assert views.shape == (min(4, max_samples), 12, 3, 32, 32)
+    assert labels.dtype == torch.long and ((labels >= 0) & (labels < 2)).all()
     # a seeded subset: same seed → same subset
-    again = CalibrationDataModule(data_dir=PHOTOS8, img_size=32, max_samples=max_samples)
+    again = CalibrationDataModule(data_dir=photo_folder, img_size=32, max_samples=max_samples)
     torch.testing.assert_close(again.calibration_images_eval(), dm.calibration_images_eval())
+
+
+def test_eval_images_of_the_builtin_photos() -> None:
+    """``load_eval_images(None, model)`` gives the scikit-image photos: the datamodule's default images."""
+    model = timm.create_model("test_vit", pretrained=False)
+    images, labels, classes = load_eval_images(None, model)
+    assert images.shape == (len(SkimagePhotosSource()), 3, *model.patch_embed.img_size)
+    assert labels.tolist() == [-1] * len(images) and classes == []
+    size, mean, std = resolve_input_config(model)
+    dm = CalibrationDataModule(img_size=size, mean=mean, std=std)
+    torch.testing.assert_close(dm.calibration_images_eval(), images, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ errors

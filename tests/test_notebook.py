@@ -14,7 +14,8 @@ from snapvit_lightning.scores import ImportanceScores
 from conftest import REPO, load_real_model
 
 
-def test_quickstart_notebook_runs(real_weights, photos_dir, tmp_path, monkeypatch) -> None:
+def test_quickstart_notebook_runs(real_weights, tmp_path, monkeypatch) -> None:
+    """Its defaults need nothing but an elastic checkpoint: the images are scikit-image's photos."""
     model = load_real_model(real_weights, img_size=56)
     g = torch.Generator().manual_seed(0)
     scores = ImportanceScores(torch.rand(12, 1536, generator=g), torch.rand(12, 6, generator=g))
@@ -23,13 +24,13 @@ def test_quickstart_notebook_runs(real_weights, photos_dir, tmp_path, monkeypatc
     elastic.save(path)
     elastic.collect_stats(torch.randn(8, 3, 56, 56, generator=g)).save(tmp_path / "vits14.stats.safetensors")
     monkeypatch.setenv("SNAPVIT_ELASTIC", str(path))
-    monkeypatch.setenv("SNAPVIT_PHOTOS", str(photos_dir))
+    monkeypatch.delenv("SNAPVIT_PHOTOS", raising=False)
     monkeypatch.setenv("SNAPVIT_MAX_IMAGES", "16")
     nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "fidelity 1.000" in outputs and "speed-up" in outputs
+    assert "fidelity 1.000" in outputs and "speed-up" in outputs and "14 images from scikit-image" in outputs
     assert "attached: subnet() is lstsq-corrected" in outputs and "(plain cut 1.000)" in outputs
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

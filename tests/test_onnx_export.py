@@ -95,12 +95,12 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def real(real_weights: Path, photos_dir: Path) -> tuple[ElasticViT, torch.Tensor]:
+def real(real_weights: Path) -> tuple[ElasticViT, torch.Tensor]:
     from snapvit_lightning.data import load_eval_images
     from snapvit_lightning.module import SnapViTModule
 
     model = load_real_model(real_weights)
-    images, _, _ = load_eval_images(photos_dir, model)
+    images, _, _ = load_eval_images(None, model)  # scikit-image's photos
     scores = SnapViTModule(model, criterion="magnitude").compute_scores()
     el = ElasticViT(model, scores, model_name="vit_small_patch14_dinov2",
                     model_kwargs=dict(num_classes=0, img_size=112))

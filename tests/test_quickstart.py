@@ -11,8 +11,11 @@ from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.quickstart import main
 
 
-def test_main_job_on_real_model(real_weights, photos_dir, tmp_path) -> None:
-    """The main job as a command (its own arguments in ``sys.argv``), small: its files, at most 3 warning lines."""
+def test_main_job_on_real_model(real_weights, tmp_path) -> None:
+    """The main job as a command (its own arguments in ``sys.argv``), small: its files, at most 3 warning lines.
+
+    Its data are the README's: the built-in scikit-image photos (6 of them).
+    """
     import os
     import subprocess
     import sys
@@ -20,7 +23,7 @@ def test_main_job_on_real_model(real_weights, photos_dir, tmp_path) -> None:
     from test_cli import SCORING_NOTICES, warning_lines
 
     cmd = [sys.executable, "-m", "snapvit_lightning.quickstart", "--out", str(tmp_path), "--weights", str(real_weights),
-           "--search-evals", "3", "--data.data_dir", str(photos_dir), "--data.max_samples", "6",
+           "--search-evals", "3", "--data.max_samples", "6",
            "--data.batch_size", "3", "--model.model_kwargs", '{"num_classes": 0, "img_size": 56}']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -126,6 +126,28 @@ def test_update_logs_every_evaluation_and_saves() -> None:
     assert trainer.saves == 2 and progress.bar is None
 
 
+def test_a_stopped_candidate_shows_as_stopped(caplog) -> None:
+    """A candidate stopped early (fitness nan): the loggers get nan, the console says "stopped"."""
+    trainer = _Loggers()
+    progress = SearchProgress(trainer, total=2, done=0, ratio_pairs=PAIRS, log_every_n_evals=1)
+    with caplog.at_level(logging.INFO):
+        progress.update(0, math.nan, 0.4, [math.nan, 0.5])
+        progress.update(1, 0.3, 0.3, [0.8, 0.6])
+    lines = [r.getMessage() for r in caplog.records if "EvolutionarySearch: eval" in r.getMessage()]
+    assert "eval 1/2 fitness stopped best 0.400000" in lines[0] and "eval 2/2 fitness 0.300000" in lines[1]
+    assert math.isnan(trainer.logged[0][0]["search/fitness"])
+
+
+def test_the_bar_shows_a_stopped_candidate_as_stopped(tmp_path: Path, capsys) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    progress = SearchProgress(trainer, total=2, done=0, ratio_pairs=PAIRS, log_every_n_evals=1)
+    progress.update(0, math.nan, 0.4, [math.nan, 0.5])
+    progress.close()
+    out = capsys.readouterr()
+    assert "fitness=stopped" in out.out + out.err and "nan" not in out.out + out.err
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

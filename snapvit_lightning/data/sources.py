@@ -249,7 +249,7 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
 
 
 def load_eval_images(
-    folder: str | Path, model: nn.Module, argument: str | None = None
+    folder: str | Path | None, model: nn.Module, argument: str | None = None
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Eval views ``[N, 3, S, S]`` of every readable image under ``folder`` at ``model``'s input config.
 
@@ -257,7 +257,9 @@ def load_eval_images(
     (the same rule as :class:`CalibrationDataModule`).
 
     Args:
-        folder: a folder of images (ImageFolder layout or flat), or one image file.
+        folder: a folder of images (ImageFolder layout or flat), or one image file; ``None``
+            for the photos that ship with scikit-image (:class:`SkimagePhotosSource`, label
+            ``-1``), the built-in images :class:`CalibrationDataModule` uses by default.
         model: the timm model whose input size and normalisation the views get.
         argument: the name the user gave ``folder`` under (e.g. ``"--data"``); errors name it.
 
@@ -271,7 +273,7 @@ def load_eval_images(
         UnreadableImageError: (a ``ValueError``) if ``folder`` is one image file that cannot be read.
     """
     size, mean, std = resolve_input_config(model)
-    source = ImageFolderSource(folder, argument=argument)
+    source = SkimagePhotosSource() if folder is None else ImageFolderSource(folder, argument=argument)
     skipped: list[tuple[str, str]] = []
     _, images, labels, attempted = _decode(source, range(len(source)), None, 2 * size, skipped)
     _report_skips(source, skipped, attempted)

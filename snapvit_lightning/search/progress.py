@@ -8,6 +8,7 @@ ratio pair for every logger of the Trainer, at ``step = evaluation index``.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +26,11 @@ __all__ = [
 def cosine_metric_names(ratio_pairs: Sequence[tuple[float, float]]) -> list[str]:
     """The logged name of each ratio pair's cosine, e.g. ``search/cos_mlp0.35_head0.2``."""
     return [f"search/cos_mlp{m:g}_head{h:g}" for m, h in ratio_pairs]
+
+
+def _shown(fitness: float, digits: int) -> str:
+    """``fitness`` for people: ``stopped`` for a candidate stopped early (``nan``)."""
+    return "stopped" if math.isnan(fitness) else f"{fitness:.{digits}f}"
 
 
 def _search_bar(trainer: pl.Trainer, total: int, initial: int) -> Tqdm | None:
@@ -90,6 +96,9 @@ class SearchProgress:
     def update(self, idx: int, fitness: float, best: float, cosines: Sequence[float]) -> None:
         """Report evaluation ``idx`` (0-based over the whole search).
 
+        A candidate the search stopped early has ``fitness`` ``nan``: the loggers get ``nan``, the
+        bar and the console lines say ``stopped``.
+
         Raises:
             ValueError: If ``cosines`` does not hold one value per ratio pair.
         """
@@ -100,13 +109,13 @@ class SearchProgress:
             logger.log_metrics(metrics, step=idx)
             logger.save()  # the curves are readable while the search runs
         if self.bar is not None:
-            self.bar.set_postfix(fitness=f"{fitness:.4f}", best=f"{best:.4f}", refresh=False)
+            self.bar.set_postfix(fitness=_shown(fitness, 4), best=f"{best:.4f}", refresh=False)
             self.bar.update(1)
             return
         n = self.log_every_n_evals
         if n and ((idx + 1) % n == 0 or idx + 1 == self.total):
             rank_zero_info(
-                f"EvolutionarySearch: eval {idx + 1}/{self.total} fitness {fitness:.6f} best {best:.6f} "
+                f"EvolutionarySearch: eval {idx + 1}/{self.total} fitness {_shown(fitness, 6)} best {best:.6f} "
                 f"({time.perf_counter() - self._start:.1f} s)"
             )
 

@@ -27,11 +27,11 @@ def _row(table: str, label: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")[1:]]
 
 
-def test_job_benchmark_on_real_model(real_weights, photos_dir, tmp_path, capsys) -> None:
+def test_job_benchmark_on_real_model(real_weights, photo_folder, tmp_path, capsys) -> None:
     # 56 px and a fixed precision keep it short (the default's precision probe alone takes minutes on 2 busy cores).
     fit_args = ["--model.model_kwargs", '{"num_classes": 0, "img_size": 56}', "--trainer.precision", "32-true",
                 "--trainer.enable_progress_bar", "false", "--data.batch_size", "2"]
-    argv = ["--data", str(photos_dir), "--max-samples", "4", "--search-evals", "2", "--weights", str(real_weights),
+    argv = ["--data", str(photo_folder), "--max-samples", "4", "--search-evals", "2", "--weights", str(real_weights),
             "--official", str(_official(tmp_path)), "--out", str(tmp_path / "out"), *fit_args]
     assert job.main(argv) == 0
     table = capsys.readouterr().out

@@ -10,10 +10,10 @@ import yaml
 from snapvit_lightning.benchmarks import paper_vitb
 
 
-def test_paper_vitb_runs_the_whole_job_and_reports_its_stages(photos_dir, tmp_path, capsys) -> None:
+def test_paper_vitb_runs_the_whole_job_and_reports_its_stages(photo_folder, tmp_path, capsys) -> None:
     # The script's own arguments at a small size, and a 2-block ViT-B/16 (model_kwargs) so the test stays short.
     tiny = '{"num_classes": 0, "img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}'
-    argv = ["--data", str(photos_dir), "--out", str(tmp_path / "out"), "--calibration", "6", "--fitness", "5",
+    argv = ["--data", str(photo_folder), "--out", str(tmp_path / "out"), "--calibration", "6", "--fitness", "5",
             "--evals", "3", "--pca", "4", "--accelerator", "cpu",
             "--model.model_kwargs", tiny, "--trainer.enable_progress_bar", "false", "--data.batch_size", "3"]
     assert paper_vitb.main(argv) == 0
@@ -24,7 +24,7 @@ def test_paper_vitb_runs_the_whole_job_and_reports_its_stages(photos_dir, tmp_pa
     assert times["wall_s"] > times["scoring_s"] + times["search_s"] + times["export_s"] > 0
     assert f"whole run {times['wall_s']:.1f} s" in printed and "3 evaluations" in printed
     images = sorted((tmp_path / "out" / "images").iterdir())
-    assert len(images) == 11 and all(p.is_symlink() and p.resolve().parent.parent == photos_dir.resolve() for p in images)
+    assert len(images) == 11 and all(p.is_symlink() and p.resolve().parent.parent == photo_folder.resolve() for p in images)
     used = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert used["model"]["checkpoint_path"] is None and used["data"]["holdout"] == 5
     search = next(c for c in used["trainer"]["callbacks"] if c["class_path"].endswith("EvolutionarySearch"))["init_args"]
@@ -37,13 +37,13 @@ def test_paper_vitb_runs_the_whole_job_and_reports_its_stages(photos_dir, tmp_pa
     (dict(calibration=0), "calibration must be an int >= 1, got 0"),
     (dict(evals=True), "evals must be an int >= 1, got True"),
 ])
-def test_paper_vitb_refuses_bad_sizes(photos_dir, tmp_path, kwargs, match) -> None:
+def test_paper_vitb_refuses_bad_sizes(photo_folder, tmp_path, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        paper_vitb.run_paper_vitb(photos_dir, tmp_path / "out", **kwargs)
+        paper_vitb.run_paper_vitb(photo_folder, tmp_path / "out", **kwargs)
 
 
-def test_copy_images_refuses_a_used_folder(photos_dir, tmp_path) -> None:
+def test_copy_images_refuses_a_used_folder(photo_folder, tmp_path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "x.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="exists and is not empty"):
-        paper_vitb.copy_images(photos_dir, tmp_path / "images", 3)
+        paper_vitb.copy_images(photo_folder, tmp_path / "images", 3)
