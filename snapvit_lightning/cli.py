@@ -63,7 +63,7 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     """The statistics beside the checkpoint, and each budget's fidelity from ``report.json`` beside it."""
     import json
 
-    from .correction import stats_path_for
+    from .correction import stats_damping, stats_path_for
 
     stats = elastic.stats
     beside = stats_path_for(args.path)
@@ -71,7 +71,8 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
         print(f"correction statistics: none at {beside} (subnets are plain cuts; `snapvit stats` writes them)")
     else:
         print(f"correction statistics: {beside} ({stats.num_images} images, {stats.stored_bytes / 1e6:.1f} MB): "
-              "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut)")
+              "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut), "
+              f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_tokens} calibration tokens)")
         if stats.has_ranking:
             print("ranking: the statistics carry the corrected path's own ranking; corrected subnets keep the units it "
                   "ranks highest (the kept counts per block differ from the table's, the totals do not)")
@@ -277,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
                      help="correction statistics (*.stats.safetensors) or an image folder "
                           "(default: <name>.stats.safetensors beside the checkpoint)")
-    cut.add_argument("--damping", type=float, default=0.01,
-                     help="least-squares damping, relative to the mean Gram diagonal (default: 0.01)")
+    cut.add_argument("--damping", type=float, default=None,
+                     help="least-squares damping, relative to the mean Gram diagonal (default: automatic, "
+                          "more for fewer calibration tokens; see docs/correction.md)")
     cut.add_argument("--damping-reference", choices=("mean", "max"), default="mean",
                      help="scale the damping by the mean or the max Gram diagonal (default: mean)")
     cut.add_argument("--sequential", action="store_true",

@@ -7,12 +7,17 @@ output on calibration activations stays close to the dense layer's:
 * ``"bias"``: the removed inputs' mean contribution moves into the bias,
   ``b' = b + W[:, removed] E[x_removed]``. In general (see *sequential* below) the bias is set
   so the mean output matches the dense layer's: ``b' = W E[x] + b - W_kept E[x̃]``.
-* ``"lstsq"``: the kept columns and the bias are refitted by least squares,
-  ``[W' | b'] = E[t x̃ₐᵀ] (E[x̃ₐ x̃ₐᵀ] + λ D)⁻¹`` with target ``t = W x + b``, ``x̃ₐ = [x̃; 1]``,
-  ``D`` the identity on the kept inputs (never on the bias), damping
+* ``"lstsq"``: the kept columns and the bias are refitted by ridge least squares pulled
+  towards the dense weights: ``min E‖t - W' x̃ - b'‖² + λ ‖W' - W_kept‖²``, so
+  ``[W' | b'] = (E[t x̃ₐᵀ] + λ [W_kept | 0]) (E[x̃ₐ x̃ₐᵀ] + λ D)⁻¹`` with target ``t = W x + b``,
+  ``x̃ₐ = [x̃; 1]``, ``D`` the identity on the kept inputs (never on the bias), damping
   ``λ = damping · mean(diag)`` (or ``· max(diag)`` with ``damping_reference="max"``, for
-  models with outlier activations). Solved by a Cholesky factorisation in float64; a matrix
-  that is not positive definite raises :class:`SingularGramError` (no silent fallback).
+  models with outlier activations). This is the objective the OBS ranking's costs measure
+  (:mod:`~snapvit_lightning.obs`); with few calibration tokens it keeps far more of the dense
+  features on unseen images than a ridge towards zero (docs/defaults.md). ``damping=None``
+  (the default) is :func:`auto_damping` of the statistics: more damping for fewer tokens.
+  Solved by a Cholesky factorisation in float64; a matrix that is not positive definite
+  raises :class:`SingularGramError` (no silent fallback).
 
 Calibration comes in two forms:
 
@@ -36,32 +41,30 @@ Only layers whose inputs were cut are changed: with nothing removed the subnet i
 from __future__ import annotations
 
 import hashlib
-import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .checkpoint import _write, read_format
+from .correction_stats import (  # re-exported: the statistics are part of this module's API
+    STATS_FORMAT, STATS_FORMAT_VERSION, STATS_READABLE_VERSIONS, CorrectionStats, stats_path_for,
+)
 from .structure import get_blocks
 
 __all__ = [
-    "CORRECTIONS", "CorrectionStats", "SingularGramError", "collect_stats", "correct_subnet", "fingerprint",
+    "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping", "stats_damping",
+    "collect_stats", "correct_subnet", "fingerprint",
     "augmented_weight", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
 ]
 
 CORRECTIONS = ("none", "bias", "lstsq")
 DAMPING_REFERENCES = ("mean", "max")
-STATS_FORMAT = "snapvit-correction-stats"
-#: 1: full matrices; 2: upper triangles only (lossless); 3: as 2, plus the optional ranking of the corrected path.
-STATS_FORMAT_VERSION = 3
-STATS_READABLE_VERSIONS = (1, 2, 3)
 _LAYERS = (("attn", "proj"), ("mlp", "fc2"))  # (branch, consuming layer), in forward order
+#: :func:`auto_damping`: damping per MLP neuron per calibration token, and its floor. Chosen on
+#: held-out photos (docs/defaults.md, "Damping of the correction").
+AUTO_DAMPING = 0.13
+MIN_DAMPING = 0.01
 
 
 class SingularGramError(ValueError):
@@ -73,20 +76,49 @@ class SingularGramError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_correction(correct: object, damping: object, damping_reference: object) -> tuple[str, float, str]:
-    """Validate the correction options.
+def check_correction(
+    correct: object, damping: object, damping_reference: object
+) -> tuple[str, float | None, str]:
+    """Validate the correction options (``damping=None``: :func:`auto_damping`, kept as ``None``).
 
     Raises:
-        ValueError: ``correct`` not in :data:`CORRECTIONS`, ``damping`` not a finite number
-            >= 0, or ``damping_reference`` not ``"mean"``/``"max"``.
+        ValueError: ``correct`` not in :data:`CORRECTIONS`, ``damping`` neither ``None`` nor a
+            finite number >= 0, or ``damping_reference`` not ``"mean"``/``"max"``.
     """
     if correct not in CORRECTIONS:
         raise ValueError(f"correct must be one of {CORRECTIONS}, got {correct!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= float(damping) < float("inf"):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    if damping is not None and (
+        isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= float(damping) < float("inf")
+    ):
+        raise ValueError(f"damping must be None (automatic) or a finite number >= 0, got {damping!r}")
     if damping_reference not in DAMPING_REFERENCES:
         raise ValueError(f"damping_reference must be one of {DAMPING_REFERENCES}, got {damping_reference!r}")
-    return str(correct), float(damping), str(damping_reference)
+    return str(correct), None if damping is None else float(damping), str(damping_reference)
+
+
+def auto_damping(mlp_hidden: int, num_tokens: int) -> float:
+    """The default damping: ``max(MIN_DAMPING, AUTO_DAMPING · mlp_hidden / num_tokens)``.
+
+    A Gram matrix of ``mlp_hidden`` inputs estimated from ``num_tokens`` tokens is noisier (and
+    below ``mlp_hidden`` tokens, singular) the fewer tokens there are, so the ridge grows with
+    their ratio. DINOv2 ViT-S/14 at 112 px (1536 neurons, 65 tokens per image): 0.256 for 12
+    images, 0.063 for 49, 0.031 for 98, the floor 0.01 from 308 images on.
+
+    Args:
+        mlp_hidden: MLP neurons per block of the dense model (``mlp.fc2`` inputs).
+        num_tokens: Tokens the statistics average over (images × tokens per image).
+
+    Raises:
+        ValueError: ``mlp_hidden`` or ``num_tokens`` below 1.
+    """
+    if mlp_hidden < 1 or num_tokens < 1:
+        raise ValueError(f"mlp_hidden and num_tokens must be >= 1, got {mlp_hidden} and {num_tokens}")
+    return max(MIN_DAMPING, AUTO_DAMPING * mlp_hidden / num_tokens)
+
+
+def stats_damping(damping: float | None, stats: CorrectionStats) -> float:
+    """``damping``, or :func:`auto_damping` of ``stats`` when it is ``None``."""
+    return auto_damping(stats.mlp.shape[-1] - 1, stats.num_tokens) if damping is None else damping
 
 
 def _check_images(images: object) -> Tensor:
@@ -184,192 +216,12 @@ def has_cut_norm(block: nn.Module) -> bool:
     return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
 
 
-def _triu(matrices: Tensor) -> Tensor:
-    """The upper triangles (diagonal included) of ``[B, n, n]`` as ``[B, n(n+1)/2]``, row by row."""
-    n = matrices.shape[-1]
-    rows, cols = torch.triu_indices(n, n)
-    return matrices[:, rows, cols]
-
-
-def _from_triu(packed: Tensor, n: int) -> Tensor:
-    """The symmetric ``[B, n, n]`` whose upper triangles are ``packed`` (the inverse of :func:`_triu`)."""
-    rows, cols = torch.triu_indices(n, n)
-    out = packed.new_empty(packed.shape[0], n, n)
-    out[:, rows, cols] = packed
-    out[:, cols, rows] = packed
-    return out
-
-
-def _triangle_side(length: int) -> int:
-    """``n`` with ``n(n+1)/2 == length``, or -1."""
-    n = int((math.isqrt(8 * length + 1) - 1) // 2)
-    return n if n * (n + 1) // 2 == length else -1
-
-
-def stats_path_for(elastic_path: str | os.PathLike) -> Path:
-    """Where statistics of ``<name>.elastic.safetensors`` live: ``<name>.stats.safetensors`` beside it."""
-    path = Path(elastic_path)
-    suffix = ".elastic.safetensors"
-    stem = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.stem
-    return path.with_name(f"{stem}.stats.safetensors")
-
-
 def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:
     """A short hash that ties statistics to one elastic model (unit orders + last block's fc2)."""
     digest = hashlib.sha256()
     for t in (mlp_order, head_order, get_blocks(model)[-1].mlp.fc2.weight):
         digest.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Stored statistics
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CorrectionStats:
-    """Second moments of the dense model's ``attn.proj`` and ``mlp.fc2`` inputs, per block.
-
-    In the elastic model's (permuted) unit order, so a budget's kept inputs are a prefix. The
-    matrices are symmetric (:func:`collect_stats` makes them exactly so), and a file stores only
-    their upper triangles: lossless, half the bytes (format version 3; version 1 files, which
-    hold the full matrices, and version 2 files, without a ranking, are still read).
-
-    They may carry the corrected path's own ranking (:func:`~snapvit_lightning.obs.with_ranking`):
-    :meth:`~snapvit_lightning.elastic.ElasticViT.subnet` then keeps, for corrected subnets, the
-    units it ranks highest instead of the elastic model's prefix; plain cuts never use it.
-
-    Attributes:
-        attn: ``[B, C + 1, C + 1]`` float32 ``E[xₐ xₐᵀ]`` of the ``attn.proj`` inputs
-            ``x`` (``C = heads · head_dim``), augmented with a constant 1 (last row/column holds
-            the means).
-        mlp: ``[B, hidden + 1, hidden + 1]`` the same for the ``mlp.fc2`` inputs.
-        num_images: Calibration images they were collected on.
-        num_tokens: Tokens per layer they average over (images × tokens per image).
-        fingerprint: :func:`fingerprint` of the elastic model they belong to.
-        ranking_mlp: ``[B, hidden]`` float64 scores of the MLP neurons for corrected subnets, in
-            the elastic model's unit order (higher = keep), or ``None``.
-        ranking_heads: ``[B, H]`` the same for the heads; given together with ``ranking_mlp``.
-
-    Raises:
-        ValueError: A ranking without the other half, of the wrong shape, or with values that are
-            not finite and non-negative.
-    """
-
-    attn: Tensor
-    mlp: Tensor
-    num_images: int
-    num_tokens: int
-    fingerprint: str
-    ranking_mlp: Tensor | None = None
-    ranking_heads: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if (self.ranking_mlp is None) != (self.ranking_heads is None):
-            raise ValueError("ranking_mlp and ranking_heads must be given together (or neither)")
-        if self.ranking_mlp is None:
-            return
-        blocks, hidden, channels = self.mlp.shape[0], self.mlp.shape[-1] - 1, self.attn.shape[-1] - 1
-        for name, value in (("ranking_mlp", self.ranking_mlp), ("ranking_heads", self.ranking_heads)):
-            if not isinstance(value, Tensor) or value.ndim != 2 or value.shape[0] != blocks or value.shape[1] < 1:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"{name} must be a [{blocks}, units] tensor (one row per block), got {shape}")
-            if not value.is_floating_point() or not torch.isfinite(value).all() or (value < 0).any():
-                raise ValueError(f"{name} must hold finite, non-negative floating-point scores")
-        if self.ranking_mlp.shape[1] != hidden:
-            raise ValueError(f"ranking_mlp must be [{blocks}, {hidden}] (the MLP's neurons), got {tuple(self.ranking_mlp.shape)}")
-        heads = self.ranking_heads.shape[1]
-        if channels % heads:
-            raise ValueError(
-                f"ranking_heads has {heads} heads per block, which do not divide the {channels} attn.proj inputs"
-            )
-        self.ranking_mlp = self.ranking_mlp.detach().to("cpu", torch.float64)
-        self.ranking_heads = self.ranking_heads.detach().to("cpu", torch.float64)
-
-    @property
-    def has_ranking(self) -> bool:
-        """Whether they carry the corrected path's own ranking (``ranking_mlp``/``ranking_heads``)."""
-        return self.ranking_mlp is not None
-
-    def _rankings(self) -> tuple[Tensor, ...]:
-        return () if self.ranking_mlp is None else (self.ranking_mlp, self.ranking_heads)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes in memory: the (full, float32) matrices and the ranking (float64), if any."""
-        return sum(t.numel() * t.element_size() for t in (self.attn, self.mlp, *self._rankings()))
-
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes of the tensors :meth:`save` writes: the float32 upper triangles, ``4·B·n(n+1)/2`` per
-        layer, and the float64 ranking, ``8·B·(hidden + H)``, when there is one."""
-        triangles = sum(4 * t.shape[0] * t.shape[1] * (t.shape[1] + 1) // 2 for t in (self.attn, self.mlp))
-        return triangles + sum(8 * t.numel() for t in self._rankings())
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file of the upper triangles (to a temporary file, then renamed).
-
-        Raises:
-            ValueError: A matrix that is not symmetric (the lower triangle would be lost).
-        """
-        for name, t in (("attn", self.attn), ("mlp", self.mlp)):
-            if not torch.equal(t, t.transpose(1, 2)):
-                raise ValueError(f"correction statistics '{name}' are not symmetric; collect them with collect_stats()")
-        meta = {
-            "format": STATS_FORMAT,
-            "format_version": str(STATS_FORMAT_VERSION),
-            "num_images": str(self.num_images),
-            "num_tokens": str(self.num_tokens),
-            "fingerprint": self.fingerprint,
-            "snapvit_version": __version__,
-        }
-        tensors = {"attn_triu": _triu(self.attn.float()), "mlp_triu": _triu(self.mlp.float())}
-        if self.has_ranking:
-            tensors.update(ranking_mlp=self.ranking_mlp, ranking_heads=self.ranking_heads)
-        _write(path, tensors, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CorrectionStats":
-        """Read statistics written by :meth:`save` (tensors and plain values only).
-
-        Reads format version 3 (upper triangles and, when stored, the ranking ``ranking_mlp``
-        ``[B, hidden]`` / ``ranking_heads`` ``[B, H]``), version 2 (upper triangles, no ranking)
-        and version 1 (full matrices, no ranking).
-
-        Raises:
-            FileNotFoundError: ``path`` does not exist.
-            ValueError: Not a statistics file of a readable format/version, or inconsistent contents
-                (a ranking of the wrong shape included).
-        """
-        tensors, meta = read_format(path, STATS_FORMAT, STATS_READABLE_VERSIONS, "correction statistics")
-        try:
-            if meta["format_version"] == "1":
-                attn, mlp = tensors["attn"], tensors["mlp"]
-            else:
-                attn, mlp = (_unpack(path, name, tensors[f"{name}_triu"]) for name in ("attn", "mlp"))
-            values = (int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"]))
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
-        for name, t in (("attn", attn), ("mlp", mlp)):
-            if t.ndim != 3 or t.shape[1] != t.shape[2]:
-                raise ValueError(f"{path}: '{name}' must be [B, n, n], got {tuple(t.shape)}")
-        if attn.shape[0] != mlp.shape[0]:
-            raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
-        ranking = {}
-        if meta["format_version"] not in ("1", "2"):  # older files carry no ranking
-            ranking = {k: tensors[k] for k in ("ranking_mlp", "ranking_heads") if k in tensors}
-        try:
-            return cls(attn, mlp, *values, **ranking)
-        except ValueError as err:
-            raise ValueError(f"{path}: invalid ranking in the correction statistics: {err}") from err
-
-
-def _unpack(path: str | os.PathLike, name: str, packed: Tensor) -> Tensor:
-    n = _triangle_side(packed.shape[-1]) if packed.ndim == 2 else -1
-    if n < 1:
-        raise ValueError(f"{path}: '{name}_triu' must be [B, n(n+1)/2] upper triangles, got {tuple(packed.shape)}")
-    return _from_triu(packed, n)
 
 
 @torch.no_grad()
@@ -511,11 +363,12 @@ def solve_layer(
         target: ``E[t x̃ₐᵀ]`` ``[out, k+1]``: the dense layer's augmented weight times the
             (dense × kept, augmented) input moments; ``t = W x + b`` is the dense output
             (``bias`` reads only the last column, so ``[out, 1]`` is enough there).
-        kept_weight: The kept columns of the dense weight ``[out, k]`` (``bias`` only).
+        kept_weight: The kept columns of the dense weight ``[out, k]``: ``bias`` keeps them,
+            ``lstsq`` pulls its solution towards them.
         gram: ``E[x̃ₐ x̃ₐᵀ]`` ``[k+1, k+1]`` of the kept inputs, augmented.
         has_bias: Whether the layer has a bias (``lstsq`` fits one only then).
         method: ``"bias"`` or ``"lstsq"``.
-        damping: Ridge damping relative to the Gram diagonal (``lstsq``).
+        damping: Ridge damping relative to the Gram diagonal (``lstsq``), already resolved.
         reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         where: Names the layer in errors.
 
@@ -534,10 +387,12 @@ def solve_layer(
         return None, target[:, -1] - kept_weight @ gram[:k, k]
     size = k + 1 if has_bias else k  # the bias is fitted as the constant input's weight
     g = gram[:size, :size].clone()
+    rhs = target[:, :size].clone()
     if k:
         diag = torch.diagonal(g)[:k]
         lam = damping * float(diag.mean() if reference == "mean" else diag.max())
         diag += lam  # a view: damps the kept inputs, never the bias
+        rhs[:, :k] += lam * kept_weight.to(rhs)  # the ridge pulls towards the dense weights, not zero
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
         raise SingularGramError(
@@ -545,7 +400,7 @@ def solve_layer(
             f"damping_reference={reference!r}) is not positive definite (leading minor {int(info)} fails); "
             "use a larger damping, more calibration images, or correct='bias'"
         )
-    solution = torch.cholesky_solve(target[:, :size].T.contiguous(), chol).T  # [out, size]
+    solution = torch.cholesky_solve(rhs.T.contiguous(), chol).T  # [out, size]
     return solution[:, :k], solution[:, k] if has_bias else None
 
 
@@ -569,7 +424,7 @@ def correct_subnet(
     calibration: CorrectionStats | Tensor,
     *,
     method: str = "lstsq",
-    damping: float = 0.01,
+    damping: float | None = None,
     damping_reference: str = "mean",
     sequential: bool = False,
     batch_size: int = 32,
@@ -584,7 +439,8 @@ def correct_subnet(
         calibration: Stored :class:`CorrectionStats`, or images ``[N, 3, H, W]`` (their
             statistics are collected first, or, with ``sequential``, used block by block).
         method: ``"bias"`` or ``"lstsq"`` (``"none"`` returns the subnet unchanged).
-        damping: Ridge damping relative to the Gram diagonal (``lstsq`` only).
+        damping: Ridge damping relative to the Gram diagonal (``lstsq`` only); ``None``:
+            :func:`auto_damping` of the calibration tokens.
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         sequential: Fit each cut layer on the already-corrected subnet's activations (images
             only; see the module docstring). Default: one-shot from the dense statistics,
@@ -617,17 +473,29 @@ def correct_subnet(
             cut.append(k < n)
     if method == "none" or not any(cut):
         return subnet
+    mlp_hidden = dense_blocks[0].mlp.fc2.in_features
+
     def solve(d: nn.Linear, s: nn.Linear, cross: Tensor, gram: Tensor, where: str, target: Tensor | None = None) -> None:
-        _solve(d, s, cross, gram, method, damping, damping_reference, where, target)
+        _solve(d, s, cross, gram, method, resolved, damping_reference, where, target)
 
     if sequential:
-        _correct_sequential(dense, subnet, _check_images(calibration), _check_batch_size(batch_size), solve)
+        images = _check_images(calibration)
+        resolved = damping if damping is not None else auto_damping(mlp_hidden, _num_tokens(dense, images))
+        _correct_sequential(dense, subnet, images, _check_batch_size(batch_size), solve)
         return subnet
     if not isinstance(calibration, CorrectionStats):
         calibration = collect_stats(dense, calibration, batch_size=batch_size)
         expected_fingerprint, prepared = None, None
+    resolved = stats_damping(damping, calibration)
     _correct_from_stats(dense_blocks, sub_blocks, calibration, expected_fingerprint, solve, prepared)
     return subnet
+
+
+@torch.no_grad()
+def _num_tokens(model: nn.Module, images: Tensor) -> int:
+    """Tokens per block input over all ``images`` (one image through the embedding gives the count)."""
+    device, dtype = _model_device_dtype(model)
+    return int(images.shape[0]) * int(_block_input(model, images[:1].to(device, dtype)).shape[1])
 
 
 def _correct_from_stats(

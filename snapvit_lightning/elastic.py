@@ -235,7 +235,7 @@ class ElasticViT:
         batch_size: int | None = None,
         correct: str = "auto",
         calibration: CorrectionStats | torch.Tensor | None = None,
-        damping: float = 0.01,
+        damping: float | None = None,
         damping_reference: str = "mean",
         sequential: bool = False,
     ) -> nn.Module:
@@ -339,7 +339,7 @@ class ElasticViT:
         *,
         correct: str = "auto",
         calibration: CorrectionStats | torch.Tensor | None = None,
-        damping: float = 0.01,
+        damping: float | None = None,
         damping_reference: str = "mean",
         sequential: bool = False,
     ) -> nn.Module:
@@ -355,7 +355,9 @@ class ElasticViT:
             calibration: For a correction: stored :class:`CorrectionStats` of this model
                 (:meth:`collect_stats`, :meth:`CorrectionStats.load`) or preprocessed images
                 ``[N, 3, H, W]``. Default: the attached statistics (:attr:`stats`).
-            damping: Least-squares damping relative to the mean (or max) Gram diagonal.
+            damping: Least-squares damping relative to the mean (or max) Gram diagonal;
+                ``None`` (default): :func:`~snapvit_lightning.correction.auto_damping` of the
+                calibration (more for fewer tokens).
             damping_reference: ``"mean"`` or ``"max"``.
             sequential: Fit block by block on the corrected subnet's activations (images only).
 

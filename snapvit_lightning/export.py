@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from . import __version__
-from .correction import collect_stats
+from .correction import collect_stats, stats_damping
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
     _check_bool, _check_budgets, _check_correct, _check_device, _check_dirpath, _check_images,
@@ -368,6 +368,7 @@ def export_elastic(
             "stats_file": targets["stats"].name,
             "stats_bytes": stats.stored_bytes,
             "calibration_images": stats.num_images,
+            "damping": stats_damping(None, stats) if correct == "lstsq" else None,  # automatic, from the statistics
             "ranking": stats.has_ranking,
             "fidelity_images_are_calibration_images": None if calibration is None  # attached statistics: unknown
             else images is not None and images.shape == calibration.shape and bool(torch.equal(images, calibration)),

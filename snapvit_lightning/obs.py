@@ -3,7 +3,8 @@
 For a cut layer ``y = W x + b`` (``mlp.fc2`` over neurons, ``attn.proj`` over heads) and the
 second moments ``G = E[x̃ x̃ᵀ]`` of its augmented input (:class:`~snapvit_lightning.correction.CorrectionStats`),
 removing a set ``S`` of inputs and refitting the rest by least squares (what ``correct="lstsq"``
-does) costs ``E‖Δy‖² = tr(W_S [(G⁻¹)_SS]⁻¹ W_Sᵀ)``. Removing one unit (neuron, or head: its
+does) costs ``E‖Δy‖² = tr(W_S [(G⁻¹)_SS]⁻¹ W_Sᵀ)``; with the damping ``λ`` added to ``G``'s
+diagonal this is the output error plus ``λ‖W' - W‖²``, the objective of the damped correction. Removing one unit (neuron, or head: its
 ``head_dim`` columns) at a time, always the cheapest, and updating ``W`` and ``G⁻¹`` after each
 removal (ZipLM, Kurtic et al. 2023) gives a nested order; the cost of each step is the error it
 adds to the corrected layer's output. A unit's score is the largest step cost up to its removal
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .correction import (
-    CorrectionStats, _batches, _check_batch_size, _check_images, _model_device_dtype, augmented_weight,
+    CorrectionStats, _batches, _check_batch_size, _check_images, _model_device_dtype, augmented_weight, stats_damping,
 )
 from .scores import ImportanceScores
 from .structure import get_blocks, inspect_vit
@@ -123,7 +124,7 @@ def obs_scores(
     model: nn.Module,
     stats: CorrectionStats,
     *,
-    damping: float = 0.01,
+    damping: float | None = None,
     scale: Sequence[float] | Tensor | None = None,
     chunks: int = 128,
     min_mlp_keep: float = 0.05,
@@ -137,7 +138,8 @@ def obs_scores(
     Args:
         model: The dense ViT the statistics were collected on (its unit order is the scores').
         stats: Its correction statistics.
-        damping: Ridge damping relative to the mean Gram diagonal.
+        damping: Ridge damping relative to the mean Gram diagonal; ``None``:
+            :func:`~snapvit_lightning.correction.auto_damping` of ``stats`` (what the correction uses).
         scale: Per-block divisors of the costs (``None``: none).
         chunks: Updates per layer at most (:func:`greedy_removal` ``chunk = units // chunks``):
             the exact greedy for the heads, chunks of 12 for 1536 neurons.
@@ -151,6 +153,7 @@ def obs_scores(
     blocks = get_blocks(model)
     if stats.mlp.shape[0] != len(blocks):
         raise ValueError(f"stats have {stats.mlp.shape[0]} blocks, the model {len(blocks)}")
+    damping = stats_damping(damping, stats)
     divisors = torch.ones(len(blocks), dtype=torch.float64) if scale is None else torch.as_tensor(scale, dtype=torch.float64)
     device = next(model.parameters()).device
     mlp, heads = [], []
@@ -222,7 +225,7 @@ def corrected_ranking(
     stats: CorrectionStats,
     images: Tensor,
     *,
-    damping: float = 0.01,
+    damping: float | None = None,
     min_mlp_keep: float,
     min_head_keep: float,
     batch_size: int = 32,
@@ -233,7 +236,8 @@ def corrected_ranking(
         model: The dense (elastic) ViT the statistics were collected on; not changed.
         stats: Its correction statistics (the unit order of the result is theirs and the model's).
         images: The calibration images ``[N, 3, H, W]`` the statistics were collected on.
-        damping: Ridge damping of the OBS updates, relative to the mean Gram diagonal.
+        damping: Ridge damping of the OBS updates, relative to the mean Gram diagonal (``None``:
+            as :func:`obs_scores`).
         min_mlp_keep: As :class:`ImportanceScores` (use the elastic model's).
         min_head_keep: As :class:`ImportanceScores`.
         batch_size: Images per forward of :func:`stream_energy`.
@@ -258,7 +262,7 @@ def with_ranking(
     *,
     min_mlp_keep: float,
     min_head_keep: float,
-    damping: float = 0.01,
+    damping: float | None = None,
     batch_size: int = 32,
 ) -> CorrectionStats:
     """A copy of ``stats`` carrying :func:`corrected_ranking` (``ranking_mlp``/``ranking_heads``).

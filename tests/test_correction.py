@@ -94,6 +94,61 @@ def test_bias_compensation_equals_analytic_expectation() -> None:
         assert torch.equal(block.mlp.fc2.weight, dense_block.mlp.fc2.weight[:, :k])
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.05, 0.5])
+def test_lstsq_minimises_the_damped_objective_of_the_obs_costs(damping: float) -> None:
+    """lstsq solves min E||Wx+b - W'x~-b'||^2 + lam ||W' - W_kept||^2: the ridge pulls towards the dense weights.
+
+    The closed form is the OBS refit (tests/test_obs.py): the damped Gram matrix throughout,
+    ``[W' | b'] = [W | b] G_d[:, cols] (G_d[cols, cols])^-1``.
+    """
+    el = _elastic("test_vit")
+    stats = el.collect_stats(_images(el.model, n=16))
+    dims = el.dims(0.5, 0.5)
+    sub = el.slice(dims, correct="lstsq", calibration=stats, damping=damping)
+    for i, (dense, block, d) in enumerate(zip(get_blocks(el.model), get_blocks(sub), dims)):
+        hd = dense.attn.head_dim
+        for layer, whole, moment, k in ((block.mlp.fc2, dense.mlp.fc2, stats.mlp[i], d.mlp_hidden),
+                                        (block.attn.proj, dense.attn.proj, stats.attn[i], d.num_heads * hd)):
+            n = whole.in_features
+            g = moment.double().clone()
+            diag = torch.diagonal(g)[:n]
+            lam = damping * float(diag[:k].mean())  # the damping is relative to the kept inputs' diagonal
+            diag += lam
+            cols = torch.cat([torch.arange(k), torch.tensor([n])])
+            w_aug = torch.cat([whole.weight.double(), whole.bias.double()[:, None]], 1)
+            expected = torch.linalg.solve(g[cols][:, cols], (w_aug @ g[:, cols]).T).T
+            torch.testing.assert_close(layer.weight.double(), expected[:, :k].float().double(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(layer.bias.double(), expected[:, k].float().double(), rtol=1e-4, atol=1e-5)
+
+
+def test_default_damping_is_automatic_from_the_calibration_tokens() -> None:
+    """``damping=None`` (the default) is auto_damping(neurons, tokens): larger for fewer tokens, never below the floor."""
+    from snapvit_lightning.correction import AUTO_DAMPING, MIN_DAMPING, auto_damping, stats_damping
+
+    assert auto_damping(1536, 12 * 65) == pytest.approx(AUTO_DAMPING * 1536 / 780)
+    assert auto_damping(1536, 10**6) == MIN_DAMPING and auto_damping(1536, 780) > auto_damping(1536, 1560)
+    with pytest.raises(ValueError, match="num_tokens must be >= 1"):
+        auto_damping(1536, 0)
+    el = _elastic("test_vit")
+    images = _images(el.model, n=4)
+    stats = el.collect_stats(images)
+    hidden = el.structure.blocks[0].mlp_hidden
+    auto = stats_damping(None, stats)
+    assert auto == auto_damping(hidden, stats.num_tokens) > MIN_DAMPING and stats_damping(0.2, stats) == 0.2
+    dims = el.dims(0.5, 0.5)
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    by_default = el.slice(dims, correct="lstsq", calibration=stats)
+    assert same(by_default, el.slice(dims, correct="lstsq", calibration=stats, damping=auto))
+    assert not same(by_default, el.slice(dims, correct="lstsq", calibration=stats, damping=0.01))
+    # Images: their statistics' tokens; sequential: the same count, from the images' token grid.
+    assert same(el.slice(dims, correct="lstsq", calibration=images), by_default)
+    sequential = el.slice(dims, correct="lstsq", calibration=images, sequential=True)
+    assert same(sequential, el.slice(dims, correct="lstsq", calibration=images, sequential=True, damping=auto))
+
+
 def test_singular_gram_raises_without_damping() -> None:
     model, name, kwargs = tiny_model("test_vit")
     fc1 = get_blocks(model)[0].mlp.fc1
@@ -184,7 +239,7 @@ def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
         (dict(correct="lstsq"), "needs calibration"),
         (dict(correct="none", calibration="x"), "only used with correct='bias' or 'lstsq'"),
         (dict(correct="obs"), "correct must be one of"),
-        (dict(correct="lstsq", damping=-1.0), "damping must be a finite number >= 0"),
+        (dict(correct="lstsq", damping=-1.0), r"damping must be None \(automatic\) or a finite number >= 0"),
         (dict(correct="lstsq", damping_reference="median"), "damping_reference must be one of"),
     ],
 )
@@ -356,7 +411,7 @@ def test_ranking_is_stored_in_version_3_and_older_files_load_without_one(tmp_pat
     from safetensors import safe_open
 
     from snapvit_lightning.checkpoint import _write
-    from snapvit_lightning.correction import _triu
+    from snapvit_lightning.correction_stats import _triu
 
     el = _elastic("test_vit")
     stats = _ranked_stats(el)
@@ -387,7 +442,7 @@ def test_a_ranking_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     import dataclasses
 
     from snapvit_lightning.checkpoint import _write
-    from snapvit_lightning.correction import _triu
+    from snapvit_lightning.correction_stats import _triu
 
     el = _elastic("test_vit")
     stats = _ranked_stats(el)

@@ -279,7 +279,7 @@ def _gathered_corrected(elastic: ElasticViT, stats, mlp_ratio: float, head_ratio
     directly from the statistics in the elastic model's own order (no permuted statistics)."""
     import copy
 
-    from snapvit_lightning.correction import _assign, augmented_weight, solve_layer
+    from snapvit_lightning.correction import _assign, augmented_weight, solve_layer, stats_damping
     from snapvit_lightning.structure import select_units
 
     ranking = ImportanceScores(stats.ranking_mlp, stats.ranking_heads, min_mlp_keep=elastic.scores.min_mlp_keep,
@@ -301,7 +301,8 @@ def _gathered_corrected(elastic: ElasticViT, stats, mlp_ratio: float, head_ratio
             cols = torch.cat([index, torch.tensor([n])])
             gram = moment.double()
             weight, bias = solve_layer(augmented_weight(whole) @ gram[:, cols], whole.weight.detach().double()[:, index],
-                                       gram[cols][:, cols], whole.bias is not None, method, 0.01, "mean", f"block {i}")
+                                       gram[cols][:, cols], whole.bias is not None, method, stats_damping(None, stats),
+                                       "mean", f"block {i}")
             _assign(layer, weight, bias)
     return sub, kept
 

@@ -104,7 +104,7 @@ def test_export_without_images_or_subnets(tmp_path, elastic):
 
 @pytest.mark.parametrize("method", ["bias", "lstsq"])
 def test_export_with_weight_correction(tmp_path, elastic, images, method):
-    from snapvit_lightning.correction import CorrectionStats
+    from snapvit_lightning.correction import CorrectionStats, auto_damping
 
     calibration = torch.randn(8, 3, 160, 160, generator=torch.Generator().manual_seed(5))
     out = export_elastic(
@@ -116,7 +116,9 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert paths["stats"].name == "test_vit.stats.safetensors" and stats.num_images == 8
     assert report["correction"] == {
         "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
-        "calibration_images": 8, "ranking": True, "fidelity_images_are_calibration_images": False,
+        "calibration_images": 8,
+        "damping": auto_damping(elastic.structure.blocks[0].mlp_hidden, stats.num_tokens) if method == "lstsq" else None,
+        "ranking": True, "fidelity_images_are_calibration_images": False,
     }
     assert stats.has_ranking  # computed on the calibration images, stored beside the checkpoint
     dense, half = report["budgets"]

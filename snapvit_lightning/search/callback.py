@@ -192,7 +192,7 @@ class EvolutionarySearch(Callback):
             .246 .160, above random at every budget; mean of seeds 0-2 .926 .891 .862 .815, the
             best configuration measured for corrected exports); ``balance="rank"`` .924 .833 .811
             .783 (it lost at (0.45,0.3), which no fitness pair covers). See the README.
-        damping: ``lstsq`` damping of that correction (relative to the Gram diagonal).
+        damping: ``lstsq`` damping of that correction (relative to the Gram diagonal; ``None``: automatic).
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         space: Where the fitness takes the cosine (see :class:`Fitness`): ``"raw"`` (default),
             the embeddings themselves, the fidelity the elastic model is judged by; ``"pca"``,
@@ -271,7 +271,7 @@ class EvolutionarySearch(Callback):
         log_every_n_evals: int = 10,
         balance: float | tuple[float, float] | str | None = DEFAULT_BALANCE,
         correct: str = "none",
-        damping: float = 0.01,
+        damping: float | None = None,
         damping_reference: str = "mean",
         space: str = DEFAULT_SPACE,
         guard: float = DEFAULT_GUARD,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..correction import augmented_weight, check_correction, collect_stats, has_cut_norm, solve_layer
+from ..correction import augmented_weight, check_correction, collect_stats, has_cut_norm, solve_layer, stats_damping
 from ..forward import embed
 from ..scores import ImportanceScores, check_ratio
 from ..structure import get_blocks, head_channels, inspect_vit
@@ -250,7 +250,7 @@ class Fitness:
             collected once on all fitness images (in-sample); each candidate's kept rows and
             columns of them are solved per cut layer (float64 Cholesky), exactly as
             :meth:`ElasticViT.subnet` with ``correct=`` and these statistics would.
-        damping: Ridge damping of ``lstsq`` relative to the Gram diagonal.
+        damping: Ridge damping of ``lstsq`` relative to the Gram diagonal (``None``: automatic).
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         space: Where the cosine is taken: ``"raw"`` (default), the embeddings themselves, which
             is the fidelity the elastic model is judged by; ``"pca"``, the paper's, their
@@ -325,7 +325,7 @@ class Fitness:
         reduce_fn: Callable[[Tensor], Tensor] | None = None,
         broadcast_fn: Callable[[Tensor], Tensor] | None = None,
         correct: str = "none",
-        damping: float = 0.01,
+        damping: float | None = None,
         damping_reference: str = "mean",
         space: str = DEFAULT_SPACE,
         guard: float = 0.0,
@@ -459,7 +459,7 @@ class Fitness:
                 "with a norm over a cut dimension (scale_norm or an MLP norm); use correct='none'"
             )
         stats = collect_stats(model, images, batch_size=self.batch_size)
-        terms = []
+        self.damping, terms = stats_damping(self.damping, stats), []
         for i, block in enumerate(blocks):
             entry = {}
             for name, layer, moments in (("attn", block.attn.proj, stats.attn), ("mlp", block.mlp.fc2, stats.mlp)):

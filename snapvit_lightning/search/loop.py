@@ -169,7 +169,7 @@ def run_search(
     on_start: Callable[[float], None] | None = None,
     balance: float | tuple[float, float] | str | None = DEFAULT_BALANCE,
     correct: str = "none",
-    damping: float = 0.01,
+    damping: float | None = None,
     damping_reference: str = "mean",
     space: str = DEFAULT_SPACE,
     guard: float = DEFAULT_GUARD,
@@ -200,7 +200,7 @@ def run_search(
         balance: Balancing quantile(s) of the scores the weights apply to (``None``: the raw
             scores and the paper's start); see :class:`EvolutionarySearch`.
         correct: Weight correction inside the fitness (see :class:`Fitness`).
-        damping: ``lstsq`` damping of that correction.
+        damping: ``lstsq`` damping of that correction (``None``: automatic).
         damping_reference: ``"mean"`` or ``"max"``.
         space: Where the fitness takes the cosine, ``"raw"`` or ``"pca"`` (see :class:`Fitness`).
         guard: Penalty per unit of cosine a ratio pair loses against the start point (see

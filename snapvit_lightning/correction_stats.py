@@ -1,0 +1,206 @@
+"""Correction statistics: :class:`CorrectionStats` and their file (``<name>.stats.safetensors``).
+
+The second moments of the dense model's ``attn.proj`` and ``mlp.fc2`` inputs that the weight
+correction (:mod:`~snapvit_lightning.correction`) solves from, stored as float32 upper triangles
+(tensors and plain metadata only), and the corrected path's optional ranking.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .checkpoint import _write, read_format
+
+__all__ = ["CorrectionStats", "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS", "stats_path_for"]
+
+STATS_FORMAT = "snapvit-correction-stats"
+#: 1: full matrices; 2: upper triangles only (lossless); 3: as 2, plus the optional ranking of the corrected path.
+STATS_FORMAT_VERSION = 3
+STATS_READABLE_VERSIONS = (1, 2, 3)
+
+
+def _triu(matrices: Tensor) -> Tensor:
+    """The upper triangles (diagonal included) of ``[B, n, n]`` as ``[B, n(n+1)/2]``, row by row."""
+    n = matrices.shape[-1]
+    rows, cols = torch.triu_indices(n, n)
+    return matrices[:, rows, cols]
+
+
+def _from_triu(packed: Tensor, n: int) -> Tensor:
+    """The symmetric ``[B, n, n]`` whose upper triangles are ``packed`` (the inverse of :func:`_triu`)."""
+    rows, cols = torch.triu_indices(n, n)
+    out = packed.new_empty(packed.shape[0], n, n)
+    out[:, rows, cols] = packed
+    out[:, cols, rows] = packed
+    return out
+
+
+def _triangle_side(length: int) -> int:
+    """``n`` with ``n(n+1)/2 == length``, or -1."""
+    n = int((math.isqrt(8 * length + 1) - 1) // 2)
+    return n if n * (n + 1) // 2 == length else -1
+
+
+def stats_path_for(elastic_path: str | os.PathLike) -> Path:
+    """Where statistics of ``<name>.elastic.safetensors`` live: ``<name>.stats.safetensors`` beside it."""
+    path = Path(elastic_path)
+    suffix = ".elastic.safetensors"
+    stem = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.stem
+    return path.with_name(f"{stem}.stats.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored statistics
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorrectionStats:
+    """Second moments of the dense model's ``attn.proj`` and ``mlp.fc2`` inputs, per block.
+
+    In the elastic model's (permuted) unit order, so a budget's kept inputs are a prefix. The
+    matrices are symmetric (:func:`collect_stats` makes them exactly so), and a file stores only
+    their upper triangles: lossless, half the bytes (format version 3; version 1 files, which
+    hold the full matrices, and version 2 files, without a ranking, are still read).
+
+    They may carry the corrected path's own ranking (:func:`~snapvit_lightning.obs.with_ranking`):
+    :meth:`~snapvit_lightning.elastic.ElasticViT.subnet` then keeps, for corrected subnets, the
+    units it ranks highest instead of the elastic model's prefix; plain cuts never use it.
+
+    Attributes:
+        attn: ``[B, C + 1, C + 1]`` float32 ``E[xₐ xₐᵀ]`` of the ``attn.proj`` inputs
+            ``x`` (``C = heads · head_dim``), augmented with a constant 1 (last row/column holds
+            the means).
+        mlp: ``[B, hidden + 1, hidden + 1]`` the same for the ``mlp.fc2`` inputs.
+        num_images: Calibration images they were collected on.
+        num_tokens: Tokens per layer they average over (images × tokens per image).
+        fingerprint: :func:`fingerprint` of the elastic model they belong to.
+        ranking_mlp: ``[B, hidden]`` float64 scores of the MLP neurons for corrected subnets, in
+            the elastic model's unit order (higher = keep), or ``None``.
+        ranking_heads: ``[B, H]`` the same for the heads; given together with ``ranking_mlp``.
+
+    Raises:
+        ValueError: A ranking without the other half, of the wrong shape, or with values that are
+            not finite and non-negative.
+    """
+
+    attn: Tensor
+    mlp: Tensor
+    num_images: int
+    num_tokens: int
+    fingerprint: str
+    ranking_mlp: Tensor | None = None
+    ranking_heads: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ranking_mlp is None) != (self.ranking_heads is None):
+            raise ValueError("ranking_mlp and ranking_heads must be given together (or neither)")
+        if self.ranking_mlp is None:
+            return
+        blocks, hidden, channels = self.mlp.shape[0], self.mlp.shape[-1] - 1, self.attn.shape[-1] - 1
+        for name, value in (("ranking_mlp", self.ranking_mlp), ("ranking_heads", self.ranking_heads)):
+            if not isinstance(value, Tensor) or value.ndim != 2 or value.shape[0] != blocks or value.shape[1] < 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be a [{blocks}, units] tensor (one row per block), got {shape}")
+            if not value.is_floating_point() or not torch.isfinite(value).all() or (value < 0).any():
+                raise ValueError(f"{name} must hold finite, non-negative floating-point scores")
+        if self.ranking_mlp.shape[1] != hidden:
+            raise ValueError(f"ranking_mlp must be [{blocks}, {hidden}] (the MLP's neurons), got {tuple(self.ranking_mlp.shape)}")
+        heads = self.ranking_heads.shape[1]
+        if channels % heads:
+            raise ValueError(
+                f"ranking_heads has {heads} heads per block, which do not divide the {channels} attn.proj inputs"
+            )
+        self.ranking_mlp = self.ranking_mlp.detach().to("cpu", torch.float64)
+        self.ranking_heads = self.ranking_heads.detach().to("cpu", torch.float64)
+
+    @property
+    def has_ranking(self) -> bool:
+        """Whether they carry the corrected path's own ranking (``ranking_mlp``/``ranking_heads``)."""
+        return self.ranking_mlp is not None
+
+    def _rankings(self) -> tuple[Tensor, ...]:
+        return () if self.ranking_mlp is None else (self.ranking_mlp, self.ranking_heads)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in memory: the (full, float32) matrices and the ranking (float64), if any."""
+        return sum(t.numel() * t.element_size() for t in (self.attn, self.mlp, *self._rankings()))
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors :meth:`save` writes: the float32 upper triangles, ``4·B·n(n+1)/2`` per
+        layer, and the float64 ranking, ``8·B·(hidden + H)``, when there is one."""
+        triangles = sum(4 * t.shape[0] * t.shape[1] * (t.shape[1] + 1) // 2 for t in (self.attn, self.mlp))
+        return triangles + sum(8 * t.numel() for t in self._rankings())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file of the upper triangles (to a temporary file, then renamed).
+
+        Raises:
+            ValueError: A matrix that is not symmetric (the lower triangle would be lost).
+        """
+        for name, t in (("attn", self.attn), ("mlp", self.mlp)):
+            if not torch.equal(t, t.transpose(1, 2)):
+                raise ValueError(f"correction statistics '{name}' are not symmetric; collect them with collect_stats()")
+        meta = {
+            "format": STATS_FORMAT,
+            "format_version": str(STATS_FORMAT_VERSION),
+            "num_images": str(self.num_images),
+            "num_tokens": str(self.num_tokens),
+            "fingerprint": self.fingerprint,
+            "snapvit_version": __version__,
+        }
+        tensors = {"attn_triu": _triu(self.attn.float()), "mlp_triu": _triu(self.mlp.float())}
+        if self.has_ranking:
+            tensors.update(ranking_mlp=self.ranking_mlp, ranking_heads=self.ranking_heads)
+        _write(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CorrectionStats":
+        """Read statistics written by :meth:`save` (tensors and plain values only).
+
+        Reads format version 3 (upper triangles and, when stored, the ranking ``ranking_mlp``
+        ``[B, hidden]`` / ``ranking_heads`` ``[B, H]``), version 2 (upper triangles, no ranking)
+        and version 1 (full matrices, no ranking).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: Not a statistics file of a readable format/version, or inconsistent contents
+                (a ranking of the wrong shape included).
+        """
+        tensors, meta = read_format(path, STATS_FORMAT, STATS_READABLE_VERSIONS, "correction statistics")
+        try:
+            if meta["format_version"] == "1":
+                attn, mlp = tensors["attn"], tensors["mlp"]
+            else:
+                attn, mlp = (_unpack(path, name, tensors[f"{name}_triu"]) for name in ("attn", "mlp"))
+            values = (int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"]))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
+        for name, t in (("attn", attn), ("mlp", mlp)):
+            if t.ndim != 3 or t.shape[1] != t.shape[2]:
+                raise ValueError(f"{path}: '{name}' must be [B, n, n], got {tuple(t.shape)}")
+        if attn.shape[0] != mlp.shape[0]:
+            raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
+        ranking = {}
+        if meta["format_version"] not in ("1", "2"):  # older files carry no ranking
+            ranking = {k: tensors[k] for k in ("ranking_mlp", "ranking_heads") if k in tensors}
+        try:
+            return cls(attn, mlp, *values, **ranking)
+        except ValueError as err:
+            raise ValueError(f"{path}: invalid ranking in the correction statistics: {err}") from err
+
+
+def _unpack(path: str | os.PathLike, name: str, packed: Tensor) -> Tensor:
+    n = _triangle_side(packed.shape[-1]) if packed.ndim == 2 else -1
+    if n < 1:
+        raise ValueError(f"{path}: '{name}_triu' must be [B, n(n+1)/2] upper triangles, got {tuple(packed.shape)}")
+    return _from_triu(packed, n)
