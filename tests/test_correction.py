@@ -289,6 +289,31 @@ def test_real_model_correction_keeps_more_features(real_weights: Path, photos_di
     assert fixed > plain + 0.1, (plain, fixed)
 
 
+
+def test_real_model_automatic_damping_keeps_more_from_few_photos(real_weights: Path, photos_dir: Path) -> None:
+    """12 calibration photos (even positions of photos8), measured on the odd half, which they never saw:
+    the automatic damping (0.256 here) keeps more of the dense features than a fixed 0.01, for the
+    corrected path as shipped (ranking and solve both damped; docs/defaults.md, "Damping of the correction")."""
+    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+    from snapvit_lightning.module import SnapViTModule
+    from snapvit_lightning.obs import with_ranking
+
+    model = load_real_model(real_weights)
+    scores = SnapViTModule(model, criterion="magnitude").compute_scores()
+    el = ElasticViT(model, scores, model_name="vit_small_patch14_dinov2", model_kwargs=dict(num_classes=0, img_size=112))
+    images = load_eval_images(photos_dir, el.model)[0]
+    calib, held_out = images[0::2][:12], images[1::2]
+    stats = el.collect_stats(calib)
+    dense = extract_features(el.model, held_out)
+    kept = {}
+    for damping in (None, 0.01):
+        ranked = with_ranking(el.model, stats, calib, damping=damping, min_mlp_keep=scores.min_mlp_keep,
+                              min_head_keep=scores.min_head_keep)
+        subnets = [el.subnet(m, h, calibration=ranked, damping=damping) for m, h in ((0.35, 0.2), (0.55, 0.4))]
+        kept[damping] = sum(feature_fidelity(extract_features(sub, held_out), dense) for sub in subnets) / 2
+    assert kept[None] > kept[0.01] + 0.03, kept
+
 # ----------------------------------------------------------------------------------------------
 # Corrected by default: attached statistics, compact files
 
