@@ -52,8 +52,8 @@ from .correction_stats import (  # re-exported: the statistics are part of this 
 from .structure import get_blocks
 
 __all__ = [
-    "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping", "stats_damping",
-    "collect_stats", "correct_subnet", "fingerprint",
+    "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
+    "stats_damping", "collect_stats", "correct_subnet", "fingerprint",
     "augmented_weight", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
 ]

@@ -66,9 +66,10 @@ class CorrectionStats:
     """Second moments of the dense model's ``attn.proj`` and ``mlp.fc2`` inputs, per block.
 
     In the elastic model's (permuted) unit order, so a budget's kept inputs are a prefix. The
-    matrices are symmetric (:func:`collect_stats` makes them exactly so), and a file stores only
-    their upper triangles: lossless, half the bytes (format version 3; version 1 files, which
-    hold the full matrices, and version 2 files, without a ranking, are still read).
+    matrices are symmetric (:func:`~snapvit_lightning.correction.collect_stats` makes them exactly
+    so), and a file stores only their upper triangles: lossless, half the bytes (format version 3;
+    version 1 files, which hold the full matrices, and version 2 files, without a ranking, are
+    still read).
 
     They may carry the corrected path's own ranking (:func:`~snapvit_lightning.obs.with_ranking`):
     :meth:`~snapvit_lightning.elastic.ElasticViT.subnet` then keeps, for corrected subnets, the
@@ -81,7 +82,7 @@ class CorrectionStats:
         mlp: ``[B, hidden + 1, hidden + 1]`` the same for the ``mlp.fc2`` inputs.
         num_images: Calibration images they were collected on.
         num_tokens: Tokens per layer they average over (images × tokens per image).
-        fingerprint: :func:`fingerprint` of the elastic model they belong to.
+        fingerprint: :func:`~snapvit_lightning.correction.fingerprint` of the elastic model they belong to.
         ranking_mlp: ``[B, hidden]`` float64 scores of the MLP neurons for corrected subnets, in
             the elastic model's unit order (higher = keep), or ``None``.
         ranking_heads: ``[B, H]`` the same for the heads; given together with ``ranking_mlp``.

@@ -4,8 +4,8 @@ For a cut layer ``y = W x + b`` (``mlp.fc2`` over neurons, ``attn.proj`` over he
 second moments ``G = E[x̃ x̃ᵀ]`` of its augmented input (:class:`~snapvit_lightning.correction.CorrectionStats`),
 removing a set ``S`` of inputs and refitting the rest by least squares (what ``correct="lstsq"``
 does) costs ``E‖Δy‖² = tr(W_S [(G⁻¹)_SS]⁻¹ W_Sᵀ)``; with the damping ``λ`` added to ``G``'s
-diagonal this is the output error plus ``λ‖W' - W‖²``, the objective of the damped correction. Removing one unit (neuron, or head: its
-``head_dim`` columns) at a time, always the cheapest, and updating ``W`` and ``G⁻¹`` after each
+diagonal this is the output error plus ``λ‖W' - W‖²``, the objective of the damped correction.
+Removing one unit (neuron, or head: its ``head_dim`` columns) at a time, always the cheapest, and updating ``W`` and ``G⁻¹`` after each
 removal (ZipLM, Kurtic et al. 2023) gives a nested order; the cost of each step is the error it
 adds to the corrected layer's output. A unit's score is the largest step cost up to its removal
 (so scores never decrease along a block's order): the global ranking of these scores keeps, at
