@@ -32,8 +32,8 @@ Calibration comes in two forms:
   run side by side, block by block, and each cut layer is fitted on the already-corrected
   subnet's activations ``x̃`` against the dense layer's output on the dense activations ``x``.
   About five block forwards per block; works for every supported model. On our real
-  DINOv2 ViT-S/14 it kept *less* of the dense features than one-shot (README, "Weight
-  correction"): with inputs that already drifted, the least-squares fit shrinks the layer.
+  DINOv2 ViT-S/14 it ties with one-shot on the corrected path's ranking at several times
+  the cost (docs/correction.md).
 
 Only layers whose inputs were cut are changed: with nothing removed the subnet is unchanged.
 """
@@ -444,7 +444,7 @@ def correct_subnet(
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         sequential: Fit each cut layer on the already-corrected subnet's activations (images
             only; see the module docstring). Default: one-shot from the dense statistics,
-            which kept more of the dense features on our real model (README, "Weight correction").
+            as good on our real model's corrected path and several times faster (docs/correction.md).
         batch_size: Images per forward (images only).
         expected_fingerprint: If given, stored statistics must carry this fingerprint.
         prepared: :func:`prepare_targets` of ``dense`` and these stored statistics (speed only;
