@@ -72,7 +72,7 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     else:
         print(f"correction statistics: {beside} ({stats.num_images} images, {stats.stored_bytes / 1e6:.1f} MB): "
               "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut), "
-              f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_tokens} calibration tokens)")
+              f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_images} images, {stats.num_tokens} tokens)")
         if stats.has_ranking:
             print("ranking: the statistics carry the corrected path's own ranking; corrected subnets keep the units it "
                   "ranks highest (the kept counts per block differ from the table's, the totals do not)")
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: <name>.stats.safetensors beside the checkpoint)")
     cut.add_argument("--damping", type=float, default=None,
                      help="least-squares damping, relative to the mean Gram diagonal (default: automatic, "
-                          "more for fewer calibration tokens; see docs/correction.md)")
+                          "more for fewer calibration images; see docs/correction.md)")
     cut.add_argument("--damping-reference", choices=("mean", "max"), default="mean",
                      help="scale the damping by the mean or the max Gram diagonal (default: mean)")
     cut.add_argument("--sequential", action="store_true",

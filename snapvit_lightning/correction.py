@@ -15,7 +15,7 @@ output on calibration activations stays close to the dense layer's:
   models with outlier activations). This is the objective the OBS ranking's costs measure
   (:mod:`~snapvit_lightning.obs`); with few calibration tokens it keeps far more of the dense
   features on unseen images than a ridge towards zero (docs/defaults.md). ``damping=None``
-  (the default) is :func:`auto_damping` of the statistics: more damping for fewer tokens.
+  (the default) is :func:`auto_damping` of the statistics: more damping for fewer images.
   Solved by a Cholesky factorisation in float64; a matrix that is not positive definite
   raises :class:`SingularGramError` (no silent fallback).
 
@@ -41,6 +41,7 @@ Only layers whose inputs were cut are changed: with nothing removed the subnet i
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -61,9 +62,9 @@ __all__ = [
 CORRECTIONS = ("none", "bias", "lstsq")
 DAMPING_REFERENCES = ("mean", "max")
 _LAYERS = (("attn", "proj"), ("mlp", "fc2"))  # (branch, consuming layer), in forward order
-#: :func:`auto_damping`: damping per MLP neuron per calibration token, and its floor. Chosen on
-#: held-out photos (docs/defaults.md, "Damping of the correction").
-AUTO_DAMPING = 0.13
+#: :func:`auto_damping`: damping per MLP neuron per effective calibration sample, and its floor.
+#: Chosen on held-out photos (docs/defaults.md, "Damping of the correction").
+AUTO_DAMPING = 0.016
 MIN_DAMPING = 0.01
 
 
@@ -96,29 +97,35 @@ def check_correction(
     return str(correct), None if damping is None else float(damping), str(damping_reference)
 
 
-def auto_damping(mlp_hidden: int, num_tokens: int) -> float:
-    """The default damping: ``max(MIN_DAMPING, AUTO_DAMPING · mlp_hidden / num_tokens)``.
+def auto_damping(mlp_hidden: int, num_images: int, num_tokens: int) -> float:
+    """The default damping: ``max(MIN_DAMPING, AUTO_DAMPING · mlp_hidden / √(num_images · num_tokens))``.
 
-    A Gram matrix of ``mlp_hidden`` inputs estimated from ``num_tokens`` tokens is noisier (and
-    below ``mlp_hidden`` tokens, singular) the fewer tokens there are, so the ridge grows with
-    their ratio. DINOv2 ViT-S/14 at 112 px (1536 neurons, 65 tokens per image): 0.256 for 12
-    images, 0.063 for 49, 0.031 for 98, the floor 0.01 from 308 images on.
+    A Gram matrix of ``mlp_hidden`` inputs is noisier (and below ``mlp_hidden`` tokens,
+    singular) the fewer samples it is estimated from, so the ridge grows with their ratio. The
+    tokens of one image are strongly correlated: the effective count lies between the images
+    and the tokens, and their geometric mean measured best on held-out photos at 112 and 224 px
+    (docs/defaults.md). DINOv2 ViT-S/14 (1536 neurons) at 112 px (65 tokens per image): 0.254
+    for 12 images, 0.062 for 49, 0.031 for 98; at 224 px (257 tokens): 0.128, 0.031, 0.016.
 
     Args:
         mlp_hidden: MLP neurons per block of the dense model (``mlp.fc2`` inputs).
-        num_tokens: Tokens the statistics average over (images × tokens per image).
+        num_images: Calibration images the statistics were collected on.
+        num_tokens: Tokens they average over (images × tokens per image).
 
     Raises:
-        ValueError: ``mlp_hidden`` or ``num_tokens`` below 1.
+        ValueError: An argument below 1, or fewer tokens than images.
     """
-    if mlp_hidden < 1 or num_tokens < 1:
-        raise ValueError(f"mlp_hidden and num_tokens must be >= 1, got {mlp_hidden} and {num_tokens}")
-    return max(MIN_DAMPING, AUTO_DAMPING * mlp_hidden / num_tokens)
+    if min(mlp_hidden, num_images, num_tokens) < 1 or num_tokens < num_images:
+        raise ValueError(
+            "mlp_hidden, num_images and num_tokens must be >= 1 with num_tokens >= num_images, "
+            f"got {mlp_hidden}, {num_images} and {num_tokens}"
+        )
+    return max(MIN_DAMPING, AUTO_DAMPING * mlp_hidden / math.sqrt(num_images * num_tokens))
 
 
 def stats_damping(damping: float | None, stats: CorrectionStats) -> float:
     """``damping``, or :func:`auto_damping` of ``stats`` when it is ``None``."""
-    return auto_damping(stats.mlp.shape[-1] - 1, stats.num_tokens) if damping is None else damping
+    return auto_damping(stats.mlp.shape[-1] - 1, stats.num_images, stats.num_tokens) if damping is None else damping
 
 
 def _check_images(images: object) -> Tensor:
@@ -440,7 +447,7 @@ def correct_subnet(
             statistics are collected first, or, with ``sequential``, used block by block).
         method: ``"bias"`` or ``"lstsq"`` (``"none"`` returns the subnet unchanged).
         damping: Ridge damping relative to the Gram diagonal (``lstsq`` only); ``None``:
-            :func:`auto_damping` of the calibration tokens.
+            :func:`auto_damping` of the calibration images and tokens.
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         sequential: Fit each cut layer on the already-corrected subnet's activations (images
             only; see the module docstring). Default: one-shot from the dense statistics,
@@ -480,7 +487,7 @@ def correct_subnet(
 
     if sequential:
         images = _check_images(calibration)
-        resolved = damping if damping is not None else auto_damping(mlp_hidden, _num_tokens(dense, images))
+        resolved = damping if damping is not None else auto_damping(mlp_hidden, len(images), _num_tokens(dense, images))
         _correct_sequential(dense, subnet, images, _check_batch_size(batch_size), solve)
         return subnet
     if not isinstance(calibration, CorrectionStats):

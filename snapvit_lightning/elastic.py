@@ -357,7 +357,7 @@ class ElasticViT:
                 ``[N, 3, H, W]``. Default: the attached statistics (:attr:`stats`).
             damping: Least-squares damping relative to the mean (or max) Gram diagonal;
                 ``None`` (default): :func:`~snapvit_lightning.correction.auto_damping` of the
-                calibration (more for fewer tokens).
+                calibration (more for fewer images).
             damping_reference: ``"mean"`` or ``"max"``.
             sequential: Fit block by block on the corrected subnet's activations (images only).
 

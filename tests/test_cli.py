@@ -396,7 +396,7 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     from snapvit_lightning.correction import CorrectionStats, stats_damping
 
     stored = CorrectionStats.load(stats)
-    assert f"damping {stats_damping(None, stored):.3g} (automatic, from {stored.num_tokens} calibration tokens)" in printed
+    assert f"damping {stats_damping(None, stored):.3g} (automatic, from {stored.num_images} images, {stored.num_tokens} tokens)" in printed
     assert "ranking: the statistics carry the corrected path's own ranking" in printed  # the export stored one
     fidelity = {(f"{b['mlp_ratio']:.2f}", f"{b['head_ratio']:.2f}"): b for b in result["report"]["budgets"]}
     row = [r for r in printed.splitlines() if r.split()[:2] == ["mlp_ratio", "head_ratio"] and "corrected" in r]

@@ -117,7 +117,7 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert report["correction"] == {
         "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
         "calibration_images": 8,
-        "damping": auto_damping(elastic.structure.blocks[0].mlp_hidden, stats.num_tokens) if method == "lstsq" else None,
+        "damping": auto_damping(elastic.structure.blocks[0].mlp_hidden, stats.num_images, stats.num_tokens) if method == "lstsq" else None,
         "ranking": True, "fidelity_images_are_calibration_images": False,
     }
     assert stats.has_ranking  # computed on the calibration images, stored beside the checkpoint
