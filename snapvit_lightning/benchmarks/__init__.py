@@ -7,6 +7,10 @@
 * :mod:`.search`: the fitness and the search loop's speed.
 * :mod:`.slice`: slicing speed.
 * :mod:`.step`: the scoring training step's speed.
+* :mod:`.heldout`: the whole pipeline calibrated on one half of a folder, measured on the other.
+* :mod:`.damping`: the corrected path's held-out fidelity per correction damping.
+* :mod:`.first_gains`: what the search's first generations gain over its start.
+* :mod:`.paper_vitb`: the paper's ViT-B/16 run as one whole `snapvit fit`, timed (for a GPU).
 
 Nothing in the core imports from here.
 """

@@ -1,0 +1,61 @@
+"""``python -m snapvit_lightning.benchmarks.damping``: held-out rows per damping on the real ViT-S/14."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from conftest import load_real_model
+from snapvit_lightning.benchmarks import damping as bench_damping
+from snapvit_lightning.correction import auto_damping
+from snapvit_lightning.data import load_eval_images
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.evaluation import extract_features, feature_fidelity
+from snapvit_lightning.module import SnapViTModule
+from snapvit_lightning.obs import with_ranking
+
+
+def test_parse_damping() -> None:
+    assert bench_damping.parse_damping("auto") is None
+    assert bench_damping.parse_damping("0.03") == 0.03 and bench_damping.parse_damping("0") == 0.0
+    for bad in ("-0.1", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'auto' or a number >= 0, got '{bad}'"):
+            bench_damping.parse_damping(bad)
+
+
+def test_rows_are_the_shipped_corrected_path_measured_on_the_other_half(real_weights, photo_folder, tmp_path, capsys) -> None:
+    out = tmp_path / "damping.json"
+    argv = ["--data", str(photo_folder), "--img-size", "56", "--images", "3", "--damping", "auto", "0.05",
+            "--calibrate", "odd", "--weights", str(real_weights), "--out", str(out)]
+    assert bench_damping.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["half"], r["images"], r["automatic"]) for r in rows] == [("odd", 3, True), ("odd", 3, False)]
+    printed = capsys.readouterr().out
+    assert "[odd -> even] N=3" in printed and "d=0.05" in printed
+    # The automatic row used auto_damping of its 3 images at 56 px (16 tokens + CLS = 17 each).
+    assert rows[0]["damping"] == pytest.approx(auto_damping(1536, 3, 3 * 17)) and rows[1]["damping"] == 0.05
+    # Recomputed by hand: the 3 seeded odd-position images calibrate, the even ones are measured.
+    model = load_real_model(real_weights, img_size=56)
+    el = ElasticViT(model, SnapViTModule(model, criterion="magnitude").compute_scores(),
+                    model_name="vit_small_patch14_dinov2", model_kwargs={"num_classes": 0, "img_size": 56})
+    images = load_eval_images(photo_folder, el.model)[0]
+    pool, held_out = images[1::2], images[0::2]
+    calibration = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:3]]
+    ranked = with_ranking(el.model, el.collect_stats(calibration), calibration, damping=0.05,
+                          min_mlp_keep=el.scores.min_mlp_keep, min_head_keep=el.scores.min_head_keep)
+    m, h = bench_damping.BUDGETS[-1]
+    expected = feature_fidelity(extract_features(el.subnet(m, h, calibration=ranked, damping=0.05), held_out),
+                                extract_features(el.model, held_out))
+    assert rows[1]["fidelity"][-1] == pytest.approx(expected, abs=1e-6)
+    assert rows[1]["mean"] == pytest.approx(sum(rows[1]["fidelity"]) / 4)
+
+
+def test_more_images_than_a_half_is_refused(real_weights, photo_folder, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_damping.main(["--data", str(photo_folder), "--img-size", "56", "--images", "8",
+                            "--weights", str(real_weights)])
+    assert exit_info.value.code == 2
+    assert "--images: each N must be in [1, 7] (the smaller half of 14 images), got [8]" in capsys.readouterr().err
