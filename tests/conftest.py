@@ -137,9 +137,16 @@ def real_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
-    """photos8 from ../shared: only for quality claims, which are measured on its held-out photos."""
+    """photos8 from ../shared: only for quality claims, which are measured on its held-out photos.
+
+    A clone with no ``../shared`` beside it skips these tests and says why; with ``SNAPVIT_SHARED``
+    set (``.ci/run`` sets it) the photos are required and a missing folder fails.
+    """
     if not PHOTOS.is_dir():
-        pytest.fail(f"real-photo quality tests need {PHOTOS} (set SNAPVIT_SHARED)")
+        message = f"held-out quality test: needs the photos8 folder {PHOTOS} (SNAPVIT_SHARED: the folder holding data/photos8)"
+        if "SNAPVIT_SHARED" in os.environ:
+            pytest.fail(message)
+        pytest.skip(message)
     return PHOTOS
 
 
