@@ -18,7 +18,8 @@ step this is the rank check's pass below). That first round is a screen: a setti
 :data:`SCREEN_RATIO` times the fastest first time cannot win and keeps its first time; only the
 others are timed ``repeats`` more times, interleaved, and their median counts. On a CPU
 without bf16 units this skips the slow bf16 rounds that made up most of the probe. The scoring step and the search's fitness each get the fastest *allowed* setting,
-independently. A reduced-precision setting (bf16 autocast, TF32) is allowed only when the
+independently; between two kernels of one precision that time within ``margin`` of each other the
+one listed first wins, so two runs on one machine choose alike. A reduced-precision setting (bf16 autocast, TF32) is allowed only when the
 order of the per-unit gradient scores it produces on the probe batch matches fp32's: the
 Spearman rank correlation of the per-row mean squared gradients of the MLP input layers and
 the ``attn.qkv`` V rows (the rows the scores average) must be at least
@@ -156,7 +157,8 @@ class ProbeResult:
             fp32's on the probe batch (``None`` when the scoring step was not probed).
         excluded: Reduced settings whose correlation fell below ``min_rank_correlation``.
         min_rank_correlation: The threshold used.
-        margin: How much faster than the fastest full-precision setting a reduced one must be.
+        margin: How much faster than the fastest full-precision setting a reduced one must be
+            (and a later-listed kernel than an earlier one of its precision).
         scoring: The setting chosen for the scoring step (``None`` when not probed).
         search: The setting chosen for the search's fitness forwards.
         batch: What one timed run processed (``step_images``, ``views``, ``fitness_images``,
@@ -321,13 +323,20 @@ def _input_size(module: "SnapViTModule", input_size: int | Sequence[int] | None)
 
 
 def _choose(settings: tuple[Setting, ...], times: Mapping[str, float], allowed: set[str], margin: float) -> Setting:
-    """The fastest allowed setting; a reduced one only when it beats the fastest fp32 one by ``margin``."""
-    full = min((s for s in settings if not s.reduced), key=lambda s: times[s.name])
+    """The fastest allowed setting, with near-ties (within ``margin``) broken towards stability.
+
+    Reduced precision only when its fastest setting beats the fastest fp32 one by ``margin``;
+    inside the chosen precision, the first listed setting within ``margin`` of the fastest (two
+    kernels that time alike would otherwise flip between runs, and so would the search's numbers).
+    """
+    full = [s for s in settings if not s.reduced]
     reduced = [s for s in settings if s.reduced and s.name in allowed]
-    best = min(reduced, key=lambda s: times[s.name], default=None)
-    if best is not None and times[best.name] < (1.0 - margin) * times[full.name]:
-        return best
-    return full
+
+    def fastest(group: list[Setting]) -> float:
+        return min(times[s.name] for s in group)
+
+    group = reduced if reduced and fastest(reduced) < (1.0 - margin) * fastest(full) else full
+    return next(s for s in group if (1.0 - margin) * times[s.name] <= fastest(group))
 
 
 def _time_once(run: Callable[[], None]) -> float:
@@ -389,7 +398,8 @@ def probe(
         min_rank_correlation: Lowest Spearman correlation, in ``[-1, 1]``, of a reduced
             setting's gradient scores with fp32's for it to be allowed.
         margin: A reduced setting is chosen only when faster than the fastest fp32 one by more
-            than this fraction, in ``[0, 1)``.
+            than this fraction, in ``[0, 1)``; inside the chosen precision, the first listed
+            setting within this fraction of the fastest wins (a near-tie keeps the list's order).
         seed: Seed of the probe's random pixels.
         timer: ``timer(setting, stage, run) -> seconds`` replaces the timing (``stage`` is
             ``"step"`` or ``"fitness"``; ``run()`` runs it once); for tests and custom timing.

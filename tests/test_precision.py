@@ -63,6 +63,19 @@ def test_reduced_precision_needs_the_margin(one_thread) -> None:
     assert result.scoring.name == result.search.name == "bf16-fused"
 
 
+def test_kernels_that_time_alike_keep_the_listed_order(one_thread) -> None:
+    """A near-tie between two kernels of one precision goes to the one listed first, so runs agree."""
+    for explicit, expected in ((0.028, "bf16-fused"), (0.0279, "bf16-fused"), (0.025, "bf16-explicit")):
+        times = {"fp32-fused": 0.075, "fp32-explicit": 0.072, "bf16-fused": 0.029, "bf16-explicit": explicit}
+        result = probe(_module(), views=3, timer=_fake_timer({"step": times, "fitness": times}), margin=0.05,
+                       rank_correlation=lambda s, g, r: 1.0)
+        assert result.scoring.name == result.search.name == expected, explicit
+    times = {"fp32-fused": 1.0, "fp32-explicit": 0.96, "bf16-fused": 2.0, "bf16-explicit": 2.0}
+    result = probe(_module(), views=3, timer=_fake_timer({"step": times, "fitness": times}), margin=0.05,
+                   rank_correlation=lambda s, g, r: 1.0)
+    assert result.scoring.name == "fp32-fused"  # 4 % is a near-tie in fp32 too
+
+
 def test_bf16_excluded_when_its_ranking_disagrees(one_thread) -> None:
     times = {"fp32-fused": 1.0, "fp32-explicit": 1.1, "bf16-fused": 0.5, "bf16-explicit": 0.4}
     seen = []
