@@ -295,10 +295,10 @@ def test_real_model_correction_keeps_more_features(real_weights: Path, photos_di
 
 @pytest.mark.parametrize("img_size", [112, 224])
 def test_real_model_automatic_damping_keeps_more_from_few_photos(real_weights: Path, photos_dir: Path, img_size: int) -> None:
-    """12 calibration photos (a seeded subset of photos8's even positions), measured on the odd half, which
-    they never saw: the automatic damping (0.254 at 112 px, 0.128 at 224 px) keeps more of the dense features
-    than a fixed 0.01, for the corrected path as shipped (ranking and solve both damped; docs/defaults.md,
-    "Damping of the correction")."""
+    """12 calibration photos (a seeded subset of photos8's even positions), measured on the odd half (every
+    other one at 224 px), which they never saw: the automatic damping (0.254 at 112 px, 0.128 at 224 px) keeps
+    more of the dense features than a fixed 0.01, for the corrected path as shipped (ranking and solve both
+    damped; docs/defaults.md, "Damping of the correction"). Here: .840 vs .782 at 112 px, .872 vs .816 at 224."""
     from snapvit_lightning.data import load_eval_images
     from snapvit_lightning.evaluation import extract_features, feature_fidelity
     from snapvit_lightning.module import SnapViTModule
@@ -309,8 +309,8 @@ def test_real_model_automatic_damping_keeps_more_from_few_photos(real_weights: P
     el = ElasticViT(model, scores, model_name="vit_small_patch14_dinov2",
                     model_kwargs=dict(num_classes=0, img_size=img_size))
     images = load_eval_images(photos_dir, el.model)[0]
-    held_out = images[1::2]
-    calib = images[0::2][torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[:12]]
+    calib = images[0::2][torch.randperm(98, generator=torch.Generator().manual_seed(0))[:12]]
+    held_out = images[1::2] if img_size == 112 else images[1::4]  # 49 at 224 px, where a forward costs 4x
     stats = el.collect_stats(calib)
     dense = extract_features(el.model, held_out)
     kept = {}
