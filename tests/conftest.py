@@ -142,12 +142,17 @@ def photos_dir() -> Path:
     A clone with no ``../shared`` beside it skips these tests and says why; with ``SNAPVIT_SHARED``
     set (``.ci/run`` sets it) the photos are required and a missing folder fails.
     """
-    if not PHOTOS.is_dir():
-        message = f"held-out quality test: needs the photos8 folder {PHOTOS} (SNAPVIT_SHARED: the folder holding data/photos8)"
-        if "SNAPVIT_SHARED" in os.environ:
+    return require_photos(PHOTOS, required="SNAPVIT_SHARED" in os.environ)
+
+
+def require_photos(photos: Path, required: bool) -> Path:
+    """``photos`` when it is a folder; else fail (``required``) or skip, naming it."""
+    if not photos.is_dir():
+        message = f"held-out quality test: needs the photos8 folder {photos} (SNAPVIT_SHARED: the folder holding data/photos8)"
+        if required:
             pytest.fail(message)
         pytest.skip(message)
-    return PHOTOS
+    return photos
 
 
 @pytest.fixture(scope="session")

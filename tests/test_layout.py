@@ -119,21 +119,13 @@ def test_the_core_never_imports_the_benchmarks():
 @pytest.mark.parametrize("required", [False, True])
 def test_quality_tests_skip_without_shared_unless_it_is_required(tmp_path, required):
     """A clone with no ../shared skips the photos8 tests with the reason; SNAPVIT_SHARED (.ci/run) makes them fail."""
-    import os
-    import shutil
-    import subprocess
-    import sys
+    import re
 
-    tests = tmp_path / "clone" / "tests"
-    tests.mkdir(parents=True)
-    shutil.copy(PACKAGE.parent / "tests" / "conftest.py", tests)
-    (tests / "test_photos.py").write_text("def test_needs_photos(photos_dir):\n    assert photos_dir.is_dir()\n")
-    env = {k: v for k, v in os.environ.items() if k != "SNAPVIT_SHARED"}
-    if required:
-        env["SNAPVIT_SHARED"] = str(tmp_path / "nowhere")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", str(tests)],
-                         cwd=tmp_path / "clone", env=env, capture_output=True, text=True, timeout=300)
-    missing = tmp_path / ("nowhere" if required else "shared") / "data" / "photos8"
-    assert f"held-out quality test: needs the photos8 folder {missing}" in run.stdout, run.stdout
-    code, summary = (1, "1 error") if required else (0, "1 skipped")
-    assert run.returncode == code and summary in run.stdout, run.stdout
+    from conftest import require_photos
+
+    missing = tmp_path / "shared" / "data" / "photos8"
+    outcome = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(outcome, match=re.escape(f"held-out quality test: needs the photos8 folder {missing} (")):
+        require_photos(missing, required)
+    missing.mkdir(parents=True)
+    assert require_photos(missing, required) == missing

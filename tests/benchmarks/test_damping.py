@@ -28,15 +28,15 @@ def test_parse_damping() -> None:
 
 def test_rows_are_the_shipped_corrected_path_measured_on_the_other_half(real_weights, photo_folder, tmp_path, capsys) -> None:
     out = tmp_path / "damping.json"
-    argv = ["--data", str(photo_folder), "--img-size", "56", "--images", "3", "--damping", "auto", "0.05",
+    argv = ["--data", str(photo_folder), "--img-size", "56", "--images", "3", "--damping", "auto",
             "--calibrate", "odd", "--weights", str(real_weights), "--out", str(out)]
     assert bench_damping.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["half"], r["images"], r["automatic"]) for r in rows] == [("odd", 3, True), ("odd", 3, False)]
-    printed = capsys.readouterr().out
-    assert "[odd -> even] N=3" in printed and "d=0.05" in printed
-    # The automatic row used auto_damping of its 3 images at 56 px (16 tokens + CLS = 17 each).
-    assert rows[0]["damping"] == pytest.approx(auto_damping(1536, 3, 3 * 17)) and rows[1]["damping"] == 0.05
+    assert [(r["half"], r["images"], r["automatic"]) for r in rows] == [("odd", 3, True)]
+    # auto_damping of 3 images at 56 px (16 patches + CLS = 17 tokens each).
+    damping = auto_damping(1536, 3, 3 * 17)
+    assert rows[0]["damping"] == pytest.approx(damping)
+    assert f"[odd -> even] N=3    d=auto ({damping:.3g})" in capsys.readouterr().out
     # Recomputed by hand: the 3 seeded odd-position images calibrate, the even ones are measured.
     model = load_real_model(real_weights, img_size=56)
     el = ElasticViT(model, SnapViTModule(model, criterion="magnitude").compute_scores(),
@@ -44,13 +44,13 @@ def test_rows_are_the_shipped_corrected_path_measured_on_the_other_half(real_wei
     images = load_eval_images(photo_folder, el.model)[0]
     pool, held_out = images[1::2], images[0::2]
     calibration = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:3]]
-    ranked = with_ranking(el.model, el.collect_stats(calibration), calibration, damping=0.05,
+    ranked = with_ranking(el.model, el.collect_stats(calibration), calibration,
                           min_mlp_keep=el.scores.min_mlp_keep, min_head_keep=el.scores.min_head_keep)
     m, h = bench_damping.BUDGETS[-1]
-    expected = feature_fidelity(extract_features(el.subnet(m, h, calibration=ranked, damping=0.05), held_out),
+    expected = feature_fidelity(extract_features(el.subnet(m, h, calibration=ranked), held_out),
                                 extract_features(el.model, held_out))
-    assert rows[1]["fidelity"][-1] == pytest.approx(expected, abs=1e-6)
-    assert rows[1]["mean"] == pytest.approx(sum(rows[1]["fidelity"]) / 4)
+    assert rows[0]["fidelity"][-1] == pytest.approx(expected, abs=1e-6)
+    assert rows[0]["mean"] == pytest.approx(sum(rows[0]["fidelity"]) / 4)
 
 
 def test_more_images_than_a_half_is_refused(real_weights, photo_folder, capsys) -> None:
