@@ -13,7 +13,7 @@ output on calibration activations stays close to the dense layer's:
   ``x̃ₐ = [x̃; 1]``, ``D`` the identity on the kept inputs (never on the bias), damping
   ``λ = damping · mean(diag)`` (or ``· max(diag)`` with ``damping_reference="max"``, for
   models with outlier activations). This is the objective the OBS ranking's costs measure
-  (:mod:`~snapvit_lightning.obs`); with few calibration tokens it keeps far more of the dense
+  (:mod:`~snapvit_lightning.obs`); with few calibration images it keeps far more of the dense
   features on unseen images than a ridge towards zero (docs/defaults.md). ``damping=None``
   (the default) is :func:`auto_damping` of the statistics: more damping for fewer images.
   Solved by a Cholesky factorisation in float64; a matrix that is not positive definite
