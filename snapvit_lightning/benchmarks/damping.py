@@ -76,9 +76,9 @@ def measure(
                                   min_mlp_keep=scores.min_mlp_keep, min_head_keep=scores.min_head_keep)
             fid = [feature_fidelity(extract_features(elastic.subnet(m, h, calibration=ranked, damping=damping), held_out),
                                     dense) for m, h in BUDGETS]
-            rows.append({"half": half, "images": n, "damping": stats_damping(damping, stats), "automatic": damping is None,
-                         "fidelity": fid, "mean": sum(fid) / len(fid), "seconds": time.perf_counter() - start})
-            row = rows[-1]
+            row = {"half": half, "images": n, "damping": stats_damping(damping, stats), "automatic": damping is None,
+                   "fidelity": fid, "mean": sum(fid) / len(fid), "seconds": time.perf_counter() - start}
+            rows.append(row)
             label = f"auto ({row['damping']:.3g})" if damping is None else f"{damping:g}"
             print(f"[{half} -> {'odd' if half == 'even' else 'even'}] N={n:<4d} d={label:<13s} "
                   + " ".join(f"{f:.3f}" for f in fid) + f" | mean {row['mean']:.3f}", flush=True)
