@@ -2,7 +2,7 @@
 
 ``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
 :class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
-info``, ``snapvit slice`` (weight-corrected by default when the checkpoint's statistics are
+info`` (the budgets ``slice`` cuts by default), ``snapvit slice`` (weight-corrected by default when the checkpoint's statistics are
 beside it, with the units their ranking chooses when they carry one; ``--no-correct`` for the
 plain cut) and ``snapvit stats`` (correction statistics and the corrected path's ranking) work on
 elastic checkpoints; ``snapvit bench`` measures them.
@@ -28,13 +28,17 @@ def _info(args: argparse.Namespace) -> int:
     elastic = ElasticViT.load(args.path)
     print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
-    latencies = _info_latencies(args, elastic) if args.latency else None
+    # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
+    ranked = None if args.no_correct or elastic.stats is None else elastic.ranked_view()
+    source = elastic if ranked is None else ranked
+    latencies = _info_latencies(args, source) if args.latency else None
     measured = "" if latencies is None else f" {'ms':>7} {'x dense':>11}"
+    cut = "plain cut" if ranked is None else "corrected cut"
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
-          "  kept heads / neurons per block")
+          f"  kept heads / neurons per block ({cut})")
     for row, (mlp_ratio, head_ratio) in enumerate(args.budgets):
-        dims = elastic.dims(mlp_ratio, head_ratio)
-        cost = elastic.cost(dims)
+        dims = source.dims(mlp_ratio, head_ratio)
+        cost = source.cost(dims)
         kept = " ".join(f"{d.num_heads}/{d.mlp_hidden}" for d in dims)
         ms = "" if latencies is None else f" {latencies[row + 1]:>7.2f} {latencies[0] / latencies[row + 1]:>10.2f}x"
         print(f"{mlp_ratio:>9.2f} {head_ratio:>10.2f} {cost['params']:>12,} {cost['flops']:>14,} "
@@ -44,7 +48,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _info_latencies(args: argparse.Namespace, elastic: object) -> list[float]:
-    """Measured ms per batch of the dense model, then of each ``--budgets`` row (interleaved)."""
+    """Measured ms per batch of the dense model, then of each ``--budgets`` row (interleaved).
+
+    ``elastic`` is the model whose cut the table shows (the ranked view for corrected subnets): a
+    correction changes weights, not shapes, so its plain slices time as the corrected subnets.
+    """
     from .latency import measure_models
 
     dense, rows = tuple(elastic.dims(0.0, 0.0)), [tuple(elastic.dims(*b)) for b in args.budgets]
@@ -74,8 +82,10 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
               "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut), "
               f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_images} images, {stats.num_tokens} tokens)")
         if stats.has_ranking:
-            print("ranking: the statistics carry the corrected path's own ranking; corrected subnets keep the units it "
-                  "ranks highest (the kept counts per block differ from the table's, the totals do not)")
+            shown = ("the table shows the plain cut (--no-correct); corrected subnets keep other units per block, "
+                     "as many in all" if args.no_correct else
+                     "the table shows the units it keeps (--no-correct: the plain cut, other units per block, as many in all)")
+            print(f"ranking: the statistics carry the corrected path's own ranking; {shown}")
         else:
             print("ranking: none in the statistics; corrected subnets keep the checkpoint's units "
                   "(`snapvit stats --overwrite` adds one)")
@@ -250,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--batch-size", type=int, default=1, help="images per timed batch for --latency (default: 1)")
     info.add_argument("--threads", type=int, default=None, help="intra-op threads for --latency (default: as is)")
     info.add_argument("--device", default="cpu", help="device for --latency (default: cpu)")
+    info.add_argument("--no-correct", action="store_true",
+                      help="show the plain cut (default: the corrected subnets' cut when the statistics carry a ranking)")
     info.set_defaults(func=_info)
     cut = sub.add_parser("slice", help="write a sliced subnet of an elastic checkpoint")
     cut.add_argument("path", help="an *.elastic.safetensors file")

@@ -399,11 +399,29 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert f"damping {stats_damping(None, stored):.3g} (automatic, from {stored.num_images} images, {stored.num_tokens} tokens)" in printed
     assert "ranking: the statistics carry the corrected path's own ranking" in printed  # the export stored one
     fidelity = {(f"{b['mlp_ratio']:.2f}", f"{b['head_ratio']:.2f}"): b for b in result["report"]["budgets"]}
-    row = [r for r in printed.splitlines() if r.split()[:2] == ["mlp_ratio", "head_ratio"] and "corrected" in r]
+    row = [r for r in printed.splitlines() if r.split()[:4] == ["mlp_ratio", "head_ratio", "flops", "%"]]
     assert row and row[0].split()[-1] == "(lstsq)"
     half = fidelity[("0.40", "0.50")]
     line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
     assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", f"{half['fidelity_corrected']:.4f}"]
+    # The budgets table shows the cut `slice` gives: the corrected subnet's blocks, or with --no-correct the plain cut's.
+    def kept(subnet) -> list[str]:
+        return [f"{b.attn.num_heads}/{b.mlp.fc1.out_features}" for b in subnet.blocks]
+
+    def table_row(text: str) -> list[str]:
+        header = [r for r in text.splitlines() if r.split()[:3] == ["mlp_ratio", "head_ratio", "params"]]
+        rows = [r.split() for r in text.splitlines() if r.split()[:2] == ["0.40", "0.50"] and "%" in r.split()[4]]
+        return [header[0].split()[-2][1:] + " " + header[0].split()[-1][:-1], *rows[0][5:]]
+
+    assert table_row(printed) == ["corrected cut", *kept(ElasticViT.load(path).subnet(0.4, 0.5))]
+    assert kept(ElasticViT.load(path).subnet(0.4, 0.5)) != kept(plain_reference)  # the test means something
+    assert main(["info", str(path), "--budgets", "0.4,0.5", "--no-correct"]) == 0
+    printed_plain = capsys.readouterr().out
+    assert table_row(printed_plain) == ["plain cut", *kept(plain_reference)]
+    assert "the table shows the plain cut (--no-correct)" in printed_plain
+    assert main(["info", str(path), "--budgets", "0.4,0.5", "--latency"]) == 0  # times the cut the table shows
+    timed, blocks = table_row(capsys.readouterr().out), kept(ElasticViT.load(path).subnet(0.4, 0.5))
+    assert timed[0] == "corrected cut" and timed[-len(blocks):] == blocks
     # Without the statistics file: the plain cut, and the printed line says why.
     stats.unlink()
     out = tmp_path / "p.safetensors"
