@@ -29,7 +29,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
-    ranked = None if args.no_correct or elastic.stats is None else elastic.ranked_view()
+    ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
     source = elastic if ranked is None else ranked
     latencies = _info_latencies(args, source) if args.latency else None
     measured = "" if latencies is None else f" {'ms':>7} {'x dense':>11}"

@@ -18,7 +18,8 @@ Export directory (``name`` defaults to the timm model name)::
                                           slice are corrected (and ranked) by default
     report.json                           per-budget kept units, params, FLOPs, fidelity
     fidelity_vs_flops.png                 fidelity (cosine to the dense model) against FLOPs
-    kept_units.png                        per-block kept fraction of neurons / heads per budget
+    kept_units.png                        per-block kept fraction of neurons / heads per budget (of the
+                                          corrected subnets when the statistics carry a ranking)
 
 Atomicity: every file is first written to a hidden staging name in the same directory; only
 when all of them are complete are they renamed (``os.replace``) to their final names. A
@@ -403,7 +404,7 @@ def export_elastic(
         staged["fidelity_plot"] = _staging(targets["fidelity_plot"])
         _write_figure(staged["fidelity_plot"], _fidelity_figure(entries, title))
         staged["kept_units_plot"] = _staging(targets["kept_units_plot"])
-        _write_figure(staged["kept_units_plot"], _kept_units_figure(entries, mlp_hidden, num_heads, title))
+        _write_figure(staged["kept_units_plot"], _kept_units_figure(entries, mlp_hidden, num_heads, title, corrected=view is not None))
         staged["report"] = _staging(targets["report"])
         report["build_times"]["export_s"] = time.perf_counter() - export_start
         _write_json(staged["report"], report)

@@ -67,19 +67,24 @@ def _fidelity_figure(entries: list[dict[str, Any]], title: str):
     return fig
 
 
-def _kept_units_figure(entries: list[dict[str, Any]], mlp_hidden: int, num_heads: int, title: str):
+def _kept_units_figure(
+    entries: list[dict[str, Any]], mlp_hidden: int, num_heads: int, title: str, corrected: bool = False
+):
+    """Kept fraction per block and budget; ``corrected``: the corrected subnets' cut (``*_corrected`` where stored)."""
     import numpy as np
 
     rows = max(1, len(entries))
     fig = _figure(10.0, 1.5 + 0.45 * rows)
     labels = [e["label"] for e in entries]
+    cut = "corrected subnets" if corrected else "plain cut"
     for k, (key, total, what) in enumerate((("kept_neurons", mlp_hidden, "MLP neurons"), ("kept_heads", num_heads, "heads"))):
         ax = fig.add_subplot(1, 2, k + 1)
-        data = np.array([[v / total for v in e[key]] for e in entries], dtype=float) if entries else np.zeros((1, 1))
+        kept = [e.get(f"{key}_corrected", e[key]) if corrected else e[key] for e in entries]
+        data = np.array([[v / total for v in row] for row in kept], dtype=float) if entries else np.zeros((1, 1))
         im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(labels)), labels if entries else [])
         ax.set_xlabel("block")
-        ax.set_title(f"kept {what} (fraction)")
+        ax.set_title(f"kept {what} (fraction, {cut})")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()

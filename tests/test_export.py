@@ -93,6 +93,32 @@ def test_export_writes_everything(tmp_path, elastic, images):
     assert half["label"] == "mlp0.5_head0.5"
 
 
+@pytest.mark.parametrize("correct", ["lstsq", "none"])
+def test_kept_units_plot_shows_the_subnets_the_export_cuts(tmp_path, elastic, images, monkeypatch, correct):
+    import snapvit_lightning.export as export_module
+
+    figures, original = [], export_module._kept_units_figure
+
+    def recording(*args, **kwargs):
+        figures.append(original(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(export_module, "_kept_units_figure", recording)
+    calibration = torch.randn(8, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    out = export_elastic(elastic, tmp_path, budgets=BUDGETS, correct=correct,
+                         calibration_images=calibration if correct != "none" else None)
+    entries = out["report"]["budgets"]
+    suffix = "_corrected" if correct != "none" else ""
+    assert correct == "none" or any("kept_neurons_corrected" in e for e in entries)  # the cuts differ
+    (fig,) = figures
+    dims = elastic.structure.blocks[0]
+    panels = [ax for ax in fig.axes if ax.images]  # not the colour bars
+    for ax, key, total in zip(panels, ("kept_neurons", "kept_heads"), (dims.mlp_hidden, dims.num_heads), strict=True):
+        expected = [[v / total for v in e.get(key + suffix, e[key])] for e in entries]
+        assert torch.allclose(torch.tensor(ax.images[0].get_array().tolist()).double(), torch.tensor(expected, dtype=torch.float64))
+        assert ax.get_title().endswith("corrected subnets)" if correct != "none" else "plain cut)")
+
+
 def test_export_without_images_or_subnets(tmp_path, elastic):
     out = export_elastic(elastic, tmp_path, budgets=[{"mlp_ratio": 0.3, "head_ratio": 0.0}], name="mine", correct="none")
     assert set(out["paths"]) == {"elastic", "report", "fidelity_plot", "kept_units_plot"}
