@@ -39,11 +39,16 @@ metadata), the export time from the ``report.json`` beside it (only when that re
 checkpoint); unknown values are ``null`` (older checkpoints, a moved file, a resumed run's
 earlier part).
 
-``--correct bias lstsq`` adds, after each pruned row, the same subnet with weight correction
+``--correct bias lstsq`` adds, after each pruned row, the budget's weight-corrected subnet
 (:mod:`snapvit_lightning.correction`) as method ``<method>+<correction>``. Its statistics come
 from ``--calibration`` (a stats file of this checkpoint, or an image folder) or, by default, from
 a 2-fold cross-fit on ``--data``: the features of the even-position images come from a subnet
-corrected on the odd ones and vice versa, so no image is both calibration and evaluation.
+corrected on the odd ones and vice versa, so no image is both calibration and evaluation. The
+``snapvit+<correction>`` rows are the subnets :meth:`ElasticViT.subnet` gives by default: their
+units are chosen by the corrected path's own ranking, computed on the calibration images as the
+export computes it (a stats file: its ranking, when it carries one), so their kept units per block
+differ from the plain row's (cross-fit: those of the subnet corrected on the even half are
+listed); the FLOPs and parameters are the same. A baseline's corrected rows keep its own units.
 
 The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows, settings:
 command, hardware, threads, versions; and ``build_times``: ``scoring_s``, ``search_s``,
@@ -139,7 +144,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "and uniform per-block pruning at equal FLOPs")
     parser.add_argument("--correct", nargs="+", choices=("bias", "lstsq"), default=[], metavar="METHOD",
                         help="also bench weight-corrected subnets (bias and/or lstsq) of every method, as rows "
-                             "'<method>+<correction>'")
+                             "'<method>+<correction>' (snapvit's: cut by the statistics' ranking, as subnet() cuts them)")
     parser.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
                         help="correction statistics (*.stats.safetensors of this checkpoint; not with --baselines) "
                              "or an image folder; default: 2-fold cross-fit on --data (each image's features "
@@ -323,33 +328,47 @@ class _Calibrator:
         else:
             self.description = f"images in {self.path} (features of all --data images)"
 
-    def _sources(self, elastic: Any) -> list[tuple[Any, Any]]:
-        """``[(CorrectionStats, evaluation index or None)]`` for ``elastic``."""
+    def _sources(self, elastic: Any, ranking: bool) -> list[tuple[Any, Any]]:
+        """``[(CorrectionStats, evaluation index or None)]`` for ``elastic`` (collected ones with a ranking if asked)."""
         from ..correction import CorrectionStats
         from ..data import load_eval_images
 
-        key = elastic.fingerprint
+        key = (elastic.fingerprint, ranking)
         if key not in self._cache:
             t0 = time.perf_counter()
             if self.path is None:
-                sources = [(elastic.collect_stats(cal, self.batch_size), idx) for cal, idx in self._folds]
+                sources = [(elastic.collect_stats(cal, self.batch_size, ranking=ranking), idx) for cal, idx in self._folds]
             elif self.stats_file:
                 sources = [(CorrectionStats.load(self.path), None)]
             else:
-                sources = [(elastic.collect_stats(load_eval_images(self.path, elastic.model, argument="--calibration")[0], self.batch_size), None)]
+                images = load_eval_images(self.path, elastic.model, argument="--calibration")[0]
+                sources = [(elastic.collect_stats(images, self.batch_size, ranking=ranking), None)]
             self.stats_s += time.perf_counter() - t0
             # Keep the first model's (the checkpoint's) statistics and the current one's only.
             self._cache = dict(list(self._cache.items())[:1])
             self._cache[key] = sources
         return self._cache[key]
 
-    def corrected(self, elastic: Any, dims: Any, method: str) -> tuple[Any, Any]:
-        """A corrected subnet (for latency) and the features of every bench image."""
+    def corrected(
+        self, elastic: Any, ratios: tuple[float, float], dims: Any, method: str, ranking: bool
+    ) -> tuple[Any, Any, Any]:
+        """A corrected subnet (for latency), the features of every bench image, and its kept dims.
+
+        ``ranking``: cut as :meth:`ElasticViT.subnet` does by default, i.e. the units of the
+        statistics' ranking at ``ratios`` (computed on each calibration source like the export
+        computes it; stored statistics without one, and ``ranking=False``: ``dims``, this model's
+        own cut). With two folds the dims returned are the first fold's subnet's.
+        """
         from ..evaluation import extract_features
 
-        model, feats = None, None
-        for stats, index in self._sources(elastic):
-            sub = elastic.slice(dims, correct=method, calibration=stats)
+        model, feats, kept = None, None, None
+        for stats, index in self._sources(elastic, ranking):
+            view = elastic.ranked_view(stats) if ranking else None
+            if view is not None:
+                cut = view.dims(*ratios)
+                sub = view.slice(cut, correct=method)  # the view carries the statistics, in its unit order
+            else:
+                cut, sub = dims, elastic.slice(dims, correct=method, calibration=stats)
             x = self.images if index is None else self.images[index]
             f = extract_features(sub, x, batch_size=self.batch_size)
             if index is None:
@@ -357,8 +376,8 @@ class _Calibrator:
             else:
                 feats = f.new_empty(self.images.shape[0], f.shape[1]) if feats is None else feats
                 feats[index] = f
-            model = sub if model is None else model
-        return model, feats
+            model, kept = (sub, cut) if model is None else (model, kept)
+        return model, feats, kept
 
 
 def _calibrator(source: str | None, images: Any, batch_size: int, corrections: list[str]) -> Any:
@@ -547,10 +566,10 @@ def run_bench(args: argparse.Namespace) -> int:
                         "model": model if keep_models else None, "cost": source.cost(dims), **quality(model),
                         "wall_s": time.perf_counter() - t0})
         for correct in [] if is_dense else corrections:
-            t0 = time.perf_counter()
-            model, feats = calibrate.corrected(source, dims, correct)
+            t0 = time.perf_counter()  # the checkpoint's corrected rows are its subnet() cuts: the statistics' ranking
+            model, feats, kept = calibrate.corrected(source, ratios, dims, correct, ranking=method == "snapvit")
             entries.append({"method": f"{method}+{correct}", "seed": seed, "ratios": ratios, "dense": False,
-                            "dims": dims, "model": model if keep_models else None, "cost": source.cost(dims),
+                            "dims": kept, "model": model if keep_models else None, "cost": source.cost(kept),
                             **quality(model, feats), "wall_s": time.perf_counter() - t0})
 
     for ratios in todo:

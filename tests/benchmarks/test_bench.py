@@ -252,16 +252,19 @@ def test_correction_rows_are_cross_fitted(setup) -> None:
     rows, settings = js["rows"], js["settings"]
     assert [r["method"] for r in rows] == ["snapvit", "snapvit", "snapvit+bias", "snapvit+lstsq"]
     assert settings["correction"]["methods"] == ["bias", "lstsq"] and "--correct bias lstsq" in settings["command"]
-    assert rows[3]["kept_neurons"] == rows[1]["kept_neurons"] and rows[3]["flops"] == rows[1]["flops"]
-    # The same number by hand: each half's features from a subnet corrected on the other half.
+    assert rows[3]["flops"] == rows[1]["flops"] and sum(rows[3]["kept_neurons"]) == sum(rows[1]["kept_neurons"])
+    # The same number by hand: each half's features from the subnet() corrected (and ranked) on the other half.
     el = ElasticViT.load(path)
     images = load_eval_images(data, el.model)[0]
     dense = extract_features(el.model, images, batch_size=4)
     even, odd = torch.arange(0, len(images), 2), torch.arange(1, len(images), 2)
     feats = torch.empty_like(dense)
     for cal, idx in ((even, odd), (odd, even)):
-        sub = el.subnet(0.35, 0.2, correct="lstsq", calibration=el.collect_stats(images[cal], batch_size=4))
+        sub = el.subnet(0.35, 0.2, correct="lstsq", calibration=el.collect_stats(images[cal], batch_size=4, ranking=True))
         feats[idx] = extract_features(sub, images[idx], batch_size=4)
+        if cal is even:  # the row lists the units of the subnet corrected on the even half
+            assert rows[3]["kept_neurons"] == [b.mlp.fc1.out_features for b in sub.blocks]
+            assert rows[3]["kept_neurons"] != rows[1]["kept_neurons"]  # the ranking's cut, not the plain one
     assert rows[3]["fidelity"] == pytest.approx(feature_fidelity(feats, dense), abs=1e-6)
     assert rows[3]["centered_fidelity"] == pytest.approx(centered_fidelity(feats, dense), abs=1e-6)
     assert "weight correction (bias, lstsq): 2-fold cross-fit" in (out / "bench.md").read_text()
@@ -280,6 +283,20 @@ def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
         with pytest.raises(SystemExit) as exc:
             bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", *argv])
         assert exc.value.code == 2 and match in capsys.readouterr().err, argv
-    # Stored statistics of this checkpoint evaluate every image with one corrected subnet.
-    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
-                       "--correct", "lstsq", "--calibration", str(stats)]) == 0
+    # Stored statistics of this checkpoint evaluate every image with one corrected subnet: the checkpoint's
+    # units without a ranking in the file, the ranking's units with one (what subnet() gives with that file).
+    from snapvit_lightning.correction import CorrectionStats
+    from snapvit_lightning.evaluation import extract_features, feature_fidelity
+
+    images = load_eval_images(data, elastic.model)[0]
+    dense = extract_features(elastic.model, images, batch_size=4)
+    for ranking in (False, True):
+        elastic.collect_stats(images[:2], ranking=ranking).save(stats)
+        out = tmp_path / f"stored{ranking}"
+        assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
+                           "--correct", "lstsq", "--calibration", str(stats), "--out", str(out)]) == 0
+        plain, corrected = json.loads((out / "bench.json").read_text())["rows"][1:]
+        sub = elastic.subnet(0.35, 0.2, correct="lstsq", calibration=CorrectionStats.load(stats))
+        assert corrected["fidelity"] == pytest.approx(feature_fidelity(extract_features(sub, images, batch_size=4), dense), abs=1e-6)
+        kept = [b.mlp.fc1.out_features for b in sub.blocks]
+        assert corrected["kept_neurons"] == kept and (kept == plain["kept_neurons"]) == (not ranking)
