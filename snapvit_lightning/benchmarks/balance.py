@@ -46,7 +46,7 @@ BUDGETS = ((0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5))
 def fidelities(
     elastic: object, images: torch.Tensor, dense: torch.Tensor, dims_fn: Callable[..., Any] | None = None
 ) -> tuple[list[float], list[float]]:
-    """Uncorrected and cross-fitted ``lstsq`` fidelity of ``elastic`` at :data:`BUDGETS`.
+    """Uncorrected and cross-fitted ``lstsq`` fidelity of ``elastic``'s own cut at :data:`BUDGETS`.
 
     ``dims_fn(mlp_ratio, head_ratio)`` gives each budget's block sizes (default ``elastic.dims``).
     """
@@ -58,7 +58,7 @@ def fidelities(
     for budget in BUDGETS:
         dims = (dims_fn or elastic.dims)(*budget)
         plain.append(feature_fidelity(extract_features(elastic.slice(dims), images), dense))
-        corrected.append(feature_fidelity(calibrate.corrected(elastic, dims, "lstsq")[1], dense))
+        corrected.append(feature_fidelity(calibrate.corrected(elastic, budget, dims, "lstsq", ranking=False)[1], dense))
     return plain, corrected
 
 
