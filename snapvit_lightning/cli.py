@@ -78,9 +78,9 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     if stats is None:
         print(f"correction statistics: none at {beside} (subnets are plain cuts; `snapvit stats` writes them)")
     else:
-        print(f"correction statistics: {beside} ({stats.num_images} images, {stats.stored_bytes / 1e6:.1f} MB): "
+        print(f"correction statistics: {beside} ({stats.num_images} inputs, {stats.stored_bytes / 1e6:.1f} MB): "
               "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut), "
-              f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_images} images, {stats.num_tokens} tokens)")
+              f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_images} inputs, {stats.num_tokens} tokens)")
         if stats.has_ranking:
             shown = ("the table shows the plain cut (--no-correct); corrected subnets keep other units per block, "
                      "as many in all" if args.no_correct else
@@ -199,9 +199,11 @@ def _slice(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from .correction import stats_path_for
-    from .data import load_eval_images
+    from .data import load_calibration_views
     from .elastic import ElasticViT
+    from .export_options import _check_stats_views
 
+    _check_stats_views(args.stats_views)
     out = Path(args.output) if args.output is not None else stats_path_for(args.path)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
@@ -209,10 +211,11 @@ def _stats(args: argparse.Namespace) -> int:
     if not data.is_dir():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
-    images = load_eval_images(data, elastic.model, argument="--data")[0]
-    stats = elastic.collect_stats(images, batch_size=args.batch_size, ranking=True)
+    inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
+    stats = elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True)
     stats.save(out)
-    print(f"wrote {out}: correction statistics of {stats.num_images} images ({stats.num_tokens:,} tokens) "
+    print(f"wrote {out}: correction statistics of {stats.num_images // views} images ({views} view"
+          f"{'s' * (views > 1)} each: {stats.num_images} inputs, {stats.num_tokens:,} tokens) "
           f"and the corrected path's ranking, {stats.stored_bytes / 1e6:.1f} MB")
     return 0
 
@@ -305,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("-o", "--output", default=None,
                        help="output file (default: <name>.stats.safetensors beside the checkpoint)")
     stats.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
+    stats.add_argument("--stats-views", type=int, default=256, metavar="N",
+                       help="inputs to aim for: each image gives N // images views (its eval view and random crops), "
+                            "1 to 8 (default: 256; 1: the eval views alone), as the export")
     stats.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     stats.set_defaults(func=_stats)
     from .weights import CONVERSIONS

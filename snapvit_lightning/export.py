@@ -50,8 +50,8 @@ from . import __version__
 from .correction import collect_stats, stats_damping
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
-    _check_bool, _check_budgets, _check_correct, _check_device, _check_dirpath, _check_images,
-    _check_model_kwargs, _check_model_name, _check_name,
+    DEFAULT_STATS_VIEWS, _check_bool, _check_budgets, _check_correct, _check_device, _check_dirpath, _check_images,
+    _check_model_kwargs, _check_model_name, _check_name, _check_stats_views, stats_views_per_image,
 )
 from .machine import build_machine
 from .obs import with_ranking
@@ -94,11 +94,22 @@ REPORT_FORMAT = "snapvit-export"
 REPORT_VERSION = 1
 
 
-def _calibration_images(source: Any, fallback: Tensor | None) -> Tensor | None:
-    """Plain views of a datamodule's calibration images, else ``fallback`` (the fitness images)."""
+def _calibration_images(
+    source: Any, fallback: Tensor | None, stats_views: int = DEFAULT_STATS_VIEWS
+) -> tuple[Tensor, int] | None:
+    """``(inputs, views per image)`` of the correction statistics: a datamodule's, else ``fallback``'s.
+
+    With ``calibration_views`` (:class:`~snapvit_lightning.data.CalibrationDataModule`): each image's
+    eval view and random crops, :func:`~snapvit_lightning.export_options.stats_views_per_image` views
+    each; with only ``calibration_images_eval``: the eval views; tensors (``fallback``, the fitness
+    images) as they are. ``None`` when there is no source.
+    """
+    if hasattr(source, "calibration_views"):
+        views = stats_views_per_image(source.num_calibration_images, stats_views)
+        return source.calibration_views(views), views
     if hasattr(source, "calibration_images_eval"):
-        return source.calibration_images_eval()
-    return fallback
+        return source.calibration_images_eval(), 1
+    return None if fallback is None else (fallback, 1)
 
 
 def _fmt(x: float) -> str:
@@ -172,6 +183,7 @@ def export_elastic(
     calibration_images: Tensor | None = None,
     device: str | torch.device = "cpu",
     onnx: bool = False,
+    views_per_image: int = 1,
 ) -> dict[str, Any]:
     """Write an elastic model, optional subnets, ``report.json`` and two plots to ``out_dir``.
 
@@ -221,6 +233,9 @@ def export_elastic(
             pass the model's device: on CPU these forward passes can take longer than the search.
         onnx: Also write each budget's subnet (corrected like the saved subnets) as ONNX, with
             ``onnx_max_abs_diff`` from :func:`~snapvit_lightning.onnx_export.checked_onnx`.
+        views_per_image: How many rows of ``calibration_images`` are views of one image (their
+            eval views first, as :meth:`CalibrationDataModule.calibration_views` gives them); for
+            the report's ``calibration_images`` / ``calibration_views`` only.
 
     Returns:
         ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
@@ -247,6 +262,10 @@ def export_elastic(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     correct = _check_correct(correct)
     calibration = _check_images(calibration_images, "calibration_images")
+    if isinstance(views_per_image, bool) or not isinstance(views_per_image, int) or views_per_image < 1 or (
+            calibration is not None and len(calibration) % views_per_image):
+        raise ValueError(f"views_per_image must be an int >= 1 that divides the number of calibration_images, "
+                         f"got {views_per_image!r}")
     if correct != "none" and calibration is None and elastic.stats is None:
         raise ValueError(
             f"correct={correct!r} needs calibration_images [N, 3, S, S] (or statistics attached to the elastic "
@@ -368,11 +387,14 @@ def export_elastic(
             "method": correct,
             "stats_file": targets["stats"].name,
             "stats_bytes": stats.stored_bytes,
-            "calibration_images": stats.num_images,
+            "calibration_images": stats.num_images // views_per_image,
+            "calibration_views": stats.num_images,  # the statistics' inputs: eval views and crops
+            "views_per_image": views_per_image,
             "damping": stats_damping(None, stats) if correct == "lstsq" else None,  # automatic, from the statistics
             "ranking": stats.has_ranking,
             "fidelity_images_are_calibration_images": None if calibration is None  # attached statistics: unknown
-            else images is not None and images.shape == calibration.shape and bool(torch.equal(images, calibration)),
+            else images is not None and images.shape[1:] == calibration.shape[1:]
+            and len(images) <= len(calibration) and bool(torch.equal(images, calibration[: len(images)])),
         },
         "build_times": {  # scoring/search from the scores' build_info; export_s set just before writing
             **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine", "precision")},
@@ -457,10 +479,11 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
 
 def _set_export_options(
     owner: Any, budgets: Any, save_subnets: Any, overwrite: Any, model_name: Any, model_kwargs: Any, name: Any,
-    correct: Any = "lstsq",
+    correct: Any = "lstsq", stats_views: Any = DEFAULT_STATS_VIEWS,
 ) -> None:
     """Validate the export options shared by ElasticExport and SnapViT and set them on ``owner``."""
     owner.correct = _check_correct(correct)
+    owner.stats_views = _check_stats_views(stats_views)
     _check_budgets(budgets)
     owner.budgets = list(budgets)
     owner.save_subnets = _check_bool("save_subnets", save_subnets)
@@ -506,8 +529,13 @@ class ElasticExport(Callback):
         batch_size: Images per forward pass for the fidelity.
         correct: Weight correction of the exported subnets, ``"lstsq"`` (default), ``"bias"``
             or ``"none"`` (the plain cut, no statistics; see :func:`export_elastic`); its
-            statistics are collected on ``trainer.datamodule.calibration_images_eval()`` when
-            the datamodule has it, else on the fitness images (checked in ``setup``).
+            statistics are collected on ``trainer.datamodule.calibration_views(...)`` (each
+            calibration image's eval view and random crops) when the datamodule has it, else
+            on its ``calibration_images_eval()``, else on the fitness images (checked in ``setup``).
+        stats_views: How many inputs the statistics aim for: each calibration image gives
+            ``stats_views // N`` views (its eval view and random crops), at least 1 and at most
+            8 (:func:`~snapvit_lightning.export_options.stats_views_per_image`); ``1``: the eval
+            views alone. Crops let a few photos stand for more (docs/defaults.md).
 
     Attributes:
         elastic: The :class:`ElasticViT` exported (rank 0, after the fit).
@@ -533,10 +561,11 @@ class ElasticExport(Callback):
         images: Tensor | None = None,
         batch_size: int = 64,
         correct: str = "lstsq",
+        stats_views: int = DEFAULT_STATS_VIEWS,
     ) -> None:
         super().__init__()
         self.dirpath = _check_dirpath(dirpath)
-        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct)
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct, stats_views)
         self.images = _check_images(images, "images")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -610,6 +639,8 @@ class ElasticExport(Callback):
                 device = next(student.parameters()).device
                 model = copy.deepcopy(student).cpu()
                 self.elastic = ElasticViT(model, scores, model_name=model_name, model_kwargs=model_kwargs)
+                calibration = None if self.correct == "none" else _calibration_images(
+                    getattr(trainer, "datamodule", None), self._images(trainer), self.stats_views)
                 result = export_elastic(
                     self.elastic,
                     self.dirpath,
@@ -620,9 +651,8 @@ class ElasticExport(Callback):
                     name=self.name,
                     batch_size=self.batch_size,
                     correct=self.correct,
-                    calibration_images=None if self.correct == "none" else _calibration_images(
-                        getattr(trainer, "datamodule", None), self._images(trainer)
-                    ),
+                    calibration_images=None if calibration is None else calibration[0],
+                    views_per_image=1 if calibration is None else calibration[1],
                     device=device,
                 )
                 self.export_paths, self.report = result["paths"], result["report"]

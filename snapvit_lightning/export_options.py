@@ -17,9 +17,15 @@ from torch import Tensor
 
 from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS
+from .data.crops import DEFAULT_STATS_VIEWS, MAX_VIEWS_PER_IMAGE, stats_views_per_image
 from .scores import check_ratio
 
-__all__: list[str] = []
+__all__ = ["DEFAULT_STATS_VIEWS", "MAX_VIEWS_PER_IMAGE", "stats_views_per_image"]  # re-exported from data.crops
+
+def _check_stats_views(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"stats_views must be an int >= 1 (1: the eval views alone), got {value!r}")
+    return value
 
 
 def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tuple[float, ...]], ...]:

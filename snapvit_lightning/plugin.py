@@ -25,6 +25,7 @@ from .elastic import ElasticViT
 from .export import (
     Budget,
     DEFAULT_BUDGETS,
+    DEFAULT_STATS_VIEWS,
     _calibration_images,
     _check_dirpath,
     _check_images,
@@ -161,8 +162,11 @@ class SnapViT(Callback):
         fitness_images: Float ``[M, 3, S, S]`` fitness images.
         correct: Weight correction of the exported subnets: ``"lstsq"`` (default), ``"bias"``
             or ``"none"`` (the paper's plain cut, no statistics file); statistics from the
-            datamodule's ``calibration_images_eval()`` when it has one, else from the fitness
-            images, written beside the checkpoint (see :func:`export_elastic`).
+            datamodule's ``calibration_views(...)`` (eval views and random crops) or
+            ``calibration_images_eval()`` when it has one, else from the fitness images, written
+            beside the checkpoint (see :func:`export_elastic`).
+        stats_views: Inputs the statistics aim for, as :class:`ElasticExport`'s (default 256:
+            each image gives ``256 // N`` views, 1 to 8; ``1``: the eval views alone).
 
     Attributes:
         elastic: The exported :class:`ElasticViT` (after the fit, rank 0).
@@ -196,6 +200,7 @@ class SnapViT(Callback):
         search_kwargs: dict[str, Any] | None = None,
         fitness_images: Tensor | None = None,
         correct: str = "lstsq",
+        stats_views: int = DEFAULT_STATS_VIEWS,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, (pl.LightningDataModule, DataLoader)):
@@ -221,7 +226,7 @@ class SnapViT(Callback):
         if isinstance(search_evals, bool) or not isinstance(search_evals, int) or search_evals < 0:
             raise ValueError(f"search_evals must be an int >= 0 (0: no search), got {search_evals!r}")
         self.search_evals = search_evals
-        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct)
+        _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct, stats_views)
         if str(precision) not in ("auto", *ALLOWED_PRECISIONS):
             raise ValueError(
                 f"precision must be one of {['auto', *ALLOWED_PRECISIONS]} (fp16 corrupts gradient scores), got {precision!r}"
@@ -333,6 +338,7 @@ class SnapViT(Callback):
         )
         if images is None:
             images = self._fitness_images()
+        calibration = None if self.correct == "none" else _calibration_images(self.datamodule, images, self.stats_views)
         result = export_elastic(
             self.elastic,
             self.dirpath,
@@ -342,7 +348,8 @@ class SnapViT(Callback):
             overwrite=self.overwrite,
             name=self.name,
             correct=self.correct,
-            calibration_images=None if self.correct == "none" else _calibration_images(self.datamodule, images),
+            calibration_images=None if calibration is None else calibration[0],
+            views_per_image=1 if calibration is None else calibration[1],
             device=inner.strategy.root_device,
         )
         self.export_paths, self.report = result["paths"], result["report"]

@@ -275,7 +275,7 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
         main(["slice", str(path), "--flops", "0.6", "--correct", "lstsq", "-o", str(out)])
     assert exc.value.code == 2 and "snapvit stats" in capsys.readouterr().err
     assert main(["stats", str(path), "--data", str(photos)]) == 0
-    assert "6 images" in capsys.readouterr().out
+    assert "6 images (8 views each: 48 inputs" in capsys.readouterr().out
     stats = CorrectionStats.load(tmp_path / "m.stats.safetensors")
     assert stats.has_ranking  # `snapvit stats` also stores the corrected path's ranking
     assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "--correct", "lstsq", "-o", str(out)]) == 0
@@ -287,7 +287,7 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
         assert torch.equal(a, b) and torch.equal(a, c)
     assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0
     assert "ranking: the statistics carry the corrected path's own ranking" in capsys.readouterr().out
-    CorrectionStats(stats.attn, stats.mlp, 6, stats.num_tokens, stats.fingerprint).save(tmp_path / "m.stats.safetensors")
+    CorrectionStats(stats.attn, stats.mlp, stats.num_images, stats.num_tokens, stats.fingerprint).save(tmp_path / "m.stats.safetensors")
     assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0  # statistics without a ranking (as version 2 wrote)
     assert "ranking: none in the statistics" in capsys.readouterr().out
     assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "-o", str(out), "--overwrite"]) == 0
@@ -392,11 +392,11 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert not all(torch.equal(corrected[k], v) for k, v in plain_reference.state_dict().items())
     assert main(["info", str(path), "--budgets", "0.4,0.5"]) == 0
     printed = capsys.readouterr().out
-    assert f"correction statistics: {stats} (3 images" in printed and "lstsq-corrected by default" in printed
+    assert f"correction statistics: {stats} (3 inputs" in printed and "lstsq-corrected by default" in printed
     from snapvit_lightning.correction import CorrectionStats, stats_damping
 
     stored = CorrectionStats.load(stats)
-    assert f"damping {stats_damping(None, stored):.3g} (automatic, from {stored.num_images} images, {stored.num_tokens} tokens)" in printed
+    assert f"damping {stats_damping(None, stored):.3g} (automatic, from {stored.num_images} inputs, {stored.num_tokens} tokens)" in printed
     assert "ranking: the statistics carry the corrected path's own ranking" in printed  # the export stored one
     fidelity = {(f"{b['mlp_ratio']:.2f}", f"{b['head_ratio']:.2f}"): b for b in result["report"]["budgets"]}
     row = [r for r in printed.splitlines() if r.split()[:4] == ["mlp_ratio", "head_ratio", "flops", "%"]]

@@ -23,6 +23,7 @@ from snapvit_lightning.data import (
     UnreadableImageError,
     eval_transform,
     find_images,
+    load_calibration_views,
     load_eval_images,
     load_image,
     resolve_input_config,
@@ -302,6 +303,42 @@ def test_eval_images_of_the_builtin_photos() -> None:
     size, mean, std = resolve_input_config(model)
     dm = CalibrationDataModule(img_size=size, mean=mean, std=std)
     torch.testing.assert_close(dm.calibration_images_eval(), images, rtol=0, atol=0)
+
+
+def test_calibration_views_are_the_eval_views_then_seeded_crops(photo_folder: Path) -> None:
+    from snapvit_lightning.data.crops import STATS_CROP_SCALE, stats_crops
+    from snapvit_lightning.export_options import stats_views_per_image
+
+    dm = CalibrationDataModule(data_dir=photo_folder, img_size=32, max_samples=5)
+    plain = dm.calibration_images_eval()
+    torch.testing.assert_close(dm.calibration_views(), plain, rtol=0, atol=0)
+    views = dm.calibration_views(4)
+    assert views.shape == (20, 3, 32, 32)
+    torch.testing.assert_close(views[:5], plain, rtol=0, atol=0)  # the eval views first
+    crops = views[5:].reshape(5, 3, 3, 32, 32)  # image i's three crops follow one another
+    assert not any(torch.equal(crops[i, j], plain[i]) for i in range(5) for j in range(3))
+    torch.testing.assert_close(dm.calibration_views(4), views, rtol=0, atol=0)  # seeded: the same every call
+    # The crops of an image come from (seed, index) alone: a larger count extends the same crops.
+    torch.testing.assert_close(dm.calibration_views(2)[5:], crops[:, 0], rtol=0, atol=0)
+    other = CalibrationDataModule(data_dir=photo_folder, img_size=32, max_samples=5, seed=1)
+    assert not torch.equal(other.calibration_views(2)[5:], dm.calibration_views(2)[5:])
+    # A crop's area: STATS_CROP_SCALE of the image; the content is the image's, normalised like the eval view.
+    assert STATS_CROP_SCALE == (0.35, 1.0) and abs(float(crops.mean()) - float(plain.mean())) < 0.5
+    assert stats_crops([], 32, 3).shape == (0, 3, 32, 32)
+    with pytest.raises(ValueError, match="views_per_image"):
+        dm.calibration_views(0)
+    # From a folder, as `snapvit stats` loads it: the eval views, then the crops.
+    model = timm.create_model("test_vit", pretrained=False, img_size=32)
+    inputs, per_image = load_calibration_views(photo_folder, model, stats_views=24)
+    plain_folder = load_eval_images(photo_folder, model)[0]
+    assert per_image == 24 // len(plain_folder) and inputs.shape == (per_image * len(plain_folder), 3, 32, 32)
+    torch.testing.assert_close(inputs[: len(plain_folder)], plain_folder, rtol=0, atol=0)
+    torch.testing.assert_close(load_calibration_views(photo_folder, model, stats_views=24)[0], inputs, rtol=0, atol=0)
+    # How many views the export takes per image: 256 inputs aimed for, 1 to 8 per image.
+    assert [stats_views_per_image(n) for n in (1, 14, 32, 49, 98, 196, 1000)] == [8, 8, 8, 5, 2, 1, 1]
+    assert stats_views_per_image(14, stats_views=1) == 1
+    with pytest.raises(ValueError, match="stats_views must be an int >= 1"):
+        stats_views_per_image(14, stats_views=0)
 
 
 # ------------------------------------------------------------------ errors

@@ -15,6 +15,7 @@ from PIL import Image
 
 from snapvit_lightning import export as ex
 from snapvit_lightning.benchmarks import bench
+from snapvit_lightning.correction import CorrectionStats, collect_stats
 from snapvit_lightning.data import CalibrationDataModule
 from snapvit_lightning.elastic import ElasticViT, load_subnet
 from snapvit_lightning.export import ElasticExport, export_elastic
@@ -142,7 +143,7 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert paths["stats"].name == "test_vit.stats.safetensors" and stats.num_images == 8
     assert report["correction"] == {
         "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
-        "calibration_images": 8,
+        "calibration_images": 8, "calibration_views": 8, "views_per_image": 1,
         "damping": auto_damping(elastic.structure.blocks[0].mlp_hidden, stats.num_images, stats.num_tokens) if method == "lstsq" else None,
         "ranking": True, "fidelity_images_are_calibration_images": False,
     }
@@ -335,8 +336,10 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     export = ElasticExport(tmp_path, budgets=[(0.0, 0.0), 0.7], correct="lstsq")
     _trainer(tmp_path, [export]).fit(module, datamodule=dm)
     assert export.report["fidelity_images"] == 4  # from dm.fitness_images()
-    assert export.report["correction"]["calibration_images"] == 4  # dm.calibration_images_eval()
-    assert export.report["correction"]["fidelity_images_are_calibration_images"] is True  # no holdout
+    correction = export.report["correction"]
+    assert correction["calibration_images"] == 4 and correction["views_per_image"] == 8  # 256 // 4, at most 8
+    assert correction["calibration_views"] == 32 == CorrectionStats.load(export.export_paths["stats"]).num_images
+    assert correction["fidelity_images_are_calibration_images"] is True  # no holdout: the eval views come first
     assert export.export_paths["stats"].is_file()
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert export.report["scores"]["searched"] is False
@@ -344,6 +347,21 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     assert times["scoring_s"] > 0 and times["search_s"] is None and times["search_evaluations"] is None
     assert times["export_s"] > 0
 
+
+
+def test_elastic_export_stats_views(tmp_path):
+    """stats_views=1 collects the statistics on the eval views alone (as before crops); bad values are refused."""
+    dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    dm = CalibrationDataModule(dataset=dataset, img_size=IMG, num_local_crops=2, batch_size=2)
+    export = ElasticExport(tmp_path, budgets=[(0.0, 0.0), 0.7], stats_views=1)
+    _trainer(tmp_path, [export]).fit(SnapViTModule("test_vit", model_kwargs={"img_size": IMG}), datamodule=dm)
+    stats = CorrectionStats.load(export.export_paths["stats"])
+    assert export.report["correction"]["calibration_views"] == 4 == stats.num_images
+    expected = collect_stats(export.elastic.model, dm.calibration_images_eval())
+    assert all(torch.allclose(a, b) for a, b in zip(stats.mlp, expected.mlp))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="stats_views must be an int >= 1"):
+            ElasticExport(tmp_path, stats_views=bad)
 
 
 def _positive(value) -> bool:

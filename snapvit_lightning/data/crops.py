@@ -23,14 +23,45 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "DINOMultiCrop",
+    "DEFAULT_STATS_VIEWS",
+    "MAX_VIEWS_PER_IMAGE",
+    "STATS_CROP_SCALE",
     "eval_transform",
     "resolve_input_config",
+    "stats_crops",
+    "stats_views_per_image",
 ]
 
 IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 
 
 IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: Area fraction of the crops the correction statistics add to each calibration image's eval view.
+STATS_CROP_SCALE: tuple[float, float] = (0.35, 1.0)
+
+#: Inputs the correction statistics aim for: small calibration sets add random crops of each image.
+DEFAULT_STATS_VIEWS = 256
+
+#: Most views per calibration image (its eval view and up to 7 crops).
+MAX_VIEWS_PER_IMAGE = 8
+
+
+def stats_views_per_image(num_images: int, stats_views: int = DEFAULT_STATS_VIEWS) -> int:
+    """Views per calibration image for the statistics: ``stats_views // num_images`` in ``[1, 8]``.
+
+    The first view of every image is its eval view, the others random crops
+    (:meth:`~snapvit_lightning.data.CalibrationDataModule.calibration_views`,
+    :func:`~snapvit_lightning.data.load_calibration_views`); ``stats_views=1``
+    gives the eval views alone.
+
+    Raises:
+        ValueError: ``num_images`` or ``stats_views`` is not an int >= 1.
+    """
+    for name, value in (("num_images", num_images), ("stats_views", stats_views)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return max(1, min(MAX_VIEWS_PER_IMAGE, stats_views // num_images))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -336,3 +367,42 @@ class DINOMultiCrop:
             f"mean={self.mean}, std={self.std}, flip={self.flip}, seed={self.seed}, "
             f"independent_views={self.independent_views})"
         )
+
+
+def stats_crops(
+    images: Sequence[Tensor],
+    size: int,
+    count: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    seed: int = 0,
+    flip: bool = True,
+) -> Tensor:
+    """``count`` random resized crops of every image, for the correction statistics.
+
+    Each crop covers an area fraction in :data:`STATS_CROP_SCALE` with an aspect ratio in
+    [3/4, 4/3], is resized to ``size x size``, flipped with probability 0.5 (if ``flip``) and
+    normalised: :class:`DINOMultiCrop`'s global crops at that scale. The crops of image ``i``
+    come from a generator seeded with ``(seed, i)`` alone.
+
+    Args:
+        images: ``uint8`` ``[3, H, W]`` images (or float in [0, 1]).
+        size: Side length of every crop.
+        count: Crops per image (``>= 0``).
+        mean: Per-channel mean for normalisation.
+        std: Per-channel std for normalisation.
+        seed: Base seed.
+        flip: Random horizontal flips.
+
+    Returns:
+        Float ``[len(images) * count, 3, size, size]``: image 0's crops first.
+    """
+    count = _check_int("count", count, 0)
+    crop = DINOMultiCrop(size, num_local_crops=max(0, count - 2), global_scale=STATS_CROP_SCALE,
+                         local_scale=STATS_CROP_SCALE, mean=mean, std=std, flip=flip, seed=seed)
+    if not count or not len(images):
+        return torch.empty(0, 3, size, size)
+    # One multi-crop call per image: its global and local scales are the same, so its views are
+    # count independent crops at STATS_CROP_SCALE (two at least; the extra one is dropped).
+    return torch.cat([crop(img, generator=torch.Generator().manual_seed(_mix_seed(seed, i, 0x5747)))[:count]
+                      for i, img in enumerate(images)])

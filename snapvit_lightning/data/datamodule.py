@@ -32,6 +32,7 @@ from .crops import (
     _mix_seed,
     eval_transform,
     resolve_input_config,
+    stats_crops,
 )
 from .sources import (
     DatasetSource,
@@ -458,6 +459,27 @@ class CalibrationDataModule(LightningDataModule):
         """Calibration images as eval views, float ``[N, 3, S, S]`` (cached)."""
         self._ensure_decoded()
         return self._eval_stack("calibration", self._cal_images)
+
+    def calibration_views(self, views_per_image: int = 1) -> Tensor:
+        """Calibration images as ``views_per_image`` views each, float ``[N * views, 3, S, S]``.
+
+        The first ``N`` are :meth:`calibration_images_eval`; each further view of image ``i`` is a
+        random resized crop (area in :data:`~snapvit_lightning.data.crops.STATS_CROP_SCALE`,
+        aspect ratio in [3/4, 4/3], flipped with probability 0.5) of the decoded image, drawn from
+        ``(seed, i)`` only, so the views do not depend on the order or number of calls. These are
+        what the correction statistics are collected on: crops make a few photos cover more of
+        the inputs the model will see (docs/defaults.md, "Crops for the correction statistics").
+
+        Raises:
+            ValueError: ``views_per_image`` is not an int >= 1.
+        """
+        views = _check_int("views_per_image", views_per_image, 1)
+        plain = self.calibration_images_eval()
+        if views == 1:
+            return plain
+        mean, std = self.normalization
+        crops = stats_crops(self._cal_images, self.size, views - 1, mean, std, self.seed, self.flip)
+        return torch.cat([plain, crops])
 
     def calibration_labels(self) -> Tensor:
         """Labels of the calibration images, ``int64 [N]`` (-1 = unlabeled)."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 from typing_extensions import override
 
-from .crops import eval_transform, resolve_input_config
+from .crops import DEFAULT_STATS_VIEWS, eval_transform, resolve_input_config, stats_crops, stats_views_per_image
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -37,6 +37,7 @@ __all__ = [
     "SkimagePhotosSource",
     "UnreadableImageError",
     "find_images",
+    "load_calibration_views",
     "load_eval_images",
     "load_image",
     "to_uint8_image",
@@ -272,6 +273,41 @@ def load_eval_images(
         ValueError: if ``folder`` holds no image files, or none of them can be read.
         UnreadableImageError: (a ``ValueError``) if ``folder`` is one image file that cannot be read.
     """
+    images, labels, classes, (size, mean, std) = _decode_all(folder, model, argument)
+    views = [eval_transform(image, size, mean, std) for image in images]
+    return torch.stack(views), torch.tensor(labels, dtype=torch.long), classes
+
+
+def load_calibration_views(
+    folder: str | Path | None,
+    model: nn.Module,
+    stats_views: int = DEFAULT_STATS_VIEWS,
+    argument: str | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, int]:
+    """The inputs of the correction statistics from ``folder``, as the export takes them.
+
+    Every readable image's eval view (:func:`load_eval_images`), then ``views - 1`` random crops
+    of each (:func:`~snapvit_lightning.data.crops.stats_crops`, seeded with ``seed``), where
+    ``views`` is :func:`~snapvit_lightning.data.crops.stats_views_per_image` of the number of
+    images: the views :meth:`CalibrationDataModule.calibration_views` makes (``snapvit stats``).
+
+    Returns:
+        ``(inputs [N * views, 3, S, S], views)``.
+
+    Raises:
+        See :func:`load_eval_images`; ``ValueError`` for ``stats_views`` < 1.
+    """
+    images, _, _, (size, mean, std) = _decode_all(folder, model, argument)
+    views = stats_views_per_image(len(images), stats_views)
+    plain = torch.stack([eval_transform(image, size, mean, std) for image in images])
+    return torch.cat([plain, stats_crops(images, size, views - 1, mean, std, seed)]), views
+
+
+def _decode_all(
+    folder: str | Path | None, model: nn.Module, argument: str | None
+) -> tuple[list[Tensor], list[int], list[str], tuple[int, tuple[float, ...], tuple[float, ...]]]:
+    """Every readable image of ``folder`` (``None``: the built-in photos), decoded at twice the input size."""
     size, mean, std = resolve_input_config(model)
     source = SkimagePhotosSource() if folder is None else ImageFolderSource(folder, argument=argument)
     skipped: list[tuple[str, str]] = []
@@ -279,8 +315,7 @@ def load_eval_images(
     _report_skips(source, skipped, attempted)
     if not images:
         raise _no_readable(source, skipped)
-    views = [eval_transform(image, size, mean, std) for image in images]
-    return torch.stack(views), torch.tensor(labels, dtype=torch.long), list(source.classes)
+    return images, labels, list(source.classes), (size, mean, std)
 
 
 class ImageSource:
