@@ -24,8 +24,9 @@ calibration half only:
 
 Every method is then measured on the **other** half, which no step above saw: fidelity (mean
 cosine similarity of each image's features to the dense model's) of the plain subnet and of the
-``lstsq``-corrected one, the correction statistics collected on the calibration half (as the
-export collects them; the main job's row uses the ones it shipped). Budgets: :data:`BUDGETS`. The table is printed and written, with settings,
+``lstsq``-corrected one, the correction statistics collected on the calibration half as the
+export collects them (eval views and crops, :func:`~snapvit_lightning.data.load_calibration_views`;
+the main job's row uses the ones it shipped). Budgets: :data:`BUDGETS`. The table is printed and written, with settings,
 per-seed values and times, to ``DIR/heldout.json``.
 """
 
@@ -184,7 +185,7 @@ def run_direction(
     """
     from .bench import RANDOM_SEEDS, _baseline_scores, _uniform_dims
     from .. import quickstart
-    from ..data import load_eval_images
+    from ..data import load_calibration_views, load_eval_images
     from ..elastic import ElasticViT
     from ..evaluation import extract_features
     from ..search import DEFAULT_BALANCE, run_search
@@ -199,7 +200,8 @@ def run_direction(
         result["main_job_s"] = time.perf_counter() - t0
         log(f"[{calibrate}] main job: {result['main_job_s']:.0f} s")
     elastic = ElasticViT.load(checkpoint, stats=False)
-    calibration = load_eval_images(data_halves[calibrate], elastic.model, argument="--data")[0]
+    calibration = load_eval_images(data_halves[calibrate], elastic.model, argument="--data")[0]  # fitness images
+    stats_inputs = load_calibration_views(data_halves[calibrate], elastic.model, argument="--data")[0]  # as the export
     images = load_eval_images(data_halves[measured_half], elastic.model, argument="--data")[0]
     dense = extract_features(elastic.model, images)
     raw = elastic.scores.raw()
@@ -216,15 +218,15 @@ def run_direction(
 
     record("main job (default)", [measure(ElasticViT.load(checkpoint), None, images, dense)])  # as shipped
     if baselines:
-        record("gradient-only", [measure(rebuilt(raw), calibration, images, dense)])
-        record("uniform", [measure(rebuilt(raw), calibration, images, dense, lambda m, h: _uniform_dims(raw, m, h))])
+        record("gradient-only", [measure(rebuilt(raw), stats_inputs, images, dense)])
+        record("uniform", [measure(rebuilt(raw), stats_inputs, images, dense, lambda m, h: _uniform_dims(raw, m, h))])
         randoms = [scores for method, _, scores in _baseline_scores(elastic) if method == "random"]
-        record(f"random (x{len(RANDOM_SEEDS)})", [measure(rebuilt(s), calibration, images, dense) for s in randoms])
+        record(f"random (x{len(RANDOM_SEEDS)})", [measure(rebuilt(s), stats_inputs, images, dense) for s in randoms])
     for name, settings in searches:
         kwargs = dict(settings)
         base = _search_scores(kwargs, raw, checkpoint)
         if base is not raw:
-            record(f"{name} start", [measure(rebuilt(base), calibration, images, dense)])
+            record(f"{name} start", [measure(rebuilt(base), stats_inputs, images, dense)])
         rows, times = [], []
         for seed in seeds:
             t0 = time.perf_counter()
@@ -232,7 +234,7 @@ def run_direction(
             times.append(time.perf_counter() - t0)
             balance = kwargs.get("balance", "default")
             scores = base if balance is None else base.balanced(DEFAULT_BALANCE if balance == "default" else balance)
-            rows.append(measure(rebuilt(scores.with_weights(best)), calibration, images, dense))
+            rows.append(measure(rebuilt(scores.with_weights(best)), stats_inputs, images, dense))
             log(f"[{calibrate}] search {name} seed {seed}: {times[-1]:.0f} s, best fitness {min(f for f in history if not math.isnan(f)):.4f}")
         record(name, rows, settings=dict(settings), seeds=list(seeds), search_s=times)
     return result

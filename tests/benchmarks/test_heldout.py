@@ -59,7 +59,7 @@ def test_parse_search() -> None:
 
 
 def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, one_thread) -> None:
-    from snapvit_lightning.data import load_eval_images
+    from snapvit_lightning.data import load_calibration_views, load_eval_images
     from snapvit_lightning.evaluation import extract_features, feature_fidelity
 
     data = _photos(tmp_path / "photos")
@@ -69,7 +69,7 @@ def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, o
     elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
     path = main / f"{quickstart.MODEL_NAME}.elastic.safetensors"
     elastic.save(path)  # reused: no main job is run
-    even = load_eval_images(data, elastic.model)[0][0::2]
+    even = load_calibration_views(heldout.split_links(data, tmp_path / "out")["even"], elastic.model)[0]  # as the export
     g = torch.Generator().manual_seed(3)
     ranking = dict(ranking_mlp=torch.rand(elastic.scores.mlp.shape, generator=g, dtype=torch.float64) + 0.01,
                    ranking_heads=torch.rand(elastic.scores.heads.shape, generator=g, dtype=torch.float64) + 0.01)
