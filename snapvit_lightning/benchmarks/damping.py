@@ -1,12 +1,14 @@
 """Held-out fidelity of the corrected path per damping, on the real DINOv2 ViT-S/14::
 
     python -m snapvit_lightning.benchmarks.damping --data FOLDER [--img-size 112] [--images 12 24 49 98]
-        [--damping auto 0.01 0.03 0.1 0.3] [--calibrate even odd] [--seed 0] [--weights PATH] [--out FILE]
+        [--damping auto 0.01 0.03 0.1 0.3] [--calibrate even odd] [--seed 0] [--stats-views 256]
+        [--weights PATH] [--out FILE]
 
 For each half (``even``: calibrate on the even positions of ``FOLDER``'s images in
 :func:`~snapvit_lightning.data.find_images` order, measure on the odd ones; ``odd``: the reverse)
 and each N of ``--images``: N images drawn from the calibration half (``randperm`` seeded with
-``--seed``), their correction statistics, then for each ``--damping`` the corrected path as
+``--seed``), their correction statistics (on their eval views and random crops, as the export
+collects them: ``--stats-views``, ``1`` for the eval views alone), then for each ``--damping`` the corrected path as
 shipped, with the OBS ranking and the least-squares solve both at that damping (``auto``: the
 default, :func:`~snapvit_lightning.correction.auto_damping` of the statistics). Each is measured on
 the whole other half: fidelity (mean cosine of the features to the dense model's) at
@@ -21,7 +23,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -43,7 +45,8 @@ def parse_damping(text: str) -> float | None:
 
 
 def measure(
-    elastic: Any, images: torch.Tensor, half: str, sizes: Sequence[int], dampings: Sequence[float | None], seed: int
+    elastic: Any, images: torch.Tensor, half: str, sizes: Sequence[int], dampings: Sequence[float | None], seed: int,
+    crops: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one calibration half: one per (N, damping), in that order.
 
@@ -54,6 +57,9 @@ def measure(
         sizes: Calibration set sizes N (each at most the half's size).
         dampings: Dampings (``None``: automatic).
         seed: Seeds the draw of each N's images from the half.
+        crops: ``crops(indices, n)``: the statistics' extra views of the images at ``indices`` (into
+            ``images``) for a calibration set of ``n`` images, appended to their eval views (as the
+            export adds crops); ``None``: the eval views alone.
 
     Returns:
         Rows with ``half``, ``images``, ``damping`` (the value used), ``automatic``, ``fidelity``
@@ -64,11 +70,13 @@ def measure(
     from ..obs import with_ranking
 
     parity = ("even", "odd").index(half)
-    pool, held_out = images[parity::2], images[1 - parity::2]
+    positions = torch.arange(parity, len(images), 2)
+    held_out = images[1 - parity::2]
     dense = extract_features(elastic.model, held_out)
     scores, rows = elastic.scores, []
     for n in sizes:
-        calibration = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
+        chosen = positions[torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))[:n]]
+        calibration = images[chosen] if crops is None else torch.cat([images[chosen], crops(chosen, n)])
         stats = elastic.collect_stats(calibration)
         for damping in dampings:
             start = time.perf_counter()
@@ -76,7 +84,8 @@ def measure(
                                   min_mlp_keep=scores.min_mlp_keep, min_head_keep=scores.min_head_keep)
             fid = [feature_fidelity(extract_features(elastic.subnet(m, h, calibration=ranked, damping=damping), held_out),
                                     dense) for m, h in BUDGETS]
-            row = {"half": half, "images": n, "damping": stats_damping(damping, stats), "automatic": damping is None,
+            row = {"half": half, "images": n, "inputs": stats.num_images, "damping": stats_damping(damping, stats),
+                   "automatic": damping is None,
                    "fidelity": fid, "mean": sum(fid) / len(fid), "seconds": time.perf_counter() - start}
             rows.append(row)
             label = f"auto ({row['damping']:.3g})" if damping is None else f"{damping:g}"
@@ -86,6 +95,8 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..data.crops import DEFAULT_STATS_VIEWS, resolve_input_config, stats_crops, stats_views_per_image
+    from ..data.sources import _decode_all
     from ..data import load_eval_images
     from ..elastic import ElasticViT
     from ..module import SnapViTModule, load_weights
@@ -102,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="dampings: 'auto' or numbers")
     parser.add_argument("--calibrate", choices=("even", "odd"), nargs="+", default=["even", "odd"])
     parser.add_argument("--seed", type=int, default=0, help="seeds each N's draw from the calibration half")
+    parser.add_argument("--stats-views", type=int, default=DEFAULT_STATS_VIEWS, metavar="V",
+                        help="statistics inputs aimed for, as the export: each image's eval view and random crops, "
+                             "V // N views each, 1 to 8 (default: %(default)s; 1: the eval views alone)")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
@@ -115,7 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.images) < 1 or max(args.images) > half:
         parser.error(f"--images: each N must be in [1, {half}] (the smaller half of {len(images)} images), "
                      f"got {args.images}")
-    rows = [row for h in args.calibrate for row in measure(elastic, images, h, args.images, args.damping, args.seed)]
+    if args.stats_views < 1:
+        parser.error(f"--stats-views must be >= 1, got {args.stats_views}")
+    decoded = _decode_all(args.data, elastic.model, "--data")[0] if args.stats_views > 1 else None
+    size, mean, std = resolve_input_config(elastic.model)
+
+    def crops(indices: torch.Tensor, n: int) -> torch.Tensor:  # the export's crops of these images, in this order
+        views = stats_views_per_image(n, args.stats_views)
+        return stats_crops([decoded[int(i)] for i in indices], size, views - 1, mean, std)
+
+    rows = [row for h in args.calibrate
+            for row in measure(elastic, images, h, args.images, args.damping, args.seed, crops if decoded else None)]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

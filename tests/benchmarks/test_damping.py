@@ -11,7 +11,7 @@ import torch
 from conftest import load_real_model
 from snapvit_lightning.benchmarks import damping as bench_damping
 from snapvit_lightning.correction import auto_damping
-from snapvit_lightning.data import load_eval_images
+from snapvit_lightning.data import load_calibration_views, load_eval_images
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.evaluation import extract_features, feature_fidelity
 from snapvit_lightning.module import SnapViTModule
@@ -32,9 +32,9 @@ def test_rows_are_the_shipped_corrected_path_measured_on_the_other_half(real_wei
             "--calibrate", "odd", "--weights", str(real_weights), "--out", str(out)]
     assert bench_damping.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["half"], r["images"], r["automatic"]) for r in rows] == [("odd", 3, True)]
-    # auto_damping of 3 images at 56 px (16 patches + CLS = 17 tokens each).
-    damping = auto_damping(1536, 3, 3 * 17)
+    assert [(r["half"], r["images"], r["inputs"], r["automatic"]) for r in rows] == [("odd", 3, 24, True)]
+    # auto_damping of 3 images x 8 views (the eval view and 7 crops) at 56 px (16 patches + CLS = 17 tokens each).
+    damping = auto_damping(1536, 24, 24 * 17)
     assert rows[0]["damping"] == pytest.approx(damping)
     assert f"[odd -> even] N=3    d=auto ({damping:.3g})" in capsys.readouterr().out
     # Recomputed by hand: the 3 seeded odd-position images calibrate, the even ones are measured.
@@ -42,8 +42,17 @@ def test_rows_are_the_shipped_corrected_path_measured_on_the_other_half(real_wei
     el = ElasticViT(model, SnapViTModule(model, criterion="magnitude").compute_scores(),
                     model_name="vit_small_patch14_dinov2", model_kwargs={"num_classes": 0, "img_size": 56})
     images = load_eval_images(photo_folder, el.model)[0]
-    pool, held_out = images[1::2], images[0::2]
-    calibration = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:3]]
+    held_out, odd = images[0::2], torch.arange(1, len(images), 2)
+    chosen = odd[torch.randperm(len(odd), generator=torch.Generator().manual_seed(0))[:3]]
+    # The export's inputs for 3 images: their eval views, then 7 crops of each (seeded by position in the set).
+    links = tmp_path / "chosen"
+    links.mkdir()
+    files = sorted(p for p in photo_folder.rglob("*.png"))
+    assert len(files) == len(images)
+    for k, i in enumerate(chosen.tolist()):
+        (links / f"{k}.png").symlink_to(files[i])
+    calibration, views = load_calibration_views(links, el.model)
+    assert views == 8 and torch.equal(calibration[:3], images[chosen])
     ranked = with_ranking(el.model, el.collect_stats(calibration), calibration,
                           min_mlp_keep=el.scores.min_mlp_keep, min_head_keep=el.scores.min_head_keep)
     m, h = bench_damping.BUDGETS[-1]
