@@ -2,10 +2,10 @@
 
 ``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
 :class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
-info`` (the budgets ``slice`` cuts by default), ``snapvit slice`` (weight-corrected by default when the checkpoint's statistics are
-beside it, with the units their ranking chooses when they carry one; ``--no-correct`` for the
-plain cut) and ``snapvit stats`` (correction statistics and the corrected path's ranking) work on
-elastic checkpoints; ``snapvit bench`` measures them.
+info`` (the budgets ``slice`` cuts by default), ``snapvit slice`` (weight-corrected by default
+when the checkpoint's statistics are beside it, with the units their ranking chooses when they
+carry one; ``--no-correct`` for the plain cut) and ``snapvit stats`` (correction statistics and
+the corrected path's ranking) work on elastic checkpoints; ``snapvit bench`` measures them.
 """
 
 from __future__ import annotations

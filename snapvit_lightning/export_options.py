@@ -22,6 +22,7 @@ from .scores import check_ratio
 
 __all__ = ["DEFAULT_STATS_VIEWS", "MAX_VIEWS_PER_IMAGE", "stats_views_per_image"]  # re-exported from data.crops
 
+
 def _check_stats_views(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"stats_views must be an int >= 1 (1: the eval views alone), got {value!r}")
