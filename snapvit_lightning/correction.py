@@ -233,8 +233,8 @@ def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:
 
 @torch.no_grad()
 def collect_stats(
-    model: nn.Module, images: Tensor, *, batch_size: int = 32, fingerprint: str = ""
-) -> CorrectionStats:
+    model: nn.Module, images: Tensor, *, batch_size: int = 32, fingerprint: str = "", with_energy: bool = False
+) -> CorrectionStats | tuple[CorrectionStats, Tensor]:
     """Second moments of every block's ``attn.proj`` and ``mlp.fc2`` inputs on ``images``.
 
     Args:
@@ -242,6 +242,9 @@ def collect_stats(
         images: ``[N, 3, H, W]`` preprocessed calibration images (moved to the model's device).
         batch_size: Images per forward.
         fingerprint: Stored with the statistics to check they are used with the right model.
+        with_energy: Also return :func:`~snapvit_lightning.obs.stream_energy` of the same
+            forward passes (``[B]`` float64), which the corrected path's ranking needs: one pass
+            over the calibration inputs instead of two.
 
     Raises:
         ValueError: Bad images or batch size.
@@ -250,6 +253,7 @@ def collect_stats(
     device, dtype = _model_device_dtype(model)
     blocks = get_blocks(model)
     moments = {(i, b): _Moments() for i in range(len(blocks)) for b, _ in _LAYERS}
+    energy, energy_count = torch.zeros(len(blocks), dtype=torch.float64), [0] * len(blocks)
     was_training = model.training
     model.eval()
     try:
@@ -259,6 +263,10 @@ def collect_stats(
                 x, seen = _capture(block, x, _LAYERS)
                 for branch, name in _LAYERS:
                     moments[i, branch].add(seen[f"{branch}.{name}"])
+                if with_energy:  # as stream_energy sums it, batch by batch
+                    squared = x.double().pow(2).sum(-1)
+                    energy[i] += float(squared.sum())
+                    energy_count[i] += squared.numel()
     finally:
         model.train(was_training)
     stack = {}
@@ -266,7 +274,8 @@ def collect_stats(
         m = torch.stack([moments[i, b].augmented() for i in range(len(blocks))])
         stack[b] = (0.5 * (m + m.transpose(1, 2))).float().cpu()  # exactly symmetric: a file stores one triangle
     tokens = moments[0, "mlp"].count
-    return CorrectionStats(stack["attn"], stack["mlp"], int(images.shape[0]), int(tokens), fingerprint)
+    stats = CorrectionStats(stack["attn"], stack["mlp"], int(images.shape[0]), int(tokens), fingerprint)
+    return (stats, energy / torch.tensor(energy_count, dtype=torch.float64)) if with_energy else stats
 
 
 # ----------------------------------------------------------------------------------------------

@@ -508,14 +508,15 @@ class ElasticViT:
         Raises:
             ValueError: Bad images or batch size.
         """
-        stats = collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint)
         if not ranking:
-            return stats
+            return collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint)
         from .obs import with_ranking
 
+        stats, energy = collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint,
+                                      with_energy=True)
         return with_ranking(
             self.model, stats, images, min_mlp_keep=self.scores.min_mlp_keep, min_head_keep=self.scores.min_head_keep,
-            batch_size=batch_size,
+            batch_size=batch_size, energy=energy,
         )
 
     # ------------------------------------------------------------------------------------------

@@ -309,10 +309,11 @@ def export_elastic(
         stats = elastic.stats
     elif correct != "none":
         calibration = calibration.detach().to(device, torch.float32)
-        stats = collect_stats(measured, calibration, batch_size=batch_size, fingerprint=elastic.fingerprint)
+        stats, energy = collect_stats(measured, calibration, batch_size=batch_size, fingerprint=elastic.fingerprint,
+                                      with_energy=True)
         ranking_start = time.perf_counter()  # the corrected path's own ranking, on the same images
         keep = {"min_mlp_keep": elastic.scores.min_mlp_keep, "min_head_keep": elastic.scores.min_head_keep}
-        stats = with_ranking(measured, stats, calibration, batch_size=batch_size, **keep)
+        stats = with_ranking(measured, stats, calibration, batch_size=batch_size, energy=energy, **keep)
         ranking_s = time.perf_counter() - ranking_start
     del measured
     corrector = None

@@ -229,6 +229,7 @@ def corrected_ranking(
     min_mlp_keep: float,
     min_head_keep: float,
     batch_size: int = 32,
+    energy: Tensor | None = None,
 ) -> ImportanceScores:
     """The corrected path's ranking: :func:`obs_scores` with each block's costs divided by its :func:`stream_energy`.
 
@@ -241,6 +242,8 @@ def corrected_ranking(
         min_mlp_keep: As :class:`ImportanceScores` (use the elastic model's).
         min_head_keep: As :class:`ImportanceScores`.
         batch_size: Images per forward of :func:`stream_energy`.
+        energy: :func:`stream_energy` of ``images``, when known already
+            (``collect_stats(..., with_energy=True)``); ``None`` computes it.
 
     Returns:
         Scores with criterion :data:`RANKING_CRITERION` (higher = keep).
@@ -248,8 +251,10 @@ def corrected_ranking(
     Raises:
         ValueError: Bad images or batch size, or statistics that do not fit the model.
     """
+    if energy is None:
+        energy = stream_energy(model, images, batch_size)
     scores = obs_scores(
-        model, stats, damping=damping, scale=stream_energy(model, images, batch_size),
+        model, stats, damping=damping, scale=energy,
         min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep,
     )
     return dataclasses.replace(scores, criterion=RANKING_CRITERION)
@@ -264,6 +269,7 @@ def with_ranking(
     min_head_keep: float,
     damping: float | None = None,
     batch_size: int = 32,
+    energy: Tensor | None = None,
 ) -> CorrectionStats:
     """A copy of ``stats`` carrying :func:`corrected_ranking` (``ranking_mlp``/``ranking_heads``).
 
@@ -272,6 +278,6 @@ def with_ranking(
     """
     ranking = corrected_ranking(
         model, stats, images, damping=damping, min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep,
-        batch_size=batch_size,
+        batch_size=batch_size, energy=energy,
     )
     return dataclasses.replace(stats, ranking_mlp=ranking.mlp, ranking_heads=ranking.heads)

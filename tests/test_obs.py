@@ -138,3 +138,18 @@ def test_corrected_ranking_divides_each_block_by_its_stream_energy() -> None:
     assert stored.has_ranking and not stats.has_ranking  # a copy; the statistics given are unchanged
     assert torch.equal(stored.ranking_mlp, ranking.mlp) and torch.equal(stored.ranking_heads, ranking.heads)
     assert stored.mlp is stats.mlp and stored.fingerprint == stats.fingerprint
+
+
+def test_the_statistics_pass_gives_the_stream_energy_of_the_same_inputs() -> None:
+    """collect_stats(with_energy=True) saves the ranking its second forward pass: the same numbers, bit for bit."""
+    from snapvit_lightning.correction import collect_stats
+    from snapvit_lightning.obs import stream_energy, with_ranking
+
+    model, images, _ = _tiny_with_stats()
+    stats, energy = collect_stats(model, images, batch_size=2, with_energy=True)
+    assert torch.equal(energy, stream_energy(model, images, batch_size=2))
+    alone = collect_stats(model, images, batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip((stats.attn, stats.mlp), (alone.attn, alone.mlp)))
+    ranked = with_ranking(model, stats, images, min_mlp_keep=0.1, min_head_keep=0.5, energy=energy)
+    again = with_ranking(model, stats, images, min_mlp_keep=0.1, min_head_keep=0.5, batch_size=2)
+    assert torch.equal(ranked.ranking_mlp, again.ranking_mlp) and torch.equal(ranked.ranking_heads, again.ranking_heads)
