@@ -49,6 +49,9 @@ units are chosen by the corrected path's own ranking, computed on the calibratio
 export computes it (a stats file: its ranking, when it carries one), so their kept units per block
 differ from the plain row's (cross-fit: those of the subnet corrected on the even half are
 listed); the FLOPs and parameters are the same. A baseline's corrected rows keep its own units.
+An image folder calibrates as the export does (eval views and random crops,
+:func:`~snapvit_lightning.data.load_calibration_views`); the cross-fit folds use the eval views of
+``--data`` alone.
 
 The table is printed as markdown; ``--out DIR`` also writes ``bench.json`` (rows, settings:
 command, hardware, threads, versions; and ``build_times``: ``scoring_s``, ``search_s``,
@@ -331,7 +334,7 @@ class _Calibrator:
     def _sources(self, elastic: Any, ranking: bool) -> list[tuple[Any, Any]]:
         """``[(CorrectionStats, evaluation index or None)]`` for ``elastic`` (collected ones with a ranking if asked)."""
         from ..correction import CorrectionStats
-        from ..data import load_eval_images
+        from ..data import load_calibration_views
 
         key = (elastic.fingerprint, ranking)
         if key not in self._cache:
@@ -341,8 +344,8 @@ class _Calibrator:
             elif self.stats_file:
                 sources = [(CorrectionStats.load(self.path), None)]
             else:
-                images = load_eval_images(self.path, elastic.model, argument="--calibration")[0]
-                sources = [(elastic.collect_stats(images, self.batch_size, ranking=ranking), None)]
+                inputs = load_calibration_views(self.path, elastic.model, argument="--calibration")[0]  # as the export
+                sources = [(elastic.collect_stats(inputs, self.batch_size, ranking=ranking), None)]
             self.stats_s += time.perf_counter() - t0
             # Keep the first model's (the checkpoint's) statistics and the current one's only.
             self._cache = dict(list(self._cache.items())[:1])

@@ -286,6 +286,7 @@ def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
     # Stored statistics of this checkpoint evaluate every image with one corrected subnet: the checkpoint's
     # units without a ranking in the file, the ranking's units with one (what subnet() gives with that file).
     from snapvit_lightning.correction import CorrectionStats
+    from snapvit_lightning.data import load_calibration_views
     from snapvit_lightning.evaluation import extract_features, feature_fidelity
 
     images = load_eval_images(data, elastic.model)[0]
@@ -300,3 +301,11 @@ def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
         assert corrected["fidelity"] == pytest.approx(feature_fidelity(extract_features(sub, images, batch_size=4), dense), abs=1e-6)
         kept = [b.mlp.fc1.out_features for b in sub.blocks]
         assert corrected["kept_neurons"] == kept and (kept == plain["kept_neurons"]) == (not ranking)
+    # An image folder calibrates as the export does: eval views and crops, with the ranking.
+    out = tmp_path / "folder"
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
+                       "--correct", "lstsq", "--calibration", str(data), "--out", str(out)]) == 0
+    corrected = json.loads((out / "bench.json").read_text())["rows"][2]
+    inputs = load_calibration_views(data, elastic.model)[0]
+    sub = elastic.subnet(0.35, 0.2, correct="lstsq", calibration=elastic.collect_stats(inputs, batch_size=4, ranking=True))
+    assert corrected["fidelity"] == pytest.approx(feature_fidelity(extract_features(sub, images, batch_size=4), dense), abs=1e-6)
