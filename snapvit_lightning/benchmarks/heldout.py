@@ -200,8 +200,8 @@ def run_direction(
         result["main_job_s"] = time.perf_counter() - t0
         log(f"[{calibrate}] main job: {result['main_job_s']:.0f} s")
     elastic = ElasticViT.load(checkpoint, stats=False)
-    calibration = load_eval_images(data_halves[calibrate], elastic.model, argument="--data")[0]  # fitness images
-    stats_inputs = load_calibration_views(data_halves[calibrate], elastic.model, argument="--data")[0]  # as the export
+    stats_inputs, views = load_calibration_views(data_halves[calibrate], elastic.model, argument="--data")  # as the export
+    calibration = stats_inputs[: len(stats_inputs) // views]  # their eval views come first: the fitness images
     images = load_eval_images(data_halves[measured_half], elastic.model, argument="--data")[0]
     dense = extract_features(elastic.model, images)
     raw = elastic.scores.raw()
