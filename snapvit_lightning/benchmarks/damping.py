@@ -65,7 +65,7 @@ def measure(
         Rows with ``half``, ``images``, ``damping`` (the value used), ``automatic``, ``fidelity``
         (per budget), ``mean`` and ``seconds``.
     """
-    from ..correction import stats_damping
+    from ..correction import collect_stats, stats_damping
     from ..evaluation import extract_features, feature_fidelity
     from ..obs import with_ranking
 
@@ -77,10 +77,10 @@ def measure(
     for n in sizes:
         chosen = positions[torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))[:n]]
         calibration = images[chosen] if crops is None else torch.cat([images[chosen], crops(chosen, n)])
-        stats = elastic.collect_stats(calibration)
+        stats, energy = collect_stats(elastic.model, calibration, fingerprint=elastic.fingerprint, with_energy=True)
         for damping in dampings:
             start = time.perf_counter()
-            ranked = with_ranking(elastic.model, stats, calibration, damping=damping,
+            ranked = with_ranking(elastic.model, stats, calibration, damping=damping, energy=energy,
                                   min_mlp_keep=scores.min_mlp_keep, min_head_keep=scores.min_head_keep)
             fid = [feature_fidelity(extract_features(elastic.subnet(m, h, calibration=ranked, damping=damping), held_out),
                                     dense) for m, h in BUDGETS]
