@@ -146,31 +146,78 @@ def _check_batch_size(batch_size: object) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Rows a :class:`_Moments` sums in float32 before folding them into its float64 total.
+_FOLD_ROWS = 1 << 15
+#: Column blocks of :func:`_add_upper_gram` (``xᵀx`` at ``(P + 1) / 2P`` of the full product's work).
+_GRAM_BLOCKS = 4
+
+
+def _add_upper_gram(out: Tensor, x: Tensor) -> None:
+    """Add the upper triangle of ``xᵀx`` to ``out`` (its blocks on and above the diagonal; below stays as is)."""
+    d = x.shape[1]
+    edges = [d * i // _GRAM_BLOCKS for i in range(_GRAM_BLOCKS + 1)]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        if stop > start:
+            out[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
+
+
 class _Moments:
-    """Running ``E[xₐ yₐᵀ]`` of augmented inputs ``xₐ = [x; 1]``, ``yₐ = [y; 1]`` (float64)."""
+    """Running ``E[xₐ yₐᵀ]`` of augmented inputs ``xₐ = [x; 1]``, ``yₐ = [y; 1]`` (float64).
+
+    Products accumulate in float32 for up to :data:`_FOLD_ROWS` rows, then fold into the float64
+    total: one conversion per fold instead of one per batch. A second moment (``y`` omitted)
+    computes only the upper triangle of ``xᵀx`` (in column blocks) and mirrors it when folding.
+    """
 
     def __init__(self) -> None:
         self.xy: Tensor | None = None
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.count = 0
+        self._pending: Tensor | None = None
+        self._pending_rows = 0
+        self._symmetric = True
 
     def add(self, x: Tensor, y: Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        self._symmetric = y is None
         y = x if y is None else y.reshape(-1, y.shape[-1]).float()
-        xy, sx, sy = (x.T @ y).double(), x.sum(0).double(), y.sum(0).double()
-        if self.xy is None:
-            self.xy, self.x, self.y = xy, sx, sy
+        if self._pending is None:
+            self._pending = x.new_zeros(x.shape[1], y.shape[1])
+        if self._symmetric:
+            _add_upper_gram(self._pending, x)
         else:
-            self.xy += xy
+            self._pending.addmm_(x.T, y)
+        sx, sy = x.sum(0).double(), y.sum(0).double()
+        if self.x is None:
+            self.x, self.y = sx, sy
+        else:
             self.x += sx
             self.y += sy
         self.count += x.shape[0]
+        self._pending_rows += x.shape[0]
+        if self._pending_rows >= _FOLD_ROWS:
+            self._fold()
 
-    def augmented(self) -> Tensor:
+    def _fold(self) -> None:
+        if self._pending is None or not self._pending_rows:
+            return
+        pending = self._pending
+        if self._symmetric:
+            pending = pending.triu() + pending.triu(1).T
+        if self.xy is None:
+            self.xy = pending.double()
+        else:
+            self.xy += pending
+        self._pending.zero_()
+        self._pending_rows = 0
+
+    def augmented(self, out: Tensor | None = None) -> Tensor:
+        """The mean ``[n + 1, k + 1]``, written into ``out`` when given (any float dtype), else float64."""
+        self._fold()
         assert self.xy is not None and self.x is not None and self.y is not None
         n, k = self.xy.shape
-        out = self.xy.new_empty(n + 1, k + 1)
+        out = self.xy.new_empty(n + 1, k + 1) if out is None else out
         out[:n, :k] = self.xy / self.count
         out[:n, k] = self.x / self.count
         out[n, :k] = self.y / self.count
@@ -270,9 +317,12 @@ def collect_stats(
     finally:
         model.train(was_training)
     stack = {}
-    for b, _ in _LAYERS:
-        m = torch.stack([moments[i, b].augmented() for i in range(len(blocks))])
-        stack[b] = (0.5 * (m + m.transpose(1, 2))).float().cpu()  # exactly symmetric: a file stores one triangle
+    for b, _ in _LAYERS:  # exactly symmetric (the moments mirror one triangle): a file stores one triangle
+        first = moments[0, b].augmented()
+        stack[b] = torch.empty((len(blocks), *first.shape), dtype=torch.float32)
+        stack[b][0] = first
+        for i in range(1, len(blocks)):
+            moments[i, b].augmented(out=stack[b][i])
     tokens = moments[0, "mlp"].count
     stats = CorrectionStats(stack["attn"], stack["mlp"], int(images.shape[0]), int(tokens), fingerprint)
     return (stats, energy / torch.tensor(energy_count, dtype=torch.float64)) if with_energy else stats

@@ -390,6 +390,32 @@ def test_load_attaches_stats_beside_and_checks_them(tmp_path: Path) -> None:
         el.attach_stats(tmp_path)
 
 
+@pytest.mark.parametrize("fold_rows", [1 << 15, 7])  # 7: folds into float64 after every batch of 5 images
+def test_stats_are_the_second_moments_of_the_cut_layers_inputs(monkeypatch: pytest.MonkeyPatch, fold_rows: int) -> None:
+    from snapvit_lightning import correction
+
+    monkeypatch.setattr(correction, "_FOLD_ROWS", fold_rows)
+    el = _elastic("test_vit2")
+    images = _images(el.model, n=13)
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args, key=key: seen.setdefault(key, []).append(args[0].detach()))
+        for i, block in enumerate(get_blocks(el.model))
+        for key, layer in ((f"attn{i}", block.attn.proj), (f"mlp{i}", block.mlp.fc2))
+    ]
+    with torch.no_grad():
+        el.model(images)
+    for h in handles:
+        h.remove()
+    stats = correction.collect_stats(el.model, images, batch_size=5)
+    for branch, stored in (("attn", stats.attn), ("mlp", stats.mlp)):
+        assert torch.equal(stored, stored.transpose(1, 2))
+        for i in range(stored.shape[0]):
+            x = seen[f"{branch}{i}"][0].double().flatten(0, -2)
+            xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+            torch.testing.assert_close(stored[i].double(), xa.T @ xa / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
 def test_stats_file_stores_upper_triangles_losslessly(tmp_path: Path) -> None:
     from safetensors import safe_open
 
