@@ -153,3 +153,19 @@ def test_the_statistics_pass_gives_the_stream_energy_of_the_same_inputs() -> Non
     ranked = with_ranking(model, stats, images, min_mlp_keep=0.1, min_head_keep=0.5, energy=energy)
     again = with_ranking(model, stats, images, min_mlp_keep=0.1, min_head_keep=0.5, batch_size=2)
     assert torch.equal(ranked.ranking_mlp, again.ranking_mlp) and torch.equal(ranked.ranking_heads, again.ranking_heads)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_float32_greedy_follows_the_float64_one(group: int) -> None:
+    weight, gram = _random_layer(3, 48, 400, 6)
+    order, costs = greedy_removal(weight, gram, group, damping=0.01, chunk=2, dtype=torch.float32)
+    exact, exact_costs = greedy_removal(weight, gram, group, damping=0.01, chunk=2)
+    assert costs.dtype == torch.float64
+    assert order.tolist() == exact.tolist()
+    torch.testing.assert_close(costs, exact_costs, rtol=1e-4, atol=1e-7)
+
+
+def test_greedy_refuses_other_dtypes() -> None:
+    weight, gram = _random_layer(0, 4, 20, 2)
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64, got torch.float16"):
+        greedy_removal(weight, gram, 1, dtype=torch.float16)
