@@ -153,7 +153,7 @@ def obs_scores(
         min_mlp_keep: As :class:`ImportanceScores`.
         min_head_keep: As :class:`ImportanceScores`.
         dtype: As :func:`greedy_removal`; float32 (the default) ranks as float64 does on held-out
-            photos in about 2/3 of the time (docs/defaults.md, "The ranking in float32").
+            photos in about 2/3 of the time (docs/defaults.md, "The correction's cost: statistics and ranking").
 
     Raises:
         ValueError: Statistics that do not fit the model.
