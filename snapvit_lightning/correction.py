@@ -40,6 +40,7 @@ Only layers whose inputs were cut are changed: with nothing removed the subnet i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Callable, Iterator, Sequence
@@ -144,6 +145,22 @@ def _check_batch_size(batch_size: object) -> int:
 # ----------------------------------------------------------------------------------------------
 # Moments
 # ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """float32 matmuls at full precision inside, whatever the global setting (restored after).
+
+    A run whose precision probe chose TF32 sets ``torch.set_float32_matmul_precision("high")``
+    for the whole process; second moments and the OBS updates summed over thousands of rows need
+    float32's full mantissa.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 #: Rows a :class:`_Moments` sums in float32 before folding them into its float64 total.
@@ -279,6 +296,25 @@ def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:
 
 
 @torch.no_grad()
+def _accumulate(
+    model: nn.Module, blocks: Sequence[nn.Module], images: Tensor, batch_size: int,
+    moments: dict[tuple[int, str], _Moments], energy: Tensor | None, energy_count: list[int],
+) -> None:
+    """One forward pass over ``images``: the cut layers' inputs into ``moments``, the stream's energy into ``energy``."""
+    device, dtype = _model_device_dtype(model)
+    for batch in _batches(images, batch_size):
+        x = _block_input(model, batch.to(device, dtype))
+        for i, block in enumerate(blocks):
+            x, seen = _capture(block, x, _LAYERS)
+            for branch, name in _LAYERS:
+                moments[i, branch].add(seen[f"{branch}.{name}"])
+            if energy is not None:  # as stream_energy sums it, batch by batch
+                squared = x.double().pow(2).sum(-1)
+                energy[i] += float(squared.sum())
+                energy_count[i] += squared.numel()
+
+
+@torch.no_grad()
 def collect_stats(
     model: nn.Module, images: Tensor, *, batch_size: int = 32, fingerprint: str = "", with_energy: bool = False
 ) -> CorrectionStats | tuple[CorrectionStats, Tensor]:
@@ -297,23 +333,14 @@ def collect_stats(
         ValueError: Bad images or batch size.
     """
     images, batch_size = _check_images(images), _check_batch_size(batch_size)
-    device, dtype = _model_device_dtype(model)
     blocks = get_blocks(model)
     moments = {(i, b): _Moments() for i in range(len(blocks)) for b, _ in _LAYERS}
     energy, energy_count = torch.zeros(len(blocks), dtype=torch.float64), [0] * len(blocks)
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(images, batch_size):
-            x = _block_input(model, batch.to(device, dtype))
-            for i, block in enumerate(blocks):
-                x, seen = _capture(block, x, _LAYERS)
-                for branch, name in _LAYERS:
-                    moments[i, branch].add(seen[f"{branch}.{name}"])
-                if with_energy:  # as stream_energy sums it, batch by batch
-                    squared = x.double().pow(2).sum(-1)
-                    energy[i] += float(squared.sum())
-                    energy_count[i] += squared.numel()
+        with full_fp32_matmuls():
+            _accumulate(model, blocks, images, batch_size, moments, energy if with_energy else None, energy_count)
     finally:
         model.train(was_training)
     stack = {}
@@ -607,22 +634,23 @@ def _correct_sequential(
     dense.eval()
     subnet.eval()
     try:
-        xd = [_block_input(dense, b.to(device, dtype)) for b in _batches(images, batch_size)]
-        xs = [x.clone() for x in xd]  # cuts stay inside the blocks: the embeddings are the same
-        for i, (d, s) in enumerate(zip(get_blocks(dense), get_blocks(subnet))):
-            for branch, name in _LAYERS:
-                dl, sl = _layer(d, branch, name), _layer(s, branch, name)
-                if sl.in_features == dl.in_features:
-                    continue
-                cross, gram = _Moments(), _Moments()
-                for a, b in zip(xd, xs):
-                    seen_d = _capture(d, a, [(branch, name)])[1][f"{branch}.{name}"]
-                    seen_s = _capture(s, b, [(branch, name)])[1][f"{branch}.{name}"]
-                    cross.add(seen_d, seen_s)
-                    gram.add(seen_s)
-                solve(dl, sl, cross.augmented(), gram.augmented(), f"block {i} {branch}.{name}")
-            xd = [d(a) for a in xd]
-            xs = [s(b) for b in xs]
+        with full_fp32_matmuls():  # second moments summed in float32
+            xd = [_block_input(dense, b.to(device, dtype)) for b in _batches(images, batch_size)]
+            xs = [x.clone() for x in xd]  # cuts stay inside the blocks: the embeddings are the same
+            for i, (d, s) in enumerate(zip(get_blocks(dense), get_blocks(subnet))):
+                for branch, name in _LAYERS:
+                    dl, sl = _layer(d, branch, name), _layer(s, branch, name)
+                    if sl.in_features == dl.in_features:
+                        continue
+                    cross, gram = _Moments(), _Moments()
+                    for a, b in zip(xd, xs):
+                        seen_d = _capture(d, a, [(branch, name)])[1][f"{branch}.{name}"]
+                        seen_s = _capture(s, b, [(branch, name)])[1][f"{branch}.{name}"]
+                        cross.add(seen_d, seen_s)
+                        gram.add(seen_s)
+                    solve(dl, sl, cross.augmented(), gram.augmented(), f"block {i} {branch}.{name}")
+                xd = [d(a) for a in xd]
+                xs = [s(b) for b in xs]
     finally:
         dense.train(modes[0])
         subnet.train(modes[1])

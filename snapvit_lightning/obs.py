@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .correction import (
-    CorrectionStats, _batches, _check_batch_size, _check_images, _model_device_dtype, augmented_weight, stats_damping,
+    CorrectionStats, _batches, _check_batch_size, _check_images, _model_device_dtype, augmented_weight,
+    full_fp32_matmuls, stats_damping,
 )
 from .scores import ImportanceScores
 from .structure import get_blocks, inspect_vit
@@ -72,8 +73,13 @@ def greedy_removal(
         raise ValueError(f"weight {tuple(weight.shape)} / gram {tuple(gram.shape)} do not fit groups of {group}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    w = weight.to(dtype, copy=True)
-    g = gram.to(dtype, copy=True)
+    with full_fp32_matmuls():  # float32 updates at full precision even where a run enabled TF32
+        return _greedy_removal(weight.to(dtype, copy=True), gram.to(dtype, copy=True), group, damping, chunk)
+
+
+def _greedy_removal(w: Tensor, g: Tensor, group: int, damping: float, chunk: int) -> tuple[Tensor, Tensor]:
+    """:func:`greedy_removal` on its own copies ``w`` and ``g`` (changed in place), arguments checked."""
+    n = g.shape[0] - 1
     diag = torch.diagonal(g)[:n]
     diag += damping * float(diag.mean())
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))

@@ -530,3 +530,20 @@ def test_a_ranking_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     other = dataclasses.replace(stats, ranking_heads=torch.rand(b, 1))
     with pytest.raises(ValueError, match=r"ranking_mlp / ranking_heads have shapes .* this model needs"):
         el.subnet(0.3, 0.2, calibration=other)
+
+
+def test_statistics_are_summed_at_full_float32_precision_where_a_run_enabled_tf32() -> None:
+    el = _elastic("test_vit2")
+    seen: list[str] = []
+    hook = get_blocks(el.model)[0].mlp.fc2.register_forward_pre_hook(
+        lambda m, args: seen.append(torch.get_float32_matmul_precision()))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what a probe that chose TF32 leaves for the process
+    try:
+        el.collect_stats(_images(el.model, n=3))
+        el.subnet(0.5, 0.5, correct="lstsq", calibration=_images(el.model, n=3), sequential=True)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        hook.remove()
+        torch.set_float32_matmul_precision(previous)
+    assert seen and set(seen) == {"highest"}

@@ -169,3 +169,20 @@ def test_greedy_refuses_other_dtypes() -> None:
     weight, gram = _random_layer(0, 4, 20, 2)
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64, got torch.float16"):
         greedy_removal(weight, gram, 1, dtype=torch.float16)
+
+
+def test_greedy_runs_at_full_float32_precision_where_a_run_enabled_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapvit_lightning import obs
+
+    seen: list[str] = []
+    inner = obs._greedy_removal
+    monkeypatch.setattr(obs, "_greedy_removal", lambda *a: seen.append(torch.get_float32_matmul_precision()) or inner(*a))
+    weight, gram = _random_layer(0, 8, 40, 2)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        greedy_removal(weight, gram, 1, dtype=torch.float32)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["highest"]
