@@ -197,6 +197,8 @@ class _Moments:
 
     def add(self, x: Tensor, y: Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self._pending_rows and self._symmetric != (y is None):
+            self._fold()  # the pending sum holds the other kind of product
         self._symmetric = y is None
         y = x if y is None else y.reshape(-1, y.shape[-1]).float()
         if self._pending is None:

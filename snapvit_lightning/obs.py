@@ -42,6 +42,7 @@ __all__ = ["RANKING_CRITERION", "corrected_ranking", "greedy_removal", "obs_scor
 RANKING_CRITERION = "obs-stream"
 
 
+@full_fp32_matmuls()  # float32 updates at full precision even where a run enabled TF32
 def greedy_removal(
     weight: Tensor, gram: Tensor, group: int = 1, damping: float = 0.01, chunk: int = 1,
     dtype: torch.dtype = torch.float64,
@@ -73,13 +74,8 @@ def greedy_removal(
         raise ValueError(f"weight {tuple(weight.shape)} / gram {tuple(gram.shape)} do not fit groups of {group}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    with full_fp32_matmuls():  # float32 updates at full precision even where a run enabled TF32
-        return _greedy_removal(weight.to(dtype, copy=True), gram.to(dtype, copy=True), group, damping, chunk)
-
-
-def _greedy_removal(w: Tensor, g: Tensor, group: int, damping: float, chunk: int) -> tuple[Tensor, Tensor]:
-    """:func:`greedy_removal` on its own copies ``w`` and ``g`` (changed in place), arguments checked."""
-    n = g.shape[0] - 1
+    w = weight.to(dtype, copy=True)
+    g = gram.to(dtype, copy=True)
     diag = torch.diagonal(g)[:n]
     diag += damping * float(diag.mean())
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))

@@ -547,3 +547,17 @@ def test_statistics_are_summed_at_full_float32_precision_where_a_run_enabled_tf3
         hook.remove()
         torch.set_float32_matmul_precision(previous)
     assert seen and set(seen) == {"highest"}
+
+
+def test_moments_of_both_kinds_in_one_accumulator_stay_exact() -> None:
+    from snapvit_lightning.correction import _Moments
+
+    torch.manual_seed(0)
+    a, b, c = torch.randn(9, 6), torch.randn(9, 6), torch.randn(5, 6)
+    moments = _Moments()
+    moments.add(a)  # a second moment: one triangle pending
+    moments.add(b, c.repeat(2, 1)[:9])  # a cross moment: folds the triangle first
+    moments.add(c)
+    rows = [(a, a), (b, c.repeat(2, 1)[:9]), (c, c)]
+    xy = sum(x.double().T @ y.double() for x, y in rows) / 23
+    torch.testing.assert_close(moments.augmented()[:6, :6], xy, rtol=1e-6, atol=1e-6)

@@ -172,11 +172,9 @@ def test_greedy_refuses_other_dtypes() -> None:
 
 
 def test_greedy_runs_at_full_float32_precision_where_a_run_enabled_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
-    from snapvit_lightning import obs
-
     seen: list[str] = []
-    inner = obs._greedy_removal
-    monkeypatch.setattr(obs, "_greedy_removal", lambda *a: seen.append(torch.get_float32_matmul_precision()) or inner(*a))
+    cholesky = torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda g: seen.append(torch.get_float32_matmul_precision()) or cholesky(g))
     weight, gram = _random_layer(0, 8, 40, 2)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
