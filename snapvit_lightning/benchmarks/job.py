@@ -1,11 +1,15 @@
 """Benchmark of the whole main job: stage times at its defaults and at the paper's settings.
 
 Runs the main job (:func:`snapvit_lightning.quickstart.run`, ``snapvit fit`` on the real DINOv2
-ViT-S/14) once per setting, in this process and on this machine, and reads each run's
+ViT-S/14) once per setting and round, in this process and on this machine, and reads each run's
 ``report.json`` ``build_times``:
 
 * ``default``: ``configs/quickstart.yaml`` as it is (its precision probe, balanced start,
   default fitness and weight-corrected export);
+* ``uncorrected``: the same with ``correct: none`` in the export (no statistics, no ranking, the
+  plain cut). Beside ``default`` it measures what the correction adds to the main job: the
+  difference of the median wall times over ``--repeats`` rounds, each round running the settings
+  one after the other (interleaved, so drifts of a shared machine hit both alike);
 * ``paper``: the same model, data and number of evaluations with the paper's search:
   :data:`~snapvit_lightning.search.PAPER_RATIO_PAIRS`, ``space: pca`` (64 components),
   ``guard: 0``, ``balance: null`` (the raw scores, start ``linspace(1.2 -> 0.8)``), and the
@@ -30,9 +34,11 @@ ours is faster). Run both on the same folder with all its images, the same evalu
 same machine in one sitting: then nothing is scaled and the comparison is direct.
 
 Prints a markdown table; ``--out DIR`` also holds ``job.md``, ``job.json`` (every number, the
-settings, the machine) and each setting's run (``DIR/<setting>/``)::
+settings, the machine) and each run (``DIR/<setting>/``, with ``--repeats`` N > 1
+``DIR/<setting>-<round>/``). Without ``--data`` the runs use the main job's built-in photos::
 
     python -m snapvit_lightning.benchmarks.job --data ../shared/data/photos8 --official official_times.json
+    python -m snapvit_lightning.benchmarks.job --settings default uncorrected --repeats 2
 
 Other arguments go to ``snapvit fit`` for every setting (e.g. ``--trainer.enable_progress_bar false``).
 """
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,9 +60,14 @@ from ..machine import build_machine
 from ..quickstart import CONFIG, DEFAULT_WEIGHTS, run
 from ..search import PAPER_RATIO_PAIRS
 
-__all__ = ["SETTINGS", "PAPER_SEARCH", "paper_config", "load_official", "compare", "markdown", "run_job", "main"]
+__all__ = [
+    "SETTINGS", "DEFAULT_SETTINGS", "PAPER_SEARCH", "paper_config", "uncorrected_config", "load_official", "compare",
+    "correction_cost", "markdown", "run_job", "main",
+]
 
-SETTINGS: tuple[str, ...] = ("default", "paper")
+SETTINGS: tuple[str, ...] = ("default", "uncorrected", "paper")
+#: What runs when no settings are named.
+DEFAULT_SETTINGS: tuple[str, ...] = ("default", "paper")
 #: The paper's search settings (the official code's), as ``EvolutionarySearch`` init args.
 PAPER_SEARCH: dict[str, Any] = {
     "ratio_pairs": [list(pair) for pair in PAPER_RATIO_PAIRS], "space": "pca", "pca_components": 64,
@@ -68,13 +80,9 @@ MACHINE_KEYS = ("device_name", "cpu", "torch_threads")
 CAVEAT = "compare only times taken on the same machine in one sitting"
 
 
-def paper_config(config: Path, out: Path) -> Path:
-    """Write ``config`` with the paper's search settings and precision to ``out/paper.yaml``.
-
-    Raises:
-        FileNotFoundError: If ``config`` is missing.
-        ValueError: If ``config`` has no ``EvolutionarySearch`` or ``ElasticExport`` callback.
-    """
+def _variant_config(config: Path, out: Path, name: str, search: dict[str, Any], correct: str, precision: str | None) -> Path:
+    """``config`` with ``search`` merged into the search's init args, the export's ``correct`` and
+    (when given) the trainer's precision, written to ``out/<name>.yaml``."""
     if not Path(config).is_file():
         raise FileNotFoundError(f"config: no file at {config}")
     settings = yaml.safe_load(Path(config).read_text())
@@ -83,18 +91,38 @@ def paper_config(config: Path, out: Path) -> Path:
     for callback in callbacks:
         kind = callback["class_path"].rsplit(".", 1)[-1]
         if kind == "EvolutionarySearch":
-            callback.setdefault("init_args", {}).update(PAPER_SEARCH)
+            callback.setdefault("init_args", {}).update(search)
         elif kind == "ElasticExport":
-            callback.setdefault("init_args", {})["correct"] = "none"
+            callback.setdefault("init_args", {})["correct"] = correct
         found.add(kind)
     missing = {"EvolutionarySearch", "ElasticExport"} - found
     if missing:
         raise ValueError(f"config {config} has no {sorted(missing)} callback; trainer.callbacks holds {sorted(found)}")
-    settings["trainer"]["precision"] = PAPER_PRECISION
+    if precision is not None:
+        settings["trainer"]["precision"] = precision
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "paper.yaml"
+    path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
+
+
+def paper_config(config: Path, out: Path) -> Path:
+    """Write ``config`` with the paper's search settings and precision to ``out/paper.yaml``.
+
+    Raises:
+        FileNotFoundError: If ``config`` is missing.
+        ValueError: If ``config`` has no ``EvolutionarySearch`` or ``ElasticExport`` callback.
+    """
+    return _variant_config(config, out, "paper", PAPER_SEARCH, "none", PAPER_PRECISION)
+
+
+def uncorrected_config(config: Path, out: Path) -> Path:
+    """Write ``config`` with the plain export (``correct: none``), nothing else changed, to ``out/uncorrected.yaml``.
+
+    Raises:
+        As :func:`paper_config`.
+    """
+    return _variant_config(config, out, "uncorrected", {}, "none", None)
 
 
 def _positive(value: Any, name: str, where: str) -> float:
@@ -216,6 +244,36 @@ def machine_differs(ours: dict[str, Any], official: dict[str, Any]) -> list[str]
     return []
 
 
+def _setting_of(key: str) -> str:
+    """The setting of a run key: ``default`` or ``default-2`` → ``default``."""
+    return key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
+
+
+def correction_cost(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """What the correction adds to the main job: ``default`` against ``uncorrected`` runs.
+
+    Returns:
+        ``None`` unless both settings ran; else their wall and export times per run, and
+        ``added_s`` / ``added_fraction`` (median wall of ``default`` minus that of
+        ``uncorrected``, and over it) and ``export_added_s`` (the same for the export).
+    """
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for key, times in runs.items():
+        by_setting.setdefault(_setting_of(key), []).append(times)
+    if "default" not in by_setting or "uncorrected" not in by_setting:
+        return None
+    walls = {name: [r["wall_s"] for r in by_setting[name]] for name in ("default", "uncorrected")}
+    exports = {name: [r["export_s"] for r in by_setting[name]] for name in ("default", "uncorrected")}
+    added = statistics.median(walls["default"]) - statistics.median(walls["uncorrected"])
+    return {
+        "wall_s": walls,
+        "export_s": exports,
+        "added_s": added,
+        "added_fraction": added / statistics.median(walls["uncorrected"]),
+        "export_added_s": statistics.median(exports["default"]) - statistics.median(exports["uncorrected"]),
+    }
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -256,10 +314,16 @@ def markdown(result: dict[str, Any]) -> str:
         if official:
             cells.append(_fmt(official[official_key], digits) if official_key else "–")
         lines.append("| " + " | ".join([label, *cells]) + " |")
-    cells = [_precision(runs[n], n) for n in names] + (["32-true / bfloat16"] if official else [])
+    cells = [_precision(runs[n], _setting_of(n)) for n in names] + (["32-true / bfloat16"] if official else [])
     lines.append("| " + " | ".join(["precision (scoring / search)", *cells]) + " |")
     machine = result["machine"]
     lines += ["", f"Machine: {machine['device_name']}, {machine['torch_threads']} torch threads, {machine['platform']}."]
+    cost = result.get("correction")
+    if cost is not None:
+        rounds = len(cost["wall_s"]["default"])
+        lines += ["", f"The correction adds {cost['added_s']:+.1f} s ({100 * cost['added_fraction']:+.1f} %) to the main "
+                  f"job, export {cost['export_added_s']:+.1f} s: default minus uncorrected, medians of {rounds} "
+                  f"interleaved round{'s' if rounds > 1 else ''} ({CAVEAT})."]
     if official:
         comparisons = result["comparison"]
         lines += ["", "Against the official code, scaled to each run's evaluations and images:", "",
@@ -286,49 +350,61 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run_job(
-    data: Path,
+    data: Path | None,
     out: Path,
-    settings: Sequence[str] = SETTINGS,
+    settings: Sequence[str] = DEFAULT_SETTINGS,
     weights: Path = DEFAULT_WEIGHTS,
     official: Path | None = None,
     search_evals: int | None = None,
     max_samples: int | None = None,
     cli_args: Sequence[str] = (),
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Run the main job once per setting into ``out/<setting>`` and collect the times.
+    """Run the main job per setting and round into ``out/<key>`` and collect the times.
+
+    Each of the ``repeats`` rounds runs every setting once, in the order given; a run's key is
+    its setting, or ``<setting>-<round>`` when ``repeats`` > 1. ``data`` ``None``: the main job's
+    built-in photos.
 
     Returns:
-        ``{"runs": {setting: times}, "machine", "settings", "command", and with ``official``:
-        "official", "comparison": {setting: ...}, "official_machine_differs"}``; also written to
-        ``out/job.json`` and the table to ``out/job.md``.
+        ``{"runs": {key: times}, "machine", "settings", "command", "correction"`` (see
+        :func:`correction_cost`), and with ``official``: ``"official", "comparison": {key: ...},
+        "official_machine_differs"}``; also written to ``out/job.json`` and the table to ``out/job.md``.
 
     Raises:
         ValueError: If ``settings`` is empty, repeats or names an unknown setting, or
-            ``search_evals`` / ``max_samples`` is below 1, or a run's times are incomplete.
+            ``search_evals`` / ``max_samples`` / ``repeats`` is below 1, or a run's times are incomplete.
         FileNotFoundError: If ``data`` or ``official`` is missing.
     """
     unknown = [s for s in settings if s not in SETTINGS]
     if not settings or unknown or len(set(settings)) != len(settings):
         raise ValueError(f"settings must be distinct names from {list(SETTINGS)}, got {list(settings)}")
-    for name, value in (("search_evals", search_evals), ("max_samples", max_samples)):
+    for name, value in (("search_evals", search_evals), ("max_samples", max_samples), ("repeats", repeats)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-    if not Path(data).exists():
+            raise ValueError(f"{name} must be an int >= 1{'' if name == 'repeats' else ' or None'}, got {value!r}")
+    if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"data: no folder at {data}")
     official_times = None if official is None else load_official(Path(official))
     out = Path(out)
-    args = ["--data.data_dir", str(data), *([] if max_samples is None else ["--data.max_samples", str(max_samples)]), *cli_args]
+    args = [*([] if data is None else ["--data.data_dir", str(data)]),
+            *([] if max_samples is None else ["--data.max_samples", str(max_samples)]), *cli_args]
+    writers = {"default": None, "uncorrected": uncorrected_config, "paper": paper_config}
+    configs = {setting: CONFIG if writers[setting] is None else writers[setting](CONFIG, out) for setting in settings}
     runs: dict[str, dict[str, Any]] = {}
-    for setting in settings:
-        config = CONFIG if setting == "default" else paper_config(CONFIG, out)
-        start = time.perf_counter()
-        run(out / setting, weights=weights, cli_args=args, config=config, search_evals=search_evals)
-        runs[setting] = read_run(out / setting, time.perf_counter() - start)
+    for round_ in range(1, repeats + 1):
+        for setting in settings:
+            key = setting if repeats == 1 else f"{setting}-{round_}"
+            start = time.perf_counter()
+            run(out / key, weights=weights, cli_args=args, config=configs[setting], search_evals=search_evals)
+            runs[key] = read_run(out / key, time.perf_counter() - start)
     result: dict[str, Any] = {
         "runs": runs, "machine": build_machine("cpu"),
-        "settings": {"default": str(CONFIG), "paper": {"search": PAPER_SEARCH, "precision": PAPER_PRECISION, "correct": "none"},
-                     "data": str(data), "max_samples": max_samples, "search_evals": search_evals, "cli_args": list(cli_args)},
+        "settings": {"default": str(CONFIG), "uncorrected": {"correct": "none"},
+                     "paper": {"search": PAPER_SEARCH, "precision": PAPER_PRECISION, "correct": "none"},
+                     "data": None if data is None else str(data), "max_samples": max_samples,
+                     "search_evals": search_evals, "repeats": repeats, "cli_args": list(cli_args)},
         "command": " ".join(sys.argv),
+        "correction": correction_cost(runs),
     }
     if official_times is not None:
         result["official"] = official_times
@@ -345,8 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m snapvit_lightning.benchmarks.job", description=__doc__.splitlines()[0],
         epilog="Other arguments go to `snapvit fit` for every setting, e.g. --trainer.enable_progress_bar false.",
     )
-    parser.add_argument("--data", type=Path, required=True, help="calibration (and fitness) image folder")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which settings to run")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="calibration (and fitness) image folder (default: the main job's built-in photos)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(DEFAULT_SETTINGS),
+                        help=f"which settings to run (default: {' '.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all settings, interleaved (default: 1)")
     parser.add_argument("--official", type=Path, default=None, help="time_official.py's JSON, for the comparison")
     parser.add_argument("--search-evals", type=int, default=None, help="xNES evaluations (default: the config's, 50)")
     parser.add_argument("--max-samples", type=int, default=None, help="calibration images (default: all)")
@@ -355,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         result = run_job(args.data, args.out, args.settings, args.weights, args.official, args.search_evals,
-                         args.max_samples, rest)
+                         args.max_samples, rest, args.repeats)
     except (OSError, ImportError, ValueError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
     print(result["table"], end="")

@@ -32,15 +32,21 @@ def test_job_benchmark_on_real_model(real_weights, photo_folder, tmp_path, capsy
     fit_args = ["--model.model_kwargs", '{"num_classes": 0, "img_size": 56}', "--trainer.precision", "32-true",
                 "--trainer.enable_progress_bar", "false", "--data.batch_size", "2"]
     argv = ["--data", str(photo_folder), "--max-samples", "4", "--search-evals", "2", "--weights", str(real_weights),
-            "--official", str(_official(tmp_path)), "--out", str(tmp_path / "out"), *fit_args]
+            "--official", str(_official(tmp_path)), "--out", str(tmp_path / "out"),
+            "--settings", "default", "uncorrected", "paper", *fit_args]
     assert job.main(argv) == 0
     table = capsys.readouterr().out
     assert table == (tmp_path / "out" / "job.md").read_text()
-    assert _row(table, "stage") == ["default", "paper", "official (measured)"]
+    assert _row(table, "stage") == ["default", "uncorrected", "paper", "official (measured)"]
     result = json.loads((tmp_path / "out" / "job.json").read_text())
+    uncorrected = json.loads((tmp_path / "out" / "uncorrected" / "report.json").read_text())
+    assert uncorrected["correction"] is None and uncorrected["scores"].get("balance") is not None  # only the export differs
+    cost = result["correction"]
+    assert cost["added_s"] == pytest.approx(result["runs"]["default"]["wall_s"] - result["runs"]["uncorrected"]["wall_s"])
+    assert f"The correction adds {cost['added_s']:+.1f} s" in table
     official = result["official"]
     assert official["search_s"] == pytest.approx(146.0) and official["search_s_per_eval"] == pytest.approx(14.6)
-    for k, name in enumerate(("default", "paper")):
+    for k, name in enumerate(("default", "uncorrected", "paper")):
         run = result["runs"][name]
         assert run["search_evaluations"] == 2 and run["images"] == 4
         for key in ("scoring_s", "search_s", "export_s", "wall_s", "search_s_per_eval"):
@@ -68,6 +74,37 @@ def test_paper_config_has_the_papers_search(tmp_path) -> None:
     assert [tuple(p) for p in search["ratio_pairs"]] == list(job.PAPER_RATIO_PAIRS)
     assert (search["space"], search["guard"], search["balance"]) == ("pca", 0.0, None)
     assert settings["trainer"]["precision"] == "32-true"
+
+
+def test_uncorrected_config_changes_only_the_export(tmp_path) -> None:
+    import yaml
+
+    default = yaml.safe_load(job.CONFIG.read_text())
+    settings = yaml.safe_load(job.uncorrected_config(job.CONFIG, tmp_path).read_text())
+    export = next(c["init_args"] for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("ElasticExport"))
+    assert export.pop("correct") == "none"
+    next(c["init_args"] for c in default["trainer"]["callbacks"] if c["class_path"].endswith("ElasticExport")).pop("correct", None)
+    assert settings == default
+
+
+def _times(wall: float, export: float) -> dict:
+    return {"scoring_s": 1.0, "search_s": 2.0, "export_s": export, "search_evaluations": 2, "search_s_per_eval": 1.0,
+            "other_s": wall - 3.0 - export, "wall_s": wall, "images": 14, "precision": None, "run_dir": "r"}
+
+
+def test_correction_cost_is_the_difference_of_medians_over_interleaved_rounds() -> None:
+    runs = {"default-1": _times(50.0, 9.0), "uncorrected-1": _times(44.0, 1.5), "default-2": _times(52.0, 10.0),
+            "uncorrected-2": _times(43.0, 1.3), "default-3": _times(70.0, 9.5), "uncorrected-3": _times(42.0, 1.4)}
+    cost = job.correction_cost(runs)
+    assert cost["wall_s"] == {"default": [50.0, 52.0, 70.0], "uncorrected": [44.0, 43.0, 42.0]}
+    assert cost["added_s"] == pytest.approx(52.0 - 43.0) and cost["added_fraction"] == pytest.approx(9.0 / 43.0)
+    assert cost["export_added_s"] == pytest.approx(9.5 - 1.4)
+    assert job.correction_cost({"default": _times(50.0, 9.0), "paper": _times(40.0, 1.0)}) is None
+
+
+def test_run_job_refuses_bad_repeats(tmp_path) -> None:
+    with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
+        job.run_job(None, tmp_path / "out", ["default", "uncorrected"], repeats=0)
 
 
 @pytest.mark.parametrize("change, match", [
