@@ -100,9 +100,10 @@ def greedy_removal(
         cost = cost.masked_fill(~alive, torch.inf)
         step = torch.argsort(cost, stable=True)[: min(chunk, units - len(order))]
         q = (step[:, None] * group + offsets).flatten()
-        rows = torch.linalg.solve(hinv[q][:, q], hinv[q, :])  # [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:
+        picked = hinv[q]  # (H⁻¹)_Q: ; H⁻¹ is symmetric, so its columns Q are these rows transposed
+        rows = torch.linalg.solve(picked[:, q], picked)  # [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:
         w.addmm_(w[:, q], rows, alpha=-1.0)
-        hinv.addmm_(hinv[:, q], rows, alpha=-1.0)
+        hinv.addmm_(picked.T, rows, alpha=-1.0)
         w[:, q] = 0.0
         alive[step] = False
         order += unit_of[step].tolist()
