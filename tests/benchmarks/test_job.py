@@ -44,6 +44,7 @@ def test_job_benchmark_on_real_model(real_weights, photo_folder, tmp_path, capsy
     cost = result["correction"]
     assert cost["added_s"] == pytest.approx(result["runs"]["default"]["wall_s"] - result["runs"]["uncorrected"]["wall_s"])
     assert f"The correction adds {cost['added_s']:+.1f} s" in table
+    assert f"its export {cost['export_added_s']:+.1f} s ({100 * cost['export_added_fraction']:+.1f} % of the uncorrected job)" in table
     official = result["official"]
     assert official["search_s"] == pytest.approx(146.0) and official["search_s_per_eval"] == pytest.approx(14.6)
     for k, name in enumerate(("default", "uncorrected", "paper")):
@@ -99,6 +100,7 @@ def test_correction_cost_is_the_difference_of_medians_over_interleaved_rounds() 
     assert cost["wall_s"] == {"default": [50.0, 52.0, 70.0], "uncorrected": [44.0, 43.0, 42.0]}
     assert cost["added_s"] == pytest.approx(52.0 - 43.0) and cost["added_fraction"] == pytest.approx(9.0 / 43.0)
     assert cost["export_added_s"] == pytest.approx(9.5 - 1.4)
+    assert cost["export_added_fraction"] == pytest.approx((9.5 - 1.4) / 43.0)
     assert job.correction_cost({"default": _times(50.0, 9.0), "paper": _times(40.0, 1.0)}) is None
 
 
