@@ -81,8 +81,11 @@ CAVEAT = "compare only times taken on the same machine in one sitting"
 
 
 def _variant_config(config: Path, out: Path, name: str, search: dict[str, Any], correct: str, precision: str | None) -> Path:
-    """``config`` with ``search`` merged into the search's init args, the export's ``correct`` and
-    (when given) the trainer's precision, written to ``out/<name>.yaml``."""
+    """Write a variant of ``config`` to ``out/<name>.yaml`` and return its path.
+
+    ``search`` is merged into the ``EvolutionarySearch`` init args, ``correct`` set on the
+    ``ElasticExport``, and ``precision`` (when given) on the trainer. Errors as :func:`paper_config`.
+    """
     if not Path(config).is_file():
         raise FileNotFoundError(f"config: no file at {config}")
     settings = yaml.safe_load(Path(config).read_text())
