@@ -298,6 +298,7 @@ def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:
 
 
 @torch.no_grad()
+@full_fp32_matmuls()  # second moments summed in float32 at full precision, whatever the run set
 def _accumulate(
     model: nn.Module, blocks: Sequence[nn.Module], images: Tensor, batch_size: int,
     moments: dict[tuple[int, str], _Moments], energy: Tensor | None, energy_count: list[int],
@@ -341,8 +342,7 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        with full_fp32_matmuls():
-            _accumulate(model, blocks, images, batch_size, moments, energy if with_energy else None, energy_count)
+        _accumulate(model, blocks, images, batch_size, moments, energy if with_energy else None, energy_count)
     finally:
         model.train(was_training)
     stack = {}
@@ -628,6 +628,7 @@ def _correct_from_stats(
 
 
 @torch.no_grad()
+@full_fp32_matmuls()  # second moments summed in float32 at full precision, whatever the run set
 def _correct_sequential(
     dense: nn.Module, subnet: nn.Module, images: Tensor, batch_size: int, solve: Callable[..., None]
 ) -> None:
@@ -636,23 +637,22 @@ def _correct_sequential(
     dense.eval()
     subnet.eval()
     try:
-        with full_fp32_matmuls():  # second moments summed in float32
-            xd = [_block_input(dense, b.to(device, dtype)) for b in _batches(images, batch_size)]
-            xs = [x.clone() for x in xd]  # cuts stay inside the blocks: the embeddings are the same
-            for i, (d, s) in enumerate(zip(get_blocks(dense), get_blocks(subnet))):
-                for branch, name in _LAYERS:
-                    dl, sl = _layer(d, branch, name), _layer(s, branch, name)
-                    if sl.in_features == dl.in_features:
-                        continue
-                    cross, gram = _Moments(), _Moments()
-                    for a, b in zip(xd, xs):
-                        seen_d = _capture(d, a, [(branch, name)])[1][f"{branch}.{name}"]
-                        seen_s = _capture(s, b, [(branch, name)])[1][f"{branch}.{name}"]
-                        cross.add(seen_d, seen_s)
-                        gram.add(seen_s)
-                    solve(dl, sl, cross.augmented(), gram.augmented(), f"block {i} {branch}.{name}")
-                xd = [d(a) for a in xd]
-                xs = [s(b) for b in xs]
+        xd = [_block_input(dense, b.to(device, dtype)) for b in _batches(images, batch_size)]
+        xs = [x.clone() for x in xd]  # cuts stay inside the blocks: the embeddings are the same
+        for i, (d, s) in enumerate(zip(get_blocks(dense), get_blocks(subnet))):
+            for branch, name in _LAYERS:
+                dl, sl = _layer(d, branch, name), _layer(s, branch, name)
+                if sl.in_features == dl.in_features:
+                    continue
+                cross, gram = _Moments(), _Moments()
+                for a, b in zip(xd, xs):
+                    seen_d = _capture(d, a, [(branch, name)])[1][f"{branch}.{name}"]
+                    seen_s = _capture(s, b, [(branch, name)])[1][f"{branch}.{name}"]
+                    cross.add(seen_d, seen_s)
+                    gram.add(seen_s)
+                solve(dl, sl, cross.augmented(), gram.augmented(), f"block {i} {branch}.{name}")
+            xd = [d(a) for a in xd]
+            xs = [s(b) for b in xs]
     finally:
         dense.train(modes[0])
         subnet.train(modes[1])
