@@ -142,6 +142,46 @@ def test_fast_path_equals_elastic_subnet(key: str) -> None:
         fitness.restore()
 
 
+@pytest.mark.parametrize(
+    ("key", "correct"),
+    [("test_vit", "none"), ("norms", "none"), ("swiglu", "none"), ("glu", "none"), ("test_vit", "lstsq"), ("glu", "lstsq")],
+)
+def test_width_multiple_runs_wider_mlps_with_the_same_cosines(key: str, correct: str) -> None:
+    """``width_multiple``: padded MLP widths during evaluation, the same cosines as exact widths."""
+    model, _, _ = variant(key)
+    scores = random_scores(model)
+    x = images_for(model, n=12)
+    kwargs = dict(ratio_pairs=PAIRS[1:], pca_components=4, autocast_dtype=None, correct=correct)
+    exact = Fitness(model, scores, x, width_multiple=1, **kwargs)
+    padded = Fitness(model, scores, x, width_multiple=8, **kwargs)
+    hidden = inspect_vit(model).blocks[0].mlp_hidden
+    mlp_norm = key == "norms"  # a norm over the neurons: exact widths
+    seen: list[tuple[int, int]] = []  # (fc2 width run, neurons kept by the budget)
+    g = torch.Generator().manual_seed(3)
+    for trial in range(2):
+        w = 2 * torch.rand(scores.num_weights, generator=g, dtype=torch.float64)
+        if trial == 1:  # ties: the kept set is gathered, not a prefix
+            w[0] = 0.0
+        for b, block in enumerate(get_blocks(padded.model)):
+            block.mlp.fc2.register_forward_pre_hook(lambda m, args, b=b: seen.append((m.in_features, b)))
+        want = exact.pair_cosines(w, pca=False)
+        got = padded.pair_cosines(w, pca=False)
+        assert got == pytest.approx(want, abs=1e-6), f"{key} {correct} w#{trial}"
+        for block in get_blocks(padded.model):
+            block.mlp.fc2._forward_pre_hooks.clear()
+        counts = [scores.keep_counts(*pair, weights=w)[0].tolist() for pair in PAIRS[1:]]
+        kept = [counts[i][b] for i in padded._pair_order for b in range(scores.num_blocks)]
+        widths = [width for width, _ in seen[-len(kept):]]
+        expected = kept if mlp_norm else [min(hidden, -(-k // 8) * 8) for k in kept]
+        assert widths == expected
+        assert mlp_norm or any(width > k for width, k in zip(widths, kept))
+        # apply() always slices exact widths
+        assert [blk.mlp.fc2.in_features for blk in get_blocks(padded.apply(w, *PAIRS[-1]))] == counts[-1]
+        padded.restore()
+    with pytest.raises(ValueError, match="width_multiple must be an int >= 1 or None, got 0"):
+        Fitness(model, scores, x, width_multiple=0, **kwargs)
+
+
 @pytest.mark.parametrize("key", ["test_vit", "siglip", "glu", "registers"])
 @pytest.mark.parametrize("correct", ["bias", "lstsq"])
 def test_corrected_fast_path_equals_corrected_elastic_subnet(key: str, correct: str) -> None:

@@ -21,8 +21,10 @@ budgets for other unit rankings, each a new elastic model built from the checkpo
   calibration epoch on ``--data`` with :class:`~snapvit_lightning.data.CalibrationDataModule`'s
   defaults (2 global + 10 local views, batch 16, seed 0) in 32-bit on the CPU (labels ignored);
 * ``magnitude`` and ``lamp``: data-free scores of the weights, as ``SnapViTModule`` computes them;
-* ``random``: uniform random scores, seeds 0, 1, 2; one row with the mean over seeds (fidelity,
-  k-NN, cost, latency), the seeds' ``fidelity_std`` (sample std) and the ``per_seed`` values;
+* ``random``: uniform random scores, seeds 0, 1, 2, drawn per *original* unit (the model's
+  before the checkpoint permuted it), so every checkpoint of one model draws the same random
+  subnets; one row with the mean over seeds (fidelity, k-NN, cost, latency), the seeds'
+  ``fidelity_std`` (sample std) and the ``per_seed`` values;
 * ``uniform``: the same share pruned in every block at equal FLOPs: the snapvit row's total of
   kept neurons (heads) split evenly over the blocks (``total // B`` each, one more in
   ``total % B`` evenly spaced blocks), each block keeping its best units by the gradient-only
@@ -428,7 +430,10 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
     for criterion, seeds in (("magnitude", (None,)), ("lamp", (None,)), ("random", RANDOM_SEEDS)):
         for seed in seeds:
             module = SnapViTModule(weights, criterion=criterion, seed=0 if seed is None else seed, **keeps)
-            out.append((criterion, seed, module.compute_scores()))
+            scores = module.compute_scores()
+            if criterion == "random":  # drawn for the original units: independent of the checkpoint's order
+                scores = scores.permuted(elastic.mlp_order, elastic.head_order)
+            out.append((criterion, seed, scores))
     return out
 
 

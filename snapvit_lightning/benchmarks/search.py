@@ -16,6 +16,7 @@ similarity to the dense model with and without the PCA projection (the fitness-s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +74,15 @@ def naive_fitness(
     return sum(losses) / len(losses)
 
 
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory in GB (Linux), ``None`` where it cannot be read."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 if sys.platform.startswith("linux") else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=str(REPO / ".assets" / "dinov2_vits14.safetensors"))
@@ -91,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight correction inside the fitness (Fitness(correct=...))")
     parser.add_argument("--space", choices=FITNESS_SPACES, default=DEFAULT_SPACE,
                         help=f"where the fitness takes the cosine (Fitness(space=...), default {DEFAULT_SPACE})")
+    parser.add_argument("--width-multiple", type=int, default=None,
+                        help="MLP widths the fitness runs (Fitness(width_multiple=...); default: its own, 32 on a CPU, 1 elsewhere)")
     parser.add_argument(
         "--baseline-evals", type=int, default=2,
         help="also time this many evaluations of the copy-per-candidate approach (0: skip)",
@@ -116,10 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     fitness = Fitness(
         model, scores, images, PAPER_RATIO_PAIRS, args.pca, args.batch_size, None if args.fp32 else torch.bfloat16,
-        correct=args.correct, space=args.space,
+        correct=args.correct, space=args.space, width_multiple=args.width_multiple,
     )
     setup = time.perf_counter() - t0
-    print(f"setup (working copy + teacher embeddings + PCA {fitness.num_components}): {setup:.2f} s")
+    print(f"setup (working copy + teacher embeddings + PCA {fitness.num_components}): {setup:.2f} s; "
+          f"MLP widths in multiples of {fitness.width_multiple}")
 
     xnes, w0 = _make_xnes(
         scores.num_weights, scores.num_blocks, scores.num_heads, args.sigma, args.popsize, args.seed, None, None
@@ -138,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({setup + total:.1f} s with setup); {n / total:.3f} evals/s; per evaluation "
         f"mean {times.mean():.3f} s, median {times.median():.3f} s, min {times.min():.3f} s"
     )
+    rss = peak_rss_gb()
+    print(f"peak resident memory of this process so far: {rss:.2f} GB" if rss is not None else "peak resident memory: not available here")
     print(f"popsize {xnes.popsize}, generations {xnes.generation}, sigma {args.sigma} -> {xnes.sigma:.4f}")
     better = sum(f < f0 for f in history)
     print(f"fitness: w_init {f0:.6f}  best {best_f:.6f}  ({better}/{len(history)} candidates beat w_init)")

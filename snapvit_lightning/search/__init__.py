@@ -1,6 +1,7 @@
 """Evolutionary correlation search (SnapViT step 2): xNES over block/head score weights.
 
 * :mod:`.fitness`: :class:`Fitness` (what a weight vector is worth) and the search defaults.
+* :mod:`.partial`: :class:`~.partial.PartialFitness`, the state of a staged evaluation.
 * :mod:`.views`: the master weights and per-budget views the fitness slices.
 * :mod:`.loop`: :func:`run_search`, the search without a Trainer.
 * :mod:`.callback`: :class:`EvolutionarySearch`, the search as a Lightning callback.

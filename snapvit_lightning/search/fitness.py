@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from ..correction import augmented_weight, check_correction, collect_stats, has_
 from ..forward import embed
 from ..scores import ImportanceScores, check_ratio
 from ..structure import get_blocks, head_channels, inspect_vit
+from .partial import PartialFitness, _check_stop_above
 from .views import _build_master, _descending, _frozen, _set_block_view
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_SIGMA",
     "DEFAULT_GUARD",
     "DEFAULT_SPACE",
+    "CPU_WIDTH_MULTIPLE",
     "FITNESS_SPACES",
     "default_initial_weights",
     "Fitness",
@@ -75,6 +76,10 @@ DEFAULT_SPACE = "raw"
 DEFAULT_GUARD = 10.0
 
 
+#: The fitness's MLP width multiple on a CPU (see :class:`Fitness`; measured in docs/benchmarks.md).
+CPU_WIDTH_MULTIPLE = 32
+
+
 #: How many of the fitness images the search embeds per evaluation (a fixed, seeded subset; see
 #: :func:`fitness_subset` and :class:`EvolutionarySearch`). ``None`` is the paper's: all of them.
 DEFAULT_FITNESS_SAMPLES: int | None = 64
@@ -83,9 +88,6 @@ DEFAULT_FITNESS_SAMPLES: int | None = 64
 _BOUNDS = (0.0, 2.0)
 
 
-#: How far a partial fitness must exceed ``stop_above`` before a call stops: covers cosines a
-#: rounding error above 1 (a term ``1 - cos`` slightly below 0) and summation order.
-_STOP_MARGIN = 1e-6
 
 
 def default_initial_weights(num_blocks: int, num_heads: int) -> Tensor:
@@ -168,45 +170,6 @@ def _check_weights(value: Any, dim: int, name: str) -> Tensor:
     return t
 
 
-@dataclass(eq=False)
-class PartialFitness:
-    """A staged evaluation of :class:`Fitness`, ratio pair by ratio pair (:meth:`Fitness.start`).
-
-    Holds a few numbers per ratio pair, never embeddings.
-
-    Attributes:
-        w: The weights evaluated.
-        pairs_done: Ratio pairs evaluated so far (sparsest first).
-        value: The fitness once complete, else ``None``.
-        seconds: Time spent evaluating it.
-    """
-
-    w: Tensor
-    project: bool
-    tracked: bool  # per-pair sums over all processes and the partial fitness are kept
-    local: Tensor  # [P, 2] this process's (sum of cosines, count) per pair
-    reduced: Tensor  # [P, 2] over all processes: per pair if tracked, all at completion
-    pairs_done: int = 0
-    partial: float = 0.0
-    value: float | None = None
-    seconds: float = 0.0
-    finished: bool = False
-
-    @property
-    def complete(self) -> bool:
-        """Whether every ratio pair is evaluated."""
-        return self.pairs_done == self.local.shape[0]
-
-    @property
-    def lower_bound(self) -> float:
-        """Certainly at most the fitness: the value once complete, else the evaluated pairs' terms less a margin."""
-        if self.value is not None:
-            return self.value
-        if not self.tracked or math.isnan(self.partial):
-            return -math.inf
-        return self.partial - _STOP_MARGIN
-
-
 class Fitness:
     """Fitness of search weights ``w``: mean over budgets of ``1 - cos`` to the dense model.
 
@@ -274,6 +237,14 @@ class Fitness:
         explicit_attention: Attention kernel of the forwards: ``True`` explicit matmuls,
             ``False`` the model's fused setting, ``None`` (default) as
             :func:`~snapvit_lightning.forward.embed` prefers (explicit under bf16 on CPU).
+        width_multiple: The evaluation runs each MLP cut to ``k`` neurons on the next multiple
+            of this many (at most all of them), the extra neurons silenced by zero ``fc2``
+            columns: the same subnet up to the summation order of its matmuls, with far fewer
+            distinct matrix shapes. ``None`` (default): :data:`CPU_WIDTH_MULTIPLE` on a CPU, where
+            oneDNN builds and caches a kernel for every new shape (measured: faster evaluations and
+            a fraction of the memory; docs/benchmarks.md), ``1`` (exact widths) elsewhere. Blocks
+            with a norm over the MLP neurons always run exact widths. :meth:`apply` always
+            slices exact widths.
 
     Early stop: every term of the fitness is ``>= 0`` (up to rounding, ``cos <= 1``), so after
     some ratio pairs the partial sum is a lower bound of the value. The pairs are evaluated
@@ -331,6 +302,7 @@ class Fitness:
         guard: float = 0.0,
         reference_cosines: Sequence[float] | Tensor | None = None,
         explicit_attention: bool | None = None,
+        width_multiple: int | None = None,
     ) -> None:
         if explicit_attention is not None and not isinstance(explicit_attention, bool):
             raise ValueError(f"explicit_attention must be None, True or False, got {explicit_attention!r}")
@@ -365,10 +337,14 @@ class Fitness:
 
         self.scores = scores
         self.rank, self.world_size = rank, world_size
+        width_multiple = _check_int("width_multiple", width_multiple, 1, allow_none=True)
         self._reduce_fn, self._broadcast_fn = reduce_fn, broadcast_fn
         self.autocast_dtype = autocast_dtype
         param = next(model.parameters())
         self.device = param.device
+        if width_multiple is None:
+            width_multiple = CPU_WIDTH_MULTIPLE if self.device.type == "cpu" else 1
+        self.width_multiple = width_multiple
         self.num_evals = 0
         self.num_stopped = 0
         self.num_skipped_pairs = 0
@@ -479,7 +455,8 @@ class Fitness:
             target[:, cols], weight[:, kept], gram[cols][:, cols].double(), layer.bias is not None,
             self.correct, self.damping, self.damping_reference, f"block {b} {name}",
         )
-        if new_w is not None:
+        if new_w is not None:  # a widened view's extra columns stay zero
+            new_w = torch.nn.functional.pad(new_w, (0, layer.weight.shape[1] - new_w.shape[1]))
             layer.weight = _frozen(new_w.to(layer.weight.dtype))
         if new_b is not None:
             layer.bias = _frozen(new_b.to(layer.bias.dtype))
@@ -504,7 +481,9 @@ class Fitness:
         """Make the working copy dense again."""
         self._restore()
 
-    def _apply_counts(self, mlp_pos: Tensor, head_order: Tensor, neurons: Tensor, heads: Tensor) -> None:
+    def _apply_counts(
+        self, mlp_pos: Tensor, head_order: Tensor, neurons: Tensor, heads: Tensor, multiple: int = 1
+    ) -> None:
         for b, (block, master) in enumerate(zip(self.blocks, self.masters)):
             k, h = int(neurons[b]), int(heads[b])
             if self._corrections is not None:  # a layer left uncut must not keep an earlier budget's bias
@@ -515,7 +494,7 @@ class Fitness:
             else:  # rescaling tied/reordered scores: gather the kept set (ascending positions)
                 mlp_sel = pos.sort().values.to(self.device)
             head_sel = None if h == master.num_heads else head_order[b, :h].sort().values.to(self.device)
-            _set_block_view(block, master, mlp_sel, head_sel)
+            _set_block_view(block, master, mlp_sel, head_sel, multiple)
             if self._corrections is None:
                 continue
             if k < master.hidden:
@@ -541,7 +520,8 @@ class Fitness:
     def _step(self, state: PartialFitness, mlp_pos: Tensor, head_order: Tensor) -> None:
         """Evaluate ``state``'s next ratio pair (sparsest first; ``_selections(state.w)`` given); the caller restores."""
         i = self._pair_order[state.pairs_done]
-        self._apply_counts(mlp_pos, head_order, *self.scores.keep_counts(*self.ratio_pairs[i], weights=state.w))
+        counts = self.scores.keep_counts(*self.ratio_pairs[i], weights=state.w)
+        self._apply_counts(mlp_pos, head_order, *counts, multiple=self.width_multiple)
         emb = self._embed(self.images).double().cpu()
         target = self.teacher_projected if state.project else self.teacher
         if state.project:
@@ -657,16 +637,6 @@ class Fitness:
         while not state.complete and not state.lower_bound > stop_above:
             self._run(state, 1)
         return self.finish(state)
-
-
-def _check_stop_above(stop_above: Any) -> float | None:
-    if stop_above is None:
-        return None
-    if isinstance(stop_above, Tensor) and stop_above.numel() == 1:
-        stop_above = stop_above.item()
-    if isinstance(stop_above, bool) or not isinstance(stop_above, (int, float)) or math.isnan(stop_above):
-        raise ValueError(f"stop_above must be None or a number (inf: never stop; not nan), got {stop_above!r}")
-    return float(stop_above)
 
 
 def check_guard(guard: Any) -> float:

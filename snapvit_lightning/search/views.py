@@ -13,6 +13,10 @@ are replaced, per budget, by slices of stored *master* weights:
   columns. All heads kept uses the master tensors themselves.
 * Under autocast the master Linear weights are stored in the autocast dtype once, which is
   bit-for-bit what autocast would produce, without re-casting on every forward.
+* With ``multiple > 1`` an MLP cut to ``k`` neurons runs ``ceil(k / multiple) * multiple`` of
+  them, the extra ones with zero ``fc2`` columns: the block computes the same function (up to the
+  summation order of its matmuls) with far fewer distinct matrix shapes. On a CPU every new shape
+  makes oneDNN build and cache a kernel, and the cached kernels pin freed memory in the heap.
 """
 
 from __future__ import annotations
@@ -154,6 +158,13 @@ def _set_cols(m: _LinearMaster, sel: int | Tensor) -> None:
     m.layer.in_features = int(m.layer.weight.shape[1])
 
 
+def silence_extra_columns(layer: nn.Linear, kept: int) -> None:
+    """Zero the input columns of ``layer`` from ``kept`` on (a copy: the master stays whole)."""
+    weight = layer.weight.detach().clone()
+    weight[:, kept:] = 0
+    layer.weight = _frozen(weight)
+
+
 def _set_norm(m: _NormMaster | None, sel: int | Tensor) -> None:
     if m is None:
         return
@@ -165,17 +176,37 @@ def _set_norm(m: _NormMaster | None, sel: int | Tensor) -> None:
         m.norm.normalized_shape = (sel if isinstance(sel, int) else int(sel.numel()),)
 
 
-def _set_block_view(block: nn.Module, master: _BlockMaster, mlp_sel: int | Tensor, heads: Tensor | None) -> None:
+def _padded(master: _BlockMaster, mlp_sel: int | Tensor, multiple: int) -> tuple[int | Tensor, int]:
+    """``mlp_sel`` grown to a multiple of ``multiple`` units (at most all), and how many it keeps."""
+    kept = mlp_sel if isinstance(mlp_sel, int) else int(mlp_sel.numel())
+    width = min(master.hidden, -(-kept // multiple) * multiple)
+    if multiple == 1 or width == kept or master.mlp_norm is not None:  # a norm over neurons would see the extra ones
+        return mlp_sel, kept
+    if isinstance(mlp_sel, int):
+        return width, kept
+    unused = torch.ones(master.hidden, dtype=torch.bool, device=mlp_sel.device)
+    unused[mlp_sel] = False
+    return torch.cat([mlp_sel, unused.nonzero().flatten()[: width - kept]]), kept
+
+
+def _set_block_view(
+    block: nn.Module, master: _BlockMaster, mlp_sel: int | Tensor, heads: Tensor | None, multiple: int = 1
+) -> None:
     """Point ``block``'s cut layers at slices of ``master`` (no copy for prefixes / all heads).
 
     Args:
         mlp_sel: Kept neurons in the master's (permuted) order: a prefix length or an index tensor.
         heads: Kept heads (ascending original indices) on the master's device, or ``None`` for all.
+        multiple: Run the MLP on a multiple of this many neurons, the extra ones silenced by zero
+            ``fc2`` columns (see the module docstring); not for a block with a norm over neurons.
     """
+    mlp_sel, kept = _padded(master, mlp_sel, multiple)
     for m in master.mlp_rows:
         _set_rows(m, mlp_sel, master.hidden if master.glu else None)
     _set_norm(master.mlp_norm, mlp_sel)
     _set_cols(master.fc2, mlp_sel)
+    if master.fc2.layer.in_features > kept:
+        silence_extra_columns(master.fc2.layer, kept)
     attn = block.attn
     hd = master.head_dim
     if heads is None:

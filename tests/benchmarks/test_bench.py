@@ -239,6 +239,25 @@ def test_snip_and_uniform_baselines_are_search_free(setup, tmp_path, one_thread)
     assert differs  # the search weights reorder heads here, so the order matters to this check
 
 
+def test_random_baseline_is_drawn_per_original_unit() -> None:
+    """Two checkpoints of one model, permuted differently, draw the same random scores per original unit."""
+    import torch
+
+    model, name, kwargs = tiny_model("test_vit")
+    drawn = []
+    for seed in (0, 1):
+        elastic = ElasticViT(model, random_scores(model, seed=seed), model_name=name, model_kwargs=kwargs or None)
+        randoms = [s for method, _, s in bench._baseline_scores(elastic) if method == "random"]
+        # back to the original units: unit elastic.mlp_order[b, i] has the score at position i
+        drawn.append([(torch.empty_like(s.mlp).scatter_(1, elastic.mlp_order, s.mlp),
+                       torch.empty_like(s.heads).scatter_(1, elastic.head_order, s.heads)) for s in randoms])
+        assert not torch.equal(elastic.mlp_order, torch.arange(elastic.mlp_order.shape[1]).expand_as(elastic.mlp_order))
+    assert len(drawn[0]) == len(bench.RANDOM_SEEDS)
+    for (mlp0, heads0), (mlp1, heads1) in zip(*drawn):
+        assert torch.equal(mlp0, mlp1) and torch.equal(heads0, heads1)
+    assert not torch.equal(drawn[0][0][0], drawn[0][1][0])  # the seeds differ
+
+
 def test_correction_rows_are_cross_fitted(setup) -> None:
     import torch
 
