@@ -10,6 +10,7 @@
 
 from .callback import EvolutionarySearch, scored_model
 from .fitness import (
+    CPU_WIDTH_MULTIPLE,
     DEFAULT_BALANCE,
     DEFAULT_FITNESS_SAMPLES,
     DEFAULT_GUARD,
@@ -27,6 +28,7 @@ from .fitness import (
 from .loop import run_search
 
 __all__ = [
+    "CPU_WIDTH_MULTIPLE",
     "DEFAULT_BALANCE",
     "DEFAULT_FITNESS_SAMPLES",
     "DEFAULT_RATIO_PAIRS",
