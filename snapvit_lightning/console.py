@@ -7,7 +7,8 @@ and its bf16 size warning say nothing about a run that only reads gradients),
 :func:`lightning_cli_args` hands LightningCLI an ``args`` list without a second command line
 beside it. :func:`quiet_lightning` silences, by message and module, only the three notices that
 no setting of ours avoids. It is used by the CLI alone, never installed for a user's own
-Trainer or code.
+Trainer or code; :func:`internal_fit` adds Lightning's set-up lines for a Trainer the package runs
+for a measurement of its own (``snapvit bench``'s SNIP epoch).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 __all__ = [
+    "internal_fit",
     "lightning_cli_args",
     "quiet_lightning",
 ]
@@ -64,6 +66,30 @@ def quiet_lightning() -> Iterator[None]:
             yield
         finally:
             rank_zero_log.removeFilter(_not_litlogger_tip)
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextmanager
+def internal_fit() -> Iterator[None]:
+    """:func:`quiet_lightning`, and no ``rank_zero_info`` lines, for a fit the package runs itself.
+
+    A measurement that calls ``Trainer.fit`` on a helper module (one calibration epoch of
+    ``snapvit bench --baselines``) would print "GPU available", "TPU available" and "`Trainer.fit`
+    stopped" in the middle of its own output, about a Trainer the user never made. Lightning's
+    warnings (``rank_zero_warn``) and every other warning still pass.
+    """
+    rank_zero_log = logging.getLogger(_RANK_ZERO_LOGGER)
+    below_warning = _BelowWarning()
+    with quiet_lightning():
+        rank_zero_log.addFilter(below_warning)
+        try:
+            yield
+        finally:
+            rank_zero_log.removeFilter(below_warning)
 
 
 @contextmanager

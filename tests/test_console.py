@@ -9,7 +9,7 @@ import warnings
 import pytest
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from snapvit_lightning.console import lightning_cli_args, quiet_lightning
+from snapvit_lightning.console import internal_fit, lightning_cli_args, quiet_lightning
 
 EVAL_MODE = "Found 276 module(s) in eval mode at the start of training. If this is intentional, you can ignore this warning."
 LEAF_SPEC = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead."
@@ -86,3 +86,13 @@ def test_cli_args_refuse_a_string() -> None:
     with pytest.raises(TypeError, match="args must be a sequence of arguments .* got the string 'fit --config c.yaml'"):
         with lightning_cli_args("fit --config c.yaml"):
             pass
+
+
+def test_internal_fit_drops_info_lines_only_inside(caplog) -> None:
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        with internal_fit():
+            log.info("GPU available: False, used: False")
+            log.warning("a real warning")
+        log.info("TPU available: False, using: 0 TPU cores")
+    assert [r.getMessage() for r in caplog.records] == ["a real warning", "TPU available: False, using: 0 TPU cores"]

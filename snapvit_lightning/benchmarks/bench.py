@@ -412,6 +412,7 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
 
     import lightning.pytorch as pl
 
+    from ..console import internal_fit
     from ..data import CalibrationDataModule
     from ..module import SnapViTModule
 
@@ -422,9 +423,10 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
     ]
     if snip_data is not None:
         module = SnapViTModule(copy.deepcopy(elastic.model), criterion="snip_magnitude", **keeps)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=CalibrationDataModule(data_dir=snip_data))
+        with internal_fit():  # the table says what ran; Lightning's set-up lines would not
+            trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer.fit(module, datamodule=CalibrationDataModule(data_dir=snip_data))
         out.append(("snip-magnitude", None, module.scores))
     weights = copy.deepcopy(elastic.model)
     for criterion, seeds in (("magnitude", (None,)), ("lamp", (None,)), ("random", RANDOM_SEEDS)):

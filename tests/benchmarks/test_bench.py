@@ -151,11 +151,19 @@ def test_run_bench_rejects_bad_budget(setup) -> None:
         ))
 
 
-def test_baselines(setup, capsys) -> None:
+def test_baselines(setup, capsys, caplog) -> None:
+    import logging
+    import warnings
+
     path, data, root = setup
     out = root / "baselines"
-    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "0.65,0.5", "--no-latency", "--baselines",
-                       "--batch-size", "4", "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "0.65,0.5", "--no-latency",
+                           "--baselines", "--batch-size", "4", "--out", str(out)]) == 0
+    # the SNIP epoch's Trainer is ours: none of Lightning's set-up lines or notices about it
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning")] == []
+    assert [str(w.message) for w in caught if "lightning" in w.filename] == []
     js = json.loads((out / "bench.json").read_text())
     rows, settings = js["rows"], js["settings"]
     assert settings["baselines"] == list(bench.BASELINES) and "--baselines" in settings["command"]
