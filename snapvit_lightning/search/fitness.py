@@ -88,8 +88,6 @@ DEFAULT_FITNESS_SAMPLES: int | None = 64
 _BOUNDS = (0.0, 2.0)
 
 
-
-
 def default_initial_weights(num_blocks: int, num_heads: int) -> Tensor:
     """The reference's starting point: ``linspace(1.2 -> 0.8)`` over depth.
 

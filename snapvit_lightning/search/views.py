@@ -158,7 +158,7 @@ def _set_cols(m: _LinearMaster, sel: int | Tensor) -> None:
     m.layer.in_features = int(m.layer.weight.shape[1])
 
 
-def silence_extra_columns(layer: nn.Linear, kept: int) -> None:
+def _silence_extra_columns(layer: nn.Linear, kept: int) -> None:
     """Zero the input columns of ``layer`` from ``kept`` on (a copy: the master stays whole)."""
     weight = layer.weight.detach().clone()
     weight[:, kept:] = 0
@@ -206,7 +206,7 @@ def _set_block_view(
     _set_norm(master.mlp_norm, mlp_sel)
     _set_cols(master.fc2, mlp_sel)
     if master.fc2.layer.in_features > kept:
-        silence_extra_columns(master.fc2.layer, kept)
+        _silence_extra_columns(master.fc2.layer, kept)
     attn = block.attn
     hd = master.head_dim
     if heads is None:
