@@ -156,22 +156,22 @@ def test_width_multiple_runs_wider_mlps_with_the_same_cosines(key: str, correct:
     padded = Fitness(model, scores, x, width_multiple=8, **kwargs)
     hidden = inspect_vit(model).blocks[0].mlp_hidden
     mlp_norm = key == "norms"  # a norm over the neurons: exact widths
-    seen: list[tuple[int, int]] = []  # (fc2 width run, neurons kept by the budget)
+    widths_run: list[int] = []  # fc2's input width in every block forward of the padded fitness
     g = torch.Generator().manual_seed(3)
     for trial in range(2):
         w = 2 * torch.rand(scores.num_weights, generator=g, dtype=torch.float64)
         if trial == 1:  # ties: the kept set is gathered, not a prefix
             w[0] = 0.0
-        for b, block in enumerate(get_blocks(padded.model)):
-            block.mlp.fc2.register_forward_pre_hook(lambda m, args, b=b: seen.append((m.in_features, b)))
+        hooks = [block.mlp.fc2.register_forward_pre_hook(lambda m, args: widths_run.append(m.in_features))
+                 for block in get_blocks(padded.model)]
         want = exact.pair_cosines(w, pca=False)
         got = padded.pair_cosines(w, pca=False)
         assert got == pytest.approx(want, abs=1e-6), f"{key} {correct} w#{trial}"
-        for block in get_blocks(padded.model):
-            block.mlp.fc2._forward_pre_hooks.clear()
+        for hook in hooks:
+            hook.remove()
         counts = [scores.keep_counts(*pair, weights=w)[0].tolist() for pair in PAIRS[1:]]
         kept = [counts[i][b] for i in padded._pair_order for b in range(scores.num_blocks)]
-        widths = [width for width, _ in seen[-len(kept):]]
+        widths = widths_run[-len(kept):]
         expected = kept if mlp_norm else [min(hidden, -(-k // 8) * 8) for k in kept]
         assert widths == expected
         assert mlp_norm or any(width > k for width, k in zip(widths, kept))
