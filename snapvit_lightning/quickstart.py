@@ -47,13 +47,14 @@ def run(
     cli_args: Sequence[str] = (),
     config: Path = CONFIG,
     search_evals: int | None = None,
+    search_seed: int | None = None,
 ) -> Path:
     """Run ``snapvit fit`` with ``configs/quickstart.yaml``, writing the export into ``out``.
 
     The config is copied to ``out/config.yaml`` with ``model.checkpoint_path`` set to
     ``weights`` (built first when missing) and the export directory set to ``out``.
     ``cli_args`` are further LightningCLI overrides, e.g. ``["--data.max_samples", "8"]``;
-    ``search_evals`` replaces the search's ``max_evals``.
+    ``search_evals`` replaces the search's ``max_evals``, ``search_seed`` its xNES ``seed``.
 
     Returns:
         The path of the written ``*.elastic.safetensors``.
@@ -72,8 +73,10 @@ def run(
     for callback in settings["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ElasticExport"):
             callback["init_args"]["dirpath"] = str(out)
-        if callback["class_path"].endswith("EvolutionarySearch") and search_evals is not None:
-            callback["init_args"]["max_evals"] = search_evals
+        if callback["class_path"].endswith("EvolutionarySearch"):
+            for key, value in (("max_evals", search_evals), ("seed", search_seed)):
+                if value is not None:
+                    callback["init_args"][key] = value
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used = out / "config.yaml"

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from snapvit_lightning import quickstart
+from snapvit_lightning.cli import SnapViTCLI
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.quickstart import main
 
@@ -45,6 +47,22 @@ def test_main_job_on_real_model(real_weights, tmp_path) -> None:
     with torch.no_grad():
         out = elastic.subnet(0.35, 0.2)(torch.randn(2, 3, 56, 56))
     assert out.shape == (2, 384) and torch.isfinite(out).all()
+
+
+def test_run_writes_the_search_evaluations_and_seed_into_its_config(real_weights, tmp_path, monkeypatch) -> None:
+    import yaml
+
+    calls = []
+    monkeypatch.setattr(SnapViTCLI, "run", staticmethod(calls.append))
+    quickstart.run(tmp_path, real_weights, ["--data.max_samples", "6"], search_evals=7, search_seed=3)
+    used = tmp_path / "config.yaml"
+    assert calls == [["fit", "--config", str(used), "--data.max_samples", "6"]]
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(used.read_text())["trainer"]["callbacks"]}
+    assert callbacks["EvolutionarySearch"]["max_evals"] == 7 and callbacks["EvolutionarySearch"]["seed"] == 3
+    assert callbacks["ElasticExport"]["dirpath"] == str(tmp_path)
+    quickstart.run(tmp_path, real_weights)  # neither given: the config's own settings
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(used.read_text())["trainer"]["callbacks"]}
+    assert callbacks["EvolutionarySearch"]["max_evals"] == 50 and "seed" not in callbacks["EvolutionarySearch"]
 
 
 def test_main_job_errors(real_weights, tmp_path, capsys) -> None:

@@ -3,7 +3,7 @@
 ::
 
     python -m snapvit_lightning.benchmarks.heldout --data FOLDER --out DIR [--calibrate even odd]
-        [--search NAME:KEY=VALUE,... ...] [--seeds 0 1 2] [--max-evals 50] [--no-baselines]
+        [--main-seeds 0 1 2] [--search NAME:KEY=VALUE,... ...] [--seeds 0 1 2] [--max-evals 50] [--no-baselines]
 
 For each direction (``--calibrate even``: calibrate on the even-position images of ``FOLDER``,
 measure on the odd-position ones; ``odd``: the reverse) this runs what a user runs, on the
@@ -12,7 +12,10 @@ calibration half only:
 1. the main job (``python -m snapvit_lightning.quickstart``, today's defaults) on a folder of
    links to the calibration half: DINO scores, search, export with correction statistics
    (``DIR/<half>/main``; reused when it exists, delete it to re-run), measured as shipped: its
-   statistics and :meth:`~snapvit_lightning.elastic.ElasticViT.subnet`, plain and corrected;
+   statistics and :meth:`~snapvit_lightning.elastic.ElasticViT.subnet`, plain and corrected.
+   ``--main-seeds`` runs it once per xNES seed of its search (``main`` is seed 0, ``main-seed<S>``
+   seed S; the same scores, the search and what the export ranks after it differ) and reports
+   their mean, each seed under ``per_seed``; the references below use the first seed's job;
 2. each ``--search`` (``NAME`` and :func:`~snapvit_lightning.search.run_search` keyword
    arguments, e.g. ``lstsq:correct=lstsq`` or ``paper:correct=lstsq,balance=0.5,space=pca,guard=0,
    pairs=paper``) for each seed, on the main job's raw scores with the calibration half as
@@ -174,14 +177,20 @@ def _search_scores(kwargs: dict[str, Any], raw: Any, checkpoint: Path) -> Any:
     return ranking
 
 
+def main_job_dir(out: Path, calibrate: str, seed: int) -> Path:
+    """Where the main job calibrated on ``calibrate`` with search seed ``seed`` is written (or reused)."""
+    return out / calibrate / ("main" if seed == 0 else f"main-seed{seed}")
+
+
 def run_direction(
     data_halves: dict[str, Path], calibrate: str, out: Path, searches: list[tuple[str, dict[str, Any]]],
     seeds: Sequence[int], max_evals: int, baselines: bool, log: Callable[[str], None] = print,
-    save: Callable[[dict[str, Any]], None] = lambda result: None,
+    save: Callable[[dict[str, Any]], None] = lambda result: None, main_seeds: Sequence[int] = (0,),
 ) -> dict[str, Any]:
     """Everything for one direction: ``{"main_job_s", "methods": {name: {plain, lstsq, flops, ...}}}``.
 
-    ``save(result)`` is called after each method (a long run keeps what it measured).
+    ``save(result)`` is called after each method (a long run keeps what it measured). ``main_seeds``:
+    the main job's search seeds (module docstring); ``main_job_s`` maps each seed run here to its time.
     """
     from .bench import RANDOM_SEEDS, _baseline_scores, _uniform_dims
     from .. import quickstart
@@ -191,14 +200,17 @@ def run_direction(
     from ..search import DEFAULT_BALANCE, run_search
 
     measured_half = _HALVES[1 - _HALVES.index(calibrate)]
-    main_dir = out / calibrate / "main"
-    checkpoint = main_dir / f"{quickstart.MODEL_NAME}.elastic.safetensors"
-    result: dict[str, Any] = {"calibrate": calibrate, "measure": measured_half, "methods": {}}
-    if not checkpoint.is_file():
-        t0 = time.perf_counter()
-        quickstart.run(main_dir, cli_args=["--data.data_dir", str(data_halves[calibrate])])
-        result["main_job_s"] = time.perf_counter() - t0
-        log(f"[{calibrate}] main job: {result['main_job_s']:.0f} s")
+    result: dict[str, Any] = {"calibrate": calibrate, "measure": measured_half, "methods": {}, "main_job_s": {}}
+    checkpoints = []
+    for main_seed in main_seeds:
+        main_dir = main_job_dir(out, calibrate, main_seed)
+        checkpoints.append(main_dir / f"{quickstart.MODEL_NAME}.elastic.safetensors")
+        if not checkpoints[-1].is_file():
+            t0 = time.perf_counter()
+            quickstart.run(main_dir, cli_args=["--data.data_dir", str(data_halves[calibrate])], search_seed=main_seed)
+            result["main_job_s"][str(main_seed)] = time.perf_counter() - t0
+            log(f"[{calibrate}] main job, search seed {main_seed}: {result['main_job_s'][str(main_seed)]:.0f} s")
+    checkpoint = checkpoints[0]
     elastic = ElasticViT.load(checkpoint, stats=False)
     stats_inputs, views = load_calibration_views(data_halves[calibrate], elastic.model, argument="--data")  # as the export
     calibration = stats_inputs[: len(stats_inputs) // views]  # their eval views come first: the fitness images
@@ -216,7 +228,8 @@ def run_direction(
         log(f"[{calibrate}->{measured_half}] {name:>18}: plain " + " ".join(f"{v:.3f}" for v in entry["plain"])
             + " | lstsq " + " ".join(f"{v:.3f}" for v in entry["lstsq"]))
 
-    record("main job (default)", [measure(ElasticViT.load(checkpoint), None, images, dense)])  # as shipped
+    record("main job (default)", [measure(ElasticViT.load(path), None, images, dense) for path in checkpoints],  # as shipped
+           seeds=list(main_seeds))
     if baselines:
         record("gradient-only", [measure(rebuilt(raw), stats_inputs, images, dense)])
         record("uniform", [measure(rebuilt(raw), stats_inputs, images, dense, lambda m, h: _uniform_dims(raw, m, h))])
@@ -249,10 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--search", nargs="*", action="extend", type=parse_search, default=[], metavar="NAME:KEY=VALUE,...",
                         help="extra searches (repeatable) on the main job's raw scores, e.g. lstsq:correct=lstsq, "
                              "or on its statistics' ranking: obs:scores=ranking,correct=lstsq")
+    parser.add_argument("--main-seeds", nargs="+", type=int, default=[0],
+                        help="the main job's search seeds, one main job each (default: 0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="xNES seeds of each --search")
     parser.add_argument("--max-evals", type=int, default=50, help="evaluations of each --search (default: 50)")
     parser.add_argument("--no-baselines", action="store_true", help="leave out gradient-only, uniform and random")
     args = parser.parse_args(argv)
+    if len(set(args.main_seeds)) != len(args.main_seeds):
+        parser.error(f"--main-seeds: each seed once, got {args.main_seeds}")
     from ..errors import exit_on_user_error
 
     with exit_on_user_error(parser.prog):
@@ -270,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report_path.write_text(json.dumps(report, indent=1))
 
             save(run_direction(halves, calibrate, args.out, args.search, args.seeds, args.max_evals,
-                               not args.no_baselines, save=save))
+                               not args.no_baselines, save=save, main_seeds=args.main_seeds))
         print(f"written {report_path}")
     return 0
 

@@ -63,18 +63,21 @@ def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, o
     from snapvit_lightning.evaluation import extract_features, feature_fidelity
 
     data = _photos(tmp_path / "photos")
-    model, name, kwargs = tiny_model("test_vit")
-    main = tmp_path / "out" / "even" / "main"
-    main.mkdir(parents=True)
-    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
-    path = main / f"{quickstart.MODEL_NAME}.elastic.safetensors"
-    elastic.save(path)  # reused: no main job is run
-    even = load_calibration_views(heldout.split_links(data, tmp_path / "out")["even"], elastic.model)[0]  # as the export
-    g = torch.Generator().manual_seed(3)
-    ranking = dict(ranking_mlp=torch.rand(elastic.scores.mlp.shape, generator=g, dtype=torch.float64) + 0.01,
-                   ranking_heads=torch.rand(elastic.scores.heads.shape, generator=g, dtype=torch.float64) + 0.01)
-    dataclasses.replace(elastic.collect_stats(even), **ranking).save(stats_path_for(path))  # what a main job ships
-    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--calibrate", "even", "--seeds", "0",
+    even = None
+    for seed in (0, 1):  # two main jobs (search seeds 0 and 1), reused: none is run
+        model, name, kwargs = tiny_model("test_vit")
+        elastic = ElasticViT(model, random_scores(model, seed), model_name=name, model_kwargs=kwargs)
+        path = heldout.main_job_dir(tmp_path / "out", "even", seed) / f"{quickstart.MODEL_NAME}.elastic.safetensors"
+        path.parent.mkdir(parents=True)
+        elastic.save(path)
+        if even is None:
+            even = load_calibration_views(heldout.split_links(data, tmp_path / "out")["even"], elastic.model)[0]  # as the export
+        g = torch.Generator().manual_seed(3 + seed)
+        ranking = dict(ranking_mlp=torch.rand(elastic.scores.mlp.shape, generator=g, dtype=torch.float64) + 0.01,
+                       ranking_heads=torch.rand(elastic.scores.heads.shape, generator=g, dtype=torch.float64) + 0.01)
+        dataclasses.replace(elastic.collect_stats(even), **ranking).save(stats_path_for(path))  # what a main job ships
+    assert path.parent.name == "main-seed1"
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--calibrate", "even", "--seeds", "0", "--main-seeds", "0", "1",
             "--max-evals", "2", "--search", "s:correct=lstsq,guard=0", "--search", "o:scores=ranking,correct=lstsq"]
     assert heldout.main(argv) == 0
     report = json.loads((tmp_path / "out" / "heldout.json").read_text())
@@ -82,13 +85,20 @@ def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, o
     assert set(methods) == {"main job (default)", "gradient-only", "uniform", "random (x3)", "s", "o start", "o"}
     assert report["even"]["measure"] == "odd" and methods["s"]["settings"] == {"correct": "lstsq", "guard": 0}
     assert methods["o"]["settings"] == {"scores": "ranking", "correct": "lstsq"}
+    default = methods["main job (default)"]
+    assert default["seeds"] == [0, 1] and len(default["per_seed"]) == 2
     # The ranking's own weights (w = 1) cut the units the shipped corrected path keeps: the same corrected fidelity.
-    assert methods["o start"]["lstsq"] == pytest.approx(methods["main job (default)"]["lstsq"], abs=1e-5)
-    # The default row is the shipped checkpoint's plain cut, measured on the odd half only.
+    assert methods["o start"]["lstsq"] == pytest.approx(default["per_seed"][0]["lstsq"], abs=1e-5)
+    # The default row: each seed's shipped checkpoint's plain cut, measured on the odd half only, and their mean.
     odd = load_eval_images(tmp_path / "out" / "odd_images", elastic.model)[0]
     dense = extract_features(elastic.model, odd)
-    expected = [feature_fidelity(extract_features(elastic.subnet(m, h, correct="none"), odd), dense)
-                for m, h in heldout.BUDGETS]
-    assert methods["main job (default)"]["plain"] == pytest.approx(expected, abs=1e-6)
+    per_seed = []
+    for seed in (0, 1):
+        shipped = ElasticViT.load(heldout.main_job_dir(tmp_path / "out", "even", seed) / path.name)
+        per_seed.append([feature_fidelity(extract_features(shipped.subnet(m, h, correct="none"), odd), dense)
+                         for m, h in heldout.BUDGETS])
+        assert default["per_seed"][seed]["plain"] == pytest.approx(per_seed[-1], abs=1e-6)
+    assert per_seed[0] != pytest.approx(per_seed[1], abs=1e-3)  # two different checkpoints
+    assert default["plain"] == pytest.approx([(a + b) / 2 for a, b in zip(*per_seed)], abs=1e-6)
     assert len(methods["random (x3)"]["per_seed"]) == 3
     assert all(len(methods[k]["lstsq"]) == len(heldout.BUDGETS) for k in methods)
