@@ -13,7 +13,11 @@ status 2. User errors are
   image folders, files of another format, a missing optional dependency);
 * Lightning's ``MisconfigurationException`` (a Trainer setting that cannot work here);
 * a config or option LightningCLI cannot parse (an unknown key, a value of the wrong type):
-  :func:`one_line_error_parser` prints those in the same one-line form.
+  :func:`one_line_error_parser` prints those in the same one-line form;
+* one of the above raised by a class jsonargparse instantiates from a config (a callback's
+  ``init_args``): jsonargparse wraps it in its own error (``Does not validate against any of the
+  Union subtypes`` and the whole config); the message is the wrapped error's, after the name of the
+  class that raised it, e.g. ``EvolutionarySearch: max_evals must be an int >= 1, got 0``.
 
 Anything else is a bug and keeps its traceback. ``SNAPVIT_TRACEBACK=1`` in the environment
 shows the full traceback (and LightningCLI's full usage) for user errors too.
@@ -37,6 +41,7 @@ __all__ = [
     "one_line",
     "one_line_error_parser",
     "traceback_requested",
+    "user_error_message",
 ]
 
 #: Set to ``1`` to get the full traceback of a user error.
@@ -69,13 +74,58 @@ def _is_misconfiguration(err: BaseException) -> bool:
     return module is not None and isinstance(err, module.MisconfigurationException)
 
 
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` was caused by the user's input (see the module docstring) rather than a bug."""
+def _is_direct_user_error(err: BaseException) -> bool:
     if isinstance(err, _PATH_ERRORS) or _is_misconfiguration(err):
         return True
     if isinstance(err, ModuleNotFoundError) and not (err.name or "").startswith(_PACKAGE.name):
         return True  # an optional dependency that is not installed
     return isinstance(err, _RAISED_ON_PURPOSE) and _raised_by_this_package(err)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    module = sys.modules.get("jsonargparse")
+    frames = traceback.extract_tb(err.__traceback__)
+    if module is None or module.__file__ is None or not frames:
+        return False
+    return Path(frames[-1].filename).resolve().is_relative_to(Path(module.__file__).resolve().parent)
+
+
+def _wrapped_user_error(err: BaseException) -> BaseException | None:
+    """The user error that jsonargparse wrapped (its ``__cause__`` chain) while instantiating a class, if any."""
+    if not isinstance(err, ValueError) or not _raised_in_jsonargparse(err):
+        return None
+    cause, seen = err.__cause__, set()
+    while cause is not None and id(cause) not in seen:
+        if _is_direct_user_error(cause):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
+
+
+def _raising_class(err: BaseException) -> str | None:
+    """The class whose ``__init__`` raised ``err`` (the outermost such frame of its traceback), if any."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` was caused by the user's input (see the module docstring) rather than a bug."""
+    return _is_direct_user_error(err) or _wrapped_user_error(err) is not None
+
+
+def user_error_message(err: BaseException) -> str:
+    """The one-line message of a user error (:func:`is_user_error`): its own, or the one jsonargparse wrapped."""
+    wrapped = None if _is_direct_user_error(err) else _wrapped_user_error(err)
+    if wrapped is None:
+        return one_line(str(err))
+    owner = _raising_class(wrapped)
+    return one_line(f"{owner}: {wrapped}" if owner else str(wrapped))
 
 
 def one_line(message: str) -> str:
@@ -100,7 +150,7 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     except Exception as err:
         if traceback_requested() or not is_user_error(err):
             raise
-        sys.stderr.write(f"{prog}: error: {one_line(str(err))}\n")
+        sys.stderr.write(f"{prog}: error: {user_error_message(err)}\n")
         raise SystemExit(USER_ERROR_STATUS) from None
 
 

@@ -7,6 +7,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from snapvit_lightning import quickstart
@@ -70,6 +71,13 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "snapvit fit: error: data_dir: image folder not found"),
         (["fit", "--model.model", "test_vit", "--data.data_dir", "{tmp}/empty", "--trainer.logger", "false"],
          "data_dir: no image files"),
+        # A callback's init argument refused: jsonargparse wraps the error; the message is ours, with the class.
+        (["fit", "--config", "{tmp}/bad_search.yaml"], "snapvit fit: error: EvolutionarySearch: max_evals must be an int >= 1, got 0"),
+        (["fit", "--model.model", "test_vit", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
+          "--trainer.callbacks.dirpath", "{tmp}/out", "--trainer.callbacks.budgets", "[[2.0, 0.0]]"],
+         "snapvit fit: error: ElasticExport: budgets: invalid budget (2.0, 0.0): mlp_ratio must be a number in [0, 1), got 2.0"),
+        (["fit", "--model.model", "test_vit", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+          "--trainer.callbacks.mode", "bad"], "snapvit fit: error: ModelCheckpoint: `mode` can be min, max but got bad"),
     ],
 )
 def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, monkeypatch) -> None:
@@ -81,6 +89,10 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
     (tmp_path / "empty").mkdir()
     _photos(tmp_path / "broken", n=0, corrupt=("a.jpg", "b.png"))
     (tmp_path / "unknown_key.yaml").write_text("model:\n  model: test_vit\n  nope: 1\n")
+    (tmp_path / "bad_search.yaml").write_text(
+        "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
+        "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_evals: 0}\n"
+    )
     words = [w.format(tmp=tmp_path, elastic=elastic_file) for w in argv]
     if "broken" in " ".join(words):
         with pytest.warns(UserWarning, match="skipped 2 of 2 images"):
@@ -93,6 +105,22 @@ def test_traceback_on_request(tmp_path, elastic_file, monkeypatch) -> None:
     monkeypatch.setenv("SNAPVIT_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="--data: image folder not found"):
         main(["stats", str(elastic_file), "--data", str(tmp_path / "missing")])
+
+
+class BrokenCallback(Callback):
+    """A callback whose ``__init__`` has a bug."""
+
+    def __init__(self, size: int = 1) -> None:
+        super().__init__()
+        raise RuntimeError(f"a bug, size={size}")
+
+
+def test_a_bug_in_a_configured_callback_keeps_its_traceback(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="a bug, size=1") as exc:  # jsonargparse's wrapper, the bug as its cause
+        main(["fit", "--model.model", "test_vit", f"--trainer.callbacks+={__name__}.BrokenCallback"])
+    assert isinstance(exc.value.__cause__, RuntimeError) and not is_user_error(exc.value)
 
 
 def test_bugs_keep_their_traceback() -> None:
