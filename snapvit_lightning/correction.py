@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .correction_stats import (  # re-exported: the statistics are part of this module's API
     STATS_FORMAT, STATS_FORMAT_VERSION, STATS_READABLE_VERSIONS, CorrectionStats, stats_path_for,
 )
-from .structure import get_blocks
+from .structure import check_model_images, get_blocks
 
 __all__ = [
     "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
@@ -129,11 +129,8 @@ def stats_damping(damping: float | None, stats: CorrectionStats) -> float:
     return auto_damping(stats.mlp.shape[-1] - 1, stats.num_images, stats.num_tokens) if damping is None else damping
 
 
-def _check_images(images: object) -> Tensor:
-    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point() or images.shape[0] < 1:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"calibration images must be a non-empty floating-point tensor [N, 3, H, W], got {shape}")
-    return images
+def _check_images(images: object, model: nn.Module) -> Tensor:
+    return check_model_images(model, images, "calibration images")
 
 
 def _check_batch_size(batch_size: object) -> int:
@@ -335,7 +332,7 @@ def collect_stats(
     Raises:
         ValueError: Bad images or batch size.
     """
-    images, batch_size = _check_images(images), _check_batch_size(batch_size)
+    images, batch_size = _check_images(images, model), _check_batch_size(batch_size)
     blocks = get_blocks(model)
     moments = {(i, b): _Moments() for i in range(len(blocks)) for b, _ in _LAYERS}
     energy, energy_count = torch.zeros(len(blocks), dtype=torch.float64), [0] * len(blocks)
@@ -574,7 +571,7 @@ def correct_subnet(
         _solve(d, s, cross, gram, method, resolved, damping_reference, where, target)
 
     if sequential:
-        images = _check_images(calibration)
+        images = _check_images(calibration, dense)
         resolved = damping if damping is not None else auto_damping(mlp_hidden, len(images), _num_tokens(dense, images))
         _correct_sequential(dense, subnet, images, _check_batch_size(batch_size), solve)
         return subnet

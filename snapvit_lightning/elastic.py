@@ -507,7 +507,10 @@ class ElasticViT:
 
         Raises:
             ValueError: Bad images or batch size.
+            TypeError: ``ranking`` is not a bool.
         """
+        if not isinstance(ranking, bool):
+            raise TypeError(f"ranking must be a bool, got {ranking!r}")
         if not ranking:
             return collect_stats(self.model, images, batch_size=batch_size, fingerprint=self.fingerprint)
         from .obs import with_ranking
@@ -522,8 +525,23 @@ class ElasticViT:
     # ------------------------------------------------------------------------------------------
     # Files
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the elastic checkpoint (safetensors; written to a temporary file, then renamed)."""
+    def save(self, path: str | os.PathLike, *, stats: bool = True) -> None:
+        """Write the elastic checkpoint (safetensors; written to a temporary file, then renamed).
+
+        Args:
+            path: The ``*.elastic.safetensors`` file.
+            stats: With statistics attached (:meth:`attach_stats`), also write them beside it
+                (``<name>.stats.safetensors``, :func:`~snapvit_lightning.correction.stats_path_for`),
+                where :meth:`load` finds them: the loaded model's :meth:`subnet` is then corrected as
+                this one's. ``False`` writes the checkpoint alone. Without attached statistics a
+                statistics file already beside ``path`` is left as it is (:meth:`load` refuses one
+                of another model).
+
+        Raises:
+            TypeError: ``stats`` is not a bool.
+        """
+        if not isinstance(stats, bool):
+            raise TypeError(f"stats must be a bool, got {stats!r}")
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update(self.scores.to_tensors())
         tensors["order.mlp"] = self.mlp_order
@@ -531,6 +549,8 @@ class ElasticViT:
         meta = _metadata("elastic", self.model, self.model_name, self.model_kwargs)
         meta["scores_meta"] = json.dumps(self.scores.metadata())
         _write(path, tensors, meta)
+        if stats and self.stats is not None:
+            self.stats.save(stats_path_for(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, stats: bool = True) -> "ElasticViT":

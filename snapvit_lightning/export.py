@@ -162,7 +162,7 @@ def _write_figure(path: Path, fig: Any) -> None:
 
 
 def _write_elastic(path: Path, elastic: ElasticViT) -> None:
-    elastic.save(path)
+    elastic.save(path, stats=False)  # the statistics this export writes are staged on their own
 
 
 def _write_subnet(path: Path, elastic: ElasticViT, sub: nn.Module) -> None:

@@ -206,7 +206,7 @@ def stream_energy(model: nn.Module, images: Tensor, batch_size: int = 32) -> Ten
     Raises:
         ValueError: Bad images or batch size.
     """
-    images, batch_size = _check_images(images), _check_batch_size(batch_size)
+    images, batch_size = _check_images(images, model), _check_batch_size(batch_size)
     device, dtype = _model_device_dtype(model)
     blocks = get_blocks(model)
     sums = torch.zeros(len(blocks), dtype=torch.float64)

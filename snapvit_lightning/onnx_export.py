@@ -16,6 +16,7 @@ import contextlib
 import copy
 import importlib
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .evaluation import _check_int, _eval_mode, _model_device
+from .structure import check_model_images
 
 __all__ = [
     "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME",
@@ -53,6 +55,16 @@ def _input_shape(model: nn.Module, batch_size: int) -> tuple[int, ...]:
         raise TypeError(f"model must be a timm ViT with patch_embed.img_size, got {type(model).__name__}")
     chans = int(getattr(getattr(patch_embed, "proj", None), "in_channels", 3))
     return (batch_size, chans, int(size[0]), int(size[1]))
+
+
+def _check_graph_images(model: nn.Module, images: object, name: str) -> Tensor:
+    """``images`` the exported graph takes: :func:`check_model_images`, at the graph's fixed input size."""
+    images = check_model_images(model, images, name)
+    shape = _input_shape(model, 1)[1:]
+    if tuple(images.shape[1:]) != shape:
+        raise ValueError(f"{name} must be [N, {', '.join(map(str, shape))}] (the exported graph's input), "
+                         f"got {list(images.shape)}")
+    return images
 
 
 def _rms_norm(g, x, normalized_shape, weight, eps):  # noqa: ANN001 - a TorchScript-exporter symbolic
@@ -165,10 +177,12 @@ def checked_onnx(
         ImportError: Without ``onnxruntime``.
         ValueError: A bad argument (see :func:`onnx_bytes`, :func:`onnx_max_abs_diff`).
     """
-    graph = onnx_bytes(model, batch_size=batch_size, opset=opset)
+    max_images = _check_int("max_images", max_images, 1)
     if images is None:
         images = torch.randn(2, *_input_shape(model, 1)[1:], generator=torch.Generator().manual_seed(0))
-    return graph, onnx_max_abs_diff(model, graph, images[:_check_int("max_images", max_images, 1)])
+    images = _check_graph_images(model, images, "images")[:max_images]  # before the export, which takes a while
+    graph = onnx_bytes(model, batch_size=batch_size, opset=opset)
+    return graph, onnx_max_abs_diff(model, graph, images)
 
 
 def save_onnx(
@@ -200,6 +214,10 @@ def save_onnx(
         ValueError: The check failed (nothing is written), or a bad argument.
         ImportError: Without ``onnxruntime``.
     """
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+    if check_images is not None:
+        _check_graph_images(model, check_images, "check_images")
     data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset)
     if not diff <= atol:
         raise ValueError(f"ONNX Runtime's output differs from torch's by {diff:.3g} (max abs) > atol={atol}")
@@ -260,11 +278,9 @@ def onnx_max_abs_diff(
     """Max abs difference between ``model`` (torch, eval mode, float32) and its ONNX graph on ``images``.
 
     Raises:
-        ValueError: ``images`` not ``[N, C, H, W]`` floats, or a bad ``batch_size``.
+        ValueError: ``images`` not finite float ``[N, C, H, W]`` at the graph's input size, or a bad ``batch_size``.
     """
-    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point() or len(images) == 0:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a non-empty floating-point tensor [N, C, H, W], got {shape}")
+    images = _check_graph_images(model, images, "images")
     batch_size = _check_int("batch_size", batch_size, 1)
     runner = onnx if isinstance(onnx, OnnxModel) else OnnxModel(onnx)
     device = _model_device(model)

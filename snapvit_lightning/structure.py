@@ -28,6 +28,7 @@ __all__ = [
     "ViTStructure",
     "inspect_vit",
     "check_supported",
+    "check_model_images",
     "get_blocks",
     "mlp_kind",
     "mlp_input_layers",
@@ -433,6 +434,32 @@ def num_tokens(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
         size[0] // pe.patch_size[0], size[1] // pe.patch_size[1]
     )
     return int(model.num_prefix_tokens) + int(grid[0]) * int(grid[1])
+
+
+def check_model_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
+    """``images`` if they are finite float ``[N, C, H, W]`` (N >= 1) that ``model`` takes, else a ValueError.
+
+    ``C`` must be the patch embedding's input channels and, when the model has a fixed input size
+    (no ``dynamic_img_size``, a strict ``patch_embed``), ``(H, W)`` must be ``patch_embed.img_size``.
+
+    Raises:
+        ValueError: Naming ``name``, the shape or values given and what the model needs.
+    """
+    pe = getattr(model, "patch_embed", None)
+    chans = int(getattr(getattr(pe, "proj", None), "in_channels", 3))
+    size = tuple(int(v) for v in getattr(pe, "img_size", None) or ())
+    fixed = bool(size) and not getattr(model, "dynamic_img_size", False) and getattr(pe, "strict_img_size", True)
+    need = f"[N, {chans}, {size[0]}, {size[1]}]" if fixed else f"[N, {chans}, H, W]"
+    if (not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point()
+            or images.shape[0] < 1 or images.shape[1] != chans or (fixed and tuple(images.shape[2:]) != size)):
+        got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        dtype = f" {images.dtype}" if isinstance(images, torch.Tensor) else ""
+        raise ValueError(f"{name} must be a non-empty float tensor {need} for this model, got {got}{dtype}")
+    if images.device.type == "meta":
+        raise ValueError(f"{name} are on the meta device (no values); give real images")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} hold non-finite values (NaN or inf); give normalised images")
+    return images
 
 
 def _numel(*tensors: torch.Tensor | None) -> int:

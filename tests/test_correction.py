@@ -11,6 +11,7 @@ import torch
 from conftest import load_real_model, model_input, random_scores, tiny_model
 from snapvit_lightning.correction import CorrectionStats, SingularGramError
 from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.obs import stream_energy
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.structure import BlockDims, get_blocks
 
@@ -258,6 +259,21 @@ def test_bad_calibration_inputs() -> None:
     el = _elastic("test_vit")
     with pytest.raises(ValueError, match=r"calibration images must be .*\[N, 3, H, W\]"):
         el.subnet(0.3, 0.2, correct="lstsq", calibration=torch.zeros(3, 4))
+    images = _images(el.model, n=2)
+    with pytest.raises(ValueError, match=r"calibration images must be .*\[N, 3, H, W\] for this model, got \[2, 1, "):
+        el.subnet(0.3, 0.2, calibration=images[:, :1])  # channels
+    for sequential in (False, True):
+        with pytest.raises(ValueError, match="calibration images hold non-finite values"):
+            el.subnet(0.3, 0.2, calibration=torch.full_like(images, float("nan")), sequential=sequential)
+    with pytest.raises(TypeError, match="ranking must be a bool, got 'yes'"):
+        el.collect_stats(images, ranking="yes")
+    with pytest.raises(ValueError, match="calibration images are on the meta device"):
+        el.collect_stats(images.to("meta"))
+    fixed = _elastic("distilled")  # a fixed input size: 64 px
+    with pytest.raises(ValueError, match=r"calibration images must be .*\[N, 3, 64, 64\] for this model, got \[2, 3, 32, 32\]"):
+        fixed.subnet(0.3, 0.2, calibration=_images(fixed.model, n=2)[:, :, :32, :32])
+    with pytest.raises(ValueError, match=r"\[N, 3, 64, 64\]"):
+        stream_energy(fixed.model, _images(fixed.model, n=2)[:, :, :32, :32])
     with pytest.raises(ValueError, match="sequential=True needs calibration images"):
         el.subnet(0.3, 0.2, correct="lstsq", calibration=el.collect_stats(_images(el.model, n=2)), sequential=True)
 
@@ -388,6 +404,20 @@ def test_load_attaches_stats_beside_and_checks_them(tmp_path: Path) -> None:
         el.attach_stats(CorrectionStats.load(tmp_path / "m.stats.safetensors"))
     with pytest.raises(TypeError, match="stats must be CorrectionStats or None"):
         el.attach_stats(tmp_path)
+
+
+def test_save_writes_the_attached_stats_beside_the_checkpoint(tmp_path: Path) -> None:
+    el = _elastic("test_vit")
+    el.attach_stats(el.collect_stats(_images(el.model, n=4), ranking=True))
+    el.save(tmp_path / "copy.elastic.safetensors")
+    loaded = ElasticViT.load(tmp_path / "copy.elastic.safetensors")
+    assert loaded.stats is not None and loaded.stats.has_ranking
+    assert _same(loaded.subnet(0.5, 0.5), el.subnet(0.5, 0.5))  # corrected, as before the save
+    el.save(tmp_path / "alone.elastic.safetensors", stats=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.elastic.safetensors", "copy.elastic.safetensors",
+                                                         "copy.stats.safetensors"]
+    with pytest.raises(TypeError, match="stats must be a bool"):
+        el.save(tmp_path / "x.elastic.safetensors", stats="yes")
 
 
 @pytest.mark.parametrize("fold_rows", [1 << 15, 7])  # 7: folds into float64 after every batch of 5 images

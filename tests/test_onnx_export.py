@@ -80,8 +80,18 @@ def test_not_a_vit_and_bad_inputs() -> None:
     with pytest.raises(TypeError, match="timm ViT"):
         onnx_bytes(torch.nn.Linear(2, 2))
     el = _elastic("test_vit")
-    with pytest.raises(ValueError, match=r"images must be a non-empty floating-point tensor"):
+    with pytest.raises(ValueError, match=r"images must be a non-empty float tensor \[N, 3, H, W\] for this model, got \[2, 3\]"):
         onnx_max_abs_diff(el.model, b"", torch.zeros(2, 3))
+    x = model_input(el.model)
+    with pytest.raises(ValueError, match=r"images must be \[N, 3, 160, 160\] \(the exported graph's input\), got \[2, 3, 32, 32\]"):
+        onnx_max_abs_diff(el.model, b"", x[:, :, :32, :32])  # test_vit takes any size, its graph one
+    with pytest.raises(ValueError, match="images hold non-finite values"):
+        onnx_max_abs_diff(el.model, b"", torch.full_like(x, float("nan")))
+    for atol in (-1, float("nan"), "1e-4", True):
+        with pytest.raises(ValueError, match="atol must be a finite number >= 0"):
+            save_onnx(el.model, "never_written.onnx", atol=atol)
+    with pytest.raises(ValueError, match=r"check_images must be \[N, 3, 160, 160\]"):
+        save_onnx(el.model, "never_written.onnx", check_images=x[:, :, :32, :32])
     with pytest.raises(ValueError, match="device 'tpu' is not available to ONNX Runtime"):
         OnnxModel(b"", device="tpu")
     with pytest.raises(ValueError, match="threads must be an int >= 1"):
