@@ -22,11 +22,11 @@ from typing import Any
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .structure import BlockDims, block_dims, get_blocks, inspect_vit, slice_model
+from .weights_io import write_safetensors
 
 __all__ = [
     "FORMAT",
@@ -109,15 +109,8 @@ def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[s
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write a safetensors file atomically (a temporary file, then renamed), creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a safetensors file atomically (:func:`~snapvit_lightning.weights_io.write_safetensors`)."""
+    write_safetensors(path, tensors, meta)
 
 
 _REQUIRED_META = ("format", "format_version", "kind", "model_name", "model_kwargs", "block_dims", "input_size")

@@ -316,18 +316,9 @@ def write_state_dict(
         ValueError: If ``path`` does not end in ``.safetensors``.
         IsADirectoryError: If ``path`` is an existing folder.
     """
-    from safetensors.torch import save_file
+    from .weights_io import write_safetensors
 
-    path = _check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_safetensors(_check_output_path(path), dict(state), metadata)
 
 
 def write_dinov2_vits14(path: str | os.PathLike, onnx_file: str | os.PathLike | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""Building a timm model (optionally with timm's pretrained weights) and loading local weights into it.
+"""Building a timm model (optionally with timm's pretrained weights), loading local weights into it,
+and writing safetensors files.
 
 Local weights: safetensors, ``torch.save`` files, Lightning checkpoints.
 """
@@ -17,7 +18,34 @@ from torch import Tensor, nn
 __all__ = [
     "create_timm_model",
     "load_weights",
+    "write_safetensors",
 ]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (detached, contiguous, on the CPU) as a safetensors file, atomically.
+
+    The file is written under a temporary name beside ``path``, then renamed, so ``path`` is never
+    left half written; its folder is created. safetensors creates files readable by their owner
+    only (mode 0600): the file gets the mode of any new file instead (``0666`` less the umask).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:

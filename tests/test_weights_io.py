@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from snapvit_lightning.module import SnapViTModule
-from snapvit_lightning.weights_io import create_timm_model
+from snapvit_lightning.weights_io import create_timm_model, write_safetensors
 
 from conftest import load_real_model
 
@@ -131,3 +131,27 @@ def test_pretrained_weights_that_do_not_fit(tiny_weights):
     path, _ = tiny_weights
     with pytest.raises(ValueError, match=r"pretrained=True: timm could not load weights for model 'test_vit2'"):
         SnapViTModule("test_vit2", pretrained=True, model_kwargs=overlay(path))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_of_new_files_and_nothing_else_is_left(tmp_path, umask: int) -> None:
+    """safetensors itself creates 0600 files: an elastic checkpoint others cannot read. The mode follows the umask."""
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    from conftest import random_scores, tiny_model
+    from snapvit_lightning.elastic import ElasticViT
+
+    old = os.umask(umask)
+    try:
+        path = write_safetensors(tmp_path / "new" / "w.safetensors", {"a": torch.arange(3.0)}, {"k": "v"})
+        model, name, kwargs = tiny_model("test_vit")
+        ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(tmp_path / "m.elastic.safetensors")
+    finally:
+        os.umask(old)
+    for written in (path, tmp_path / "m.elastic.safetensors"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+    assert torch.equal(load_file(path)["a"], torch.arange(3.0))
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m.elastic.safetensors", "w.safetensors"]
