@@ -247,7 +247,9 @@ def _budget(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(
         prog="snapvit", description="Elastic, retraining-free pruning of timm Vision Transformers (SnapViT)."
     )
     parser.add_argument("--version", action="version", version=f"snapvit_lightning {__version__}")

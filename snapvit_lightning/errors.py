@@ -25,6 +25,7 @@ shows the full traceback (and LightningCLI's full usage) for user errors too.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
+    "OneLineArgumentParser",
     "TRACEBACK_ENV",
     "exit_on_user_error",
     "is_user_error",
@@ -152,6 +154,21 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
             raise
         sys.stderr.write(f"{prog}: error: {user_error_message(err)}\n")
         raise SystemExit(USER_ERROR_STATUS) from None
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose usage errors are one line: ``snapvit slice: error: ...``.
+
+    argparse prints the whole usage (a dozen lines) before the message; this prints the message
+    and where to find the options, and exits with status 2 (its subparsers are of this class too).
+    With ``SNAPVIT_TRACEBACK=1`` it behaves as argparse's.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        if traceback_requested():
+            super().error(message)
+        sys.stderr.write(f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+        self.exit(USER_ERROR_STATUS)
 
 
 @functools.cache

@@ -13,7 +13,6 @@ Calibration images: the photos that ship with scikit-image, or ``--data.data_dir
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -86,7 +85,9 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from .errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(
         prog="python -m snapvit_lightning.quickstart", description=__doc__.splitlines()[0],
         epilog="Other arguments are passed to `snapvit fit`, e.g. --data.data_dir FOLDER --data.max_samples 8.",
     )

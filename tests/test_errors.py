@@ -43,7 +43,7 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         run(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "usage:" not in err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and match in errors[0], err
     return errors[0]
@@ -63,6 +63,10 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["stats", "{elastic}", "--data", "{tmp}/broken"], "no readable images in --data="),
         (["bench", "{elastic}", "--data", "{tmp}/missing", "--no-latency"], "--data: image folder not found"),
         (["bench", "{elastic}", "--data", "{tmp}/empty", "--no-latency"], "--data: no image files"),
+        (["slice", "{elastic}", "-o", "{tmp}/s.safetensors", "--flops", "abc"],
+         "snapvit slice: error: argument --flops: invalid float value: 'abc' (see `snapvit slice --help`)"),
+        (["info"], "snapvit info: error: the following arguments are required: path"),
+        (["nope"], "snapvit: error: argument command: invalid choice: 'nope'"),
         (["fit", "--model.nope", "1"], "snapvit fit: error: unrecognized arguments: --model.nope 1"),
         (["fit", "--config", "{tmp}/unknown_key.yaml"], "does not accept option 'model.nope'"),
         (["fit", "--config", "{tmp}/missing.yaml"], "File does not exist"),
