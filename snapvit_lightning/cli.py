@@ -133,19 +133,21 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
     beside the checkpoint (attached by ``ElasticViT.load``) when they exist, else the plain cut.
 
     Raises:
-        ValueError: ``--no-correct`` with ``--correct bias|lstsq``, ``--calibration`` or
-            ``--sequential``; see :func:`_calibration`.
+        ValueError: ``--no-correct`` with ``--correct bias|lstsq``, ``--calibration``,
+            ``--sequential``, ``--damping`` or ``--damping-reference``; see :func:`_calibration`.
     """
     from .correction import stats_path_for
 
     plain = args.no_correct or args.correct == "none"
     if args.no_correct and args.correct not in (None, "none"):
         raise ValueError(f"give --no-correct or --correct {args.correct}, not both")
-    if plain and (args.calibration is not None or args.sequential):
-        raise ValueError("--calibration/--sequential need a correction (--correct bias|lstsq), not --no-correct")
+    if plain and (args.calibration is not None or args.sequential or args.damping is not None
+                  or args.damping_reference is not None):
+        raise ValueError("--calibration/--sequential/--damping/--damping-reference set a correction "
+                         "(--correct bias|lstsq), not --no-correct")
     if plain:
         return {"correct": "none"}, "none (the plain cut)"
-    options = dict(damping=args.damping, damping_reference=args.damping_reference, sequential=args.sequential)
+    options = dict(damping=args.damping, damping_reference=args.damping_reference or "mean", sequential=args.sequential)
     if args.correct is None and args.calibration is None and not args.sequential:
         if elastic.stats is None:
             return {"correct": "none"}, f"none (no statistics at {stats_path_for(args.path)}: the plain cut)"
@@ -155,18 +157,33 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
     return {"correct": method, "calibration": _calibration(args, elastic), **options}, f"{method} (calibration {source})"
 
 
+def _output_file(output: str, overwrite: bool) -> Path:
+    """``-o``: a file that may be written (not a folder; replaced only with ``--overwrite``)."""
+    out = Path(output)
+    if out.is_dir():
+        raise IsADirectoryError(f"-o: '{out}' is a folder; give a file name, e.g. {out / 'NAME'}{out.suffix or '.safetensors'}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
 def _slice(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT
 
+    if (args.flops, args.mlp_ratio, args.head_ratio, args.latency_ms) == (None, None, None, None):
+        raise ValueError("give a budget: --flops F, --mlp-ratio M and/or --head-ratio H, or --latency-ms T "
+                         "(`snapvit info` lists budgets)")
     if args.flops is not None and (args.mlp_ratio is not None or args.head_ratio is not None):
         raise ValueError("give either --flops or --mlp-ratio/--head-ratio, not both")
     if args.latency_ms is not None and (args.flops, args.mlp_ratio, args.head_ratio) != (None, None, None):
         raise ValueError("give either --latency-ms or --flops/--mlp-ratio/--head-ratio, not both")
     if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
         raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    out = _output_file(args.output, args.overwrite)
+    other = {"onnx": ".safetensors", "safetensors": ".onnx"}.get(args.format)
+    if other is not None and out.suffix == other:
+        raise ValueError(f"--format {args.format} would write {args.format} into '{out}'; "
+                         f"name the file *.{args.format} or leave --format out")
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx = args.format == "onnx" or (args.format is None and out.suffix == ".onnx")
     elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
@@ -204,17 +221,16 @@ def _stats(args: argparse.Namespace) -> int:
     from .export_options import _check_stats_views
 
     _check_stats_views(args.stats_views)
-    out = Path(args.output) if args.output is not None else stats_path_for(args.path)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
     data = Path(args.data)
-    if not data.is_dir():
+    if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
+    out = _output_file(args.output if args.output is not None else str(stats_path_for(args.path)), args.overwrite)
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
     inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
     stats = elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True)
     stats.save(out)
-    print(f"wrote {out}: correction statistics of {stats.num_images // views} images ({views} view"
+    images = stats.num_images // views
+    print(f"wrote {out}: correction statistics of {images} image{'s' * (images != 1)} ({views} view"
           f"{'s' * (views > 1)} each: {stats.num_images} inputs, {stats.num_tokens:,} tokens) "
           f"and the corrected path's ranking, {stats.stored_bytes / 1e6:.1f} MB")
     return 0
@@ -298,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--damping", type=float, default=None,
                      help="least-squares damping, relative to the mean Gram diagonal (default: automatic, "
                           "more for fewer calibration images; see docs/correction.md)")
-    cut.add_argument("--damping-reference", choices=("mean", "max"), default="mean",
+    cut.add_argument("--damping-reference", choices=("mean", "max"), default=None,
                      help="scale the damping by the mean or the max Gram diagonal (default: mean)")
     cut.add_argument("--sequential", action="store_true",
                      help="fit block by block on the corrected subnet's activations (needs an image folder)")
@@ -306,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="collect weight-correction statistics (and the corrected path's ranking) "
                                          "of an elastic checkpoint")
     stats.add_argument("path", help="an *.elastic.safetensors file")
-    stats.add_argument("--data", required=True, metavar="FOLDER", help="folder of calibration images")
+    stats.add_argument("--data", required=True, metavar="FOLDER", help="folder of calibration images (or one image file)")
     stats.add_argument("-o", "--output", default=None,
                        help="output file (default: <name>.stats.safetensors beside the checkpoint)")
     stats.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")

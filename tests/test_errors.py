@@ -66,6 +66,14 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["slice", "{elastic}", "-o", "{tmp}/s.safetensors", "--flops", "abc"],
          "snapvit slice: error: argument --flops: invalid float value: 'abc' (see `snapvit slice --help`)"),
         (["info"], "snapvit info: error: the following arguments are required: path"),
+        (["slice", "{elastic}", "-o", "{tmp}/s.safetensors"], "snapvit slice: error: give a budget: --flops F"),
+        (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}"], "-o: '{tmp}' is a folder; give a file name"),
+        (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{tmp}"], "snapvit stats: error: -o: '{tmp}' is a folder"),
+        (["slice", "{elastic}", "--flops", "0.5", "--format", "onnx", "-o", "{tmp}/s.safetensors"],
+         "--format onnx would write onnx into '{tmp}/s.safetensors'"),
+        (["slice", "{elastic}", "--flops", "0.5", "--no-correct", "--damping", "0.1", "-o", "{tmp}/s.safetensors"],
+         "--calibration/--sequential/--damping/--damping-reference set a correction"),
+        (["bench", "{elastic}", "--data", "{tmp}/one", "--no-latency"], "--data: bench needs at least 2 images, got 1"),
         (["nope"], "snapvit: error: argument command: invalid choice: 'nope'"),
         (["fit", "--model.nope", "1"], "snapvit fit: error: unrecognized arguments: --model.nope 1"),
         (["fit", "--config", "{tmp}/unknown_key.yaml"], "does not accept option 'model.nope'"),
@@ -91,6 +99,7 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
     monkeypatch.chdir(tmp_path)  # Lightning writes nothing into the repository
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     (tmp_path / "empty").mkdir()
+    _photos(tmp_path / "one", n=1)
     _photos(tmp_path / "broken", n=0, corrupt=("a.jpg", "b.png"))
     (tmp_path / "unknown_key.yaml").write_text("model:\n  model: test_vit\n  nope: 1\n")
     (tmp_path / "bad_search.yaml").write_text(
@@ -98,6 +107,7 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
         "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_evals: 0}\n"
     )
     words = [w.format(tmp=tmp_path, elastic=elastic_file) for w in argv]
+    match = match.format(tmp=tmp_path)
     if "broken" in " ".join(words):
         with pytest.warns(UserWarning, match="skipped 2 of 2 images"):
             _fails_in_one_line(words, capsys, match)
@@ -148,6 +158,12 @@ def test_missing_output_folder_is_created(command, tmp_path, elastic_file, capsy
     with pytest.warns(UserWarning, match="bad.jpg") if command == "stats" else contextlib.nullcontext():
         assert main([command, str(elastic_file), *extra, "-o", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
+
+
+def test_stats_of_one_image_file(tmp_path, elastic_file, capsys) -> None:
+    photo = _photos(tmp_path / "photos", n=1) / "0.png"
+    assert main(["stats", str(elastic_file), "--data", str(photo), "-o", str(tmp_path / "one.stats.safetensors")]) == 0
+    assert "of 1 image" in capsys.readouterr().out and (tmp_path / "one.stats.safetensors").is_file()
 
 
 def test_stats_skips_a_corrupt_image_and_names_it(tmp_path, elastic_file, capsys) -> None:

@@ -548,6 +548,8 @@ def run_bench(args: argparse.Namespace) -> int:
     build_times = _build_times(path, elastic.scores)
     dense = elastic.model
     images, labels, classes = load_eval_images(data, dense, argument="--data")
+    if len(images) < 2:  # the centered fidelity subtracts the images' mean feature
+        raise ValueError(f"--data: bench needs at least 2 images, got {len(images)} in '{data}'")
     knn = _has_labels(labels)
 
     def quality(model: Any, feats: Any = None) -> dict[str, Any]:
