@@ -11,6 +11,8 @@ the corrected path's ranking) work on elastic checkpoints; ``snapvit bench`` mea
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,12 +28,12 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
         return 0
     elastic = ElasticViT.load(args.path)
-    print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
-          f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
     ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
     source = elastic if ranked is None else ranked
-    latencies = _info_latencies(args, source) if args.latency else None
+    latencies = _info_latencies(args, source) if args.latency else None  # bad options fail before any output
+    print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
+          f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
     measured = "" if latencies is None else f" {'ms':>7} {'x dense':>11}"
     cut = "plain cut" if ranked is None else "corrected cut"
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
@@ -255,10 +257,14 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _budget(text: str) -> tuple[float, float]:
+    """``MLP_RATIO,HEAD_RATIO`` (each in ``[0, 1)``) of ``info --budgets`` and ``bench --budgets``."""
     try:
         mlp, head = (float(v) for v in text.split(","))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"budget must be MLP_RATIO,HEAD_RATIO such as 0.35,0.2, got {text!r}") from err
+    for name, value in (("MLP_RATIO", mlp), ("HEAD_RATIO", head)):
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value!r} in {text!r}")
     return mlp, head
 
 
@@ -387,16 +393,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     words = list(sys.argv[1:] if argv is None else argv)
     prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
-    with exit_on_user_error(prog):
-        if words and words[0] in _LIGHTNING_SUBCOMMANDS:
-            SnapViTCLI.run(None if argv is None else words)
-            return 0
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
-        return args.func(args)
+    try:
+        with exit_on_user_error(prog):
+            if words and words[0] in _LIGHTNING_SUBCOMMANDS:
+                SnapViTCLI.run(None if argv is None else words)
+                return 0
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            status = 0
+            if args.command is None:
+                parser.print_help()
+            else:
+                status = args.func(args)
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+            return status
+    except BrokenPipeError:  # the reader went away (`snapvit info ... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 1
 
 
 if __name__ == "__main__":

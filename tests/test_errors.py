@@ -41,7 +41,8 @@ def _photos(folder, n: int = 3, corrupt: tuple[str, ...] = ()):
 def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
     with pytest.raises(SystemExit) as exc:
         run(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""  # checked before any output
     assert exc.value.code == 2, err
     assert "Traceback" not in err and "usage:" not in err
     errors = [line for line in err.splitlines() if "error:" in line]
@@ -54,7 +55,6 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
     [
         (["info", "{tmp}/missing.elastic.safetensors"], "snapvit info: error: no elastic/subnet file"),
         (["info", "{tmp}/plain.safetensors"], "is not a snapvit-elastic file"),
-        (["info", "{elastic}", "--budgets", "1.5,0"], "mlp_ratio must be a number in [0, 1), got 1.5"),
         (["slice", "{elastic}", "--flops", "1.5", "-o", "{tmp}/s.safetensors"], "flops must be a fraction"),
         (["slice", "{tmp}/missing.elastic.safetensors", "--flops", "0.5", "-o", "{tmp}/s.safetensors"],
          "no elastic/subnet file"),
@@ -66,6 +66,8 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["slice", "{elastic}", "-o", "{tmp}/s.safetensors", "--flops", "abc"],
          "snapvit slice: error: argument --flops: invalid float value: 'abc' (see `snapvit slice --help`)"),
         (["info"], "snapvit info: error: the following arguments are required: path"),
+        (["info", "{elastic}", "--budgets", "1,1"], "argument --budgets: MLP_RATIO must be in [0, 1), got 1.0 in '1,1'"),
+        (["info", "{elastic}", "--latency", "--batch-size", "0"], "snapvit info: error: batch_size must be an int >= 1, got 0"),
         (["slice", "{elastic}", "-o", "{tmp}/s.safetensors"], "snapvit slice: error: give a budget: --flops F"),
         (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}"], "-o: '{tmp}' is a folder; give a file name"),
         (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{tmp}"], "snapvit stats: error: -o: '{tmp}' is a folder"),
@@ -113,6 +115,18 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
             _fails_in_one_line(words, capsys, match)
     else:
         _fails_in_one_line(words, capsys, match)
+
+
+def test_a_closed_pipe_ends_quietly(elastic_file) -> None:
+    """`snapvit info ... | head`: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "snapvit_lightning.cli", "info", str(elastic_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and err == ""
 
 
 def test_traceback_on_request(tmp_path, elastic_file, monkeypatch) -> None:

@@ -76,6 +76,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..cli import _budget
 from ..machine import cpu_model
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
@@ -92,19 +93,6 @@ RANDOM_SEEDS = (0, 1, 2)
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def _budget(text: str) -> tuple[float, float]:
-    try:
-        mlp, head = (float(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"budget must be MLP_RATIO,HEAD_RATIO such as 0.35,0.2, got {text!r}"
-        ) from err
-    for name, value in (("MLP_RATIO", mlp), ("HEAD_RATIO", head)):
-        if not (math.isfinite(value) and 0.0 <= value < 1.0):
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value!r} in {text!r}")
-    return mlp, head
 
 
 def _int_at_least(minimum: int):
