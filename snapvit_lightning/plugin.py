@@ -157,7 +157,8 @@ class SnapViT(Callback):
             probe on the internal Trainer's device picks it and the attention kernel
             (:func:`~snapvit_lightning.precision.resolve_precision`).
         accelerator: Accelerator of the internal Trainer; ``None``: ``"cpu"`` when the user's
-            run was on CPU, else ``"auto"``.
+            run was on CPU, else ``"auto"``. One this machine lacks is refused when the user's
+            fit starts (``setup``), not after it.
         search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
         fitness_images: Float ``[M, 3, S, S]`` fitness images.
         correct: Weight correction of the exported subnets: ``"lstsq"`` (default), ``"bias"``
@@ -262,11 +263,30 @@ class SnapViT(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the ViT and refuse an existing export before the user's fit starts."""
+        """Find the ViT, check the accelerator and refuse an existing export before the user's fit starts."""
         if stage != "fit":
             return
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        self._check_accelerator()
         _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite)
+
+    def _check_accelerator(self) -> None:
+        """Refuse an ``accelerator`` this machine lacks, or one the ``"auto"`` precision probe cannot time."""
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        name = self.accelerator
+        if name is None or name == "auto":
+            return
+        if name == "gpu":
+            available = torch.cuda.is_available() or (torch.backends.mps.is_available())
+        elif name in AcceleratorRegistry:
+            available = AcceleratorRegistry[name]["accelerator"].is_available()
+        else:
+            raise ValueError(f"accelerator must be None, 'auto', 'gpu' or one of {sorted(AcceleratorRegistry)}, got {name!r}")
+        if not available:
+            raise ValueError(f"accelerator={name!r} is not available on this machine; use None (the user's device) or 'cpu'")
+        if self.precision == "auto":
+            cli_device(name)  # the probe times CPU and CUDA only
 
     def _accelerator(self, trainer: pl.Trainer) -> str:
         if self.accelerator is not None:

@@ -155,6 +155,20 @@ def test_snapvit_autodetect_errors_before_fit(tmp_path, num_vits, match):
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
 
 
+@pytest.mark.parametrize("accelerator, precision, match", [
+    ("tpu", "32-true", r"accelerator='tpu' is not available on this machine"),
+    ("abacus", "32-true", r"accelerator must be None, 'auto', 'gpu' or one of \[.*'cpu'.*\], got 'abacus'"),
+])
+def test_snapvit_refuses_a_bad_accelerator_before_the_users_fit(tmp_path, accelerator, precision, match):
+    user = UserModule()
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0, accelerator=accelerator,
+                     precision=precision)
+    with pytest.raises(ValueError, match=match):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
+
+
 def test_snapvit_refuses_existing_export_before_fit(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
