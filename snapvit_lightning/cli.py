@@ -31,9 +31,11 @@ def _info(args: argparse.Namespace) -> int:
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
     ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
     source = elastic if ranked is None else ranked
-    latencies = _info_latencies(args, source) if args.latency else None  # bad options fail before any output
+    latencies, how = _info_latencies(args, source) if args.latency else (None, None)  # bad options fail before any output
     print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
+    if how is not None:
+        print(how)
     measured = "" if latencies is None else f" {'ms':>7} {'x dense':>11}"
     cut = "plain cut" if ranked is None else "corrected cut"
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
@@ -49,8 +51,8 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info_latencies(args: argparse.Namespace, elastic: object) -> list[float]:
-    """Measured ms per batch of the dense model, then of each ``--budgets`` row (interleaved).
+def _info_latencies(args: argparse.Namespace, elastic: object) -> tuple[list[float], str]:
+    """Measured ms per batch of the dense model, then of each ``--budgets`` row (interleaved), and how.
 
     ``elastic`` is the model whose cut the table shows (the ranked view for corrected subnets): a
     correction changes weights, not shapes, so its plain slices time as the corrected subnets.
@@ -64,9 +66,8 @@ def _info_latencies(args: argparse.Namespace, elastic: object) -> list[float]:
                                                threads=args.threads)))
     latencies = [measured[dense], *(measured[d] for d in rows)]
     threads = "" if args.threads is None else f", {args.threads} thread{'s' * (args.threads != 1)}"
-    print(f"latency: median of 10 interleaved runs, ms per batch of {args.batch_size} on {args.device} "
-          f"(torch{threads}); dense model {latencies[0]:.2f} ms")
-    return latencies
+    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {args.batch_size} on {args.device} "
+                       f"(torch{threads}); dense model {latencies[0]:.2f} ms")
 
 
 def _info_correction(args: argparse.Namespace, elastic: object) -> None:
@@ -112,9 +113,10 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
     """Stored statistics or images for ``--correct`` (``--calibration``, else the stats file beside)."""
     from .correction import CorrectionStats, stats_path_for
     from .data import load_eval_images
+    from .data.sources import IMG_EXTENSIONS
 
-    source = Path(args.calibration) if args.calibration is not None else stats_path_for(args.path)
-    if source.is_dir():
+    source = Path(args.calibration).expanduser() if args.calibration is not None else stats_path_for(args.path)
+    if source.is_dir() or (source.is_file() and source.suffix.lower() in IMG_EXTENSIONS):  # images: a folder or one file
         return load_eval_images(source, elastic.model, argument="--calibration")[0]
     if args.sequential:
         raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
@@ -223,7 +225,7 @@ def _stats(args: argparse.Namespace) -> int:
     from .export_options import _check_stats_views
 
     _check_stats_views(args.stats_views)
-    data = Path(args.data)
+    data = Path(args.data).expanduser()
     if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     out = _output_file(args.output if args.output is not None else str(stats_path_for(args.path)), args.overwrite)
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--no-correct", action="store_true",
                      help="the paper's plain cut, even when statistics exist (same as --correct none)")
     cut.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
-                     help="correction statistics (*.stats.safetensors) or an image folder "
+                     help="correction statistics (*.stats.safetensors), an image folder or one image "
                           "(default: <name>.stats.safetensors beside the checkpoint)")
     cut.add_argument("--damping", type=float, default=None,
                      help="least-squares damping, relative to the mean Gram diagonal (default: automatic, "

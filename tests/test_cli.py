@@ -10,6 +10,7 @@ from lightning.pytorch import Callback
 
 from snapvit_lightning import __version__
 from snapvit_lightning.cli import main
+from snapvit_lightning.data import load_eval_images
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search import DEFAULT_FITNESS_SAMPLES, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, PAPER_RATIO_PAIRS
@@ -297,6 +298,12 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     # An image folder works too (one-shot or sequential), and the options are checked.
     assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(photos),
                  "--sequential", "-o", str(out), "--overwrite"]) == 0
+    one = sorted(p for p in photos.rglob("*") if p.is_file())[0]  # one image file: its eval view, as a folder of one
+    assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(one),
+                 "-o", str(out), "--overwrite"]) == 0
+    calibration = load_eval_images(one, elastic.model)[0]
+    expected = elastic.slice(elastic.dims(*elastic.resolve_budget(flops=0.7)), correct="bias", calibration=calibration)
+    assert all(torch.equal(a, b) for a, b in zip(load_subnet(out).state_dict().values(), expected.state_dict().values()))
     for argv, match in (
         (["--no-correct", "--calibration", str(photos)], "not --no-correct"),
         (["--no-correct", "--correct", "bias"], "give --no-correct or --correct bias, not both"),

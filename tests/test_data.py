@@ -240,7 +240,38 @@ def test_load_image(tmp_path: Path) -> None:
         load_image(tmp_path / "nope.jpg")
 
 
+def test_high_bit_depth_images(tmp_path: Path) -> None:
+    """16-bit grayscale is scaled to 8 bits (PIL's convert would clip it to white); 32-bit pixels are refused."""
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+    img = load_image(tmp_path / "g16.png")
+    assert torch.equal(img[0], torch.from_numpy((ramp >> 8).astype(np.uint8))) and torch.equal(img[0], img[2])
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f32.tif")
+    for name, what in (("i32.tif", "32-bit integers"), ("f32.tif", "32-bit floats")):
+        with pytest.raises(UnreadableImageError, match=f"{name}.*{what}"):
+            load_image(tmp_path / name)
+
+
 # ------------------------------------------------------------------ folder sources
+
+
+def test_find_images_follows_linked_folders_once(tmp_path: Path) -> None:
+    import os
+
+    store = tmp_path / "store"
+    _write_image(store / "dogs" / "a.jpg")
+    _write_image(store / "cats" / "b.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(store / "dogs", root / "dogs")  # a class folder that is a link
+    os.symlink(store / "cats", root / "cats")
+    (root / "cats" / "loop").symlink_to(root)  # a cycle: not followed twice
+    files, labels, classes = find_images(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["cats/b.png", "dogs/a.jpg"]
+    assert classes == ["cats", "dogs"] and labels == [0, 1]
 
 
 def test_find_images_imagefolder_layout(tmp_path: Path) -> None:

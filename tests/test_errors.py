@@ -174,9 +174,10 @@ def test_missing_output_folder_is_created(command, tmp_path, elastic_file, capsy
     assert out.is_file() and str(out) in capsys.readouterr().out
 
 
-def test_stats_of_one_image_file(tmp_path, elastic_file, capsys) -> None:
-    photo = _photos(tmp_path / "photos", n=1) / "0.png"
-    assert main(["stats", str(elastic_file), "--data", str(photo), "-o", str(tmp_path / "one.stats.safetensors")]) == 0
+def test_stats_of_one_image_file_under_home(tmp_path, elastic_file, capsys, monkeypatch) -> None:
+    _photos(tmp_path / "photos", n=1)
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" as a user quotes it past the shell
+    assert main(["stats", str(elastic_file), "--data", "~/photos/0.png", "-o", str(tmp_path / "one.stats.safetensors")]) == 0
     assert "of 1 image" in capsys.readouterr().out and (tmp_path / "one.stats.safetensors").is_file()
 
 

@@ -140,7 +140,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "'<method>+<correction>' (snapvit's: cut by the statistics' ranking, as subnet() cuts them)")
     parser.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
                         help="correction statistics (*.stats.safetensors of this checkpoint; not with --baselines) "
-                             "or an image folder; default: 2-fold cross-fit on --data (each image's features "
+                             "or an image folder or file; default: 2-fold cross-fit on --data (each image's features "
                              "come from a subnet corrected on the other half)")
     parser.set_defaults(func=run_bench)
     return parser
@@ -303,8 +303,10 @@ class _Calibrator:
         import torch
 
         self.images, self.batch_size = images, batch_size
-        self.path = None if source is None else Path(source)
-        self.stats_file = self.path is not None and not self.path.is_dir()
+        from ..data import IMG_EXTENSIONS
+
+        self.path = None if source is None else Path(source).expanduser()
+        self.stats_file = self.path is not None and not self.path.is_dir() and self.path.suffix.lower() not in IMG_EXTENSIONS
         self.stats_s = 0.0
         self._cache: dict[str, list[tuple[Any, Any]]] = {}
         n = int(images.shape[0])
@@ -512,7 +514,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..elastic import ElasticViT
     from ..evaluation import centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency
 
-    path, data = Path(args.path), Path(args.data)
+    path, data = Path(args.path).expanduser(), Path(args.data).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ELASTIC: elastic checkpoint not found: '{path}'")
     if not data.exists():

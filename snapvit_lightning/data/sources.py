@@ -13,7 +13,8 @@ be readable (:class:`UnreadableImageError` names it).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,11 @@ def _resize_short_side_uint8(img: Tensor, max_side: int | None) -> Tensor:
 
 def _pil_to_uint8(im: Image.Image, max_side: int | None) -> Tensor:
     im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):  # 16-bit grayscale: convert("RGB") would clip every value above 255 to white
+        im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8), "L")
+    elif im.mode in ("I", "F"):  # 32-bit integer or float pixels: no known range to map to 8 bits
+        raise ValueError(f"{im.mode!r} pixels (32-bit {'integers' if im.mode == 'I' else 'floats'}) have no known "
+                         "range; save the image with 8 or 16 bits per channel")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -104,8 +110,9 @@ def _pil_to_uint8(im: Image.Image, max_side: int | None) -> Tensor:
 def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
     """Decode an image file to an RGB ``uint8`` tensor ``[3, H, W]``.
 
-    Transparent pixels are composited on white, EXIF orientation is applied, and the image is
-    downscaled (bilinear, antialiased) so that its shorter side is at most ``max_side``.
+    Transparent pixels are composited on white, EXIF orientation is applied, 16-bit grayscale is
+    scaled to 8 bits, and the image is downscaled (bilinear, antialiased) so that its shorter side
+    is at most ``max_side``. 32-bit integer or float images (PIL modes ``I``, ``F``) are refused.
 
     Args:
         path: the image file.
@@ -116,8 +123,8 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        UnreadableImageError: (a ``ValueError``) if the file cannot be decoded; the message
-            names the file.
+        UnreadableImageError: (a ``ValueError``) if the file cannot be decoded or its pixels are
+            32-bit; the message names the file.
     """
     path = Path(path)
     if not path.exists():
@@ -204,6 +211,18 @@ def check_exists(root: str | Path, argument: str = "") -> Path:
     return root
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, following linked folders (each real folder once: no cycles)."""
+    seen: set[str] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(folder) / name for name in names)
+
+
 def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Path], list[int], list[str]]:
     """List the images under ``root`` in a deterministic order.
 
@@ -211,7 +230,8 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
     non-hidden subfolder that contains images (at any depth) is a class; classes are sorted
     by name and labels are their indices. Otherwise (flat or mixed folder) every image found
     recursively gets label -1. Files are matched by extension (``IMG_EXTENSIONS``, case
-    insensitive); hidden files and folders (name starting with ``.``) are ignored. ``root``
+    insensitive); hidden files and folders (name starting with ``.``) are ignored; linked folders
+    are followed (a folder reached twice is listed once). ``root``
     may also be a single image file (label -1).
 
     Args:
@@ -236,7 +256,7 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
     def is_image(p: Path) -> bool:
         return p.suffix.lower() in IMG_EXTENSIONS and p.is_file() and visible(p)
 
-    files = sorted((p for p in root.rglob("*") if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    files = sorted((p for p in _walk(root) if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
         named = f"{argument}: " if argument else ""
         raise ValueError(f"{named}no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}'")
