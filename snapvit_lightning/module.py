@@ -81,8 +81,9 @@ GRADIENT_CRITERIA = ("dino", "cross_entropy", "snip_magnitude")
 ACCUMULATIONS = ("sum_then_square", "fisher")
 
 
-#: Trainer precisions that leave gradients unscaled (``16-mixed`` scales the loss).
-ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
+#: Trainer precisions of the scoring: gradients unscaled (``16-mixed`` scales the loss) and inputs in the
+#: model's dtype (``64-true`` leaves the float32 crops as they are).
+ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 
 
 _CHECKPOINT_KEY = "snapvit_scoring"
@@ -330,7 +331,7 @@ class SnapViTModule(pl.LightningModule):
         """Configure the datamodule from the model; refuse fp16 and sharding strategies.
 
         Raises:
-            ValueError: For ``precision`` other than 32/64/bf16 (or any precision plugin with a
+            ValueError: For ``precision`` other than 32/bf16 (or any precision plugin with a
                 gradient scaler), or a strategy that is neither single-device nor DDP.
         """
         precision = str(self.trainer.precision)

@@ -647,13 +647,20 @@ class AutoPrecisionCLI(LightningCLI):
 
     Use it with ``trainer_class=AutoPrecisionTrainer`` (see :func:`lightning_cli`). The probe
     runs on the device of ``trainer.accelerator`` (:func:`cli_device`) with at most
-    :data:`PROBE_VIEWS` of the datamodule's views per image, and prints one line; explicit precisions are passed through untouched.
+    :data:`PROBE_VIEWS` of the datamodule's views per image, and prints one line; explicit precisions are passed through untouched,
+    and one the scoring does not support (``16-mixed``, ``64-true``, ...) is refused before the Trainer is built.
     """
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={}) or {}
-        if kwargs.get("precision", config.get("precision")) == "auto":
+        requested = kwargs.get("precision", config.get("precision"))
+        if requested is not None and str(requested) not in _allowed():  # before Lightning turns 16-mixed into bf16 on a CPU
+            raise ValueError(
+                f"trainer.precision must be one of {list(_allowed())}, got {requested!r} (16-bit floats scale the "
+                "loss, which corrupts raw gradient scores; 64-bit is not supported)"
+            )
+        if requested == "auto":
             views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
             kwargs["precision"] = resolve_precision("auto", self.model, cli_device(config.get("accelerator")), views=views)
         return super().instantiate_trainer(**kwargs)
