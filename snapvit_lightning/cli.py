@@ -11,13 +11,13 @@ the corrected path's ranking) work on elastic checkpoints; ``snapvit bench`` mea
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .cli_args import budget_arg
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -258,18 +258,6 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget(text: str) -> tuple[float, float]:
-    """``MLP_RATIO,HEAD_RATIO`` (each in ``[0, 1)``) of ``info --budgets`` and ``bench --budgets``."""
-    try:
-        mlp, head = (float(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"budget must be MLP_RATIO,HEAD_RATIO such as 0.35,0.2, got {text!r}") from err
-    for name, value in (("MLP_RATIO", mlp), ("HEAD_RATIO", head)):
-        if not (math.isfinite(value) and 0.0 <= value < 1.0):
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value!r} in {text!r}")
-    return mlp, head
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .errors import OneLineArgumentParser
 
@@ -281,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show the budgets of an elastic checkpoint")
     info.add_argument("path", help="an *.elastic.safetensors file")
     info.add_argument(
-        "--budgets", nargs="+", type=_budget,
+        "--budgets", nargs="+", type=budget_arg,
         default=[(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5)],
         help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5)",
     )

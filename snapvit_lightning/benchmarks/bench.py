@@ -76,7 +76,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli import _budget
+from ..cli_args import budget_arg
 from ..machine import cpu_model
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
@@ -115,7 +115,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="folder of images (class subfolders give k-NN labels; a flat folder gives no k-NN)",
     )
     parser.add_argument(
-        "--budgets", nargs="+", type=_budget, default=list(DEFAULT_BUDGETS), metavar="MLP,HEAD",
+        "--budgets", nargs="+", type=budget_arg, default=list(DEFAULT_BUDGETS), metavar="MLP,HEAD",
         help="MLP_RATIO,HEAD_RATIO pairs to prune (default: 0.15,0 0.25,0.1 0.35,0.2 0.45,0.3 "
              "0.55,0.4 0.65,0.5); the dense row 0,0 is always added",
     )
@@ -525,7 +525,7 @@ def run_bench(args: argparse.Namespace) -> int:
     budgets = [(float(m), float(h)) for m, h in args.budgets]
     for m, h in budgets:  # range check when run_bench is called with a hand-made Namespace
         try:
-            _budget(f"{m},{h}")
+            budget_arg(f"{m},{h}")
         except argparse.ArgumentTypeError as err:
             raise ValueError(str(err)) from None
     if args.threads is not None:
