@@ -206,7 +206,8 @@ def export_elastic(
     are corrected, and every budget gets ``fidelity_corrected`` beside the plain cut's
     ``fidelity``; ``report["correction"]`` says how, and whether the fidelity images were also
     the calibration images (then the corrected fidelity is optimistic). ``correct="none"``
-    writes the paper's plain cut and no statistics. Statistics collected here carry the
+    writes the paper's plain cut and no statistics (with ``overwrite``, a statistics file of an
+    earlier export is removed: it would not fit the new checkpoint). Statistics collected here carry the
     corrected path's own ranking (:func:`~snapvit_lightning.obs.with_ranking`, on the same
     images): the corrected subnets (``fidelity_corrected``, saved, ONNX) are
     ``subnet(mlp_ratio, head_ratio, correct=correct)``, whose units that ranking chooses; a
@@ -275,7 +276,9 @@ def export_elastic(
 
     export_start = time.perf_counter()
     # 1. Refuse to overwrite, before any work.
-    _refuse_existing(export_targets(out_dir, name, stats=correct != "none"), overwrite)
+    # The statistics' name belongs to the export whether it writes them or not: a file left by an
+    # earlier export would be attached to (and refused by) the new checkpoint.
+    _refuse_existing(export_targets(out_dir, name, stats=True), overwrite)
     resolved: list[tuple[Any, float, float]] = []
     for kind, values in entries_in:
         if kind == "flops":
@@ -291,6 +294,7 @@ def export_elastic(
         seen[label] = (a, b)
     subnet_labels = list(dict.fromkeys(labels)) if save_subnets else []
     targets = export_targets(out_dir, name, subnet_labels, stats=correct != "none")
+    stale_stats = None if correct != "none" else export_targets(out_dir, name, stats=True)["stats"]
     targets.update({f"onnx:{label}": out_dir / f"{name}.{label}.onnx" for label in (labels if onnx else ())})
     _refuse_existing(targets, overwrite)
 
@@ -431,6 +435,8 @@ def export_elastic(
         staged["report"] = _staging(targets["report"])
         report["build_times"]["export_s"] = time.perf_counter() - export_start
         _write_json(staged["report"], report)
+        if stale_stats is not None:  # overwrite=True (checked above): an earlier export's statistics
+            stale_stats.unlink(missing_ok=True)
         for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
             os.replace(staged[role], targets[role])
             placed.append(targets[role])
@@ -472,7 +478,7 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
     """Raise FileExistsError on every rank when rank 0 sees an existing export (no rank hangs)."""
     existing = None
     if trainer.is_global_zero and name is not None and not overwrite:
-        existing = next((str(p) for p in export_targets(dirpath, name).values() if p.exists()), None)
+        existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)
     existing = trainer.strategy.broadcast(existing, src=0)
     if existing is not None:
         raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it")

@@ -317,7 +317,7 @@ class SnapViT(Callback):
             p.grad = None
         name = self._name(student)
         if name is not None:
-            _refuse_existing(export_targets(self.dirpath, name), self.overwrite)
+            _refuse_existing(export_targets(self.dirpath, name, stats=True), self.overwrite)
         module = SnapViTModule(student, criterion=self.criterion)
         # Before the fit only explicit or DataLoader images; a datamodule's are read after the
         # fit (the inner fit configures it from the model), and the search reads them itself.

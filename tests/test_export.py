@@ -241,6 +241,20 @@ def test_export_refuses_overwrite_and_keeps_first(tmp_path, elastic):
     assert json.loads((tmp_path / "report.json").read_text())["budgets"][0]["mlp_ratio"] == 0.5
 
 
+def test_overwrite_with_the_plain_cut_removes_an_earlier_exports_statistics(tmp_path, elastic, images):
+    export_elastic(elastic, tmp_path, correct="lstsq", budgets=[(0.5, 0.5)], calibration_images=images)
+    assert (tmp_path / "test_vit.stats.safetensors").is_file()
+    model, name, kwargs = tiny_model("test_vit")
+    other = ElasticViT(model, random_scores(model, seed=1), model_name=name, model_kwargs=kwargs)  # another checkpoint
+    export_elastic(other, tmp_path, correct="none", budgets=[(0.5, 0.5)], overwrite=True)
+    assert not (tmp_path / "test_vit.stats.safetensors").exists()
+    assert ElasticViT.load(tmp_path / "test_vit.elastic.safetensors").stats is None  # loads: no foreign statistics
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "test_vit.stats.safetensors").write_bytes(b"left over")
+    with pytest.raises(FileExistsError, match=r"test_vit\.stats\.safetensors exists"):  # refused without overwrite
+        export_elastic(elastic, tmp_path / "fresh", correct="none", budgets=[(0.5, 0.5)])
+
+
 @pytest.mark.parametrize("where", ["_write_json", "_write_figure", "_write_subnet"])
 def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
     def boom(*args, **kwargs):
