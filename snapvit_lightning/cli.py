@@ -1,6 +1,6 @@
 """The ``snapvit`` command line.
 
-``snapvit fit|validate|test|predict`` is a LightningCLI over :class:`SnapViTModule` and
+``snapvit fit`` is a LightningCLI over :class:`SnapViTModule` and
 :class:`CalibrationDataModule` (YAML configs with ``class_path``/``init_args``); ``snapvit
 info`` (the budgets ``slice`` cuts by default), ``snapvit slice`` (weight-corrected by default
 when the checkpoint's statistics are beside it, with the units their ranking chooses when they
@@ -348,7 +348,7 @@ class SnapViTCLI:
 
     @staticmethod
     def run(args: Sequence[str] | None) -> None:
-        """Run a LightningCLI subcommand (fit/validate/test/predict); ``None`` reads ``sys.argv``."""
+        """Run LightningCLI's ``fit`` (the only subcommand a scoring module has); ``None`` reads ``sys.argv``."""
         from .console import lightning_cli_args, quiet_lightning
         from .data import CalibrationDataModule
         from .errors import one_line_error_parser
@@ -369,7 +369,7 @@ class SnapViTCLI:
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
             )
 
-_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
 
 
 def main(argv: Sequence[str] | None = None) -> int:

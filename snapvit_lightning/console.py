@@ -48,6 +48,10 @@ def quiet_lightning() -> Iterator[None]:
       deprecated ``LeafSpec`` for every DataLoader of every fit; no call of ours avoids it.
     * The "💡 Tip" to install litlogger: Lightning logs it from ``Trainer.__init__`` whenever no
       ``LitLogger`` is among the loggers, whatever the run.
+    * "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no
+      pre-optimization state was saved" (``ModelCheckpoint``, the mid-epoch checkpoints of
+      docs/resume.md): the scoring's optimizer never changes the model, so the states before and
+      after a step are the same.
 
     Everything else, warnings of user code and Lightning's other notices included, passes.
     """
@@ -60,6 +64,10 @@ def quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings(
             "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
+        )
+        warnings.filterwarnings(
+            "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+            r"pre-optimization state was saved", category=UserWarning,
         )
         rank_zero_log.addFilter(_not_litlogger_tip)
         try:

@@ -1,6 +1,6 @@
 """User errors on the command line: one line on stderr, no traceback.
 
-``snapvit`` (every subcommand, LightningCLI's ``fit``/``validate`` included) and the main job
+``snapvit`` (every subcommand, LightningCLI's ``fit`` included) and the main job
 ``python -m snapvit_lightning.quickstart`` run inside :func:`exit_on_user_error`: an error
 caused by the user's input ends the program with ``<prog>: error: <message>`` and exit
 status 2. User errors are

@@ -13,6 +13,8 @@ from snapvit_lightning.console import internal_fit, lightning_cli_args, quiet_li
 
 EVAL_MODE = "Found 276 module(s) in eval mode at the start of training. If this is intentional, you can ignore this warning."
 LEAF_SPEC = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead."
+CHECKPOINT = ("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state was "
+              "saved. The checkpoint will contain the model state AFTER optimization.")
 TIP = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/project/litlogger/)"
 
 
@@ -30,9 +32,10 @@ def _warned(message: str, category: type[Warning], module: str) -> bool:
     [
         (EVAL_MODE, PossibleUserWarning, "lightning.pytorch.loops.fit_loop"),
         (LEAF_SPEC, FutureWarning, "lightning.pytorch.utilities._pytree"),
+        (CHECKPOINT, UserWarning, "lightning.pytorch.callbacks.model_checkpoint"),
     ],
 )
-def test_silences_the_two_lightning_warnings(message: str, category: type[Warning], module: str) -> None:
+def test_silences_the_three_lightning_warnings(message: str, category: type[Warning], module: str) -> None:
     assert not _warned(message, category, module)
 
 

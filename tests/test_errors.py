@@ -77,6 +77,7 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "--calibration/--sequential/--damping/--damping-reference set a correction"),
         (["bench", "{elastic}", "--data", "{tmp}/one", "--no-latency"], "--data: bench needs at least 2 images, got 1"),
         (["nope"], "snapvit: error: argument command: invalid choice: 'nope'"),
+        (["validate", "--model.model", "test_vit"], "snapvit: error: argument command: invalid choice: 'validate'"),
         (["fit", "--model.nope", "1"], "snapvit fit: error: unrecognized arguments: --model.nope 1"),
         (["fit", "--config", "{tmp}/unknown_key.yaml"], "does not accept option 'model.nope'"),
         (["fit", "--config", "{tmp}/missing.yaml"], "File does not exist"),
