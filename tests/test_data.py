@@ -280,13 +280,14 @@ def test_find_images_imagefolder_layout(tmp_path: Path) -> None:
     _write_image(tmp_path / "cats" / "x.png")
     _write_image(tmp_path / "cats" / ".hidden.png")
     _write_image(tmp_path / "birds" / "y.webp")
+    _write_image(tmp_path / "birds" / "z.TIF")
     (tmp_path / "cats" / "notes.txt").write_text("x")
     (tmp_path / "README.md").write_text("x")
     files, labels, classes = find_images(tmp_path)
     assert classes == ["birds", "cats", "dogs"]
     rel = [f.relative_to(tmp_path).as_posix() for f in files]
-    assert rel == ["birds/y.webp", "cats/x.png", "dogs/b.jpg", "dogs/sub/a.JPEG"]
-    assert labels == [0, 1, 2, 2]
+    assert rel == ["birds/y.webp", "birds/z.TIF", "cats/x.png", "dogs/b.jpg", "dogs/sub/a.JPEG"]
+    assert labels == [0, 0, 1, 2, 2]
 
 
 def test_find_images_flat(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ __all__ = [
     "to_uint8_image",
 ]
 
-IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 #: Real photographs shipped inside scikit-image (no download needed). Grayscale ones are
