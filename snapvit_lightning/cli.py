@@ -352,6 +352,7 @@ class SnapViTCLI:
         from .console import lightning_cli_args, quiet_lightning
         from .data import CalibrationDataModule
         from .errors import one_line_error_parser
+        from .export import ExportCheck
         from .module import SnapViTModule
         from .precision import lightning_cli  # LightningCLI that resolves trainer.precision: auto
 
@@ -363,7 +364,8 @@ class SnapViTCLI:
                 # no model summary: a scoring run trains nothing (and its size estimate warns under bf16);
                 # the loss of every batch: an epoch of a few batches is all there is (Lightning warns otherwise)
                 trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-                                  "enable_model_summary": False, "log_every_n_steps": 1},
+                                  "enable_model_summary": False, "log_every_n_steps": 1,
+                                  "callbacks": [ExportCheck()]},  # warns when nothing would be written
                 save_config_callback=None,  # the quickstart saves the config it used; no stray config.yaml in cwd
                 parser_kwargs={"prog": "snapvit"},
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage

@@ -42,7 +42,7 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -61,6 +61,7 @@ from .search import EvolutionarySearch, scored_model
 
 __all__ = [
     "DEFAULT_BUDGETS",
+    "ExportCheck",
     "REPORT_NAME",
     "FIDELITY_PLOT_NAME",
     "KEPT_UNITS_PLOT_NAME",
@@ -668,3 +669,20 @@ class ElasticExport(Callback):
         trainer.strategy.barrier("snapvit_elastic_export")
         if error is not None:
             raise error
+
+
+class ExportCheck(Callback):
+    """Warns when a fit has no :class:`ElasticExport`: its scores would be computed, then dropped.
+
+    ``snapvit fit`` adds it to every Trainer it builds: ``snapvit fit --model.model NAME --data.data_dir
+    DIR`` without a config that lists the export writes nothing, which is easy to miss.
+    """
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not any(isinstance(cb, ElasticExport) for cb in trainer.callbacks):
+            rank_zero_warn(
+                "this fit has no ElasticExport callback, so it writes nothing (the scores are computed and dropped); "
+                "run it with --config configs/quickstart.yaml, or add --trainer.callbacks+=snapvit_lightning.export."
+                "ElasticExport --trainer.callbacks.dirpath DIR"
+            )

@@ -368,6 +368,25 @@ def test_fit_console_is_quiet_and_the_search_logs_its_curves(tmp_path) -> None:
     assert all(r["search/cos_mlp0.35_head0.2"] and r["search/cos_mlp0.65_head0.5"] for r in rows)
 
 
+def test_fit_without_an_export_warns_that_it_writes_nothing(tmp_path, monkeypatch) -> None:
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    photos = _image_folder(tmp_path / "photos", n=4)
+    base = ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir", str(photos),
+            "--data.batch_size", "2", "--data.num_local_crops", "2", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
+    with pytest.warns(UserWarning, match="this fit has no ElasticExport callback, so it writes nothing"):
+        main(base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*base, "--trainer.callbacks+=snapvit_lightning.export.ElasticExport", "--trainer.callbacks.dirpath",
+              str(tmp_path / "out"), "--trainer.callbacks.correct", "none"])
+    assert not [w for w in caught if "writes nothing" in str(w.message)]
+    assert (tmp_path / "out" / "test_vit.elastic.safetensors").is_file()
+
+
 def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, capsys) -> None:
     import copy
 
