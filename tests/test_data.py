@@ -193,6 +193,18 @@ def test_eval_transform() -> None:
     torch.testing.assert_close(out, torch.zeros_like(out), atol=1e-5, rtol=0)
 
 
+def test_eval_view_of_a_long_strip_keeps_its_centre_without_resizing_it_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapvit_lightning.data import crops
+
+    g = torch.Generator().manual_seed(0)
+    strip = torch.randint(0, 256, (3, 40, 2000), generator=g, dtype=torch.uint8)  # 50:1
+    cut = eval_transform(strip, 64)
+    monkeypatch.setattr(crops, "_MAX_EVAL_ASPECT", 10**9)  # resized whole, as before
+    torch.testing.assert_close(cut, eval_transform(strip, 64), rtol=0, atol=1e-6)
+    monkeypatch.undo()
+    assert eval_transform(torch.zeros(3, 2, 30000, dtype=torch.uint8), 160).shape == (3, 160, 160)  # was ~4 GB
+
+
 # ------------------------------------------------------------------ conversion / decoding
 
 

@@ -175,6 +175,10 @@ def _normalize_uint8(img: Tensor, mean: Sequence[float], std: Sequence[float]) -
     return out.sub_(m).div_(s)
 
 
+#: Longest aspect ratio :func:`eval_transform` resizes whole (longer ones are cut to their centre first).
+_MAX_EVAL_ASPECT = 8
+
+
 def eval_transform(
     img: Tensor,
     size: int,
@@ -186,7 +190,10 @@ def eval_transform(
 
     The shorter side is resized (bilinear, antialiased, torchvision's v2 ``resize`` on ``uint8``)
     to ``floor(size / crop_pct)`` (256 for 224), the longer side rounded to keep the aspect
-    ratio, then the central ``size x size`` square is kept (offsets rounded down).
+    ratio, then the central ``size x size`` square is kept (offsets rounded down). An image more
+    than :data:`_MAX_EVAL_ASPECT` times longer than wide (or wide than high) is first cut to its
+    central part of that aspect ratio, which holds the crop: resizing a 2 x 30000 strip whole would
+    take gigabytes.
 
     Args:
         img: ``uint8`` ``[3, H, W]`` (or float in [0, 1]).
@@ -205,6 +212,10 @@ def eval_transform(
         raise ValueError(f"`crop_pct` must be in (0, 1], got {crop_pct!r}")
     x = _as_uint8_chw(img)
     h, w = x.shape[-2:]
+    if max(h, w) > _MAX_EVAL_ASPECT * min(h, w):  # a long strip: keep its centre, or the resize below takes GBs
+        keep = _MAX_EVAL_ASPECT * min(h, w)
+        x = x[:, (h - keep) // 2:(h - keep) // 2 + keep, :] if h > w else x[:, :, (w - keep) // 2:(w - keep) // 2 + keep]
+        h, w = x.shape[-2:]
     scale = max(size, math.floor(size / crop_pct))
     if h <= w:
         new_h, new_w = scale, max(scale, round(w * scale / h))
