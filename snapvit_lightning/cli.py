@@ -23,8 +23,12 @@ from .cli_args import budget_arg
 def _info(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT, read_metadata
 
+    if not args.latency and (args.batch_size, args.threads, args.device) != (None, None, None):
+        raise ValueError("--batch-size/--threads/--device say how --latency measures; give --latency too")
     meta = read_metadata(args.path)
     if meta["kind"] != "elastic":
+        if args.latency or args.no_correct:
+            raise ValueError(f"{args.path} is a subnet: --latency/--no-correct apply to elastic checkpoints")
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
         return 0
     elastic = ElasticViT.load(args.path)
@@ -59,14 +63,15 @@ def _info_latencies(args: argparse.Namespace, elastic: object) -> tuple[list[flo
     """
     from .latency import measure_models
 
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    device = args.device or "cpu"
     dense, rows = tuple(elastic.dims(0.0, 0.0)), [tuple(elastic.dims(*b)) for b in args.budgets]
     unique = list(dict.fromkeys([dense, *rows]))  # a budget that equals another is timed once
     models = [elastic.model if d == dense else elastic.slice(d, correct="none") for d in unique]
-    measured = dict(zip(unique, measure_models(models, batch_size=args.batch_size, device=args.device,
-                                               threads=args.threads)))
+    measured = dict(zip(unique, measure_models(models, batch_size=batch_size, device=device, threads=args.threads)))
     latencies = [measured[dense], *(measured[d] for d in rows)]
     threads = "" if args.threads is None else f", {args.threads} thread{'s' * (args.threads != 1)}"
-    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {args.batch_size} on {args.device} "
+    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {device} "
                        f"(torch{threads}); dense model {latencies[0]:.2f} ms")
 
 
@@ -184,18 +189,20 @@ def _slice(args: argparse.Namespace) -> int:
     if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
         raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
     out = _output_file(args.output, args.overwrite)
+    suffix = out.suffix.lower()
     other = {"onnx": ".safetensors", "safetensors": ".onnx"}.get(args.format)
-    if other is not None and out.suffix == other:
+    if other is not None and suffix == other:
         raise ValueError(f"--format {args.format} would write {args.format} into '{out}'; "
                          f"name the file *.{args.format} or leave --format out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx = args.format == "onnx" or (args.format is None and out.suffix == ".onnx")
+    onnx = args.format == "onnx" or (args.format is None and suffix == ".onnx")
     elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
         budget = elastic.latency_budget(  # times the cuts this correction gives (the ranked ones, with a ranking)
-            args.latency_ms, batch_size=args.batch_size or 1, device=args.device or "cpu", threads=args.threads,
+            args.latency_ms, batch_size=1 if args.batch_size is None else args.batch_size, device=args.device or "cpu",
+            threads=args.threads,
             backend="onnx" if onnx else "torch", correct=correction["correct"],
             calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
         )
@@ -274,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5)",
     )
     info.add_argument("--latency", action="store_true", help="also measure each budget's latency on this machine")
-    info.add_argument("--batch-size", type=int, default=1, help="images per timed batch for --latency (default: 1)")
+    info.add_argument("--batch-size", type=int, default=None, help="images per timed batch for --latency (default: 1)")
     info.add_argument("--threads", type=int, default=None, help="intra-op threads for --latency (default: as is)")
-    info.add_argument("--device", default="cpu", help="device for --latency (default: cpu)")
+    info.add_argument("--device", default=None, help="device for --latency (default: cpu)")
     info.add_argument("--no-correct", action="store_true",
                       help="show the plain cut (default: the corrected subnets' cut when the statistics carry a ranking)")
     info.set_defaults(func=_info)

@@ -319,7 +319,10 @@ class ElasticViT:
         """
         from .latency import find_latency_budget
 
-        source = self._ranked_cut(*self._resolve_correction(correct, calibration), sequential) or self
+        correct, calibration = self._resolve_correction(correct, calibration)
+        _check_correction_args(correct, calibration, None, "mean", sequential)  # as subnet() would
+        self.resolve_budget(flops=1.0, head_ratio_scale=head_ratio_scale)  # checks head_ratio_scale
+        source = self._ranked_cut(correct, calibration, sequential) or self
 
         def build(f: float) -> nn.Module:  # uncorrected: a correction does not change the shapes
             ratios = self.resolve_budget(flops=f, head_ratio_scale=head_ratio_scale)

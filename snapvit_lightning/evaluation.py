@@ -409,13 +409,25 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _device_available(dev: torch.device) -> bool:
+    if dev.type == "cpu":
+        return True
+    if dev.type == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.xpu, ...
+    return callable(getattr(backend, "is_available", None)) and bool(backend.is_available())
+
+
 def _check_device(device: object) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must name a torch device, got {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "meta":  # moving a model there would drop its weights
+        raise ValueError(f"device {device!r} holds no values; use cpu or an accelerator of this machine")
+    if not _device_available(dev):
+        name = "CUDA" if dev.type == "cuda" else dev.type
+        raise ValueError(f"device {device!r} asked for, but {name} is not available")
     return dev
 
 

@@ -300,6 +300,8 @@ def find_latency_budget(
     if min_flops > 1.0:
         raise ValueError(f"min_flops must be in (0, 1], got {min_flops!r}")
     resolution = _check_positive_float("resolution", resolution)
+    if resolution >= 1.0:  # the FLOPs line is (0, 1]: a step of 1 or more bisects nothing
+        raise ValueError(f"resolution must be in (0, 1), got {resolution!r}")
     batch_size = _check_int("batch_size", batch_size, 1)
     warmup = _check_int("warmup", warmup, 0)
     repeats = _check_int("repeats", repeats, 1)

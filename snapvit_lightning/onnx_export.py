@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 ONNX_OPSET = 17
+try:  # the highest opset the TorchScript exporter writes (a private constant of torch.onnx)
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as _MAX_OPSET
+except ImportError:  # pragma: no cover - another torch layout
+    _MAX_OPSET = 20
 INPUT_NAME = "images"
 OUTPUT_NAME = "output"
 
@@ -129,15 +133,23 @@ def onnx_bytes(model: nn.Module, *, batch_size: int = 2, opset: int = ONNX_OPSET
     Args:
         model: A timm ViT (sliced or not); its train/eval mode is restored afterwards.
         batch_size: Batch of the example input the graph is traced with (any batch runs).
-        opset: ONNX opset version (at least 14, for ``scaled_dot_product_attention``).
+        opset: ONNX opset version (at least 14, for ``scaled_dot_product_attention``; at most what
+            this torch's exporter writes).
 
     Raises:
         TypeError: If ``model`` is not a timm ViT.
-        ValueError: A bad ``batch_size`` or ``opset``.
+        ValueError: A bad ``batch_size`` or ``opset``, or a model that is not float32.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}")
     batch_size = _check_int("batch_size", batch_size, 1)
     opset = _check_int("opset", opset, 14)
+    if opset > _MAX_OPSET:
+        raise ValueError(f"opset must be at most {_MAX_OPSET} (this torch's TorchScript exporter), got {opset}")
     param = next(model.parameters(), None)
+    if param is not None and param.dtype != torch.float32:
+        raise ValueError(f"ONNX export takes a float32 model (its graph and ONNX Runtime's check run float32), "
+                         f"got {param.dtype}: export model.float()")
     example = torch.randn(
         _input_shape(model, batch_size),
         device=param.device if param is not None else None,
@@ -218,10 +230,13 @@ def save_onnx(
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
     if check_images is not None:
         _check_graph_images(model, check_images, "check_images")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"path '{path}' is a folder; give an .onnx file name")
     data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset)
     if not diff <= atol:
         raise ValueError(f"ONNX Runtime's output differs from torch's by {diff:.3g} (max abs) > atol={atol}")
-    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
@@ -259,11 +274,22 @@ class OnnxModel(nn.Module):
             raise ValueError(
                 f"device {device!r} is not available to ONNX Runtime (providers: {ort.get_available_providers()})"
             )
+        if not isinstance(onnx, (bytes, bytearray)) and not Path(onnx).is_file():
+            raise FileNotFoundError(f"no ONNX file at '{onnx}'")
         source = bytes(onnx) if isinstance(onnx, (bytes, bytearray)) else str(onnx)
         self.session = ort.InferenceSession(source, options, providers=[provider])
+        self.input_shape = list(self.session.get_inputs()[0].shape)  # e.g. ["batch", 3, 112, 112]
 
     def forward(self, images: Tensor) -> Tensor:
-        """Run the graph on ``images`` ``[B, C, H, W]``; returns the output as a CPU float tensor."""
+        """Run the graph on ``images`` ``[B, C, H, W]``; returns the output as a CPU float tensor.
+
+        Raises:
+            ValueError: ``images`` whose shape the graph does not take (named with the one it does).
+        """
+        fixed = [(i, n) for i, n in enumerate(self.input_shape) if isinstance(n, int)]
+        if images.dim() != len(self.input_shape) or any(images.shape[i] != n for i, n in fixed):
+            raise ValueError(f"images must be {['B' if not isinstance(n, int) else n for n in self.input_shape]} "
+                             f"for this graph, got {list(images.shape)}")
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
 

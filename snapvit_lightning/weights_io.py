@@ -31,10 +31,15 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"'{path}' is a folder; give a .safetensors file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     umask = os.umask(0)

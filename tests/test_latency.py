@@ -143,6 +143,8 @@ def test_load_drift_is_read_relative_to_the_dense_model(el: ElasticViT) -> None:
         (dict(threads=0), "threads must be an int >= 1"),
         (dict(backend="tensorrt"), r"backend must be one of \('torch', 'onnx'\)"),
         (dict(device="nonsense"), "device must name a torch device"),
+        (dict(device="meta"), "device 'meta' holds no values"),
+        (dict(resolution=2.0), r"resolution must be in \(0, 1\), got 2.0"),
     ],
 )
 def test_bad_arguments(el: ElasticViT, kwargs: dict, match: str) -> None:
@@ -260,6 +262,23 @@ def test_subnet_latency_ms_passes_the_correction_through(el: ElasticViT, flops_c
         assert torch.equal(a, b)
 
 
+def test_measure_models_refuses_the_meta_device_and_leaves_the_model_whole(el: ElasticViT) -> None:
+    before = {k: v.clone() for k, v in el.model.state_dict().items()}
+    with pytest.raises(ValueError, match="device 'meta' holds no values"):
+        measure_models([el.model], device="meta")
+    assert all(torch.equal(before[k], v) for k, v in el.model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(correct="bogus"), r"correct must be one of \('auto', 'none', 'bias', 'lstsq'\), got 'bogus'"),
+    (dict(correct="lstsq"), "correct='lstsq' needs calibration"),  # no statistics: was the plain cut, silently
+    (dict(head_ratio_scale=2.0), r"head_ratio_scale must be in \[0, 1\], got 2.0"),
+])
+def test_latency_budget_checks_its_arguments_as_subnet_does(el: ElasticViT, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        el.latency_budget(1.0, timer=flops_timer, **kwargs)
+
+
 def test_subnet_latency_ms_errors(el: ElasticViT, one_thread: None) -> None:
     with pytest.raises(ValueError, match="either latency_ms or mlp_ratio/head_ratio/flops/params"):
         el.subnet(flops=0.5, latency_ms=3.0)
@@ -304,6 +323,8 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
         (["--latency-ms", "5", "--flops", "0.5"], "give either --latency-ms or --flops/--mlp-ratio/--head-ratio"),
         (["--flops", "0.5", "--threads", "2"], "say how --latency-ms is measured; give --latency-ms too"),
         (["--latency-ms", "0"], "latency_ms must be a finite number > 0"),
+        (["--latency-ms", "5", "--batch-size", "0"], "batch_size must be an int >= 1, got 0"),  # was run with 1
+        (["--latency-ms", "5", "--device", "meta"], "device 'meta' holds no values"),
     ],
 )
 def test_cli_slice_latency_refusals_are_one_line(

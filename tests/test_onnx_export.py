@@ -92,6 +92,28 @@ def test_not_a_vit_and_bad_inputs() -> None:
             save_onnx(el.model, "never_written.onnx", atol=atol)
     with pytest.raises(ValueError, match=r"check_images must be \[N, 3, 160, 160\]"):
         save_onnx(el.model, "never_written.onnx", check_images=x[:, :, :32, :32])
+    with pytest.raises(TypeError, match="model must be a timm ViT"):
+        onnx_bytes(el)  # the ElasticViT, not a model
+    with pytest.raises(ValueError, match=r"opset must be at most \d+"):
+        onnx_bytes(el.model, opset=99)
+    for dtype in (torch.float16, torch.bfloat16):  # its graph would not run on float32 inputs
+        with pytest.raises(ValueError, match=f"ONNX export takes a float32 model .*got {dtype}"):
+            onnx_bytes(el.subnet(0.5, 0.5).to(dtype))
+    with pytest.raises(FileNotFoundError, match="no ONNX file at"):
+        OnnxModel("missing.onnx")
+
+
+def test_onnx_files_and_runner_inputs(tmp_path: Path) -> None:
+    el = _elastic("test_vit")
+    sub = el.subnet(0.5, 0.5)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_onnx(sub, tmp_path)
+    path = tmp_path / "new" / "sub.onnx"  # its folder is created, as for safetensors files
+    save_onnx(sub, path)
+    runner = OnnxModel(path)
+    assert runner.input_shape[1:] == [3, 160, 160]
+    with pytest.raises(ValueError, match=r"images must be \['B', 3, 160, 160\] for this graph, got \[2, 3, 32, 32\]"):
+        runner(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="device 'tpu' is not available to ONNX Runtime"):
         OnnxModel(b"", device="tpu")
     with pytest.raises(ValueError, match="threads must be an int >= 1"):

@@ -155,3 +155,5 @@ def test_written_files_get_the_mode_of_new_files_and_nothing_else_is_left(tmp_pa
         assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
     assert torch.equal(load_file(path)["a"], torch.arange(3.0))
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m.elastic.safetensors", "w.safetensors"]
+    with pytest.raises(IsADirectoryError, match="is a folder; give a .safetensors file name"):
+        write_safetensors(tmp_path / "new", {"a": torch.zeros(1)})
