@@ -418,6 +418,14 @@ def test_folder_without_readable_images(tmp_path: Path) -> None:
         dm.setup("fit")
 
 
+def test_a_broken_link_in_a_folder_is_skipped_by_name(tmp_path: Path, tiny_vit: torch.nn.Module) -> None:
+    _write_image(tmp_path / "photos" / "a.jpg")
+    (tmp_path / "photos" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 images .*gone\.jpg.*a broken link"):
+        images = load_eval_images(tmp_path / "photos", tiny_vit)[0]
+    assert len(images) == 1
+
+
 def test_single_unreadable_file(tmp_path: Path) -> None:
     bad = _write_corrupt(tmp_path / "broken.jpg")
     with pytest.raises(ValueError, match="cannot read image file.*broken.jpg"):

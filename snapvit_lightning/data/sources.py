@@ -127,6 +127,8 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
             32-bit; the message names the file.
     """
     path = Path(path)
+    if not path.exists() and path.is_symlink():  # listed in a folder, but nothing to read: skipped by name
+        raise UnreadableImageError(f"cannot read image file '{path}': a broken link (to '{os.readlink(path)}')")
     if not path.exists():
         raise FileNotFoundError(f"image file not found: '{path}'")
     try:
@@ -254,7 +256,7 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
         return not any(part.startswith(".") for part in p.relative_to(root).parts)
 
     def is_image(p: Path) -> bool:
-        return p.suffix.lower() in IMG_EXTENSIONS and p.is_file() and visible(p)
+        return p.suffix.lower() in IMG_EXTENSIONS and (p.is_file() or p.is_symlink()) and visible(p)
 
     files = sorted((p for p in _walk(root) if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
