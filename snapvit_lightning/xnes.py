@@ -250,6 +250,8 @@ class XNES:
 
         if not _is_int(seed):
             raise TypeError(f"`seed` must be an int, got {seed!r} of type {type(seed).__name__}")
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"`seed` must be in [-2**63, 2**64), got {seed!r}")
         self.seed = seed
 
         self.bounds = self._check_bounds(bounds)

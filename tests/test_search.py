@@ -505,6 +505,9 @@ def test_run_search_early_stop_gives_the_same_result() -> None:
         ({"correct": "ols"}, "correct must be one of"),
         ({"space": "cosine"}, r"space must be one of \('raw', 'pca'\), got 'cosine'"),
         ({"early_stop": 1}, r"early_stop must be True or False, got 1"),
+        ({"autocast": torch.int32}, r"autocast must be a bool, None or one of torch.bfloat16, torch.float16, torch.float32"),
+        ({"ratio_pairs": [(0.3, 0.2), (0.30000001, 0.2)]}, r"ratio_pairs holds \(0.3, 0.2\) more than once"),
+        ({"seed": 2**70}, r"`seed` must be in \[-2\*\*63, 2\*\*64\)"),
     ],
 )
 def test_run_search_errors(kwargs, match) -> None:
@@ -528,6 +531,17 @@ def test_fitness_image_errors(images, match) -> None:
         Fitness(model, random_scores(model), images)
     with pytest.raises(ValueError, match=match):
         EvolutionarySearch(images=images)
+
+
+def test_fitness_images_the_model_does_not_take() -> None:
+    """Checked against the model: not timm's assertion or an SVD of NaNs."""
+    model, _, _ = small_vit()
+    x = images_for(model)
+    with pytest.raises(ValueError, match="images hold non-finite values"):
+        run_search(model, random_scores(model), torch.full_like(x, float("nan")), max_evals=1)
+    fixed = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32).eval()  # a fixed size
+    with pytest.raises(ValueError, match=r"images must be a non-empty float tensor \[N, 3, 32, 32\] for this model, got \[4, 3, 48, 48\]"):
+        Fitness(fixed, random_scores(fixed), torch.randn(4, 3, 48, 48))
 
 
 def test_fitness_other_errors() -> None:
@@ -736,9 +750,11 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     assert resumed.reference_cosines == full.reference_cosines and (full.reference_cosines is None) == (guard == 0)
     # a state saved by another fitness cannot be resumed: its values are not comparable
     changes = ({"guard": guard + 1.0}, {"ratio_pairs": [(0.35, 0.2)]}, {"space": "pca"}, {"balance": None}, {"fitness_samples": 3})
+    changes += ({"seed": 1},)  # with fitness_samples (default 64) the seed draws the fitness images' subset
     for change in changes:
         other = EvolutionarySearch(max_evals=8, images=x, **{**kw, **change})
-        with pytest.raises(ValueError, match=f"other fitness settings \\({next(iter(change))}: saved"):
+        key = {"seed": "fitness_seed"}.get(next(iter(change)), next(iter(change)))
+        with pytest.raises(ValueError, match=f"other fitness settings \\({key}: saved"):
             other.load_state_dict(state)
     # a state saved without the guard's reference and the settings (an older file): the reference is
     # recomputed from the start point, the settings are assumed, with a warning
@@ -755,6 +771,11 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     done.load_state_dict(resumed.state_dict())
     fit_with(done, model, scores, tmp_path)
     assert done.fitness.num_evals == 0 and same_history(done.history, full.history)
+    # the same callback in a second fit, without load_state_dict: a new search, not the first's continuation
+    fit_with(done, model, random_scores(model, seed=5), tmp_path)
+    fresh = EvolutionarySearch(max_evals=8, images=x, **kw)
+    fit_with(fresh, model, random_scores(model, seed=5), tmp_path)
+    assert same_history(done.history, fresh.history) and done.initial_fitness == fresh.initial_fitness
 
 
 # ------------------------------------------------------------------------------ DDP

@@ -320,8 +320,15 @@ class EvolutionarySearch(Callback):
         self.fitness: Fitness | None = None
         self._xnes_state: dict[str, Any] | None = None
         self._final_state: dict[str, Any] | None = None
+        self._resumed = False  # load_state_dict() before this fit: continue its search, else start afresh
 
     # ------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self.best_weights, self.best_fitness, self.initial_fitness = None, None, None
+        self.reference_cosines, self.covariance, self.fitness = None, None, None
+        self.history = []
+        self._xnes_state, self._final_state = None, None
 
     def _fitness_images(self, trainer: pl.Trainer) -> Tensor:
         if self.images is not None:
@@ -342,6 +349,9 @@ class EvolutionarySearch(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         search_start = time.perf_counter()
+        if not self._resumed:  # a callback used for a second fit searches afresh, not from the first's state
+            self._reset()
+        self._resumed = False
         evals_before = len(self.history)
         student, scores = scored_model(pl_module, "EvolutionarySearch")
         scores, initial_weights = _balanced_start(scores, self.balance, self.initial_weights)
@@ -469,6 +479,7 @@ class EvolutionarySearch(Callback):
             "pca_components": self.pca_components,
             "balance": balance,
             "fitness_samples": self.fitness_samples,
+            "fitness_seed": None if self.fitness_samples is None else self.seed,  # draws the fitness_samples subset
         }
 
     def _check_saved_settings(self, saved: dict[str, Any] | None) -> None:
@@ -479,7 +490,9 @@ class EvolutionarySearch(Callback):
                 f"(saved by an older version); resuming assumes they equal this callback's {ours}"
             )
             return
-        differ = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in ours.items() if saved.get(k) != v]
+        later = {"fitness_seed"}  # recorded since 2026-12-06: older states are compared without it
+        differ = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in ours.items()
+                  if (k in saved or k not in later) and saved.get(k) != v]
         if differ:
             raise ValueError(
                 f"state_dict was saved by a search with other fitness settings ({', '.join(differ)}); "
@@ -490,13 +503,19 @@ class EvolutionarySearch(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next search continues up to ``max_evals`` in total.
 
+        The continued search equals an uninterrupted one when the saved search stopped at the end
+        of an xNES generation (its ``max_evals`` a multiple of the population); a partly evaluated
+        generation is drawn again.
+
         Raises:
             ValueError: If the state was saved with other fitness settings (``ratio_pairs``,
-                ``guard``, ``space``, ``correct``, ``pca_components``, ``balance``, ``fitness_samples``) than this
+                ``guard``, ``space``, ``correct``, ``pca_components``, ``balance``, ``fitness_samples``
+                and, with ``fitness_samples``, the ``seed`` that draws them) than this
                 callback's: its fitness values would not be comparable. A state saved before
                 these settings were recorded (no ``fitness_settings``) is restored as it is, with
                 a warning.
         """
+        self._resumed = True
         if state_dict.get("history"):  # an empty search has no fitness values to compare
             self._check_saved_settings(state_dict.get("fitness_settings"))
         self._xnes_state = None if state_dict.get("xnes") is None else dict(state_dict["xnes"])

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..correction import augmented_weight, check_correction, collect_stats, has_cut_norm, solve_layer, stats_damping
 from ..forward import embed
 from ..scores import ImportanceScores, check_ratio
-from ..structure import get_blocks, head_channels, inspect_vit
+from ..structure import check_model_images, get_blocks, head_channels, inspect_vit
 from .partial import PartialFitness, _check_stop_above
 from .views import _build_master, _descending, _frozen, _set_block_view
 
@@ -118,9 +118,14 @@ def _check_ratio_pairs(ratio_pairs: Any) -> tuple[tuple[float, float], ...]:
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError(f"ratio_pairs must be a non-empty sequence of (mlp_ratio, head_ratio) pairs, got {ratio_pairs!r}")
     try:
-        return tuple((check_ratio(m, "mlp_ratio"), check_ratio(h, "head_ratio")) for m, h in pairs)
+        checked = tuple((check_ratio(m, "mlp_ratio"), check_ratio(h, "head_ratio")) for m, h in pairs)
     except ValueError as err:
         raise ValueError(f"ratio_pairs={ratio_pairs!r}: {err}") from None
+    labels = [f"({m:g}, {h:g})" for m, h in checked]  # as logged (search/cos_mlp{m:g}_head{h:g})
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"ratio_pairs holds {', '.join(twice)} more than once (a pair counts once); got {ratio_pairs!r}")
+    return checked
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
@@ -314,7 +319,7 @@ class Fitness:
         self.correct, self.damping, self.damping_reference = check_correction(correct, damping, damping_reference)
         self.pca_components = _check_int("pca_components", pca_components, 1)
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        images = _check_images(images)
+        images = check_model_images(model, _check_images(images), "images")  # the size and finite values the model takes
         world_size = _check_int("world_size", world_size, 1)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
@@ -663,6 +668,6 @@ def _resolve_autocast(autocast: bool | torch.dtype | None) -> torch.dtype | None
         return None
     if autocast is True:
         return torch.bfloat16
-    if isinstance(autocast, torch.dtype):
+    if autocast in (torch.bfloat16, torch.float16, torch.float32):
         return autocast
-    raise ValueError(f"autocast must be a bool, a torch.dtype or None, got {autocast!r}")
+    raise ValueError(f"autocast must be a bool, None or one of torch.bfloat16, torch.float16, torch.float32, got {autocast!r}")
