@@ -655,7 +655,9 @@ class AutoPrecisionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={}) or {}
         requested = kwargs.get("precision", config.get("precision"))
-        if requested is not None and str(requested) not in _allowed():  # before Lightning turns 16-mixed into bf16 on a CPU
+        lightning_alias = {"bf16": "bf16-mixed"}  # Lightning's short name of an allowed precision
+        if requested is not None and lightning_alias.get(str(requested), str(requested)) not in _allowed():
+            # refused here: Lightning would turn 16-mixed into bf16-mixed on a CPU, unseen by the module
             raise ValueError(
                 f"trainer.precision must be one of {list(_allowed())}, got {requested!r} (16-bit floats scale the "
                 "loss, which corrupts raw gradient scores; 64-bit is not supported)"
