@@ -205,7 +205,7 @@ class XNES:
         popsize: Samples per generation; defaults to ``4 + floor(3 ln d)``.
         bounds: ``(lo, hi)`` box applied to every coordinate of the evaluated candidates, or
             ``None`` for an unbounded search.
-        seed: Seed of the private :class:`torch.Generator`.
+        seed: Seed of the private :class:`torch.Generator`, in ``[-2**63, 2**64)``.
         eta_mu: Learning rate of the mean; defaults to 1.
         eta_sigma: Learning rate of the step size; defaults to ``(9 + 3 ln d) / (5 d sqrt d)``.
         eta_B: Learning rate of the shape matrix ``B``; same default as ``eta_sigma``.
@@ -237,9 +237,7 @@ class XNES:
         if dim < 1:
             raise ValueError(f"`dim` must be >= 1, got {dim!r}")
         self.dim = dim
-
         sigma = _positive_float("sigma", sigma)
-
         if popsize is None:
             popsize = default_popsize(dim)
         if not _is_int(popsize):
