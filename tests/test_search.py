@@ -724,6 +724,25 @@ def test_callback_needs_images_and_scores(tmp_path: Path) -> None:
         trainer.fit(module)
 
 
+def test_callback_refuses_too_few_fitness_images_before_the_scoring_epoch(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from snapvit_lightning.data import CalibrationDataModule
+    from snapvit_lightning.module import SnapViTModule
+
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    dm = CalibrationDataModule(tmp_path, holdout=1, batch_size=2, num_local_crops=2)
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": 32})
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EvolutionarySearch(max_evals=2, **SEARCH_KW)])
+    with pytest.raises(ValueError, match="needs at least 2 fitness images, the datamodule gives 1: its `holdout`"):
+        trainer.fit(module, datamodule=dm)
+    assert module.scores is None  # refused before the scoring epoch, not after it
+
+
 @pytest.mark.parametrize("guard", [0.0, 10.0])
 def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float) -> None:
     model, _, _ = small_vit()

@@ -508,3 +508,9 @@ class CalibrationDataModule(LightningDataModule):
         """Number of (readable) calibration images."""
         self._ensure_decoded()
         return len(self._cal_images)
+
+    @property
+    def num_fitness_images(self) -> int:
+        """Number of :meth:`fitness_images` (without building them)."""
+        self._ensure_decoded()
+        return len(self._cal_images if self._fit_images is None else self._fit_images)

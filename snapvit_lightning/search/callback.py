@@ -343,7 +343,17 @@ class EvolutionarySearch(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Note when the scoring epoch starts (the scoring time is recorded with the scores)."""
+        """Refuse too few fitness images before the scoring epoch; note when it starts (for the scores' record).
+
+        Raises:
+            ValueError: The datamodule gives fewer than 2 fitness images (the search's PCA needs 2).
+        """
+        count = getattr(getattr(trainer, "datamodule", None), "num_fitness_images", None) if self.images is None else None
+        if count is not None and count < 2:
+            raise ValueError(
+                f"EvolutionarySearch needs at least 2 fitness images, the datamodule gives {count}: its `holdout` "
+                "images, or with holdout=0 its calibration images (`data_dir`, `max_samples`)"
+            )
         self._train_start = time.perf_counter()
 
     @override
