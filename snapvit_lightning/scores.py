@@ -132,6 +132,10 @@ class ImportanceScores:
         if self.covariance is not None:
             d = self.num_weights
             self.covariance = self._check_tensor(self.covariance, (d, d), "covariance")
+            scale = float(self.covariance.abs().max()) or 1.0
+            if not torch.allclose(self.covariance, self.covariance.T, rtol=0, atol=1e-9 * scale) or \
+                    float(torch.linalg.eigvalsh(self.covariance).min()) < -1e-9 * scale:
+                raise ValueError("covariance must be symmetric positive semi-definite (the search's learned covariance)")
         self.min_mlp_keep = check_fraction(self.min_mlp_keep, "min_mlp_keep")
         self.min_head_keep = check_fraction(self.min_head_keep, "min_head_keep")
         if not isinstance(self.criterion, str) or not self.criterion:

@@ -53,6 +53,9 @@ def test_weights_rescale_the_ranking() -> None:
     neurons, _ = s.keep_counts(0.3, 0.0, weights=w)  # 24 pruned: all 19 prunable of block 0 first
     assert neurons[0] == s.min_neurons
     weighted = s.with_weights(w, covariance=torch.eye(s.num_weights))
+    for bad in (-torch.eye(s.num_weights), torch.eye(s.num_weights) + torch.triu(torch.ones(s.num_weights, s.num_weights), 1)):
+        with pytest.raises(ValueError, match="covariance must be symmetric positive semi-definite"):
+            s.with_weights(w, covariance=bad)
     assert torch.equal(weighted.keep_counts(0.3, 0.0)[0], neurons)
     assert torch.equal(weighted.weight_vector(), w.double())
     # |w| is used: a negative weight ranks like its absolute value

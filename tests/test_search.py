@@ -279,7 +279,8 @@ def test_guard_penalises_each_pair_below_the_first_call() -> None:
         ({"guard": -1.0}, r"guard must be a finite number >= 0, got -1.0"),
         ({"guard": float("nan")}, r"guard must be a finite number >= 0, got nan"),
         ({"guard": True}, r"guard must be a finite number >= 0, got True"),
-        ({"guard": 1.0, "reference_cosines": [0.5]}, rf"reference_cosines must be {len(DEFAULT_RATIO_PAIRS)} finite numbers"),
+        ({"guard": 1.0, "reference_cosines": [0.5]}, rf"reference_cosines must be {len(DEFAULT_RATIO_PAIRS)} cosines in \[-1, 1\]"),
+        ({"guard": 1.0, "reference_cosines": [5.0] * len(DEFAULT_RATIO_PAIRS)}, "reference_cosines must be .* cosines in"),
     ],
 )
 def test_guard_errors(kwargs, match) -> None:

@@ -651,8 +651,8 @@ def check_guard(guard: Any) -> float:
 
 def _check_reference(reference: Sequence[float] | Tensor, num_pairs: int) -> Tensor:
     ref = torch.as_tensor(reference, dtype=torch.float64).flatten()
-    if ref.numel() != num_pairs or not bool(torch.isfinite(ref).all()):
-        raise ValueError(f"reference_cosines must be {num_pairs} finite numbers (one per ratio pair), got {reference!r}")
+    if ref.numel() != num_pairs or not bool(torch.isfinite(ref).all()) or bool((ref.abs() > 1).any()):
+        raise ValueError(f"reference_cosines must be {num_pairs} cosines in [-1, 1] (one per ratio pair), got {reference!r}")
     return ref
 
 
