@@ -156,7 +156,7 @@ class EvolutionarySearch(Callback):
         batch_size: Images per forward pass.
         images: Fitness images: a float tensor ``[M, 3, S, S]`` or an iterable (e.g. a
             DataLoader) of such batches or ``(images, ...)`` tuples. ``None``: the datamodule's.
-        initial_weights: Start mean ``[B + B*H]``.
+        initial_weights: Start mean ``[B + B*H]`` (clipped into ``[0, 2]``, the search's box).
         initial_covariance: Initial covariance shape ``[d, d]`` (e.g. a previous run's).
         log_every_n_evals: Without a progress bar (``enable_progress_bar=False``), print a
             line every this many evaluations (``0``: never).
