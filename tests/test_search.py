@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -723,6 +724,18 @@ def test_callback_needs_images_and_scores(tmp_path: Path) -> None:
                          callbacks=[EvolutionarySearch(max_evals=1, images=images_for(model), **SEARCH_KW)])
     with pytest.raises(RuntimeError, match="pl_module.scores"):
         trainer.fit(module)
+
+
+def test_callback_warns_when_no_candidate_differs_from_the_start(tmp_path: Path) -> None:
+    model, _, _ = small_vit()
+    scores = random_scores(model)
+    flat = ImportanceScores(torch.zeros_like(scores.mlp), torch.zeros_like(scores.heads))  # nothing to rank by
+    with pytest.warns(UserWarning, match=r"all 4 candidates had the start's fitness .*: nothing told them apart"):
+        fit_with(EvolutionarySearch(max_evals=4, images=images_for(model), **SEARCH_KW), model, flat, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # real scores: no such warning
+        warnings.filterwarnings("ignore", message="(?!all )")  # other (Lightning) warnings pass
+        fit_with(EvolutionarySearch(max_evals=4, images=images_for(model), **SEARCH_KW), model, scores, tmp_path)
 
 
 def test_callback_refuses_too_few_fitness_images_before_the_scoring_epoch(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ kept with the scores.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -438,6 +439,12 @@ class EvolutionarySearch(Callback):
             )
         finally:
             progress.close()
+        evaluated = [f for f in self.history[evals_before:] if not math.isnan(f)]
+        if len(evaluated) > 1 and len(set(evaluated + [self.initial_fitness])) == 1:
+            rank_zero_warn(
+                f"EvolutionarySearch: all {len(evaluated)} candidates had the start's fitness {self.initial_fitness:.6f}: "
+                "nothing told them apart (constant scores, identical fitness images?); the start is kept"
+            )
         best_w, best_f = _best(xnes, w0, self.initial_fitness)
         covariance = xnes.covariance
         if world > 1:
