@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.layers import Attention, GluMlp, Mlp, PatchEmbed, SwiGLU
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -181,6 +181,11 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"model {_describe(model)} is not a timm VisionTransformer (NaFlexVit, Eva, "
             f"hybrid and windowed models are not supported); {_SUPPORTED_TEXT}"
+        )
+    if not isinstance(getattr(model, "patch_embed", None), PatchEmbed):  # e.g. HybridEmbed: a CNN stem
+        raise UnsupportedModelError(
+            f"patch embedding {_describe(getattr(model, 'patch_embed', None))} is not timm's PatchEmbed (hybrid "
+            f"models with a CNN stem are not supported: their input and FLOPs are the stem's); {_SUPPORTED_TEXT}"
         )
     blocks = get_blocks(model)
     if not blocks:

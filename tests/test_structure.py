@@ -179,6 +179,9 @@ def test_refuses_unsupported_models() -> None:
     model.blocks[0].attn = timm.layers.AttentionRope(64, num_heads=2)
     with pytest.raises(UnsupportedModelError, match="attention .*AttentionRope is not supported"):
         inspect_vit(model)
+    hybrid = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, depth=2, embed_dim=64, num_heads=4, img_size=32)
+    with pytest.raises(UnsupportedModelError, match="patch embedding .*HybridEmbed is not timm's PatchEmbed"):
+        check_supported(hybrid)  # its input is the CNN stem's: calibration, ONNX and FLOPs would be wrong
 
 
 def test_naflex_is_refused() -> None:
