@@ -605,8 +605,9 @@ def _correct_from_stats(
         )
     if any(has_cut_norm(b) for b in dense_blocks):
         raise ValueError(
-            "stored statistics cannot correct a model with a norm over the cut dimension (scale_norm or "
-            "an MLP norm): its kept activations change with the cut; pass calibration images with sequential=True"
+            "a one-shot correction (from statistics, stored or collected from the images) cannot correct a model with "
+            "a norm over the cut dimension (scale_norm or an MLP norm): its kept activations change with the cut; "
+            "pass calibration images with sequential=True"
         )
     stored = {"attn": stats.attn, "mlp": stats.mlp}
     for i, (d, s) in enumerate(zip(dense_blocks, sub_blocks)):

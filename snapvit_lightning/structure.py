@@ -187,6 +187,11 @@ def check_supported(model: nn.Module) -> None:
             f"patch embedding {_describe(getattr(model, 'patch_embed', None))} is not timm's PatchEmbed (hybrid "
             f"models with a CNN stem are not supported: their input and FLOPs are the stem's); {_SUPPORTED_TEXT}"
         )
+    if getattr(model, "global_pool", None) == "" and getattr(model, "attn_pool", None) is None:
+        raise UnsupportedModelError(
+            "model has global_pool='' (its features are all tokens, not one embedding per image, which the scores, "
+            "the fitness and the fidelity compare); build it with global_pool='token', 'avg' or 'map'"
+        )
     blocks = get_blocks(model)
     if not blocks:
         raise UnsupportedModelError("model has no transformer blocks")

@@ -182,6 +182,8 @@ def test_refuses_unsupported_models() -> None:
     hybrid = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, depth=2, embed_dim=64, num_heads=4, img_size=32)
     with pytest.raises(UnsupportedModelError, match="patch embedding .*HybridEmbed is not timm's PatchEmbed"):
         check_supported(hybrid)  # its input is the CNN stem's: calibration, ONNX and FLOPs would be wrong
+    with pytest.raises(UnsupportedModelError, match="global_pool='' .*not one embedding per image"):
+        check_supported(timm.create_model("test_vit", pretrained=False, global_pool=""))
 
 
 def test_naflex_is_refused() -> None:
