@@ -226,6 +226,10 @@ def _build_markdown(times: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Why a folder gives no k-NN column.
+_NO_KNN = "labels come from class subfolders alone, at least 2 of them: this folder is flat, mixed or of one class"
+
+
 def _has_labels(labels: Any) -> bool:
     return bool(labels.numel() >= 2 and (labels >= 0).all() and labels.unique().numel() >= 2)
 
@@ -268,7 +272,8 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
            f"batch {settings['batch_size']}, {settings['device']}, torch.inference_mode"
            if settings["latency"] else "latency: not measured (--no-latency)")
     knn = (f"k-NN: leave-one-out on {settings['num_images']} images, {settings['num_classes']} classes "
-           f"(1-NN; weighted {KNN_K}-NN, T={KNN_TEMPERATURE})" if settings["knn"] else "k-NN: no labels")
+           f"(1-NN; weighted {settings['knn_protocol']['k'][1]}-NN, T={KNN_TEMPERATURE})" if settings["knn"]
+           else f"k-NN: none ({_NO_KNN})")
     return (
         f"# snapvit bench: {settings['model_name']} at {settings['img_size']} px\n\n"
         f"```\n{settings['command']}\n```\n\n"
@@ -541,13 +546,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if len(images) < 2:  # the centered fidelity subtracts the images' mean feature
         raise ValueError(f"--data: bench needs at least 2 images, got {len(images)} in '{data}'")
     knn = _has_labels(labels)
+    knn_k = min(KNN_K, len(images) - 1)  # leave-one-out: at most the other images vote
 
     def quality(model: Any, feats: Any = None) -> dict[str, Any]:
         feats = extract_features(model, images, batch_size=args.batch_size) if feats is None else feats
         return {
             "features": feats,
             "knn_1nn": knn_accuracy(feats, labels, k=1) if knn else None,
-            "knn_20nn": knn_accuracy(feats, labels, k=KNN_K, temperature=KNN_TEMPERATURE) if knn else None,
+            "knn_20nn": knn_accuracy(feats, labels, k=knn_k, temperature=KNN_TEMPERATURE) if knn else None,
         }
 
     todo = [(0.0, 0.0)] + [b for b in dict.fromkeys(budgets) if b != (0.0, 0.0)]
@@ -641,7 +647,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "num_images": int(images.shape[0]),
         "num_classes": len(classes),
         "knn": knn,
-        "knn_protocol": {"split": "leave-one-out", "k": [1, KNN_K], "temperature": KNN_TEMPERATURE},
+        "knn_protocol": {"split": "leave-one-out", "k": [1, knn_k], "temperature": KNN_TEMPERATURE},
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -667,6 +673,10 @@ def run_bench(args: argparse.Namespace) -> int:
     }
 
     table = markdown_table(rows)
+    if not knn:
+        print(f"k-NN: none ({_NO_KNN})")
+    elif knn_k < KNN_K:
+        print(f"k-NN: {len(images)} images, so the {KNN_K}-NN column votes over k={knn_k} (every other image): few images")
     print(table + _build_markdown(build_times), end="")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

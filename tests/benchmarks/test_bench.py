@@ -62,6 +62,7 @@ def test_json_rows_and_settings(result, setup) -> None:
         assert r["latency_ms"] > 0 and r["speedup"] > 0
         assert len(r["kept_heads"]) == len(r["kept_neurons"]) == 6
     assert settings["num_images"] == 8 and settings["num_classes"] == 2 and settings["knn"]
+    assert settings["knn_protocol"]["k"] == [1, 7]  # 8 images, leave-one-out: 7 vote, not 20
     assert settings["batch_size"] == 4 and settings["repeats"] == 2
     assert settings["command"].startswith("snapvit bench ") and "--budgets 0.15,0 0.35,0.2 0.65,0.5" in settings["command"]
     assert {"processor", "machine", "torch_threads"} <= settings["hardware"].keys()
@@ -70,7 +71,7 @@ def test_json_rows_and_settings(result, setup) -> None:
 
 def test_markdown(result) -> None:
     js, md = result
-    assert js["settings"]["command"] in md
+    assert js["settings"]["command"] in md and "(1-NN; weighted 7-NN" in md  # the k used with 8 images
     lines = [line for line in md.split("\nBuild time")[0].splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
     assert len(lines) == 2 + len(js["rows"])
@@ -100,7 +101,9 @@ def test_no_latency_flat_folder(setup, tmp_path, capsys) -> None:
     for r in js["rows"]:
         assert r["latency_ms"] is None and r["speedup"] is None
         assert r["knn_1nn"] is None and r["knn_20nn"] is None
-    assert "| snapvit | 0.00 | 0.00 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| snapvit | 0.00 | 0.00 |" in printed and "k-NN: none (labels come from class subfolders alone" in printed
+    assert "k-NN: none (labels come from class subfolders alone" in (out / "bench.md").read_text()
 
 
 def test_errors(setup, tmp_path, capsys) -> None:
