@@ -85,6 +85,7 @@ DEFAULT_BUDGETS: tuple[tuple[float, float], ...] = (
     (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5),
 )
 KNN_K = 20
+_NO_KNN = "labels come from class subfolders alone, at least 2 of them: this folder is flat, mixed or of one class"
 DESCRIPTION = ("k-NN, feature fidelity, FLOPs/params and measured CPU latency of an elastic "
                "checkpoint at several budgets, as a markdown table (and JSON with --out)")
 KNN_TEMPERATURE = 0.07
@@ -224,10 +225,6 @@ def _build_markdown(times: dict[str, Any]) -> str:
              "| stage | seconds |", "|:---|---:|"]
     lines += [f"| {stage}{extra} | {_fmt(value, '.2f')} |" for stage, value, extra in rows]
     return "\n".join(lines) + "\n"
-
-
-#: Why a folder gives no k-NN column.
-_NO_KNN = "labels come from class subfolders alone, at least 2 of them: this folder is flat, mixed or of one class"
 
 
 def _has_labels(labels: Any) -> bool:
