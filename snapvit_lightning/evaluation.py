@@ -241,7 +241,8 @@ def _nonempty(state: list[Tensor] | Tensor) -> bool:
 
 def _cosines(features: object, reference: object) -> Tensor:
     _check_pair(features, reference)
-    return F.cosine_similarity(features.float(), reference.float().to(features.device), dim=-1)
+    # Rounding can put the cosine of (near-)equal vectors just above 1.
+    return F.cosine_similarity(features.float(), reference.float().to(features.device), dim=-1).clamp(-1.0, 1.0)
 
 
 def _check_pair(features: object, reference: object) -> None:
@@ -298,7 +299,7 @@ def centered_fidelity(features: Tensor, reference: Tensor) -> float:
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be [N, D] with N >= 2 (the means), got {_shape(features)}")
     f, r = features.double(), reference.double().to(features.device)
-    return float(F.cosine_similarity(f - f.mean(0), r - r.mean(0), dim=-1).mean())
+    return float(F.cosine_similarity(f - f.mean(0), r - r.mean(0), dim=-1).clamp(-1.0, 1.0).mean())
 
 
 class FeatureFidelity(Metric):

@@ -31,7 +31,8 @@ def _fidelity(sub: nn.Module, dense_features: Tensor, images: Tensor, batch_size
     if next(sub.parameters()).device != images.device:
         sub = copy.deepcopy(sub).to(images.device)
     feats = _features(sub, images, batch_size)
-    return float(F.cosine_similarity(feats.double(), dense_features.double(), dim=-1).mean())
+    cosines = F.cosine_similarity(feats.double(), dense_features.double(), dim=-1)
+    return float(cosines.clamp(-1.0, 1.0).mean())  # rounding can put equal vectors' cosine above 1
 
 
 def _figure(width: float, height: float):

@@ -158,6 +158,21 @@ def test_fidelity_known_answers() -> None:
     assert feature_fidelity(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == 0.5
 
 
+def test_fidelity_never_above_one() -> None:
+    # Rounding puts the mean cosine of these features with themselves above 1 (the
+    # preconditions); a fidelity stays within [-1, 1] (report.json once read 1.0000000000000004).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(14, 384, generator=g) * 10 * torch.rand(14, 1, generator=g)
+    xc = (x - x.mean(0)).double()
+    assert torch.nn.functional.cosine_similarity(x, x, dim=-1).double().mean() > 1.0
+    assert torch.nn.functional.cosine_similarity(xc, xc, dim=-1).mean() > 1.0
+    assert feature_fidelity(x, x) <= 1.0 and feature_fidelity(-x, x) >= -1.0
+    assert centered_fidelity(x, x) <= 1.0
+    metric = FeatureFidelity()
+    metric.update(x, x)
+    assert metric.compute().item() <= 1.0
+
+
 def test_fidelity_metric_chunks_match_function() -> None:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(23, 8, generator=g), torch.randn(23, 8, generator=g)

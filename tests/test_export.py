@@ -443,3 +443,16 @@ def test_elastic_export_bad_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         ElasticExport(**{"dirpath": tmp_path, **kwargs})
 
+
+
+def test_report_fidelity_never_above_one(monkeypatch):
+    # The export's fidelity is a float64 cosine mean; rounding put the dense model's at
+    # 1.0000000000000004 in a report.json. The precondition shows such features.
+    from snapvit_lightning import report
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(14, 384, generator=g) * 10 * torch.rand(14, 1, generator=g)).double()
+    assert torch.nn.functional.cosine_similarity(x, x, dim=-1).mean() > 1.0
+    monkeypatch.setattr(report, "_features", lambda sub, images, batch_size: x)
+    model, _, _ = tiny_model("test_vit")
+    assert report._fidelity(model, x, torch.zeros(1), 8) == 1.0
