@@ -552,8 +552,9 @@ class ElasticExport(Callback):
 
     Raises:
         TypeError: A wrong argument type.
-        ValueError: Invalid budgets, name or images; or (at ``setup``) the wrong callback order
-            or, for a correction, no source of calibration images.
+        ValueError: Invalid budgets, name or images; or (at ``setup``) the wrong callback order,
+            another ElasticExport writing into ``dirpath``, or, for a correction, no source of
+            calibration images.
         FileExistsError: (At ``setup`` / export) an export exists and ``overwrite`` is false.
     """
 
@@ -605,6 +606,9 @@ class ElasticExport(Callback):
         if stage != "fit":
             return
         self._check_order(trainer)
+        if any(c is not self and isinstance(c, ElasticExport) and c.dirpath.resolve() == self.dirpath.resolve()
+               for c in trainer.callbacks):  # both write report.json there: the second failed only at its export
+            raise ValueError(f"two ElasticExport callbacks write into dirpath={str(self.dirpath)!r}: give each its own")
         _refuse_existing_before_fit(trainer, self.dirpath, self._targets_name(pl_module), self.overwrite)
         dm = getattr(trainer, "datamodule", None)
         if self.correct != "none" and self.images is None and not (

@@ -430,6 +430,18 @@ def test_elastic_export_wrong_order_raises(tmp_path):
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_two_exports_into_one_folder_refused_before_the_fit(tmp_path):
+    # Each export writes report.json and the plots into its dirpath: the second one failed after the fit.
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    same = [ElasticExport(tmp_path / "out", correct="none"), ElasticExport(str(tmp_path / "out") + "/", name="b")]
+    with pytest.raises(ValueError, match="two ElasticExport callbacks write into dirpath="):
+        _trainer(tmp_path, same).fit(module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None  # before the scoring
+    apart = [ElasticExport(tmp_path / "a", correct="none"), ElasticExport(tmp_path / "b", correct="none")]
+    _trainer(tmp_path, apart).fit(module, train_dataloaders=_multicrop_loader())
+    assert (tmp_path / "a" / "report.json").is_file() and (tmp_path / "b" / "report.json").is_file()
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -442,7 +454,6 @@ def test_elastic_export_wrong_order_raises(tmp_path):
 def test_elastic_export_bad_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         ElasticExport(**{"dirpath": tmp_path, **kwargs})
-
 
 
 def test_report_fidelity_never_above_one(monkeypatch):
