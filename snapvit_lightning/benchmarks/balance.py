@@ -50,10 +50,10 @@ def fidelities(
 
     ``dims_fn(mlp_ratio, head_ratio)`` gives each budget's block sizes (default ``elastic.dims``).
     """
-    from .bench import _Calibrator
+    from .bench_correction import Calibrator
     from ..evaluation import extract_features, feature_fidelity
 
-    calibrate = _Calibrator(None, images, batch_size=32)  # the 2-fold cross-fit of `snapvit bench --correct`
+    calibrate = Calibrator(None, images, batch_size=32)  # the 2-fold cross-fit of `snapvit bench --correct`
     plain, corrected = [], []
     for budget in BUDGETS:
         dims = (dims_fn or elastic.dims)(*budget)

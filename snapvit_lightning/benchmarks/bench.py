@@ -78,6 +78,7 @@ from typing import Any, Sequence
 
 from ..cli_args import budget_arg
 from ..machine import cpu_model
+from .bench_correction import make_calibrator
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
 
@@ -290,101 +291,6 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
     )
 
 
-# --------------------------------------------------------------------------- correction
-
-
-class _Calibrator:
-    """Corrected subnets and their features on the bench images, from one calibration source.
-
-    Without ``--calibration`` the images are split into two folds (even / odd positions); the
-    features of each fold come from a subnet corrected on the other fold, so no image is both
-    calibration and evaluation. Statistics are collected once per elastic model (cached).
-    """
-
-    def __init__(self, source: str | None, images: Any, batch_size: int) -> None:
-        import torch
-
-        self.images, self.batch_size = images, batch_size
-        from ..data import IMG_EXTENSIONS
-
-        self.path = None if source is None else Path(source).expanduser()
-        self.stats_file = self.path is not None and not self.path.is_dir() and self.path.suffix.lower() not in IMG_EXTENSIONS
-        self.stats_s = 0.0
-        self._cache: dict[str, list[tuple[Any, Any]]] = {}
-        n = int(images.shape[0])
-        if self.path is None:
-            if n < 2:
-                raise ValueError(f"cross-fitted correction needs >= 2 images in --data, got {n}")
-            even, odd = torch.arange(0, n, 2), torch.arange(1, n, 2)
-            self._folds = [(images[even], odd), (images[odd], even)]  # (calibrate on, evaluate on)
-            self.description = "2-fold cross-fit on --data: features of even/odd images from subnets corrected on the other half"
-        elif self.stats_file:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"correction statistics not found: '{self.path}'")
-            self.description = f"stored statistics {self.path}"
-        else:
-            self.description = f"images in {self.path} (features of all --data images)"
-
-    def _sources(self, elastic: Any, ranking: bool) -> list[tuple[Any, Any]]:
-        """``[(CorrectionStats, evaluation index or None)]`` for ``elastic`` (collected ones with a ranking if asked)."""
-        from ..correction import CorrectionStats
-        from ..data import load_calibration_views
-
-        key = (elastic.fingerprint, ranking)
-        if key not in self._cache:
-            t0 = time.perf_counter()
-            if self.path is None:
-                sources = [(elastic.collect_stats(cal, self.batch_size, ranking=ranking), idx) for cal, idx in self._folds]
-            elif self.stats_file:
-                sources = [(CorrectionStats.load(self.path), None)]
-            else:
-                inputs = load_calibration_views(self.path, elastic.model, argument="--calibration")[0]  # as the export
-                sources = [(elastic.collect_stats(inputs, self.batch_size, ranking=ranking), None)]
-            self.stats_s += time.perf_counter() - t0
-            # Keep the first model's (the checkpoint's) statistics and the current one's only.
-            self._cache = dict(list(self._cache.items())[:1])
-            self._cache[key] = sources
-        return self._cache[key]
-
-    def corrected(
-        self, elastic: Any, ratios: tuple[float, float], dims: Any, method: str, ranking: bool
-    ) -> tuple[Any, Any, Any]:
-        """A corrected subnet (for latency), the features of every bench image, and its kept dims.
-
-        ``ranking``: cut as :meth:`ElasticViT.subnet` does by default, i.e. the units of the
-        statistics' ranking at ``ratios`` (computed on each calibration source like the export
-        computes it; stored statistics without one, and ``ranking=False``: ``dims``, this model's
-        own cut). With two folds the dims returned are the first fold's subnet's.
-        """
-        from ..evaluation import extract_features
-
-        model, feats, kept = None, None, None
-        for stats, index in self._sources(elastic, ranking):
-            view = elastic.ranked_view(stats) if ranking else None
-            if view is not None:
-                cut = view.dims(*ratios)
-                sub = view.slice(cut, correct=method)  # the view carries the statistics, in its unit order
-            else:
-                cut, sub = dims, elastic.slice(dims, correct=method, calibration=stats)
-            x = self.images if index is None else self.images[index]
-            f = extract_features(sub, x, batch_size=self.batch_size)
-            if index is None:
-                feats = f
-            else:
-                feats = f.new_empty(self.images.shape[0], f.shape[1]) if feats is None else feats
-                feats[index] = f
-            model, kept = (sub, cut) if model is None else (model, kept)
-        return model, feats, kept
-
-
-def _calibrator(source: str | None, images: Any, batch_size: int, corrections: list[str]) -> Any:
-    if not corrections:
-        if source is not None:
-            raise ValueError("--calibration needs --correct bias|lstsq")
-        return None
-    return _Calibrator(source, images, batch_size)
-
-
 # --------------------------------------------------------------------------- baselines
 
 
@@ -558,7 +464,7 @@ def run_bench(args: argparse.Namespace) -> int:
     entries: list[dict[str, Any]] = []
 
     corrections = list(dict.fromkeys(getattr(args, "correct", None) or []))
-    calibrate = _calibrator(getattr(args, "calibration", None), images, args.batch_size, corrections)
+    calibrate = make_calibrator(getattr(args, "calibration", None), images, args.batch_size, corrections)
     if calibrate is not None and calibrate.stats_file and getattr(args, "baselines", False):
         raise ValueError("--calibration STATS fits only this checkpoint's units; with --baselines give an image "
                          "folder or leave --calibration out (cross-fit)")
@@ -571,11 +477,11 @@ def run_bench(args: argparse.Namespace) -> int:
                         "model": model if keep_models else None, "cost": source.cost(dims), **quality(model),
                         "wall_s": time.perf_counter() - t0})
         for correct in [] if is_dense else corrections:
-            t0 = time.perf_counter()  # the checkpoint's corrected rows are its subnet() cuts: the statistics' ranking
+            t0, stats_s = time.perf_counter(), calibrate.stats_s  # statistics: in settings.correction.stats_s
             model, feats, kept = calibrate.corrected(source, ratios, dims, correct, ranking=method == "snapvit")
             entries.append({"method": f"{method}+{correct}", "seed": seed, "ratios": ratios, "dense": False,
                             "dims": kept, "model": model if keep_models else None, "cost": source.cost(kept),
-                            **quality(model, feats), "wall_s": time.perf_counter() - t0})
+                            **quality(model, feats), "wall_s": time.perf_counter() - t0 - (calibrate.stats_s - stats_s)})
 
     for ratios in todo:
         add("snapvit", elastic, ratios, elastic.dims(*ratios))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import numpy as np
 import pytest
@@ -298,6 +299,32 @@ def test_correction_rows_are_cross_fitted(setup) -> None:
     assert rows[3]["fidelity"] == pytest.approx(feature_fidelity(feats, dense), abs=1e-6)
     assert rows[3]["centered_fidelity"] == pytest.approx(centered_fidelity(feats, dense), abs=1e-6)
     assert "weight correction (bias, lstsq): 2-fold cross-fit" in (out / "bench.md").read_text()
+
+
+def test_correction_statistics_announced_and_booked_apart(setup, monkeypatch, capsys) -> None:
+    # The cross-fit's statistics can take minutes: a line says so first, and their time goes to
+    # settings.correction.stats_s, not to the first corrected row's quality_wall_s. A clock that
+    # jumps 100 s in each collection stands in for slow statistics.
+    from snapvit_lightning.benchmarks import bench_correction
+
+    path, data, root = setup
+    collect, jumped = ElasticViT.collect_stats, [0.0]
+
+    def slow_collect(self, *args, **kwargs):
+        jumped[0] += 100.0
+        return collect(self, *args, **kwargs)
+
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: time.perf_counter() + jumped[0])})
+    monkeypatch.setattr(ElasticViT, "collect_stats", slow_collect)
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench_correction, "time", clock)
+    out = root / "slow"
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
+                       "--correct", "lstsq", "--out", str(out)]) == 0
+    assert "collecting correction statistics (2-fold cross-fit on --data" in capsys.readouterr().err
+    js = json.loads((out / "bench.json").read_text())
+    assert js["settings"]["correction"]["stats_s"] >= 200.0  # two folds
+    assert js["rows"][2]["method"] == "snapvit+lstsq" and js["rows"][2]["quality_wall_s"] < 100.0
 
 
 def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
