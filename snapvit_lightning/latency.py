@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import statistics
 import time
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from .structure import count_flops
 
 __all__ = [
     "BACKENDS",
+    "LOAD_DRIFT_WARN",
     "LatencyTargetError",
     "LatencyTrial",
     "LatencyBudget",
@@ -40,6 +42,10 @@ __all__ = [
 BACKENDS = ("torch", "onnx")
 
 Timer = Callable[[Sequence[nn.Module]], Sequence[float]]
+
+
+LOAD_DRIFT_WARN = 1.3
+"""The dense model's slowest over fastest latency across trials above which a result is flagged."""
 
 
 class LatencyTargetError(ValueError):
@@ -101,6 +107,17 @@ class LatencyBudget:
     threads: int | None
     seconds: float
 
+    @property
+    def load_drift(self) -> float:
+        """The dense model's slowest over its fastest latency across the trials (1.0: steady).
+
+        Each trial is read relative to the dense model timed alongside it, which corrects for a
+        load that slows every model alike; above :data:`LOAD_DRIFT_WARN` the machine's load changed
+        enough during the search that the choice should be measured again on a quiet machine.
+        """
+        dense = [t.dense_alongside_ms for t in self.trials]
+        return max(dense) / min(dense) if dense and min(dense) > 0 else 1.0
+
     def describe(self) -> str:
         """What was measured and chosen, as lines of text."""
         where = _where(self.backend, self.device, self.threads)
@@ -113,7 +130,17 @@ class LatencyBudget:
         lines.append(f"chose FLOPs {100 * self.flops_fraction:.1f}% at {self.latency_ms:.2f} ms "
                      f"({100 * self.latency_ms / self.target_ms:.0f}% of the target; bisection step "
                      f"{100 * self.step:.1f} FLOPs points), search {self.seconds:.1f} s")
+        if self.load_drift > LOAD_DRIFT_WARN:
+            lines.append(_drift_note(self))
         return "\n".join(lines)
+
+
+def _drift_note(budget: LatencyBudget) -> str:
+    dense = [t.dense_alongside_ms for t in budget.trials]
+    return (f"warning: the dense model measured {min(dense):.2f}-{max(dense):.2f} ms across the trials "
+            f"({budget.load_drift:.1f}x): the machine's load changed during the search; each trial is read "
+            "relative to the dense model timed alongside it, which holds only while the load slows both alike: "
+            "measure again on a quiet machine")
 
 
 def _where(backend: str, device: str, threads: int | None) -> str:
@@ -358,9 +385,12 @@ def find_latency_budget(
                 lo, best = mid, t
             else:
                 hi = mid
-    return LatencyBudget(
+    result = LatencyBudget(
         target_ms=latency_ms, flops=lo, flops_fraction=best.flops_fraction, latency_ms=best.latency_ms,
         dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
         batch_size=batch_size, device=device, backend=backend, threads=threads,
         seconds=time.perf_counter() - start,
     )
+    if result.load_drift > LOAD_DRIFT_WARN:
+        warnings.warn(_drift_note(result), stacklevel=2)
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,6 +14,7 @@ import torch
 from conftest import load_real_model, random_scores, tiny_model
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.latency import (
+    LOAD_DRIFT_WARN,
     LatencyTargetError,
     find_latency_budget,
     measure_interleaved,
@@ -123,11 +125,17 @@ def test_larger_targets_give_larger_nested_subnets(el: ElasticViT) -> None:
 def test_load_drift_is_read_relative_to_the_dense_model(el: ElasticViT) -> None:
     build, min_flops = _builder(el)
     target = _between(el, 0.6)
-    steady = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer())
-    drifting = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer(drift=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a steady machine: no warning
+        steady = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer())
+    assert steady.load_drift == 1.0 and "warning" not in steady.describe()
+    with pytest.warns(UserWarning, match=r"the dense model measured .* ms across the trials \(\d+\.\dx\): the machine's load"):
+        drifting = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer(drift=0.5))
     assert drifting.flops == steady.flops
     assert drifting.latency_ms == pytest.approx(steady.latency_ms)
     assert drifting.trials[-1].raw_ms > 2 * drifting.trials[-1].latency_ms  # raw times did drift
+    # Flagged all the same: the correction assumes that the load slows every model alike.
+    assert drifting.load_drift > LOAD_DRIFT_WARN and "measure again on a quiet machine" in drifting.describe()
 
 
 @pytest.mark.parametrize(
