@@ -162,7 +162,9 @@ class SnapViTModule(pl.LightningModule):
     Args:
         model: A timm model name or a timm ``VisionTransformer`` instance. Names are registry
             names (with an optional pretrained tag), ``hf-hub:ORG/REPO`` or ``local-dir:FOLDER``
-            (see :func:`~snapvit_lightning.weights_io.create_timm_model`).
+            (see :func:`~snapvit_lightning.weights_io.create_timm_model`). An instance is used
+            in place: put in eval mode, gradients on the scored layers only, timm gradient
+            checkpointing off.
         checkpoint_path: Local weights for the model (``.safetensors`` or a
             ``torch.load(weights_only=True)`` file), loaded strictly.
         pretrained: Build the named model with timm's pretrained weights
@@ -264,6 +266,10 @@ class SnapViTModule(pl.LightningModule):
             )
         if checkpoint_path is not None:
             load_weights(student, checkpoint_path)
+        if getattr(student, "grad_checkpointing", False):
+            # Its recomputation in backward runs outside the explicit-attention context of the
+            # forward, so the saved and recomputed tensors differ; the scores need one backward only.
+            student.set_grad_checkpointing(False)
         self.student = student
         self.structure = structure
         self._mlp_kind = structure.mlp_kind
@@ -470,7 +476,10 @@ class SnapViTModule(pl.LightningModule):
         else:
             raise TypeError(f"batch must be views [B, V, 3, S, S] or (views, labels), got {type(batch).__name__}")
         if views.dim() != 5:
-            raise ValueError(f"views must be [B, V, 3, S, S], got shape {list(views.shape)}")
+            raise ValueError(
+                f"views must be [B, V, 3, S, S] (multi-crop views, as CalibrationDataModule yields), got shape "
+                f"{list(views.shape)}" + (": a batch of single images" if views.dim() == 4 else "")
+            )
         return views, labels
 
     def compute_loss(self, views: Tensor, labels: Tensor | None = None) -> Tensor:

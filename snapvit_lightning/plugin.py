@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from .console import quiet_lightning
 from .elastic import ElasticViT
 from .export import (
     Budget,
@@ -107,6 +110,8 @@ def find_vit(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where} of {cls} must be an nn.Module (a timm ViT), got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the model it compiled
+        model, where = model._orig_mod, (f"{where}._orig_mod" if model_attr is not None else where)
     try:
         check_supported(model)
     except UnsupportedModelError as err:
@@ -240,6 +245,10 @@ class SnapViT(Callback):
             raise TypeError(f"search_kwargs must be a dict or None, got {type(search_kwargs).__name__}")
         if search_kwargs and "max_evals" in search_kwargs:
             raise ValueError("search_kwargs must not hold max_evals; use search_evals")
+        allowed = sorted(set(inspect.signature(EvolutionarySearch).parameters) - {"max_evals"})
+        unknown = sorted(set(search_kwargs or {}) - set(allowed))
+        if unknown:
+            raise ValueError(f"search_kwargs: unknown key(s) {unknown}; EvolutionarySearch takes {allowed}")
         self.search_kwargs = dict(search_kwargs or {})
         if search_evals:
             EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)  # validate early
@@ -268,7 +277,22 @@ class SnapViT(Callback):
             return
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         self._check_accelerator()
+        self._check_loader()
         _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite)
+
+    def _check_loader(self) -> None:
+        """Refuse a DataLoader of single images (a training loader) before the user's fit, not after it."""
+        if not isinstance(self.datamodule, DataLoader):
+            return
+        with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its base seed
+            batch = next(iter(self.datamodule), None)
+        views = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(views, Tensor) or views.dim() != 5 or views.shape[2] != 3:
+            found = list(views.shape) if isinstance(views, Tensor) else type(views).__name__
+            raise ValueError(
+                f"datamodule: the DataLoader must yield multi-crop views [B, V, 3, S, S] (or (views, labels)), "
+                f"as CalibrationDataModule's does; its first batch holds {found}"
+            )
 
     def _check_accelerator(self) -> None:
         """Refuse an ``accelerator`` this machine lacks, or one the ``"auto"`` precision probe cannot time."""
@@ -308,9 +332,21 @@ class SnapViT(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Score, search and export a copy of the user's ViT (global rank 0 only)."""
+        """Score, search and export a copy of the user's ViT (global rank 0 only).
+
+        Skipped under ``fast_dev_run`` (a smoke test writes nothing, as Lightning's checkpoints);
+        the global random state is restored afterwards, so the user's later draws do not change.
+        """
         if not trainer.is_global_zero:
             return
+        if trainer.fast_dev_run:
+            rank_zero_info("SnapViT: fast_dev_run, so no calibration and no export (the set-up was checked)")
+            return
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda), quiet_lightning():
+            self._calibrate_and_export(trainer, pl_module)
+
+    def _calibrate_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         student = copy.deepcopy(model)
         for p in student.parameters():

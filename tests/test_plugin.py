@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -122,6 +125,60 @@ def test_snapvit_plugin_with_dataloader(tmp_path):
         assert torch.allclose(loaded.model(x), user.backbone.eval()(x), atol=1e-5)
 
 
+def _fit_user(tmp_path, callbacks, checkpointing: bool) -> tuple[UserModule, torch.Tensor]:
+    """A user's fit from seed 0, and the next draws of torch's global generator after it."""
+    torch.manual_seed(0)
+    user = UserModule()
+    user.backbone.set_grad_checkpointing(checkpointing)
+    _user_trainer(tmp_path, callbacks).fit(user, train_dataloaders=_user_loader())
+    return user, torch.rand(4)
+
+
+def test_snapvit_plugin_leaves_the_users_run_alone(tmp_path):
+    # timm gradient checkpointing on the user's backbone crashed the scoring after the user's fit (the
+    # recomputation ran outside the explicit-attention forward); the calibration drew from torch's
+    # global generator, so the user's later draws changed; the inner fit warned about eval mode.
+    alone, draws_alone = _fit_user(tmp_path / "a", [], checkpointing=True)
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=2, budgets=[0.5],
+                     search_kwargs={"pca_components": 2, "log_every_n_evals": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        user, draws = _fit_user(tmp_path / "b", [plugin], checkpointing=True)
+    assert plugin.export_paths["elastic"].is_file() and plugin.export_paths["stats"].is_file()
+    assert torch.equal(draws, draws_alone)
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in user.state_dict().items())
+    assert user.backbone.grad_checkpointing  # the user's model keeps its setting; the copy scored without it
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+
+
+def test_snapvit_plugin_skips_the_work_under_fast_dev_run(tmp_path, caplog):
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=2)
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[plugin], default_root_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(UserModule(), train_dataloaders=_user_loader())
+    assert plugin.model_path == "backbone" and plugin.elastic is None  # the set-up was checked, nothing ran
+    assert not (tmp_path / "elastic").exists()
+    assert "SnapViT: fast_dev_run, so no calibration and no export" in caplog.text
+
+
+def test_snapvit_refuses_a_loader_of_single_images_before_the_users_fit(tmp_path):
+    user = UserModule()
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=_user_loader(), dirpath=tmp_path, search_evals=2)
+    with pytest.raises(ValueError, match=r"datamodule: the DataLoader must yield multi-crop views .* holds \[2, 3, 32, 32\]"):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
+
+
+def test_find_vit_unwraps_a_compiled_backbone():
+    user = UserModule()
+    user.backbone = torch.compile(user.backbone)  # compiles lazily: nothing runs here
+    where, model = find_vit(user, model_attr="backbone")
+    assert where == "backbone._orig_mod" and model is user.backbone._orig_mod
+    assert find_vit(user)[1] is model
+
+
 def test_snapvit_plugin_with_calibration_datamodule(tmp_path):
     dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     dm = CalibrationDataModule(dataset=dataset, num_local_crops=2, batch_size=2)  # size from the model
@@ -189,6 +246,8 @@ def test_snapvit_refuses_existing_export_before_fit(tmp_path):
         ({"precision": "16-mixed"}, ValueError, "precision"),
         ({"search_kwargs": {"sigma": -1.0}}, ValueError, "sigma"),
         ({"datamodule": pl.LightningDataModule()}, ValueError, "fitness images"),
+        ({"search_kwargs": {"bogus": 1}}, ValueError, r"search_kwargs: unknown key\(s\) \['bogus'\]; EvolutionarySearch takes \[.*'sigma'"),
+        ({"dirpath": __file__}, ValueError, "dirpath must be a folder, but '.*test_plugin.py' is a file"),
     ],
 )
 def test_snapvit_bad_arguments(tmp_path, kwargs, error, match):
