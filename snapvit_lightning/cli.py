@@ -361,7 +361,7 @@ class SnapViTCLI:
         from .errors import one_line_error_parser
         from .export import ExportCheck
         from .module import SnapViTModule
-        from .precision import lightning_cli  # LightningCLI that resolves trainer.precision: auto
+        from .precision_cli import lightning_cli  # LightningCLI that resolves trainer.precision: auto
 
         with quiet_lightning(), lightning_cli_args(args) as cli_args:
             lightning_cli(

@@ -31,9 +31,11 @@ switches that hook off around the ``training_step`` forward and arms the reducer
 would not survive the first step.) For ``"sum_then_square"`` averaging and then summing
 over ranks would give the same sum; for ``"fisher"`` it would not: the per-rank squared
 gradients must be of the rank's own batch. Sharding strategies (FSDP, DeepSpeed) are refused.
-Lightning's ``DistributedSampler`` shuffles and pads the last per-rank batch by repeating
-images when the dataset size is not divisible by the number of ranks; use a divisible size
-(or ``drop_last``) for scores identical to a single process.
+:class:`~snapvit_lightning.data.CalibrationDataModule` shards the images in order and marks the
+images that even out the shares (:class:`~snapvit_lightning.data.PaddedShards`); the scoring
+step drops them, so every image counts once. A loader of your own gets Lightning's
+``DistributedSampler``, which repeats images when their number is not divisible by the number of
+ranks: use a divisible size (or ``drop_last``) there for scores identical to a single process.
 """
 
 from __future__ import annotations
@@ -468,11 +470,14 @@ class SnapViTModule(pl.LightningModule):
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
+        """``(views, labels)`` of a batch; the images a ``(views, labels, keep)`` batch marks as padding dropped."""
         if isinstance(batch, Tensor):
             views, labels = batch, None
         elif isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
             views = batch[0]
             labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+            if len(batch) > 2 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:  # PaddedShards
+                views, labels = views[batch[2]], None if labels is None else labels[batch[2]]
         else:
             raise TypeError(f"batch must be views [B, V, 3, S, S] or (views, labels), got {type(batch).__name__}")
         if views.dim() != 5:
@@ -523,6 +528,10 @@ class SnapViTModule(pl.LightningModule):
         """
         views, labels = self._unpack(batch)
         if self.criterion not in GRADIENT_CRITERIA:
+            return None
+        if views.shape[0] == 0:  # a DDP rank's batch of padding only: the step still counts, as on the other ranks
+            if self._trainer is not None:
+                self.optimizers().step()
             return None
         if self._grads is None:  # training_step called outside fit
             self._grads = {k: v.to(views.device) for k, v in self._zero_grads().items()}

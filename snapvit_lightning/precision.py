@@ -42,14 +42,10 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 from torch import Tensor
-from typing_extensions import override
 
 from .forward import embed
 
@@ -57,8 +53,6 @@ if TYPE_CHECKING:
     from .module import SnapViTModule
 
 __all__ = [
-    "AutoPrecisionCLI",
-    "AutoPrecisionTrainer",
     "CPU_SETTINGS",
     "CUDA_SETTINGS",
     "DEFAULT_MARGIN",
@@ -69,7 +63,6 @@ __all__ = [
     "Setting",
     "apply_probe",
     "cli_device",
-    "lightning_cli",
     "probe",
     "resolve_precision",
     "search_setting",
@@ -579,9 +572,14 @@ def apply_probe(module: "SnapViTModule", result: ProbeResult) -> None:
     """
     if result.scoring is None:
         raise ValueError("the probe did not time the scoring step (scoring=False); nothing to apply to the module")
-    module.explicit_attention = result.scoring.explicit_attention
-    module.precision_probe = result.to_dict()
-    if result.scoring.tf32 or result.search.tf32:
+    _apply_record(module, result.to_dict())
+
+
+def _apply_record(module: "SnapViTModule", record: dict[str, Any]) -> None:
+    """Apply a :meth:`ProbeResult.to_dict` record of a probe that timed the scoring step."""
+    module.explicit_attention = bool(record["scoring_explicit_attention"])
+    module.precision_probe = record
+    if record["tf32"]:
         torch.set_float32_matmul_precision("high")
 
 
@@ -601,7 +599,7 @@ def search_setting(record: Mapping[str, Any]) -> tuple[torch.dtype | None, bool]
 
 
 # ----------------------------------------------------------------------------------------------
-# LightningCLI: ``trainer.precision: auto``
+# The device of a Trainer's ``accelerator`` (the CLI's ``trainer.precision: auto``, the plug-in)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -622,52 +620,3 @@ def cli_device(accelerator: Any) -> torch.device:
         f"trainer.precision 'auto' probes CPU and CUDA settings; trainer.accelerator={accelerator!r} needs an "
         "explicit trainer.precision (32-true or bf16-mixed)"
     )
-
-
-class AutoPrecisionTrainer(Trainer):
-    """A ``Trainer`` whose ``precision`` type also admits ``"auto"``, so LightningCLI parses it.
-
-    ``"auto"`` itself is resolved by :class:`AutoPrecisionCLI` before the Trainer is built.
-
-    Raises:
-        ValueError: If built with ``precision="auto"`` directly.
-    """
-
-    def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None, **kwargs: Any) -> None:
-        if precision == "auto":
-            raise ValueError(
-                "precision='auto' is resolved before the Trainer is built: `snapvit fit` does it; in Python "
-                "pass snapvit_lightning.precision.resolve_precision('auto', module, device) as precision"
-            )
-        super().__init__(precision=precision, **kwargs)
-
-
-class AutoPrecisionCLI(LightningCLI):
-    """LightningCLI that resolves ``trainer.precision: auto`` with :func:`resolve_precision`.
-
-    Use it with ``trainer_class=AutoPrecisionTrainer`` (see :func:`lightning_cli`). The probe
-    runs on the device of ``trainer.accelerator`` (:func:`cli_device`) with at most
-    :data:`PROBE_VIEWS` of the datamodule's views per image, and prints one line; explicit precisions are passed through untouched,
-    and one the scoring does not support (``16-mixed``, ``64-true``, ...) is refused before the Trainer is built.
-    """
-
-    @override
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={}) or {}
-        requested = kwargs.get("precision", config.get("precision"))
-        lightning_alias = {"bf16": "bf16-mixed"}  # Lightning's short name of an allowed precision
-        if requested is not None and lightning_alias.get(str(requested), str(requested)) not in _allowed():
-            # refused here: Lightning would turn 16-mixed into bf16-mixed on a CPU, unseen by the module
-            raise ValueError(
-                f"trainer.precision must be one of {list(_allowed())}, got {requested!r} (16-bit floats scale the "
-                "loss, which corrupts raw gradient scores; 64-bit is not supported)"
-            )
-        if requested == "auto":
-            views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
-            kwargs["precision"] = resolve_precision("auto", self.model, cli_device(config.get("accelerator")), views=views)
-        return super().instantiate_trainer(**kwargs)
-
-
-def lightning_cli(*args: Any, **kwargs: Any) -> AutoPrecisionCLI:
-    """``AutoPrecisionCLI(*args, trainer_class=AutoPrecisionTrainer, **kwargs)``."""
-    return AutoPrecisionCLI(*args, trainer_class=AutoPrecisionTrainer, **kwargs)

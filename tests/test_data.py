@@ -18,6 +18,7 @@ from snapvit_lightning.data import (
     DatasetSource,
     DINOMultiCrop,
     ImageFolderSource,
+    PaddedShards,
     ResumableDataLoader,
     SkimagePhotosSource,
     UnreadableImageError,
@@ -774,3 +775,25 @@ def test_official_style_repeated_views() -> None:
     assert not torch.equal(independent[0], independent[1])
     with pytest.raises(TypeError, match="independent_views"):
         DINOMultiCrop(size=16, independent_views=1)
+
+
+@pytest.mark.parametrize("n, world", [(7, 2), (8, 2), (1, 2), (10, 4)])
+def test_padded_shards_cover_every_image_once_and_mark_the_padding(n: int, world: int) -> None:
+    shards = [list(PaddedShards(list(range(n)), num_replicas=world, rank=r)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal steps on every rank
+    kept = sorted(i for s in shards for i, keep in s if keep)
+    assert kept == list(range(n))  # each image once, padding marked
+    assert [s[0] for s in shards] == [(r % n, r < n) for r in range(world)]  # rank r starts at image r
+    assert all(s[1:2] in ([], [((r + world) % n, r + world < n)]) for r, s in enumerate(shards))  # then strides by world
+    assert len(PaddedShards(list(range(n)), num_replicas=world, rank=0)) == len(shards[0])
+
+
+def test_padded_shards_items_carry_keep_through_the_loader(tmp_path: Path) -> None:
+    for i in range(3):
+        _write_image(tmp_path / f"{i}.png", seed=i)
+    dm = CalibrationDataModule(data_dir=tmp_path, img_size=32, num_local_crops=2, batch_size=2)
+    dataset = dm.train_dataset()
+    loader = ResumableDataLoader(dataset, batch_size=2, sampler=PaddedShards(dataset, num_replicas=2, rank=1))
+    (views, labels, keep), = list(loader)  # rank 1 of 2 over 3 images: image 1, then image 0 repeated
+    assert views.shape[:2] == (2, 4) and keep.tolist() == [True, False]
+    assert torch.equal(views[0], dataset[1][0]) and torch.equal(views[1], dataset[0][0])

@@ -504,6 +504,19 @@ def test_resume_after_the_epoch_warns_that_nothing_runs(tmp_path: Path, weights:
     assert_scores_close(resumed.scores, module.scores, rtol=0)  # restored, not recomputed
 
 
+def test_images_marked_as_padding_are_not_scored(weights: Path) -> None:
+    # A DDP rank's batches (views, labels, keep) from PaddedShards: the repeated images (keep False)
+    # add nothing, so the scores are those of the kept images alone; a batch of padding only still steps.
+    x = views(6)
+    keep = torch.tensor([True, False, True, True, False, False])
+    padded = scoring(weights)
+    loader = DataLoader(TensorDataset(x, torch.full((6,), -1), keep), batch_size=2)
+    trainer().fit(padded, loader)
+    assert padded.num_samples == 3 and padded.trainer.global_step == 3
+    alone = fit(scoring(weights), x[keep], batch_size=1)
+    assert_scores_close(padded.scores, alone, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------ DDP
 
 _DDP_SCRIPT = """

@@ -9,7 +9,6 @@ from snapvit_lightning.module import SnapViTModule
 from snapvit_lightning.precision import (
     CPU_SETTINGS,
     DEFAULT_MARGIN,
-    AutoPrecisionTrainer,
     Setting,
     probe,
     resolve_precision,
@@ -169,8 +168,6 @@ def test_resolve_auto_applies_the_choice(one_thread) -> None:
     assert got == "32-true" and module.explicit_attention is True
     assert module.precision_probe["scoring"] == "fp32-explicit" and len(lines) == 1
     assert search_setting(module.precision_probe) == (None, True)
-    with pytest.raises(ValueError, match="resolved before the Trainer is built"):
-        AutoPrecisionTrainer(precision="auto")
     with pytest.raises(ValueError, match="not a precision probe record"):
         search_setting({})
 

@@ -6,7 +6,7 @@
 """
 
 from .crops import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DINOMultiCrop, eval_transform, resolve_input_config
-from .datamodule import CalibrationDataModule, MultiCropDataset, ResumableDataLoader
+from .datamodule import CalibrationDataModule, MultiCropDataset, PaddedShards, ResumableDataLoader
 from .sources import (
     IMG_EXTENSIONS,
     SKIMAGE_PHOTOS,
@@ -33,6 +33,7 @@ __all__ = [
     "ImageFolderSource",
     "ImageSource",
     "MultiCropDataset",
+    "PaddedShards",
     "ResumableDataLoader",
     "SkimagePhotosSource",
     "UnreadableImageError",

@@ -9,7 +9,7 @@ of dataloader workers, on the batch size, on the number of DDP ranks, or on iter
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
@@ -49,6 +49,7 @@ from .sources import (
 __all__ = [
     "CalibrationDataModule",
     "MultiCropDataset",
+    "PaddedShards",
     "ResumableDataLoader",
 ]
 
@@ -78,8 +79,32 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, bool]) -> tuple[Tensor, int] | tuple[Tensor, int, bool]:
+        """``(views, label)``; for an ``(index, keep)`` pair of :class:`PaddedShards`, ``(views, label, keep)``."""
+        if isinstance(index, tuple):
+            i, keep = index
+            return (*self[i], keep)
         return self.transform(self.images[index], index=index, epoch=self.epoch), self.labels[index]
+
+
+class PaddedShards(DistributedSampler):
+    """Lightning's distributed share of the images, in order, with its padding marked.
+
+    ``DistributedSampler`` evens out the ranks' shares by repeating the first images when their
+    number is not a multiple of the world size (every rank must run as many steps), which would
+    count those images twice in the summed scores. This one yields ``(index, keep)`` pairs
+    (rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the padded list, no shuffling),
+    ``keep`` false for a repeated image, and the scoring step drops those: the ranks run equal
+    steps and every image counts once, as in one process.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:  # type: ignore[override]
+        n = len(self.dataset)  # type: ignore[arg-type]
+        positions = range(self.rank, self.total_size, self.num_replicas)
+        return iter((p % n, p < n) for p in positions)
 
 
 class ResumableDataLoader(StatefulDataLoader):
@@ -156,10 +181,11 @@ class CalibrationDataModule(LightningDataModule):
     (explicit values win). Images are decoded lazily, at the first :meth:`train_dataloader`
     / :meth:`fitness_images` call, because ``setup`` runs before the LightningModule's.
 
-    Batches are ``(views [B, 2+N, 3, S, S], labels [B])``. The loader does not shuffle and
-    keeps Lightning's default distributed sampler, so under DDP each rank sees a disjoint
-    share (``DistributedSampler`` repeats a few images to even out the shares when the set
-    size is not a multiple of the world size).
+    Batches are ``(views [B, 2+N, 3, S, S], labels [B])``. The loader does not shuffle. Under
+    DDP each rank sees a disjoint share (:class:`PaddedShards`: rank ``r`` of ``W`` takes images
+    ``r, r + W, ...``), its batches ``(views, labels, keep [B])``: where the image count is not a
+    multiple of ``W``, repeated images even out the shares and ``keep`` marks them for the
+    scoring to drop, so every image counts once.
 
     Args:
         data_dir: folder (or image file) of calibration images.
@@ -443,7 +469,11 @@ class CalibrationDataModule(LightningDataModule):
         an image depend only on ``(seed, epoch, index)``, so they are the same after a resume.
         """
         dataset = self.train_dataset()
-        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        shards = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        sampler = None if not shards or shards["num_replicas"] <= 1 else PaddedShards(
+            dataset, num_replicas=shards["num_replicas"], rank=shards["rank"])
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+                                   num_workers=self.num_workers)
 
     def _eval_stack(self, key: str, images: list[Tensor]) -> Tensor:
         mean, std = self.normalization

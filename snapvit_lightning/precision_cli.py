@@ -1,0 +1,101 @@
+"""``trainer.precision: auto`` in the ``snapvit`` CLI: a LightningCLI that resolves it before the Trainer.
+
+The probe (:func:`~snapvit_lightning.precision.resolve_precision`) runs once, in the process the
+user started; under DDP the processes Lightning starts apply its choice (:data:`CHOICE_ENV`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal, Optional, Union
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+from typing_extensions import override
+
+from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
+
+__all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "lightning_cli"]
+
+
+class AutoPrecisionTrainer(Trainer):
+    """A ``Trainer`` whose ``precision`` type also admits ``"auto"``, so LightningCLI parses it.
+
+    ``"auto"`` itself is resolved by :class:`AutoPrecisionCLI` before the Trainer is built.
+
+    Raises:
+        ValueError: If built with ``precision="auto"`` directly.
+    """
+
+    def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None, **kwargs: Any) -> None:
+        if precision == "auto":
+            raise ValueError(
+                "precision='auto' is resolved before the Trainer is built: `snapvit fit` does it; in Python "
+                "pass snapvit_lightning.precision.resolve_precision('auto', module, device) as precision"
+            )
+        super().__init__(precision=precision, **kwargs)
+
+
+class AutoPrecisionCLI(LightningCLI):
+    """LightningCLI that resolves ``trainer.precision: auto`` with :func:`resolve_precision`.
+
+    Use it with ``trainer_class=AutoPrecisionTrainer`` (see :func:`lightning_cli`). The probe
+    runs on the device of ``trainer.accelerator`` (:func:`cli_device`) with at most
+    :data:`PROBE_VIEWS` of the datamodule's views per image, and prints one line; explicit precisions are passed through untouched,
+    and one the scoring does not support (``16-mixed``, ``64-true``, ...) is refused before the Trainer is built.
+    """
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        requested = kwargs.get("precision", config.get("precision"))
+        lightning_alias = {"bf16": "bf16-mixed"}  # Lightning's short name of an allowed precision
+        if requested is not None and lightning_alias.get(str(requested), str(requested)) not in _allowed():
+            # refused here: Lightning would turn 16-mixed into bf16-mixed on a CPU, unseen by the module
+            raise ValueError(
+                f"trainer.precision must be one of {list(_allowed())}, got {requested!r} (16-bit floats scale the "
+                "loss, which corrupts raw gradient scores; 64-bit is not supported)"
+            )
+        if requested == "auto":
+            shared = _launched_with_choice()
+            if shared is not None:  # a DDP process Lightning started: rank 0's choice, not a probe of its own
+                _apply_record(self.model, shared)
+                kwargs["precision"] = shared["trainer_precision"]
+            else:
+                views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
+                kwargs["precision"] = resolve_precision(
+                    "auto", self.model, cli_device(config.get("accelerator")), views=views)
+                os.environ[CHOICE_ENV] = json.dumps(self.model.precision_probe)  # for the processes DDP starts
+        return super().instantiate_trainer(**kwargs)
+
+
+#: Environment variable holding rank 0's probe record (JSON) for the processes that Lightning's
+#: DDP launcher starts: they inherit rank 0's environment and apply its choice instead of timing
+#: their own (two probes on one machine, at the same time, can choose differently).
+CHOICE_ENV = "SNAPVIT_PRECISION_CHOICE"
+
+
+def _launched_with_choice() -> dict[str, Any] | None:
+    """Rank 0's probe record in a process Lightning's launcher started (``LOCAL_RANK`` > 0), else ``None``.
+
+    Raises:
+        ValueError: In a multi-process run started by another launcher (``WORLD_SIZE`` > 1 without
+            rank 0's record, e.g. torchrun): each process would run a probe of its own.
+    """
+    record = os.environ.get(CHOICE_ENV)
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0 and record:
+        return json.loads(record)
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 and not record:
+        raise ValueError(
+            f"trainer.precision 'auto' in a run of WORLD_SIZE={os.environ['WORLD_SIZE']} processes started "
+            "outside Lightning: each process would time a probe of its own and could choose differently; "
+            "give an explicit trainer.precision (32-true or bf16-mixed)"
+        )
+    return None
+
+
+def lightning_cli(*args: Any, **kwargs: Any) -> AutoPrecisionCLI:
+    """``AutoPrecisionCLI(*args, trainer_class=AutoPrecisionTrainer, **kwargs)``."""
+    return AutoPrecisionCLI(*args, trainer_class=AutoPrecisionTrainer, **kwargs)

@@ -1,0 +1,96 @@
+"""Tests of snapvit_lightning.precision_cli: ``trainer.precision: auto`` in the CLI, one choice under DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from snapvit_lightning.precision_cli import CHOICE_ENV, AutoPrecisionTrainer, _launched_with_choice
+
+RECORD = {"trainer_precision": "32-true", "scoring_explicit_attention": True, "tf32": False}
+
+
+def test_auto_is_resolved_before_the_trainer() -> None:
+    with pytest.raises(ValueError, match="resolved before the Trainer is built"):
+        AutoPrecisionTrainer(precision="auto")
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),  # one process: it probes
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", CHOICE_ENV: json.dumps(RECORD)}, RECORD),  # started by rank 0
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2", CHOICE_ENV: json.dumps(RECORD)}, None),  # rank 0 again: probes anew
+    ],
+)
+def test_processes_lightning_starts_take_rank_zeros_choice(monkeypatch, env: dict, expected: dict | None) -> None:
+    for key in ("LOCAL_RANK", "WORLD_SIZE", CHOICE_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _launched_with_choice() == expected
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_auto_refused_in_processes_started_by_another_launcher(monkeypatch, local_rank: str) -> None:
+    monkeypatch.delenv(CHOICE_ENV, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. torchrun: no rank 0 choice in the environment
+    with pytest.raises(ValueError, match=r"precision 'auto' in a run of WORLD_SIZE=2 processes started outside Lightning"):
+        _launched_with_choice()
+
+
+_CONFIG = """
+seed_everything: 0
+model:
+  model: test_vit
+  model_kwargs: {{img_size: 32}}
+data:
+  data_dir: {images}
+  batch_size: 2
+  num_local_crops: 2
+trainer:
+  accelerator: cpu
+  devices: 2
+  strategy: ddp
+  precision: auto
+  max_epochs: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+def test_ddp_runs_one_probe_and_every_rank_applies_it(tmp_path) -> None:
+    # Before, each DDP process timed its own probe, at once on the same cores: two runs chose
+    # 32-true and bf16-mixed side by side. Now rank 0 probes and the process it starts reuses the choice.
+    import numpy as np
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    config = tmp_path / "config.yaml"
+    config.write_text(_CONFIG.format(images=tmp_path))
+    probe_file = tmp_path / "probe.py"  # prints each rank's applied choice after the fit
+    probe_file.write_text(
+        "import sys, json\nfrom snapvit_lightning import cli\n"
+        "from lightning.pytorch.callbacks import Callback\n"
+        "class Show(Callback):\n"
+        "    def on_fit_end(self, trainer, pl_module):\n"
+        "        print('CHOICE', trainer.global_rank, trainer.precision, pl_module.explicit_attention, flush=True)\n"
+        "sys.exit(cli.main())\n"  # the command line itself: Lightning restarts it in the second process
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", CHOICE_ENV)}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(probe_file), "fit", "--config", str(config),
+           "--trainer.callbacks+=__main__.Show"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("precision probe on cpu") == 1, out[-3000:]
+    choices = sorted(line.split()[1:] for line in out.splitlines() if line.startswith("CHOICE"))
+    assert [c[0] for c in choices] == ["0", "1"] and choices[0][1:] == choices[1][1:], choices
