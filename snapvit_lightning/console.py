@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 __all__ = [
+    "args_from_python",
     "internal_fit",
     "lightning_cli_args",
     "quiet_lightning",
@@ -117,9 +118,18 @@ def lightning_cli_args(args: Sequence[str] | None) -> Iterator[list[str] | None]
         return
     if isinstance(args, str):
         raise TypeError(f"args must be a sequence of arguments such as ['fit', '--config', 'c.yaml'], got the string {args!r}")
-    saved = sys.argv
-    sys.argv = saved[:1]
+    global _ARGS_FROM_PYTHON
+    saved, given = sys.argv, _ARGS_FROM_PYTHON
+    sys.argv, _ARGS_FROM_PYTHON = saved[:1], True
     try:
         yield list(args)
     finally:
-        sys.argv = saved
+        sys.argv, _ARGS_FROM_PYTHON = saved, given
+
+
+_ARGS_FROM_PYTHON = False
+
+
+def args_from_python() -> bool:
+    """Whether the LightningCLI running now got its arguments from :func:`lightning_cli_args`, not the command line."""
+    return _ARGS_FROM_PYTHON

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 from typing_extensions import override
 
+from .console import args_from_python
 from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
 
 __all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "lightning_cli"]
@@ -68,7 +69,9 @@ class AutoPrecisionCLI(LightningCLI):
                 kwargs["precision"] = resolve_precision(
                     "auto", self.model, cli_device(config.get("accelerator")), views=views)
                 os.environ[CHOICE_ENV] = json.dumps(self.model.precision_probe)  # for the processes DDP starts
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        _check_restartable(trainer)
+        return trainer
 
 
 #: Environment variable holding rank 0's probe record (JSON) for the processes that Lightning's
@@ -94,6 +97,21 @@ def _launched_with_choice() -> dict[str, Any] | None:
             "give an explicit trainer.precision (32-true or bf16-mixed)"
         )
     return None
+
+
+def _check_restartable(trainer: Trainer) -> None:
+    """Refuse a DDP fit whose processes Lightning would start by re-running a command line that lacks its arguments."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (args_from_python() and isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+            and not launcher.cluster_environment.creates_processes_externally):
+        raise ValueError(
+            f"trainer.strategy {type(trainer.strategy).__name__} starts its other {launcher.num_processes - 1} "
+            "process(es) by re-running the command line, which does not hold this run's arguments (they came from "
+            "Python: the main job or cli.main([...])); run `snapvit fit ...` from a shell, or use "
+            "--trainer.strategy ddp_spawn"
+        )
 
 
 def lightning_cli(*args: Any, **kwargs: Any) -> AutoPrecisionCLI:

@@ -94,3 +94,20 @@ def test_ddp_runs_one_probe_and_every_rank_applies_it(tmp_path) -> None:
     assert out.count("precision probe on cpu") == 1, out[-3000:]
     choices = sorted(line.split()[1:] for line in out.splitlines() if line.startswith("CHOICE"))
     assert [c[0] for c in choices] == ["0", "1"] and choices[0][1:] == choices[1][1:], choices
+
+
+def test_ddp_with_arguments_from_python_is_refused_before_the_fit(tmp_path, capsys) -> None:
+    # Lightning starts DDP's other processes by re-running the command line; arguments given from Python
+    # (the main job, cli.main([...])) are not on it, so the second process ran something else and rank 0
+    # waited for it forever.
+    from snapvit_lightning.cli import main
+
+    args = ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir", str(tmp_path),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.precision", "32-true", "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "snapvit fit: error: trainer.strategy DDPStrategy starts its other 1 process(es) by re-running the command line" in err
+    assert "--trainer.strategy ddp_spawn" in err and "Traceback" not in err
