@@ -707,6 +707,14 @@ def test_resumable_loader_continues_after_served_batches(num_workers: int) -> No
         resumed.load_state_dict({**state, "num_samples": 4})
     with pytest.raises(ValueError, match="before it used torchdata's StatefulDataLoader"):
         resumed.load_state_dict({"batches": 1, "num_samples": 5})  # the format of earlier versions
+    # A state of 2 DDP processes in 1 (and the reverse): the shares differ, so the skip would be wrong.
+    assert state["world_size"] == 1
+    with pytest.raises(ValueError, match=r"saved by a fit of 2 process\(es\), this one runs 1: .* same number of processes"):
+        resumed.load_state_dict({**state, "world_size": 2})
+    sharded = ResumableDataLoader(data, batch_size=2, sampler=PaddedShards(data, num_replicas=2, rank=0))
+    assert sharded.state_dict()["world_size"] == 2
+    with pytest.raises(ValueError, match=r"saved by a fit of 1 process\(es\), this one runs 2"):
+        sharded.load_state_dict(state)
 
 
 def test_datamodule_loader_resumes_with_identical_views() -> None:

@@ -116,9 +116,9 @@ class ResumableDataLoader(StatefulDataLoader):
     its batch progress continues from the restored ``batch_idx``. ``StatefulDataLoader`` records
     how many batches the current pass has yielded (after worker prefetching) and, once a state is
     loaded, starts its next pass after them, skipping them on the index sampler (no image of a
-    skipped batch is loaded). This subclass adds the dataset length to the state and refuses a
-    state saved with another, so a resume with other calibration data fails instead of silently
-    skipping the wrong images. ``len()`` stays the full length, as Lightning expects.
+    skipped batch is loaded). This subclass adds the dataset length and the number of DDP shards to
+    the state and refuses a state saved with others, so a resume with other calibration data or
+    another number of processes fails instead of silently skipping the wrong images. ``len()`` stays the full length, as Lightning expects.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -128,15 +128,19 @@ class ResumableDataLoader(StatefulDataLoader):
             super().__init__(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        """``StatefulDataLoader``'s state (plain values) plus ``"num_samples"``: the dataset length."""
-        return {**super().state_dict(), "num_samples": len(self.dataset)}  # type: ignore[arg-type]
+        """``StatefulDataLoader``'s state (plain values) plus the dataset length and the number of shards."""
+        return {**super().state_dict(), "num_samples": len(self.dataset), "world_size": self._world_size()}  # type: ignore[arg-type]
+
+    def _world_size(self) -> int:
+        return int(self.sampler.num_replicas) if isinstance(self.sampler, DistributedSampler) else 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Start the next pass after the batches ``state_dict`` records as yielded.
 
         Raises:
-            ValueError: if the state was saved with another dataset length, or by a version of this
-                package before the ``StatefulDataLoader`` (its ``{"batches", "num_samples"}`` state).
+            ValueError: if the state was saved with another dataset length or number of DDP
+                processes, or by a version of this package before the ``StatefulDataLoader`` (its
+                ``{"batches", "num_samples"}`` state).
         """
         state = dict(state_dict)
         saved = state.pop("num_samples", None)
@@ -145,6 +149,13 @@ class ResumableDataLoader(StatefulDataLoader):
             raise ValueError(
                 f"the checkpoint's dataloader state was saved with num_samples={int(saved)}, but this "
                 f"loader's dataset has {current} samples: resume with the same calibration data"
+            )
+        saved_world = state.pop("world_size", None)  # states before it was recorded: not checked
+        if saved_world is not None and int(saved_world) != self._world_size():
+            raise ValueError(
+                f"the checkpoint was saved by a fit of {int(saved_world)} process(es), this one runs "
+                f"{self._world_size()}: each process's share of the images differs, so the images the "
+                "checkpoint has scored are not the ones it would skip; resume with the same number of processes"
             )
         if "batches" in state:
             raise ValueError(
