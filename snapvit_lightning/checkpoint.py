@@ -165,6 +165,25 @@ def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torc
     return data, meta
 
 
+def _check_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kwargs: dict, dims: list) -> None:
+    """Refuse weights no model should run (before the model is built: a forged ``depth`` would build for minutes).
+
+    One floating dtype (``load_state_dict(assign=True)`` keeps each tensor's own, and a mixed model
+    fails in its first matmul), finite values, and ``depth``/``embed_dim`` that agree with the file.
+    """
+    if "depth" in kwargs and kwargs["depth"] != len(dims):
+        raise ValueError(f"{path}: model_kwargs depth={kwargs['depth']!r} but block_dims lists {len(dims)} blocks")
+    width = state.get("patch_embed.proj.weight")
+    if "embed_dim" in kwargs and width is not None and kwargs["embed_dim"] != width.shape[0]:
+        raise ValueError(f"{path}: model_kwargs embed_dim={kwargs['embed_dim']!r} but the patch embedding has {width.shape[0]}")
+    dtypes = {str(v.dtype).replace("torch.", "") for v in state.values()}
+    if state and (len(dtypes) != 1 or not next(iter(state.values())).is_floating_point()):
+        raise ValueError(f"{path}: the model's tensors must share one floating dtype, got {sorted(dtypes)}")
+    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"{path}: model tensor {bad!r} holds NaN or infinite values")
+
+
 def _rebuild(
     path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_only: bool = False
 ) -> nn.Module:
@@ -178,6 +197,7 @@ def _rebuild(
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid block_dims {meta['block_dims']!r}") from err
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_weights(path, state, kwargs, dims)
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, **kwargs)
@@ -188,7 +208,7 @@ def _rebuild(
                 raise ValueError("state dict shapes differ from the rebuilt model")
             return model
         model.load_state_dict(state, strict=True, assign=True)
-    except (AssertionError, RuntimeError, ValueError, TypeError) as err:  # timm asserts on bad kwargs
+    except (AssertionError, RuntimeError, ValueError, TypeError, KeyError) as err:  # timm asserts on bad kwargs
         raise ValueError(f"{path}: the weights do not fit {name} with {kwargs} and block_dims {meta['block_dims']}: {err}") from err
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

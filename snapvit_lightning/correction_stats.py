@@ -191,6 +191,11 @@ class CorrectionStats:
                 raise ValueError(f"{path}: '{name}' must be [B, n, n], got {tuple(t.shape)}")
         if attn.shape[0] != mlp.shape[0]:
             raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
+        for name, t in (("attn", attn), ("mlp", mlp)):  # a damaged file, not a damping problem later
+            if not bool(torch.isfinite(t).all()) or bool((t.diagonal(dim1=1, dim2=2) < 0).any()):
+                raise ValueError(f"{path}: '{name}' holds NaN, infinite or negative second moments (a damaged file?)")
+        if values[0] < 1 or values[1] < values[0]:
+            raise ValueError(f"{path}: num_images must be >= 1 and num_tokens >= num_images, got {values[0]} and {values[1]}")
         ranking = {}
         if meta["format_version"] not in ("1", "2"):  # older files carry no ranking
             ranking = {k: tensors[k] for k in ("ranking_mlp", "ranking_heads") if k in tensors}

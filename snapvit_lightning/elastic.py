@@ -584,6 +584,11 @@ class ElasticViT:
             raise ValueError(f"{path}: invalid scores in the elastic checkpoint: {err}") from err
         model = _rebuild(path, meta, tensors)
         _check_scores_match(scores, block_dims(get_blocks(model)[0]), len(get_blocks(model)))
+        for name, order in (("order.mlp", mlp_order), ("order.heads", head_order)):
+            size = scores.mlp.shape if name == "order.mlp" else scores.heads.shape
+            if order.dtype != torch.int64 or tuple(order.shape) != tuple(size) or not torch.equal(
+                    order.sort(dim=1).values, torch.arange(size[1]).expand(size)):
+                raise ValueError(f"{path}: {name} must hold a permutation of each block's units, int64 {list(size)}")
         self = cls.__new__(cls)
         self.model_name, self.model_kwargs = meta["model_name"], meta["model_kwargs"]
         self._init(model, scores, mlp_order, head_order)

@@ -304,7 +304,9 @@ def onnx_max_abs_diff(
     """Max abs difference between ``model`` (torch, eval mode, float32) and its ONNX graph on ``images``.
 
     Raises:
-        ValueError: ``images`` not finite float ``[N, C, H, W]`` at the graph's input size, or a bad ``batch_size``.
+        ValueError: ``images`` not finite float ``[N, C, H, W]`` at the graph's input size, a bad
+            ``batch_size``, or outputs of ``model`` that are not finite. Non-finite outputs of the
+            graph give ``inf``.
     """
     images = _check_graph_images(model, images, "images")
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -315,5 +317,9 @@ def onnx_max_abs_diff(
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(torch.float32)
             expected = model(x.to(device)).float().cpu()
-            diff = max(diff, float((runner(x) - expected).abs().max()))
+            if not bool(torch.isfinite(expected).all()):
+                raise ValueError("the torch model's outputs are not finite (NaN or infinite weights?): nothing to check against")
+            got = runner(x)
+            # max() would pass NaN over (max(0.0, nan) is 0.0): a non-finite graph output differs by inf.
+            diff = max(diff, float((got - expected).abs().max()) if bool(torch.isfinite(got).all()) else math.inf)
     return diff

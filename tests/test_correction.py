@@ -239,6 +239,30 @@ def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t, m: t["mlp_triu"].view(-1)[0].fill_(float("nan")), "'mlp' holds NaN, infinite or negative"),
+        (lambda t, m: t["attn_triu"][:, 0].fill_(-1.0), "'attn' holds NaN, infinite or negative"),
+        (lambda t, m: m.update(num_images="0"), "num_images must be >= 1 and num_tokens >= num_images, got 0"),
+    ],
+)
+def test_damaged_stats_are_refused_on_load(tmp_path: Path, edit, match) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    el = _elastic()
+    path = tmp_path / "m.stats.safetensors"
+    el.collect_stats(_images(el.model, n=4)).save(path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=rf"{path.name}: {match}"):
+        CorrectionStats.load(path)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(correct="lstsq"), "needs calibration"),

@@ -423,3 +423,38 @@ def test_collect_stats_with_ranking_and_the_ranked_cut_round_trip(tmp_path) -> N
     elastic.attach_stats(stats)
     a, b = elastic.subnet(0.5, 0.5), loaded.subnet(0.5, 0.5)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _damaged(tmp_path, edit) -> "Path":
+    """The tiny elastic checkpoint, its tensors and metadata changed by ``edit(tensors, meta)``."""
+    el, _ = _elastic("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    el.save(path)
+    tensors, meta = load_file(str(path)), read_metadata(path)
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+def _set_kwargs(meta: dict, **kwargs) -> None:
+    meta["model_kwargs"] = {**(json.loads(meta["model_kwargs"]) if isinstance(meta["model_kwargs"], str) else meta["model_kwargs"]), **kwargs}
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [  # damaged files a new user's probe loaded as good (or built for minutes)
+        (lambda t, m: t["model.blocks.0.mlp.fc1.weight"].view(-1)[0].fill_(float("nan")),
+         "model tensor 'blocks.0.mlp.fc1.weight' holds NaN or infinite values"),
+        (lambda t, m: t.update({"model.blocks.0.mlp.fc1.weight": t["model.blocks.0.mlp.fc1.weight"].half()}),
+         r"must share one floating dtype, got \['float16', 'float32'\]"),
+        (lambda t, m: _set_kwargs(m, depth=1_000_000), "depth=1000000 but block_dims lists"),
+        (lambda t, m: _set_kwargs(m, embed_dim=60_000), "embed_dim=60000 but the patch embedding has"),
+        (lambda t, m: _set_kwargs(m, act_layer="os.system"), "the weights do not fit test_vit"),
+        (lambda t, m: t["order.mlp"][0].fill_(0), "order.mlp must hold a permutation of each block's units"),
+        (lambda t, m: t.update({"order.heads": t["order.heads"].int()}), "order.heads must hold a permutation"),
+    ],
+)
+def test_damaged_checkpoints_are_refused_on_load(tmp_path, edit, match) -> None:
+    path = _damaged(tmp_path, edit)
+    with pytest.raises(ValueError, match=match):
+        ElasticViT.load(path)

@@ -222,3 +222,15 @@ def test_export_elastic_writes_onnx_per_budget(tmp_path: Path, one_thread: None)
     assert not any(name.endswith(".onnx") for name in result["report"]["files"].values())
     plain = export_elastic(el, tmp_path / "plain", budgets=[0.6], correct="none")
     assert plain["report"]["budgets"][0]["onnx_file"] is None and not list((tmp_path / "plain").glob("*.onnx"))
+
+
+def test_the_check_fails_on_outputs_that_are_not_finite(one_thread: None) -> None:
+    # max(0.0, nan) is 0.0: an all-NaN graph "matched torch within 0.0e+00" and was written.
+    sub = _elastic("test_vit").subnet(0.5, 0.5)
+    x = model_input(sub, batch=2)
+    broken = _elastic("test_vit").subnet(0.5, 0.5)
+    with torch.no_grad():
+        broken.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    assert onnx_max_abs_diff(sub, onnx_bytes(broken), x) == float("inf")  # the graph's outputs are NaN
+    with pytest.raises(ValueError, match="the torch model's outputs are not finite"):
+        onnx_max_abs_diff(broken, onnx_bytes(broken), x)
