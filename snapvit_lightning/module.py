@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from timm.models import parse_model_name
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
@@ -58,7 +59,7 @@ from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
-from .weights_io import create_timm_model, load_weights
+from .weights_io import create_timm_model, load_weights, rebuild_spec
 
 __all__ = [
     "SnapViTModule",
@@ -245,6 +246,8 @@ class SnapViTModule(pl.LightningModule):
 
         if isinstance(model, str):
             student = create_timm_model(model, pretrained, model_kwargs)
+            if parse_model_name(model)[0] is not None:  # hf-hub:/local-dir: the export records what rebuilds it
+                self.model_name, self.model_kwargs = rebuild_spec(model, model_kwargs)
         elif isinstance(model, nn.Module):
             if model_kwargs or pretrained:
                 raise ValueError(

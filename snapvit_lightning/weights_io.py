@@ -73,8 +73,9 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         The timm model.
 
     Raises:
-        ValueError: An unknown model name or source prefix; a ``pretrained_cfg_overlay`` file
-            without ``pretrained=True``; ``pretrained=True`` for a model timm has no weights for,
+        ValueError: An unknown model name or source prefix; ``checkpoint_path`` in
+            ``model_kwargs`` (use the module's ``checkpoint_path``); a ``pretrained_cfg_overlay`` file
+            without ``pretrained=True``, or one that does not load strictly; ``pretrained=True`` for a model timm has no weights for,
             or weights that do not load into it.
         FileNotFoundError: If the ``pretrained_cfg_overlay`` file does not exist.
     """
@@ -87,6 +88,11 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
     if source is None and not timm.is_model(model_name):
         raise ValueError(f"model {model_name!r} is not a registered timm model name")
     kwargs = dict(model_kwargs or {})
+    if "checkpoint_path" in kwargs:  # timm would load it, and the elastic checkpoint would re-read it at every load
+        raise ValueError(
+            f"model_kwargs checkpoint_path={kwargs['checkpoint_path']!r}: pass it as checkpoint_path "
+            "(model.checkpoint_path in a config), which loads it strictly once"
+        )
     overlay = kwargs.get("pretrained_cfg_overlay")
     file = overlay.get("file") if isinstance(overlay, dict) else None
     if file is not None and not pretrained:
@@ -96,15 +102,46 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
     if file is not None and not Path(file).is_file():
         raise FileNotFoundError(f"model_kwargs pretrained_cfg_overlay file={str(file)!r} does not exist")
     try:
+        if file is not None:
+            # timm loads a file with num_classes other than its config's non-strictly, so a file
+            # missing whole blocks loaded silently: the same weights, through the strict loader.
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
+            classifier = model.pretrained_cfg.get("classifier") or ()
+            try:
+                load_weights(model, file, classifier=(classifier,) if isinstance(classifier, str) else tuple(classifier),
+                             argument="model_kwargs pretrained_cfg_overlay file")
+            except ValueError as err:
+                raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}") from err
+            return model
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
-        if not pretrained:
-            raise
         detail = " ".join(str(err).split())
+        if not pretrained:  # e.g. an unknown pretrained tag
+            raise ValueError(f"model {model_name!r}: {detail}") from err
         raise ValueError(f"pretrained=True: timm could not load weights for model {model_name!r}: {detail}") from err
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def rebuild_spec(model_name: str, model_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The registered timm name and keyword arguments that rebuild a model created as ``model_name``.
+
+    A plain (possibly tagged) name is returned as it is; ``hf-hub:`` and ``local-dir:`` names
+    resolve to their ``config.json``'s architecture and model arguments (what timm used), so an
+    elastic checkpoint of such a model reloads without the hub or the folder.
+    """
+    from timm.models import _hub, parse_model_name
+
+    source, ident = parse_model_name(model_name)
+    kwargs = dict(model_kwargs or {})
+    if source is None:
+        return model_name, kwargs
+    loader = _hub.load_model_config_from_hf if source == "hf-hub" else _hub.load_model_config_from_path
+    _, architecture, model_args = loader(ident)
+    return architecture, {**(model_args or {}), **kwargs}
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike[str], *, classifier: tuple[str, ...] = (), argument: str = "checkpoint_path"
+) -> None:
     """Load local weights into ``model`` (strictly).
 
     Reads ``*.safetensors`` with safetensors, anything else with
@@ -114,37 +151,41 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     timm does for pretrained weights: original key layouts, position embeddings resampled to
     the model's ``img_size``) and the strict load is tried once more.
 
+    ``classifier`` names head layers (timm's ``pretrained_cfg["classifier"]``) whose weights are
+    dropped where the model's head differs (another ``num_classes``), as timm does: that head
+    keeps its fresh weights, every other tensor must load. ``argument`` names ``path`` in errors.
+
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the file holds no state dict or its keys/shapes do not match the model.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
+        raise FileNotFoundError(f"{argument} {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"checkpoint_path {str(path)!r} is not a readable safetensors file: {err}") from err
+            raise ValueError(f"{argument} {str(path)!r} is not a readable safetensors file: {err}") from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(
-                f"checkpoint_path {str(path)!r} could not be read with torch.load(weights_only=True): {err}"
+                f"{argument} {str(path)!r} could not be read with torch.load(weights_only=True): {err}"
             ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint_path {str(path)!r} does not hold a state dict of tensors")
+        raise ValueError(f"{argument} {str(path)!r} does not hold a state dict of tensors")
     for prefix in ("student.", "model.", "module."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
             break
     try:
-        model.load_state_dict(state, strict=True)
+        _load_strict(model, state, classifier)
         return
     except RuntimeError as err:
         error = err
@@ -153,8 +194,20 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
-            model.load_state_dict(filter_fn(dict(state), model), strict=True)
+            _load_strict(model, filter_fn(dict(state), model), classifier)
             return
         except Exception:  # report the unfiltered mismatch below
             pass
-    raise ValueError(f"checkpoint_path {str(path)!r} does not match the model: {error}") from error
+    raise ValueError(f"{argument} {str(path)!r} does not match the model: {error}") from error
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[str, ...]) -> None:
+    """``load_state_dict(strict=True)``, except that the ``classifier`` layers may differ from the model's head."""
+    own = model.state_dict()
+    optional = {f"{name}.{p}" for name in classifier for p in ("weight", "bias")}
+    state = {k: v for k, v in state.items() if k not in optional or (k in own and own[k].shape == v.shape)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in optional]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                           f"unexpected keys {result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}")

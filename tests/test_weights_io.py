@@ -100,6 +100,13 @@ def test_prefixed_names_reach_timm(tiny_weights, tmp_path):
     save_for_hf(model, str(folder), model_args={"img_size": IMG}, safe_serialization=True)  # as on the Hub
     module = SnapViTModule(f"local-dir:{folder}", pretrained=True)
     assert_state_equal(module.student, state)
+    # The export records what rebuilds it without the folder (it named local-dir:... and failed after the fit).
+    from snapvit_lightning.export import _rebuild_info
+
+    name, kwargs = _rebuild_info(module, None, None)
+    assert name == "test_vit"
+    rebuilt = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
 
 
 @pytest.mark.parametrize(
@@ -129,8 +136,28 @@ def test_pretrained_with_an_instance_refused():
 
 def test_pretrained_weights_that_do_not_fit(tiny_weights):
     path, _ = tiny_weights
-    with pytest.raises(ValueError, match=r"pretrained=True: timm could not load weights for model 'test_vit2'"):
+    with pytest.raises(ValueError, match=r"pretrained=True: could not load weights for model 'test_vit2'"):
         SnapViTModule("test_vit2", pretrained=True, model_kwargs=overlay(path))
+
+
+def test_pretrained_file_loads_strictly_except_a_differing_head(tiny_weights, tmp_path):
+    # timm loads an overlay file non-strictly whenever num_classes differs from its config (every
+    # shipped config has num_classes 0): a file without block 0 loaded silently, half random.
+    path, state = tiny_weights
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("blocks.0.")}, str(partial))
+    with pytest.raises(ValueError, match=r"could not load weights for model 'test_vit'.* missing keys \['blocks\.0\."):
+        SnapViTModule("test_vit", pretrained=True, model_kwargs={"img_size": IMG, "num_classes": 0, **overlay(partial)})
+    headed = tmp_path / "headed.safetensors"  # a classifier the model (num_classes 0) does not have: dropped, as timm does
+    save_file({**state, "head.weight": torch.randn(10, state["cls_token"].shape[-1]), "head.bias": torch.zeros(10)}, str(headed))
+    module = SnapViTModule("test_vit", pretrained=True, model_kwargs={"img_size": IMG, "num_classes": 0, **overlay(headed)})
+    assert_state_equal(module.student, {k: v for k, v in state.items() if not k.startswith("head.")})
+
+
+def test_checkpoint_path_inside_model_kwargs_refused():
+    # timm would load it, and the elastic checkpoint would store the path and re-read it at every load.
+    with pytest.raises(ValueError, match=r"model_kwargs checkpoint_path='w.pth': pass it as checkpoint_path"):
+        SnapViTModule("test_vit", model_kwargs={"img_size": IMG, "checkpoint_path": "w.pth"})
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
