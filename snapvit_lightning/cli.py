@@ -166,11 +166,16 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
     return {"correct": method, "calibration": _calibration(args, elastic), **options}, f"{method} (calibration {source})"
 
 
-def _output_file(output: str, overwrite: bool) -> Path:
-    """``-o``: a file that may be written (not a folder; replaced only with ``--overwrite``)."""
+def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ()) -> Path:
+    """``-o``: a file that may be written (not a folder, not a file this command ``reads``; replaced only with ``--overwrite``)."""
     out = Path(output)
     if out.is_dir():
         raise IsADirectoryError(f"-o: '{out}' is a folder; give a file name, e.g. {out / 'NAME'}{out.suffix or '.safetensors'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"-o: '{parent}' is a file, not a folder")
+    if any(r is not None and Path(r).expanduser().resolve() == out.resolve() for r in reads):
+        raise ValueError(f"-o: '{out}' is a file this command reads; write to another file")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     return out
@@ -188,7 +193,7 @@ def _slice(args: argparse.Namespace) -> int:
         raise ValueError("give either --latency-ms or --flops/--mlp-ratio/--head-ratio, not both")
     if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
         raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
-    out = _output_file(args.output, args.overwrite)
+    out = _output_file(args.output, args.overwrite, reads=[args.path, args.calibration])
     suffix = out.suffix.lower()
     other = {"onnx": ".safetensors", "safetensors": ".onnx"}.get(args.format)
     if other is not None and suffix == other:
@@ -235,7 +240,8 @@ def _stats(args: argparse.Namespace) -> int:
     data = Path(args.data).expanduser()
     if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
-    out = _output_file(args.output if args.output is not None else str(stats_path_for(args.path)), args.overwrite)
+    out = _output_file(args.output if args.output is not None else str(stats_path_for(args.path)), args.overwrite,
+                       reads=[args.path, args.data])
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
     inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
     stats = elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True)
@@ -409,6 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`snapvit info ... | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the files are staged, so nothing is half-written; no traceback
+        from .errors import traceback_requested
+
+        if traceback_requested():
+            raise
+        sys.stderr.write(f"\n{prog}: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

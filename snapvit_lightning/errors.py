@@ -11,7 +11,8 @@ status 2. User errors are
 * a ``ValueError``, ``TypeError`` or ``ImportError`` that this package raises on purpose, i.e.
   whose innermost frame is a ``raise`` statement in ``snapvit_lightning`` (argument checks, bad
   image folders, files of another format, a missing optional dependency);
-* Lightning's ``MisconfigurationException`` (a Trainer setting that cannot work here);
+* Lightning's ``MisconfigurationException`` (a Trainer setting that cannot work here) and the
+  ``ValueError`` of its accelerator/strategy checks (e.g. ``--trainer.strategy dpp``);
 * a config or option LightningCLI cannot parse (an unknown key, a value of the wrong type):
   :func:`one_line_error_parser` prints those in the same one-line form;
 * one of the above raised by a class jsonargparse instantiates from a config (a callback's
@@ -77,11 +78,18 @@ def _is_misconfiguration(err: BaseException) -> bool:
 
 
 def _is_direct_user_error(err: BaseException) -> bool:
-    if isinstance(err, _PATH_ERRORS) or _is_misconfiguration(err):
+    if isinstance(err, _PATH_ERRORS) or _is_misconfiguration(err) or _bad_trainer_setting(err):
         return True
     if isinstance(err, ModuleNotFoundError) and not (err.name or "").startswith(_PACKAGE.name):
         return True  # an optional dependency that is not installed
     return isinstance(err, _RAISED_ON_PURPOSE) and _raised_by_this_package(err)
+
+
+def _bad_trainer_setting(err: BaseException) -> bool:
+    """A ``ValueError`` of Lightning's checks of the Trainer's accelerator, strategy, devices and precision."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return isinstance(err, ValueError) and bool(frames) and Path(frames[-1].filename).as_posix().endswith(
+        "lightning/pytorch/trainer/connectors/accelerator_connector.py")
 
 
 def _raised_in_jsonargparse(err: BaseException) -> bool:

@@ -34,23 +34,39 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
 
     Raises:
         IsADirectoryError: ``path`` is a folder.
+        NotADirectoryError: A parent of ``path`` is a file.
+        PermissionError: The file cannot be written (a read-only folder, a full disk).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"'{path}' is a folder; give a .safetensors file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     umask = os.umask(0)
     os.umask(umask)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        except Exception as err:  # safetensors' own error type: a read-only folder, a full disk
+            if "I/O error" not in str(err):
+                raise
+            raise PermissionError(f"cannot write '{path}': {err}") from err
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a file where a folder should be is named (mkdir says only "File exists")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(f"cannot write '{path}': '{blocking}' is a file, not a folder") from err
 
 
 def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:

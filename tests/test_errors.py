@@ -99,6 +99,16 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "snapvit fit: error: ElasticExport: budgets: invalid budget (2.0, 0.0): mlp_ratio must be a number in [0, 1), got 2.0"),
         (["fit", "--model.model", "test_vit", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
           "--trainer.callbacks.mode", "bad"], "snapvit fit: error: ModelCheckpoint: `mode` can be min, max but got bad"),
+        (["fit", "--model.model", "test_vit", "--trainer.strategy", "dpp", "--trainer.logger", "false"],
+         "snapvit fit: error: You selected an invalid strategy name: `strategy='dpp'`"),
+        (["fit", "--model.model", "test_vit", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
+          "--trainer.callbacks.dirpath", "{tmp}/plain.safetensors"],
+         "snapvit fit: error: ElasticExport: dirpath must be a folder, but '{tmp}/plain.safetensors' is a file"),
+        (["slice", "{elastic}", "--flops", "0.5", "-o", "{elastic}", "--overwrite"],
+         "-o: '{elastic}' is a file this command reads; write to another file"),
+        (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{elastic}", "--overwrite"], "is a file this command reads"),
+        (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}/plain.safetensors/s.safetensors"],
+         "snapvit slice: error: -o: '{tmp}/plain.safetensors' is a file, not a folder"),
     ],
 )
 def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, monkeypatch) -> None:
@@ -116,7 +126,7 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
         "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_evals: 0}\n"
     )
     words = [w.format(tmp=tmp_path, elastic=elastic_file) for w in argv]
-    match = match.format(tmp=tmp_path)
+    match = match.format(tmp=tmp_path, elastic=elastic_file)
     if "broken" in " ".join(words):
         with pytest.warns(UserWarning, match="skipped 2 of 2 images"):
             _fails_in_one_line(words, capsys, match)
@@ -202,3 +212,32 @@ def test_main_job_user_error_is_one_line(tmp_path, capsys) -> None:
         "python -m snapvit_lightning.quickstart: error:", run=quickstart.main,
     )
     assert "weights.bin" in line  # the message names the bad value
+
+
+def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
+    from snapvit_lightning import cli
+
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)  # build_parser binds the module's _info when main runs
+    assert main(["info", str(elastic_file)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "snapvit info: interrupted" and "Traceback" not in err
+
+
+def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch) -> None:
+    import safetensors.torch
+
+    from snapvit_lightning.errors import is_user_error
+    from snapvit_lightning.weights_io import write_safetensors
+
+    def read_only(*args, **kwargs):  # what safetensors raises in a read-only folder (root ignores chmod)
+        raise RuntimeError("Error while serializing: I/O error: Operation not permitted (os error 1)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", read_only)
+    with pytest.raises(PermissionError, match=r"cannot write '.*w.safetensors': Error while serializing: I/O error") as err:
+        write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(1)})
+    assert is_user_error(err.value) and not list(tmp_path.iterdir())
