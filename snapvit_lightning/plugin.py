@@ -136,8 +136,9 @@ class SnapViT(Callback):
     4. exports with :func:`export_elastic` to ``dirpath``.
 
     Multi-GPU: the work runs on global rank 0 of the user's run only, on one device; other
-    ranks return at once. For calibration on several GPUs use the ``snapvit`` CLI / a DDP
-    ``SnapViTModule`` run with :class:`EvolutionarySearch` and :class:`ElasticExport`.
+    ranks wait for it, so the files exist on every rank when ``fit`` returns. For calibration on
+    several GPUs use the ``snapvit`` CLI / a DDP ``SnapViTModule`` run with
+    :class:`EvolutionarySearch` and :class:`ElasticExport`.
 
     Fitness/fidelity images: ``fitness_images`` if given, else the datamodule's
     ``fitness_images()``, else (a DataLoader) the first global crop ``views[:, 0]`` of every
@@ -337,14 +338,20 @@ class SnapViT(Callback):
         Skipped under ``fast_dev_run`` (a smoke test writes nothing, as Lightning's checkpoints);
         the global random state is restored afterwards, so the user's later draws do not change.
         """
-        if not trainer.is_global_zero:
-            return
         if trainer.fast_dev_run:
             rank_zero_info("SnapViT: fast_dev_run, so no calibration and no export (the set-up was checked)")
             return
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda), quiet_lightning():
-            self._calibrate_and_export(trainer, pl_module)
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+            try:
+                with torch.random.fork_rng(devices=cuda), quiet_lightning():
+                    self._calibrate_and_export(trainer, pl_module)
+            except BaseException as err:  # raised after the barrier, so no rank waits forever
+                error = err
+        trainer.strategy.barrier("snapvit_plugin_export")  # other ranks return once the files exist
+        if error is not None:
+            raise error
 
     def _calibrate_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)

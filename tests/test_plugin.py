@@ -253,3 +253,58 @@ def test_snapvit_refuses_existing_export_before_fit(tmp_path):
 def test_snapvit_bad_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, **kwargs})
+
+
+_DDP_USER_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning.plugin import SnapViT
+
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+
+
+class User(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.backbone = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=0)
+
+    def training_step(self, batch, batch_idx):
+        return self.backbone(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+g = torch.Generator().manual_seed(0)
+calibration = DataLoader(TensorDataset(torch.randn(4, 4, 3, 32, 32, generator=g), torch.full((4,), -1)), batch_size=2)
+plugin = SnapViT(calibration, dirpath=out / "elastic", search_evals=0, budgets=[0.5], correct="none")
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[plugin])
+trainer.fit(User(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2))
+(out / f"rank{trainer.global_rank}.txt").write_text(str((out / "elastic" / "test_vit.elastic.safetensors").is_file()))
+"""
+
+
+def test_under_ddp_every_rank_returns_after_the_export(tmp_path):
+    # Rank 1 returned from fit() while rank 0 was still scoring: code there that read the export failed.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "user_ddp.py"
+    script.write_text(textwrap.dedent(_DDP_USER_SCRIPT))
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
