@@ -160,9 +160,11 @@ def load_weights(
 ) -> None:
     """Load local weights into ``model`` (strictly).
 
-    Reads ``*.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)``. A Lightning checkpoint (a dict with ``state_dict``) is
-    accepted; a common ``student.``/``model.``/``module.`` key prefix is stripped. If the keys
+    Reads a safetensors file (known by its content, whatever its suffix) with safetensors,
+    anything else with ``torch.load(weights_only=True)``. A Lightning checkpoint (a dict with
+    ``state_dict``) or a training script's ``{"model": ...}`` is accepted; a common
+    ``student.``/``model.``/``module.`` key prefix is stripped (another, e.g. ``backbone.``, is
+    named in the error). If the keys
     do not match as they are, the timm model family's ``checkpoint_filter_fn`` is applied (as
     timm does for pretrained weights: original key layouts, position embeddings resampled to
     the model's ``img_size``) and the strict load is tried once more.
@@ -178,7 +180,7 @@ def load_weights(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{argument} {str(path)!r} does not exist or is not a file")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):  # by content: a .bin or .SAFETENSORS file of safetensors too
         from safetensors.torch import load_file
 
         try:
@@ -192,10 +194,14 @@ def load_weights(
             raise ValueError(
                 f"{argument} {str(path)!r} could not be read with torch.load(weights_only=True): {err}"
             ) from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model"):  # Lightning's and DeiT/timm training scripts' layouts (not an EMA copy)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{argument} {str(path)!r} does not hold a state dict of tensors")
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{argument} {str(path)!r} does not hold a state dict of tensors (found {found}); "
+                         "save model.state_dict() with torch.save or safetensors")
     for prefix in ("student.", "model.", "module."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
@@ -214,7 +220,35 @@ def load_weights(
             return
         except Exception:  # report the unfiltered mismatch below
             pass
-    raise ValueError(f"{argument} {str(path)!r} does not match the model: {error}") from error
+    hint = _prefix_hint(state, model)
+    raise ValueError(f"{argument} {str(path)!r} does not match the model{hint}: {_short_error(error)}") from error
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte header length, then ``{``."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"
+                                                     and 0 < int.from_bytes(head[:8], "little") < 100_000_000)
+
+
+def _prefix_hint(state: dict[str, Tensor], model: nn.Module) -> str:
+    """`` (its keys start with 'backbone.')`` when the keys match the model's once a shared prefix is removed."""
+    own = set(model.state_dict())
+    for key in state:
+        for name in own:
+            if key.endswith("." + name):
+                prefix = key[: -len(name)]
+                if sum(k.startswith(prefix) and k[len(prefix):] in own for k in state) >= len(own) // 2:
+                    return f" (its keys start with {prefix!r}: save the ViT's own state_dict(), e.g. module.{prefix.rstrip('.')}.state_dict())"
+                break
+    return ""
+
+
+def _short_error(error: BaseException) -> str:
+    """A load_state_dict error in at most 600 characters (it lists every key)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 600 else text[:600] + " ..."
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[str, ...]) -> None:

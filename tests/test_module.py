@@ -397,11 +397,25 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     module = SnapViTModule(VIT, checkpoint_path=str(tmp_path / "48px.pt"), model_kwargs=VIT_KW)
     assert module.student.pos_embed.shape[1] == 1 + 4
     torch.save(vit(depth=2).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="(?s)does not match the model.*Missing key"):
+    with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other.pt"), model_kwargs=VIT_KW)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="weights_only"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "junk.pt"), model_kwargs=VIT_KW)
+    # Common layouts a new user brought: DeiT/timm scripts' {"model": ...}, safetensors under another
+    # suffix (torch.load's advice to drop weights_only would not even have worked), a module's keys.
+    torch.save({"model": reference.state_dict(), "epoch": 3}, tmp_path / "deit.pth")
+    (tmp_path / "w.bin").write_bytes(weights.read_bytes())
+    for path in (tmp_path / "deit.pth", tmp_path / "w.bin"):
+        loaded = SnapViTModule(VIT, checkpoint_path=str(path), model_kwargs=VIT_KW).student.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+    torch.save({f"backbone.{k}": v for k, v in reference.state_dict().items()} | {"head.weight": torch.zeros(3, 8)},
+               tmp_path / "user.pt")
+    with pytest.raises(ValueError, match=r"does not match the model \(its keys start with 'backbone\.': save the ViT's own"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "user.pt"), model_kwargs=VIT_KW)
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")
+    with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(found \['epoch', 'optimizer'\]\)"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "nothing.pt"), model_kwargs=VIT_KW)
 
 
 # ------------------------------------------------------------------------------ checkpoints
