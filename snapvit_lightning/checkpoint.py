@@ -129,6 +129,8 @@ def read_format(
         ValueError: An unreadable file, another format or another version.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the {what} file")
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
     try:

@@ -130,7 +130,11 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
             f"--correct {args.correct or 'lstsq'} needs --calibration STATS_FILE|IMAGE_FOLDER "
             f"(no statistics at '{source}'; write them with `snapvit stats {args.path} --data FOLDER`)"
         )
-    return CorrectionStats.load(source)
+    stats = CorrectionStats.load(source)
+    if stats.fingerprint != elastic.fingerprint:  # named here: the check in subnet() cannot name the file
+        raise ValueError(f"--calibration: '{source}' holds the statistics of another elastic model than '{args.path}' "
+                         "(its fingerprint differs); collect them with `snapvit stats`")
+    return stats
 
 
 def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, str]:

@@ -476,11 +476,15 @@ def _default_name(model_name: str | None, model: nn.Module | None) -> str | None
 
 
 def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool) -> None:
-    """Raise FileExistsError on every rank when rank 0 sees an existing export (no rank hangs)."""
+    """Raise FileExistsError (an existing export) or PermissionError (a read-only ``dirpath``) on every rank when rank 0 sees it (no rank hangs)."""
     existing = None
     if trainer.is_global_zero and name is not None and not overwrite:
         existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)
+    if trainer.is_global_zero and existing is None and dirpath.is_dir() and not os.access(dirpath, os.W_OK | os.X_OK):
+        existing = ""  # a read-only folder: the export would fail after the fit
     existing = trainer.strategy.broadcast(existing, src=0)
+    if existing == "":
+        raise PermissionError(f"dirpath '{dirpath}' is not writable")
     if existing is not None:
         raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it")
 

@@ -277,7 +277,11 @@ class OnnxModel(nn.Module):
         if not isinstance(onnx, (bytes, bytearray)) and not Path(onnx).is_file():
             raise FileNotFoundError(f"no ONNX file at '{onnx}'")
         source = bytes(onnx) if isinstance(onnx, (bytes, bytearray)) else str(onnx)
-        self.session = ort.InferenceSession(source, options, providers=[provider])
+        try:
+            self.session = ort.InferenceSession(source, options, providers=[provider])
+        except Exception as err:  # ONNX Runtime's own error types: a truncated file, another format
+            where = "the ONNX bytes" if isinstance(onnx, (bytes, bytearray)) else f"'{onnx}'"
+            raise ValueError(f"{where} is not an ONNX model ONNX Runtime can load: {' '.join(str(err).split())[:300]}") from err
         self.input_shape = list(self.session.get_inputs()[0].shape)  # e.g. ["batch", 3, 112, 112]
 
     def forward(self, images: Tensor) -> Tensor:

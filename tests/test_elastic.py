@@ -458,3 +458,8 @@ def test_damaged_checkpoints_are_refused_on_load(tmp_path, edit, match) -> None:
     path = _damaged(tmp_path, edit)
     with pytest.raises(ValueError, match=match):
         ElasticViT.load(path)
+
+
+def test_a_folder_given_as_a_checkpoint_is_named(tmp_path) -> None:
+    with pytest.raises(IsADirectoryError, match="is a folder; give the elastic/subnet file"):
+        ElasticViT.load(tmp_path)

@@ -241,3 +241,12 @@ def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch) -> None:
     with pytest.raises(PermissionError, match=r"cannot write '.*w.safetensors': Error while serializing: I/O error") as err:
         write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(1)})
     assert is_user_error(err.value) and not list(tmp_path.iterdir())
+
+
+def test_statistics_of_another_checkpoint_name_the_file(tmp_path, elastic_file, capsys) -> None:
+    model, name, kwargs = tiny_model("test_vit", seed=1)
+    other = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
+    other.collect_stats(torch.randn(4, 3, *model.patch_embed.img_size)).save(tmp_path / "other.stats.safetensors")
+    _fails_in_one_line(["slice", str(elastic_file), "--flops", "0.5", "--calibration", str(tmp_path / "other.stats.safetensors"),
+                        "-o", str(tmp_path / "s.safetensors")], capsys,
+                       f"--calibration: '{tmp_path / 'other.stats.safetensors'}' holds the statistics of another elastic model")

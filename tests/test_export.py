@@ -467,3 +467,12 @@ def test_report_fidelity_never_above_one(monkeypatch):
     monkeypatch.setattr(report, "_features", lambda sub, images, batch_size: x)
     model, _, _ = tiny_model("test_vit")
     assert report._fidelity(model, x, torch.zeros(1), 8) == 1.0
+
+
+def test_a_read_only_dirpath_is_refused_before_the_fit(tmp_path, monkeypatch):
+    # The export hit it only after the scoring and the search. (Root passes chmod: os.access stands in.)
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    monkeypatch.setattr(ex.os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=f"dirpath '{tmp_path}' is not writable"):
+        _trainer(tmp_path, [ElasticExport(tmp_path, correct="none")]).fit(module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None  # before the scoring

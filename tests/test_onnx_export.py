@@ -234,3 +234,10 @@ def test_the_check_fails_on_outputs_that_are_not_finite(one_thread: None) -> Non
     assert onnx_max_abs_diff(sub, onnx_bytes(broken), x) == float("inf")  # the graph's outputs are NaN
     with pytest.raises(ValueError, match="the torch model's outputs are not finite"):
         onnx_max_abs_diff(broken, onnx_bytes(broken), x)
+
+
+def test_runner_names_a_file_that_is_not_onnx(tmp_path: Path) -> None:
+    junk = tmp_path / "m.onnx"
+    junk.write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match=r"'.*m.onnx' is not an ONNX model ONNX Runtime can load"):
+        OnnxModel(junk)
