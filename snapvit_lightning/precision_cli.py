@@ -68,7 +68,8 @@ class AutoPrecisionCLI(LightningCLI):
                 views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
                 kwargs["precision"] = resolve_precision(
                     "auto", self.model, cli_device(config.get("accelerator")), views=views)
-                os.environ[CHOICE_ENV] = json.dumps(self.model.precision_probe)  # for the processes DDP starts
+                # for the processes Lightning's DDP launcher starts from this one (their parent)
+                os.environ[CHOICE_ENV] = json.dumps({"pid": os.getpid(), "record": self.model.precision_probe})
         trainer = super().instantiate_trainer(**kwargs)
         _check_restartable(trainer)
         return trainer
@@ -81,15 +82,17 @@ CHOICE_ENV = "SNAPVIT_PRECISION_CHOICE"
 
 
 def _launched_with_choice() -> dict[str, Any] | None:
-    """Rank 0's probe record in a process Lightning's launcher started (``LOCAL_RANK`` > 0), else ``None``.
+    """Rank 0's probe record in a process Lightning's launcher started from it (``LOCAL_RANK`` > 0), else ``None``.
 
     Raises:
         ValueError: In a multi-process run started by another launcher (``WORLD_SIZE`` > 1 without
             rank 0's record, e.g. torchrun): each process would run a probe of its own.
     """
-    record = os.environ.get(CHOICE_ENV)
+    shared = json.loads(os.environ.get(CHOICE_ENV) or "{}")
+    # Only from this process's parent: a value inherited from further up (a test run, a shell) is stale.
+    record = shared.get("record") if shared.get("pid") == os.getppid() else None
     if int(os.environ.get("LOCAL_RANK") or 0) > 0 and record:
-        return json.loads(record)
+        return record
     if int(os.environ.get("WORLD_SIZE") or 1) > 1 and not record:
         raise ValueError(
             f"trainer.precision 'auto' in a run of WORLD_SIZE={os.environ['WORLD_SIZE']} processes started "

@@ -290,6 +290,12 @@ trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, 
                      enable_progress_bar=False, enable_model_summary=False, callbacks=[plugin])
 trainer.fit(User(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2))
 (out / f"rank{trainer.global_rank}.txt").write_text(str((out / "elastic" / "test_vit.elastic.safetensors").is_file()))
+if trainer.global_rank == 0:  # Lightning ends the other ranks when rank 0 exits: wait for rank 1's answer
+    import time
+
+    deadline = time.time() + 60
+    while not (out / "rank1.txt").exists() and time.time() < deadline:
+        time.sleep(0.1)
 """
 
 

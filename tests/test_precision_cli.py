@@ -23,8 +23,9 @@ def test_auto_is_resolved_before_the_trainer() -> None:
     "env, expected",
     [
         ({}, None),  # one process: it probes
-        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", CHOICE_ENV: json.dumps(RECORD)}, RECORD),  # started by rank 0
-        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2", CHOICE_ENV: json.dumps(RECORD)}, None),  # rank 0 again: probes anew
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", CHOICE_ENV: json.dumps({"pid": os.getppid(), "record": RECORD})}, RECORD),
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2", CHOICE_ENV: json.dumps({"pid": os.getppid(), "record": RECORD})}, None),
+        ({"LOCAL_RANK": "0", CHOICE_ENV: json.dumps({"pid": -1, "record": RECORD})}, None),  # stale, from elsewhere
     ],
 )
 def test_processes_lightning_starts_take_rank_zeros_choice(monkeypatch, env: dict, expected: dict | None) -> None:
@@ -36,8 +37,11 @@ def test_processes_lightning_starts_take_rank_zeros_choice(monkeypatch, env: dic
 
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])
-def test_auto_refused_in_processes_started_by_another_launcher(monkeypatch, local_rank: str) -> None:
+@pytest.mark.parametrize("stale", [False, True])
+def test_auto_refused_in_processes_started_by_another_launcher(monkeypatch, local_rank: str, stale: bool) -> None:
     monkeypatch.delenv(CHOICE_ENV, raising=False)
+    if stale:  # a choice some other process left in the environment: not rank 0's of this launch
+        monkeypatch.setenv(CHOICE_ENV, json.dumps({"pid": -1, "record": RECORD}))
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. torchrun: no rank 0 choice in the environment
     with pytest.raises(ValueError, match=r"precision 'auto' in a run of WORLD_SIZE=2 processes started outside Lightning"):
@@ -75,12 +79,12 @@ def test_ddp_runs_one_probe_and_every_rank_applies_it(tmp_path) -> None:
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     config = tmp_path / "config.yaml"
     config.write_text(_CONFIG.format(images=tmp_path))
-    probe_file = tmp_path / "probe.py"  # prints each rank's applied choice after the fit
+    probe_file = tmp_path / "probe.py"  # prints each rank's applied choice when its training starts
     probe_file.write_text(
         "import sys, json\nfrom snapvit_lightning import cli\n"
         "from lightning.pytorch.callbacks import Callback\n"
         "class Show(Callback):\n"
-        "    def on_fit_end(self, trainer, pl_module):\n"
+        "    def on_train_start(self, trainer, pl_module):\n"  # not at the end: rank 0 may stop rank 1 then
         "        print('CHOICE', trainer.global_rank, trainer.precision, pl_module.explicit_attention, flush=True)\n"
         "sys.exit(cli.main())\n"  # the command line itself: Lightning restarts it in the second process
     )
