@@ -48,27 +48,6 @@ def test_auto_refused_in_processes_started_by_another_launcher(monkeypatch, loca
         _launched_with_choice()
 
 
-_CONFIG = """
-seed_everything: 0
-model:
-  model: test_vit
-  model_kwargs: {{img_size: 32}}
-data:
-  data_dir: {images}
-  batch_size: 2
-  num_local_crops: 2
-trainer:
-  accelerator: cpu
-  devices: 2
-  strategy: ddp
-  precision: auto
-  max_epochs: 1
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
-
-
 def test_ddp_runs_one_probe_and_every_rank_applies_it(tmp_path) -> None:
     # Before, each DDP process timed its own probe, at once on the same cores: two runs chose
     # 32-true and bf16-mixed side by side. Now rank 0 probes and the process it starts reuses the choice.
@@ -77,8 +56,6 @@ def test_ddp_runs_one_probe_and_every_rank_applies_it(tmp_path) -> None:
 
     for i in range(4):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    config = tmp_path / "config.yaml"
-    config.write_text(_CONFIG.format(images=tmp_path))
     probe_file = tmp_path / "probe.py"  # prints each rank's applied choice when its training starts
     probe_file.write_text(
         "import sys, json\nfrom snapvit_lightning import cli\n"
@@ -90,7 +67,10 @@ def test_ddp_runs_one_probe_and_every_rank_applies_it(tmp_path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", CHOICE_ENV)}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, str(probe_file), "fit", "--config", str(config),
+    cmd = [sys.executable, str(probe_file), "fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}",
+           "--data.data_dir", str(tmp_path), "--data.batch_size", "2", "--data.num_local_crops", "2",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.precision", "auto", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.callbacks+=__main__.Show"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
