@@ -476,7 +476,10 @@ def _default_name(model_name: str | None, model: nn.Module | None) -> str | None
 
 
 def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool) -> None:
-    """Raise FileExistsError (an existing export) or PermissionError (a read-only ``dirpath``) on every rank when rank 0 sees it (no rank hangs)."""
+    """Raise FileExistsError (an existing export) or PermissionError (a read-only ``dirpath``).
+
+    Rank 0 looks and every rank raises (no rank hangs).
+    """
     existing = None
     if trainer.is_global_zero and name is not None and not overwrite:
         existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)

@@ -118,7 +118,8 @@ class ResumableDataLoader(StatefulDataLoader):
     loaded, starts its next pass after them, skipping them on the index sampler (no image of a
     skipped batch is loaded). This subclass adds the dataset length and the number of DDP shards to
     the state and refuses a state saved with others, so a resume with other calibration data or
-    another number of processes fails instead of silently skipping the wrong images. ``len()`` stays the full length, as Lightning expects.
+    another number of processes fails instead of silently skipping the wrong images. ``len()``
+    stays the full length, as Lightning expects.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
