@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,8 @@ def load_weights(
     named in the error). If the keys
     do not match as they are, the timm model family's ``checkpoint_filter_fn`` is applied (as
     timm does for pretrained weights: original key layouts, position embeddings resampled to
-    the model's ``img_size``) and the strict load is tried once more.
+    the model's ``img_size``) and the strict load is tried once more; a patch embedding that the
+    filter resampled to another patch size is warned about (the weights were trained for another).
 
     ``classifier`` names head layers (timm's ``pretrained_cfg["classifier"]``) whose weights are
     dropped where the model's head differs (another ``num_classes``), as timm does: that head
@@ -217,9 +219,16 @@ def load_weights(
     if filter_fn is not None:
         try:
             _load_strict(model, filter_fn(dict(state), model), classifier)
-            return
         except Exception:  # report the unfiltered mismatch below
             pass
+        else:
+            patch = state.get("patch_embed.proj.weight")
+            own = model.patch_embed.proj.weight if hasattr(model, "patch_embed") else None
+            if patch is not None and own is not None and patch.shape[-2:] != own.shape[-2:]:
+                (h, w), (mh, mw) = patch.shape[-2:], own.shape[-2:]
+                warnings.warn(f"{argument} {str(path)!r}: its {h}x{w} patch embedding was resampled to the model's "
+                              f"{mh}x{mw}: these weights were trained with another patch size", stacklevel=2)
+            return
     hint = _prefix_hint(state, model)
     raise ValueError(f"{argument} {str(path)!r} does not match the model{hint}: {_short_error(error)}") from error
 

@@ -413,6 +413,9 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
                tmp_path / "user.pt")
     with pytest.raises(ValueError, match=r"does not match the model \(its keys start with 'backbone\.': save the ViT's own"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "user.pt"), model_kwargs=VIT_KW)
+    torch.save(vit(patch_size=8).state_dict(), tmp_path / "p8.pt")  # resampled by timm's filter: said so
+    with pytest.warns(UserWarning, match=r"its 8x8 patch embedding was resampled to the model's 16x16"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "p8.pt"), model_kwargs=VIT_KW)
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(found \['epoch', 'optimizer'\]\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "nothing.pt"), model_kwargs=VIT_KW)
