@@ -136,6 +136,14 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         if not pretrained:  # e.g. an unknown pretrained tag
             raise ValueError(f"model {model_name!r}: {detail}") from err
         raise ValueError(f"pretrained=True: timm could not load weights for model {model_name!r}: {detail}") from err
+    except Exception as err:
+        if not type(err).__module__.startswith("huggingface_hub"):
+            raise
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"model {model_name!r}: the Hugging Face Hub could not provide its files (offline?): {detail}; "
+            "offline, give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay {file: PATH}"
+        ) from err
 
 
 def rebuild_spec(model_name: str, model_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:

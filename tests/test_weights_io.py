@@ -184,3 +184,15 @@ def test_written_files_get_the_mode_of_new_files_and_nothing_else_is_left(tmp_pa
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m.elastic.safetensors", "w.safetensors"]
     with pytest.raises(IsADirectoryError, match="is a folder; give a .safetensors file name"):
         write_safetensors(tmp_path / "new", {"a": torch.zeros(1)})
+
+
+def test_an_unreachable_hub_names_the_model_and_the_offline_ways(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ValueError, match=r"model 'vit_small_patch16_224.augreg_in21k': the Hugging Face Hub could not "
+                                         r"provide its files \(offline\?\): .* give local weights: checkpoint_path"):
+        create_timm_model("vit_small_patch16_224.augreg_in21k", pretrained=True)
