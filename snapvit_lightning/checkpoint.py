@@ -215,4 +215,7 @@ def _rebuild(
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise ValueError(f"{path}: the file does not hold {leftover[:3]} of {name}")
+    size = [int(s) for s in model.patch_embed.img_size]
+    if meta["input_size"] != size:  # `snapvit info` and the tools read it as the model's
+        raise ValueError(f"{path}: input_size {meta['input_size']!r} is not the model's {size}")
     return model.eval()
