@@ -194,6 +194,8 @@ def _rebuild(
         raise ValueError(f"{path}: model_name {name!r} is not a registered timm model")
     if not isinstance(kwargs, dict):
         raise ValueError(f"{path}: model_kwargs must be a JSON object, got {kwargs!r}")
+    if "checkpoint_path" in kwargs:  # timm.create_model would read that file: no file we write holds it
+        raise ValueError(f"{path}: model_kwargs holds checkpoint_path={kwargs['checkpoint_path']!r} (a forged file?)")
     try:
         dims = [BlockDims(int(h), int(n)) for h, n in meta["block_dims"]]
     except (TypeError, ValueError) as err:

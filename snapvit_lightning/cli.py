@@ -172,14 +172,14 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
 
 def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ()) -> Path:
     """``-o``: a file that may be written (not a folder, not a file this command ``reads``; replaced only with ``--overwrite``)."""
+    from .weights_io import check_writable
+
     out = Path(output)
     if out.is_dir():
         raise IsADirectoryError(f"-o: '{out}' is a folder; give a file name, e.g. {out / 'NAME'}{out.suffix or '.safetensors'}")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise NotADirectoryError(f"-o: '{parent}' is a file, not a folder")
     if any(r is not None and Path(r).expanduser().resolve() == out.resolve() for r in reads):
         raise ValueError(f"-o: '{out}' is a file this command reads; write to another file")
+    check_writable(out.parent, "-o")  # before the work, not at the write
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     return out
@@ -197,7 +197,9 @@ def _slice(args: argparse.Namespace) -> int:
         raise ValueError("give either --latency-ms or --flops/--mlp-ratio/--head-ratio, not both")
     if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
         raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
-    out = _output_file(args.output, args.overwrite, reads=[args.path, args.calibration])
+    from .correction import stats_path_for
+
+    out = _output_file(args.output, args.overwrite, reads=[args.path, args.calibration, str(stats_path_for(args.path))])
     suffix = out.suffix.lower()
     other = {"onnx": ".safetensors", "safetensors": ".onnx"}.get(args.format)
     if other is not None and suffix == other:

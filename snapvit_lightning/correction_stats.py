@@ -192,8 +192,11 @@ class CorrectionStats:
         if attn.shape[0] != mlp.shape[0]:
             raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
         for name, t in (("attn", attn), ("mlp", mlp)):  # a damaged file, not a damping problem later
-            if not bool(torch.isfinite(t).all()) or bool((t.diagonal(dim1=1, dim2=2) < 0).any()):
-                raise ValueError(f"{path}: '{name}' holds NaN, infinite or negative second moments (a damaged file?)")
+            diagonal = t.diagonal(dim1=1, dim2=2) if t.is_floating_point() else None
+            if diagonal is None or not bool(torch.isfinite(t).all()) or bool((diagonal < 0).any()) \
+                    or bool((diagonal.sum(dim=1) == 0).any()):
+                raise ValueError(f"{path}: '{name}' must hold finite float second moments, non-negative on the "
+                                 "diagonal and not all zero in a block (a damaged file?)")
         if values[0] < 1 or values[1] < values[0]:
             raise ValueError(f"{path}: num_images must be >= 1 and num_tokens >= num_images, got {values[0]} and {values[1]}")
         ranking = {}

@@ -58,6 +58,7 @@ from .obs import with_ranking
 from .onnx_export import checked_onnx
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .search import EvolutionarySearch, scored_model
+from .weights_io import check_writable
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -476,18 +477,18 @@ def _default_name(model_name: str | None, model: nn.Module | None) -> str | None
 
 
 def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool) -> None:
-    """Raise FileExistsError (an existing export) or PermissionError (a read-only ``dirpath``).
-
-    Rank 0 looks and every rank raises (no rank hangs).
-    """
-    existing = None
-    if trainer.is_global_zero and name is not None and not overwrite:
-        existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)
-    if trainer.is_global_zero and existing is None and dirpath.is_dir() and not os.access(dirpath, os.W_OK | os.X_OK):
-        existing = ""  # a read-only folder: the export would fail after the fit
-    existing = trainer.strategy.broadcast(existing, src=0)
-    if existing == "":
-        raise PermissionError(f"dirpath '{dirpath}' is not writable")
+    """Raise on every rank (no rank hangs) when rank 0 sees an existing export or an unwritable ``dirpath``."""
+    existing, unwritable = None, None
+    if trainer.is_global_zero:
+        if name is not None and not overwrite:
+            existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)
+        try:
+            check_writable(dirpath, "dirpath")  # else the export would fail after the fit
+        except OSError as err:
+            unwritable = err
+    existing, unwritable = trainer.strategy.broadcast((existing, unwritable), src=0)
+    if unwritable is not None:
+        raise unwritable
     if existing is not None:
         raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it")
 

@@ -61,6 +61,23 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     return path
 
 
+def check_writable(folder: str | os.PathLike, argument: str) -> None:
+    """Refuse a folder that cannot be created or written into, before any work that ends by writing there.
+
+    The folder, or the nearest of its parents that exists, must be a folder this process may write into.
+
+    Raises:
+        NotADirectoryError: That path is a file.
+        PermissionError: It is not writable (a read-only folder).
+    """
+    folder = Path(folder).expanduser()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{argument}: '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{argument}: '{existing}' is not writable")
+
+
 def make_parent(path: Path) -> None:
     """Create ``path``'s folder; a file where a folder should be is named (mkdir says only "File exists")."""
     try:

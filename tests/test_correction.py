@@ -241,9 +241,11 @@ def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda t, m: t["mlp_triu"].view(-1)[0].fill_(float("nan")), "'mlp' holds NaN, infinite or negative"),
-        (lambda t, m: t["attn_triu"][:, 0].fill_(-1.0), "'attn' holds NaN, infinite or negative"),
+        (lambda t, m: t["mlp_triu"].view(-1)[0].fill_(float("nan")), "'mlp' must hold finite float second moments"),
+        (lambda t, m: t["attn_triu"][:, 0].fill_(-1.0), "'attn' must hold finite float second moments"),
         (lambda t, m: m.update(num_images="0"), "num_images must be >= 1 and num_tokens >= num_images, got 0"),
+        (lambda t, m: t["mlp_triu"].zero_(), "'mlp' must hold finite float second moments"),  # failed later as "use a larger damping"
+        (lambda t, m: t.update(attn_triu=t["attn_triu"].long()), "'attn' must hold finite float second moments"),
     ],
 )
 def test_damaged_stats_are_refused_on_load(tmp_path: Path, edit, match) -> None:

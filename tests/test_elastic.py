@@ -453,6 +453,7 @@ def _set_kwargs(meta: dict, **kwargs) -> None:
         (lambda t, m: t["order.mlp"][0].fill_(0), "order.mlp must hold a permutation of each block's units"),
         (lambda t, m: t.update({"order.heads": t["order.heads"].int()}), "order.heads must hold a permutation"),
         (lambda t, m: m.update(input_size=[1_000_000, 1_000_000]), r"input_size \[1000000, 1000000\] is not the model's"),
+        (lambda t, m: _set_kwargs(m, checkpoint_path="/etc/passwd"), "model_kwargs holds checkpoint_path='/etc/passwd'"),
     ],
 )
 def test_damaged_checkpoints_are_refused_on_load(tmp_path, edit, match) -> None:

@@ -107,6 +107,10 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["slice", "{elastic}", "--flops", "0.5", "-o", "{elastic}", "--overwrite"],
          "-o: '{elastic}' is a file this command reads; write to another file"),
         (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{elastic}", "--overwrite"], "is a file this command reads"),
+        (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}/m.stats.safetensors", "--overwrite"],
+         "-o: '{tmp}/m.stats.safetensors' is a file this command reads"),  # the statistics beside the checkpoint
+        (["bench", "{elastic}", "--data", "{tmp}/one", "--no-latency", "--out", "{tmp}/plain.safetensors/b"],
+         "snapvit bench: error: --out: '{tmp}/plain.safetensors' is a file, not a folder"),
         (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}/plain.safetensors/s.safetensors"],
          "snapvit slice: error: -o: '{tmp}/plain.safetensors' is a file, not a folder"),
     ],

@@ -472,7 +472,15 @@ def test_report_fidelity_never_above_one(monkeypatch):
 def test_a_read_only_dirpath_is_refused_before_the_fit(tmp_path, monkeypatch):
     # The export hit it only after the scoring and the search. (Root passes chmod: os.access stands in.)
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
-    monkeypatch.setattr(ex.os, "access", lambda path, mode: False)
-    with pytest.raises(PermissionError, match=f"dirpath '{tmp_path}' is not writable"):
-        _trainer(tmp_path, [ElasticExport(tmp_path, correct="none")]).fit(module, train_dataloaders=_multicrop_loader())
+    from snapvit_lightning import weights_io
+
+    monkeypatch.setattr(weights_io.os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=f"dirpath: '{tmp_path}' is not writable"):  # the folder to create is in it
+        _trainer(tmp_path, [ElasticExport(tmp_path / "new", correct="none")]).fit(module, train_dataloaders=_multicrop_loader())
     assert module.scores is None  # before the scoring
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"dirpath: '{tmp_path / 'afile'}' is a file, not a folder"):
+        _trainer(tmp_path, [ElasticExport(tmp_path / "afile" / "exp", correct="none")]).fit(
+            module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None

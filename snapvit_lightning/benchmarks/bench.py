@@ -78,6 +78,7 @@ from typing import Any, Sequence
 
 from ..cli_args import budget_arg
 from ..machine import cpu_model
+from ..weights_io import check_writable
 from .bench_correction import make_calibrator
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
@@ -430,6 +431,8 @@ def run_bench(args: argparse.Namespace) -> int:
     out = None if args.out is None else Path(args.out)
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder, but '{out}' is a file")
+    if out is not None:
+        check_writable(out, "--out")  # before the benchmark, not after it
     budgets = [(float(m), float(h)) for m, h in args.budgets]
     for m, h in budgets:  # range check when run_bench is called with a hand-made Namespace
         try:
