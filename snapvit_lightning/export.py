@@ -56,6 +56,7 @@ from .export_options import (  # noqa: F401  (the plug-in imports some of these 
 from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import checked_onnx
+from .ranks import finish_on_every_rank
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .search import EvolutionarySearch, scored_model
 from .weights_io import check_writable
@@ -678,9 +679,7 @@ class ElasticExport(Callback):
                 self.export_paths, self.report = result["paths"], result["report"]
             except BaseException as err:  # raised after the barrier, so no rank waits forever
                 error = err
-        trainer.strategy.barrier("snapvit_elastic_export")
-        if error is not None:
-            raise error
+        finish_on_every_rank(trainer, error, "ElasticExport")
 
 
 class ExportCheck(Callback):

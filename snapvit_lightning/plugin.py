@@ -41,6 +41,7 @@ from .export import (
 )
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
+from .ranks import finish_on_every_rank
 from .scores import ImportanceScores
 from .search import EvolutionarySearch
 from .structure import UnsupportedModelError, check_supported
@@ -349,9 +350,7 @@ class SnapViT(Callback):
                     self._calibrate_and_export(trainer, pl_module)
             except BaseException as err:  # raised after the barrier, so no rank waits forever
                 error = err
-        trainer.strategy.barrier("snapvit_plugin_export")  # other ranks return once the files exist
-        if error is not None:
-            raise error
+        finish_on_every_rank(trainer, error, "SnapViT's calibration and export")  # the others return once the files exist
 
     def _calibrate_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)

@@ -290,17 +290,37 @@ trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, 
                      enable_progress_bar=False, enable_model_summary=False, callbacks=[plugin])
 trainer.fit(User(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2))
 (out / f"rank{trainer.global_rank}.txt").write_text(str((out / "elastic" / "test_vit.elastic.safetensors").is_file()))
+
+# When rank 0's export fails, the other ranks fail too (they returned as if the files existed).
+import snapvit_lightning.plugin as plugin_module
+
+
+def broken_export(*args, **kwargs):
+    raise ValueError("disk full")
+
+
+plugin_module.export_elastic = broken_export
+failing = SnapViT(calibration, dirpath=out / "failing", search_evals=0, budgets=[0.5], correct="none")
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[failing])
+try:
+    trainer.fit(User(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2))
+    outcome = "returned"
+except Exception as err:
+    outcome = f"{type(err).__name__}: {err}"
+(out / f"fail{trainer.global_rank}.txt").write_text(outcome)
 if trainer.global_rank == 0:  # Lightning ends the other ranks when rank 0 exits: wait for rank 1's answer
     import time
 
     deadline = time.time() + 60
-    while not (out / "rank1.txt").exists() and time.time() < deadline:
+    while not (out / "fail1.txt").exists() and time.time() < deadline:
         time.sleep(0.1)
 """
 
 
 def test_under_ddp_every_rank_returns_after_the_export(tmp_path):
-    # Rank 1 returned from fit() while rank 0 was still scoring: code there that read the export failed.
+    # Rank 1 returned from fit() while rank 0 was still scoring (code there that read the export failed),
+    # and returned normally when rank 0's export failed.
     import os
     import subprocess
     import sys
@@ -314,3 +334,5 @@ def test_under_ddp_every_rank_returns_after_the_export(tmp_path):
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
+    assert (tmp_path / "fail0.txt").read_text() == "ValueError: disk full"
+    assert (tmp_path / "fail1.txt").read_text().startswith("RankZeroFailed: SnapViT's calibration and export failed on global rank 0")
