@@ -11,8 +11,11 @@ the corrected path's ranking) work on elastic checkpoints; ``snapvit bench`` mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Sequence
 
@@ -375,7 +378,7 @@ class SnapViTCLI:
         from .module import SnapViTModule
         from .precision_cli import lightning_cli  # LightningCLI that resolves trainer.precision: auto
 
-        with quiet_lightning(), lightning_cli_args(args) as cli_args:
+        with quiet_lightning(), lightning_cli_args(args) as cli_args, _lightning_interrupt():
             lightning_cli(
                 SnapViTModule,
                 CalibrationDataModule,
@@ -389,6 +392,27 @@ class SnapViTCLI:
                 parser_kwargs={"prog": "snapvit"},
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
             )
+
+@contextlib.contextmanager
+def _lightning_interrupt() -> Iterator[None]:
+    """Lightning's end of a fit stopped by Ctrl-C (``sys.exit(1)``, the Trainer interrupted) as a KeyboardInterrupt."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    from .precision_cli import AutoPrecisionCLI
+
+    AutoPrecisionCLI.last_trainer = None
+    try:
+        yield
+    except SystemExit as exit_:
+        trainer = AutoPrecisionCLI.last_trainer
+        if exit_.code != 1 or trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # Lightning may leave Ctrl-C off for the process
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt from None
+    finally:
+        AutoPrecisionCLI.last_trainer = None
+
 
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
 

@@ -48,6 +48,8 @@ class AutoPrecisionCLI(LightningCLI):
     and one the scoring does not support (``16-mixed``, ``64-true``, ...) is refused before the Trainer is built.
     """
 
+    last_trainer: Optional[Trainer] = None
+
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={}) or {}
@@ -72,6 +74,7 @@ class AutoPrecisionCLI(LightningCLI):
                 os.environ[CHOICE_ENV] = json.dumps({"pid": os.getpid(), "record": self.model.precision_probe})
         trainer = super().instantiate_trainer(**kwargs)
         _check_restartable(trainer)
+        AutoPrecisionCLI.last_trainer = trainer  # the CLI reads its state when the fit ends in sys.exit (Ctrl-C)
         return trainer
 
 

@@ -254,3 +254,28 @@ def test_statistics_of_another_checkpoint_name_the_file(tmp_path, elastic_file, 
     _fails_in_one_line(["slice", str(elastic_file), "--flops", "0.5", "--calibration", str(tmp_path / "other.stats.safetensors"),
                         "-o", str(tmp_path / "s.safetensors")], capsys,
                        f"--calibration: '{tmp_path / 'other.stats.safetensors'}' holds the statistics of another elastic model")
+
+
+def test_ctrl_c_during_a_fit_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
+    # Lightning ends a fit stopped by Ctrl-C with sys.exit(1) (status 1, no word of snapvit's).
+    import signal
+
+    from snapvit_lightning.module import SnapViTModule
+
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "photos", n=2)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SnapViTModule, "training_step", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        status = main(["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir",
+                       str(tmp_path / "photos"), "--trainer.precision", "32-true", "--trainer.logger", "false",
+                       "--trainer.enable_progress_bar", "false"])
+        assert status == 130 and capsys.readouterr().err.strip().endswith("snapvit fit: interrupted")
+        assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again
+    finally:
+        signal.signal(signal.SIGINT, before)
