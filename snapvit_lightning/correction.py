@@ -55,7 +55,7 @@ from .structure import check_model_images, get_blocks
 
 __all__ = [
     "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
-    "stats_damping", "collect_stats", "correct_subnet", "fingerprint",
+    "stats_damping", "collect_stats", "correct_subnet", "fingerprint", "weights_version",
     "augmented_weight", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
 ]
@@ -284,6 +284,14 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def has_cut_norm(block: nn.Module) -> bool:
     """Whether ``block`` has a norm over a cut dimension (``scale_norm`` / MLP norm): stored statistics cannot correct it."""
     return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
+
+
+def weights_version(model: nn.Module) -> tuple:
+    """A value that changes whenever a weight of ``model`` is changed in place, replaced, cast or moved.
+
+    For caches built from the weights (a tensor's ``_version`` counts its in-place changes).
+    """
+    return tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:

@@ -53,6 +53,7 @@ from .checkpoint import (  # the file format; its public names are importable fr
 )
 from .correction import (
     CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint, prepare_targets, stats_path_for,
+    weights_version,
 )
 from .scores import ImportanceScores, check_ratio
 from .structure import (
@@ -132,10 +133,12 @@ class ElasticViT:
         self._head_flops = dense["head"]
         self._dense_flops = dense["total"]
         self._dense_params = count_params(model)["total"]
-        self._fingerprint: str | None = None
+        self._fingerprint: tuple[tuple, str] | None = None  # (weights_version(model), fingerprint)
         self.stats: CorrectionStats | None = None
-        self._prepared: list[dict[str, torch.Tensor]] | None = None  # prepare_targets of the attached stats
-        self._ranked: tuple[CorrectionStats, ElasticViT] | None = None  # (stats, ranked_view(stats)), built lazily
+        # Caches of the attached statistics, valid while the weights they were built from are unchanged
+        # (weights_version): prepare_targets, and (stats, versions, ranked_view(stats)), built lazily.
+        self._prepared: tuple[tuple, list[dict[str, torch.Tensor]]] | None = None
+        self._ranked: tuple[CorrectionStats, tuple, ElasticViT] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Budgets
@@ -383,14 +386,15 @@ class ElasticViT:
         if correct != "none":
             prepared = None
             if calibration is self.stats and not sequential:
-                if self._prepared is None:
-                    self._prepared = prepare_targets(self.model, self.stats)
-                prepared = self._prepared
+                version = weights_version(self.model)
+                if self._prepared is None or self._prepared[0] != version:
+                    self._prepared = (version, prepare_targets(self.model, self.stats))
+                prepared = self._prepared[1]
             correct_subnet(
                 self.model, sub, calibration, method=correct, damping=damping, damping_reference=damping_reference,
                 sequential=sequential, expected_fingerprint=self.fingerprint, prepared=prepared,
             )
-        return sub
+        return sub.requires_grad_(True)  # an ordinary timm model, trainable whatever the elastic model's flags
 
     # ------------------------------------------------------------------------------------------
     # Correction statistics
@@ -470,28 +474,31 @@ class ElasticViT:
         An :class:`ElasticViT` of the same weights whose blocks are permuted so that the ranking
         (:meth:`ranking_scores`) is a prefix, with ``stats`` permuted into its order and attached. Its
         :meth:`dims` at given ratios keep as many units in all as this model's (the same FLOPs
-        and parameters), spread over the blocks as the ranking says. Built once per statistics
-        (cached until :meth:`attach_stats`); its ``mlp_order``/``head_order`` index this model's units.
+        and parameters), spread over the blocks as the ranking says. Cached, and built again when
+        the weights or the view changed; its ``mlp_order``/``head_order`` index this model's units.
         ``None`` where :meth:`ranking_scores` is ``None``; arguments and errors as there.
         """
         stats = self.stats if stats is None else stats
-        if self._ranked is not None and self._ranked[0] is stats:
-            return self._ranked[1]
+        versions = (weights_version(self.model), None if self._ranked is None else weights_version(self._ranked[2].model))
+        if self._ranked is not None and self._ranked[0] is stats and self._ranked[1] == versions \
+                and self._ranked[2].stats is not None:  # a view changed or detached since is built again
+            return self._ranked[2]
         ranking = self.ranking_scores(stats)
         if ranking is None:
             return None
         view = ElasticViT.__new__(ElasticViT)  # this model's architecture, already checked: no rebuild check
         view._build(self.model, ranking, self.model_name, self.model_kwargs)
         view.attach_stats(_permuted_stats(stats, view.mlp_order, view.head_order, view.fingerprint))
-        self._ranked = (stats, view)
+        self._ranked = (stats, (weights_version(self.model), weights_version(view.model)), view)
         return view
 
     @property
     def fingerprint(self) -> str:
         """Hash that ties :class:`CorrectionStats` to this elastic model."""
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.model, self.mlp_order, self.head_order)
-        return self._fingerprint
+        version = weights_version(self.model)  # weights changed in place or cast: hashed again
+        if self._fingerprint is None or self._fingerprint[0] != version:
+            self._fingerprint = (version, fingerprint(self.model, self.mlp_order, self.head_order))
+        return self._fingerprint[1]
 
     def collect_stats(self, images: torch.Tensor, batch_size: int = 32, *, ranking: bool = False) -> CorrectionStats:
         """Correction statistics of this model on preprocessed images ``[N, 3, H, W]``.

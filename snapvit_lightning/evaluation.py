@@ -117,7 +117,7 @@ def knn_accuracy(
     Raises:
         ValueError: If shapes, dtypes, ``k`` or ``temperature`` are invalid, only one of
             ``test_features``/``test_labels`` is given, feature widths differ, or leave-one-out
-            is asked of fewer than 2 samples.
+            is asked of fewer than 2 samples, or the labels hold a single class (e.g. all ``-1``).
     """
     k = _check_int("k", k, 1)
     temperature = _check_positive_float("temperature", temperature)
@@ -143,6 +143,9 @@ def knn_accuracy(
         if queries.shape[0] == 0:
             raise ValueError(f"test_features must hold at least 1 sample, got {_shape(queries)}")
 
+    if torch.cat([labels.flatten().cpu(), query_labels.flatten().cpu()]).unique().numel() < 2:  # all -1 scored 1.0
+        raise ValueError(f"labels must hold at least 2 classes, got only {labels[0].item()} (-1 marks an unlabeled "
+                         "image, e.g. from a folder without class subfolders): k-NN needs class labels")
     ref = F.normalize(features.float(), dim=1)
     qry = ref if loo else F.normalize(queries.float().to(ref.device), dim=1)
     classes, ref_idx = torch.unique(labels.to(ref.device), return_inverse=True)

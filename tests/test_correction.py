@@ -617,3 +617,26 @@ def test_moments_of_both_kinds_in_one_accumulator_stay_exact() -> None:
     rows = [(a, a), (b, c.repeat(2, 1)[:9]), (c, c)]
     xy = sum(x.double().T @ y.double() for x, y in rows) / 23
     torch.testing.assert_close(moments.augmented()[:6, :6], xy, rtol=1e-6, atol=1e-6)
+
+
+def test_corrected_subnets_are_trainable_and_follow_the_current_weights() -> None:
+    # A new user's probe: corrected subnets (the default) came from a frozen, cached copy of the
+    # weights: fine-tuning them failed, and a weight changed in place afterwards was ignored.
+    el = _elastic()
+    el.attach_stats(el.collect_stats(_images(el.model, n=8), ranking=True))
+    for sub in (el.subnet(0.35, 0.2), el.subnet(0.35, 0.2, correct="bias"), el.subnet(0.35, 0.2, correct="none")):
+        assert all(p.requires_grad for p in sub.parameters())
+        sub.train()(_images(el.model, n=2)).pow(2).mean().backward()
+    x = _images(el.model, n=2)
+    before = el.subnet(0.35, 0.2).eval()(x)
+    with torch.no_grad():
+        el.model.blocks[1].mlp.fc1.weight.mul_(0.5)
+    after = el.subnet(0.35, 0.2).eval()(x)
+    assert not torch.allclose(before, after)
+    fresh = _elastic()  # the same change made before the first cut
+    with torch.no_grad():
+        fresh.model.blocks[1].mlp.fc1.weight.mul_(0.5)
+    fresh.attach_stats(el.stats)
+    torch.testing.assert_close(after, fresh.subnet(0.35, 0.2).eval()(x))
+    el.ranked_view().attach_stats(None)  # the view is a cache of el's: changing it is undone, not inherited
+    torch.testing.assert_close(el.subnet(0.35, 0.2).eval()(x), after)

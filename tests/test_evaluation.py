@@ -273,3 +273,10 @@ def test_extract_features(vit: torch.nn.Module) -> None:
         extract_features(vit, images[0])
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         extract_features(vit, images, batch_size=0)
+
+
+def test_knn_refuses_unlabeled_images() -> None:
+    # load_eval_images labels a flat folder's images -1; k-NN over them scored a perfect 1.0.
+    features = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"labels must hold at least 2 classes, got only -1 \(-1 marks an unlabeled image"):
+        knn_accuracy(features, torch.full((6,), -1), k=2)
