@@ -142,6 +142,23 @@ class CorrectionStats:
         triangles = sum(4 * t.shape[0] * t.shape[1] * (t.shape[1] + 1) // 2 for t in (self.attn, self.mlp))
         return triangles + sum(8 * t.numel() for t in self._rankings())
 
+    def permuted(self, mlp_order: Tensor, head_order: Tensor, fingerprint: str) -> "CorrectionStats":
+        """These statistics in another unit order, without a ranking (the new order is the ranking).
+
+        Row and column ``i`` of block ``b``'s MLP matrix become those of neuron ``mlp_order[b, i]``;
+        the ``attn.proj`` inputs move with their heads (``head_order`` expanded to each head's
+        channels); the last row and column (the constant 1) stay last.
+        """
+        blocks, heads, channels = self.attn.shape[0], head_order.shape[1], self.attn.shape[-1] - 1
+        head_dim = channels // heads
+        channel_order = (head_order.long()[:, :, None] * head_dim + torch.arange(head_dim)).flatten(1)
+        out = {}
+        for name, moment, order in (("attn", self.attn, channel_order), ("mlp", self.mlp, mlp_order.long())):
+            last = torch.full((blocks, 1), moment.shape[-1] - 1, dtype=torch.long)
+            index = torch.cat([order, last], 1).to(moment.device)
+            out[name] = torch.stack([m.index_select(0, i).index_select(1, i) for m, i in zip(moment, index)])
+        return CorrectionStats(out["attn"], out["mlp"], self.num_images, self.num_tokens, fingerprint)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file of the upper triangles (to a temporary file, then renamed).
 

@@ -59,6 +59,7 @@ from .scores import ImportanceScores, check_ratio
 from .structure import (
     BlockDims,
     block_dims,
+    check_dims,
     count_flops,
     count_params,
     get_blocks,
@@ -158,7 +159,12 @@ class ElasticViT:
         return [BlockDims(int(h), int(n)) for h, n in zip(heads, neurons)]
 
     def cost(self, dims: Sequence[BlockDims]) -> dict[str, float]:
-        """FLOPs and parameters (absolute and as a fraction of the dense model) of ``dims``."""
+        """FLOPs and parameters (absolute and as a fraction of the dense model) of ``dims``.
+
+        Raises:
+            ValueError: ``dims`` is not one :class:`BlockDims` per block within the model's sizes.
+        """
+        check_dims(dims, self.structure)
         flops = count_flops(self.model, dims=dims, head_flops=self._head_flops)["total"]
         params = count_params(self.model, dims=dims)["total"]
         return {
@@ -191,6 +197,9 @@ class ElasticViT:
                 below what the per-block minimum keep allows.
         """
         if flops is None and params is None:
+            if head_ratio_scale != 1.0:
+                raise ValueError(f"head_ratio_scale={head_ratio_scale!r} applies to a flops/params fraction only; "
+                                 "with ratios give head_ratio itself")
             return (
                 check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
                 check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"),
@@ -372,6 +381,7 @@ class ElasticViT:
                 option, or statistics of another model.
             SingularGramError: A damped Gram matrix that is not positive definite.
         """
+        check_dims(dims, self.structure)
         correct, calibration = self._resolve_correction(correct, calibration)
         _check_correction_args(correct, calibration, damping, damping_reference, sequential)
         # Copy the module tree but share the parameters, cut the blocks (which copies only the
@@ -488,7 +498,7 @@ class ElasticViT:
             return None
         view = ElasticViT.__new__(ElasticViT)  # this model's architecture, already checked: no rebuild check
         view._build(self.model, ranking, self.model_name, self.model_kwargs)
-        view.attach_stats(_permuted_stats(stats, view.mlp_order, view.head_order, view.fingerprint))
+        view.attach_stats(stats.permuted(view.mlp_order, view.head_order, view.fingerprint))
         self._ranked = (stats, (weights_version(self.model), weights_version(view.model)), view)
         return view
 
@@ -618,33 +628,14 @@ def _check_correction_args(
     if correct not in CORRECT_CHOICES:
         raise ValueError(f"correct must be one of {CORRECT_CHOICES}, got {correct!r}")
     check_correction(correct, damping, damping_reference)
-    if correct == "none" and (calibration is not None or sequential):
-        raise ValueError("calibration/sequential are only used with correct='bias' or 'lstsq', got correct='none'")
+    if correct == "none" and (calibration is not None or sequential or damping is not None or damping_reference != "mean"):
+        raise ValueError("calibration/sequential/damping/damping_reference are only used with correct='bias' or "
+                         "'lstsq', got correct='none' (or no statistics attached)")
     if correct != "none" and not isinstance(calibration, (CorrectionStats, torch.Tensor)):
         raise ValueError(
             f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W] "
             f"(or statistics attached with attach_stats / found by ElasticViT.load), got {type(calibration).__name__}"
         )
-
-
-def _permuted_stats(
-    stats: CorrectionStats, mlp_order: torch.Tensor, head_order: torch.Tensor, fingerprint: str
-) -> CorrectionStats:
-    """``stats`` in another unit order, without a ranking (the new order is the ranking).
-
-    Row and column ``i`` of block ``b``'s MLP matrix become those of neuron ``mlp_order[b, i]``;
-    the ``attn.proj`` inputs move with their heads (``head_order`` expanded to each head's
-    channels); the last row and column (the constant 1) stay last.
-    """
-    blocks, heads, channels = stats.attn.shape[0], head_order.shape[1], stats.attn.shape[-1] - 1
-    head_dim = channels // heads
-    channel_order = (head_order.long()[:, :, None] * head_dim + torch.arange(head_dim)).flatten(1)
-    out = {}
-    for name, moment, order in (("attn", stats.attn, channel_order), ("mlp", stats.mlp, mlp_order.long())):
-        last = torch.full((blocks, 1), moment.shape[-1] - 1, dtype=torch.long)
-        index = torch.cat([order, last], 1).to(moment.device)
-        out[name] = torch.stack([m.index_select(0, i).index_select(1, i) for m, i in zip(moment, index)])
-    return CorrectionStats(out["attn"], out["mlp"], stats.num_images, stats.num_tokens, fingerprint)
 
 
 def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: int) -> None:

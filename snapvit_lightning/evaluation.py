@@ -257,6 +257,9 @@ def _check_pair(features: object, reference: object) -> None:
         raise ValueError(
             f"features {_shape(features)} and reference {_shape(reference)} must have the same shape"
         )
+    for name, t in (("features", features), ("reference", reference)):  # NaN gave a fidelity of nan, not an error
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} hold NaN or infinite values (a broken model or precision?)")
 
 
 def feature_fidelity(features: Tensor, reference: Tensor) -> float:

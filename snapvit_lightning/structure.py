@@ -406,6 +406,21 @@ def slice_block(block: nn.Module, num_heads: int, mlp_hidden: int) -> None:
     select_units(block, torch.arange(mlp_hidden), torch.arange(num_heads))
 
 
+def check_dims(dims: object, structure: "ViTStructure") -> None:
+    """Refuse ``dims`` that are not one :class:`BlockDims` per block of ``structure``, within its sizes.
+
+    Raises:
+        ValueError: Another length or type, or a count outside ``[0, heads]`` / ``[0, neurons]``.
+    """
+    blocks = structure.blocks
+    if not isinstance(dims, (list, tuple)) or len(dims) != len(blocks) or not all(isinstance(d, BlockDims) for d in dims):
+        raise ValueError(f"dims must be a list of {len(blocks)} BlockDims (one per block, e.g. elastic.dims(0.3, 0.2)), "
+                         f"got {type(dims).__name__}" + (f" of {len(dims)}" if isinstance(dims, (list, tuple)) else ""))
+    for i, (d, full) in enumerate(zip(dims, blocks)):
+        if not (0 <= d.num_heads <= full.num_heads and 0 <= d.mlp_hidden <= full.mlp_hidden):
+            raise ValueError(f"dims[{i}] = {d} is outside the block's {full.num_heads} heads and {full.mlp_hidden} neurons")
+
+
 def slice_model(model: nn.Module, dims: Sequence[BlockDims]) -> None:
     """Slice every block of ``model`` to ``dims`` (first units kept), in place.
 

@@ -465,3 +465,20 @@ def test_damaged_checkpoints_are_refused_on_load(tmp_path, edit, match) -> None:
 def test_a_folder_given_as_a_checkpoint_is_named(tmp_path) -> None:
     with pytest.raises(IsADirectoryError, match="is a folder; give the elastic/subnet file"):
         ElasticViT.load(tmp_path)
+
+
+def test_arguments_that_would_be_ignored_or_out_of_range_are_refused() -> None:
+    # A new user's probe: these ran and silently ignored the argument, or returned a nonsense cost.
+    from snapvit_lightning.structure import BlockDims
+
+    el, _ = _elastic("test_vit")
+    with pytest.raises(ValueError, match=r"head_ratio_scale=0.5 applies to a flops/params fraction only"):
+        el.subnet(0.3, head_ratio_scale=0.5)
+    with pytest.raises(ValueError, match=r"calibration/sequential/damping/damping_reference are only used with"):
+        el.subnet(0.3, damping=0.01, correct="none")
+    with pytest.raises(ValueError, match=r"dims must be a list of 6 BlockDims .* got list of 6"):
+        el.slice([(2, 16)] * 6)
+    with pytest.raises(ValueError, match=r"dims\[0\] = .* is outside the block's 2 heads and \d+ neurons"):
+        el.cost([BlockDims(1000, 99999)] * 6)
+    with pytest.raises(ValueError, match=r"dims must be a list of 6 BlockDims .* got NoneType"):
+        el.cost(None)

@@ -280,3 +280,13 @@ def test_knn_refuses_unlabeled_images() -> None:
     features = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"labels must hold at least 2 classes, got only -1 \(-1 marks an unlabeled image"):
         knn_accuracy(features, torch.full((6,), -1), k=2)
+
+
+def test_fidelity_refuses_features_that_are_not_finite() -> None:
+    x = torch.randn(4, 8)
+    broken = x.clone()
+    broken[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="features hold NaN or infinite values"):
+        feature_fidelity(broken, x)
+    with pytest.raises(ValueError, match="reference hold NaN or infinite values"):
+        centered_fidelity(x, broken)
