@@ -535,8 +535,9 @@ def block_params(block: nn.Module, num_heads: int | None = None, mlp_hidden: int
 def block_flops(block: nn.Module, tokens: int, num_heads: int | None = None, mlp_hidden: int | None = None) -> int:
     """Matmul FLOPs (2 x multiply-adds) of one block for one image of ``tokens`` tokens.
 
-    Counts what :class:`torch.utils.flop_counter.FlopCounterMode` counts: the Linear layers and
-    the two attention matmuls (norms, softmax and activations are not counted).
+    Counts what :class:`torch.utils.flop_counter.FlopCounterMode` counts on the explicit attention
+    path: the Linear layers and the two attention matmuls (norms, softmax and activations are not
+    counted; the counter may miss the attention matmuls of a fused CPU attention kernel).
     """
     dims = block_dims(block)
     attn = block.attn
