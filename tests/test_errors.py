@@ -251,9 +251,10 @@ def test_statistics_of_another_checkpoint_name_the_file(tmp_path, elastic_file, 
     model, name, kwargs = tiny_model("test_vit", seed=1)
     other = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
     other.collect_stats(torch.randn(4, 3, *model.patch_embed.img_size)).save(tmp_path / "other.stats.safetensors")
-    _fails_in_one_line(["slice", str(elastic_file), "--flops", "0.5", "--calibration", str(tmp_path / "other.stats.safetensors"),
-                        "-o", str(tmp_path / "s.safetensors")], capsys,
-                       f"--calibration: '{tmp_path / 'other.stats.safetensors'}' holds the statistics of another elastic model")
+    line = _fails_in_one_line(["slice", str(elastic_file), "--flops", "0.5", "--calibration",
+                               str(tmp_path / "other.stats.safetensors"), "-o", str(tmp_path / "s.safetensors")], capsys,
+                              f"--calibration: '{tmp_path / 'other.stats.safetensors'}' holds the statistics of another elastic model")
+    assert f"than '{elastic_file}'" in line and not (tmp_path / "s.safetensors").exists()
 
 
 def test_ctrl_c_during_a_fit_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
