@@ -148,6 +148,8 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     """Turn a user error raised inside the block into ``<prog>: error: <message>`` and exit 2.
 
     Other exceptions pass unchanged, and so does every exception when :func:`traceback_requested`.
+    In the other processes of a DDP run (``RANK``/``LOCAL_RANK`` > 0) the line starts with ``[rank N]``:
+    an error every rank raises is then told apart from a second one.
 
     Args:
         prog: the program as the user typed it, e.g. ``"snapvit slice"``.
@@ -160,7 +162,8 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     except Exception as err:
         if traceback_requested() or not is_user_error(err):
             raise
-        sys.stderr.write(f"{prog}: error: {user_error_message(err)}\n")
+        rank = int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)  # a DDP process Lightning started
+        sys.stderr.write(f"{f'[rank {rank}] ' if rank > 0 else ''}{prog}: error: {user_error_message(err)}\n")
         raise SystemExit(USER_ERROR_STATUS) from None
 
 

@@ -280,3 +280,14 @@ def test_ctrl_c_during_a_fit_ends_in_one_line(tmp_path, capsys, monkeypatch) -> 
         assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_other_ddp_ranks_say_who_they_are(tmp_path, capsys, monkeypatch) -> None:
+    # Under DDP every rank printed the same line: the ones from other ranks now say which rank they are.
+    from snapvit_lightning.errors import exit_on_user_error
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as exit_, exit_on_user_error("snapvit fit"):
+        raise FileNotFoundError("data_dir: image folder not found: 'x'")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "[rank 1] snapvit fit: error: data_dir: image folder not found: 'x'\n"
