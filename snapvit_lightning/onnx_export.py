@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .evaluation import _check_int, _eval_mode, _model_device
 from .structure import check_model_images
+from .weights_io import make_parent
 
 __all__ = [
     "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME",
@@ -236,7 +237,7 @@ def save_onnx(
     data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset)
     if not diff <= atol:
         raise ValueError(f"ONNX Runtime's output differs from torch's by {diff:.3g} (max abs) > atol={atol}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)  # as the safetensors writer: a file in the way is named
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
