@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Sequence
 
@@ -395,14 +395,20 @@ class SnapViTCLI:
 
 @contextlib.contextmanager
 def _lightning_interrupt() -> Iterator[None]:
-    """Lightning's end of a fit stopped by Ctrl-C (``sys.exit(1)``, the Trainer interrupted) as a KeyboardInterrupt."""
+    """Lightning's end of a fit stopped by Ctrl-C (``sys.exit(1)``, the Trainer interrupted) as a KeyboardInterrupt.
+
+    A fit stopped by SIGTERM (Lightning's ``SIGTERMException``) becomes :class:`Terminated`.
+    """
     from lightning.pytorch.trainer.states import TrainerStatus
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .precision_cli import AutoPrecisionCLI
 
     AutoPrecisionCLI.last_trainer = None
     try:
         yield
+    except SIGTERMException:  # a SystemExit without a status: the process would end with status 0
+        raise Terminated from None
     except SystemExit as exit_:
         trainer = AutoPrecisionCLI.last_trainer
         if exit_.code != 1 or trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
@@ -414,6 +420,10 @@ def _lightning_interrupt() -> Iterator[None]:
         AutoPrecisionCLI.last_trainer = None
 
 
+class Terminated(BaseException):
+    """A ``snapvit fit`` stopped by SIGTERM (exit status 143, as a shell reports a process it ended)."""
+
+
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
 
 
@@ -423,35 +433,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     A user error (a bad argument, path, file or config key) ends it with one line
     ``snapvit COMMAND: error: ...`` on stderr and exit status 2, without a traceback;
     ``SNAPVIT_TRACEBACK=1`` shows the traceback (see :mod:`snapvit_lightning.errors`).
+    Ctrl-C ends it with status 130, SIGTERM during ``fit`` with 143, a closed pipe with 1.
     """
-    from .errors import exit_on_user_error
-
     words = list(sys.argv[1:] if argv is None else argv)
     prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
+
+    def command() -> int:
+        if words and words[0] in _LIGHTNING_SUBCOMMANDS:
+            SnapViTCLI.run(None if argv is None else words)
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+
+    return run_command(prog, command)
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """Run ``command`` as a console command named ``prog``; return its exit status.
+
+    User errors: one line, status 2 (:func:`~snapvit_lightning.errors.exit_on_user_error`); Ctrl-C:
+    ``PROG: interrupted``, 130; SIGTERM during a fit: ``PROG: terminated``, 143; a reader that went away
+    (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
+    """
+    from .errors import exit_on_user_error, traceback_requested
+
     try:
         with exit_on_user_error(prog):
-            if words and words[0] in _LIGHTNING_SUBCOMMANDS:
-                SnapViTCLI.run(None if argv is None else words)
-                return 0
-            parser = build_parser()
-            args = parser.parse_args(argv)
-            status = 0
-            if args.command is None:
-                parser.print_help()
-            else:
-                status = args.func(args)
+            status = command()
             sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
             return status
     except BrokenPipeError:  # the reader went away (`snapvit info ... | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the files are staged, so nothing is half-written; no traceback
-        from .errors import traceback_requested
-
+    except KeyboardInterrupt:
         if traceback_requested():
             raise
         sys.stderr.write(f"\n{prog}: interrupted\n")
         return 130
+    except Terminated:
+        sys.stderr.write(f"\n{prog}: terminated (SIGTERM); the files are written only at the end, so none were\n")
+        return 143
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """The export: an elastic ViT, its subnets, report and plots written to a directory.
 
-* :func:`export_elastic` writes an :class:`~snapvit_lightning.elastic.ElasticViT` to a
-  directory: the elastic checkpoint, optional sliced subnets, ``report.json`` and two plots.
-  :class:`ElasticExport` calls it at the end of a scoring (+ search) ``fit``.
-* :class:`~snapvit_lightning.plugin.SnapViT` (the plug-in for a user's own ``Trainer``) also
-  ends with :func:`export_elastic`.
+* :func:`export_elastic` writes an :class:`~snapvit_lightning.elastic.ElasticViT` to a directory: the elastic
+  checkpoint, optional sliced subnets, ``report.json`` and two plots. :class:`ElasticExport` calls it at the
+  end of a scoring (+ search) ``fit``, :class:`~snapvit_lightning.plugin.SnapViT` (the plug-in) too.
 
 Export directory (``name`` defaults to the timm model name)::
 
@@ -24,7 +22,8 @@ Export directory (``name`` defaults to the timm model name)::
 Atomicity: every file is first written to a hidden staging name in the same directory; only
 when all of them are complete are they renamed (``os.replace``) to their final names. A
 failure before that leaves the directory as it was (an old export included); a failure while
-renaming removes the files this export already put in place.
+renaming removes the files this export already put in place. Two exports into one directory rename
+theirs one after the other (:func:`~snapvit_lightning.weights_io.folder_lock`), never interleaved.
 """
 
 from __future__ import annotations
@@ -56,10 +55,10 @@ from .export_options import (  # noqa: F401  (the plug-in imports some of these 
 from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import checked_onnx
-from .ranks import finish_on_every_rank
+from .ranks import finish_on_every_rank, stop_if_terminated
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .search import EvolutionarySearch, scored_model
-from .weights_io import check_writable
+from .weights_io import check_writable, folder_lock
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -426,9 +425,7 @@ def export_elastic(
             staged["stats"] = _staging(targets["stats"])
             stats.save(staged["stats"])
         for label, sub in subnets.items():
-            role = f"subnet:{label}"
-            staged[role] = _staging(targets[role])
-            _write_subnet(staged[role], elastic, sub)
+            _write_subnet(staged.setdefault(f"subnet:{label}", _staging(targets[f"subnet:{label}"])), elastic, sub)
         for label, (graph, _) in graphs.items():
             staged.setdefault(f"onnx:{label}", _staging(targets[f"onnx:{label}"])).write_bytes(graph)
         staged["fidelity_plot"] = _staging(targets["fidelity_plot"])
@@ -438,11 +435,13 @@ def export_elastic(
         staged["report"] = _staging(targets["report"])
         report["build_times"]["export_s"] = time.perf_counter() - export_start
         _write_json(staged["report"], report)
-        if stale_stats is not None:  # overwrite=True (checked above): an earlier export's statistics
-            stale_stats.unlink(missing_ok=True)
-        for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
-            os.replace(staged[role], targets[role])
-            placed.append(targets[role])
+        with folder_lock(out_dir):  # another export into out_dir places its files before or after, not between
+            _refuse_existing(targets, overwrite)  # again: they may have appeared during this export
+            if stale_stats is not None:  # overwrite=True (checked above): an earlier export's statistics
+                stale_stats.unlink(missing_ok=True)
+            for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
+                os.replace(staged[role], targets[role])
+                placed.append(targets[role])
     except BaseException:
         for path in placed:
             path.unlink(missing_ok=True)
@@ -646,6 +645,7 @@ class ElasticExport(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export from rank 0, then wait on every rank (see the class docstring)."""
         self._check_order(trainer)
+        stop_if_terminated(trainer)  # a SIGTERM during the search: write nothing
         student, scores = scored_model(pl_module, "ElasticExport")
         start_at = getattr(self, "_train_start", None)
         if (scores.build_info or {}).get("scoring_s") is None and start_at is not None:  # no search before us

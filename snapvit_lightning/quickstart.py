@@ -95,13 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors (built when missing)")
     parser.add_argument("--search-evals", type=int, default=None, help="xNES evaluations (default: the config's)")
     args, rest = parser.parse_known_args(argv)
-    from .errors import exit_on_user_error
+    from .cli import main as cli_main, run_command
 
-    with exit_on_user_error(parser.prog):  # as `snapvit`: one line, exit 2; SNAPVIT_TRACEBACK=1 for the traceback
-        target = run(args.out, args.weights, rest, search_evals=args.search_evals)
-    from .cli import main as cli_main
+    written: list[Path] = []
 
-    return cli_main(["info", str(target)])
+    def fit() -> int:
+        written.append(run(args.out, args.weights, rest, search_evals=args.search_evals))
+        return 0
+
+    # as `snapvit`: a user error is one line (status 2; SNAPVIT_TRACEBACK=1 for the traceback), Ctrl-C 130, SIGTERM 143
+    status = run_command(parser.prog, fit)
+    return status or cli_main(["info", str(written[0])])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["RankZeroFailed", "finish_on_every_rank"]
+__all__ = ["RankZeroFailed", "finish_on_every_rank", "stop_if_terminated"]
 
 
 class RankZeroFailed(ValueError):
@@ -32,3 +33,20 @@ def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what:
         raise error
     if failed:
         raise RankZeroFailed(f"{what} failed on global rank 0 (its error is printed there); nothing was written")
+
+
+def stop_if_terminated(trainer: pl.Trainer) -> None:
+    """Raise Lightning's ``SIGTERMException`` on every rank once global rank 0 has received SIGTERM.
+
+    Lightning notes a SIGTERM and stops the fit only between training steps; the search and the
+    export run in ``on_train_end``, after the last one, and would otherwise run to their end. Every
+    rank must call it at the same point (under DDP rank 0's flag is broadcast, so all stop together).
+
+    Raises:
+        SIGTERMException: When rank 0 has received SIGTERM.
+    """
+    terminated = bool(getattr(trainer, "received_sigterm", False))
+    if trainer.world_size > 1:
+        terminated = bool(trainer.strategy.broadcast(terminated, src=0))
+    if terminated:
+        raise SIGTERMException

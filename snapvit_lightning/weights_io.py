@@ -6,9 +6,12 @@ Local weights: safetensors, ``torch.save`` files, Lightning checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,33 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while placing files in it (waits for another holder).
+
+    Two exports into one folder then place their files one after the other, never interleaved (a
+    report of one run beside the checkpoint of another). An advisory ``flock`` on the folder itself:
+    no lock file is left behind, and a process that dies releases it. Where the platform or the
+    file system has no such locks (Windows, some network file systems), nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    fd = os.open(folder, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def check_writable(folder: str | os.PathLike, argument: str) -> None:

@@ -232,6 +232,20 @@ def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
     assert err.strip() == "snapvit info: interrupted" and "Traceback" not in err
 
 
+def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
+    from snapvit_lightning import quickstart
+
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quickstart, "run", interrupted)
+    assert quickstart.main(["--out", str(tmp_path / "run")]) == 130  # was a traceback
+    err = capsys.readouterr().err
+    assert err.strip() == "python -m snapvit_lightning.quickstart: interrupted" and "Traceback" not in err
+
+
 def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch) -> None:
     import safetensors.torch
 
@@ -280,6 +294,50 @@ def test_ctrl_c_during_a_fit_ends_in_one_line(tmp_path, capsys, monkeypatch) -> 
         assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("when", ["search", "before export"])
+def test_sigterm_after_the_training_steps_stops_the_fit(tmp_path, capsys, monkeypatch, when) -> None:
+    # Lightning checks for SIGTERM only between training steps: the search and the export ran to their end, status 0.
+    import os
+    import signal
+
+    from snapvit_lightning.search import EvolutionarySearch
+    from snapvit_lightning.search.progress import SearchProgress
+
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "photos", n=4)
+    evaluations = []
+    update, end = SearchProgress.update, EvolutionarySearch.on_train_end
+
+    def terminate_at_third(self, idx, *args):  # a real SIGTERM, to Lightning's handler
+        evaluations.append(idx)
+        if when == "search" and len(evaluations) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        update(self, idx, *args)
+
+    def terminate_after(self, *args):
+        end(self, *args)
+        if when == "before export":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(SearchProgress, "update", terminate_at_third)
+    monkeypatch.setattr(EvolutionarySearch, "on_train_end", terminate_after)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status = main(["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir",
+                       str(tmp_path / "photos"), "--data.holdout", "2", "--trainer.precision", "32-true",
+                       "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                       "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch",
+                       "--trainer.callbacks.max_evals", "40" if when == "search" else "4",
+                       "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
+                       "--trainer.callbacks.dirpath", str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 143 and "snapvit fit: terminated (SIGTERM)" in capsys.readouterr().err
+    assert len(evaluations) == (3 if when == "search" else 4)  # the search stopped at the evaluation it was told
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_other_ddp_ranks_say_who_they_are(tmp_path, capsys, monkeypatch) -> None:

@@ -291,6 +291,36 @@ def test_failure_while_renaming_removes_placed_files(tmp_path, elastic, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_two_exports_into_one_folder_place_their_files_one_after_the_other(tmp_path, elastic):
+    # Two runs writing into one folder at the same moment both placed their files (report of one, checkpoint of
+    # the other). An export now renames under a lock on the folder and checks for existing files again there.
+    import threading
+    import time
+
+    from snapvit_lightning.weights_io import folder_lock
+
+    errors = []
+
+    def export():
+        try:
+            export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)])
+        except FileExistsError as err:
+            errors.append(err)
+
+    with folder_lock(tmp_path):  # "the other run", placing its files
+        worker = threading.Thread(target=export)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".report.json.*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the report is staged last, just before the renames
+        time.sleep(0.3)
+        assert worker.is_alive() and not [p for p in tmp_path.iterdir() if not p.name.endswith(".partial")]
+        (tmp_path / "report.json").write_text("{}")  # the other run's files
+    worker.join(60)
+    assert len(errors) == 1 and "report.json exists" in str(errors[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # its own staged files removed, nothing mixed
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -23,6 +23,7 @@ from typing_extensions import override
 from ..correction import check_correction
 from ..machine import build_machine
 from ..precision import search_setting
+from ..ranks import stop_if_terminated
 from ..scores import ImportanceScores, check_balance
 from .fitness import (
     DEFAULT_BALANCE,
@@ -432,6 +433,7 @@ class EvolutionarySearch(Callback):
 
         def on_eval(idx: int, f: float, best: float) -> None:
             progress.update(idx, f, best, fitness.last_cosines)
+            stop_if_terminated(trainer)
 
         try:
             _search_loop(
