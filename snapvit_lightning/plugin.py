@@ -52,9 +52,15 @@ __all__ = [
 ]
 
 def _is_timm_vit(module: nn.Module) -> bool:
+    """A timm ``VisionTransformer``, or another timm model with patch embedding and blocks (Eva, NaFlexVit, ...).
+
+    The second kind is found only to be named in the error (``check_supported`` refuses it).
+    """
     from timm.models.vision_transformer import VisionTransformer
 
-    return isinstance(module, VisionTransformer)
+    return isinstance(module, VisionTransformer) or (
+        type(module).__module__.startswith("timm.models.") and hasattr(module, "patch_embed") and hasattr(module, "blocks")
+    )
 
 
 def find_vit(
@@ -66,7 +72,8 @@ def find_vit(
 
     By ``model_attr`` (a dotted attribute path), by ``model_getter(pl_module)``, or by
     auto-detection: the submodules that are timm ``VisionTransformer`` instances (one inside
-    another counted once) that SnapViT supports; exactly one must be found.
+    another counted once) that SnapViT supports; exactly one must be found. Other timm ViT-like
+    models found (Eva, ...) are named in the error when no supported one is.
 
     Returns:
         ``(where, model)``: the attribute path (``"<getter>"`` for a getter) and the model.

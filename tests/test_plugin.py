@@ -179,6 +179,16 @@ def test_find_vit_unwraps_a_compiled_backbone():
     assert find_vit(user)[1] is model
 
 
+def test_find_vit_names_an_unsupported_vit_like_backbone():
+    # An Eva backbone was skipped in silence ("found no supported timm VisionTransformer; pass model_attr=").
+    from timm.models.eva import Eva
+
+    user = UserModule(num_vits=0)
+    user.backbone = Eva(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    with pytest.raises(ValueError, match=r"unsupported ones: \['backbone \(model timm\.models\.eva\.Eva is not a timm Vis"):
+        find_vit(user)
+
+
 def test_snapvit_plugin_with_calibration_datamodule(tmp_path):
     dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     dm = CalibrationDataModule(dataset=dataset, num_local_crops=2, batch_size=2)  # size from the model
