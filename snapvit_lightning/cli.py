@@ -369,14 +369,19 @@ class SnapViTCLI:
     """Factory for the LightningCLI over SnapViTModule and CalibrationDataModule."""
 
     @staticmethod
-    def run(args: Sequence[str] | None) -> None:
-        """Run LightningCLI's ``fit`` (the only subcommand a scoring module has); ``None`` reads ``sys.argv``."""
+    def run(args: Sequence[str] | None, save_config: str | os.PathLike | None = None) -> None:
+        """Run LightningCLI's ``fit`` (the only subcommand a scoring module has); ``None`` reads ``sys.argv``.
+
+        ``save_config``: where to write the full config of a fit that succeeded
+        (:class:`~snapvit_lightning.run_config.SaveConfigAfterFit`); ``None``: nowhere.
+        """
         from .console import lightning_cli_args, quiet_lightning
         from .data import CalibrationDataModule
         from .errors import one_line_error_parser
         from .export import ExportCheck
         from .module import SnapViTModule
         from .precision_cli import lightning_cli  # LightningCLI that resolves trainer.precision: auto
+        from .run_config import SaveConfigAfterFit
 
         with quiet_lightning(), lightning_cli_args(args) as cli_args, _lightning_interrupt():
             lightning_cli(
@@ -388,7 +393,9 @@ class SnapViTCLI:
                 trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
                                   "enable_model_summary": False, "log_every_n_steps": 1,
                                   "callbacks": [ExportCheck()]},  # warns when nothing would be written
-                save_config_callback=None,  # the quickstart saves the config it used; no stray config.yaml in cwd
+                # none by default: Lightning's would write config.yaml into the working folder (no logger)
+                save_config_callback=None if save_config is None else SaveConfigAfterFit,
+                save_config_kwargs=None if save_config is None else {"path": save_config},
                 parser_kwargs={"prog": "snapvit"},
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -50,8 +51,9 @@ def run(
 ) -> Path:
     """Run ``snapvit fit`` with ``configs/quickstart.yaml``, writing the export into ``out``.
 
-    The config is copied to ``out/config.yaml`` with ``model.checkpoint_path`` set to
-    ``weights`` (built first when missing) and the export directory set to ``out``.
+    The fit runs ``config`` with ``model.checkpoint_path`` set to ``weights`` (built first when
+    missing) and the export directory set to ``out``; once the export is written, the full config
+    it ran with (``cli_args`` and defaults included) is saved as ``out/config.yaml``.
     ``cli_args`` are further LightningCLI overrides, e.g. ``["--data.max_samples", "8"]``;
     ``search_evals`` replaces the search's ``max_evals``, ``search_seed`` its xNES ``seed``.
 
@@ -78,9 +80,10 @@ def run(
                     callback["init_args"][key] = value
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    used = out / "config.yaml"
-    used.write_text(yaml.safe_dump(settings, sort_keys=False))
-    SnapViTCLI.run(["fit", "--config", str(used), *cli_args])
+    with tempfile.TemporaryDirectory() as folder:  # the config it runs; out/config.yaml is the one it ran, at the end
+        config = Path(folder) / "quickstart.yaml"
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
+        SnapViTCLI.run(["fit", "--config", str(config), *cli_args], save_config=out / "config.yaml")
     return out / f"{MODEL_NAME}.elastic.safetensors"
 
 

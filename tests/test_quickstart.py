@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,11 @@ def test_main_job_on_real_model(real_weights, tmp_path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["budgets"]) == 5 and report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / "fidelity_vs_flops.png").stat().st_size > 0
+    import yaml
+
+    ran = yaml.safe_load((tmp_path / "config.yaml").read_text())  # the config it ran: command-line arguments included
+    assert ran["data"]["max_samples"] == 6 and ran["model"]["model_kwargs"]["img_size"] == 56
+    assert ran["model"]["checkpoint_path"] == str(real_weights) and ran["trainer"]["callbacks"][0]["init_args"]["max_evals"] == 3
     with torch.no_grad():
         out = elastic.subnet(0.35, 0.2)(torch.randn(2, 3, 56, 56))
     assert out.shape == (2, 384) and torch.isfinite(out).all()
@@ -53,15 +59,20 @@ def test_run_writes_the_search_evaluations_and_seed_into_its_config(real_weights
     import yaml
 
     calls = []
-    monkeypatch.setattr(SnapViTCLI, "run", staticmethod(calls.append))
+
+    def fit(args, save_config=None):  # the config it runs exists only during the fit
+        calls.append((args, save_config, yaml.safe_load(Path(args[2]).read_text())))
+
+    monkeypatch.setattr(SnapViTCLI, "run", staticmethod(fit))
     quickstart.run(tmp_path, real_weights, ["--data.max_samples", "6"], search_evals=7, search_seed=3)
-    used = tmp_path / "config.yaml"
-    assert calls == [["fit", "--config", str(used), "--data.max_samples", "6"]]
-    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(used.read_text())["trainer"]["callbacks"]}
+    (args, save_config, settings), = calls
+    assert args[:2] == ["fit", "--config"] and args[3:] == ["--data.max_samples", "6"] and not Path(args[2]).exists()
+    assert save_config == tmp_path / "config.yaml" and not save_config.exists()  # written by the fit, at its end
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in settings["trainer"]["callbacks"]}
     assert callbacks["EvolutionarySearch"]["max_evals"] == 7 and callbacks["EvolutionarySearch"]["seed"] == 3
     assert callbacks["ElasticExport"]["dirpath"] == str(tmp_path)
     quickstart.run(tmp_path, real_weights)  # neither given: the config's own settings
-    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in yaml.safe_load(used.read_text())["trainer"]["callbacks"]}
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in calls[1][2]["trainer"]["callbacks"]}
     assert callbacks["EvolutionarySearch"]["max_evals"] == 50 and "seed" not in callbacks["EvolutionarySearch"]
 
 
@@ -69,6 +80,7 @@ def test_main_job_errors(real_weights, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.data_dir", str(tmp_path / "nope")])
     assert exc.value.code == 2 and "nope" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no config.yaml of a run that wrote nothing
     with pytest.raises(SystemExit) as exc:  # a bad LightningCLI option fails with the usual CLI message
         main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.no_such_option", "1"])
     assert exc.value.code != 0 and "no_such_option" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""The config a ``snapvit fit`` ran with, written beside its export once the export is done (the main job's ``config.yaml``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
+from typing_extensions import override
+
+__all__ = ["SaveConfigAfterFit"]
+
+
+class SaveConfigAfterFit(SaveConfigCallback):
+    """Writes LightningCLI's full config of the fit to ``path`` at the end of a fit that succeeded.
+
+    The config file, the command-line arguments and every default, as ``snapvit fit --config PATH``
+    re-runs it. Unlike Lightning's ``SaveConfigCallback`` (at the start, into the log folder) it is
+    written after the callbacks before it (the export) finished, so a failed fit leaves no config
+    beside files it did not write; it replaces an earlier one. LightningCLI adds it after every other
+    callback. Rank 0 writes it, under a temporary name renamed into place.
+
+    Args:
+        parser: The fit's parser (LightningCLI passes it).
+        config: The fit's parsed config (LightningCLI passes it).
+        path: Where to write it (its folder must exist at the end of the fit).
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config, path: str | os.PathLike) -> None:  # noqa: ANN001
+        super().__init__(parser, config, save_to_log_dir=False)
+        self.path = Path(path)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Nothing at the start (the base class writes here)."""
+
+    @override
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Not used: the config is written in :meth:`on_train_end`."""
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        staged = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            staged.write_text(self.parser.dump(self.config, skip_none=False), encoding="utf-8")
+            os.replace(staged, self.path)
+        finally:
+            staged.unlink(missing_ok=True)
