@@ -45,17 +45,24 @@ FORMAT_VERSION = 1
 
 
 def save_subnet(
-    model: nn.Module, path: str | os.PathLike, *, model_name: str, model_kwargs: dict[str, Any]
+    model: nn.Module, path: str | os.PathLike, *, model_name: str, model_kwargs: dict[str, Any],
+    budget: dict[str, Any] | None = None,
 ) -> None:
     """Write a (sliced) timm ViT with its per-block dims so :func:`load_subnet` rebuilds it.
 
+    ``budget``: plain JSON values saying how it was cut (ratios, correction), stored as the
+    metadata ``budget`` (:func:`read_metadata` returns it; ``snapvit info`` prints it).
+
     Raises:
-        ValueError: If ``model_name``/``model_kwargs`` do not rebuild this architecture.
+        ValueError: If ``model_name``/``model_kwargs`` do not rebuild this architecture, or
+            ``budget`` holds values that are not JSON.
     """
     inspect_vit(model)
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta = _metadata("subnet", model, model_name, model_kwargs)
+    if budget is not None:
+        meta["budget"] = json.dumps(budget)
     _rebuild(path, {**meta, "model_kwargs": model_kwargs, "block_dims": json.loads(meta["block_dims"])}, tensors, check_only=True)
     _write(path, tensors, meta)
 
@@ -158,10 +165,13 @@ def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torc
         raise ValueError(f"{path} lacks metadata {missing}")
     meta: dict[str, Any] = dict(raw)
     try:
-        for key in ("model_kwargs", "block_dims", "input_size"):
-            meta[key] = json.loads(raw[key])
+        for key in ("model_kwargs", "block_dims", "input_size", "budget"):
+            if key in raw:  # budget: subnets written by `snapvit slice`
+                meta[key] = json.loads(raw[key])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid metadata JSON: {err}") from err
+    if not isinstance(meta.get("budget", {}), dict):
+        raise ValueError(f"{path}: metadata 'budget' must be a JSON object, got {raw['budget'][:80]!r}")
     if meta["kind"] not in ("elastic", "subnet"):
         raise ValueError(f"{path}: unknown kind {meta['kind']!r}")
     return data, meta

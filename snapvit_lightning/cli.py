@@ -33,6 +33,10 @@ def _info(args: argparse.Namespace) -> int:
         if args.latency or args.no_correct:
             raise ValueError(f"{args.path} is a subnet: --latency/--no-correct apply to elastic checkpoints")
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
+        if "budget" in meta:  # written by `snapvit slice` since 2026-12-06
+            cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
+            print(f"cut by `snapvit slice` from {cut.get('elastic')}: mlp_ratio {cut.get('mlp_ratio')}, "
+                  f"head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
         return 0
     elastic = ElasticViT.load(args.path)
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
@@ -124,6 +128,9 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
     from .data.sources import IMG_EXTENSIONS
 
     source = Path(args.calibration).expanduser() if args.calibration is not None else stats_path_for(args.path)
+    if args.calibration is not None and not source.exists():
+        raise FileNotFoundError(f"--calibration: '{source}' does not exist (give a statistics file written by "
+                                "`snapvit stats` or a folder of images)")
     if source.is_dir() or (source.is_file() and source.suffix.lower() in IMG_EXTENSIONS):  # images: a folder or one file
         return load_eval_images(source, elastic.model, argument="--calibration")[0]
     if args.sequential:
@@ -167,10 +174,18 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
     if args.correct is None and args.calibration is None and not args.sequential:
         if elastic.stats is None:
             return {"correct": "none"}, f"none (no statistics at {stats_path_for(args.path)}: the plain cut)"
-        return {"correct": "lstsq", **options}, f"lstsq (default, statistics {stats_path_for(args.path)})"
+        return {"correct": "lstsq", **options}, f"lstsq (default, statistics {stats_path_for(args.path)}{_solve_note(args)})"
     method = args.correct or "lstsq"
     source = args.calibration if args.calibration is not None else stats_path_for(args.path)
-    return {"correct": method, "calibration": _calibration(args, elastic), **options}, f"{method} (calibration {source})"
+    how = f"{method} (calibration {source}{_solve_note(args) if method == 'lstsq' else ''}{', sequential' * args.sequential})"
+    return {"correct": method, "calibration": _calibration(args, elastic), **options}, how
+
+
+def _solve_note(args: argparse.Namespace) -> str:
+    """The damping an ``lstsq`` correction of ``slice`` used, for its printed line and the subnet file."""
+    damping = "automatic" if args.damping is None else f"{args.damping:g}"
+    reference = "" if args.damping_reference in (None, "mean") else f" of the {args.damping_reference} diagonal"
+    return f", damping {damping}{reference}"
 
 
 def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ()) -> Path:
@@ -231,7 +246,8 @@ def _slice(args: argparse.Namespace) -> int:
         diff = save_onnx(sub, out)
         written = f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images)"
     else:
-        elastic.save_subnet(out, sub)
+        elastic.save_subnet(out, sub, budget={"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how,
+                                              "elastic": Path(args.path).name})
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "

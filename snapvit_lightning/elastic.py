@@ -617,9 +617,9 @@ class ElasticViT:
                 raise ValueError(f"{beside} (beside {path}): {err}; remove or replace it, or load(..., stats=False)") from err
         return self
 
-    def save_subnet(self, path: str | os.PathLike, subnet: nn.Module) -> None:
-        """Write a subnet cut from this model, with its per-block dims (see :func:`save_subnet`)."""
-        save_subnet(subnet, path, model_name=self.model_name, model_kwargs=self.model_kwargs)
+    def save_subnet(self, path: str | os.PathLike, subnet: nn.Module, budget: dict[str, Any] | None = None) -> None:
+        """Write a subnet cut from this model, with its per-block dims and ``budget`` (see :func:`save_subnet`)."""
+        save_subnet(subnet, path, model_name=self.model_name, model_kwargs=self.model_kwargs, budget=budget)
 
 
 def _check_correction_args(

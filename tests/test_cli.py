@@ -390,6 +390,40 @@ def test_fit_without_an_export_warns_that_it_writes_nothing(tmp_path, monkeypatc
     assert (tmp_path / "out" / "test_vit.elastic.safetensors").is_file()
 
 
+def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
+    # --damping and --sequential were not in slice's line, and a subnet file did not say how it was cut.
+    from test_errors import _photos
+
+    from snapvit_lightning.checkpoint import read_metadata
+    from snapvit_lightning.elastic import load_subnet
+    from snapvit_lightning.structure import block_dims
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
+    path = tmp_path / "e.elastic.safetensors"
+    elastic.save(path)
+    _photos(tmp_path / "photos", n=3)
+    out = tmp_path / "s.safetensors"
+    argv = ["slice", str(path), "--flops", "0.6", "--calibration", str(tmp_path / "photos"), "-o", str(out), "--overwrite"]
+    for extra, said in ((["--damping", "0.1"], f"correction lstsq (calibration {tmp_path / 'photos'}, damping 0.1)"),
+                        (["--correct", "bias", "--sequential"], f"correction bias (calibration {tmp_path / 'photos'}, sequential)")):
+        assert main([*argv, *extra]) == 0
+        assert said in capsys.readouterr().out
+        budget = read_metadata(out)["budget"]
+        assert budget["correction"] == said.removeprefix("correction ") and budget["elastic"] == path.name
+        sizes = [(d.num_heads, d.mlp_hidden) for d in map(block_dims, load_subnet(out).blocks)]
+        assert sizes == [(d.num_heads, d.mlp_hidden) for d in elastic.dims(budget["mlp_ratio"], budget["head_ratio"])]
+    assert main(["info", str(out)]) == 0
+    assert f"cut by `snapvit slice` from {path.name}: mlp_ratio" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # was "no correction statistics file at ...", for a folder given
+        main([*argv[:4], "--calibration", str(tmp_path / "nope"), "-o", str(tmp_path / "t.safetensors")])
+    assert exit_.value.code == 2
+    assert f"--calibration: '{tmp_path / 'nope'}' does not exist (give a statistics file" in capsys.readouterr().err
+    elastic.save_subnet(tmp_path / "odd.safetensors", load_subnet(out), budget=[0.5])  # a crafted file: refused on read
+    with pytest.raises(ValueError, match="metadata 'budget' must be a JSON object"):
+        read_metadata(tmp_path / "odd.safetensors")
+
+
 def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, capsys) -> None:
     import copy
 
@@ -408,7 +442,7 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     stats = result["paths"]["stats"]
     argv = ["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "--overwrite", "-o"]
     for extra, expected, said in (
-        ([], ElasticViT.load(path).subnet(0.4, 0.5), f"correction lstsq (default, statistics {stats})"),
+        ([], ElasticViT.load(path).subnet(0.4, 0.5), f"correction lstsq (default, statistics {stats}, damping automatic)"),
         (["--no-correct"], plain_reference, "correction none (the plain cut)"),
         (["--correct", "none"], plain_reference, "correction none (the plain cut)"),
     ):
