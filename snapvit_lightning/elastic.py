@@ -614,7 +614,8 @@ class ElasticViT:
             try:
                 self.attach_stats(CorrectionStats.load(beside))
             except ValueError as err:
-                raise ValueError(f"{beside} (beside {path}): {err}; remove or replace it, or load(..., stats=False)") from err
+                raise ValueError(f"{beside} (beside {path}): {err}; remove or replace it (`ElasticViT.load(..., "
+                                 "stats=False)` and `snapvit slice --no-correct` ignore it)") from err
         return self
 
     def save_subnet(self, path: str | os.PathLike, subnet: nn.Module, budget: dict[str, Any] | None = None) -> None:

@@ -129,11 +129,19 @@ def is_user_error(err: BaseException) -> bool:
     return _is_direct_user_error(err) or _wrapped_user_error(err) is not None
 
 
+#: What to do about Lightning's errors that do not say it (their message's start -> the advice appended).
+_ADVICE = {
+    "No supported gpu backend found": "trainer.accelerator asks for GPUs and this machine has none; on its CPU: "
+    "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
+}
+
+
 def user_error_message(err: BaseException) -> str:
     """The one-line message of a user error (:func:`is_user_error`): its own, or the one jsonargparse wrapped."""
     wrapped = None if _is_direct_user_error(err) else _wrapped_user_error(err)
     if wrapped is None:
-        return one_line(str(err))
+        advice = next((a for start, a in _ADVICE.items() if str(err).startswith(start)), None)
+        return one_line(str(err) if advice is None else f"{err} ({advice})")
     owner = _raising_class(wrapped)
     return one_line(f"{owner}: {wrapped}" if owner else str(wrapped))
 

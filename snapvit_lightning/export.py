@@ -693,7 +693,7 @@ class ExportCheck(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not any(isinstance(cb, ElasticExport) for cb in trainer.callbacks):
             rank_zero_warn(
-                "this fit has no ElasticExport callback, so it writes nothing (the scores are computed and dropped); "
+                "this fit has no ElasticExport callback, so it writes no elastic model (the scores are computed and dropped); "
                 "run it with --config configs/quickstart.yaml, or add --trainer.callbacks+=snapvit_lightning.export."
                 "ElasticExport --trainer.callbacks.dirpath DIR"
             )

@@ -323,7 +323,7 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
 # ------------------------------------------------------------------------------ a quiet console
 
 #: A warning line (``file.py:N: message``) or one of Lightning's tips.
-WARNING_LINE = re.compile(r"\.py:\d+: |💡 Tip|PossibleUserWarning")
+WARNING_LINE = re.compile(r"\.py:\d+: |💡 Tip|PossibleUserWarning|^snapvit[ a-z]*: warning: |^python -m snapvit_lightning.quickstart: warning: ")
 #: Lightning's notices that a scoring run caused before they were silenced at their source.
 SCORING_NOTICES = ("returned `None`", "module(s) in eval mode", "args parameter is intended", "model summary",
                    "litlogger", "LeafSpec", "logging interval", "Modules in eval mode")
@@ -379,7 +379,7 @@ def test_fit_without_an_export_warns_that_it_writes_nothing(tmp_path, monkeypatc
     base = ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir", str(photos),
             "--data.batch_size", "2", "--data.num_local_crops", "2", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
-    with pytest.warns(UserWarning, match="this fit has no ElasticExport callback, so it writes nothing"):
+    with pytest.warns(UserWarning, match="this fit has no ElasticExport callback, so it writes no elastic model"):
         main([*base[:-1], "bf16"])  # Lightning's short name of bf16-mixed is accepted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
     with warnings.catch_warnings(record=True) as caught:

@@ -101,6 +101,10 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
           "--trainer.callbacks.mode", "bad"], "snapvit fit: error: ModelCheckpoint: `mode` can be min, max but got bad"),
         (["fit", "--model.model", "test_vit", "--trainer.strategy", "dpp", "--trainer.logger", "false"],
          "snapvit fit: error: You selected an invalid strategy name: `strategy='dpp'`"),
+        pytest.param(["fit", "--model.model", "test_vit", "--trainer.accelerator", "gpu", "--trainer.logger", "false"],
+                     "snapvit fit: error: No supported gpu backend found! (trainer.accelerator asks for GPUs and this "
+                     "machine has none; on its CPU: --trainer.accelerator cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
         (["fit", "--model.model", "test_vit", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
           "--trainer.callbacks.dirpath", "{tmp}/plain.safetensors"],
          "snapvit fit: error: ElasticExport: dirpath must be a folder, but '{tmp}/plain.safetensors' is a file"),
@@ -244,6 +248,19 @@ def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeyp
     assert quickstart.main(["--out", str(tmp_path / "run")]) == 130  # was a traceback
     err = capsys.readouterr().err
     assert err.strip() == "python -m snapvit_lightning.quickstart: interrupted" and "Traceback" not in err
+
+
+def test_our_warnings_are_one_line_named_by_the_command(elastic_file, tmp_path) -> None:
+    # They began with the library's file and line: "/…/snapvit_lightning/data/sources.py:545: skipped 1 of 4 images".
+    import subprocess
+    import sys
+
+    _photos(tmp_path / "photos", n=2, corrupt=("bad.jpg",))
+    proc = subprocess.run([sys.executable, "-m", "snapvit_lightning.cli", "stats", str(elastic_file), "--data",
+                           str(tmp_path / "photos")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"snapvit stats: warning: skipped 1 of 3 images in --data='{tmp_path / 'photos'}'" in proc.stderr
+    assert "sources.py" not in proc.stderr
 
 
 def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch) -> None:
