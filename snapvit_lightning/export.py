@@ -490,7 +490,8 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
     if unwritable is not None:
         raise unwritable
     if existing is not None:
-        raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it")
+        raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it "
+                              "(a config: `overwrite: true` in ElasticExport's init_args)")
 
 
 def _set_export_options(
