@@ -506,6 +506,27 @@ def _own_warnings_as(prog: str) -> Iterator[None]:
         warnings.showwarning = previous
 
 
+@contextlib.contextmanager
+def _terminated_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` (cleanup runs, status 143) where it would end Python at once.
+
+    A fit's Trainer installs Lightning's own handler for its duration (restored after); outside the
+    main thread nothing is changed.
+    """
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` as a console command named ``prog``; return its exit status.
 
@@ -516,7 +537,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     from .errors import exit_on_user_error, traceback_requested
 
     try:
-        with exit_on_user_error(prog), _own_warnings_as(prog):
+        with exit_on_user_error(prog), _own_warnings_as(prog), _terminated_on_sigterm():
             status = command()
             sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
             return status

@@ -133,6 +133,8 @@ def is_user_error(err: BaseException) -> bool:
 _ADVICE = {
     "No supported gpu backend found": "trainer.accelerator asks for GPUs and this machine has none; on its CPU: "
     "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
+    "`CUDAAccelerator` can not run on your system": "this machine has no CUDA GPU; on its CPU: "
+    "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
 }
 
 

@@ -608,13 +608,16 @@ def cli_device(accelerator: Any) -> torch.device:
 
     Raises:
         ValueError: For an accelerator other than ``None``/``"auto"``/``"cpu"``/``"gpu"``/``"cuda"``
-            (the probe knows CPU and CUDA settings only).
+            (the probe knows CPU and CUDA settings only), or ``"gpu"``/``"cuda"`` without CUDA.
     """
     if accelerator in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if accelerator == "cpu":
         return torch.device("cpu")
     if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():  # else the probe's first CUDA call fails with a traceback
+            raise ValueError(f"trainer.accelerator={accelerator!r} asks for GPUs and this machine has none; on its CPU: "
+                             "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto")
         return torch.device("cuda", 0)
     raise ValueError(
         f"trainer.precision 'auto' probes CPU and CUDA settings; trainer.accelerator={accelerator!r} needs an "

@@ -78,8 +78,7 @@ def run(
             for key, value in (("max_evals", search_evals), ("seed", search_seed)):
                 if value is not None:
                     callback["init_args"][key] = value
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # created by the export: a run that fails leaves no empty folder
     with tempfile.TemporaryDirectory() as folder:  # the config it runs; out/config.yaml is the one it ran, at the end
         config = Path(folder) / "quickstart.yaml"
         config.write_text(yaml.safe_dump(settings, sort_keys=False))

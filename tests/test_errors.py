@@ -105,6 +105,10 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
                      "snapvit fit: error: No supported gpu backend found! (trainer.accelerator asks for GPUs and this "
                      "machine has none; on its CPU: --trainer.accelerator cpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param(["fit", "--model.model", "test_vit", "--trainer.accelerator", "cuda", "--trainer.precision", "auto",
+                      "--trainer.logger", "false"],  # the probe's first CUDA call was a traceback
+                     "snapvit fit: error: trainer.accelerator='cuda' asks for GPUs and this machine has none; on its CPU:",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
         (["fit", "--model.model", "test_vit", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
           "--trainer.callbacks.dirpath", "{tmp}/plain.safetensors"],
          "snapvit fit: error: ElasticExport: dirpath must be a folder, but '{tmp}/plain.safetensors' is a file"),
@@ -234,6 +238,28 @@ def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
     assert main(["info", str(elastic_file)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "snapvit info: interrupted" and "Traceback" not in err
+
+
+def test_sigterm_outside_a_fit_ends_in_one_line(capsys) -> None:
+    # SIGTERM ended Python at once (no cleanup, no word); a fit's Trainer has a handler of its own.
+    import os
+    import signal
+
+    from snapvit_lightning.cli import run_command
+
+    cleaned = []
+
+    def command() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command("snapvit stats", command) == 143 and cleaned == [True]
+    assert capsys.readouterr().err.strip().startswith("snapvit stats: terminated (SIGTERM)")
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
 
 
 def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:

@@ -78,9 +78,9 @@ def test_run_writes_the_search_evaluations_and_seed_into_its_config(real_weights
 
 def test_main_job_errors(real_weights, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.data_dir", str(tmp_path / "nope")])
+        main(["--out", str(tmp_path / "run"), "--weights", str(real_weights), "--data.data_dir", str(tmp_path / "nope")])
     assert exc.value.code == 2 and "nope" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # no config.yaml of a run that wrote nothing
+    assert list(tmp_path.iterdir()) == []  # no folder, no config.yaml of a run that wrote nothing
     with pytest.raises(SystemExit) as exc:  # a bad LightningCLI option fails with the usual CLI message
         main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.no_such_option", "1"])
     assert exc.value.code != 0 and "no_such_option" in capsys.readouterr().err

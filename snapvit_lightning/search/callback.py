@@ -100,6 +100,17 @@ def scored_model(pl_module: pl.LightningModule, caller: str) -> tuple[nn.Module,
     return student, scores
 
 
+def _unprobed_search(build_info: dict | None, autocast: Any, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The scoring probe's record with the search's fixed setting in place of the search choice it did not use."""
+    record = (build_info or {}).get("precision")
+    if record is None or autocast == "auto":
+        return {}
+    precision = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
+    return {"precision": {**record, "search": f"{precision} (autocast={autocast!r}, not probed)",
+                          "search_autocast": None if dtype is None else str(dtype).removeprefix("torch."),
+                          "search_explicit_attention": None}}
+
+
 class EvolutionarySearch(Callback):
     """Search the block/head score weights with xNES after the scores are computed.
 
@@ -463,6 +474,7 @@ class EvolutionarySearch(Callback):
             "search_stopped": fitness.num_stopped,  # of those, stopped early (the start point never is)
             "machine": {**build_machine(device), "world_size": world},
             **({} if probe_record is None else {"precision": probe_record}),
+            **_unprobed_search(scores.build_info, self.autocast, autocast_dtype),
         })
         rank_zero_info(
             f"EvolutionarySearch: best fitness {self.best_fitness:.6f} (start {self.initial_fitness:.6f}) "
