@@ -140,6 +140,9 @@ def read_format(
         raise IsADirectoryError(f"{path} is a folder; give the {what} file")
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
+    if path.suffix.lower() == ".onnx":  # else "not a readable safetensors file (corrupt or truncated?)"
+        raise ValueError(f"{path} is an ONNX graph; this reads {what} files (safetensors); run the graph with "
+                         "ONNX Runtime (snapvit_lightning.onnx_export.OnnxModel)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}

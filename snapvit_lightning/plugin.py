@@ -59,7 +59,8 @@ def _is_timm_vit(module: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
 
     return isinstance(module, VisionTransformer) or (
-        type(module).__module__.startswith("timm.models.") and hasattr(module, "patch_embed") and hasattr(module, "blocks")
+        any(c.__module__.startswith("timm.models.") for c in type(module).__mro__)  # a user's subclass too
+        and hasattr(module, "patch_embed") and hasattr(module, "blocks")
     )
 
 
@@ -108,10 +109,9 @@ def find_vit(
         if len(supported) == 1:
             return supported[0]
         if not supported:
+            advice = ("SnapViT cannot prune these" if unsupported else "pass model_attr= or model_getter= if it is there")
             extra = f"; unsupported ones: {unsupported}" if unsupported else ""
-            raise ValueError(
-                f"found no supported timm VisionTransformer in {cls}{extra}; pass model_attr= or model_getter="
-            )
+            raise ValueError(f"found no supported timm VisionTransformer in {cls}{extra}; {advice}")
         raise ValueError(
             f"found several timm VisionTransformers in {cls}: {[n for n, _ in supported]}; "
             "choose one with model_attr= (e.g. model_attr='backbone') or model_getter="

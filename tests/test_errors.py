@@ -262,6 +262,12 @@ def test_sigterm_outside_a_fit_ends_in_one_line(capsys) -> None:
     assert signal.getsignal(signal.SIGTERM) is before  # restored
 
 
+def test_an_onnx_subnet_given_to_info_is_named_as_such(tmp_path, capsys) -> None:
+    (tmp_path / "fast.onnx").write_bytes(b"\x08\x07")  # was "not a readable safetensors file (corrupt or truncated?)"
+    line = _fails_in_one_line(["info", str(tmp_path / "fast.onnx")], capsys, "snapvit info: error:")
+    assert f"{tmp_path / 'fast.onnx'} is an ONNX graph; this reads elastic/subnet files (safetensors)" in line
+
+
 def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
     from snapvit_lightning import quickstart
 
