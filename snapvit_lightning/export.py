@@ -163,10 +163,6 @@ def _write_figure(path: Path, fig: Any) -> None:
     fig.savefig(path, format="png")
 
 
-def _write_elastic(path: Path, elastic: ElasticViT) -> None:
-    elastic.save(path, stats=False)  # the statistics this export writes are staged on their own
-
-
 def _write_subnet(path: Path, elastic: ElasticViT, sub: nn.Module) -> None:
     elastic.save_subnet(path, sub)
 
@@ -420,7 +416,7 @@ def export_elastic(
     placed: list[Path] = []
     try:
         staged["elastic"] = _staging(targets["elastic"])
-        _write_elastic(staged["elastic"], elastic)
+        elastic.save(staged["elastic"], stats=False)  # the statistics this export writes are staged on their own
         if stats is not None:
             staged["stats"] = _staging(targets["stats"])
             stats.save(staged["stats"])
@@ -647,6 +643,8 @@ class ElasticExport(Callback):
         """Export from rank 0, then wait on every rank (see the class docstring)."""
         self._check_order(trainer)
         stop_if_terminated(trainer)  # a SIGTERM during the search: write nothing
+        if trainer.fast_dev_run:  # a smoke test writes nothing, as Lightning's checkpoints (the set-up was checked)
+            return rank_zero_info(f"ElasticExport: fast_dev_run, so nothing is written to {self.dirpath}")
         student, scores = scored_model(pl_module, "ElasticExport")
         start_at = getattr(self, "_train_start", None)
         if (scores.build_info or {}).get("scoring_s") is None and start_at is not None:  # no search before us

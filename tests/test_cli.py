@@ -492,3 +492,32 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert "correction none (no statistics at" in capsys.readouterr().out
     got, want = load_subnet(out).state_dict(), plain_reference.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
+    # It ran the whole search and wrote a full export from one batch: with the main job's overwrite: true,
+    # a smoke test replaced the real results.
+    from test_errors import _photos
+
+    from snapvit_lightning.search import EvolutionarySearch
+
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "photos", n=4)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("{}")  # an earlier export, with overwrite: true
+    seen = []
+    end = EvolutionarySearch.on_train_end
+
+    def record(self, trainer, module):
+        end(self, trainer, module)
+        seen.append(len(self.history))
+
+    monkeypatch.setattr(EvolutionarySearch, "on_train_end", record)
+    assert main(["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir",
+                 str(tmp_path / "photos"), "--data.holdout", "2", "--trainer.precision", "32-true", "--trainer.logger",
+                 "false", "--trainer.enable_progress_bar", "false", "--trainer.fast_dev_run", "true",
+                 "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch", "--trainer.callbacks.max_evals", "40",
+                 "--trainer.callbacks.popsize", "6", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
+                 "--trainer.callbacks.dirpath", str(tmp_path / "out"), "--trainer.callbacks.overwrite", "true"]) == 0
+    assert seen == [6]  # one generation
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"] and (tmp_path / "out" / "report.json").read_text() == "{}"

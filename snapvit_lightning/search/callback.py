@@ -438,8 +438,12 @@ class EvolutionarySearch(Callback):
             f"{fitness.images.shape[0]} images/rank, {fitness.num_components} PCA components; "
             f"start fitness {self.initial_fitness:.6f}"
         )
+        max_evals = self.max_evals
+        if trainer.fast_dev_run:  # a smoke test: one generation shows the search works
+            max_evals = min(max_evals, xnes.evals + xnes.popsize)
+            rank_zero_info(f"EvolutionarySearch: fast_dev_run, so one generation ({max_evals} evaluations in all)")
         progress = SearchProgress(
-            trainer, self.max_evals, min(len(self.history), self.max_evals), self.ratio_pairs, self.log_every_n_evals
+            trainer, max_evals, min(len(self.history), max_evals), self.ratio_pairs, self.log_every_n_evals
         )
 
         def on_eval(idx: int, f: float, best: float) -> None:
@@ -448,7 +452,7 @@ class EvolutionarySearch(Callback):
 
         try:
             _search_loop(
-                xnes, fitness, self.max_evals, self.history, on_eval, broadcast, self.initial_fitness, self.early_stop
+                xnes, fitness, max_evals, self.history, on_eval, broadcast, self.initial_fitness, self.early_stop
             )
         finally:
             progress.close()
