@@ -36,8 +36,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
         if "budget" in meta:  # written by `snapvit slice` since 2026-12-06
             cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
-            print(f"cut by `snapvit slice` from {cut.get('elastic')}: mlp_ratio {cut.get('mlp_ratio')}, "
-                  f"head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
+            asked = ", ".join(f"{k} {v}" for k, v in (cut.get("requested") or {}).items())
+            print(f"cut by `snapvit slice` from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
+                  f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
         return 0
     elastic = ElasticViT.load(args.path)
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
@@ -247,8 +248,9 @@ def _slice(args: argparse.Namespace) -> int:
         diff = save_onnx(sub, out)
         written = f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images)"
     else:
+        asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}
         elastic.save_subnet(out, sub, budget={"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how,
-                                              "elastic": Path(args.path).name})
+                                              "elastic": Path(args.path).name, "requested": asked})
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "

@@ -73,7 +73,7 @@ def run(
     settings["model"]["checkpoint_path"] = str(ensure_weights(Path(weights)))
     for callback in settings["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ElasticExport"):
-            callback["init_args"]["dirpath"] = str(out)
+            callback["init_args"]["dirpath"] = str(Path(out).resolve())  # config.yaml re-runs from any folder
         if callback["class_path"].endswith("EvolutionarySearch"):
             for key, value in (("max_evals", search_evals), ("seed", search_seed)):
                 if value is not None:
