@@ -36,7 +36,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
         if "budget" in meta:  # written by `snapvit slice` since 2026-12-06
             cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
-            asked = ", ".join(f"{k} {v}" for k, v in (cut.get("requested") or {}).items())
+            requested = cut.get("requested")
+            asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
             print(f"cut by `snapvit slice` from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
         return 0
