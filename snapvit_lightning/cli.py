@@ -448,7 +448,7 @@ def _lightning_interrupt() -> Iterator[None]:
 
 
 class Terminated(BaseException):
-    """A ``snapvit fit`` stopped by SIGTERM (exit status 143, as a shell reports a process it ended)."""
+    """A command stopped by SIGTERM (exit status 143, as a shell reports a process it ended)."""
 
 
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     A user error (a bad argument, path, file or config key) ends it with one line
     ``snapvit COMMAND: error: ...`` on stderr and exit status 2, without a traceback;
     ``SNAPVIT_TRACEBACK=1`` shows the traceback (see :mod:`snapvit_lightning.errors`).
-    Ctrl-C ends it with status 130, SIGTERM during ``fit`` with 143, a closed pipe with 1.
+    Ctrl-C ends it with status 130, SIGTERM with 143, a closed pipe with 1 (:func:`run_command`).
     """
     words = list(sys.argv[1:] if argv is None else argv)
     prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
@@ -534,7 +534,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` as a console command named ``prog``; return its exit status.
 
     User errors: one line, status 2 (:func:`~snapvit_lightning.errors.exit_on_user_error`); Ctrl-C:
-    ``PROG: interrupted``, 130; SIGTERM during a fit: ``PROG: terminated``, 143; a reader that went away
+    ``PROG: interrupted``, 130; SIGTERM: ``PROG: terminated``, 143; a reader that went away
     (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
     """
     from .errors import exit_on_user_error, traceback_requested

@@ -7,6 +7,7 @@ import secrets
 from pathlib import Path
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from typing_extensions import override
 
@@ -25,10 +26,10 @@ class SaveConfigAfterFit(SaveConfigCallback):
     Args:
         parser: The fit's parser (LightningCLI passes it).
         config: The fit's parsed config (LightningCLI passes it).
-        path: Where to write it (its folder must exist at the end of the fit).
+        path: Where to write it (its folder is created if the fit did not).
     """
 
-    def __init__(self, parser: LightningArgumentParser, config, path: str | os.PathLike) -> None:  # noqa: ANN001
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, path: str | os.PathLike) -> None:
         super().__init__(parser, config, save_to_log_dir=False)
         self.path = Path(path)
 
@@ -44,6 +45,7 @@ class SaveConfigAfterFit(SaveConfigCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         staged = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.partial")
         try:
             staged.write_text(self.parser.dump(self.config, skip_none=False), encoding="utf-8")
