@@ -426,9 +426,9 @@ def _lightning_interrupt() -> Iterator[None]:
 
     A fit stopped by SIGTERM (Lightning's ``SIGTERMException``) becomes :class:`Terminated`.
     """
-    from lightning.pytorch.trainer.states import TrainerStatus
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from .console import raise_interrupt_of
     from .precision_cli import AutoPrecisionCLI
 
     AutoPrecisionCLI.last_trainer = None
@@ -437,12 +437,8 @@ def _lightning_interrupt() -> Iterator[None]:
     except SIGTERMException:  # a SystemExit without a status: the process would end with status 0
         raise Terminated from None
     except SystemExit as exit_:
-        trainer = AutoPrecisionCLI.last_trainer
-        if exit_.code != 1 or trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
-            raise
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # Lightning may leave Ctrl-C off for the process
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise KeyboardInterrupt from None
+        raise_interrupt_of(AutoPrecisionCLI.last_trainer, exit_)
+        raise
     finally:
         AutoPrecisionCLI.last_trainer = None
 

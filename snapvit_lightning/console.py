@@ -14,10 +14,12 @@ for a measurement of its own (``snapvit bench``'s SNIP epoch).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
@@ -99,6 +101,32 @@ def internal_fit() -> Iterator[None]:
             yield
         finally:
             rank_zero_log.removeFilter(below_warning)
+
+
+def raise_interrupt_of(trainer: Any, exit_: SystemExit) -> None:
+    """Raise the Ctrl-C that Lightning ended ``trainer``'s fit with (``sys.exit(1)``, the Trainer interrupted); else return.
+
+    Lightning may also leave Ctrl-C off for the process (``SIGINT`` ignored): it is turned back on.
+    """
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    if exit_.code != 1 or trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
+        return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise KeyboardInterrupt from None
+
+
+def fit(trainer: Any, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit(*args, **kwargs)`` for a fit the package runs itself; Ctrl-C in it raises ``KeyboardInterrupt``.
+
+    (Lightning ends an interrupted fit with ``sys.exit(1)``: the command would end silently, status 1.)
+    """
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit as exit_:
+        raise_interrupt_of(trainer, exit_)
+        raise
 
 
 @contextmanager

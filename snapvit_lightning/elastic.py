@@ -593,7 +593,8 @@ class ElasticViT:
             raise TypeError(f"stats must be a bool, got {stats!r}")
         tensors, meta = _read(path)
         if meta["kind"] != "elastic":
-            raise ValueError(f"{path} holds a {meta['kind']!r}, not an elastic model; use load_subnet()")
+            raise ValueError(f"{path} holds a {meta['kind']!r}, not an elastic model: load_subnet() reads it, `snapvit "
+                             "info` shows it; bench and slice take the elastic checkpoint it was cut from")
         try:
             scores = ImportanceScores.from_tensors(tensors, json.loads(meta["scores_meta"]))
             mlp_order, head_order = tensors["order.mlp"], tensors["order.heads"]

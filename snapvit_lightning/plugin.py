@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .console import quiet_lightning
+from .console import fit, quiet_lightning
 from .elastic import ElasticViT
 from .export import (
     Budget,
@@ -395,10 +395,8 @@ class SnapViT(Callback):
             callbacks=callbacks,
             default_root_dir=str(self.dirpath),
         )
-        if isinstance(self.datamodule, DataLoader):
-            inner.fit(module, train_dataloaders=self.datamodule)
-        else:
-            inner.fit(module, datamodule=self.datamodule)
+        data = {"train_dataloaders" if isinstance(self.datamodule, DataLoader) else "datamodule": self.datamodule}
+        fit(inner, module, **data)  # Ctrl-C: KeyboardInterrupt, not the inner fit's sys.exit(1)
         if module.scores is None:
             raise RuntimeError("calibration produced no scores (empty calibration data?)")
         self.scores = module.scores

@@ -129,7 +129,7 @@ def test_subnet_file_round_trip(tmp_path) -> None:
     torch.testing.assert_close(_forward(back, x), _forward(sub, x), atol=0, rtol=0)
     assert [block_dims(b) for b in get_blocks(back)] == [block_dims(b) for b in get_blocks(sub)]
     assert read_metadata(tmp_path / "sub.safetensors")["kind"] == "subnet"
-    with pytest.raises(ValueError, match="not an elastic model; use load_subnet"):
+    with pytest.raises(ValueError, match="not an elastic model: load_subnet\(\) reads it"):
         ElasticViT.load(tmp_path / "sub.safetensors")
 
 

@@ -389,6 +389,29 @@ def test_sigterm_after_the_training_steps_stops_the_fit(tmp_path, capsys, monkey
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_ctrl_c_in_the_baselines_calibration_epoch_ends_in_one_line(elastic_file, tmp_path, capsys, monkeypatch) -> None:
+    # `snapvit bench --baselines` runs a fit of its own: Lightning ended it with sys.exit(1), silently, status 1.
+    import signal
+
+    from snapvit_lightning.module import SnapViTModule
+
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+    _photos(tmp_path / "photos", n=4)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SnapViTModule, "training_step", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        status = main(["bench", str(elastic_file), "--data", str(tmp_path / "photos"), "--baselines", "--no-latency",
+                       "--budgets", "0.5,0.5"])
+        assert status == 130 and capsys.readouterr().err.strip().endswith("snapvit bench: interrupted")
+        assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_other_ddp_ranks_say_who_they_are(tmp_path, capsys, monkeypatch) -> None:
     # Under DDP every rank printed the same line: the ones from other ranks now say which rank they are.
     from snapvit_lightning.errors import exit_on_user_error

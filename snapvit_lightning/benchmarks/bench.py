@@ -132,6 +132,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch CPU threads (default: torch's own setting)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write bench.json and bench.md into DIR (created if missing)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a bench.json/bench.md already in --out")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency measurement (latency and speed-up are null)")
     parser.add_argument("--baselines", action="store_true",
@@ -170,7 +171,7 @@ def command_line(args: argparse.Namespace) -> str:
     if args.threads is not None:
         words += ["--threads", str(args.threads)]
     if args.out is not None:
-        words += ["--out", str(args.out)]
+        words += ["--out", str(args.out)] + (["--overwrite"] if getattr(args, "overwrite", False) else [])
     if args.no_latency:
         words.append("--no-latency")
     if getattr(args, "baselines", False):
@@ -311,7 +312,7 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
 
     import lightning.pytorch as pl
 
-    from ..console import internal_fit
+    from ..console import fit, internal_fit
     from ..data import CalibrationDataModule
     from ..module import SnapViTModule
 
@@ -325,7 +326,7 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
         with internal_fit():  # the table says what ran; Lightning's set-up lines would not
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-            trainer.fit(module, datamodule=CalibrationDataModule(data_dir=snip_data))
+            fit(trainer, module, datamodule=CalibrationDataModule(data_dir=snip_data))  # Ctrl-C: KeyboardInterrupt
         out.append(("snip-magnitude", None, module.scores))
     weights = copy.deepcopy(elastic.model)
     for criterion, seeds in (("magnitude", (None,)), ("lamp", (None,)), ("random", RANDOM_SEEDS)):
@@ -433,6 +434,9 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must be a folder, but '{out}' is a file")
     if out is not None:
         check_writable(out, "--out")  # before the benchmark, not after it
+        earlier = next((out / n for n in ("bench.json", "bench.md") if (out / n).exists()), None)
+        if earlier is not None and not getattr(args, "overwrite", False):
+            raise FileExistsError(f"--out: '{earlier}' exists (an earlier bench?); pass --overwrite to replace it")
     budgets = [(float(m), float(h)) for m, h in args.budgets]
     for m, h in budgets:  # range check when run_bench is called with a hand-made Namespace
         try:

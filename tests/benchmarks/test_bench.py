@@ -366,3 +366,16 @@ def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
     inputs = load_calibration_views(data, elastic.model)[0]
     sub = elastic.subnet(0.35, 0.2, correct="lstsq", calibration=elastic.collect_stats(inputs, batch_size=4, ranking=True))
     assert corrected["fidelity"] == pytest.approx(feature_fidelity(extract_features(sub, images, batch_size=4), dense), abs=1e-6)
+
+
+def test_an_earlier_bench_is_kept_without_overwrite(result, setup, capsys) -> None:
+    # A second bench into the same --out replaced bench.json/bench.md without a word (a 20-minute --baselines run).
+    path, data, root = setup
+    out = root / "out"
+    before = (out / "bench.json").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(out)])
+    assert exit_.value.code == 2 and f"--out: '{out / 'bench.json'}' exists (an earlier bench?); pass --overwrite" in capsys.readouterr().err
+    assert (out / "bench.json").read_text() == before
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "bench.json").read_text())["settings"]["command"].endswith("--overwrite")
