@@ -320,26 +320,30 @@ def test_statistics_of_another_checkpoint_name_the_file(tmp_path, elastic_file, 
     assert f"than '{elastic_file}'" in line and not (tmp_path / "s.safetensors").exists()
 
 
-def test_ctrl_c_during_a_fit_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
-    # Lightning ends a fit stopped by Ctrl-C with sys.exit(1) (status 1, no word of snapvit's).
+@pytest.mark.parametrize("command", ["fit", "bench"])
+def test_ctrl_c_during_a_fit_ends_in_one_line(tmp_path, elastic_file, capsys, monkeypatch, command) -> None:
+    # Lightning ends a fit stopped by Ctrl-C with sys.exit(1) (status 1, no word of snapvit's): `snapvit fit`,
+    # and the fit `snapvit bench --baselines` runs of its own (its calibration epoch).
     import signal
 
     from snapvit_lightning.module import SnapViTModule
 
     monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
     monkeypatch.chdir(tmp_path)
-    _photos(tmp_path / "photos", n=2)
+    _photos(tmp_path / "photos", n=4)
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SnapViTModule, "training_step", interrupted)
+    argv = {"fit": ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir",
+                    str(tmp_path / "photos"), "--trainer.precision", "32-true", "--trainer.logger", "false",
+                    "--trainer.enable_progress_bar", "false"],
+            "bench": ["bench", str(elastic_file), "--data", str(tmp_path / "photos"), "--baselines", "--no-latency",
+                      "--budgets", "0.5,0.5"]}[command]
     before = signal.getsignal(signal.SIGINT)
     try:
-        status = main(["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir",
-                       str(tmp_path / "photos"), "--trainer.precision", "32-true", "--trainer.logger", "false",
-                       "--trainer.enable_progress_bar", "false"])
-        assert status == 130 and capsys.readouterr().err.strip().endswith("snapvit fit: interrupted")
+        assert main(argv) == 130 and capsys.readouterr().err.strip().endswith(f"snapvit {command}: interrupted")
         assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again
     finally:
         signal.signal(signal.SIGINT, before)
@@ -387,29 +391,6 @@ def test_sigterm_after_the_training_steps_stops_the_fit(tmp_path, capsys, monkey
     assert status == 143 and "snapvit fit: terminated (SIGTERM)" in capsys.readouterr().err
     assert len(evaluations) == (3 if when == "search" else 4)  # the search stopped at the evaluation it was told
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_ctrl_c_in_the_baselines_calibration_epoch_ends_in_one_line(elastic_file, tmp_path, capsys, monkeypatch) -> None:
-    # `snapvit bench --baselines` runs a fit of its own: Lightning ended it with sys.exit(1), silently, status 1.
-    import signal
-
-    from snapvit_lightning.module import SnapViTModule
-
-    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
-    _photos(tmp_path / "photos", n=4)
-
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SnapViTModule, "training_step", interrupted)
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        status = main(["bench", str(elastic_file), "--data", str(tmp_path / "photos"), "--baselines", "--no-latency",
-                       "--budgets", "0.5,0.5"])
-        assert status == 130 and capsys.readouterr().err.strip().endswith("snapvit bench: interrupted")
-        assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Ctrl-C works again
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def test_other_ddp_ranks_say_who_they_are(tmp_path, capsys, monkeypatch) -> None:
