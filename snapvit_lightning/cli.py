@@ -34,11 +34,11 @@ def _info(args: argparse.Namespace) -> int:
         if args.latency or args.no_correct:
             raise ValueError(f"{args.path} is a subnet: --latency/--no-correct apply to elastic checkpoints")
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
-        if "budget" in meta:  # written by `snapvit slice` since 2026-12-06
+        if "budget" in meta:  # written by `snapvit slice` and the export since 2026-12-06
             cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
             requested = cut.get("requested")
             asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
-            print(f"cut by `snapvit slice` from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
+            print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
         return 0
     elastic = ElasticViT.load(args.path)

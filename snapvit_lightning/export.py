@@ -163,8 +163,8 @@ def _write_figure(path: Path, fig: Any) -> None:
     fig.savefig(path, format="png")
 
 
-def _write_subnet(path: Path, elastic: ElasticViT, sub: nn.Module) -> None:
-    elastic.save_subnet(path, sub)
+def _write_subnet(path: Path, elastic: ElasticViT, sub: nn.Module, budget: dict[str, Any]) -> None:
+    elastic.save_subnet(path, sub, budget=budget)
 
 
 def export_elastic(
@@ -324,7 +324,7 @@ def export_elastic(
         corrector.attach_stats(stats)
         view = corrector.ranked_view()  # None without a ranking
     entries: list[dict[str, Any]] = []
-    subnets: dict[str, nn.Module] = {}
+    subnets: dict[str, tuple[nn.Module, dict[str, Any]]] = {}  # label -> subnet, how it was cut (its file's metadata)
     graphs: dict[str, tuple[bytes, float]] = {}
     for (requested, a, b), label in zip(resolved, labels):
         dims = elastic.dims(a, b)
@@ -342,7 +342,8 @@ def export_elastic(
             if images is not None:
                 fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
         if save_subnets and label not in subnets:
-            subnets[label] = sub
+            subnets[label] = (sub, {"mlp_ratio": a, "head_ratio": b, "correction": "none" if stats is None else correct,
+                                    "elastic": targets["elastic"].name, "requested": requested})
         if onnx and label not in graphs:
             graphs[label] = checked_onnx(sub, None if images is None else images[:8].cpu())
         entries.append(
@@ -420,8 +421,8 @@ def export_elastic(
         if stats is not None:
             staged["stats"] = _staging(targets["stats"])
             stats.save(staged["stats"])
-        for label, sub in subnets.items():
-            _write_subnet(staged.setdefault(f"subnet:{label}", _staging(targets[f"subnet:{label}"])), elastic, sub)
+        for label, (sub, budget) in subnets.items():
+            _write_subnet(staged.setdefault(f"subnet:{label}", _staging(targets[f"subnet:{label}"])), elastic, sub, budget)
         for label, (graph, _) in graphs.items():
             staged.setdefault(f"onnx:{label}", _staging(targets[f"onnx:{label}"])).write_bytes(graph)
         staged["fidelity_plot"] = _staging(targets["fidelity_plot"])
