@@ -392,7 +392,7 @@ def run_job(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1{'' if name == 'repeats' else ' or None'}, got {value!r}")
     if data is not None and not Path(data).exists():
-        raise FileNotFoundError(f"data: no folder at {data}")
+        raise FileNotFoundError(f"--data: no folder at {data}")
     official_times = None if official is None else load_official(Path(official))
     out = Path(out)
     args = [*([] if data is None else ["--data.data_dir", str(data)]),
@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_job(args.data, args.out, args.settings, args.weights, args.official, args.search_evals,
                          args.max_samples, rest, args.repeats)
     except (OSError, ImportError, ValueError, RuntimeError) as err:
-        parser.exit(2, f"error: {err}\n")
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(result["table"], end="")
     return 0
 

@@ -155,3 +155,11 @@ def test_markdown_warns_of_another_machine(tmp_path) -> None:
     assert "WARNING: the official times come from another machine (device_name, cpu differ)" in table
     assert "Scaled linearly" not in table  # same images and evaluations: nothing scaled
     assert _row(table, "speed-up (official s / our s)") == [f"{(162.0 + 146.0) / 40.0:.2f}"]
+
+
+def test_errors_name_the_program_and_the_argument(tmp_path, capsys) -> None:
+    # It printed "error: data: no folder at ...", neither the command nor the option.
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"python -m snapvit_lightning.benchmarks.job: error: --data: no folder at {tmp_path / 'nope'}\n"
