@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -419,6 +418,10 @@ class SnapViTCLI:
                 parser_kwargs={"prog": "snapvit"},
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
             )
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # Lightning leaves it: its threads could abort the exit
+            dist.destroy_process_group()
 
 @contextlib.contextmanager
 def _lightning_interrupt() -> Iterator[None]:
@@ -444,7 +447,7 @@ def _lightning_interrupt() -> Iterator[None]:
 
 
 class Terminated(BaseException):
-    """A command stopped by SIGTERM (exit status 143, as a shell reports a process it ended)."""
+    """A ``snapvit fit`` stopped by SIGTERM (exit status 143, as a shell reports a process it ended)."""
 
 
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
@@ -456,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     A user error (a bad argument, path, file or config key) ends it with one line
     ``snapvit COMMAND: error: ...`` on stderr and exit status 2, without a traceback;
     ``SNAPVIT_TRACEBACK=1`` shows the traceback (see :mod:`snapvit_lightning.errors`).
-    Ctrl-C ends it with status 130, SIGTERM with 143, a closed pipe with 1 (:func:`run_command`).
+    Ctrl-C ends it with status 130, SIGTERM during ``fit`` with 143, a closed pipe with 1 (:func:`run_command`).
     """
     words = list(sys.argv[1:] if argv is None else argv)
     prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
@@ -505,38 +508,17 @@ def _own_warnings_as(prog: str) -> Iterator[None]:
         warnings.showwarning = previous
 
 
-@contextlib.contextmanager
-def _terminated_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` (cleanup runs, status 143) where it would end Python at once.
-
-    A fit's Trainer installs Lightning's own handler for its duration (restored after); outside the
-    main thread nothing is changed.
-    """
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` as a console command named ``prog``; return its exit status.
 
     User errors: one line, status 2 (:func:`~snapvit_lightning.errors.exit_on_user_error`); Ctrl-C:
-    ``PROG: interrupted``, 130; SIGTERM: ``PROG: terminated``, 143; a reader that went away
+    ``PROG: interrupted``, 130; SIGTERM during a fit: ``PROG: terminated``, 143; a reader that went away
     (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
     """
     from .errors import exit_on_user_error, traceback_requested
 
     try:
-        with exit_on_user_error(prog), _own_warnings_as(prog), _terminated_on_sigterm():
+        with exit_on_user_error(prog), _own_warnings_as(prog):
             status = command()
             sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
             return status

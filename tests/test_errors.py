@@ -240,34 +240,6 @@ def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
     assert err.strip() == "snapvit info: interrupted" and "Traceback" not in err
 
 
-def test_sigterm_outside_a_fit_ends_in_one_line(capsys) -> None:
-    # SIGTERM ended Python at once (no cleanup, no word); a fit's Trainer has a handler of its own.
-    import os
-    import signal
-
-    from snapvit_lightning.cli import run_command
-
-    cleaned = []
-
-    def command() -> int:
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            return 0
-        finally:
-            cleaned.append(True)
-
-    before = signal.getsignal(signal.SIGTERM)
-    assert run_command("snapvit stats", command) == 143 and cleaned == [True]
-    assert capsys.readouterr().err.strip().startswith("snapvit stats: terminated (SIGTERM)")
-    assert signal.getsignal(signal.SIGTERM) is before  # restored
-
-
-def test_an_onnx_subnet_given_to_info_is_named_as_such(tmp_path, capsys) -> None:
-    (tmp_path / "fast.onnx").write_bytes(b"\x08\x07")  # was "not a readable safetensors file (corrupt or truncated?)"
-    line = _fails_in_one_line(["info", str(tmp_path / "fast.onnx")], capsys, "snapvit info: error:")
-    assert f"{tmp_path / 'fast.onnx'} is an ONNX graph; this reads elastic/subnet files (safetensors)" in line
-
-
 def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
     from snapvit_lightning import quickstart
 
