@@ -129,12 +129,13 @@ def is_user_error(err: BaseException) -> bool:
     return _is_direct_user_error(err) or _wrapped_user_error(err) is not None
 
 
+#: The options that run a GPU config on this machine's CPU instead (advice of the errors about a missing GPU).
+ON_THE_CPU = "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto"
+
 #: What to do about Lightning's errors that do not say it (their message's start -> the advice appended).
 _ADVICE = {
-    "No supported gpu backend found": "trainer.accelerator asks for GPUs and this machine has none; on its CPU: "
-    "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
-    "`CUDAAccelerator` can not run on your system": "this machine has no CUDA GPU; on its CPU: "
-    "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
+    "No supported gpu backend found": f"trainer.accelerator asks for GPUs and this machine has none; on its CPU: {ON_THE_CPU}",
+    "`CUDAAccelerator` can not run on your system": f"this machine has no CUDA GPU; on its CPU: {ON_THE_CPU}",
 }
 
 

@@ -616,8 +616,10 @@ def cli_device(accelerator: Any) -> torch.device:
         return torch.device("cpu")
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():  # else the probe's first CUDA call fails with a traceback
-            raise ValueError(f"trainer.accelerator={accelerator!r} asks for GPUs and this machine has none; on its CPU: "
-                             "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto")
+            from .errors import ON_THE_CPU
+
+            raise ValueError(f"trainer.accelerator={accelerator!r} asks for GPUs and this machine has none; "
+                             f"on its CPU: {ON_THE_CPU}")
         return torch.device("cuda", 0)
     raise ValueError(
         f"trainer.precision 'auto' probes CPU and CUDA settings; trainer.accelerator={accelerator!r} needs an "
