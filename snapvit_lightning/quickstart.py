@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -79,10 +78,9 @@ def run(
                 if value is not None:
                     callback["init_args"][key] = value
     out = Path(out)  # created by the export: a run that fails leaves no empty folder
-    with tempfile.TemporaryDirectory() as folder:  # the config it runs; out/config.yaml is the one it ran, at the end
-        config = Path(folder) / "quickstart.yaml"
-        config.write_text(yaml.safe_dump(settings, sort_keys=False))
-        SnapViTCLI.run(["fit", "--config", str(config), *cli_args], save_config=out / "config.yaml")
+    # jsonargparse reads --config as a path or as YAML text: the text leaves no temporary file behind
+    # (a SIGTERM before the fit would). out/config.yaml is the full config it ran, written at the end.
+    SnapViTCLI.run(["fit", "--config", yaml.safe_dump(settings, sort_keys=False), *cli_args], save_config=out / "config.yaml")
     return out / f"{MODEL_NAME}.elastic.safetensors"
 
 

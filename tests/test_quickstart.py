@@ -60,13 +60,13 @@ def test_run_writes_the_search_evaluations_and_seed_into_its_config(real_weights
 
     calls = []
 
-    def fit(args, save_config=None):  # the config it runs exists only during the fit
-        calls.append((args, save_config, yaml.safe_load(Path(args[2]).read_text())))
+    def fit(args, save_config=None):  # the config it runs is YAML text: no temporary file to leave behind
+        calls.append((args, save_config, yaml.safe_load(args[2])))
 
     monkeypatch.setattr(SnapViTCLI, "run", staticmethod(fit))
     quickstart.run(tmp_path, real_weights, ["--data.max_samples", "6"], search_evals=7, search_seed=3)
     (args, save_config, settings), = calls
-    assert args[:2] == ["fit", "--config"] and args[3:] == ["--data.max_samples", "6"] and not Path(args[2]).exists()
+    assert args[:2] == ["fit", "--config"] and args[3:] == ["--data.max_samples", "6"]
     assert save_config == tmp_path / "config.yaml" and not save_config.exists()  # written by the fit, at its end
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in settings["trainer"]["callbacks"]}
     assert callbacks["EvolutionarySearch"]["max_evals"] == 7 and callbacks["EvolutionarySearch"]["seed"] == 3
