@@ -94,11 +94,13 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
 def check_writable(folder: str | os.PathLike, argument: str) -> None:
     """Refuse a folder that cannot be created or written into, before any work that ends by writing there.
 
-    The folder, or the nearest of its parents that exists, must be a folder this process may write into.
+    The folder, or the nearest of its parents that exists, must be a folder this process may write
+    into. A folder that does not exist yet is created and removed again: some file systems (``/proc``)
+    let the permission check pass and refuse the ``mkdir``.
 
     Raises:
         NotADirectoryError: That path is a file.
-        PermissionError: It is not writable (a read-only folder).
+        PermissionError: It is not writable (a read-only folder), or cannot be created there.
     """
     folder = Path(folder).expanduser()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
@@ -106,6 +108,27 @@ def check_writable(folder: str | os.PathLike, argument: str) -> None:
         raise NotADirectoryError(f"{argument}: '{existing}' is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{argument}: '{existing}' is not writable")
+    if existing != folder:
+        created = [folder, *folder.parents][: len(folder.parts) - len(existing.parts)]
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:  # made meanwhile by another process: not ours to remove
+            return
+        except OSError as err:
+            _remove_empty(created)
+            raise PermissionError(f"{argument}: cannot create '{folder}' ({err.strerror or err})") from None
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty; stop at one that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:  # never made
+            continue
+        except OSError:
+            break
 
 
 def make_parent(path: Path) -> None:

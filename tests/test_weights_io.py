@@ -196,3 +196,22 @@ def test_an_unreachable_hub_names_the_model_and_the_offline_ways(monkeypatch):
     with pytest.raises(ValueError, match=r"model 'vit_small_patch16_224.augreg_in21k': the Hugging Face Hub could not "
                                          r"provide its files \(offline\?\): .* give local weights: checkpoint_path"):
         create_timm_model("vit_small_patch16_224.augreg_in21k", pretrained=True)
+
+
+def test_check_writable_creates_nothing_and_refuses_a_folder_it_cannot_create(tmp_path, monkeypatch) -> None:
+    from snapvit_lightning.weights_io import check_writable
+
+    check_writable(tmp_path / "a" / "b", "--out")
+    assert list(tmp_path.iterdir()) == []  # the probe's folders are removed again
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):  # as /proc does: access() says writable, mkdir fails
+        if self.name == "b":
+            real_mkdir(self.parent)
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PermissionError, match=f"--out: cannot create '{tmp_path / 'a' / 'b'}' \\(Permission denied\\)"):
+        check_writable(tmp_path / "a" / "b", "--out")
+    assert list(tmp_path.iterdir()) == []  # 'a', made before 'b' failed, is removed too

@@ -247,9 +247,9 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "–" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows of :func:`run_bench` as a markdown table."""
-    header = ("| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | 1-NN | 20-NN "
+def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K) -> str:
+    """The rows of :func:`run_bench` as a markdown table; ``knn_k``: the weighted k-NN's k (column ``knn_20nn``)."""
+    header = (f"| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | 1-NN | {knn_k}-NN "
               "| latency (ms) | speed-up | FLOPs speed-up |")
     lines = [header, "|:---|" + "---:|" * 11]
     for r in rows:
@@ -289,7 +289,7 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
            f"- weight correction ({', '.join(settings['correction']['methods'])}): "
            f"{settings['correction']['calibration']}\n")
         + "\n"
-        + markdown_table(rows)
+        + markdown_table(rows, settings['knn_protocol']['k'][1])
     )
 
 
@@ -485,7 +485,9 @@ def run_bench(args: argparse.Namespace) -> int:
                         "wall_s": time.perf_counter() - t0})
         for correct in [] if is_dense else corrections:
             t0, stats_s = time.perf_counter(), calibrate.stats_s  # statistics: in settings.correction.stats_s
-            model, feats, kept = calibrate.corrected(source, ratios, dims, correct, ranking=method == "snapvit")
+            model, feats, kept = calibrate.corrected(
+                source, ratios, dims, correct, ranking=method == "snapvit",
+                label=method if seed is None else f"{method} (seed {seed})")
             entries.append({"method": f"{method}+{correct}", "seed": seed, "ratios": ratios, "dense": False,
                             "dims": kept, "model": model if keep_models else None, "cost": source.cost(kept),
                             **quality(model, feats), "wall_s": time.perf_counter() - t0 - (calibrate.stats_s - stats_s)})
@@ -582,11 +584,12 @@ def run_bench(args: argparse.Namespace) -> int:
         "wall_s": time.perf_counter() - t_start,
     }
 
-    table = markdown_table(rows)
+    table = markdown_table(rows, knn_k)
     if not knn:
         print(f"k-NN: none ({_NO_KNN})")
     elif knn_k < KNN_K:
-        print(f"k-NN: {len(images)} images, so the {KNN_K}-NN column votes over k={knn_k} (every other image): few images")
+        print(f"k-NN: {len(images)} images, so the weighted k-NN votes over k={knn_k} (every other image), "
+              f"not {KNN_K}: few images")
     print(table + _build_markdown(build_times), end="")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ class Calibrator:
         self.path = None if source is None else Path(source).expanduser()
         self.stats_file = self.path is not None and not self.path.is_dir() and self.path.suffix.lower() not in IMG_EXTENSIONS
         self.stats_s = 0.0
+        self._announced = False
         self._cache: dict[str, list[tuple[Any, Any]]] = {}
         n = int(images.shape[0])
         if self.path is None:
@@ -40,16 +41,21 @@ class Calibrator:
         else:
             self.description = f"images in {self.path} (features of all --data images)"
 
-    def _sources(self, elastic: Any, ranking: bool) -> list[tuple[Any, Any]]:
-        """``[(CorrectionStats, evaluation index or None)]`` for ``elastic`` (collected ones with a ranking if asked)."""
+    def _sources(self, elastic: Any, ranking: bool, label: str) -> list[tuple[Any, Any]]:
+        """``[(CorrectionStats, evaluation index or None)]`` for ``elastic`` (collected ones with a ranking if asked).
+
+        ``label``: what ``elastic`` is (the rows' method), named when its statistics are collected.
+        """
         from ..correction import CorrectionStats
         from ..data import load_calibration_views
 
         key = (elastic.fingerprint, ranking)
         if key not in self._cache:
             t0 = time.perf_counter()
-            if not self.stats_file:  # minutes for a ViT-B: say so before the silence
-                print(f"collecting correction statistics ({self.description}) ...", file=sys.stderr, flush=True)
+            if not self.stats_file:  # minutes for a ViT-B: say so before the silence; the source once
+                where = "" if self._announced else f" ({self.description})"
+                print(f"collecting correction statistics for {label}{where} ...", file=sys.stderr, flush=True)
+                self._announced = True
             if self.path is None:
                 sources = [(elastic.collect_stats(cal, self.batch_size, ranking=ranking), idx) for cal, idx in self._folds]
             elif self.stats_file:
@@ -64,19 +70,20 @@ class Calibrator:
         return self._cache[key]
 
     def corrected(
-        self, elastic: Any, ratios: tuple[float, float], dims: Any, method: str, ranking: bool
+        self, elastic: Any, ratios: tuple[float, float], dims: Any, method: str, ranking: bool, label: str = "snapvit"
     ) -> tuple[Any, Any, Any]:
         """A corrected subnet (for latency), the features of every bench image, and its kept dims.
 
         ``ranking``: cut as :meth:`ElasticViT.subnet` does by default, i.e. the units of the
         statistics' ranking at ``ratios`` (computed on each calibration source like the export
         computes it; stored statistics without one, and ``ranking=False``: ``dims``, this model's
-        own cut). With two folds the dims returned are the first fold's subnet's.
+        own cut). With two folds the dims returned are the first fold's subnet's. ``label``: what
+        ``elastic`` is (the rows' method), named when its statistics are collected.
         """
         from ..evaluation import extract_features
 
         model, feats, kept = None, None, None
-        for stats, index in self._sources(elastic, ranking):
+        for stats, index in self._sources(elastic, ranking, label):
             view = elastic.ranked_view(stats) if ranking else None
             if view is not None:
                 cut = view.dims(*ratios)

@@ -75,6 +75,7 @@ def test_markdown(result) -> None:
     assert js["settings"]["command"] in md and "(1-NN; weighted 7-NN" in md  # the k used with 8 images
     lines = [line for line in md.split("\nBuild time")[0].splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
+    assert "| 1-NN | 7-NN |" in lines[0]  # the column is named by the k it used (20 with enough images)
     assert len(lines) == 2 + len(js["rows"])
     assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
 
@@ -321,10 +322,28 @@ def test_correction_statistics_announced_and_booked_apart(setup, monkeypatch, ca
     out = root / "slow"
     assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4",
                        "--correct", "lstsq", "--out", str(out)]) == 0
-    assert "collecting correction statistics (2-fold cross-fit on --data" in capsys.readouterr().err
+    assert "collecting correction statistics for snapvit (2-fold cross-fit on --data" in capsys.readouterr().err
     js = json.loads((out / "bench.json").read_text())
     assert js["settings"]["correction"]["stats_s"] >= 200.0  # two folds
     assert js["rows"][2]["method"] == "snapvit+lstsq" and js["rows"][2]["quality_wall_s"] < 100.0
+
+
+def test_statistics_of_each_model_are_announced_by_its_method(setup, capsys) -> None:
+    # --baselines --correct collects statistics per baseline model: each line names the rows' method,
+    # the calibration source only the first.
+    from snapvit_lightning.benchmarks.bench_correction import Calibrator
+
+    path, data, _ = setup
+    elastic = ElasticViT.load(path)
+    images = load_eval_images(data, elastic.model)[0]
+    other = ElasticViT(elastic.model, random_scores(elastic.model, seed=1), model_name=elastic.model_name)
+    calibrate = Calibrator(None, images, batch_size=4)
+    for source, label in ((elastic, "snapvit"), (other, "random (seed 1)")):
+        calibrate.corrected(source, (0.35, 0.2), source.dims(0.35, 0.2), "lstsq", ranking=False, label=label)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["collecting correction statistics for snapvit (2-fold cross-fit on --data: features of even/odd "
+                     "images from subnets corrected on the other half) ...",
+                     "collecting correction statistics for random (seed 1) ..."]
 
 
 def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
