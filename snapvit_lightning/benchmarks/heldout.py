@@ -61,11 +61,13 @@ def split_links(data: Path, out: Path) -> dict[str, Path]:
         ``{"even": folder, "odd": folder}``.
     """
     from ..data.sources import find_images
+    from ..weights_io import check_writable
 
     data = Path(data).resolve()
     files, _, _ = find_images(data, argument="--data")
     if len(files) < 4:
         raise ValueError(f"--data: needs at least 4 images to split in halves, found {len(files)} in {data}")
+    check_writable(out, "--out")
     folders = {}
     for parity, half in enumerate(_HALVES):
         folder = out / f"{half}_images"
@@ -273,8 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import exit_on_user_error
 
     with exit_on_user_error(parser.prog):
-        args.out.mkdir(parents=True, exist_ok=True)
-        halves = split_links(args.data, args.out)
+        halves = split_links(args.data, args.out)  # checks --data before it creates --out
         report_path = args.out / "heldout.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         report.update(data=str(args.data), budgets=[list(b) for b in BUDGETS])

@@ -47,6 +47,15 @@ def test_split_links_refuses_fewer_than_four_images(tmp_path) -> None:
         heldout.split_links(data, tmp_path / "out")
 
 
+@pytest.mark.parametrize("data", ["missing", "few"])
+def test_a_bad_data_folder_is_refused_before_out_is_created(tmp_path, capsys, data) -> None:
+    folder = tmp_path / "missing" if data == "missing" else _photos(tmp_path / "photos", per_class=1)
+    with pytest.raises(SystemExit) as exc:
+        heldout.main(["--data", str(folder), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_search() -> None:
     assert heldout.parse_search("lstsq:correct=lstsq,guard=0,balance=0.5,pairs=paper") == (
         "lstsq", {"correct": "lstsq", "guard": 0, "balance": 0.5, "ratio_pairs": [list(p) for p in PAPER_RATIO_PAIRS]}
