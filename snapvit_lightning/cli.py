@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .cli_args import budget_arg
+from .cli_args import budget_arg, int_at_least, keep_fraction, positive_number, prune_ratio
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -315,23 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5)",
     )
     info.add_argument("--latency", action="store_true", help="also measure each budget's latency on this machine")
-    info.add_argument("--batch-size", type=int, default=None, help="images per timed batch for --latency (default: 1)")
-    info.add_argument("--threads", type=int, default=None, help="intra-op threads for --latency (default: as is)")
+    info.add_argument("--batch-size", type=int_at_least(1), default=None, help="images per timed batch for --latency (default: 1)")
+    info.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency (default: as is)")
     info.add_argument("--device", default=None, help="device for --latency (default: cpu)")
     info.add_argument("--no-correct", action="store_true",
                       help="show the plain cut (default: the corrected subnets' cut when the statistics carry a ranking)")
     info.set_defaults(func=_info)
     cut = sub.add_parser("slice", help="write a sliced subnet of an elastic checkpoint")
     cut.add_argument("path", help="an *.elastic.safetensors file")
-    cut.add_argument("--flops", type=float, default=None, help="fraction of the dense FLOPs to keep, in (0, 1]")
-    cut.add_argument("--mlp-ratio", type=float, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
-    cut.add_argument("--head-ratio", type=float, default=None, help="fraction of all heads to prune, in [0, 1)")
-    cut.add_argument("--latency-ms", type=float, default=None, metavar="T",
+    cut.add_argument("--flops", type=keep_fraction, default=None, help="fraction of the dense FLOPs to keep, in (0, 1]")
+    cut.add_argument("--mlp-ratio", type=prune_ratio, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
+    cut.add_argument("--head-ratio", type=prune_ratio, default=None, help="fraction of all heads to prune, in [0, 1)")
+    cut.add_argument("--latency-ms", type=positive_number, default=None, metavar="T",
                      help="the largest subnet measured to run a batch within T ms on this machine "
                           "(bisection on the FLOPs fraction; ONNX Runtime latency with --format onnx)")
-    cut.add_argument("--batch-size", type=int, default=None,
+    cut.add_argument("--batch-size", type=int_at_least(1), default=None,
                      help="images per timed batch for --latency-ms (default: 1)")
-    cut.add_argument("--threads", type=int, default=None, help="intra-op threads for --latency-ms (default: as is)")
+    cut.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency-ms (default: as is)")
     cut.add_argument("--device", default=None, help="device that --latency-ms is measured on (default: cpu)")
     cut.add_argument("-o", "--output", required=True,
                      help="output .safetensors file (load with load_subnet), or .onnx with --format onnx")
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--data", required=True, metavar="FOLDER", help="folder of calibration images (or one image file)")
     stats.add_argument("-o", "--output", default=None,
                        help="output file (default: <name>.stats.safetensors beside the checkpoint)")
-    stats.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
+    stats.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward (default: 32)")
     stats.add_argument("--stats-views", type=int, default=256, metavar="N",
                        help="inputs to aim for: each image gives N // images views (its eval view and random crops), "
                             "1 to 8 (default: 256; 1: the eval views alone), as the export")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
-__all__ = ["budget_arg"]
+__all__ = ["budget_arg", "int_at_least", "keep_fraction", "positive_number", "prune_ratio"]
 
 
 def budget_arg(text: str) -> tuple[float, float]:
@@ -18,3 +19,52 @@ def budget_arg(text: str) -> tuple[float, float]:
         if not (math.isfinite(value) and 0.0 <= value < 1.0):
             raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value!r} in {text!r}")
     return mlp, head
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def keep_fraction(text: str) -> float:
+    """A fraction to keep, in ``(0, 1]`` (``slice --flops``)."""
+    value = _number(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def prune_ratio(text: str) -> float:
+    """A fraction to prune, in ``[0, 1)`` (``slice --mlp-ratio``/``--head-ratio``)."""
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number ``> 0`` (``slice --latency-ms``)."""
+    value = _number(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argument type: an integer ``>= minimum`` (``--batch-size``, ``--threads``, ``--repeats``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -183,8 +184,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     argparse prints the whole usage (a dozen lines) before the message; this prints the message
     and where to find the options, and exits with status 2 (its subparsers are of this class too).
-    With ``SNAPVIT_TRACEBACK=1`` it behaves as argparse's.
+    With ``SNAPVIT_TRACEBACK=1`` it behaves as argparse's. A value that starts with a minus and a digit
+    (``--budgets -0.1,0``, ``--mlp-ratio -1``) is read as a value, as Python 3.13's argparse does, so
+    the option's own check names it; before 3.13 ``-0.1,0`` was taken for an unknown option.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         if traceback_requested():

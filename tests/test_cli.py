@@ -65,7 +65,7 @@ def test_slice_writes_a_subnet(tmp_path, capsys) -> None:
     assert exc.value.code == 2 and "not both" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["slice", str(path), "--flops", "1.5", "-o", str(tmp_path / "y.safetensors")])
-    assert exc.value.code == 2 and "flops must be a fraction" in capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --flops: must be a fraction in (0, 1], got '1.5'" in capsys.readouterr().err
 
 
 def test_fit_subcommand_goes_to_lightning_cli(capsys) -> None:

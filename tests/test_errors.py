@@ -55,7 +55,7 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
     [
         (["info", "{tmp}/missing.elastic.safetensors"], "snapvit info: error: no elastic/subnet file"),
         (["info", "{tmp}/plain.safetensors"], "is not a snapvit-elastic file"),
-        (["slice", "{elastic}", "--flops", "1.5", "-o", "{tmp}/s.safetensors"], "flops must be a fraction"),
+        (["slice", "{elastic}", "--flops", "1.5", "-o", "{tmp}/s.safetensors"], "argument --flops: must be a fraction"),
         (["slice", "{tmp}/missing.elastic.safetensors", "--flops", "0.5", "-o", "{tmp}/s.safetensors"],
          "no elastic/subnet file"),
         (["stats", "{elastic}", "--data", "{tmp}/missing"], "snapvit stats: error: --data: image folder not found"),
@@ -64,10 +64,10 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["bench", "{elastic}", "--data", "{tmp}/missing", "--no-latency"], "--data: image folder not found"),
         (["bench", "{elastic}", "--data", "{tmp}/empty", "--no-latency"], "--data: no image files"),
         (["slice", "{elastic}", "-o", "{tmp}/s.safetensors", "--flops", "abc"],
-         "snapvit slice: error: argument --flops: invalid float value: 'abc' (see `snapvit slice --help`)"),
+         "snapvit slice: error: argument --flops: expected a number, got 'abc' (see `snapvit slice --help`)"),
         (["info"], "snapvit info: error: the following arguments are required: path"),
         (["info", "{elastic}", "--budgets", "1,1"], "argument --budgets: MLP_RATIO must be in [0, 1), got 1.0 in '1,1'"),
-        (["info", "{elastic}", "--latency", "--batch-size", "0"], "snapvit info: error: batch_size must be an int >= 1, got 0"),
+        (["info", "{elastic}", "--latency", "--batch-size", "0"], "snapvit info: error: argument --batch-size: must be >= 1, got 0"),
         (["info", "{elastic}", "--threads", "3"], "--batch-size/--threads/--device say how --latency measures"),
         (["slice", "{elastic}", "--flops", "0.5", "--format", "safetensors", "-o", "{tmp}/s.ONNX"],
          "--format safetensors would write safetensors into"),
@@ -121,6 +121,13 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "snapvit bench: error: --out: '{tmp}/plain.safetensors' is a file, not a folder"),
         (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}/plain.safetensors/s.safetensors"],
          "snapvit slice: error: -o: '{tmp}/plain.safetensors' is a file, not a folder"),
+        (["bench", "{elastic}", "--data", "{tmp}/one", "--budgets", "-0.1,0"],  # a value, not an unknown option
+         "snapvit bench: error: argument --budgets: MLP_RATIO must be in [0, 1), got -0.1 in '-0.1,0'"),
+        (["slice", "{elastic}", "--flops", "-.5", "-o", "{tmp}/s.safetensors"],
+         "snapvit slice: error: argument --flops: must be a fraction in (0, 1], got '-.5'"),
+        (["slice", "{elastic}", "--mlp-ratio", "nan", "-o", "{tmp}/s.safetensors"],
+         "snapvit slice: error: argument --mlp-ratio: expected a finite number, got 'nan'"),
+        (["info", "{elastic}", "--latency", "--threads", "0"], "snapvit info: error: argument --threads: must be >= 1, got 0"),
     ],
 )
 def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, monkeypatch) -> None:

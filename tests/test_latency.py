@@ -330,8 +330,8 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
         (["--latency-ms", "1e-12"], "latency_ms=1e-12 is below the smallest budget's"),
         (["--latency-ms", "5", "--flops", "0.5"], "give either --latency-ms or --flops/--mlp-ratio/--head-ratio"),
         (["--flops", "0.5", "--threads", "2"], "say how --latency-ms is measured; give --latency-ms too"),
-        (["--latency-ms", "0"], "latency_ms must be a finite number > 0"),
-        (["--latency-ms", "5", "--batch-size", "0"], "batch_size must be an int >= 1, got 0"),  # was run with 1
+        (["--latency-ms", "0"], "argument --latency-ms: must be > 0, got '0'"),
+        (["--latency-ms", "5", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),  # was run with 1
         (["--latency-ms", "5", "--device", "meta"], "device 'meta' holds no values"),
     ],
 )

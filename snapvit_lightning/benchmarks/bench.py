@@ -76,7 +76,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli_args import budget_arg
+from ..cli_args import budget_arg, int_at_least
 from ..machine import cpu_model
 from ..weights_io import check_writable
 from .bench_correction import make_calibrator
@@ -98,19 +98,6 @@ RANDOM_SEEDS = (0, 1, 2)
 # --------------------------------------------------------------------------- arguments
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("path", metavar="ELASTIC", help="an *.elastic.safetensors checkpoint")
     parser.add_argument(
@@ -122,13 +109,13 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="MLP_RATIO,HEAD_RATIO pairs to prune (default: 0.15,0 0.25,0.1 0.35,0.2 0.45,0.3 "
              "0.55,0.4 0.65,0.5); the dense row 0,0 is always added",
     )
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=32,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32,
                         help="images per forward for features and latency (default: 32)")
-    parser.add_argument("--repeats", type=_int_at_least(1), default=10,
+    parser.add_argument("--repeats", type=int_at_least(1), default=10,
                         help="timed forwards per model; the median is reported (default: 10)")
-    parser.add_argument("--warmup", type=_int_at_least(0), default=3,
+    parser.add_argument("--warmup", type=int_at_least(0), default=3,
                         help="untimed forwards before timing each model (default: 3)")
-    parser.add_argument("--threads", type=_int_at_least(1), default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's own setting)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write bench.json and bench.md into DIR (created if missing)")
