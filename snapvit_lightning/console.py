@@ -5,7 +5,7 @@ avoided where they arise: the CLI's Trainer defaults turn the model summary off 
 and its bf16 size warning say nothing about a run that only reads gradients),
 :meth:`SnapViTModule.configure_optimizers` says "no optimizer" the way that does not warn, and
 :func:`lightning_cli_args` hands LightningCLI an ``args`` list without a second command line
-beside it. :func:`quiet_lightning` silences, by message and module, only the three notices that
+beside it. :func:`quiet_lightning` silences, by message and module, only the notices that
 no setting of ours avoids. It is used by the CLI alone, never installed for a user's own
 Trainer or code; :func:`internal_fit` adds Lightning's set-up lines for a Trainer the package runs
 for a measurement of its own (``snapvit bench``'s SNIP epoch).
@@ -55,6 +55,8 @@ def quiet_lightning() -> Iterator[None]:
       pre-optimization state was saved" (``ModelCheckpoint``, the mid-epoch checkpoints of
       docs/resume.md): the scoring's optimizer never changes the model, so the states before and
       after a step are the same.
+    * "No seed found, seed set to 0" (``seed_everything`` of a run without ``seed_everything`` in
+      its config, LightningCLI's default): the "Seed set to 0" line after it says the same.
 
     Everything else, warnings of user code and Lightning's other notices included, passes.
     """
@@ -71,6 +73,9 @@ def quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings(
             "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
             r"pre-optimization state was saved", category=UserWarning,
+        )
+        warnings.filterwarnings(
+            "ignore", message=r"No seed found, seed set to \d+$", module=r"lightning\.fabric\.utilities\.seed",
         )
         rank_zero_log.addFilter(_not_litlogger_tip)
         try:

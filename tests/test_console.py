@@ -33,9 +33,10 @@ def _warned(message: str, category: type[Warning], module: str) -> bool:
         (EVAL_MODE, PossibleUserWarning, "lightning.pytorch.loops.fit_loop"),
         (LEAF_SPEC, FutureWarning, "lightning.pytorch.utilities._pytree"),
         (CHECKPOINT, UserWarning, "lightning.pytorch.callbacks.model_checkpoint"),
+        ("No seed found, seed set to 0", UserWarning, "lightning.fabric.utilities.seed"),  # "Seed set to 0" follows
     ],
 )
-def test_silences_the_three_lightning_warnings(message: str, category: type[Warning], module: str) -> None:
+def test_silences_the_lightning_warnings(message: str, category: type[Warning], module: str) -> None:
     assert not _warned(message, category, module)
 
 
@@ -48,6 +49,7 @@ def test_silences_the_three_lightning_warnings(message: str, category: type[Warn
         ("The number of training batches (2) is smaller than the logging interval", PossibleUserWarning,
          "lightning.pytorch.loops.fit_loop"),  # another Lightning warning
         ("something else", DeprecationWarning, "lightning.pytorch.utilities._pytree"),
+        ("No seed found, seed set to 0", UserWarning, "my_project.seeding"),
     ],
 )
 def test_lets_other_warnings_through(message: str, category: type[Warning], module: str) -> None:
