@@ -14,6 +14,8 @@ for a measurement of its own (``snapvit bench``'s SNIP epoch).
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import warnings
@@ -28,11 +30,14 @@ __all__ = [
     "internal_fit",
     "lightning_cli_args",
     "quiet_lightning",
+    "quiet_spawned_process",
 ]
 
 #: The Lightning logger that prints ``rank_zero_info`` messages (and the litlogger tip).
 _RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 _LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+#: Set while :func:`quiet_lightning` is in effect, for :func:`quiet_spawned_process`.
+_QUIET_ENV = "SNAPVIT_QUIET_LIGHTNING"
 
 
 def _not_litlogger_tip(record: logging.LogRecord) -> bool:
@@ -58,30 +63,54 @@ def quiet_lightning() -> Iterator[None]:
     * "No seed found, seed set to 0" (``seed_everything`` of a run without ``seed_everything`` in
       its config, LightningCLI's default): the "Seed set to 0" line after it says the same.
 
-    Everything else, warnings of user code and Lightning's other notices included, passes.
+    Everything else, warnings of user code and Lightning's other notices included, passes. The
+    processes that a ``ddp_spawn`` fit starts inside it silence the same warnings
+    (:func:`quiet_spawned_process`, from :meth:`SnapViTModule.setup`).
     """
     rank_zero_log = logging.getLogger(_RANK_ZERO_LOGGER)
+    quiet_env = os.environ.get(_QUIET_ENV)
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
-            category=PossibleUserWarning, module=r"lightning\.pytorch\.loops\.fit_loop",
-        )
-        warnings.filterwarnings(
-            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
-        )
-        warnings.filterwarnings(
-            "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
-            r"pre-optimization state was saved", category=UserWarning,
-        )
-        warnings.filterwarnings(
-            "ignore", message=r"No seed found, seed set to \d+$", module=r"lightning\.fabric\.utilities\.seed",
-        )
+        _ignore_notices()
         rank_zero_log.addFilter(_not_litlogger_tip)
+        os.environ[_QUIET_ENV] = "1"  # read by spawned processes (ddp_spawn), which inherit no filters
         try:
             yield
         finally:
             rank_zero_log.removeFilter(_not_litlogger_tip)
+            if quiet_env is None:
+                os.environ.pop(_QUIET_ENV, None)
+            else:
+                os.environ[_QUIET_ENV] = quiet_env
+
+
+def _ignore_notices() -> None:
+    """Add the warning filters of :func:`quiet_lightning` (to the filters in effect)."""
+    warnings.filterwarnings(
+        "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+        category=PossibleUserWarning, module=r"lightning\.pytorch\.loops\.fit_loop",
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+        r"pre-optimization state was saved", category=UserWarning,
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"No seed found, seed set to \d+$", module=r"lightning\.fabric\.utilities\.seed",
+    )
+
+
+def quiet_spawned_process() -> None:
+    """In a process spawned by a fit inside :func:`quiet_lightning` (``ddp_spawn``), silence the same notices.
+
+    A spawned process starts with Python's default filters; it runs the fit and ends, so the filters
+    are added for the rest of the process. Elsewhere (the CLI's own process, a user's Trainer, the
+    processes ``ddp`` starts, which run the command again) this does nothing.
+    """
+    if os.environ.get(_QUIET_ENV) == "1" and multiprocessing.parent_process() is not None:
+        _ignore_notices()
 
 
 class _BelowWarning(logging.Filter):

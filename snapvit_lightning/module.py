@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from .console import quiet_spawned_process
 from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
@@ -345,6 +346,7 @@ class SnapViTModule(pl.LightningModule):
             ValueError: For ``precision`` other than 32/bf16 (or any precision plugin with a
                 gradient scaler), or a strategy that is neither single-device nor DDP.
         """
+        quiet_spawned_process()  # a ddp_spawn process of `snapvit fit`: the CLI's notice filters
         precision = str(self.trainer.precision)
         if precision not in ALLOWED_PRECISIONS or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(

@@ -101,3 +101,37 @@ def test_internal_fit_drops_info_lines_only_inside(caplog) -> None:
             log.warning("a real warning")
         log.info("TPU available: False, using: 0 TPU cores")
     assert [r.getMessage() for r in caplog.records] == ["a real warning", "TPU available: False, using: 0 TPU cores"]
+
+
+def _warned_in_child(queue) -> None:
+    """Spawned: whether the eval-mode notice gets through after :func:`quiet_spawned_process`."""
+    from snapvit_lightning.console import quiet_spawned_process
+
+    quiet_spawned_process()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit(EVAL_MODE, PossibleUserWarning, "fit_loop.py", 1, module="lightning.pytorch.loops.fit_loop")
+    queue.put(len(caught))
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_process_spawned_inside_is_quiet_too(inside: bool) -> None:
+    # ddp_spawn's processes start with Python's default filters: quiet_spawned_process (called from
+    # SnapViTModule.setup) adds the filters there, only for a fit started inside quiet_lightning.
+    import contextlib
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with quiet_lightning() if inside else contextlib.nullcontext():
+        child = context.Process(target=_warned_in_child, args=(queue,))
+        child.start()
+        caught = queue.get(timeout=120)
+        child.join(timeout=60)
+    assert child.exitcode == 0 and caught == (0 if inside else 1)
+    with warnings.catch_warnings(record=True) as here:  # this process is not a spawned one: nothing added
+        warnings.simplefilter("always")
+        from snapvit_lightning.console import quiet_spawned_process
+
+        quiet_spawned_process()
+        warnings.warn_explicit(EVAL_MODE, PossibleUserWarning, "fit_loop.py", 1, module="lightning.pytorch.loops.fit_loop")
+    assert len(here) == 1
