@@ -259,6 +259,8 @@ def _slice(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .correction import stats_path_for
     from .data import load_calibration_views
     from .elastic import ElasticViT
@@ -272,7 +274,7 @@ def _stats(args: argparse.Namespace) -> int:
                        reads=[args.path, args.data])
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
     inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
-    stats = elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True)
+    stats = dataclasses.replace(elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True), views_per_image=views)
     stats.save(out)
     images = stats.num_images // views
     print(f"wrote {out}: correction statistics of {images} image{'s' * (images != 1)} ({views} view"

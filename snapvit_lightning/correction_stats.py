@@ -80,16 +80,18 @@ class CorrectionStats:
             ``x`` (``C = heads · head_dim``), augmented with a constant 1 (last row/column holds
             the means).
         mlp: ``[B, hidden + 1, hidden + 1]`` the same for the ``mlp.fc2`` inputs.
-        num_images: Calibration images they were collected on.
+        num_images: Inputs they were collected on (calibration images × ``views_per_image``).
         num_tokens: Tokens per layer they average over (images × tokens per image).
         fingerprint: :func:`~snapvit_lightning.correction.fingerprint` of the elastic model they belong to.
         ranking_mlp: ``[B, hidden]`` float64 scores of the MLP neurons for corrected subnets, in
             the elastic model's unit order (higher = keep), or ``None``.
         ranking_heads: ``[B, H]`` the same for the heads; given together with ``ranking_mlp``.
+        views_per_image: Inputs per calibration image (its eval view and random crops), when known
+            (``None``: not recorded, e.g. statistics collected from a tensor of images).
 
     Raises:
         ValueError: A ranking without the other half, of the wrong shape, or with values that are
-            not finite and non-negative.
+            not finite and non-negative; ``views_per_image`` that does not divide ``num_images``.
     """
 
     attn: Tensor
@@ -99,8 +101,14 @@ class CorrectionStats:
     fingerprint: str
     ranking_mlp: Tensor | None = None
     ranking_heads: Tensor | None = None
+    views_per_image: int | None = None
 
     def __post_init__(self) -> None:
+        views = self.views_per_image
+        if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1
+                                  or self.num_images % views):
+            raise ValueError(f"views_per_image must be None or an int >= 1 that divides num_images "
+                             f"({self.num_images}), got {views!r}")
         if (self.ranking_mlp is None) != (self.ranking_heads is None):
             raise ValueError("ranking_mlp and ranking_heads must be given together (or neither)")
         if self.ranking_mlp is None:
@@ -157,7 +165,8 @@ class CorrectionStats:
             last = torch.full((blocks, 1), moment.shape[-1] - 1, dtype=torch.long)
             index = torch.cat([order, last], 1).to(moment.device)
             out[name] = torch.stack([m.index_select(0, i).index_select(1, i) for m, i in zip(moment, index)])
-        return CorrectionStats(out["attn"], out["mlp"], self.num_images, self.num_tokens, fingerprint)
+        return CorrectionStats(out["attn"], out["mlp"], self.num_images, self.num_tokens, fingerprint,
+                               views_per_image=self.views_per_image)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file of the upper triangles (to a temporary file, then renamed).
@@ -176,6 +185,8 @@ class CorrectionStats:
             "fingerprint": self.fingerprint,
             "snapvit_version": __version__,
         }
+        if self.views_per_image is not None:
+            meta["views_per_image"] = str(self.views_per_image)
         tensors = {"attn_triu": _triu(self.attn.float()), "mlp_triu": _triu(self.mlp.float())}
         if self.has_ranking:
             tensors.update(ranking_mlp=self.ranking_mlp, ranking_heads=self.ranking_heads)
@@ -201,6 +212,7 @@ class CorrectionStats:
             else:
                 attn, mlp = (_unpack(path, name, tensors[f"{name}_triu"]) for name in ("attn", "mlp"))
             values = (int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"]))
+            views = int(meta["views_per_image"]) if "views_per_image" in meta else None  # not in earlier files
         except (KeyError, ValueError) as err:
             raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
         for name, t in (("attn", attn), ("mlp", mlp)):
@@ -220,9 +232,9 @@ class CorrectionStats:
         if meta["format_version"] not in ("1", "2"):  # older files carry no ranking
             ranking = {k: tensors[k] for k in ("ranking_mlp", "ranking_heads") if k in tensors}
         try:
-            return cls(attn, mlp, *values, **ranking)
+            return cls(attn, mlp, *values, **ranking, views_per_image=views)
         except ValueError as err:
-            raise ValueError(f"{path}: invalid ranking in the correction statistics: {err}") from err
+            raise ValueError(f"{path}: invalid correction statistics: {err}") from err
 
 
 def _unpack(path: str | os.PathLike, name: str, packed: Tensor) -> Tensor:

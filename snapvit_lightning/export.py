@@ -234,7 +234,7 @@ def export_elastic(
             ``onnx_max_abs_diff`` from :func:`~snapvit_lightning.onnx_export.checked_onnx`.
         views_per_image: How many rows of ``calibration_images`` are views of one image (their
             eval views first, as :meth:`CalibrationDataModule.calibration_views` gives them); for
-            the report's ``calibration_images`` / ``calibration_views`` only.
+            the report's ``calibration_images`` and the statistics' ``views_per_image`` only.
 
     Returns:
         ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
@@ -316,6 +316,7 @@ def export_elastic(
         ranking_start = time.perf_counter()  # the corrected path's own ranking, on the same images
         keep = {"min_mlp_keep": elastic.scores.min_mlp_keep, "min_head_keep": elastic.scores.min_head_keep}
         stats = with_ranking(measured, stats, calibration, batch_size=batch_size, energy=energy, **keep)
+        stats = dataclasses.replace(stats, views_per_image=views_per_image)
         ranking_s = time.perf_counter() - ranking_start
     del measured
     corrector = None
@@ -391,9 +392,9 @@ def export_elastic(
             "method": correct,
             "stats_file": targets["stats"].name,
             "stats_bytes": stats.stored_bytes,
-            "calibration_images": stats.num_images // views_per_image,
+            "calibration_images": None if stats.views_per_image is None else stats.num_images // stats.views_per_image,
             "calibration_views": stats.num_images,  # the statistics' inputs: eval views and crops
-            "views_per_image": views_per_image,
+            "views_per_image": stats.views_per_image,  # None: attached statistics that do not record it
             "damping": stats_damping(None, stats) if correct == "lstsq" else None,  # automatic, from the statistics
             "ranking": stats.has_ranking,
             "fidelity_images_are_calibration_images": None if calibration is None  # attached statistics: unknown

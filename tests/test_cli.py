@@ -281,7 +281,7 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     assert main(["stats", str(path), "--data", str(photos)]) == 0
     assert "6 images (8 views each: 48 inputs" in capsys.readouterr().out
     stats = CorrectionStats.load(tmp_path / "m.stats.safetensors")
-    assert stats.has_ranking  # `snapvit stats` also stores the corrected path's ranking
+    assert stats.has_ranking and stats.views_per_image == 8  # `snapvit stats` also stores the ranking, and the views
     assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "--correct", "lstsq", "-o", str(out)]) == 0
     elastic = ElasticViT.load(path)
     expected = elastic.subnet(0.4, 0.5, correct="lstsq", calibration=stats)

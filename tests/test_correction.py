@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,12 @@ def test_stats_round_trip_and_size(tmp_path: Path) -> None:
     b = ElasticViT.load(_save(el, tmp_path)).subnet(0.4, 0.2, correct="lstsq", calibration=loaded)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
+    assert loaded.views_per_image is None  # not recorded for a tensor of images
+    dataclasses.replace(stats, views_per_image=5).save(path)
+    assert CorrectionStats.load(path).views_per_image == 5  # the export and `snapvit stats` record it
+    for bad in (0, 2, 2.5, True):  # 2 does not divide the 5 inputs
+        with pytest.raises(ValueError, match=f"views_per_image must be None or an int >= 1 that divides num_images \\(5\\), got {bad}"):
+            dataclasses.replace(stats, views_per_image=bad)
 
 
 def _save(el: ElasticViT, tmp_path: Path) -> Path:

@@ -386,8 +386,13 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     assert export.report["fidelity_images"] == 4  # from dm.fitness_images()
     correction = export.report["correction"]
     assert correction["calibration_images"] == 4 and correction["views_per_image"] == 8  # 256 // 4, at most 8
-    assert correction["calibration_views"] == 32 == CorrectionStats.load(export.export_paths["stats"]).num_images
+    stored = CorrectionStats.load(export.export_paths["stats"])
+    assert correction["calibration_views"] == 32 == stored.num_images and stored.views_per_image == 8
     assert correction["fidelity_images_are_calibration_images"] is True  # no holdout: the eval views come first
+    # A re-export of the loaded model from its attached statistics reports the same counts.
+    again = export_elastic(ElasticViT.load(export.export_paths["elastic"]), tmp_path / "again", budgets=[0.7])
+    assert {k: again["report"]["correction"][k] for k in ("calibration_images", "calibration_views", "views_per_image")} \
+        == {"calibration_images": 4, "calibration_views": 32, "views_per_image": 8}
     assert export.export_paths["stats"].is_file()
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert export.report["scores"]["searched"] is False
