@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__
 from .structure import BlockDims, block_dims, get_blocks, inspect_vit, slice_model
-from .weights_io import write_safetensors
+from .weights_io import config_of_built_size, write_safetensors
 
 __all__ = [
     "FORMAT",
@@ -217,7 +217,7 @@ def _rebuild(
     _check_weights(path, state, kwargs, dims)
     try:
         with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, **kwargs)
+            model = config_of_built_size(timm.create_model(name, pretrained=False, **kwargs))
         slice_model(model, dims)
         if check_only:
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

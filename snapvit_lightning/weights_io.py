@@ -199,8 +199,8 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
                              argument="model_kwargs pretrained_cfg_overlay file")
             except ValueError as err:
                 raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}") from err
-            return model
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+            return config_of_built_size(model)
+        return config_of_built_size(timm.create_model(model_name, pretrained=pretrained, **kwargs))
     except RuntimeError as err:
         detail = " ".join(str(err).split())
         if not pretrained:  # e.g. an unknown pretrained tag
@@ -214,6 +214,20 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
             f"model {model_name!r}: the Hugging Face Hub could not provide its files (offline?): {detail}; "
             "offline, give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay {file: PATH}"
         ) from err
+
+
+def config_of_built_size(model: nn.Module) -> nn.Module:
+    """Set ``model.pretrained_cfg["input_size"]`` to the size the model was built for; returns ``model``.
+
+    ``create_model(..., img_size=112)`` builds a model for 112 px but keeps the pretrained config's
+    size (518 px for DINOv2), so ``timm.data.resolve_data_config({}, model=model)`` and the
+    transforms made from it fed the model images it refuses.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(cfg, dict) and isinstance(built, tuple) and len(built) == 2 and len(cfg.get("input_size") or ()) == 3:
+        cfg["input_size"] = (cfg["input_size"][0], *built)  # the same dict as model.default_cfg
+    return model
 
 
 def rebuild_spec(model_name: str, model_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:

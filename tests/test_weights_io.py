@@ -215,3 +215,31 @@ def test_check_writable_creates_nothing_and_refuses_a_folder_it_cannot_create(tm
     with pytest.raises(PermissionError, match=f"--out: cannot create '{tmp_path / 'a' / 'b'}' \\(Permission denied\\)"):
         check_writable(tmp_path / "a" / "b", "--out")
     assert list(tmp_path.iterdir()) == []  # 'a', made before 'b' failed, is removed too
+
+
+def test_timm_data_config_of_models_and_subnets_is_the_built_size(tmp_path) -> None:
+    # create_model(..., img_size=S) keeps the pretrained config's size: timm's own transforms then fed
+    # the model (and every subnet of it) images it refuses.
+    from timm.data import create_transform, resolve_data_config
+
+    from snapvit_lightning.elastic import ElasticViT, load_subnet
+    from conftest import random_scores
+
+    model = create_timm_model("test_vit", model_kwargs={"img_size": 64})
+    assert timm.create_model("test_vit", img_size=64).pretrained_cfg["input_size"] != (3, 64, 64)  # timm's own
+    elastic = ElasticViT(model, random_scores(model), model_name="test_vit", model_kwargs={"img_size": 64})
+    path = tmp_path / "s.safetensors"
+    elastic.save_subnet(path, elastic.subnet(0.5, 0.5))
+    for m in (model, elastic.subnet(0.5, 0.5), load_subnet(path), ElasticViT.load(_saved_elastic(elastic, tmp_path)).model):
+        config = resolve_data_config({}, model=m)
+        assert config["input_size"] == (3, 64, 64) and m.default_cfg["input_size"] == (3, 64, 64)
+        from PIL import Image
+
+        image = Image.fromarray(torch.randint(0, 255, (90, 120, 3), dtype=torch.uint8).numpy())
+        m.eval()(create_transform(**config)(image)[None])  # runs: the size it was built for
+
+
+def _saved_elastic(elastic, tmp_path: Path) -> Path:
+    path = tmp_path / "e.elastic.safetensors"
+    elastic.save(path)
+    return path
