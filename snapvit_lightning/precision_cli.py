@@ -77,6 +77,49 @@ class AutoPrecisionCLI(LightningCLI):
         AutoPrecisionCLI.last_trainer = trainer  # the CLI reads its state when the fit ends in sys.exit (Ctrl-C)
         return trainer
 
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Refuse model options that differ from the checkpoint's: Lightning would replace them silently.
+
+        LightningCLI reads the model's arguments from the ``--ckpt_path`` checkpoint over the command's,
+        so a resume asking for another ``model.accumulation`` (criterion, weights, ...) continued the
+        old scoring without a word.
+        """
+        asked = _plain(self.config.get(self.config.get("subcommand") or "", {}).get("model"))
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        saved = _plain(self.config[subcommand].get("model")) if ckpt_path else None
+        if not isinstance(asked, dict) or not isinstance(saved, dict):
+            return
+        differ = [f"model.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})"
+                  for k in asked if k in saved and asked[k] != saved[k]]
+        if differ:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path}: a resumed fit continues the checkpoint's scoring, which this command "
+                f"changes: {'; '.join(differ)}; resume with the checkpoint's options, or start a new fit without --ckpt_path"
+            )
+
+    def after_fit(self) -> None:
+        """Refuse a resumed fit that ran nothing: nothing was searched or written (the module warned why)."""
+        if self.trainer.ckpt_path is not None and getattr(self.model, "_train_started", True) is False:
+            raise ValueError(
+                f"--ckpt_path {self.trainer.ckpt_path}: this checkpoint was saved after the scoring epoch had ended, "
+                "so the resumed fit ran no search and wrote nothing; resume from a checkpoint saved during the "
+                "scoring (ModelCheckpoint every_n_train_steps with save_on_train_epoch_end false), or start a new fit"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces as dicts and tuples as lists, to compare a config's values with a checkpoint's."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
 
 #: Environment variable holding rank 0's probe record (JSON) for the processes that Lightning's
 #: DDP launcher starts: they inherit rank 0's environment and apply its choice instead of timing

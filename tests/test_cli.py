@@ -213,7 +213,7 @@ def _images(root, n: int) -> None:
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
-def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_path, one_thread) -> None:
+def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_path, one_thread, capsys) -> None:
     """`snapvit fit --ckpt_path` after a crash mid-scoring writes the same elastic checkpoint as one run."""
     from safetensors.torch import load_file
 
@@ -247,12 +247,26 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     (loader_state,) = raw["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # torchdata's StatefulDataLoader
     assert loader_state["num_samples"] == 9 and loader_state["_num_yielded"] == 2
 
+    with pytest.raises(SystemExit) as exc:  # Lightning would take the checkpoint's accumulation without a word
+        fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), "--model.accumulation", "fisher")
+    assert exc.value.code == 2 and not (tmp_path / "changed").exists()
+    assert "changes: model.accumulation='fisher' (the checkpoint's: 'sum_then_square')" in capsys.readouterr().err
+
     resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt))
     assert RecordBatches.seen == [2, 3, 4]  # only the remaining batches, none counted twice
     assert RecordBatches.num_samples == 9
     assert set(resumed) == set(straight)
     for key, value in straight.items():
         assert torch.equal(resumed[key], value), key
+
+    # A checkpoint saved at the epoch's end: the resumed fit runs nothing, which is an error, not status 0.
+    end = ckpt_cb.replace('"every_n_train_steps": 2, ', "").replace('"save_on_train_epoch_end": false', '"save_on_train_epoch_end": true')
+    fit("ended", "--trainer.enable_checkpointing", "true", end.replace("ckpts", "end_ckpts"))
+    (ended,) = (tmp_path / "end_ckpts").iterdir()
+    with pytest.raises(SystemExit) as exc:
+        fit("after_end", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ended))
+    assert exc.value.code == 2 and not (tmp_path / "after_end").exists()
+    assert "was saved after the scoring epoch had ended, so the resumed fit ran no search and wrote nothing" in capsys.readouterr().err
 
 
 def _image_folder(path, n: int = 6):
