@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .cli_args import budget_arg, int_at_least, keep_fraction, positive_number, prune_ratio
@@ -440,16 +440,36 @@ def _lightning_interrupt() -> Iterator[None]:
     try:
         yield
     except SIGTERMException:  # a SystemExit without a status: the process would end with status 0
-        raise Terminated from None
+        raise Terminated(_last_checkpoint(AutoPrecisionCLI.last_trainer)) from None
     except SystemExit as exit_:
-        raise_interrupt_of(AutoPrecisionCLI.last_trainer, exit_)
+        try:
+            raise_interrupt_of(AutoPrecisionCLI.last_trainer, exit_)
+        except KeyboardInterrupt as interrupt:
+            interrupt.resume_from = _last_checkpoint(AutoPrecisionCLI.last_trainer)
+            raise
         raise
     finally:
         AutoPrecisionCLI.last_trainer = None
 
 
+def _last_checkpoint(trainer: Any) -> str | None:
+    """The checkpoint a ``ModelCheckpoint`` of ``trainer`` saved last (to resume from), or ``None``."""
+    paths = [getattr(c, "_last_checkpoint_saved", "") or c.last_model_path or c.best_model_path
+             for c in getattr(trainer, "checkpoint_callbacks", None) or ()]
+    existing = [p for p in paths if p and os.path.isfile(p)]
+    return max(existing, key=os.path.getmtime) if existing else None
+
+
+def _stopped(prog: str, how: str, resume_from: str | None) -> str:
+    resume = "" if resume_from is None else f"; to continue, run the same command with --ckpt_path {resume_from}"
+    return f"\n{prog}: {how}{resume}\n"
+
+
 class Terminated(BaseException):
-    """A ``snapvit fit`` stopped by SIGTERM (exit status 143, as a shell reports a process it ended)."""
+    """A ``snapvit fit`` stopped by SIGTERM (exit status 143, as a shell reports a process it ended).
+
+    ``args[0]``: the last checkpoint a ``ModelCheckpoint`` saved, to resume from (or ``None``).
+    """
 
 
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
@@ -514,7 +534,8 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` as a console command named ``prog``; return its exit status.
 
     User errors: one line, status 2 (:func:`~snapvit_lightning.errors.exit_on_user_error`); Ctrl-C:
-    ``PROG: interrupted``, 130; SIGTERM during a fit: ``PROG: terminated``, 143; a reader that went away
+    ``PROG: interrupted``, 130; SIGTERM during a fit: ``PROG: terminated``, 143 (both name the last
+    checkpoint of a ``ModelCheckpoint`` to resume from, if one was saved); a reader that went away
     (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
     """
     from .errors import exit_on_user_error, traceback_requested
@@ -527,13 +548,15 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except BrokenPipeError:  # the reader went away (`snapvit info ... | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if traceback_requested():
             raise
-        sys.stderr.write(f"\n{prog}: interrupted\n")
+        sys.stderr.write(_stopped(prog, "interrupted", getattr(interrupt, "resume_from", None)))
         return 130
-    except Terminated:
-        sys.stderr.write(f"\n{prog}: terminated (SIGTERM); the files are written only at the end, so none were\n")
+    except Terminated as stop:
+        resume_from = stop.args[0] if stop.args else None
+        sys.stderr.write(_stopped(prog, "terminated (SIGTERM); the export writes its files only at the end, so it wrote "
+                                  "none", resume_from))
         return 143
 
 

@@ -364,10 +364,20 @@ def test_sigterm_after_the_training_steps_stops_the_fit(tmp_path, capsys, monkey
                        "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch",
                        "--trainer.callbacks.max_evals", "40" if when == "search" else "4",
                        "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
-                       "--trainer.callbacks.dirpath", str(tmp_path / "out")])
+                       "--trainer.callbacks.dirpath", str(tmp_path / "out"), *([] if when == "search" else [
+                           "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=ModelCheckpoint",
+                           "--trainer.callbacks.dirpath", str(tmp_path / "ckpts"),
+                           "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_on_train_epoch_end",
+                           "false"])])
     finally:
         signal.signal(signal.SIGTERM, before)
-    assert status == 143 and "snapvit fit: terminated (SIGTERM)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 143 and "snapvit fit: terminated (SIGTERM); the export writes its files only at the end" in err
+    if when == "before export":  # the last checkpoint is named, to resume from
+        (last,) = (tmp_path / "ckpts").iterdir()
+        assert err.rstrip().endswith(f"to continue, run the same command with --ckpt_path {last}")
+    else:
+        assert "--ckpt_path" not in err
     assert len(evaluations) == (3 if when == "search" else 4)  # the search stopped at the evaluation it was told
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
