@@ -612,8 +612,16 @@ class SnapViTModule(pl.LightningModule):
             min_mlp_keep=self.min_mlp_keep,
             min_head_keep=self.min_head_keep,
             criterion=self.criterion,
-            build_info=None if self.precision_probe is None else {"precision": self.precision_probe},
+            build_info=self._precision_info(),
         )
+
+    def _precision_info(self) -> dict[str, Any] | None:
+        """``{"precision": record}`` for the scores: the probe's, or the Trainer's precision as given (not probed)."""
+        if self.precision_probe is not None:
+            return {"precision": self.precision_probe}
+        if self._trainer is None:
+            return None
+        return {"precision": {"trainer_precision": str(self.trainer.precision), "scoring": "not probed (trainer.precision given)"}}
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints

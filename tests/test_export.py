@@ -208,7 +208,8 @@ def test_export_ships_attached_statistics(tmp_path, images):
     el.attach_stats(el.collect_stats(images[:4]))
     out = export_elastic(el, tmp_path, budgets=[(0.5, 0.5)], fitness_images=images, save_subnets=True)
     correction = out["report"]["correction"]
-    assert correction["method"] == "lstsq" and correction["calibration_images"] == 4
+    assert correction["method"] == "lstsq" and correction["calibration_views"] == 4
+    assert correction["calibration_images"] is None and correction["views_per_image"] is None  # a tensor: not known
     assert correction["ranking"] is False and out["report"]["build_times"]["ranking_s"] is None  # none attached
     assert not any("kept_neurons_corrected" in e for e in out["report"]["budgets"])
     assert correction["fidelity_images_are_calibration_images"] is None  # not known for attached statistics

@@ -477,7 +477,7 @@ class EvolutionarySearch(Callback):
             "search_evaluations": len(self.history) - evals_before,  # candidates, start point not counted
             "search_stopped": fitness.num_stopped,  # of those, stopped early (the start point never is)
             "machine": {**build_machine(device), "world_size": world},
-            **({} if probe_record is None else {"precision": probe_record}),
+            **({} if probe_record is None else {"precision": {**(scores.build_info or {}).get("precision", {}), **probe_record}}),
             **_unprobed_search(scores.build_info, self.autocast, autocast_dtype),
         })
         rank_zero_info(
