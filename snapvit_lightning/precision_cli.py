@@ -67,6 +67,9 @@ class AutoPrecisionCLI(LightningCLI):
                 _apply_record(self.model, shared)
                 kwargs["precision"] = shared["trainer_precision"]
             else:
+                check_sources = getattr(getattr(self, "datamodule", None), "check_sources", None)
+                if callable(check_sources):  # a bad folder or holdout: before the probe's minute, not after
+                    check_sources()
                 views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
                 kwargs["precision"] = resolve_precision(
                     "auto", self.model, cli_device(config.get("accelerator")), views=views)

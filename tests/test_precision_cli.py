@@ -121,3 +121,22 @@ def test_the_record_says_the_search_ran_as_set_when_it_was_not_probed(tmp_path, 
         assert record["trainer_precision"] in ("32-true", "bf16-mixed") and record["probe_s"] > 0  # the scoring's probe stays
     else:
         assert record["trainer_precision"] == "32-true" and record["scoring"] == "not probed (trainer.precision given)"
+
+
+def test_a_bad_holdout_is_refused_before_the_probe(tmp_path, monkeypatch, capsys) -> None:
+    # The probe takes seconds to a minute: a data error that needs no model came after it.
+    from test_errors import _photos
+
+    from snapvit_lightning import precision_cli
+    from snapvit_lightning.cli import main
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe ran before the data were checked")
+
+    monkeypatch.setattr(precision_cli, "resolve_precision", no_probe)
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "photos", n=4)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--model.model", "test_vit", "--data.data_dir", str(tmp_path / "photos"), "--data.holdout", "4",
+              "--trainer.precision", "auto", "--trainer.logger", "false"])
+    assert exc.value.code == 2 and "`holdout`=4 leaves no calibration images out of 4" in capsys.readouterr().err

@@ -370,6 +370,21 @@ class CalibrationDataModule(LightningDataModule):
                 ``holdout`` leaves no calibration images.
             ImportError: if no source is given and scikit-image is missing.
         """
+        self.check_sources()
+        if self._fitness_source is None and self.fitness_data_dir is not None:
+            self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
+        if self.img_size is not None or self.max_side is not None or self._model_cfg is not None:
+            self._ensure_decoded()
+
+    def check_sources(self) -> None:
+        """List the calibration images and check ``holdout`` against their number (no image is decoded).
+
+        What :meth:`setup` does first; ``snapvit fit`` calls it before the precision probe, so a bad
+        folder or ``holdout`` is reported before a minute of probing.
+
+        Raises:
+            FileNotFoundError, ValueError, ImportError: As :meth:`setup`.
+        """
         if self._source is None:
             if self.data_dir is not None:
                 self._source = ImageFolderSource(self.data_dir, argument="data_dir")
@@ -384,10 +399,6 @@ class CalibrationDataModule(LightningDataModule):
                 raise ValueError(
                     f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}"
                 )
-        if self._fitness_source is None and self.fitness_data_dir is not None:
-            self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
-        if self.img_size is not None or self.max_side is not None or self._model_cfg is not None:
-            self._ensure_decoded()
 
     def _holdout_count(self, n: int) -> int:
         if isinstance(self.holdout, float):
