@@ -162,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     t = result["times"]
     print(f"ViT-B/16 paper run on {result['machine'].get('device_name')}: whole run {t['wall_s']:.1f} s "
-          f"(scoring {t['scoring_s']:.1f} s, search {t['search_s']:.1f} s = {t['search_evaluations']} evaluations × "
-          f"{t['search_s_per_eval']:.2f} s, export {t['export_s']:.1f} s, other {t['other_s']:.1f} s)")
+          f"(scoring {t['scoring_s']:.1f} s, search {t['search_s']:.1f} s: set-up, start point and "
+          f"{t['search_evaluations']} evaluations, {t['search_s_per_eval']:.2f} s per evaluation all in (the search's "
+          f"own s/eval line counts the evaluations alone), export {t['export_s']:.1f} s, other {t['other_s']:.1f} s)")
     return 0
 
 
