@@ -49,7 +49,7 @@ def _info(args: argparse.Namespace) -> int:
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
     if how is not None:
         print(how)
-    measured = "" if latencies is None else f" {'ms':>7} {'x dense':>11}"
+    measured = "" if latencies is None else f" {'ms':>7} {'speed-up':>11}"
     cut = "plain cut" if ranked is None else "corrected cut"
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
           f"  kept heads / neurons per block ({cut})")
@@ -231,12 +231,14 @@ def _slice(args: argparse.Namespace) -> int:
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
-        budget = elastic.latency_budget(  # times the cuts this correction gives (the ranked ones, with a ranking)
-            args.latency_ms, batch_size=1 if args.batch_size is None else args.batch_size, device=args.device or "cpu",
-            threads=args.threads,
-            backend="onnx" if onnx else "torch", correct=correction["correct"],
-            calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
-        )
+        with warnings.catch_warnings():  # a changing load: describe() below says it, once
+            warnings.filterwarnings("ignore", message="the dense model measured .* across the trials")
+            budget = elastic.latency_budget(  # times the cuts this correction gives (the ranked ones, with a ranking)
+                args.latency_ms, batch_size=1 if args.batch_size is None else args.batch_size, device=args.device or "cpu",
+                threads=args.threads,
+                backend="onnx" if onnx else "torch", correct=correction["correct"],
+                calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
+            )
         print(budget.describe())
         flops = budget.flops
     mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)

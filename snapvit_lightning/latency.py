@@ -131,13 +131,13 @@ class LatencyBudget:
                      f"({100 * self.latency_ms / self.target_ms:.0f}% of the target; bisection step "
                      f"{100 * self.step:.1f} FLOPs points), search {self.seconds:.1f} s")
         if self.load_drift > LOAD_DRIFT_WARN:
-            lines.append(_drift_note(self))
+            lines.append(f"warning: {_drift_note(self)}")
         return "\n".join(lines)
 
 
 def _drift_note(budget: LatencyBudget) -> str:
     dense = [t.dense_alongside_ms for t in budget.trials]
-    return (f"warning: the dense model measured {min(dense):.2f}-{max(dense):.2f} ms across the trials "
+    return (f"the dense model measured {min(dense):.2f}-{max(dense):.2f} ms across the trials "
             f"({budget.load_drift:.1f}x): the machine's load changed during the search; each trial is read "
             "relative to the dense model timed alongside it, which holds only while the load slows both alike: "
             "measure again on a quiet machine")
