@@ -225,8 +225,11 @@ def _slice(args: argparse.Namespace) -> int:
     if other is not None and suffix == other:
         raise ValueError(f"--format {args.format} would write {args.format} into '{out}'; "
                          f"name the file *.{args.format} or leave --format out")
+    if suffix not in (".safetensors", ".onnx"):  # a readers' guess from the name (.pt: torch.load) would fail
+        raise ValueError(f"-o: '{out}' must end in .safetensors (a subnet file, read by load_subnet) or .onnx "
+                         "(an ONNX graph)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx = args.format == "onnx" or (args.format is None and suffix == ".onnx")
+    onnx = suffix == ".onnx"
     elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
@@ -341,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output .safetensors file (load with load_subnet), or .onnx with --format onnx")
     cut.add_argument("--format", choices=("safetensors", "onnx"), default=None,
                      help="safetensors subnet or ONNX graph with a dynamic batch (needs the onnx extra); "
-                          "default: onnx for an -o ending in .onnx, else safetensors")
+                          "-o's ending (.safetensors or .onnx) decides it, and --format must agree")
     cut.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     cut.add_argument("--correct", choices=("none", "bias", "lstsq"), default=None,
                      help="weight correction of the subnet: bias compensation or least-squares refit of "

@@ -76,6 +76,9 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{tmp}"], "snapvit stats: error: -o: '{tmp}' is a folder"),
         (["slice", "{elastic}", "--flops", "0.5", "--format", "onnx", "-o", "{tmp}/s.safetensors"],
          "--format onnx would write onnx into '{tmp}/s.safetensors'"),
+        (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}/s.pt"],  # written, then torch.load failed on it
+         "snapvit slice: error: -o: '{tmp}/s.pt' must end in .safetensors (a subnet file, read by load_subnet) or .onnx"),
+        (["slice", "{elastic}", "--flops", "0.5", "--format", "onnx", "-o", "{tmp}/graph"], "-o: '{tmp}/graph' must end in"),
         (["slice", "{elastic}", "--flops", "0.5", "--no-correct", "--damping", "0.1", "-o", "{tmp}/s.safetensors"],
          "--calibration/--sequential/--damping/--damping-reference set a correction"),
         (["bench", "{elastic}", "--data", "{tmp}/one", "--no-latency"], "--data: bench needs at least 2 images, got 1"),
