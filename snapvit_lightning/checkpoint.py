@@ -32,6 +32,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "save_subnet",
+    "subnet_metadata",
     "load_subnet",
     "read_metadata",
     "check_model_kwargs",
@@ -60,9 +61,7 @@ def save_subnet(
     inspect_vit(model)
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    meta = _metadata("subnet", model, model_name, model_kwargs)
-    if budget is not None:
-        meta["budget"] = json.dumps(budget)
+    meta = subnet_metadata(model, model_name, model_kwargs, budget)
     _rebuild(path, {**meta, "model_kwargs": model_kwargs, "block_dims": json.loads(meta["block_dims"])}, tensors, check_only=True)
     _write(path, tensors, meta)
 
@@ -97,6 +96,23 @@ def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
     except TypeError as err:
         raise ValueError(f"model_kwargs must hold JSON values only (names, numbers, lists): {err}") from err
     return dict(model_kwargs)
+
+
+def subnet_metadata(
+    model: nn.Module, model_name: str, model_kwargs: dict[str, Any], budget: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The string metadata of a subnet file (:func:`save_subnet`; an ONNX subnet's ``metadata_props`` too).
+
+    Raises:
+        ValueError: ``budget`` holds values that are not JSON.
+    """
+    meta = _metadata("subnet", model, model_name, model_kwargs)
+    if budget is not None:
+        try:
+            meta["budget"] = json.dumps(budget, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"budget must hold plain JSON values, got {budget!r}: {err}") from None
+    return meta
 
 
 def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[str, Any]) -> dict[str, str]:

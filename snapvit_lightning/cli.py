@@ -247,15 +247,17 @@ def _slice(args: argparse.Namespace) -> int:
     mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
+    asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}
+    cut = {"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how, "elastic": Path(args.path).name,
+           "requested": asked}
     if onnx:
+        from .checkpoint import subnet_metadata
         from .onnx_export import save_onnx
 
-        diff = save_onnx(sub, out)
+        diff = save_onnx(sub, out, metadata=subnet_metadata(sub, elastic.model_name, elastic.model_kwargs, cut))
         written = f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images)"
     else:
-        asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}
-        elastic.save_subnet(out, sub, budget={"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how,
-                                              "elastic": Path(args.path).name, "requested": asked})
+        elastic.save_subnet(out, sub, budget=cut)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "

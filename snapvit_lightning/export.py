@@ -46,11 +46,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from . import __version__
+from .checkpoint import subnet_metadata
 from .correction import collect_stats, stats_damping
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
-    DEFAULT_STATS_VIEWS, _check_bool, _check_budgets, _check_correct, _check_device, _check_dirpath, _check_images,
-    _check_model_kwargs, _check_model_name, _check_name, _check_stats_views, stats_views_per_image,
+    DEFAULT_STATS_VIEWS, _calibration_images, _check_bool, _check_budgets, _check_correct, _check_device,
+    _check_dirpath, _check_images, _check_model_kwargs, _check_model_name, _check_name, _check_stats_views,
 )
 from .machine import build_machine
 from .obs import with_ranking
@@ -94,24 +95,6 @@ REPORT_FORMAT = "snapvit-export"
 
 
 REPORT_VERSION = 1
-
-
-def _calibration_images(
-    source: Any, fallback: Tensor | None, stats_views: int = DEFAULT_STATS_VIEWS
-) -> tuple[Tensor, int] | None:
-    """``(inputs, views per image)`` of the correction statistics: a datamodule's, else ``fallback``'s.
-
-    With ``calibration_views`` (:class:`~snapvit_lightning.data.CalibrationDataModule`): each image's
-    eval view and random crops, :func:`~snapvit_lightning.export_options.stats_views_per_image` views
-    each; with only ``calibration_images_eval``: the eval views; tensors (``fallback``, the fitness
-    images) as they are. ``None`` when there is no source.
-    """
-    if hasattr(source, "calibration_views"):
-        views = stats_views_per_image(source.num_calibration_images, stats_views)
-        return source.calibration_views(views), views
-    if hasattr(source, "calibration_images_eval"):
-        return source.calibration_images_eval(), 1
-    return None if fallback is None else (fallback, 1)
 
 
 def _fmt(x: float) -> str:
@@ -342,11 +325,13 @@ def export_elastic(
             sub = corrector.subnet(a, b, correct=correct)
             if images is not None:
                 fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
+        cut = {"mlp_ratio": a, "head_ratio": b, "correction": "none" if stats is None else correct,
+               "elastic": targets["elastic"].name, "requested": requested}  # a subnet file's (and ONNX graph's) metadata
         if save_subnets and label not in subnets:
-            subnets[label] = (sub, {"mlp_ratio": a, "head_ratio": b, "correction": "none" if stats is None else correct,
-                                    "elastic": targets["elastic"].name, "requested": requested})
+            subnets[label] = (sub, cut)
         if onnx and label not in graphs:
-            graphs[label] = checked_onnx(sub, None if images is None else images[:8].cpu())
+            graphs[label] = checked_onnx(sub, None if images is None else images[:8].cpu(),
+                                         metadata=subnet_metadata(sub, elastic.model_name, elastic.model_kwargs, cut))
         entries.append(
             {
                 "label": label,

@@ -1,7 +1,8 @@
 """Argument checks of the export (:func:`~snapvit_lightning.export.export_elastic`,
 :class:`~snapvit_lightning.export.ElasticExport` and the :class:`~snapvit_lightning.plugin.SnapViT`
 plug-in): each returns the normalised value or raises an error that names the argument, the
-bad value and what is allowed.
+bad value and what is allowed; and where a run's correction statistics come from
+(:func:`_calibration_images`).
 """
 
 from __future__ import annotations
@@ -117,3 +118,21 @@ def _check_device(device: Any) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'), got {device!r}") from err
+
+
+def _calibration_images(
+    source: Any, fallback: Tensor | None, stats_views: int = DEFAULT_STATS_VIEWS
+) -> tuple[Tensor, int] | None:
+    """``(inputs, views per image)`` of the correction statistics: a datamodule's, else ``fallback``'s.
+
+    With ``calibration_views`` (:class:`~snapvit_lightning.data.CalibrationDataModule`): each image's
+    eval view and random crops, :func:`~snapvit_lightning.export_options.stats_views_per_image` views
+    each; with only ``calibration_images_eval``: the eval views; tensors (``fallback``, the fitness
+    images) as they are. ``None`` when there is no source.
+    """
+    if hasattr(source, "calibration_views"):
+        views = stats_views_per_image(source.num_calibration_images, stats_views)
+        return source.calibration_views(views), views
+    if hasattr(source, "calibration_images_eval"):
+        return source.calibration_images_eval(), 1
+    return None if fallback is None else (fallback, 1)

@@ -6,8 +6,10 @@ The export uses torch's TorchScript-based exporter (``torch.onnx.export(..., dyn
 it needs neither ``onnxscript`` nor a network, and traces every supported timm ViT (fused or
 explicit attention, sliced or not). The graph takes float images ``[batch, C, H, W]`` named
 ``images`` with a dynamic batch dimension and a fixed image size (the model's input size), and
-returns the model's output (pre-logits features for ``num_classes=0``) named ``output``.
-Exported graphs live in one protobuf, so models over 2 GB (ViT-g and larger) are not supported.
+returns the model's output (pre-logits features for ``num_classes=0``) named ``output``. Its
+``metadata_props`` say how to feed it (``input_size``, ``mean``, ``std``) and, for subnets written by
+``snapvit slice`` or the export, what it is (the subnet file's metadata: ``model_name``,
+``block_dims``, ``budget``, ...). Exported graphs live in one protobuf, so models over 2 GB (ViT-g and larger) are not supported.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import importlib
 import io
 import math
+import json
 import os
 import warnings
 from pathlib import Path
@@ -32,7 +35,7 @@ from .weights_io import make_parent
 
 __all__ = [
     "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME",
-    "onnx_bytes", "checked_onnx", "save_onnx", "OnnxModel", "onnx_max_abs_diff",
+    "onnx_bytes", "checked_onnx", "save_onnx", "OnnxModel", "onnx_max_abs_diff", "graph_metadata",
 ]
 
 ONNX_OPSET = 17
@@ -128,14 +131,22 @@ def _exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def onnx_bytes(model: nn.Module, *, batch_size: int = 2, opset: int = ONNX_OPSET) -> bytes:
+def onnx_bytes(
+    model: nn.Module, *, batch_size: int = 2, opset: int = ONNX_OPSET, metadata: dict[str, str] | None = None
+) -> bytes:
     """The ONNX graph of ``model`` (in eval mode) as bytes, with a dynamic batch dimension.
+
+    The output's other dimensions are declared as they are (the exporter left the feature width a
+    named unknown), and the graph's ``metadata_props`` hold ``metadata`` plus the model's
+    preprocessing: ``mean`` and ``std`` (JSON lists) and ``input_size`` (see :func:`graph_metadata`).
 
     Args:
         model: A timm ViT (sliced or not); its train/eval mode is restored afterwards.
         batch_size: Batch of the example input the graph is traced with (any batch runs).
         opset: ONNX opset version (at least 14, for ``scaled_dot_product_attention``; at most what
             this torch's exporter writes).
+        metadata: Further string key/values, e.g. a subnet file's
+            (:func:`~snapvit_lightning.checkpoint.subnet_metadata`: model name, block dims, budget).
 
     Raises:
         TypeError: If ``model`` is not a timm ViT.
@@ -156,8 +167,11 @@ def onnx_bytes(model: nn.Module, *, batch_size: int = 2, opset: int = ONNX_OPSET
         device=param.device if param is not None else None,
         dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
     )
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"metadata must map strings to strings, got {metadata!r}")
     buffer = io.BytesIO()
     with _eval_mode(model), _symbolics(opset), torch.no_grad(), warnings.catch_warnings():
+        out_shape = tuple(model(example).shape)
         # The tracer notes that timm's shape checks become constants: the image size is fixed.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
@@ -172,7 +186,27 @@ def onnx_bytes(model: nn.Module, *, batch_size: int = 2, opset: int = ONNX_OPSET
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-    return buffer.getvalue()
+    return _described(buffer.getvalue(), out_shape, {**graph_metadata(model), **(metadata or {})})
+
+
+def graph_metadata(model: nn.Module) -> dict[str, str]:
+    """What a user of the graph needs to feed it: ``input_size`` ``[H, W]``, ``mean`` and ``std`` (JSON)."""
+    from .data.crops import resolve_input_config
+
+    size, mean, std = resolve_input_config(model)
+    return {"input_size": json.dumps([size, size]), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
+
+
+def _described(graph: bytes, out_shape: tuple[int, ...], metadata: dict[str, str]) -> bytes:
+    """``graph`` with its output's non-batch dimensions fixed and ``metadata`` as its ``metadata_props``."""
+    onnx = _require("onnx")
+    proto = onnx.load_from_string(graph)
+    (output,) = proto.graph.output
+    for dim, size in zip(list(output.type.tensor_type.shape.dim)[1:], out_shape[1:]):
+        dim.Clear()
+        dim.dim_value = int(size)
+    onnx.helper.set_model_props(proto, metadata)
+    return proto.SerializeToString()
 
 
 def checked_onnx(
@@ -182,9 +216,10 @@ def checked_onnx(
     batch_size: int = 2,
     opset: int = ONNX_OPSET,
     max_images: int = 8,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[bytes, float]:
-    """The ONNX graph of ``model`` (:func:`onnx_bytes`) and ONNX Runtime's max abs difference
-    from torch on the first ``max_images`` of ``images`` (two seeded random images without them).
+    """The ONNX graph of ``model`` (:func:`onnx_bytes`, with ``metadata``) and ONNX Runtime's max abs
+    difference from torch on the first ``max_images`` of ``images`` (two seeded random images without them).
 
     Raises:
         ImportError: Without ``onnxruntime``.
@@ -194,7 +229,7 @@ def checked_onnx(
     if images is None:
         images = torch.randn(2, *_input_shape(model, 1)[1:], generator=torch.Generator().manual_seed(0))
     images = _check_graph_images(model, images, "images")[:max_images]  # before the export, which takes a while
-    graph = onnx_bytes(model, batch_size=batch_size, opset=opset)
+    graph = onnx_bytes(model, batch_size=batch_size, opset=opset, metadata=metadata)
     return graph, onnx_max_abs_diff(model, graph, images)
 
 
@@ -206,6 +241,7 @@ def save_onnx(
     opset: int = ONNX_OPSET,
     check_images: Tensor | None = None,
     atol: float = 1e-4,
+    metadata: dict[str, str] | None = None,
 ) -> float:
     """Write ``model`` as an ONNX file once ONNX Runtime has been checked to match torch.
 
@@ -219,6 +255,7 @@ def save_onnx(
         check_images: ``[N, C, H, W]`` images (up to 8 used) on which ONNX Runtime's output must
             be within ``atol`` (max abs) of the torch model's; default two random images.
         atol: Tolerance of the check.
+        metadata: Further ``metadata_props`` of the graph (:func:`onnx_bytes`).
 
     Returns:
         The check's max abs difference.
@@ -234,7 +271,7 @@ def save_onnx(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"path '{path}' is a folder; give an .onnx file name")
-    data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset)
+    data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset, metadata=metadata)
     if not diff <= atol:
         raise ValueError(f"ONNX Runtime's output differs from torch's by {diff:.3g} (max abs) > atol={atol}")
     make_parent(path)  # as the safetensors writer: a file in the way is named

@@ -179,6 +179,7 @@ def test_cli_slice_writes_onnx_plain_and_corrected(tmp_path: Path, capsys, one_t
     assert "(ONNX, dynamic batch; ONNX Runtime matches torch within" in capsys.readouterr().out
     with torch.inference_mode():
         assert (OnnxModel(out)(x) - el.subnet(flops=0.6, correct="none")(x)).abs().max() < 1e-5
+    _assert_described(out, el, {"flops": 0.6})
 
     stats = tmp_path / "m.stats.safetensors"
     el.collect_stats(model_input(el.model, batch=8, seed=6)).save(stats)
@@ -191,6 +192,28 @@ def test_cli_slice_writes_onnx_plain_and_corrected(tmp_path: Path, capsys, one_t
     with torch.inference_mode():
         assert (OnnxModel(fixed)(x) - expected(x)).abs().max() < 1e-5
         assert (OnnxModel(fixed)(x) - OnnxModel(out)(x)).abs().max() > 1e-4
+
+
+def _assert_described(path: Path, el, requested: dict) -> None:
+    """The graph says what it is (the subnet file's metadata) and how to feed it; its output width is fixed."""
+    import json
+
+    import onnx
+
+    graph = onnx.load(str(path))
+    props = {p.key: p.value for p in graph.metadata_props}
+    sub = el.subnet(**{"flops": requested["flops"]}) if "flops" in requested else None
+    size = list(el.model.patch_embed.img_size)
+    assert props["kind"] == "subnet" and props["model_name"] == el.model_name and json.loads(props["input_size"]) == size
+    assert json.loads(props["mean"]) == pytest.approx(list(el.model.pretrained_cfg["mean"]))
+    assert len(json.loads(props["std"])) == 3 and json.loads(props["budget"])["requested"] == requested
+    if sub is not None:
+        assert json.loads(props["block_dims"]) == [[b.attn.num_heads, b.mlp.fc1.out_features] for b in sub.blocks]
+    (output,) = graph.graph.output
+    dims = output.type.tensor_type.shape.dim
+    with torch.inference_mode():
+        width = el.model(model_input(el.model, batch=1)).shape[1]
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [width]
 
 
 def test_cli_slice_onnx_without_onnxruntime_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -216,6 +239,7 @@ def test_export_elastic_writes_onnx_per_budget(tmp_path: Path, one_thread: None)
     for entry in result["report"]["budgets"]:
         graph = tmp_path / entry["onnx_file"]
         assert result["paths"][f"onnx:{entry['label']}"] == graph and entry["onnx_max_abs_diff"] < 1e-5
+        _assert_described(graph, el, entry["requested"])
         expected = el.subnet(entry["mlp_ratio"], entry["head_ratio"], correct="lstsq", calibration=stats)
         with torch.inference_mode():
             assert (OnnxModel(graph)(images[:2]) - expected(images[:2])).abs().max() < 1e-5
