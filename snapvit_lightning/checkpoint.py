@@ -136,6 +136,9 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict
     write_safetensors(path, tensors, meta)
 
 
+#: What the files of each format of this package hold (for errors on a file of the wrong kind).
+_KNOWN_FORMATS = {FORMAT: "an elastic checkpoint or a subnet", "snapvit-correction-stats": "correction statistics"}
+
 _REQUIRED_META = ("format", "format_version", "kind", "model_name", "model_kwargs", "block_dims", "input_size")
 
 
@@ -166,7 +169,11 @@ def read_format(
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     if raw.get("format") != fmt:
-        raise ValueError(f"{path} is not a {fmt} file (format={raw.get('format')!r})")
+        kind = _KNOWN_FORMATS.get(raw.get("format"))
+        if kind is None:  # e.g. torch's save_file writes format 'pt': weights without snapvit's metadata
+            raise ValueError(f"{path} is a safetensors file without snapvit's metadata (model weights?); this reads "
+                             f"{what} files; `snapvit fit` (model.checkpoint_path: these weights) makes an elastic checkpoint")
+        raise ValueError(f"{path} holds {kind}; this reads {what} files")
     versions = (version,) if isinstance(version, int) else tuple(version)
     if raw.get("format_version") not in {str(v) for v in versions}:
         readable = f"version {versions[0]}" if len(versions) == 1 else f"versions {', '.join(map(str, versions))}"
@@ -178,7 +185,7 @@ def read_format(
 
 
 def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    data, raw = read_format(path, FORMAT, FORMAT_VERSION, "elastic/subnet", tensors)
+    data, raw = read_format(path, FORMAT, FORMAT_VERSION, "elastic checkpoint or subnet", tensors)
     missing = [k for k in _REQUIRED_META if k not in raw]
     if missing:
         raise ValueError(f"{path} lacks metadata {missing}")

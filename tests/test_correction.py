@@ -237,7 +237,7 @@ def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
         b.subnet(0.3, 0.2, correct="lstsq", calibration=stats)
     with pytest.raises(FileNotFoundError, match="no correction statistics file"):
         CorrectionStats.load(tmp_path / "missing.stats.safetensors")
-    with pytest.raises(ValueError, match="is not a snapvit-correction-stats file"):
+    with pytest.raises(ValueError, match="holds an elastic checkpoint or a subnet; this reads correction statistics files"):
         CorrectionStats.load(_save(a, tmp_path))
     junk = tmp_path / "junk.stats.safetensors"
     junk.write_bytes(b"not a safetensors file")
@@ -584,10 +584,10 @@ def test_a_ranking_that_does_not_fit_is_refused(tmp_path: Path) -> None:
             "num_tokens": str(stats.num_tokens), "fingerprint": stats.fingerprint, "snapvit_version": "0"}
     tensors = {"attn_triu": _triu(stats.attn), "mlp_triu": _triu(stats.mlp)}
     _write(path, {**tensors, "ranking_mlp": stats.ranking_mlp[:, :-2], "ranking_heads": stats.ranking_heads}, meta)
-    with pytest.raises(ValueError, match=rf"bad\.stats\.safetensors: invalid ranking.*ranking_mlp must be \[{b}, {hidden}\]"):
+    with pytest.raises(ValueError, match=rf"bad\.stats\.safetensors: invalid correction statistics: ranking_mlp must be \[{b}, {hidden}\]"):
         CorrectionStats.load(path)
     _write(path, {**tensors, "ranking_mlp": stats.ranking_mlp}, meta)
-    with pytest.raises(ValueError, match="invalid ranking.*must be given together"):
+    with pytest.raises(ValueError, match="invalid correction statistics: ranking_mlp and ranking_heads must be given together"):
         CorrectionStats.load(path)
     # Statistics whose ranking does not fit the model (another head count) are refused when used.
     other = dataclasses.replace(stats, ranking_heads=torch.rand(b, 1))

@@ -188,7 +188,7 @@ def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
     elastic, _ = _elastic("test_vit")
     good = tmp_path / "good.elastic.safetensors"
     elastic.save(good)
-    with pytest.raises(FileNotFoundError, match="no elastic/subnet file"):
+    with pytest.raises(FileNotFoundError, match="no elastic checkpoint or subnet file"):
         ElasticViT.load(tmp_path / "missing.elastic.safetensors")
     data = good.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
@@ -211,7 +211,7 @@ def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="has format_version '99'"):
         ElasticViT.load(variant("v99.safetensors", format_version="99"))
-    with pytest.raises(ValueError, match="is not a snapvit-elastic file"):
+    with pytest.raises(ValueError, match="is a safetensors file without snapvit's metadata \\(model weights\\?\\); this reads elastic checkpoint or subnet files"):
         ElasticViT.load(variant("other.safetensors", format="something-else"))
     with pytest.raises(ValueError, match="is not a registered timm model"):
         ElasticViT.load(variant("name.safetensors", model_name="os.system"))
@@ -463,7 +463,7 @@ def test_damaged_checkpoints_are_refused_on_load(tmp_path, edit, match) -> None:
 
 
 def test_a_folder_given_as_a_checkpoint_is_named(tmp_path) -> None:
-    with pytest.raises(IsADirectoryError, match="is a folder; give the elastic/subnet file"):
+    with pytest.raises(IsADirectoryError, match="is a folder; give the elastic checkpoint or subnet file"):
         ElasticViT.load(tmp_path)
 
 

@@ -53,11 +53,11 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["info", "{tmp}/missing.elastic.safetensors"], "snapvit info: error: no elastic/subnet file"),
-        (["info", "{tmp}/plain.safetensors"], "is not a snapvit-elastic file"),
+        (["info", "{tmp}/missing.elastic.safetensors"], "snapvit info: error: no elastic checkpoint or subnet file"),
+        (["info", "{tmp}/plain.safetensors"], "is a safetensors file without snapvit's metadata (model weights?); this reads elastic checkpoint or subnet files; `snapvit fit`"),
         (["slice", "{elastic}", "--flops", "1.5", "-o", "{tmp}/s.safetensors"], "argument --flops: must be a fraction"),
         (["slice", "{tmp}/missing.elastic.safetensors", "--flops", "0.5", "-o", "{tmp}/s.safetensors"],
-         "no elastic/subnet file"),
+         "no elastic checkpoint or subnet file"),
         (["stats", "{elastic}", "--data", "{tmp}/missing"], "snapvit stats: error: --data: image folder not found"),
         (["stats", "{elastic}", "--data", "{tmp}/empty"], "--data: no image files"),
         (["stats", "{elastic}", "--data", "{tmp}/broken"], "no readable images in --data="),
@@ -131,6 +131,14 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["slice", "{elastic}", "--mlp-ratio", "nan", "-o", "{tmp}/s.safetensors"],
          "snapvit slice: error: argument --mlp-ratio: expected a finite number, got 'nan'"),
         (["info", "{elastic}", "--latency", "--threads", "0"], "snapvit info: error: argument --threads: must be >= 1, got 0"),
+        (["slice", "{elastic}", "--flops", "0.5", "--damping", "-1", "-o", "{tmp}/s.safetensors"],
+         "snapvit slice: error: argument --damping: must be >= 0, got '-1'"),
+        (["slice", "{elastic}", "--flops", "0.001", "-o", "{tmp}/s.safetensors"],
+         "snapvit slice: error: --flops: flops=0.001 is below the smallest reachable fraction"),
+        (["weights", "dinov2-vitb14", "{tmp}/w.safetensors"], "snapvit weights: error: argument NAME: invalid choice"),
+        pytest.param(["slice", "{elastic}", "--latency-ms", "5", "--device", "cuda", "-o", "{tmp}/s.safetensors"],
+                     "snapvit slice: error: argument --device: device 'cuda' asked for, but CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, monkeypatch) -> None:

@@ -356,6 +356,6 @@ def test_cli_info_latency_column(tmp_path: Path, capsys, one_thread: None) -> No
     assert main(["info", str(path), "--budgets", "0,0", "0.5,0.5", "--latency", "--batch-size", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("latency: median of 10 interleaved runs, ms per batch of 2 on cpu")
-    assert lines[2].split()[6:9] == ["ms", "x", "dense"]
+    assert lines[2].split()[6:8] == ["ms", "speed-up"]
     dense, half = (float(line.split()[5]) for line in lines[3:5])
     assert dense > 0 and half > 0 and lines[3].split()[6] == "1.00x"  # the dense row is the reference itself
