@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"snapvit_lightning {__version__}")
     sub = parser.add_subparsers(dest="command")
-    info = sub.add_parser("info", help="show the budgets of an elastic checkpoint")
-    info.add_argument("path", help="an *.elastic.safetensors file")
+    info = sub.add_parser("info", help="show the budgets of an elastic checkpoint (or how a subnet file was cut)")
+    info.add_argument("path", help="an *.elastic.safetensors file, or a subnet file (its blocks and budget)")
     info.add_argument(
         "--budgets", nargs="+", type=budget_arg,
         default=[(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5)],

@@ -432,7 +432,7 @@ def export_elastic(
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-    rank_zero_info(f"ElasticExport: wrote {len(targets)} files to {out_dir}")
+    rank_zero_info(f"export: wrote {len(targets)} files to {out_dir}")  # ElasticExport's, the plug-in's or a call's
     return {"paths": dict(targets), "report": report}
 
 
