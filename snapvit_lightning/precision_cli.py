@@ -105,6 +105,10 @@ class AutoPrecisionCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Refuse a resumed fit that ran nothing: nothing was searched or written (the module warned why)."""
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        if isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            return  # ddp_spawn: the fit ran in the spawned processes; this one's module never trained
         if self.trainer.ckpt_path is not None and getattr(self.model, "_train_started", True) is False:
             raise ValueError(
                 f"--ckpt_path {self.trainer.ckpt_path}: this checkpoint was saved after the scoring epoch had ended, "
