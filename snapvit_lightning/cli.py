@@ -223,6 +223,17 @@ def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ())
     return out
 
 
+@contextlib.contextmanager
+def _naming(option: str | None, kind: type[Exception] = ValueError) -> Iterator[None]:
+    """Prefix a ``kind`` error raised inside with the command-line ``option`` it is about (``None``: as it is)."""
+    try:
+        yield
+    except kind as err:
+        if option is None:
+            raise
+        raise ValueError(f"{option}: {err}") from None
+
+
 def _slice(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT
 
@@ -252,8 +263,10 @@ def _slice(args: argparse.Namespace) -> int:
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
-        with warnings.catch_warnings():  # a changing load: describe() below says it, once
-            warnings.filterwarnings("ignore", message="the dense model measured .* across the trials")
+        from .latency import LatencyTargetError
+
+        with warnings.catch_warnings(), _naming("--latency-ms", LatencyTargetError):
+            warnings.filterwarnings("ignore", message="the dense model measured .* across the trials")  # said below, once
             budget = elastic.latency_budget(  # times the cuts this correction gives (the ranked ones, with a ranking)
                 args.latency_ms, batch_size=1 if args.batch_size is None else args.batch_size, device=args.device or "cpu",
                 threads=args.threads,
@@ -262,10 +275,8 @@ def _slice(args: argparse.Namespace) -> int:
             )
         print(budget.describe())
         flops = budget.flops
-    try:
+    with _naming("--flops" if args.flops is not None else None):  # e.g. below the smallest reachable fraction
         mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
-    except ValueError as err:  # e.g. below the smallest reachable fraction: name the option
-        raise ValueError(f"--flops: {err}" if args.flops is not None else str(err)) from None
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
     asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}

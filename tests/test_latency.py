@@ -327,7 +327,7 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--latency-ms", "86400000"], "the dense model already meets latency_ms=8.64e+07: it measured"),
+        (["--latency-ms", "86400000"], "--latency-ms: the dense model already meets latency_ms=8.64e+07: it measured"),
         (["--latency-ms", "1e-12"], "latency_ms=1e-12 is below the smallest budget's"),
         (["--latency-ms", "5", "--flops", "0.5"], "give either --latency-ms or --flops/--mlp-ratio/--head-ratio"),
         (["--flops", "0.5", "--threads", "2"], "say how --latency-ms is measured; give --latency-ms too"),
