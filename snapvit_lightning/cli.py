@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency-ms (default: as is)")
     cut.add_argument("--device", type=device_arg, default=None, help="device that --latency-ms is measured on (default: cpu)")
     cut.add_argument("-o", "--output", required=True,
-                     help="output .safetensors file (load with load_subnet), or .onnx with --format onnx")
+                     help="output .safetensors file (load with load_subnet), or .onnx (an ONNX graph)")
     cut.add_argument("--format", choices=("safetensors", "onnx"), default=None,
                      help="safetensors subnet or ONNX graph with a dynamic batch (needs the onnx extra); "
                           "-o's ending (.safetensors or .onnx) decides it, and --format must agree")

@@ -98,8 +98,8 @@ def test_ddp_with_arguments_from_python_is_refused_before_the_fit(tmp_path, caps
     assert "--trainer.strategy ddp_spawn" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("precision", ["auto", "32-true"])
-def test_the_record_says_the_search_ran_as_set_when_it_was_not_probed(tmp_path, monkeypatch, precision) -> None:
+@pytest.mark.parametrize("precision, autocast", [("auto", "false"), ("32-true", "false"), ("32-true", "auto")])
+def test_the_record_says_the_search_ran_as_set_when_it_was_not_probed(tmp_path, monkeypatch, precision, autocast) -> None:
     # precision: auto probes scoring and search; a search given autocast: false ran in fp32, and report.json
     # still said the probe's choice ('search': 'bf16-fused', 'search_autocast': 'bfloat16'). With an explicit
     # precision report.json recorded none at all (null).
@@ -112,11 +112,14 @@ def test_the_record_says_the_search_ran_as_set_when_it_was_not_probed(tmp_path, 
     assert main(["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir",
                  str(tmp_path / "photos"), "--data.holdout", "2", "--trainer.precision", precision, "--trainer.logger", "false",
                  "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch",
-                 "--trainer.callbacks.max_evals", "2", "--trainer.callbacks.autocast", "false",
+                 "--trainer.callbacks.max_evals", "2", "--trainer.callbacks.autocast", autocast,
                  "--trainer.callbacks+=snapvit_lightning.export.ElasticExport", "--trainer.callbacks.dirpath",
                  str(tmp_path / "out"), "--trainer.callbacks.correct", "none"]) == 0
     record = json.loads((tmp_path / "out" / "report.json").read_text())["build_times"]["precision"]
-    assert record["search"] == "fp32 (autocast=False, not probed)" and record["search_autocast"] is None
+    if autocast == "auto":  # the search's own probe, beside the precision given
+        assert record["search"] in ("fp32-fused", "fp32-explicit", "bf16-fused", "bf16-explicit") and record["probe_s"] > 0
+    else:
+        assert record["search"] == "fp32 (autocast=False, not probed)" and record["search_autocast"] is None
     if precision == "auto":
         assert record["trainer_precision"] in ("32-true", "bf16-mixed") and record["probe_s"] > 0  # the scoring's probe stays
     else:

@@ -100,6 +100,12 @@ def scored_model(pl_module: pl.LightningModule, caller: str) -> tuple[nn.Module,
     return student, scores
 
 
+def _with_search_probe(build_info: dict | None, probe_record: dict[str, Any]) -> dict[str, Any]:
+    """The scores' precision record (an explicit trainer precision) completed by the search's own probe."""
+    given = (build_info or {}).get("precision") or {}
+    return {**given, **{k: v for k, v in probe_record.items() if v is not None or k not in given}}
+
+
 def _unprobed_search(build_info: dict | None, autocast: Any, dtype: torch.dtype | None) -> dict[str, Any]:
     """The scoring probe's record with the search's fixed setting in place of the search choice it did not use."""
     record = (build_info or {}).get("precision")
@@ -477,7 +483,7 @@ class EvolutionarySearch(Callback):
             "search_evaluations": len(self.history) - evals_before,  # candidates, start point not counted
             "search_stopped": fitness.num_stopped,  # of those, stopped early (the start point never is)
             "machine": {**build_machine(device), "world_size": world},
-            **({} if probe_record is None else {"precision": {**(scores.build_info or {}).get("precision", {}), **probe_record}}),
+            **({} if probe_record is None else {"precision": _with_search_probe(scores.build_info, probe_record)}),
             **_unprobed_search(scores.build_info, self.autocast, autocast_dtype),
         })
         rank_zero_info(
