@@ -227,8 +227,8 @@ def test_cli_precision_auto_lands_in_report(precision, tmp_path, capsys, one_thr
         assert "precision probe on cpu" in capsys.readouterr().out
         assert record["trainer_precision"] in ("32-true", "bf16-mixed") and record["scoring"] is not None
         assert record["batch"]["views"] == 3  # 2 global + 1 local crop, from the datamodule
-    else:  # explicit precision: no scoring probe; the search's autocast=auto probes the fitness only
-        assert record["scoring"] is None and record["trainer_precision"] is None
+    else:  # explicit precision: no scoring probe, recorded as given; the search's autocast=auto probes the fitness only
+        assert record["scoring"] == "not probed (trainer.precision given)" and record["trainer_precision"] == precision
     assert record["search"] in {s.name for s in CPU_SETTINGS}
 
 
