@@ -125,6 +125,13 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
         print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
 
 
+def _are_images(source: Path) -> bool:
+    """Whether a ``--calibration`` path is images (a folder or one image file), not a statistics file."""
+    from .data.sources import IMG_EXTENSIONS
+
+    return source.is_dir() or (source.is_file() and source.suffix.lower() in IMG_EXTENSIONS)
+
+
 def _calibration(args: argparse.Namespace, elastic: object) -> object:
     """Statistics (or, for ``--sequential``, images) for ``--correct`` (``--calibration``, else the stats file beside).
 
@@ -136,13 +143,12 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
 
     from .correction import CorrectionStats, stats_path_for
     from .data import load_calibration_views, load_eval_images
-    from .data.sources import IMG_EXTENSIONS
 
     source = Path(args.calibration).expanduser() if args.calibration is not None else stats_path_for(args.path)
     if args.calibration is not None and not source.exists():
         raise FileNotFoundError(f"--calibration: '{source}' does not exist (give a statistics file written by "
                                 "`snapvit stats` or a folder of images)")
-    if source.is_dir() or (source.is_file() and source.suffix.lower() in IMG_EXTENSIONS):  # images: a folder or one file
+    if _are_images(source):
         if args.sequential:
             return load_eval_images(source, elastic.model, argument="--calibration")[0]
         inputs, views = load_calibration_views(source, elastic.model, argument="--calibration")
@@ -195,7 +201,7 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
     method = args.correct or "lstsq"
     source = args.calibration if args.calibration is not None else stats_path_for(args.path)
     calibration = _calibration(args, elastic)
-    collected = args.calibration is not None and not args.sequential and not Path(source).name.endswith(".safetensors")
+    collected = args.calibration is not None and not args.sequential and _are_images(Path(source).expanduser())
     how = (f"{method} (calibration {source}{': statistics and ranking collected there' * collected}"
            f"{_solve_note(args) if method == 'lstsq' else ''}{', sequential' * args.sequential})")
     return {"correct": method, "calibration": calibration, **options}, how
