@@ -296,6 +296,7 @@ class SnapViTModule(pl.LightningModule):
         self._pending: dict[str, Any] | None = None  # restored by on_load_checkpoint
         self._resumed = False  # this fit continues sums restored from a checkpoint
         self._train_started = False  # this fit reached on_train_start
+        self._warn_unfinished_resume = True  # the CLI turns it off: it ends such a fit with its own error
         self.explicit_attention: bool | None = None  # attention kernel (None: forward.embed decides)
         self.precision_probe: dict[str, Any] | None = None  # set by precision.resolve_precision("auto")
 
@@ -453,7 +454,7 @@ class SnapViTModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         """Warn when a resumed fit ran no training (so no ``on_train_end`` callback ran)."""
         ckpt_path = self.trainer.ckpt_path
-        if ckpt_path is not None and not self._train_started:
+        if ckpt_path is not None and not self._train_started and self._warn_unfinished_resume:
             rank_zero_warn(
                 f"trainer.fit(ckpt_path={str(ckpt_path)!r}) resumed a checkpoint saved after the scoring "
                 "epoch had ended (e.g. an end-of-epoch ModelCheckpoint, or one saved during the search or "

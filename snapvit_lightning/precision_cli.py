@@ -103,18 +103,27 @@ class AutoPrecisionCLI(LightningCLI):
                 f"changes: {'; '.join(differ)}; resume with the checkpoint's options, or start a new fit without --ckpt_path"
             )
 
-    def after_fit(self) -> None:
-        """Refuse a resumed fit that ran nothing: nothing was searched or written (the module warned why)."""
-        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    def before_fit(self) -> None:
+        """A resumed fit that runs nothing ends with :meth:`after_fit`'s error instead of the module's warning."""
+        if not self._spawned_fit():
+            self.model._warn_unfinished_resume = False
 
-        if isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher):
-            return  # ddp_spawn: the fit ran in the spawned processes; this one's module never trained
+    def after_fit(self) -> None:
+        """Refuse a resumed fit that ran nothing: nothing was searched or written."""
+        if self._spawned_fit():
+            return  # the fit ran in the spawned processes (their module warned); this one's module never trained
         if self.trainer.ckpt_path is not None and getattr(self.model, "_train_started", True) is False:
             raise ValueError(
                 f"--ckpt_path {self.trainer.ckpt_path}: this checkpoint was saved after the scoring epoch had ended, "
                 "so the resumed fit ran no search and wrote nothing; resume from a checkpoint saved during the "
                 "scoring (ModelCheckpoint every_n_train_steps with save_on_train_epoch_end false), or start a new fit"
             )
+
+    def _spawned_fit(self) -> bool:
+        """Whether the fit runs in processes the strategy spawns (``ddp_spawn``), not in this one."""
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        return isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _plain(value: Any) -> Any:

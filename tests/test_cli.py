@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -263,9 +264,11 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     end = ckpt_cb.replace('"every_n_train_steps": 2, ', "").replace('"save_on_train_epoch_end": false', '"save_on_train_epoch_end": true')
     fit("ended", "--trainer.enable_checkpointing", "true", end.replace("ckpts", "end_ckpts"))
     (ended,) = (tmp_path / "end_ckpts").iterdir()
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fit("after_end", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ended))
     assert exc.value.code == 2 and not (tmp_path / "after_end").exists()
+    assert not [w for w in caught if "no on_train_end callback ran" in str(w.message)]  # said once, by the error
     assert "was saved after the scoring epoch had ended, so the resumed fit ran no search and wrote nothing" in capsys.readouterr().err
 
 
