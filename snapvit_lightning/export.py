@@ -459,11 +459,17 @@ def _default_name(model_name: str | None, model: nn.Module | None) -> str | None
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") if model is not None else None
 
 
-def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool) -> None:
-    """Raise on every rank (no rank hangs) when rank 0 sees an existing export or an unwritable ``dirpath``."""
+def _refuse_existing_before_fit(
+    trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool, owner: str = "ElasticExport"
+) -> None:
+    """Raise on every rank (no rank hangs) when rank 0 sees an existing export or an unwritable ``dirpath``.
+
+    Under ``fast_dev_run``, which writes nothing, an existing export is no reason to refuse. ``owner``:
+    the callback class whose ``overwrite`` the message names.
+    """
     existing, unwritable = None, None
     if trainer.is_global_zero:
-        if name is not None and not overwrite:
+        if name is not None and not overwrite and not trainer.fast_dev_run:
             existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)
         try:
             check_writable(dirpath, "dirpath")  # else the export would fail after the fit
@@ -474,7 +480,7 @@ def _refuse_existing_before_fit(trainer: pl.Trainer, dirpath: Path, name: str | 
         raise unwritable
     if existing is not None:
         raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it "
-                              "(a config: `overwrite: true` in ElasticExport's init_args)")
+                              f"({owner}(overwrite=True); in a config, `overwrite: true` in {owner}'s init_args)")
 
 
 def _set_export_options(

@@ -287,7 +287,7 @@ class SnapViT(Callback):
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         self._check_accelerator()
         self._check_loader()
-        _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite)
+        _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite, owner="SnapViT")
 
     def _check_loader(self) -> None:
         """Refuse a DataLoader of single images (a training loader) before the user's fit, not after it."""

@@ -528,7 +528,7 @@ def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     _photos(tmp_path / "photos", n=4)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "report.json").write_text("{}")  # an earlier export, with overwrite: true
+    (tmp_path / "out" / "report.json").write_text("{}")  # an earlier export (no overwrite: a smoke test writes nothing)
     seen = []
     end = EvolutionarySearch.on_train_end
 
@@ -542,6 +542,6 @@ def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch
                  "false", "--trainer.enable_progress_bar", "false", "--trainer.fast_dev_run", "true",
                  "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch", "--trainer.callbacks.max_evals", "40",
                  "--trainer.callbacks.popsize", "6", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
-                 "--trainer.callbacks.dirpath", str(tmp_path / "out"), "--trainer.callbacks.overwrite", "true"]) == 0
+                 "--trainer.callbacks.dirpath", str(tmp_path / "out")]) == 0
     assert seen == [6]  # one generation
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"] and (tmp_path / "out" / "report.json").read_text() == "{}"

@@ -152,13 +152,15 @@ def test_snapvit_plugin_leaves_the_users_run_alone(tmp_path):
 
 
 def test_snapvit_plugin_skips_the_work_under_fast_dev_run(tmp_path, caplog):
+    (tmp_path / "elastic").mkdir()
+    (tmp_path / "elastic" / "report.json").write_text("{}")  # an earlier export: a smoke test beside it runs
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=2)
     trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[plugin], default_root_dir=str(tmp_path))
     with caplog.at_level(logging.INFO):
         trainer.fit(UserModule(), train_dataloaders=_user_loader())
     assert plugin.model_path == "backbone" and plugin.elastic is None  # the set-up was checked, nothing ran
-    assert not (tmp_path / "elastic").exists()
+    assert [p.name for p in (tmp_path / "elastic").iterdir()] == ["report.json"]
     assert "SnapViT: fast_dev_run, so no calibration and no export" in caplog.text
 
 
@@ -244,7 +246,7 @@ def test_snapvit_refuses_a_bad_accelerator_before_the_users_fit(tmp_path, accele
 def test_snapvit_refuses_existing_export_before_fit(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
-    with pytest.raises(FileExistsError, match="report.json"):
+    with pytest.raises(FileExistsError, match=r"report.json exists .*\(SnapViT\(overwrite=True\); in a config"):
         _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
 
 
