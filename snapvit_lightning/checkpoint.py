@@ -14,6 +14,7 @@ with plain keyword values, so nothing in a file is ever executed. This module im
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "load_subnet",
     "read_metadata",
     "check_model_kwargs",
+    "resolve_rebuild",
     "read_format",
 ]
 
@@ -94,8 +96,119 @@ def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
     try:
         json.dumps(model_kwargs)
     except TypeError as err:
-        raise ValueError(f"model_kwargs must hold JSON values only (names, numbers, lists): {err}") from err
+        raise ValueError(
+            f"model_kwargs must hold JSON values only (names, numbers, lists), as a file stores them: {err}; "
+            "an option given as a class or function (e.g. block_fn, mlp_layer) needs a timm model name that "
+            "sets it (timm.models.register_model), importable wherever the file is loaded"
+        ) from err
     return dict(model_kwargs)
+
+
+# Modules that compute the identity in eval mode, however they are configured (drop rates differ freely).
+_EVAL_IDENTITY = frozenset({"Dropout", "DropPath", "PatchDropout", "Identity"})
+# Attributes that choose a kernel or a training mode, not what the model computes.
+_RUNTIME_SETTINGS = frozenset({"training", "fused_attn", "grad_checkpointing"})
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """A module's own plain settings (numbers, names, flags and tuples of them), e.g. ``eps``, ``global_pool``."""
+    items = []
+    for key, value in vars(module).items():
+        if key.startswith("_") or key in _RUNTIME_SETTINGS:
+            continue
+        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+            items.append((key, value))
+    return tuple(sorted(items))
+
+
+def _architecture(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, Any], ...]]]:
+    """What a model computes besides its weights: every module's class and settings, by module name."""
+    return {name or "<model>": (type(m).__name__, _settings(m))
+            for name, m in model.named_modules() if type(m).__name__ not in _EVAL_IDENTITY}
+
+
+@functools.lru_cache(maxsize=16)
+def _rebuilt(model_name: str, model_kwargs_json: str) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]] | str:
+    """Parameter shapes and :func:`_architecture` of ``timm.create_model(model_name, **kwargs)`` (or timm's error).
+
+    Built on the meta device; cached: even there timm's weight initialisation takes ~0.5 s for a
+    ViT-S, and every ElasticViT (e.g. each ``ranked_view``) checks its rebuild.
+    """
+    try:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(model_name, pretrained=False, **json.loads(model_kwargs_json))
+    except (AssertionError, TypeError, ValueError, RuntimeError) as err:
+        return f"timm.create_model failed: {err}"
+    return {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}, _architecture(rebuilt)
+
+
+def _differences(got: dict[str, Any], expected: dict[str, Any], limit: int = 4) -> list[str]:
+    """The first ``limit`` entries that differ, as ``name: rebuilt X, this model Y`` (settings: only those that differ)."""
+    out = []
+    for name in sorted(set(got) | set(expected), key=lambda n: (n not in expected, n)):
+        a, b = got.get(name, "nothing"), expected.get(name, "nothing")
+        if a == b:
+            continue
+        if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2 and a[0] == b[0]:
+            ours, theirs = dict(a[1]), dict(b[1])  # the same class: name the settings that differ
+            keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            a, b = ({k: d.get(k) for k in keys} for d in (ours, theirs))
+        elif isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2:
+            a, b = a[0], b[0]
+        out.append(f"{name}: rebuilt {a}, this model {b}")
+    return out[:limit]
+
+
+def resolve_rebuild(
+    model: nn.Module, model_name: str | None = None, model_kwargs: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The timm name and keyword arguments a file records to rebuild ``model``, checked to rebuild it.
+
+    Args:
+        model: A timm ViT.
+        model_name: Registered timm name; default the model's ``pretrained_cfg["architecture"]``.
+        model_kwargs: ``timm.create_model`` keyword arguments (JSON values); default the
+            ``num_classes``, ``img_size``, ``global_pool`` (and ``dynamic_img_size``) read from the model.
+
+    Returns:
+        ``(model_name, model_kwargs)``.
+
+    Raises:
+        ValueError: No name, an unregistered name, kwargs that are not JSON, or a rebuild (on the
+            meta device) that differs from ``model`` in a weight's name or shape, or in a module's class
+            or settings (e.g. an activation, ``pool_include_prefix``): such a file would load as another
+            model. Modules that are the identity in eval mode (dropout, drop-path) may differ.
+    """
+    if model_name is None:
+        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not model_name:
+            raise ValueError("model_name is required: the model has no pretrained_cfg['architecture']")
+    if not timm.is_model(model_name):
+        raise ValueError(f"model_name {model_name!r} is not a registered timm model")
+    if model_kwargs is None:
+        model_kwargs = {
+            "num_classes": int(model.num_classes),
+            "img_size": [int(s) for s in model.patch_embed.img_size],
+            "global_pool": model.global_pool,
+        }
+        if getattr(model, "dynamic_img_size", False):
+            model_kwargs["dynamic_img_size"] = True
+    model_kwargs = check_model_kwargs(model_kwargs)
+    rebuilt = _rebuilt(model_name, json.dumps(model_kwargs, sort_keys=True))
+    if isinstance(rebuilt, str):
+        diff = [rebuilt]
+    else:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        diff = _differences(rebuilt[0], shapes) or _differences(rebuilt[1], _architecture(model))
+    if diff:
+        raise ValueError(
+            f"timm.create_model({model_name!r}, **{model_kwargs}) does not rebuild this model, so a file would "
+            f"load as another model (first differences: {'; '.join(diff)}); pass model_name and model_kwargs "
+            "that rebuild it (JSON values: an option given as a class, e.g. block_fn or mlp_layer, needs a timm "
+            "model name that sets it, timm.models.register_model)"
+        )
+    return model_name, model_kwargs
 
 
 def subnet_metadata(

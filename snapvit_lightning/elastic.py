@@ -29,7 +29,6 @@ puts first (:meth:`ElasticViT.ranked_view`); plain cuts always follow the checkp
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from .checkpoint import (  # the file format; its public names are importable fr
     check_model_kwargs,
     load_subnet,
     read_metadata,
+    resolve_rebuild,
     save_subnet,
 )
 from .correction import (
@@ -91,10 +91,13 @@ class ElasticViT:
             ``pretrained_cfg["architecture"]``.
         model_kwargs: JSON-serialisable keyword arguments for ``timm.create_model`` that rebuild
             the same architecture. Default: ``num_classes``, ``img_size`` and ``global_pool``
-            read from the model; checked by building the model on the meta device.
+            read from the model; checked by building the model on the meta device
+            (:func:`~snapvit_lightning.checkpoint.resolve_rebuild`: weight shapes, module classes
+            and their settings).
 
     Raises:
         UnsupportedModelError: For a model the cut would get wrong.
+        TypeError: If ``scores`` is not :class:`ImportanceScores`.
         ValueError: If the scores do not match the model, the blocks are not uniform, or the
             name/kwargs do not rebuild the same architecture.
     """
@@ -107,11 +110,13 @@ class ElasticViT:
         model_name: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if not isinstance(scores, ImportanceScores):
+            raise TypeError(f"scores must be ImportanceScores, got {type(scores).__name__}")
         structure = inspect_vit(model)
         if not structure.is_uniform:
             raise ValueError("model has blocks of different sizes; build the elastic model from the dense model")
         _check_scores_match(scores, structure.blocks[0], structure.num_blocks)
-        self._build(model, scores, *_resolve_rebuild(model, model_name, model_kwargs))
+        self._build(model, scores, *resolve_rebuild(model, model_name, model_kwargs))
 
     def _build(self, model: nn.Module, scores: ImportanceScores, model_name: str, model_kwargs: dict[str, Any]) -> None:
         """A permuted copy of a checked ``model`` (``__init__`` after its checks; :meth:`ranked_view`)."""
@@ -647,47 +652,3 @@ def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: i
         raise ValueError(
             f"scores (blocks, neurons, heads) = {got} do not match the model's {expected}"
         )
-
-
-@functools.lru_cache(maxsize=16)
-def _rebuilt_shapes(model_name: str, model_kwargs_json: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
-    """Parameter shapes of ``timm.create_model(model_name, **kwargs)``, built on the meta device.
-
-    Cached: even on the meta device timm's weight initialisation takes ~0.5 s for a ViT-S, and
-    every :class:`ElasticViT` (e.g. each :meth:`ElasticViT.ranked_view`) checks its rebuild.
-    """
-    try:
-        with torch.device("meta"):
-            rebuilt = timm.create_model(model_name, pretrained=False, **json.loads(model_kwargs_json))
-        return tuple((k, tuple(v.shape)) for k, v in rebuilt.state_dict().items())
-    except (AssertionError, TypeError, ValueError, RuntimeError) as err:
-        return (("<timm.create_model failed>", (str(err),)),)
-
-
-def _resolve_rebuild(
-    model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any] | None
-) -> tuple[str, dict[str, Any]]:
-    if model_name is None:
-        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        if not model_name:
-            raise ValueError("model_name is required: the model has no pretrained_cfg['architecture']")
-    if not timm.is_model(model_name):
-        raise ValueError(f"model_name {model_name!r} is not a registered timm model")
-    if model_kwargs is None:
-        model_kwargs = {
-            "num_classes": int(model.num_classes),
-            "img_size": [int(s) for s in model.patch_embed.img_size],
-            "global_pool": model.global_pool,
-        }
-        if getattr(model, "dynamic_img_size", False):
-            model_kwargs["dynamic_img_size"] = True
-    check_model_kwargs(model_kwargs)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = dict(_rebuilt_shapes(model_name, json.dumps(model_kwargs, sort_keys=True)))
-    if got != expected:
-        diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
-        raise ValueError(
-            f"timm.create_model({model_name!r}, **{model_kwargs}) does not rebuild this model "
-            f"(first differences: {diff}); pass model_name and model_kwargs explicitly"
-        )
-    return model_name, dict(model_kwargs)

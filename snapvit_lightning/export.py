@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from . import __version__
-from .checkpoint import subnet_metadata
+from .checkpoint import resolve_rebuild, subnet_metadata
 from .correction import collect_stats, stats_damping
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
@@ -608,6 +608,9 @@ class ElasticExport(Callback):
                for c in trainer.callbacks):  # both write report.json there: the second failed only at its export
             raise ValueError(f"two ElasticExport callbacks write into dirpath={str(self.dirpath)!r}: give each its own")
         _refuse_existing_before_fit(trainer, self.dirpath, self._targets_name(pl_module), self.overwrite)
+        student = getattr(pl_module, "student", None)
+        if isinstance(student, nn.Module):  # a model its checkpoint would not rebuild fails here, not after the fit
+            resolve_rebuild(student, *_rebuild_info(pl_module, self.model_name, self.model_kwargs))
         dm = getattr(trainer, "datamodule", None)
         if self.correct != "none" and self.images is None and not (
             hasattr(dm, "calibration_images_eval") or hasattr(dm, "fitness_images")

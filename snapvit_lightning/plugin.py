@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from .checkpoint import resolve_rebuild
 from .console import fit, quiet_lightning
 from .elastic import ElasticViT
 from .export import (
@@ -285,6 +286,7 @@ class SnapViT(Callback):
         if stage != "fit":
             return
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        resolve_rebuild(model, self.model_name, self.model_kwargs)  # else the export would fail after the user's fit
         self._check_accelerator()
         self._check_loader()
         _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite, owner="SnapViT")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -174,14 +175,47 @@ def test_construction_errors() -> None:
         ElasticViT(model, random_scores(model), model_name="no_such_model")
     with pytest.raises(ValueError, match="does not rebuild this model"):
         ElasticViT(model, random_scores(model), model_name="test_vit2")
-    with pytest.raises(ValueError, match="JSON values only"):
+    with pytest.raises(ValueError, match="JSON values only.*timm.models.register_model"):
         ElasticViT(model, random_scores(model), model_kwargs={"act_layer": torch.nn.GELU})
+    with pytest.raises(TypeError, match="scores must be ImportanceScores, got str"):
+        ElasticViT(model, "scores.safetensors")
     sliced, _, _ = tiny_model("test_vit")
     from snapvit_lightning.structure import slice_block
 
     slice_block(sliced.blocks[0], 1, 10)
     with pytest.raises(ValueError, match="blocks of different sizes"):
         ElasticViT(sliced, random_scores(model))
+
+
+def test_options_without_weights_are_recorded_or_refused(tmp_path) -> None:
+    # A file records model_name/model_kwargs; options that change no weight shape (an activation, pooling
+    # over the prefix tokens, the block class) were dropped without a word, and the file loaded as another model.
+    import timm
+    from timm.models.vision_transformer import ResPostBlock
+
+    def build(**options):
+        torch.manual_seed(0)
+        return timm.create_model("test_vit", pretrained=False, img_size=32, **options).eval()
+
+    for options, difference in [
+        ({"act_layer": "silu"}, "blocks.0.mlp.act: rebuilt GELU, this model SiLU"),
+        ({"global_pool": "avg", "pool_include_prefix": True},
+         "<model>: rebuilt {'pool_include_prefix': False}, this model {'pool_include_prefix': True}"),
+        ({"block_fn": ResPostBlock, "init_values": 0.1}, "blocks.0: rebuilt Block, this model ResPostBlock"),
+        ({"norm_layer": "rmsnorm"}, "blocks.0.norm1.bias: rebuilt (64,), this model nothing"),  # by the weights
+    ]:
+        model = build(**options)
+        with pytest.raises(ValueError, match=f"does not rebuild this model.*{re.escape(difference)}"):
+            ElasticViT(model, random_scores(model))
+    model = build(act_layer="silu")
+    elastic = ElasticViT(model, random_scores(model), model_kwargs={"img_size": 32, "act_layer": "silu"})
+    elastic.save(tmp_path / "silu.elastic.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ElasticViT.load(tmp_path / "silu.elastic.safetensors").model(x), elastic.model(x))
+    model = build(drop_rate=0.1, drop_path_rate=0.1)  # the identity in eval mode: nothing to record
+    assert ElasticViT(model, random_scores(model)).model_kwargs == {
+        "num_classes": 1000, "img_size": [32, 32], "global_pool": "token", "dynamic_img_size": True}
 
 
 def test_bad_files_raise_and_change_nothing(tmp_path) -> None:

@@ -243,6 +243,23 @@ def test_snapvit_refuses_a_bad_accelerator_before_the_users_fit(tmp_path, accele
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
 
 
+def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(tmp_path):
+    # A SiLU backbone was exported as the GELU model timm builds by its name: the file loaded as another model.
+    user = UserModule()
+    torch.manual_seed(0)
+    user.backbone = timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=0, act_layer="silu")
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "out", search_evals=0)
+    with pytest.raises(ValueError, match="does not rebuild this model.*blocks.0.mlp.act: rebuilt GELU, this model SiLU"):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "out", search_evals=0,
+                     model_kwargs={"img_size": IMG, "num_classes": 0, "act_layer": "silu"})
+    _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())  # told how to rebuild it: runs
+    loaded = ElasticViT.load(plugin.export_paths["elastic"])
+    assert type(loaded.model.blocks[0].mlp.act).__name__ == "SiLU"
+
+
 def test_snapvit_refuses_existing_export_before_fit(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
