@@ -174,7 +174,9 @@ class SnapViT(Callback):
         accelerator: Accelerator of the internal Trainer; ``None``: ``"cpu"`` when the user's
             run was on CPU, else ``"auto"``. One this machine lacks is refused when the user's
             fit starts (``setup``), not after it.
-        search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``).
+        search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``). Its
+            ``autocast`` is ``"auto"`` unless given here (as in the configs): the search times its
+            fitness forward in each precision and runs the faster (docs/precision.md).
         fitness_images: Float ``[M, 3, S, S]`` fitness images.
         correct: Weight correction of the exported subnets: ``"lstsq"`` (default), ``"bias"``
             or ``"none"`` (the paper's plain cut, no statistics file); statistics from the
@@ -259,7 +261,7 @@ class SnapViT(Callback):
         unknown = sorted(set(search_kwargs or {}) - set(allowed))
         if unknown:
             raise ValueError(f"search_kwargs: unknown key(s) {unknown}; EvolutionarySearch takes {allowed}")
-        self.search_kwargs = dict(search_kwargs or {})
+        self.search_kwargs = {"autocast": "auto", **(search_kwargs or {})}  # bf16 is slower on some CPUs
         if search_evals:
             EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)  # validate early
         self.fitness_images = _check_images(fitness_images)

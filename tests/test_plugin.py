@@ -111,6 +111,9 @@ def test_snapvit_plugin_with_dataloader(tmp_path):
     assert loaded.scores.block_weights is not None  # the search ran
     assert loaded.model_kwargs["num_classes"] == 0 and loaded.model_kwargs["img_size"] == [IMG, IMG]
     assert plugin.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    # The search times its precisions (autocast "auto", as in the configs; it ran bf16 whatever was faster).
+    precision = plugin.report["build_times"]["precision"]
+    assert precision["search"] in precision["fitness_s"] and "not probed" not in precision["search"], precision
     # Corrected by default: the statistics ship beside the checkpoint and ElasticViT.load attaches them.
     assert plugin.report["correction"]["method"] == "lstsq" and plugin.export_paths["stats"].is_file()
     assert loaded.stats is not None and plugin.report["budgets"][1]["fidelity_corrected"] is not None
