@@ -217,7 +217,16 @@ def one_line_error_parser() -> type:
                 super().error(message, ex)
             parser: Any = getattr(ex, "subcommand_parser", None) or self
             prog = parser.prog.replace(" [options]", "")
-            sys.stderr.write(f"{prog}: error: {one_line(message)} (see `{prog} --help`)\n")
+            sys.stderr.write(f"{prog}: error: {_callbacks_hint(message)}{one_line(message)} (see `{prog} --help`)\n")
             self.exit(USER_ERROR_STATUS)
 
     return OneLineErrorParser
+
+
+def _callbacks_hint(message: str) -> str:
+    """What to do, before jsonargparse's words, when a callback option reached a callback that lacks it."""
+    if 'Parser key "trainer.callbacks"' not in message or "is not accepted" not in message:
+        return ""
+    return ("--trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the configs, "
+            "ElasticExport); set another callback's options, e.g. the search's max_evals, in a copy of the config. "
+            "jsonargparse: ")

@@ -17,7 +17,7 @@ from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.errors import exit_on_user_error, is_user_error
 from snapvit_lightning.scores import ImportanceScores
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 
 @pytest.fixture
@@ -95,6 +95,11 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "snapvit fit: error: data_dir: image folder not found"),
         (["fit", "--model.model", "test_vit", "--data.data_dir", "{tmp}/empty", "--trainer.logger", "false"],
          "data_dir: no image files"),
+        # A search option given on the command line reached the config's last callback (the export).
+        (["fit", "--config", "{repo}/configs/quickstart.yaml", "--trainer.callbacks.init_args.max_evals", "3"],
+         "snapvit fit: error: --trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the "
+         "configs, ElasticExport); set another callback's options, e.g. the search's max_evals, in a copy of the config. "
+         "jsonargparse: Parser key \"trainer.callbacks\""),
         # A callback's init argument refused: jsonargparse wraps the error; the message is ours, with the class.
         (["fit", "--config", "{tmp}/bad_search.yaml"], "snapvit fit: error: EvolutionarySearch: max_evals must be an int >= 1, got 0"),
         (["fit", "--model.model", "test_vit", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
@@ -155,7 +160,7 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
         "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
         "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_evals: 0}\n"
     )
-    words = [w.format(tmp=tmp_path, elastic=elastic_file) for w in argv]
+    words = [w.format(tmp=tmp_path, elastic=elastic_file, repo=REPO) for w in argv]
     match = match.format(tmp=tmp_path, elastic=elastic_file)
     if "broken" in " ".join(words):
         with pytest.warns(UserWarning, match="skipped 2 of 2 images"):
