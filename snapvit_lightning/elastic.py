@@ -637,7 +637,8 @@ def _check_correction_args(
     check_correction(correct, damping, damping_reference)
     if correct == "none" and (calibration is not None or sequential or damping is not None or damping_reference != "mean"):
         raise ValueError("calibration/sequential/damping/damping_reference are only used with correct='bias' or "
-                         "'lstsq', got correct='none' (or no statistics attached)")
+                         "'lstsq', got correct='none' (the default when no statistics are attached and no "
+                         "calibration= is given: pass calibration=CorrectionStats or images [N, 3, H, W])")
     if correct != "none" and not isinstance(calibration, (CorrectionStats, torch.Tensor)):
         raise ValueError(
             f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W] "
