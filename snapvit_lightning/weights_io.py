@@ -273,7 +273,11 @@ def load_weights(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{argument} {str(path)!r} does not exist or is not a file")
+        raise FileNotFoundError(
+            f"{argument} {str(path)!r} does not exist or is not a file; give local weights (safetensors or a torch "
+            "state dict), e.g. the model's timm hub file (model.safetensors of hf-hub:timm/NAME), downloaded where "
+            "there is internet"
+        )
     if _is_safetensors(path):  # by content: a .bin or .SAFETENSORS file of safetensors too
         from safetensors.torch import load_file
 
