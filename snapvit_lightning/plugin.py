@@ -90,7 +90,8 @@ def find_vit(
         try:
             model = functools.reduce(getattr, model_attr.split("."), pl_module)
         except AttributeError:
-            raise ValueError(f"model_attr={model_attr!r}: {cls} has no such attribute") from None
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(f"model_attr={model_attr!r}: {cls} has no such attribute; its submodules: {children}") from None
         where = model_attr
     elif model_getter is not None:
         model = model_getter(pl_module)

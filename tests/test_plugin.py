@@ -182,6 +182,9 @@ def test_find_vit_unwraps_a_compiled_backbone():
     where, model = find_vit(user, model_attr="backbone")
     assert where == "backbone._orig_mod" and model is user.backbone._orig_mod
     assert find_vit(user)[1] is model
+    with pytest.raises(ValueError, match=r"model_attr='model': UserModule has no such attribute; its submodules: "
+                                         r"\['backbone', 'head'\]"):
+        find_vit(user, model_attr="model")
 
 
 def test_find_vit_names_an_unsupported_vit_like_backbone():
