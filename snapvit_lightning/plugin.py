@@ -264,7 +264,10 @@ class SnapViT(Callback):
             raise ValueError(f"search_kwargs: unknown key(s) {unknown}; EvolutionarySearch takes {allowed}")
         self.search_kwargs = {"autocast": "auto", **(search_kwargs or {})}  # bf16 is slower on some CPUs
         if search_evals:
-            EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)  # validate early
+            try:  # validate early
+                EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"search_kwargs: {err}") from err
         self.fitness_images = _check_images(fitness_images)
         if search_evals and fitness_images is None and not (
             isinstance(datamodule, DataLoader) or hasattr(datamodule, "fitness_images")
