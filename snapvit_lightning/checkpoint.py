@@ -143,19 +143,29 @@ def _rebuilt(model_name: str, model_kwargs_json: str) -> tuple[dict[str, tuple[i
     return {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}, _architecture(rebuilt)
 
 
-def _differences(got: dict[str, Any], expected: dict[str, Any], limit: int = 4) -> list[str]:
-    """The first ``limit`` entries that differ, as ``name: rebuilt X, this model Y`` (settings: only those that differ)."""
+def _natural(name: str) -> tuple[Any, ...]:
+    """Sort key putting ``blocks.2`` before ``blocks.10``."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
+def _differences(got: dict[str, Any], expected: dict[str, Any], architecture: bool, limit: int = 4) -> list[str]:
+    """The first ``limit`` entries that differ, as ``name: rebuilt X, this model Y``.
+
+    ``architecture``: the entries are :func:`_architecture`'s ``(class, settings)``, shown as the class,
+    or as the settings that differ when the class is the same; else weight shapes, shown whole.
+    """
     out = []
-    for name in sorted(set(got) | set(expected), key=lambda n: (n not in expected, n)):
+    for name in sorted(set(got) | set(expected), key=lambda n: (n not in expected, _natural(n))):
         a, b = got.get(name, "nothing"), expected.get(name, "nothing")
         if a == b:
             continue
-        if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2 and a[0] == b[0]:
-            ours, theirs = dict(a[1]), dict(b[1])  # the same class: name the settings that differ
-            keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            a, b = ({k: d.get(k) for k in keys} for d in (ours, theirs))
-        elif isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2:
-            a, b = a[0], b[0]
+        if architecture and isinstance(a, tuple) and isinstance(b, tuple):
+            if a[0] == b[0]:  # the same class: name the settings that differ
+                ours, theirs = dict(a[1]), dict(b[1])
+                keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+                a, b = ({k: d.get(k) for k in keys} for d in (ours, theirs))
+            else:
+                a, b = a[0], b[0]
         out.append(f"{name}: rebuilt {a}, this model {b}")
     return out[:limit]
 
@@ -200,7 +210,7 @@ def resolve_rebuild(
         diff = [rebuilt]
     else:
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        diff = _differences(rebuilt[0], shapes) or _differences(rebuilt[1], _architecture(model))
+        diff = _differences(rebuilt[0], shapes, False) or _differences(rebuilt[1], _architecture(model), True)
     if diff:
         raise ValueError(
             f"timm.create_model({model_name!r}, **{model_kwargs}) does not rebuild this model, so a file would "

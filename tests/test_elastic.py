@@ -198,11 +198,12 @@ def test_options_without_weights_are_recorded_or_refused(tmp_path) -> None:
         return timm.create_model("test_vit", pretrained=False, img_size=32, **options).eval()
 
     for options, difference in [
-        ({"act_layer": "silu"}, "blocks.0.mlp.act: rebuilt GELU, this model SiLU"),
+        ({"act_layer": "silu"}, "blocks.0.mlp.act: rebuilt GELU, this model SiLU; blocks.1.mlp.act:"),  # in block order
         ({"global_pool": "avg", "pool_include_prefix": True},
          "<model>: rebuilt {'pool_include_prefix': False}, this model {'pool_include_prefix': True}"),
         ({"block_fn": ResPostBlock, "init_values": 0.1}, "blocks.0: rebuilt Block, this model ResPostBlock"),
         ({"norm_layer": "rmsnorm"}, "blocks.0.norm1.bias: rebuilt (64,), this model nothing"),  # by the weights
+        ({"mlp_ratio": 2.0}, "blocks.0.mlp.fc2.weight: rebuilt (64, 192), this model (64, 128)"),  # 2-tuples: shapes, not settings
     ]:
         model = build(**options)
         with pytest.raises(ValueError, match=f"does not rebuild this model.*{re.escape(difference)}"):
