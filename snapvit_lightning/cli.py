@@ -117,12 +117,32 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
     if not rows:
         return
-    method = (report.get("correction") or {}).get("method", "none")
+    correction = report.get("correction") or {}
+    method = correction.get("method", "none")
+    stale = _stale_correction(correction, stats)
     print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images):")
+    if stale:
+        print(f"corrected: not shown, {stale}; `snapvit bench {args.path} --data FOLDER --correct lstsq` measures "
+              "the subnets corrected with them")
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'flops %':>8} {'plain':>7} {'corrected':>9}  ({method})")
     for b in rows:
-        cells = [f"{b[k]:.4f}" if b.get(k) is not None else "-" for k in ("fidelity", "fidelity_corrected")]
+        cells = [f"{b[k]:.4f}" if b.get(k) is not None and not (stale and k == "fidelity_corrected") else "-"
+                 for k in ("fidelity", "fidelity_corrected")]
         print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
+
+
+def _stale_correction(correction: dict, stats: object) -> str | None:
+    """Why a report's corrected fidelity does not describe the statistics now attached, or ``None``."""
+    if not correction or correction.get("method") in (None, "none"):
+        return None
+    if stats is None:
+        return "the report's statistics are no longer beside the checkpoint"
+    digest = correction.get("stats_digest")
+    if digest is not None and digest != stats.digest or (
+            digest is None and correction.get("calibration_views") not in (None, stats.num_images)):
+        return (f"the report measured it with other statistics ({correction.get('calibration_views')} inputs) "
+                f"than those now beside the checkpoint ({stats.num_images} inputs)")
+    return None
 
 
 def _are_images(source: Path) -> bool:

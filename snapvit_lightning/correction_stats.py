@@ -7,6 +7,7 @@ correction (:mod:`~snapvit_lightning.correction`) solves from, stored as float32
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -149,6 +150,19 @@ class CorrectionStats:
         layer, and the float64 ranking, ``8·B·(hidden + H)``, when there is one."""
         triangles = sum(4 * t.shape[0] * t.shape[1] * (t.shape[1] + 1) // 2 for t in (self.attn, self.mlp))
         return triangles + sum(8 * t.numel() for t in self._rankings())
+
+    @property
+    def digest(self) -> str:
+        """A short hash of their content (the ``attn.proj`` matrices, the ranking, the counts).
+
+        The same after :meth:`save` and :meth:`load` (the stored triangles are lossless); statistics
+        of other images differ. ``report.json`` records it, so a report can tell whether its
+        corrected fidelity was measured with the statistics now beside the checkpoint.
+        """
+        h = hashlib.sha256(f"{self.num_images},{self.num_tokens}".encode())
+        for t in (self.attn.float(), *self._rankings()):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def permuted(self, mlp_order: Tensor, head_order: Tensor, fingerprint: str) -> "CorrectionStats":
         """These statistics in another unit order, without a ranking (the new order is the ranking).

@@ -377,6 +377,7 @@ def export_elastic(
             "method": correct,
             "stats_file": targets["stats"].name,
             "stats_bytes": stats.stored_bytes,
+            "stats_digest": stats.digest,  # CorrectionStats.digest: which statistics the corrected fidelity used
             "calibration_images": None if stats.views_per_image is None else stats.num_images // stats.views_per_image,
             "calibration_views": stats.num_images,  # the statistics' inputs: eval views and crops
             "views_per_image": stats.views_per_image,  # None: attached statistics that do not record it

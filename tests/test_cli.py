@@ -509,6 +509,17 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert main(["info", str(path), "--budgets", "0.4,0.5", "--latency"]) == 0  # times the cut the table shows
     timed, blocks = table_row(capsys.readouterr().out), kept(ElasticViT.load(path).subnet(0.4, 0.5))
     assert timed[0] == "corrected cut" and timed[-len(blocks):] == blocks
+    # Statistics replaced (other images, as many): the report's corrected fidelity no longer describes them.
+    assert result["report"]["correction"]["stats_digest"] == CorrectionStats.load(stats).digest  # survives the file
+    assert "corrected: not shown" not in printed
+    other = ElasticViT.load(path, stats=False).collect_stats(images[:3].flip(-1), ranking=True)
+    other.save(stats)
+    assert other.num_images == stored.num_images and other.digest != stored.digest
+    assert main(["info", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "corrected: not shown, the report measured it with other statistics (3 inputs) than those now beside" in printed
+    line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
+    assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", "-"]
     # Without the statistics file: the plain cut, and the printed line says why.
     stats.unlink()
     out = tmp_path / "p.safetensors"

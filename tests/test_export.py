@@ -147,7 +147,7 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert paths["stats"].name == "test_vit.stats.safetensors" and stats.num_images == 8
     assert report["correction"] == {
         "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
-        "calibration_images": 8, "calibration_views": 8, "views_per_image": 1,
+        "stats_digest": stats.digest, "calibration_images": 8, "calibration_views": 8, "views_per_image": 1,
         "damping": auto_damping(elastic.structure.blocks[0].mlp_hidden, stats.num_images, stats.num_tokens) if method == "lstsq" else None,
         "ranking": True, "fidelity_images_are_calibration_images": False,
     }
