@@ -296,6 +296,7 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
             module docstring); ``None`` leaves that baseline out.
     """
     import copy
+    import warnings
 
     import lightning.pytorch as pl
 
@@ -310,7 +311,9 @@ def _baseline_scores(elastic: Any, snip_data: Path | None = None) -> list[tuple[
     ]
     if snip_data is not None:
         module = SnapViTModule(copy.deepcopy(elastic.model), criterion="snip_magnitude", **keeps)
-        with internal_fit():  # the table says what ran; Lightning's set-up lines would not
+        with internal_fit(), warnings.catch_warnings():  # the table says what ran; Lightning's set-up lines would not
+            # The same folder's unreadable images were named when --data was read; not again as `data_dir`.
+            warnings.filterwarnings("ignore", message=r"skipped \d+ of \d+ images in ")
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
             fit(trainer, module, datamodule=CalibrationDataModule(data_dir=snip_data))  # Ctrl-C: KeyboardInterrupt

@@ -160,7 +160,12 @@ def test_baselines(setup, capsys, caplog) -> None:
     import logging
     import warnings
 
-    path, data, root = setup
+    import shutil
+
+    path, photos, root = setup
+    data = root / "photos_and_a_broken_file"
+    shutil.copytree(photos, data)
+    (data / "dogs" / "broken.png").write_bytes(b"not a png")
     out = root / "baselines"
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -168,7 +173,10 @@ def test_baselines(setup, capsys, caplog) -> None:
                            "--baselines", "--batch-size", "4", "--out", str(out)]) == 0
     # the SNIP epoch's Trainer is ours: none of Lightning's set-up lines or notices about it
     assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning")] == []
-    assert [str(w.message) for w in caught if "lightning" in w.filename] == []
+    assert [str(w.message) for w in caught if "lightning" in w.filename and "snapvit_lightning" not in w.filename] == []
+    # the broken file is named once, by --data (the SNIP epoch reads the folder again, as `data_dir`)
+    skipped = [str(w.message) for w in caught if "skipped 1 of 9 images" in str(w.message)]
+    assert len(skipped) == 1 and "--data=" in skipped[0], skipped
     js = json.loads((out / "bench.json").read_text())
     rows, settings = js["rows"], js["settings"]
     assert settings["baselines"] == list(bench.BASELINES) and "--baselines" in settings["command"]
