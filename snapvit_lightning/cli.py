@@ -337,6 +337,9 @@ def _stats(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     out = _output_file(args.output if args.output is not None else str(stats_path_for(args.path)), args.overwrite,
                        reads=[args.path, args.data])
+    if out.suffix.lower() != ".safetensors":  # it is one, whatever its name; torch.load would fail on it
+        raise ValueError(f"-o: '{out}' must end in .safetensors (a statistics file, read by CorrectionStats.load "
+                         "and slice --calibration)")
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
     inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
     stats = dataclasses.replace(elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True), views_per_image=views)

@@ -74,6 +74,8 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["slice", "{elastic}", "-o", "{tmp}/s.safetensors"], "snapvit slice: error: give a budget: --flops F"),
         (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}"], "-o: '{tmp}' is a folder; give a file name"),
         (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{tmp}"], "snapvit stats: error: -o: '{tmp}' is a folder"),
+        (["stats", "{elastic}", "--data", "{tmp}/one", "-o", "{tmp}/s.pt"],
+         "snapvit stats: error: -o: '{tmp}/s.pt' must end in .safetensors (a statistics file"),
         (["slice", "{elastic}", "--flops", "0.5", "--format", "onnx", "-o", "{tmp}/s.safetensors"],
          "--format onnx would write onnx into '{tmp}/s.safetensors'"),
         (["slice", "{elastic}", "--flops", "0.5", "-o", "{tmp}/s.pt"],  # written, then torch.load failed on it
