@@ -174,7 +174,8 @@ def _calibration(args: argparse.Namespace, elastic: object) -> object:
         inputs, views = load_calibration_views(source, elastic.model, argument="--calibration")
         return dataclasses.replace(elastic.collect_stats(inputs, ranking=True), views_per_image=views)
     if args.sequential:
-        raise ValueError(f"--sequential needs an image folder as --calibration, got '{source}'")
+        got = f"got '{source}'" if args.calibration is not None else "got none (statistics do not do)"
+        raise ValueError(f"--sequential needs an image folder as --calibration, {got}")
     if args.calibration is None and not source.is_file():
         raise ValueError(
             f"--correct {args.correct or 'lstsq'} needs --calibration STATS_FILE|IMAGE_FOLDER "

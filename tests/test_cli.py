@@ -329,7 +329,7 @@ def test_stats_and_corrected_slice(tmp_path, capsys) -> None:
     for argv, match in (
         (["--no-correct", "--calibration", str(photos)], "not --no-correct"),
         (["--no-correct", "--correct", "bias"], "give --no-correct or --correct bias, not both"),
-        (["--correct", "lstsq", "--sequential"], "--sequential needs an image folder"),
+        (["--correct", "lstsq", "--sequential"], "--sequential needs an image folder as --calibration, got none (statistics do not do)"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["slice", str(path), "--flops", "0.7", "-o", str(out), "--overwrite", *argv])
