@@ -267,7 +267,7 @@ class SnapViT(Callback):
             try:  # validate early
                 EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)
             except (TypeError, ValueError) as err:
-                raise type(err)(f"search_kwargs: {err}") from err
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(f"search_kwargs: {err}") from err
         self.fitness_images = _check_images(fitness_images)
         if search_evals and fitness_images is None and not (
             isinstance(datamodule, DataLoader) or hasattr(datamodule, "fitness_images")
