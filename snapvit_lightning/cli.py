@@ -25,6 +25,10 @@ from .cli_args import (
 )
 
 
+#: The budgets ``snapvit info`` lists without ``--budgets``.
+INFO_BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5)]
+
+
 def _info(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT, read_metadata
 
@@ -43,10 +47,11 @@ def _info(args: argparse.Namespace) -> int:
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
         return 0
     elastic = ElasticViT.load(args.path)
+    budgets = args.budgets or INFO_BUDGETS
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
     ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
     source = elastic if ranked is None else ranked
-    latencies, how = _info_latencies(args, source) if args.latency else (None, None)  # bad options fail before any output
+    latencies, how = _info_latencies(args, source, budgets) if args.latency else (None, None)  # bad options fail before any output
     print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
     if how is not None:
@@ -55,7 +60,7 @@ def _info(args: argparse.Namespace) -> int:
     cut = "plain cut" if ranked is None else "corrected cut"
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
           f"  kept heads / neurons per block ({cut})")
-    for row, (mlp_ratio, head_ratio) in enumerate(args.budgets):
+    for row, (mlp_ratio, head_ratio) in enumerate(budgets):
         dims = source.dims(mlp_ratio, head_ratio)
         cost = source.cost(dims)
         kept = " ".join(f"{d.num_heads}/{d.mlp_hidden}" for d in dims)
@@ -66,7 +71,9 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info_latencies(args: argparse.Namespace, elastic: object) -> tuple[list[float], str]:
+def _info_latencies(
+    args: argparse.Namespace, elastic: object, budgets: list[tuple[float, float]]
+) -> tuple[list[float], str]:
     """Measured ms per batch of the dense model, then of each ``--budgets`` row (interleaved), and how.
 
     ``elastic`` is the model whose cut the table shows (the ranked view for corrected subnets): a
@@ -76,7 +83,7 @@ def _info_latencies(args: argparse.Namespace, elastic: object) -> tuple[list[flo
 
     batch_size = 1 if args.batch_size is None else args.batch_size
     device = args.device or "cpu"
-    dense, rows = tuple(elastic.dims(0.0, 0.0)), [tuple(elastic.dims(*b)) for b in args.budgets]
+    dense, rows = tuple(elastic.dims(0.0, 0.0)), [tuple(elastic.dims(*b)) for b in budgets]
     unique = list(dict.fromkeys([dense, *rows]))  # a budget that equals another is timed once
     models = [elastic.model if d == dense else elastic.slice(d, correct="none") for d in unique]
     measured = dict(zip(unique, measure_models(models, batch_size=batch_size, device=device, threads=args.threads)))
@@ -115,6 +122,9 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     if report.get("files", {}).get("elastic") != Path(args.path).name:
         return
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
+    if args.budgets is not None:  # those of the asked budgets the report measured
+        asked = {(round(a, 4), round(h, 4)) for a, h in args.budgets}
+        rows = [b for b in rows if (round(b["mlp_ratio"], 4), round(b["head_ratio"], 4)) in asked]
     if not rows:
         return
     correction = report.get("correction") or {}
@@ -381,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show the budgets of an elastic checkpoint (or how a subnet file was cut)")
     info.add_argument("path", help="an *.elastic.safetensors file, or a subnet file (its blocks and budget)")
     info.add_argument(
-        "--budgets", nargs="+", type=budget_arg,
-        default=[(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5)],
-        help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5)",
+        "--budgets", nargs="+", type=budget_arg, default=None,
+        help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5); the report's fidelity "
+        "table then shows those of them it measured",
     )
     info.add_argument("--latency", action="store_true", help="also measure each budget's latency on this machine")
     info.add_argument("--batch-size", type=int_at_least(1), default=None, help="images per timed batch for --latency (default: 1)")
