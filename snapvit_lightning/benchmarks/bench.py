@@ -235,7 +235,7 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K) -> str:
-    """The rows of :func:`run_bench` as a markdown table; ``knn_k``: the weighted k-NN's k (column ``knn_20nn``)."""
+    """The rows of :func:`run_bench` as a markdown table; ``knn_k``: the weighted k-NN's k (column ``knn_weighted``)."""
     header = (f"| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | 1-NN | {knn_k}-NN "
               "| latency (ms) | speed-up | FLOPs speed-up |")
     lines = [header, "|:---|" + "---:|" * 11]
@@ -246,7 +246,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K) -> str:
             f"| {r.get('method', 'snapvit')} "
             f"| {r['mlp_ratio']:.2f} | {r['head_ratio']:.2f} | {100 * r['params_fraction']:.1f}% "
             f"| {100 * r['flops_fraction']:.1f}% | {fidelity} | {_fmt(r.get('centered_fidelity'), '.4f')} "
-            f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_20nn'], '.1f', 100, '%')} "
+            f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_weighted'], '.1f', 100, '%')} "
             f"| {_fmt(r['latency_ms'], '.2f')} | {_fmt(r['speedup'], '.2f', suffix='x')} "
             f"| {1 / r['flops_fraction']:.2f}x |"
         )
@@ -381,14 +381,14 @@ def _merge_seeds(rows: list[dict[str, Any]], batch_size: int, dense_latency: flo
             "centered_fidelity": statistics.fmean(g["centered_fidelity"] for g in group),
             "fidelity_std": statistics.stdev(fidelities) if len(fidelities) > 1 else 0.0,
             "knn_1nn": _mean([g["knn_1nn"] for g in group]),
-            "knn_20nn": _mean([g["knn_20nn"] for g in group]),
+            "knn_weighted": _mean([g["knn_weighted"] for g in group]),
             "latency_ms": latency,
             "p90_ms": _mean([g["p90_ms"] for g in group]),
             "throughput_img_s": None if not latency else batch_size / (latency / 1e3),
             "speedup": None if not latency or dense_latency is None else dense_latency / latency,
             "quality_wall_s": sum(g["quality_wall_s"] for g in group),
             "seeds": [g["seed"] for g in group],
-            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "centered_fidelity", "knn_1nn", "knn_20nn", "flops_fraction",
+            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "centered_fidelity", "knn_1nn", "knn_weighted", "flops_fraction",
                                             "params_fraction", "latency_ms", "kept_heads", "kept_neurons")}
                          for g in group],
         })
@@ -453,7 +453,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return {
             "features": feats,
             "knn_1nn": knn_accuracy(feats, labels, k=1) if knn else None,
-            "knn_20nn": knn_accuracy(feats, labels, k=knn_k, temperature=KNN_TEMPERATURE) if knn else None,
+            "knn_weighted": knn_accuracy(feats, labels, k=knn_k, temperature=KNN_TEMPERATURE) if knn else None,
         }
 
     todo = [(0.0, 0.0)] + [b for b in dict.fromkeys(budgets) if b != (0.0, 0.0)]
@@ -526,7 +526,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "fidelity": feature_fidelity(e["features"], dense_feats),
             "centered_fidelity": centered_fidelity(e["features"], dense_feats),
             "knn_1nn": e["knn_1nn"],
-            "knn_20nn": e["knn_20nn"],
+            "knn_weighted": e["knn_weighted"],
             "latency_ms": latency,
             "p90_ms": float(torch.quantile(torch.tensor(t, dtype=torch.float64), 0.9)) if t else None,
             "throughput_img_s": None if not latency else args.batch_size / (latency / 1e3),

@@ -59,7 +59,7 @@ def test_json_rows_and_settings(result, setup) -> None:
         assert all(a > b for a, b in zip(fr, fr[1:])), (key, fr)
     for r in rows:
         assert -1.0 <= r["fidelity"] <= 1.0 + 1e-6 and -1.0 <= r["centered_fidelity"] <= 1.0 + 1e-6
-        assert 0.0 <= r["knn_1nn"] <= 1.0 and 0.0 <= r["knn_20nn"] <= 1.0
+        assert 0.0 <= r["knn_1nn"] <= 1.0 and 0.0 <= r["knn_weighted"] <= 1.0
         assert r["latency_ms"] > 0 and r["speedup"] > 0
         assert len(r["kept_heads"]) == len(r["kept_neurons"]) == 6
     assert settings["num_images"] == 8 and settings["num_classes"] == 2 and settings["knn"]
@@ -102,7 +102,7 @@ def test_no_latency_flat_folder(setup, tmp_path, capsys) -> None:
     assert len(js["rows"]) == 2 and js["settings"]["knn"] is False and js["settings"]["latency"] is False
     for r in js["rows"]:
         assert r["latency_ms"] is None and r["speedup"] is None
-        assert r["knn_1nn"] is None and r["knn_20nn"] is None
+        assert r["knn_1nn"] is None and r["knn_weighted"] is None
     printed = capsys.readouterr().out
     assert "| snapvit | 0.00 | 0.00 |" in printed and "k-NN: none (labels come from class subfolders alone" in printed
     assert "k-NN: none (labels come from class subfolders alone" in (out / "bench.md").read_text()
