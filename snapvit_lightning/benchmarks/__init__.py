@@ -14,3 +14,20 @@
 
 Nothing in the core imports from here.
 """
+
+from __future__ import annotations
+
+from typing import Callable, NoReturn
+
+
+def run_as_script(main: Callable[[], int | None], module: str) -> NoReturn:
+    """``python -m snapvit_lightning.benchmarks.<name>``: run ``main``; a user error is one line, status 2.
+
+    As in ``snapvit``: a missing folder or a bad option prints ``python -m ...: error: <message>``, not
+    a traceback (``SNAPVIT_TRACEBACK=1`` shows it). ``main`` itself still raises, for Python callers.
+    """
+    from ..errors import exit_on_user_error
+
+    with exit_on_user_error(f"python -m {module}"):
+        code = main()
+    raise SystemExit(code or 0)

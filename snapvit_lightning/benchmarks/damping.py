@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..elastic import ElasticViT
     from ..module import SnapViTModule, load_weights
     from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
+    from ..weights_io import check_writable
 
     import timm
 
@@ -119,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
+    if args.out is not None:  # before the measurement, not after it
+        if args.out.is_dir():
+            raise ValueError(f"--out: '{args.out}' is a folder; give the JSON file's name")
+        check_writable(args.out.parent, "--out")
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     model = timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
     load_weights(model, ensure_weights(args.weights))
@@ -149,4 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..search.fitness import DEFAULT_FITNESS_SAMPLES
+from ..weights_io import check_writable
 
 __all__ = ["first_gains", "main"]
 
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"the search's fitness_samples, or none for all images (default: {DEFAULT_FITNESS_SAMPLES})")
     parser.add_argument("--out", type=Path, default=None, help="folder for first_gains.json")
     args = parser.parse_args(argv)
+    if args.out is not None:  # before the searches, not after them
+        check_writable(args.out, "--out")
     try:
         result = first_gains(args.checkpoint, args.data, args.seeds, args.generations, args.bf16, args.fitness_samples)
     except (OSError, ValueError) as err:
@@ -123,4 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

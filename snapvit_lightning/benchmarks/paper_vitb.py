@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 
 from ..machine import build_machine
@@ -152,9 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--evals", type=int, default=50, help="xNES evaluations")
     parser.add_argument("--pca", type=int, default=192, help="PCA components of the fitness")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, 224)")
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, gpu, cpu)")
+    parser.add_argument("--accelerator", default="auto",
+                        help="Lightning accelerator: auto (default; refused without a GPU), gpu, cpu")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: up to 8 off CPU, 0 on CPU)")
     args, rest = parser.parse_known_args(argv)
+    if args.accelerator == "auto" and not torch.cuda.is_available():  # else a ViT-B run of hours starts on the CPU
+        parser.exit(2, f"{parser.prog}: error: --accelerator auto found no GPU; this benchmark times the paper's "
+                       "ViT-B/16 run on one (docs/gpu.md). --accelerator cpu runs it here: give it small sizes "
+                       "(docs/benchmarks.md: --calibration 16 --fitness 16 --evals 4 --img-size 64 --pca 8)\n")
     try:
         result = run_paper_vitb(args.data, args.out, args.calibration, args.fitness, args.evals, args.pca,
                                 args.img_size, args.accelerator, args.num_workers, rest)
@@ -169,4 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

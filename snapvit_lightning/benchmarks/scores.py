@@ -34,7 +34,7 @@ def fidelity(model: torch.nn.Module, dense: torch.Tensor, images: torch.Tensor, 
 def main(argv: Sequence[str] | None = None) -> int:
     import lightning as pl
 
-    from ..data import CalibrationDataModule
+    from ..data import CalibrationDataModule, find_images
     from ..elastic import ElasticViT
     from ..module import SnapViTModule
     from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
                         help="Trainer accelerator; the fidelity is measured on the same device")
     args = parser.parse_args(argv)
+    find_images(Path(args.data), argument="--data")  # before the weights and the model, as --data
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     weights = str(ensure_weights(args.weights))
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
@@ -113,4 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from ..data import CalibrationDataModule
+from ..data import CalibrationDataModule, find_images
 from ..scores import ImportanceScores
 from ..search import DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, PAPER_RATIO_PAIRS, Fitness, default_initial_weights
 from ..search.loop import _best, _make_xnes, _search_loop
@@ -84,7 +84,7 @@ def peak_rss_gb() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.search", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=str(REPO / ".assets" / "dinov2_vits14.safetensors"))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "photos8"))
     parser.add_argument("--img-size", type=int, default=112)
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also time this many evaluations of the copy-per-candidate approach (0: skip)",
     )
     args = parser.parse_args(argv)
+    find_images(Path(args.data), argument="--data")  # before the model, as --data
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -176,4 +177,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

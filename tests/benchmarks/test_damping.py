@@ -68,3 +68,8 @@ def test_more_images_than_a_half_is_refused(real_weights, photo_folder, capsys) 
                             "--weights", str(real_weights)])
     assert exit_info.value.code == 2
     assert "--images: each N must be in [1, 7] (the smaller half of 14 images), got [8]" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_folder_is_refused_before_the_measurement(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--out: '.*' is a folder; give the JSON file's name"):
+        bench_damping.main(["--data", str(tmp_path), "--out", str(tmp_path)])

@@ -50,3 +50,10 @@ def test_first_gains_reports_the_default_search_generation_by_generation(tmp_pat
 def test_first_gains_refuses_zero_generations(tmp_path) -> None:
     with pytest.raises(ValueError, match="generations must be an int >= 1, got 0"):
         first_gains.first_gains(tmp_path / "x.elastic.safetensors", tmp_path, [0], 0)
+
+
+def test_first_gains_refuses_an_out_that_is_a_file_before_the_searches(tmp_path) -> None:
+    # It ran every search, then failed in mkdir with a traceback.
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="--out: '.*afile' is a file, not a folder"):
+        first_gains.main([str(tmp_path / "missing.elastic.safetensors"), "--data", str(tmp_path), "--out", str(tmp_path / "afile")])

@@ -47,3 +47,12 @@ def test_copy_images_refuses_a_used_folder(photo_folder, tmp_path) -> None:
     (tmp_path / "images" / "x.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="exists and is not empty"):
         paper_vitb.copy_images(photo_folder, tmp_path / "images", 3)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_paper_vitb_without_a_gpu_is_refused_unless_asked_for_the_cpu(photo_folder, tmp_path, capsys) -> None:
+    # --accelerator auto started an hours-long ViT-B run on the CPU without a word.
+    with pytest.raises(SystemExit) as exc:
+        paper_vitb.main(["--data", str(photo_folder), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and not (tmp_path / "out").exists()
+    assert "--accelerator auto found no GPU; this benchmark times the paper's ViT-B/16 run on one" in capsys.readouterr().err

@@ -23,3 +23,17 @@ def test_naive_baseline_computes_the_same_fitness(space: str, one_thread) -> Non
         naive = naive_fitness(model, scores, images, weights, fitness, autocast=False, batch_size=4, model_name=name)
         assert naive == pytest.approx(fitness(weights), abs=1e-5)
     assert fitness(w) > 0
+
+
+def test_the_benchmark_scripts_end_a_user_error_in_one_line(tmp_path) -> None:
+    # `python -m snapvit_lightning.benchmarks.<name>` printed tracebacks (and `data_dir` for --data).
+    import subprocess
+    import sys
+
+    for name in ("search", "scores"):
+        run = subprocess.run([sys.executable, "-m", f"snapvit_lightning.benchmarks.{name}", "--data", str(tmp_path / "nope")],
+                             capture_output=True, text=True, env={**__import__("os").environ, "SNAPVIT_TRACEBACK": ""})
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            f"python -m snapvit_lightning.benchmarks.{name}: error: --data: image folder not found: '{tmp_path / 'nope'}' "
+            "(give a folder of images or one image file)"]
