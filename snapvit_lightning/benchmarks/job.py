@@ -56,9 +56,11 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..data import find_images
 from ..machine import build_machine
 from ..quickstart import CONFIG, DEFAULT_WEIGHTS, run
 from ..search import PAPER_RATIO_PAIRS
+from ..weights_io import check_writable
 
 __all__ = [
     "SETTINGS", "DEFAULT_SETTINGS", "PAPER_SEARCH", "paper_config", "uncorrected_config", "load_official", "compare",
@@ -391,10 +393,11 @@ def run_job(
     for name, value in (("search_evals", search_evals), ("max_samples", max_samples), ("repeats", repeats)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1{'' if name == 'repeats' else ' or None'}, got {value!r}")
-    if data is not None and not Path(data).exists():
-        raise FileNotFoundError(f"--data: no folder at {data}")
+    if data is not None:  # before any run, named as the user gave them (a run would say data_dir / dirpath)
+        find_images(Path(data), argument="--data")
     official_times = None if official is None else load_official(Path(official))
     out = Path(out)
+    check_writable(out, "--out")
     args = [*([] if data is None else ["--data.data_dir", str(data)]),
             *([] if max_samples is None else ["--data.max_samples", str(max_samples)]), *cli_args]
     writers = {"default": None, "uncorrected": uncorrected_config, "paper": paper_config}

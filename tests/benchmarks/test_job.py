@@ -162,4 +162,15 @@ def test_errors_name_the_program_and_the_argument(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         job.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == f"python -m snapvit_lightning.benchmarks.job: error: --data: no folder at {tmp_path / 'nope'}\n"
+    assert capsys.readouterr().err == (f"python -m snapvit_lightning.benchmarks.job: error: --data: image folder not found: "
+                                       f"'{tmp_path / 'nope'}' (give a folder of images or one image file)\n")
+    # An empty folder and an --out that is a file: before any run (they were named data_dir / dirpath after one).
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("")
+    for argv, said in ((["--data", str(tmp_path / "empty")], "--data: no image files"),
+                       (["--out", str(tmp_path / "afile")], f"--out: '{tmp_path / 'afile'}' is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            job.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"python -m snapvit_lightning.benchmarks.job: error: {said}"), err
+        assert "Seed set" not in err
