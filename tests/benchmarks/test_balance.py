@@ -88,10 +88,12 @@ def test_bench_balance_gradient_only_and_pairs(tmp_path, capsys, one_thread) -> 
     ("--pairs", "0.3", "a pair is MLP_RATIO,HEAD_RATIO"),
     ("--balance", "0.5,0.6,0.7", "a balance is Q, MLP_Q,HEAD_Q or rank"),
     ("--balance", "half", "a balance is Q, MLP_Q,HEAD_Q or rank"),
+    ("--starts", None, "nothing to measure: --starts names no start"),  # it printed a header and exited 0
 ])
 def test_bench_balance_rejects_bad_options(tmp_path, capsys, option, value, message) -> None:
     with pytest.raises(SystemExit):
-        bench_balance.main([str(tmp_path / "x.elastic.safetensors"), "--data", str(tmp_path), option, value])
+        bench_balance.main([str(tmp_path / "x.elastic.safetensors"), "--data", str(tmp_path), option,
+                            *([] if value is None else [value])])
     assert message in capsys.readouterr().err
 
 
