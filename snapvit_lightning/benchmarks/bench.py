@@ -79,7 +79,7 @@ from typing import Any, Sequence
 from ..cli_args import budget_arg, int_at_least
 from ..machine import cpu_model
 from ..weights_io import check_writable
-from .bench_correction import make_calibrator
+from .bench_correction import check_calibration_options, make_calibrator
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
 
@@ -437,6 +437,8 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+    check_calibration_options(getattr(args, "calibration", None), list(getattr(args, "correct", None) or []),
+                              getattr(args, "baselines", False))
 
     t_start = time.perf_counter()
     elastic = ElasticViT.load(path, stats=False)  # plain rows are plain cuts; --correct adds corrected ones
@@ -462,9 +464,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
     corrections = list(dict.fromkeys(getattr(args, "correct", None) or []))
     calibrate = make_calibrator(getattr(args, "calibration", None), images, args.batch_size, corrections)
-    if calibrate is not None and calibrate.stats_file and getattr(args, "baselines", False):
-        raise ValueError("--calibration STATS fits only this checkpoint's units; with --baselines give an image "
-                         "folder or leave --calibration out (cross-fit)")
 
     def add(method: str, source: Any, ratios: tuple[float, float], dims: Any, seed: int | None = None) -> None:
         t0 = time.perf_counter()

@@ -20,10 +20,8 @@ class Calibrator:
         import torch
 
         self.images, self.batch_size = images, batch_size
-        from ..data import IMG_EXTENSIONS
-
         self.path = None if source is None else Path(source).expanduser()
-        self.stats_file = self.path is not None and not self.path.is_dir() and self.path.suffix.lower() not in IMG_EXTENSIONS
+        self.stats_file = is_stats_file(source)
         self.stats_s = 0.0
         self._announced = False
         self._cache: dict[str, list[tuple[Any, Any]]] = {}
@@ -101,10 +99,23 @@ class Calibrator:
         return model, feats, kept
 
 
+def is_stats_file(source: str | None) -> bool:
+    """Whether ``--calibration`` names a statistics file (not a folder or an image; ``None``: no)."""
+    from ..data import IMG_EXTENSIONS
+
+    path = None if source is None else Path(source).expanduser()
+    return path is not None and not path.is_dir() and path.suffix.lower() not in IMG_EXTENSIONS
+
+
+def check_calibration_options(source: str | None, corrections: list[str], baselines: bool) -> None:
+    """Refuse ``--calibration`` without ``--correct``, and statistics with ``--baselines`` (before any work)."""
+    if source is not None and not corrections:
+        raise ValueError("--calibration needs --correct bias|lstsq")
+    if corrections and baselines and is_stats_file(source):
+        raise ValueError("--calibration STATS fits only this checkpoint's units; with --baselines give an image "
+                         "folder or leave --calibration out (cross-fit)")
+
+
 def make_calibrator(source: str | None, images: Any, batch_size: int, corrections: list[str]) -> Calibrator | None:
     """The calibrator of ``--calibration`` for ``--correct`` (``None`` without corrections)."""
-    if not corrections:
-        if source is not None:
-            raise ValueError("--calibration needs --correct bias|lstsq")
-        return None
-    return Calibrator(source, images, batch_size)
+    return Calibrator(source, images, batch_size) if corrections else None

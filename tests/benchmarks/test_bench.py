@@ -354,19 +354,27 @@ def test_statistics_of_each_model_are_announced_by_its_method(setup, capsys) -> 
                      "collecting correction statistics for random (seed 1) ..."]
 
 
-def test_correction_argument_errors(setup, tmp_path, capsys) -> None:
+def test_correction_argument_errors(setup, tmp_path, capsys, monkeypatch) -> None:
+    import snapvit_lightning.data
+
     path, data, root = setup
     stats = tmp_path / "tiny.stats.safetensors"
     elastic = ElasticViT.load(path)
     elastic.collect_stats(load_eval_images(data, elastic.model)[0][:2]).save(stats)
-    for argv, match in (
-        (["--calibration", str(stats)], "--calibration needs --correct"),
-        (["--correct", "lstsq", "--calibration", str(stats), "--baselines"], "with --baselines give an image folder"),
-        (["--correct", "lstsq", "--calibration", str(tmp_path / "nope.safetensors")], "not found"),
+    read = snapvit_lightning.data.load_eval_images
+    for argv, match, early in (
+        (["--calibration", str(stats)], "--calibration needs --correct", True),
+        (["--correct", "lstsq", "--calibration", str(stats), "--baselines"], "with --baselines give an image folder", True),
+        (["--correct", "lstsq", "--calibration", str(tmp_path / "nope.safetensors")], "not found", False),
     ):
+        def refuse_to_read(*args, **kwargs):  # the option checks come before the images are read (and warned about)
+            raise AssertionError("the images were read before the options were checked")
+
+        monkeypatch.setattr(snapvit_lightning.data, "load_eval_images", refuse_to_read if early else read)
         with pytest.raises(SystemExit) as exc:
             bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", *argv])
         assert exc.value.code == 2 and match in capsys.readouterr().err, argv
+    monkeypatch.setattr(snapvit_lightning.data, "load_eval_images", read)
     # Stored statistics of this checkpoint evaluate every image with one corrected subnet: the checkpoint's
     # units without a ranking in the file, the ranking's units with one (what subnet() gives with that file).
     from snapvit_lightning.correction import CorrectionStats
