@@ -124,7 +124,11 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
     if args.budgets is not None:  # those of the asked budgets the report measured
         asked = {(round(a, 4), round(h, 4)) for a, h in args.budgets}
-        rows = [b for b in rows if (round(b["mlp_ratio"], 4), round(b["head_ratio"], 4)) in asked]
+        measured = [b for b in rows if (round(b["mlp_ratio"], 4), round(b["head_ratio"], 4)) in asked]
+        if rows and not measured:
+            its = ", ".join(f"{b['mlp_ratio']:g},{b['head_ratio']:g}" for b in rows)
+            print(f"fidelity: {report_path.name} measured none of --budgets (its budgets: {its})")
+        rows = measured
     if not rows:
         return
     correction = report.get("correction") or {}
@@ -150,8 +154,8 @@ def _stale_correction(correction: dict, stats: object) -> str | None:
     digest = correction.get("stats_digest")
     if digest is not None and digest != stats.digest or (
             digest is None and correction.get("calibration_views") not in (None, stats.num_images)):
-        return (f"the report measured it with other statistics ({correction.get('calibration_views')} inputs) "
-                f"than those now beside the checkpoint ({stats.num_images} inputs)")
+        return (f"the statistics now beside the checkpoint ({stats.num_images} inputs) are not those the report "
+                f"measured it with ({correction.get('calibration_views')} inputs)")
     return None
 
 

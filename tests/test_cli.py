@@ -492,6 +492,8 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
     assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", f"{half['fidelity_corrected']:.4f}"]
     assert not [r for r in printed.splitlines() if r.split()[:2] == ["0.00", "0.00"]]  # --budgets: the fidelity table too
+    assert main(["info", str(path), "--budgets", "0.3,0.2"]) == 0
+    assert "fidelity: report.json measured none of --budgets (its budgets: 0,0, 0.4,0.5)" in capsys.readouterr().out
     # The budgets table shows the cut `slice` gives: the corrected subnet's blocks, or with --no-correct the plain cut's.
     def kept(subnet) -> list[str]:
         return [f"{b.attn.num_heads}/{b.mlp.fc1.out_features}" for b in subnet.blocks]
@@ -518,7 +520,8 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert other.num_images == stored.num_images and other.digest != stored.digest
     assert main(["info", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "corrected: not shown, the report measured it with other statistics (3 inputs) than those now beside" in printed
+    assert ("corrected: not shown, the statistics now beside the checkpoint (3 inputs) are not those the report "
+            "measured it with (3 inputs)") in printed
     assert len([r for r in printed.splitlines() if r.split()[:2] == ["0.00", "0.00"]]) == 2  # both tables, by default
     line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
     assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", "-"]

@@ -124,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the fitness's (mlp_ratio, head_ratio) pairs (default: the search's)")
     args = parser.parse_args(argv)
     if not args.starts and not (args.uniform or args.gradient_only or args.random or args.magnitude_lamp):
-        parser.error("nothing to measure: --starts names no start and no reference (--uniform, --gradient-only, "
-                     "--random, --magnitude-lamp) is asked for")
+        parser.exit(2, f"{parser.prog}: error: nothing to measure: --starts names no start and no reference "
+                       "(--uniform, --gradient-only, --random, --magnitude-lamp) is asked for\n")
 
     elastic = ElasticViT.load(args.path, stats=False)  # plain cuts (the correction is measured explicitly)
     raw = elastic.scores.raw()

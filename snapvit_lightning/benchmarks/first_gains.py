@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = first_gains(args.checkpoint, args.data, args.seeds, args.generations, args.bf16, args.fitness_samples)
     except (OSError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"{result['images']} images (fitness_samples {result['fitness_samples']}), popsize {result['popsize']}")
     for seed, row in result["seeds"].items():
         bests = " ".join(f"{b:.5f}" for b in row["best_after"])

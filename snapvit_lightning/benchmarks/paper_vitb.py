@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_paper_vitb(args.data, args.out, args.calibration, args.fitness, args.evals, args.pca,
                                 args.img_size, args.accelerator, args.num_workers, rest)
     except (OSError, ImportError, ValueError, RuntimeError) as err:
-        parser.exit(2, f"error: {err}\n")
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     t = result["times"]
     print(f"ViT-B/16 paper run on {result['machine'].get('device_name')}: whole run {t['wall_s']:.1f} s "
           f"(scoring {t['scoring_s']:.1f} s, search {t['search_s']:.1f} s: set-up, start point and "

@@ -22,6 +22,7 @@ BUDGETS = ((0.15, 0.0), (0.35, 0.2), (0.55, 0.4), (0.65, 0.5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..data import find_images
     from ..elastic import ElasticViT
     from ..module import load_weights
     from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
@@ -35,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget")
     parser.add_argument("--data", type=Path, default=None, help="image folder for the correction statistics")
     args = parser.parse_args(argv)
+    if args.data is not None:  # before the timings, not after them
+        find_images(args.data, argument="--data")
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     model = timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
     load_weights(model, ensure_weights(args.weights))
