@@ -276,6 +276,9 @@ def test_damaged_stats_are_refused_on_load(tmp_path: Path, edit, match) -> None:
     [
         (dict(correct="lstsq"), "needs calibration"),
         (dict(correct="none", calibration="x"), "only used with correct='bias' or 'lstsq'"),
+        # the default without statistics is the plain cut: say that calibration= is what is missing
+        (dict(correct="auto", sequential=True), r"got correct='none' \(the default when no statistics are attached "
+                                                r"and no calibration= is given: pass calibration=CorrectionStats or images"),
         (dict(correct="obs"), "correct must be one of"),
         (dict(correct="lstsq", damping=-1.0), r"damping must be None \(automatic\) or a finite number >= 0"),
         (dict(correct="lstsq", damping_reference="median"), "damping_reference must be one of"),
