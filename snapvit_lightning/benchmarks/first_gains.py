@@ -97,8 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", type=Path, help="elastic checkpoint (*.elastic.safetensors)")
     parser.add_argument("--data", type=Path, required=True, help="fitness image folder")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="xNES seeds, one search each (default: 0 1 2 3 4)")
+    parser.add_argument("--generations", type=int, default=2, help="generations per search (default: 2)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in the fitness (default: the model's fp32)")
     parser.add_argument("--fitness-samples", type=_samples, default=DEFAULT_FITNESS_SAMPLES,
                         help=f"the search's fitness_samples, or none for all images (default: {DEFAULT_FITNESS_SAMPLES})")

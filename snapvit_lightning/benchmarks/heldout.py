@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "or on its statistics' ranking: obs:scores=ranking,correct=lstsq")
     parser.add_argument("--main-seeds", nargs="+", type=int, default=[0],
                         help="the main job's search seeds, one main job each (default: 0)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="xNES seeds of each --search")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="xNES seeds of each --search (default: 0 1 2)")
     parser.add_argument("--max-evals", type=int, default=50, help="evaluations of each --search (default: 50)")
     parser.add_argument("--no-baselines", action="store_true", help="leave out gradient-only, uniform and random")
     args = parser.parse_args(argv)

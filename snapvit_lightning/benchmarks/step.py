@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--views", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds after one warm-up; the median is printed (default: 3)")
     args = parser.parse_args(argv)
     module = SnapViTModule(MODEL_NAME, checkpoint_path=str(ensure_weights(DEFAULT_WEIGHTS)),
                            model_kwargs={"num_classes": 0, "img_size": args.img_size})
