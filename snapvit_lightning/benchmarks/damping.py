@@ -108,16 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.damping",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="image folder, split by position into two halves")
-    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels")
-    parser.add_argument("--images", type=int, nargs="+", default=[12, 24, 49, 98], help="calibration set sizes N")
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
+    parser.add_argument("--images", type=int, nargs="+", default=[12, 24, 49, 98], help="calibration set sizes N (default: 12 24 49 98)")
     parser.add_argument("--damping", type=parse_damping, nargs="+", default=[None, 0.01, 0.03, 0.1, 0.3],
-                        help="dampings: 'auto' or numbers")
-    parser.add_argument("--calibrate", choices=("even", "odd"), nargs="+", default=["even", "odd"])
-    parser.add_argument("--seed", type=int, default=0, help="seeds each N's draw from the calibration half")
+                        help="dampings: 'auto' or numbers (default: auto 0.01 0.03 0.1 0.3)")
+    parser.add_argument("--calibrate", choices=("even", "odd"), nargs="+", default=["even", "odd"],
+                        help="the half (or halves, one direction each) to calibrate on (default: both)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds each N's draw from the calibration half (default: %(default)s)")
     parser.add_argument("--stats-views", type=int, default=DEFAULT_STATS_VIEWS, metavar="V",
                         help="statistics inputs aimed for, as the export: each image's eval view and random crops, "
                              "V // N views each, 1 to 8 (default: %(default)s; 1: the eval views alone)")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="DINOv2 ViT-S/14 weights, built there when missing (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
     if args.out is not None:  # before the measurement, not after it

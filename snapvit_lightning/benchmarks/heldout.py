@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the half (or halves, one direction each) to calibrate on (default: both)")
     parser.add_argument("--search", nargs="*", action="extend", type=parse_search, default=[], metavar="NAME:KEY=VALUE,...",
                         help="extra searches (repeatable) on the main job's raw scores, e.g. lstsq:correct=lstsq, "
-                             "or on its statistics' ranking: obs:scores=ranking,correct=lstsq")
+                             "or on its statistics' ranking: obs:scores=ranking,correct=lstsq (default: none)")
     parser.add_argument("--main-seeds", nargs="+", type=int, default=[0],
                         help="the main job's search seeds, one main job each (default: 0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="xNES seeds of each --search (default: 0 1 2)")

@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--official", type=Path, default=None, help="time_official.py's JSON, for the comparison")
     parser.add_argument("--search-evals", type=int, default=None, help="xNES evaluations (default: the config's, 50)")
     parser.add_argument("--max-samples", type=int, default=None, help="calibration images (default: all)")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors (built when missing)")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="DINOv2 ViT-S/14 weights, built there when missing (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_job"), help="output directory (default: runs/bench_job)")
     args, rest = parser.parse_known_args(argv)
     try:

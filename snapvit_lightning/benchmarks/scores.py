@@ -42,18 +42,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.scores", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="folder of photos (e.g. ../shared/data/photos8)")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--img-size", type=int, default=112)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--random-seeds", type=int, default=3)
-    parser.add_argument("--accumulations", nargs="+", default=["sum_then_square", "fisher"])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="DINOv2 ViT-S/14 weights, built there when missing (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per scoring step (default: %(default)s)")
+    parser.add_argument("--random-seeds", type=int, default=3,
+                        help="random-score baselines, one seed each (default: %(default)s)")
+    parser.add_argument("--accumulations", nargs="+", default=["sum_then_square", "fisher"],
+                        help="gradient accumulations to score with (default: sum_then_square fisher)")
     parser.add_argument("--identical-views", action="store_true",
                         help="repeat one global and one local crop, as the official code does")
     parser.add_argument("--search-evals", type=int, default=0,
                         help="also run the default xNES search (balanced scores, on the same photos) and add w_init (its start) / w_searched rows")
-    parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed")
+    parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed (default: %(default)s)")
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
-                        help="Trainer accelerator; the fidelity is measured on the same device")
+                        help="Trainer accelerator; the fidelity is measured on the same device (default: %(default)s)")
     args = parser.parse_args(argv)
     find_images(Path(args.data), argument="--data")  # before the weights and the model, as --data
     kwargs = {"num_classes": 0, "img_size": args.img_size}

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
-from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ..data import CalibrationDataModule, find_images
+from ..module import load_weights
+from ..quickstart import DEFAULT_WEIGHTS, ensure_weights
 from ..scores import ImportanceScores
 from ..search import DEFAULT_SIGMA, DEFAULT_SPACE, FITNESS_SPACES, PAPER_RATIO_PAIRS, Fitness, default_initial_weights
 from ..search.loop import _best, _make_xnes, _search_loop
@@ -85,27 +85,31 @@ def peak_rss_gb() -> float | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.search", description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=str(REPO / ".assets" / "dinov2_vits14.safetensors"))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "photos8"))
-    parser.add_argument("--img-size", type=int, default=112)
-    parser.add_argument("--max-evals", type=int, default=50)
-    parser.add_argument("--pca", type=int, default=64)
-    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA)
-    parser.add_argument("--popsize", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                        help="DINOv2 ViT-S/14 weights, built there when missing (default: %(default)s)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "photos8"),
+                        help="image folder of the fitness images, all of them used (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
+    parser.add_argument("--max-evals", type=int, default=50, help="timed evaluations of the search (default: %(default)s)")
+    parser.add_argument("--pca", type=int, default=64,
+                        help="PCA components of the fitness (--space pca; default: %(default)s)")
+    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="xNES initial step size (default: %(default)s)")
+    parser.add_argument("--popsize", type=int, default=None,
+                        help="xNES samples per generation (default: 4 + floor(3 ln d), 17 for ViT-S)")
+    parser.add_argument("--batch-size", type=int, default=64, help="fitness images per forward (default: %(default)s)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="torch device of the model and fitness images (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--seed", type=int, default=0, help="xNES seed (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model and fitness images: cpu, cuda (default: %(default)s)")
     parser.add_argument("--correct", choices=("none", "bias", "lstsq"), default="none",
-                        help="weight correction inside the fitness (Fitness(correct=...))")
+                        help="weight correction inside the fitness (Fitness(correct=...); default: %(default)s)")
     parser.add_argument("--space", choices=FITNESS_SPACES, default=DEFAULT_SPACE,
                         help=f"where the fitness takes the cosine (Fitness(space=...), default {DEFAULT_SPACE})")
     parser.add_argument("--width-multiple", type=int, default=None,
                         help="MLP widths the fitness runs (Fitness(width_multiple=...); default: its own, 32 on a CPU, 1 elsewhere)")
     parser.add_argument(
         "--baseline-evals", type=int, default=2,
-        help="also time this many evaluations of the copy-per-candidate approach (0: skip)",
+        help="also time this many evaluations of the copy-per-candidate approach (0: skip; default: %(default)s)",
     )
     args = parser.parse_args(argv)
     find_images(Path(args.data), argument="--data")  # before the model, as --data
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=args.img_size)
-    model.load_state_dict(checkpoint_filter_fn(load_file(args.weights), model))
+    load_weights(model, ensure_weights(args.weights), argument="--weights")
     model.eval().to(args.device)
     dm = CalibrationDataModule(data_dir=args.data, img_size=args.img_size)
     dm.configure_from_model(model)

@@ -31,16 +31,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import timm
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.slice", description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ViT-S/14 safetensors")
-    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget")
-    parser.add_argument("--data", type=Path, default=None, help="image folder for the correction statistics")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="DINOv2 ViT-S/14 weights, built there when missing (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None, help="image folder for the correction statistics (default: none, plain slicing only)")
     args = parser.parse_args(argv)
     if args.data is not None:  # before the timings, not after them
         find_images(args.data, argument="--data")
     kwargs = {"num_classes": 0, "img_size": args.img_size}
     model = timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
-    load_weights(model, ensure_weights(args.weights))
+    load_weights(model, ensure_weights(args.weights), argument="--weights")
     g = torch.Generator().manual_seed(0)
     scores = ImportanceScores(torch.rand(12, 1536, generator=g), torch.rand(12, 6, generator=g))
     start = time.perf_counter()

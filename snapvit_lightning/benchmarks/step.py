@@ -96,10 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.step", description=__doc__.splitlines()[0])
-    parser.add_argument("--img-size", type=int, default=112)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--views", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds after one warm-up; the median is printed (default: 3)")
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
+    parser.add_argument("--views", type=int, default=12, help="views per image, the first 2 the global ones, all random at --img-size (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved timed rounds after one warm-up; the median is printed (default: %(default)s)")
     args = parser.parse_args(argv)
     module = SnapViTModule(MODEL_NAME, checkpoint_path=str(ensure_weights(DEFAULT_WEIGHTS)),
                            model_kwargs={"num_classes": 0, "img_size": args.img_size})

@@ -1,0 +1,46 @@
+"""What every ``python -m snapvit_lightning.benchmarks.X`` script's ``--help`` tells a user."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+
+import pytest
+
+import snapvit_lightning.benchmarks as benchmarks
+
+SCRIPTS = sorted(
+    name for _, name, _ in pkgutil.iter_modules(benchmarks.__path__)
+    if hasattr(importlib.import_module(f"{benchmarks.__name__}.{name}"), "main")
+)
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: carries the script's parser out of its ``main``."""
+
+
+def _parser_of(name: str, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    def grab(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        raise _Parsed(self)
+
+    # both: scripts that pass unknown arguments on to `snapvit fit` use parse_known_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", grab)
+    with pytest.raises(_Parsed) as parsed:
+        importlib.import_module(f"{benchmarks.__name__}.{name}").main([])
+    return parsed.value.args[0]
+
+
+def test_the_scripts_are_found() -> None:
+    assert {"bench", "job", "search", "slice", "step"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_option_says_what_it_does_and_its_default(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = _parser_of(name, monkeypatch)
+    options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert options
+    assert [a.option_strings for a in options if not a.help] == []
+    with_default = [a for a in options if a.default not in (None, False, [], argparse.SUPPRESS) and not a.required]
+    assert [a.option_strings for a in with_default if "default" not in a.help] == []
