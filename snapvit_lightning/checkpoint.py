@@ -179,7 +179,7 @@ def resolve_rebuild(
         model: A timm ViT.
         model_name: Registered timm name; default the model's ``pretrained_cfg["architecture"]``.
         model_kwargs: ``timm.create_model`` keyword arguments (JSON values); default the
-            ``num_classes``, ``img_size``, ``global_pool`` (and ``dynamic_img_size``) read from the model.
+            ``num_classes``, ``img_size``, ``global_pool`` and ``dynamic_img_size`` read from the model.
 
     Returns:
         ``(model_name, model_kwargs)``.
@@ -202,8 +202,8 @@ def resolve_rebuild(
             "img_size": [int(s) for s in model.patch_embed.img_size],
             "global_pool": model.global_pool,
         }
-        if getattr(model, "dynamic_img_size", False):
-            model_kwargs["dynamic_img_size"] = True
+        if hasattr(model, "dynamic_img_size"):  # either way: a model's timm default may be the other
+            model_kwargs["dynamic_img_size"] = bool(model.dynamic_img_size)
     model_kwargs = check_model_kwargs(model_kwargs)
     rebuilt = _rebuilt(model_name, json.dumps(model_kwargs, sort_keys=True))
     if isinstance(rebuilt, str):
@@ -227,8 +227,11 @@ def subnet_metadata(
     """The string metadata of a subnet file (:func:`save_subnet`; an ONNX subnet's ``metadata_props`` too).
 
     Raises:
+        TypeError: ``budget`` is not a dict (or ``None``).
         ValueError: ``budget`` holds values that are not JSON.
     """
+    if budget is not None and not isinstance(budget, dict):
+        raise TypeError(f"budget must be a dict of plain JSON values or None, got {budget!r}")
     meta = _metadata("subnet", model, model_name, model_kwargs)
     if budget is not None:
         try:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .correction_stats import (  # re-exported: the statistics are part of this module's API
     STATS_FORMAT, STATS_FORMAT_VERSION, STATS_READABLE_VERSIONS, CorrectionStats, stats_path_for,
 )
-from .structure import check_model_images, get_blocks
+from .structure import check_model_images, get_blocks, head_channels, mlp_rows
 
 __all__ = [
     "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
@@ -552,8 +552,8 @@ def correct_subnet(
 
     Raises:
         ValueError: A bad option, statistics of another model or shape, statistics for a
-            model with a norm over the cut dimension, ``sequential`` with statistics, or a
-            block that grew.
+            model with a norm over the cut dimension, ``sequential`` with statistics, a
+            block that grew, or a subnet that is not a prefix cut of ``dense``.
         SingularGramError: A damped Gram matrix that is not positive definite.
     """
     method, damping, damping_reference = check_correction(method, damping, damping_reference)
@@ -571,6 +571,7 @@ def correct_subnet(
             if k > n:
                 raise ValueError(f"block {i} {branch}.{name} of the subnet has {k} inputs, the dense model {n}")
             cut.append(k < n)
+    _check_prefix_cut(dense_blocks, sub_blocks)
     if method == "none" or not any(cut):
         return subnet
     mlp_hidden = dense_blocks[0].mlp.fc2.in_features
@@ -589,6 +590,30 @@ def correct_subnet(
     resolved = stats_damping(damping, calibration)
     _correct_from_stats(dense_blocks, sub_blocks, calibration, expected_fingerprint, solve, prepared)
     return subnet
+
+
+def _check_prefix_cut(dense_blocks: Sequence[nn.Module], sub_blocks: Sequence[nn.Module]) -> None:
+    """Refuse a subnet whose kept neurons and heads are not the first of ``dense``'s (another model, or unpermuted).
+
+    Compares the rows the cut keeps unchanged (``fc1``, ``qkv``) to within 1 % (a subnet cast to
+    half precision passes): a correction fitted to other units than the subnet's would give it
+    wrong weights without a word.
+    """
+    for i, (d, s) in enumerate(zip(dense_blocks, sub_blocks)):
+        k, h = s.mlp.fc2.in_features, s.attn.num_heads
+        channels = head_channels(torch.arange(h), d.attn.head_dim)
+        qkv_rows = torch.cat([part * d.attn.num_heads * d.attn.head_dim + channels for part in range(3)])
+        pairs = [(layer.weight[rows], got.weight) for (layer, rows), (got, _) in
+                 zip(mlp_rows(d.mlp, torch.arange(k)), mlp_rows(s.mlp, torch.arange(k)))]
+        pairs.append((d.attn.qkv.weight[qkv_rows.to(d.attn.qkv.weight.device)], s.attn.qkv.weight))
+        for want, got in pairs:
+            want = want.detach().float()
+            if got.shape != want.shape or float((got.detach().float().to(want.device) - want).norm()) > 0.01 * float(want.norm()):
+                raise ValueError(
+                    f"block {i}: the subnet's kept neurons and heads are not the first ones of `dense`: pass the "
+                    "elastic (permuted) model it was cut from as `dense` (ElasticViT.model; with statistics that "
+                    "carry a ranking, ElasticViT.ranked_view().model), not the original model"
+                )
 
 
 @torch.no_grad()

@@ -77,6 +77,8 @@ __all__ = [
 
 #: What ``ElasticViT.subnet(correct=...)`` accepts: ``"auto"`` and the corrections.
 CORRECT_CHOICES = ("auto", "none", "bias", "lstsq")
+#: The measurement options ``ElasticViT.latency_budget`` passes on to ``find_latency_budget``.
+LATENCY_OPTIONS = ("warmup", "repeats", "resolution", "timer")
 
 
 class ElasticViT:
@@ -198,9 +200,12 @@ class ElasticViT:
         fits the budget.
 
         Raises:
+            TypeError: ``head_ratio_scale`` is not a number.
             ValueError: Both a ratio and a fraction, a fraction outside ``(0, 1]``, or a budget
                 below what the per-block minimum keep allows.
         """
+        if isinstance(head_ratio_scale, bool) or not isinstance(head_ratio_scale, (int, float)):
+            raise TypeError(f"head_ratio_scale must be a number in [0, 1], got {head_ratio_scale!r}")
         if flops is None and params is None:
             if head_ratio_scale != 1.0:
                 raise ValueError(f"head_ratio_scale={head_ratio_scale!r} applies to a flops/params fraction only; "
@@ -216,7 +221,7 @@ class ElasticViT:
         name, target = ("flops", flops) if flops is not None else ("params", params)
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
             raise ValueError(f"{name} must be a fraction in (0, 1], got {target!r}")
-        if isinstance(head_ratio_scale, bool) or not 0.0 <= head_ratio_scale <= 1.0:
+        if not 0.0 <= head_ratio_scale <= 1.0:
             raise ValueError(f"head_ratio_scale must be in [0, 1], got {head_ratio_scale!r}")
         key = f"{name}_fraction"
 
@@ -332,10 +337,15 @@ class ElasticViT:
         Raises:
             LatencyTargetError: A target the dense model meets, or one below the smallest budget's
                 latency (a ``ValueError``; the message says what was measured).
+            TypeError: An option not in :data:`LATENCY_OPTIONS`.
             ValueError: A bad argument.
         """
         from .latency import find_latency_budget
 
+        unknown = sorted(set(options) - set(LATENCY_OPTIONS))
+        if unknown:
+            raise TypeError(f"latency_budget() got unknown options {unknown}; besides its own arguments it takes "
+                            f"{', '.join(LATENCY_OPTIONS)}")
         correct, calibration = self._resolve_correction(correct, calibration)
         _check_correction_args(correct, calibration, None, "mean", sequential)  # as subnet() would
         self.resolve_budget(flops=1.0, head_ratio_scale=head_ratio_scale)  # checks head_ratio_scale

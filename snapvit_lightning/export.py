@@ -32,7 +32,6 @@ import copy
 import dataclasses
 import json
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +58,8 @@ from .onnx_export import checked_onnx
 from .ranks import finish_on_every_rank, stop_if_terminated
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .search import EvolutionarySearch, scored_model
-from .weights_io import check_writable, folder_lock
+from .structure import check_model_images
+from .weights_io import check_writable, folder_lock, staging_path
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -130,10 +130,6 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
     for path in targets.values():
         if path.exists():
             raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
-
-
-def _staging(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -254,6 +250,9 @@ def export_elastic(
             "model with attach_stats); pass correct='none' for the plain cut without statistics"
         )
     device = _check_device(device)
+    for given, what in ((images, "fitness_images"), (calibration, "calibration_images")):
+        if given is not None:  # the sizes and values the model takes, before any work
+            check_model_images(elastic.model, given, what)
 
     export_start = time.perf_counter()
     # 1. Refuse to overwrite, before any work.
@@ -396,27 +395,27 @@ def export_elastic(
             "export_machine": build_machine(device),
         },
     }
-    title = f"{name} ({elastic.model_name})"
+    title = name if name == elastic.model_name else f"{name} ({elastic.model_name})"
 
     # 3. Stage every file under a hidden name, then rename them all into place.
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: dict[str, Path] = {}
     placed: list[Path] = []
     try:
-        staged["elastic"] = _staging(targets["elastic"])
+        staged["elastic"] = staging_path(targets["elastic"])
         elastic.save(staged["elastic"], stats=False)  # the statistics this export writes are staged on their own
         if stats is not None:
-            staged["stats"] = _staging(targets["stats"])
+            staged["stats"] = staging_path(targets["stats"])
             stats.save(staged["stats"])
         for label, (sub, budget) in subnets.items():
-            _write_subnet(staged.setdefault(f"subnet:{label}", _staging(targets[f"subnet:{label}"])), elastic, sub, budget)
+            _write_subnet(staged.setdefault(f"subnet:{label}", staging_path(targets[f"subnet:{label}"])), elastic, sub, budget)
         for label, (graph, _) in graphs.items():
-            staged.setdefault(f"onnx:{label}", _staging(targets[f"onnx:{label}"])).write_bytes(graph)
-        staged["fidelity_plot"] = _staging(targets["fidelity_plot"])
+            staged.setdefault(f"onnx:{label}", staging_path(targets[f"onnx:{label}"])).write_bytes(graph)
+        staged["fidelity_plot"] = staging_path(targets["fidelity_plot"])
         _write_figure(staged["fidelity_plot"], _fidelity_figure(entries, title))
-        staged["kept_units_plot"] = _staging(targets["kept_units_plot"])
+        staged["kept_units_plot"] = staging_path(targets["kept_units_plot"])
         _write_figure(staged["kept_units_plot"], _kept_units_figure(entries, mlp_hidden, num_heads, title, corrected=view is not None))
-        staged["report"] = _staging(targets["report"])
+        staged["report"] = staging_path(targets["report"])
         report["build_times"]["export_s"] = time.perf_counter() - export_start
         _write_json(staged["report"], report)
         with folder_lock(out_dir):  # another export into out_dir places its files before or after, not between

@@ -34,10 +34,11 @@ def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tupl
     """Normalise budgets to ``("ratios", (a, b))`` / ``("flops", (f,))`` entries.
 
     Raises:
-        ValueError: A budget that is not a ratio pair in ``[0, 1)`` or a fraction in ``(0, 1]``.
+        ValueError: No budgets, or a budget that is not a ratio pair in ``[0, 1)`` or a fraction in ``(0, 1]``.
     """
-    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, Sequence):
-        raise ValueError(f"{name} must be a sequence of (mlp_ratio, head_ratio) pairs or FLOPs fractions, got {budgets!r}")
+    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, Sequence) or not budgets:
+        raise ValueError(f"{name} must be a non-empty sequence of (mlp_ratio, head_ratio) pairs or FLOPs fractions, "
+                         f"got {budgets!r}")
     out: list[tuple[str, tuple[float, ...]]] = []
     for budget in budgets:
         try:
@@ -114,10 +115,9 @@ def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:
 
 
 def _check_device(device: Any) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'), got {device!r}") from err
+    from .evaluation import _check_device as check  # also that this machine has it: else torch's driver error
+
+    return check(device)
 
 
 def _calibration_images(

@@ -45,7 +45,8 @@ from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .ranks import finish_on_every_rank
 from .scores import ImportanceScores
 from .search import EvolutionarySearch
-from .structure import UnsupportedModelError, check_supported
+from .search.loop import check_start_fits
+from .structure import UnsupportedModelError, check_input_size, check_model_images, check_supported
 
 __all__ = [
     "find_vit",
@@ -256,9 +257,10 @@ class SnapViT(Callback):
         self.accelerator = accelerator
         if search_kwargs is not None and not isinstance(search_kwargs, dict):
             raise TypeError(f"search_kwargs must be a dict or None, got {type(search_kwargs).__name__}")
-        if search_kwargs and "max_evals" in search_kwargs:
-            raise ValueError("search_kwargs must not hold max_evals; use search_evals")
-        allowed = sorted(set(inspect.signature(EvolutionarySearch).parameters) - {"max_evals"})
+        for key, instead in (("max_evals", "search_evals"), ("images", "fitness_images")):
+            if search_kwargs and key in search_kwargs:
+                raise ValueError(f"search_kwargs must not hold {key}; use {instead}")
+        allowed = sorted(set(inspect.signature(EvolutionarySearch).parameters) - {"max_evals", "images"})
         unknown = sorted(set(search_kwargs or {}) - set(allowed))
         if unknown:
             raise ValueError(f"search_kwargs: unknown key(s) {unknown}; EvolutionarySearch takes {allowed}")
@@ -288,14 +290,29 @@ class SnapViT(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the ViT, check the accelerator and refuse an existing export before the user's fit starts."""
+        """Find the ViT, check the accelerator, images and search start, refuse an existing export: before the user's fit."""
         if stage != "fit":
             return
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         resolve_rebuild(model, self.model_name, self.model_kwargs)  # else the export would fail after the user's fit
         self._check_accelerator()
         self._check_loader()
+        self._check_inputs(model)
         _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite, owner="SnapViT")
+
+    def _check_inputs(self, model: nn.Module) -> None:
+        """Refuse images and a search start the ViT cannot take, before the user's fit, not after it."""
+        if self.fitness_images is not None:
+            check_model_images(model, self.fitness_images, "fitness_images")
+        size = getattr(self.datamodule, "img_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            fixed = tuple(getattr(model.patch_embed, "img_size", None) or ())
+            if getattr(model.patch_embed, "strict_img_size", False) and fixed != (size, size):
+                raise ValueError(f"datamodule: img_size={size}, but this ViT takes {fixed[0]} x {fixed[1]} px images only "
+                                 f"(give img_size={fixed[0]}, or build the ViT with img_size={size} or dynamic_img_size=True)")
+            check_input_size(model, (size, size), f"datamodule: img_size={size}")
+        if self.search_evals:
+            check_start_fits(model, self.search_kwargs.get("initial_weights"), self.search_kwargs.get("initial_covariance"))
 
     def _check_loader(self) -> None:
         """Refuse a DataLoader of single images (a training loader) before the user's fit, not after it."""

@@ -225,8 +225,8 @@ class ProbeResult:
         parts.append(f"search {self.search.name} [fitness s: {table(self.fitness_s)}]")
         if self.rank_correlation:
             corr = " ".join(f"{k} {v:.4f}" for k, v in self.rank_correlation.items())
-            parts.append(f"; rank corr vs fp32 {corr} (min {self.min_rank_correlation}"
-                         + (f", excluded {', '.join(self.excluded)})" if self.excluded else ")"))
+            parts[-1] += (f"; rank corr vs fp32 {corr} (min {self.min_rank_correlation}"
+                          + (f", excluded {', '.join(self.excluded)})" if self.excluded else ")"))
         return " ".join(parts)
 
 

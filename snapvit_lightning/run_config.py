@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from typing_extensions import override
+
+from .weights_io import staging_path
 
 __all__ = ["SaveConfigAfterFit"]
 
@@ -46,7 +47,7 @@ class SaveConfigAfterFit(SaveConfigCallback):
         if not trainer.is_global_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        staged = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.partial")
+        staged = staging_path(self.path)
         try:
             staged.write_text(self.parser.dump(self.config, skip_none=False), encoding="utf-8")
             os.replace(staged, self.path)

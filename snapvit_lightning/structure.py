@@ -28,10 +28,12 @@ __all__ = [
     "ViTStructure",
     "inspect_vit",
     "check_supported",
+    "check_input_size",
     "check_model_images",
     "get_blocks",
     "mlp_kind",
     "mlp_input_layers",
+    "mlp_rows",
     "head_channels",
     "select_units",
     "permute_block",
@@ -253,6 +255,14 @@ def mlp_input_layers(block: nn.Module) -> list[nn.Linear]:
     return [mlp.fc1_g, mlp.fc1_x] if mlp_kind(mlp) == "swiglu" else [mlp.fc1]
 
 
+def mlp_rows(mlp: nn.Module, neurons: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """``(layer, rows)`` of the MLP's input layers that hold ``neurons`` (packed GLU: rows ``j`` and ``j + hidden``)."""
+    kind = mlp_kind(mlp)
+    if kind == "glu":  # GluMlp / SwiGLUPacked: fc1 holds both halves
+        return [(mlp.fc1, torch.cat([neurons, neurons + mlp.fc2.in_features]))]
+    return [(mlp.fc1_g, neurons), (mlp.fc1_x, neurons)] if kind == "swiglu" else [(mlp.fc1, neurons)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Selecting units
 # ----------------------------------------------------------------------------------------------
@@ -299,15 +309,8 @@ def _as_index(index: torch.Tensor | Sequence[int], size: int, what: str) -> torc
 
 
 def _select_mlp(mlp: nn.Module, index: torch.Tensor) -> None:
-    kind = mlp_kind(mlp)
-    hidden = mlp.fc2.in_features
-    if kind == "mlp":
-        _select_linear_rows(mlp.fc1, index)
-    elif kind == "swiglu":
-        _select_linear_rows(mlp.fc1_g, index)
-        _select_linear_rows(mlp.fc1_x, index)
-    else:  # GluMlp / SwiGLUPacked: fc1 holds both halves, neuron j is rows j and j + hidden
-        _select_linear_rows(mlp.fc1, torch.cat([index, index + hidden]))
+    for layer, rows in mlp_rows(mlp, index):
+        _select_linear_rows(layer, rows)
     _select_norm(mlp.norm, index)
     _select_linear_cols(mlp.fc2, index)
 
@@ -461,11 +464,30 @@ def num_tokens(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     return int(model.num_prefix_tokens) + int(grid[0]) * int(grid[1])
 
 
+def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None:
+    """Refuse an input ``size`` (H, W) that a dynamic-size ``model``'s patch embedding cannot cut into patches.
+
+    Raises:
+        ValueError: ``H`` or ``W`` not a multiple of the patch size (a patch embedding that pads,
+            ``dynamic_img_pad``, takes any size); the message names ``name``.
+    """
+    pe = getattr(model, "patch_embed", None)
+    patch = tuple(int(p) for p in getattr(pe, "patch_size", None) or ())
+    if len(patch) != 2 or getattr(pe, "img_size", None) is None or getattr(pe, "dynamic_img_pad", False) \
+            or getattr(pe, "strict_img_size", False):
+        return  # as timm's PatchEmbed: a fixed size is checked as a whole, no img_size not at all
+    if size[0] % patch[0] or size[1] % patch[1]:
+        multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
+        raise ValueError(f"{name}: {size[0]} x {size[1]} px images do not cut into this model's {patch[0]} x "
+                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {4 * patch[0]})")
+
+
 def check_model_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
     """``images`` if they are finite float ``[N, C, H, W]`` (N >= 1) that ``model`` takes, else a ValueError.
 
     ``C`` must be the patch embedding's input channels and, when the model has a fixed input size
-    (no ``dynamic_img_size``, a strict ``patch_embed``), ``(H, W)`` must be ``patch_embed.img_size``.
+    (no ``dynamic_img_size``, a strict ``patch_embed``), ``(H, W)`` must be ``patch_embed.img_size``;
+    else multiples of the patch size (unless the patch embedding pads, ``dynamic_img_pad``).
 
     Raises:
         ValueError: Naming ``name``, the shape or values given and what the model needs.
@@ -480,6 +502,7 @@ def check_model_images(model: nn.Module, images: object, name: str = "images") -
         got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         dtype = f" {images.dtype}" if isinstance(images, torch.Tensor) else ""
         raise ValueError(f"{name} must be a non-empty float tensor {need} for this model, got {got}{dtype}")
+    check_input_size(model, tuple(images.shape[2:]), name)
     if images.device.type == "meta":
         raise ValueError(f"{name} are on the meta device (no values); give real images")
     if not bool(torch.isfinite(images).all()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import sys
 import warnings
 from collections.abc import Iterator
@@ -26,6 +27,22 @@ __all__ = [
 ]
 
 
+#: The suffix of a file written under a hidden name beside its target, then renamed into place.
+STAGING_SUFFIX = ".partial"
+
+
+def staging_path(path: Path) -> Path:
+    """A new hidden name beside ``path`` (``.NAME.RANDOM.partial``) to write it under before the rename."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{STAGING_SUFFIX}")
+
+
+def _target_suffix(path: Path) -> str:
+    """The suffix of the file ``path`` is written for: its own, or its target's for a :func:`staging_path`."""
+    if path.suffix == STAGING_SUFFIX and path.name.startswith("."):
+        return Path(path.name[1:].rsplit(".", 2)[0]).suffix
+    return path.suffix
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` (detached, contiguous, on the CPU) as a safetensors file, atomically.
 
@@ -37,13 +54,20 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
+        TypeError: ``path`` is not a path.
+        ValueError: ``path`` does not end in ``.safetensors`` (the suffix says what the file is).
         IsADirectoryError: ``path`` is a folder.
         NotADirectoryError: A parent of ``path`` is a file.
         PermissionError: The file cannot be written (a read-only folder, a full disk).
     """
     from safetensors.torch import save_file
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
     path = Path(path)
+    if _target_suffix(path) != ".safetensors" and not path.is_dir():
+        hint = "; ONNX: save_onnx() or `snapvit slice -o FILE.onnx`" if path.suffix == ".onnx" else ""
+        raise ValueError(f"path: '{path}' must end in .safetensors (this writes a safetensors file{hint})")
     if path.is_dir():
         raise IsADirectoryError(f"'{path}' is a folder; give a .safetensors file name")
     make_parent(path)

@@ -443,7 +443,14 @@ def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
         main([*argv[:4], "--calibration", str(tmp_path / "nope"), "-o", str(tmp_path / "t.safetensors")])
     assert exit_.value.code == 2
     assert f"--calibration: '{tmp_path / 'nope'}' does not exist (give a statistics file" in capsys.readouterr().err
-    elastic.save_subnet(tmp_path / "odd.safetensors", load_subnet(out), budget=[0.5])  # a crafted file: refused on read
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from snapvit_lightning.weights_io import write_safetensors
+
+    with safe_open(str(out), "pt") as f:  # save_subnet refuses a budget that is not a dict: crafted by hand
+        meta = {**f.metadata(), "budget": "[0.5]"}
+    write_safetensors(tmp_path / "odd.safetensors", load_file(out), meta)  # refused on read
     with pytest.raises(ValueError, match="metadata 'budget' must be a JSON object"):
         read_metadata(tmp_path / "odd.safetensors")
 

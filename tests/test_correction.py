@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import timm
 import torch
 
 from conftest import load_real_model, model_input, random_scores, tiny_model
-from snapvit_lightning.correction import CorrectionStats, SingularGramError
+from snapvit_lightning.correction import CorrectionStats, SingularGramError, correct_subnet
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.obs import stream_energy
 from snapvit_lightning.scores import ImportanceScores
@@ -312,6 +313,24 @@ def test_bad_calibration_inputs() -> None:
         stream_energy(fixed.model, _images(fixed.model, n=2)[:, :, :32, :32])
     with pytest.raises(ValueError, match="sequential=True needs calibration images"):
         el.subnet(0.3, 0.2, correct="lstsq", calibration=el.collect_stats(_images(el.model, n=2)), sequential=True)
+    with pytest.raises(ValueError, match=r"calibration images: 40 x 40 px images do not cut into this model's 16 x 16"):
+        el.subnet(0.3, 0.2, calibration=torch.randn(2, 3, 40, 40))  # a dynamic-size model: multiples of the patch
+
+
+@pytest.mark.parametrize("key", ["test_vit", "swiglu", "glu"])
+def test_a_subnet_is_corrected_only_against_the_model_it_was_cut_from(key: str) -> None:
+    model, name, kwargs = tiny_model(key)
+    original = copy.deepcopy(model)
+    el = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    images = _images(el.model, n=8)
+    with pytest.raises(ValueError, match="block 0: the subnet's kept neurons and heads are not the first ones of `dense`"):
+        correct_subnet(original, el.subnet(0.5, correct="none"), images)  # unpermuted: other units' columns
+    with pytest.raises(ValueError, match="not the first ones of `dense`"):
+        correct_subnet(el.model, _elastic(key, seed=1).subnet(0.5, correct="none"), images)  # another model
+    expected = correct_subnet(el.model, el.subnet(0.5, correct="none"), images)
+    assert torch.equal(expected.blocks[0].mlp.fc2.weight, el.subnet(0.5, calibration=images).blocks[0].mlp.fc2.weight)
+    halved = correct_subnet(el.model, el.subnet(0.5, correct="none").to(torch.bfloat16), images.to(torch.bfloat16))
+    assert halved.blocks[0].mlp.fc2.weight.dtype == torch.bfloat16
 
 
 def test_norm_over_cut_dimension_needs_sequential() -> None:

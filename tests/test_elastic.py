@@ -130,7 +130,7 @@ def test_subnet_file_round_trip(tmp_path) -> None:
     torch.testing.assert_close(_forward(back, x), _forward(sub, x), atol=0, rtol=0)
     assert [block_dims(b) for b in get_blocks(back)] == [block_dims(b) for b in get_blocks(sub)]
     assert read_metadata(tmp_path / "sub.safetensors")["kind"] == "subnet"
-    with pytest.raises(ValueError, match="not an elastic model: load_subnet\(\) reads it"):
+    with pytest.raises(ValueError, match=r"not an elastic model: load_subnet\(\) reads it"):
         ElasticViT.load(tmp_path / "sub.safetensors")
 
 
@@ -163,6 +163,17 @@ def test_budget_errors() -> None:
         elastic.subnet(flops=0.01)
     with pytest.raises(ValueError, match="mlp_ratio must be a number in \\[0, 1\\)"):
         elastic.subnet(1.0, 0.0)
+    with pytest.raises(TypeError, match="head_ratio_scale must be a number in \\[0, 1\\], got '1'"):
+        elastic.subnet(flops=0.5, head_ratio_scale="1")
+    with pytest.raises(TypeError, match=r"latency_budget\(\) got unknown options \['bogus'\]; .* warmup, repeats"):
+        elastic.latency_budget(10.0, bogus=1)
+
+
+def test_a_subnet_budget_must_be_a_dict_a_subnet_file_can_hold(tmp_path) -> None:
+    elastic, _ = _elastic("test_vit")
+    with pytest.raises(TypeError, match="budget must be a dict of plain JSON values or None, got 'x'"):
+        elastic.save_subnet(tmp_path / "s.safetensors", elastic.subnet(0.3), budget="x")
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 def test_construction_errors() -> None:
@@ -217,6 +228,11 @@ def test_options_without_weights_are_recorded_or_refused(tmp_path) -> None:
     model = build(drop_rate=0.1, drop_path_rate=0.1)  # the identity in eval mode: nothing to record
     assert ElasticViT(model, random_scores(model)).model_kwargs == {
         "num_classes": 1000, "img_size": [32, 32], "global_pool": "token", "dynamic_img_size": True}
+    model = build(dynamic_img_size=False)  # test_vit's default is True: recorded either way
+    fixed = ElasticViT(model, random_scores(model))
+    assert fixed.model_kwargs["dynamic_img_size"] is False
+    fixed.save(tmp_path / "fixed.elastic.safetensors")
+    assert ElasticViT.load(tmp_path / "fixed.elastic.safetensors").model.dynamic_img_size is False
 
 
 def test_bad_files_raise_and_change_nothing(tmp_path) -> None:

@@ -122,6 +122,7 @@ def test_kept_units_plot_shows_the_subnets_the_export_cuts(tmp_path, elastic, im
         expected = [[v / total for v in e.get(key + suffix, e[key])] for e in entries]
         assert torch.allclose(torch.tensor(ax.images[0].get_array().tolist()).double(), torch.tensor(expected, dtype=torch.float64))
         assert ax.get_title().endswith("corrected subnets)" if correct != "none" else "plain cut)")
+    assert fig._suptitle.get_text() == elastic.model_name  # the file name is the model's: said once
 
 
 def test_export_without_images_or_subnets(tmp_path, elastic):
@@ -335,7 +336,12 @@ def test_two_exports_into_one_folder_place_their_files_one_after_the_other(tmp_p
         ({"budgets": [{"params": 0.5}]}, "dict budget"),
         ({"name": "a/b"}, "name"),
         ({"fitness_images": torch.zeros(2, 3)}, "fitness_images"),
-        ({"device": "tpu9"}, "device must be a torch device"),
+        ({"device": "tpu9"}, "device must name a torch device, got 'tpu9'"),
+        ({"budgets": []}, r"budgets must be a non-empty sequence .* got \[\]"),
+        ({"fitness_images": torch.full((2, 3, 32, 32), float("nan"))}, r"fitness_images hold non-finite values"),
+        ({"fitness_images": torch.zeros(2, 3, 40, 40)}, r"fitness_images: 40 x 40 px images do not cut into"),
+        pytest.param({"device": "cuda"}, r"device 'cuda' asked for, but CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has it")),
     ],
 )
 def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
@@ -486,6 +492,7 @@ def test_two_exports_into_one_folder_refused_before_the_fit(tmp_path):
     "kwargs, error, match",
     [
         ({"budgets": [(0.5,)]}, ValueError, "budgets"),
+        ({"budgets": []}, ValueError, "budgets must be a non-empty sequence"),
         ({"save_subnets": 1}, TypeError, "save_subnets"),
         ({"model_kwargs": "x"}, TypeError, "model_kwargs"),
         ({"dirpath": 3}, TypeError, "dirpath"),

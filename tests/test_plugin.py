@@ -266,6 +266,23 @@ def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(t
     assert type(loaded.model.blocks[0].mlp.act).__name__ == "SiLU"
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"datamodule": CalibrationDataModule(dataset=TensorDataset(torch.rand(4, 3, 40, 40)), img_size=13)},
+     r"datamodule: img_size=13: 13 x 13 px images do not cut into this model's 16 x 16 px patches; give a size "
+     r"that is a multiple of 16"),
+    ({"fitness_images": torch.randn(2, 3, 8, 8)}, r"fitness_images: 8 x 8 px images do not cut into"),
+    ({"search_kwargs": {"initial_weights": torch.rand(3)}}, r"initial_weights must be a finite tensor of shape \[18\]"),
+    ({"search_kwargs": {"initial_covariance": torch.eye(3)}}, r"initial_covariance must have shape \[18, 18\]"),
+])
+def test_snapvit_refuses_images_and_a_start_the_vit_cannot_take_before_the_users_fit(tmp_path, kwargs, match):
+    user = UserModule()
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, "search_evals": 2, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
+
+
 def test_snapvit_refuses_existing_export_before_fit(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=0)
@@ -287,6 +304,8 @@ def test_snapvit_refuses_existing_export_before_fit(tmp_path):
         ({"search_kwargs": {"sigma": -1.0}}, ValueError, "^search_kwargs: sigma"),
         ({"search_kwargs": {"popsize": "a"}}, ValueError, "^search_kwargs: popsize must be an int"),
         ({"datamodule": pl.LightningDataModule()}, ValueError, "fitness images"),
+        ({"search_kwargs": {"images": torch.rand(2, 3, 32, 32)}}, ValueError,
+         "search_kwargs must not hold images; use fitness_images"),
         ({"search_kwargs": {"bogus": 1}}, ValueError, r"search_kwargs: unknown key\(s\) \['bogus'\]; EvolutionarySearch takes \[.*'sigma'"),
         ({"dirpath": __file__}, ValueError, "dirpath must be a folder, but '.*test_plugin.py' is a file"),
     ],

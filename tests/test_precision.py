@@ -52,6 +52,7 @@ def test_probe_picks_the_fastest_measured_setting(step_s, fitness_s, scoring, se
     assert result.excluded == []
     assert json.loads(json.dumps(result.to_dict()))["scoring"] == scoring  # plain JSON
     assert scoring in result.summary() and search in result.summary()
+    assert f"[fitness s: {' '.join(f'{k} {v:.3f}' for k, v in fitness_s.items())}]; rank corr vs fp32" in result.summary()
 
 
 def test_reduced_precision_needs_the_margin(one_thread) -> None:

@@ -757,6 +757,24 @@ def test_callback_refuses_too_few_fitness_images_before_the_scoring_epoch(tmp_pa
     assert module.scores is None  # refused before the scoring epoch, not after it
 
 
+@pytest.mark.parametrize("start, match", [
+    ({"initial_weights": torch.rand(3)}, r"initial_weights must be a finite tensor of shape \[18\] \(B \+ B\*H\)"),
+    ({"initial_covariance": torch.eye(5)}, r"initial_covariance must have shape \[18, 18\], got \[5, 5\]"),
+])
+def test_callback_refuses_a_start_that_does_not_fit_the_model_before_the_scoring_epoch(tmp_path: Path, start, match) -> None:
+    from conftest import multicrop_loader
+
+    from snapvit_lightning.module import SnapViTModule
+
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": 32})
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EvolutionarySearch(max_evals=2, images=torch.randn(4, 3, 32, 32), **SEARCH_KW, **start)])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, train_dataloaders=multicrop_loader())
+    assert module.scores is None  # refused before the scoring epoch, not after it
+
+
 @pytest.mark.parametrize("guard", [0.0, 10.0])
 def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float) -> None:
     model, _, _ = small_vit()

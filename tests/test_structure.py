@@ -214,3 +214,18 @@ def test_bad_indices_and_orders() -> None:
         permute_block(block, head_order=[0])
     with pytest.raises(ValueError, match="dims has 1 entries"):
         slice_model(timm.create_model("test_vit", pretrained=False), [BlockDims(1, 1)])
+
+
+def test_input_sizes_follow_timms_patch_embedding() -> None:
+    from snapvit_lightning.structure import check_model_images
+
+    dynamic = timm.create_model("test_vit", pretrained=False, num_classes=0)  # dynamic size, 16 px patches
+    for size in ((32, 48), (16, 16)):
+        dynamic(check_model_images(dynamic, torch.randn(1, 3, *size), "images"))  # runs
+    with pytest.raises(ValueError, match=r"images: 40 x 32 px images do not cut into this model's 16 x 16 px patches; "
+                                         r"give a size that is a multiple of 16 \(e.g. 64\)"):
+        check_model_images(dynamic, torch.randn(1, 3, 40, 32), "images")
+    with pytest.raises(AssertionError, match="should be divisible by patch size"):
+        dynamic(torch.randn(1, 3, 40, 32))  # what the check spares the user
+    padded = timm.create_model("test_vit", pretrained=False, num_classes=0, dynamic_img_pad=True)
+    padded(check_model_images(padded, torch.randn(1, 3, 40, 32), "images"))  # pads: any size

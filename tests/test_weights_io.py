@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from snapvit_lightning.module import SnapViTModule
-from snapvit_lightning.weights_io import create_timm_model, write_safetensors
+from snapvit_lightning.weights_io import create_timm_model, staging_path, write_safetensors
 
 from conftest import load_real_model
 
@@ -184,6 +184,27 @@ def test_written_files_get_the_mode_of_new_files_and_nothing_else_is_left(tmp_pa
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m.elastic.safetensors", "w.safetensors"]
     with pytest.raises(IsADirectoryError, match="is a folder; give a .safetensors file name"):
         write_safetensors(tmp_path / "new", {"a": torch.zeros(1)})
+
+
+def test_a_safetensors_file_is_written_only_under_its_own_suffix(tmp_path) -> None:
+    from conftest import random_scores, tiny_model
+    from snapvit_lightning.elastic import ElasticViT
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"path: '.*s.onnx' must end in .safetensors .*ONNX: save_onnx\(\)"):
+        elastic.save_subnet(tmp_path / "s.onnx", elastic.subnet(0.3))
+    with pytest.raises(ValueError, match=r"path: '.*x.pt' must end in .safetensors \(this writes a safetensors file\)"):
+        elastic.save(tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="path must be a file path .* got None"):
+        elastic.save(None)
+    assert list(tmp_path.iterdir()) == []
+    staged = staging_path(tmp_path / "m.elastic.safetensors")  # an export's: written under it, then renamed
+    assert staged.name.startswith(".m.elastic.safetensors.") and staged.suffix == ".partial"
+    elastic.save(staged)
+    with pytest.raises(ValueError, match=r"must end in .safetensors"):
+        elastic.save(staging_path(tmp_path / "m.pt"))
+    assert list(tmp_path.iterdir()) == [staged]
 
 
 def test_an_unreachable_hub_names_the_model_and_the_offline_ways(monkeypatch):

@@ -41,7 +41,9 @@ from .fitness import (
     check_space,
     fitness_subset,
 )
-from .loop import _balanced_start, _best, _check_early_stop, _check_popsize, _check_sigma, _make_xnes, _search_loop
+from .loop import (
+    _balanced_start, _best, _check_early_stop, _check_popsize, _check_sigma, _make_xnes, _search_loop, check_start_fits,
+)
 from .progress import SearchProgress
 
 
@@ -365,8 +367,12 @@ class EvolutionarySearch(Callback):
         """Refuse too few fitness images before the scoring epoch; note when it starts (for the scores' record).
 
         Raises:
-            ValueError: The datamodule gives fewer than 2 fitness images (the search's PCA needs 2).
+            ValueError: The datamodule gives fewer than 2 fitness images (the search's PCA needs 2), or
+                ``initial_weights``/``initial_covariance`` do not fit the model's ``B + B*H`` weights.
         """
+        student = getattr(pl_module, "student", None)
+        if isinstance(student, nn.Module):
+            check_start_fits(student, self.initial_weights, self.initial_covariance)
         count = getattr(getattr(trainer, "datamodule", None), "num_fitness_images", None) if self.images is None else None
         if count is not None and count < 2:
             raise ValueError(

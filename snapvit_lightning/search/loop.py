@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..scores import ImportanceScores, check_balance
+from ..structure import get_blocks
 from ..xnes import XNES, _is_staged
 from .fitness import (
     DEFAULT_BALANCE,
@@ -62,6 +63,31 @@ def _balanced_start(
     return scores.balanced(balance), initial_weights
 
 
+def _check_start(dim: int, initial_weights: Any, initial_covariance: Any) -> tuple[Tensor | None, Tensor | None]:
+    """The start mean and covariance (``None`` where not given) checked against ``dim`` search weights.
+
+    Raises:
+        ValueError: ``initial_weights`` not finite ``[dim]``, ``initial_covariance`` not ``[dim, dim]``.
+    """
+    w0 = None if initial_weights is None else _check_weights(initial_weights, dim, "initial_weights")
+    cov = None
+    if initial_covariance is not None:
+        cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
+        if tuple(cov.shape) != (dim, dim):
+            raise ValueError(f"initial_covariance must have shape [{dim}, {dim}], got {list(cov.shape)}")
+    return w0, cov
+
+
+def check_start_fits(model: nn.Module, initial_weights: Any, initial_covariance: Any) -> None:
+    """Refuse a start that does not fit ``model``'s ``B + B*H`` search weights, before the scoring.
+
+    Raises:
+        ValueError: See :func:`_check_start`.
+    """
+    blocks = get_blocks(model)
+    _check_start(len(blocks) * (1 + int(blocks[0].attn.num_heads)), initial_weights, initial_covariance)
+
+
 def _make_xnes(
     dim: int,
     num_blocks: int,
@@ -72,15 +98,8 @@ def _make_xnes(
     initial_weights: Tensor | None,
     initial_covariance: Tensor | None,
 ) -> tuple[XNES, Tensor]:
-    w0 = default_initial_weights(num_blocks, num_heads) if initial_weights is None else _check_weights(
-        initial_weights, dim, "initial_weights"
-    )
-    w0 = w0.clamp(*_BOUNDS)
-    cov = None
-    if initial_covariance is not None:
-        cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
-        if tuple(cov.shape) != (dim, dim):
-            raise ValueError(f"initial_covariance must have shape [{dim}, {dim}], got {list(cov.shape)}")
+    w0, cov = _check_start(dim, initial_weights, initial_covariance)
+    w0 = (default_initial_weights(num_blocks, num_heads) if w0 is None else w0).clamp(*_BOUNDS)
     xnes = XNES(dim, mean=w0, sigma=sigma, cov=cov, popsize=popsize, bounds=_BOUNDS, seed=seed)
     return xnes, w0
 
