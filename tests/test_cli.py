@@ -568,3 +568,11 @@ def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch
                  "--trainer.callbacks.dirpath", str(tmp_path / "out")]) == 0
     assert seen == [6]  # one generation
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"] and (tmp_path / "out" / "report.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["slice", "--help"], ["--version"]])
+def test_help_needs_neither_torch_nor_timm(argv) -> None:
+    code = ("import sys\nfrom snapvit_lightning.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'timm', 'lightning') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -78,7 +78,6 @@ from typing import Any, Sequence
 
 from ..cli_args import budget_arg, int_at_least
 from ..machine import cpu_model
-from ..weights_io import check_writable
 from .bench_correction import check_calibration_options, make_calibrator
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
@@ -423,6 +422,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder, but '{out}' is a file")
     if out is not None:
+        from ..weights_io import check_writable  # torch and timm: not for `snapvit --help`
+
         check_writable(out, "--out")  # before the benchmark, not after it
         earlier = next((out / n for n in ("bench.json", "bench.md") if (out / n).exists()), None)
         if earlier is not None and not getattr(args, "overwrite", False):
