@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import timm
 
     parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.damping",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.splitlines()[0].rstrip(":"))
     parser.add_argument("--data", type=Path, required=True, help="image folder, split by position into two halves")
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
     parser.add_argument("--images", type=int, nargs="+", default=[12, 24, 49, 98], help="calibration set sizes N (default: 12 24 49 98)")

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import timm
 
-    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.slice", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m snapvit_lightning.benchmarks.slice", description=__doc__.splitlines()[0].rstrip(":"))
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="DINOv2 ViT-S/14 weights, built there when missing (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget (default: %(default)s)")

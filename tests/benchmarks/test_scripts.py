@@ -42,5 +42,8 @@ def test_every_option_says_what_it_does_and_its_default(name: str, monkeypatch: 
     options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     assert options
     assert [a.option_strings for a in options if not a.help] == []
-    with_default = [a for a in options if a.default not in (None, False, [], argparse.SUPPRESS) and not a.required]
+    # a default that is a value (not None, [] or a flag's False; 0 is one) must be named
+    with_default = [a for a in options if not (a.default is None or a.default is False or a.default == [])
+                    and a.default != argparse.SUPPRESS and not a.required]
     assert [a.option_strings for a in with_default if "default" not in a.help] == []
+    assert not (parser.description or "").endswith(":")  # a docstring's "::" is not a sentence
