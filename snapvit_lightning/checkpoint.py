@@ -57,9 +57,13 @@ def save_subnet(
     metadata ``budget`` (:func:`read_metadata` returns it; ``snapvit info`` prints it).
 
     Raises:
+        TypeError: ``model`` is a path (the arguments swapped: ``ElasticViT.save_subnet`` takes the path first).
         ValueError: If ``model_name``/``model_kwargs`` do not rebuild this architecture, or
             ``budget`` holds values that are not JSON.
     """
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"save_subnet(model, path, ...) takes the model first, got the path {str(model)!r} as model "
+                        "(ElasticViT.save_subnet(path, subnet) is the method that takes the path first)")
     inspect_vit(model)
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}

@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 #: A budget: ``(mlp_ratio, head_ratio)``, a FLOPs fraction in ``(0, 1]``, or a dict
-#: ``{"mlp_ratio": a, "head_ratio": b}`` / ``{"flops": f}`` (handy in YAML configs).
+#: ``{"mlp_ratio": a, "head_ratio": b}`` / ``{"flops": f}`` / ``{"params": p}`` (handy in YAML configs).
 Budget = Union[tuple[float, float], float, dict]
 
 
@@ -196,7 +196,7 @@ def export_elastic(
         out_dir: Output directory (created when missing).
         budgets: ``(mlp_ratio, head_ratio)`` pairs, FLOPs fractions in ``(0, 1]`` (resolved with
             :meth:`ElasticViT.resolve_budget`), or dicts ``{"mlp_ratio", "head_ratio"}`` /
-            ``{"flops"}``.
+            ``{"flops"}`` / ``{"params"}`` (a fraction of the dense parameters).
         fitness_images: Float ``[M, 3, S, S]`` images, normalised for the model, or ``None``
             (the fidelity is then ``null``).
         save_subnets: Also write each budget's sliced subnet.
@@ -261,9 +261,9 @@ def export_elastic(
     _refuse_existing(export_targets(out_dir, name, stats=True), overwrite)
     resolved: list[tuple[Any, float, float]] = []
     for kind, values in entries_in:
-        if kind == "flops":
-            a, b = elastic.resolve_budget(flops=values[0])
-            resolved.append(({"flops": values[0]}, a, b))
+        if kind in ("flops", "params"):
+            a, b = elastic.resolve_budget(**{kind: values[0]})
+            resolved.append(({kind: values[0]}, a, b))
         else:
             resolved.append(({"mlp_ratio": values[0], "head_ratio": values[1]}, *values))
     labels = [subnet_label(a, b) for _, a, b in resolved]

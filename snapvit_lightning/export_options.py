@@ -31,7 +31,7 @@ def _check_stats_views(value: Any) -> int:
 
 
 def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tuple[float, ...]], ...]:
-    """Normalise budgets to ``("ratios", (a, b))`` / ``("flops", (f,))`` entries.
+    """Normalise budgets to ``("ratios", (a, b))`` / ``("flops", (f,))`` / ``("params", (p,))`` entries.
 
     Raises:
         ValueError: No budgets, or a budget that is not a ratio pair in ``[0, 1)`` or a fraction in ``(0, 1]``.
@@ -42,13 +42,19 @@ def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tupl
     out: list[tuple[str, tuple[float, ...]]] = []
     for budget in budgets:
         try:
+            if isinstance(budget, dict) and set(budget) == {"params"}:
+                p = budget["params"]
+                if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0.0 < p <= 1.0):
+                    raise ValueError("a parameter fraction must be in (0, 1]")
+                out.append(("params", (float(p),)))
+                continue
             if isinstance(budget, dict):
                 if set(budget) == {"flops"}:
                     budget = float(budget["flops"]) if not isinstance(budget["flops"], bool) else budget["flops"]
                 elif set(budget) <= {"mlp_ratio", "head_ratio"} and budget:
                     budget = (budget.get("mlp_ratio", 0.0), budget.get("head_ratio", 0.0))
                 else:
-                    raise ValueError("a dict budget needs keys mlp_ratio/head_ratio or flops")
+                    raise ValueError("a dict budget needs keys mlp_ratio/head_ratio, flops or params")
             if isinstance(budget, bool):
                 raise ValueError("not a number")
             if isinstance(budget, (int, float)):

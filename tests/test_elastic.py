@@ -173,6 +173,8 @@ def test_a_subnet_budget_must_be_a_dict_a_subnet_file_can_hold(tmp_path) -> None
     elastic, _ = _elastic("test_vit")
     with pytest.raises(TypeError, match="budget must be a dict of plain JSON values or None, got 'x'"):
         elastic.save_subnet(tmp_path / "s.safetensors", elastic.subnet(0.3), budget="x")
+    with pytest.raises(TypeError, match=r"save_subnet\(model, path, ...\) takes the model first, got the path '.*s.safetensors'"):
+        save_subnet(tmp_path / "s.safetensors", elastic.subnet(0.3), model_name="test_vit", model_kwargs={})
     assert not (tmp_path / "s.safetensors").exists()
 
 

@@ -125,6 +125,16 @@ def test_kept_units_plot_shows_the_subnets_the_export_cuts(tmp_path, elastic, im
     assert fig._suptitle.get_text() == elastic.model_name  # the file name is the model's: said once
 
 
+def test_export_takes_a_parameter_fraction_as_subnet_does(tmp_path, elastic):
+    out = export_elastic(elastic, tmp_path, budgets=[{"params": 0.7}], correct="none", save_subnets=True)
+    (entry,) = out["report"]["budgets"]
+    assert entry["requested"] == {"params": 0.7} and entry["params_fraction"] <= 0.7
+    expected = elastic.subnet(params=0.7, correct="none")
+    assert (entry["mlp_ratio"], entry["head_ratio"]) == elastic.resolve_budget(params=0.7)
+    got = load_subnet(out["paths"][f"subnet:{entry['label']}"])
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), expected.state_dict().values()))
+
+
 def test_export_without_images_or_subnets(tmp_path, elastic):
     out = export_elastic(elastic, tmp_path, budgets=[{"mlp_ratio": 0.3, "head_ratio": 0.0}], name="mine", correct="none")
     assert set(out["paths"]) == {"elastic", "report", "fidelity_plot", "kept_units_plot"}
@@ -333,7 +343,8 @@ def test_two_exports_into_one_folder_place_their_files_one_after_the_other(tmp_p
         ({"budgets": [(1.0, 0.0)]}, "mlp_ratio"),
         ({"budgets": [1.5]}, "FLOPs fraction"),
         ({"budgets": "0.5"}, "budgets"),
-        ({"budgets": [{"params": 0.5}]}, "dict budget"),
+        ({"budgets": [{"size": 0.5}]}, "dict budget needs keys mlp_ratio/head_ratio, flops or params"),
+        ({"budgets": [{"params": 1.5}]}, r"invalid budget \{'params': 1.5\}: a parameter fraction must be in \(0, 1\]"),
         ({"name": "a/b"}, "name"),
         ({"fitness_images": torch.zeros(2, 3)}, "fitness_images"),
         ({"device": "tpu9"}, "device must name a torch device, got 'tpu9'"),

@@ -817,11 +817,18 @@ def test_callback_state_dict_round_trip_and_resume(tmp_path: Path, guard: float)
     assert same_history(again.history, full.history)
     if guard:
         assert again.reference_cosines == pytest.approx(full.reference_cosines, abs=1e-12)
-    # a finished search round-trips and does not evaluate again
+    # a finished search round-trips and evaluates only its start again (the state must be this run's)
     done = EvolutionarySearch(max_evals=8, images=x, **kw)
     done.load_state_dict(resumed.state_dict())
     fit_with(done, model, scores, tmp_path)
-    assert done.fitness.num_evals == 0 and same_history(done.history, full.history)
+    assert done.fitness.num_evals == 1 and same_history(done.history, full.history)
+    # a state restored into a run with other scores (or another model, other images) is refused
+    for other_scores, other_x in ((random_scores(model, seed=7), x), (scores, images_for(model, n=6, seed=9))):
+        stray = EvolutionarySearch(max_evals=8, images=other_x, **kw)
+        stray.load_state_dict(state)
+        with pytest.raises(ValueError, match=r"the restored search state started at fitness .*, this run's start is .*: "
+                                             r"the state belongs to another model, other scores or other fitness images"):
+            fit_with(stray, model, other_scores, tmp_path)
     # the same callback in a second fit, without load_state_dict: a new search, not the first's continuation
     fit_with(done, model, random_scores(model, seed=5), tmp_path)
     fresh = EvolutionarySearch(max_evals=8, images=x, **kw)

@@ -86,6 +86,20 @@ def _collect_images(source: Any) -> Tensor:
     return torch.cat(batches)
 
 
+def _check_same_start(saved: float, here: float) -> None:
+    """Refuse a restored search state whose start fitness is not this run's (another model, scores or images).
+
+    The tolerance is far above run-to-run rounding (bf16 kernels) and far below what other scores
+    or images change (~1e-2).
+    """
+    if not math.isclose(saved, here, rel_tol=1e-3, abs_tol=1e-4):
+        raise ValueError(
+            f"EvolutionarySearch: the restored search state started at fitness {saved:.6f}, this run's start is "
+            f"{here:.6f}: the state belongs to another model, other scores or other fitness images; resume it in "
+            "the run it was saved from, or start a new search (without load_state_dict / ckpt_path)"
+        )
+
+
 def scored_model(pl_module: pl.LightningModule, caller: str) -> tuple[nn.Module, ImportanceScores]:
     """The ``(student, scores)`` of a scoring module (e.g. SnapViTModule) after its fit.
 
@@ -440,9 +454,11 @@ class EvolutionarySearch(Callback):
             self._xnes_state = None
         if self.initial_fitness is None:
             self.initial_fitness = fitness(broadcast(w0))
-        elif self.guard > 0 and fitness.reference_cosines is None:  # resumed from a state saved without them
-            start_cosines = fitness.pair_cosines(broadcast(w0), pca=self.space == "pca")
-            fitness.reference_cosines = torch.tensor(start_cosines, dtype=torch.float64)
+        else:  # resumed: the state must be this run's (its model, scores and fitness images)
+            if self.guard > 0 and fitness.reference_cosines is None:  # a state saved without them
+                start_cosines = fitness.pair_cosines(broadcast(w0), pca=self.space == "pca")
+                fitness.reference_cosines = torch.tensor(start_cosines, dtype=torch.float64)
+            _check_same_start(self.initial_fitness, fitness(broadcast(w0)))
         if fitness.reference_cosines is not None:
             self.reference_cosines = fitness.reference_cosines.tolist()
         rank_zero_info(
