@@ -531,7 +531,8 @@ class ElasticViT:
         Store them with :meth:`CorrectionStats.save` beside the checkpoint; correcting any
         budget from them is then one small solve per cut layer. Size in memory: ``4·B·((C+1)² +
         (hidden+1)²)`` bytes, 120.5 MB for ViT-S (B=12, C=384, hidden=1536), 481.6 MB for ViT-B
-        (a file stores the upper triangles, half of that).
+        (a file stores the upper triangles, half of that); collecting them needs more at its peak
+        (float64 totals and the activations: +1.7 GB for ViT-B, docs/benchmarks.md).
 
         Args:
             images: The calibration images.

@@ -60,7 +60,7 @@ from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
-from .weights_io import create_timm_model, load_weights, rebuild_spec
+from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
 
 __all__ = [
     "SnapViTModule",
@@ -271,7 +271,7 @@ class SnapViTModule(pl.LightningModule):
                 f"{getattr(student, 'num_classes', None)!r} (set model_kwargs num_classes > 0)"
             )
         if checkpoint_path is not None:
-            load_weights(student, checkpoint_path)
+            load_weights(student, checkpoint_path, classifier=classifier_layers(student))  # a head may differ, as in timm
         if getattr(student, "grad_checkpointing", False):
             # Its recomputation in backward runs outside the explicit-attention context of the
             # forward, so the saved and recomputed tensors differ; the scores need one backward only.

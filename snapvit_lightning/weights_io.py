@@ -217,10 +217,8 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
             # timm loads a file with num_classes other than its config's non-strictly, so a file
             # missing whole blocks loaded silently: the same weights, through the strict loader.
             model = timm.create_model(model_name, pretrained=False, **kwargs)
-            classifier = model.pretrained_cfg.get("classifier") or ()
             try:
-                load_weights(model, file, classifier=(classifier,) if isinstance(classifier, str) else tuple(classifier),
-                             argument="model_kwargs pretrained_cfg_overlay file")
+                load_weights(model, file, classifier=classifier_layers(model), argument="model_kwargs pretrained_cfg_overlay file")
             except ValueError as err:
                 raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}") from err
             return config_of_built_size(model)
@@ -329,7 +327,7 @@ def load_weights(
             state = {k[len(prefix) :]: v for k, v in state.items()}
             break
     try:
-        _load_strict(model, state, classifier)
+        _fresh_head_warning(_load_strict(model, state, classifier), path, argument)
         return
     except RuntimeError as err:
         error = err
@@ -338,10 +336,16 @@ def load_weights(
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
-            _load_strict(model, filter_fn(dict(state), model), classifier)
-        except Exception:  # report the unfiltered mismatch below
-            pass
-        else:
+            filtered = filter_fn(dict(state), model)
+        except Exception:  # a state the filter cannot read: report the unfiltered mismatch below
+            filtered = None
+        fresh = None
+        try:
+            fresh = None if filtered is None else _load_strict(model, filtered, classifier)
+        except RuntimeError as err:  # what is left once the layouts and positions are converted: the real cause
+            error = err
+        if fresh is not None:
+            _fresh_head_warning(fresh, path, argument)
             patch = state.get("patch_embed.proj.weight")
             own = model.patch_embed.proj.weight if hasattr(model, "patch_embed") else None
             if patch is not None and own is not None and patch.shape[-2:] != own.shape[-2:]:
@@ -380,8 +384,18 @@ def _short_error(error: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[str, ...]) -> None:
-    """``load_state_dict(strict=True)``, except that the ``classifier`` layers may differ from the model's head."""
+def classifier_layers(model: nn.Module) -> tuple[str, ...]:
+    """The model's head layers as timm names them (``pretrained_cfg["classifier"]``), ``()`` when unknown."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[str, ...]) -> list[str]:
+    """``load_state_dict(strict=True)``, except that the ``classifier`` layers may differ from the model's head.
+
+    Returns:
+        The model's classifier weights the state did not fill (they keep their fresh values).
+    """
     own = model.state_dict()
     optional = {f"{name}.{p}" for name in classifier for p in ("weight", "bias")}
     state = {k: v for k, v in state.items() if k not in optional or (k in own and own[k].shape == v.shape)}
@@ -390,3 +404,11 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[s
     if missing or result.unexpected_keys:
         raise RuntimeError(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                            f"unexpected keys {result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}")
+    return [k for k in result.missing_keys if k in optional]
+
+
+def _fresh_head_warning(fresh: list[str], path: Path, argument: str) -> None:
+    if fresh:
+        warnings.warn(f"{argument} {str(path)!r} holds no weights of this model's classifier ({', '.join(fresh)}: "
+                      "another num_classes, or none): it keeps its fresh values (the label-free criteria do not "
+                      "use it; criterion='cross_entropy' needs a trained one)", stacklevel=3)

@@ -416,6 +416,17 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     torch.save(vit(patch_size=8).state_dict(), tmp_path / "p8.pt")  # resampled by timm's filter: said so
     with pytest.warns(UserWarning, match=r"its 8x8 patch embedding was resampled to the model's 16x16"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "p8.pt"), model_kwargs=VIT_KW)
+    # A hub file keeps its classifier and its own size: dropped and resampled for a headless model, as
+    # timm does; a headless file leaves a model's head fresh (said); what is left wrong is named.
+    torch.save(vit(img_size=48).state_dict(), tmp_path / "hub48.pt")
+    headless = SnapViTModule(VIT, checkpoint_path=str(tmp_path / "hub48.pt"), model_kwargs={**VIT_KW, "num_classes": 0})
+    assert torch.equal(headless.student.blocks[0].attn.qkv.weight, vit(img_size=48).blocks[0].attn.qkv.weight)
+    torch.save(vit(img_size=48, num_classes=0).state_dict(), tmp_path / "headless48.pt")
+    with pytest.warns(UserWarning, match=r"holds no weights of this model's classifier \(head.weight, head.bias: "):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "headless48.pt"), model_kwargs=VIT_KW)
+    torch.save(vit(img_size=48, depth=2).state_dict(), tmp_path / "other48.pt")
+    with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):  # not pos_embed's size
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other48.pt"), model_kwargs=VIT_KW)
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(found \['epoch', 'optimizer'\]\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "nothing.pt"), model_kwargs=VIT_KW)

@@ -233,10 +233,12 @@ def _fmt(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "–" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K) -> str:
-    """The rows of :func:`run_bench` as a markdown table; ``knn_k``: the weighted k-NN's k (column ``knn_weighted``)."""
+def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K, batch_size: int | None = None) -> str:
+    """The rows of :func:`run_bench` as a markdown table; ``knn_k``: the weighted k-NN's k (column ``knn_weighted``),
+    ``batch_size``: the images per timed forward (named in the latency column)."""
+    per = "" if batch_size is None else f" / batch of {batch_size}"
     header = (f"| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | 1-NN | {knn_k}-NN "
-              "| latency (ms) | speed-up | FLOPs speed-up |")
+              f"| latency (ms{per}) | speed-up | FLOPs speed-up |")
     lines = [header, "|:---|" + "---:|" * 11]
     for r in rows:
         std = r.get("fidelity_std")
@@ -275,7 +277,7 @@ def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> 
            f"- weight correction ({', '.join(settings['correction']['methods'])}): "
            f"{settings['correction']['calibration']}\n")
         + "\n"
-        + markdown_table(rows, settings['knn_protocol']['k'][1])
+        + markdown_table(rows, settings['knn_protocol']['k'][1], settings.get("batch_size"))
     )
 
 
@@ -574,7 +576,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "wall_s": time.perf_counter() - t_start,
     }
 
-    table = markdown_table(rows, knn_k)
+    table = markdown_table(rows, knn_k, args.batch_size)
     if not knn:
         print(f"k-NN: none ({_NO_KNN})")
     elif knn_k < KNN_K:

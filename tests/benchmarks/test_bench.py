@@ -76,6 +76,7 @@ def test_markdown(result) -> None:
     lines = [line for line in md.split("\nBuild time")[0].splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | mlp_ratio | head_ratio |") and "fidelity" in lines[0] and "speed-up" in lines[0]
     assert "| 1-NN | 7-NN |" in lines[0]  # the column is named by the k it used (20 with enough images)
+    assert f"| latency (ms / batch of {js['settings']['batch_size']}) |" in lines[0]
     assert len(lines) == 2 + len(js["rows"])
     assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
 
