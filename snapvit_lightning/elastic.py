@@ -637,6 +637,9 @@ class ElasticViT:
 
     def save_subnet(self, path: str | os.PathLike, subnet: nn.Module, budget: dict[str, Any] | None = None) -> None:
         """Write a subnet cut from this model, with its per-block dims and ``budget`` (see :func:`save_subnet`)."""
+        if isinstance(path, nn.Module):
+            raise TypeError("ElasticViT.save_subnet(path, subnet, ...) takes the path first, got a module as path "
+                            "(the function save_subnet(model, path, ...) is the one that takes the model first)")
         save_subnet(subnet, path, model_name=self.model_name, model_kwargs=self.model_kwargs, budget=budget)
 
 

@@ -175,6 +175,8 @@ def test_a_subnet_budget_must_be_a_dict_a_subnet_file_can_hold(tmp_path) -> None
         elastic.save_subnet(tmp_path / "s.safetensors", elastic.subnet(0.3), budget="x")
     with pytest.raises(TypeError, match=r"save_subnet\(model, path, ...\) takes the model first, got the path '.*s.safetensors'"):
         save_subnet(tmp_path / "s.safetensors", elastic.subnet(0.3), model_name="test_vit", model_kwargs={})
+    with pytest.raises(TypeError, match=r"ElasticViT.save_subnet\(path, subnet, ...\) takes the path first, got a module"):
+        elastic.save_subnet(elastic.subnet(0.3), tmp_path / "s.safetensors")
     assert not (tmp_path / "s.safetensors").exists()
 
 
