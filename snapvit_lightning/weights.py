@@ -289,7 +289,7 @@ def convert_dinov2_vits14(onnx_file: str | os.PathLike | None = None) -> dict[st
 
 def _check_output_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise ValueError(f"path={str(path)!r} must end in '.safetensors'")
     if path.is_dir():
         raise IsADirectoryError(f"path={str(path)!r} is a folder; give a file name ending in '.safetensors'")

@@ -65,7 +65,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
     path = Path(path)
-    if _target_suffix(path) != ".safetensors" and not path.is_dir():
+    if _target_suffix(path).lower() != ".safetensors" and not path.is_dir():
         hint = "; ONNX: save_onnx() or `snapvit slice -o FILE.onnx`" if path.suffix == ".onnx" else ""
         raise ValueError(f"path: '{path}' must end in .safetensors (this writes a safetensors file{hint})")
     if path.is_dir():

@@ -205,6 +205,8 @@ def test_a_safetensors_file_is_written_only_under_its_own_suffix(tmp_path) -> No
     with pytest.raises(ValueError, match=r"must end in .safetensors"):
         elastic.save(staging_path(tmp_path / "m.pt"))
     assert list(tmp_path.iterdir()) == [staged]
+    elastic.save(tmp_path / "upper.SAFETENSORS")  # the suffix in any case, as the reader takes it
+    assert ElasticViT.load(tmp_path / "upper.SAFETENSORS").model_name == elastic.model_name
 
 
 def test_an_unreachable_hub_names_the_model_and_the_offline_ways(monkeypatch):

@@ -48,7 +48,10 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def copy_images(data: Path, out: Path, count: int) -> Path:
-    """A flat folder ``out`` of ``count`` symbolic links to the images of ``data``, cycled in order.
+    """A flat folder ``out`` of ``count`` symbolic links to the images of ``data``, cycled class by class.
+
+    The images are taken in turn from each subfolder (class) of ``data``, so any ``count`` draws from
+    every class (in folder order, one class's images would fill a small count).
 
     Raises:
         ValueError: If ``count < 1``, ``data`` holds no images or ``out`` exists and is not empty.
@@ -58,6 +61,12 @@ def copy_images(data: Path, out: Path, count: int) -> Path:
 
     count = _positive_int(count, "count")
     files, _, _ = find_images(Path(data).resolve(), argument="--data")
+    seen: dict[Path, int] = {}
+    turns = []
+    for f in files:  # the i-th image of every class before the (i+1)-th of any
+        turns.append((seen.get(f.parent, 0), str(f.parent), f))
+        seen[f.parent] = seen.get(f.parent, 0) + 1
+    files = [f for *_, f in sorted(turns, key=lambda t: t[:2])]
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out: {out} exists and is not empty; give a new folder")

@@ -42,6 +42,14 @@ def test_paper_vitb_refuses_bad_sizes(photo_folder, tmp_path, kwargs, match) -> 
         paper_vitb.run_paper_vitb(photo_folder, tmp_path / "out", **kwargs)
 
 
+def test_copy_images_draws_every_class_in_turn(photo_folder, tmp_path) -> None:
+    classes = sorted(p.name for p in photo_folder.iterdir() if p.is_dir())
+    assert len(classes) >= 2
+    out = paper_vitb.copy_images(photo_folder, tmp_path / "images", 2 * len(classes))
+    drawn = [p.resolve().parent.name for p in sorted(out.iterdir())]
+    assert drawn == classes + classes  # not the first class's images only
+
+
 def test_copy_images_refuses_a_used_folder(photo_folder, tmp_path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "x.jpg").write_bytes(b"")
