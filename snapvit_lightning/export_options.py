@@ -42,28 +42,24 @@ def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tupl
     out: list[tuple[str, tuple[float, ...]]] = []
     for budget in budgets:
         try:
-            if isinstance(budget, dict) and set(budget) == {"params"}:
-                p = budget["params"]
-                if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0.0 < p <= 1.0):
-                    raise ValueError("a parameter fraction must be in (0, 1]")
-                out.append(("params", (float(p),)))
-                continue
+            kind, value = "flops", budget  # a bare number is a FLOPs fraction
             if isinstance(budget, dict):
-                if set(budget) == {"flops"}:
-                    budget = float(budget["flops"]) if not isinstance(budget["flops"], bool) else budget["flops"]
+                if set(budget) in ({"flops"}, {"params"}):
+                    (kind, value), = budget.items()
+                    value = value if isinstance(value, bool) else float(value)  # a YAML string too, as before
                 elif set(budget) <= {"mlp_ratio", "head_ratio"} and budget:
-                    budget = (budget.get("mlp_ratio", 0.0), budget.get("head_ratio", 0.0))
+                    value = (budget.get("mlp_ratio", 0.0), budget.get("head_ratio", 0.0))
                 else:
                     raise ValueError("a dict budget needs keys mlp_ratio/head_ratio, flops or params")
-            if isinstance(budget, bool):
+            if isinstance(value, bool):
                 raise ValueError("not a number")
-            if isinstance(budget, (int, float)):
-                f = float(budget)
+            if isinstance(value, (int, float)):
+                f = float(value)
                 if not (math.isfinite(f) and 0.0 < f <= 1.0):
-                    raise ValueError("a FLOPs fraction must be in (0, 1]")
-                out.append(("flops", (f,)))
-            elif isinstance(budget, Sequence) and not isinstance(budget, str) and len(budget) == 2:
-                out.append(("ratios", (check_ratio(budget[0], "mlp_ratio"), check_ratio(budget[1], "head_ratio"))))
+                    raise ValueError(f"a {'FLOPs' if kind == 'flops' else 'parameter'} fraction must be in (0, 1]")
+                out.append((kind, (f,)))
+            elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+                out.append(("ratios", (check_ratio(value[0], "mlp_ratio"), check_ratio(value[1], "head_ratio"))))
             else:
                 raise ValueError("expected an (mlp_ratio, head_ratio) pair or a FLOPs fraction")
         except (ValueError, TypeError) as err:

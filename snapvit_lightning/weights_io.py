@@ -340,10 +340,11 @@ def load_weights(
         except Exception:  # a state the filter cannot read: report the unfiltered mismatch below
             filtered = None
         fresh = None
-        try:
-            fresh = None if filtered is None else _load_strict(model, filtered, classifier)
-        except RuntimeError as err:  # what is left once the layouts and positions are converted: the real cause
-            error = err
+        if filtered is not None:
+            try:
+                fresh = _load_strict(model, filtered, classifier)
+            except RuntimeError as err:  # what is left once the layouts and positions are converted: the real cause
+                error = err
         if fresh is not None:
             _fresh_head_warning(fresh, path, argument)
             patch = state.get("patch_embed.proj.weight")
