@@ -1,10 +1,9 @@
-"""Evaluation: k-NN top-1 and feature fidelity (functions and torchmetrics ``Metric`` s), the
-centered fidelity (a function: it needs the whole set), parameters and FLOPs, measured
-latency/throughput, and feature extraction.
+"""Evaluation: k-NN top-1 and feature fidelity, the centered fidelity, parameters and FLOPs,
+measured latency/throughput, and feature extraction.
 
-The metrics keep their states so that they reduce correctly under DDP: :class:`KNNAccuracy`
-gathers features and labels (``dist_reduce_fx="cat"``) and classifies once at ``compute()``;
-:class:`FeatureFidelity` sums cosine similarities and counts (``dist_reduce_fx="sum"``).
+Their torchmetrics ``Metric`` s, :class:`~snapvit_lightning.metrics.KNNAccuracy` and
+:class:`~snapvit_lightning.metrics.FeatureFidelity`, live in :mod:`snapvit_lightning.metrics` (importing
+torchmetrics takes seconds, which the latency search and the export do not need).
 """
 
 from __future__ import annotations
@@ -18,19 +17,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
-from typing_extensions import override
 
 from snapvit_lightning.forward import embed
 from snapvit_lightning.structure import count_flops, count_params
 
 __all__ = [
     "knn_accuracy",
-    "KNNAccuracy",
     "feature_fidelity",
     "centered_fidelity",
-    "FeatureFidelity",
     "model_cost",
     "measure_latency",
     "extract_features",
@@ -168,77 +162,6 @@ def knn_accuracy(
     return correct / qry.shape[0]
 
 
-class KNNAccuracy(Metric):
-    """k-NN top-1 accuracy as a torchmetrics ``Metric`` (same result as :func:`knn_accuracy`).
-
-    ``update(features, labels)`` adds reference samples; ``update(..., split="test")`` adds
-    query samples. At ``compute()`` the accuracy is train/test when any test samples were
-    added, leave-one-out over the reference samples otherwise. The states are lists gathered
-    with ``dist_reduce_fx="cat"``, so under DDP every rank sees all samples.
-
-    Args:
-        k: Number of neighbours.
-        temperature: Temperature of the weighted vote.
-        weighted: Weight votes by ``exp(sim / temperature)``.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-
-    Raises:
-        ValueError: If ``k`` or ``temperature`` is invalid.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, k: int = 20, temperature: float = 0.07, weighted: bool = True, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.k = _check_int("k", k, 1)
-        self.temperature = _check_positive_float("temperature", temperature)
-        self.weighted = bool(weighted)
-        self.add_state("train_features", default=[], dist_reduce_fx="cat")
-        self.add_state("train_labels", default=[], dist_reduce_fx="cat")
-        self.add_state("test_features", default=[], dist_reduce_fx="cat")
-        self.add_state("test_labels", default=[], dist_reduce_fx="cat")
-
-    @override
-    def update(self, features: Tensor, labels: Tensor, split: str = "train") -> None:
-        """Add a batch of ``[B, D]`` features with ``[B]`` integer labels.
-
-        Args:
-            features: ``[B, D]`` features.
-            labels: ``[B]`` integer labels.
-            split: ``"train"`` (reference samples) or ``"test"`` (queries).
-
-        Raises:
-            ValueError: If shapes or dtypes are invalid or ``split`` is unknown.
-        """
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        features, labels = _check_features_labels(features, labels, "features", "labels")
-        getattr(self, f"{split}_features").append(features.detach().float())
-        getattr(self, f"{split}_labels").append(labels.detach().long())
-
-    @override
-    def compute(self) -> Tensor:
-        """Accuracy over everything added so far (a 0-d float tensor).
-
-        Raises:
-            ValueError: If no training samples were added (or fewer than 2 for leave-one-out).
-        """
-        if not _nonempty(self.train_features):
-            raise ValueError("KNNAccuracy.compute() needs training samples: call update(features, labels) first")
-        train_x, train_y = dim_zero_cat(self.train_features), dim_zero_cat(self.train_labels)
-        test_x = test_y = None
-        if _nonempty(self.test_features):
-            test_x, test_y = dim_zero_cat(self.test_features), dim_zero_cat(self.test_labels)
-        acc = knn_accuracy(train_x, train_y, self.k, self.temperature, self.weighted, test_x, test_y)
-        return torch.tensor(acc, device=self.device)
-
-
-def _nonempty(state: list[Tensor] | Tensor) -> bool:
-    return (len(state) > 0) if isinstance(state, list) else state.numel() > 0
-
-
 # --------------------------------------------------------------------------- fidelity
 
 
@@ -306,45 +229,6 @@ def centered_fidelity(features: Tensor, reference: Tensor) -> float:
         raise ValueError(f"features must be [N, D] with N >= 2 (the means), got {_shape(features)}")
     f, r = features.double(), reference.double().to(features.device)
     return float(F.cosine_similarity(f - f.mean(0), r - r.mean(0), dim=-1).clamp(-1.0, 1.0).mean())
-
-
-class FeatureFidelity(Metric):
-    """Mean cosine similarity of features to reference (dense-model) features.
-
-    States are a float64 sum of cosines and a count, both ``dist_reduce_fx="sum"``, so the
-    result is exact under DDP and over any batching. Same value as :func:`feature_fidelity`.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    @override
-    def update(self, features: Tensor, reference: Tensor) -> None:
-        """Add a batch of features and their reference features (same shape ``[..., D]``).
-
-        Raises:
-            ValueError: If the shapes differ.
-        """
-        cos = _cosines(features.detach(), reference.detach()).double()
-        self.total += cos.sum().to(self.total.device)
-        self.count += cos.numel()
-
-    @override
-    def compute(self) -> Tensor:
-        """Mean cosine similarity so far (0-d float64 tensor).
-
-        Raises:
-            ValueError: If nothing was added.
-        """
-        if int(self.count) == 0:
-            raise ValueError("FeatureFidelity.compute() needs data: call update(features, reference) first")
-        return self.total / self.count
 
 
 # --------------------------------------------------------------------------- cost
@@ -561,3 +445,4 @@ def extract_features(
     if not out:
         raise ValueError(f"images must hold at least one image, got {_shape(images)}")
     return torch.cat(out)
+

@@ -8,8 +8,6 @@ import torch
 
 from snapvit_lightning.evaluation import (
     centered_fidelity,
-    FeatureFidelity,
-    KNNAccuracy,
     extract_features,
     feature_fidelity,
     knn_accuracy,
@@ -85,36 +83,6 @@ def test_knn_arbitrary_label_values_and_k_larger_than_n() -> None:
     assert 0.0 <= knn_accuracy(x, y, k=50) <= 1.0  # k clamps to the 8 other samples
 
 
-@pytest.mark.parametrize("k,weighted,split", [(1, True, False), (20, True, False), (20, False, True)])
-def test_knn_metric_matches_function(k: int, weighted: bool, split: bool) -> None:
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(60, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
-    metric = KNNAccuracy(k=k, weighted=weighted)
-    for xb, yb in zip(x[:40].split(7), y[:40].split(7)):
-        metric.update(xb, yb)
-    if split:
-        metric.update(x[40:], y[40:], split="test")
-        expected = knn_accuracy(x[:40], y[:40], k=k, weighted=weighted, test_features=x[40:], test_labels=y[40:])
-    else:
-        metric.update(x[40:], y[40:])
-        expected = knn_accuracy(x, y, k=k, weighted=weighted)
-    assert metric.compute().item() == pytest.approx(expected)
-
-
-def test_knn_metric_states_merge_like_ddp() -> None:
-    """Two 'ranks' with half the data each, merged via the states' reduce fns = one metric."""
-    x, y = _clusters(n_per=6, classes=3)
-    x = x + 0.5 * torch.randn_like(x)
-    whole, a, b = KNNAccuracy(k=5), KNNAccuracy(k=5), KNNAccuracy(k=5)
-    whole.update(x, y)
-    a.update(x[:9], y[:9])
-    b.update(x[9:], y[9:])
-    a.merge_state(b)
-    assert a.compute().item() == pytest.approx(whole.compute().item())
-    assert whole.compute().item() == pytest.approx(knn_accuracy(x, y, k=5))
-
-
-@pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_knn_errors() -> None:
     x, y = torch.randn(5, 3), torch.arange(5)
     with pytest.raises(ValueError, match="labels has 4 entries"):
@@ -135,15 +103,6 @@ def test_knn_errors() -> None:
         knn_accuracy(x, y, temperature=-1)
     with pytest.raises(ValueError, match="at least 2 samples"):
         knn_accuracy(x[:1], y[:1])
-    with pytest.raises(ValueError, match="k must be"):
-        KNNAccuracy(k=1.5)
-    metric = KNNAccuracy()
-    with pytest.raises(ValueError, match="labels has 4 entries"):
-        metric.update(x, y[:4])
-    with pytest.raises(ValueError, match="split must be"):
-        metric.update(x, y, split="val")
-    with pytest.raises(ValueError, match="needs training samples"):
-        metric.compute()
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -168,22 +127,6 @@ def test_fidelity_never_above_one() -> None:
     assert torch.nn.functional.cosine_similarity(xc, xc, dim=-1).mean() > 1.0
     assert feature_fidelity(x, x) <= 1.0 and feature_fidelity(-x, x) >= -1.0
     assert centered_fidelity(x, x) <= 1.0
-    metric = FeatureFidelity()
-    metric.update(x, x)
-    assert metric.compute().item() <= 1.0
-
-
-def test_fidelity_metric_chunks_match_function() -> None:
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(23, 8, generator=g), torch.randn(23, 8, generator=g)
-    metric = FeatureFidelity()
-    for ca, cb in zip(a.split(5), b.split(5)):
-        metric.update(ca, cb)
-    assert metric.compute().item() == pytest.approx(feature_fidelity(a, b), abs=1e-9)
-    other = FeatureFidelity()
-    other.update(a, b)
-    metric.merge_state(other)  # sum/count states: merging doubles both, the mean is unchanged
-    assert metric.compute().item() == pytest.approx(feature_fidelity(a, b), abs=1e-9)
 
 
 def test_centered_fidelity_known_answers() -> None:
@@ -207,14 +150,9 @@ def test_centered_fidelity_known_answers() -> None:
         centered_fidelity(x, x[:, :5])
 
 
-@pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_fidelity_errors() -> None:
     with pytest.raises(ValueError, match="same shape"):
         feature_fidelity(torch.randn(3, 4), torch.randn(3, 5))
-    with pytest.raises(ValueError, match="same shape"):
-        FeatureFidelity().update(torch.randn(3, 4), torch.randn(2, 4))
-    with pytest.raises(ValueError, match="needs data"):
-        FeatureFidelity().compute()
 
 
 # --------------------------------------------------------------------------- cost, latency, features
