@@ -21,6 +21,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -113,28 +114,37 @@ def quiet_spawned_process() -> None:
         _ignore_notices()
 
 
-class _BelowWarning(logging.Filter):
+class _NoLightningInfo(logging.Filter):
+    """Drops ``rank_zero_info`` lines that Lightning's own code logs (the record names its caller's file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roots = tuple(
+            str(Path(module.__file__).resolve().parent) + os.sep
+            for module in (sys.modules.get("lightning"), sys.modules.get("pytorch_lightning")) if module is not None
+        )
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+        return record.levelno >= logging.WARNING or not str(Path(record.pathname).resolve()).startswith(self.roots)
 
 
 @contextmanager
 def internal_fit() -> Iterator[None]:
-    """:func:`quiet_lightning`, and no ``rank_zero_info`` lines, for a fit the package runs itself.
+    """:func:`quiet_lightning`, and none of Lightning's ``rank_zero_info`` lines, for a fit the package runs itself.
 
-    A measurement that calls ``Trainer.fit`` on a helper module (one calibration epoch of
-    ``snapvit bench --baselines``) would print "GPU available", "TPU available" and "`Trainer.fit`
-    stopped" in the middle of its own output, about a Trainer the user never made. Lightning's
-    warnings (``rank_zero_warn``) and every other warning still pass.
+    A fit inside another run (one calibration epoch of ``snapvit bench --baselines``, the plug-in's
+    calibration after the user's fit) would print "GPU available", "TPU available" and "`Trainer.fit`
+    stopped" in the middle of that run's output, about a Trainer the user never made. The package's
+    own lines (the search's progress, the export's) and every warning still pass.
     """
     rank_zero_log = logging.getLogger(_RANK_ZERO_LOGGER)
-    below_warning = _BelowWarning()
+    lightning_info = _NoLightningInfo()
     with quiet_lightning():
-        rank_zero_log.addFilter(below_warning)
+        rank_zero_log.addFilter(lightning_info)
         try:
             yield
         finally:
-            rank_zero_log.removeFilter(below_warning)
+            rank_zero_log.removeFilter(lightning_info)
 
 
 def raise_interrupt_of(trainer: Any, exit_: SystemExit) -> None:

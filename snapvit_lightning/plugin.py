@@ -19,12 +19,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .checkpoint import resolve_rebuild
-from .console import fit, quiet_lightning
+from .console import fit, internal_fit
+from .data import CalibrationDataModule
 from .elastic import ElasticViT
 from .export import (
     Budget,
@@ -296,7 +298,7 @@ class SnapViT(Callback):
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         resolve_rebuild(model, self.model_name, self.model_kwargs)  # else the export would fail after the user's fit
         self._check_accelerator()
-        self._check_loader()
+        self._check_loader(trainer)
         self._check_inputs(model)
         _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite, owner="SnapViT")
 
@@ -314,18 +316,33 @@ class SnapViT(Callback):
         if self.search_evals:
             check_start_fits(model, self.search_kwargs.get("initial_weights"), self.search_kwargs.get("initial_covariance"))
 
-    def _check_loader(self) -> None:
-        """Refuse a DataLoader of single images (a training loader) before the user's fit, not after it."""
-        if not isinstance(self.datamodule, DataLoader):
+    def _check_loader(self, trainer: pl.Trainer) -> None:
+        """Refuse calibration data of single images (a training loader) before the user's fit, not after it.
+
+        A DataLoader, or the ``train_dataloader()`` of a LightningDataModule other than
+        :class:`~snapvit_lightning.data.CalibrationDataModule` (prepared and set up as Lightning
+        does: ``prepare_data`` on one process per node, then ``setup("fit")``), gives its first batch;
+        the global random state is left as it was.
+        """
+        dm = self.datamodule
+        if isinstance(dm, CalibrationDataModule):
             return
-        with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its base seed
-            batch = next(iter(self.datamodule), None)
+        with isolate_rng(include_cuda=False):  # an iterator draws its seed; a datamodule's transforms may draw more
+            if isinstance(dm, DataLoader):
+                what, loader = "the DataLoader", dm
+            else:
+                if trainer.local_rank == 0 if dm.prepare_data_per_node else trainer.is_global_zero:
+                    dm.prepare_data()
+                trainer.strategy.barrier("SnapViT.prepare_data")
+                dm.setup("fit")
+                what, loader = f"{type(dm).__name__}.train_dataloader()", dm.train_dataloader()
+            batch = next(iter(loader), None)
         views = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(views, Tensor) or views.dim() != 5 or views.shape[2] != 3:
             found = list(views.shape) if isinstance(views, Tensor) else type(views).__name__
             raise ValueError(
-                f"datamodule: the DataLoader must yield multi-crop views [B, V, 3, S, S] (or (views, labels)), "
-                f"as CalibrationDataModule's does; its first batch holds {found}"
+                f"datamodule: SnapViT's calibration data ({what}) must yield multi-crop views [B, V, 3, S, S] "
+                f"(or (views, labels)), as CalibrationDataModule's does; its first batch holds {found}"
             )
 
     def _check_accelerator(self) -> None:
@@ -378,7 +395,7 @@ class SnapViT(Callback):
         if trainer.is_global_zero:
             cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
             try:
-                with torch.random.fork_rng(devices=cuda), quiet_lightning():
+                with torch.random.fork_rng(devices=cuda), internal_fit():
                     self._calibrate_and_export(trainer, pl_module)
             except BaseException as err:  # raised after the barrier, so no rank waits forever
                 error = err
@@ -386,6 +403,9 @@ class SnapViT(Callback):
 
     def _calibrate_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
+        search = f"a search of {self.search_evals} evaluations" if self.search_evals else "no search"
+        rank_zero_info(f"SnapViT: calibrating a copy of your model's {self.model_path!r} (scoring, {search}, "
+                       f"export to {self.dirpath})")
         student = copy.deepcopy(model)
         for p in student.parameters():
             p.grad = None

@@ -6,7 +6,9 @@ import logging
 import sys
 import warnings
 
+import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from snapvit_lightning.console import internal_fit, lightning_cli_args, quiet_lightning
@@ -93,14 +95,28 @@ def test_cli_args_refuse_a_string() -> None:
             pass
 
 
-def test_internal_fit_drops_info_lines_only_inside(caplog) -> None:
+def _boring_fit() -> None:
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(BoringModel())
+
+
+def test_internal_fit_drops_lightnings_info_lines_only_inside(caplog) -> None:
+    # The plug-in's calibration printed "GPU available", "TPU available" and "`Trainer.fit` stopped" after the
+    # user's own fit; dropping every info line also dropped the package's (the search's progress, the export's).
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         with internal_fit():
-            log.info("GPU available: False, used: False")
+            _boring_fit()
+            rank_zero_info("EvolutionarySearch: a line of ours")
             log.warning("a real warning")
-        log.info("TPU available: False, using: 0 TPU cores")
-    assert [r.getMessage() for r in caplog.records] == ["a real warning", "TPU available: False, using: 0 TPU cores"]
+        inside = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        _boring_fit()
+    assert inside == ["EvolutionarySearch: a line of ours", "a real warning"]
+    outside = [r.getMessage() for r in caplog.records]
+    assert "GPU available: False, used: False" in outside and any("`Trainer.fit` stopped" in m for m in outside)
 
 
 def _warned_in_child(queue) -> None:

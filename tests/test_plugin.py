@@ -171,9 +171,57 @@ def test_snapvit_refuses_a_loader_of_single_images_before_the_users_fit(tmp_path
     user = UserModule()
     before = {k: v.clone() for k, v in user.state_dict().items()}
     plugin = SnapViT(datamodule=_user_loader(), dirpath=tmp_path, search_evals=2)
-    with pytest.raises(ValueError, match=r"datamodule: the DataLoader must yield multi-crop views .* holds \[2, 3, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"datamodule: SnapViT's calibration data \(the DataLoader\) must yield "
+                                         r"multi-crop views .* holds \[2, 3, 32, 32\]"):
         _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
+
+
+class _UsersDataModule(pl.LightningDataModule):
+    """A user's own datamodule: ``loader()``'s batches, images for the fitness, calls of its hooks counted."""
+
+    def __init__(self, loader) -> None:
+        super().__init__()
+        self.loader, self.calls = loader, []
+
+    def prepare_data(self) -> None:
+        self.calls.append("prepare_data")
+
+    def setup(self, stage: str) -> None:
+        self.calls.append("setup:fit" if stage == "fit" else f"setup:{stage}")  # Lightning passes TrainerFn.FITTING
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader()
+
+    def fitness_images(self) -> torch.Tensor:
+        return torch.rand(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+
+
+def test_snapvit_refuses_a_datamodule_of_single_images_before_the_users_fit(tmp_path):
+    # A user's own LightningDataModule of (image, label) batches passed every check, the whole training ran,
+    # then the calibration failed on its first batch.
+    user = UserModule()
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    dm = _UsersDataModule(_user_loader)
+    plugin = SnapViT(datamodule=dm, dirpath=tmp_path, search_evals=2)
+    with pytest.raises(ValueError, match=r"datamodule: SnapViT's calibration data \(_UsersDataModule.train_dataloader\(\)\) "
+                                         r"must yield multi-crop views .* holds \[2, 3, 32, 32\]"):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
+    assert dm.calls == ["prepare_data", "setup:fit"]  # as Lightning prepares a datamodule
+
+
+def test_snapvit_takes_a_users_datamodule_of_multicrop_views(tmp_path):
+    torch.manual_seed(0)
+    dm = _UsersDataModule(_multicrop_loader)
+    plugin = SnapViT(datamodule=dm, dirpath=tmp_path / "elastic", search_evals=0, budgets=[0.5], correct="none")
+    user = UserModule()
+    _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    draws = torch.rand(4)
+    assert plugin.export_paths["elastic"].is_file() and plugin.elastic is not None
+    assert dm.calls[:2] == ["prepare_data", "setup:fit"] and "setup:fit" in dm.calls[2:]  # the check, then the inner fit
+    alone, draws_alone = _fit_user(tmp_path / "alone", [], checkpointing=False)
+    assert torch.equal(draws, draws_alone)  # the check's first batch left the global random state alone
 
 
 def test_find_vit_unwraps_a_compiled_backbone():

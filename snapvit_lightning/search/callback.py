@@ -464,7 +464,7 @@ class EvolutionarySearch(Callback):
         rank_zero_info(
             f"EvolutionarySearch: {scores.num_weights} weights, popsize {xnes.popsize}, sigma {self.sigma}, "
             f"{fitness.images.shape[0]} images/rank, {fitness.num_components} PCA components; "
-            f"start fitness {self.initial_fitness:.6f}"
+            f"start fitness {self.initial_fitness:.6f} (lower is better)"
         )
         max_evals = self.max_evals
         if trainer.fast_dev_run:  # a smoke test: one generation shows the search works
