@@ -341,7 +341,7 @@ def _slice(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .correction import stats_path_for
+    from .correction import check_one_shot, stats_path_for
     from .data import load_calibration_views
     from .elastic import ElasticViT
     from .export_options import _check_stats_views
@@ -356,6 +356,8 @@ def _stats(args: argparse.Namespace) -> int:
         raise ValueError(f"-o: '{out}' must end in .safetensors (a statistics file, read by CorrectionStats.load "
                          "and slice --calibration)")
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
+    check_one_shot(elastic.model, "snapvit stats", "snapvit slice --sequential --calibration DIR corrects its subnets "
+                   "block by block from the images instead")
     inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
     stats = dataclasses.replace(elastic.collect_stats(inputs, batch_size=args.batch_size, ranking=True), views_per_image=views)
     stats.save(out)

@@ -49,14 +49,15 @@ import torch
 from torch import Tensor, nn
 
 from .correction_stats import (  # re-exported: the statistics are part of this module's API
-    STATS_FORMAT, STATS_FORMAT_VERSION, STATS_READABLE_VERSIONS, CorrectionStats, stats_path_for,
+    EXPORT_HINT, SEQUENTIAL_HINT, STATS_FORMAT, STATS_FORMAT_VERSION, STATS_READABLE_VERSIONS, CorrectionStats,
+    check_one_shot, has_cut_norm, stats_path_for,
 )
 from .structure import check_model_images, get_blocks, head_channels, mlp_rows
 
 __all__ = [
     "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
     "stats_damping", "collect_stats", "correct_subnet", "fingerprint", "weights_version",
-    "augmented_weight", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
+    "EXPORT_HINT", "SEQUENTIAL_HINT", "augmented_weight", "check_one_shot", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
 ]
 
@@ -281,11 +282,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def has_cut_norm(block: nn.Module) -> bool:
-    """Whether ``block`` has a norm over a cut dimension (``scale_norm`` / MLP norm): stored statistics cannot correct it."""
-    return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
-
-
 def weights_version(model: nn.Module) -> tuple:
     """A value that changes whenever a weight of ``model`` is changed in place, replaced, cast or moved.
 
@@ -338,9 +334,11 @@ def collect_stats(
             over the calibration inputs instead of two.
 
     Raises:
-        ValueError: Bad images or batch size.
+        ValueError: Bad images or batch size; a model with a norm over a cut dimension
+            (:func:`check_one_shot`: the statistics could not correct it).
     """
     images, batch_size = _check_images(images, model), _check_batch_size(batch_size)
+    check_one_shot(model, "collect_stats")
     blocks = get_blocks(model)
     moments = {(i, b): _Moments() for i in range(len(blocks)) for b, _ in _LAYERS}
     energy, energy_count = torch.zeros(len(blocks), dtype=torch.float64), [0] * len(blocks)
@@ -639,8 +637,8 @@ def _correct_from_stats(
     if any(has_cut_norm(b) for b in dense_blocks):
         raise ValueError(
             "a one-shot correction (from statistics, stored or collected from the images) cannot correct a model with "
-            "a norm over the cut dimension (scale_norm or an MLP norm): its kept activations change with the cut; "
-            "pass calibration images with sequential=True"
+            "a norm over the cut dimension (timm's scale_attn_norm / scale_mlp_norm): its kept activations change with "
+            "the cut; pass calibration images with sequential=True (snapvit slice: --sequential --calibration DIR)"
         )
     stored = {"attn": stats.attn, "mlp": stats.mlp}
     for i, (d, s) in enumerate(zip(dense_blocks, sub_blocks)):

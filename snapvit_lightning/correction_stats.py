@@ -2,7 +2,8 @@
 
 The second moments of the dense model's ``attn.proj`` and ``mlp.fc2`` inputs that the weight
 correction (:mod:`~snapvit_lightning.correction`) solves from, stored as float32 upper triangles
-(tensors and plain metadata only), and the corrected path's optional ranking.
+(tensors and plain metadata only), and the corrected path's optional ranking; which models
+statistics can correct (:func:`check_one_shot`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import __version__
 from .checkpoint import _write, read_format
+from .structure import get_blocks
 
-__all__ = ["CorrectionStats", "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS", "stats_path_for"]
+__all__ = [
+    "CorrectionStats", "EXPORT_HINT", "SEQUENTIAL_HINT", "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
+    "check_one_shot", "has_cut_norm", "stats_path_for",
+]
 
 STATS_FORMAT = "snapvit-correction-stats"
 #: 1: full matrices; 2: upper triangles only (lossless); 3: as 2, plus the optional ranking of the corrected path.
@@ -256,3 +261,31 @@ def _unpack(path: str | os.PathLike, name: str, packed: Tensor) -> Tensor:
     if n < 1:
         raise ValueError(f"{path}: '{name}_triu' must be [B, n(n+1)/2] upper triangles, got {tuple(packed.shape)}")
     return _from_triu(packed, n)
+
+
+def has_cut_norm(block: nn.Module) -> bool:
+    """Whether ``block`` has a norm over a cut dimension (``scale_norm`` / MLP norm): stored statistics cannot correct it."""
+    return not isinstance(block.attn.norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity)
+
+
+#: How a model with a norm over a cut dimension gets corrected subnets: block by block, from images.
+SEQUENTIAL_HINT = ("correct its subnets block by block from calibration images instead: "
+                   "subnet(..., calibration=images, sequential=True), or snapvit slice --sequential --calibration DIR")
+
+
+#: What an export of such a model does instead (:func:`check_one_shot` in the export and the callbacks).
+EXPORT_HINT = ("export it with correct='none' (in a config: correct: none in the callback's init_args), then "
+               + SEQUENTIAL_HINT)
+
+
+def check_one_shot(model: nn.Module, what: str, instead: str = SEQUENTIAL_HINT) -> None:
+    """Refuse a model that statistics cannot correct (:func:`has_cut_norm`), naming ``what`` asked for it.
+
+    Raises:
+        ValueError: A block of ``model`` has a norm over a cut dimension; the message ends with ``instead``.
+    """
+    if any(has_cut_norm(b) for b in get_blocks(model)):
+        raise ValueError(
+            f"{what}: statistics cannot correct this model: it has a norm over the cut dimension (timm's "
+            f"scale_attn_norm / scale_mlp_norm), so its kept activations change with every cut; {instead}"
+        )

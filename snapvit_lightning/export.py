@@ -46,7 +46,7 @@ from typing_extensions import override
 
 from . import __version__
 from .checkpoint import resolve_rebuild, subnet_metadata
-from .correction import collect_stats, stats_damping
+from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_damping
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
     DEFAULT_STATS_VIEWS, _calibration_images, _check_bool, _check_budgets, _check_correct, _check_device,
@@ -239,6 +239,8 @@ def export_elastic(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     correct = _check_correct(correct)
+    if correct != "none":
+        check_one_shot(elastic.model, f"export_elastic(correct={correct!r})", EXPORT_HINT)
     calibration = _check_images(calibration_images, "calibration_images")
     if isinstance(views_per_image, bool) or not isinstance(views_per_image, int) or views_per_image < 1 or (
             calibration is not None and len(calibration) % views_per_image):
@@ -611,6 +613,8 @@ class ElasticExport(Callback):
         student = getattr(pl_module, "student", None)
         if isinstance(student, nn.Module):  # a model its checkpoint would not rebuild fails here, not after the fit
             resolve_rebuild(student, *_rebuild_info(pl_module, self.model_name, self.model_kwargs))
+            if self.correct != "none":  # nor one its statistics could not correct
+                check_one_shot(student, f"ElasticExport(correct={self.correct!r})", EXPORT_HINT)
         dm = getattr(trainer, "datamodule", None)
         if self.correct != "none" and self.images is None and not (
             hasattr(dm, "calibration_images_eval") or hasattr(dm, "fitness_images")

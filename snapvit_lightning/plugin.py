@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from .checkpoint import resolve_rebuild
 from .console import fit, internal_fit
+from .correction import EXPORT_HINT, check_one_shot
 from .data import CalibrationDataModule
 from .elastic import ElasticViT
 from .export import (
@@ -304,6 +305,8 @@ class SnapViT(Callback):
 
     def _check_inputs(self, model: nn.Module) -> None:
         """Refuse images and a search start the ViT cannot take, before the user's fit, not after it."""
+        if self.correct != "none":
+            check_one_shot(model, f"SnapViT(correct={self.correct!r})", EXPORT_HINT)
         if self.fitness_images is not None:
             check_model_images(model, self.fitness_images, "fitness_images")
         size = getattr(self.datamodule, "img_size", None)

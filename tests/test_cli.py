@@ -6,6 +6,7 @@ import sys
 import warnings
 
 import pytest
+import timm
 import torch
 from lightning.pytorch import Callback
 
@@ -576,3 +577,16 @@ def test_help_needs_neither_torch_nor_timm(argv) -> None:
             "print([m for m in ('torch', 'timm', 'lightning') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True, cwd=REPO)
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_stats_refuses_a_model_statistics_cannot_correct(tmp_path, capsys) -> None:
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2, img_size=32, scale_mlp_norm=True)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
+    path = tmp_path / "m.elastic.safetensors"
+    ElasticViT(model, ImportanceScores(torch.rand(1, 128), torch.rand(1, 2)), model_name="vit_small_patch16_224",
+               model_kwargs=kwargs).save(path)
+    with pytest.raises(SystemExit) as exc:
+        main(["stats", str(path), "--data", str(_image_folder(tmp_path / "photos"))])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "snapvit stats: error: snapvit stats: statistics cannot correct this model" in err
+    assert "--sequential --calibration DIR" in err and not (tmp_path / "m.stats.safetensors").exists()

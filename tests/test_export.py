@@ -542,3 +542,27 @@ def test_a_read_only_dirpath_is_refused_before_the_fit(tmp_path, monkeypatch):
         _trainer(tmp_path, [ElasticExport(tmp_path / "afile" / "exp", correct="none")]).fit(
             module, train_dataloaders=_multicrop_loader())
     assert module.scores is None
+
+
+NORMS = ("vit_small_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=IMG, scale_attn_norm=True,
+                                       scale_mlp_norm=True))  # norms over the cut dimensions
+
+
+def test_a_model_statistics_cannot_correct_is_refused_before_the_work(tmp_path):
+    # The corrected default failed after the scoring and the search (collect_stats at the export) and wrote nothing.
+    name, kwargs = NORMS
+    module = SnapViTModule(name, model_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"ElasticExport\(correct='lstsq'\): statistics cannot correct this model: .*"
+                                         r"scale_attn_norm.* export it with correct='none'.*sequential=True"):
+        _trainer(tmp_path, [ElasticExport(tmp_path / "out")]).fit(module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None and not (tmp_path / "out").exists()  # before the scoring
+    _trainer(tmp_path, [ElasticExport(tmp_path / "out", correct="none")]).fit(module, train_dataloaders=_multicrop_loader())
+    elastic = ElasticViT.load(tmp_path / "out" / f"{name}.elastic.safetensors")
+    x = torch.rand(4, 3, IMG, IMG)
+    with pytest.raises(ValueError, match=r"export_elastic\(correct='bias'\): statistics cannot correct"):
+        export_elastic(elastic, tmp_path / "again", correct="bias", calibration_images=x)
+    with pytest.raises(ValueError, match=r"collect_stats: statistics cannot correct this model"):
+        collect_stats(elastic.model, x)
+    assert not (tmp_path / "again").exists()
+    sub = elastic.subnet(0.5, 0.5, calibration=x, sequential=True)  # what the message offers works
+    assert torch.isfinite(sub(x)).all()

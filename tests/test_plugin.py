@@ -177,6 +177,18 @@ def test_snapvit_refuses_a_loader_of_single_images_before_the_users_fit(tmp_path
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
 
 
+def test_snapvit_refuses_a_vit_statistics_cannot_correct_before_the_users_fit(tmp_path):
+    user = UserModule()
+    kwargs = dict(depth=1, embed_dim=64, num_heads=2, img_size=IMG, num_classes=0, scale_attn_norm=True)
+    user.backbone = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path, search_evals=2,
+                     model_name="vit_small_patch16_224", model_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"SnapViT\(correct='lstsq'\): statistics cannot correct this model"):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # failed before training
+
+
 class _UsersDataModule(pl.LightningDataModule):
     """A user's own datamodule: ``loader()``'s batches, images for the fitness, calls of its hooks counted."""
 

@@ -223,7 +223,8 @@ def test_corrected_fitness_errors() -> None:
     with pytest.raises(ValueError, match="damping"):
         Fitness(model, scores, x, correct="lstsq", damping=-1.0)
     norms, _, _ = variant("norms")  # a norm over the cut dimension: stored statistics cannot correct it
-    with pytest.raises(ValueError, match="scale_norm"):
+    with pytest.raises(ValueError, match=r"correct='lstsq': statistics cannot correct this model: it has a norm over "
+                                         r"the cut dimension .* use correct='none'"):
         Fitness(norms, random_scores(norms), images_for(norms, n=4), correct="lstsq")
 
 

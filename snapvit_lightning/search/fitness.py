@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..correction import augmented_weight, check_correction, collect_stats, has_cut_norm, solve_layer, stats_damping
+from ..correction import augmented_weight, check_correction, check_one_shot, collect_stats, solve_layer, stats_damping
 from ..forward import embed
 from ..scores import ImportanceScores, check_ratio
 from ..structure import check_model_images, get_blocks, head_channels, inspect_vit
@@ -432,11 +432,7 @@ class Fitness:
     def _correction_terms(self, model: nn.Module, images: Tensor) -> list[dict[str, tuple[Tensor, Tensor, Tensor]]]:
         """Per block and cut layer: (dense weight, ``[W | b] E[xₐ xₐᵀ]``, ``E[xₐ xₐᵀ]``), original order."""
         blocks = get_blocks(model)
-        if any(has_cut_norm(b) for b in blocks):
-            raise ValueError(
-                f"correct={self.correct!r}: the fitness corrects from statistics, which cannot correct a model "
-                "with a norm over a cut dimension (scale_norm or an MLP norm); use correct='none'"
-            )
+        check_one_shot(model, f"correct={self.correct!r}", "the fitness corrects from statistics: use correct='none'")
         stats = collect_stats(model, images, batch_size=self.batch_size)
         self.damping, terms = stats_damping(self.damping, stats), []
         for i, block in enumerate(blocks):
