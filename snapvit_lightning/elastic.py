@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import timm
@@ -578,15 +579,22 @@ class ElasticViT:
         """
         if not isinstance(stats, bool):
             raise TypeError(f"stats must be a bool, got {stats!r}")
+        writes_stats = stats and self.stats is not None
+        self._save(path, stats_path_for(path).name if writes_stats else None)
+        if writes_stats:
+            self.stats.save(stats_path_for(path))
+
+    def _save(self, path: str | os.PathLike, stats_file: str | None) -> None:
+        """Write the checkpoint alone; ``stats_file``: the name of the statistics written beside it (metadata)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update(self.scores.to_tensors())
         tensors["order.mlp"] = self.mlp_order
         tensors["order.heads"] = self.head_order
         meta = _metadata("elastic", self.model, self.model_name, self.model_kwargs)
         meta["scores_meta"] = json.dumps(self.scores.metadata())
+        if stats_file is not None:  # load() warns when they are not beside it
+            meta["stats_file"] = stats_file
         _write(path, tensors, meta)
-        if stats and self.stats is not None:
-            self.stats.save(stats_path_for(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, stats: bool = True) -> "ElasticViT":
@@ -633,6 +641,13 @@ class ElasticViT:
             except ValueError as err:
                 raise ValueError(f"{beside} (beside {path}): {err}; remove or replace it (`ElasticViT.load(..., "
                                  "stats=False)` and `snapvit slice --no-correct` ignore it)") from err
+        elif stats and "stats_file" in meta:  # exported corrected, moved without its statistics
+            warnings.warn(
+                f"{path} was written with correction statistics ({meta['stats_file']}), but there are none beside it "
+                f"at {beside}: subnet() now cuts plain subnets, which keep far less of the dense model's features. "
+                "Put the statistics there (or attach_stats()), or load(..., stats=False) for the model alone",
+                UserWarning, stacklevel=2,
+            )
         return self
 
     def save_subnet(self, path: str | os.PathLike, subnet: nn.Module, budget: dict[str, Any] | None = None) -> None:

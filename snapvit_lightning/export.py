@@ -405,7 +405,7 @@ def export_elastic(
     placed: list[Path] = []
     try:
         staged["elastic"] = staging_path(targets["elastic"])
-        elastic.save(staged["elastic"], stats=False)  # the statistics this export writes are staged on their own
+        elastic._save(staged["elastic"], None if stats is None else targets["stats"].name)  # they are staged on their own
         if stats is not None:
             staged["stats"] = staging_path(targets["stats"])
             stats.save(staged["stats"])

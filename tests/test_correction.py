@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import timm
 import torch
 
 from conftest import load_real_model, model_input, random_scores, tiny_model
+from snapvit_lightning.checkpoint import read_metadata
 from snapvit_lightning.correction import CorrectionStats, SingularGramError, correct_subnet
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.obs import stream_energy
@@ -473,6 +475,28 @@ def test_save_writes_the_attached_stats_beside_the_checkpoint(tmp_path: Path) ->
                                                          "copy.stats.safetensors"]
     with pytest.raises(TypeError, match="stats must be a bool"):
         el.save(tmp_path / "x.elastic.safetensors", stats="yes")
+
+
+def test_load_warns_when_the_statistics_written_with_a_checkpoint_are_gone(tmp_path: Path) -> None:
+    # Shipping the elastic file alone silently gave plain subnets (cosine .51 against .95 corrected, helper's ViT-S).
+    el = _elastic("test_vit")
+    el.attach_stats(el.collect_stats(_images(el.model, n=4)))
+    el.save(tmp_path / "m.elastic.safetensors")
+    el.save(tmp_path / "alone.elastic.safetensors", stats=False)
+    assert read_metadata(tmp_path / "m.elastic.safetensors")["stats_file"] == "m.stats.safetensors"
+    assert "stats_file" not in read_metadata(tmp_path / "alone.elastic.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none while they are there, or for a checkpoint written alone
+        assert ElasticViT.load(tmp_path / "m.elastic.safetensors").stats is not None
+        assert ElasticViT.load(tmp_path / "alone.elastic.safetensors").stats is None
+    (tmp_path / "m.stats.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"m\.elastic\.safetensors was written with correction statistics "
+                                         r"\(m\.stats\.safetensors\), but there are none beside it .* plain subnets"):
+        moved = ElasticViT.load(tmp_path / "m.elastic.safetensors")
+    assert moved.stats is None and _same(moved.subnet(0.5, 0.5), el.subnet(0.5, 0.5, correct="none"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ElasticViT.load(tmp_path / "m.elastic.safetensors", stats=False)  # the model alone, as asked
 
 
 @pytest.mark.parametrize("fold_rows", [1 << 15, 7])  # 7: folds into float64 after every batch of 5 images

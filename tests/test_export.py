@@ -428,6 +428,7 @@ def test_elastic_export_stats_views(tmp_path):
     _trainer(tmp_path, [export]).fit(SnapViTModule("test_vit", model_kwargs={"img_size": IMG}), datamodule=dm)
     stats = CorrectionStats.load(export.export_paths["stats"])
     assert export.report["correction"]["calibration_views"] == 4 == stats.num_images
+    assert read_metadata(export.export_paths["elastic"])["stats_file"] == export.export_paths["stats"].name
     expected = collect_stats(export.elastic.model, dm.calibration_images_eval())
     assert all(torch.allclose(a, b) for a, b in zip(stats.mlp, expected.mlp))
     for bad in (0, 2.5, True):
