@@ -88,6 +88,13 @@ def _info_latencies(
     models = [elastic.model if d == dense else elastic.slice(d, correct="none") for d in unique]
     measured = dict(zip(unique, measure_models(models, batch_size=batch_size, device=device, threads=args.threads)))
     latencies = [measured[dense], *(measured[d] for d in rows)]
+    flops = {d: elastic.cost(list(d))["flops"] for d in unique}
+    slower = [(a, b) for a in unique for b in unique if flops[a] < flops[b] and measured[a] > 1.05 * measured[b]]
+    if slower:  # latency falls with the FLOPs: the load changed while they were timed
+        a, b = max(slower, key=lambda p: measured[p[0]] / measured[p[1]])
+        warnings.warn(f"a budget of {100 * flops[a] / flops[dense]:.1f}% FLOPs measured {measured[a]:.2f} ms, slower "
+                      f"than one of {100 * flops[b] / flops[dense]:.1f}% at {measured[b]:.2f} ms: the machine's load "
+                      "changed while they were timed; measure again on a quiet machine", stacklevel=2)
     threads = "" if args.threads is None else f", {args.threads} thread{'s' * (args.threads != 1)}"
     return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {device} "
                        f"(torch{threads}); dense model {latencies[0]:.2f} ms")
@@ -323,6 +330,8 @@ def _slice(args: argparse.Namespace) -> int:
     asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}
     cut = {"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how, "elastic": Path(args.path).name,
            "requested": asked}
+    if args.latency_ms is not None:
+        cut["latency"] = budget.record()
     if onnx:
         from .checkpoint import subnet_metadata
         from .onnx_export import save_onnx

@@ -18,7 +18,7 @@ import functools
 import statistics
 import time
 import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -117,6 +117,21 @@ class LatencyBudget:
         """
         dense = [t.dense_alongside_ms for t in self.trials]
         return max(dense) / min(dense) if dense and min(dense) > 0 else 1.0
+
+    def record(self) -> dict[str, Any]:
+        """How the choice was measured, as plain values (a subnet file's ``budget["latency"]``).
+
+        ``target_ms``, ``measured_ms`` (the chosen budget's latency), ``dense_ms``, ``batch_size``,
+        ``device``, ``device_name`` (the GPU or CPU model), ``backend``, ``threads`` (``None``: torch's
+        setting, ``torch_threads``) and ``load_drift``: a latency means nothing without them.
+        """
+        from .machine import build_machine
+
+        machine = build_machine(self.device)
+        return {"target_ms": self.target_ms, "measured_ms": self.latency_ms, "dense_ms": self.dense_ms,
+                "batch_size": self.batch_size, "device": self.device, "device_name": machine["device_name"],
+                "backend": self.backend, "threads": self.threads, "torch_threads": machine["torch_threads"],
+                "load_drift": self.load_drift}
 
     def describe(self) -> str:
         """What was measured and chosen, as lines of text."""

@@ -308,8 +308,9 @@ def _saved(tmp_path: Path) -> Path:
 
 
 def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Path, capsys, flops_clock: None) -> None:
-    from snapvit_lightning.checkpoint import load_subnet
+    from snapvit_lightning.checkpoint import load_subnet, read_metadata
     from snapvit_lightning.cli import main
+    from snapvit_lightning.machine import cpu_model
 
     path = _saved(tmp_path)
     el = ElasticViT.load(path)
@@ -322,6 +323,12 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     assert "chose FLOPs" in printed and f"wrote {out}" in printed
     found = el.latency_budget(target, timer=flops_timer)
     assert count_flops(load_subnet(out))["total"] == count_flops(el.subnet(flops=found.flops))["total"]
+    # the file says what its latency means: the conditions it was measured under (a deployer could not tell)
+    latency = read_metadata(out)["budget"]["latency"]
+    assert {k: latency[k] for k in ("target_ms", "batch_size", "device", "backend", "threads")} == {
+        "target_ms": target, "batch_size": 2, "device": "cpu", "backend": "torch", "threads": 1}
+    assert latency["measured_ms"] == pytest.approx(found.latency_ms) and latency["measured_ms"] <= target
+    assert latency["dense_ms"] == pytest.approx(found.dense_ms) and latency["device_name"] == cpu_model()
 
 
 @pytest.mark.parametrize(
@@ -359,3 +366,20 @@ def test_cli_info_latency_column(tmp_path: Path, capsys, one_thread: None) -> No
     assert lines[2].split()[6:8] == ["ms", "speed-up"]
     dense, half = (float(line.split()[5]) for line in lines[3:5])
     assert dense > 0 and half > 0 and lines[3].split()[6] == "1.00x"  # the dense row is the reference itself
+
+
+def test_cli_info_latency_warns_when_a_smaller_budget_measured_slower(tmp_path: Path, capsys, monkeypatch) -> None:
+    # A loaded machine gave a 70.8 %-FLOPs budget 51.6 ms against the dense model's 46.8 ms, without a word.
+    import snapvit_lightning.latency as latency
+    from snapvit_lightning.cli import main
+
+    path = _saved(tmp_path)
+    argv = ["info", str(path), "--budgets", "0.5,0.5", "--latency"]
+    monkeypatch.setattr(latency, "measure_interleaved", lambda models, **kwargs: flops_timer(models))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # latency falls with the FLOPs: nothing to say
+        assert main(argv) == 0
+    monkeypatch.setattr(latency, "measure_interleaved", lambda models, **kwargs: [10.0, 12.0][: len(models)])
+    with pytest.warns(UserWarning, match=r"^a budget of \d+\.\d% FLOPs measured 12\.00 ms, slower than one of 100\.0% "
+                                         r"at 10\.00 ms: the machine's load changed"):
+        assert main(argv) == 0
