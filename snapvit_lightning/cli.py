@@ -38,13 +38,25 @@ def _info(args: argparse.Namespace) -> int:
     if meta["kind"] != "elastic":
         if args.latency or args.no_correct:
             raise ValueError(f"{args.path} is a subnet: --latency/--no-correct apply to elastic checkpoints")
+        from .elastic import load_subnet
+        from .evaluation import model_cost
+
         print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
+        cost, (h, w) = model_cost(load_subnet(args.path)), meta["input_size"]
+        print(f"input {h} x {w} px, {cost['params']:,} params, {cost['flops']:,} FLOPs per image")
         if "budget" in meta:  # written by `snapvit slice` and the export since 2026-12-06
             cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
             requested = cut.get("requested")
             asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
             print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
+            if isinstance(meta["budget"].get("latency"), dict):  # slice --latency-ms: what its latency means
+                m = meta["budget"]["latency"]
+                threads = m.get("threads") or m.get("torch_threads")
+                print(f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
+                      f"{m.get('dense_ms', float('nan')):.2f} ms) per batch of {m.get('batch_size')} on {m.get('device')} "
+                      f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}), "
+                      "measured where it was sliced")
         return 0
     elastic = ElasticViT.load(args.path)
     budgets = args.budgets or INFO_BUDGETS
@@ -285,13 +297,16 @@ def _naming(option: str | None, kind: type[Exception] = ValueError) -> Iterator[
 def _slice(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT
 
-    if (args.flops, args.mlp_ratio, args.head_ratio, args.latency_ms) == (None, None, None, None):
-        raise ValueError("give a budget: --flops F, --mlp-ratio M and/or --head-ratio H, or --latency-ms T "
+    if (args.flops, args.params, args.mlp_ratio, args.head_ratio, args.latency_ms) == (None,) * 5:
+        raise ValueError("give a budget: --flops F, --params P, --mlp-ratio M and/or --head-ratio H, or --latency-ms T "
                          "(`snapvit info` lists budgets)")
-    if args.flops is not None and (args.mlp_ratio is not None or args.head_ratio is not None):
-        raise ValueError("give either --flops or --mlp-ratio/--head-ratio, not both")
-    if args.latency_ms is not None and (args.flops, args.mlp_ratio, args.head_ratio) != (None, None, None):
-        raise ValueError("give either --latency-ms or --flops/--mlp-ratio/--head-ratio, not both")
+    if args.flops is not None and args.params is not None:
+        raise ValueError("give either --flops or --params, not both")
+    fraction = "--flops" if args.flops is not None else "--params" if args.params is not None else None
+    if fraction and (args.mlp_ratio is not None or args.head_ratio is not None):
+        raise ValueError(f"give either {fraction} or --mlp-ratio/--head-ratio, not both")
+    if args.latency_ms is not None and (args.flops, args.params, args.mlp_ratio, args.head_ratio) != (None,) * 4:
+        raise ValueError("give either --latency-ms or --flops/--params/--mlp-ratio/--head-ratio, not both")
     if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
         raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
     from .correction import stats_path_for
@@ -323,11 +338,12 @@ def _slice(args: argparse.Namespace) -> int:
             )
         print(budget.describe())
         flops = budget.flops
-    with _naming("--flops" if args.flops is not None else None):  # e.g. below the smallest reachable fraction
-        mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops)
+    with _naming(fraction):  # e.g. below the smallest reachable fraction
+        mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops, params=args.params)
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
-    asked = {k: getattr(args, k) for k in ("flops", "latency_ms", "mlp_ratio", "head_ratio") if getattr(args, k) is not None}
+    asked = {k: getattr(args, k) for k in ("flops", "params", "latency_ms", "mlp_ratio", "head_ratio")
+             if getattr(args, k) is not None}
     cut = {"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how, "elastic": Path(args.path).name,
            "requested": asked}
     if args.latency_ms is not None:
@@ -420,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     cut = sub.add_parser("slice", help="write a sliced subnet of an elastic checkpoint")
     cut.add_argument("path", help="an *.elastic.safetensors file")
     cut.add_argument("--flops", type=keep_fraction, default=None, help="fraction of the dense FLOPs to keep, in (0, 1]")
+    cut.add_argument("--params", type=keep_fraction, default=None,
+                     help="fraction of the dense parameters to keep, in (0, 1] (the blocks' and the rest's)")
     cut.add_argument("--mlp-ratio", type=prune_ratio, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
     cut.add_argument("--head-ratio", type=prune_ratio, default=None, help="fraction of all heads to prune, in [0, 1)")
     cut.add_argument("--latency-ms", type=positive_number, default=None, metavar="T",

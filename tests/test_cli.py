@@ -13,7 +13,8 @@ from lightning.pytorch import Callback
 from snapvit_lightning import __version__
 from snapvit_lightning.cli import main
 from snapvit_lightning.data import load_calibration_views, load_eval_images
-from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.elastic import ElasticViT, load_subnet, read_metadata
+from snapvit_lightning.evaluation import model_cost
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search import DEFAULT_FITNESS_SAMPLES, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, PAPER_RATIO_PAIRS
 
@@ -439,7 +440,10 @@ def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
         else:  # the ranking collected from the images: as many units in all, spread by it
             assert [sum(column) for column in zip(*sizes)] == [sum(column) for column in zip(*plain)]
     assert main(["info", str(out)]) == 0
-    assert f"cut from {path.name} (asked: flops 0.6): mlp_ratio" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"cut from {path.name} (asked: flops 0.6): mlp_ratio" in printed
+    cost, size = model_cost(load_subnet(out)), model.patch_embed.img_size
+    assert f"input {size[0]} x {size[1]} px, {cost['params']:,} params, {cost['flops']:,} FLOPs per image" in printed
     with pytest.raises(SystemExit) as exit_:  # was "no correction statistics file at ...", for a folder given
         main([*argv[:4], "--calibration", str(tmp_path / "nope"), "-o", str(tmp_path / "t.safetensors")])
     assert exit_.value.code == 2
@@ -590,3 +594,24 @@ def test_stats_refuses_a_model_statistics_cannot_correct(tmp_path, capsys) -> No
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "snapvit stats: error: snapvit stats: statistics cannot correct this model" in err
     assert "--sequential --calibration DIR" in err and not (tmp_path / "m.stats.safetensors").exists()
+
+
+def test_slice_by_a_parameter_fraction(tmp_path, capsys) -> None:
+    # Python's subnet(params=...) had no command-line form ("unrecognized arguments: --params").
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
+    elastic.save(path)
+    out = tmp_path / "p.safetensors"
+    assert main(["slice", str(path), "--params", "0.6", "-o", str(out)]) == 0
+    assert read_metadata(out)["budget"]["requested"] == {"params": 0.6}
+    expected = elastic.subnet(params=0.6)
+    assert [b.mlp.fc1.out_features for b in load_subnet(out).blocks] == [b.mlp.fc1.out_features for b in expected.blocks]
+    assert elastic.cost(elastic.dims(*elastic.resolve_budget(params=0.6)))["params_fraction"] <= 0.6
+    for extra, said in ((["--flops", "0.5"], "give either --flops or --params, not both"),
+                        (["--mlp-ratio", "0.5"], "give either --params or --mlp-ratio/--head-ratio, not both"),
+                        (["--latency-ms", "5"], "give either --latency-ms or --flops/--params/--mlp-ratio/--head-ratio"),
+                        ([], "--params: params=0.01 is below the smallest reachable fraction")):
+        with pytest.raises(SystemExit) as exc:
+            main(["slice", str(path), "--params", "0.01" if not extra else "0.6", *extra, "-o", str(tmp_path / "x.safetensors")])
+        assert exc.value.code == 2 and said in capsys.readouterr().err

@@ -329,6 +329,9 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
         "target_ms": target, "batch_size": 2, "device": "cpu", "backend": "torch", "threads": 1}
     assert latency["measured_ms"] == pytest.approx(found.latency_ms) and latency["measured_ms"] <= target
     assert latency["dense_ms"] == pytest.approx(found.dense_ms) and latency["device_name"] == cpu_model()
+    assert main(["info", str(out)]) == 0
+    assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms) per batch of 2 "
+            f"on cpu ({cpu_model()}; torch, 1 thread), measured where it was sliced") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -336,7 +339,7 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     [
         (["--latency-ms", "86400000"], "--latency-ms: the dense model already meets latency_ms=8.64e+07: it measured"),
         (["--latency-ms", "1e-12"], "latency_ms=1e-12 is below the smallest budget's"),
-        (["--latency-ms", "5", "--flops", "0.5"], "give either --latency-ms or --flops/--mlp-ratio/--head-ratio"),
+        (["--latency-ms", "5", "--flops", "0.5"], "give either --latency-ms or --flops/--params/--mlp-ratio/--head-ratio"),
         (["--flops", "0.5", "--threads", "2"], "say how --latency-ms is measured; give --latency-ms too"),
         (["--latency-ms", "0"], "argument --latency-ms: must be > 0, got '0'"),
         (["--latency-ms", "5", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),  # was run with 1
