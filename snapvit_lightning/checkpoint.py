@@ -182,8 +182,10 @@ def resolve_rebuild(
     Args:
         model: A timm ViT.
         model_name: Registered timm name; default the model's ``pretrained_cfg["architecture"]``.
-        model_kwargs: ``timm.create_model`` keyword arguments (JSON values); default the
-            ``num_classes``, ``img_size``, ``global_pool`` and ``dynamic_img_size`` read from the model.
+        model_kwargs: ``timm.create_model`` keyword arguments (JSON values). The ``num_classes``,
+            ``img_size``, ``global_pool`` and ``dynamic_img_size`` read from the model are added
+            where they are not given (so only what else differs from the name's defaults, e.g.
+            ``depth``, needs to be given).
 
     Returns:
         ``(model_name, model_kwargs)``.
@@ -200,15 +202,14 @@ def resolve_rebuild(
             raise ValueError("model_name is required: the model has no pretrained_cfg['architecture']")
     if not timm.is_model(model_name):
         raise ValueError(f"model_name {model_name!r} is not a registered timm model")
-    if model_kwargs is None:
-        model_kwargs = {
-            "num_classes": int(model.num_classes),
-            "img_size": [int(s) for s in model.patch_embed.img_size],
-            "global_pool": model.global_pool,
-        }
-        if hasattr(model, "dynamic_img_size"):  # either way: a model's timm default may be the other
-            model_kwargs["dynamic_img_size"] = bool(model.dynamic_img_size)
-    model_kwargs = check_model_kwargs(model_kwargs)
+    read = {
+        "num_classes": int(model.num_classes),
+        "img_size": [int(s) for s in model.patch_embed.img_size],
+        "global_pool": model.global_pool,
+    }
+    if hasattr(model, "dynamic_img_size"):  # either way: a model's timm default may be the other
+        read["dynamic_img_size"] = bool(model.dynamic_img_size)
+    model_kwargs = {**read, **check_model_kwargs({} if model_kwargs is None else model_kwargs)}
     rebuilt = _rebuilt(model_name, json.dumps(model_kwargs, sort_keys=True))
     if isinstance(rebuilt, str):
         diff = [rebuilt]

@@ -537,3 +537,21 @@ def test_arguments_that_would_be_ignored_or_out_of_range_are_refused() -> None:
         el.cost([BlockDims(1000, 99999)] * 6)
     with pytest.raises(ValueError, match=r"dims must be a list of 6 BlockDims .* got NoneType"):
         el.cost(None)
+
+
+def test_given_model_kwargs_are_completed_by_what_the_model_says(tmp_path) -> None:
+    # model_kwargs=dict(depth=..., embed_dim=..., num_heads=...) replaced the sizes read from the model, so the
+    # rebuild was refused again on the classifier and the position embedding until every setting was spelled out.
+    import timm
+
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, num_classes=5, **kwargs).eval()
+    elastic = ElasticViT(model, random_scores(model), model_kwargs=kwargs)
+    assert elastic.model_kwargs == {**kwargs, "img_size": [32, 32], "num_classes": 5, "global_pool": "token",
+                                    "dynamic_img_size": False}
+    elastic.save(tmp_path / "m.elastic.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ElasticViT.load(tmp_path / "m.elastic.safetensors").model(x), elastic.model(x))
+    given = ElasticViT(model, random_scores(model), model_kwargs={**kwargs, "img_size": 32}).model_kwargs
+    assert given["img_size"] == 32  # what is given wins

@@ -375,7 +375,7 @@ def test_elastic_export_callback(tmp_path):
     paths = export.export_paths
     assert paths["elastic"] == tmp_path / "out" / "test_vit.elastic.safetensors"
     loaded = ElasticViT.load(paths["elastic"])
-    assert loaded.model_kwargs == {"img_size": IMG}
+    assert loaded.model_kwargs == {"img_size": IMG, "num_classes": 1000, "global_pool": "token", "dynamic_img_size": True}
     assert loaded.scores.block_weights is not None and loaded.scores.covariance is not None
     assert torch.allclose(loaded.scores.block_weights, module.scores.block_weights.double())
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
