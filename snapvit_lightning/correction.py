@@ -57,7 +57,8 @@ from .structure import check_model_images, get_blocks, head_channels, mlp_rows
 __all__ = [
     "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
     "stats_damping", "collect_stats", "correct_subnet", "fingerprint", "weights_version",
-    "EXPORT_HINT", "SEQUENTIAL_HINT", "augmented_weight", "check_one_shot", "has_cut_norm", "prepare_targets", "solve_layer", "stats_path_for",
+    "EXPORT_HINT", "SEQUENTIAL_HINT", "augmented_weight", "check_one_shot", "has_cut_norm", "prepare_targets",
+    "solve_layer", "stats_path_for",
     "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
 ]
 

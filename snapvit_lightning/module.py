@@ -275,6 +275,10 @@ class SnapViTModule(pl.LightningModule):
             )
         if checkpoint_path is not None:
             load_weights(student, checkpoint_path, classifier=classifier_layers(student))  # a head may differ, as in timm
+        elif isinstance(model, str) and not pretrained:  # a config without its weights line scored noise in silence
+            rank_zero_warn(f"SnapViTModule: scoring random weights: {model!r} was built with pretrained=False and no "
+                           "checkpoint_path, so its scores and elastic model mean nothing for a real task; give "
+                           "checkpoint_path (local weights) or pretrained=True", category=UserWarning)
         if getattr(student, "grad_checkpointing", False):
             # Its recomputation in backward runs outside the explicit-attention context of the
             # forward, so the saved and recomputed tensors differ; the scores need one backward only.

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import secrets
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -310,6 +312,15 @@ def load_weights(
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not zipfile.is_zipfile(path):  # not torch.save's archive at all
+                raise ValueError(f"{argument} {str(path)!r} is not a torch.save or safetensors file: {err}") from err
+            # a torch.save archive with objects besides tensors: torch's advice (weights_only=False) is not ours to take
+            raise ValueError(
+                f"{argument} {str(path)!r} holds pickled objects besides tensors (e.g. a whole model saved with "
+                "torch.save(model)), which are never unpickled here (that would run code from the file); save "
+                "model.state_dict() with torch.save or safetensors"
+            ) from err
         except Exception as err:
             raise ValueError(
                 f"{argument} {str(path)!r} could not be read with torch.load(weights_only=True): {err}"

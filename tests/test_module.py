@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -400,7 +401,7 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other.pt"), model_kwargs=VIT_KW)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match="junk.pt' is not a torch.save or safetensors file"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "junk.pt"), model_kwargs=VIT_KW)
     # Common layouts a new user brought: DeiT/timm scripts' {"model": ...}, safetensors under another
     # suffix (torch.load's advice to drop weights_only would not even have worked), a module's keys.
@@ -430,6 +431,11 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(found \['epoch', 'optimizer'\]\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "nothing.pt"), model_kwargs=VIT_KW)
+    torch.save(vit(img_size=48), tmp_path / "whole.pt")  # the module itself: torch's advice was weights_only=False
+    with pytest.raises(ValueError, match=r"whole\.pt' holds pickled objects besides tensors \(e\.g\. a whole model saved "
+                                         r"with torch\.save\(model\)\), which are never unpickled here .* save "
+                                         r"model\.state_dict\(\)"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "whole.pt"), model_kwargs=VIT_KW)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -628,3 +634,16 @@ def test_a_dynamic_size_model_whose_own_size_is_not_a_patch_multiple_is_refused_
         SnapViTModule("vit_small_patch16_224", model_kwargs={**kwargs, "img_size": 56})
     SnapViTModule("vit_small_patch16_224", model_kwargs={**kwargs, "img_size": 64})
     SnapViTModule("vit_small_patch16_224", model_kwargs={**kwargs, "img_size": 56, "dynamic_img_pad": True})  # pads
+
+
+def test_a_named_model_without_weights_warns_that_it_scores_random_weights(tmp_path) -> None:
+    # A config whose checkpoint_path was left out scored a freshly initialised ViT-B without a word.
+    with pytest.warns(UserWarning, match=r"^SnapViTModule: scoring random weights: 'test_vit' was built with "
+                                         r"pretrained=False and no checkpoint_path"):
+        SnapViTModule("test_vit")
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_vit", pretrained=False).state_dict(), str(weights))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SnapViTModule("test_vit", checkpoint_path=weights)  # its own weights: nothing to say
+        SnapViTModule(timm.create_model("test_vit", pretrained=False))  # a module the user built: theirs to know
