@@ -278,14 +278,15 @@ EXPORT_HINT = ("export it with correct='none' (in a config: correct: none in the
                + SEQUENTIAL_HINT)
 
 
-def check_one_shot(model: nn.Module, what: str, instead: str = SEQUENTIAL_HINT) -> None:
+def check_one_shot(model: nn.Module, what: str | None, instead: str = SEQUENTIAL_HINT) -> None:
     """Refuse a model that statistics cannot correct (:func:`has_cut_norm`), naming ``what`` asked for it.
 
     Raises:
-        ValueError: A block of ``model`` has a norm over a cut dimension; the message ends with ``instead``.
+        ValueError: A block of ``model`` has a norm over a cut dimension; the message starts with
+            ``what`` (unless ``None``) and ends with ``instead``.
     """
     if any(has_cut_norm(b) for b in get_blocks(model)):
         raise ValueError(
-            f"{what}: statistics cannot correct this model: it has a norm over the cut dimension (timm's "
-            f"scale_attn_norm / scale_mlp_norm), so its kept activations change with every cut; {instead}"
+            f"{f'{what}: ' if what else ''}statistics cannot correct this model: it has a norm over the cut dimension "
+            f"(timm's scale_attn_norm / scale_mlp_norm), so its kept activations change with every cut; {instead}"
         )

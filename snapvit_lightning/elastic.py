@@ -645,7 +645,8 @@ class ElasticViT:
             warnings.warn(
                 f"{path} was written with correction statistics ({meta['stats_file']}), but there are none beside it "
                 f"at {beside}: subnet() now cuts plain subnets, which keep far less of the dense model's features. "
-                "Put the statistics there (or attach_stats()), or load(..., stats=False) for the model alone",
+                "Put the statistics there (or attach_stats()), or load(..., stats=False) for the model alone "
+                "(snapvit slice: --no-correct)",
                 UserWarning, stacklevel=2,
             )
         return self

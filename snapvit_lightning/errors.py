@@ -155,6 +155,11 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def process_rank() -> int:
+    """This process's rank in a DDP run that Lightning or torchrun started (``RANK``/``LOCAL_RANK``), else 0."""
+    return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+
+
 @contextmanager
 def exit_on_user_error(prog: str) -> Iterator[None]:
     """Turn a user error raised inside the block into ``<prog>: error: <message>`` and exit 2.
@@ -174,7 +179,7 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     except Exception as err:
         if traceback_requested() or not is_user_error(err):
             raise
-        rank = int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)  # a DDP process Lightning started
+        rank = process_rank()
         sys.stderr.write(f"{f'[rank {rank}] ' if rank > 0 else ''}{prog}: error: {user_error_message(err)}\n")
         raise SystemExit(USER_ERROR_STATUS) from None
 

@@ -59,7 +59,7 @@ from .console import quiet_spawned_process
 from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
-from .structure import UnsupportedModelError, check_input_size, check_supported, get_blocks, inspect_vit, mlp_input_layers
+from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
 from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
 
 __all__ = [
@@ -259,9 +259,6 @@ class SnapViTModule(pl.LightningModule):
         else:
             raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
         check_supported(student)  # early, before any weights are read
-        own = tuple(int(s) for s in getattr(student.patch_embed, "img_size", None) or ())  # its images' size
-        if own:
-            check_input_size(student, own, f"model: img_size={own[0] if own[0] == own[1] else list(own)}")
         structure = inspect_vit(student)
         if not structure.is_uniform:
             raise UnsupportedModelError(

@@ -287,6 +287,7 @@ class SnapViT(Callback):
         self.report: dict[str, Any] | None = None
         self.scores: ImportanceScores | None = None
         self.model_path: str | None = None
+        self._loader: DataLoader | None = None  # a user's calibration datamodule's, from setup
 
     def _name(self, model: nn.Module) -> str | None:
         return self.name or _default_name(self.model_name, model)
@@ -323,9 +324,8 @@ class SnapViT(Callback):
         """Refuse calibration data of single images (a training loader) before the user's fit, not after it.
 
         A DataLoader, or the ``train_dataloader()`` of a LightningDataModule other than
-        :class:`~snapvit_lightning.data.CalibrationDataModule` (prepared and set up as Lightning
-        does: ``prepare_data`` on one process per node, then ``setup("fit")``), gives its first batch;
-        the global random state is left as it was.
+        :class:`~snapvit_lightning.data.CalibrationDataModule` (:meth:`_prepare_datamodule`), gives
+        its first batch; the global random state is left as it was.
         """
         dm = self.datamodule
         if isinstance(dm, CalibrationDataModule):
@@ -334,11 +334,7 @@ class SnapViT(Callback):
             if isinstance(dm, DataLoader):
                 what, loader = "the DataLoader", dm
             else:
-                if trainer.local_rank == 0 if dm.prepare_data_per_node else trainer.is_global_zero:
-                    dm.prepare_data()
-                trainer.strategy.barrier("SnapViT.prepare_data")
-                dm.setup("fit")
-                what, loader = f"{type(dm).__name__}.train_dataloader()", dm.train_dataloader()
+                what, loader = f"{type(dm).__name__}.train_dataloader()", self._prepare_datamodule(trainer)
             batch = next(iter(loader), None)
         views = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(views, Tensor) or views.dim() != 5 or views.shape[2] != 3:
@@ -347,6 +343,26 @@ class SnapViT(Callback):
                 f"datamodule: SnapViT's calibration data ({what}) must yield multi-crop views [B, V, 3, S, S] "
                 f"(or (views, labels)), as CalibrationDataModule's does; its first batch holds {found}"
             )
+
+    def _prepare_datamodule(self, trainer: pl.Trainer) -> DataLoader:
+        """Prepare and set up a user's calibration datamodule once, in the user's fit; its ``train_dataloader()``.
+
+        As Lightning does for the user's own datamodule (``prepare_data`` on one process per node,
+        a barrier, then ``setup("fit")``, with ``trainer`` attached); the calibration after the fit
+        runs on this loader, so the datamodule is not prepared again there (under DDP only rank 0
+        calibrates, and a second ``prepare_data`` would wait for the other ranks at its barrier).
+        """
+        dm, attached = self.datamodule, self.datamodule.trainer
+        dm.trainer = trainer
+        try:
+            if trainer.local_rank == 0 if dm.prepare_data_per_node else trainer.is_global_zero:
+                dm.prepare_data()
+            trainer.strategy.barrier("SnapViT.prepare_data")
+            dm.setup("fit")
+            self._loader = dm.train_dataloader()
+        finally:
+            dm.trainer = attached
+        return self._loader
 
     def _check_accelerator(self) -> None:
         """Refuse an ``accelerator`` this machine lacks, or one the ``"auto"`` precision probe cannot time."""
@@ -443,7 +459,10 @@ class SnapViT(Callback):
             callbacks=callbacks,
             default_root_dir=str(self.dirpath),
         )
-        data = {"train_dataloaders" if isinstance(self.datamodule, DataLoader) else "datamodule": self.datamodule}
+        if isinstance(self.datamodule, CalibrationDataModule):  # it takes its sizes from the model in the fit
+            data = {"datamodule": self.datamodule}
+        else:  # a DataLoader, or the loader of a datamodule set up before the user's fit
+            data = {"train_dataloaders": self._loader if self._loader is not None else self.datamodule}
         fit(inner, module, **data)  # Ctrl-C: KeyboardInterrupt, not the inner fit's sys.exit(1)
         if module.scores is None:
             raise RuntimeError("calibration produced no scores (empty calibration data?)")

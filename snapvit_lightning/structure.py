@@ -478,8 +478,9 @@ def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None
         return  # as timm's PatchEmbed: a fixed size is checked as a whole, no img_size not at all
     if size[0] % patch[0] or size[1] % patch[1]:
         multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
+        below, above = max(1, size[0] // patch[0]) * patch[0], (size[0] // patch[0] + 1) * patch[0]
         raise ValueError(f"{name}: {size[0]} x {size[1]} px images do not cut into this model's {patch[0]} x "
-                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {4 * patch[0]})")
+                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {below} or {above})")
 
 
 def check_model_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:

@@ -592,8 +592,14 @@ def test_stats_refuses_a_model_statistics_cannot_correct(tmp_path, capsys) -> No
     with pytest.raises(SystemExit) as exc:
         main(["stats", str(path), "--data", str(_image_folder(tmp_path / "photos"))])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "snapvit stats: error: snapvit stats: statistics cannot correct this model" in err
+    assert exc.value.code == 2 and "snapvit stats: error: statistics cannot correct this model" in err
     assert "--sequential --calibration DIR" in err and not (tmp_path / "m.stats.safetensors").exists()
+    for extra in (["--correct", "lstsq"], ["--calibration", str(tmp_path / "photos")]):  # not collect_stats', nor "snapvit stats"
+        with pytest.raises(SystemExit):
+            main(["slice", str(path), "--flops", "0.8", *extra, "-o", str(tmp_path / "s.safetensors")])
+        assert "snapvit slice: error: --correct lstsq: statistics cannot correct this model" in capsys.readouterr().err
+    assert main(["slice", str(path), "--flops", "0.8", "--sequential", "--calibration", str(tmp_path / "photos"),
+                 "-o", str(tmp_path / "s.safetensors")]) == 0  # what the message offers
 
 
 def test_slice_by_a_parameter_fraction(tmp_path, capsys) -> None:

@@ -647,10 +647,10 @@ def test_fitness_data_dir(tmp_path: Path) -> None:
 
 
 def test_explicit_size_wins_and_model_normalisation(tiny_vit: torch.nn.Module) -> None:
-    dm = CalibrationDataModule(dataset=_PairDataset(3), img_size=24)
+    dm = CalibrationDataModule(dataset=_PairDataset(3), img_size=48)  # a size the model cuts into patches
     dm.configure_from_model(tiny_vit)
-    assert dm.size == 24 and dm.normalization == ((0.5,) * 3, (0.5,) * 3)
-    assert dm.train_dataset()[0][0].shape == (12, 3, 24, 24)
+    assert dm.size == 48 and dm.normalization == ((0.5,) * 3, (0.5,) * 3)
+    assert dm.train_dataset()[0][0].shape == (12, 3, 48, 48)
     # without a model: ImageNet statistics
     plain = CalibrationDataModule(dataset=_PairDataset(3), img_size=24)
     assert plain.normalization[0] == (0.485, 0.456, 0.406)
@@ -805,3 +805,22 @@ def test_padded_shards_items_carry_keep_through_the_loader(tmp_path: Path) -> No
     (views, labels, keep), = list(loader)  # rank 1 of 2 over 3 images: image 1, then image 0 repeated
     assert views.shape[:2] == (2, 4) and keep.tolist() == [True, False]
     assert torch.equal(views[0], dataset[1][0]) and torch.equal(views[1], dataset[0][0])
+
+
+def test_a_view_size_a_dynamic_size_model_cannot_cut_is_refused_when_configured() -> None:
+    # A dynamic-size model of img_size 56 (16 px patches) got timm's AssertionError in the middle of the fit; one
+    # calibrated at img_size=64 is fine (a check on the model's own size refused that too).
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2, num_classes=0, dynamic_img_size=True, img_size=56)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
+    dataset = [torch.rand(3, 64, 64) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^img_size \(not given: the model's 56\): 56 x 56 px images do not cut into "
+                                         r"this model's 16 x 16 px patches; give a size that is a multiple of 16 "
+                                         r"\(e.g. 48 or 64\)"):
+        CalibrationDataModule(dataset=dataset).configure_from_model(model)
+    with pytest.raises(ValueError, match=r"^img_size=60: 60 x 60 px images do not cut"):
+        CalibrationDataModule(dataset=dataset, img_size=60).configure_from_model(model)
+    dm = CalibrationDataModule(dataset=dataset, img_size=64, num_local_crops=2, batch_size=2)
+    dm.configure_from_model(model)
+    dm.setup("fit")
+    views, _ = next(iter(dm.train_dataloader()))
+    assert views.shape[-1] == 64 and torch.isfinite(model(views[:, 0])).all()

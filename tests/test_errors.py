@@ -263,6 +263,8 @@ def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
     assert main(["info", str(elastic_file)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "snapvit info: interrupted" and "Traceback" not in err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a DDP run, stopped alike: the first one says it
+    assert main(["info", str(elastic_file)]) == 130 and capsys.readouterr().err == ""
 
 
 def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:

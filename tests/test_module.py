@@ -626,16 +626,6 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, weights: Path) -
         assert_scores_close(restored.compute_scores(), single, rtol=1e-4)
 
 
-def test_a_dynamic_size_model_whose_own_size_is_not_a_patch_multiple_is_refused_at_construction() -> None:
-    # Its calibration images are made at its own size: timm's AssertionError came in the middle of the fit.
-    kwargs = dict(depth=1, embed_dim=32, num_heads=2, num_classes=0, dynamic_img_size=True)
-    with pytest.raises(ValueError, match=r"^model: img_size=56: 56 x 56 px images do not cut into this model's 16 x 16 px "
-                                         r"patches; give a size that is a multiple of 16"):
-        SnapViTModule("vit_small_patch16_224", model_kwargs={**kwargs, "img_size": 56})
-    SnapViTModule("vit_small_patch16_224", model_kwargs={**kwargs, "img_size": 64})
-    SnapViTModule("vit_small_patch16_224", model_kwargs={**kwargs, "img_size": 56, "dynamic_img_pad": True})  # pads
-
-
 def test_a_named_model_without_weights_warns_that_it_scores_random_weights(tmp_path) -> None:
     # A config whose checkpoint_path was left out scored a freshly initialised ViT-B without a word.
     with pytest.warns(UserWarning, match=r"^SnapViTModule: scoring random weights: 'test_vit' was built with "

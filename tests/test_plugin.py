@@ -200,6 +200,7 @@ class _UsersDataModule(pl.LightningDataModule):
         self.calls.append("prepare_data")
 
     def setup(self, stage: str) -> None:
+        assert self.trainer is not None  # as in a fit: a datamodule may read it (world_size, ...)
         self.calls.append("setup:fit" if stage == "fit" else f"setup:{stage}")  # Lightning passes TrainerFn.FITTING
 
     def train_dataloader(self) -> DataLoader:
@@ -231,7 +232,8 @@ def test_snapvit_takes_a_users_datamodule_of_multicrop_views(tmp_path):
     _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     draws = torch.rand(4)
     assert plugin.export_paths["elastic"].is_file() and plugin.elastic is not None
-    assert dm.calls[:2] == ["prepare_data", "setup:fit"] and "setup:fit" in dm.calls[2:]  # the check, then the inner fit
+    assert dm.calls == ["prepare_data", "setup:fit"]  # once, before the user's fit: the calibration runs on its loader
+    assert dm.trainer is None  # the user's Trainer was attached for the set-up only
     alone, draws_alone = _fit_user(tmp_path / "alone", [], checkpointing=False)
     assert torch.equal(draws, draws_alone)  # the check's first batch left the global random state alone
 
@@ -376,6 +378,7 @@ def test_snapvit_bad_arguments(tmp_path, kwargs, error, match):
 
 
 _DDP_USER_SCRIPT = """
+import os
 import sys
 from pathlib import Path
 
@@ -405,7 +408,18 @@ class User(pl.LightningModule):
 
 g = torch.Generator().manual_seed(0)
 calibration = DataLoader(TensorDataset(torch.randn(4, 4, 3, 32, 32, generator=g), torch.full((4,), -1)), batch_size=2)
-plugin = SnapViT(calibration, dirpath=out / "elastic", search_evals=0, budgets=[0.5], correct="none")
+
+
+class Calibration(pl.LightningDataModule):  # a user's own, with prepare_data: rank 0's calibration waited forever
+    def prepare_data(self):  # at that hook's barrier for the other ranks
+        (out / f"prepared{os.environ.get('LOCAL_RANK', '0')}.txt").write_text("yes")
+
+    def train_dataloader(self):
+        return calibration
+
+
+plugin = SnapViT(Calibration(), dirpath=out / "elastic", search_evals=0, budgets=[0.5], correct="none",
+                 fitness_images=torch.rand(4, 3, 32, 32))
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=[plugin])
 trainer.fit(User(), DataLoader(TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2))
@@ -454,5 +468,6 @@ def test_under_ddp_every_rank_returns_after_the_export(tmp_path):
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
+    assert sorted(p.name for p in tmp_path.glob("prepared*")) == ["prepared0.txt"]  # once per node, as Lightning does
     assert (tmp_path / "fail0.txt").read_text() == "ValueError: disk full"
     assert (tmp_path / "fail1.txt").read_text().startswith("RankZeroFailed: SnapViT's calibration and export failed on global rank 0")

@@ -223,7 +223,7 @@ def test_input_sizes_follow_timms_patch_embedding() -> None:
     for size in ((32, 48), (16, 16)):
         dynamic(check_model_images(dynamic, torch.randn(1, 3, *size), "images"))  # runs
     with pytest.raises(ValueError, match=r"images: 40 x 32 px images do not cut into this model's 16 x 16 px patches; "
-                                         r"give a size that is a multiple of 16 \(e.g. 64\)"):
+                                         r"give a size that is a multiple of 16 \(e.g. 32 or 48\)"):
         check_model_images(dynamic, torch.randn(1, 3, 40, 32), "images")
     with pytest.raises(AssertionError, match="should be divisible by patch size"):
         dynamic(torch.randn(1, 3, 40, 32))  # what the check spares the user

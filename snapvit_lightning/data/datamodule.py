@@ -34,6 +34,7 @@ from .crops import (
     resolve_input_config,
     stats_crops,
 )
+from ..structure import check_input_size
 from .sources import (
     DatasetSource,
     ImageFolderSource,
@@ -318,9 +319,14 @@ class CalibrationDataModule(LightningDataModule):
             model: the timm model to be pruned.
 
         Raises:
-            ValueError: if the model's input size is not square.
+            ValueError: if the model's input size is not square, or the view size is not one a
+                dynamic-size model can cut into patches.
         """
-        self._model_cfg = resolve_input_config(model)
+        cfg = resolve_input_config(model)
+        size = self.img_size or cfg[0]
+        check_input_size(model, (size, size), f"img_size={self.img_size}" if self.img_size else
+                         f"img_size (not given: the model's {size})")
+        self._model_cfg = cfg
         self._train_dataset = None
         self._eval_cache.clear()
 
