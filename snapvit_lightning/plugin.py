@@ -432,12 +432,11 @@ class SnapViT(Callback):
         if name is not None:
             _refuse_existing(export_targets(self.dirpath, name, stats=True), self.overwrite)
         module = SnapViTModule(student, criterion=self.criterion)
-        # Before the fit only explicit or DataLoader images; a datamodule's are read after the
-        # fit (the inner fit configures it from the model), and the search reads them itself.
+        # A CalibrationDataModule's images are read after the inner fit (which configures it from the
+        # model; its search reads them itself); the others' before it, for the search too.
         images = (
-            self._fitness_images()
-            if self.fitness_images is not None or isinstance(self.datamodule, DataLoader)
-            else None
+            None if self.fitness_images is None and isinstance(self.datamodule, CalibrationDataModule)
+            else self._fitness_images()
         )
         callbacks: list[Callback] = []
         if self.search_evals:

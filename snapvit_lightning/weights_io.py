@@ -312,19 +312,12 @@ def load_weights(
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if not zipfile.is_zipfile(path):  # not torch.save's archive at all
-                raise ValueError(f"{argument} {str(path)!r} is not a torch.save or safetensors file: {err}") from err
-            # a torch.save archive with objects besides tensors: torch's advice (weights_only=False) is not ours to take
-            raise ValueError(
-                f"{argument} {str(path)!r} holds pickled objects besides tensors (e.g. a whole model saved with "
-                "torch.save(model)), which are never unpickled here (that would run code from the file); save "
-                "model.state_dict() with torch.save or safetensors"
-            ) from err
-        except Exception as err:
-            raise ValueError(
-                f"{argument} {str(path)!r} could not be read with torch.load(weights_only=True): {err}"
-            ) from err
+        except Exception as err:  # torch's own advice (weights_only=False) is not ours to give: it would run the file
+            held = ("objects besides tensors (e.g. a whole model saved with torch.save(model)), which are never "
+                    "unpickled here" if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path)
+                    else "no state dict torch.load(weights_only=True) can read (a damaged file, or not a checkpoint)")
+            raise ValueError(f"{argument} {str(path)!r} is not a safetensors file and holds {held}; save "
+                             "model.state_dict() with torch.save or safetensors") from err
     for key in ("state_dict", "model"):  # Lightning's and DeiT/timm training scripts' layouts (not an EMA copy)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -401,7 +401,8 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other.pt"), model_kwargs=VIT_KW)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt' is not a torch.save or safetensors file"):
+    with pytest.raises(ValueError, match=r"junk.pt' is not a safetensors file and holds no state dict torch.load\(weights_"
+                                         r"only=True\) can read \(a damaged file, or not a checkpoint\); save model"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "junk.pt"), model_kwargs=VIT_KW)
     # Common layouts a new user brought: DeiT/timm scripts' {"model": ...}, safetensors under another
     # suffix (torch.load's advice to drop weights_only would not even have worked), a module's keys.
@@ -432,10 +433,16 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(found \['epoch', 'optimizer'\]\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "nothing.pt"), model_kwargs=VIT_KW)
     torch.save(vit(img_size=48), tmp_path / "whole.pt")  # the module itself: torch's advice was weights_only=False
-    with pytest.raises(ValueError, match=r"whole\.pt' holds pickled objects besides tensors \(e\.g\. a whole model saved "
-                                         r"with torch\.save\(model\)\), which are never unpickled here .* save "
-                                         r"model\.state_dict\(\)"):
+    with pytest.raises(ValueError, match=r"whole\.pt' is not a safetensors file and holds objects besides tensors \(e\.g\. "
+                                         r"a whole model saved with torch\.save\(model\)\), which are never unpickled "
+                                         r"here; save model\.state_dict\(\)") as refused:
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "whole.pt"), model_kwargs=VIT_KW)
+    assert "weights_only=False" not in str(refused.value)  # torch's advice would run the file's code
+    for name, content in (("empty.pt", b""), ("noise.pt", bytes(range(256)) * 4)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}' is not a safetensors file and holds no state dict") as refused:
+            SnapViTModule(VIT, checkpoint_path=str(tmp_path / name), model_kwargs=VIT_KW)
+        assert "weights_only=False" not in str(refused.value)
 
 
 # ------------------------------------------------------------------------------ checkpoints

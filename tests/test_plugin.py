@@ -227,11 +227,12 @@ def test_snapvit_refuses_a_datamodule_of_single_images_before_the_users_fit(tmp_
 def test_snapvit_takes_a_users_datamodule_of_multicrop_views(tmp_path):
     torch.manual_seed(0)
     dm = _UsersDataModule(_multicrop_loader)
-    plugin = SnapViT(datamodule=dm, dirpath=tmp_path / "elastic", search_evals=0, budgets=[0.5], correct="none")
+    plugin = SnapViT(datamodule=dm, dirpath=tmp_path / "elastic", search_evals=2, budgets=[0.5], correct="none",
+                     search_kwargs={"pca_components": 2, "log_every_n_evals": 0})  # the search takes its fitness_images()
     user = UserModule()
     _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     draws = torch.rand(4)
-    assert plugin.export_paths["elastic"].is_file() and plugin.elastic is not None
+    assert plugin.export_paths["elastic"].is_file() and plugin.elastic.scores.block_weights is not None  # searched
     assert dm.calls == ["prepare_data", "setup:fit"]  # once, before the user's fit: the calibration runs on its loader
     assert dm.trainer is None  # the user's Trainer was attached for the set-up only
     alone, draws_alone = _fit_user(tmp_path / "alone", [], checkpointing=False)

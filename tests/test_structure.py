@@ -229,3 +229,15 @@ def test_input_sizes_follow_timms_patch_embedding() -> None:
         dynamic(torch.randn(1, 3, 40, 32))  # what the check spares the user
     padded = timm.create_model("test_vit", pretrained=False, num_classes=0, dynamic_img_pad=True)
     padded(check_model_images(padded, torch.randn(1, 3, 40, 32), "images"))  # pads: any size
+
+
+def test_a_dynamic_size_model_that_cannot_take_its_own_size_is_refused() -> None:
+    # Built at 56 px with 16 px patches, it ran until its latency or ONNX export fed it 56 px images (timm's assertion).
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2, num_classes=0, img_size=56)
+    with pytest.raises(UnsupportedModelError, match=r"^model img_size=56: 56 x 56 px images do not cut into this model's "
+                                                    r"16 x 16 px patches; .* \(e\.g\. 48 or 64\); a model with "
+                                                    r"dynamic_img_size=True must take its own img_size"):
+        check_supported(timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True, **kwargs))
+    check_supported(timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs))  # fixed size: timm floors
+    check_supported(timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True,
+                                      dynamic_img_pad=True, **kwargs))  # pads
