@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
+from ..structure import check_input_size
 from .crops import (
     DINOMultiCrop,
     IMAGENET_DEFAULT_MEAN,
@@ -34,7 +35,6 @@ from .crops import (
     resolve_input_config,
     stats_crops,
 )
-from ..structure import check_input_size
 from .sources import (
     DatasetSource,
     ImageFolderSource,
