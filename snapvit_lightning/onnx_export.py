@@ -150,7 +150,8 @@ def onnx_bytes(
 
     Raises:
         TypeError: If ``model`` is not a timm ViT.
-        ValueError: A bad ``batch_size`` or ``opset``, or a model that is not float32.
+        ValueError: A bad ``batch_size`` or ``opset``, a model that is not float32, or one whose
+            forward uses an operator the opset cannot express.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}")
@@ -176,16 +177,24 @@ def onnx_bytes(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        torch.onnx.export(
-            _exportable(model),
-            (example,),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                _exportable(model),
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as err:  # e.g. a position embedding resampled every forward
+            raise ValueError(
+                f"this model's forward uses an operator ONNX opset {opset} cannot express ({err}); a timm ViT "
+                "resamples its position embedding at every forward when its input is not its own grid (e.g. "
+                "dynamic_img_pad=True at an img_size that is not a multiple of the patch size): build it at a "
+                "patch-multiple img_size, or keep the subnet in PyTorch (a .safetensors file)"
+            ) from None
     return _described(buffer.getvalue(), out_shape, {**graph_metadata(model), **(metadata or {})})
 
 

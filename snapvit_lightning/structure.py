@@ -196,8 +196,7 @@ def check_supported(model: nn.Module) -> None:
     except ValueError as err:  # timm's assertion would come at the first forward at that size
         raise UnsupportedModelError(
             f"{err}; a model with dynamic_img_size=True must take its own img_size (its files record it, and latency "
-            "and ONNX export use it): build it with such an img_size (views at another size: data.img_size), or with "
-            "dynamic_img_pad=True"
+            "and ONNX export use it): build it with such an img_size (views at another size: data.img_size)"
         ) from None
     if getattr(model, "global_pool", None) == "" and getattr(model, "attn_pool", None) is None:
         raise UnsupportedModelError(

@@ -308,13 +308,16 @@ def load_weights(
         try:
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{argument} {str(path)!r} is not a readable safetensors file: {err}") from err
+            raise ValueError(f"{argument} {str(path)!r} is not a readable safetensors file ({err}): a damaged or "
+                             "truncated file? save model.state_dict() with safetensors or torch.save") from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch's own advice (weights_only=False) is not ours to give: it would run the file
+            objects = isinstance(err, pickle.UnpicklingError) and (  # a zip archive, or torch's weights-only refusal
+                zipfile.is_zipfile(path) or "Unsupported global" in str(err))
             held = ("objects besides tensors (e.g. a whole model saved with torch.save(model)), which are never "
-                    "unpickled here" if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path)
+                    "unpickled here" if objects
                     else "no state dict torch.load(weights_only=True) can read (a damaged file, or not a checkpoint)")
             raise ValueError(f"{argument} {str(path)!r} is not a safetensors file and holds {held}; save "
                              "model.state_dict() with torch.save or safetensors") from err

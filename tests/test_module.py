@@ -438,6 +438,9 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
                                          r"here; save model\.state_dict\(\)") as refused:
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "whole.pt"), model_kwargs=VIT_KW)
     assert "weights_only=False" not in str(refused.value)  # torch's advice would run the file's code
+    torch.save(vit(img_size=48), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch's old format
+    with pytest.raises(ValueError, match=r"legacy\.pt' is not a safetensors file and holds objects besides tensors"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "legacy.pt"), model_kwargs=VIT_KW)
     for name, content in (("empty.pt", b""), ("noise.pt", bytes(range(256)) * 4)):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=rf"{name}' is not a safetensors file and holds no state dict") as refused:

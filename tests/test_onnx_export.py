@@ -103,6 +103,19 @@ def test_not_a_vit_and_bad_inputs() -> None:
         OnnxModel("missing.onnx")
 
 
+def test_a_model_that_resamples_its_position_embedding_every_forward_is_refused_in_one_line(tmp_path: Path) -> None:
+    # dynamic_img_pad at 56 px (16 px patches): timm resamples the 3x3 position grid to 4x4 at every forward with an
+    # antialiased bicubic, which the exporter cannot write; the CLI ended in the exporter's traceback.
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2, num_classes=0,
+                              img_size=56, dynamic_img_size=True, dynamic_img_pad=True).eval()
+    with pytest.raises(ValueError, match=r"^this model's forward uses an operator ONNX opset 17 cannot express \(.*"
+                                         r"_upsample_bicubic2d_aa.*\); a timm ViT resamples its position embedding"):
+        save_onnx(model, tmp_path / "p.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_onnx_files_and_runner_inputs(tmp_path: Path) -> None:
     el = _elastic("test_vit")
     sub = el.subnet(0.5, 0.5)
