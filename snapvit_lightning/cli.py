@@ -583,10 +583,35 @@ def _stopped(prog: str, how: str, resume_from: str | None) -> str:
 
 
 class Terminated(BaseException):
-    """A ``snapvit fit`` stopped by SIGTERM (exit status 143, as a shell reports a process it ended).
+    """A command stopped by SIGTERM (exit status 143, as a shell reports a process it ended).
 
-    ``args[0]``: the last checkpoint a ``ModelCheckpoint`` saved, to resume from (or ``None``).
+    ``args[0]``: the last checkpoint a ``ModelCheckpoint`` saved, to resume from (or ``None``);
+    ``args[1]``, when given: what the stop left (else a fit's: the export wrote nothing).
     """
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block, so a file being written is removed on the way out.
+
+    (Python's default ends the process at once, which could leave a staged ``.NAME.tmp-PID`` behind.)
+    Outside the main thread, where no handler can be set, the block runs as before.
+    """
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(None, "files are written under a temporary name and renamed at the end, so none was "
+                         "left half-written")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
@@ -598,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     A user error (a bad argument, path, file or config key) ends it with one line
     ``snapvit COMMAND: error: ...`` on stderr and exit status 2, without a traceback;
     ``SNAPVIT_TRACEBACK=1`` shows the traceback (see :mod:`snapvit_lightning.errors`).
-    Ctrl-C ends it with status 130, SIGTERM during ``fit`` with 143, a closed pipe with 1 (:func:`run_command`).
+    Ctrl-C ends it with status 130, SIGTERM with 143, a closed pipe with 1 (:func:`run_command`).
     """
     words = list(sys.argv[1:] if argv is None else argv)
     prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
@@ -612,7 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return args.func(args)
+        with _sigterm_raises():  # a fit has Lightning's handler (Terminated via SIGTERMException)
+            return args.func(args)
 
     return run_command(prog, command)
 
@@ -651,7 +677,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` as a console command named ``prog``; return its exit status.
 
     User errors: one line, status 2 (:func:`~snapvit_lightning.errors.exit_on_user_error`); Ctrl-C:
-    ``PROG: interrupted``, 130; SIGTERM during a fit: ``PROG: terminated``, 143 (both name the last
+    ``PROG: interrupted``, 130; SIGTERM: ``PROG: terminated``, 143 (both name the last
     checkpoint of a ``ModelCheckpoint`` to resume from, if one was saved); a reader that went away
     (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
     """
@@ -673,9 +699,9 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
         return 130
     except Terminated as stop:
         resume_from = stop.args[0] if stop.args else None
+        left = stop.args[1] if len(stop.args) > 1 else "the export writes its files only at the end, so it wrote none"
         if process_rank() == 0:
-            sys.stderr.write(_stopped(prog, "terminated (SIGTERM); the export writes its files only at the end, so it "
-                                      "wrote none", resume_from))
+            sys.stderr.write(_stopped(prog, f"terminated (SIGTERM); {left}", resume_from))
         return 143
 
 

@@ -267,6 +267,31 @@ def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
     assert main(["info", str(elastic_file)]) == 130 and capsys.readouterr().err == ""
 
 
+def test_sigterm_while_slice_writes_leaves_no_file(elastic_file, tmp_path, capsys, monkeypatch) -> None:
+    # Python's default SIGTERM ended slice/stats/bench at once and in silence, which could leave the staged
+    # `.NAME.tmp-PID` file of a write under way behind.
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    import safetensors.torch
+
+    def terminated_while_writing(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a subnet")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in here
+        raise AssertionError("SIGTERM did not stop the write")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", terminated_while_writing)  # what write_safetensors calls
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert main(["slice", str(elastic_file), "--flops", "0.6", "-o", str(out / "s.safetensors")]) == 143
+    assert capsys.readouterr().err.strip() == ("snapvit slice: terminated (SIGTERM); files are written under a temporary "
+                                               "name and renamed at the end, so none was left half-written")
+    assert list(out.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+
+
 def test_ctrl_c_during_the_quickstart_ends_in_one_line(tmp_path, capsys, monkeypatch) -> None:
     from snapvit_lightning import quickstart
 
