@@ -546,11 +546,12 @@ class SnapViTCLI:
 def _lightning_interrupt() -> Iterator[None]:
     """Lightning's end of a fit stopped by Ctrl-C (``sys.exit(1)``, the Trainer interrupted) as a KeyboardInterrupt.
 
-    A fit stopped by SIGTERM (Lightning's ``SIGTERMException``) becomes :class:`Terminated`.
+    A fit stopped by SIGTERM (Lightning's ``SIGTERMException``) becomes :class:`~.errors.Terminated`.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .console import raise_interrupt_of
+    from .errors import Terminated
     from .precision_cli import AutoPrecisionCLI
 
     AutoPrecisionCLI.last_trainer = None
@@ -582,38 +583,6 @@ def _stopped(prog: str, how: str, resume_from: str | None) -> str:
     return f"\n{prog}: {how}{resume}\n"
 
 
-class Terminated(BaseException):
-    """A command stopped by SIGTERM (exit status 143, as a shell reports a process it ended).
-
-    ``args[0]``: the last checkpoint a ``ModelCheckpoint`` saved, to resume from (or ``None``);
-    ``args[1]``, when given: what the stop left (else a fit's: the export wrote nothing).
-    """
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` in the block, so a file being written is removed on the way out.
-
-    (Python's default ends the process at once, which could leave a staged ``.NAME.tmp-PID`` behind.)
-    Outside the main thread, where no handler can be set, the block runs as before.
-    """
-    import signal
-
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated(None, "files are written under a temporary name and renamed at the end, so none was "
-                         "left half-written")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 _LIGHTNING_SUBCOMMANDS = ("fit",)  # validate/test/predict: a scoring module has no steps for them
 
 
@@ -637,7 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        with _sigterm_raises():  # a fit has Lightning's handler (Terminated via SIGTERMException)
+        from .errors import sigterm_raises
+
+        with sigterm_raises():  # a fit has Lightning's handler (Terminated via SIGTERMException)
             return args.func(args)
 
     return run_command(prog, command)
@@ -681,7 +652,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     checkpoint of a ``ModelCheckpoint`` to resume from, if one was saved); a reader that went away
     (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
     """
-    from .errors import exit_on_user_error, process_rank, traceback_requested
+    from .errors import Terminated, exit_on_user_error, process_rank, traceback_requested
 
     try:
         with exit_on_user_error(prog), _own_warnings_as(prog):

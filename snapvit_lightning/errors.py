@@ -30,6 +30,7 @@ import argparse
 import functools
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -40,10 +41,13 @@ from typing import Any, NoReturn
 __all__ = [
     "OneLineArgumentParser",
     "TRACEBACK_ENV",
+    "Terminated",
     "exit_on_user_error",
     "is_user_error",
     "one_line",
     "one_line_error_parser",
+    "process_rank",
+    "sigterm_raises",
     "traceback_requested",
     "user_error_message",
 ]
@@ -235,3 +239,34 @@ def _callbacks_hint(message: str) -> str:
     return ("--trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the configs, "
             "ElasticExport); set another callback's options, e.g. the search's max_evals, in a copy of the config. "
             "jsonargparse: ")
+
+
+class Terminated(BaseException):
+    """A command stopped by SIGTERM (exit status 143, as a shell reports a process it ended).
+
+    ``args[0]``: the last checkpoint a ``ModelCheckpoint`` saved, to resume from (or ``None``);
+    ``args[1]``, when given: what the stop left (else a fit's: the export wrote nothing).
+    """
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block, so a file being written is removed on the way out.
+
+    (Python's default ends the process at once, which could leave a staged ``.NAME.tmp-PID`` behind.)
+    Outside the main thread, where no handler can be set, the block runs as before.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(None, "files are written under a temporary name and renamed at the end, so none was "
+                         "left half-written")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
