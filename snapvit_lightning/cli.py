@@ -154,7 +154,9 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     correction = report.get("correction") or {}
     method = correction.get("method", "none")
     stale = _stale_correction(correction, stats)
-    print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images):")
+    in_sample = correction.get("fidelity_images_are_calibration_images") is True
+    print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images"
+          f"{'; in-sample: the images the run calibrated on, so it flatters' if in_sample else ''}):")
     if stale:
         print(f"corrected: not shown, {stale}; `snapvit bench {args.path} --data FOLDER --correct lstsq` measures "
               "the subnets corrected with them")
@@ -163,6 +165,9 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
         cells = [f"{b[k]:.4f}" if b.get(k) is not None and not (stale and k == "fidelity_corrected") else "-"
                  for k in ("fidelity", "fidelity_corrected")]
         print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
+    if in_sample:
+        print(f"held out: `snapvit bench {args.path} --data TEST_DIR --correct lstsq --calibration STATS` on photos the "
+              "run never saw (or `--data.holdout N` in the fit)")
 
 
 def _stale_correction(correction: dict, stats: object) -> str | None:

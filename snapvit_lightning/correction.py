@@ -53,6 +53,7 @@ from .correction_stats import (  # re-exported: the statistics are part of this 
     check_one_shot, has_cut_norm, stats_path_for,
 )
 from .structure import check_model_images, get_blocks, head_channels, mlp_rows
+from .values import real_number
 
 __all__ = [
     "AUTO_DAMPING", "CORRECTIONS", "MIN_DAMPING", "CorrectionStats", "SingularGramError", "auto_damping",
@@ -91,13 +92,12 @@ def check_correction(
     """
     if correct not in CORRECTIONS:
         raise ValueError(f"correct must be one of {CORRECTIONS}, got {correct!r}")
-    if damping is not None and (
-        isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= float(damping) < float("inf")
-    ):
+    number = None if damping is None else real_number(damping)
+    if damping is not None and (number is None or not 0.0 <= number < float("inf")):
         raise ValueError(f"damping must be None (automatic) or a finite number >= 0, got {damping!r}")
     if damping_reference not in DAMPING_REFERENCES:
         raise ValueError(f"damping_reference must be one of {DAMPING_REFERENCES}, got {damping_reference!r}")
-    return str(correct), None if damping is None else float(damping), str(damping_reference)
+    return str(correct), number, str(damping_reference)
 
 
 def auto_damping(mlp_hidden: int, num_images: int, num_tokens: int) -> float:

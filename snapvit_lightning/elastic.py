@@ -68,6 +68,7 @@ from .structure import (
     permute_block,
     slice_model,
 )
+from .values import real_number
 
 if TYPE_CHECKING:
     from .latency import LatencyBudget
@@ -93,8 +94,8 @@ class ElasticViT:
         model_name: Registered timm name to rebuild the model from a file. Default: the model's
             ``pretrained_cfg["architecture"]``.
         model_kwargs: JSON-serialisable keyword arguments for ``timm.create_model`` that rebuild
-            the same architecture. Default: ``num_classes``, ``img_size`` and ``global_pool``
-            read from the model; checked by building the model on the meta device
+            the same architecture. Default: ``num_classes``, ``img_size``, ``global_pool`` and
+            ``dynamic_img_size`` read from the model (given ones complete them); checked by building the model on the meta device
             (:func:`~snapvit_lightning.checkpoint.resolve_rebuild`: weight shapes, module classes
             and their settings).
 
@@ -205,23 +206,26 @@ class ElasticViT:
             ValueError: Both a ratio and a fraction, a fraction outside ``(0, 1]``, or a budget
                 below what the per-block minimum keep allows.
         """
-        if isinstance(head_ratio_scale, bool) or not isinstance(head_ratio_scale, (int, float)):
+        scale = real_number(head_ratio_scale)
+        if scale is None:
             raise TypeError(f"head_ratio_scale must be a number in [0, 1], got {head_ratio_scale!r}")
         if flops is None and params is None:
             if head_ratio_scale != 1.0:
                 raise ValueError(f"head_ratio_scale={head_ratio_scale!r} applies to a flops/params fraction only; "
                                  "with ratios give head_ratio itself")
-            return (
-                check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
-                check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"),
-            )
+            ratios = (check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
+                      check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"))
+            self._check_reachable(*ratios)
+            return ratios
         if flops is not None and params is not None:
             raise ValueError("give only one of flops and params")
         if mlp_ratio is not None or head_ratio is not None:
             raise ValueError("give either mlp_ratio/head_ratio or a flops/params fraction, not both")
         name, target = ("flops", flops) if flops is not None else ("params", params)
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        fraction_given = real_number(target)
+        if fraction_given is None or not 0.0 < fraction_given <= 1.0:
             raise ValueError(f"{name} must be a fraction in (0, 1], got {target!r}")
+        target, head_ratio_scale = fraction_given, scale
         if not 0.0 <= head_ratio_scale <= 1.0:
             raise ValueError(f"head_ratio_scale must be in [0, 1], got {head_ratio_scale!r}")
         key = f"{name}_fraction"
@@ -244,7 +248,18 @@ class ElasticViT:
                 hi = mid
             else:
                 lo = mid
-        return hi, head_ratio_scale * hi
+        top = self.scores.max_ratios  # a larger ratio cuts no more: the reachable one gives the same cut
+        return min(hi, top[0]), min(head_ratio_scale * hi, top[1])
+
+    def _check_reachable(self, mlp_ratio: float, head_ratio: float) -> None:
+        """Refuse a ratio that would prune units every block keeps (it would give the largest reachable cut silently)."""
+        s = self.scores
+        for name, ratio, units, keep, setting, top in (
+                ("mlp_ratio", mlp_ratio, s.mlp_hidden, s.min_neurons, "min_mlp_keep", s.max_ratios[0]),
+                ("head_ratio", head_ratio, s.num_heads, s.min_heads, "min_head_keep", s.max_ratios[1])):
+            if round(ratio * s.num_blocks * units) > s.num_blocks * (units - keep):  # more than the top ratio cuts
+                raise ValueError(f"{name}={ratio:g} prunes more than every block's minimum allows: at most {top:.4f} "
+                                 f"({setting}={getattr(s, setting):g}: each block keeps {keep} of its {units})")
 
     def subnet(
         self,

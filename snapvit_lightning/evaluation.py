@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from snapvit_lightning.forward import embed
 from snapvit_lightning.structure import count_flops, count_params
+from snapvit_lightning.values import real_number
 
 __all__ = [
     "knn_accuracy",
@@ -43,9 +44,10 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def _check_positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = real_number(value)
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number
 
 
 def _check_float_dtype(name: str, value: object) -> torch.dtype | None:

@@ -50,7 +50,8 @@ from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_dampin
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
     DEFAULT_STATS_VIEWS, _calibration_images, _check_bool, _check_budgets, _check_correct, _check_device,
-    _check_dirpath, _check_images, _check_model_kwargs, _check_model_name, _check_name, _check_stats_views,
+    _check_dirpath, _check_image_source, _check_images, _check_model_kwargs, _check_model_name, _check_name,
+    _check_stats_views, _default_name, _read_image_source, _rebuild_info,
 )
 from .machine import build_machine
 from .obs import with_ranking
@@ -279,6 +280,10 @@ def export_elastic(
     stale_stats = None if correct != "none" else export_targets(out_dir, name, stats=True)["stats"]
     targets.update({f"onnx:{label}": out_dir / f"{name}.{label}.onnx" for label in (labels if onnx else ())})
     _refuse_existing(targets, overwrite)
+    steps = [f"correction statistics and the corrected ranking from {len(calibration)} inputs"] if (
+        correct != "none" and calibration is not None) else []
+    steps.append(f"{len(resolved)} budget{'s' * (len(resolved) != 1)}" + ("" if images is None else f" and their fidelity on {len(images)} images"))
+    rank_zero_info(f"export: {', then '.join(steps)} ({device.type})")  # the statistics: the export's longest part
 
     # 2. Measure.
     structure = elastic.structure
@@ -438,29 +443,6 @@ def export_elastic(
     return {"paths": dict(targets), "report": report}
 
 
-def _rebuild_info(pl_module: pl.LightningModule, model_name: str | None, model_kwargs: dict | None) -> tuple[str | None, dict | None]:
-    """Model name/kwargs: explicit > module attributes > hparams (model given by name) > None (inferred)."""
-    if model_name is None:
-        name = getattr(pl_module, "model_name", None)
-        if isinstance(name, str):
-            model_name = name
-            if model_kwargs is None and isinstance(getattr(pl_module, "model_kwargs", None), dict):
-                model_kwargs = dict(pl_module.model_kwargs)
-        else:
-            hparams = getattr(pl_module, "hparams", {}) or {}
-            if isinstance(hparams.get("model"), str):
-                model_name = hparams["model"]
-                if model_kwargs is None:
-                    model_kwargs = dict(hparams.get("model_kwargs") or {})
-    return model_name, model_kwargs
-
-
-def _default_name(model_name: str | None, model: nn.Module | None) -> str | None:
-    if model_name is not None:
-        return model_name
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") if model is not None else None
-
-
 def _refuse_existing_before_fit(
     trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool, owner: str = "ElasticExport"
 ) -> None:
@@ -533,7 +515,7 @@ class ElasticExport(Callback):
         model_kwargs: ``timm.create_model`` kwargs to rebuild it (same fallbacks:
             ``pl_module.model_kwargs``, the ``model_kwargs`` hyper-parameter, inferred).
         name: File-name stem (default: the model name).
-        images: Fitness images ``[M, 3, S, S]`` for the fidelity.
+        images: Fitness images ``[M, 3, S, S]`` for the fidelity, or a ``DataLoader`` of them (read in ``setup``).
         batch_size: Images per forward pass for the fidelity.
         correct: Weight correction of the exported subnets, ``"lstsq"`` (default), ``"bias"``
             or ``"none"`` (the plain cut, no statistics; see :func:`export_elastic`); its
@@ -575,7 +557,7 @@ class ElasticExport(Callback):
         super().__init__()
         self.dirpath = _check_dirpath(dirpath)
         _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct, stats_views)
-        self.images = _check_images(images, "images")
+        self.images = _check_image_source(images, "images")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.batch_size = batch_size
@@ -606,6 +588,7 @@ class ElasticExport(Callback):
         if stage != "fit":
             return
         self._check_order(trainer)
+        self.images = _read_image_source(self.images, "images")
         if any(c is not self and isinstance(c, ElasticExport) and c.dirpath.resolve() == self.dirpath.resolve()
                for c in trainer.callbacks):  # both write report.json there: the second failed only at its export
             raise ValueError(f"two ElasticExport callbacks write into dirpath={str(self.dirpath)!r}: give each its own")

@@ -2,14 +2,14 @@
 :class:`~snapvit_lightning.export.ElasticExport` and the :class:`~snapvit_lightning.plugin.SnapViT`
 plug-in): each returns the normalised value or raises an error that names the argument, the
 bad value and what is allowed; and where a run's correction statistics come from
-(:func:`_calibration_images`).
+(:func:`_calibration_images`) and how to rebuild its model (:func:`_rebuild_info`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS
 from .data.crops import DEFAULT_STATS_VIEWS, MAX_VIEWS_PER_IMAGE, stats_views_per_image
 from .scores import check_ratio
+from .structure import collect_images
+from .values import real_number
 
 __all__ = ["DEFAULT_STATS_VIEWS", "MAX_VIEWS_PER_IMAGE", "stats_views_per_image"]  # re-exported from data.crops
 
@@ -53,8 +55,8 @@ def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tupl
                     raise ValueError("a dict budget needs keys mlp_ratio/head_ratio, flops or params")
             if isinstance(value, bool):
                 raise ValueError("not a number")
-            if isinstance(value, (int, float)):
-                f = float(value)
+            if real_number(value) is not None:
+                f = real_number(value)
                 if not (math.isfinite(f) and 0.0 < f <= 1.0):
                     raise ValueError(f"a {'FLOPs' if kind == 'flops' else 'parameter'} fraction must be in (0, 1]")
                 out.append((kind, (f,)))
@@ -114,6 +116,46 @@ def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:
     if images.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one image")
     return images
+
+
+def _check_image_source(images: Any, name: str) -> Tensor | Iterable[Any] | None:
+    """``None``, checked images ``[M, 3, S, S]``, or an iterable of such batches (a ``DataLoader``), kept to read in setup."""
+    if images is None or isinstance(images, Tensor):
+        return _check_images(images, name)
+    if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
+        raise ValueError(f"{name} must be a float tensor [M, 3, S, S], an iterable of such batches (e.g. a DataLoader) "
+                         f"or None, got {type(images).__name__}")
+    return images
+
+
+def _read_image_source(images: Tensor | Iterable[Any] | None, name: str) -> Tensor | None:
+    """The images of :func:`_check_image_source`'s result as one checked tensor (an iterable's batches read once)."""
+    if images is None or isinstance(images, Tensor):
+        return images
+    return _check_images(collect_images(images, name), name)
+
+
+def _rebuild_info(pl_module: Any, model_name: str | None, model_kwargs: dict | None) -> tuple[str | None, dict | None]:
+    """Model name/kwargs: explicit > module attributes > hparams (model given by name) > None (inferred)."""
+    if model_name is None:
+        name = getattr(pl_module, "model_name", None)
+        if isinstance(name, str):
+            model_name = name
+            if model_kwargs is None and isinstance(getattr(pl_module, "model_kwargs", None), dict):
+                model_kwargs = dict(pl_module.model_kwargs)
+        else:
+            hparams = getattr(pl_module, "hparams", {}) or {}
+            if isinstance(hparams.get("model"), str):
+                model_name = hparams["model"]
+                if model_kwargs is None:
+                    model_kwargs = dict(hparams.get("model_kwargs") or {})
+    return model_name, model_kwargs
+
+
+def _default_name(model_name: str | None, model: torch.nn.Module | None) -> str | None:
+    if model_name is not None:
+        return model_name
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") if model is not None else None
 
 
 def _check_device(device: Any) -> torch.device:

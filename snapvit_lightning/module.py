@@ -61,6 +61,7 @@ from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
 from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
+from .values import real_number
 
 __all__ = [
     "SnapViTModule",
@@ -121,9 +122,10 @@ def lamp_scores(magnitudes: Tensor) -> Tensor:
 def _check_temperature(value: float | None, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = real_number(value)
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
-    return float(value)
+    return number
 
 
 def _mlp_unit_mean(values: list[Tensor], kind: str, hidden: int) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .evaluation import _check_int, _eval_mode, _model_device
 from .structure import check_model_images
+from .values import real_number
 from .weights_io import make_parent
 
 __all__ = [
@@ -273,8 +274,10 @@ def save_onnx(
         ValueError: The check failed (nothing is written), or a bad argument.
         ImportError: Without ``onnxruntime``.
     """
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+    number = real_number(atol)
+    if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+    atol = number
     if check_images is not None:
         _check_graph_images(model, check_images, "check_images")
     path = Path(path)

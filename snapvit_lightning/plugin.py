@@ -11,7 +11,7 @@ import copy
 import functools
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,9 @@ from .export import (
     DEFAULT_STATS_VIEWS,
     _calibration_images,
     _check_dirpath,
-    _check_images,
+    _check_image_source,
     _default_name,
+    _read_image_source,
     _refuse_existing,
     _refuse_existing_before_fit,
     _set_export_options,
@@ -182,7 +183,8 @@ class SnapViT(Callback):
         search_kwargs: Extra :class:`EvolutionarySearch` arguments (e.g. ``pca_components``). Its
             ``autocast`` is ``"auto"`` unless given here (as in the configs): the search times its
             fitness forward in each precision and runs the faster (docs/precision.md).
-        fitness_images: Float ``[M, 3, S, S]`` fitness images.
+        fitness_images: Float ``[M, 3, S, S]`` fitness images, or an iterable of such batches (e.g. a
+            ``DataLoader``), read once in ``setup``.
         correct: Weight correction of the exported subnets: ``"lstsq"`` (default), ``"bias"``
             or ``"none"`` (the paper's plain cut, no statistics file); statistics from the
             datamodule's ``calibration_views(...)`` (eval views and random crops) or
@@ -221,7 +223,7 @@ class SnapViT(Callback):
         precision: str = "32-true",
         accelerator: str | None = None,
         search_kwargs: dict[str, Any] | None = None,
-        fitness_images: Tensor | None = None,
+        fitness_images: Tensor | Iterable[Any] | None = None,
         correct: str = "lstsq",
         stats_views: int = DEFAULT_STATS_VIEWS,
     ) -> None:
@@ -273,7 +275,7 @@ class SnapViT(Callback):
                 EvolutionarySearch(max_evals=search_evals, **self.search_kwargs)
             except (TypeError, ValueError) as err:
                 raise (TypeError if isinstance(err, TypeError) else ValueError)(f"search_kwargs: {err}") from err
-        self.fitness_images = _check_images(fitness_images)
+        self.fitness_images = _check_image_source(fitness_images, "fitness_images")
         if search_evals and fitness_images is None and not (
             isinstance(datamodule, DataLoader) or hasattr(datamodule, "fitness_images")
         ):
@@ -299,6 +301,7 @@ class SnapViT(Callback):
             return
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         resolve_rebuild(model, self.model_name, self.model_kwargs)  # else the export would fail after the user's fit
+        self.fitness_images = _read_image_source(self.fitness_images, "fitness_images")
         self._check_accelerator()
         self._check_loader(trainer)
         self._check_inputs(model)

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .forward import embed
+from .values import real_number
 
 if TYPE_CHECKING:
     from .module import SnapViTModule
@@ -433,11 +434,12 @@ def probe(
     repeats = _check_positive_int("repeats", repeats)
     if _check_positive_int("views", views) < 2:
         raise ValueError(f"views must be >= 2 (two global crops), got {views}")
-    if isinstance(min_rank_correlation, bool) or not isinstance(min_rank_correlation, (int, float)) \
-            or not -1.0 <= min_rank_correlation <= 1.0:
-        raise ValueError(f"min_rank_correlation must be a number in [-1, 1], got {min_rank_correlation!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must be a number in [0, 1), got {margin!r}")
+    given_correlation, given_margin = min_rank_correlation, margin
+    min_rank_correlation, margin = real_number(min_rank_correlation), real_number(margin)
+    if min_rank_correlation is None or not -1.0 <= min_rank_correlation <= 1.0:
+        raise ValueError(f"min_rank_correlation must be a number in [-1, 1], got {given_correlation!r}")
+    if margin is None or not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be a number in [0, 1), got {given_margin!r}")
 
     start = time.perf_counter()
     home = next(module.student.parameters()).device

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .values import real_number
+
 __all__ = ["ImportanceScores", "check_ratio", "check_fraction"]
 
 
@@ -21,9 +23,10 @@ def check_ratio(value: float, name: str) -> float:
     Raises:
         ValueError: If ``value`` is not a finite number in ``[0, 1)``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    number = real_number(value)
+    if number is None or not 0.0 <= number < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return number
 
 
 def check_fraction(value: float, name: str) -> float:
@@ -32,9 +35,10 @@ def check_fraction(value: float, name: str) -> float:
     Raises:
         ValueError: If ``value`` is not a number in ``[0, 1]``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    number = real_number(value)
+    if number is None or not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+    return number
 
 
 def check_quantiles(value: object, name: str) -> tuple[float, float]:
@@ -47,12 +51,13 @@ def check_quantiles(value: object, name: str) -> tuple[float, float]:
         ValueError: Otherwise, naming ``name`` and the value.
     """
     def ok(q: object) -> bool:
-        return not isinstance(q, bool) and isinstance(q, (int, float)) and 0.0 < float(q) < 1.0
+        number = real_number(q)
+        return number is not None and 0.0 < number < 1.0
 
     if ok(value):
-        return float(value), float(value)  # type: ignore[arg-type]
+        return real_number(value), real_number(value)  # type: ignore[return-value]
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(ok(q) for q in value):
-        return float(value[0]), float(value[1])
+        return real_number(value[0]), real_number(value[1])  # type: ignore[return-value]
     raise ValueError(f"{name} must be a number in (0, 1), an (mlp, heads) pair of them or 'rank', got {value!r}")
 
 
@@ -186,6 +191,11 @@ class ImportanceScores:
     def min_heads(self) -> int:
         """Heads each block always keeps: ``ceil(min_head_keep * H)``."""
         return math.ceil(self.min_head_keep * self.num_heads - 1e-9)
+
+    @property
+    def max_ratios(self) -> tuple[float, float]:
+        """The largest ``(mlp_ratio, head_ratio)``: every block at its minimum keep (a larger ratio cuts no more)."""
+        return 1.0 - self.min_neurons / self.mlp_hidden, 1.0 - self.min_heads / self.num_heads
 
     def weight_vector(self) -> torch.Tensor | None:
         """The search weights as one ``[B + B*H]`` vector, or ``None`` when there are none."""

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .values import real_number
+
 __all__ = ["XNES", "default_popsize", "default_learning_rates", "positive_ranks", "rank_utilities"]
 
 _DTYPE = torch.float64
@@ -151,12 +153,8 @@ def _is_staged(fn: Any) -> bool:
     return all(callable(getattr(fn, name, None)) for name in ("start", "advance", "finish"))
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _positive_float(name: str, value: Any) -> float:
-    if not _is_real(value):
+    if real_number(value) is None:
         raise TypeError(f"`{name}` must be a float, got {value!r} of type {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0.0:
@@ -296,7 +294,7 @@ class XNES:
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
             raise TypeError(f"`bounds` must be a (lo, hi) tuple or None, got {bounds!r}")
         lo, hi = bounds
-        if not (_is_real(lo) and _is_real(hi)):
+        if real_number(lo) is None or real_number(hi) is None:
             raise TypeError(f"`bounds` must hold two real numbers, got {bounds!r}")
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:

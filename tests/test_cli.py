@@ -460,6 +460,21 @@ def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
         read_metadata(tmp_path / "odd.safetensors")
 
 
+def test_info_says_when_the_fidelity_was_measured_on_the_calibration_images(tmp_path, capsys) -> None:
+    from snapvit_lightning.export import export_elastic
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
+    images = torch.randn(4, 3, *elastic.input_size, generator=torch.Generator().manual_seed(0))
+    result = export_elastic(elastic, tmp_path, budgets=[(0.4, 0.5)], fitness_images=images, calibration_images=images)
+    assert result["report"]["correction"]["fidelity_images_are_calibration_images"] is True
+    path = result["paths"]["elastic"]
+    assert main(["info", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 images; in-sample: the images the run calibrated on, so it flatters):" in printed
+    assert f"held out: `snapvit bench {path} --data TEST_DIR --correct lstsq --calibration STATS`" in printed
+
+
 def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, capsys) -> None:
     import copy
 
@@ -504,6 +519,7 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
     assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", f"{half['fidelity_corrected']:.4f}"]
     assert not [r for r in printed.splitlines() if r.split()[:2] == ["0.00", "0.00"]]  # --budgets: the fidelity table too
+    assert "in-sample" not in printed and "held out:" not in printed  # other images than the calibration's
     assert main(["info", str(path), "--budgets", "0.3,0.2"]) == 0
     assert "fidelity: report.json measured none of --budgets (its budgets: 0,0, 0.4,0.5)" in capsys.readouterr().out
     # The budgets table shows the cut `slice` gives: the corrected subnet's blocks, or with --no-correct the plain cut's.

@@ -535,7 +535,7 @@ def test_iterable_dataset_rejected() -> None:
 
 @pytest.mark.parametrize("holdout", [5, 0.99])
 def test_holdout_leaves_nothing(holdout: int | float) -> None:
-    with pytest.raises(ValueError, match="holdout.*leaves no calibration images"):
+    with pytest.raises(ValueError, match=r"holdout.*leaves no calibration images out of 5 .*: give a holdout below 5 "):
         CalibrationDataModule(dataset=_PairDataset(5), holdout=holdout, img_size=16).setup("fit")
 
 
@@ -556,6 +556,13 @@ def test_bad_dataset_item() -> None:
 
     with pytest.raises(TypeError, match="item 0.*unsupported image type"):
         CalibrationDataModule(dataset=_Bad(), img_size=16).setup("fit")
+
+
+def test_dict_dataset_items_are_refused_naming_the_keys_and_the_fix() -> None:
+    items = [{"image": torch.rand(3, 20, 20), "label": 0}] * 2
+    with pytest.raises(TypeError, match=r"list item 0: expected an image or an \(image, label\) pair, got a dict with keys "
+                                        r"\['image', 'label'\]: give a dataset whose items are \(item\['image'\]"):
+        CalibrationDataModule(dataset=items, img_size=16).setup("fit")
 
 
 # ------------------------------------------------------------------ built-in default / datasets

@@ -20,7 +20,7 @@ from snapvit_lightning.structure import (
 
 from conftest import TINY_MODELS, assert_close_fp32, load_real_model, model_input, random_scores, tiny_model
 
-BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.6)]
+BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.65, 0.5), (0.9, 0.5)]  # the last: most blocks at their minimum keep
 
 
 def _elastic(key: str) -> tuple[ElasticViT, torch.nn.Module]:
@@ -167,6 +167,23 @@ def test_budget_errors() -> None:
         elastic.subnet(flops=0.5, head_ratio_scale="1")
     with pytest.raises(TypeError, match=r"latency_budget\(\) got unknown options \['bogus'\]; .* warmup, repeats"):
         elastic.latency_budget(10.0, bogus=1)
+
+
+def test_a_ratio_beyond_the_blocks_minimum_keep_is_refused_not_capped() -> None:
+    elastic, _ = _elastic("test_vit")  # 192 neurons and 2 heads per block; each keeps 10 neurons and 1 head
+    largest = elastic.subnet(1 - 10 / 192, 0.5)
+    assert [b.mlp.fc1.out_features for b in largest.blocks] == [10] * len(largest.blocks)
+    assert [b.attn.num_heads for b in largest.blocks] == [1] * len(largest.blocks)
+    with pytest.raises(ValueError, match=r"mlp_ratio=0.99 prunes more than every block's minimum allows: at most 0.9479 "
+                                         r"\(min_mlp_keep=0.05: each block keeps 10 of its 192\)"):
+        elastic.subnet(0.99, 0.0)
+    with pytest.raises(ValueError, match=r"head_ratio=0.6 prunes more .* at most 0.5000 \(min_head_keep=0.2: each block keeps 1 of its 2\)"):
+        elastic.resolve_budget(0.0, 0.6)
+    # A FLOPs fraction resolves to reachable ratios: the same cut, and a valid ratio budget (as `slice` passes it on).
+    for fraction in (0.4, 0.45, 0.5, 0.7, 0.95):
+        ratios = elastic.resolve_budget(flops=fraction)
+        assert elastic.resolve_budget(*ratios) == ratios and ratios[1] <= 0.5
+        assert elastic.dims(*ratios) == [block_dims(b) for b in get_blocks(elastic.subnet(flops=fraction))]
 
 
 def test_a_subnet_budget_must_be_a_dict_a_subnet_file_can_hold(tmp_path) -> None:

@@ -473,6 +473,49 @@ def test_stage_times_travel_to_report_and_bench(tmp_path, capsys):
     assert bt["build_machine"]["device"] == "cpu" and "Build time" in (out / "bench.md").read_text()
 
 
+def test_export_says_what_it_computes_before_its_longest_part(tmp_path, caplog):
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    images = torch.randn(5, 3, *elastic.input_size, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO"):
+        export_elastic(elastic, tmp_path / "a", budgets=[(0.4, 0.5), 0.7], fitness_images=images[:2], calibration_images=images)
+        export_elastic(elastic, tmp_path / "b", budgets=[(0.4, 0.5)], correct="none")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export: ")]
+    assert lines == [
+        "export: correction statistics and the corrected ranking from 5 inputs, then 2 budgets and their fidelity on 2 images (cpu)",
+        f"export: wrote 5 files to {tmp_path / 'a'}", "export: 1 budget (cpu)", f"export: wrote 4 files to {tmp_path / 'b'}"]
+
+
+def test_elastic_export_takes_a_loader_of_images_as_the_search_does(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(images, torch.zeros(4)), batch_size=3)  # (images, labels) batches
+    reports = []
+    for given in (images, loader):
+        export = ElasticExport(tmp_path / str(len(reports)), budgets=[(0.4, 0.5)], correct="none", images=given)
+        search = EvolutionarySearch(max_evals=2, images=given, pca_components=2, log_every_n_evals=0)
+        torch.manual_seed(0)  # the same random model both times
+        _trainer(tmp_path, [search, export]).fit(SnapViTModule("test_vit", model_kwargs={"img_size": IMG}),
+                                                 train_dataloaders=_multicrop_loader())
+        assert torch.equal(export.images, images)  # read once, in setup
+        reports.append(export.report)
+    assert reports[1]["fidelity_images"] == 4
+    assert [b["fidelity"] for b in reports[0]["budgets"]] == [b["fidelity"] for b in reports[1]["budgets"]]
+
+
+@pytest.mark.parametrize("images, match", [
+    ("photos/", r"images must be a float tensor \[M, 3, S, S\], an iterable of such batches \(e.g. a DataLoader\) or "
+                r"None, got str"),
+    ([torch.randn(3, IMG, IMG)], r"images: batches must be \[B, 3, H, W\] tensors .*single images: torch.stack"),
+])
+def test_elastic_export_refuses_bad_images_before_the_scoring(tmp_path, images, match):
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, [ElasticExport(tmp_path / "out", images=images)]).fit(module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None
+
+
 def test_elastic_export_without_calibration_source_fails_in_setup(tmp_path):
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
     with pytest.raises(ValueError, match=r"ElasticExport\(correct='lstsq'\) needs calibration images"):

@@ -135,7 +135,7 @@ def test_fast_path_equals_elastic_subnet(key: str) -> None:
             w[scores.num_blocks] = 0.0
         el = elastic(model, name, kwargs, scores.with_weights(w))
         for pair in PAIRS:
-            expected = embed(el.subnet(*pair), x)
+            expected = embed(el.slice(el.dims(*pair)), x)  # (0.9, 0.6): the search caps at the blocks' minimum
             got = embed(fitness.apply(w, *pair), x)
             dims = [(b.attn.num_heads, b.mlp.fc2.in_features) for b in get_blocks(fitness.model)]
             assert dims == [(d.num_heads, d.mlp_hidden) for d in el.dims(*pair)]
@@ -201,7 +201,7 @@ def test_corrected_fast_path_equals_corrected_elastic_subnet(key: str, correct: 
             w[scores.num_blocks] = 0.0
         el = elastic(model, name, kwargs, scores.with_weights(w))
         for pair in PAIRS:
-            expected = embed(el.subnet(*pair, correct=correct, calibration=x), x)
+            expected = embed(el.slice(el.dims(*pair), correct=correct, calibration=x), x)  # as subnet() cuts, capped
             got = embed(fitness.apply(w, *pair), x)
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"{key} {correct} w#{trial} {pair}")
             if pair[0] > 0.3:  # the correction really changes the pruned model
@@ -357,6 +357,31 @@ def test_run_search_lowers_fitness(balance) -> None:
     # same seed, same result
     again = run_search(model, raw, x, max_evals=16, popsize=8, sigma=0.3, seed=0, **kw)
     assert torch.equal(again[0], best_w) and same_history(again[2], history)
+
+
+def test_run_search_takes_a_loader_as_evolutionary_search_does() -> None:
+    model, _, _ = small_vit()
+    raw, x = random_scores(model), images_for(model, n=6)
+    kw = dict(max_evals=2, popsize=2, ratio_pairs=[(0.35, 0.2)], pca_components=4, autocast=False)
+    tensor = run_search(model, raw, x, **kw)
+    loader = run_search(model, raw, DataLoader(TensorDataset(x, torch.zeros(6)), batch_size=4), **kw)
+    assert torch.equal(tensor[0], loader[0]) and same_history(tensor[2], loader[2])
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (lambda x: list(x), r"images: batches must be \[B, 3, H, W\] tensors .* got a \[3, \d+, \d+\] tensor \(single images: torch.stack"),
+        (lambda x: "photos/", "images must be a float tensor .* or an iterable of such batches .* got str"),
+        (lambda x: 3, "images must be a float tensor .* got int"),
+        (lambda x: [], "images: the iterable yielded no batches"),
+        (lambda x: [(x[:2].numpy(), 0)], "images: batches must be .* got ndarray"),
+    ],
+)
+def test_run_search_names_bad_images(images, match) -> None:
+    model, _, _ = small_vit()
+    with pytest.raises(ValueError, match=match):
+        run_search(model, random_scores(model), images(images_for(model, n=4)), max_evals=1)
 
 
 # ------------------------------------------------------------------------------ early stop
@@ -621,6 +646,24 @@ def fit_with(callback: EvolutionarySearch, model, scores, tmp_path: Path, logger
 
 
 SEARCH_KW = dict(popsize=4, sigma=0.3, ratio_pairs=[(0.35, 0.2), (0.65, 0.5)], pca_components=4, autocast=False, log_every_n_evals=4)
+
+
+def test_callback_says_what_its_fitness_measures_and_when_the_search_cannot_learn(tmp_path: Path, caplog) -> None:
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=6)
+    kw = {**SEARCH_KW, "log_every_n_evals": 0}
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match=r"max_evals=3 ends before one xNES generation "
+                                               r"\(popsize 4\) completes, .* only samples 3 candidates"):
+        fit_with(EvolutionarySearch(max_evals=3, images=x, **kw), model, scores, tmp_path)
+    assert "cosine of the raw embeddings; start fitness" in caplog.text and "PCA" not in caplog.text
+    caplog.clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ends before one xNES generation")
+        search = EvolutionarySearch(max_evals=4, images=x, space="pca", **kw)
+        with caplog.at_level("INFO"):
+            fit_with(search, model, scores, tmp_path)
+    assert "cosine of the PCA projections (4 components)" in caplog.text
+    assert ("no candidate beat the start" in caplog.text) == (search.best_fitness >= search.initial_fitness)
 
 
 def test_callback_search_logs_and_sets_scores(tmp_path: Path) -> None:

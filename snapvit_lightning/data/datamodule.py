@@ -403,7 +403,8 @@ class CalibrationDataModule(LightningDataModule):
                 raise ValueError(f"{self._source.description} is empty")
             if self._holdout_count(n) >= n:
                 raise ValueError(
-                    f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}"
+                    f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}: "
+                    f"give a holdout below {n} (a count or a fraction; `--data.holdout N` in a config run, 0: none)"
                 )
 
     def _holdout_count(self, n: int) -> int:

@@ -446,6 +446,9 @@ class DatasetSource(ImageSource):
             if len(item) != 2:
                 raise TypeError(f"{where}: expected an image or an (image, label) pair, got {len(item)} values")
             item, label = item[0], _label_to_int(item[1], where)
+        elif isinstance(item, dict):
+            raise TypeError(f"{where}: expected an image or an (image, label) pair, got a dict with keys "
+                            f"{sorted(map(str, item))}: give a dataset whose items are (item['image'], item['label'])")
         try:
             return to_uint8_image(item, max_side), label
         except (TypeError, ValueError) as err:

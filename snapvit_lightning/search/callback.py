@@ -25,6 +25,7 @@ from ..machine import build_machine
 from ..precision import search_setting
 from ..ranks import stop_if_terminated
 from ..scores import ImportanceScores, check_balance
+from ..structure import collect_images
 from .fitness import (
     DEFAULT_BALANCE,
     DEFAULT_FITNESS_SAMPLES,
@@ -71,20 +72,6 @@ __all__ = [
     "EvolutionarySearch",
     "scored_model",
 ]
-
-def _collect_images(source: Any) -> Tensor:
-    if isinstance(source, Tensor):
-        return source
-    batches = []
-    for batch in source:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, Tensor):
-            raise ValueError(f"images: batches must be tensors or (images, ...) tuples, got {type(x).__name__}")
-        batches.append(x.detach().cpu())
-    if not batches:
-        raise ValueError("images: the iterable yielded no batches")
-    return torch.cat(batches)
-
 
 def _check_same_start(saved: float, here: float) -> None:
     """Refuse a restored search state whose start fitness is not this run's (another model, scores or images).
@@ -335,7 +322,7 @@ class EvolutionarySearch(Callback):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         if isinstance(images, Tensor):
             _check_images(images)
-        elif images is not None and not isinstance(images, Iterable):
+        elif images is not None and (isinstance(images, (str, bytes)) or not isinstance(images, Iterable)):
             raise ValueError(f"images must be a tensor [M, 3, S, S], an iterable of batches or None, got {type(images).__name__}")
         self.images = images
         self.initial_weights = None if initial_weights is None else torch.as_tensor(initial_weights, dtype=torch.float64)
@@ -367,7 +354,7 @@ class EvolutionarySearch(Callback):
 
     def _fitness_images(self, trainer: pl.Trainer) -> Tensor:
         if self.images is not None:
-            return _check_images(_collect_images(self.images))
+            return _check_images(collect_images(self.images))
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "fitness_images"):
             raise RuntimeError(
@@ -463,10 +450,17 @@ class EvolutionarySearch(Callback):
             self.reference_cosines = fitness.reference_cosines.tolist()
         rank_zero_info(
             f"EvolutionarySearch: {scores.num_weights} weights, popsize {xnes.popsize}, sigma {self.sigma}, "
-            f"{fitness.images.shape[0]} images/rank, {fitness.num_components} PCA components; "
+            f"{fitness.images.shape[0]} images/rank, cosine of the "
+            f"{f'PCA projections ({fitness.num_components} components)' if self.space == 'pca' else 'raw embeddings'}; "
             f"start fitness {self.initial_fitness:.6f} (lower is better)"
         )
         max_evals = self.max_evals
+        if xnes.evals == 0 and max_evals < xnes.popsize and not trainer.fast_dev_run:
+            rank_zero_warn(
+                f"EvolutionarySearch: max_evals={max_evals} ends before one xNES generation (popsize {xnes.popsize}) "
+                f"completes, so the search distribution is never updated: it only samples {max_evals} candidates "
+                f"around its start (give max_evals >= {xnes.popsize}; the main job uses 50)"
+            )
         if trainer.fast_dev_run:  # a smoke test: one generation shows the search works
             max_evals = min(max_evals, xnes.evals + xnes.popsize)
             rank_zero_info(f"EvolutionarySearch: fast_dev_run, so one generation ({max_evals} evaluations in all)")
@@ -512,6 +506,7 @@ class EvolutionarySearch(Callback):
             f"EvolutionarySearch: best fitness {self.best_fitness:.6f} (start {self.initial_fitness:.6f}) "
             f"after {len(self.history)} evaluations ({fitness.num_stopped} of this run's "
             f"{len(self.history) - evals_before} stopped early), {fitness.mean_eval_time:.2f} s/eval"
+            + ("; no candidate beat the start, which the checkpoint keeps" if self.best_fitness >= self.initial_fitness else "")
         )
 
     # ------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..correction import augmented_weight, check_correction, check_one_shot, col
 from ..forward import embed
 from ..scores import ImportanceScores, check_ratio
 from ..structure import check_model_images, get_blocks, head_channels, inspect_vit
+from ..values import real_number
 from .partial import PartialFitness, _check_stop_above
 from .views import _build_master, _descending, _frozen, _set_block_view
 
@@ -640,9 +641,10 @@ class Fitness:
 
 def check_guard(guard: Any) -> float:
     """Validate a fitness guard (a finite float ``>= 0``)."""
-    if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard) or guard < 0:
+    number = real_number(guard)
+    if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"guard must be a finite number >= 0, got {guard!r}")
-    return float(guard)
+    return number
 
 
 def _check_reference(reference: Sequence[float] | Tensor, num_pairs: int) -> Tensor:

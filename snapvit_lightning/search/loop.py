@@ -5,7 +5,7 @@ with :class:`~snapvit_lightning.search.EvolutionarySearch`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..scores import ImportanceScores, check_balance
-from ..structure import get_blocks
+from ..structure import collect_images, get_blocks
 from ..xnes import XNES, _is_staged
+from ..values import real_number
 from .fitness import (
     DEFAULT_BALANCE,
     DEFAULT_FITNESS_SAMPLES,
@@ -24,6 +25,7 @@ from .fitness import (
     DEFAULT_SPACE,
     Fitness,
     _BOUNDS,
+    _check_images,
     _check_int,
     _check_weights,
     _resolve_autocast,
@@ -37,9 +39,10 @@ __all__ = [
 
 
 def _check_sigma(sigma: Any) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+    number = real_number(sigma)
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    return float(sigma)
+    return number
 
 
 def _check_early_stop(early_stop: Any) -> bool:
@@ -172,7 +175,7 @@ def _best(xnes: XNES, w0: Tensor, initial_fitness: float) -> tuple[Tensor, float
 def run_search(
     model: nn.Module,
     scores: ImportanceScores,
-    images: Tensor,
+    images: Tensor | Iterable[Any],
     *,
     max_evals: int = 50,
     popsize: int | None = None,
@@ -203,7 +206,8 @@ def run_search(
     Args:
         model: The dense timm ViT (left unchanged).
         scores: Its importance scores.
-        images: Fitness images ``[M, 3, S, S]``.
+        images: Fitness images ``[M, 3, S, S]``, or an iterable of such batches (e.g. a
+            ``DataLoader``; ``(images, ...)`` tuples too).
         max_evals: Candidate evaluations.
         popsize: xNES population (``None``: ``4 + floor(3 ln d)``).
         sigma: Initial xNES step size.
@@ -241,6 +245,7 @@ def run_search(
     Raises:
         ValueError: An argument out of range (see :class:`Fitness` and :class:`EvolutionarySearch`).
     """
+    images = _check_images(collect_images(images))
     max_evals = _check_int("max_evals", max_evals, 1)
     early_stop = _check_early_stop(early_stop)
     sigma = _check_sigma(sigma)

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ..values import real_number
+
 __all__ = ["PartialFitness"]
 
 #: How far a partial fitness must exceed ``stop_above`` before a call stops: covers cosines a
@@ -58,7 +60,8 @@ def _check_stop_above(stop_above: Any) -> float | None:
     if stop_above is None:
         return None
     if isinstance(stop_above, Tensor) and stop_above.numel() == 1:
-        stop_above = stop_above.item()
-    if isinstance(stop_above, bool) or not isinstance(stop_above, (int, float)) or math.isnan(stop_above):
+        stop_above = stop_above.reshape(())
+    number = real_number(stop_above)
+    if number is None or math.isnan(number):
         raise ValueError(f"stop_above must be None or a number (inf: never stop; not nan), got {stop_above!r}")
-    return float(stop_above)
+    return number

@@ -1,0 +1,25 @@
+"""What the argument checks count as a real number: Python, NumPy and 0-d tensor scalars, never a bool.
+
+Imports neither torch nor NumPy (the CLI's ``--help`` imports no torch).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+__all__ = ["real_number"]
+
+
+def real_number(value: object) -> float | None:
+    """``value`` as a Python float when it is a real number, else ``None``.
+
+    Python ints and floats, NumPy scalars (``np.float32(0.3)``) and 0-d tensors or arrays of a
+    real dtype (``torch.tensor(0.5)``) count; bools (Python, NumPy or a bool tensor) and complex
+    numbers do not. NaN and infinities are returned as they are: the caller checks the range.
+    """
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) \
+            and not isinstance(value, numbers.Number):
+        value = value.item()  # a 0-d tensor or array: its Python scalar (a bool tensor gives a bool)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None  # numpy.bool_ is not a numbers.Real
+    return float(value)
