@@ -215,7 +215,7 @@ class ElasticViT:
                                  "with ratios give head_ratio itself")
             ratios = (check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
                       check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"))
-            self._check_reachable(*ratios)
+            self.scores.check_reachable(*ratios)
             return ratios
         if flops is not None and params is not None:
             raise ValueError("give only one of flops and params")
@@ -250,16 +250,6 @@ class ElasticViT:
                 lo = mid
         top = self.scores.max_ratios  # a larger ratio cuts no more: the reachable one gives the same cut
         return min(hi, top[0]), min(head_ratio_scale * hi, top[1])
-
-    def _check_reachable(self, mlp_ratio: float, head_ratio: float) -> None:
-        """Refuse a ratio that would prune units every block keeps (it would give the largest reachable cut silently)."""
-        s = self.scores
-        for name, ratio, units, keep, setting, top in (
-                ("mlp_ratio", mlp_ratio, s.mlp_hidden, s.min_neurons, "min_mlp_keep", s.max_ratios[0]),
-                ("head_ratio", head_ratio, s.num_heads, s.min_heads, "min_head_keep", s.max_ratios[1])):
-            if round(ratio * s.num_blocks * units) > s.num_blocks * (units - keep):  # more than the top ratio cuts
-                raise ValueError(f"{name}={ratio:g} prunes more than every block's minimum allows: at most {top:.4f} "
-                                 f"({setting}={getattr(s, setting):g}: each block keeps {keep} of its {units})")
 
     def subnet(
         self,
