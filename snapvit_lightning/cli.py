@@ -59,7 +59,7 @@ def _info(args: argparse.Namespace) -> int:
                       "measured where it was sliced")
         return 0
     elastic = ElasticViT.load(args.path)
-    budgets = args.budgets or INFO_BUDGETS
+    budgets = list(dict.fromkeys(elastic.resolve_budget(*b) for b in args.budgets or INFO_BUDGETS))  # reachable ratios
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
     ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
     source = elastic if ranked is None else ranked
@@ -349,6 +349,10 @@ def _slice(args: argparse.Namespace) -> int:
         flops = budget.flops
     with _naming(fraction):  # e.g. below the smallest reachable fraction
         mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops, params=args.params)
+    for name, given, got in (("mlp-ratio", args.mlp_ratio, mlp_ratio), ("head-ratio", args.head_ratio, head_ratio)):
+        if given is not None and given != got:
+            print(f"--{name} {given:g} cuts as {got:.4f}: every block keeps its minimum (min_mlp_keep "
+                  f"{elastic.scores.min_mlp_keep:g}, min_head_keep {elastic.scores.min_head_keep:g}); a larger ratio cuts no more")
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
     asked = {k: getattr(args, k) for k in ("flops", "params", "latency_ms", "mlp_ratio", "head_ratio")

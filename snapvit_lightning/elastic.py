@@ -213,10 +213,8 @@ class ElasticViT:
             if head_ratio_scale != 1.0:
                 raise ValueError(f"head_ratio_scale={head_ratio_scale!r} applies to a flops/params fraction only; "
                                  "with ratios give head_ratio itself")
-            ratios = (check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
-                      check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"))
-            self.scores.check_reachable(*ratios)
-            return ratios
+            return self.scores.reachable(check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
+                                         check_ratio(0.0 if head_ratio is None else head_ratio, "head_ratio"))
         if flops is not None and params is not None:
             raise ValueError("give only one of flops and params")
         if mlp_ratio is not None or head_ratio is not None:
@@ -248,8 +246,7 @@ class ElasticViT:
                 hi = mid
             else:
                 lo = mid
-        top = self.scores.max_ratios  # a larger ratio cuts no more: the reachable one gives the same cut
-        return min(hi, top[0]), min(head_ratio_scale * hi, top[1])
+        return self.scores.reachable(hi, head_ratio_scale * hi)
 
     def subnet(
         self,

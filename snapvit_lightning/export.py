@@ -51,7 +51,7 @@ from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
     DEFAULT_STATS_VIEWS, _calibration_images, _check_bool, _check_budgets, _check_correct, _check_device,
     _check_dirpath, _check_image_source, _check_images, _check_model_kwargs, _check_model_name, _check_name,
-    _check_stats_views, _default_name, _read_image_source, _rebuild_info, _refuse_unreachable_budgets,
+    _check_stats_views, _default_name, _read_image_source, _rebuild_info,
 )
 from .machine import build_machine
 from .obs import with_ranking
@@ -267,7 +267,7 @@ def export_elastic(
         if kind in ("flops", "params"):
             a, b = elastic.resolve_budget(**{kind: values[0]})
             resolved.append(({kind: values[0]}, a, b))
-        else:  # checked as subnet() checks them: beyond the blocks' minimum keep is refused
+        else:  # as subnet() reads them: a ratio beyond the blocks' minimum keep is named by the cut it gives
             resolved.append(({"mlp_ratio": values[0], "head_ratio": values[1]}, *elastic.resolve_budget(*values)))
     labels = [subnet_label(a, b) for _, a, b in resolved]
     seen: dict[str, tuple[float, float]] = {}
@@ -596,8 +596,6 @@ class ElasticExport(Callback):
         student = getattr(pl_module, "student", None)
         if isinstance(student, nn.Module):  # a model its checkpoint would not rebuild fails here, not after the fit
             resolve_rebuild(student, *_rebuild_info(pl_module, self.model_name, self.model_kwargs))
-            _refuse_unreachable_budgets(student, self.budgets, "ElasticExport", getattr(pl_module, "min_mlp_keep", 0.05),
-                                        getattr(pl_module, "min_head_keep", 0.2))
             if self.correct != "none":  # nor one its statistics could not correct
                 check_one_shot(student, f"ElasticExport(correct={self.correct!r})", EXPORT_HINT)
         dm = getattr(trainer, "datamodule", None)

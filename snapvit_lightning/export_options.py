@@ -19,8 +19,8 @@ from torch import Tensor
 from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS
 from .data.crops import DEFAULT_STATS_VIEWS, MAX_VIEWS_PER_IMAGE, stats_views_per_image
-from .scores import ImportanceScores, check_ratio
-from .structure import collect_images, inspect_vit
+from .scores import check_ratio
+from .structure import collect_images
 from .values import real_number
 
 __all__ = ["DEFAULT_STATS_VIEWS", "MAX_VIEWS_PER_IMAGE", "stats_views_per_image"]  # re-exported from data.crops
@@ -69,23 +69,6 @@ def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tupl
     return tuple(out)
 
 
-def _refuse_unreachable_budgets(model: torch.nn.Module, budgets: Any, owner: str, min_mlp_keep: float = 0.05,
-                                min_head_keep: float = 0.2) -> None:
-    """Refuse a ratio budget beyond every block's minimum keep before the fit, not at the export after it."""
-    structure = inspect_vit(model)
-    if not structure.is_uniform:  # the scoring refuses it
-        return
-    blocks, first = structure.num_blocks, structure.blocks[0]
-    probe = ImportanceScores(torch.zeros(blocks, first.mlp_hidden), torch.zeros(blocks, first.num_heads),
-                             min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep)
-    for kind, values in _check_budgets(budgets):
-        if kind == "ratios":
-            try:
-                probe.check_reachable(*values)
-            except ValueError as err:
-                raise ValueError(f"{owner}: budgets: {err}") from None
-
-
 def _check_name(name: Any) -> str | None:
     if name is None:
         return None
@@ -128,7 +111,7 @@ def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:
     if images is None:
         return None
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        shape = f"{list(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a float tensor [M, 3, S, S] or None, got {shape}")
     if images.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one image")

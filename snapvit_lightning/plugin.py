@@ -40,7 +40,6 @@ from .export import (
     _read_image_source,
     _refuse_existing,
     _refuse_existing_before_fit,
-    _refuse_unreachable_budgets,
     _set_export_options,
     export_elastic,
     export_targets,
@@ -302,7 +301,6 @@ class SnapViT(Callback):
             return
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)
         resolve_rebuild(model, self.model_name, self.model_kwargs)  # else the export would fail after the user's fit
-        _refuse_unreachable_budgets(model, self.budgets, "SnapViT")
         self.fitness_images = _read_image_source(self.fitness_images, "fitness_images")
         self._check_accelerator()
         self._check_loader(trainer)

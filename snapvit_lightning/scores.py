@@ -197,18 +197,10 @@ class ImportanceScores:
         """The largest ``(mlp_ratio, head_ratio)``: every block at its minimum keep (a larger ratio cuts no more)."""
         return 1.0 - self.min_neurons / self.mlp_hidden, 1.0 - self.min_heads / self.num_heads
 
-    def check_reachable(self, mlp_ratio: float, head_ratio: float) -> None:
-        """Refuse ratios that would prune units every block keeps (:meth:`keep_counts` would cut ``max_ratios``).
-
-        Raises:
-            ValueError: Naming the ratio, the largest reachable one and the minimum keep.
-        """
-        for name, ratio, units, keep, setting, top in (
-                ("mlp_ratio", mlp_ratio, self.mlp_hidden, self.min_neurons, "min_mlp_keep", self.max_ratios[0]),
-                ("head_ratio", head_ratio, self.num_heads, self.min_heads, "min_head_keep", self.max_ratios[1])):
-            if round(ratio * self.num_blocks * units) > self.num_blocks * (units - keep):  # more than `top` cuts
-                raise ValueError(f"{name}={ratio:g} prunes more than every block's minimum allows: at most {top:.4f} "
-                                 f"({setting}={getattr(self, setting):g}: each block keeps {keep} of its {units})")
+    def reachable(self, mlp_ratio: float, head_ratio: float) -> tuple[float, float]:
+        """The ratios capped at :attr:`max_ratios`: the same cut (a larger ratio cuts no more), named by what it cuts."""
+        top = self.max_ratios
+        return min(mlp_ratio, top[0]), min(head_ratio, top[1])
 
     def weight_vector(self) -> torch.Tensor | None:
         """The search weights as one ``[B + B*H]`` vector, or ``None`` when there are none."""

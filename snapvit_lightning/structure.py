@@ -544,6 +544,9 @@ def collect_images(source: object, name: str = "images") -> torch.Tensor:
             got = f"a {list(x.shape)} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
             hint = " (single images: torch.stack them into one batch)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""
             raise ValueError(f"{name}: batches must be [B, 3, H, W] tensors or (images, ...) tuples, got {got}{hint}")
+        if batches and x.shape[1:] != batches[0].shape[1:]:
+            raise ValueError(f"{name}: batches of {list(batches[0].shape[1:])} and {list(x.shape[1:])} images: "
+                             "give images of one size (the model's input size)")
         batches.append(x.detach().cpu())
     if not batches:
         raise ValueError(f"{name}: the iterable yielded no batches")

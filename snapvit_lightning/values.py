@@ -19,7 +19,10 @@ def real_number(value: object) -> float | None:
     """
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) \
             and not isinstance(value, numbers.Number):
-        value = value.item()  # a 0-d tensor or array: its Python scalar (a bool tensor gives a bool)
+        try:
+            value = value.item()  # a 0-d tensor or array: its Python scalar (a bool tensor gives a bool)
+        except (RuntimeError, ValueError):  # e.g. a tensor on the meta device: no value
+            return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None  # numpy.bool_ is not a numbers.Real
     return float(value)

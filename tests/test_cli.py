@@ -618,6 +618,25 @@ def test_stats_refuses_a_model_statistics_cannot_correct(tmp_path, capsys) -> No
                  "-o", str(tmp_path / "s.safetensors")]) == 0  # what the message offers
 
 
+def test_slice_info_and_bench_name_a_ratio_beyond_the_blocks_minimum_by_the_cut_it_gives(tmp_path, capsys) -> None:
+    # --mlp-ratio 0.99 wrote the 0.9479 cut (every block at its minimum keep) and recorded 0.99.
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "m.elastic.safetensors"
+    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
+    elastic.save(path)
+    out = tmp_path / "p.safetensors"
+    assert main(["slice", str(path), "--mlp-ratio", "0.99", "--head-ratio", "0.9", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "--mlp-ratio 0.99 cuts as 0.9479: every block keeps its minimum" in printed
+    assert "--head-ratio 0.9 cuts as 0.5000" in printed and "mlp_ratio 0.9479, head_ratio 0.5000" in printed
+    budget = read_metadata(out)["budget"]
+    assert budget["requested"] == {"mlp_ratio": 0.99, "head_ratio": 0.9} and budget["head_ratio"] == 0.5
+    assert [b.mlp.fc1.out_features for b in load_subnet(out).blocks] == [10] * 6
+    assert main(["info", str(path), "--budgets", "0.99,0.9", "0.3,0.2"]) == 0
+    rows = [r.split()[:2] for r in capsys.readouterr().out.splitlines() if "%" in r and r.split()[0][0] == "0"]
+    assert rows == [["0.95", "0.50"], ["0.30", "0.20"]]
+
+
 def test_slice_by_a_parameter_fraction(tmp_path, capsys) -> None:
     # Python's subnet(params=...) had no command-line form ("unrecognized arguments: --params").
     model, name, kwargs = tiny_model("test_vit")

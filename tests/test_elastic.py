@@ -169,16 +169,15 @@ def test_budget_errors() -> None:
         elastic.latency_budget(10.0, bogus=1)
 
 
-def test_a_ratio_beyond_the_blocks_minimum_keep_is_refused_not_capped() -> None:
+def test_a_ratio_beyond_the_blocks_minimum_keep_is_named_by_the_cut_it_gives() -> None:
     elastic, _ = _elastic("test_vit")  # 192 neurons and 2 heads per block; each keeps 10 neurons and 1 head
-    largest = elastic.subnet(1 - 10 / 192, 0.5)
+    top = elastic.scores.max_ratios
+    assert top == (1 - 10 / 192, 0.5)
+    largest = elastic.subnet(*top)
     assert [b.mlp.fc1.out_features for b in largest.blocks] == [10] * len(largest.blocks)
     assert [b.attn.num_heads for b in largest.blocks] == [1] * len(largest.blocks)
-    with pytest.raises(ValueError, match=r"mlp_ratio=0.99 prunes more than every block's minimum allows: at most 0.9479 "
-                                         r"\(min_mlp_keep=0.05: each block keeps 10 of its 192\)"):
-        elastic.subnet(0.99, 0.0)
-    with pytest.raises(ValueError, match=r"head_ratio=0.6 prunes more .* at most 0.5000 \(min_head_keep=0.2: each block keeps 1 of its 2\)"):
-        elastic.resolve_budget(0.0, 0.6)
+    assert elastic.resolve_budget(0.99, 0.9) == top and elastic.resolve_budget(0.3, 0.9) == (0.3, 0.5)
+    assert [block_dims(b) for b in get_blocks(elastic.subnet(0.99, 0.9))] == [block_dims(b) for b in get_blocks(largest)]
     # A FLOPs fraction resolves to reachable ratios: the same cut, and a valid ratio budget (as `slice` passes it on).
     for fraction in (0.4, 0.45, 0.5, 0.7, 0.95):
         ratios = elastic.resolve_budget(flops=fraction)

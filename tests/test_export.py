@@ -486,18 +486,16 @@ def test_export_says_what_it_computes_before_its_longest_part(tmp_path, caplog):
         f"export: wrote 5 files to {tmp_path / 'a'}", "export: 1 budget (cpu)", f"export: wrote 4 files to {tmp_path / 'b'}"]
 
 
-def test_a_ratio_budget_beyond_the_blocks_minimum_keep_is_refused_before_the_scoring(tmp_path):
-    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})  # 2 heads per block, each keeps 1
-    export = ElasticExport(tmp_path / "out", budgets=[(0.35, 0.2), (0.5, 0.6)], correct="none")
-    with pytest.raises(ValueError, match=r"ElasticExport: budgets: head_ratio=0.6 prunes more than every block's minimum "
-                                         r"allows: at most 0.5000 \(min_head_keep=0.2: each block keeps 1 of its 2\)"):
-        _trainer(tmp_path, [export]).fit(module, train_dataloaders=_multicrop_loader())
-    assert module.scores is None
-    model, name, kwargs = tiny_model("test_vit")
-    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
-    with pytest.raises(ValueError, match=r"mlp_ratio=0.99 prunes more"):
-        export_elastic(elastic, tmp_path / "direct", budgets=[(0.99, 0.0)], correct="none")
-    assert not (tmp_path / "direct").exists() or not any((tmp_path / "direct").iterdir())
+def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(tmp_path):
+    # min_head_keep=1.0 (MLP pruning only) with the default budgets: every head ratio cuts as 0
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG}, min_head_keep=1.0)
+    export = ElasticExport(tmp_path / "out", budgets=[(0.35, 0.2), (0.99, 0.0)], correct="none", save_subnets=True)
+    _trainer(tmp_path, [export]).fit(module, train_dataloaders=_multicrop_loader())
+    rows = export.report["budgets"]
+    assert [(b["mlp_ratio"], b["head_ratio"]) for b in rows] == [(0.35, 0.0), (1 - 10 / 192, 0.0)]
+    assert [b["requested"] for b in rows] == [{"mlp_ratio": 0.35, "head_ratio": 0.2}, {"mlp_ratio": 0.99, "head_ratio": 0.0}]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mlp*.safetensors")) == [
+        "test_vit.mlp0.35_head0.safetensors", "test_vit.mlp0.9479_head0.safetensors"]
 
 
 def test_elastic_export_takes_a_loader_of_images_as_the_search_does(tmp_path):

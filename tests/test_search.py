@@ -376,6 +376,8 @@ def test_run_search_takes_a_loader_as_evolutionary_search_does() -> None:
         (lambda x: 3, "images must be a float tensor .* got int"),
         (lambda x: [], "images: the iterable yielded no batches"),
         (lambda x: [(x[:2].numpy(), 0)], "images: batches must be .* got ndarray"),
+        (lambda x: [x[:2], x[2:, :, :16, :16]], r"images: batches of \[3, \d+, \d+\] and \[3, 16, 16\] images: give images of one size"),
+        (lambda x: (x * 255).to(torch.uint8), r"images must be a float tensor \[M, 3, S, S\], got \[4, 3, \d+, \d+\] torch.uint8"),
     ],
 )
 def test_run_search_names_bad_images(images, match) -> None:

@@ -23,6 +23,7 @@ def test_real_numbers_are_python_numpy_and_0d_tensor_scalars(value, expected) ->
 
 @pytest.mark.parametrize("value", [
     True, np.bool_(False), torch.tensor(True), np.array(True), "0.3", None, 1j, torch.tensor([0.5]), np.array([0.5]), [0.5],
+    torch.tensor(0.5, device="meta"),
 ])
 def test_bools_strings_and_arrays_are_not_real_numbers(value) -> None:
     assert real_number(value) is None

@@ -2,9 +2,10 @@
 
 Run ``python -m snapvit_lightning.benchmarks.search`` (see ``--help``). Defaults reproduce the
 setting in which the official code was timed: DINOv2 ViT-S/14 at 112 px, the 196 photos of
-``../shared/data/photos8`` as fitness images, 64 PCA components, the paper's 4 ratio pairs
+``../shared/data/photos8`` as fitness images, the paper's 4 ratio pairs
 (:data:`~snapvit_lightning.search.PAPER_RATIO_PAIRS`; the search's default adds a fifth, 1.12x
-the time per evaluation in the main job), 50 evaluations, no guard. Scores are magnitude-style (mean
+the time per evaluation in the main job), 50 evaluations, no guard; the fitness takes its cosine of the raw
+embeddings, the package's default (``--space pca --pca 64``: the official code's PCA fitness). Scores are magnitude-style (mean
 squared ``fc1`` rows per neuron, mean squared V rows per head): timing does not depend on
 the scores' quality.
 

@@ -139,7 +139,7 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 
 def _check_images(images: Any) -> Tensor:
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        shape = f"{list(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a float tensor [M, 3, S, S], got {shape}")
     if images.shape[0] < 2:
         raise ValueError(f"images must hold at least 2 images (the PCA needs M >= 2), got {images.shape[0]}")
