@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from lightning.pytorch import Callback
+from PIL import Image
 
 from snapvit_lightning import __version__
 from snapvit_lightning.cli import main
@@ -618,12 +622,17 @@ def test_stats_refuses_a_model_statistics_cannot_correct(tmp_path, capsys) -> No
                  "-o", str(tmp_path / "s.safetensors")]) == 0  # what the message offers
 
 
-def test_slice_info_and_bench_name_a_ratio_beyond_the_blocks_minimum_by_the_cut_it_gives(tmp_path, capsys) -> None:
-    # --mlp-ratio 0.99 wrote the 0.9479 cut (every block at its minimum keep) and recorded 0.99.
+def _saved_tiny_elastic(tmp_path) -> tuple[ElasticViT, Path]:
     model, name, kwargs = tiny_model("test_vit")
     path = tmp_path / "m.elastic.safetensors"
     elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
     elastic.save(path)
+    return elastic, path
+
+
+def test_slice_info_and_bench_name_a_ratio_beyond_the_blocks_minimum_by_the_cut_it_gives(tmp_path, capsys) -> None:
+    # --mlp-ratio 0.99 wrote the 0.9479 cut (every block at its minimum keep) and recorded 0.99.
+    _, path = _saved_tiny_elastic(tmp_path)
     out = tmp_path / "p.safetensors"
     assert main(["slice", str(path), "--mlp-ratio", "0.99", "--head-ratio", "0.9", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -635,14 +644,19 @@ def test_slice_info_and_bench_name_a_ratio_beyond_the_blocks_minimum_by_the_cut_
     assert main(["info", str(path), "--budgets", "0.99,0.9", "0.3,0.2"]) == 0
     rows = [r.split()[:2] for r in capsys.readouterr().out.splitlines() if "%" in r and r.split()[0][0] == "0"]
     assert rows == [["0.95", "0.50"], ["0.30", "0.20"]]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 50 * i, dtype=np.uint8)).save(photos / f"{i}.png")
+    assert main(["bench", str(path), "--data", str(photos), "--budgets", "0.99,0.9", "--no-latency",
+                 "--out", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]
+    assert [(r["mlp_ratio"], r["head_ratio"]) for r in rows if not r["dense"]] == [(1 - 10 / 192, 0.5)]
 
 
 def test_slice_by_a_parameter_fraction(tmp_path, capsys) -> None:
     # Python's subnet(params=...) had no command-line form ("unrecognized arguments: --params").
-    model, name, kwargs = tiny_model("test_vit")
-    path = tmp_path / "m.elastic.safetensors"
-    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name, model_kwargs=kwargs)
-    elastic.save(path)
+    elastic, path = _saved_tiny_elastic(tmp_path)
     out = tmp_path / "p.safetensors"
     assert main(["slice", str(path), "--params", "0.6", "-o", str(out)]) == 0
     assert read_metadata(out)["budget"]["requested"] == {"params": 0.6}
