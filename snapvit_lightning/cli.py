@@ -142,13 +142,15 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     if report.get("files", {}).get("elastic") != Path(args.path).name:
         return
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
-    if args.budgets is not None:  # those of the asked budgets the report measured
-        asked = {(round(a, 4), round(h, 4)) for a, h in args.budgets}
-        measured = [b for b in rows if (round(b["mlp_ratio"], 4), round(b["head_ratio"], 4)) in asked]
+    if args.budgets is not None:  # those of the asked budgets the report measured (by their cut's ratios, or as asked)
+        asked = {(round(a, 4), round(h, 4)) for a, h in [*args.budgets, *(elastic.resolve_budget(*b) for b in args.budgets)]}
+        measured = [b for b in rows if any((round(r.get("mlp_ratio", -1), 4), round(r.get("head_ratio", -1), 4)) in asked
+                                           for r in (b, b.get("requested") or {}))]
         if rows and not measured:
             its = ", ".join(f"{b['mlp_ratio']:g},{b['head_ratio']:g}" for b in rows)
             print(f"fidelity: {report_path.name} measured none of --budgets (its budgets: {its})")
         rows = measured
+    rows = list({(b["mlp_ratio"], b["head_ratio"]): b for b in reversed(rows)}.values())[::-1]  # a cut once
     if not rows:
         return
     correction = report.get("correction") or {}

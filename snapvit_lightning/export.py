@@ -272,8 +272,8 @@ def export_elastic(
     labels = [subnet_label(a, b) for _, a, b in resolved]
     seen: dict[str, tuple[float, float]] = {}
     for label, (_, a, b) in zip(labels, resolved):
-        if label in seen and seen[label] != (a, b):
-            raise ValueError(f"budgets resolve to ratios {seen[label]} and {(a, b)} with the same file label {label!r}")
+        if label in seen and elastic.dims(*seen[label]) != elastic.dims(a, b):  # the same cut may share a file
+            raise ValueError(f"budgets resolve to ratios {seen[label]} and {(a, b)}, other cuts with the same file label {label!r}")
         seen[label] = (a, b)
     subnet_labels = list(dict.fromkeys(labels)) if save_subnets else []
     targets = export_targets(out_dir, name, subnet_labels, stats=correct != "none")

@@ -650,6 +650,7 @@ def test_slice_info_and_bench_name_a_ratio_beyond_the_blocks_minimum_by_the_cut_
         Image.fromarray(np.full((40, 40, 3), 50 * i, dtype=np.uint8)).save(photos / f"{i}.png")
     assert main(["bench", str(path), "--data", str(photos), "--budgets", "0.99,0.9", "--no-latency",
                  "--out", str(tmp_path / "bench")]) == 0
+    assert "--budgets 0.99,0.9 cuts as 0.9479,0.5000: every block keeps its minimum" in capsys.readouterr().out
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]
     assert [(r["mlp_ratio"], r["head_ratio"]) for r in rows if not r["dense"]] == [(1 - 10 / 192, 0.5)]
 

@@ -486,7 +486,7 @@ def test_export_says_what_it_computes_before_its_longest_part(tmp_path, caplog):
         f"export: wrote 5 files to {tmp_path / 'a'}", "export: 1 budget (cpu)", f"export: wrote 4 files to {tmp_path / 'b'}"]
 
 
-def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(tmp_path):
+def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(tmp_path, capsys):
     # min_head_keep=1.0 (MLP pruning only) with the default budgets: every head ratio cuts as 0
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG}, min_head_keep=1.0)
     export = ElasticExport(tmp_path / "out", budgets=[(0.35, 0.2), (0.99, 0.0)], correct="none", save_subnets=True)
@@ -496,6 +496,21 @@ def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(t
     assert [b["requested"] for b in rows] == [{"mlp_ratio": 0.35, "head_ratio": 0.2}, {"mlp_ratio": 0.99, "head_ratio": 0.0}]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.mlp*.safetensors")) == [
         "test_vit.mlp0.35_head0.safetensors", "test_vit.mlp0.9479_head0.safetensors"]
+    # the same cut asked twice (ratios that differ, one label): one file, a row for each budget asked
+    result = export_elastic(export.elastic, tmp_path / "twice", budgets=[(0.99, 0.0), (0.9479, 0.0)], correct="none",
+                            save_subnets=True)
+    assert [b["requested"]["mlp_ratio"] for b in result["report"]["budgets"]] == [0.99, 0.9479]
+    assert len(list((tmp_path / "twice").glob("*.mlp*.safetensors"))) == 1
+    # snapvit info --budgets finds the report's rows by the cut's ratios or as asked, each cut once
+    from snapvit_lightning.cli import main
+
+    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    measured = export_elastic(export.elastic, tmp_path / "fid", budgets=[(0.35, 0.2)], fitness_images=images, correct="none")
+    capsys.readouterr()
+    assert main(["info", str(measured["paths"]["elastic"]), "--budgets", "0.35,0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "measured none" not in printed
+    assert len([r for r in printed.splitlines() if r.split()[:2] == ["0.35", "0.00"] and "%" in r]) == 2  # cut + fidelity
 
 
 def test_elastic_export_takes_a_loader_of_images_as_the_search_does(tmp_path):

@@ -461,7 +461,10 @@ def run_bench(args: argparse.Namespace) -> int:
             "knn_weighted": knn_accuracy(feats, labels, k=knn_k, temperature=KNN_TEMPERATURE) if knn else None,
         }
 
-    reachable = (elastic.resolve_budget(*b) for b in budgets)  # a ratio beyond the blocks' minimum keep cuts no more
+    reachable = [elastic.resolve_budget(*b) for b in budgets]  # a ratio beyond the blocks' minimum keep cuts no more
+    for given, got in zip(budgets, reachable):
+        if tuple(given) != got:
+            print(f"--budgets {given[0]:g},{given[1]:g} cuts as {got[0]:.4f},{got[1]:.4f}: every block keeps its minimum")
     todo = [(0.0, 0.0)] + [b for b in dict.fromkeys(reachable) if b != (0.0, 0.0)]
     keep_models = not args.no_latency
     entries: list[dict[str, Any]] = []
