@@ -95,9 +95,9 @@ class ElasticViT:
             ``pretrained_cfg["architecture"]``.
         model_kwargs: JSON-serialisable keyword arguments for ``timm.create_model`` that rebuild
             the same architecture. Default: ``num_classes``, ``img_size``, ``global_pool`` and
-            ``dynamic_img_size`` read from the model (given ones complete them); checked by building the model on the meta device
-            (:func:`~snapvit_lightning.checkpoint.resolve_rebuild`: weight shapes, module classes
-            and their settings).
+            ``dynamic_img_size`` read from the model (given ones complete them); checked by building
+            the model on the meta device (:func:`~snapvit_lightning.checkpoint.resolve_rebuild`:
+            weight shapes, module classes and their settings).
 
     Raises:
         UnsupportedModelError: For a model the cut would get wrong.
@@ -199,7 +199,8 @@ class ElasticViT:
         ``head_ratio_scale * r`` of the heads (the same ratio by default), with the smallest
         ``r`` whose cost is at most ``f`` times the dense model's, found by bisection (the cost
         does not increase with ``r``). So the result is the largest model on that line that
-        fits the budget.
+        fits the budget. Either way a ratio beyond every block's minimum keep is capped at
+        ``scores.max_ratios`` (:meth:`ImportanceScores.reachable`): the same cut, named by what it cuts.
 
         Raises:
             TypeError: ``head_ratio_scale`` is not a number.

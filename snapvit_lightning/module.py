@@ -60,8 +60,8 @@ from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
-from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
 from .values import real_number
+from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
 
 __all__ = [
     "SnapViTModule",

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from ..scores import ImportanceScores, check_balance
 from ..structure import collect_images, get_blocks
-from ..xnes import XNES, _is_staged
 from ..values import real_number
+from ..xnes import XNES, _is_staged
 from .fitness import (
     DEFAULT_BALANCE,
     DEFAULT_FITNESS_SAMPLES,
