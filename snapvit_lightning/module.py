@@ -128,6 +128,18 @@ def _check_temperature(value: float | None, name: str) -> float | None:
     return number
 
 
+def _check_classes(classes: list[str], num_classes: int) -> None:
+    """Refuse calibration data whose labels (the class folders' sorted indices) the classifier cannot take."""
+    if not classes:
+        raise ValueError("criterion='cross_entropy' needs labelled images: one subfolder per class in the data "
+                         "folder (found none); use criterion='dino' for unlabelled images")
+    if len(classes) > num_classes:
+        raise ValueError(f"criterion='cross_entropy': the data has {len(classes)} classes ({', '.join(classes[:5])}"
+                         f"{', ...' if len(classes) > 5 else ''}) but the model's head has num_classes={num_classes}; "
+                         f"labels are the class folders' indices in sorted order, so give a head of {len(classes)} "
+                         "classes trained in that order (model_kwargs num_classes)")
+
+
 def _mlp_unit_mean(values: list[Tensor], kind: str, hidden: int) -> Tensor:
     """Mean of per-weight values over each neuron's rows of the MLP input layer(s) -> ``[hidden]``."""
     if kind == "glu":  # rows j and j + hidden of fc1
@@ -363,6 +375,8 @@ class SnapViTModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "configure_from_model"):  # crops at the model's size and normalisation
             datamodule.configure_from_model(self.student)
+        if self.criterion == "cross_entropy" and isinstance(getattr(datamodule, "classes", None), list):
+            _check_classes(datamodule.classes, int(self.student.num_classes))  # before the scoring, not in it
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
@@ -520,6 +534,9 @@ class SnapViTModule(pl.LightningModule):
                     f"{None if labels is None else labels.tolist()}); use criterion='dino' for unlabeled data"
                 )
             logits = self.student(views[:, 0])
+            if bool((labels >= logits.shape[-1]).any()):  # F.cross_entropy's IndexError names no cause
+                raise ValueError(f"criterion='cross_entropy': label {int(labels.max())} is not a class of the model's "
+                                 f"head (num_classes={logits.shape[-1]})")
             return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
         if views.shape[1] < NUM_GLOBAL_VIEWS:
             raise ValueError(f"criterion={self.criterion!r} needs >= 2 views per image, got {views.shape[1]}")

@@ -334,7 +334,7 @@ def load_weights(
             state = {k[len(prefix) :]: v for k, v in state.items()}
             break
     try:
-        _fresh_head_warning(_load_strict(model, state, classifier), path, argument)
+        _fresh_head_warning(_load_strict(model, state, classifier), path, argument, state, model)
         return
     except RuntimeError as err:
         error = err
@@ -353,7 +353,7 @@ def load_weights(
             except RuntimeError as err:  # what is left once the layouts and positions are converted: the real cause
                 error = err
         if fresh is not None:
-            _fresh_head_warning(fresh, path, argument)
+            _fresh_head_warning(fresh, path, argument, filtered, model)
             patch = state.get("patch_embed.proj.weight")
             own = model.patch_embed.proj.weight if hasattr(model, "patch_embed") else None
             if patch is not None and own is not None and patch.shape[-2:] != own.shape[-2:]:
@@ -415,8 +415,17 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[s
     return [k for k in result.missing_keys if k in optional]
 
 
-def _fresh_head_warning(fresh: list[str], path: Path, argument: str) -> None:
-    if fresh:
-        warnings.warn(f"{argument} {str(path)!r} holds no weights of this model's classifier ({', '.join(fresh)}: "
-                      "another num_classes, or none): it keeps its fresh values (the label-free criteria do not "
-                      "use it; criterion='cross_entropy' needs a trained one)", stacklevel=3)
+def _fresh_head_warning(fresh: list[str], path: Path, argument: str, state: dict[str, Tensor], model: nn.Module) -> None:
+    if not fresh:
+        return
+    own = model.state_dict()
+    other = [k for k in fresh if k in state]  # in the file with another shape: another num_classes
+    if other:
+        classes = int(state[other[0]].shape[0])
+        held = (f"holds a classifier of another shape ({', '.join(f'{k} {list(state[k].shape)}' for k in other)}, this "
+                f"model's {', '.join(str(list(own[k].shape)) for k in other)}): give model_kwargs num_classes: {classes} "
+                "to load it")
+    else:
+        held = f"holds no weights of this model's classifier ({', '.join(fresh)})"
+    warnings.warn(f"{argument} {str(path)!r} {held}; the head keeps its fresh values, and the exported subnets ship "
+                  "it (the label-free criteria do not use it; criterion='cross_entropy' needs a trained one)", stacklevel=3)

@@ -329,6 +329,30 @@ def test_cross_entropy_needs_labels(weights: Path) -> None:
         fit(module, views(2), torch.tensor([1, -1]))
 
 
+def test_cross_entropy_refuses_labels_its_head_cannot_take_before_the_scoring(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from snapvit_lightning.data import CalibrationDataModule
+
+    for folder, classes in (("labelled", ["a", "b", "c"]), ("flat", [""])):
+        for c in classes:
+            (tmp_path / folder / c).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.full((40, 40, 3), 40 * i, dtype=np.uint8)).save(tmp_path / folder / c / f"{i}.png")
+    for folder, match in (("labelled", r"criterion='cross_entropy': the data has 3 classes \(a, b, c\) but the model's "
+                                       r"head has num_classes=2; labels are the class folders' indices in sorted order"),
+                          ("flat", r"criterion='cross_entropy' needs labelled images: one subfolder per class")):
+        module = SnapViTModule(VIT, model_kwargs={**VIT_KW, "num_classes": 2}, criterion="cross_entropy")
+        dm = CalibrationDataModule(data_dir=str(tmp_path / folder), batch_size=2, num_local_crops=0)
+        with pytest.raises(ValueError, match=match):
+            trainer().fit(module, datamodule=dm)
+        assert module.scores is None
+    module = SnapViTModule(VIT, model_kwargs={**VIT_KW, "num_classes": 2}, criterion="cross_entropy")  # any other loader
+    with pytest.raises(ValueError, match=r"label 5 is not a class of the model's head \(num_classes=2\)"):
+        fit(module, views(2), torch.tensor([1, 5]))
+
+
 def test_cross_entropy_matches_hand_computation() -> None:
     model = vit()
     reference = copy.deepcopy(model).eval()
@@ -424,8 +448,13 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     headless = SnapViTModule(VIT, checkpoint_path=str(tmp_path / "hub48.pt"), model_kwargs={**VIT_KW, "num_classes": 0})
     assert torch.equal(headless.student.blocks[0].attn.qkv.weight, vit(img_size=48).blocks[0].attn.qkv.weight)
     torch.save(vit(img_size=48, num_classes=0).state_dict(), tmp_path / "headless48.pt")
-    with pytest.warns(UserWarning, match=r"holds no weights of this model's classifier \(head.weight, head.bias: "):
+    with pytest.warns(UserWarning, match=r"holds no weights of this model's classifier \(head.weight, head.bias\); the "
+                                         r"head keeps its fresh values, and the exported subnets ship it"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "headless48.pt"), model_kwargs=VIT_KW)
+    torch.save(vit(img_size=48, num_classes=8).state_dict(), tmp_path / "classes8.pt")  # num_classes forgotten: named
+    with pytest.warns(UserWarning, match=r"holds a classifier of another shape \(head.weight \[8, \d+\], head.bias \[8\], "
+                                         r"this model's \[\d+, \d+\], \[\d+\]\): give model_kwargs num_classes: 8 to load it"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "classes8.pt"), model_kwargs=VIT_KW)
     torch.save(vit(img_size=48, depth=2).state_dict(), tmp_path / "other48.pt")
     with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):  # not pos_embed's size
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other48.pt"), model_kwargs=VIT_KW)
