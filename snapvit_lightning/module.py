@@ -375,7 +375,7 @@ class SnapViTModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "configure_from_model"):  # crops at the model's size and normalisation
             datamodule.configure_from_model(self.student)
-        if self.criterion == "cross_entropy" and isinstance(getattr(datamodule, "classes", None), list):
+        if self.criterion == "cross_entropy" and getattr(datamodule, "data_dir", None) is not None:  # folder labels
             _check_classes(datamodule.classes, int(self.student.num_classes))  # before the scoring, not in it
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):

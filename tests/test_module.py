@@ -348,6 +348,10 @@ def test_cross_entropy_refuses_labels_its_head_cannot_take_before_the_scoring(tm
         with pytest.raises(ValueError, match=match):
             trainer().fit(module, datamodule=dm)
         assert module.scores is None
+    pairs = [(torch.rand(3, 40, 40), i % 2) for i in range(4)]  # a labelled dataset without `classes`: scored
+    module = SnapViTModule(VIT, model_kwargs={**VIT_KW, "num_classes": 2}, criterion="cross_entropy")
+    trainer().fit(module, datamodule=CalibrationDataModule(dataset=pairs, batch_size=2, num_local_crops=0))
+    assert module.scores is not None
     module = SnapViTModule(VIT, model_kwargs={**VIT_KW, "num_classes": 2}, criterion="cross_entropy")  # any other loader
     with pytest.raises(ValueError, match=r"label 5 is not a class of the model's head \(num_classes=2\)"):
         fit(module, views(2), torch.tensor([1, 5]))
