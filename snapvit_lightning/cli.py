@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -160,7 +161,7 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images"
           f"{'; in-sample: the images the run calibrated on, so it flatters' if in_sample else ''}):")
     if stale:
-        print(f"corrected: not shown, {stale}; `snapvit bench {args.path} --data FOLDER --correct lstsq` measures "
+        print(f"corrected: not shown, {stale}; `snapvit bench {shlex.quote(args.path)} --data FOLDER --correct lstsq` measures "
               "the subnets corrected with them")
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'flops %':>8} {'plain':>7} {'corrected':>9}  ({method})")
     for b in rows:
@@ -168,7 +169,7 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
                  for k in ("fidelity", "fidelity_corrected")]
         print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
     if in_sample:
-        print(f"held out: `snapvit bench {args.path} --data TEST_DIR --correct lstsq --calibration STATS` on photos the "
+        print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq --calibration STATS` on photos the "
               "run never saw (or `--data.holdout N` in the fit)")
 
 
@@ -283,7 +284,12 @@ def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ())
     """``-o``: a file that may be written (not a folder, not a file this command ``reads``; replaced only with ``--overwrite``)."""
     from .weights_io import check_writable
 
-    out = Path(output)
+    from .weights_io import name_max
+
+    out = Path(output).expanduser()
+    if len(out.name.encode()) > name_max(out.parent):  # else OSError from the first stat
+        raise ValueError(f"-o: the file name is {len(out.name.encode())} bytes long; this file system takes at most "
+                         f"{name_max(out.parent)}")
     if out.is_dir():
         raise IsADirectoryError(f"-o: '{out}' is a folder; give a file name, e.g. {out / 'NAME'}{out.suffix or '.safetensors'}")
     if any(r is not None and Path(r).expanduser().resolve() == out.resolve() for r in reads):
@@ -390,11 +396,11 @@ def _stats(args: argparse.Namespace) -> int:
     data = Path(args.data).expanduser()
     if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
-    out = _output_file(args.output if args.output is not None else str(stats_path_for(args.path)), args.overwrite,
-                       reads=[args.path, args.data])
-    if out.suffix.lower() != ".safetensors":  # it is one, whatever its name; torch.load would fail on it
+    out = args.output if args.output is not None else str(stats_path_for(args.path))
+    if Path(out).suffix.lower() != ".safetensors" and not Path(out).expanduser().is_dir():  # a folder: said below
         raise ValueError(f"-o: '{out}' must end in .safetensors (a statistics file, read by CorrectionStats.load "
                          "and slice --calibration)")
+    out = _output_file(out, args.overwrite, reads=[args.path, args.data])
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
     check_one_shot(elastic.model, None, "snapvit slice --sequential --calibration DIR corrects its subnets block by "
                    "block from the images instead")

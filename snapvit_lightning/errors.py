@@ -85,6 +85,8 @@ def _is_misconfiguration(err: BaseException) -> bool:
 def _is_direct_user_error(err: BaseException) -> bool:
     if isinstance(err, _PATH_ERRORS) or _is_misconfiguration(err) or _bad_trainer_setting(err):
         return True
+    if isinstance(err, Warning):  # raised only where the user asked warnings to be errors (-W error, PYTHONWARNINGS)
+        return True
     if isinstance(err, ModuleNotFoundError) and not (err.name or "").startswith(_PACKAGE.name):
         return True  # an optional dependency that is not installed
     return isinstance(err, _RAISED_ON_PURPOSE) and _raised_by_this_package(err)
@@ -147,6 +149,8 @@ _ADVICE = {
 def user_error_message(err: BaseException) -> str:
     """The one-line message of a user error (:func:`is_user_error`): its own, or the one jsonargparse wrapped."""
     wrapped = None if _is_direct_user_error(err) else _wrapped_user_error(err)
+    if isinstance(err, Warning):
+        return one_line(f"{err} (a {type(err).__name__} that -W error or PYTHONWARNINGS turned into an error)")
     if wrapped is None:
         advice = next((a for start, a in _ADVICE.items() if str(err).startswith(start)), None)
         return one_line(str(err) if advice is None else f"{err} ({advice})")

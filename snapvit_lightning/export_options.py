@@ -102,9 +102,10 @@ def _check_model_name(value: Any) -> str | None:
 def _check_dirpath(value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise TypeError(f"dirpath must be a str or os.PathLike, got {value!r}")
-    if Path(value).exists() and not Path(value).is_dir():  # else mkdir fails only at the export, after the fit
+    path = Path(value).expanduser()  # as the data paths are
+    if path.exists() and not path.is_dir():  # else mkdir fails only at the export, after the fit
         raise ValueError(f"dirpath must be a folder, but '{value}' is a file")
-    return Path(value)
+    return path
 
 
 def _check_images(images: Any, name: str = "fitness_images") -> Tensor | None:

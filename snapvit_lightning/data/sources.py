@@ -261,7 +261,8 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
     files = sorted((p for p in _walk(root) if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
         named = f"{argument}: " if argument else ""
-        raise ValueError(f"{named}no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}'")
+        raise ValueError(f"{named}no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}' (hidden files and "
+                         "folders, whose names start with '.', are not read)")
     top_level = [p for p in files if p.parent == root]
     if top_level:
         return files, [-1] * len(files), []
