@@ -161,16 +161,16 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images"
           f"{'; in-sample: the images the run calibrated on, so it flatters' if in_sample else ''}):")
     if stale:
-        print(f"corrected: not shown, {stale}; `snapvit bench {shlex.quote(args.path)} --data FOLDER --correct lstsq` measures "
-              "the subnets corrected with them")
+        print(f"corrected: not shown, {stale}; `snapvit bench {shlex.quote(args.path)} --data FOLDER --correct lstsq` "
+              "measures the subnets corrected with them")
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'flops %':>8} {'plain':>7} {'corrected':>9}  ({method})")
     for b in rows:
         cells = [f"{b[k]:.4f}" if b.get(k) is not None and not (stale and k == "fidelity_corrected") else "-"
                  for k in ("fidelity", "fidelity_corrected")]
         print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
     if in_sample:
-        print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq --calibration STATS` on photos the "
-              "run never saw (or `--data.holdout N` in the fit)")
+        print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq --calibration STATS` "
+              "on photos the run never saw (or `--data.holdout N` in the fit)")
 
 
 def _stale_correction(correction: dict, stats: object) -> str | None:
@@ -282,9 +282,7 @@ def _solve_note(args: argparse.Namespace) -> str:
 
 def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ()) -> Path:
     """``-o``: a file that may be written (not a folder, not a file this command ``reads``; replaced only with ``--overwrite``)."""
-    from .weights_io import check_writable
-
-    from .weights_io import name_max
+    from .weights_io import check_writable, name_max
 
     out = Path(output).expanduser()
     if len(out.name.encode()) > name_max(out.parent):  # else OSError from the first stat
