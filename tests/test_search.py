@@ -798,7 +798,7 @@ def test_callback_refuses_too_few_fitness_images_before_the_scoring_epoch(tmp_pa
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[EvolutionarySearch(max_evals=2, **SEARCH_KW)])
-    with pytest.raises(ValueError, match="needs at least 2 fitness images, the datamodule gives 1: its `holdout`"):
+    with pytest.raises(ValueError, match=f"needs at least 2 fitness images, the datamodule gives 1 from data_dir '{tmp_path}': its `holdout`"):
         trainer.fit(module, datamodule=dm)
     assert module.scores is None  # refused before the scoring epoch, not after it
 

@@ -374,11 +374,13 @@ class EvolutionarySearch(Callback):
         student = getattr(pl_module, "student", None)
         if isinstance(student, nn.Module):
             check_start_fits(student, self.initial_weights, self.initial_covariance)
-        count = getattr(getattr(trainer, "datamodule", None), "num_fitness_images", None) if self.images is None else None
+        dm = getattr(trainer, "datamodule", None)
+        count = getattr(dm, "num_fitness_images", None) if self.images is None else None
         if count is not None and count < 2:
+            folder = f" from data_dir '{dm.data_dir}'" if getattr(dm, "data_dir", None) is not None else ""
             raise ValueError(
-                f"EvolutionarySearch needs at least 2 fitness images, the datamodule gives {count}: its `holdout` "
-                "images, or with holdout=0 its calibration images (`data_dir`, `max_samples`)"
+                f"EvolutionarySearch needs at least 2 fitness images, the datamodule gives {count}{folder}: its "
+                "`holdout` images, or with holdout=0 its calibration images (`data_dir`, `max_samples`)"
             )
         self._train_start = time.perf_counter()
 
