@@ -19,8 +19,8 @@ from torch import Tensor
 from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS
 from .data.crops import DEFAULT_STATS_VIEWS, MAX_VIEWS_PER_IMAGE, stats_views_per_image
+from .image_batches import check_image_batches, collect_images
 from .scores import check_ratio
-from .structure import collect_images
 from .values import real_number
 
 __all__ = ["DEFAULT_STATS_VIEWS", "MAX_VIEWS_PER_IMAGE", "stats_views_per_image"]  # re-exported from data.crops
@@ -123,9 +123,7 @@ def _check_image_source(images: Any, name: str) -> Tensor | Iterable[Any] | None
     """``None``, checked images ``[M, 3, S, S]``, or an iterable of such batches (a ``DataLoader``), kept to read in setup."""
     if images is None or isinstance(images, Tensor):
         return _check_images(images, name)
-    if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
-        raise ValueError(f"{name} must be a float tensor [M, 3, S, S], an iterable of such batches (e.g. a DataLoader) "
-                         f"or None, got {type(images).__name__}")
+    check_image_batches(images, name)
     return images
 
 

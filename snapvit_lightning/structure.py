@@ -11,7 +11,7 @@ prefix ``arange(k)`` slices them (the block becomes physically smaller).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,6 @@ __all__ = [
     "check_supported",
     "check_input_size",
     "check_model_images",
-    "collect_images",
     "get_blocks",
     "mlp_kind",
     "mlp_input_layers",
@@ -519,38 +518,6 @@ def check_model_images(model: nn.Module, images: object, name: str = "images") -
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{name} hold non-finite values (NaN or inf); give normalised images")
     return images
-
-
-def collect_images(source: object, name: str = "images") -> torch.Tensor:
-    """``source`` as one ``[N, C, H, W]`` tensor: a tensor as it is, or the batches of an iterable concatenated.
-
-    An iterable (e.g. a ``DataLoader``) yields image batches ``[B, C, H, W]`` or tuples/lists whose
-    first item is one (``(images, labels)``). The tensor's shape and values are checked by the
-    caller (:func:`check_model_images`).
-
-    Raises:
-        ValueError: ``source`` is neither a tensor nor an iterable, a batch is not a 4-D tensor, or
-            the iterable yields nothing; naming ``name``.
-    """
-    if isinstance(source, torch.Tensor):
-        return source
-    if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
-        raise ValueError(f"{name} must be a float tensor [N, 3, H, W] or an iterable of such batches "
-                         f"(e.g. a DataLoader), got {type(source).__name__}")
-    batches = []
-    for batch in source:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = f"a {list(x.shape)} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-            hint = " (single images: torch.stack them into one batch)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""
-            raise ValueError(f"{name}: batches must be [B, 3, H, W] tensors or (images, ...) tuples, got {got}{hint}")
-        if batches and x.shape[1:] != batches[0].shape[1:]:
-            raise ValueError(f"{name}: batches of {list(batches[0].shape[1:])} and {list(x.shape[1:])} images: "
-                             "give images of one size (the model's input size)")
-        batches.append(x.detach().cpu())
-    if not batches:
-        raise ValueError(f"{name}: the iterable yielded no batches")
-    return torch.cat(batches)
 
 
 def _numel(*tensors: torch.Tensor | None) -> int:

@@ -541,8 +541,8 @@ def test_elastic_export_takes_a_loader_of_images_as_the_search_does(tmp_path):
 
 
 @pytest.mark.parametrize("images, match", [
-    ("photos/", r"images must be a float tensor \[M, 3, S, S\], an iterable of such batches \(e.g. a DataLoader\) or "
-                r"None, got str"),
+    ("photos/", r"images must be a float tensor \[N, 3, H, W\] or an iterable of such batches \(e.g. a DataLoader\), "
+                r"got str"),
     ([torch.randn(3, IMG, IMG)], r"images: batches must be \[B, 3, H, W\] tensors .*single images: torch.stack"),
 ])
 def test_elastic_export_refuses_bad_images_before_the_scoring(tmp_path, images, match):

@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..correction import check_correction
+from ..image_batches import check_image_batches, collect_images
 from ..machine import build_machine
 from ..precision import search_setting
 from ..ranks import stop_if_terminated
 from ..scores import ImportanceScores, check_balance
-from ..structure import collect_images
 from .fitness import (
     DEFAULT_BALANCE,
     DEFAULT_FITNESS_SAMPLES,
@@ -322,8 +322,8 @@ class EvolutionarySearch(Callback):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         if isinstance(images, Tensor):
             _check_images(images)
-        elif images is not None and (isinstance(images, (str, bytes)) or not isinstance(images, Iterable)):
-            raise ValueError(f"images must be a tensor [M, 3, S, S], an iterable of batches or None, got {type(images).__name__}")
+        elif images is not None:
+            check_image_batches(images)
         self.images = images
         self.initial_weights = None if initial_weights is None else torch.as_tensor(initial_weights, dtype=torch.float64)
         if self.initial_weights is not None and self.initial_weights.dim() != 1:

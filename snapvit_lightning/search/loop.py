@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..image_batches import collect_images
 from ..scores import ImportanceScores, check_balance
-from ..structure import collect_images, get_blocks
+from ..structure import get_blocks
 from ..values import real_number
 from ..xnes import XNES, _is_staged
 from .fitness import (

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from snapvit_lightning.image_batches import check_image_batches, collect_images
+
+
+def test_a_tensor_is_kept_and_batches_are_concatenated_in_order() -> None:
+    x = torch.rand(5, 3, 8, 8)
+    assert collect_images(x) is x
+    loader = DataLoader(TensorDataset(x, torch.arange(5)), batch_size=2)  # (images, labels) batches
+    assert torch.equal(collect_images(loader), x)
+    assert torch.equal(collect_images(iter([x[:3], x[3:]])), x)  # a generator, read once
+    check_image_batches(loader)  # an iterable: accepted before it is read
+
+
+@pytest.mark.parametrize("source, match", [
+    ("photos/", r"images must be a float tensor \[N, 3, H, W\] or an iterable of such batches .* got str"),
+    (3, r"images must be a float tensor .* got int"),
+    ([], r"images: the iterable yielded no batches"),
+    ([torch.rand(3, 8, 8)], r"got a \[3, 8, 8\] tensor \(single images: torch.stack them into one batch\)"),
+    ([torch.rand(2, 3, 8, 8), torch.rand(2, 3, 4, 4)], r"batches of \[3, 8, 8\] and \[3, 4, 4\] images: give images of one size"),
+    ([{"image": torch.rand(2, 3, 8, 8)}], r"batches must be \[B, 3, H, W\] tensors or \(images, \.\.\.\) tuples, got dict"),
+])
+def test_what_cannot_be_read_as_image_batches_is_named(source, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        collect_images(source)
