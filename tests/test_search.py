@@ -574,6 +574,23 @@ def test_fitness_images_the_model_does_not_take() -> None:
         Fitness(fixed, random_scores(fixed), torch.randn(4, 3, 48, 48))
 
 
+def test_pairs_beyond_every_blocks_minimum_keep_are_searched_as_the_cut() -> None:
+    """A ratio beyond max_ratios cuts no more: the fitness takes it as the cut (warned), two alike are refused."""
+    model, _, _ = small_vit()
+    scores, x = random_scores(model), images_for(model, n=4)
+    top_mlp = scores.max_ratios[0]
+    kw = {"pca_components": 3, "autocast_dtype": None}
+    with pytest.warns(UserWarning, match=rf"cuts \(0.99, 0.2\) as \({top_mlp:.4g}, 0.2\)") as record:
+        beyond = Fitness(model, scores, x, ratio_pairs=[(0.99, 0.2), (0.3, 0.1)], **kw)
+    assert len(record) == 1
+    assert beyond.ratio_pairs == ((top_mlp, 0.2), (0.3, 0.1))
+    within = Fitness(model, scores, x, ratio_pairs=[(top_mlp, 0.2), (0.3, 0.1)], **kw)
+    w = torch.ones(scores.num_blocks * (1 + scores.num_heads), dtype=torch.float64)
+    assert beyond(w) == within(w)  # the same cuts, the same fitness
+    with pytest.raises(ValueError, match=r"several pairs cut as \(" + f"{top_mlp:.4g}" + r", 0\) \(a pair counts once\)"):
+        Fitness(model, scores, x, ratio_pairs=[(0.99, 0.0), (0.98, 0.0)], **kw)
+
+
 def test_fitness_other_errors() -> None:
     model, _, _ = small_vit()
     scores = random_scores(model)

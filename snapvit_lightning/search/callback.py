@@ -467,7 +467,7 @@ class EvolutionarySearch(Callback):
             max_evals = min(max_evals, xnes.evals + xnes.popsize)
             rank_zero_info(f"EvolutionarySearch: fast_dev_run, so one generation ({max_evals} evaluations in all)")
         progress = SearchProgress(
-            trainer, max_evals, min(len(self.history), max_evals), self.ratio_pairs, self.log_every_n_evals
+            trainer, max_evals, min(len(self.history), max_evals), fitness.ratio_pairs, self.log_every_n_evals
         )
 
         def on_eval(idx: int, f: float, best: float) -> None:

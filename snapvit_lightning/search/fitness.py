@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -129,6 +130,27 @@ def _check_ratio_pairs(ratio_pairs: Any) -> tuple[tuple[float, float], ...]:
     return checked
 
 
+def _reachable_pairs(scores: ImportanceScores, pairs: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+    """``pairs`` capped at ``scores.max_ratios`` (the same cuts), with a warning naming those it capped.
+
+    Raises:
+        ValueError: Two pairs that cut alike once capped (a pair counts once).
+    """
+    reach = tuple(scores.reachable(*p) for p in pairs)
+    capped = [f"({m:g}, {h:g}) as ({rm:.4g}, {rh:.4g})" for (m, h), (rm, rh) in zip(pairs, reach) if (m, h) != (rm, rh)]
+    if not capped:
+        return pairs
+    limit = f"every block at its minimum keep cuts at most ({scores.max_ratios[0]:.4g}, {scores.max_ratios[1]:.4g})"
+    labels = [f"({m:.4g}, {h:.4g})" for m, h in reach]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"ratio_pairs={[list(p) for p in pairs]!r}: {limit}, so several pairs cut as {', '.join(twice)} "
+                         "(a pair counts once); give pairs within it")
+    warnings.warn(f"ratio_pairs: {limit}, so the fitness cuts {', '.join(capped)} (searched and logged as the cut)",
+                  UserWarning, stacklevel=3)
+    return reach
+
+
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -201,7 +223,9 @@ class Fitness:
         model: A supported timm ViT (uniform blocks). Left unchanged.
         scores: Importance scores matching the model.
         images: Fitness images, float ``[M, 3, S, S]`` with ``M >= 2`` (moved to the model's device).
-        ratio_pairs: ``(mlp_ratio, head_ratio)`` budgets, each ratio in ``[0, 1)``.
+        ratio_pairs: ``(mlp_ratio, head_ratio)`` budgets, each ratio in ``[0, 1)``. A ratio beyond
+            every block's minimum keep cuts as :attr:`ImportanceScores.max_ratios` and is searched
+            (and logged) as that reachable ratio, with a warning.
         pca_components: Requested number of PCA components (``>= 1``).
         batch_size: Images per forward pass.
         autocast_dtype: Autocast dtype for the forward passes (bfloat16 by default, on CPU and
@@ -339,6 +363,7 @@ class Fitness:
         if got != expected:
             raise ValueError(f"scores (blocks, neurons, heads) = {got} do not match the model's {expected}")
 
+        self.ratio_pairs = _reachable_pairs(scores, self.ratio_pairs)
         self.scores = scores
         self.rank, self.world_size = rank, world_size
         width_multiple = _check_int("width_multiple", width_multiple, 1, allow_none=True)
