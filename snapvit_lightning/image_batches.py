@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -46,5 +46,7 @@ def collect_images(source: object, name: str = "images") -> torch.Tensor:
                              "give images of one size (the model's input size)")
         batches.append(x.detach().cpu())
     if not batches:
-        raise ValueError(f"{name}: the iterable yielded no batches")
+        once = (" (it is an iterator, e.g. a generator, which is read once: was it read before, or given to two "
+                "callbacks? give a list, a DataLoader or a tensor)" if isinstance(source, Iterator) else "")
+        raise ValueError(f"{name}: the iterable yielded no batches{once}")
     return torch.cat(batches)

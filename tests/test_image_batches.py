@@ -12,7 +12,12 @@ def test_a_tensor_is_kept_and_batches_are_concatenated_in_order() -> None:
     assert collect_images(x) is x
     loader = DataLoader(TensorDataset(x, torch.arange(5)), batch_size=2)  # (images, labels) batches
     assert torch.equal(collect_images(loader), x)
-    assert torch.equal(collect_images(iter([x[:3], x[3:]])), x)  # a generator, read once
+    batches = (b for b in (x[:3], x[3:]))
+    assert torch.equal(collect_images(batches), x)  # a generator, read once: a second reader is told why it is empty
+    with pytest.raises(ValueError, match=r"yielded no batches \(it is an iterator, e.g. a generator, which is read once"):
+        collect_images(batches)
+    with pytest.raises(ValueError, match=r"yielded no batches$"):  # an empty list is not a spent iterator
+        collect_images([])
     check_image_batches(loader)  # an iterable: accepted before it is read
 
 
