@@ -27,6 +27,7 @@ from torch import nn
 
 from . import __version__
 from .structure import BlockDims, block_dims, get_blocks, inspect_vit, slice_model
+from .values import all_finite
 from .weights_io import config_of_built_size, write_safetensors
 
 __all__ = [
@@ -348,7 +349,7 @@ def _check_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kwar
     dtypes = {str(v.dtype).replace("torch.", "") for v in state.values()}
     if state and (len(dtypes) != 1 or not next(iter(state.values())).is_floating_point()):
         raise ValueError(f"{path}: the model's tensors must share one floating dtype, got {sorted(dtypes)}")
-    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    bad = next((k for k, v in state.items() if not all_finite(v)), None)
     if bad is not None:
         raise ValueError(f"{path}: model tensor {bad!r} holds NaN or infinite values")
 

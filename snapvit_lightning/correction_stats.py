@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoint import _write, read_format
 from .structure import get_blocks
+from .values import all_finite
 
 __all__ = [
     "CorrectionStats", "EXPORT_HINT", "SEQUENTIAL_HINT", "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
@@ -41,10 +42,13 @@ def _triu(matrices: Tensor) -> Tensor:
 
 def _from_triu(packed: Tensor, n: int) -> Tensor:
     """The symmetric ``[B, n, n]`` whose upper triangles are ``packed`` (the inverse of :func:`_triu`)."""
-    rows, cols = torch.triu_indices(n, n)
     out = packed.new_empty(packed.shape[0], n, n)
-    out[:, rows, cols] = packed
-    out[:, cols, rows] = packed
+    start = 0
+    for i in range(n):  # row by row: no index tensors, faster than one scatter of all n(n+1)/2 entries
+        row = packed[:, start:start + n - i]
+        out[:, i, i:] = row
+        out[:, i:, i] = row
+        start += n - i
     return out
 
 
@@ -124,7 +128,7 @@ class CorrectionStats:
             if not isinstance(value, Tensor) or value.ndim != 2 or value.shape[0] != blocks or value.shape[1] < 1:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{name} must be a [{blocks}, units] tensor (one row per block), got {shape}")
-            if not value.is_floating_point() or not torch.isfinite(value).all() or (value < 0).any():
+            if not value.is_floating_point() or not all_finite(value) or (value < 0).any():
                 raise ValueError(f"{name} must hold finite, non-negative floating-point scores")
         if self.ranking_mlp.shape[1] != hidden:
             raise ValueError(f"ranking_mlp must be [{blocks}, {hidden}] (the MLP's neurons), got {tuple(self.ranking_mlp.shape)}")
@@ -241,7 +245,7 @@ class CorrectionStats:
             raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
         for name, t in (("attn", attn), ("mlp", mlp)):  # a damaged file, not a damping problem later
             diagonal = t.diagonal(dim1=1, dim2=2) if t.is_floating_point() else None
-            if diagonal is None or not bool(torch.isfinite(t).all()) or bool((diagonal < 0).any()) \
+            if diagonal is None or not all_finite(t) or bool((diagonal < 0).any()) \
                     or bool((diagonal.sum(dim=1) == 0).any()):
                 raise ValueError(f"{path}: '{name}' must hold finite float second moments, non-negative on the "
                                  "diagonal and not all zero in a block (a damaged file?)")

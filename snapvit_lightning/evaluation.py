@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from snapvit_lightning.forward import embed
 from snapvit_lightning.structure import count_flops, count_params
-from snapvit_lightning.values import real_number
+from snapvit_lightning.values import all_finite, real_number
 
 __all__ = [
     "knn_accuracy",
@@ -183,7 +183,7 @@ def _check_pair(features: object, reference: object) -> None:
             f"features {_shape(features)} and reference {_shape(reference)} must have the same shape"
         )
     for name, t in (("features", features), ("reference", reference)):  # NaN gave a fidelity of nan, not an error
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"{name} hold NaN or infinite values (a broken model or precision?)")
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .evaluation import _check_int, _eval_mode, _model_device
 from .structure import check_model_images
-from .values import real_number
+from .values import all_finite, real_number
 from .weights_io import hidden_beside, make_parent
 
 __all__ = [
@@ -371,9 +371,9 @@ def onnx_max_abs_diff(
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(torch.float32)
             expected = model(x.to(device)).float().cpu()
-            if not bool(torch.isfinite(expected).all()):
+            if not all_finite(expected):
                 raise ValueError("the torch model's outputs are not finite (NaN or infinite weights?): nothing to check against")
             got = runner(x)
             # max() would pass NaN over (max(0.0, nan) is 0.0): a non-finite graph output differs by inf.
-            diff = max(diff, float((got - expected).abs().max()) if bool(torch.isfinite(got).all()) else math.inf)
+            diff = max(diff, float((got - expected).abs().max()) if all_finite(got) else math.inf)
     return diff

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .values import real_number
+from .values import all_finite, real_number
 
 __all__ = ["ImportanceScores", "check_ratio", "check_fraction"]
 
@@ -122,7 +122,7 @@ class ImportanceScores:
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.numel() == 0:
                 raise ValueError(f"{name} must be a non-empty 2-D tensor [blocks, units], got {_shape(value)}")
-            if not torch.isfinite(value).all() or (value < 0).any():
+            if not all_finite(value) or (value < 0).any():
                 raise ValueError(f"{name} scores must be finite and non-negative")
             setattr(self, name, value.detach().to("cpu", torch.float64))
         if self.mlp.shape[0] != self.heads.shape[0]:
@@ -156,7 +156,7 @@ class ImportanceScores:
     def _check_tensor(value: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
             raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got {_shape(value)}")
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise ValueError(f"{name} must be finite")
         return value.detach().to("cpu", torch.float64)
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .forward import explicit_attention
+from .values import all_finite
 
 __all__ = [
     "UnsupportedModelError",
@@ -515,7 +516,7 @@ def check_model_images(model: nn.Module, images: object, name: str = "images") -
     check_input_size(model, tuple(images.shape[2:]), name)
     if images.device.type == "meta":
         raise ValueError(f"{name} are on the meta device (no values); give real images")
-    if not bool(torch.isfinite(images).all()):
+    if not all_finite(images):
         raise ValueError(f"{name} hold non-finite values (NaN or inf); give normalised images")
     return images
 

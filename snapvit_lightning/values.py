@@ -1,13 +1,15 @@
-"""What the argument checks count as a real number: Python, NumPy and 0-d tensor scalars, never a bool.
+"""What the argument checks count as a real number (Python, NumPy and 0-d tensor scalars, never a
+bool), and whether a tensor holds finite values only.
 
 Imports neither torch nor NumPy (the CLI's ``--help`` imports no torch).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
-__all__ = ["real_number"]
+__all__ = ["all_finite", "real_number"]
 
 
 def real_number(value: object) -> float | None:
@@ -26,3 +28,15 @@ def real_number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None  # numpy.bool_ is not a numbers.Real
     return float(value)
+
+
+def all_finite(tensor: object) -> bool:
+    """Whether a tensor holds no NaN and no infinity (integer and empty tensors always do).
+
+    Reads its smallest and largest values (``aminmax``, which NaN propagates to): one pass without
+    a ``bool`` tensor of its size, several times faster than ``torch.isfinite(t).all()`` on
+    model-sized tensors on some CPUs.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return all(math.isfinite(float(v)) for v in tensor.aminmax())

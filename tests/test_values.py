@@ -9,7 +9,7 @@ from conftest import random_scores, tiny_model
 
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.scores import check_fraction, check_ratio
-from snapvit_lightning.values import real_number
+from snapvit_lightning.values import all_finite, real_number
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -19,6 +19,17 @@ from snapvit_lightning.values import real_number
 def test_real_numbers_are_python_numpy_and_0d_tensor_scalars(value, expected) -> None:
     number = real_number(value)
     assert type(number) is float and number == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_agrees_with_isfinite(dtype) -> None:
+    x = torch.randn(7, 5, dtype=dtype)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(torch.arange(4))
+    for bad in (math.nan, math.inf, -math.inf):
+        for where in ((0, 0), (3, 2), (6, 4)):
+            y = x.clone()
+            y[where] = bad
+            assert all_finite(y) is bool(torch.isfinite(y).all()) is False
 
 
 @pytest.mark.parametrize("value", [
