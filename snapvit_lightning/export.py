@@ -50,7 +50,7 @@ from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_dampin
 from .elastic import ElasticViT
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
     DEFAULT_STATS_VIEWS, _calibration_images, _check_bool, _check_budgets, _check_correct, _check_device,
-    _check_dirpath, _check_image_source, _check_images, _check_model_kwargs, _check_model_name, _check_name,
+    _check_dirpath, _check_image_source, _check_images, _check_model_kwargs, _check_model_name, _check_name, _check_reachable,
     _check_stats_views, _default_name, _read_image_source, _rebuild_info,
 )
 from .machine import build_machine
@@ -269,6 +269,9 @@ def export_elastic(
             resolved.append(({kind: values[0]}, a, b))
         else:  # as subnet() reads them: a ratio beyond the blocks' minimum keep is named by the cut it gives
             resolved.append(({"mlp_ratio": values[0], "head_ratio": values[1]}, *elastic.resolve_budget(*values)))
+            if resolved[-1][1:] != values:
+                rank_zero_info(f"export: budget ({values[0]:g}, {values[1]:g}) cuts as ({resolved[-1][1]:.4g}, "
+                               f"{resolved[-1][2]:.4g}): every block at its minimum keep (report.json: 'requested')")
     labels = [subnet_label(a, b) for _, a, b in resolved]
     seen: dict[str, tuple[float, float]] = {}
     for label, (_, a, b) in zip(labels, resolved):
@@ -598,6 +601,9 @@ class ElasticExport(Callback):
             resolve_rebuild(student, *_rebuild_info(pl_module, self.model_name, self.model_kwargs))
             if self.correct != "none":  # nor one its statistics could not correct
                 check_one_shot(student, f"ElasticExport(correct={self.correct!r})", EXPORT_HINT)
+            keeps = [getattr(pl_module, k, None) for k in ("min_mlp_keep", "min_head_keep")]
+            if all(isinstance(k, float) for k in keeps):  # nor a budget below every block's minimum keep
+                _check_reachable(student, self.budgets, *keeps, "ElasticExport(budgets=...)")
         dm = getattr(trainer, "datamodule", None)
         if self.correct != "none" and self.images is None and not (
             hasattr(dm, "calibration_images_eval") or hasattr(dm, "fitness_images")

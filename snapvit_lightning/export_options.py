@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS
 from .data.crops import DEFAULT_STATS_VIEWS, MAX_VIEWS_PER_IMAGE, stats_views_per_image
 from .image_batches import check_image_batches, collect_images
-from .scores import check_ratio
+from .scores import ImportanceScores, check_ratio
+from .structure import BlockDims, count_flops, count_params, inspect_vit
 from .values import real_number
 
 __all__ = ["DEFAULT_STATS_VIEWS", "MAX_VIEWS_PER_IMAGE", "stats_views_per_image"]  # re-exported from data.crops
@@ -66,7 +67,39 @@ def _check_budgets(budgets: Any, name: str = "budgets") -> tuple[tuple[str, tupl
                 raise ValueError("expected an (mlp_ratio, head_ratio) pair or a FLOPs fraction")
         except (ValueError, TypeError) as err:
             raise ValueError(f"{name}: invalid budget {budget!r}: {err}") from None
+    twice = [budget for i, budget in enumerate(budgets) if out[i] in out[:i]]
+    if twice:
+        raise ValueError(f"{name} holds {twice[0]!r} more than once (each budget is one row of the report); got {budgets!r}")
     return tuple(out)
+
+
+def _check_reachable(model: nn.Module, budgets: Any, min_mlp_keep: float, min_head_keep: float, name: str) -> None:
+    """Refuse a FLOPs or parameter fraction below every block's minimum keep: before the fit, not at the export.
+
+    The smallest reachable fraction depends on the model's sizes and the minimum keeps only, so a
+    budget the export would refuse (:meth:`~snapvit_lightning.elastic.ElasticViT.resolve_budget`)
+    is refused before the scoring.
+
+    Raises:
+        ValueError: A fraction below the smallest reachable one, naming ``name`` (e.g. the callback's argument).
+    """
+    fractions = [(kind, values[0]) for kind, values in _check_budgets(budgets, name) if kind != "ratios"]
+    if not fractions:
+        return
+    structure = inspect_vit(model)
+    if not structure.is_uniform:  # not a dense model: the export refuses it for that
+        return
+    dims = structure.blocks[0]
+    floor = ImportanceScores(torch.zeros(1, dims.mlp_hidden), torch.zeros(1, dims.num_heads), min_mlp_keep=min_mlp_keep,
+                             min_head_keep=min_head_keep)
+    smallest = [BlockDims(floor.min_heads, floor.min_neurons)] * structure.num_blocks
+    dense_flops = count_flops(model)
+    lowest = {"flops": count_flops(model, dims=smallest, head_flops=dense_flops["head"])["total"] / dense_flops["total"],
+              "params": count_params(model, dims=smallest)["total"] / count_params(model)["total"]}
+    for kind, fraction in fractions:
+        if fraction < lowest[kind]:
+            raise ValueError(f"{name}: {kind}={fraction} is below the smallest reachable fraction {lowest[kind]:.4f} "
+                             f"(every block at its minimum keep: min_mlp_keep={min_mlp_keep}, min_head_keep={min_head_keep})")
 
 
 def _check_name(name: Any) -> str | None:

@@ -36,6 +36,7 @@ from .export import (
     _calibration_images,
     _check_dirpath,
     _check_image_source,
+    _check_reachable,
     _default_name,
     _read_image_source,
     _refuse_existing,
@@ -322,9 +323,12 @@ class SnapViT(Callback):
             check_input_size(model, (size, size), f"datamodule: img_size={size}")
         if self.search_evals:
             check_start_fits(model, self.search_kwargs.get("initial_weights"), self.search_kwargs.get("initial_covariance"))
+        keeps = inspect.signature(SnapViTModule).parameters  # the scoring module's minimum keeps
+        _check_reachable(model, self.budgets, keeps["min_mlp_keep"].default, keeps["min_head_keep"].default,
+                         "SnapViT(budgets=...)")
 
     def _check_loader(self, trainer: pl.Trainer) -> None:
-        """Refuse calibration data of single images (a training loader) before the user's fit, not after it.
+        """Refuse calibration data of single images (a training loader), or a folder without images, before the user's fit.
 
         A DataLoader, or the ``train_dataloader()`` of a LightningDataModule other than
         :class:`~snapvit_lightning.data.CalibrationDataModule` (:meth:`_prepare_datamodule`), gives
@@ -332,6 +336,7 @@ class SnapViT(Callback):
         """
         dm = self.datamodule
         if isinstance(dm, CalibrationDataModule):
+            dm.check_sources()  # its folder's files are listed, not decoded: an empty folder fails here
             return
         with isolate_rng(include_cuda=False):  # an iterator draws its seed; a datamodule's transforms may draw more
             if isinstance(dm, DataLoader):
@@ -431,6 +436,11 @@ class SnapViT(Callback):
         student = copy.deepcopy(model)
         for p in student.parameters():
             p.grad = None
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in student.parameters()} - {"float32"})
+        if dtypes:  # e.g. a precision="bf16-true" Trainer's weights: the scoring takes float32 views
+            student.float()
+            rank_zero_info(f"SnapViT: your model's weights are {', '.join(dtypes)}; the copy is scored and exported in "
+                           "float32 (cast a subnet back to deploy it in that precision)")
         name = self._name(student)
         if name is not None:
             _refuse_existing(export_targets(self.dirpath, name, stats=True), self.overwrite)

@@ -486,11 +486,15 @@ def test_export_says_what_it_computes_before_its_longest_part(tmp_path, caplog):
         f"export: wrote 5 files to {tmp_path / 'a'}", "export: 1 budget (cpu)", f"export: wrote 4 files to {tmp_path / 'b'}"]
 
 
-def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(tmp_path, capsys):
+def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(tmp_path, capsys, caplog):
     # min_head_keep=1.0 (MLP pruning only) with the default budgets: every head ratio cuts as 0
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG}, min_head_keep=1.0)
     export = ElasticExport(tmp_path / "out", budgets=[(0.35, 0.2), (0.99, 0.0)], correct="none", save_subnets=True)
-    _trainer(tmp_path, [export]).fit(module, train_dataloaders=_multicrop_loader())
+    with caplog.at_level("INFO"):
+        _trainer(tmp_path, [export]).fit(module, train_dataloaders=_multicrop_loader())
+    assert [r.getMessage() for r in caplog.records if "cuts as" in r.getMessage()] == [
+        "export: budget (0.35, 0.2) cuts as (0.35, 0): every block at its minimum keep (report.json: 'requested')",
+        "export: budget (0.99, 0) cuts as (0.9479, 0): every block at its minimum keep (report.json: 'requested')"]
     rows = export.report["budgets"]
     assert [(b["mlp_ratio"], b["head_ratio"]) for b in rows] == [(0.35, 0.0), (1 - 10 / 192, 0.0)]
     assert [b["requested"] for b in rows] == [{"mlp_ratio": 0.35, "head_ratio": 0.2}, {"mlp_ratio": 0.99, "head_ratio": 0.0}]
@@ -557,6 +561,48 @@ def test_elastic_export_without_calibration_source_fails_in_setup(tmp_path):
     with pytest.raises(ValueError, match=r"ElasticExport\(correct='lstsq'\) needs calibration images"):
         _trainer(tmp_path, [ElasticExport(tmp_path / "out")]).fit(module, train_dataloaders=_multicrop_loader())
     assert module.scores is None  # before the scoring
+
+
+def test_elastic_export_refuses_an_unreachable_fraction_before_the_scoring(tmp_path):
+    # It was refused by the export, after the scoring and the search; the floor moves with the module's minimum keep.
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG}, min_head_keep=1.0)
+    export = ElasticExport(tmp_path / "out", correct="none", budgets=[(0.3, 0.0), {"params": 0.5}])
+    with pytest.raises(ValueError, match=r"ElasticExport\(budgets=...\): params=0.5 is below the smallest reachable "
+                                         r"fraction 0\.\d+ \(every block at its minimum keep: min_mlp_keep=0.05, "
+                                         r"min_head_keep=1.0\)"):
+        _trainer(tmp_path, [export]).fit(module, train_dataloaders=_multicrop_loader())
+    assert module.scores is None  # before the scoring
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    export = ElasticExport(tmp_path / "out", correct="none", budgets=[{"params": 0.5}])
+    _trainer(tmp_path, [export]).fit(module, train_dataloaders=_multicrop_loader())  # reachable with 20 % of the heads
+    assert export.report["budgets"][0]["params_fraction"] <= 0.5
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_vit2", "test_vit3"])
+@pytest.mark.parametrize("keeps", [(0.05, 0.2), (0.3, 1.0), (0.0, 0.0)])
+def test_the_setup_floor_is_the_exports(name, keeps) -> None:
+    """_check_reachable refuses exactly the fractions ElasticViT.resolve_budget refuses."""
+    from dataclasses import replace
+
+    from snapvit_lightning.export_options import _check_reachable
+
+    model, _, _ = tiny_model(name)
+    elastic = ElasticViT(model, replace(random_scores(model), min_mlp_keep=keeps[0], min_head_keep=keeps[1]))
+    for kind in ("flops", "params"):
+        hi = math.nextafter(1.0, 0.0)  # as resolve_budget reaches for its floor
+        floor = elastic.cost(elastic.dims(hi, hi))[f"{kind}_fraction"]
+        for f in (floor * (1 - 1e-6), floor * (1 + 1e-6)):
+            try:
+                elastic.resolve_budget(**{kind: f})
+                refused = None
+            except ValueError as err:
+                refused = err
+            try:
+                _check_reachable(model, [{kind: f}], *keeps, "budgets")
+                assert refused is None, (kind, f, floor)
+            except ValueError as err:
+                assert refused is not None and "below the smallest reachable fraction" in str(err)
+                assert f"{floor:.4f}" in str(err) and f"{floor:.4f}" in str(refused)
 
 
 def test_elastic_export_wrong_order_raises(tmp_path):

@@ -338,6 +338,8 @@ def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(t
     ({"fitness_images": [torch.randn(3, 32, 32)]}, r"fitness_images: batches must be \[B, 3, H, W\] tensors"),
     ({"search_kwargs": {"initial_weights": torch.rand(3)}}, r"initial_weights must be a finite tensor of shape \[18\]"),
     ({"search_kwargs": {"initial_covariance": torch.eye(3)}}, r"initial_covariance must have shape \[18, 18\]"),
+    ({"budgets": [0.8, {"flops": 0.01}]}, r"SnapViT\(budgets=...\): flops=0.01 is below the smallest reachable fraction "
+     r"0\.\d+ \(every block at its minimum keep: min_mlp_keep=0.05, min_head_keep=0.2\)"),
 ])
 def test_snapvit_refuses_images_and_a_start_the_vit_cannot_take_before_the_users_fit(tmp_path, kwargs, match):
     user = UserModule()
@@ -346,6 +348,33 @@ def test_snapvit_refuses_images_and_a_start_the_vit_cannot_take_before_the_users
     with pytest.raises(ValueError, match=match):
         _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
+
+
+def test_snapvit_refuses_an_empty_calibration_folder_before_the_users_fit(tmp_path):
+    (tmp_path / "empty").mkdir()
+    user = UserModule()
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=CalibrationDataModule(tmp_path / "empty"), dirpath=tmp_path / "out", search_evals=0)
+    with pytest.raises(ValueError, match=r"data_dir: no image files .* found in"):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
+
+
+def test_snapvit_scores_a_float32_copy_of_a_bf16_true_model(tmp_path, caplog):
+    user = UserModule()
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=0, budgets=[0.5])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, precision="bf16-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[plugin], default_root_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(user, train_dataloaders=_user_loader())
+    assert "your model's weights are bfloat16; the copy is scored and exported in float32" in caplog.text
+    assert {p.dtype for p in user.parameters()} == {torch.bfloat16}  # the user's model is left as it is
+    loaded = ElasticViT.load(plugin.export_paths["elastic"])
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():  # the same weights, upcast exactly: the dense elastic model is the user's, in float32
+        assert torch.allclose(loaded.model(x), user.backbone.float().eval()(x), atol=1e-5)
 
 
 def test_snapvit_refuses_existing_export_before_fit(tmp_path):
@@ -365,6 +394,7 @@ def test_snapvit_refuses_existing_export_before_fit(tmp_path):
         ({"criterion": "hessian"}, ValueError, "criterion"),
         ({"search_evals": -1}, ValueError, "search_evals"),
         ({"budgets": [2.0]}, ValueError, "budgets"),
+        ({"budgets": [(0.3, 0.3), 0.5, [0.3, 0.3]]}, ValueError, r"budgets holds \[0.3, 0.3\] more than once"),
         ({"precision": "16-mixed"}, ValueError, "precision"),
         ({"search_kwargs": {"sigma": -1.0}}, ValueError, "^search_kwargs: sigma"),
         ({"search_kwargs": {"popsize": "a"}}, ValueError, "^search_kwargs: popsize must be an int"),
