@@ -52,12 +52,18 @@ def _info(args: argparse.Namespace) -> int:
             print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
             if isinstance(meta["budget"].get("latency"), dict):  # slice --latency-ms: what its latency means
+                from .latency import LOAD_DRIFT_WARN
+
                 m = meta["budget"]["latency"]
                 threads = m.get("threads") or m.get("torch_threads")
+                drift = m.get("load_drift")
+                unsteady = (f"; the machine's load changed {drift:.1f}x during that search (each trial read relative to "
+                            "the dense model timed alongside it): measure it again on a quiet machine"
+                            if isinstance(drift, float) and drift > LOAD_DRIFT_WARN else "")
                 print(f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
                       f"{m.get('dense_ms', float('nan')):.2f} ms) per batch of {m.get('batch_size')} on {m.get('device')} "
                       f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}), "
-                      "measured where it was sliced")
+                      f"measured where it was sliced{unsteady}")
         return 0
     elastic = ElasticViT.load(args.path)
     budgets = list(dict.fromkeys(elastic.resolve_budget(*b) for b in args.budgets or INFO_BUDGETS))  # reachable ratios

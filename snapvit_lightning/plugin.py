@@ -87,9 +87,10 @@ def find_vit(
         ``(where, model)``: the attribute path (``"<getter>"`` for a getter) and the model.
 
     Raises:
-        ValueError: No such attribute, no supported ViT, or several ViTs (listing their names).
+        ValueError: No such attribute, no ViT at all, or several supported ViTs (listing their names).
         TypeError: The attribute or getter result is not an ``nn.Module``.
-        UnsupportedModelError: The chosen model is not supported (attr/getter).
+        UnsupportedModelError: The chosen model is not supported (attr/getter), or auto-detection
+            found only ViT-like models that are not (listing them).
     """
     cls = type(pl_module).__name__
     if model_attr is not None:
@@ -119,7 +120,8 @@ def find_vit(
         if not supported:
             advice = ("SnapViT cannot prune these" if unsupported else "pass model_attr= or model_getter= if it is there")
             extra = f"; unsupported ones: {unsupported}" if unsupported else ""
-            raise ValueError(f"found no supported timm VisionTransformer in {cls}{extra}; {advice}")
+            error = UnsupportedModelError if unsupported else ValueError  # the README's error for a refused model
+            raise error(f"found no supported timm VisionTransformer in {cls}{extra}; {advice}")
         raise ValueError(
             f"found several timm VisionTransformers in {cls}: {[n for n, _ in supported]}; "
             "choose one with model_attr= (e.g. model_attr='backbone') or model_getter="

@@ -571,3 +571,57 @@ def test_given_model_kwargs_are_completed_by_what_the_model_says(tmp_path) -> No
         assert torch.equal(ElasticViT.load(tmp_path / "m.elastic.safetensors").model(x), elastic.model(x))
     given = ElasticViT(model, random_scores(model), model_kwargs={**kwargs, "img_size": 32}).model_kwargs
     assert given["img_size"] == 32  # what is given wins
+
+
+_DEPLOY_SCRIPT = """
+import sys
+
+BLOCKED = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics", "jsonargparse",
+           "matplotlib", "skimage", "torchdata")
+
+
+class Block:  # a deploying machine without the training stack: importing any of it fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not installed here")
+        return None
+
+
+sys.meta_path.insert(0, Block())
+import torch
+from snapvit_lightning import ElasticViT, load_subnet
+
+elastic = ElasticViT.load(sys.argv[1])  # with the statistics beside it
+sub = load_subnet(sys.argv[2])
+x = torch.load(sys.argv[3], weights_only=True)
+with torch.no_grad():
+    assert torch.equal(sub(x), torch.load(sys.argv[4], weights_only=True))
+    assert torch.allclose(elastic.subnet(0.5, 0.5)(x), sub(x), atol=1e-5)  # corrected, as sliced before
+print("loaded", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+
+
+def test_a_subnet_loads_and_slices_without_the_training_stack(tmp_path) -> None:
+    """usage.md: a deploying machine needs torch, timm, safetensors and this package without its dependencies."""
+    import subprocess
+    import sys
+
+    from snapvit_lightning.correction import stats_path_for
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    x = model_input(model, 3)
+    elastic.attach_stats(elastic.collect_stats(torch.rand(8, *x.shape[1:]), ranking=True))
+    path = tmp_path / "m.elastic.safetensors"
+    elastic.save(path)
+    elastic.stats.save(stats_path_for(path))
+    sub = elastic.subnet(0.5, 0.5)
+    elastic.save_subnet(tmp_path / "sub.safetensors", sub)
+    with torch.no_grad():
+        torch.save(load_subnet(tmp_path / "sub.safetensors")(x), tmp_path / "y.pt")
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "deploy.py").write_text(_DEPLOY_SCRIPT)
+    run = subprocess.run([sys.executable, str(tmp_path / "deploy.py"), str(path), str(tmp_path / "sub.safetensors"),
+                          str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("loaded []")

@@ -331,7 +331,14 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     assert latency["dense_ms"] == pytest.approx(found.dense_ms) and latency["device_name"] == cpu_model()
     assert main(["info", str(out)]) == 0
     assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms) per batch of 2 "
-            f"on cpu ({cpu_model()}; torch, 1 thread), measured where it was sliced") in capsys.readouterr().out
+            f"on cpu ({cpu_model()}; torch, 1 thread), measured where it was sliced\n") in capsys.readouterr().out
+    # a search whose dense timings drifted says so where the file's latency is read back
+    budget = read_metadata(out)["budget"]
+    budget["latency"]["load_drift"] = 3.64
+    el.save_subnet(tmp_path / "drifted.safetensors", load_subnet(out), budget)
+    assert main(["info", str(tmp_path / "drifted.safetensors")]) == 0
+    assert ("measured where it was sliced; the machine's load changed 3.6x during that search (each trial read relative "
+            "to the dense model timed alongside it): measure it again on a quiet machine") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

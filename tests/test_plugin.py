@@ -21,6 +21,7 @@ from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.export import ElasticExport
 from snapvit_lightning.module import SnapViTModule
 from snapvit_lightning.plugin import SnapViT, find_vit
+from snapvit_lightning.structure import UnsupportedModelError
 
 IMG = 32
 
@@ -260,7 +261,7 @@ def test_find_vit_names_an_unsupported_vit_like_backbone():
     user = UserModule(num_vits=0)
     for cls in (Eva, MyEva):
         user.backbone = cls(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0)
-        with pytest.raises(ValueError, match=rf"unsupported ones: \['backbone \(model .*\.{cls.__name__} is not a timm Vis"
+        with pytest.raises(UnsupportedModelError, match=rf"unsupported ones: \['backbone \(model .*\.{cls.__name__} is not a timm Vis"
                                              r".*SnapViT cannot prune these$"):
             find_vit(user)
 
