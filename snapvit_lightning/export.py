@@ -133,6 +133,25 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
             raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
 
 
+def _earlier_files(out_dir: Path, name: str) -> set[Path]:
+    """The files of an earlier export of ``name`` in ``out_dir``, as its ``report.json`` lists them (none without one).
+
+    Only plain file names of that export (``<name>.*``: its checkpoint, statistics, subnets and ONNX
+    files) count: an unreadable report, or one of another name, gives nothing to remove.
+    """
+    try:
+        report = json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(report, dict) or report.get("name") != name:
+        return set()
+    names = list((report.get("files") or {}).values()) if isinstance(report.get("files"), dict) else []
+    for budget in report.get("budgets") or []:
+        if isinstance(budget, dict):
+            names += [budget.get("subnet_file"), budget.get("onnx_file")]
+    return {out_dir / n for n in names if isinstance(n, str) and n.startswith(f"{name}.") and Path(n).name == n}
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, allow_nan=False)
@@ -201,7 +220,9 @@ def export_elastic(
         fitness_images: Float ``[M, 3, S, S]`` images, normalised for the model, or ``None``
             (the fidelity is then ``null``).
         save_subnets: Also write each budget's sliced subnet.
-        overwrite: Replace existing files of an earlier export.
+        overwrite: Replace an earlier export of ``name`` in ``out_dir``: its files are replaced, and
+            those its ``report.json`` lists that this export does not write (subnets of other
+            budgets, ONNX files, statistics) are removed once the new files are in place.
         name: File-name stem; default the elastic model's timm name.
         batch_size: Images per forward pass for the fidelity.
         correct: ``"lstsq"`` (default), ``"bias"`` or ``"none"``.
@@ -432,9 +453,12 @@ def export_elastic(
             _refuse_existing(targets, overwrite)  # again: they may have appeared during this export
             if stale_stats is not None:  # overwrite=True (checked above): an earlier export's statistics
                 stale_stats.unlink(missing_ok=True)
+            earlier = _earlier_files(out_dir, name) - set(targets.values()) if overwrite else set()
             for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
                 os.replace(staged[role], targets[role])
                 placed.append(targets[role])
+            for path in earlier:  # the replaced export's subnets, which the new report does not list
+                path.unlink(missing_ok=True)
     except BaseException:
         for path in placed:
             path.unlink(missing_ok=True)
@@ -466,8 +490,10 @@ def _refuse_existing_before_fit(
     if unwritable is not None:
         raise unwritable
     if existing is not None:
+        cli = ", or --trainer.callbacks.overwrite true when it is the last callback" if owner == "ElasticExport" else ""
         raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it "
-                              f"({owner}(overwrite=True); in a config, `overwrite: true` in {owner}'s init_args)")
+                              f"({owner}(overwrite=True); in a config, `overwrite: true` in {owner}'s init_args"
+                              f"{cli})")
 
 
 def _set_export_options(
@@ -511,7 +537,8 @@ class ElasticExport(Callback):
         dirpath: Output directory.
         budgets: See :func:`export_elastic`.
         save_subnets: Also write the sliced subnet of every budget.
-        overwrite: Replace an earlier export in ``dirpath``.
+        overwrite: Replace an earlier export in ``dirpath`` (with the files of it this export does
+            not write, :func:`export_elastic`).
         model_name: timm name to rebuild the model. Default: ``pl_module.model_name``, else the
             ``model`` hyper-parameter when the model was given by name, else inferred by
             :class:`ElasticViT` from ``pretrained_cfg``.

@@ -271,6 +271,18 @@ def test_overwrite_with_the_plain_cut_removes_an_earlier_exports_statistics(tmp_
         export_elastic(elastic, tmp_path / "fresh", correct="none", budgets=[(0.5, 0.5)])
 
 
+def test_overwrite_removes_the_replaced_exports_subnets(tmp_path, elastic, images):
+    # They stayed beside the new export: corrected subnets of the old checkpoint next to a plain one's report.
+    export_elastic(elastic, tmp_path, correct="lstsq", budgets=[(0.35, 0.2), (0.5, 0.5)], calibration_images=images,
+                   save_subnets=True, onnx=True)
+    (tmp_path / "mine.txt").write_text("a user's file")
+    (tmp_path / "other.elastic.safetensors").write_bytes(b"another export's")
+    result = export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)], save_subnets=True, overwrite=True)
+    written = {p.name for p in result["paths"].values()}
+    assert {p.name for p in tmp_path.iterdir()} == written | {"mine.txt", "other.elastic.safetensors"}
+    assert "test_vit.mlp0.5_head0.5.safetensors" in written and "test_vit.stats.safetensors" not in written
+
+
 @pytest.mark.parametrize("where", ["_write_json", "_write_figure", "_write_subnet"])
 def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
     def boom(*args, **kwargs):
