@@ -207,7 +207,7 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         The timm model.
 
     Raises:
-        ValueError: An unknown model name or source prefix; ``checkpoint_path`` in
+        ValueError: An unknown model name or source prefix; a ``model_kwargs`` key the model does not take; ``checkpoint_path`` in
             ``model_kwargs`` (use the module's ``checkpoint_path``); a ``pretrained_cfg_overlay`` file
             without ``pretrained=True``, or one that does not load strictly; ``pretrained=True`` for a model timm has no weights for,
             or weights that do not load into it.
@@ -251,6 +251,10 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         if not pretrained:  # e.g. an unknown pretrained tag
             raise ValueError(f"model {model_name!r}: {detail}") from err
         raise ValueError(f"pretrained=True: timm could not load weights for model {model_name!r}: {detail}") from err
+    except TypeError as err:  # a misspelt model_kwargs key: the model class's own message names it
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ValueError(f"model_kwargs {sorted(kwargs)}: {model_name!r} does not take one of them: {err}") from err
     except Exception as err:
         if not type(err).__module__.startswith("huggingface_hub"):
             raise

@@ -221,6 +221,13 @@ def test_an_unreachable_hub_names_the_model_and_the_offline_ways(monkeypatch):
         create_timm_model("vit_small_patch16_224.augreg_in21k", pretrained=True)
 
 
+def test_a_misspelt_model_kwargs_key_is_a_value_error_naming_it():
+    # A config's `model_kwargs: {img_sz: 64}` was a traceback of timm's TypeError (exit status 1).
+    with pytest.raises(ValueError, match=r"model_kwargs \['img_sz'\]: 'test_vit' does not take one of them: .*"
+                                         r"unexpected keyword argument 'img_sz'"):
+        create_timm_model("test_vit", model_kwargs={"img_sz": 64})
+
+
 def test_check_writable_creates_nothing_and_refuses_a_folder_it_cannot_create(tmp_path, monkeypatch) -> None:
     from snapvit_lightning.weights_io import check_writable
 
