@@ -18,7 +18,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import __version__
 from .cli_args import (
@@ -539,10 +539,10 @@ class SnapViTCLI:
         from .errors import one_line_error_parser
         from .export import ExportCheck
         from .module import SnapViTModule
-        from .precision_cli import lightning_cli  # LightningCLI that resolves trainer.precision: auto
+        from .precision_cli import lightning_cli, lightning_interrupt  # a LightningCLI that resolves precision: auto
         from .run_config import SaveConfigAfterFit
 
-        with quiet_lightning(), lightning_cli_args(args) as cli_args, _lightning_interrupt():
+        with quiet_lightning(), lightning_cli_args(args) as cli_args, lightning_interrupt():
             lightning_cli(
                 SnapViTModule,
                 CalibrationDataModule,
@@ -562,41 +562,6 @@ class SnapViTCLI:
 
         if dist.is_available() and dist.is_initialized():  # Lightning leaves it: its threads could abort the exit
             dist.destroy_process_group()
-
-@contextlib.contextmanager
-def _lightning_interrupt() -> Iterator[None]:
-    """Lightning's end of a fit stopped by Ctrl-C (``sys.exit(1)``, the Trainer interrupted) as a KeyboardInterrupt.
-
-    A fit stopped by SIGTERM (Lightning's ``SIGTERMException``) becomes :class:`~.errors.Terminated`.
-    """
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from .console import raise_interrupt_of
-    from .errors import Terminated
-    from .precision_cli import AutoPrecisionCLI
-
-    AutoPrecisionCLI.last_trainer = None
-    try:
-        yield
-    except SIGTERMException:  # a SystemExit without a status: the process would end with status 0
-        raise Terminated(_last_checkpoint(AutoPrecisionCLI.last_trainer)) from None
-    except SystemExit as exit_:
-        try:
-            raise_interrupt_of(AutoPrecisionCLI.last_trainer, exit_)
-        except KeyboardInterrupt as interrupt:
-            interrupt.resume_from = _last_checkpoint(AutoPrecisionCLI.last_trainer)
-            raise
-        raise
-    finally:
-        AutoPrecisionCLI.last_trainer = None
-
-
-def _last_checkpoint(trainer: Any) -> str | None:
-    """The checkpoint a ``ModelCheckpoint`` of ``trainer`` saved last (to resume from), or ``None``."""
-    paths = [getattr(c, "_last_checkpoint_saved", "") or c.last_model_path or c.best_model_path
-             for c in getattr(trainer, "checkpoint_callbacks", None) or ()]
-    existing = [p for p in paths if p and os.path.isfile(p)]
-    return max(existing, key=os.path.getmtime) if existing else None
 
 
 def _stopped(prog: str, how: str, resume_from: str | None) -> str:

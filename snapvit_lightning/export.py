@@ -48,6 +48,10 @@ from . import __version__
 from .checkpoint import resolve_rebuild, subnet_metadata
 from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_damping
 from .elastic import ElasticViT
+from .export_files import (  # noqa: F401  (the plug-in imports some of these from here)
+    FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _refuse_existing, _refuse_existing_before_fit,
+    export_targets,
+)
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
     DEFAULT_STATS_VIEWS, _calibration_images, _check_bool, _check_budgets, _check_correct, _check_device,
     _check_dirpath, _check_image_source, _check_images, _check_model_kwargs, _check_model_name, _check_name, _check_reachable,
@@ -56,11 +60,11 @@ from .export_options import (  # noqa: F401  (the plug-in imports some of these 
 from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import checked_onnx
-from .ranks import finish_on_every_rank, stop_if_terminated
+from .ranks import collective_safe_sigterm, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
-from .weights_io import check_writable, folder_lock, staging_path
+from .weights_io import folder_lock, staging_path
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -83,15 +87,6 @@ Budget = Union[tuple[float, float], float, dict]
 DEFAULT_BUDGETS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.15, 0.0), (0.35, 0.2), (0.55, 0.4), (0.65, 0.5))
 
 
-REPORT_NAME = "report.json"
-
-
-FIDELITY_PLOT_NAME = "fidelity_vs_flops.png"
-
-
-KEPT_UNITS_PLOT_NAME = "kept_units.png"
-
-
 REPORT_FORMAT = "snapvit-export"
 
 
@@ -105,51 +100,6 @@ def _fmt(x: float) -> str:
 def subnet_label(mlp_ratio: float, head_ratio: float) -> str:
     """The file-name label of a budget: ``mlp<a>_head<b>`` (4 significant digits)."""
     return f"mlp{_fmt(mlp_ratio)}_head{_fmt(head_ratio)}"
-
-
-def export_targets(
-    out_dir: str | os.PathLike, name: str, subnet_labels: Sequence[str] = (), stats: bool = False
-) -> dict[str, Path]:
-    """Final paths of an export (without creating anything)."""
-    out = Path(out_dir)
-    targets = {
-        "elastic": out / f"{name}.elastic.safetensors",
-        "report": out / REPORT_NAME,
-        "fidelity_plot": out / FIDELITY_PLOT_NAME,
-        "kept_units_plot": out / KEPT_UNITS_PLOT_NAME,
-    }
-    for label in subnet_labels:
-        targets[f"subnet:{label}"] = out / f"{name}.{label}.safetensors"
-    if stats:
-        targets["stats"] = out / f"{name}.stats.safetensors"
-    return targets
-
-
-def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
-    if overwrite:
-        return
-    for path in targets.values():
-        if path.exists():
-            raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
-
-
-def _earlier_files(out_dir: Path, name: str) -> set[Path]:
-    """The files of an earlier export of ``name`` in ``out_dir``, as its ``report.json`` lists them (none without one).
-
-    Only plain file names of that export (``<name>.*``: its checkpoint, statistics, subnets and ONNX
-    files) count: an unreadable report, or one of another name, gives nothing to remove.
-    """
-    try:
-        report = json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(report, dict) or report.get("name") != name:
-        return set()
-    names = list((report.get("files") or {}).values()) if isinstance(report.get("files"), dict) else []
-    for budget in report.get("budgets") or []:
-        if isinstance(budget, dict):
-            names += [budget.get("subnet_file"), budget.get("onnx_file")]
-    return {out_dir / n for n in names if isinstance(n, str) and n.startswith(f"{name}.") and Path(n).name == n}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -470,32 +420,6 @@ def export_elastic(
     return {"paths": dict(targets), "report": report}
 
 
-def _refuse_existing_before_fit(
-    trainer: pl.Trainer, dirpath: Path, name: str | None, overwrite: bool, owner: str = "ElasticExport"
-) -> None:
-    """Raise on every rank (no rank hangs) when rank 0 sees an existing export or an unwritable ``dirpath``.
-
-    Under ``fast_dev_run``, which writes nothing, an existing export is no reason to refuse. ``owner``:
-    the callback class whose ``overwrite`` the message names.
-    """
-    existing, unwritable = None, None
-    if trainer.is_global_zero:
-        if name is not None and not overwrite and not trainer.fast_dev_run:
-            existing = next((str(p) for p in export_targets(dirpath, name, stats=True).values() if p.exists()), None)
-        try:
-            check_writable(dirpath, "dirpath")  # else the export would fail after the fit
-        except OSError as err:
-            unwritable = err
-    existing, unwritable = trainer.strategy.broadcast((existing, unwritable), src=0)
-    if unwritable is not None:
-        raise unwritable
-    if existing is not None:
-        cli = ", or --trainer.callbacks.overwrite true when it is the last callback" if owner == "ElasticExport" else ""
-        raise FileExistsError(f"{existing} exists (an earlier export?); pass overwrite=True to replace it "
-                              f"({owner}(overwrite=True); in a config, `overwrite: true` in {owner}'s init_args"
-                              f"{cli})")
-
-
 def _set_export_options(
     owner: Any, budgets: Any, save_subnets: Any, overwrite: Any, model_name: Any, model_kwargs: Any, name: Any,
     correct: Any = "lstsq", stats_views: Any = DEFAULT_STATS_VIEWS,
@@ -656,7 +580,11 @@ class ElasticExport(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Export from rank 0, then wait on every rank (see the class docstring)."""
+        """Export from rank 0, then wait on every rank (see the class docstring); SIGTERM stops rank 0's export."""
+        with collective_safe_sigterm(trainer):
+            self._export(trainer, pl_module)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_order(trainer)
         stop_if_terminated(trainer)  # a SIGTERM during the search: write nothing
         if trainer.fast_dev_run:  # a smoke test writes nothing, as Lightning's checkpoints (the set-up was checked)
@@ -671,27 +599,28 @@ class ElasticExport(Callback):
         error: BaseException | None = None
         if trainer.is_global_zero:  # no collectives in here
             try:
-                model_name, model_kwargs = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
-                device = next(student.parameters()).device
-                model = copy.deepcopy(student).cpu()
-                self.elastic = ElasticViT(model, scores, model_name=model_name, model_kwargs=model_kwargs)
-                calibration = None if self.correct == "none" else _calibration_images(
-                    getattr(trainer, "datamodule", None), self._images(trainer), self.stats_views)
-                result = export_elastic(
-                    self.elastic,
-                    self.dirpath,
-                    budgets=self.budgets,
-                    fitness_images=self._images(trainer),
-                    save_subnets=self.save_subnets,
-                    overwrite=self.overwrite,
-                    name=self.name,
-                    batch_size=self.batch_size,
-                    correct=self.correct,
-                    calibration_images=None if calibration is None else calibration[0],
-                    views_per_image=1 if calibration is None else calibration[1],
-                    device=device,
-                )
-                self.export_paths, self.report = result["paths"], result["report"]
+                with stops_on_sigterm():  # rank 0's work only: a SIGTERM may stop it anywhere
+                    model_name, model_kwargs = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
+                    device = next(student.parameters()).device
+                    model = copy.deepcopy(student).cpu()
+                    self.elastic = ElasticViT(model, scores, model_name=model_name, model_kwargs=model_kwargs)
+                    calibration = None if self.correct == "none" else _calibration_images(
+                        getattr(trainer, "datamodule", None), self._images(trainer), self.stats_views)
+                    result = export_elastic(
+                        self.elastic,
+                        self.dirpath,
+                        budgets=self.budgets,
+                        fitness_images=self._images(trainer),
+                        save_subnets=self.save_subnets,
+                        overwrite=self.overwrite,
+                        name=self.name,
+                        batch_size=self.batch_size,
+                        correct=self.correct,
+                        calibration_images=None if calibration is None else calibration[0],
+                        views_per_image=1 if calibration is None else calibration[1],
+                        device=device,
+                    )
+                    self.export_paths, self.report = result["paths"], result["report"]
             except BaseException as err:  # raised after the barrier, so no rank waits forever
                 error = err
         finish_on_every_rank(trainer, error, "ElasticExport")

@@ -47,7 +47,7 @@ from .export import (
 )
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
-from .ranks import finish_on_every_rank
+from .ranks import collective_safe_sigterm, finish_on_every_rank, stops_on_sigterm
 from .scores import ImportanceScores
 from .search import EvolutionarySearch
 from .search.loop import check_start_fits
@@ -420,15 +420,16 @@ class SnapViT(Callback):
         if trainer.fast_dev_run:
             rank_zero_info("SnapViT: fast_dev_run, so no calibration and no export (the set-up was checked)")
             return
-        error: BaseException | None = None
-        if trainer.is_global_zero:
-            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-            try:
-                with torch.random.fork_rng(devices=cuda), internal_fit():
-                    self._calibrate_and_export(trainer, pl_module)
-            except BaseException as err:  # raised after the barrier, so no rank waits forever
-                error = err
-        finish_on_every_rank(trainer, error, "SnapViT's calibration and export")  # the others return once the files exist
+        with collective_safe_sigterm(trainer):  # under DDP a SIGTERM stops rank 0's work, then every rank
+            error: BaseException | None = None
+            if trainer.is_global_zero:
+                cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+                try:
+                    with torch.random.fork_rng(devices=cuda), internal_fit(), stops_on_sigterm():
+                        self._calibrate_and_export(trainer, pl_module)
+                except BaseException as err:  # raised after the barrier, so no rank waits forever
+                    error = err
+            finish_on_every_rank(trainer, error, "SnapViT's calibration and export")  # the others return once the files exist
 
     def _calibrate_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.model_path, model = find_vit(pl_module, self.model_attr, self.model_getter)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import Trainer
@@ -18,7 +20,7 @@ from typing_extensions import override
 from .console import args_from_python
 from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
 
-__all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "lightning_cli"]
+__all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "last_checkpoint", "lightning_cli", "lightning_interrupt"]
 
 
 class AutoPrecisionTrainer(Trainer):
@@ -182,3 +184,44 @@ def _check_restartable(trainer: Trainer) -> None:
 def lightning_cli(*args: Any, **kwargs: Any) -> AutoPrecisionCLI:
     """``AutoPrecisionCLI(*args, trainer_class=AutoPrecisionTrainer, **kwargs)``."""
     return AutoPrecisionCLI(*args, trainer_class=AutoPrecisionTrainer, **kwargs)
+
+
+@contextmanager
+def lightning_interrupt() -> Iterator[None]:
+    """Lightning's end of a fit stopped by Ctrl-C (``sys.exit(1)``, the Trainer interrupted) as a KeyboardInterrupt.
+
+    A fit stopped by SIGTERM (Lightning's ``SIGTERMException``) becomes :class:`~.errors.Terminated`.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from .console import raise_interrupt_of
+    from .errors import Terminated
+    from .ranks import stop_started_ranks
+
+    AutoPrecisionCLI.last_trainer = None
+    try:
+        yield
+    except SIGTERMException:  # a SystemExit without a status: the process would end with status 0
+        stop_started_ranks(AutoPrecisionCLI.last_trainer)
+        raise Terminated(last_checkpoint(AutoPrecisionCLI.last_trainer)) from None
+    except SystemExit as exit_:
+        stop_started_ranks(AutoPrecisionCLI.last_trainer)
+        try:
+            raise_interrupt_of(AutoPrecisionCLI.last_trainer, exit_)
+        except KeyboardInterrupt as interrupt:
+            interrupt.resume_from = last_checkpoint(AutoPrecisionCLI.last_trainer)
+            raise
+        raise
+    except BaseException:
+        stop_started_ranks(AutoPrecisionCLI.last_trainer)
+        raise
+    finally:
+        AutoPrecisionCLI.last_trainer = None
+
+
+def last_checkpoint(trainer: Any) -> str | None:
+    """The checkpoint a ``ModelCheckpoint`` of ``trainer`` saved last (to resume from), or ``None``."""
+    paths = [getattr(c, "_last_checkpoint_saved", "") or c.last_model_path or c.best_model_path
+             for c in getattr(trainer, "checkpoint_callbacks", None) or ()]
+    existing = [p for p in paths if p and os.path.isfile(p)]
+    return max(existing, key=os.path.getmtime) if existing else None

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["RankZeroFailed", "finish_on_every_rank", "stop_if_terminated"]
+__all__ = [
+    "RankZeroFailed", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks",
+    "stops_on_sigterm",
+]
+
+#: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once
+#: SIGTERM came, ``stop`` while rank 0's own work (:func:`stops_on_sigterm`) may be stopped at once.
+_SIGTERM = {"active": False, "seen": False, "stop": False}
 
 
 class RankZeroFailed(ValueError):
@@ -45,8 +57,79 @@ def stop_if_terminated(trainer: pl.Trainer) -> None:
     Raises:
         SIGTERMException: When rank 0 has received SIGTERM.
     """
-    terminated = bool(getattr(trainer, "received_sigterm", False))
+    terminated = bool(getattr(trainer, "received_sigterm", False)) or _SIGTERM["seen"]
     if trainer.world_size > 1:
         terminated = bool(trainer.strategy.broadcast(terminated, src=0))
     if terminated:
         raise SIGTERMException
+
+
+@contextmanager
+def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
+    """Under DDP, SIGTERM only noted while every rank runs this package's end-of-fit work.
+
+    Lightning's SIGTERM handler broadcasts from rank 0 inside the handler. During the search (a
+    collective per evaluation) and the export (rank 0 works, the others wait at a barrier) that
+    broadcast meets another collective, or none, on the other ranks, and every rank waited forever.
+    Here the handler only notes the signal: :func:`stop_if_terminated` (called by every rank at the
+    same point) then stops all ranks together, and rank 0's own work inside :func:`stops_on_sigterm`
+    stops at once. On leaving, a SIGTERM noted meanwhile stops every rank (one broadcast). One
+    process, or outside the main thread: nothing changes.
+    """
+    if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread() or _SIGTERM["active"]:
+        yield
+        return
+
+    def note(signum: int, frame: object) -> None:
+        _SIGTERM["seen"] = True
+        if _SIGTERM["stop"]:
+            _SIGTERM["stop"] = False
+            raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, note)
+    _SIGTERM.update(active=True, seen=False, stop=False)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        seen = _SIGTERM["seen"]
+        _SIGTERM.update(active=False, seen=False, stop=False)
+    if bool(trainer.strategy.broadcast(seen, src=0)):  # every rank, when the block ended alike on all
+        raise SIGTERMException
+
+
+@contextmanager
+def stops_on_sigterm() -> Iterator[None]:
+    """Inside :func:`collective_safe_sigterm`, a SIGTERM stops this block at once (``SIGTERMException``).
+
+    For work that calls no collective (the export on rank 0 while the others wait), so stopping it
+    anywhere leaves no rank inside a collective; a SIGTERM noted before the block raises on entry.
+    Outside :func:`collective_safe_sigterm` (one process) it does nothing: Lightning's handler and
+    the CLI's own stop the work there.
+    """
+    if not _SIGTERM["active"]:
+        yield
+        return
+    if _SIGTERM["seen"]:
+        raise SIGTERMException
+    _SIGTERM["stop"] = True
+    try:
+        yield
+    finally:
+        _SIGTERM["stop"] = False
+
+
+def stop_started_ranks(trainer: object) -> None:
+    """SIGTERM the processes a DDP launcher (this process, rank 0) started, when its fit ends in an exception.
+
+    A SIGTERM or an error while the ranks were still starting (before Lightning's own handling) left
+    the other ranks waiting for rank 0 in their rendezvous for half an hour; processes that already
+    ended are skipped. Other launchers, and the processes a launcher started, have none to stop.
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher):
+        for proc in getattr(launcher, "procs", None) or []:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)

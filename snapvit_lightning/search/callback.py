@@ -24,7 +24,7 @@ from ..correction import check_correction
 from ..image_batches import check_image_batches, collect_images
 from ..machine import build_machine
 from ..precision import search_setting
-from ..ranks import stop_if_terminated
+from ..ranks import collective_safe_sigterm, stop_if_terminated
 from ..scores import ImportanceScores, check_balance
 from .fitness import (
     DEFAULT_BALANCE,
@@ -386,6 +386,11 @@ class EvolutionarySearch(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Search (every rank takes part: a DDP run's SIGTERM stops all at the next evaluation)."""
+        with collective_safe_sigterm(trainer):
+            self._search(trainer, pl_module)
+
+    def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         search_start = time.perf_counter()
         if not self._resumed:  # a callback used for a second fit searches afresh, not from the first's state
             self._reset()

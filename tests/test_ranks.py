@@ -1,0 +1,120 @@
+"""snapvit_lightning.ranks: rank 0's work under DDP, and SIGTERM while every rank runs the package's end of a fit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from snapvit_lightning.ranks import collective_safe_sigterm, stop_if_terminated, stop_started_ranks, stops_on_sigterm
+
+
+def _two_ranks() -> SimpleNamespace:
+    """A Trainer as rank 0 of two sees it (its broadcast returns rank 0's value)."""
+    return SimpleNamespace(world_size=2, received_sigterm=False, strategy=SimpleNamespace(broadcast=lambda obj, src: obj))
+
+
+def test_sigterm_is_noted_until_every_rank_can_stop_together() -> None:
+    trainer, before = _two_ranks(), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SIGTERMException):
+        with collective_safe_sigterm(trainer):
+            os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised: the ranks may be inside a collective
+            with pytest.raises(SIGTERMException):
+                stop_if_terminated(trainer)  # the point every rank reaches: all stop there
+    assert signal.getsignal(signal.SIGTERM) is before
+    with collective_safe_sigterm(trainer):  # a fresh start: nothing noted
+        stop_if_terminated(trainer)
+
+
+def test_rank_zeros_own_work_stops_at_once() -> None:
+    trainer, reached = _two_ranks(), []
+    with pytest.raises(SIGTERMException):
+        with collective_safe_sigterm(trainer):
+            with stops_on_sigterm():
+                os.kill(os.getpid(), signal.SIGTERM)
+                reached.append("after")  # the handler raised before this line
+    assert reached == []
+    with pytest.raises(SIGTERMException), collective_safe_sigterm(trainer):
+        os.kill(os.getpid(), signal.SIGTERM)
+        with stops_on_sigterm():  # noted before the block: it does not start
+            reached.append("block")
+    assert reached == []
+
+
+def test_one_process_keeps_its_handlers() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    one = SimpleNamespace(world_size=1, received_sigterm=False)
+    with collective_safe_sigterm(one), stops_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_launchers_started_ranks_are_stopped() -> None:
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    launcher.procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])]
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    launcher.procs.append(done)  # ended already: skipped
+    stop_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=launcher)))
+    assert launcher.procs[0].wait(timeout=30) == -signal.SIGTERM
+    stop_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # no launcher: nothing to do
+
+
+_TERM_DURING_EXPORT = """
+import os
+import signal
+import sys
+from pathlib import Path
+
+import snapvit_lightning.export as export
+from snapvit_lightning.cli import main
+
+Path(os.environ["PIDS"], f"rank{os.environ.get('LOCAL_RANK', '0')}.pid").write_text(str(os.getpid()))
+ranking = export.with_ranking
+
+
+def terminated_while_ranking(*args, **kwargs):  # the export's ranking, on rank 0 only: the others wait at a barrier
+    os.kill(os.getpid(), signal.SIGTERM)
+    return ranking(*args, **kwargs)
+
+
+export.with_ranking = terminated_while_ranking
+sys.exit(main())  # the command line, which the other rank re-runs
+"""
+
+
+def test_sigterm_during_a_ddp_export_stops_every_rank(tmp_path) -> None:
+    # Lightning's SIGTERM handler broadcasts from rank 0 inside the handler; with the other rank at the
+    # export's barrier neither returned (each waited forever; `timeout` could not end them).
+    import numpy as np
+    from PIL import Image
+
+    from test_cli import _DDP_CONFIG
+
+    for i in range(4):
+        folder = tmp_path / "images" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    config = tmp_path / "config.yaml"
+    config.write_text(_DDP_CONFIG.format(images=tmp_path / "images", out=tmp_path / "out"))
+    script = tmp_path / "run.py"
+    script.write_text(_TERM_DURING_EXPORT)
+    cmd = [sys.executable, str(script), "fit", "--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIDS": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    for rank in (0, 1):  # no rank is left behind
+        pid = int((tmp_path / f"rank{rank}.pid").read_text())
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(pid, 0)
+                subprocess.run(["sleep", "0.1"])
