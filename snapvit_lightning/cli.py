@@ -555,7 +555,7 @@ class SnapViTCLI:
                 # none by default: Lightning's would write config.yaml into the working folder (no logger)
                 save_config_callback=None if save_config is None else SaveConfigAfterFit,
                 save_config_kwargs=None if save_config is None else {"path": save_config},
-                parser_kwargs={"prog": "snapvit"},
+                parser_kwargs={"prog": "snapvit", "allow_abbrev": False, "fit": {"allow_abbrev": False}},  # `--seed 3` was seed_everything
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
             )
         import torch.distributed as dist

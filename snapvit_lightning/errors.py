@@ -237,12 +237,24 @@ def one_line_error_parser() -> type:
 
 
 def _callbacks_hint(message: str) -> str:
-    """What to do, before jsonargparse's words, when a callback option reached a callback that lacks it."""
+    """What to do, before jsonargparse's words, when a callback option reached a callback that lacks it.
+
+    jsonargparse tries every member of the callbacks' union and lists each refusal; the first refusal
+    by a named callback class (not Lightning's base ``Callback``) says which option was wrong where.
+    A dotted command-line option (``--trainer.callbacks.NAME``, a ``NestedArg``) reaches only the last
+    callback, which is said too; an option in a config's list was just misspelt or misplaced.
+    """
     if 'Parser key "trainer.callbacks"' not in message or "is not accepted" not in message:
         return ""
-    return ("--trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the configs, "
-            "ElasticExport); set another callback's options, e.g. the search's max_evals, in a copy of the config. "
-            "jsonargparse: ")
+    refusals = [(cls.rsplit(".", 1)[-1], option) for cls, option in re.findall(
+        r"Problem with given class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message)
+        if cls not in ("lightning.Callback", "lightning.pytorch.Callback", "lightning.pytorch.callbacks.Callback")]
+    refused = f"{refusals[0][0]} takes no option '{refusals[0][1]}'" if refusals else "a callback takes no such option"
+    if "NestedArg" in message:
+        return (f"{refused}: --trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the "
+                "configs, ElasticExport); set another callback's options, e.g. the search's max_evals, in a copy of "
+                "the config. jsonargparse: ")
+    return f"{refused} (a misspelt or misplaced key in trainer.callbacks' init_args). jsonargparse: "
 
 
 class Terminated(BaseException):

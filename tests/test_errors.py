@@ -99,9 +99,14 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "data_dir: no image files"),
         # A search option given on the command line reached the config's last callback (the export).
         (["fit", "--config", "{repo}/configs/quickstart.yaml", "--trainer.callbacks.init_args.max_evals", "3"],
-         "snapvit fit: error: --trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the "
-         "configs, ElasticExport); set another callback's options, e.g. the search's max_evals, in a copy of the config. "
-         "jsonargparse: Parser key \"trainer.callbacks\""),
+         "snapvit fit: error: ElasticExport takes no option 'max_evals': --trainer.callbacks.init_args.NAME reaches only "
+         "the last callback of the list (in the configs, ElasticExport); set another callback's options, e.g. the search's "
+         "max_evals, in a copy of the config. jsonargparse: Parser key \"trainer.callbacks\""),
+        # ... while a misspelt key in a config's list was told the same, about the export and the command line
+        (["fit", "--config", "{tmp}/typo_search.yaml"], "snapvit fit: error: EvolutionarySearch takes no option 'max_eval' "
+         "(a misspelt or misplaced key in trainer.callbacks' init_args). jsonargparse: "),
+        (["fit", "--config", "{repo}/configs/quickstart.yaml", "--seed", "3"],  # was taken for --seed_everything
+         "snapvit fit: error: unrecognized arguments: --seed 3"),
         # A callback's init argument refused: jsonargparse wraps the error; the message is ours, with the class.
         (["fit", "--config", "{tmp}/bad_search.yaml"], "snapvit fit: error: EvolutionarySearch: max_evals must be an int >= 1, got 0"),
         (["fit", "--model.model", "test_vit", "--trainer.callbacks+=snapvit_lightning.export.ElasticExport",
@@ -158,6 +163,10 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
     _photos(tmp_path / "one", n=1)
     _photos(tmp_path / "broken", n=0, corrupt=("a.jpg", "b.png"))
     (tmp_path / "unknown_key.yaml").write_text("model:\n  model: test_vit\n  nope: 1\n")
+    (tmp_path / "typo_search.yaml").write_text(
+        "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
+        "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_eval: 4}\n"
+    )
     (tmp_path / "bad_search.yaml").write_text(
         "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
         "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_evals: 0}\n"
