@@ -568,10 +568,13 @@ def test_dict_dataset_items_are_refused_naming_the_keys_and_the_fix() -> None:
 # ------------------------------------------------------------------ built-in default / datasets
 
 
-def test_builtin_skimage_default() -> None:
+def test_builtin_skimage_default(caplog) -> None:
     dm = CalibrationDataModule(img_size=24, batch_size=4, num_local_crops=2)
-    dm.setup("fit")
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
     n = dm.num_calibration_images
+    # a config without data_dir calibrated on these photos without a word
+    assert f"data: no data_dir, so the calibration images are the {n} scikit-image photos" in caplog.text
     assert n >= 8
     assert (dm.calibration_labels() == -1).all()
     views, labels = next(iter(dm.train_dataloader()))

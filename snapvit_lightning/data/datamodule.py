@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -201,7 +201,8 @@ class CalibrationDataModule(LightningDataModule):
     scoring to drop, so every image counts once.
 
     Args:
-        data_dir: folder (or image file) of calibration images.
+        data_dir: folder (or image file) of calibration images; with neither ``data_dir`` nor
+            ``dataset``, the 14 photos that ship with scikit-image (the main job's; said when set up).
         dataset: map-style dataset of calibration images.
         max_samples: number of calibration images to use (a seeded subset); ``None`` = all.
         batch_size: images per batch.
@@ -398,6 +399,8 @@ class CalibrationDataModule(LightningDataModule):
                 self._source = DatasetSource(self.dataset)
             else:
                 self._source = SkimagePhotosSource()
+                rank_zero_info(f"data: no data_dir, so the calibration images are the {len(self._source)} "
+                               f"{self._source.description} (the main job's; --data.data_dir FOLDER for yours)")
             n = len(self._source)
             if n == 0:
                 raise ValueError(f"{self._source.description} is empty")
