@@ -22,7 +22,7 @@ from typing import Sequence
 
 from . import __version__
 from .cli_args import (
-    budget_arg, device_arg, int_at_least, keep_fraction, non_negative_number, positive_number, prune_ratio,
+    budget_arg, device_arg, int_at_least, keep_fraction, non_negative_number, positive_number, prune_ratio, share,
 )
 
 
@@ -316,7 +316,7 @@ def _naming(option: str | None, kind: type[Exception] = ValueError) -> Iterator[
 
 
 def _slice(args: argparse.Namespace) -> int:
-    from .elastic import ElasticViT
+    from .elastic import ElasticViT, head_share
 
     if (args.flops, args.params, args.mlp_ratio, args.head_ratio, args.latency_ms) == (None,) * 5:
         raise ValueError("give a budget: --flops F, --params P, --mlp-ratio M and/or --head-ratio H, or --latency-ms T "
@@ -328,6 +328,8 @@ def _slice(args: argparse.Namespace) -> int:
         raise ValueError(f"give either {fraction} or --mlp-ratio/--head-ratio, not both")
     if args.latency_ms is not None and (args.flops, args.params, args.mlp_ratio, args.head_ratio) != (None,) * 4:
         raise ValueError("give either --latency-ms or --flops/--params/--mlp-ratio/--head-ratio, not both")
+    if args.head_ratio_scale is not None and fraction is None and args.latency_ms is None:
+        raise ValueError("--head-ratio-scale splits a --flops/--params/--latency-ms budget; with ratios give --head-ratio")
     if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
         raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
     from .correction import stats_path_for
@@ -353,14 +355,17 @@ def _slice(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", message="the dense model measured .* across the trials")  # said below, once
             budget = elastic.latency_budget(  # times the cuts this correction gives (the ranked ones, with a ranking)
                 args.latency_ms, batch_size=1 if args.batch_size is None else args.batch_size, device=args.device or "cpu",
-                threads=args.threads,
+                threads=args.threads, head_ratio_scale=args.head_ratio_scale,
                 backend="onnx" if onnx else "torch", correct=correction["correct"],
                 calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
             )
         print(budget.describe())
         flops = budget.flops
     with _naming(fraction):  # e.g. below the smallest reachable fraction
-        mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops, params=args.params)
+        fractions = flops is not None or args.params is not None  # their head share follows the correction
+        share = head_share(args.head_ratio_scale, correction["correct"] != "none") if fractions else None
+        mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops, params=args.params,
+                                                       head_ratio_scale=share)
     for name, given, got in (("mlp-ratio", args.mlp_ratio, mlp_ratio), ("head-ratio", args.head_ratio, head_ratio)):
         if given is not None and given != got:
             print(f"--{name} {given:g} cuts as {got:.4f}: every block keeps its minimum (min_mlp_keep "
@@ -465,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of the dense parameters to keep, in (0, 1] (the blocks' and the rest's)")
     cut.add_argument("--mlp-ratio", type=prune_ratio, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
     cut.add_argument("--head-ratio", type=prune_ratio, default=None, help="fraction of all heads to prune, in [0, 1)")
+    cut.add_argument("--head-ratio-scale", type=share, default=None, metavar="S",
+                     help="a --flops/--params/--latency-ms budget prunes S times the MLP ratio of the heads (default: "
+                          "0.25 for corrected subnets, 1 with --no-correct: the share each keeps most with)")
     cut.add_argument("--latency-ms", type=positive_number, default=None, metavar="T",
                      help="the largest subnet measured to run a batch within T ms on this machine "
                           "(bisection on the FLOPs fraction; ONNX Runtime latency with --format onnx)")

@@ -47,6 +47,14 @@ def prune_ratio(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A share in ``[0, 1]`` (``slice --head-ratio-scale``)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def positive_number(text: str) -> float:
     """A finite number ``> 0`` (``slice --latency-ms``)."""
     value = _number(text)

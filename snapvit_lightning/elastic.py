@@ -56,7 +56,7 @@ from .correction import (
     CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint, prepare_targets, stats_path_for,
     weights_version,
 )
-from .scores import ImportanceScores, check_ratio
+from .scores import DEFAULT_HEAD_RATIO_SCALE, ImportanceScores, budget_line, check_ratio, head_share  # noqa: F401 (re-exported)
 from .structure import (
     BlockDims,
     block_dims,
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from .latency import LatencyBudget
 
 __all__ = [
-    "ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata", "check_model_kwargs",
+    "ElasticViT", "FORMAT", "FORMAT_VERSION", "save_subnet", "load_subnet", "read_metadata", "check_model_kwargs", "head_share",
 ]
 
 #: What ``ElasticViT.subnet(correct=...)`` accepts: ``"auto"`` and the corrections.
@@ -190,28 +190,28 @@ class ElasticViT:
         *,
         flops: float | None = None,
         params: float | None = None,
-        head_ratio_scale: float = 1.0,
+        head_ratio_scale: float | None = None,
     ) -> tuple[float, float]:
         """Turn a budget into ``(mlp_ratio, head_ratio)``.
 
-        Give either ratios (a missing one is 0) or exactly one of ``flops``/``params``. For a
-        FLOPs or parameter fraction ``f`` the rule is: prune ``r`` of the neurons and
-        ``head_ratio_scale * r`` of the heads (the same ratio by default), with the smallest
-        ``r`` whose cost is at most ``f`` times the dense model's, found by bisection (the cost
-        does not increase with ``r``). So the result is the largest model on that line that
-        fits the budget. Either way a ratio beyond every block's minimum keep is capped at
-        ``scores.max_ratios`` (:meth:`ImportanceScores.reachable`): the same cut, named by what it cuts.
+        Give either ratios (a missing one is 0) or exactly one of ``flops``/``params``. A FLOPs or
+        parameter fraction ``f`` prunes ``r`` of the neurons and ``s * r`` of the heads (``s =
+        head_ratio_scale``; ``None``: :func:`head_share`, corrected when statistics are attached), the
+        smallest ``r`` whose cost is at most ``f`` times the dense model's (bisection); past the
+        neurons' minimum keep the line prunes heads alone, so the smallest model stays reachable:
+        the largest model on that line within the budget. A ratio beyond every block's minimum keep
+        cuts as ``scores.max_ratios`` (:meth:`ImportanceScores.reachable`), named by what it cuts.
 
         Raises:
             TypeError: ``head_ratio_scale`` is not a number.
             ValueError: Both a ratio and a fraction, a fraction outside ``(0, 1]``, or a budget
                 below what the per-block minimum keep allows.
         """
-        scale = real_number(head_ratio_scale)
+        scale = real_number(head_share(head_ratio_scale, corrected=self.stats is not None))
         if scale is None:
             raise TypeError(f"head_ratio_scale must be a number in [0, 1], got {head_ratio_scale!r}")
         if flops is None and params is None:
-            if head_ratio_scale != 1.0:
+            if head_ratio_scale is not None:
                 raise ValueError(f"head_ratio_scale={head_ratio_scale!r} applies to a flops/params fraction only; "
                                  "with ratios give head_ratio itself")
             return self.scores.reachable(check_ratio(0.0 if mlp_ratio is None else mlp_ratio, "mlp_ratio"),
@@ -224,30 +224,30 @@ class ElasticViT:
         fraction_given = real_number(target)
         if fraction_given is None or not 0.0 < fraction_given <= 1.0:
             raise ValueError(f"{name} must be a fraction in (0, 1], got {target!r}")
-        target, head_ratio_scale = fraction_given, scale
-        if not 0.0 <= head_ratio_scale <= 1.0:
+        target = fraction_given
+        if not 0.0 <= scale <= 1.0:
             raise ValueError(f"head_ratio_scale must be in [0, 1], got {head_ratio_scale!r}")
         key = f"{name}_fraction"
 
-        def fraction(r: float) -> float:
-            return self.cost(self.dims(r, head_ratio_scale * r))[key]
+        def fraction(u: float) -> float:
+            return self.cost(self.dims(*budget_line(u, scale)))[key]
 
         if fraction(0.0) <= target:
             return 0.0, 0.0
-        hi = math.nextafter(1.0, 0.0)
+        hi = math.nextafter(2.0, 0.0)  # the line's end: every block at its minimum keep
         if fraction(hi) > target:
             raise ValueError(
                 f"{name}={target} is below the smallest reachable fraction {fraction(hi):.4f} "
                 f"(min_mlp_keep={self.scores.min_mlp_keep}, min_head_keep={self.scores.min_head_keep})"
             )
         lo = 0.0  # fraction(lo) > target >= fraction(hi)
-        for _ in range(40):
+        for _ in range(60):
             mid = 0.5 * (lo + hi)
             if fraction(mid) <= target:
                 hi = mid
             else:
                 lo = mid
-        return self.scores.reachable(hi, head_ratio_scale * hi)
+        return self.scores.reachable(*budget_line(hi, scale))
 
     def subnet(
         self,
@@ -256,7 +256,7 @@ class ElasticViT:
         *,
         flops: float | None = None,
         params: float | None = None,
-        head_ratio_scale: float = 1.0,
+        head_ratio_scale: float | None = None,
         latency_ms: float | None = None,
         batch_size: int | None = None,
         correct: str = "auto",
@@ -291,6 +291,8 @@ class ElasticViT:
         )
         _check_correction_args(**correction)
         view = self._ranked_cut(correct, calibration, sequential)
+        if latency_ms is not None or flops is not None or params is not None:  # its default follows the correction
+            head_ratio_scale = head_share(head_ratio_scale, corrected=correct != "none")
         if latency_ms is not None:
             if any(v is not None for v in (mlp_ratio, head_ratio, flops, params)):
                 raise ValueError("give either latency_ms or mlp_ratio/head_ratio/flops/params, not both")
@@ -320,7 +322,7 @@ class ElasticViT:
         device: str = "cpu",
         threads: int | None = None,
         backend: str = "torch",
-        head_ratio_scale: float = 1.0,
+        head_ratio_scale: float | None = None,
         correct: str = "auto",
         calibration: CorrectionStats | torch.Tensor | None = None,
         sequential: bool = False,
@@ -352,6 +354,7 @@ class ElasticViT:
                             f"{', '.join(LATENCY_OPTIONS)}")
         correct, calibration = self._resolve_correction(correct, calibration)
         _check_correction_args(correct, calibration, None, "mean", sequential)  # as subnet() would
+        head_ratio_scale = head_share(head_ratio_scale, corrected=correct != "none")
         self.resolve_budget(flops=1.0, head_ratio_scale=head_ratio_scale)  # checks head_ratio_scale
         source = self._ranked_cut(correct, calibration, sequential) or self
 
@@ -359,11 +362,11 @@ class ElasticViT:
             ratios = self.resolve_budget(flops=f, head_ratio_scale=head_ratio_scale)
             return source.slice(source.dims(*ratios), correct="none")
 
-        smallest = math.nextafter(1.0, 0.0)
+        smallest = budget_line(math.nextafter(2.0, 0.0), 1.0)  # the line's end, whatever its head share
         return find_latency_budget(
             build,
             latency_ms,
-            min_flops=self.cost(self.dims(smallest, head_ratio_scale * smallest))["flops_fraction"],
+            min_flops=self.cost(self.dims(*smallest))["flops_fraction"],
             batch_size=batch_size, device=device, threads=threads, backend=backend, **options,
         )
 

@@ -47,7 +47,7 @@ from typing_extensions import override
 from . import __version__
 from .checkpoint import resolve_rebuild, subnet_metadata
 from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_damping
-from .elastic import ElasticViT
+from .elastic import ElasticViT, head_share
 from .export_files import (  # noqa: F401  (the plug-in imports some of these from here)
     FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _refuse_existing, _refuse_existing_before_fit,
     export_targets,
@@ -235,8 +235,8 @@ def export_elastic(
     _refuse_existing(export_targets(out_dir, name, stats=True), overwrite)
     resolved: list[tuple[Any, float, float]] = []
     for kind, values in entries_in:
-        if kind in ("flops", "params"):
-            a, b = elastic.resolve_budget(**{kind: values[0]})
+        if kind in ("flops", "params"):  # the head share of the cut the export ships (its plain fidelity: the same ratios)
+            a, b = elastic.resolve_budget(**{kind: values[0]}, head_ratio_scale=head_share(None, correct != "none"))
             resolved.append(({kind: values[0]}, a, b))
         else:  # as subnet() reads them: a ratio beyond the blocks' minimum keep is named by the cut it gives
             resolved.append(({"mlp_ratio": values[0], "head_ratio": values[1]}, *elastic.resolve_budget(*values)))

@@ -14,7 +14,7 @@ import torch
 
 from .values import all_finite, real_number
 
-__all__ = ["ImportanceScores", "check_ratio", "check_fraction"]
+__all__ = ["DEFAULT_HEAD_RATIO_SCALE", "ImportanceScores", "budget_line", "check_fraction", "check_ratio", "head_share"]
 
 
 def check_ratio(value: float, name: str) -> float:
@@ -39,6 +39,24 @@ def check_fraction(value: float, name: str) -> float:
     if number is None or not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return number
+
+
+#: The share of the MLP ratio a FLOPs/params/latency budget prunes of the heads for corrected subnets (plain
+#: cuts: 1.0, both alike, as before; chosen held out: docs/defaults.md, "The head share of a fraction budget").
+DEFAULT_HEAD_RATIO_SCALE = 0.25
+
+
+def head_share(head_ratio_scale: float | None, corrected: bool) -> float:
+    """``head_ratio_scale``, or when ``None`` its default: :data:`DEFAULT_HEAD_RATIO_SCALE` for corrected cuts, 1.0 for plain."""
+    return (DEFAULT_HEAD_RATIO_SCALE if corrected else 1.0) if head_ratio_scale is None else head_ratio_scale
+
+
+def budget_line(u: float, scale: float) -> tuple[float, float]:
+    """``(mlp_ratio, head_ratio)`` at ``u`` in ``[0, 2)``: ``(u, scale * u)`` up to ``u = 1``, then the heads alone."""
+    top = math.nextafter(1.0, 0.0)
+    if u <= 1.0:
+        return min(u, top), min(scale * u, top)
+    return top, min(scale + (1.0 - scale) * (u - 1.0), top)
 
 
 def check_quantiles(value: object, name: str) -> tuple[float, float]:

@@ -690,3 +690,27 @@ def test_slice_by_a_parameter_fraction(tmp_path, capsys) -> None:
         with pytest.raises(SystemExit) as exc:
             main(["slice", str(path), "--params", "0.01" if not extra else "0.6", *extra, "-o", str(tmp_path / "x.safetensors")])
         assert exc.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> None:
+    from snapvit_lightning.cli import build_parser
+    from snapvit_lightning.correction import stats_path_for
+    from snapvit_lightning.elastic import DEFAULT_HEAD_RATIO_SCALE
+
+    elastic, path = _saved_tiny_elastic(tmp_path)
+    elastic.collect_stats(torch.rand(6, 3, 32, 32), ranking=True).save(stats_path_for(path))  # corrected by default
+    for extra, scale in (([], DEFAULT_HEAD_RATIO_SCALE), (["--head-ratio-scale", "1"], 1.0), (["--no-correct"], 1.0),
+                         (["--no-correct", "--head-ratio-scale", "0.5"], 0.5)):
+        out = tmp_path / f"s{len(extra)}{scale}.safetensors"
+        assert main(["slice", str(path), "--flops", "0.6", *extra, "-o", str(out)]) == 0
+        budget = read_metadata(out)["budget"]
+        assert (budget["mlp_ratio"], budget["head_ratio"]) == elastic.resolve_budget(flops=0.6, head_ratio_scale=scale)
+        assert budget["head_ratio"] == pytest.approx(scale * budget["mlp_ratio"])
+        if extra == ["--no-correct"]:  # the plain cut of a fraction as before: both alike
+            assert [b.mlp.fc1.out_features for b in load_subnet(out).blocks] == [
+                b.mlp.fc1.out_features for b in elastic.subnet(flops=0.6, correct="none").blocks]
+    with pytest.raises(SystemExit) as exc:
+        main(["slice", str(path), "--mlp-ratio", "0.3", "--head-ratio-scale", "0.5", "-o", str(tmp_path / "x.safetensors")])
+    assert exc.value.code == 2 and "--head-ratio-scale splits a --flops/--params/--latency-ms budget" in capsys.readouterr().err
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["slice"]._actions}
+    assert f"(default: {DEFAULT_HEAD_RATIO_SCALE:g} for corrected" in helps["head_ratio_scale"]  # cli.py imports no torch

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from snapvit_lightning.elastic import ElasticViT, load_subnet, read_metadata, save_subnet
+from snapvit_lightning.elastic import DEFAULT_HEAD_RATIO_SCALE, ElasticViT, load_subnet, read_metadata, save_subnet
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.structure import (
     UnsupportedModelError,
@@ -138,15 +139,50 @@ def test_subnet_file_round_trip(tmp_path) -> None:
 @pytest.mark.parametrize("fraction", [1.0, 0.8, 0.5])
 def test_fraction_budgets(kind: str, fraction: float) -> None:
     elastic, dense = _elastic("test_vit4")
-    ratios = elastic.resolve_budget(**{kind: fraction})
-    cost = elastic.cost(elastic.dims(*ratios))
-    assert cost[f"{kind}_fraction"] <= fraction + 1e-12
-    assert ratios[0] == ratios[1]  # same ratio for neurons and heads by default
-    if ratios[0] > 0:  # the largest model on the line that fits: a little less pruning does not fit
-        slightly_less = elastic.cost(elastic.dims(ratios[0] - 1e-3, ratios[1] - 1e-3))
-        assert slightly_less[f"{kind}_fraction"] > fraction - 0.02
+    s = DEFAULT_HEAD_RATIO_SCALE  # without statistics subnets are plain cuts: both alike by default
+    for scale, ratios in ((1.0, elastic.resolve_budget(**{kind: fraction})), (s, elastic.resolve_budget(**{kind: fraction}, head_ratio_scale=s))):
+        cost = elastic.cost(elastic.dims(*ratios))
+        assert cost[f"{kind}_fraction"] <= fraction + 1e-12
+        assert ratios[1] == pytest.approx(scale * ratios[0], abs=1e-12)  # the heads' share of the MLP ratio
+        if ratios[0] > 0:  # the largest model on the line that fits: a little less pruning does not fit
+            slightly_less = elastic.cost(elastic.dims(ratios[0] - 1e-3, scale * (ratios[0] - 1e-3)))
+            assert slightly_less[f"{kind}_fraction"] > fraction - 0.02
     sub = elastic.subnet(**{kind: fraction})
-    assert count_params(sub)["total"] == cost["params"]
+    assert count_params(sub)["total"] == elastic.cost(elastic.dims(*elastic.resolve_budget(**{kind: fraction})))["params"]
+
+
+def test_the_head_share_of_a_fraction_follows_the_correction() -> None:
+    # Held out, corrected subnets keep most with DEFAULT_HEAD_RATIO_SCALE of the MLP ratio cut from the heads, plain
+    # cuts with both alike (docs/defaults.md); the plain cut of a fraction is the one of earlier versions.
+    elastic, dense = _elastic("test_vit4")
+    plain = elastic.resolve_budget(flops=0.6)
+    assert plain[0] == plain[1]
+    sub = elastic.subnet(flops=0.6, correct="none")
+    assert [block_dims(b) for b in get_blocks(sub)] == elastic.dims(*plain)
+    x = model_input(elastic.model, 4)
+    elastic.attach_stats(elastic.collect_stats(torch.rand(8, *x.shape[1:]), ranking=True))
+    corrected = elastic.resolve_budget(flops=0.6)  # statistics attached: subnet() corrects, so does the default share
+    assert corrected == elastic.resolve_budget(flops=0.6, head_ratio_scale=DEFAULT_HEAD_RATIO_SCALE) != plain
+    assert [block_dims(b) for b in get_blocks(elastic.subnet(flops=0.6, correct="none"))] == elastic.dims(*plain)
+    assert count_flops(elastic.subnet(flops=0.6))["total"] == elastic.cost(elastic.ranked_view().dims(*corrected))["flops"]
+
+
+@pytest.mark.parametrize("scale", [DEFAULT_HEAD_RATIO_SCALE, 0.0, 1.0])
+def test_every_fraction_down_to_the_smallest_model_stays_reachable(scale: float) -> None:
+    # Past the neurons' minimum keep the line prunes heads alone: a head share below 1 made small budgets unreachable.
+    elastic, _ = _elastic("test_vit4")
+    top = math.nextafter(1.0, 0.0)
+    floor = elastic.cost(elastic.dims(top, top))["flops_fraction"]
+    mlp, head = elastic.resolve_budget(flops=floor, head_ratio_scale=scale)
+    assert elastic.dims(mlp, head) == elastic.dims(top, top)
+    with pytest.raises(ValueError, match=f"below the smallest reachable fraction {floor:.4f}"):
+        elastic.resolve_budget(flops=floor * 0.999, head_ratio_scale=scale)
+    previous = None
+    for f in torch.linspace(1.0, floor, 25).tolist():  # smaller budgets: never more of either kind of unit
+        dims = elastic.dims(*elastic.resolve_budget(flops=max(f, floor), head_ratio_scale=scale))
+        if previous is not None:
+            assert all(a.num_heads <= b.num_heads and a.mlp_hidden <= b.mlp_hidden for a, b in zip(dims, previous))
+        previous = dims
 
 
 def test_budget_errors() -> None:
@@ -466,8 +502,8 @@ def test_ranked_view_is_used_only_for_one_shot_corrections_and_rebuilt_for_new_s
     assert [block_dims(b) for b in get_blocks(sliced)] == dims
     sequential = elastic.subnet(0.4, 0.5, correct="lstsq", calibration=images, sequential=True)
     assert same(sequential, elastic.slice(dims, correct="lstsq", calibration=images, sequential=True))
-    # A FLOPs budget resolves to the same ratios; the ranked cut has the plain cut's size.
-    ranked, plain = elastic.subnet(flops=0.6), elastic.subnet(flops=0.6, correct="none")
+    # A FLOPs budget resolves to the same ratios at one head share; the ranked cut has the plain cut's size.
+    ranked, plain = elastic.subnet(flops=0.6), elastic.subnet(flops=0.6, correct="none", head_ratio_scale=DEFAULT_HEAD_RATIO_SCALE)
     assert count_params(ranked)["total"] == count_params(plain)["total"]
     assert measure_flops(ranked, images[:1]) == measure_flops(plain, images[:1])
     # Statistics of another elastic model are refused before any view is built.
