@@ -190,7 +190,8 @@ class SnapViTModule(pl.LightningModule):
             with ``model_kwargs={"pretrained_cfg_overlay": {"file": PATH}}``.
         model_kwargs: Keyword arguments for ``timm.create_model`` (e.g. ``img_size``,
             ``num_classes``); only with a model name.
-        criterion: One of :data:`CRITERIA`.
+        criterion: ``"dino"`` (the paper's label-free DINO gradients), ``"cross_entropy"`` (labels from
+            class folders), ``"snip_magnitude"``, ``"magnitude"``, ``"lamp"`` or ``"random"`` (:data:`CRITERIA`).
         accumulation: ``"sum_then_square"`` or ``"fisher"``.
         teacher_temp: Teacher softmax temperature (``None``: none, as in the paper).
         student_temp: Student softmax temperature (``None``: none, as in the paper).

@@ -202,7 +202,7 @@ class EvolutionarySearch(Callback):
             raw gradient scores .557 .310 .143 .071 and random scores .293 .234 .181 .134 (the
             paper's start lost to random scores from (0.55,0.4) on). With the halves swapped one
             seed of three beats both everywhere and two fall below random scores at (0.65,0.5):
-            50 evaluations on 98 photos can overfit them. See the README.
+            50 evaluations on 98 photos can overfit them. See docs/defaults.md.
         correct: Weight correction inside the fitness: ``"none"`` (default, the paper),
             ``"bias"`` or ``"lstsq"`` (see :class:`Fitness`). Use the correction the elastic
             model will be sliced with, so the search optimises what the corrected subnets keep.
@@ -213,7 +213,7 @@ class EvolutionarySearch(Callback):
             after correction vs .925 .846 .801 .759 with the plain fitness; ``balance=0.5`` .925 .882 .855 .773 (uncorrected .528 .353
             .246 .160, above random at every budget; mean of seeds 0-2 .926 .891 .862 .815, the
             best configuration measured for corrected exports); ``balance="rank"`` .924 .833 .811
-            .783 (it lost at (0.45,0.3), which no fitness pair covers). See the README.
+            .783 (it lost at (0.45,0.3), which no fitness pair covers). See docs/defaults.md.
         damping: ``lstsq`` damping of that correction (relative to the Gram diagonal; ``None``: automatic).
         damping_reference: ``"mean"`` or ``"max"`` of the Gram diagonal.
         space: Where the fitness takes the cosine (see :class:`Fitness`): ``"raw"`` (default),
@@ -228,7 +228,7 @@ class EvolutionarySearch(Callback):
             .329 .230 .170 and .603 .335 .218 .157 with ``"pca"`` (gradient-only .556 .304 .135
             .064, random .297 .223 .218 .144, magnitude .304 .264 .226 .121); held out (search
             on one half, measured on the other, 6 runs) ``"raw"`` beat every reference at every
-            budget in 5 of 6 runs, ``"pca"`` in 3 of 6. See the README.
+            budget in 5 of 6 runs, ``"pca"`` in 3 of 6. See docs/defaults.md.
         guard: Penalty per unit of cosine a fitness pair loses against the start point
             (:class:`Fitness`; default :data:`DEFAULT_GUARD` ``= 10``; ``0``: the paper's plain
             mean, which lets the search give up a little at one budget for more at others).
@@ -246,7 +246,7 @@ class EvolutionarySearch(Callback):
             pairs did in 5 of 6 held-out runs and 3 of 5 in-sample ones, ``guard=10`` with the
             paper's pairs in 5 of 6 and 2 of 3 (the in-sample miss at (0.45,0.3), which no pair
             covered). The fifth pair made each evaluation 1.12x as long (main job, 3.73 s against 3.32 s on
-            2 CPU cores). See the README.
+            2 CPU cores). See docs/defaults.md.
         early_stop: Stop a candidate's evaluation (sparsest ratio pair first) once its fitness
             is certainly worse than the candidates that decide the xNES update
             (:meth:`XNES.optimize`, :class:`Fitness`): the same result (weights, covariance,
