@@ -56,7 +56,7 @@ from .correction import (
     CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint, prepare_targets, stats_path_for,
     weights_version,
 )
-from .scores import DEFAULT_HEAD_RATIO_SCALE, ImportanceScores, budget_line, check_ratio, head_share  # noqa: F401 (re-exported)
+from .scores import DEFAULT_HEAD_RATIO_SCALE, ImportanceScores, budget_line, ceil4, check_ratio, head_share  # noqa: F401
 from .structure import (
     BlockDims,
     block_dims,
@@ -237,7 +237,7 @@ class ElasticViT:
         hi = math.nextafter(2.0, 0.0)  # the line's end: every block at its minimum keep
         if fraction(hi) > target:
             raise ValueError(
-                f"{name}={target} is below the smallest reachable fraction {fraction(hi):.4f} "
+                f"{name}={target} is below the smallest reachable fraction {ceil4(fraction(hi)):.4f} "
                 f"(min_mlp_keep={self.scores.min_mlp_keep}, min_head_keep={self.scores.min_head_keep})"
             )
         lo = 0.0  # fraction(lo) > target >= fraction(hi)

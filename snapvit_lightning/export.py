@@ -28,6 +28,7 @@ theirs one after the other (:func:`~snapvit_lightning.weights_io.folder_lock`), 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -408,7 +409,8 @@ def export_elastic(
                 os.replace(staged[role], targets[role])
                 placed.append(targets[role])
             for path in earlier:  # the replaced export's subnets, which the new report does not list
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # the new export is in place: a folder by that name is left alone
+                    path.unlink()
     except BaseException:
         for path in placed:
             path.unlink(missing_ok=True)

@@ -52,8 +52,9 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
 def _earlier_files(out_dir: Path, name: str) -> set[Path]:
     """The files of an earlier export of ``name`` in ``out_dir``, as its ``report.json`` lists them (none without one).
 
-    Only plain file names of that export (``<name>.*``: its checkpoint, statistics, subnets and ONNX
-    files) count: an unreadable report, or one of another name, gives nothing to remove.
+    Only plain file names of that export (``<name>.*.safetensors`` / ``.onnx``: its checkpoint,
+    statistics, subnets and ONNX files) count: an unreadable report, or one of another name, gives
+    nothing to remove.
     """
     try:
         report = json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8"))
@@ -61,11 +62,12 @@ def _earlier_files(out_dir: Path, name: str) -> set[Path]:
         return set()
     if not isinstance(report, dict) or report.get("name") != name:
         return set()
-    names = list((report.get("files") or {}).values()) if isinstance(report.get("files"), dict) else []
-    for budget in report.get("budgets") or []:
+    names = list(report["files"].values()) if isinstance(report.get("files"), dict) else []
+    for budget in report["budgets"] if isinstance(report.get("budgets"), list) else []:
         if isinstance(budget, dict):
             names += [budget.get("subnet_file"), budget.get("onnx_file")]
-    return {out_dir / n for n in names if isinstance(n, str) and n.startswith(f"{name}.") and Path(n).name == n}
+    return {out_dir / n for n in names if isinstance(n, str) and n.startswith(f"{name}.") and Path(n).name == n
+            and n.endswith((".safetensors", ".onnx"))}
 
 
 def _refuse_existing_before_fit(

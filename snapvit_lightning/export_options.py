@@ -20,7 +20,7 @@ from .checkpoint import check_model_kwargs
 from .correction import CORRECTIONS
 from .data.crops import DEFAULT_STATS_VIEWS, MAX_VIEWS_PER_IMAGE, stats_views_per_image
 from .image_batches import check_image_batches, collect_images
-from .scores import ImportanceScores, check_ratio
+from .scores import ImportanceScores, ceil4, check_ratio
 from .structure import BlockDims, count_flops, count_params, inspect_vit
 from .values import real_number
 
@@ -98,7 +98,7 @@ def _check_reachable(model: nn.Module, budgets: Any, min_mlp_keep: float, min_he
               "params": count_params(model, dims=smallest)["total"] / count_params(model)["total"]}
     for kind, fraction in fractions:
         if fraction < lowest[kind]:
-            raise ValueError(f"{name}: {kind}={fraction} is below the smallest reachable fraction {lowest[kind]:.4f} "
+            raise ValueError(f"{name}: {kind}={fraction} is below the smallest reachable fraction {ceil4(lowest[kind]):.4f} "
                              f"(every block at its minimum keep: min_mlp_keep={min_mlp_keep}, min_head_keep={min_head_keep})")
 
 

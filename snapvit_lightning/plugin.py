@@ -49,7 +49,8 @@ from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stops_on_sigterm
 from .scores import ImportanceScores
-from .search import EvolutionarySearch
+from .search import DEFAULT_RATIO_PAIRS, EvolutionarySearch
+from .search.fitness import check_pairs_apart
 from .search.loop import check_start_fits
 from .structure import UnsupportedModelError, check_input_size, check_model_images, check_supported
 
@@ -326,8 +327,10 @@ class SnapViT(Callback):
         if self.search_evals:
             check_start_fits(model, self.search_kwargs.get("initial_weights"), self.search_kwargs.get("initial_covariance"))
         keeps = inspect.signature(SnapViTModule).parameters  # the scoring module's minimum keeps
-        _check_reachable(model, self.budgets, keeps["min_mlp_keep"].default, keeps["min_head_keep"].default,
-                         "SnapViT(budgets=...)")
+        min_keeps = keeps["min_mlp_keep"].default, keeps["min_head_keep"].default
+        _check_reachable(model, self.budgets, *min_keeps, "SnapViT(budgets=...)")
+        if self.search_evals:
+            check_pairs_apart(model, self.search_kwargs.get("ratio_pairs", DEFAULT_RATIO_PAIRS), *min_keeps)
 
     def _check_loader(self, trainer: pl.Trainer) -> None:
         """Refuse calibration data of single images (a training loader), or a folder without images, before the user's fit.

@@ -14,7 +14,7 @@ import torch
 
 from .values import all_finite, real_number
 
-__all__ = ["DEFAULT_HEAD_RATIO_SCALE", "ImportanceScores", "budget_line", "check_fraction", "check_ratio", "head_share"]
+__all__ = ["DEFAULT_HEAD_RATIO_SCALE", "ImportanceScores", "budget_line", "ceil4", "check_fraction", "check_ratio", "head_share"]
 
 
 def check_ratio(value: float, name: str) -> float:
@@ -49,6 +49,11 @@ DEFAULT_HEAD_RATIO_SCALE = 0.25
 def head_share(head_ratio_scale: float | None, corrected: bool) -> float:
     """``head_ratio_scale``, or when ``None`` its default: :data:`DEFAULT_HEAD_RATIO_SCALE` for corrected cuts, 1.0 for plain."""
     return (DEFAULT_HEAD_RATIO_SCALE if corrected else 1.0) if head_ratio_scale is None else head_ratio_scale
+
+
+def ceil4(x: float) -> float:
+    """``x`` rounded up to 4 decimals: a smallest reachable fraction printed so that the printed value is reachable."""
+    return math.ceil(x * 1e4 - 1e-9) / 1e4
 
 
 def budget_line(u: float, scale: float) -> tuple[float, float]:

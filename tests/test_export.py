@@ -281,6 +281,19 @@ def test_overwrite_removes_the_replaced_exports_subnets(tmp_path, elastic, image
     written = {p.name for p in result["paths"].values()}
     assert {p.name for p in tmp_path.iterdir()} == written | {"mine.txt", "other.elastic.safetensors"}
     assert "test_vit.mlp0.5_head0.5.safetensors" in written and "test_vit.stats.safetensors" not in written
+    # a report edited by hand: names that are no export file of this name, or no file, are left alone
+    report = json.loads((tmp_path / "report.json").read_text())
+    report["files"]["notes"] = "test_vit.notes.txt"
+    report["budgets"][0]["onnx_file"] = "test_vit.dir.onnx"
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "test_vit.notes.txt").write_text("mine")
+    (tmp_path / "test_vit.dir.onnx").mkdir()
+    export_elastic(elastic, tmp_path, correct="none", budgets=[(0.4, 0.5)], save_subnets=True, overwrite=True)
+    assert (tmp_path / "test_vit.notes.txt").is_file() and (tmp_path / "test_vit.dir.onnx").is_dir()
+    assert not (tmp_path / "test_vit.mlp0.5_head0.5.safetensors").exists()
+    (tmp_path / "report.json").write_text(json.dumps({**report, "budgets": 5, "files": True}))  # neither is readable
+    export_elastic(elastic, tmp_path, correct="none", budgets=[(0.5, 0.5)], save_subnets=True, overwrite=True)
+    assert (tmp_path / "test_vit.mlp0.4_head0.5.safetensors").is_file()  # nothing to remove: kept
 
 
 @pytest.mark.parametrize("where", ["_write_json", "_write_figure", "_write_subnet"])
@@ -614,7 +627,10 @@ def test_the_setup_floor_is_the_exports(name, keeps) -> None:
                 assert refused is None, (kind, f, floor)
             except ValueError as err:
                 assert refused is not None and "below the smallest reachable fraction" in str(err)
-                assert f"{floor:.4f}" in str(err) and f"{floor:.4f}" in str(refused)
+                printed = f"{math.ceil(floor * 1e4) / 1e4:.4f}"  # rounded up: the printed floor is reachable
+                assert printed in str(err) and printed in str(refused)
+                _check_reachable(model, [{kind: float(printed)}], *keeps, "budgets")
+                elastic.resolve_budget(**{kind: float(printed)})
 
 
 def test_elastic_export_wrong_order_raises(tmp_path):

@@ -339,6 +339,7 @@ def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(t
     ({"fitness_images": [torch.randn(3, 32, 32)]}, r"fitness_images: batches must be \[B, 3, H, W\] tensors"),
     ({"search_kwargs": {"initial_weights": torch.rand(3)}}, r"initial_weights must be a finite tensor of shape \[18\]"),
     ({"search_kwargs": {"initial_covariance": torch.eye(3)}}, r"initial_covariance must have shape \[18, 18\]"),
+    ({"search_kwargs": {"ratio_pairs": [(0.99, 0.0), (0.98, 0.0)]}}, r"several pairs cut as \(0.9479, 0\)"),
     ({"budgets": [0.8, {"flops": 0.01}]}, r"SnapViT\(budgets=...\): flops=0.01 is below the smallest reachable fraction "
      r"0\.\d+ \(every block at its minimum keep: min_mlp_keep=0.05, min_head_keep=0.2\)"),
 ])
@@ -359,6 +360,15 @@ def test_snapvit_refuses_an_empty_calibration_folder_before_the_users_fit(tmp_pa
     with pytest.raises(ValueError, match=r"data_dir: no image files .* found in"):
         _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
+    (tmp_path / "photos").mkdir()
+    torch.manual_seed(0)
+    from PIL import Image
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / "photos" / "a.png")
+    dm = CalibrationDataModule(tmp_path / "photos", fitness_data_dir=tmp_path / "empty")  # the fitness folder too
+    with pytest.raises(ValueError, match=r"fitness_data_dir: no image files .* found in"):
+        _user_trainer(tmp_path, [SnapViT(datamodule=dm, dirpath=tmp_path / "out2", search_evals=2)]).fit(
+            user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())
 
 
 def test_snapvit_scores_a_float32_copy_of_a_bf16_true_model(tmp_path, caplog):

@@ -580,7 +580,7 @@ def test_pairs_beyond_every_blocks_minimum_keep_are_searched_as_the_cut() -> Non
     scores, x = random_scores(model), images_for(model, n=4)
     top_mlp = scores.max_ratios[0]
     kw = {"pca_components": 3, "autocast_dtype": None}
-    with pytest.warns(UserWarning, match=rf"cuts \(0.99, 0.2\) as \({top_mlp:.4g}, 0.2\)") as record:
+    with pytest.warns(UserWarning, match=rf"cuts \(0.99, 0.2\) as \({top_mlp:g}, 0.2\)") as record:  # as logged
         beyond = Fitness(model, scores, x, ratio_pairs=[(0.99, 0.2), (0.3, 0.1)], **kw)
     assert len(record) == 1
     assert beyond.ratio_pairs == ((top_mlp, 0.2), (0.3, 0.1))
@@ -589,6 +589,19 @@ def test_pairs_beyond_every_blocks_minimum_keep_are_searched_as_the_cut() -> Non
     assert beyond(w) == within(w)  # the same cuts, the same fitness
     with pytest.raises(ValueError, match=r"several pairs cut as \(" + f"{top_mlp:.4g}" + r", 0\) \(a pair counts once\)"):
         Fitness(model, scores, x, ratio_pairs=[(0.99, 0.0), (0.98, 0.0)], **kw)
+
+
+def test_pairs_that_cut_alike_are_refused_before_the_scoring(tmp_path) -> None:
+    # Only the fitness refused them, after the scoring epoch; the cap is known from the model and the keeps.
+    from conftest import cpu_trainer, multicrop_loader
+
+    from snapvit_lightning.module import SnapViTModule
+
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": 32}, min_head_keep=1.0)
+    search = EvolutionarySearch(max_evals=2, images=torch.randn(4, 3, 32, 32), ratio_pairs=[(0.3, 0.1), (0.3, 0.2)])
+    with pytest.raises(ValueError, match=r"several pairs cut as \(0.3, 0\) \(a pair counts once\)"):
+        cpu_trainer(tmp_path, [search]).fit(module, train_dataloaders=multicrop_loader())
+    assert module.scores is None
 
 
 def test_fitness_other_errors() -> None:

@@ -378,13 +378,11 @@ class CalibrationDataModule(LightningDataModule):
             ImportError: if no source is given and scikit-image is missing.
         """
         self.check_sources()
-        if self._fitness_source is None and self.fitness_data_dir is not None:
-            self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
         if self.img_size is not None or self.max_side is not None or self._model_cfg is not None:
             self._ensure_decoded()
 
     def check_sources(self) -> None:
-        """List the calibration images and check ``holdout`` against their number (no image is decoded).
+        """List the calibration (and fitness) images and check ``holdout`` against their number (no image is decoded).
 
         What :meth:`setup` does first; ``snapvit fit`` calls it before the precision probe, so a bad
         folder or ``holdout`` is reported before a minute of probing.
@@ -409,6 +407,8 @@ class CalibrationDataModule(LightningDataModule):
                     f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}: "
                     f"give a holdout below {n} (a count or a fraction; `--data.holdout N` in a config run, 0: none)"
                 )
+        if self._fitness_source is None and self.fitness_data_dir is not None:
+            self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
 
     def _holdout_count(self, n: int) -> int:
         if isinstance(self.holdout, float):

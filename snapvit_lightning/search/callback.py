@@ -39,6 +39,7 @@ from .fitness import (
     _check_ratio_pairs,
     _resolve_autocast,
     check_guard,
+    check_pairs_apart,
     check_space,
     fitness_subset,
 )
@@ -368,12 +369,16 @@ class EvolutionarySearch(Callback):
         """Refuse too few fitness images before the scoring epoch; note when it starts (for the scores' record).
 
         Raises:
-            ValueError: The datamodule gives fewer than 2 fitness images (the search's PCA needs 2), or
-                ``initial_weights``/``initial_covariance`` do not fit the model's ``B + B*H`` weights.
+            ValueError: The datamodule gives fewer than 2 fitness images (the search's PCA needs 2),
+                ``initial_weights``/``initial_covariance`` do not fit the model's ``B + B*H`` weights, or
+                two ``ratio_pairs`` cut alike at the module's minimum keeps.
         """
         student = getattr(pl_module, "student", None)
         if isinstance(student, nn.Module):
             check_start_fits(student, self.initial_weights, self.initial_covariance)
+            keeps = [getattr(pl_module, k, None) for k in ("min_mlp_keep", "min_head_keep")]
+            if all(isinstance(k, float) for k in keeps):  # pairs that cut alike, known before the scoring
+                check_pairs_apart(student, self.ratio_pairs, *keeps)
         dm = getattr(trainer, "datamodule", None)
         count = getattr(dm, "num_fitness_images", None) if self.images is None else None
         if count is not None and count < 2:

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_SPACE",
     "CPU_WIDTH_MULTIPLE",
     "FITNESS_SPACES",
+    "check_pairs_apart",
     "default_initial_weights",
     "Fitness",
     "PartialFitness",
@@ -130,14 +131,28 @@ def _check_ratio_pairs(ratio_pairs: Any) -> tuple[tuple[float, float], ...]:
     return checked
 
 
-def _reachable_pairs(scores: ImportanceScores, pairs: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+def check_pairs_apart(model: nn.Module, ratio_pairs: Any, min_mlp_keep: float, min_head_keep: float) -> None:
+    """Refuse ratio pairs that cut alike once capped at every block's minimum keep: before the scoring, not at the search.
+
+    Raises:
+        ValueError: As :class:`Fitness` would (the cap depends on the model's sizes and the keeps only).
+    """
+    dims = inspect_vit(model).blocks[0]
+    floor = ImportanceScores(torch.zeros(1, dims.mlp_hidden), torch.zeros(1, dims.num_heads),
+                             min_mlp_keep=min_mlp_keep, min_head_keep=min_head_keep)
+    _reachable_pairs(floor, _check_ratio_pairs(ratio_pairs), warn=False)
+
+
+def _reachable_pairs(
+    scores: ImportanceScores, pairs: tuple[tuple[float, float], ...], warn: bool = True
+) -> tuple[tuple[float, float], ...]:
     """``pairs`` capped at ``scores.max_ratios`` (the same cuts), with a warning naming those it capped.
 
     Raises:
         ValueError: Two pairs that cut alike once capped (a pair counts once).
     """
     reach = tuple(scores.reachable(*p) for p in pairs)
-    capped = [f"({m:g}, {h:g}) as ({rm:.4g}, {rh:.4g})" for (m, h), (rm, rh) in zip(pairs, reach) if (m, h) != (rm, rh)]
+    capped = [f"({m:g}, {h:g}) as ({rm:g}, {rh:g})" for (m, h), (rm, rh) in zip(pairs, reach) if (m, h) != (rm, rh)]
     if not capped:
         return pairs
     limit = f"every block at its minimum keep cuts at most ({scores.max_ratios[0]:.4g}, {scores.max_ratios[1]:.4g})"
@@ -146,8 +161,9 @@ def _reachable_pairs(scores: ImportanceScores, pairs: tuple[tuple[float, float],
     if twice:
         raise ValueError(f"ratio_pairs={[list(p) for p in pairs]!r}: {limit}, so several pairs cut as {', '.join(twice)} "
                          "(a pair counts once); give pairs within it")
-    warnings.warn(f"ratio_pairs: {limit}, so the fitness cuts {', '.join(capped)} (searched and logged as the cut)",
-                  UserWarning, stacklevel=3)
+    if warn:
+        warnings.warn(f"ratio_pairs: {limit}, so the fitness cuts {', '.join(capped)} (searched and logged as the cut)",
+                      UserWarning, stacklevel=3)
     return reach
 
 
