@@ -592,17 +592,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"snapvit {words[0]}" if words and not words[0].startswith("-") else "snapvit"
 
     def command() -> int:
+        from .errors import sigterm_raises
+
         if words and words[0] in _LIGHTNING_SUBCOMMANDS:
-            SnapViTCLI.run(None if argv is None else words)
+            with sigterm_raises(unless_replaced=True):  # the fit itself has Lightning's (Terminated via SIGTERMException)
+                SnapViTCLI.run(None if argv is None else words)
             return 0
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 0
-        from .errors import sigterm_raises
-
-        with sigterm_raises():  # a fit has Lightning's handler (Terminated via SIGTERMException)
+        with sigterm_raises():
             return args.func(args)
 
     return run_command(prog, command)

@@ -197,9 +197,9 @@ class ElasticViT:
         Give either ratios (a missing one is 0) or exactly one of ``flops``/``params``. A FLOPs or
         parameter fraction ``f`` prunes ``r`` of the neurons and ``s * r`` of the heads (``s =
         head_ratio_scale``; ``None``: :func:`head_share`, corrected when statistics are attached), the
-        smallest ``r`` whose cost is at most ``f`` times the dense model's (bisection); past the
-        neurons' minimum keep the line prunes heads alone, so the smallest model stays reachable:
-        the largest model on that line within the budget. A ratio beyond every block's minimum keep
+        smallest ``r`` whose cost is at most ``f`` times the dense model's (bisection); past ``r =
+        HEAD_SHARE_KNEE`` the heads catch up (:func:`~snapvit_lightning.scores.budget_line`), so the smallest
+        model stays reachable: the largest model on that line within the budget. A ratio beyond every block's minimum keep
         cuts as ``scores.max_ratios`` (:meth:`ImportanceScores.reachable`), named by what it cuts.
 
         Raises:
@@ -234,14 +234,14 @@ class ElasticViT:
 
         if fraction(0.0) <= target:
             return 0.0, 0.0
-        hi = math.nextafter(2.0, 0.0)  # the line's end: every block at its minimum keep
+        hi = math.nextafter(1.0, 0.0)  # the line's end: every block at its minimum keep
         if fraction(hi) > target:
             raise ValueError(
                 f"{name}={target} is below the smallest reachable fraction {ceil4(fraction(hi)):.4f} "
                 f"(min_mlp_keep={self.scores.min_mlp_keep}, min_head_keep={self.scores.min_head_keep})"
             )
         lo = 0.0  # fraction(lo) > target >= fraction(hi)
-        for _ in range(60):
+        for _ in range(40):
             mid = 0.5 * (lo + hi)
             if fraction(mid) <= target:
                 hi = mid
@@ -362,7 +362,7 @@ class ElasticViT:
             ratios = self.resolve_budget(flops=f, head_ratio_scale=head_ratio_scale)
             return source.slice(source.dims(*ratios), correct="none")
 
-        smallest = budget_line(math.nextafter(2.0, 0.0), 1.0)  # the line's end, whatever its head share
+        smallest = budget_line(math.nextafter(1.0, 0.0), 1.0)  # the line's end, whatever its head share
         return find_latency_budget(
             build,
             latency_ms,

@@ -266,14 +266,19 @@ class Terminated(BaseException):
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises(unless_replaced: bool = False) -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` in the block, so a file being written is removed on the way out.
 
     (Python's default ends the process at once, which could leave a staged ``.NAME.tmp-PID`` behind.)
+    ``unless_replaced``: only while this handler is the installed one, as around a fit: Lightning's
+    own handler, installed for the fit, calls the one it found after its own, which then does nothing;
+    before the fit (the DDP ranks starting) and after it, SIGTERM stops the command here.
     Outside the main thread, where no handler can be set, the block runs as before.
     """
 
     def stop(signum: int, frame: object) -> None:
+        if unless_replaced and signal.getsignal(signal.SIGTERM) is not stop:
+            return
         raise Terminated(None, "files are written under a temporary name and renamed at the end, so none was "
                          "left half-written")
 

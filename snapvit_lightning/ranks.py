@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .errors import Terminated
+
 __all__ = [
     "RankZeroFailed", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks",
     "stops_on_sigterm",
@@ -18,6 +20,10 @@ __all__ = [
 #: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once
 #: SIGTERM came, ``stop`` while rank 0's own work (:func:`stops_on_sigterm`) may be stopped at once.
 _SIGTERM = {"active": False, "seen": False, "stop": False}
+
+#: The exit status of a process SIGTERM stopped (a shell's 128 + 15), carried by the ``SIGTERMException``
+#: raised here: Lightning's own carries none, so a user's script that a SIGTERM stopped ended with status 0.
+TERMINATED_STATUS = 143
 
 
 class RankZeroFailed(ValueError):
@@ -38,11 +44,18 @@ def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what:
     Raises:
         BaseException: ``error``, on rank 0.
         RankZeroFailed: On the other ranks when rank 0 failed.
+        SIGTERMException: On the other ranks when a SIGTERM stopped rank 0 (``KeyboardInterrupt``: Ctrl-C).
     """
     trainer.strategy.barrier(f"snapvit: {what}")
-    failed = trainer.strategy.broadcast(error is not None, src=0)
+    how = ("terminated" if isinstance(error, (SIGTERMException, Terminated)) else "interrupted"
+           if isinstance(error, KeyboardInterrupt) else "failed" if error is not None else "")
+    failed = trainer.strategy.broadcast(how, src=0)
     if error is not None:
         raise error
+    if failed == "terminated":  # a signal, not a failure: every rank stops as rank 0 did
+        raise SIGTERMException(TERMINATED_STATUS)
+    if failed == "interrupted":
+        raise KeyboardInterrupt
     if failed:
         raise RankZeroFailed(f"{what} failed on global rank 0 (its error is printed there); nothing was written")
 
@@ -61,7 +74,7 @@ def stop_if_terminated(trainer: pl.Trainer) -> None:
     if trainer.world_size > 1:
         terminated = bool(trainer.strategy.broadcast(terminated, src=0))
     if terminated:
-        raise SIGTERMException
+        raise SIGTERMException(TERMINATED_STATUS)
 
 
 @contextmanager
@@ -84,7 +97,7 @@ def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
         _SIGTERM["seen"] = True
         if _SIGTERM["stop"]:
             _SIGTERM["stop"] = False
-            raise SIGTERMException
+            raise SIGTERMException(TERMINATED_STATUS)
 
     previous = signal.signal(signal.SIGTERM, note)
     _SIGTERM.update(active=True, seen=False, stop=False)
@@ -95,7 +108,7 @@ def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
         seen = _SIGTERM["seen"]
         _SIGTERM.update(active=False, seen=False, stop=False)
     if bool(trainer.strategy.broadcast(seen, src=0)):  # every rank, when the block ended alike on all
-        raise SIGTERMException
+        raise SIGTERMException(TERMINATED_STATUS)
 
 
 @contextmanager
@@ -111,7 +124,7 @@ def stops_on_sigterm() -> Iterator[None]:
         yield
         return
     if _SIGTERM["seen"]:
-        raise SIGTERMException
+        raise SIGTERMException(TERMINATED_STATUS)
     _SIGTERM["stop"] = True
     try:
         yield

@@ -14,7 +14,7 @@ import torch
 
 from .values import all_finite, real_number
 
-__all__ = ["DEFAULT_HEAD_RATIO_SCALE", "ImportanceScores", "budget_line", "ceil4", "check_fraction", "check_ratio", "head_share"]
+__all__ = ["DEFAULT_HEAD_RATIO_SCALE", "HEAD_SHARE_KNEE", "ImportanceScores", "budget_line", "ceil4", "check_fraction", "check_ratio", "head_share"]
 
 
 def check_ratio(value: float, name: str) -> float:
@@ -56,12 +56,19 @@ def ceil4(x: float) -> float:
     return math.ceil(x * 1e4 - 1e-9) / 1e4
 
 
+#: Where a fraction budget's line leaves ``(r, s * r)``: past this MLP ratio the heads catch up, straight to every
+#: block's minimum keep (held out, pushing the neurons alone towards their minimum lost far more than it gained).
+HEAD_SHARE_KNEE = 0.85
+
+
 def budget_line(u: float, scale: float) -> tuple[float, float]:
-    """``(mlp_ratio, head_ratio)`` at ``u`` in ``[0, 2)``: ``(u, scale * u)`` up to ``u = 1``, then the heads alone."""
+    """``(mlp_ratio, head_ratio)`` at ``u`` in ``[0, 1]``: ``(u, scale * u)`` up to :data:`HEAD_SHARE_KNEE`, then a
+    straight line on to ``(1, 1)`` (both at their minimum keep); with ``scale = 1`` the diagonal throughout."""
     top = math.nextafter(1.0, 0.0)
-    if u <= 1.0:
-        return min(u, top), min(scale * u, top)
-    return top, min(scale + (1.0 - scale) * (u - 1.0), top)
+    if u <= HEAD_SHARE_KNEE:
+        return u, scale * u
+    t = (u - HEAD_SHARE_KNEE) / (1.0 - HEAD_SHARE_KNEE)
+    return min(u, top), min(scale * HEAD_SHARE_KNEE + t * (1.0 - scale * HEAD_SHARE_KNEE), top)
 
 
 def check_quantiles(value: object, name: str) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from snapvit_lightning.elastic import DEFAULT_HEAD_RATIO_SCALE, ElasticViT, load_subnet, read_metadata, save_subnet
-from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.scores import HEAD_SHARE_KNEE, ImportanceScores, budget_line
 from snapvit_lightning.structure import (
     UnsupportedModelError,
     block_dims,
@@ -143,9 +143,10 @@ def test_fraction_budgets(kind: str, fraction: float) -> None:
     for scale, ratios in ((1.0, elastic.resolve_budget(**{kind: fraction})), (s, elastic.resolve_budget(**{kind: fraction}, head_ratio_scale=s))):
         cost = elastic.cost(elastic.dims(*ratios))
         assert cost[f"{kind}_fraction"] <= fraction + 1e-12
-        assert ratios[1] == pytest.approx(scale * ratios[0], abs=1e-12)  # the heads' share of the MLP ratio
+        assert ratios[1] == pytest.approx(budget_line(ratios[0], scale)[1], abs=1e-12)  # s * r, then to (1, 1)
+        assert ratios[1] == pytest.approx(scale * ratios[0]) or ratios[0] > HEAD_SHARE_KNEE
         if ratios[0] > 0:  # the largest model on the line that fits: a little less pruning does not fit
-            slightly_less = elastic.cost(elastic.dims(ratios[0] - 1e-3, scale * (ratios[0] - 1e-3)))
+            slightly_less = elastic.cost(elastic.dims(*budget_line(ratios[0] - 1e-3, scale)))
             assert slightly_less[f"{kind}_fraction"] > fraction - 0.02
     sub = elastic.subnet(**{kind: fraction})
     assert count_params(sub)["total"] == elastic.cost(elastic.dims(*elastic.resolve_budget(**{kind: fraction})))["params"]
@@ -169,7 +170,7 @@ def test_the_head_share_of_a_fraction_follows_the_correction() -> None:
 
 @pytest.mark.parametrize("scale", [DEFAULT_HEAD_RATIO_SCALE, 0.0, 1.0])
 def test_every_fraction_down_to_the_smallest_model_stays_reachable(scale: float) -> None:
-    # Past the neurons' minimum keep the line prunes heads alone: a head share below 1 made small budgets unreachable.
+    # Past HEAD_SHARE_KNEE the heads catch up: with a head share below 1 the neurons alone reached their minimum.
     elastic, _ = _elastic("test_vit4")
     top = math.nextafter(1.0, 0.0)
     floor = elastic.cost(elastic.dims(top, top))["flops_fraction"]

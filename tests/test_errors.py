@@ -450,6 +450,26 @@ def test_sigterm_after_the_training_steps_stops_the_fit(tmp_path, capsys, monkey
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_sigterm_around_a_fit_stops_it_only_where_lightning_does_not() -> None:
+    # A SIGTERM while DDP ranks started (before Lightning's handler) killed the launcher in silence; its ranks waited.
+    import os
+    import signal
+
+    from snapvit_lightning.errors import Terminated, sigterm_raises
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_raises(unless_replaced=True):
+        os.kill(os.getpid(), signal.SIGTERM)  # ours is installed: the command stops
+    with sigterm_raises(unless_replaced=True):
+        ours = signal.getsignal(signal.SIGTERM)
+        seen = []
+        signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), ours(s, f)))  # Lightning's, calling the one it found
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]  # noted by Lightning's; ours does nothing
+        signal.signal(signal.SIGTERM, ours)  # Lightning's teardown puts ours back
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_other_ddp_ranks_say_who_they_are(tmp_path, capsys, monkeypatch) -> None:
     # Under DDP every rank printed the same line: the ones from other ranks now say which rank they are.
     from snapvit_lightning.errors import exit_on_user_error

@@ -11,7 +11,9 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from snapvit_lightning.ranks import collective_safe_sigterm, stop_if_terminated, stop_started_ranks, stops_on_sigterm
+from snapvit_lightning.ranks import (
+    RankZeroFailed, collective_safe_sigterm, stop_if_terminated, stop_started_ranks, stops_on_sigterm,
+)
 
 
 def _two_ranks() -> SimpleNamespace:
@@ -51,6 +53,27 @@ def test_one_process_keeps_its_handlers() -> None:
     one = SimpleNamespace(world_size=1, received_sigterm=False)
     with collective_safe_sigterm(one), stops_on_sigterm():
         assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("error, raised", [(SIGTERMException(143), SIGTERMException), (KeyboardInterrupt(), KeyboardInterrupt),
+                                           (ValueError("x"), RankZeroFailed)])
+def test_the_other_ranks_stop_as_rank_zero_did(error, raised) -> None:
+    from snapvit_lightning.ranks import finish_on_every_rank
+
+    sent = []
+
+    def broadcast(obj, src):
+        sent.append(obj)
+        return obj
+
+    rank0 = SimpleNamespace(strategy=SimpleNamespace(barrier=lambda name: None, broadcast=broadcast))
+    with pytest.raises(type(error)):
+        finish_on_every_rank(rank0, error, "the export")
+    rank1 = SimpleNamespace(strategy=SimpleNamespace(barrier=lambda name: None, broadcast=lambda obj, src: sent[-1]))
+    with pytest.raises(raised) as stop:
+        finish_on_every_rank(rank1, None, "the export")
+    if raised is SIGTERMException:  # a user's script ends with the status a shell gives a SIGTERM, not 0
+        assert stop.value.code == 143
 
 
 def test_a_launchers_started_ranks_are_stopped() -> None:
@@ -111,6 +134,7 @@ def test_sigterm_during_a_ddp_export_stops_every_rank(tmp_path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
+    assert "failed on global rank 0" not in proc.stderr  # the other rank stops as terminated, not as failed
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     for rank in (0, 1):  # no rank is left behind
         pid = int((tmp_path / f"rank{rank}.pid").read_text())
