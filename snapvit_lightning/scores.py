@@ -57,8 +57,8 @@ def ceil4(x: float) -> float:
 
 
 #: Where a fraction budget's line leaves ``(r, s * r)``: past this MLP ratio the heads catch up, straight to every
-#: block's minimum keep (held out, pushing the neurons alone towards their minimum lost far more than it gained).
-HEAD_SHARE_KNEE = 0.85
+#: block's minimum keep (taking the neurons alone to their minimum lost far more than it gained; docs/defaults.md).
+HEAD_SHARE_KNEE = 0.75
 
 
 def budget_line(u: float, scale: float) -> tuple[float, float]:

@@ -696,6 +696,7 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
     from snapvit_lightning.cli import build_parser
     from snapvit_lightning.correction import stats_path_for
     from snapvit_lightning.elastic import DEFAULT_HEAD_RATIO_SCALE
+    from snapvit_lightning.scores import budget_line
 
     elastic, path = _saved_tiny_elastic(tmp_path)
     elastic.collect_stats(torch.rand(6, 3, 32, 32), ranking=True).save(stats_path_for(path))  # corrected by default
@@ -705,7 +706,7 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
         assert main(["slice", str(path), "--flops", "0.6", *extra, "-o", str(out)]) == 0
         budget = read_metadata(out)["budget"]
         assert (budget["mlp_ratio"], budget["head_ratio"]) == elastic.resolve_budget(flops=0.6, head_ratio_scale=scale)
-        assert budget["head_ratio"] == pytest.approx(scale * budget["mlp_ratio"])
+        assert budget["head_ratio"] == pytest.approx(budget_line(budget["mlp_ratio"], scale)[1])  # s * r, past the knee more
         if extra == ["--no-correct"]:  # the plain cut of a fraction as before: both alike
             assert [b.mlp.fc1.out_features for b in load_subnet(out).blocks] == [
                 b.mlp.fc1.out_features for b in elastic.subnet(flops=0.6, correct="none").blocks]
