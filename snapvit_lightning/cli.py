@@ -49,8 +49,10 @@ def _info(args: argparse.Namespace) -> int:
             cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
             requested = cut.get("requested")
             asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
+            share, knee = meta["budget"].get("head_ratio_scale"), meta["budget"].get("head_share_knee")
+            split = f" (heads at {share:g} of the neurons' ratio up to {knee:g} of them)" if share is not None else ""
             print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
-                  f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}, correction {cut.get('correction')}")
+                  f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
             if isinstance(meta["budget"].get("latency"), dict):  # slice --latency-ms: what its latency means
                 from .latency import LOAD_DRIFT_WARN
 
@@ -317,6 +319,7 @@ def _naming(option: str | None, kind: type[Exception] = ValueError) -> Iterator[
 
 def _slice(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT, head_share
+    from .scores import HEAD_SHARE_KNEE
 
     if (args.flops, args.params, args.mlp_ratio, args.head_ratio, args.latency_ms) == (None,) * 5:
         raise ValueError("give a budget: --flops F, --params P, --mlp-ratio M and/or --head-ratio H, or --latency-ms T "
@@ -376,6 +379,8 @@ def _slice(args: argparse.Namespace) -> int:
              if getattr(args, k) is not None}
     cut = {"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "correction": how, "elastic": Path(args.path).name,
            "requested": asked}
+    if share is not None:  # how the fraction was split: the line of scores.budget_line
+        cut["head_ratio_scale"], cut["head_share_knee"] = share, HEAD_SHARE_KNEE
     if args.latency_ms is not None:
         cut["latency"] = budget.record()
     if onnx:
@@ -387,7 +392,8 @@ def _slice(args: argparse.Namespace) -> int:
     else:
         elastic.save_subnet(out, sub, budget=cut)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
-    print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}, {cost['params']:,} params "
+    split = "" if share is None else f" (heads at {share:g} of the neurons' ratio up to {HEAD_SHARE_KNEE:g} of them, then both)"
+    print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")
     return 0
@@ -471,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--mlp-ratio", type=prune_ratio, default=None, help="fraction of all MLP neurons to prune, in [0, 1)")
     cut.add_argument("--head-ratio", type=prune_ratio, default=None, help="fraction of all heads to prune, in [0, 1)")
     cut.add_argument("--head-ratio-scale", type=share, default=None, metavar="S",
-                     help="a --flops/--params/--latency-ms budget prunes S times the MLP ratio of the heads (default: "
-                          "0.25 for corrected subnets, 1 with --no-correct: the share each keeps most with)")
+                     help="a --flops/--params/--latency-ms budget prunes S times the MLP ratio of the heads, up to 75%% "
+                          "of the neurons, then both on to the minimum keep (default: 0.25 for corrected subnets, 1 "
+                          "with --no-correct: both alike)")
     cut.add_argument("--latency-ms", type=positive_number, default=None, metavar="T",
                      help="the largest subnet measured to run a batch within T ms on this machine "
                           "(bisection on the FLOPs fraction; ONNX Runtime latency with --format onnx)")

@@ -696,7 +696,7 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
     from snapvit_lightning.cli import build_parser
     from snapvit_lightning.correction import stats_path_for
     from snapvit_lightning.elastic import DEFAULT_HEAD_RATIO_SCALE
-    from snapvit_lightning.scores import budget_line
+    from snapvit_lightning.scores import HEAD_SHARE_KNEE, budget_line
 
     elastic, path = _saved_tiny_elastic(tmp_path)
     elastic.collect_stats(torch.rand(6, 3, 32, 32), ranking=True).save(stats_path_for(path))  # corrected by default
@@ -707,6 +707,10 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
         budget = read_metadata(out)["budget"]
         assert (budget["mlp_ratio"], budget["head_ratio"]) == elastic.resolve_budget(flops=0.6, head_ratio_scale=scale)
         assert budget["head_ratio"] == pytest.approx(budget_line(budget["mlp_ratio"], scale)[1])  # s * r, past the knee more
+        assert (budget["head_ratio_scale"], budget["head_share_knee"]) == (scale, HEAD_SHARE_KNEE)  # how it was split
+        assert f"(heads at {scale:g} of the neurons' ratio up to {HEAD_SHARE_KNEE:g} of them, then both)" in capsys.readouterr().out
+        assert main(["info", str(out)]) == 0
+        assert f"(heads at {scale:g} of the neurons' ratio up to {HEAD_SHARE_KNEE:g} of them)" in capsys.readouterr().out
         if extra == ["--no-correct"]:  # the plain cut of a fraction as before: both alike
             assert [b.mlp.fc1.out_features for b in load_subnet(out).blocks] == [
                 b.mlp.fc1.out_features for b in elastic.subnet(flops=0.6, correct="none").blocks]
