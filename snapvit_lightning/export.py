@@ -171,9 +171,11 @@ def export_elastic(
         fitness_images: Float ``[M, 3, S, S]`` images, normalised for the model, or ``None``
             (the fidelity is then ``null``).
         save_subnets: Also write each budget's sliced subnet.
-        overwrite: Replace an earlier export of ``name`` in ``out_dir``: its files are replaced, and
-            those its ``report.json`` lists that this export does not write (subnets of other
-            budgets, ONNX files, statistics) are removed once the new files are in place.
+        overwrite: Replace the earlier export in ``out_dir`` (its ``report.json`` and plots are the
+            folder's, whatever ``name`` it had): its files are replaced, and those its
+            ``report.json`` lists that this export does not write (subnets of other budgets, ONNX
+            files, statistics, or all of them for another ``name``) are removed once the new files
+            are in place.
         name: File-name stem; default the elastic model's timm name.
         batch_size: Images per forward pass for the fidelity.
         correct: ``"lstsq"`` (default), ``"bias"`` or ``"none"``.
@@ -404,13 +406,16 @@ def export_elastic(
             _refuse_existing(targets, overwrite)  # again: they may have appeared during this export
             if stale_stats is not None:  # overwrite=True (checked above): an earlier export's statistics
                 stale_stats.unlink(missing_ok=True)
-            earlier = _earlier_files(out_dir, name) - set(targets.values()) if overwrite else set()
+            earlier_name, earlier = _earlier_files(out_dir) if overwrite else (None, set())
+            earlier -= set(targets.values())
             for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
                 os.replace(staged[role], targets[role])
                 placed.append(targets[role])
-            for path in earlier:  # the replaced export's subnets, which the new report does not list
+            removed: list[str] = []
+            for path in sorted(earlier):  # the replaced export's files, which the new report does not list
                 with contextlib.suppress(OSError):  # the new export is in place: a folder by that name is left alone
                     path.unlink()
+                    removed.append(path.name)
     except BaseException:
         for path in placed:
             path.unlink(missing_ok=True)
@@ -419,6 +424,9 @@ def export_elastic(
         for path in staged.values():
             path.unlink(missing_ok=True)
     rank_zero_info(f"export: wrote {len(targets)} files to {out_dir}")  # ElasticExport's, the plug-in's or a call's
+    if earlier_name is not None and earlier_name != name:
+        rank_zero_info(f"export: replaced the export {earlier_name!r} in {out_dir} (overwrite) and removed its "
+                       f"{len(removed)} files: {', '.join(removed) or 'none left'}")
     return {"paths": dict(targets), "report": report}
 
 

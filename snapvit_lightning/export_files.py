@@ -49,25 +49,27 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
             raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
 
 
-def _earlier_files(out_dir: Path, name: str) -> set[Path]:
-    """The files of an earlier export of ``name`` in ``out_dir``, as its ``report.json`` lists them (none without one).
+def _earlier_files(out_dir: Path) -> tuple[str | None, set[Path]]:
+    """The earlier export in ``out_dir``: its name and files, as its ``report.json`` lists them.
 
-    Only plain file names of that export (``<name>.*.safetensors`` / ``.onnx``: its checkpoint,
-    statistics, subnets and ONNX files) count: an unreadable report, or one of another name, gives
-    nothing to remove.
+    ``report.json`` and the plots belong to the folder, so an export with ``overwrite`` replaces
+    the folder's earlier export whatever its name. Only plain file names of that export
+    (``<name>.*.safetensors`` / ``.onnx``: its checkpoint, statistics, subnets and ONNX files)
+    count: an unreadable report gives ``(None, set())``.
     """
     try:
         report = json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return set()
-    if not isinstance(report, dict) or report.get("name") != name:
-        return set()
+        return None, set()
+    name = report.get("name") if isinstance(report, dict) else None
+    if not isinstance(name, str) or not name:
+        return None, set()
     names = list(report["files"].values()) if isinstance(report.get("files"), dict) else []
     for budget in report["budgets"] if isinstance(report.get("budgets"), list) else []:
         if isinstance(budget, dict):
             names += [budget.get("subnet_file"), budget.get("onnx_file")]
-    return {out_dir / n for n in names if isinstance(n, str) and n.startswith(f"{name}.") and Path(n).name == n
-            and n.endswith((".safetensors", ".onnx"))}
+    return name, {out_dir / n for n in names if isinstance(n, str) and n.startswith(f"{name}.") and Path(n).name == n
+                  and n.endswith((".safetensors", ".onnx"))}
 
 
 def _refuse_existing_before_fit(

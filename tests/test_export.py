@@ -296,6 +296,19 @@ def test_overwrite_removes_the_replaced_exports_subnets(tmp_path, elastic, image
     assert (tmp_path / "test_vit.mlp0.4_head0.5.safetensors").is_file()  # nothing to remove: kept
 
 
+def test_overwrite_under_another_name_replaces_the_folders_export(tmp_path, elastic, caplog):
+    # report.json and the plots are the folder's: the first export's files stayed without a report.
+    export_elastic(elastic, tmp_path, name="first", correct="none", budgets=[(0.5, 0.5)], save_subnets=True)
+    with pytest.raises(FileExistsError, match="report.json exists"):
+        export_elastic(elastic, tmp_path, name="second", correct="none", budgets=[(0.5, 0.5)])
+    (tmp_path / "first.notes.txt").write_text("a user's file")
+    with caplog.at_level("INFO"):
+        result = export_elastic(elastic, tmp_path, name="second", correct="none", budgets=[(0.5, 0.5)], overwrite=True)
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in result["paths"].values()} | {"first.notes.txt"}
+    assert (f"export: replaced the export 'first' in {tmp_path} (overwrite) and removed its 2 files: "
+            "first.elastic.safetensors, first.mlp0.5_head0.5.safetensors") in [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("where", ["_write_json", "_write_figure", "_write_subnet"])
 def test_failed_export_leaves_nothing(tmp_path, elastic, monkeypatch, where):
     def boom(*args, **kwargs):
