@@ -433,6 +433,14 @@ def test_single_unreadable_file(tmp_path: Path) -> None:
         CalibrationDataModule(data_dir=bad, img_size=16).setup("fit")
 
 
+def test_single_file_that_is_no_image_is_refused_by_check_sources(tmp_path: Path) -> None:
+    # `snapvit fit` calls check_sources before the precision probe: the file was read only after it.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("no image")
+    with pytest.raises(UnreadableImageError, match=r"cannot read image file '.*notes.txt' \(data_dir='.*notes.txt'\): cannot identify"):
+        CalibrationDataModule(data_dir=notes, img_size=16).check_sources()
+
+
 def test_single_good_file(tmp_path: Path) -> None:
     good = _write_image(tmp_path / "one.jpg")
     dm = CalibrationDataModule(data_dir=good, img_size=16)

@@ -378,6 +378,7 @@ class ImageFolderSource(ImageSource):
     Raises:
         FileNotFoundError: if ``root`` does not exist.
         ValueError: if ``root`` holds no image files.
+        UnreadableImageError: (a ``ValueError``) if ``root`` is one file whose header is no image's.
     """
 
     skippable = True
@@ -386,8 +387,14 @@ class ImageFolderSource(ImageSource):
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = find_images(self.root, argument)
         self.description = f"{argument}='{self.root}'" if argument else f"'{self.root}'"
-        # an explicitly named single file must be readable: no skipping
+        # an explicitly named single file must be readable: no skipping, and its header is read now
         self.skippable = not self.root.is_file()
+        if not self.skippable:
+            try:
+                with Image.open(self.root):
+                    pass
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                raise UnreadableImageError(f"cannot read image file '{self.root}' ({self.description}): {err}") from err
 
     def __len__(self) -> int:
         return len(self.files)
