@@ -58,7 +58,7 @@ from typing_extensions import override
 from .console import quiet_spawned_process
 from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
-from .scores import ImportanceScores, check_fraction
+from .scores import ImportanceScores, check_fraction, lamp_scores
 from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
 from .values import real_number
 from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
@@ -95,28 +95,6 @@ _CHECKPOINT_KEY = "snapvit_scoring"
 
 
 _CHECKPOINT_VERSION = 1
-
-
-def lamp_scores(magnitudes: Tensor) -> Tensor:
-    """LAMP scores (Lee et al., 2021) of the units in each row of ``magnitudes``.
-
-    ``score(u) = m_u / sum_{v : m_v >= m_u} m_v`` over the units ``v`` of the same row (layer),
-    where ``m`` are squared magnitudes; ties share a denominator, the largest unit scores 1 and
-    a row of zeros scores 0.
-
-    Args:
-        magnitudes: ``[rows, units]`` non-negative squared magnitudes.
-
-    Returns:
-        ``[rows, units]`` scores in ``[0, 1]``.
-    """
-    m = magnitudes.to(torch.float64)
-    ascending, _ = torch.sort(m, dim=1)
-    # suffix[:, i] = sum of ascending[:, i:]; suffix[:, units] = 0
-    suffix = torch.flip(torch.cumsum(torch.flip(ascending, dims=[1]), dim=1), dims=[1])
-    first = torch.searchsorted(ascending.contiguous(), m.contiguous(), right=False)
-    denom = suffix.gather(1, first)
-    return torch.where(denom > 0, m / denom.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
 
 
 def _check_temperature(value: float | None, name: str) -> float | None:
@@ -591,6 +569,9 @@ class SnapViTModule(pl.LightningModule):
         """Scores from the accumulators (summed over ranks under DDP) or from the weights.
 
         Under DDP this is a collective call: every rank must call it.
+
+        Raises:
+            RuntimeError: A gradient criterion before any calibration image was seen.
         """
         blocks = get_blocks(self.student)
         hidden = self.structure.blocks[0].mlp_hidden
@@ -607,6 +588,9 @@ class SnapViTModule(pl.LightningModule):
             if self._grads is None:
                 self._grads = self._zero_grads()
             acc, self.num_samples = self._reduced()
+            if self.num_samples == 0:  # summed over ranks: all raise, none waits
+                raise RuntimeError(f"compute_scores: criterion={self.criterion!r} has seen no calibration images (its "
+                                   "sums are zero): fit the module on images first, or use 'magnitude' or 'lamp'")
             if self.criterion == "snip_magnitude":
                 if self.accumulation == "fisher":
                     value = {k: weights(k).abs() * acc[k].clamp_min(0).sqrt() for k in acc}

@@ -14,7 +14,10 @@ import torch
 
 from .values import all_finite, real_number
 
-__all__ = ["DEFAULT_HEAD_RATIO_SCALE", "HEAD_SHARE_KNEE", "ImportanceScores", "budget_line", "ceil4", "check_fraction", "check_ratio", "head_share"]
+__all__ = [
+    "DEFAULT_HEAD_RATIO_SCALE", "HEAD_SHARE_KNEE", "ImportanceScores", "budget_line", "ceil4", "check_fraction", "check_ratio",
+    "head_share", "lamp_scores",
+]
 
 
 def check_ratio(value: float, name: str) -> float:
@@ -432,3 +435,25 @@ def _global_keep(scores: torch.Tensor, ratio: float, min_keep: int) -> torch.Ten
     lowest = torch.sort(candidates.flatten(), stable=True).indices[:num_prune]
     keep -= torch.bincount(block_of[lowest], minlength=num_blocks)
     return keep
+
+
+def lamp_scores(magnitudes: torch.Tensor) -> torch.Tensor:
+    """LAMP scores (Lee et al., 2021) of the units in each row of ``magnitudes``.
+
+    ``score(u) = m_u / sum_{v : m_v >= m_u} m_v`` over the units ``v`` of the same row (layer),
+    where ``m`` are squared magnitudes; ties share a denominator, the largest unit scores 1 and
+    a row of zeros scores 0.
+
+    Args:
+        magnitudes: ``[rows, units]`` non-negative squared magnitudes.
+
+    Returns:
+        ``[rows, units]`` scores in ``[0, 1]``.
+    """
+    m = magnitudes.to(torch.float64)
+    ascending, _ = torch.sort(m, dim=1)
+    # suffix[:, i] = sum of ascending[:, i:]; suffix[:, units] = 0
+    suffix = torch.flip(torch.cumsum(torch.flip(ascending, dims=[1]), dim=1), dims=[1])
+    first = torch.searchsorted(ascending.contiguous(), m.contiguous(), right=False)
+    denom = suffix.gather(1, first)
+    return torch.where(denom > 0, m / denom.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))

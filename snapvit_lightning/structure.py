@@ -11,6 +11,7 @@ prefix ``arange(k)`` slices them (the block becomes physically smaller).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,25 @@ class BlockDims:
 
     num_heads: int
     mlp_hidden: int
+
+    def __post_init__(self) -> None:
+        """Refuse what no block can have: ``slice`` and ``cost`` read these as counts.
+
+        Raises:
+            TypeError: A count that is no integer (a bool, a float, a string; numpy integers are taken).
+            ValueError: A negative count.
+        """
+        for field in ("num_heads", "mlp_hidden"):
+            value = getattr(self, field)
+            try:
+                count = operator.index(value) if not isinstance(value, bool) else None
+            except TypeError:
+                count = None
+            if count is None:
+                raise TypeError(f"BlockDims.{field} must be an int, got {value!r}")
+            if count < 0:
+                raise ValueError(f"BlockDims.{field} must be >= 0, got {value!r}")
+            object.__setattr__(self, field, int(count))
 
 
 @dataclass(frozen=True)

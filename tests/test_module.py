@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import assert_close_fp32
 from snapvit_lightning.data import ResumableDataLoader
-from snapvit_lightning.module import CRITERIA, SnapViTModule, dino_loss, lamp_scores
-from snapvit_lightning.scores import ImportanceScores
+from snapvit_lightning.module import CRITERIA, SnapViTModule, dino_loss
+from snapvit_lightning.scores import ImportanceScores, lamp_scores
 from snapvit_lightning.structure import UnsupportedModelError, get_blocks, mlp_input_layers
 
 pytestmark = pytest.mark.filterwarnings(
@@ -321,6 +321,13 @@ def test_lamp_scores_definition() -> None:
     m = torch.tensor([[4.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
     expected = torch.tensor([[4 / 4, 1 / 9, 2 / 8, 2 / 8], [0, 0, 0, 0]], dtype=torch.float64)
     torch.testing.assert_close(lamp_scores(m), expected)
+
+
+def test_gradient_scores_before_any_image_are_refused() -> None:
+    # they were all zeros, which ElasticViT took: an arbitrary ranking without a word
+    with pytest.raises(RuntimeError, match="criterion='dino' has seen no calibration images"):
+        SnapViTModule(vit()).compute_scores()
+    assert SnapViTModule(vit(), criterion="magnitude").compute_scores().mlp.sum() > 0  # weight criteria need no images
 
 
 def test_cross_entropy_needs_labels(weights: Path) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -241,3 +242,12 @@ def test_a_dynamic_size_model_that_cannot_take_its_own_size_is_refused() -> None
     check_supported(timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs))  # fixed size: timm floors
     check_supported(timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True,
                                       dynamic_img_pad=True, **kwargs))  # pads
+
+
+@pytest.mark.parametrize("dims, error", [((1.5, 100), TypeError), ((1, 100.7), TypeError), ((True, 1), TypeError),
+                                         (("1", 100), TypeError), ((-1, 3), ValueError)])
+def test_block_dims_refuse_what_no_block_has(dims, error):
+    # slice() cut 1.5 heads down to 1 while cost() counted 1.5: they disagreed without a word
+    with pytest.raises(error, match="BlockDims.(num_heads|mlp_hidden) must be"):
+        BlockDims(*dims)
+    assert BlockDims(np.int64(2), torch.tensor(5)) == BlockDims(2, 5)  # numpy and 0-d tensor counts are taken
