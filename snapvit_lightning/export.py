@@ -204,7 +204,7 @@ def export_elastic(
     """
     if not isinstance(elastic, ElasticViT):
         raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
-    out_dir = _check_dirpath(out_dir)
+    out_dir = _check_dirpath(out_dir, "out_dir")
     entries_in = _check_budgets(budgets)
     images = _check_images(fitness_images)
     save_subnets = _check_bool("save_subnets", save_subnets)
@@ -217,6 +217,8 @@ def export_elastic(
     if correct != "none":
         check_one_shot(elastic.model, f"export_elastic(correct={correct!r})", EXPORT_HINT)
     calibration = _check_images(calibration_images, "calibration_images")
+    if correct == "none" and calibration is not None:  # as slice() refuses them: they would be ignored
+        raise ValueError("calibration_images are only used with correct='lstsq' or 'bias', got correct='none'")
     if isinstance(views_per_image, bool) or not isinstance(views_per_image, int) or views_per_image < 1 or (
             calibration is not None and len(calibration) % views_per_image):
         raise ValueError(f"views_per_image must be an int >= 1 that divides the number of calibration_images, "

@@ -132,12 +132,12 @@ def _check_model_name(value: Any) -> str | None:
     return value
 
 
-def _check_dirpath(value: Any) -> Path:
+def _check_dirpath(value: Any, argument: str = "dirpath") -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise TypeError(f"dirpath must be a str or os.PathLike, got {value!r}")
+        raise TypeError(f"{argument} must be a str or os.PathLike, got {value!r}")
     path = Path(value).expanduser()  # as the data paths are
     if path.exists() and not path.is_dir():  # else mkdir fails only at the export, after the fit
-        raise ValueError(f"dirpath must be a folder, but '{value}' is a file")
+        raise ValueError(f"{argument} must be a folder, but '{value}' is a file")
     return path
 
 

@@ -158,6 +158,9 @@ def onnx_bytes(
         raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}")
     batch_size = _check_int("batch_size", batch_size, 1)
     opset = _check_int("opset", opset, 14)
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError(f"metadata must be a dict of strings to strings, got {metadata!r}")
     if opset > _MAX_OPSET:
         raise ValueError(f"opset must be at most {_MAX_OPSET} (this torch's TorchScript exporter), got {opset}")
     param = next(model.parameters(), None)
@@ -169,8 +172,6 @@ def onnx_bytes(
         device=param.device if param is not None else None,
         dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
     )
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"metadata must map strings to strings, got {metadata!r}")
     buffer = io.BytesIO()
     with _eval_mode(model), _symbolics(opset), torch.no_grad(), warnings.catch_warnings():
         out_shape = tuple(model(example).shape)
@@ -271,9 +272,17 @@ def save_onnx(
         The check's max abs difference.
 
     Raises:
-        ValueError: The check failed (nothing is written), or a bad argument.
+        ValueError: The check failed (nothing is written), a ``path`` not ending in ``.onnx``, or a bad argument.
+        TypeError: ``path`` is not a path (e.g. the arguments swapped).
         ImportError: Without ``onnxruntime``.
     """
+    if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
+        raise TypeError(f"save_onnx(model, path, ...) takes the model first, got the path {str(model)!r} as model")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
+    if Path(path).suffix.lower() != ".onnx" and not Path(path).is_dir():
+        hint = "; a subnet in PyTorch: save_subnet()" if Path(path).suffix.lower() == ".safetensors" else ""
+        raise ValueError(f"path: '{path}' must end in .onnx (this writes an ONNX graph{hint})")
     number = real_number(atol)
     if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")

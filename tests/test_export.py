@@ -237,6 +237,12 @@ def _header(path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
+def test_export_names_out_dir_when_it_is_a_file(tmp_path, elastic):
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"out_dir must be a folder, but '.*report.json' is a file"):
+        export_elastic(elastic, tmp_path / "report.json", correct="none")
+
+
 def test_export_correction_needs_calibration_images(tmp_path, elastic):
     with pytest.raises(ValueError, match="correct='lstsq' needs calibration_images.*correct='none' for the plain cut"):
         export_elastic(elastic, tmp_path)  # the default corrects
@@ -389,6 +395,8 @@ def test_two_exports_into_one_folder_place_their_files_one_after_the_other(tmp_p
         ({"budgets": []}, r"budgets must be a non-empty sequence .* got \[\]"),
         ({"fitness_images": torch.full((2, 3, 32, 32), float("nan"))}, r"fitness_images hold non-finite values"),
         ({"fitness_images": torch.zeros(2, 3, 40, 40)}, r"fitness_images: 40 x 40 px images do not cut into"),
+        ({"calibration_images": torch.zeros(2, 3, 32, 32)},  # ignored before, where slice() refuses them
+         r"calibration_images are only used with correct='lstsq' or 'bias', got correct='none'"),
         pytest.param({"device": "cuda"}, r"device 'cuda' asked for, but CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has it")),
     ],
