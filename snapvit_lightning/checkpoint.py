@@ -201,7 +201,7 @@ def resolve_rebuild(
         model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if not model_name:
             raise ValueError("model_name is required: the model has no pretrained_cfg['architecture']")
-    if not timm.is_model(model_name):
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise ValueError(f"model_name {model_name!r} is not a registered timm model")
     read = {
         "num_classes": int(model.num_classes),
@@ -283,9 +283,12 @@ def read_format(
     ``meta["format_version"]``).
 
     Raises:
+        TypeError: ``path`` is not a path.
         FileNotFoundError: ``path`` does not exist (the message names ``what``).
-        ValueError: An unreadable file, another format or another version.
+        ValueError: An unreadable file (a ``torch.save`` file is named as one), another format or version.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the {what} file")
@@ -299,6 +302,11 @@ def read_format(
             raw = f.metadata() or {}
             data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+            raise ValueError(f"{path} is a torch.save (pickle) file, not safetensors; this reads {what} files and "
+                             "never unpickles (model weights in it: model.checkpoint_path)") from err
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     if raw.get("format") != fmt:
         kind = _KNOWN_FORMATS.get(raw.get("format"))

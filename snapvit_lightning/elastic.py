@@ -615,9 +615,10 @@ class ElasticViT:
         Raises:
             FileNotFoundError: If ``path`` does not exist.
             TypeError: ``stats`` is not a bool.
-            ValueError: A corrupt or truncated file, another format or version, a subnet file,
-                contents that do not fit the model they name, or a statistics file beside it
-                that is unreadable or belongs to another elastic model.
+            ValueError: A truncated file or a corrupt header (the tensors carry no checksum:
+                changed values load as they are unless they are not finite), another format or
+                version, a subnet file, contents that do not fit the model they name, or a
+                statistics file beside it that is unreadable or belongs to another elastic model.
         """
         if not isinstance(stats, bool):
             raise TypeError(f"stats must be a bool, got {stats!r}")

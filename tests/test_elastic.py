@@ -305,6 +305,13 @@ def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="corrupt or truncated"):
         ElasticViT.load(tmp_path / "junk.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")  # was "corrupt or truncated?: header too large"
+    with pytest.raises(ValueError, match=r"weights.pth is a torch.save \(pickle\) file, not safetensors; .* never unpickles"):
+        ElasticViT.load(tmp_path / "weights.pth")
+    with pytest.raises(TypeError, match="path must be a file path .*, got 5"):
+        read_metadata(5)
+    with pytest.raises(ValueError, match="model_name 3 is not a registered timm model"):  # was an AttributeError
+        ElasticViT(elastic.model, elastic.scores, model_name=3)
 
     from safetensors import safe_open
 

@@ -836,6 +836,8 @@ def test_callback_refuses_too_few_fitness_images_before_the_scoring_epoch(tmp_pa
 @pytest.mark.parametrize("start, match", [
     ({"initial_weights": torch.rand(3)}, r"initial_weights must be a finite tensor of shape \[18\] \(B \+ B\*H\)"),
     ({"initial_covariance": torch.eye(5)}, r"initial_covariance must have shape \[18, 18\], got \[5, 5\]"),
+    ({"initial_weights": torch.full((18,), float("nan"))}, r"initial_weights must be .* got non-finite values"),
+    ({"initial_covariance": -torch.eye(18)}, r"initial_covariance must be positive definite"),  # was "`cov`", after the scoring
 ])
 def test_callback_refuses_a_start_that_does_not_fit_the_model_before_the_scoring_epoch(tmp_path: Path, start, match) -> None:
     from conftest import multicrop_loader

@@ -154,7 +154,8 @@ def fitness_subset(images: Tensor, samples: int | None, seed: int) -> Tensor:
 def _check_weights(value: Any, dim: int, name: str) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     if tuple(t.shape) != (dim,) or not torch.isfinite(t).all():
-        raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got shape {list(t.shape)}")
+        got = f"shape {list(t.shape)}" if tuple(t.shape) != (dim,) else "non-finite values"
+        raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got {got}")
     return t
 
 

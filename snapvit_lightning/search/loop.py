@@ -71,7 +71,8 @@ def _check_start(dim: int, initial_weights: Any, initial_covariance: Any) -> tup
     """The start mean and covariance (``None`` where not given) checked against ``dim`` search weights.
 
     Raises:
-        ValueError: ``initial_weights`` not finite ``[dim]``, ``initial_covariance`` not ``[dim, dim]``.
+        ValueError: ``initial_weights`` not finite ``[dim]``, ``initial_covariance`` not a finite,
+            symmetric, positive definite ``[dim, dim]``.
     """
     w0 = None if initial_weights is None else _check_weights(initial_weights, dim, "initial_weights")
     cov = None
@@ -79,6 +80,10 @@ def _check_start(dim: int, initial_weights: Any, initial_covariance: Any) -> tup
         cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
         if tuple(cov.shape) != (dim, dim):
             raise ValueError(f"initial_covariance must have shape [{dim}, {dim}], got {list(cov.shape)}")
+        try:  # finite, symmetric, positive definite: as xNES takes it, but named as the user gave it
+            XNES._factor_cov(cov, dim)
+        except ValueError as err:
+            raise ValueError(str(err).replace("`cov`", "initial_covariance")) from None
     return w0, cov
 
 
@@ -201,8 +206,9 @@ def run_search(
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Search the block/head weights without a Trainer (see :class:`EvolutionarySearch`).
 
-    The start point ``initial_weights`` (default :func:`default_initial_weights`) is evaluated
-    too (not counted in ``max_evals``) and returned when no candidate beats it.
+    The start point ``initial_weights`` (default ``w = 1`` on balanced scores, the default
+    ``balance``; :func:`default_initial_weights` with ``balance=None``) is evaluated too (not
+    counted in ``max_evals``) and returned when no candidate beats it.
 
     Args:
         model: The dense timm ViT (left unchanged).
