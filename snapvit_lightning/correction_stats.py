@@ -100,8 +100,11 @@ class CorrectionStats:
             (``None``: not recorded, e.g. statistics collected from a tensor of images).
 
     Raises:
-        ValueError: A ranking without the other half, of the wrong shape, or with values that are
-            not finite and non-negative; ``views_per_image`` that does not divide ``num_images``.
+        ValueError: Matrices that are not ``[B, n, n]`` finite float second moments (non-negative on
+            the diagonal, not all zero in a block) with one ``B``; counts that are not ints with
+            ``1 <= num_images <= num_tokens``; a fingerprint that is no str; a ranking without the other
+            half, of the wrong shape, or with values that are not finite and non-negative;
+            ``views_per_image`` that does not divide ``num_images``.
     """
 
     attn: Tensor
@@ -114,6 +117,23 @@ class CorrectionStats:
     views_per_image: int | None = None
 
     def __post_init__(self) -> None:
+        for name, t in (("attn", self.attn), ("mlp", self.mlp)):
+            if not isinstance(t, Tensor) or t.ndim != 3 or t.shape[1] != t.shape[2]:
+                raise ValueError(f"'{name}' must be [B, n, n], got {tuple(t.shape) if isinstance(t, Tensor) else t!r}")
+        if self.attn.shape[0] != self.mlp.shape[0]:
+            raise ValueError(f"'attn' and 'mlp' have different block counts ({self.attn.shape[0]} and {self.mlp.shape[0]})")
+        for name, t in (("attn", self.attn), ("mlp", self.mlp)):  # a damaged file, not a damping problem later
+            diagonal = t.diagonal(dim1=1, dim2=2) if t.is_floating_point() else None
+            if diagonal is None or not all_finite(t) or bool((diagonal < 0).any()) \
+                    or bool((diagonal.sum(dim=1) == 0).any()):
+                raise ValueError(f"'{name}' must hold finite float second moments, non-negative on the "
+                                 "diagonal and not all zero in a block (a damaged file?)")
+        counts = (self.num_images, self.num_tokens)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in counts) or counts[0] < 1 or counts[1] < counts[0]:
+            raise ValueError(f"num_images must be an int >= 1 and num_tokens an int >= num_images, got "
+                             f"{self.num_images!r} and {self.num_tokens!r}")
+        if not isinstance(self.fingerprint, str):  # "": statistics of a model, not bound to an elastic one
+            raise ValueError(f"fingerprint must be a str (correction.fingerprint), got {self.fingerprint!r}")
         views = self.views_per_image
         if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1
                                   or self.num_images % views):
@@ -238,19 +258,6 @@ class CorrectionStats:
             views = int(meta["views_per_image"]) if "views_per_image" in meta else None  # not in earlier files
         except (KeyError, ValueError) as err:
             raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
-        for name, t in (("attn", attn), ("mlp", mlp)):
-            if t.ndim != 3 or t.shape[1] != t.shape[2]:
-                raise ValueError(f"{path}: '{name}' must be [B, n, n], got {tuple(t.shape)}")
-        if attn.shape[0] != mlp.shape[0]:
-            raise ValueError(f"{path}: 'attn' and 'mlp' have different block counts")
-        for name, t in (("attn", attn), ("mlp", mlp)):  # a damaged file, not a damping problem later
-            diagonal = t.diagonal(dim1=1, dim2=2) if t.is_floating_point() else None
-            if diagonal is None or not all_finite(t) or bool((diagonal < 0).any()) \
-                    or bool((diagonal.sum(dim=1) == 0).any()):
-                raise ValueError(f"{path}: '{name}' must hold finite float second moments, non-negative on the "
-                                 "diagonal and not all zero in a block (a damaged file?)")
-        if values[0] < 1 or values[1] < values[0]:
-            raise ValueError(f"{path}: num_images must be >= 1 and num_tokens >= num_images, got {values[0]} and {values[1]}")
         ranking = {}
         if meta["format_version"] not in ("1", "2"):  # older files carry no ranking
             ranking = {k: tensors[k] for k in ("ranking_mlp", "ranking_heads") if k in tensors}

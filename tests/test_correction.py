@@ -253,7 +253,7 @@ def test_stats_of_another_model_are_refused(tmp_path: Path) -> None:
     [
         (lambda t, m: t["mlp_triu"].view(-1)[0].fill_(float("nan")), "'mlp' must hold finite float second moments"),
         (lambda t, m: t["attn_triu"][:, 0].fill_(-1.0), "'attn' must hold finite float second moments"),
-        (lambda t, m: m.update(num_images="0"), "num_images must be >= 1 and num_tokens >= num_images, got 0"),
+        (lambda t, m: m.update(num_images="0"), "num_images must be an int >= 1 and num_tokens an int >= num_images, got 0"),
         (lambda t, m: t["mlp_triu"].zero_(), "'mlp' must hold finite float second moments"),  # failed later as "use a larger damping"
         (lambda t, m: t.update(attn_triu=t["attn_triu"].long()), "'attn' must hold finite float second moments"),
     ],
@@ -270,8 +270,26 @@ def test_damaged_stats_are_refused_on_load(tmp_path: Path, edit, match) -> None:
         meta = dict(f.metadata())
     edit(tensors, meta)
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(ValueError, match=rf"{path.name}: {match}"):
+    with pytest.raises(ValueError, match=rf"{path.name}: invalid correction statistics: {match}"):
         CorrectionStats.load(path)
+
+
+def test_the_constructor_refuses_what_load_refuses() -> None:
+    # they were taken and failed at subnet(), NaN ones as "not positive definite ... use a larger damping"
+    good = _elastic().collect_stats(_images(_elastic().model, n=4))
+    nan = good.mlp.clone()
+    nan[0, 0, 0] = float("nan")
+    for changes, match in [
+        (dict(mlp=nan), "'mlp' must hold finite float second moments"),
+        (dict(attn=good.attn[0]), r"'attn' must be \[B, n, n\], got"),
+        (dict(attn=good.attn[:1]), r"'attn' and 'mlp' have different block counts \(1 and 6\)"),
+        (dict(num_images=-1), "num_images must be an int >= 1 and num_tokens an int >= num_images, got -1"),
+        (dict(num_images="4"), "num_images must be an int >= 1 .* got '4'"),
+        (dict(num_tokens=0), "num_tokens an int >= num_images"),
+        (dict(fingerprint=None), "fingerprint must be a str"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(good, **changes)
 
 
 @pytest.mark.parametrize(
