@@ -69,7 +69,8 @@ def save_subnet(
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta = subnet_metadata(model, model_name, model_kwargs, budget)
-    _rebuild(path, {**meta, "model_kwargs": model_kwargs, "block_dims": json.loads(meta["block_dims"])}, tensors, check_only=True)
+    _rebuild(path, {**meta, "model_kwargs": json.loads(meta["model_kwargs"]), "block_dims": json.loads(meta["block_dims"])},
+             tensors, check_only=True)
     _write(path, tensors, meta)
 
 
@@ -247,6 +248,14 @@ def subnet_metadata(
     return meta
 
 
+def _as_it_is_now(model: nn.Module, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model_kwargs`` with the input size the model has now (timm's ``set_input_size`` changes it after the build)."""
+    size = [int(s) for s in model.patch_embed.img_size]
+    if "img_size" not in model_kwargs or model_kwargs["img_size"] in (size, size[0] if size[0] == size[1] else None):
+        return model_kwargs
+    return {**model_kwargs, "img_size": size}
+
+
 def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[str, Any]) -> dict[str, str]:
     dims = [[d.num_heads, d.mlp_hidden] for d in map(block_dims, get_blocks(model))]
     return {
@@ -254,7 +263,7 @@ def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[s
         "format_version": str(FORMAT_VERSION),
         "kind": kind,
         "model_name": model_name,
-        "model_kwargs": json.dumps(model_kwargs),
+        "model_kwargs": json.dumps(_as_it_is_now(model, model_kwargs)),
         "input_size": json.dumps([int(s) for s in model.patch_embed.img_size]),
         "block_dims": json.dumps(dims),
         "snapvit_version": __version__,

@@ -5,6 +5,7 @@ import math
 import re
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -669,3 +670,21 @@ def test_a_subnet_loads_and_slices_without_the_training_stack(tmp_path) -> None:
                           str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("loaded []")
+
+
+def test_a_model_resized_after_the_build_saves_and_loads_at_its_new_size(tmp_path) -> None:
+    # timm's set_input_size (what the docs point to for other sizes) left model_kwargs at the old img_size:
+    # save() wrote a file that load() refused ("size mismatch for pos_embed"), save_subnet() refused to write
+    model = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=False).eval()
+    elastic = ElasticViT(model, random_scores(model))
+    elastic.model.set_input_size(img_size=96)
+    elastic.save(tmp_path / "m.elastic.safetensors")
+    loaded = ElasticViT.load(tmp_path / "m.elastic.safetensors")
+    x = torch.randn(2, 3, 96, 96)
+    assert loaded.model_kwargs["img_size"] == [96, 96] and loaded.input_size == (96, 96)
+    assert torch.equal(_forward(loaded.model, x), _forward(elastic.model, x))
+    sub = elastic.subnet(0.5, 0.5, correct="none")
+    sub.set_input_size(img_size=(96, 64))
+    elastic.save_subnet(tmp_path / "s.safetensors", sub)
+    y = torch.randn(2, 3, 96, 64)
+    assert torch.equal(_forward(load_subnet(tmp_path / "s.safetensors"), y), _forward(sub, y))
