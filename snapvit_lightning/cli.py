@@ -177,7 +177,8 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
                  for k in ("fidelity", "fidelity_corrected")]
         print(f"{b['mlp_ratio']:>9.2f} {b['head_ratio']:>10.2f} {100 * b['flops_fraction']:>7.1f}% {cells[0]:>7} {cells[1]:>9}")
     if in_sample:
-        print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq --calibration STATS` "
+        calibration = f" --calibration {shlex.quote(str(beside))}" if stats is not None else ""
+        print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq{calibration}` "
               "on photos the run never saw (or `--data.holdout N` in the fit)")
 
 

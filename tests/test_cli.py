@@ -476,7 +476,8 @@ def test_info_says_when_the_fidelity_was_measured_on_the_calibration_images(tmp_
     assert main(["info", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "4 images; in-sample: the images the run calibrated on, so it flatters):" in printed
-    assert f"held out: `snapvit bench {path} --data TEST_DIR --correct lstsq --calibration STATS`" in printed
+    stats = path.with_name(path.name.replace(".elastic.", ".stats."))  # named, not a STATS placeholder
+    assert f"held out: `snapvit bench {path} --data TEST_DIR --correct lstsq --calibration {stats}`" in printed
 
 
 def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, capsys) -> None:
