@@ -319,10 +319,6 @@ class SnapViT(Callback):
             check_model_images(model, self.fitness_images, "fitness_images")
         size = getattr(self.datamodule, "img_size", None)
         if isinstance(size, int) and not isinstance(size, bool):
-            fixed = tuple(getattr(model.patch_embed, "img_size", None) or ())
-            if getattr(model.patch_embed, "strict_img_size", False) and fixed != (size, size):
-                raise ValueError(f"datamodule: img_size={size}, but this ViT takes {fixed[0]} x {fixed[1]} px images only "
-                                 f"(give img_size={fixed[0]}, or build the ViT with img_size={size} or dynamic_img_size=True)")
             check_input_size(model, (size, size), f"datamodule: img_size={size}")
         if self.search_evals:
             check_start_fits(model, self.search_kwargs.get("initial_weights"), self.search_kwargs.get("initial_covariance"))

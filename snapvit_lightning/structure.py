@@ -495,17 +495,22 @@ def num_tokens(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
 
 
 def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None:
-    """Refuse an input ``size`` (H, W) that a dynamic-size ``model``'s patch embedding cannot cut into patches.
+    """Refuse an input ``size`` (H, W) that ``model``'s patch embedding does not take.
 
     Raises:
-        ValueError: ``H`` or ``W`` not a multiple of the patch size (a patch embedding that pads,
-            ``dynamic_img_pad``, takes any size); the message names ``name``.
+        ValueError: A fixed-size model (``strict_img_size``) and another size; a dynamic-size one
+            and ``H`` or ``W`` not a multiple of the patch size (a patch embedding that pads,
+            ``dynamic_img_pad``, takes any size). The message names ``name``.
     """
     pe = getattr(model, "patch_embed", None)
     patch = tuple(int(p) for p in getattr(pe, "patch_size", None) or ())
+    fixed = tuple(int(s) for s in getattr(pe, "img_size", None) or ())
+    if getattr(pe, "strict_img_size", False) and len(fixed) == 2 and tuple(size) != fixed:  # timm asserts in the forward
+        raise ValueError(f"{name}: this ViT takes {fixed[0]} x {fixed[1]} px images only (give {fixed[0]}, or build "
+                         f"the ViT with img_size={size[0]} or dynamic_img_size=True)")
     if len(patch) != 2 or getattr(pe, "img_size", None) is None or getattr(pe, "dynamic_img_pad", False) \
             or getattr(pe, "strict_img_size", False):
-        return  # as timm's PatchEmbed: a fixed size is checked as a whole, no img_size not at all
+        return  # no img_size: not checked at all
     if size[0] % patch[0] or size[1] % patch[1]:
         multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
         below, above = max(1, size[0] // patch[0]) * patch[0], (size[0] // patch[0] + 1) * patch[0]

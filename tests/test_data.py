@@ -839,3 +839,13 @@ def test_a_view_size_a_dynamic_size_model_cannot_cut_is_refused_when_configured(
         dm.setup("fit")
         views, _ = next(iter(dm.train_dataloader()))
         assert views.shape[-1] == (size or 64) and torch.isfinite(model(views[:, 0])).all()
+
+
+def test_a_view_size_a_fixed_size_model_does_not_take_is_refused_when_configured() -> None:
+    # `snapvit fit --data.img_size 96` on a 64 px model: timm's assertion came in the scoring, a traceback
+    fixed = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=False)
+    with pytest.raises(ValueError, match=r"img_size=96: this ViT takes 64 x 64 px images only \(give 64, or build"):
+        CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(fixed)
+    CalibrationDataModule(dataset=_NoiseDataset(2), img_size=64).configure_from_model(fixed)
+    dynamic = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=True)
+    CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(dynamic)
