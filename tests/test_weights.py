@@ -213,6 +213,25 @@ def test_check_rejects_a_wrong_shape(converted):
         check_timm_state_dict(converted, DINOV2_VITS14, num_classes=10)
 
 
+def test_cli_refuses_an_unwritable_folder_before_the_conversion(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from snapvit_lightning.cli import main
+
+    def refuse(*args, **kwargs):
+        raise OSError(13, "Permission denied")
+
+    def never(path):
+        raise AssertionError("converted before the folder was checked")
+
+    monkeypatch.setitem(weights.CONVERSIONS, "dinov2-vits14", never)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit) as exc:
+        main(["weights", "dinov2-vits14", str(tmp_path / "w.safetensors")])
+    assert exc.value.code == 2
+    assert f"snapvit weights: error: path: cannot write into '{tmp_path}' (Permission denied)" in capsys.readouterr().err
+
+
 def test_conversions_registry():
     assert weights.CONVERSIONS == {"dinov2-vits14": write_dinov2_vits14}
 

@@ -247,6 +247,23 @@ def test_check_writable_creates_nothing_and_refuses_a_folder_it_cannot_create(tm
     assert list(tmp_path.iterdir()) == []  # 'a', made before 'b' failed, is removed too
 
 
+def test_check_writable_writes_a_file_into_an_existing_folder(tmp_path, monkeypatch) -> None:
+    # root passes os.access everywhere: `-o /proc/x` and `snapvit weights ... /proc/x.safetensors` failed at the write
+    import tempfile
+
+    from snapvit_lightning.weights_io import check_writable
+
+    def refuse(*args, **kwargs):
+        raise OSError(2, "No such file or directory")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PermissionError, match=f"-o: cannot write into '{tmp_path}' \\(No such file or directory\\)"):
+        check_writable(tmp_path, "-o")
+    monkeypatch.undo()
+    check_writable(tmp_path, "-o")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_timm_data_config_of_models_and_subnets_is_the_built_size(tmp_path) -> None:
     # create_model(..., img_size=S) keeps the pretrained config's size: timm's own transforms then fed
     # the model (and every subnet of it) images it refuses.
