@@ -194,6 +194,18 @@ def make_parent(path: Path) -> None:
         raise NotADirectoryError(f"cannot write '{path}': '{blocking}' is a file, not a folder") from err
 
 
+def _check_local_dir(model_name: str) -> None:
+    """Refuse a ``local-dir:FOLDER`` without timm's ``config.json`` (timm says only "Config file not found")."""
+    folder = Path(model_name.split(":", 1)[1]).expanduser()
+    missing = "does not exist" if not folder.is_dir() else "has no config.json" if not (folder / "config.json").is_file() else None
+    if missing:
+        raise FileNotFoundError(
+            f"model {model_name!r}: the folder '{folder}' {missing}; timm's local-dir: reads FOLDER/config.json "
+            '(e.g. {"architecture": "vit_small_patch14_dinov2", "num_classes": 0, "pretrained_cfg": {}}) and, with '
+            "pretrained: true, FOLDER/model.safetensors (or pytorch_model.bin); or give a timm name and checkpoint_path"
+        )
+
+
 def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model(model_name, pretrained=pretrained, **model_kwargs)`` with clear errors.
 
@@ -218,7 +230,8 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
             ``model_kwargs`` (use the module's ``checkpoint_path``); a ``pretrained_cfg_overlay`` file
             without ``pretrained=True``, or one that does not load strictly; ``pretrained=True`` for a model timm has no weights for,
             or weights that do not load into it.
-        FileNotFoundError: If the ``pretrained_cfg_overlay`` file does not exist.
+        FileNotFoundError: If the ``pretrained_cfg_overlay`` file does not exist, or a ``local-dir:``
+            folder or its ``config.json``.
     """
     from timm.models import parse_model_name
 
@@ -228,6 +241,8 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         raise ValueError(f"model {model_name!r} is not a timm model name: {err}") from err
     if source is None and not timm.is_model(model_name):
         raise ValueError(f"model {model_name!r} is not a registered timm model name")
+    if source == "local-dir":
+        _check_local_dir(model_name)
     kwargs = dict(model_kwargs or {})
     if "checkpoint_path" in kwargs:  # timm would load it, and the elastic checkpoint would re-read it at every load
         raise ValueError(

@@ -247,6 +247,16 @@ def test_check_writable_creates_nothing_and_refuses_a_folder_it_cannot_create(tm
     assert list(tmp_path.iterdir()) == []  # 'a', made before 'b' failed, is removed too
 
 
+def test_a_local_dir_without_its_config_is_refused_with_the_layout(tmp_path) -> None:
+    # timm said only "Config file not found: FOLDER/config.json", for a missing folder too
+    with pytest.raises(FileNotFoundError, match=r"the folder '.*nope' does not exist; timm's local-dir: reads FOLDER/config.json"):
+        create_timm_model(f"local-dir:{tmp_path / 'nope'}")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json; .*FOLDER/model.safetensors"):
+        create_timm_model(f"local-dir:{tmp_path}")
+    (tmp_path / "config.json").write_text('{"architecture": "test_vit", "num_classes": 0, "pretrained_cfg": {}}')
+    assert create_timm_model(f"local-dir:{tmp_path}").num_classes == 0
+
+
 def test_check_writable_writes_a_file_into_an_existing_folder(tmp_path, monkeypatch) -> None:
     # root passes os.access everywhere: `-o /proc/x` and `snapvit weights ... /proc/x.safetensors` failed at the write
     import tempfile
