@@ -59,7 +59,9 @@ from .console import quiet_spawned_process
 from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
 from .scores import ImportanceScores, check_fraction, lamp_scores
-from .structure import UnsupportedModelError, check_supported, get_blocks, inspect_vit, mlp_input_layers
+from .structure import (
+    UnsupportedModelError, check_model_images, check_supported, get_blocks, inspect_vit, mlp_input_layers,
+)
 from .values import real_number
 from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
 
@@ -308,8 +310,11 @@ class SnapViTModule(pl.LightningModule):
 
         Returns:
             ``[N, D]`` embeddings (not normalised).
+
+        Raises:
+            ValueError: ``x`` is not finite float images the model takes (naming the shape it needs).
         """
-        return embed(self.student, x, self.explicit_attention)
+        return embed(self.student, check_model_images(self.student, x, "x"), self.explicit_attention)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -504,8 +509,13 @@ class SnapViTModule(pl.LightningModule):
             of the first global crop (``"cross_entropy"``), summed over the batch.
 
         Raises:
-            ValueError: Too few views, or missing/negative labels for ``"cross_entropy"``.
+            ValueError: ``views`` that are not finite float ``[B, V, 3, S, S]`` the model takes, too
+                few views, or missing/negative labels for ``"cross_entropy"``.
         """
+        if not isinstance(views, Tensor) or views.dim() != 5:  # torch's and timm's errors named no cause
+            got = list(views.shape) if isinstance(views, Tensor) else type(views).__name__
+            raise ValueError(f"views must be a float tensor [B, V, 3, S, S] of multi-crop views, got {got}")
+        check_model_images(self.student, views.flatten(0, 1), "views")
         if self.criterion == "cross_entropy":
             if labels is None or labels.numel() != views.shape[0] or bool((labels < 0).any()):
                 raise ValueError(
@@ -521,7 +531,7 @@ class SnapViTModule(pl.LightningModule):
             raise ValueError(f"criterion={self.criterion!r} needs >= 2 views per image, got {views.shape[1]}")
         b, v = views.shape[:2]
         with _v_rows_weight_grads(self.student):
-            emb = self.embed(views.flatten(0, 1)).reshape(b, v, -1)
+            emb = embed(self.student, views.flatten(0, 1), self.explicit_attention).reshape(b, v, -1)
         return dino_loss(emb, self.teacher_temp, self.student_temp).sum()
 
     @override

@@ -330,6 +330,20 @@ def test_gradient_scores_before_any_image_are_refused() -> None:
     assert SnapViTModule(vit(), criterion="magnitude").compute_scores().mlp.sum() > 0  # weight criteria need no images
 
 
+def test_bad_images_get_the_package_error_not_torchs() -> None:
+    # uint8 / 1-channel / 4-D views gave "Input type (unsigned char) and bias type (float)", "expected 4, got 3"
+    module = SnapViTModule(vit())
+    good = views(2)
+    with pytest.raises(ValueError, match=r"views must be a float tensor \[B, V, 3, S, S\] of multi-crop views, got \[2, "):
+        module.compute_loss(good[:, 0])
+    for bad in (good.to(torch.uint8), good[:, :, :1], torch.full_like(good, float("nan"))):
+        with pytest.raises(ValueError, match="views (must be a non-empty float tensor|hold non-finite values)"):
+            module.compute_loss(bad)
+    with pytest.raises(ValueError, match=r"x must be a non-empty float tensor \[N, 3, "):
+        module.embed(good[:, 0].half().to(torch.int16))
+    assert module.embed(good[:, 0]).shape[0] == 2
+
+
 def test_cross_entropy_needs_labels(weights: Path) -> None:
     module = scoring(weights, criterion="cross_entropy")
     with pytest.raises(ValueError, match="label >= 0"):
