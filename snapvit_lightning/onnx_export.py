@@ -21,6 +21,7 @@ import io
 import math
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -119,6 +120,29 @@ class _NoHeads(nn.Module):
         return zeros if self.bias is None else zeros + self.bias
 
 
+@contextlib.contextmanager
+def _no_graph_dump() -> Iterator[None]:
+    """Discard what the exporter writes to the process's stdout (file descriptor 1).
+
+    torch's TorchScript exporter turns its ONNX log on for every export (it tests the function
+    ``_jit_is_onnx_log_enabled`` instead of calling it), so a failed export prints the whole traced
+    graph from C++ (hundreds of lines) before the exception this module turns into one line.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (AttributeError, OSError, ValueError):  # no descriptor 1 to redirect (an embedded interpreter)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _exportable(model: nn.Module) -> nn.Module:
     """``model``, or a copy whose zero-head attentions are replaced by :class:`_NoHeads`."""
     blocks = [b for b in getattr(model, "blocks", ()) if getattr(getattr(b, "attn", None), "num_heads", 1) == 0]
@@ -180,16 +204,17 @@ def onnx_bytes(
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         try:
-            torch.onnx.export(
-                _exportable(model),
-                (example,),
-                buffer,
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
+            with _no_graph_dump():
+                torch.onnx.export(
+                    _exportable(model),
+                    (example,),
+                    buffer,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                )
         except torch.onnx.errors.UnsupportedOperatorError as err:  # e.g. a position embedding resampled every forward
             raise ValueError(
                 f"this model's forward uses an operator ONNX opset {opset} cannot express ({err}); a timm ViT "
