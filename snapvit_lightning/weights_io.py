@@ -410,7 +410,28 @@ def load_weights(
                               f"{mh}x{mw}: these weights were trained with another patch size", stacklevel=2)
             return
     hint = _prefix_hint(state, model)
-    raise ValueError(f"{argument} {str(path)!r} does not match the model{hint}: {_short_error(error)}") from error
+    raise ValueError(f"{argument} {str(path)!r} does not match the model{hint}: "
+                     f"{_shape_summary(state, model, error) or _short_error(error)}") from error
+
+
+def _shape_summary(state: dict[str, Tensor], model: nn.Module, error: BaseException) -> str | None:
+    """The file's own shapes against the model's (timm's filter would show them resampled), ``None`` if all agree."""
+    own = model.state_dict()
+
+    def resampled(key: str, a: tuple[int, ...], b: tuple[int, ...]) -> bool:  # what timm's filter adapts: not a cause
+        return (key == "pos_embed" and a[-1:] == b[-1:]) or (key == "patch_embed.proj.weight" and a[:2] == b[:2])
+
+    differ = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+              and not resampled(k, tuple(v.shape), tuple(own[k].shape))]
+    if not differ or "size mismatch" not in str(error):
+        return None
+    shown = "; ".join(f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}" for k in differ[:3])
+    width = state.get("patch_embed.proj.weight")
+    widths = (f"; the file's ViT is {width.shape[0]} wide, the model {own['patch_embed.proj.weight'].shape[0]}: "
+              "is model.model (or model_kwargs) the architecture these weights were trained as?"
+              if width is not None and "patch_embed.proj.weight" in own
+              and width.shape[0] != own["patch_embed.proj.weight"].shape[0] else "")
+    return f"{len(differ)} of its {len(state)} tensors have other shapes ({shown}{'; ...' if len(differ) > 3 else ''}){widths}"
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -484,6 +484,10 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     torch.save(vit(img_size=48, depth=2).state_dict(), tmp_path / "other48.pt")
     with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):  # not pos_embed's size
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other48.pt"), model_kwargs=VIT_KW)
+    torch.save(vit(embed_dim=16, num_heads=2).state_dict(), tmp_path / "narrow.pt")  # another width: the file's shapes, counted
+    with pytest.raises(ValueError, match=r"does not match the model: 79 of its 80 tensors have other shapes \(cls_token: file "
+                                         r"\[1, 1, 16\], model \[1, 1, 64\]; .*\); the file's ViT is 16 wide, the model 64: is model.model"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "narrow.pt"), model_kwargs=VIT_KW)
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(found \['epoch', 'optimizer'\]\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "nothing.pt"), model_kwargs=VIT_KW)
