@@ -50,7 +50,8 @@ def _info(args: argparse.Namespace) -> int:
             requested = cut.get("requested")
             asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
             share, knee = meta["budget"].get("head_ratio_scale"), meta["budget"].get("head_share_knee")
-            split = f" (heads at {share:g} of the neurons' ratio up to {knee:g} of them)" if share is not None else ""
+            split = f" (heads pruned at {share:g} x the neurons' ratio until {knee:g} of the neurons go, then both)" \
+                if share is not None else ""
             print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
             if isinstance(meta["budget"].get("latency"), dict):  # slice --latency-ms: what its latency means
@@ -79,6 +80,8 @@ def _info(args: argparse.Namespace) -> int:
         print(how)
     measured = "" if latencies is None else f" {'ms':>7} {'speed-up':>11}"
     cut = "plain cut" if ranked is None else "corrected cut"
+    if args.budgets is None:
+        print("budgets: info's own grid of ratios, any of which `slice` cuts (--budgets MLP,HEAD ... for others)")
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'params':>12} {'FLOPs':>14} {'flops %':>8}{measured}"
           f"  kept heads / neurons per block ({cut})")
     for row, (mlp_ratio, head_ratio) in enumerate(budgets):
@@ -393,7 +396,8 @@ def _slice(args: argparse.Namespace) -> int:
     else:
         elastic.save_subnet(out, sub, budget=cut)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
-    split = "" if share is None else f" (heads at {share:g} of the neurons' ratio up to {HEAD_SHARE_KNEE:g} of them, then both)"
+    split = "" if share is None else (f" (heads pruned at {share:g} x the neurons' ratio until {HEAD_SHARE_KNEE:g} of the "
+                                      "neurons go, then both to every block's minimum)")
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback
 from PIL import Image
 
 from snapvit_lightning import __version__
-from snapvit_lightning.cli import main
+from snapvit_lightning.cli import INFO_BUDGETS, main
 from snapvit_lightning.data import load_calibration_views, load_eval_images
 from snapvit_lightning.elastic import ElasticViT, load_subnet, read_metadata
 from snapvit_lightning.evaluation import model_cost
@@ -40,6 +40,10 @@ def test_info_lists_budgets(tmp_path, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert "100.0%" in lines[2] and lines[3].split()[:2] == ["0.50", "0.50"]
     assert lines[4].startswith("correction statistics: none at") and len(lines) == 5
+    assert main(["info", str(path)]) == 0  # its own grid, which a new user took for the export's budgets
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("budgets: info's own grid of ratios") and [r.split()[:2] for r in lines[3:10]] == [
+        [f"{m:.2f}", f"{h:.2f}"] for m, h in INFO_BUDGETS]
 
 
 def test_info_errors(tmp_path, capsys) -> None:
@@ -709,9 +713,10 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
         assert (budget["mlp_ratio"], budget["head_ratio"]) == elastic.resolve_budget(flops=0.6, head_ratio_scale=scale)
         assert budget["head_ratio"] == pytest.approx(budget_line(budget["mlp_ratio"], scale)[1])  # s * r, past the knee more
         assert (budget["head_ratio_scale"], budget["head_share_knee"]) == (scale, HEAD_SHARE_KNEE)  # how it was split
-        assert f"(heads at {scale:g} of the neurons' ratio up to {HEAD_SHARE_KNEE:g} of them, then both)" in capsys.readouterr().out
+        assert (f"(heads pruned at {scale:g} x the neurons' ratio until {HEAD_SHARE_KNEE:g} of the neurons go, then both to every "
+                "block's minimum)") in capsys.readouterr().out
         assert main(["info", str(out)]) == 0
-        assert f"(heads at {scale:g} of the neurons' ratio up to {HEAD_SHARE_KNEE:g} of them)" in capsys.readouterr().out
+        assert f"(heads pruned at {scale:g} x the neurons' ratio until {HEAD_SHARE_KNEE:g} of the neurons go, then both)" in capsys.readouterr().out
         if extra == ["--no-correct"]:  # the plain cut of a fraction as before: both alike
             assert [b.mlp.fc1.out_features for b in load_subnet(out).blocks] == [
                 b.mlp.fc1.out_features for b in elastic.subnet(flops=0.6, correct="none").blocks]
