@@ -120,6 +120,11 @@ class ElasticViT:
         if not structure.is_uniform:
             raise ValueError("model has blocks of different sizes; build the elastic model from the dense model")
         _check_scores_match(scores, structure.blocks[0], structure.num_blocks)
+        hooked = [name or "the model" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        if hooked:  # deep-copied with the model: into every subnet and every ONNX graph traced from one
+            warnings.warn(f"model has forward hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}: "
+                          "they are copied into the elastic model and its subnets (and traced into ONNX; subnet "
+                          "files do not keep them); remove them first if they change outputs", stacklevel=2)
         self._build(model, scores, *resolve_rebuild(model, model_name, model_kwargs))
 
     def _build(self, model: nn.Module, scores: ImportanceScores, model_name: str, model_kwargs: dict[str, Any]) -> None:

@@ -688,3 +688,11 @@ def test_a_model_resized_after_the_build_saves_and_loads_at_its_new_size(tmp_pat
     elastic.save_subnet(tmp_path / "s.safetensors", sub)
     y = torch.randn(2, 3, 96, 64)
     assert torch.equal(_forward(load_subnet(tmp_path / "s.safetensors"), y), _forward(sub, y))
+
+
+def test_forward_hooks_on_the_model_are_named_in_a_warning() -> None:
+    # a hook that doubled a block's output went, without a word, into every subnet and an ONNX graph
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    model.blocks[0].mlp.register_forward_hook(lambda module, args, out: 2 * out)
+    with pytest.warns(UserWarning, match=r"model has forward hooks on blocks.0.mlp: they are copied into the elastic model"):
+        ElasticViT(model, random_scores(model))
