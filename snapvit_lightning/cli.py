@@ -405,6 +405,9 @@ def _slice(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    data = Path(args.data).expanduser()
+    if not data.exists():  # before the imports' seconds
+        raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     import dataclasses
 
     from .correction import check_one_shot, stats_path_for
@@ -413,9 +416,6 @@ def _stats(args: argparse.Namespace) -> int:
     from .export_options import _check_stats_views
 
     _check_stats_views(args.stats_views)
-    data = Path(args.data).expanduser()
-    if not data.exists():
-        raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     out = args.output if args.output is not None else str(stats_path_for(args.path))
     if Path(out).suffix.lower() != ".safetensors" and not Path(out).expanduser().is_dir():  # a folder: said below
         raise ValueError(f"-o: '{out}' must end in .safetensors (a statistics file, read by CorrectionStats.load "
