@@ -21,7 +21,6 @@ import io
 import math
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -120,27 +119,27 @@ class _NoHeads(nn.Module):
         return zeros if self.bias is None else zeros + self.bias
 
 
-@contextlib.contextmanager
-def _no_graph_dump() -> Iterator[None]:
-    """Discard what the exporter writes to the process's stdout (file descriptor 1).
+def _check_fixed_grid(model: nn.Module, opset: int) -> None:
+    """Refuse a model that resamples its position embedding at every forward, before tracing it.
 
-    torch's TorchScript exporter turns its ONNX log on for every export (it tests the function
-    ``_jit_is_onnx_log_enabled`` instead of calling it), so a failed export prints the whole traced
-    graph from C++ (hundreds of lines) before the exception this module turns into one line.
+    (timm does so when ``dynamic_img_pad`` pads an ``img_size`` that is not a multiple of the patch
+    size; the exporter cannot write the antialiased resampling, and on failing it prints the whole
+    traced graph from C++, hundreds of lines, before its exception.)
     """
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (AttributeError, OSError, ValueError):  # no descriptor 1 to redirect (an embedded interpreter)
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    pe = getattr(model, "patch_embed", None)
+    size = tuple(int(v) for v in getattr(pe, "img_size", None) or ())
+    patch = tuple(int(v) for v in getattr(pe, "patch_size", None) or ())
+    if getattr(pe, "dynamic_img_pad", False) and len(size) == len(patch) == 2 and (size[0] % patch[0] or size[1] % patch[1]):
+        raise ValueError(_RESAMPLES.format(opset=opset, cause=f"its {size[0]} x {size[1]} px input padded to "
+                                                              f"{patch[0]} x {patch[1]} px patches"))
+
+
+_RESAMPLES = (
+    "this model's forward uses an operator ONNX opset {opset} cannot express ({cause}); a timm ViT resamples its "
+    "position embedding at every forward when its input is not its own grid (e.g. dynamic_img_pad=True at an "
+    "img_size that is not a multiple of the patch size): build it at a patch-multiple img_size, or keep the subnet "
+    "in PyTorch (a .safetensors file)"
+)
 
 
 def _exportable(model: nn.Module) -> nn.Module:
@@ -196,6 +195,7 @@ def onnx_bytes(
         device=param.device if param is not None else None,
         dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
     )
+    _check_fixed_grid(model, opset)
     buffer = io.BytesIO()
     with _eval_mode(model), _symbolics(opset), torch.no_grad(), warnings.catch_warnings():
         out_shape = tuple(model(example).shape)
@@ -204,24 +204,19 @@ def onnx_bytes(
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         try:
-            with _no_graph_dump():
-                torch.onnx.export(
-                    _exportable(model),
-                    (example,),
-                    buffer,
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                )
-        except torch.onnx.errors.UnsupportedOperatorError as err:  # e.g. a position embedding resampled every forward
-            raise ValueError(
-                f"this model's forward uses an operator ONNX opset {opset} cannot express ({err}); a timm ViT "
-                "resamples its position embedding at every forward when its input is not its own grid (e.g. "
-                "dynamic_img_pad=True at an img_size that is not a multiple of the patch size): build it at a "
-                "patch-multiple img_size, or keep the subnet in PyTorch (a .safetensors file)"
-            ) from None
+            torch.onnx.export(
+                _exportable(model),
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as err:  # another cause than _check_fixed_grid's
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(_RESAMPLES.format(opset=opset, cause=first)) from None
     return _described(buffer.getvalue(), out_shape, {**graph_metadata(model), **(metadata or {})})
 
 
