@@ -297,8 +297,8 @@ def read_format(
         ValueError: An unreadable file (a ``torch.save`` file is named as one), another format or version.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
-    path = Path(path)
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the {what} file")
     if not path.is_file():
@@ -314,8 +314,8 @@ def read_format(
         with open(path, "rb") as f:
             head = f.read(4)
         if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
-            raise ValueError(f"{path} is a torch.save (pickle) file, not safetensors; this reads {what} files and "
-                             "never unpickles (model weights in it: model.checkpoint_path)") from err
+            raise ValueError(f"{path} is a zip or pickle file (torch.save's formats), not safetensors; this reads "
+                             f"{what} files and never unpickles (model weights in it: model.checkpoint_path)") from err
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     if raw.get("format") != fmt:
         kind = _KNOWN_FORMATS.get(raw.get("format"))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoint import _write, read_format
 from .structure import get_blocks
-from .values import all_finite
+from .values import all_finite, integer
 
 __all__ = [
     "CorrectionStats", "EXPORT_HINT", "SEQUENTIAL_HINT", "STATS_FORMAT", "STATS_FORMAT_VERSION", "STATS_READABLE_VERSIONS",
@@ -119,7 +119,8 @@ class CorrectionStats:
     def __post_init__(self) -> None:
         for name, t in (("attn", self.attn), ("mlp", self.mlp)):
             if not isinstance(t, Tensor) or t.ndim != 3 or t.shape[1] != t.shape[2]:
-                raise ValueError(f"'{name}' must be [B, n, n], got {tuple(t.shape) if isinstance(t, Tensor) else t!r}")
+                got = tuple(t.shape) if isinstance(t, Tensor) else f"a {type(t).__name__}, not a torch.Tensor"
+                raise ValueError(f"'{name}' must be a [B, n, n] torch.Tensor, got {got}")
         if self.attn.shape[0] != self.mlp.shape[0]:
             raise ValueError(f"'attn' and 'mlp' have different block counts ({self.attn.shape[0]} and {self.mlp.shape[0]})")
         for name, t in (("attn", self.attn), ("mlp", self.mlp)):  # a damaged file, not a damping problem later
@@ -128,11 +129,12 @@ class CorrectionStats:
                     or bool((diagonal.sum(dim=1) == 0).any()):
                 raise ValueError(f"'{name}' must hold finite float second moments, non-negative on the "
                                  "diagonal and not all zero in a block (a damaged file?)")
-        counts = (self.num_images, self.num_tokens)
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in counts) or counts[0] < 1 or counts[1] < counts[0]:
+        counts = [integer(v) for v in (self.num_images, self.num_tokens)]
+        if None in counts or counts[0] < 1 or counts[1] < counts[0]:
             raise ValueError(f"num_images must be an int >= 1 and num_tokens an int >= num_images, got "
                              f"{self.num_images!r} and {self.num_tokens!r}")
-        if not isinstance(self.fingerprint, str):  # "": statistics of a model, not bound to an elastic one
+        self.num_images, self.num_tokens = counts
+        if not isinstance(self.fingerprint, str):  # "": collect_stats of a bare model (an elastic model takes none)
             raise ValueError(f"fingerprint must be a str (correction.fingerprint), got {self.fingerprint!r}")
         views = self.views_per_image
         if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1

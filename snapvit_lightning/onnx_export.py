@@ -22,6 +22,7 @@ import math
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -178,12 +179,13 @@ def onnx_bytes(
             forward uses an operator the opset cannot express.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}")
+        hint = ": export elastic.model or a subnet (elastic.subnet(...))" if hasattr(model, "subnet") else ""
+        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}{hint}")
     batch_size = _check_int("batch_size", batch_size, 1)
     opset = _check_int("opset", opset, 14)
-    if metadata is not None and (not isinstance(metadata, dict) or not all(
+    if metadata is not None and (not isinstance(metadata, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise ValueError(f"metadata must be a dict of strings to strings, got {metadata!r}")
+        raise ValueError(f"metadata must map strings to strings (a dict), got {metadata!r}")
     if opset > _MAX_OPSET:
         raise ValueError(f"opset must be at most {_MAX_OPSET} (this torch's TorchScript exporter), got {opset}")
     param = next(model.parameters(), None)
@@ -296,10 +298,11 @@ def save_onnx(
         TypeError: ``path`` is not a path (e.g. the arguments swapped).
         ImportError: Without ``onnxruntime``.
     """
-    if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
+    if isinstance(model, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_onnx(model, path, ...) takes the model first, got the path {str(model)!r} as model")
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path).expanduser()
     if Path(path).suffix.lower() != ".onnx" and not Path(path).is_dir():
         hint = "; a subnet in PyTorch: save_subnet()" if Path(path).suffix.lower() == ".safetensors" else ""
         raise ValueError(f"path: '{path}' must end in .onnx (this writes an ONNX graph{hint})")

@@ -11,7 +11,6 @@ prefix ``arange(k)`` slices them (the block becomes physically smaller).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .forward import explicit_attention
-from .values import all_finite
+from .values import all_finite, integer
 
 __all__ = [
     "UnsupportedModelError",
@@ -80,15 +79,12 @@ class BlockDims:
         """Refuse what no block can have: ``slice`` and ``cost`` read these as counts.
 
         Raises:
-            TypeError: A count that is no integer (a bool, a float, a string; numpy integers are taken).
+            TypeError: A count that is no integer (a bool, a float, a string; numpy and 0-d tensor integers are taken).
             ValueError: A negative count.
         """
         for field in ("num_heads", "mlp_hidden"):
             value = getattr(self, field)
-            try:
-                count = operator.index(value) if not isinstance(value, bool) else None
-            except TypeError:
-                count = None
+            count = integer(value)
             if count is None:
                 raise TypeError(f"BlockDims.{field} must be an int, got {value!r}")
             if count < 0:

@@ -30,6 +30,23 @@ def real_number(value: object) -> float | None:
     return float(value)
 
 
+def integer(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer, else ``None``.
+
+    Python ints, NumPy integers and 0-d integer tensors or arrays count; bools (Python, NumPy or a
+    bool tensor), floats and strings do not.
+    """
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) \
+            and not isinstance(value, numbers.Number):
+        try:
+            value = value.item()  # a 0-d tensor or array: its Python scalar (a bool tensor gives a bool)
+        except (RuntimeError, ValueError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None  # numpy.bool_ is not a numbers.Integral
+    return int(value)
+
+
 def all_finite(tensor: object) -> bool:
     """Whether a tensor holds no NaN and no infinity (integer and empty tensors always do).
 

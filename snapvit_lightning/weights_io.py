@@ -83,8 +83,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     from safetensors.torch import save_file
 
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}")
-    path = Path(path)
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path).expanduser()
     if _target_suffix(path).lower() != ".safetensors" and not path.is_dir():
         hint = "; ONNX: save_onnx() or `snapvit slice -o FILE.onnx`" if path.suffix == ".onnx" else ""
         raise ValueError(f"path: '{path}' must end in .safetensors (this writes a safetensors file{hint})")

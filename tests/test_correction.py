@@ -281,7 +281,7 @@ def test_the_constructor_refuses_what_load_refuses() -> None:
     nan[0, 0, 0] = float("nan")
     for changes, match in [
         (dict(mlp=nan), "'mlp' must hold finite float second moments"),
-        (dict(attn=good.attn[0]), r"'attn' must be \[B, n, n\], got"),
+        (dict(attn=good.attn[0]), r"'attn' must be a \[B, n, n\] torch.Tensor, got \(65, 65\)"),
         (dict(attn=good.attn[:1]), r"'attn' and 'mlp' have different block counts \(1 and 6\)"),
         (dict(num_images=-1), "num_images must be an int >= 1 and num_tokens an int >= num_images, got -1"),
         (dict(num_images="4"), "num_images must be an int >= 1 .* got '4'"),
@@ -290,6 +290,12 @@ def test_the_constructor_refuses_what_load_refuses() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(good, **changes)
+    import numpy as np
+
+    counted = dataclasses.replace(good, num_images=np.int64(good.num_images), num_tokens=torch.tensor(good.num_tokens))
+    assert (counted.num_images, counted.num_tokens) == (good.num_images, good.num_tokens)  # numpy/tensor counts: ints
+    with pytest.raises(ValueError, match=r"'mlp' must be a \[B, n, n\] torch.Tensor, got a ndarray, not a torch.Tensor"):
+        dataclasses.replace(good, mlp=good.mlp.numpy())
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,13 @@ def test_budgets_accept_numpy_and_tensor_scalars() -> None:
         assert elastic.resolve_budget(flops=0.6, head_ratio_scale=given) == elastic.resolve_budget(flops=0.6, head_ratio_scale=0.5)
     with pytest.raises(ValueError, match=r"flops must be a fraction in \(0, 1\], got tensor\(True\)"):
         elastic.resolve_budget(flops=torch.tensor(True))
+
+
+def test_integer_takes_integers_of_every_kind_and_refuses_bools() -> None:
+    import numpy as np
+    import torch
+
+    from snapvit_lightning.values import integer
+
+    assert [integer(v) for v in (3, np.int64(3), torch.tensor(3), np.array(3))] == [3, 3, 3, 3]
+    assert [integer(v) for v in (True, np.True_, torch.tensor(True), 3.0, "3", torch.tensor(3.0), None)] == [None] * 7

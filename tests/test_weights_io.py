@@ -196,7 +196,7 @@ def test_a_safetensors_file_is_written_only_under_its_own_suffix(tmp_path) -> No
         elastic.save_subnet(tmp_path / "s.onnx", elastic.subnet(0.3))
     with pytest.raises(ValueError, match=r"path: '.*x.pt' must end in .safetensors \(this writes a safetensors file\)"):
         elastic.save(tmp_path / "x.pt")
-    with pytest.raises(TypeError, match="path must be a file path .* got None"):
+    with pytest.raises(TypeError, match="path must be a file path .* got NoneType"):
         elastic.save(None)
     assert list(tmp_path.iterdir()) == []
     staged = staging_path(tmp_path / "m.elastic.safetensors")  # an export's: written under it, then renamed
