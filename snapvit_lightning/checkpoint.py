@@ -69,9 +69,19 @@ def save_subnet(
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta = subnet_metadata(model, model_name, model_kwargs, budget)
+    check_rebuilds(path, meta, tensors)
+    _write(path, tensors, meta)
+
+
+def check_rebuilds(path: str | os.PathLike, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write a file whose metadata would not rebuild its ``model.*`` weights (as a load would).
+
+    Raises:
+        ValueError: Naming the first weights whose shapes differ (e.g. after timm's ``set_input_size``
+            with a ``patch_size``, which a file's ``model_kwargs`` do not record).
+    """
     _rebuild(path, {**meta, "model_kwargs": json.loads(meta["model_kwargs"]), "block_dims": json.loads(meta["block_dims"])},
              tensors, check_only=True)
-    _write(path, tensors, meta)
 
 
 def load_subnet(path: str | os.PathLike) -> nn.Module:
@@ -393,8 +403,12 @@ def _rebuild(
         slice_model(model, dims)
         if check_only:
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            if expected != {k: tuple(v.shape) for k, v in state.items()}:
-                raise ValueError("state dict shapes differ from the rebuilt model")
+            given = {k: tuple(v.shape) for k, v in state.items()}
+            if expected != given:
+                differ = [f"{k}: {list(given.get(k, ())) or 'missing'}, rebuilt {list(expected.get(k, ())) or 'none'}"
+                          for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k)]
+                raise ValueError(f"state dict shapes differ from the rebuilt model ({'; '.join(differ[:3])}"
+                                 f"{'; ...' if len(differ) > 3 else ''})")
             return model
         model.load_state_dict(state, strict=True, assign=True)
     except (AssertionError, RuntimeError, ValueError, TypeError, KeyError) as err:  # timm asserts on bad kwargs

@@ -45,6 +45,7 @@ from .checkpoint import (  # the file format; its public names are importable fr
     _metadata,
     _read,
     _rebuild,
+    check_rebuilds,
     _write,
     check_model_kwargs,
     load_subnet,
@@ -144,10 +145,7 @@ class ElasticViT:
         self.mlp_order = mlp_order
         self.head_order = head_order
         self.structure = inspect_vit(model)
-        dense = count_flops(model)
-        self._head_flops = dense["head"]
-        self._dense_flops = dense["total"]
-        self._dense_params = count_params(model)["total"]
+        self._dense: tuple[tuple, int, int, int] | None = None  # (input and patch size, head, total FLOPs, params)
         self._fingerprint: tuple[tuple, str] | None = None  # (weights_version(model), fingerprint)
         self.stats: CorrectionStats | None = None
         # Caches of the attached statistics, valid while the weights they were built from are unchanged
@@ -179,14 +177,14 @@ class ElasticViT:
             ValueError: ``dims`` is not one :class:`BlockDims` per block within the model's sizes.
         """
         check_dims(dims, self.structure)
-        flops = count_flops(self.model, dims=dims, head_flops=self._head_flops)["total"]
+        size = (self.input_size, tuple(self.model.patch_embed.patch_size))
+        if self._dense is None or self._dense[0] != size:  # counted again after timm's set_input_size
+            dense = count_flops(self.model)
+            self._dense = (size, dense["head"], dense["total"], count_params(self.model)["total"])
+        _, head_flops, dense_flops, dense_params = self._dense
+        flops = count_flops(self.model, dims=dims, head_flops=head_flops)["total"]
         params = count_params(self.model, dims=dims)["total"]
-        return {
-            "flops": flops,
-            "params": params,
-            "flops_fraction": flops / self._dense_flops,
-            "params_fraction": params / self._dense_params,
-        }
+        return {"flops": flops, "params": params, "flops_fraction": flops / dense_flops, "params_fraction": params / dense_params}
 
     def resolve_budget(
         self,
@@ -605,6 +603,7 @@ class ElasticViT:
         meta["scores_meta"] = json.dumps(self.scores.metadata())
         if stats_file is not None:  # load() warns when they are not beside it
             meta["stats_file"] = stats_file
+        check_rebuilds(path, meta, tensors)  # a file load() would refuse is not written
         _write(path, tensors, meta)
 
     @classmethod

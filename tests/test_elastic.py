@@ -683,11 +683,20 @@ def test_a_model_resized_after_the_build_saves_and_loads_at_its_new_size(tmp_pat
     x = torch.randn(2, 3, 96, 96)
     assert loaded.model_kwargs["img_size"] == [96, 96] and loaded.input_size == (96, 96)
     assert torch.equal(_forward(loaded.model, x), _forward(elastic.model, x))
+    # the in-memory model's FLOPs follow the new size too (they were the old size's: flops budgets refused)
+    fresh = ElasticViT(elastic.model, elastic.scores)
+    assert elastic.cost(elastic.dims(0.5, 0.5)) == fresh.cost(fresh.dims(0.5, 0.5))
+    assert elastic.resolve_budget(flops=0.6) == fresh.resolve_budget(flops=0.6)
     sub = elastic.subnet(0.5, 0.5, correct="none")
     sub.set_input_size(img_size=(96, 64))
     elastic.save_subnet(tmp_path / "s.safetensors", sub)
     y = torch.randn(2, 3, 96, 64)
     assert torch.equal(_forward(load_subnet(tmp_path / "s.safetensors"), y), _forward(sub, y))
+    elastic.model.set_input_size(img_size=96, patch_size=8)  # model_kwargs do not record a patch size: refused, not written
+    with pytest.raises(ValueError, match=r"state dict shapes differ from the rebuilt model \(patch_embed.proj.weight: "
+                                         r"\[64, 3, 8, 8\], rebuilt \[64, 3, 16, 16\]"):
+        elastic.save(tmp_path / "p8.elastic.safetensors")
+    assert not (tmp_path / "p8.elastic.safetensors").exists()
 
 
 def test_forward_hooks_on_the_model_are_named_in_a_warning() -> None:
