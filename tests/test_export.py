@@ -305,7 +305,8 @@ def test_overwrite_removes_the_replaced_exports_subnets(tmp_path, elastic, image
 def test_overwrite_under_another_name_replaces_the_folders_export(tmp_path, elastic, caplog):
     # report.json and the plots are the folder's: the first export's files stayed without a report.
     export_elastic(elastic, tmp_path, name="first", correct="none", budgets=[(0.5, 0.5)], save_subnets=True)
-    with pytest.raises(FileExistsError, match="report.json exists"):
+    with pytest.raises(FileExistsError, match=r"report.json exists \(the export 'first': overwrite=True replaces it and "
+                                              r"removes its 2 files\)"):
         export_elastic(elastic, tmp_path, name="second", correct="none", budgets=[(0.5, 0.5)])
     (tmp_path / "first.notes.txt").write_text("a user's file")
     with caplog.at_level("INFO"):
