@@ -1059,3 +1059,18 @@ def test_callback_fitness_samples_is_a_fitness_setting() -> None:
     assert EvolutionarySearch(fitness_samples=None)._fitness_settings()["fitness_samples"] is None
     with pytest.raises(ValueError, match=r"fitness_samples must be an int >= 2 or None, got 1"):
         EvolutionarySearch(fitness_samples=1)
+
+
+@pytest.mark.parametrize("start, match", [
+    ({"initial_covariance": "abc"}, r"initial_covariance must be a \[18, 18\] matrix of numbers, got 'abc'"),
+    ({"initial_weights": [1.0, None]}, r"initial_weights must be a finite tensor of shape \[18\] .*got \[1.0, None\]"),
+    ({"initial_covariance": -torch.eye(18)}, "initial_covariance must be positive definite"),
+])
+def test_run_search_checks_its_start_before_the_fitness_embeds_images(monkeypatch, start, match) -> None:
+    # torch's TypeErrors before; the checks came after the fitness images were embedded
+    import snapvit_lightning.search.loop as loop
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=32).eval()
+    monkeypatch.setattr(loop, "Fitness", lambda *a, **k: pytest.fail("the fitness was built before the start was checked"))
+    with pytest.raises(ValueError, match=match):
+        run_search(model, random_scores(model), torch.randn(4, 3, 32, 32), max_evals=2, **start)

@@ -152,7 +152,10 @@ def fitness_subset(images: Tensor, samples: int | None, seed: int) -> Tensor:
 
 
 def _check_weights(value: Any, dim: int, name: str) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got {value!r}") from err
     if tuple(t.shape) != (dim,) or not torch.isfinite(t).all():
         got = f"shape {list(t.shape)}" if tuple(t.shape) != (dim,) else "non-finite values"
         raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got {got}")

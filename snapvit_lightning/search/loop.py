@@ -77,7 +77,10 @@ def _check_start(dim: int, initial_weights: Any, initial_covariance: Any) -> tup
     w0 = None if initial_weights is None else _check_weights(initial_weights, dim, "initial_weights")
     cov = None
     if initial_covariance is not None:
-        cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
+        try:
+            cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"initial_covariance must be a [{dim}, {dim}] matrix of numbers, got {initial_covariance!r}") from err
         if tuple(cov.shape) != (dim, dim):
             raise ValueError(f"initial_covariance must have shape [{dim}, {dim}], got {list(cov.shape)}")
         try:  # finite, symmetric, positive definite: as xNES takes it, but named as the user gave it
@@ -257,6 +260,7 @@ def run_search(
     early_stop = _check_early_stop(early_stop)
     sigma = _check_sigma(sigma)
     popsize = _check_popsize(popsize)
+    _check_start(scores.num_weights, initial_weights, initial_covariance)  # before the fitness embeds its images
     scores, initial_weights = _balanced_start(scores, check_balance(balance), initial_weights)
     fitness = Fitness(
         model, scores, fitness_subset(images, fitness_samples, seed), ratio_pairs, pca_components, batch_size, _resolve_autocast(autocast),
