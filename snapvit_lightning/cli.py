@@ -50,8 +50,7 @@ def _info(args: argparse.Namespace) -> int:
             requested = cut.get("requested")
             asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
             share, knee = meta["budget"].get("head_ratio_scale"), meta["budget"].get("head_share_knee")
-            split = f" (heads pruned at {share:g} x the neurons' ratio until {knee:g} of the neurons go, then both)" \
-                if share is not None else ""
+            split = _head_split(share, knee)
             print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                   f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
             if isinstance(meta["budget"].get("latency"), dict):  # slice --latency-ms: what its latency means
@@ -183,6 +182,17 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
         calibration = f" --calibration {shlex.quote(str(beside))}" if stats is not None else ""
         print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq{calibration}` "
               "on photos the run never saw (or `--data.holdout N` in the fit)")
+
+
+def _head_split(share: float | None, knee: float | None = None) -> str:
+    """How a fraction budget split its cut between heads and neurons, in words (``""`` for a ratio budget)."""
+    if share is None:
+        return ""
+    if share == 1:
+        return " (heads pruned at the neurons' ratio)"
+    if knee is None:
+        from .scores import HEAD_SHARE_KNEE as knee
+    return f" (heads pruned at {share:g} x the neurons' ratio until {knee:g} of the neurons go, then both to every block's minimum)"
 
 
 def _stale_correction(correction: dict, stats: object) -> str | None:
@@ -396,8 +406,7 @@ def _slice(args: argparse.Namespace) -> int:
     else:
         elastic.save_subnet(out, sub, budget=cut)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
-    split = "" if share is None else (f" (heads pruned at {share:g} x the neurons' ratio until {HEAD_SHARE_KNEE:g} of the "
-                                      "neurons go, then both to every block's minimum)")
+    split = _head_split(share)
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")
@@ -406,7 +415,9 @@ def _slice(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     data = Path(args.data).expanduser()
-    if not data.exists():  # before the imports' seconds
+    if not Path(args.path).expanduser().is_file():  # before the imports' seconds
+        raise FileNotFoundError(f"no elastic checkpoint or subnet file at {args.path}")
+    if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     import dataclasses
 

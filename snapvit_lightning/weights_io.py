@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import secrets
@@ -195,12 +196,24 @@ def make_parent(path: Path) -> None:
 
 
 def _check_local_dir(model_name: str) -> None:
-    """Refuse a ``local-dir:FOLDER`` without timm's ``config.json`` (timm says only "Config file not found")."""
-    folder = Path(model_name.split(":", 1)[1]).expanduser()
-    missing = "does not exist" if not folder.is_dir() else "has no config.json" if not (folder / "config.json").is_file() else None
-    if missing:
+    """Refuse a ``local-dir:FOLDER`` timm cannot read (timm says only "Config file not found", or a traceback)."""
+    given = model_name.split(":", 1)[1]
+    folder = Path(given)  # as timm reads it: no ~ expansion
+    config = folder / "config.json"
+    problem = ("does not exist" + (" (timm does not expand ~: give the full path)" if given.startswith("~") else "")
+               if not folder.exists() else "is not a folder" if not folder.is_dir()
+               else "has no config.json" if not config.is_file() else None)
+    if problem is None:
+        try:
+            content = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problem = f"has a config.json that is no JSON ({err})"
+        else:
+            if not isinstance(content, dict) or not isinstance(content.get("architecture"), str):
+                problem = "has a config.json without an \"architecture\" (a timm model name)"
+    if problem:
         raise FileNotFoundError(
-            f"model {model_name!r}: the folder '{folder}' {missing}; timm's local-dir: reads FOLDER/config.json "
+            f"model {model_name!r}: the folder '{folder}' {problem}; timm's local-dir: reads FOLDER/config.json "
             '(e.g. {"architecture": "vit_small_patch14_dinov2", "num_classes": 0, "pretrained_cfg": {}}) and, with '
             "pretrained: true, FOLDER/model.safetensors (or pytorch_model.bin); or give a timm name and checkpoint_path"
         )
@@ -344,11 +357,13 @@ def load_weights(
     """
     path = Path(path)
     if not path.is_file():
+        where = "" if path.is_absolute() else f" (read from {os.getcwd()})"
+        offline = ("; this DINOv2 ViT-S/14 offline: `snapvit weights dinov2-vits14 PATH`" if
+                   (getattr(model, "pretrained_cfg", None) or {}).get("architecture") == "vit_small_patch14_dinov2" else "")
         raise FileNotFoundError(
-            f"{argument} {str(path)!r} does not exist or is not a file; give local weights (safetensors or a torch "
-            "state dict), e.g. the model's timm hub file (model.safetensors of hf-hub:timm/NAME), downloaded where "
-            f"there is internet (a relative path is read from {os.getcwd()}; DINOv2 ViT-S/14 offline: "
-            "`snapvit weights dinov2-vits14 PATH`)"
+            f"{argument} {str(path)!r}{where} {'is a folder' if path.is_dir() else 'does not exist'}; give local weights "
+            "(safetensors or a torch state dict), e.g. the model's timm hub file (model.safetensors of hf-hub:timm/NAME), "
+            f"downloaded where there is internet{offline}"
         )
     if _is_safetensors(path):  # by content: a .bin or .SAFETENSORS file of safetensors too
         from safetensors.torch import load_file

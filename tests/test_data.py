@@ -439,6 +439,10 @@ def test_single_file_that_is_no_image_is_refused_by_check_sources(tmp_path: Path
     notes.write_text("no image")
     with pytest.raises(UnreadableImageError, match=r"cannot read image file '.*notes.txt' \(data_dir='.*notes.txt'\): cannot identify"):
         CalibrationDataModule(data_dir=notes, img_size=16).check_sources()
+    whole = _write_image(tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a good header: it failed after the probe too
+    with pytest.raises(UnreadableImageError, match=r"cannot read image file '.*cut.jpg' \(data_dir=.*\): image file is truncated"):
+        CalibrationDataModule(data_dir=tmp_path / "cut.jpg", img_size=16).check_sources()
 
 
 def test_single_good_file(tmp_path: Path) -> None:

@@ -378,7 +378,7 @@ class ImageFolderSource(ImageSource):
     Raises:
         FileNotFoundError: if ``root`` does not exist.
         ValueError: if ``root`` holds no image files.
-        UnreadableImageError: (a ``ValueError``) if ``root`` is one file whose header is no image's.
+        UnreadableImageError: (a ``ValueError``) if ``root`` is one file that does not decode as an image.
     """
 
     skippable = True
@@ -387,12 +387,12 @@ class ImageFolderSource(ImageSource):
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = find_images(self.root, argument)
         self.description = f"{argument}='{self.root}'" if argument else f"'{self.root}'"
-        # an explicitly named single file must be readable: no skipping, and its header is read now
+        # an explicitly named single file must be readable: no skipping, and it is decoded now (before a probe's minute)
         self.skippable = not self.root.is_file()
         if not self.skippable:
             try:
-                with Image.open(self.root):
-                    pass
+                with Image.open(self.root) as image:
+                    image.load()
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 raise UnreadableImageError(f"cannot read image file '{self.root}' ({self.description}): {err}") from err
 
