@@ -146,6 +146,7 @@ class ElasticViT:
         self.head_order = head_order
         self.structure = inspect_vit(model)
         self._dense: tuple[tuple, int, int, int] | None = None  # (input and patch size, head, total FLOPs, params)
+        self.cost(self.dims())  # the dense counts, now: cost() counts them again only after timm's set_input_size
         self._fingerprint: tuple[tuple, str] | None = None  # (weights_version(model), fingerprint)
         self.stats: CorrectionStats | None = None
         # Caches of the attached statistics, valid while the weights they were built from are unchanged

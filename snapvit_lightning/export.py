@@ -63,6 +63,7 @@ from .obs import with_ranking
 from .onnx_export import checked_onnx
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
+from .scores import HEAD_SHARE_KNEE
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
 from .weights_io import folder_lock, staging_path
@@ -312,6 +313,8 @@ def export_elastic(
                 fidelity_corrected = _fidelity(sub, dense_features, images, batch_size)
         cut = {"mlp_ratio": a, "head_ratio": b, "correction": "none" if stats is None else correct,
                "elastic": targets["elastic"].name, "requested": requested}  # a subnet file's (and ONNX graph's) metadata
+        if "flops" in requested or "params" in requested:  # how the fraction was split, as `snapvit slice` records it
+            cut.update(head_ratio_scale=head_share(None, correct != "none"), head_share_knee=HEAD_SHARE_KNEE)
         if save_subnets and label not in subnets:
             subnets[label] = (sub, cut)
         if onnx and label not in graphs:

@@ -630,10 +630,12 @@ def measure_flops(module: nn.Module, *args: torch.Tensor) -> int:
     flag is restored afterwards; the result of the forward is the same up to rounding).
     """
     counter = FlopCounterMode(display=False)
-    # FlopCounterMode's module tracker needs an autograd graph behind every tensor it sees.
-    args = tuple(a.detach().requires_grad_(a.is_floating_point()) for a in args)
-    with explicit_attention(module), torch.enable_grad(), counter:
-        module(*args)
+    # FlopCounterMode's module tracker needs an autograd graph behind every tensor it sees (none under
+    # inference_mode, where a caller may ask for a cost: the counting runs outside it).
+    with torch.inference_mode(False):
+        args = tuple(a.clone().detach().requires_grad_(a.is_floating_point()) for a in args)
+        with explicit_attention(module), torch.enable_grad(), counter:
+            module(*args)
     return int(counter.get_total_flops())
 
 

@@ -79,9 +79,10 @@ def test_export_writes_everything(tmp_path, elastic, images):
             assert isinstance(e[key], (int, float)), key
         assert len(e["kept_neurons"]) == b and len(e["kept_heads"]) == b
         sub = load_subnet(exp / e["subnet_file"])  # corrected: its units are the statistics' ranking's
+        split = {"head_ratio_scale": 0.25, "head_share_knee": 0.75} if "flops" in e["requested"] else {}  # as slice's
         assert read_metadata(exp / e["subnet_file"])["budget"] == {  # the file says how it was cut
             "mlp_ratio": e["mlp_ratio"], "head_ratio": e["head_ratio"], "correction": "lstsq",
-            "elastic": "test_vit.elastic.safetensors", "requested": e["requested"]}
+            "elastic": "test_vit.elastic.safetensors", "requested": e["requested"], **split}
         neurons, heads = e.get("kept_neurons_corrected", e["kept_neurons"]), e.get("kept_heads_corrected", e["kept_heads"])
         assert [blk.mlp.fc2.in_features for blk in sub.blocks] == neurons
         assert [blk.attn.num_heads for blk in sub.blocks] == heads

@@ -251,3 +251,11 @@ def test_block_dims_refuse_what_no_block_has(dims, error):
     with pytest.raises(error, match="BlockDims.(num_heads|mlp_hidden) must be"):
         BlockDims(*dims)
     assert BlockDims(np.int64(2), torch.tensor(5)) == BlockDims(2, 5)  # numpy and 0-d tensor counts are taken
+
+
+def test_flops_are_counted_under_inference_mode_too() -> None:
+    # FlopCounterMode's module tracker failed there ("'NoneType' object has no attribute 'next_functions'")
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    with torch.inference_mode():
+        inside = count_flops(model)["total"]
+    assert inside == count_flops(model)["total"] > 0
