@@ -16,7 +16,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -426,7 +426,24 @@ def load_weights(
             return
     hint = _prefix_hint(state, model)
     raise ValueError(f"{argument} {str(path)!r} does not match the model{hint}: "
-                     f"{_shape_summary(state, model, error) or _short_error(error)}") from error
+                     f"{_shape_summary(state, model, error) or _short_error(error)}{_layout_hint(state, model)}") from error
+
+
+def _layout_hint(state: dict[str, Tensor], model: nn.Module) -> str:
+    """What a file of another ViT shows first: another depth, or tokens (class, register) the other lacks."""
+    own = model.state_dict()
+
+    def depth(keys: Iterable[str]) -> int:
+        return len({k.split(".")[1] for k in keys if k.startswith("blocks.") and k.count(".") > 1})
+
+    notes = []
+    if depth(state) != depth(own):
+        notes.append(f"the file has {depth(state)} blocks, the model {depth(own)}")
+    for token, what in (("reg_token", "register tokens"), ("cls_token", "a class token"), ("dist_token", "a distillation token")):
+        if (token in own) != (token in state):
+            notes.append(f"the {'model' if token in own else 'file'} has {what} ({token}), the "
+                         f"{'file' if token in own else 'model'} none")
+    return f" ({'; '.join(notes)}: weights of another architecture?)" if notes else ""
 
 
 def _shape_summary(state: dict[str, Tensor], model: nn.Module, error: BaseException) -> str | None:

@@ -448,7 +448,8 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     module = SnapViTModule(VIT, checkpoint_path=str(tmp_path / "48px.pt"), model_kwargs=VIT_KW)
     assert module.student.pos_embed.shape[1] == 1 + 4
     torch.save(vit(depth=2).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):
+    with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\..*\(the file has 2 blocks, "
+                                         r"the model \d+: weights of another architecture\?\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other.pt"), model_kwargs=VIT_KW)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"junk.pt' is not a safetensors file and holds no state dict torch.load\(weights_"
@@ -484,6 +485,9 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     torch.save(vit(img_size=48, depth=2).state_dict(), tmp_path / "other48.pt")
     with pytest.raises(ValueError, match=r"does not match the model: missing keys \['blocks\.2\."):  # not pos_embed's size
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "other48.pt"), model_kwargs=VIT_KW)
+    torch.save(vit(reg_tokens=2).state_dict(), tmp_path / "registers.pt")  # torch's pos_embed line alone before
+    with pytest.raises(ValueError, match=r"\(the file has register tokens \(reg_token\), the model none: weights of another"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "registers.pt"), model_kwargs=VIT_KW)
     torch.save(vit(embed_dim=16, num_heads=2).state_dict(), tmp_path / "narrow.pt")  # another width: the file's shapes, counted
     with pytest.raises(ValueError, match=r"does not match the model: 79 of its 80 tensors have other shapes \(cls_token: file "
                                          r"\[1, 1, 16\], model \[1, 1, 64\]; .*\); the file's ViT is 16 wide, the model 64: is model.model"):
