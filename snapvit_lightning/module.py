@@ -314,7 +314,13 @@ class SnapViTModule(pl.LightningModule):
         Raises:
             ValueError: ``x`` is not finite float images the model takes (naming the shape it needs).
         """
-        return embed(self.student, check_model_images(self.student, x, "x"), self.explicit_attention)
+        return embed(self.student, self._checked(x, "x"), self.explicit_attention)
+
+    def _checked(self, images: Tensor, name: str) -> Tensor:
+        dtype = next(self.student.parameters()).dtype
+        if isinstance(images, Tensor) and images.is_floating_point() and images.dtype != dtype:  # a Trainer's precision casts
+            raise ValueError(f"{name} are {images.dtype}, the model {dtype}: give {dtype} images (trainer.precision casts them)")
+        return check_model_images(self.student, images, name)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -515,7 +521,7 @@ class SnapViTModule(pl.LightningModule):
         if not isinstance(views, Tensor) or views.dim() != 5:  # torch's and timm's errors named no cause
             got = list(views.shape) if isinstance(views, Tensor) else type(views).__name__
             raise ValueError(f"views must be a float tensor [B, V, 3, S, S] of multi-crop views, got {got}")
-        check_model_images(self.student, views.flatten(0, 1), "views")
+        self._checked(views.flatten(0, 1), f"views (their {views.shape[0]} x {views.shape[1]} views as one batch)")
         if self.criterion == "cross_entropy":
             if labels is None or labels.numel() != views.shape[0] or bool((labels < 0).any()):
                 raise ValueError(

@@ -337,8 +337,11 @@ def test_bad_images_get_the_package_error_not_torchs() -> None:
     with pytest.raises(ValueError, match=r"views must be a float tensor \[B, V, 3, S, S\] of multi-crop views, got \[2, "):
         module.compute_loss(good[:, 0])
     for bad in (good.to(torch.uint8), good[:, :, :1], torch.full_like(good, float("nan"))):
-        with pytest.raises(ValueError, match="views (must be a non-empty float tensor|hold non-finite values)"):
+        with pytest.raises(ValueError, match=r"views \(their 2 x 4 views as one batch\) (must be a non-empty float tensor|hold "
+                                             r"non-finite values)"):
             module.compute_loss(bad)
+    with pytest.raises(ValueError, match=r"x are torch.float16, the model torch.float32: give torch.float32 images"):
+        module.embed(good[:, 0].half())  # was "Input type (c10::Half) and bias type (float) should be the same"
     with pytest.raises(ValueError, match=r"x must be a non-empty float tensor \[N, 3, "):
         module.embed(good[:, 0].half().to(torch.int16))
     assert module.embed(good[:, 0]).shape[0] == 2
