@@ -502,8 +502,11 @@ def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None
     patch = tuple(int(p) for p in getattr(pe, "patch_size", None) or ())
     fixed = tuple(int(s) for s in getattr(pe, "img_size", None) or ())
     if getattr(pe, "strict_img_size", False) and len(fixed) == 2 and tuple(size) != fixed:  # timm asserts in the forward
+        fits = len(patch) == 2 and not size[0] % patch[0] and not size[1] % patch[1]
+        other = f"img_size={size[0]} or dynamic_img_size=True" if fits else \
+            f"dynamic_img_size=True and give a multiple of {patch[0] if patch else 'the patch size'}"
         raise ValueError(f"{name}: this ViT takes {fixed[0]} x {fixed[1]} px images only (give {fixed[0]}, or build "
-                         f"the ViT with img_size={size[0]} or dynamic_img_size=True)")
+                         f"the ViT with {other})")
     if len(patch) != 2 or getattr(pe, "img_size", None) is None or getattr(pe, "dynamic_img_pad", False) \
             or getattr(pe, "strict_img_size", False):
         return  # no img_size: not checked at all

@@ -850,6 +850,8 @@ def test_a_view_size_a_fixed_size_model_does_not_take_is_refused_when_configured
     fixed = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=False)
     with pytest.raises(ValueError, match=r"img_size=96: this ViT takes 64 x 64 px images only \(give 64, or build"):
         CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(fixed)
+    with pytest.raises(ValueError, match=r"img_size=65: .*build the ViT with dynamic_img_size=True and give a multiple of 16\)"):
+        CalibrationDataModule(dataset=_NoiseDataset(2), img_size=65).configure_from_model(fixed)
     CalibrationDataModule(dataset=_NoiseDataset(2), img_size=64).configure_from_model(fixed)
     dynamic = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=True)
     CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(dynamic)
