@@ -80,8 +80,13 @@ def check_rebuilds(path: str | os.PathLike, meta: dict[str, str], tensors: dict[
         ValueError: Naming the first weights whose shapes differ (e.g. after timm's ``set_input_size``
             with a ``patch_size``, which a file's ``model_kwargs`` do not record).
     """
-    _rebuild(path, {**meta, "model_kwargs": json.loads(meta["model_kwargs"]), "block_dims": json.loads(meta["block_dims"])},
-             tensors, check_only=True)
+    try:
+        _rebuild(path, {**meta, "model_kwargs": json.loads(meta["model_kwargs"]), "block_dims": json.loads(meta["block_dims"])},
+                 tensors, check_only=True)
+    except ValueError as err:
+        raise ValueError(f"{err}; a file rebuilds the model from model_name and model_kwargs (the input size is "
+                         "recorded as the model has it, nothing else changed after the build): give other changed "
+                         "settings, e.g. patch_size, in model_kwargs") from None
 
 
 def load_subnet(path: str | os.PathLike) -> nn.Module:

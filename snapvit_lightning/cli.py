@@ -415,8 +415,10 @@ def _slice(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     data = Path(args.data).expanduser()
-    if not Path(args.path).expanduser().is_file():  # before the imports' seconds
-        raise FileNotFoundError(f"no elastic checkpoint or subnet file at {args.path}")
+    if Path(args.path).expanduser().is_dir():  # before the imports' seconds
+        raise IsADirectoryError(f"{args.path} is a folder; give the elastic checkpoint file")
+    if not Path(args.path).expanduser().is_file():
+        raise FileNotFoundError(f"no elastic checkpoint at {args.path}")
     if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     import dataclasses

@@ -286,9 +286,11 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def weights_version(model: nn.Module) -> tuple:
     """A value that changes whenever a weight of ``model`` is changed in place, replaced, cast or moved.
 
-    For caches built from the weights (a tensor's ``_version`` counts its in-place changes).
+    For caches built from the weights (a tensor's ``_version`` counts its in-place changes; a tensor
+    made under ``torch.inference_mode`` has none, and only its storage, type and device count).
     """
-    return tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in (*model.parameters(), *model.buffers()))
+    return tuple((t.data_ptr(), t.dtype, t.device, None if t.is_inference() else t._version)
+                 for t in (*model.parameters(), *model.buffers()))
 
 
 def fingerprint(model: nn.Module, mlp_order: Tensor, head_order: Tensor) -> str:

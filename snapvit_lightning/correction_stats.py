@@ -60,7 +60,7 @@ def _triangle_side(length: int) -> int:
 
 def stats_path_for(elastic_path: str | os.PathLike) -> Path:
     """Where statistics of ``<name>.elastic.safetensors`` live: ``<name>.stats.safetensors`` beside it."""
-    path = Path(elastic_path)
+    path = Path(elastic_path).expanduser()
     suffix = ".elastic.safetensors"
     stem = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.stem
     return path.with_name(f"{stem}.stats.safetensors")

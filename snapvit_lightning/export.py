@@ -60,7 +60,7 @@ from .export_options import (  # noqa: F401  (the plug-in imports some of these 
 )
 from .machine import build_machine
 from .obs import with_ranking
-from .onnx_export import checked_onnx
+from .onnx_export import ONNX_OPSET, _check_fixed_grid, checked_onnx
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .scores import HEAD_SHARE_KNEE
@@ -230,6 +230,8 @@ def export_elastic(
             "model with attach_stats); pass correct='none' for the plain cut without statistics"
         )
     device = _check_device(device)
+    if onnx:  # the graphs are traced last: a model the exporter cannot write is refused before the work
+        _check_fixed_grid(elastic.model, ONNX_OPSET)
     for given, what in ((images, "fitness_images"), (calibration, "calibration_images")):
         if given is not None:  # the sizes and values the model takes, before any work
             check_model_images(elastic.model, given, what)
@@ -618,6 +620,10 @@ class ElasticExport(Callback):
                     model_name, model_kwargs = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
                     device = next(student.parameters()).device
                     model = copy.deepcopy(student).cpu()
+                    if any(p.dtype != torch.float32 for p in model.parameters()):  # e.g. precision="bf16-true"
+                        model.float()  # the fidelity and statistics run float32, as the plug-in's copy
+                        rank_zero_info("ElasticExport: the scored model's weights are not float32; the export writes a "
+                                       "float32 copy (cast a subnet back to deploy it in that precision)")
                     self.elastic = ElasticViT(model, scores, model_name=model_name, model_kwargs=model_kwargs)
                     calibration = None if self.correct == "none" else _calibration_images(
                         getattr(trainer, "datamodule", None), self._images(trainer), self.stats_views)

@@ -47,9 +47,10 @@ def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
     for path in targets.values():
         if path.exists():
             name, files = _earlier_files(path.parent) if path.name == REPORT_NAME else (None, set())
-            earlier = (f"the export {name!r}: overwrite=True replaces it and removes its {len(files)} files"
-                       if name is not None else "an earlier export?")
-            raise FileExistsError(f"{path} exists ({earlier}); pass overwrite=True to replace it")
+            if name is not None:
+                raise FileExistsError(f"{path} exists (the export {name!r}); overwrite=True replaces it and removes "
+                                      f"its {len(files)} files")
+            raise FileExistsError(f"{path} exists (an earlier export?); pass overwrite=True to replace it")
 
 
 def _earlier_files(out_dir: Path) -> tuple[str | None, set[Path]]:

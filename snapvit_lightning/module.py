@@ -318,8 +318,9 @@ class SnapViTModule(pl.LightningModule):
 
     def _checked(self, images: Tensor, name: str) -> Tensor:
         dtype = next(self.student.parameters()).dtype
-        if isinstance(images, Tensor) and images.is_floating_point() and images.dtype != dtype:  # a Trainer's precision casts
-            raise ValueError(f"{name} are {images.dtype}, the model {dtype}: give {dtype} images (trainer.precision casts them)")
+        if isinstance(images, Tensor) and images.is_floating_point() and images.dtype != dtype \
+                and not torch.is_autocast_enabled(images.device.type):  # under autocast (bf16-mixed) any float runs
+            raise ValueError(f"{name} are {images.dtype}, the model {dtype}: give {dtype} images, or run under torch.autocast")
         return check_model_images(self.student, images, name)
 
     @override

@@ -302,6 +302,9 @@ def save_onnx(
         raise TypeError(f"save_onnx(model, path, ...) takes the model first, got the path {str(model)!r} as model")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    if not isinstance(model, nn.Module) and hasattr(model, "subnet"):
+        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}: export elastic.model or a "
+                        "subnet (elastic.subnet(...))")
     path = Path(path).expanduser()
     if Path(path).suffix.lower() != ".onnx" and not Path(path).is_dir():
         hint = "; a subnet in PyTorch: save_subnet()" if Path(path).suffix.lower() == ".safetensors" else ""

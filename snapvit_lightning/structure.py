@@ -11,6 +11,7 @@ prefix ``arange(k)`` slices them (the block becomes physically smaller).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -634,8 +635,12 @@ def measure_flops(module: nn.Module, *args: torch.Tensor) -> int:
     """
     counter = FlopCounterMode(display=False)
     # FlopCounterMode's module tracker needs an autograd graph behind every tensor it sees (none under
-    # inference_mode, where a caller may ask for a cost: the counting runs outside it).
+    # inference_mode, where a caller may ask for a cost: the counting runs outside it, on a meta-device
+    # copy when the weights themselves were made there).
     with torch.inference_mode(False):
+        if any(p.is_inference() for p in module.parameters()):
+            module = copy.deepcopy(module).to("meta")
+            args = tuple(torch.empty_like(a, device="meta") for a in args)
         args = tuple(a.clone().detach().requires_grad_(a.is_floating_point()) for a in args)
         with explicit_attention(module), torch.enable_grad(), counter:
             module(*args)

@@ -196,27 +196,30 @@ def make_parent(path: Path) -> None:
 
 
 def _check_local_dir(model_name: str) -> None:
-    """Refuse a ``local-dir:FOLDER`` timm cannot read (timm says only "Config file not found", or a traceback)."""
+    """Refuse a ``local-dir:FOLDER`` timm cannot read (timm says only "Config file not found", or a traceback).
+
+    Raises:
+        FileNotFoundError: No such folder (timm does not expand ``~``), a file, or no ``config.json``.
+        ValueError: A ``config.json`` that is no JSON or names no ``architecture``.
+    """
     given = model_name.split(":", 1)[1]
     folder = Path(given)  # as timm reads it: no ~ expansion
     config = folder / "config.json"
-    problem = ("does not exist" + (" (timm does not expand ~: give the full path)" if given.startswith("~") else "")
-               if not folder.exists() else "is not a folder" if not folder.is_dir()
-               else "has no config.json" if not config.is_file() else None)
-    if problem is None:
-        try:
-            content = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            problem = f"has a config.json that is no JSON ({err})"
-        else:
-            if not isinstance(content, dict) or not isinstance(content.get("architecture"), str):
-                problem = "has a config.json without an \"architecture\" (a timm model name)"
-    if problem:
-        raise FileNotFoundError(
-            f"model {model_name!r}: the folder '{folder}' {problem}; timm's local-dir: reads FOLDER/config.json "
-            '(e.g. {"architecture": "vit_small_patch14_dinov2", "num_classes": 0, "pretrained_cfg": {}}) and, with '
-            "pretrained: true, FOLDER/model.safetensors (or pytorch_model.bin); or give a timm name and checkpoint_path"
-        )
+    layout = ('; timm\'s local-dir: reads FOLDER/config.json (e.g. {"architecture": "vit_small_patch14_dinov2", '
+              '"num_classes": 0, "pretrained_cfg": {}}) and, with pretrained: true, FOLDER/model.safetensors (or '
+              "pytorch_model.bin); or give a timm name and checkpoint_path")
+    if not folder.exists():
+        tilde = " (timm does not expand ~: give the full path)" if given.startswith("~") else ""
+        raise FileNotFoundError(f"model {model_name!r}: the folder '{folder}' does not exist{tilde}{layout}")
+    if not folder.is_dir() or not config.is_file():
+        where = f"'{folder}' is a file, not a folder" if not folder.is_dir() else f"the folder '{folder}' has no config.json"
+        raise FileNotFoundError(f"model {model_name!r}: {where}{layout}")
+    try:
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"model {model_name!r}: its config.json is no JSON ({err}){layout}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("architecture"), str):
+        raise ValueError(f"model {model_name!r}: its config.json names no \"architecture\" (a timm model name){layout}")
 
 
 def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -355,7 +358,7 @@ def load_weights(
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the file holds no state dict or its keys/shapes do not match the model.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         where = "" if path.is_absolute() else f" (read from {os.getcwd()})"
         offline = ("; this DINOv2 ViT-S/14 offline: `snapvit weights dinov2-vits14 PATH`" if
@@ -426,7 +429,7 @@ def load_weights(
             return
     hint = _prefix_hint(state, model)
     raise ValueError(f"{argument} {str(path)!r} does not match the model{hint}: "
-                     f"{_shape_summary(state, model, error) or _short_error(error)}{_layout_hint(state, model)}") from error
+                     f"{_shape_summary(state, model, error) or _short_error(error)}{'' if hint else _layout_hint(state, model)}") from error
 
 
 def _layout_hint(state: dict[str, Tensor], model: nn.Module) -> str:

@@ -711,10 +711,23 @@ def test_paths_with_a_tilde_are_the_home_folder(tmp_path, monkeypatch) -> None:
     # save() made a literal ./~ folder, load() read from it; export_elastic and the data paths expanded ~
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    elastic, _ = _elastic("test_vit")
+    elastic, model = _elastic("test_vit")
+    elastic.attach_stats(elastic.collect_stats(model_input(model, batch=4)))
     elastic.save("~/m.elastic.safetensors")
     elastic.save_subnet("~/s.safetensors", elastic.subnet(0.5, 0.5, correct="none"))
     assert (tmp_path / "m.elastic.safetensors").is_file() and (tmp_path / "s.safetensors").is_file()
     assert not (tmp_path / "~").exists()
-    assert ElasticViT.load("~/m.elastic.safetensors").model_name == elastic.model_name
+    assert ElasticViT.load("~/m.elastic.safetensors").stats is not None  # found beside it: the subnets stay corrected
     assert read_metadata("~/s.safetensors")["kind"] == "subnet"
+
+
+def test_a_corrected_fraction_subnet_is_cut_under_inference_mode(tmp_path) -> None:
+    # FLOP counting and the statistics' weight versions failed on tensors made under inference_mode
+    elastic, model = _elastic("test_vit")
+    elastic.attach_stats(elastic.collect_stats(model_input(model, batch=4), ranking=True))
+    elastic.save(tmp_path / "m.elastic.safetensors")
+    x = model_input(model, batch=2)
+    with torch.inference_mode():
+        loaded = ElasticViT.load(tmp_path / "m.elastic.safetensors")
+        inside = loaded.subnet(flops=0.6)(x)
+    assert torch.equal(inside, _forward(ElasticViT.load(tmp_path / "m.elastic.safetensors").subnet(flops=0.6), x))

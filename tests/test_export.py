@@ -306,8 +306,8 @@ def test_overwrite_removes_the_replaced_exports_subnets(tmp_path, elastic, image
 def test_overwrite_under_another_name_replaces_the_folders_export(tmp_path, elastic, caplog):
     # report.json and the plots are the folder's: the first export's files stayed without a report.
     export_elastic(elastic, tmp_path, name="first", correct="none", budgets=[(0.5, 0.5)], save_subnets=True)
-    with pytest.raises(FileExistsError, match=r"report.json exists \(the export 'first': overwrite=True replaces it and "
-                                              r"removes its 2 files\)"):
+    with pytest.raises(FileExistsError, match=r"report.json exists \(the export 'first'\); overwrite=True replaces it and "
+                                              r"removes its 2 files$"):
         export_elastic(elastic, tmp_path, name="second", correct="none", budgets=[(0.5, 0.5)])
     (tmp_path / "first.notes.txt").write_text("a user's file")
     with caplog.at_level("INFO"):
@@ -411,6 +411,21 @@ def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
 
 # ----------------------------------------------------------------------------------------------
 # ElasticExport in a scoring Trainer
+
+
+def test_a_bf16_true_scoring_fit_exports_a_float32_copy(tmp_path, caplog):
+    # the export ran float32 fitness images through the bf16 copy: "Input type (float) and bias type (c10::BFloat16)"
+    module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
+    export = ElasticExport(tmp_path / "out", budgets=[(0.4, 0.5)], images=torch.randn(4, 3, IMG, IMG), correct="none")
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, precision="bf16-true", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[export])
+    with caplog.at_level("INFO"):
+        trainer.fit(module, train_dataloaders=_multicrop_loader())
+    assert "the export writes a float32 copy" in caplog.text
+    assert {p.dtype for p in ElasticViT.load(export.export_paths["elastic"]).model.parameters()} == {torch.float32}
+    assert 0 < export.report["budgets"][0]["fidelity"] <= 1
 
 
 def test_elastic_export_callback(tmp_path):

@@ -254,12 +254,12 @@ def test_a_local_dir_without_its_config_is_refused_with_the_layout(tmp_path) -> 
     with pytest.raises(FileNotFoundError, match=r"has no config.json; .*FOLDER/model.safetensors"):
         create_timm_model(f"local-dir:{tmp_path}")
     (tmp_path / "config.json").write_text("not json")  # json's and timm's KeyError tracebacks before
-    with pytest.raises(FileNotFoundError, match=r"has a config.json that is no JSON"):
+    with pytest.raises(ValueError, match=r"its config.json is no JSON"):
         create_timm_model(f"local-dir:{tmp_path}")
     (tmp_path / "config.json").write_text('{"num_classes": 0}')
-    with pytest.raises(FileNotFoundError, match=r'has a config.json without an "architecture"'):
+    with pytest.raises(ValueError, match=r'its config.json names no "architecture"'):
         create_timm_model(f"local-dir:{tmp_path}")
-    with pytest.raises(FileNotFoundError, match=r"the folder '.*config.json' is not a folder"):
+    with pytest.raises(FileNotFoundError, match=r"'.*config.json' is a file, not a folder"):
         create_timm_model(f"local-dir:{tmp_path / 'config.json'}")
     with pytest.raises(FileNotFoundError, match=r"the folder '~/nope' does not exist \(timm does not expand ~"):
         create_timm_model("local-dir:~/nope")

@@ -151,11 +151,18 @@ def fitness_subset(images: Tensor, samples: int | None, seed: int) -> Tensor:
     return images[keep.to(images.device)]
 
 
+def _described(value: Any) -> str:
+    """A value in a message: short ones as they are, else their type (and length)."""
+    text = repr(value)
+    return text if len(text) <= 60 and "\n" not in text else f"a {type(value).__name__}" + (
+        f" of {len(value)} items" if hasattr(value, "__len__") else "")
+
+
 def _check_weights(value: Any, dim: int, name: str) -> Tensor:
     try:
         t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got {value!r}") from err
+        raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got {_described(value)}") from err
     if tuple(t.shape) != (dim,) or not torch.isfinite(t).all():
         got = f"shape {list(t.shape)}" if tuple(t.shape) != (dim,) else "non-finite values"
         raise ValueError(f"{name} must be a finite tensor of shape [{dim}] (B + B*H), got {got}")

@@ -29,6 +29,7 @@ from .fitness import (
     _check_images,
     _check_int,
     _check_weights,
+    _described,
     _resolve_autocast,
     default_initial_weights,
     fitness_subset,
@@ -80,7 +81,8 @@ def _check_start(dim: int, initial_weights: Any, initial_covariance: Any) -> tup
         try:
             cov = torch.as_tensor(initial_covariance, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"initial_covariance must be a [{dim}, {dim}] matrix of numbers, got {initial_covariance!r}") from err
+            raise ValueError(f"initial_covariance must be a [{dim}, {dim}] matrix of numbers, got "
+                             f"{_described(initial_covariance)}") from err
         if tuple(cov.shape) != (dim, dim):
             raise ValueError(f"initial_covariance must have shape [{dim}, {dim}], got {list(cov.shape)}")
         try:  # finite, symmetric, positive definite: as xNES takes it, but named as the user gave it
@@ -260,6 +262,8 @@ def run_search(
     early_stop = _check_early_stop(early_stop)
     sigma = _check_sigma(sigma)
     popsize = _check_popsize(popsize)
+    if not isinstance(scores, ImportanceScores):
+        raise TypeError(f"scores must be ImportanceScores, got {type(scores).__name__}")
     _check_start(scores.num_weights, initial_weights, initial_covariance)  # before the fitness embeds its images
     scores, initial_weights = _balanced_start(scores, check_balance(balance), initial_weights)
     fitness = Fitness(
