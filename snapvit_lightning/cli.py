@@ -186,12 +186,11 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
 
 def _head_split(share: float | None, knee: float | None = None) -> str:
     """How a fraction budget split its cut between heads and neurons, in words (``""`` for a ratio budget)."""
-    if share is None:
-        return ""
-    if share == 1:
-        return " (heads pruned at the neurons' ratio)"
-    if knee is None:
-        from .scores import HEAD_SHARE_KNEE as knee
+    if share is None or share == 1:
+        return "" if share is None else " (heads pruned at the neurons' ratio)"
+    from .scores import HEAD_SHARE_KNEE
+
+    knee = HEAD_SHARE_KNEE if knee is None else knee
     return f" (heads pruned at {share:g} x the neurons' ratio until {knee:g} of the neurons go, then both to every block's minimum)"
 
 
@@ -414,11 +413,10 @@ def _slice(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    data = Path(args.data).expanduser()
-    if Path(args.path).expanduser().is_dir():  # before the imports' seconds
-        raise IsADirectoryError(f"{args.path} is a folder; give the elastic checkpoint file")
-    if not Path(args.path).expanduser().is_file():
-        raise FileNotFoundError(f"no elastic checkpoint at {args.path}")
+    data, given = Path(args.data).expanduser(), Path(args.path).expanduser()
+    if not given.is_file():  # before the imports' seconds
+        raise (IsADirectoryError if given.is_dir() else FileNotFoundError)(
+            f"{args.path} is a folder; give the elastic checkpoint file" if given.is_dir() else f"no elastic checkpoint at {args.path}")
     if not data.exists():
         raise FileNotFoundError(f"--data: image folder not found: '{data}'")
     import dataclasses
