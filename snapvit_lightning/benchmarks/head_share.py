@@ -102,4 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

@@ -311,7 +311,7 @@ def markdown(result: dict[str, Any]) -> str:
         ("scoring (s)", "scoring_s", "scoring_s"),
         ("search (s)", "search_s", "search_s"),
         ("search evaluations", "search_evaluations", "search_evaluations"),
-        ("search per evaluation (s)", "search_s_per_eval", "search_s_per_eval"),
+        ("search per evaluation (s, set-up included)", "search_s_per_eval", "search_s_per_eval"),
         ("export (s)", "export_s", None),
         ("other (s)", "other_s", None),
         ("whole job, wall (s)", "wall_s", None),

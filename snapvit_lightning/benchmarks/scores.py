@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="repeat one global and one local crop, as the official code does")
     parser.add_argument("--search-evals", type=int, default=0,
                         help="also run the default xNES search (balanced scores, on the same photos) and add w_init (its start) / w_searched rows (default: 0, no search)")
-    parser.add_argument("--precision", default="32-true", help="Trainer precision: 32-true or bf16-mixed (default: %(default)s)")
+    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+                        help="Trainer precision (default: %(default)s)")
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
                         help="Trainer accelerator; the fidelity is measured on the same device (default: %(default)s)")
     args = parser.parse_args(argv)

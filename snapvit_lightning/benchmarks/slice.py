@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per budget (default: %(default)s)")
     parser.add_argument("--data", type=Path, default=None, help="image folder for the correction statistics (default: none, plain slicing only)")
     args = parser.parse_args(argv)
+    if args.img_size < 14 or args.img_size % 14:  # the ViT-S/14's patches
+        parser.error(f"--img-size must be a positive multiple of 14, got {args.img_size}")
     if args.data is not None:  # before the timings, not after them
         find_images(args.data, argument="--data")
     kwargs = {"num_classes": 0, "img_size": args.img_size}
