@@ -137,7 +137,8 @@ class LatencyBudget:
         """What was measured and chosen, as lines of text."""
         where = _where(self.backend, self.device, self.threads)
         lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}: "
-                 f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms"]
+                 f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms (each trial's ms: its raw time "
+                 "scaled by the dense model's first time over its time alongside the trial, so load drift cancels)"]
         for t in self.trials:
             lines.append(f"  FLOPs {100 * t.flops_fraction:5.1f}%: {t.latency_ms:8.2f} ms "
                          f"(raw {t.raw_ms:.2f} ms, dense alongside {t.dense_alongside_ms:.2f} ms)  "
