@@ -120,6 +120,12 @@ class _NoHeads(nn.Module):
         return zeros if self.bias is None else zeros + self.bias
 
 
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):  # an ElasticViT is no module: its model or a subnet is
+        hint = ": export elastic.model or a subnet (elastic.subnet(...))" if hasattr(model, "subnet") else ""
+        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}{hint}")
+
+
 def _check_fixed_grid(model: nn.Module, opset: int) -> None:
     """Refuse a model that resamples its position embedding at every forward, before tracing it.
 
@@ -178,9 +184,7 @@ def onnx_bytes(
         ValueError: A bad ``batch_size`` or ``opset``, a model that is not float32, or one whose
             forward uses an operator the opset cannot express.
     """
-    if not isinstance(model, nn.Module):
-        hint = ": export elastic.model or a subnet (elastic.subnet(...))" if hasattr(model, "subnet") else ""
-        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}{hint}")
+    _check_module(model)
     batch_size = _check_int("batch_size", batch_size, 1)
     opset = _check_int("opset", opset, 14)
     if metadata is not None and (not isinstance(metadata, Mapping) or not all(
@@ -302,12 +306,10 @@ def save_onnx(
         raise TypeError(f"save_onnx(model, path, ...) takes the model first, got the path {str(model)!r} as model")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
-    if not isinstance(model, nn.Module) and hasattr(model, "subnet"):
-        raise TypeError(f"model must be a timm ViT (an nn.Module), got {type(model).__name__}: export elastic.model or a "
-                        "subnet (elastic.subnet(...))")
+    _check_module(model)
     path = Path(path).expanduser()
-    if Path(path).suffix.lower() != ".onnx" and not Path(path).is_dir():
-        hint = "; a subnet in PyTorch: save_subnet()" if Path(path).suffix.lower() == ".safetensors" else ""
+    if path.suffix.lower() != ".onnx" and not path.is_dir():
+        hint = "; a subnet in PyTorch: save_subnet()" if path.suffix.lower() == ".safetensors" else ""
         raise ValueError(f"path: '{path}' must end in .onnx (this writes an ONNX graph{hint})")
     number = real_number(atol)
     if number is None or not math.isfinite(number) or number < 0:
@@ -315,7 +317,6 @@ def save_onnx(
     atol = number
     if check_images is not None:
         _check_graph_images(model, check_images, "check_images")
-    path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"path '{path}' is a folder; give an .onnx file name")
     data, diff = checked_onnx(model, check_images, batch_size=batch_size, opset=opset, metadata=metadata)

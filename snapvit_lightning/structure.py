@@ -510,7 +510,7 @@ def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None
                          f"the ViT with {other})")
     if len(patch) != 2 or getattr(pe, "img_size", None) is None or getattr(pe, "dynamic_img_pad", False) \
             or getattr(pe, "strict_img_size", False):
-        return  # no img_size: not checked at all
+        return  # a fixed size (checked above), a padding patch embedding (any size), or no size to check
     if size[0] % patch[0] or size[1] % patch[1]:
         multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
         below, above = max(1, size[0] // patch[0]) * patch[0], (size[0] // patch[0] + 1) * patch[0]
