@@ -171,8 +171,8 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     print(f"fidelity (mean cosine to the dense features, {report_path.name}, {report.get('fidelity_images')} images"
           f"{'; in-sample: the images the run calibrated on, so it flatters' if in_sample else ''}):")
     if stale:
-        print(f"corrected: not shown, {stale}; `snapvit bench {shlex.quote(args.path)} --data FOLDER --correct lstsq` "
-              "measures the subnets corrected with them")
+        print(f"corrected: not shown, {stale}; `snapvit bench {shlex.quote(args.path)} --data FOLDER --correct lstsq` measures "
+              f"{'the subnets corrected with them' if stats is not None else 'subnets corrected with statistics fit on FOLDER'}")
     print(f"{'mlp_ratio':>9} {'head_ratio':>10} {'flops %':>8} {'plain':>7} {'corrected':>9}  ({method})")
     for b in rows:
         cells = [f"{b[k]:.4f}" if b.get(k) is not None and not (stale and k == "fidelity_corrected") else "-"

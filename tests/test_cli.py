@@ -558,7 +558,7 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     assert main(["info", str(path)]) == 0
     printed = capsys.readouterr().out
     assert ("corrected: not shown, the statistics now beside the checkpoint (3 inputs) are not those the report "
-            "measured it with (3 inputs)") in printed
+            "measured it with (3 inputs)") in printed and "--correct lstsq` measures the subnets corrected with them" in printed
     assert len([r for r in printed.splitlines() if r.split()[:2] == ["0.00", "0.00"]]) == 2  # both tables, by default
     line = [r for r in printed.splitlines() if r.split()[:2] == ["0.40", "0.50"] and f"{half['fidelity']:.4f}" in r]
     assert line and line[0].split()[-2:] == [f"{half['fidelity']:.4f}", "-"]
@@ -567,6 +567,9 @@ def test_slice_and_info_are_corrected_by_default_when_stats_exist(tmp_path, caps
     out = tmp_path / "p.safetensors"
     assert main(["slice", str(path), "--mlp-ratio", "0.4", "--head-ratio", "0.5", "-o", str(out)]) == 0
     assert "correction none (no statistics at" in capsys.readouterr().out
+    assert main(["info", str(path)]) == 0  # gone: bench fits its own (it said "corrected with them")
+    assert ("the report's statistics are no longer beside the checkpoint; `snapvit bench" in (gone := capsys.readouterr().out)
+            and "--correct lstsq` measures subnets corrected with statistics fit on FOLDER" in gone)
     got, want = load_subnet(out).state_dict(), plain_reference.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in got)
 
