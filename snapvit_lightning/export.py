@@ -189,7 +189,8 @@ def export_elastic(
             ``onnx_max_abs_diff`` from :func:`~snapvit_lightning.onnx_export.checked_onnx`.
         views_per_image: How many rows of ``calibration_images`` are views of one image (their
             eval views first, as :meth:`CalibrationDataModule.calibration_views` gives them); for
-            the report's ``calibration_images`` and the statistics' ``views_per_image`` only.
+            the report's ``calibration_images`` and the statistics' ``views_per_image`` only (1 without
+            ``calibration_images``).
 
     Returns:
         ``{"paths": {role: Path}, "report": dict}``; roles ``elastic``, ``report``,
@@ -224,6 +225,9 @@ def export_elastic(
             calibration is not None and len(calibration) % views_per_image):
         raise ValueError(f"views_per_image must be an int >= 1 that divides the number of calibration_images, "
                          f"got {views_per_image!r}")
+    if calibration is None and views_per_image != 1:  # it describes calibration_images: ignored without them
+        raise ValueError(f"views_per_image describes calibration_images, which were not given (got views_per_image="
+                         f"{views_per_image}); leave it at 1")
     if correct != "none" and calibration is None and elastic.stats is None:
         raise ValueError(
             f"correct={correct!r} needs calibration_images [N, 3, S, S] (or statistics attached to the elastic "

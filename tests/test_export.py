@@ -399,6 +399,8 @@ def test_two_exports_into_one_folder_place_their_files_one_after_the_other(tmp_p
         ({"fitness_images": torch.zeros(2, 3, 40, 40)}, r"fitness_images: 40 x 40 px images do not cut into"),
         ({"calibration_images": torch.zeros(2, 3, 32, 32)},  # ignored before, where slice() refuses them
          r"calibration_images are only used with correct='lstsq' or 'bias', got correct='none'"),
+        ({"views_per_image": 8},  # ignored before: it describes calibration_images
+         r"views_per_image describes calibration_images, which were not given \(got views_per_image=8\)"),
         pytest.param({"device": "cuda"}, r"device 'cuda' asked for, but CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has it")),
     ],
