@@ -200,12 +200,16 @@ def export_elastic(
         FileExistsError: If a target file exists and ``overwrite`` is false (checked before
             any work).
         TypeError: If ``elastic`` is not an ElasticViT or a flag is not a bool.
-        ValueError: Invalid budgets, images, name, batch size or device; two budgets that resolve
+        ValueError: A model that is not float32; invalid budgets, images, name, batch size or device; two budgets that resolve
             to the same subnet file name; a correction without calibration images or
             attached statistics.
     """
     if not isinstance(elastic, ElasticViT):
         raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in elastic.model.parameters()} - {"float32"})
+    if dtypes:  # its fidelity, statistics and files are float32 (ElasticExport and SnapViT pass float32 copies)
+        raise ValueError(f"export_elastic needs a float32 model, this one has {', '.join(dtypes)} weights; "
+                         "export ElasticViT(model.float(), scores, ...) and cast a subnet back to deploy it")
     out_dir = _check_dirpath(out_dir, "out_dir")
     entries_in = _check_budgets(budgets)
     images = _check_images(fitness_images)

@@ -441,8 +441,8 @@ class SnapViT(Callback):
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in student.parameters()} - {"float32"})
         if dtypes:  # e.g. a precision="bf16-true" Trainer's weights: the scoring takes float32 views
             student.float()
-            rank_zero_info(f"SnapViT: your model's weights are {', '.join(dtypes)}; the copy is scored and exported in "
-                           "float32 (cast a subnet back to deploy it in that precision)")
+            rank_zero_info(f"SnapViT: your model's weights are {', '.join(dtypes)}; the copy is exported in float32 "
+                           "(cast a subnet back to deploy it in that precision)")
         name = self._name(student)
         if name is not None:
             _refuse_existing(export_targets(self.dirpath, name, stats=True), self.overwrite)
@@ -481,6 +481,9 @@ class SnapViT(Callback):
         if module.scores is None:
             raise RuntimeError("calibration produced no scores (empty calibration data?)")
         self.scores = module.scores
+        if any(p.dtype != torch.float32 for p in module.student.parameters()):  # precision="bf16-true" cast the copy
+            module.student.float()
+            rank_zero_info(f"SnapViT: scored with precision={precision!r}; the copy is exported in float32")
         self.elastic = ElasticViT(
             module.student.cpu(), module.scores, model_name=self.model_name, model_kwargs=self.model_kwargs
         )

@@ -446,9 +446,10 @@ def probe(
     saved_explicit = module.explicit_attention
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(max(step_images * views, fitness_images), 3, height, width, generator=gen)
-    step_views = pixels[: step_images * views].reshape(step_images, views, 3, height, width).to(device)
-    fit_x = pixels[:fitness_images].to(device)
     student = module.student
+    dtype = next(student.parameters()).dtype  # the model's own (a bf16-true fit's bf16), as the fitness casts its images
+    step_views = pixels[: step_images * views].reshape(step_images, views, 3, height, width).to(device, dtype)
+    fit_x = pixels[:fitness_images].to(device, dtype)
     module.to(device)
 
     def step(s: Setting) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -418,16 +419,26 @@ def test_export_bad_arguments(tmp_path, elastic, kwargs, match):
 def test_a_bf16_true_scoring_fit_exports_a_float32_copy(tmp_path, caplog):
     # the export ran float32 fitness images through the bf16 copy: "Input type (float) and bias type (c10::BFloat16)"
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
-    export = ElasticExport(tmp_path / "out", budgets=[(0.4, 0.5)], images=torch.randn(4, 3, IMG, IMG), correct="none")
+    images = torch.randn(4, 3, IMG, IMG)
+    export = ElasticExport(tmp_path / "out", budgets=[(0.4, 0.5)], images=images, correct="none")
+    # the search's precision probe ran float32 images through the bf16 weights (the same error)
+    search = EvolutionarySearch(max_evals=2, images=images, pca_components=2, autocast="auto", log_every_n_evals=0)
     import lightning.pytorch as pl
 
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, precision="bf16-true", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[export])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[search, export])
     with caplog.at_level("INFO"):
         trainer.fit(module, train_dataloaders=_multicrop_loader())
     assert "the export writes a float32 copy" in caplog.text
     assert {p.dtype for p in ElasticViT.load(export.export_paths["elastic"]).model.parameters()} == {torch.float32}
     assert 0 < export.report["budgets"][0]["fidelity"] <= 1
+
+
+def test_export_elastic_refuses_a_model_that_is_not_float32(tmp_path, elastic):
+    half = ElasticViT(copy.deepcopy(elastic.model).to(torch.bfloat16), elastic.scores)
+    with pytest.raises(ValueError, match=r"export_elastic needs a float32 model, this one has bfloat16 weights"):
+        export_elastic(half, tmp_path / "out", correct="none")
+    assert not (tmp_path / "out").exists()
 
 
 def test_elastic_export_callback(tmp_path):

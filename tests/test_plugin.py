@@ -379,7 +379,7 @@ def test_snapvit_scores_a_float32_copy_of_a_bf16_true_model(tmp_path, caplog):
                          callbacks=[plugin], default_root_dir=str(tmp_path))
     with caplog.at_level(logging.INFO):
         trainer.fit(user, train_dataloaders=_user_loader())
-    assert "your model's weights are bfloat16; the copy is scored and exported in float32" in caplog.text
+    assert "your model's weights are bfloat16; the copy is exported in float32" in caplog.text
     assert {p.dtype for p in user.parameters()} == {torch.bfloat16}  # the user's model is left as it is
     loaded = ElasticViT.load(plugin.export_paths["elastic"])
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
@@ -515,3 +515,16 @@ def test_under_ddp_every_rank_returns_after_the_export(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("prepared*")) == ["prepared0.txt"]  # once per node, as Lightning does
     assert (tmp_path / "fail0.txt").read_text() == "ValueError: disk full"
     assert (tmp_path / "fail1.txt").read_text().startswith("RankZeroFailed: SnapViT's calibration and export failed on global rank 0")
+
+
+def test_snapvit_with_precision_bf16_true_searches_and_exports_float32(tmp_path, caplog):
+    # the inner bf16-true fit cast the copy: its search probe and the export ran float32 images through
+    # bf16 weights, "Input type (float) and bias type (c10::BFloat16)", after the user's training
+    user = UserModule()
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=2, budgets=[0.5],
+                     precision="bf16-true", search_kwargs={"pca_components": 2, "autocast": "auto"})
+    with caplog.at_level(logging.INFO):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert "scored with precision='bf16-true'; the copy is exported in float32" in caplog.text
+    assert {p.dtype for p in ElasticViT.load(plugin.export_paths["elastic"]).model.parameters()} == {torch.float32}
+    assert {p.dtype for p in user.parameters()} == {torch.float32}
