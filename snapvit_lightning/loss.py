@@ -117,3 +117,34 @@ def dino_loss(
     same = torch.zeros(ce.shape[1:], dtype=torch.bool, device=ce.device)
     same[torch.arange(NUM_GLOBAL_VIEWS), torch.arange(NUM_GLOBAL_VIEWS)] = True
     return ce.masked_fill(same, 0.0).sum(dim=(1, 2))
+
+
+def check_classifier_fits(model: nn.Module, criterion: str, datamodule: Any = None) -> None:
+    """Refuse ``criterion="cross_entropy"`` for a model without a classifier head, or a head too small for the data.
+
+    Args:
+        model: The timm ViT to score.
+        criterion: The scoring criterion (only ``"cross_entropy"`` is checked).
+        datamodule: A :class:`~snapvit_lightning.data.CalibrationDataModule` reading a folder, whose
+            labels are its class folders' sorted indices (others are not checked).
+
+    Raises:
+        ValueError: ``num_classes`` of 0, a folder without class subfolders, or more classes than the head has.
+    """
+    if criterion != "cross_entropy":
+        return
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if num_classes <= 0:
+        raise ValueError("criterion='cross_entropy' needs a classifier head; the model has num_classes="
+                         f"{getattr(model, 'num_classes', None)!r} (set model_kwargs num_classes > 0)")
+    if getattr(datamodule, "data_dir", None) is None or not hasattr(datamodule, "classes"):
+        return
+    classes = list(datamodule.classes)
+    if not classes:
+        raise ValueError("criterion='cross_entropy' needs labelled images: one subfolder per class in the data "
+                         "folder (found none); use criterion='dino' for unlabelled images")
+    if len(classes) > num_classes:
+        raise ValueError(f"criterion='cross_entropy': the data has {len(classes)} classes ({', '.join(classes[:5])}"
+                         f"{', ...' if len(classes) > 5 else ''}) but the model's head has num_classes={num_classes}; "
+                         f"labels are the class folders' indices in sorted order, so give a head of {len(classes)} "
+                         "classes trained in that order (model_kwargs num_classes)")

@@ -57,7 +57,7 @@ from typing_extensions import override
 
 from .console import quiet_spawned_process
 from .forward import embed
-from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, dino_loss
+from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, check_classifier_fits, dino_loss
 from .scores import ImportanceScores, check_fraction, lamp_scores
 from .structure import (
     UnsupportedModelError, check_model_images, check_supported, get_blocks, inspect_vit, mlp_input_layers,
@@ -106,18 +106,6 @@ def _check_temperature(value: float | None, name: str) -> float | None:
     if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
     return number
-
-
-def _check_classes(classes: list[str], num_classes: int) -> None:
-    """Refuse calibration data whose labels (the class folders' sorted indices) the classifier cannot take."""
-    if not classes:
-        raise ValueError("criterion='cross_entropy' needs labelled images: one subfolder per class in the data "
-                         "folder (found none); use criterion='dino' for unlabelled images")
-    if len(classes) > num_classes:
-        raise ValueError(f"criterion='cross_entropy': the data has {len(classes)} classes ({', '.join(classes[:5])}"
-                         f"{', ...' if len(classes) > 5 else ''}) but the model's head has num_classes={num_classes}; "
-                         f"labels are the class folders' indices in sorted order, so give a head of {len(classes)} "
-                         "classes trained in that order (model_kwargs num_classes)")
 
 
 def _mlp_unit_mean(values: list[Tensor], kind: str, hidden: int) -> Tensor:
@@ -260,11 +248,7 @@ class SnapViTModule(pl.LightningModule):
                 f"blocks have different sizes {[(d.num_heads, d.mlp_hidden) for d in structure.blocks]}; "
                 "scores need the same number of heads and neurons in every block"
             )
-        if criterion == "cross_entropy" and int(getattr(student, "num_classes", 0) or 0) <= 0:
-            raise ValueError(
-                "criterion='cross_entropy' needs a classifier head; the model has num_classes="
-                f"{getattr(student, 'num_classes', None)!r} (set model_kwargs num_classes > 0)"
-            )
+        check_classifier_fits(student, criterion)
         if checkpoint_path is not None:
             load_weights(student, checkpoint_path, classifier=classifier_layers(student))  # a head may differ, as in timm
         elif isinstance(model, str) and not pretrained:  # a config without its weights line scored noise in silence
@@ -366,8 +350,7 @@ class SnapViTModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "configure_from_model"):  # crops at the model's size and normalisation
             datamodule.configure_from_model(self.student)
-        if self.criterion == "cross_entropy" and getattr(datamodule, "data_dir", None) is not None:  # folder labels
-            _check_classes(datamodule.classes, int(self.student.num_classes))  # before the scoring, not in it
+        check_classifier_fits(self.student, self.criterion, datamodule)  # before the scoring, not in it
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(

@@ -45,6 +45,7 @@ from .export import (
     export_elastic,
     export_targets,
 )
+from .loss import check_classifier_fits
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stops_on_sigterm
@@ -315,6 +316,8 @@ class SnapViT(Callback):
         """Refuse images and a search start the ViT cannot take, before the user's fit, not after it."""
         if self.correct != "none":
             check_one_shot(model, f"SnapViT(correct={self.correct!r})", EXPORT_HINT)
+        datamodule = self.datamodule if isinstance(self.datamodule, CalibrationDataModule) else None  # folder labels
+        check_classifier_fits(model, self.criterion, datamodule)
         if self.fitness_images is not None:
             check_model_images(model, self.fitness_images, "fitness_images")
         size = getattr(self.datamodule, "img_size", None)

@@ -339,6 +339,7 @@ def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(t
     ({"fitness_images": [torch.randn(3, 32, 32)]}, r"fitness_images: batches must be \[B, 3, H, W\] tensors"),
     ({"search_kwargs": {"initial_weights": torch.rand(3)}}, r"initial_weights must be a finite tensor of shape \[18\]"),
     ({"search_kwargs": {"initial_covariance": torch.eye(3)}}, r"initial_covariance must have shape \[18, 18\]"),
+    ({"criterion": "cross_entropy"}, r"criterion='cross_entropy' needs a classifier head; the model has num_classes=0"),
     ({"search_kwargs": {"ratio_pairs": [(0.99, 0.0), (0.98, 0.0)]}}, r"several pairs cut as \(0.9479, 0\)"),
     ({"budgets": [0.8, {"flops": 0.01}]}, r"SnapViT\(budgets=...\): flops=0.01 is below the smallest reachable fraction "
      r"0\.\d+ \(every block at its minimum keep: min_mlp_keep=0.05, min_head_keep=0.2\)"),
@@ -348,6 +349,23 @@ def test_snapvit_refuses_images_and_a_start_the_vit_cannot_take_before_the_users
     before = {k: v.clone() for k, v in user.state_dict().items()}
     plugin = SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, "search_evals": 2, **kwargs})
     with pytest.raises(ValueError, match=match):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
+
+
+def test_snapvit_refuses_more_class_folders_than_the_head_has_before_the_users_fit(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / "photos" / name / "x.png")
+    user = UserModule()
+    user.backbone = timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=2)
+    user.head = nn.Linear(2, 3)
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    plugin = SnapViT(datamodule=CalibrationDataModule(tmp_path / "photos"), dirpath=tmp_path / "out", search_evals=0,
+                     criterion="cross_entropy", model_kwargs={"img_size": IMG, "num_classes": 2})
+    with pytest.raises(ValueError, match=r"the data has 3 classes \(a, b, c\) but the model's head has num_classes=2"):
         _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
 
