@@ -374,13 +374,20 @@ class OnnxModel(nn.Module):
         """Run the graph on ``images`` ``[B, C, H, W]``; returns the output as a CPU float tensor.
 
         Raises:
-            ValueError: ``images`` whose shape the graph does not take (named with the one it does).
+            TypeError: ``images`` that are not a tensor (a numpy array: ``torch.from_numpy`` it).
+            ValueError: ``images`` whose shape the graph does not take (named with the one it does), an
+                empty batch, or a dtype other than float32 (uint8 pixels would run unnormalised).
         """
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor (torch.from_numpy for an array), got {type(images).__name__}")
         fixed = [(i, n) for i, n in enumerate(self.input_shape) if isinstance(n, int)]
         if images.dim() != len(self.input_shape) or any(images.shape[i] != n for i, n in fixed):
             raise ValueError(f"images must be {['B' if not isinstance(n, int) else n for n in self.input_shape]} "
                              f"for this graph, got {list(images.shape)}")
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        if images.dtype != torch.float32 or images.shape[0] == 0:
+            raise ValueError(f"images must be a non-empty float32 batch, normalised as the graph's metadata says "
+                             f"(mean, std), got {images.dtype} {list(images.shape)}")
+        array = images.detach().cpu().contiguous().numpy()
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
 
 

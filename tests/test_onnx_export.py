@@ -150,6 +150,13 @@ def test_onnx_files_and_runner_inputs(tmp_path: Path) -> None:
     assert runner.input_shape[1:] == [3, 160, 160]
     with pytest.raises(ValueError, match=r"images must be \['B', 3, 160, 160\] for this graph, got \[2, 3, 32, 32\]"):
         runner(torch.zeros(2, 3, 32, 32))
+    # uint8 pixels ran unnormalised, cast without a word (cosine .28 to the real output)
+    with pytest.raises(ValueError, match=r"images must be a non-empty float32 batch, normalised .* got torch.uint8"):
+        runner(torch.zeros(1, 3, 160, 160, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"non-empty float32 batch, .* got torch.float32 \[0, 3, 160, 160\]"):
+        runner(torch.zeros(0, 3, 160, 160))  # ONNX Runtime's Reshape error before
+    with pytest.raises(TypeError, match=r"images must be a torch.Tensor \(torch.from_numpy for an array\), got ndarray"):
+        runner(torch.zeros(1, 3, 160, 160).numpy())
     with pytest.raises(ValueError, match="device 'tpu' is not available to ONNX Runtime"):
         OnnxModel(b"", device="tpu")
     with pytest.raises(ValueError, match="threads must be an int >= 1"):
