@@ -133,12 +133,15 @@ def stops_on_sigterm() -> Iterator[None]:
 
 
 def stop_started_ranks(trainer: object) -> None:
-    """SIGTERM the processes a DDP launcher (this process, rank 0) started, when its fit ends in an exception.
+    """SIGTERM the processes a DDP launcher in this process started, when its fit ends in an exception.
 
-    A SIGTERM or an error while the ranks were still starting (before Lightning's own handling) left
-    the other ranks waiting for rank 0 in their rendezvous for half an hour; processes that already
-    ended are skipped. Other launchers, and the processes a launcher started, have none to stop.
+    ``ddp``: this process is rank 0; a SIGTERM or an error while the ranks were still starting
+    (before Lightning's own handling) left the other ranks waiting for rank 0 in their rendezvous
+    for half an hour. ``ddp_spawn``: this process only waits for the ranks, which never see a
+    SIGTERM sent to it, so they searched and exported to the end (Python waits for them before
+    exiting). Processes that already ended are skipped; other launchers have none to stop.
     """
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
@@ -146,3 +149,5 @@ def stop_started_ranks(trainer: object) -> None:
         for proc in getattr(launcher, "procs", None) or []:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+    elif isinstance(launcher, _MultiProcessingLauncher):  # every rank notes it; rank 0's flag stops them together
+        launcher.kill(signal.SIGTERM)

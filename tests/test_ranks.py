@@ -90,6 +90,27 @@ def test_a_launchers_started_ranks_are_stopped() -> None:
     stop_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # no launcher: nothing to do
 
 
+def _sleep() -> None:
+    import time
+
+    time.sleep(120)
+
+
+def test_ddp_spawns_ranks_are_stopped() -> None:
+    # a SIGTERM to the process that spawned the ranks stopped only it: the ranks searched and exported to the end
+    import multiprocessing
+
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = _MultiProcessingLauncher(DDPStrategy(), start_method="fork")
+    launcher.procs = [multiprocessing.get_context("fork").Process(target=_sleep)]
+    launcher.procs[0].start()
+    stop_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=launcher)))
+    launcher.procs[0].join(timeout=30)
+    assert launcher.procs[0].exitcode == -signal.SIGTERM
+
+
 _TERM_DURING_EXPORT = """
 import os
 import signal
