@@ -351,6 +351,14 @@ class SnapViTModule(pl.LightningModule):
         if hasattr(datamodule, "configure_from_model"):  # crops at the model's size and normalisation
             datamodule.configure_from_model(self.student)
         check_classifier_fits(self.student, self.criterion, datamodule)  # before the scoring, not in it
+        trainer = self.trainer
+        for name in ("max_epochs", "max_steps", "limit_train_batches"):  # Lightning skips the training silently
+            if stage == "fit" and getattr(trainer, name, None) == 0:
+                raise ValueError(f"{name}=0: this fit would score no calibration image and write nothing; "
+                                 "the scoring is one epoch (max_epochs: 1)")
+        if stage == "fit" and (trainer.max_epochs or 0) > 1 and hasattr(datamodule, "configure_from_model"):
+            rank_zero_warn(f"max_epochs={trainer.max_epochs}: the scoring is one epoch, and each further one scores "
+                           "the same crops again (the same ranking, for that many times the time)")
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(

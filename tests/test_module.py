@@ -438,6 +438,22 @@ def test_fp16_precision_refused(weights: Path, precision: str) -> None:
         fit(scoring(weights), views(2), **kw)
 
 
+@pytest.mark.parametrize("kw", [{"max_epochs": 0}, {"max_steps": 0}, {"limit_train_batches": 0}, {"limit_train_batches": 0.0}])
+def test_a_fit_that_would_score_nothing_is_refused(weights: Path, kw: dict) -> None:
+    # Lightning skips the training without a word: the fit ended with status 0 and wrote nothing
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"{name}=0: this fit would score no calibration image and write nothing"):
+        fit(scoring(weights), views(2), **kw)
+
+
+def test_more_than_one_epoch_over_the_calibration_datamodule_warns(weights: Path) -> None:
+    from snapvit_lightning.data import CalibrationDataModule
+
+    dm = CalibrationDataModule(dataset=[torch.rand(3, 40, 40) for _ in range(2)], batch_size=2, num_local_crops=0)
+    with pytest.warns(UserWarning, match=r"max_epochs=2: the scoring is one epoch, and each further one scores the same"):
+        trainer(max_epochs=2).fit(scoring(weights), datamodule=dm)
+
+
 def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
     reference = vit()
     torch.save(reference.state_dict(), tmp_path / "w.pt")
