@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
@@ -77,7 +78,16 @@ class AutoPrecisionCLI(LightningCLI):
                     "auto", self.model, cli_device(config.get("accelerator")), views=views)
                 # for the processes Lightning's DDP launcher starts from this one (their parent)
                 os.environ[CHOICE_ENV] = json.dumps({"pid": os.getpid(), "record": self.model.precision_probe})
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except RuntimeError as err:  # Lightning's words name no option; a traceback with status 1 before
+            twice = re.search(r"more than one stateful callback of type `(\w+)`", str(err))
+            if twice is None:
+                raise
+            raise ValueError(
+                f"trainer.callbacks holds two {twice.group(1)} callbacks (--trainer.callbacks+= adds one beside the "
+                "config's): set the config's own callback options in a copy of the config"
+            ) from None
         _check_restartable(trainer)
         AutoPrecisionCLI.last_trainer = trainer  # the CLI reads its state when the fit ends in sys.exit (Ctrl-C)
         return trainer

@@ -603,6 +603,18 @@ def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"] and (tmp_path / "out" / "report.json").read_text() == "{}"
 
 
+def test_a_callback_added_twice_is_one_line(tmp_path, capsys) -> None:
+    # Lightning's "Found more than one stateful callback" ended in a 40-line traceback with status 1
+    search = "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch"
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--trainer.precision",
+              "32-true", "--trainer.logger", "false", search, search, "--trainer.callbacks.max_evals", "4"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("snapvit fit: error: trainer.callbacks holds two EvolutionarySearch callbacks (--trainer.callbacks+= "
+                       "adds one beside the config's): set the config's own callback options in a copy of the config")
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["slice", "--help"], ["--version"]])
 def test_help_needs_neither_torch_nor_timm(argv) -> None:
     code = ("import sys\nfrom snapvit_lightning.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
