@@ -565,7 +565,7 @@ class SnapViTCLI:
         """Run LightningCLI's ``fit`` (the only subcommand a scoring module has); ``None`` reads ``sys.argv``.
 
         ``save_config``: where to write the full config of a fit that succeeded
-        (:class:`~snapvit_lightning.run_config.SaveConfigAfterFit`); ``None``: nowhere.
+        (:class:`~snapvit_lightning.run_config.SaveConfigAfterFit`); ``None``: ``config.yaml`` beside the export.
         """
         from .console import lightning_cli_args, quiet_lightning
         from .data import CalibrationDataModule
@@ -585,9 +585,8 @@ class SnapViTCLI:
                 trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
                                   "enable_model_summary": False, "log_every_n_steps": 1,
                                   "callbacks": [ExportCheck()]},  # warns when nothing would be written
-                # none by default: Lightning's would write config.yaml into the working folder (no logger)
-                save_config_callback=None if save_config is None else SaveConfigAfterFit,
-                save_config_kwargs=None if save_config is None else {"path": save_config},
+                # not Lightning's, which writes config.yaml into the working folder (no logger): beside the export
+                save_config_callback=SaveConfigAfterFit, save_config_kwargs={"path": save_config},
                 parser_kwargs={"prog": "snapvit", "allow_abbrev": False, "fit": {"allow_abbrev": False}},  # `--seed 3` was seed_everything
                 parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
             )

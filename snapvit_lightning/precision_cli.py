@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
@@ -16,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .console import args_from_python
@@ -52,6 +54,18 @@ class AutoPrecisionCLI(LightningCLI):
     """
 
     last_trainer: Optional[Trainer] = None
+
+    @override
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Warn about options given before ``--config``: applied in order, the config replaces what it sets."""
+        words = [w for w in (sys.argv[1:] if args is None else args) if isinstance(w, str)]
+        if "--config" in words:
+            before = [w.split("=", 1)[0] for w in words[: words.index("--config")]
+                      if w.startswith("--") and not w.startswith(("--print_config", "--help"))]
+            if before:
+                rank_zero_warn(f"{', '.join(before)} come{'s' * (len(before) == 1)} before --config, whose values "
+                               "replace them where it sets the same keys: put --config first")
+        super().parse_arguments(parser, args)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

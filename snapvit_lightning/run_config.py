@@ -1,4 +1,4 @@
-"""The config a ``snapvit fit`` ran with, written beside its export once the export is done (the main job's ``config.yaml``)."""
+"""The config a ``snapvit fit`` ran with, written beside its export once the export is done (``config.yaml``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ __all__ = ["SaveConfigAfterFit"]
 class SaveConfigAfterFit(SaveConfigCallback):
     """Writes LightningCLI's full config of the fit to ``path`` at the end of a fit that succeeded.
 
+    ``path=None``: ``config.yaml`` in the folder of the fit's :class:`~snapvit_lightning.export.ElasticExport`
+    (nothing without one, or under ``fast_dev_run``, where the export writes nothing either).
+
     The config file, the command-line arguments and every default, as ``snapvit fit --config PATH``
     re-runs it. Unlike Lightning's ``SaveConfigCallback`` (at the start, into the log folder) it is
     written after the callbacks before it (the export) finished, so a failed fit leaves no config
@@ -27,12 +30,12 @@ class SaveConfigAfterFit(SaveConfigCallback):
     Args:
         parser: The fit's parser (LightningCLI passes it).
         config: The fit's parsed config (LightningCLI passes it).
-        path: Where to write it (its folder is created if the fit did not).
+        path: Where to write it (its folder is created if the fit did not); ``None``: beside the export.
     """
 
-    def __init__(self, parser: LightningArgumentParser, config: Namespace, path: str | os.PathLike) -> None:
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, path: str | os.PathLike | None = None) -> None:
         super().__init__(parser, config, save_to_log_dir=False)
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -44,12 +47,17 @@ class SaveConfigAfterFit(SaveConfigCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        from .export import ElasticExport
+
+        path = self.path
+        if path is None and not trainer.fast_dev_run:
+            path = next((Path(cb.dirpath) / "config.yaml" for cb in trainer.callbacks if isinstance(cb, ElasticExport)), None)
+        if not trainer.is_global_zero or path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staged = staging_path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = staging_path(path)
         try:
             staged.write_text(self.parser.dump(self.config, skip_none=False), encoding="utf-8")
-            os.replace(staged, self.path)
+            os.replace(staged, path)
         finally:
             staged.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from lightning.pytorch import Callback
 from PIL import Image
 
@@ -417,6 +418,10 @@ def test_fit_without_an_export_warns_that_it_writes_nothing(tmp_path, monkeypatc
               str(tmp_path / "out"), "--trainer.callbacks.correct", "none"])
     assert not [w for w in caught if "writes nothing" in str(w.message)]
     assert (tmp_path / "out" / "test_vit.elastic.safetensors").is_file()
+    # the config it ran, beside the export (only the main job wrote one), as `snapvit fit --config` re-runs it
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["trainer"]["callbacks"][-1]["init_args"]["dirpath"] == str(tmp_path / "out")
+    assert saved["data"]["data_dir"] == str(photos) and saved["model"]["model"] == "test_vit"
 
 
 def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
@@ -601,6 +606,16 @@ def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch
                  "--trainer.callbacks.dirpath", str(tmp_path / "out")]) == 0
     assert seen == [6]  # one generation
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"] and (tmp_path / "out" / "report.json").read_text() == "{}"
+
+
+def test_options_before_config_are_named(capsys) -> None:
+    # jsonargparse applies them in order: the config's precision and batch size replaced them without a word
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match=(
+            r"^--trainer.precision, --data.batch_size come before --config, whose values replace them where it sets the "
+            r"same keys: put --config first$")):
+        main(["fit", "--trainer.precision", "32-true", "--data.batch_size=4", "--config", str(REPO / "configs" / "quickstart.yaml"),
+              "--print_config"])
+    assert "precision: auto" in capsys.readouterr().out
 
 
 def test_a_callback_added_twice_is_one_line(tmp_path, capsys) -> None:
