@@ -78,15 +78,15 @@ class AutoPrecisionCLI(LightningCLI):
                 f"trainer.precision must be one of {list(_allowed())}, got {requested!r} (16-bit floats scale the "
                 "loss, which corrupts raw gradient scores; 64-bit is not supported)"
             )
+        check_sources = getattr(getattr(self, "datamodule", None), "check_sources", None)
+        if callable(check_sources):  # a bad folder or holdout: before the probe's minute and DDP's start, not after
+            check_sources()
         if requested == "auto":
             shared = _launched_with_choice()
             if shared is not None:  # a DDP process Lightning started: rank 0's choice, not a probe of its own
                 _apply_record(self.model, shared)
                 kwargs["precision"] = shared["trainer_precision"]
             else:
-                check_sources = getattr(getattr(self, "datamodule", None), "check_sources", None)
-                if callable(check_sources):  # a bad folder or holdout: before the probe's minute, not after
-                    check_sources()
                 views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
                 kwargs["precision"] = resolve_precision(
                     "auto", self.model, cli_device(config.get("accelerator")), views=views)

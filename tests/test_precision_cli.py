@@ -85,9 +85,12 @@ def test_ddp_with_arguments_from_python_is_refused_before_the_fit(tmp_path, caps
     # Lightning starts DDP's other processes by re-running the command line; arguments given from Python
     # (the main job, cli.main([...])) are not on it, so the second process ran something else and rank 0
     # waited for it forever.
+    from test_errors import _photos
+
     from snapvit_lightning.cli import main
 
-    args = ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir", str(tmp_path),
+    _photos(tmp_path / "photos", n=2)
+    args = ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir", str(tmp_path / "photos"),
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.precision", "32-true", "--trainer.logger", "false"]
     with pytest.raises(SystemExit) as exit_:
@@ -142,4 +145,14 @@ def test_a_bad_holdout_is_refused_before_the_probe(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--model.model", "test_vit", "--data.data_dir", str(tmp_path / "photos"), "--data.holdout", "4",
               "--trainer.precision", "auto", "--trainer.logger", "false"])
+    assert exc.value.code == 2 and "`holdout`=4 leaves no calibration images out of 4" in capsys.readouterr().err
+    # an explicit precision: checked before the Trainer is built too (under DDP it came after every rank started)
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("the Trainer was built before the data were checked")
+
+    monkeypatch.setattr(precision_cli.LightningCLI, "instantiate_trainer", no_trainer)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--model.model", "test_vit", "--data.data_dir", str(tmp_path / "photos"), "--data.holdout", "4",
+              "--trainer.precision", "bf16-mixed", "--trainer.logger", "false"])
     assert exc.value.code == 2 and "`holdout`=4 leaves no calibration images out of 4" in capsys.readouterr().err

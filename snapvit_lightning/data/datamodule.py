@@ -384,8 +384,8 @@ class CalibrationDataModule(LightningDataModule):
     def check_sources(self) -> None:
         """List the calibration (and fitness) images and check ``holdout`` against their number (no image is decoded).
 
-        What :meth:`setup` does first; ``snapvit fit`` calls it before the precision probe, so a bad
-        folder or ``holdout`` is reported before a minute of probing.
+        What :meth:`setup` does first; ``snapvit fit`` calls it before the Trainer (its probe, its DDP ranks), so a bad
+        folder or ``holdout`` is reported before a minute of probing or a DDP start.
 
         Raises:
             FileNotFoundError, ValueError, ImportError: As :meth:`setup`.
