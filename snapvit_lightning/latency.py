@@ -121,14 +121,19 @@ class LatencyBudget:
     def record(self) -> dict[str, Any]:
         """How the choice was measured, as plain values (a subnet file's ``budget["latency"]``).
 
-        ``target_ms``, ``measured_ms`` (the chosen budget's latency), ``dense_ms``, ``batch_size``,
-        ``device``, ``device_name`` (the GPU or CPU model), ``backend``, ``threads`` (``None``: torch's
-        setting, ``torch_threads``) and ``load_drift``: a latency means nothing without them.
+        ``target_ms``, ``measured_ms`` (the chosen budget's latency, scaled as every trial's), ``raw_ms`` and
+        ``dense_alongside_ms`` (what its timing read: the scaled figure holds only while the load slowed
+        both alike), ``dense_ms``, ``batch_size``, ``device``, ``device_name`` (the GPU or CPU model),
+        ``backend``, ``threads`` (``None``: torch's setting, ``torch_threads``) and ``load_drift``: a
+        latency means nothing without them.
         """
         from .machine import build_machine
 
         machine = build_machine(self.device)
-        return {"target_ms": self.target_ms, "measured_ms": self.latency_ms, "dense_ms": self.dense_ms,
+        chosen = next((t for t in self.trials if t.flops == self.flops and t.meets), None)
+        return {"target_ms": self.target_ms, "measured_ms": self.latency_ms,
+                "raw_ms": None if chosen is None else chosen.raw_ms,
+                "dense_alongside_ms": None if chosen is None else chosen.dense_alongside_ms, "dense_ms": self.dense_ms,
                 "batch_size": self.batch_size, "device": self.device, "device_name": machine["device_name"],
                 "backend": self.backend, "threads": self.threads, "torch_threads": machine["torch_threads"],
                 "load_drift": self.load_drift}

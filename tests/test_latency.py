@@ -329,6 +329,8 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
         "target_ms": target, "batch_size": 2, "device": "cpu", "backend": "torch", "threads": 1}
     assert latency["measured_ms"] == pytest.approx(found.latency_ms) and latency["measured_ms"] <= target
     assert latency["dense_ms"] == pytest.approx(found.dense_ms) and latency["device_name"] == cpu_model()
+    chosen = next(t for t in found.trials if t.flops == found.flops and t.meets)  # what the timing read, unscaled
+    assert (latency["raw_ms"], latency["dense_alongside_ms"]) == pytest.approx((chosen.raw_ms, chosen.dense_alongside_ms))
     assert main(["info", str(out)]) == 0
     assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms) per batch of 2 "
             f"on cpu ({cpu_model()}; torch, 1 thread), measured where it was sliced\n") in capsys.readouterr().out
