@@ -81,8 +81,9 @@ def greedy_removal(
     hinv0 = torch.cholesky_inverse(torch.linalg.cholesky(g))
     # H⁻¹ is updated lazily: a removal of Q subtracts (H⁻¹)_Q:ᵀ [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q:, kept as its two
     # factors (`picks` by step rows, `solved_t` by step columns). Each step reads them once for the rows
-    # of H⁻¹ it needs instead of writing the whole H⁻¹ (about 1.6x faster for 1536 neurons); the diagonal
-    # blocks the costs need are updated as they go. w, hinv0 and the factors hold the inputs of the units
+    # of H⁻¹ it needs instead of writing the whole H⁻¹ (2 cores: 1.2x faster for 3072 neurons, about as fast
+    # for 1536 but steadier when other work shares the memory bandwidth); the diagonal blocks the costs
+    # need are updated as they go. w, hinv0 and the factors hold the inputs of the units
     # in `unit_of` (`group` each), then the bias; removed units are zeroed, and dropped once they are a
     # quarter of them.
     units = n // group
