@@ -233,6 +233,13 @@ def resolve_rebuild(
     else:
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         diff = _differences(rebuilt[0], shapes, False) or _differences(rebuilt[1], _architecture(model), True)
+    if diff and all(d.startswith("head") for d in diff) and any("nothing" in d for d in diff):  # another head module:
+        raise ValueError(
+            f"timm.create_model({model_name!r}, **{model_kwargs}) does not rebuild this model's classifier head "
+            f"(first differences: {'; '.join(diff)}): a head replaced after timm built the ViT is rebuilt by no "
+            "model_kwargs; keep the ViT headless (num_classes=0) with your head beside it in your module, or "
+            "point model_attr (model_getter) at a headless ViT"
+        )  # (a head of another size is rebuilt by num_classes: timm's reset_classifier(N) keeps it in step)
     if diff:
         raise ValueError(
             f"timm.create_model({model_name!r}, **{model_kwargs}) does not rebuild this model, so a file would "

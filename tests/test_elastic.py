@@ -244,6 +244,11 @@ def test_construction_errors() -> None:
         ElasticViT(model, random_scores(model), model_name="no_such_model")
     with pytest.raises(ValueError, match="does not rebuild this model"):
         ElasticViT(model, random_scores(model), model_name="test_vit2")
+    headed = timm.create_model("test_vit", pretrained=False, num_classes=8)  # a fine-tuner's own head module
+    headed.head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(headed.embed_dim, 8))
+    with pytest.raises(ValueError, match=r"does not rebuild this model's classifier head .* a head replaced after timm "
+                                         r"built the ViT is rebuilt by no model_kwargs; keep the ViT headless"):
+        ElasticViT(headed, random_scores(headed))
     with pytest.raises(ValueError, match="JSON values only.*timm.models.register_model"):
         ElasticViT(model, random_scores(model), model_kwargs={"act_layer": torch.nn.GELU})
     with pytest.raises(TypeError, match="scores must be ImportanceScores, got str"):
