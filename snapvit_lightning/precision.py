@@ -223,7 +223,7 @@ class ProbeResult:
         parts = [f"precision probe on {self.device} ({self.probe_s:.1f} s):"]
         if self.scoring is not None:
             parts.append(f"scoring {self.scoring.name} -> {self.trainer_precision} [step s: {table(self.step_s)}];")
-        parts.append(f"search {self.search.name} [fitness s: {table(self.fitness_s)}]")
+        parts.append(f"search (where its autocast is auto) {self.search.name} [fitness s: {table(self.fitness_s)}]")
         if self.rank_correlation:
             corr = " ".join(f"{k} {v:.4f}" for k, v in self.rank_correlation.items())
             parts[-1] += (f"; rank corr vs fp32 {corr} (min {self.min_rank_correlation}"

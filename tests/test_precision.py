@@ -51,7 +51,7 @@ def test_probe_picks_the_fastest_measured_setting(step_s, fitness_s, scoring, se
     assert result.trainer_precision == ("bf16-mixed" if scoring.startswith("bf16") else "32-true")
     assert result.excluded == []
     assert json.loads(json.dumps(result.to_dict()))["scoring"] == scoring  # plain JSON
-    assert scoring in result.summary() and search in result.summary()
+    assert scoring in result.summary() and f"search (where its autocast is auto) {search} [" in result.summary()
     assert f"[fitness s: {' '.join(f'{k} {v:.3f}' for k, v in fitness_s.items())}]; rank corr vs fp32" in result.summary()
 
 
