@@ -89,7 +89,8 @@ def run(
     # jsonargparse reads --config as a path or as YAML text: the text leaves no temporary file behind
     # (a SIGTERM before the fit would). out/config.yaml is the full config it ran, written at the end.
     SnapViTCLI.run(["fit", "--config", yaml.safe_dump(settings, sort_keys=False), *cli_args], save_config=out / "config.yaml")
-    return out / f"{MODEL_NAME}.elastic.safetensors"
+    written = sorted(out.glob("*.elastic.safetensors"))  # one: an export replaces another name's; --model.model X names it X
+    return written[0] if len(written) == 1 else out / f"{MODEL_NAME}.elastic.safetensors"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,3 +128,13 @@ def test_outputs_and_assets_expand_the_home_folder(tmp_path, monkeypatch) -> Non
     assert importlib.reload(quickstart).DEFAULT_WEIGHTS.parent.name == ".assets"
     monkeypatch.delenv("SNAPVIT_ASSETS")
     importlib.reload(quickstart)
+
+
+def test_the_budget_table_follows_another_model_name(tmp_path, monkeypatch, capsys) -> None:
+    # --model.model test_vit wrote test_vit.elastic.safetensors; the job looked for the ViT-S file and skipped its table
+    monkeypatch.setattr(quickstart, "ensure_weights", lambda path: path)
+    assert main(["--out", str(tmp_path / "run"), "--model.model", "test_vit", "--model.model_kwargs",
+                 "{img_size: 32, num_classes: 0}", "--model.checkpoint_path", "null", "--search-evals", "2",
+                 "--data.max_samples", "4", "--trainer.enable_progress_bar", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "test_vit.elastic.safetensors" in out and "0.65       0.50" in out
