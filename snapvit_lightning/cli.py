@@ -181,7 +181,7 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     if in_sample:
         calibration = f" --calibration {shlex.quote(str(beside))}" if stats is not None else ""
         print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq{calibration}` "
-              "on photos the run never saw (or `--data.holdout N` in the fit)")
+              "on photos the run never saw (or hold some out in the fit: `--data.holdout N`, CalibrationDataModule(holdout=N))")
 
 
 def _head_split(share: float | None, knee: float | None = None) -> str:

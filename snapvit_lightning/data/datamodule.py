@@ -405,7 +405,7 @@ class CalibrationDataModule(LightningDataModule):
             if self._holdout_count(n) >= n:
                 raise ValueError(
                     f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}: "
-                    f"give a holdout below {n} (a count or a fraction; `--data.holdout N` in a config run, 0: none)"
+                    f"give a holdout below {n} (a count or a fraction, 0: none; `--data.holdout N` in a config run)"
                 )
         if self._fitness_source is None and self.fitness_data_dir is not None:
             self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
