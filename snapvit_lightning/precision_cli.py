@@ -56,6 +56,16 @@ class AutoPrecisionCLI(LightningCLI):
     last_trainer: Optional[Trainer] = None
 
     @override
+    def before_instantiate_classes(self) -> None:
+        """Refuse ``--optimizer``/``--lr_scheduler``: LightningCLI accepts them, and the scoring, which steps no weights, ignored them."""
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        given = [key for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: the scoring computes gradients and steps no weights, so "
+                             f"{' and '.join(given)} would be ignored; remove {', '.join(f'--{k}' for k in given)} "
+                             "(or the config's key)")
+
+    @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Warn about options given before ``--config``: applied in order, the config replaces what it sets."""
         words = [w for w in (sys.argv[1:] if args is None else args) if isinstance(w, str)]

@@ -618,6 +618,16 @@ def test_options_before_config_are_named(capsys) -> None:
     assert "precision: auto" in capsys.readouterr().out
 
 
+def test_an_optimizer_is_refused(capsys) -> None:
+    # LightningCLI adds --optimizer and --lr_scheduler; the scoring ran with them, ignored, and the same output
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--model.model", "test_vit", "--trainer.precision", "32-true", "--optimizer", "Adam"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "snapvit fit: error: optimizer: the scoring computes gradients and steps no weights, so optimizer would be "
+        "ignored; remove --optimizer (or the config's key)")
+
+
 def test_a_callback_added_twice_is_one_line(tmp_path, capsys) -> None:
     # Lightning's "Found more than one stateful callback" ended in a 40-line traceback with status 1
     search = "--trainer.callbacks+=snapvit_lightning.search.EvolutionarySearch"
