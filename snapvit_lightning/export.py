@@ -667,6 +667,6 @@ class ExportCheck(Callback):
         if not any(isinstance(cb, ElasticExport) for cb in trainer.callbacks):
             rank_zero_warn(
                 "this fit has no ElasticExport callback, so it writes no elastic model (the scores are computed and dropped); "
-                "run it with --config configs/quickstart.yaml, or add --trainer.callbacks+=snapvit_lightning.export."
-                "ElasticExport --trainer.callbacks.dirpath DIR"
+                "run it with --config configs/quickstart.yaml (a later --config that lists trainer.callbacks replaces the "
+                "whole list), or add --trainer.callbacks+=snapvit_lightning.export.ElasticExport --trainer.callbacks.dirpath DIR"
             )
