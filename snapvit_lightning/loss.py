@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .structure import get_blocks
 
 __all__ = [
+    "check_classifier_fits",
     "dino_loss",
 ]
 
