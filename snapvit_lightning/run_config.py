@@ -36,10 +36,30 @@ class SaveConfigAfterFit(SaveConfigCallback):
     def __init__(self, parser: LightningArgumentParser, config: Namespace, path: str | os.PathLike | None = None) -> None:
         super().__init__(parser, config, save_to_log_dir=False)
         self.path = None if path is None else Path(path)
+        self.text = parser.dump(config, skip_none=False)
+
+    def __getstate__(self) -> dict:
+        # ddp_spawn pickles the Trainer's callbacks; the parser (a class made at run time) does not pickle
+        return {**self.__dict__, "parser": None}
+
+    def _path(self, trainer: pl.Trainer) -> Path | None:
+        from .export import ElasticExport
+
+        if self.path is not None or trainer.fast_dev_run:
+            return self.path
+        return next((Path(cb.dirpath) / "config.yaml" for cb in trainer.callbacks if isinstance(cb, ElasticExport)), None)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Nothing at the start (the base class writes here)."""
+        """Refuse a ``config.yaml`` beside the export unless the export overwrites (the base class writes here)."""
+        from .export import ElasticExport
+
+        path = self._path(trainer)
+        exports = [cb for cb in trainer.callbacks if isinstance(cb, ElasticExport)]
+        if self.path is None and path is not None and path.exists() and not exports[0].overwrite:
+            raise FileExistsError(f"{path} exists (a config of yours, or an earlier fit's?); the fit writes the config it "
+                                  "ran there: pass overwrite=True to replace it (in a config, `overwrite: true` in "
+                                  "ElasticExport's init_args)")
 
     @override
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -47,17 +67,13 @@ class SaveConfigAfterFit(SaveConfigCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from .export import ElasticExport
-
-        path = self.path
-        if path is None and not trainer.fast_dev_run:
-            path = next((Path(cb.dirpath) / "config.yaml" for cb in trainer.callbacks if isinstance(cb, ElasticExport)), None)
+        path = self._path(trainer)
         if not trainer.is_global_zero or path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         staged = staging_path(path)
         try:
-            staged.write_text(self.parser.dump(self.config, skip_none=False), encoding="utf-8")
+            staged.write_text(self.text, encoding="utf-8")
             os.replace(staged, path)
         finally:
             staged.unlink(missing_ok=True)

@@ -1,0 +1,45 @@
+"""SaveConfigAfterFit: the config a `snapvit fit` ran, written beside its export."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import yaml
+from test_cli import _image_folder
+
+from snapvit_lightning.cli import main
+from snapvit_lightning.errors import one_line_error_parser
+from snapvit_lightning.run_config import SaveConfigAfterFit
+
+
+def _fit(photos, out, *extra: str) -> list[str]:
+    return ["fit", "--model.model", "test_vit", "--model.model_kwargs", "{img_size: 32}", "--data.data_dir", str(photos),
+            "--data.batch_size", "2", "--data.num_local_crops", "2", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
+            "--trainer.callbacks+=snapvit_lightning.export.ElasticExport", "--trainer.callbacks.dirpath", str(out),
+            "--trainer.callbacks.correct", "none", *extra]
+
+
+def test_the_callback_pickles_for_ddp_spawn() -> None:
+    # ddp_spawn pickles the Trainer's callbacks: the parser (a class made at run time) failed,
+    # "Can't pickle local object 'one_line_error_parser.<locals>.OneLineErrorParser'"
+    parser = one_line_error_parser()()
+    parser.add_argument("--x", type=int, default=3)
+    callback = SaveConfigAfterFit(parser, parser.parse_args([]))
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.parser is None and yaml.safe_load(copy.text) == {"x": 3}
+
+
+def test_a_config_yaml_beside_the_export_is_kept_unless_overwrite(tmp_path, capsys) -> None:
+    # a user's own config.yaml in the export folder was replaced without a word, overwrite false
+    photos = _image_folder(tmp_path / "photos", n=4)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text("# mine\n")
+    with pytest.raises(SystemExit) as stop:
+        main(_fit(photos, tmp_path / "out"))
+    assert stop.value.code == 2
+    assert "config.yaml exists (a config of yours, or an earlier fit's?)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.yaml"]  # refused before the fit
+    main(_fit(photos, tmp_path / "out", "--trainer.callbacks.overwrite", "true"))
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]["model"] == "test_vit"
