@@ -67,8 +67,12 @@ def greedy_removal(
         of every removed prefix).
 
     Raises:
-        ValueError: Shapes that do not fit, ``n`` not a multiple of ``group``, or another ``dtype``.
+        ValueError: Shapes that do not fit, ``n`` not a multiple of ``group``, a ``group`` or ``chunk``
+            that is not an int >= 1, or another ``dtype``.
     """
+    for name, value in (("group", group), ("chunk", chunk)):  # chunk=0 looped forever
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     n = gram.shape[0] - 1
     if weight.shape[1] != n + 1 or gram.shape != (n + 1, n + 1) or n % group:
         raise ValueError(f"weight {tuple(weight.shape)} / gram {tuple(gram.shape)} do not fit groups of {group}")

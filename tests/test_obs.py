@@ -169,6 +169,10 @@ def test_greedy_refuses_other_dtypes() -> None:
     weight, gram = _random_layer(0, 4, 20, 2)
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64, got torch.float16"):
         greedy_removal(weight, gram, 1, dtype=torch.float16)
+    for kwargs in ({"chunk": 0}, {"chunk": -1}, {"chunk": 2.5}, {"group": 0}):  # chunk=0 looped forever
+        name, value = next(iter(kwargs.items()))
+        with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got {value}"):
+            greedy_removal(weight, gram, **kwargs)
 
 
 def test_greedy_runs_at_full_float32_precision_where_a_run_enabled_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
