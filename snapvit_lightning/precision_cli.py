@@ -69,12 +69,13 @@ class AutoPrecisionCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Warn about options given before ``--config``: applied in order, the config replaces what it sets."""
         words = [w for w in (sys.argv[1:] if args is None else args) if isinstance(w, str)]
-        if "--config" in words:
-            before = [w.split("=", 1)[0] for w in words[: words.index("--config")]
-                      if w.startswith("--") and not w.startswith(("--print_config", "--help"))]
-            if before:
-                rank_zero_warn(f"{', '.join(before)} come{'s' * (len(before) == 1)} before --config, whose values "
-                               "replace them where it sets the same keys: put --config first")
+        configs = [i for i, w in enumerate(words) if w in ("--config", "-c") or w.startswith("--config=")]
+        before = [w.split("=", 1)[0] for w in words[: configs[-1]] if w.startswith("--")
+                  and not w.startswith(("--config", "--print_config", "--help"))] if configs else []
+        if before:  # the last config replaces what an option before it set (a config before it too)
+            one = len(before) == 1
+            rank_zero_warn(f"{', '.join(before)} come{'s' * one} before --config, whose values replace "
+                           f"{'it' if one else 'them'} where it sets the same keys: put --config first")
         super().parse_arguments(parser, args)
 
     @override

@@ -616,6 +616,12 @@ def test_options_before_config_are_named(capsys) -> None:
         main(["fit", "--trainer.precision", "32-true", "--data.batch_size=4", "--config", str(REPO / "configs" / "quickstart.yaml"),
               "--print_config"])
     assert "precision: auto" in capsys.readouterr().out
+    config = str(REPO / "configs" / "quickstart.yaml")
+    for argv in (["--data.batch_size=4", f"--config={config}"], ["--data.batch_size", "4", "-c", config],
+                 ["--config", config, "--data.batch_size", "4", "--config", config]):  # the last config counts
+        with pytest.raises(SystemExit), pytest.warns(UserWarning, match=r"^--data.batch_size comes before --config, "
+                                                                         r"whose values replace it where"):
+            main(["fit", *argv, "--print_config"])
 
 
 def test_an_optimizer_is_refused(capsys) -> None:
