@@ -356,6 +356,9 @@ class SnapViTModule(pl.LightningModule):
             if stage == "fit" and getattr(trainer, name, None) == 0:
                 raise ValueError(f"{name}=0: this fit would score no calibration image and write nothing; "
                                  "the scoring is one epoch (max_epochs: 1)")
+        if stage == "fit" and trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise ValueError("max_epochs=-1 without max_steps: this fit would score forever and write nothing; "
+                             "the scoring is one epoch (max_epochs: 1)")
         if stage == "fit" and (trainer.max_epochs or 0) > 1 and hasattr(datamodule, "configure_from_model"):
             rank_zero_warn(f"max_epochs={trainer.max_epochs}: the scoring is one epoch, and each further one scores "
                            "the same crops again (the same ranking, for that many times the time)")

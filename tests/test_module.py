@@ -446,6 +446,11 @@ def test_a_fit_that_would_score_nothing_is_refused(weights: Path, kw: dict) -> N
         fit(scoring(weights), views(2), **kw)
 
 
+def test_a_fit_that_would_score_forever_is_refused(weights: Path) -> None:
+    with pytest.raises(ValueError, match=r"max_epochs=-1 without max_steps: this fit would score forever"):
+        fit(scoring(weights), views(2), max_epochs=-1)
+
+
 def test_more_than_one_epoch_over_the_calibration_datamodule_warns(weights: Path) -> None:
     from snapvit_lightning.data import CalibrationDataModule
 
