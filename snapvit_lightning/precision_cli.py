@@ -150,6 +150,13 @@ class AutoPrecisionCLI(LightningCLI):
         if self._spawned_fit():
             return  # the fit ran in the spawned processes (their module warned); this one's module never trained
         if self.trainer.ckpt_path is not None and getattr(self.model, "_train_started", True) is False:
+            trainer = self.trainer
+            limit = "fast_dev_run" if trainer.fast_dev_run else (
+                f"max_steps={trainer.max_steps}" if 0 <= trainer.max_steps <= trainer.global_step else None)
+            if limit is not None:  # the checkpoint is fine: the command's limit stopped the fit at its step
+                raise ValueError(f"--ckpt_path {trainer.ckpt_path}: the resumed fit stopped before a step ({limit}, at the "
+                                 f"checkpoint's step {trainer.global_step}), so nothing was searched or written; "
+                                 f"resume without {limit.split('=')[0]}")
             raise ValueError(
                 f"--ckpt_path {self.trainer.ckpt_path}: this checkpoint was saved after the scoring epoch had ended, "
                 "so the resumed fit ran no search and wrote nothing; resume from a checkpoint saved during the "

@@ -281,6 +281,12 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     assert exc.value.code == 2 and not (tmp_path / "after_end").exists()
     assert not [w for w in caught if "no on_train_end callback ran" in str(w.message)]  # said once, by the error
     assert "was saved after the scoring epoch had ended, so the resumed fit ran no search and wrote nothing" in capsys.readouterr().err
+    # a mid-epoch checkpoint resumed with --trainer.max_steps at its step: the command's limit, not the checkpoint
+    with pytest.raises(SystemExit) as exc:
+        fit("limited", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), "--trainer.max_steps", "2")
+    assert exc.value.code == 2 and not (tmp_path / "limited").exists()
+    assert ("the resumed fit stopped before a step (max_steps=2, at the checkpoint's step 2), so nothing was searched "
+            "or written; resume without max_steps") in capsys.readouterr().err
 
 
 def _image_folder(path, n: int = 6):
