@@ -39,33 +39,9 @@ def _info(args: argparse.Namespace) -> int:
     if meta["kind"] != "elastic":
         if args.latency or args.no_correct:
             raise ValueError(f"{args.path} is a subnet: --latency/--no-correct apply to elastic checkpoints")
-        from .elastic import load_subnet
-        from .evaluation import model_cost
+        from .subnet_info import describe_subnet
 
-        print(f"{args.path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}")
-        cost, (h, w) = model_cost(load_subnet(args.path)), meta["input_size"]
-        print(f"input {h} x {w} px, {cost['params']:,} params, {cost['flops']:,} FLOPs per image")
-        if "budget" in meta:  # written by `snapvit slice` and the export since 2026-12-06
-            cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in meta["budget"].items()}
-            requested = cut.get("requested")
-            asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
-            share, knee = meta["budget"].get("head_ratio_scale"), meta["budget"].get("head_share_knee")
-            split = _head_split(share, knee)
-            print(f"cut from {cut.get('elastic')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
-                  f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
-            if isinstance(meta["budget"].get("latency"), dict):  # slice --latency-ms: what its latency means
-                from .latency import LOAD_DRIFT_WARN
-
-                m = meta["budget"]["latency"]
-                threads = m.get("threads") or m.get("torch_threads")
-                drift = m.get("load_drift")
-                unsteady = (f"; the machine's load changed {drift:.1f}x during that search (each trial read relative to "
-                            "the dense model timed alongside it): measure it again on a quiet machine"
-                            if isinstance(drift, float) and drift > LOAD_DRIFT_WARN else "")
-                print(f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
-                      f"{m.get('dense_ms', float('nan')):.2f} ms) per batch of {m.get('batch_size')} on {m.get('device')} "
-                      f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}), "
-                      f"measured where it was sliced{unsteady}")
+        print("\n".join(describe_subnet(args.path, meta)))
         return 0
     elastic = ElasticViT.load(args.path)
     budgets = list(dict.fromkeys(elastic.resolve_budget(*b) for b in args.budgets or INFO_BUDGETS))  # reachable ratios
@@ -182,16 +158,6 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
         calibration = f" --calibration {shlex.quote(str(beside))}" if stats is not None else ""
         print(f"held out: `snapvit bench {shlex.quote(args.path)} --data TEST_DIR --correct lstsq{calibration}` "
               "on photos the run never saw (or hold some out in the fit: `--data.holdout N`, CalibrationDataModule(holdout=N))")
-
-
-def _head_split(share: float | None, knee: float | None = None) -> str:
-    """How a fraction budget split its cut between heads and neurons, in words (``""`` for a ratio budget)."""
-    if share is None or share == 1:
-        return "" if share is None else " (heads pruned at the neurons' ratio)"
-    from .scores import HEAD_SHARE_KNEE
-
-    knee = HEAD_SHARE_KNEE if knee is None else knee
-    return f" (heads pruned at {share:g} x the neurons' ratio until {knee:g} of the neurons go, then both to every block's minimum)"
 
 
 def _stale_correction(correction: dict, stats: object) -> str | None:
@@ -405,7 +371,9 @@ def _slice(args: argparse.Namespace) -> int:
     else:
         elastic.save_subnet(out, sub, budget=cut)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all
-    split = _head_split(share)
+    from .subnet_info import head_split
+
+    split = head_split(share)
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")

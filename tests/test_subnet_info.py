@@ -1,0 +1,29 @@
+"""What `snapvit info` says about a subnet file."""
+
+from __future__ import annotations
+
+from conftest import random_scores, tiny_model
+
+from snapvit_lightning.checkpoint import read_metadata
+from snapvit_lightning.elastic import ElasticViT
+from snapvit_lightning.subnet_info import describe_subnet, head_split
+
+
+def test_a_budget_saved_from_python_is_shown_as_given(tmp_path) -> None:
+    # it printed "cut from None: mlp_ratio None, head_ratio None, correction None"
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    sub = elastic.subnet(flops=0.6)
+    for budget, line in (({"flops": 0.6}, "budget (as saved): flops 0.6000"), (None, None)):
+        path = tmp_path / f"{budget is None}.safetensors"
+        elastic.save_subnet(path, sub, budget=budget)
+        lines = describe_subnet(str(path), read_metadata(path))
+        assert lines[0].startswith(f"{path}: subnet of {name}, block dims [heads, neurons] ")
+        assert lines[2:] == ([] if line is None else [line])
+        assert not any("None" in text for text in lines)
+
+
+def test_head_split_in_words() -> None:
+    assert head_split(None) == "" and head_split(1.0) == " (heads pruned at the neurons' ratio)"
+    assert head_split(0.25, 0.75) == (" (heads pruned at 0.25 x the neurons' ratio until 0.75 of the neurons go, then both "
+                                      "to every block's minimum)")
