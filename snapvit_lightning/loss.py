@@ -136,8 +136,9 @@ def check_classifier_fits(model: nn.Module, criterion: str, datamodule: Any = No
         return
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes <= 0:
-        raise ValueError("criterion='cross_entropy' needs a classifier head; the model has num_classes="
-                         f"{getattr(model, 'num_classes', None)!r} (set model_kwargs num_classes > 0)")
+        raise ValueError("criterion='cross_entropy' needs the ViT's own classifier head; the model has num_classes="
+                         f"{getattr(model, 'num_classes', None)!r} (model_kwargs num_classes > 0 where timm builds it; "
+                         "a head outside the ViT is not scored: use criterion='dino')")
     if getattr(datamodule, "data_dir", None) is None or not hasattr(datamodule, "classes"):
         return
     classes = list(datamodule.classes)
