@@ -486,7 +486,8 @@ class SnapViT(Callback):
         self.scores = module.scores
         if any(p.dtype != torch.float32 for p in module.student.parameters()):  # precision="bf16-true" cast the copy
             module.student.float()
-            rank_zero_info(f"SnapViT: scored with precision={precision!r}; the copy is exported in float32")
+            if not dtypes:  # else said above
+                rank_zero_info(f"SnapViT: scored with precision={precision!r}; the copy is exported in float32")
         self.elastic = ElasticViT(
             module.student.cpu(), module.scores, model_name=self.model_name, model_kwargs=self.model_kwargs
         )
