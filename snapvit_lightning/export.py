@@ -99,6 +99,15 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _fit_config(path: Path) -> bool:
+    """Whether ``path`` is the config a ``snapvit fit`` saved beside its export (LightningCLI's dump), not a user's file."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().startswith("# lightning.pytorch==")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def subnet_label(mlp_ratio: float, head_ratio: float) -> str:
     """The file-name label of a budget: ``mlp<a>_head<b>`` (4 significant digits)."""
     return f"mlp{_fmt(mlp_ratio)}_head{_fmt(head_ratio)}"
@@ -423,6 +432,8 @@ def export_elastic(
                 stale_stats.unlink(missing_ok=True)
             earlier_name, earlier = _earlier_files(out_dir) if overwrite else (None, set())
             earlier -= set(targets.values())
+            if earlier_name is not None and _fit_config(out_dir / "config.yaml"):  # that fit's: not this export's
+                earlier.add(out_dir / "config.yaml")  # (a `snapvit fit` writes its own after the export)
             for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
                 os.replace(staged[role], targets[role])
                 placed.append(targets[role])

@@ -56,10 +56,10 @@ class SaveConfigAfterFit(SaveConfigCallback):
 
         path = self._path(trainer)
         exports = [cb for cb in trainer.callbacks if isinstance(cb, ElasticExport)]
-        if self.path is None and path is not None and path.exists() and not exports[0].overwrite:
+        if path is not None and path.exists() and exports and not exports[0].overwrite:
             raise FileExistsError(f"{path} exists (a config of yours, or an earlier fit's?); the fit writes the config it "
                                   "ran there: pass overwrite=True to replace it (in a config, `overwrite: true` in "
-                                  "ElasticExport's init_args)")
+                                  "ElasticExport's init_args, or --trainer.callbacks.overwrite true)")
 
     @override
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

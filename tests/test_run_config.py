@@ -43,3 +43,36 @@ def test_a_config_yaml_beside_the_export_is_kept_unless_overwrite(tmp_path, caps
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.yaml"]  # refused before the fit
     main(_fit(photos, tmp_path / "out", "--trainer.callbacks.overwrite", "true"))
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]["model"] == "test_vit"
+
+
+def test_the_main_jobs_config_path_is_refused_too(tmp_path) -> None:
+    # the main job passes its config's path: a user's config.yaml there was replaced with overwrite false
+    from snapvit_lightning.cli import SnapViTCLI
+
+    photos = _image_folder(tmp_path / "photos", n=4)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text("mine: 1\n")
+    with pytest.raises(FileExistsError, match=r"config.yaml exists \(a config of yours, or an earlier fit's\?\)"):
+        SnapViTCLI.run(_fit(photos, tmp_path / "out"), save_config=tmp_path / "out" / "config.yaml")
+    assert (tmp_path / "out" / "config.yaml").read_text() == "mine: 1\n"
+
+
+def test_an_overwriting_export_removes_an_earlier_fits_config_but_not_a_users(tmp_path) -> None:
+    # the plug-in (which saves no config) overwrote an export and left the earlier fit's config.yaml beside it
+    import torch
+    from conftest import random_scores, tiny_model
+
+    from snapvit_lightning.elastic import ElasticViT
+    from snapvit_lightning.export import export_elastic
+
+    photos = _image_folder(tmp_path / "photos", n=4)
+    main(_fit(photos, tmp_path / "out"))
+    assert (tmp_path / "out" / "config.yaml").read_text().startswith("# lightning.pytorch==")
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    images = torch.randn(2, 3, 160, 160)
+    export_elastic(elastic, tmp_path / "out", budgets=[0.5], fitness_images=images, correct="none", overwrite=True)
+    assert not (tmp_path / "out" / "config.yaml").exists()
+    (tmp_path / "out" / "config.yaml").write_text("mine: 1\n")  # not a fit's: kept
+    export_elastic(elastic, tmp_path / "out", budgets=[0.5], fitness_images=images, correct="none", overwrite=True)
+    assert (tmp_path / "out" / "config.yaml").read_text() == "mine: 1\n"
