@@ -69,6 +69,7 @@ def run(
 
     Raises:
         FileNotFoundError: If the config is missing, or the weights are missing and cannot be built.
+        ValueError: ``cli_args`` that move the export's folder (``out`` sets it).
     """
     import yaml
 
@@ -76,6 +77,9 @@ def run(
 
     if not Path(config).is_file():
         raise FileNotFoundError(f"no config at {config}")
+    moved = [a for a in cli_args if a.split("=", 1)[0] in ("--trainer.callbacks.dirpath", "--trainer.callbacks.init_args.dirpath")]
+    if moved:  # the export went there, its config.yaml to `out`, and the table was skipped
+        raise ValueError(f"{moved[0].split('=', 1)[0]} moves the export away from --out; give --out DIR instead")
     settings = yaml.safe_load(Path(config).read_text())
     settings["model"]["checkpoint_path"] = str(ensure_weights(Path(weights)))
     for callback in settings["trainer"]["callbacks"]:

@@ -138,3 +138,13 @@ def test_the_budget_table_follows_another_model_name(tmp_path, monkeypatch, caps
                  "--data.max_samples", "4", "--trainer.enable_progress_bar", "false"]) == 0
     out = capsys.readouterr().out
     assert "test_vit.elastic.safetensors" in out and "0.65       0.50" in out
+
+
+def test_moving_the_export_away_from_out_is_refused(tmp_path, capsys) -> None:
+    # the export went to the other folder, config.yaml to --out, and the budget table was skipped without a word
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "run"), "--trainer.callbacks.dirpath", str(tmp_path / "elsewhere")])
+    assert exc.value.code == 2
+    assert ("--trainer.callbacks.dirpath moves the export away from --out; give --out DIR instead"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "elsewhere").exists()
