@@ -357,8 +357,8 @@ class SnapViTModule(pl.LightningModule):
                 raise ValueError(f"{name}=0: this fit would score no calibration image and write nothing; "
                                  "the scoring is one epoch (max_epochs: 1)")
         if stage == "fit" and trainer.max_epochs == -1 and trainer.max_steps == -1:
-            raise ValueError("max_epochs=-1 without max_steps: this fit would score forever and write nothing; "
-                             "the scoring is one epoch (max_epochs: 1)")
+            raise ValueError("max_epochs=-1 (no limit; also Lightning's for max_epochs null with max_time) without "
+                             "max_steps: this fit would score until stopped; the scoring is one epoch (max_epochs: 1)")
         if stage == "fit" and (trainer.max_epochs or 0) > 1 and hasattr(datamodule, "configure_from_model"):
             rank_zero_warn(f"max_epochs={trainer.max_epochs}: the scoring is one epoch, and each further one scores "
                            "the same crops again (the same ranking, for that many times the time)")
@@ -451,6 +451,10 @@ class SnapViTModule(pl.LightningModule):
         computed here, before any ``on_train_end`` callback (the search) needs them.
         """
         self._train_started = True
+        batches, max_steps = self.trainer.num_training_batches, self.trainer.max_steps
+        if 0 < max_steps < batches:  # Lightning ends the epoch there: the scores see part of the images
+            rank_zero_warn(f"max_steps={max_steps} stops the scoring epoch after {max_steps} of its {batches} batches: "
+                           "the scores see only those images")
         progress = self.trainer.fit_loop.epoch_progress.current
         if self._resumed and progress.started > 0 and progress.processed == progress.started:
             self.scores = self.compute_scores()

@@ -447,8 +447,14 @@ def test_a_fit_that_would_score_nothing_is_refused(weights: Path, kw: dict) -> N
 
 
 def test_a_fit_that_would_score_forever_is_refused(weights: Path) -> None:
-    with pytest.raises(ValueError, match=r"max_epochs=-1 without max_steps: this fit would score forever"):
+    with pytest.raises(ValueError, match=r"max_epochs=-1 \(no limit; .* without max_steps: this fit would score until"):
         fit(scoring(weights), views(2), max_epochs=-1)
+
+
+def test_max_steps_within_the_epoch_warns(weights: Path) -> None:
+    # the scores came from half the images without a word
+    with pytest.warns(UserWarning, match=r"max_steps=1 stops the scoring epoch after 1 of its 2 batches"):
+        fit(scoring(weights), views(4), max_steps=1)
 
 
 def test_more_than_one_epoch_over_the_calibration_datamodule_warns(weights: Path) -> None:
