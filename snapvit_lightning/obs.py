@@ -24,6 +24,7 @@ the signal it is added to. :func:`with_ranking` stores it in the correction stat
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,7 @@ from .correction import (
 )
 from .scores import ImportanceScores
 from .structure import get_blocks, inspect_vit
+from .values import integer, real_number
 
 __all__ = ["RANKING_CRITERION", "corrected_ranking", "greedy_removal", "obs_scores", "stream_energy", "with_ranking"]
 
@@ -68,11 +70,17 @@ def greedy_removal(
 
     Raises:
         ValueError: Shapes that do not fit, ``n`` not a multiple of ``group``, a ``group`` or ``chunk``
-            that is not an int >= 1, or another ``dtype``.
+            that is not an int >= 1, a ``damping`` that is not a finite number >= 0, or another ``dtype``.
     """
-    for name, value in (("group", group), ("chunk", chunk)):  # chunk=0 looped forever
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    given = {"group": group, "chunk": chunk}
+    for name, value in given.items():  # chunk=0 looped forever, group=0 divided by zero
+        if integer(value) is None or integer(value) < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    group, chunk = integer(group), integer(chunk)
+    number = real_number(damping)
+    if number is None or not 0 <= number < math.inf:  # torch's Cholesky error named no cause
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    damping = number
     n = gram.shape[0] - 1
     if weight.shape[1] != n + 1 or gram.shape != (n + 1, n + 1) or n % group:
         raise ValueError(f"weight {tuple(weight.shape)} / gram {tuple(gram.shape)} do not fit groups of {group}")

@@ -26,7 +26,7 @@ def _latency_line(m: dict[str, Any]) -> str:
     unsteady = (f"; the machine's load changed {drift:.1f}x during that search (each trial read relative to "
                 "the dense model timed alongside it): measure it again on a quiet machine"
                 if isinstance(drift, float) and drift > LOAD_DRIFT_WARN else "")
-    raw = (f"; timed {m['raw_ms']:.2f} ms beside the dense model's {m['dense_alongside_ms']:.2f} ms"
+    raw = (f"; scaled from {m['raw_ms']:.2f} ms timed beside the dense model's {m['dense_alongside_ms']:.2f} ms"
            if isinstance(m.get("raw_ms"), float) and isinstance(m.get("dense_alongside_ms"), float) else "")
     return (f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
             f"{m.get('dense_ms', float('nan')):.2f} ms{raw}) per batch of {m.get('batch_size')} on {m.get('device')} "

@@ -332,8 +332,8 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     chosen = next(t for t in found.trials if t.flops == found.flops and t.meets)  # what the timing read, unscaled
     assert (latency["raw_ms"], latency["dense_alongside_ms"]) == pytest.approx((chosen.raw_ms, chosen.dense_alongside_ms))
     assert main(["info", str(out)]) == 0
-    assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms; timed "
-            f"{chosen.raw_ms:.2f} ms beside the dense model's {chosen.dense_alongside_ms:.2f} ms) per batch of 2 "
+    assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms; scaled from "
+            f"{chosen.raw_ms:.2f} ms timed beside the dense model's {chosen.dense_alongside_ms:.2f} ms) per batch of 2 "
             f"on cpu ({cpu_model()}; torch, 1 thread), measured where it was sliced\n") in capsys.readouterr().out
     # a search whose dense timings drifted says so where the file's latency is read back
     budget = read_metadata(out)["budget"]

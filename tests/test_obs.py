@@ -173,6 +173,13 @@ def test_greedy_refuses_other_dtypes() -> None:
         name, value = next(iter(kwargs.items()))
         with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got {value}"):
             greedy_removal(weight, gram, **kwargs)
+    for damping in (-1.0, float("nan"), float("inf")):  # torch's Cholesky or solve error before
+        with pytest.raises(ValueError, match=rf"damping must be a finite number >= 0, got {damping}"):
+            greedy_removal(weight, gram, damping=damping)
+    import numpy as np
+
+    order, _ = greedy_removal(weight, gram, np.int64(1), chunk=torch.tensor(2))  # integers of numpy and torch count
+    assert sorted(order.tolist()) == list(range(4))
 
 
 def test_greedy_runs_at_full_float32_precision_where_a_run_enabled_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
