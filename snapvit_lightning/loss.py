@@ -137,8 +137,8 @@ def check_classifier_fits(model: nn.Module, criterion: str, datamodule: Any = No
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes <= 0:
         raise ValueError("criterion='cross_entropy' needs the ViT's own classifier head; the model has num_classes="
-                         f"{getattr(model, 'num_classes', None)!r} (model_kwargs num_classes > 0 where timm builds it; "
-                         "a head outside the ViT is not scored: use criterion='dino')")
+                         f"{getattr(model, 'num_classes', None)!r} (timm builds one for num_classes > 0, e.g. SnapViTModule's "
+                         "model_kwargs; a head outside the ViT, as a plug-in user's, is not scored: use criterion='dino')")
     if getattr(datamodule, "data_dir", None) is None or not hasattr(datamodule, "classes"):
         return
     classes = list(datamodule.classes)
