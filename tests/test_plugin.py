@@ -339,7 +339,7 @@ def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(t
     ({"fitness_images": [torch.randn(3, 32, 32)]}, r"fitness_images: batches must be \[B, 3, H, W\] tensors"),
     ({"search_kwargs": {"initial_weights": torch.rand(3)}}, r"initial_weights must be a finite tensor of shape \[18\]"),
     ({"search_kwargs": {"initial_covariance": torch.eye(3)}}, r"initial_covariance must have shape \[18, 18\]"),
-    ({"criterion": "cross_entropy"}, r"criterion='cross_entropy' needs the ViT's own classifier head; the model has num_classes=0 .*a head outside the ViT is not scored: use criterion='dino'"),
+    ({"criterion": "cross_entropy"}, r"criterion='cross_entropy' needs the ViT's own classifier head; the model has num_classes=0 .*a head outside the ViT, as a plug-in user's, is not scored: use criterion='dino'"),
     ({"search_kwargs": {"ratio_pairs": [(0.99, 0.0), (0.98, 0.0)]}}, r"several pairs cut as \(0.9479, 0\)"),
     ({"budgets": [0.8, {"flops": 0.01}]}, r"SnapViT\(budgets=...\): flops=0.01 is below the smallest reachable fraction "
      r"0\.\d+ \(every block at its minimum keep: min_mlp_keep=0.05, min_head_keep=0.2\)"),
