@@ -131,9 +131,33 @@ def _raising_class(err: BaseException) -> str | None:
     return None
 
 
+def _spawned_user_error(err: BaseException) -> str | None:
+    """The message of a user error a ``ddp_spawn`` rank raised, from torch's ``ProcessRaisedException`` text, if any.
+
+    torch passes on only the rank's formatted traceback: its last line is ``Type: message``, and a
+    user error is a path error, or a ``ValueError``/``TypeError``/``ImportError`` whose innermost
+    frame is a ``raise`` in this package (as :func:`_raised_by_this_package` reads a live one).
+    """
+    if type(err).__name__ != "ProcessRaisedException":
+        return None
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    found = re.fullmatch(r"(\w+(?:\.\w+)*): (.*)", lines[-1]) if lines else None
+    if found is None:
+        return None
+    kind, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
+    if kind in {e.__name__ for e in _PATH_ERRORS} | {"MisconfigurationException"}:
+        return message
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    if kind not in {e.__name__ for e in _RAISED_ON_PURPOSE} or not frames or frames[-1] + 1 >= len(lines):
+        return None
+    where = re.match(r'\s*File "([^"]+)"', lines[frames[-1]])
+    inside = where is not None and Path(where.group(1)).resolve().is_relative_to(_PACKAGE)
+    return message if inside and lines[frames[-1] + 1].lstrip().startswith("raise") else None
+
+
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` was caused by the user's input (see the module docstring) rather than a bug."""
-    return _is_direct_user_error(err) or _wrapped_user_error(err) is not None
+    return _is_direct_user_error(err) or _wrapped_user_error(err) is not None or _spawned_user_error(err) is not None
 
 
 #: The options that run a GPU config on this machine's CPU instead (advice of the errors about a missing GPU).
@@ -148,6 +172,9 @@ _ADVICE = {
 
 def user_error_message(err: BaseException) -> str:
     """The one-line message of a user error (:func:`is_user_error`): its own, or the one jsonargparse wrapped."""
+    spawned = None if _is_direct_user_error(err) else _spawned_user_error(err)
+    if spawned is not None:  # a ddp_spawn rank's, as its traceback's last line gave it
+        return one_line(spawned)
     wrapped = None if _is_direct_user_error(err) else _wrapped_user_error(err)
     if isinstance(err, Warning):
         return one_line(f"{err} (a {type(err).__name__} that -W error or PYTHONWARNINGS turned into an error)")

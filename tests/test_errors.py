@@ -479,3 +479,27 @@ def test_other_ddp_ranks_say_who_they_are(tmp_path, capsys, monkeypatch) -> None
         raise FileNotFoundError("data_dir: image folder not found: 'x'")
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "[rank 1] snapvit fit: error: data_dir: image folder not found: 'x'\n"
+
+
+def test_a_user_error_of_a_ddp_spawn_rank_is_one_line() -> None:
+    # torch passes on only the rank's traceback text: a refusal before the fit was a 40-line traceback, status 1
+    import traceback as tb
+
+    from torch.multiprocessing import ProcessRaisedException
+
+    from snapvit_lightning.errors import is_user_error, user_error_message
+    from snapvit_lightning.obs import greedy_removal
+
+    try:
+        greedy_removal(torch.zeros(1, 3), torch.eye(3), chunk=0)
+    except ValueError:
+        text = tb.format_exc()
+    spawned = ProcessRaisedException("\n\n-- Process 0 terminated with the following error:\n" + text, 0, 1234)
+    assert is_user_error(spawned) and user_error_message(spawned) == "chunk must be an int >= 1, got 0"
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        bug = ProcessRaisedException("\n\n-- Process 0 terminated with the following error:\n" + tb.format_exc(), 0, 1)
+    assert not is_user_error(bug)
+    moved = ProcessRaisedException("...\nFileExistsError: /x/config.yaml exists", 0, 1)  # a path error: wherever raised
+    assert is_user_error(moved) and user_error_message(moved) == "/x/config.yaml exists"
