@@ -72,9 +72,8 @@ def greedy_removal(
         ValueError: Shapes that do not fit, ``n`` not a multiple of ``group``, a ``group`` or ``chunk``
             that is not an int >= 1, a ``damping`` that is not a finite number >= 0, or another ``dtype``.
     """
-    given = {"group": group, "chunk": chunk}
-    for name, value in given.items():  # chunk=0 looped forever, group=0 divided by zero
-        if integer(value) is None or integer(value) < 1:
+    for name, value in (("group", group), ("chunk", chunk)):  # chunk=0 looped forever, group=0 divided by zero
+        if (integer(value) or 0) < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     group, chunk = integer(group), integer(chunk)
     number = real_number(damping)
