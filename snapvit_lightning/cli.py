@@ -366,8 +366,12 @@ def _slice(args: argparse.Namespace) -> int:
         from .checkpoint import subnet_metadata
         from .onnx_export import save_onnx
 
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in sub.parameters()} - {"float32"})
+        if dtypes:  # a bf16 checkpoint: the graph is float32 (save_onnx's "export model.float()" is Python's advice)
+            sub.float()
         diff = save_onnx(sub, out, metadata=subnet_metadata(sub, elastic.model_name, elastic.model_kwargs, cut))
-        written = f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images)"
+        written = (f"{out} (ONNX, dynamic batch; ONNX Runtime matches torch within {diff:.1e} on random images"
+                   f"{f'; the checkpoint is {dtypes[0]}, the graph float32' if dtypes else ''})")
     else:
         elastic.save_subnet(out, sub, budget=cut)
     cost = elastic.cost(elastic.dims(mlp_ratio, head_ratio))  # the ranked cut keeps as many units in all

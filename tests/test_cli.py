@@ -778,3 +778,17 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
     assert exc.value.code == 2 and "--head-ratio-scale splits a --flops/--params/--latency-ms budget" in capsys.readouterr().err
     helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["slice"]._actions}
     assert f"(default: {DEFAULT_HEAD_RATIO_SCALE:g} for corrected" in helps["head_ratio_scale"]  # cli.py imports no torch
+
+
+def test_slice_of_a_bf16_checkpoint_to_onnx_writes_a_float32_graph(tmp_path, capsys) -> None:
+    # save_onnx's "export model.float()" is advice a command-line user cannot follow
+    import onnx
+    from conftest import random_scores
+
+    model, name, kwargs = tiny_model("test_vit")
+    path = tmp_path / "bf16.elastic.safetensors"
+    ElasticViT(model.to(torch.bfloat16), random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
+    assert main(["slice", str(path), "--flops", "0.5", "-o", str(tmp_path / "x.onnx")]) == 0
+    assert "the checkpoint is bfloat16, the graph float32" in capsys.readouterr().out
+    graph = onnx.load(str(tmp_path / "x.onnx"))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
