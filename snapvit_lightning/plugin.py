@@ -310,7 +310,13 @@ class SnapViT(Callback):
         self._check_accelerator()
         self._check_loader(trainer)
         self._check_inputs(model)
-        _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite, owner="SnapViT")
+        try:
+            _refuse_existing_before_fit(trainer, self.dirpath, self._name(model), self.overwrite, owner="SnapViT")
+        except FileExistsError as err:
+            if not self.export_paths:
+                raise
+            raise FileExistsError(f"{err} (this SnapViT wrote it in an earlier fit: a second fit with the same "
+                                  "callback exports again only with overwrite=True)") from None
 
     def _check_inputs(self, model: nn.Module) -> None:
         """Refuse images and a search start the ViT cannot take, before the user's fit, not after it."""

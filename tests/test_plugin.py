@@ -546,3 +546,13 @@ def test_snapvit_with_precision_bf16_true_searches_and_exports_float32(tmp_path,
     assert "scored with precision='bf16-true'; the copy is exported in float32" in caplog.text
     assert {p.dtype for p in ElasticViT.load(plugin.export_paths["elastic"]).model.parameters()} == {torch.float32}
     assert {p.dtype for p in user.parameters()} == {torch.float32}
+
+
+def test_a_second_fit_with_the_same_snapvit_says_it_wrote_the_export(tmp_path) -> None:
+    # "(an earlier export?)" for the callback's own files
+    plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=0, budgets=[0.5],
+                     correct="none")
+    _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
+    with pytest.raises(FileExistsError, match=r"this SnapViT wrote it in an earlier fit: a second fit with the same "
+                                              r"callback exports again only with overwrite=True"):
+        _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
