@@ -667,7 +667,7 @@ class ElasticExport(Callback):
 
 
 class ExportCheck(Callback):
-    """Warns when a fit has no :class:`ElasticExport`: its scores would be computed, then dropped.
+    """Warns when a fit has no :class:`ElasticExport` (its scores would be computed, then dropped), or several.
 
     ``snapvit fit`` adds it to every Trainer it builds: ``snapvit fit --model.model NAME --data.data_dir
     DIR`` without a config that lists the export writes nothing, which is easy to miss.
@@ -675,7 +675,11 @@ class ExportCheck(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(isinstance(cb, ElasticExport) for cb in trainer.callbacks):
+        exports = [str(cb.dirpath) for cb in trainer.callbacks if isinstance(cb, ElasticExport)]
+        if len(exports) > 1:  # --trainer.callbacks+=ElasticExport beside a config's: both ran, without a word
+            rank_zero_warn(f"this fit has {len(exports)} ElasticExport callbacks, so it exports {len(exports)} times "
+                           f"({', '.join(exports)}); --trainer.callbacks.dirpath DIR moves the config's own export")
+        if not exports:
             rank_zero_warn(
                 "this fit has no ElasticExport callback, so it writes no elastic model (the scores are computed and dropped); "
                 "run it with --config configs/quickstart.yaml (a later --config that lists trainer.callbacks replaces the "

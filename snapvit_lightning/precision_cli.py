@@ -69,7 +69,8 @@ class AutoPrecisionCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Warn about options given before ``--config``: applied in order, the config replaces what it sets."""
         words = [w for w in (sys.argv[1:] if args is None else args) if isinstance(w, str)]
-        configs = [i for i, w in enumerate(words) if w in ("--config", "-c") or w.startswith("--config=")]
+        configs = [i for i, w in enumerate(words) if w in ("--config", "-c") or w.startswith("--config=")
+                   or (w.startswith("-c") and not w.startswith("--"))]  # -cFILE, argparse's attached form
         before = [w.split("=", 1)[0] for w in words[: configs[-1]] if w.startswith("--")
                   and not w.startswith(("--config", "--print_config", "--help"))] if configs else []
         if before:  # the last config replaces what an option before it set (a config before it too)

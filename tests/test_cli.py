@@ -422,12 +422,16 @@ def test_fit_without_an_export_warns_that_it_writes_nothing(tmp_path, monkeypatc
         warnings.simplefilter("always")
         main([*base, "--trainer.callbacks+=snapvit_lightning.export.ElasticExport", "--trainer.callbacks.dirpath",
               str(tmp_path / "out"), "--trainer.callbacks.correct", "none"])
-    assert not [w for w in caught if "writes nothing" in str(w.message)]
+    assert not [w for w in caught if "writes nothing" in str(w.message) or "exports 2 times" in str(w.message)]
     assert (tmp_path / "out" / "test_vit.elastic.safetensors").is_file()
     # the config it ran, beside the export (only the main job wrote one), as `snapvit fit --config` re-runs it
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["trainer"]["callbacks"][-1]["init_args"]["dirpath"] == str(tmp_path / "out")
     assert saved["data"]["data_dir"] == str(photos) and saved["model"]["model"] == "test_vit"
+    export = ["--trainer.callbacks+=snapvit_lightning.export.ElasticExport", "--trainer.callbacks.correct", "none"]
+    with pytest.warns(UserWarning, match=r"this fit has 2 ElasticExport callbacks, so it exports 2 times \(.*a, .*b\)"):
+        main([*base, *export, "--trainer.callbacks.dirpath", str(tmp_path / "a"), *export,  # a config's, then one more
+              "--trainer.callbacks.dirpath", str(tmp_path / "b")])
 
 
 def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
@@ -624,6 +628,7 @@ def test_options_before_config_are_named(capsys) -> None:
     assert "precision: auto" in capsys.readouterr().out
     config = str(REPO / "configs" / "quickstart.yaml")
     for argv in (["--data.batch_size=4", f"--config={config}"], ["--data.batch_size", "4", "-c", config],
+                 ["--data.batch_size", "4", f"-c{config}"],
                  ["--config", config, "--data.batch_size", "4", "--config", config]):  # the last config counts
         with pytest.raises(SystemExit), pytest.warns(UserWarning, match=r"^--data.batch_size comes before --config, "
                                                                          r"whose values replace it where"):
