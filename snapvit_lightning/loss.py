@@ -20,6 +20,7 @@ from .structure import get_blocks
 
 __all__ = [
     "check_classifier_fits",
+    "check_labels",
     "dino_loss",
 ]
 
@@ -150,3 +151,23 @@ def check_classifier_fits(model: nn.Module, criterion: str, datamodule: Any = No
                          f"{', ...' if len(classes) > 5 else ''}) but the model's head has num_classes={num_classes}; "
                          f"labels are the class folders' indices in sorted order, so give a head of {len(classes)} "
                          "classes trained in that order (model_kwargs num_classes)")
+
+
+def check_labels(labels: Any, count: int, num_classes: int) -> None:
+    """Refuse ``criterion="cross_entropy"`` labels that are missing, negative, or beyond the head's classes.
+
+    Args:
+        labels: The batch's labels (``None`` when the data yields none).
+        count: The batch's number of images.
+        num_classes: The classifier head's outputs.
+
+    Raises:
+        ValueError: Labels missing for an image, negative (``-1``: unlabeled), or ``>= num_classes``.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.numel() != count or bool((labels < 0).any()):
+        got = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+        raise ValueError(f"criterion='cross_entropy' needs a label >= 0 for every image (got {got}); use "
+                         "criterion='dino' for unlabeled data")
+    if bool((labels >= num_classes).any()):  # F.cross_entropy's IndexError names no cause
+        raise ValueError(f"criterion='cross_entropy': label {int(labels.max())} is not a class of the model's "
+                         f"head (num_classes={num_classes})")

@@ -57,7 +57,7 @@ from typing_extensions import override
 
 from .console import quiet_spawned_process
 from .forward import embed
-from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, check_classifier_fits, dino_loss
+from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, check_classifier_fits, check_labels, dino_loss
 from .scores import ImportanceScores, check_fraction, lamp_scores
 from .structure import (
     UnsupportedModelError, check_model_images, check_supported, get_blocks, inspect_vit, mlp_input_layers,
@@ -522,15 +522,8 @@ class SnapViTModule(pl.LightningModule):
             raise ValueError(f"views must be a float tensor [B, V, 3, S, S] of multi-crop views, got {got}")
         self._checked(views.flatten(0, 1), f"views (their {views.shape[0]} x {views.shape[1]} views as one batch)")
         if self.criterion == "cross_entropy":
-            if labels is None or labels.numel() != views.shape[0] or bool((labels < 0).any()):
-                raise ValueError(
-                    "criterion='cross_entropy' needs a label >= 0 for every image (got "
-                    f"{None if labels is None else labels.tolist()}); use criterion='dino' for unlabeled data"
-                )
+            check_labels(labels, views.shape[0], int(self.student.num_classes))
             logits = self.student(views[:, 0])
-            if bool((labels >= logits.shape[-1]).any()):  # F.cross_entropy's IndexError names no cause
-                raise ValueError(f"criterion='cross_entropy': label {int(labels.max())} is not a class of the model's "
-                                 f"head (num_classes={logits.shape[-1]})")
             return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
         if views.shape[1] < NUM_GLOBAL_VIEWS:
             raise ValueError(f"criterion={self.criterion!r} needs >= 2 views per image, got {views.shape[1]}")

@@ -45,7 +45,7 @@ from .export import (
     export_elastic,
     export_targets,
 )
-from .loss import check_classifier_fits
+from .loss import check_classifier_fits, check_labels
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stops_on_sigterm
@@ -295,6 +295,7 @@ class SnapViT(Callback):
         self.scores: ImportanceScores | None = None
         self.model_path: str | None = None
         self._loader: DataLoader | None = None  # a user's calibration datamodule's, from setup
+        self._first_batch: tuple[Any, int] | None = None  # (labels, images) of its first batch, from setup
 
     def _name(self, model: nn.Module) -> str | None:
         return self.name or _default_name(self.model_name, model)
@@ -324,6 +325,8 @@ class SnapViT(Callback):
             check_one_shot(model, f"SnapViT(correct={self.correct!r})", EXPORT_HINT)
         datamodule = self.datamodule if isinstance(self.datamodule, CalibrationDataModule) else None  # folder labels
         check_classifier_fits(model, self.criterion, datamodule)
+        if self.criterion == "cross_entropy" and self._first_batch is not None:
+            check_labels(*self._first_batch, int(model.num_classes))  # the first batch's (later ones: as read)
         if self.fitness_images is not None:
             check_model_images(model, self.fitness_images, "fitness_images")
         size = getattr(self.datamodule, "img_size", None)
@@ -355,6 +358,8 @@ class SnapViT(Callback):
                 what, loader = f"{type(dm).__name__}.train_dataloader()", self._prepare_datamodule(trainer)
             batch = next(iter(loader), None)
         views = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        self._first_batch = (labels, views.shape[0]) if isinstance(views, Tensor) and views.dim() else None
         if not isinstance(views, Tensor) or views.dim() != 5 or views.shape[2] != 3:
             found = list(views.shape) if isinstance(views, Tensor) else type(views).__name__
             raise ValueError(

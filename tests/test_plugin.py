@@ -556,3 +556,23 @@ def test_a_second_fit_with_the_same_snapvit_says_it_wrote_the_export(tmp_path) -
     with pytest.raises(FileExistsError, match=r"this SnapViT wrote it in an earlier fit: a second fit with the same "
                                               r"callback exports again only with overwrite=True"):
         _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
+
+
+@pytest.mark.parametrize("labels, match", [
+    (None, r"needs a label >= 0 for every image \(got \[-1, -1\]\)"),  # the loader's -1: unlabeled
+    (torch.tensor([0, 9, 1, 2]), r"label 9 is not a class of the model's head \(num_classes=3\)"),
+])
+def test_snapvit_checks_a_loaders_first_labels_before_the_users_fit(tmp_path, labels, match) -> None:
+    # a DataLoader's labels were checked only after the user's training
+    from torch.utils.data import DataLoader, TensorDataset
+
+    user = UserModule()
+    user.backbone = timm.create_model("test_vit", pretrained=False, img_size=IMG, num_classes=3)
+    user.head = nn.Linear(3, 3)
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    loader = _multicrop_loader() if labels is None else DataLoader(
+        TensorDataset(torch.randn(4, 4, 3, IMG, IMG), labels), batch_size=4)
+    plugin = SnapViT(datamodule=loader, dirpath=tmp_path / "out", search_evals=0, criterion="cross_entropy")
+    with pytest.raises(ValueError, match=match):
+        _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
+    assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
