@@ -100,10 +100,12 @@ def _fmt(x: float) -> str:
 
 
 def _fit_config(path: Path) -> bool:
-    """Whether ``path`` is the config a ``snapvit fit`` saved beside its export (LightningCLI's dump), not a user's file."""
+    """Whether ``path`` is the config a ``snapvit fit`` saved beside its export (its first line), not a user's file."""
+    from .run_config import CONFIG_MARK
+
     try:
         with path.open(encoding="utf-8") as f:
-            return f.readline().startswith("# lightning.pytorch==")
+            return f.readline().rstrip("\n") == CONFIG_MARK
     except (OSError, UnicodeDecodeError):
         return False
 

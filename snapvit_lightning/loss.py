@@ -150,7 +150,7 @@ def check_classifier_fits(model: nn.Module, criterion: str, datamodule: Any = No
         raise ValueError(f"criterion='cross_entropy': the data has {len(classes)} classes ({', '.join(classes[:5])}"
                          f"{', ...' if len(classes) > 5 else ''}) but the model's head has num_classes={num_classes}; "
                          f"labels are the class folders' indices in sorted order, so give a head of {len(classes)} "
-                         "classes trained in that order (model_kwargs num_classes)")
+                         "classes trained in that order (timm's num_classes)")
 
 
 def check_labels(labels: Any, count: int, num_classes: int) -> None:

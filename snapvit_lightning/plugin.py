@@ -316,8 +316,9 @@ class SnapViT(Callback):
         except FileExistsError as err:
             if not self.export_paths:
                 raise
-            raise FileExistsError(f"{err} (this SnapViT wrote it in an earlier fit: a second fit with the same "
-                                  "callback exports again only with overwrite=True)") from None
+            path = str(err).split(" exists", 1)[0]
+            raise FileExistsError(f"{path} exists: this SnapViT wrote it in an earlier fit; a second fit with the same "
+                                  "callback exports again only with overwrite=True") from None
 
     def _check_inputs(self, model: nn.Module) -> None:
         """Refuse images and a search start the ViT cannot take, before the user's fit, not after it."""

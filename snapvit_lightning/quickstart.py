@@ -69,7 +69,7 @@ def run(
 
     Raises:
         FileNotFoundError: If the config is missing, or the weights are missing and cannot be built.
-        ValueError: ``cli_args`` that move the export's folder (``out`` sets it).
+        ValueError: ``cli_args`` that move the export's folder (``out`` sets it) or give a config file.
     """
     import yaml
 
@@ -80,6 +80,9 @@ def run(
     moved = [a for a in cli_args if a.split("=", 1)[0] in ("--trainer.callbacks.dirpath", "--trainer.callbacks.init_args.dirpath")]
     if moved:  # the export went there, its config.yaml to `out`, and the table was skipped
         raise ValueError(f"{moved[0].split('=', 1)[0]} moves the export away from --out; give --out DIR instead")
+    if any(a in ("--config", "-c") or a.startswith("--config=") or (a.startswith("-c") and not a.startswith("--"))
+           for a in cli_args):  # its callbacks list replaced the job's: no search, the export elsewhere
+        raise ValueError("the main job runs configs/quickstart.yaml; for a config of yours run `snapvit fit --config FILE`")
     settings = yaml.safe_load(Path(config).read_text())
     settings["model"]["checkpoint_path"] = str(ensure_weights(Path(weights)))
     for callback in settings["trainer"]["callbacks"]:

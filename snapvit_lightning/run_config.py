@@ -12,7 +12,10 @@ from typing_extensions import override
 
 from .weights_io import staging_path
 
-__all__ = ["SaveConfigAfterFit"]
+__all__ = ["CONFIG_MARK", "SaveConfigAfterFit"]
+
+#: The first line of the ``config.yaml`` a fit saves beside its export (a user's own LightningCLI dump lacks it).
+CONFIG_MARK = "# the config of a snapvit fit, saved beside its export"
 
 
 class SaveConfigAfterFit(SaveConfigCallback):
@@ -36,7 +39,7 @@ class SaveConfigAfterFit(SaveConfigCallback):
     def __init__(self, parser: LightningArgumentParser, config: Namespace, path: str | os.PathLike | None = None) -> None:
         super().__init__(parser, config, save_to_log_dir=False)
         self.path = None if path is None else Path(path)
-        self.text = parser.dump(config, skip_none=False)
+        self.text = f"{CONFIG_MARK}\n{parser.dump(config, skip_none=False)}"  # the mark: an overwriting export's cue
 
     def __getstate__(self) -> dict:
         # ddp_spawn pickles the Trainer's callbacks; the parser (a class made at run time) does not pickle

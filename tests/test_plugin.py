@@ -553,8 +553,9 @@ def test_a_second_fit_with_the_same_snapvit_says_it_wrote_the_export(tmp_path) -
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "elastic", search_evals=0, budgets=[0.5],
                      correct="none")
     _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
-    with pytest.raises(FileExistsError, match=r"this SnapViT wrote it in an earlier fit: a second fit with the same "
-                                              r"callback exports again only with overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"test_vit.elastic.safetensors exists: this SnapViT wrote it in an "
+                                              r"earlier fit; a second fit with the same callback exports again only "
+                                              r"with overwrite=True$"):
         _user_trainer(tmp_path, [plugin]).fit(UserModule(), train_dataloaders=_user_loader())
 
 

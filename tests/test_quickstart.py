@@ -148,3 +148,13 @@ def test_moving_the_export_away_from_out_is_refused(tmp_path, capsys) -> None:
     assert ("--trainer.callbacks.dirpath moves the export away from --out; give --out DIR instead"
             in capsys.readouterr().err)
     assert not (tmp_path / "run").exists() and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("given", [["-c", "my.yaml"], ["--config=my.yaml"], ["-cmy.yaml"]])
+def test_a_config_file_of_ones_own_is_refused(tmp_path, capsys, given) -> None:
+    # a config listing trainer.callbacks replaced the job's: no search ran and the export went elsewhere
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "run"), *given])
+    assert exc.value.code == 2
+    assert "the main job runs configs/quickstart.yaml; for a config of yours run `snapvit fit --config FILE`" in (
+        capsys.readouterr().err)

@@ -10,7 +10,7 @@ from test_cli import _image_folder
 
 from snapvit_lightning.cli import main
 from snapvit_lightning.errors import one_line_error_parser
-from snapvit_lightning.run_config import SaveConfigAfterFit
+from snapvit_lightning.run_config import CONFIG_MARK, SaveConfigAfterFit
 
 
 def _fit(photos, out, *extra: str) -> list[str]:
@@ -28,7 +28,7 @@ def test_the_callback_pickles_for_ddp_spawn() -> None:
     parser.add_argument("--x", type=int, default=3)
     callback = SaveConfigAfterFit(parser, parser.parse_args([]))
     copy = pickle.loads(pickle.dumps(callback))
-    assert copy.parser is None and yaml.safe_load(copy.text) == {"x": 3}
+    assert copy.parser is None and yaml.safe_load(copy.text) == {"x": 3} and copy.text.startswith(CONFIG_MARK)
 
 
 def test_a_config_yaml_beside_the_export_is_kept_unless_overwrite(tmp_path, capsys) -> None:
@@ -67,12 +67,13 @@ def test_an_overwriting_export_removes_an_earlier_fits_config_but_not_a_users(tm
 
     photos = _image_folder(tmp_path / "photos", n=4)
     main(_fit(photos, tmp_path / "out"))
-    assert (tmp_path / "out" / "config.yaml").read_text().startswith("# lightning.pytorch==")
+    assert (tmp_path / "out" / "config.yaml").read_text().startswith(CONFIG_MARK + "\n# lightning.pytorch==")
     model, name, kwargs = tiny_model("test_vit")
     elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
     images = torch.randn(2, 3, 160, 160)
     export_elastic(elastic, tmp_path / "out", budgets=[0.5], fitness_images=images, correct="none", overwrite=True)
     assert not (tmp_path / "out" / "config.yaml").exists()
-    (tmp_path / "out" / "config.yaml").write_text("mine: 1\n")  # not a fit's: kept
-    export_elastic(elastic, tmp_path / "out", budgets=[0.5], fitness_images=images, correct="none", overwrite=True)
-    assert (tmp_path / "out" / "config.yaml").read_text() == "mine: 1\n"
+    for mine in ("mine: 1\n", "# lightning.pytorch==2.6.6\nmine: 1\n"):  # not a fit's, a user's LightningCLI dump too: kept
+        (tmp_path / "out" / "config.yaml").write_text(mine)
+        export_elastic(elastic, tmp_path / "out", budgets=[0.5], fitness_images=images, correct="none", overwrite=True)
+        assert (tmp_path / "out" / "config.yaml").read_text() == mine
