@@ -50,7 +50,7 @@ from .checkpoint import resolve_rebuild, subnet_metadata
 from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_damping
 from .elastic import ElasticViT, head_share
 from .export_files import (  # noqa: F401  (the plug-in imports some of these from here)
-    FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _refuse_existing, _refuse_existing_before_fit,
+    CONFIG_MARK, FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _refuse_existing, _refuse_existing_before_fit,
     export_targets,
 )
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
@@ -101,8 +101,6 @@ def _fmt(x: float) -> str:
 
 def _fit_config(path: Path) -> bool:
     """Whether ``path`` is the config a ``snapvit fit`` saved beside its export (its first line), not a user's file."""
-    from .run_config import CONFIG_MARK
-
     try:
         with path.open(encoding="utf-8") as f:
             return f.readline().rstrip("\n") == CONFIG_MARK

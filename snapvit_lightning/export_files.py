@@ -23,6 +23,11 @@ FIDELITY_PLOT_NAME = "fidelity_vs_flops.png"
 KEPT_UNITS_PLOT_NAME = "kept_units.png"
 
 
+#: The first line of the ``config.yaml`` a ``snapvit fit`` saves beside its export (a user's own LightningCLI
+#: dump lacks it): an overwriting export removes only a marked one.
+CONFIG_MARK = "# the config of a snapvit fit, saved beside its export"
+
+
 def export_targets(
     out_dir: str | os.PathLike, name: str, subnet_labels: Sequence[str] = (), stats: bool = False
 ) -> dict[str, Path]:

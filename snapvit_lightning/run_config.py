@@ -10,12 +10,10 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from typing_extensions import override
 
+from .export_files import CONFIG_MARK
 from .weights_io import staging_path
 
 __all__ = ["CONFIG_MARK", "SaveConfigAfterFit"]
-
-#: The first line of the ``config.yaml`` a fit saves beside its export (a user's own LightningCLI dump lacks it).
-CONFIG_MARK = "# the config of a snapvit fit, saved beside its export"
 
 
 class SaveConfigAfterFit(SaveConfigCallback):
