@@ -365,8 +365,9 @@ def _slice(args: argparse.Namespace) -> int:
     if onnx:
         from .checkpoint import subnet_metadata
         from .onnx_export import save_onnx
+        from .values import non_float32
 
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in sub.parameters()} - {"float32"})
+        dtypes = non_float32(sub)
         if dtypes:  # a bf16 checkpoint: the graph is float32 (save_onnx's "export model.float()" is Python's advice)
             sub.float()
         diff = save_onnx(sub, out, metadata=subnet_metadata(sub, elastic.model_name, elastic.model_kwargs, cut))

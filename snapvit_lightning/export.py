@@ -50,7 +50,7 @@ from .checkpoint import resolve_rebuild, subnet_metadata
 from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_damping
 from .elastic import ElasticViT, head_share
 from .export_files import (  # noqa: F401  (the plug-in imports some of these from here)
-    CONFIG_MARK, FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _refuse_existing, _refuse_existing_before_fit,
+    FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _fit_config, _refuse_existing, _refuse_existing_before_fit,
     export_targets,
 )
 from .export_options import (  # noqa: F401  (the plug-in imports some of these from here)
@@ -66,6 +66,7 @@ from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
 from .scores import HEAD_SHARE_KNEE
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
+from .values import non_float32
 from .weights_io import folder_lock, staging_path
 
 __all__ = [
@@ -97,15 +98,6 @@ REPORT_VERSION = 1
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
-
-
-def _fit_config(path: Path) -> bool:
-    """Whether ``path`` is the config a ``snapvit fit`` saved beside its export (its first line), not a user's file."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            return f.readline().rstrip("\n") == CONFIG_MARK
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 def subnet_label(mlp_ratio: float, head_ratio: float) -> str:
@@ -215,7 +207,7 @@ def export_elastic(
     """
     if not isinstance(elastic, ElasticViT):
         raise TypeError(f"elastic must be an ElasticViT, got {type(elastic).__name__}")
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in elastic.model.parameters()} - {"float32"})
+    dtypes = non_float32(elastic.model)
     if dtypes:  # its fidelity, statistics and files are float32 (ElasticExport and SnapViT pass float32 copies)
         raise ValueError(f"export_elastic needs a float32 model, this one has {', '.join(dtypes)} weights; "
                          "export ElasticViT(model.float(), scores, ...) and cast a subnet back to deploy it")
@@ -639,7 +631,7 @@ class ElasticExport(Callback):
                     model_name, model_kwargs = _rebuild_info(pl_module, self.model_name, self.model_kwargs)
                     device = next(student.parameters()).device
                     model = copy.deepcopy(student).cpu()
-                    if any(p.dtype != torch.float32 for p in model.parameters()):  # e.g. precision="bf16-true"
+                    if non_float32(model):  # e.g. precision="bf16-true"
                         model.float()  # the fidelity and statistics run float32, as the plug-in's copy
                         rank_zero_info("ElasticExport: the scored model's weights are not float32; the export writes a "
                                        "float32 copy (cast a subnet back to deploy it in that precision)")

@@ -46,6 +46,15 @@ def export_targets(
     return targets
 
 
+def _fit_config(path: Path) -> bool:
+    """Whether ``path`` is the config a ``snapvit fit`` saved beside its export (its first line), not a user's file."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == CONFIG_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
     if overwrite:
         return

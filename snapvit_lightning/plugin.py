@@ -53,6 +53,7 @@ from .scores import ImportanceScores
 from .search import DEFAULT_RATIO_PAIRS, EvolutionarySearch
 from .search.fitness import check_pairs_apart
 from .search.loop import check_start_fits
+from .values import non_float32
 from .structure import UnsupportedModelError, check_input_size, check_model_images, check_supported
 
 __all__ = [
@@ -453,7 +454,7 @@ class SnapViT(Callback):
         student = copy.deepcopy(model)
         for p in student.parameters():
             p.grad = None
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in student.parameters()} - {"float32"})
+        dtypes = non_float32(student)
         if dtypes:  # e.g. a precision="bf16-true" Trainer's weights: the scoring takes float32 views
             student.float()
             rank_zero_info(f"SnapViT: your model's weights are {', '.join(dtypes)}; the copy is exported in float32 "
@@ -496,7 +497,7 @@ class SnapViT(Callback):
         if module.scores is None:
             raise RuntimeError("calibration produced no scores (empty calibration data?)")
         self.scores = module.scores
-        if any(p.dtype != torch.float32 for p in module.student.parameters()):  # precision="bf16-true" cast the copy
+        if non_float32(module.student):  # precision="bf16-true" cast the copy
             module.student.float()
             if not dtypes:  # else said above
                 rank_zero_info(f"SnapViT: scored with precision={precision!r}; the copy is exported in float32")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["all_finite", "real_number"]
+__all__ = ["all_finite", "non_float32", "real_number"]
 
 
 def real_number(value: object) -> float | None:
@@ -57,3 +57,11 @@ def all_finite(tensor: object) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     return all(math.isfinite(float(v)) for v in tensor.aminmax())
+
+
+def non_float32(module: object) -> list[str]:
+    """The dtypes of ``module``'s parameters other than float32, by name (``["bfloat16"]``; ``[]``: all float32).
+
+    The exports write float32 files: a bf16 model (a ``precision="bf16-true"`` fit's) is cast first.
+    """
+    return sorted({str(p.dtype).replace("torch.", "") for p in module.parameters()} - {"float32"})
