@@ -62,7 +62,7 @@ from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import ONNX_OPSET, _check_fixed_grid, checked_onnx
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
-from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure
+from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure, measured_on
 from .scores import HEAD_SHARE_KNEE
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
@@ -412,7 +412,7 @@ def export_elastic(
         for label, (graph, _) in graphs.items():
             staged.setdefault(f"onnx:{label}", staging_path(targets[f"onnx:{label}"])).write_bytes(graph)
         staged["fidelity_plot"] = staging_path(targets["fidelity_plot"])
-        _write_figure(staged["fidelity_plot"], _fidelity_figure(entries, title))
+        _write_figure(staged["fidelity_plot"], _fidelity_figure(entries, title, measured_on(report)))
         staged["kept_units_plot"] = staging_path(targets["kept_units_plot"])
         _write_figure(staged["kept_units_plot"], _kept_units_figure(entries, mlp_hidden, num_heads, title, corrected=view is not None))
         staged["report"] = staging_path(targets["report"])

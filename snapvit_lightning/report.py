@@ -45,7 +45,18 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _fidelity_figure(entries: list[dict[str, Any]], title: str):
+def measured_on(report: dict[str, Any]) -> str:
+    """Which images a report's fidelity was measured on, in words (``""`` when it measured none)."""
+    n = report.get("fidelity_images")
+    if n is None:
+        return ""
+    if (report.get("correction") or {}).get("fidelity_images_are_calibration_images") is True:
+        return f"on its {n} calibration images (in-sample: photos it never saw keep less; `snapvit bench` measures them)"
+    return f"on {n} images"
+
+
+def _fidelity_figure(entries: list[dict[str, Any]], title: str, images: str = ""):
+    """Fidelity against FLOPs; ``images`` says which images measured it (under the title)."""
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     points = sorted((e["flops_fraction"], e["fidelity"], e["label"]) for e in entries if e["fidelity"] is not None)
@@ -62,7 +73,7 @@ def _fidelity_figure(entries: list[dict[str, Any]], title: str):
         ax.text(0.5, 0.5, "no fitness images: fidelity not measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("FLOPs (fraction of the dense model)")
     ax.set_ylabel("fidelity (mean cosine to dense features)")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{images}" if images else title, fontsize=10 if images else None)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig

@@ -199,8 +199,8 @@ def check_supported(model: nn.Module) -> None:
     """
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"model {_describe(model)} is not a timm VisionTransformer (NaFlexVit, Eva, "
-            f"hybrid and windowed models are not supported); {_SUPPORTED_TEXT}"
+            f"model {_describe(model)} is not a timm VisionTransformer (not supported: Eva and RoPE ViTs such as DINOv3, "
+            f"EVA-02 and PE, BEiT v1/v2, relpos ViTs, NaFlexVit, hybrid and windowed models); {_SUPPORTED_TEXT}"
         )
     if not isinstance(getattr(model, "patch_embed", None), PatchEmbed):  # e.g. HybridEmbed: a CNN stem
         raise UnsupportedModelError(

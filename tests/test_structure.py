@@ -167,6 +167,11 @@ def test_flops_at_other_input_size() -> None:
 def test_refuses_unsupported_models() -> None:
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
         check_supported(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, img_size=28))
+    dinov3 = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1, embed_dim=64, num_heads=2, img_size=32)
+    with pytest.raises(UnsupportedModelError, match=r"Eva is not a .*RoPE ViTs such as DINOv3"):  # a vit_ name, an Eva
+        check_supported(dinov3)
+    with pytest.raises(UnsupportedModelError, match=r"Beit is not a .*BEiT v1/v2"):
+        check_supported(timm.create_model("beit_base_patch16_224", pretrained=False, depth=1, embed_dim=64, num_heads=2, img_size=32))
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
         check_supported(torch.nn.Linear(2, 2))
     parallel = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1, img_size=32)

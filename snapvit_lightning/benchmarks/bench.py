@@ -254,29 +254,41 @@ def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K, batch_siz
     return "\n".join(lines) + "\n"
 
 
-def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
+def _knn_noise(num_images: int) -> str:
+    """How far apart two k-NN accuracies on ``num_images`` images must be to mean anything."""
+    se = 100 * (0.25 / num_images) ** 0.5
+    return (f"one image is {100 / num_images:.1f} points; the standard error of an accuracy near 50 % is "
+            f"{se:.1f} points, so differences under ~{2 * se:.0f} points are noise: read fidelity first")
+
+
+def _header_lines(settings: dict[str, Any]) -> list[str]:
+    """What a table's numbers are: hardware, latency protocol, k-NN protocol and noise, fidelity, correction."""
     hw = settings["hardware"]
     lat = (f"latency: median of {settings['repeats']} forwards after {settings['warmup']} warm-up, "
            f"batch {settings['batch_size']}, {settings['device']}, torch.inference_mode"
            if settings["latency"] else "latency: not measured (--no-latency)")
     knn = (f"k-NN: leave-one-out on {settings['num_images']} images, {settings['num_classes']} classes "
-           f"(1-NN; weighted {settings['knn_protocol']['k'][1]}-NN, T={KNN_TEMPERATURE})" if settings["knn"]
-           else f"k-NN: none ({_NO_KNN})")
+           f"(1-NN; weighted {settings['knn_protocol']['k'][1]}-NN, T={KNN_TEMPERATURE}); "
+           + _knn_noise(settings["num_images"]) if settings["knn"] else f"k-NN: none ({_NO_KNN})")
+    fidelity = ("fidelity: mean cosine similarity of pre-logits features to the dense model's"
+                + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + " on the "
+                f"{settings['num_images']} images of {settings['data']}; centered: the same after subtracting each "
+                "model's mean feature over the images (the image-specific part). Held out only if neither the "
+                "checkpoint's calibration nor the correction statistics saw these images")
+    lines = [f"hardware: {hw['cpu']} ({hw['machine']}), {hw['torch_threads']} torch threads, {hw['platform']}",
+             f"torch {settings['versions']['torch']}, timm {settings['versions']['timm']}, "
+             f"snapvit_lightning {settings['versions']['snapvit_lightning']}", lat, knn, fidelity]
+    if settings.get("correction"):
+        lines.append(f"weight correction ({', '.join(settings['correction']['methods'])}): "
+                     f"{settings['correction']['calibration']}")
+    return lines
+
+
+def _markdown_file(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
     return (
         f"# snapvit bench: {settings['model_name']} at {settings['img_size']} px\n\n"
         f"```\n{settings['command']}\n```\n\n"
-        f"- hardware: {hw['cpu']} ({hw['machine']}), "
-        f"{hw['torch_threads']} torch threads, {hw['platform']}\n"
-        f"- torch {settings['versions']['torch']}, timm {settings['versions']['timm']}, "
-        f"snapvit_lightning {settings['versions']['snapvit_lightning']}\n"
-        f"- {lat}\n- {knn}\n"
-        f"- fidelity: mean cosine similarity of pre-logits features to the dense model's"
-        + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + "; centered: the same after "
-        "subtracting each model's mean feature over the images (the image-specific part)\n"
-        + ("" if not settings.get("correction") else
-           f"- weight correction ({', '.join(settings['correction']['methods'])}): "
-           f"{settings['correction']['calibration']}\n")
-        + "\n"
+        + "".join(f"- {line}\n" for line in _header_lines(settings)) + "\n"
         + markdown_table(rows, settings['knn_protocol']['k'][1], settings.get("batch_size"))
     )
 
@@ -581,9 +593,8 @@ def run_bench(args: argparse.Namespace) -> int:
     }
 
     table = markdown_table(rows, knn_k, args.batch_size)
-    if not knn:
-        print(f"k-NN: none ({_NO_KNN})")
-    elif knn_k < KNN_K:
+    print("".join(f"- {line}\n" for line in _header_lines(settings)))
+    if knn and knn_k < KNN_K:
         print(f"k-NN: {len(images)} images, so the weighted k-NN votes over k={knn_k} (every other image), "
               f"not {KNN_K}: few images")
     print(table + _build_markdown(build_times), end="")

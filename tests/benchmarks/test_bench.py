@@ -81,6 +81,20 @@ def test_markdown(result) -> None:
     assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
 
 
+def test_printed_table_says_what_its_numbers_are(setup, capsys) -> None:
+    path, data, _ = setup
+    assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--no-latency"]) == 0
+    printed = capsys.readouterr().out.split("| method |")[0]  # the lines above the table, as in bench.md
+    assert "k-NN: leave-one-out on 8 images, 2 classes" in printed and "differences under ~35 points are noise" in printed
+    assert f"on the 8 images of {data}" in printed and "Held out only if neither" in printed
+    assert "latency: not measured (--no-latency)" in printed
+
+
+def test_knn_noise_is_the_binomial_standard_error() -> None:
+    assert "one image is 0.5 points; the standard error of an accuracy near 50 % is 3.6 points, so differences " \
+           "under ~7 points are noise" in bench._knn_noise(196)
+
+
 def test_build_times_unknown_for_checkpoint_without_timings(result) -> None:
     js, md = result  # the fixture's checkpoint has no build_info and no report.json beside it
     bt = js["build_times"]
