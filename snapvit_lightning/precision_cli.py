@@ -120,7 +120,10 @@ class AutoPrecisionCLI(LightningCLI):
 
     @override
     def _parse_ckpt_path(self) -> None:
-        """Refuse model options that differ from the checkpoint's: Lightning would replace them silently.
+        """Refuse model and calibration data options that differ from the checkpoint's.
+
+        (The model's, Lightning would replace silently; the data's, it would take, and score other
+        images or crops after the batches it skips.)
 
         LightningCLI reads the model's arguments from the ``--ckpt_path`` checkpoint over the command's,
         so a resume asking for another ``model.accumulation`` (criterion, weights, ...) continued the
@@ -131,10 +134,9 @@ class AutoPrecisionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         saved = _plain(self.config[subcommand].get("model")) if ckpt_path else None
-        if not isinstance(asked, dict) or not isinstance(saved, dict):
-            return
-        differ = [f"model.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})"
-                  for k in asked if k in saved and asked[k] != saved[k]]
+        differ = [] if not isinstance(asked, dict) or not isinstance(saved, dict) else [
+            f"model.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked if k in saved and asked[k] != saved[k]]
+        differ += _changed_data_options(ckpt_path, _plain(self.config[subcommand].get("data")) if ckpt_path else None)
         if differ:
             raise ValueError(
                 f"--ckpt_path {ckpt_path}: a resumed fit continues the checkpoint's scoring, which this command "
@@ -169,6 +171,32 @@ class AutoPrecisionCLI(LightningCLI):
         from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
         return isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+#: Data options a resumed scoring may change (``num_workers`` may not: torchdata's loader state of one
+#: count of workers does not load into another).
+_RESUMABLE_DATA_OPTIONS = ("dataset",)
+
+
+def _changed_data_options(ckpt_path: str | None, asked: Any) -> list[str]:
+    """``data.<option>=...`` for each calibration data option (folder, seed, crops, batch size, holdout, ...)
+    this command sets otherwise than the datamodule that saved ``ckpt_path``: the resumed scoring would skip
+    the batches already scored by their index and score other images or crops after them."""
+    if not ckpt_path or not os.path.isfile(ckpt_path) or not isinstance(asked, dict):
+        return []
+    import torch
+
+    saved = _plain(torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("datamodule_hyper_parameters"))
+    if not isinstance(saved, dict):  # a datamodule of the user's own that saves no hyperparameters
+        return []
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if key.endswith("data_dir") and isinstance(a, str) and isinstance(b, str):
+            return os.path.realpath(a) == os.path.realpath(b)  # one folder, given relative or absolute
+        return a == b
+
+    return [f"data.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked
+            if k in saved and k not in _RESUMABLE_DATA_OPTIONS and not same(k, asked[k], saved[k])]
 
 
 def _plain(value: Any) -> Any:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -263,8 +264,18 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
         fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), "--model.accumulation", "fisher")
     assert exc.value.code == 2 and not (tmp_path / "changed").exists()
     assert "changes: model.accumulation='fisher' (the checkpoint's: 'sum_then_square')" in capsys.readouterr().err
+    _images(tmp_path / "others", 9)  # as many images as the checkpoint's, in another folder: other crops after the skip
+    for option, value, said in (("--data.seed", "5", "data.seed=5 (the checkpoint's: 0)"),
+                                ("--data.batch_size", "3", "data.batch_size=3 (the checkpoint's: 2)"),
+                                ("--data.num_workers", "1", "data.num_workers=1 (the checkpoint's: 0)"),  # torchdata's state
+                                ("--data.data_dir", str(tmp_path / "others"), f"data.data_dir='{tmp_path / 'others'}'")):
+        with pytest.raises(SystemExit) as exc:
+            fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), option, value)
+        assert exc.value.code == 2 and not (tmp_path / "changed").exists()
+        assert f"a resumed fit continues the checkpoint's scoring, which this command changes: {said}" in capsys.readouterr().err
 
-    resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt))
+    resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt),
+                  "--data.data_dir", os.path.relpath(tmp_path / "images"))  # the same folder
     assert RecordBatches.seen == [2, 3, 4]  # only the remaining batches, none counted twice
     assert RecordBatches.num_samples == 9
     assert set(resumed) == set(straight)

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -272,9 +273,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(set(args.main_seeds)) != len(args.main_seeds):
         parser.error(f"--main-seeds: each seed once, got {args.main_seeds}")
+    from ..errors import Terminated, exit_on_user_error, traceback_requested
+
+    try:
+        return _run(parser.prog, args)
+    except (KeyboardInterrupt, Terminated) as stop:  # a stopped main job raises one of them (not a traceback)
+        if traceback_requested():
+            raise
+        how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated (SIGTERM)"
+        sys.stderr.write(f"\n{parser.prog}: {how}; {args.out / 'heldout.json'} keeps the methods measured so far "
+                         "(if any); the same command again reuses the finished main jobs\n")
+        return 130 if isinstance(stop, KeyboardInterrupt) else 143
+
+
+def _run(prog: str, args: argparse.Namespace) -> int:
     from ..errors import exit_on_user_error
 
-    with exit_on_user_error(parser.prog):
+    with exit_on_user_error(prog):
         halves = split_links(args.data, args.out)  # checks --data before it creates --out
         report_path = args.out / "heldout.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
