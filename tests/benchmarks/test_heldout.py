@@ -15,6 +15,7 @@ from conftest import random_scores, tiny_model
 from snapvit_lightning import quickstart
 from snapvit_lightning.benchmarks import heldout
 from snapvit_lightning.correction import stats_path_for
+from snapvit_lightning.errors import Terminated
 from snapvit_lightning.elastic import ElasticViT
 from snapvit_lightning.search import PAPER_RATIO_PAIRS
 
@@ -111,3 +112,17 @@ def test_a_whole_run_on_a_tiny_checkpoint_measures_on_the_other_half(tmp_path, o
     assert default["plain"] == pytest.approx([(a + b) / 2 for a, b in zip(*per_seed)], abs=1e-6)
     assert len(methods["random (x3)"]["per_seed"]) == 3
     assert all(len(methods[k]["lstsq"]) == len(heldout.BUDGETS) for k in methods)
+
+
+@pytest.mark.parametrize("stop, status, how", [(KeyboardInterrupt(), 130, "interrupted"),
+                                               (Terminated(None), 143, "terminated (SIGTERM)")])
+def test_a_stopped_run_is_one_line(tmp_path, monkeypatch, capsys, stop, status, how) -> None:
+    def stopped(prog, args):  # as a main job's fit ends when Ctrl-C or SIGTERM stops it
+        raise stop
+
+    monkeypatch.setattr(heldout, "_run", stopped)
+    monkeypatch.delenv("SNAPVIT_TRACEBACK", raising=False)
+    assert heldout.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")]) == status
+    err = capsys.readouterr().err
+    assert err.strip() == (f"python -m snapvit_lightning.benchmarks.heldout: {how}; {tmp_path / 'out' / 'heldout.json'} "
+                           "keeps the methods measured so far (if any); the same command again reuses the finished main jobs")
