@@ -78,7 +78,7 @@ def _info_latencies(
     ``elastic`` is the model whose cut the table shows (the ranked view for corrected subnets): a
     correction changes weights, not shapes, so its plain slices time as the corrected subnets.
     """
-    from .latency import measure_models
+    from .latency import _where, measure_models, torch_threads
 
     batch_size = 1 if args.batch_size is None else args.batch_size
     device = args.device or "cpu"
@@ -95,9 +95,10 @@ def _info_latencies(
         warnings.warn(f"a budget of {100 * flops[a] / flops[dense]:.1f}% FLOPs measured {measured[a]:.2f} ms, slower "
                       f"than one of {100 * flops[b] / flops[dense]:.1f}% at {measured[b]:.2f} ms: the machine's load "
                       "changed while they were timed; measure again on a quiet machine", stacklevel=2)
-    threads = "" if args.threads is None else f", {args.threads} thread{'s' * (args.threads != 1)}"
-    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {device} "
-                       f"(torch{threads}); dense model {latencies[0]:.2f} ms")
+    with torch_threads(args.threads):
+        where = _where("torch", device, args.threads)
+    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {where}, "
+                       f"float32; dense model {latencies[0]:.2f} ms")
 
 
 def _info_correction(args: argparse.Namespace, elastic: object) -> None:

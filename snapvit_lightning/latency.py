@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import statistics
 import time
 import warnings
@@ -34,6 +35,7 @@ __all__ = [
     "LatencyTrial",
     "LatencyBudget",
     "torch_threads",
+    "busy_note",
     "measure_interleaved",
     "measure_models",
     "find_latency_budget",
@@ -46,6 +48,32 @@ Timer = Callable[[Sequence[nn.Module]], Sequence[float]]
 
 LOAD_DRIFT_WARN = 1.3
 """The dense model's slowest over fastest latency across trials above which a result is flagged."""
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (``None`` where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def busy_note(device: str) -> str | None:
+    """Why a CPU timing now would read slow: other work loads more cores than this process may use (else ``None``).
+
+    Latencies taken on a busy CPU are longer than a quiet one's, so a latency budget chosen on one
+    is smaller than needed and the models' ratios shift too.
+    """
+    load = _load_average()
+    if not str(device).startswith("cpu") or load is None or load <= _cores():
+        return None
+    return (f"the machine is busy (1-minute load average {load:.1f} on {_cores()} cores) before this timing: "
+            "every model times slower than on a quiet machine, and a latency budget chosen now is smaller than "
+            "the one the quiet machine allows; measure where nothing else runs")
 
 
 class LatencyTargetError(ValueError):
@@ -106,6 +134,7 @@ class LatencyBudget:
     backend: str
     threads: int | None
     seconds: float
+    load_average: float | None = None
 
     @property
     def load_drift(self) -> float:
@@ -124,8 +153,9 @@ class LatencyBudget:
         ``target_ms``, ``measured_ms`` (the chosen budget's latency, scaled as every trial's), ``raw_ms`` and
         ``dense_alongside_ms`` (what its timing read: the scaled figure holds only while the load slowed
         both alike), ``dense_ms``, ``batch_size``, ``device``, ``device_name`` (the GPU or CPU model),
-        ``backend``, ``threads`` (``None``: torch's setting, ``torch_threads``) and ``load_drift``: a
-        latency means nothing without them.
+        ``backend``, ``threads`` (``None``: torch's setting, ``torch_threads``), ``load_drift`` and
+        ``load_average`` (the machine's 1-minute load average as the search began): a latency means
+        nothing without them.
         """
         from .machine import build_machine
 
@@ -136,12 +166,12 @@ class LatencyBudget:
                 "dense_alongside_ms": None if chosen is None else chosen.dense_alongside_ms, "dense_ms": self.dense_ms,
                 "batch_size": self.batch_size, "device": self.device, "device_name": machine["device_name"],
                 "backend": self.backend, "threads": self.threads, "torch_threads": machine["torch_threads"],
-                "load_drift": self.load_drift}
+                "load_drift": self.load_drift, "load_average": self.load_average}
 
     def describe(self) -> str:
         """What was measured and chosen, as lines of text."""
         where = _where(self.backend, self.device, self.threads)
-        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}: "
+        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}, float32: "
                  f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms (each trial's ms: its raw time "
                  "scaled by the dense model's first time over its time alongside the trial, so load drift cancels)"]
         for t in self.trials:
@@ -165,6 +195,9 @@ def _drift_note(budget: LatencyBudget) -> str:
 
 
 def _where(backend: str, device: str, threads: int | None) -> str:
+    """``cpu (torch, 2 threads)``: on a CPU the thread count timed with (torch's setting when ``threads`` is ``None``)."""
+    if threads is None and str(device).startswith("cpu"):
+        threads = torch.get_num_threads()
     return f"{device} ({backend}{'' if threads is None else f', {threads} thread' + 's' * (threads != 1)})"
 
 
@@ -286,6 +319,9 @@ def measure_models(
     device = _check_device(device, backend)
     if not models:
         return []
+    busy = busy_note(device)
+    if busy is not None:
+        warnings.warn(busy, stacklevel=2)
     timer = _timer(_input_size(models[0]), batch_size, device, backend, warmup, repeats)
     homes = [_model_device(m) for m in models]
     with torch_threads(threads):
@@ -357,6 +393,10 @@ def find_latency_budget(
         threads = _check_int("threads", threads, 1)
     device = _check_device(device, backend)
     start = time.perf_counter()
+    load_average = _load_average()
+    busy = None if timer is not None else busy_note(device)  # a timer of the caller's own reads no machine
+    if busy is not None:
+        warnings.warn(busy, stacklevel=2)
 
     with torch_threads(threads):
         dense_model = build(1.0)
@@ -410,7 +450,7 @@ def find_latency_budget(
         target_ms=latency_ms, flops=lo, flops_fraction=best.flops_fraction, latency_ms=best.latency_ms,
         dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
         batch_size=batch_size, device=device, backend=backend, threads=threads,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, load_average=load_average,
     )
     if result.load_drift > LOAD_DRIFT_WARN:
         warnings.warn(_drift_note(result), stacklevel=2)

@@ -55,6 +55,14 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, msg: str | N
     torch.testing.assert_close(actual, expected, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """Timings in tests read no load average: the suite's own work loads the machine it runs on."""
+    import snapvit_lightning.latency as latency
+
+    monkeypatch.setattr(latency, "_load_average", lambda: None)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models' forwards are much faster so on a busy 2-core machine."""

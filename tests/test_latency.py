@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -396,3 +397,23 @@ def test_cli_info_latency_warns_when_a_smaller_budget_measured_slower(tmp_path: 
     with pytest.warns(UserWarning, match=r"^a budget of \d+\.\d% FLOPs measured 12\.00 ms, slower than one of 100\.0% "
                                          r"at 10\.00 ms: the machine's load changed"):
         assert main(argv) == 0
+
+
+def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch) -> None:
+    import snapvit_lightning.latency as latency
+
+    cores = latency._cores()
+    monkeypatch.setattr(latency, "_load_average", lambda: cores + 1.5)
+    note = f"the machine is busy (1-minute load average {cores + 1.5:.1f} on {cores} cores) before this timing"
+    assert latency.busy_note("cpu").startswith(note) and latency.busy_note("cuda") is None
+    with pytest.warns(UserWarning, match=re.escape(note)):
+        measure_models([el.model], repeats=1, warmup=0)
+    build, min_flops = _builder(el)
+    with pytest.warns(UserWarning, match=re.escape(note)), pytest.raises(LatencyTargetError, match="already meets"):
+        find_latency_budget(build, 1e9, min_flops=min_flops, repeats=1, warmup=0)  # warned before it times
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a timer of the caller's own reads no machine
+        found = find_latency_budget(build, _between(el, 0.6), min_flops=min_flops, timer=CountingTimer())
+    assert found.record()["load_average"] == cores + 1.5  # as the search began, with the subnet's record
+    monkeypatch.setattr(latency, "_load_average", lambda: cores - 0.5)  # a quiet machine: nothing to say
+    assert latency.busy_note("cpu") is None
