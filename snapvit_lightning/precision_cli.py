@@ -130,13 +130,14 @@ class AutoPrecisionCLI(LightningCLI):
         old scoring without a word.
         """
         asked = _plain(self.config.get(self.config.get("subcommand") or "", {}).get("model"))
-        super()._parse_ckpt_path()
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        checkpoint = _lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
+        super()._parse_ckpt_path()
         saved = _plain(self.config[subcommand].get("model")) if ckpt_path else None
         differ = [] if not isinstance(asked, dict) or not isinstance(saved, dict) else [
             f"model.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked if k in saved and asked[k] != saved[k]]
-        differ += _changed_data_options(ckpt_path, _plain(self.config[subcommand].get("data")) if ckpt_path else None)
+        differ += _changed_data_options(checkpoint, _plain(self.config[subcommand].get("data")) if ckpt_path else None)
         if differ:
             raise ValueError(
                 f"--ckpt_path {ckpt_path}: a resumed fit continues the checkpoint's scoring, which this command "
@@ -178,15 +179,43 @@ class AutoPrecisionCLI(LightningCLI):
 _RESUMABLE_DATA_OPTIONS = ("dataset",)
 
 
-def _changed_data_options(ckpt_path: str | None, asked: Any) -> list[str]:
-    """``data.<option>=...`` for each calibration data option (folder, seed, crops, batch size, holdout, ...)
-    this command sets otherwise than the datamodule that saved ``ckpt_path``: the resumed scoring would skip
-    the batches already scored by their index and score other images or crops after them."""
-    if not ckpt_path or not os.path.isfile(ckpt_path) or not isinstance(asked, dict):
-        return []
+def _lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
+    """The ``--ckpt_path`` file's contents (memory-mapped), or ``None`` for no file (Lightning names a
+    missing one, and takes ``last``/``best``).
+
+    Raises:
+        ValueError: A file torch cannot read (truncated, not a torch file) or that is no Lightning checkpoint.
+    """
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return None
+    import pickle
+
     import torch
 
-    saved = _plain(torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("datamodule_hyper_parameters"))
+    try:
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError as err:  # torch's legacy format cannot be mapped (nor is it a Lightning checkpoint's)
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"--ckpt_path {ckpt_path}: not a readable Lightning checkpoint (truncated, corrupt or not "
+                         f"a torch file?): torch.load raised {type(err).__name__}: {reason}") from None
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise ValueError(f"--ckpt_path {ckpt_path}: a torch file, but not a Lightning checkpoint (no "
+                         "'pytorch-lightning_version'): give a .ckpt file a ModelCheckpoint saved")
+    return checkpoint
+
+
+def _changed_data_options(checkpoint: dict[str, Any] | None, asked: Any) -> list[str]:
+    """``data.<option>=...`` for each calibration data option (folder, seed, crops, batch size, holdout, ...)
+    this command sets otherwise than the datamodule that saved ``checkpoint``: the resumed scoring would skip
+    the batches already scored by their index and score other images or crops after them."""
+    if checkpoint is None or not isinstance(asked, dict):
+        return []
+    saved = _plain(checkpoint.get("datamodule_hyper_parameters"))
     if not isinstance(saved, dict):  # a datamodule of the user's own that saves no hyperparameters
         return []
 

@@ -300,6 +300,26 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
             "or written; resume without max_steps") in capsys.readouterr().err
 
 
+def test_a_bad_checkpoint_file_is_one_line_before_the_fit(tmp_path, capsys) -> None:
+    _images(tmp_path / "images", 4)
+    config = tmp_path / "c.yaml"
+    config.write_text(_RESUME_CONFIG.format(images=tmp_path / "images", out=tmp_path / "out"))
+    good = tmp_path / "good.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"w": torch.ones(64)}}, good)
+    (tmp_path / "truncated.ckpt").write_bytes(good.read_bytes()[:300])
+    (tmp_path / "text.ckpt").write_text("hello\n")
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    for name, said in (("truncated.ckpt", "not a readable Lightning checkpoint (truncated, corrupt or not a torch "
+                                          "file?): torch.load raised RuntimeError: PytorchStreamReader failed"),
+                       ("text.ckpt", "not a readable Lightning checkpoint (truncated, corrupt or not a torch file?)"),
+                       ("plain.pt", "a torch file, but not a Lightning checkpoint (no 'pytorch-lightning_version')")):
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--config", str(config), "--ckpt_path", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"snapvit fit: error: --ckpt_path {tmp_path / name}: {said}" in err, err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def _image_folder(path, n: int = 6):
     import numpy as np
     from PIL import Image
