@@ -22,7 +22,8 @@ from typing import Sequence
 
 from . import __version__
 from .cli_args import (
-    budget_arg, device_arg, int_at_least, keep_fraction, non_negative_number, positive_number, prune_ratio, share,
+    LATENCY_DTYPES, budget_arg, device_arg, int_at_least, keep_fraction, non_negative_number, positive_number,
+    prune_ratio, share,
 )
 
 
@@ -33,8 +34,8 @@ INFO_BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), 
 def _info(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT, read_metadata
 
-    if not args.latency and (args.batch_size, args.threads, args.device) != (None, None, None):
-        raise ValueError("--batch-size/--threads/--device say how --latency measures; give --latency too")
+    if not args.latency and (args.batch_size, args.threads, args.device, args.dtype) != (None,) * 4:
+        raise ValueError("--batch-size/--threads/--device/--dtype say how --latency measures; give --latency too")
     meta = read_metadata(args.path)
     if meta["kind"] != "elastic":
         if args.latency or args.no_correct:
@@ -78,14 +79,16 @@ def _info_latencies(
     ``elastic`` is the model whose cut the table shows (the ranked view for corrected subnets): a
     correction changes weights, not shapes, so its plain slices time as the corrected subnets.
     """
-    from .latency import _where, measure_models, torch_threads
+    from .latency import DTYPES, _where, measure_models, torch_threads
 
     batch_size = 1 if args.batch_size is None else args.batch_size
     device = args.device or "cpu"
     dense, rows = tuple(elastic.dims(0.0, 0.0)), [tuple(elastic.dims(*b)) for b in budgets]
     unique = list(dict.fromkeys([dense, *rows]))  # a budget that equals another is timed once
     models = [elastic.model if d == dense else elastic.slice(d, correct="none") for d in unique]
-    measured = dict(zip(unique, measure_models(models, batch_size=batch_size, device=device, threads=args.threads)))
+    dtype = DTYPES[args.dtype or "float32"]
+    measured = dict(zip(unique, measure_models(models, batch_size=batch_size, device=device, threads=args.threads,
+                                               dtype=dtype)))
     latencies = [measured[dense], *(measured[d] for d in rows)]
     flops = {d: elastic.cost(list(d))["flops"] for d in unique}
     # Latency falls with the FLOPs; a fixed overhead (a small model, a GPU at batch 1) flattens it, noise is a few %.
@@ -98,7 +101,7 @@ def _info_latencies(
     with torch_threads(args.threads):
         where = _where("torch", device, args.threads)
     return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {where}, "
-                       f"float32; dense model {latencies[0]:.2f} ms")
+                       f"{args.dtype or 'float32'}; dense model {latencies[0]:.2f} ms")
 
 
 def _info_correction(args: argparse.Namespace, elastic: object) -> None:
@@ -313,8 +316,8 @@ def _slice(args: argparse.Namespace) -> int:
         raise ValueError("give either --latency-ms or --flops/--params/--mlp-ratio/--head-ratio, not both")
     if args.head_ratio_scale is not None and fraction is None and args.latency_ms is None:
         raise ValueError("--head-ratio-scale splits a --flops/--params/--latency-ms budget; with ratios give --head-ratio")
-    if args.latency_ms is None and (args.batch_size, args.threads, args.device) != (None, None, None):
-        raise ValueError("--batch-size/--threads/--device say how --latency-ms is measured; give --latency-ms too")
+    if args.latency_ms is None and (args.batch_size, args.threads, args.device, args.dtype) != (None,) * 4:
+        raise ValueError("--batch-size/--threads/--device/--dtype say how --latency-ms is measured; give --latency-ms too")
     from .correction import stats_path_for
 
     out = _output_file(args.output, args.overwrite, reads=[args.path, args.calibration, str(stats_path_for(args.path))])
@@ -332,7 +335,11 @@ def _slice(args: argparse.Namespace) -> int:
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
-        from .latency import LatencyTargetError
+        from .latency import DTYPES, LatencyTargetError
+
+        if onnx and args.dtype not in (None, "float32"):
+            raise ValueError(f"--dtype {args.dtype}: an .onnx output is timed in ONNX Runtime as its float32 graph; "
+                             "time a .safetensors subnet with --dtype, or leave --dtype out")
 
         with warnings.catch_warnings(), _naming("--latency-ms", LatencyTargetError):
             warnings.filterwarnings("ignore", message="the dense model measured .* across the trials")  # said below, once
@@ -341,6 +348,7 @@ def _slice(args: argparse.Namespace) -> int:
                 threads=args.threads, head_ratio_scale=args.head_ratio_scale,
                 backend="onnx" if onnx else "torch", correct=correction["correct"],
                 calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
+                dtype=DTYPES[args.dtype or "float32"],
             )
         print(budget.describe())
         flops = budget.flops
@@ -383,6 +391,9 @@ def _slice(args: argparse.Namespace) -> int:
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")
+    if args.dtype not in (None, "float32"):
+        print(f"the file holds float32 weights; the latency above is of a {args.dtype} copy: cast the loaded subnet "
+              f"(load_subnet(path).to(torch.{args.dtype})) and feed {args.dtype} images to run at that speed")
     return 0
 
 
@@ -458,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--batch-size", type=int_at_least(1), default=None, help="images per timed batch for --latency (default: 1)")
     info.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency (default: as is)")
     info.add_argument("--device", type=device_arg, default=None, help="device for --latency (default: cpu)")
+    info.add_argument("--dtype", choices=LATENCY_DTYPES, default=None,
+                      help="time copies cast to this dtype for --latency, as a deployment that casts (default: float32)")
     info.add_argument("--no-correct", action="store_true",
                       help="show the plain cut (default: the corrected subnets' cut when the statistics carry a ranking)")
     info.set_defaults(func=_info)
@@ -479,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per timed batch for --latency-ms (default: 1)")
     cut.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency-ms (default: as is)")
     cut.add_argument("--device", type=device_arg, default=None, help="device that --latency-ms is measured on (default: cpu)")
+    cut.add_argument("--dtype", choices=LATENCY_DTYPES, default=None,
+                     help="--latency-ms times copies cast to this dtype, as a deployment that casts; the file stays "
+                          "float32 (default: float32; torch only, not with an .onnx output)")
     cut.add_argument("-o", "--output", required=True,
                      help="output .safetensors file (load with load_subnet), or .onnx (an ONNX graph)")
     cut.add_argument("--format", choices=("safetensors", "onnx"), default=None,

@@ -95,3 +95,7 @@ def device_arg(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+#: ``--dtype`` of the latency options (``snapvit_lightning.latency.DTYPES``, named without importing torch).
+LATENCY_DTYPES = ("float32", "bfloat16", "float16")

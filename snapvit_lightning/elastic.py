@@ -81,7 +81,7 @@ __all__ = [
 #: What ``ElasticViT.subnet(correct=...)`` accepts: ``"auto"`` and the corrections.
 CORRECT_CHOICES = ("auto", "none", "bias", "lstsq")
 #: The measurement options ``ElasticViT.latency_budget`` passes on to ``find_latency_budget``.
-LATENCY_OPTIONS = ("warmup", "repeats", "resolution", "timer")
+LATENCY_OPTIONS = ("warmup", "repeats", "resolution", "timer", "dtype")
 
 
 class ElasticViT:
@@ -338,7 +338,7 @@ class ElasticViT:
         ``"torch"``, or ``"onnx"``: exported and run by ONNX Runtime), each interleaved with the
         dense model, in a bisection on the FLOPs fraction; see
         :func:`~snapvit_lightning.latency.find_latency_budget`, which also takes the ``options``
-        (``warmup``, ``repeats``, ``resolution``, ``timer``). Slice the result with
+        (``warmup``, ``repeats``, ``resolution``, ``timer``, ``dtype``: a deployment cast). Slice the result with
         ``subnet(flops=budget.flops, correct=...)`` with the same ``correct``: the candidates
         timed are the cuts that correction gives (with statistics that carry a ranking, the
         :meth:`ranked_view`'s: the same FLOPs, other per-block widths; a correction only changes

@@ -13,6 +13,7 @@ a FLOPs fraction (:meth:`ElasticViT.latency_budget` passes its own).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import os
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .evaluation import _check_device as _check_torch_device
-from .evaluation import _check_int, _check_positive_float, _model_device, measure_latency
+from .evaluation import _check_float_dtype, _check_int, _check_positive_float, _model_device, measure_latency
 from .structure import count_flops
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "LatencyBudget",
     "torch_threads",
     "busy_note",
+    "DTYPES",
+    "dtype_name",
     "measure_interleaved",
     "measure_models",
     "find_latency_budget",
@@ -135,6 +138,7 @@ class LatencyBudget:
     threads: int | None
     seconds: float
     load_average: float | None = None
+    dtype: str = "float32"
 
     @property
     def load_drift(self) -> float:
@@ -153,9 +157,9 @@ class LatencyBudget:
         ``target_ms``, ``measured_ms`` (the chosen budget's latency, scaled as every trial's), ``raw_ms`` and
         ``dense_alongside_ms`` (what its timing read: the scaled figure holds only while the load slowed
         both alike), ``dense_ms``, ``batch_size``, ``device``, ``device_name`` (the GPU or CPU model),
-        ``backend``, ``threads`` (``None``: torch's setting, ``torch_threads``), ``load_drift`` and
-        ``load_average`` (the machine's 1-minute load average as the search began): a latency means
-        nothing without them.
+        ``backend``, ``threads`` (``None``: torch's setting, ``torch_threads``), ``load_drift``,
+        ``load_average`` (the machine's 1-minute load average as the search began) and ``dtype`` (what
+        the models were timed in): a latency means nothing without them.
         """
         from .machine import build_machine
 
@@ -166,12 +170,12 @@ class LatencyBudget:
                 "dense_alongside_ms": None if chosen is None else chosen.dense_alongside_ms, "dense_ms": self.dense_ms,
                 "batch_size": self.batch_size, "device": self.device, "device_name": machine["device_name"],
                 "backend": self.backend, "threads": self.threads, "torch_threads": machine["torch_threads"],
-                "load_drift": self.load_drift, "load_average": self.load_average}
+                "load_drift": self.load_drift, "load_average": self.load_average, "dtype": self.dtype}
 
     def describe(self) -> str:
         """What was measured and chosen, as lines of text."""
         where = _where(self.backend, self.device, self.threads)
-        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}, float32: "
+        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}, {self.dtype}: "
                  f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms (each trial's ms: its raw time "
                  "scaled by the dense model's first time over its time alongside the trial, so load drift cancels)"]
         for t in self.trials:
@@ -269,10 +273,30 @@ def measure_interleaved(
     return [statistics.median(t) for t in times]
 
 
-def _prepare(model: nn.Module, backend: str, device: str, threads: int | None) -> nn.Module:
-    """The module to time: the torch model on ``device``, or its ONNX graph in ONNX Runtime."""
+#: What the latency tools can time a model in: its files' float32, or a copy cast for deployment.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_dtype(dtype: object, backend: str) -> torch.dtype:
+    dtype = _check_float_dtype("dtype", dtype) or torch.float32
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype!r}")
+    if backend != "torch" and dtype != torch.float32:
+        raise ValueError(f"dtype={dtype} needs backend='torch': the ONNX graphs are float32")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``: how labels and records name a timing's dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _prepare(model: nn.Module, backend: str, device: str, threads: int | None,
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The module to time: the torch model on ``device`` (a copy cast to ``dtype`` unless float32), or its
+    ONNX graph in ONNX Runtime."""
     if backend == "torch":
-        return model.eval().to(device)
+        return model.eval().to(device) if dtype == torch.float32 else copy.deepcopy(model).eval().to(device, dtype)
     from .onnx_export import OnnxModel, onnx_bytes
 
     return OnnxModel(onnx_bytes(model), threads=threads, device=torch.device(device).type)
@@ -300,6 +324,7 @@ def measure_models(
     backend: str = "torch",
     warmup: int = 2,
     repeats: int = 10,
+    dtype: torch.dtype = torch.float32,
 ) -> list[float]:
     """Median latency (ms per batch) of each timm ViT, timed interleaved on ``device``.
 
@@ -312,11 +337,14 @@ def measure_models(
         backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime; needs the ``onnx`` extra).
         warmup: Untimed forwards of each model first.
         repeats: Interleaved rounds.
+        dtype: ``torch.float32`` (the models as they are), ``torch.bfloat16`` or ``torch.float16``:
+            copies cast to it are timed, as a deployment that casts its subnet runs (torch only).
 
     Raises:
         ValueError: A bad argument or an unavailable device.
     """
     device = _check_device(device, backend)
+    dtype = _check_dtype(dtype, backend)
     if not models:
         return []
     busy = busy_note(device)
@@ -326,7 +354,7 @@ def measure_models(
     homes = [_model_device(m) for m in models]
     with torch_threads(threads):
         try:
-            return list(timer([_prepare(m, backend, device, threads) for m in models]))
+            return list(timer([_prepare(m, backend, device, threads, dtype) for m in models]))
         finally:
             for model, home in zip(models, homes):
                 model.to(home)
@@ -348,6 +376,7 @@ def find_latency_budget(
     repeats: int = 10,
     resolution: float = 0.02,
     timer: Timer | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LatencyBudget:
     """The largest budget whose measured latency is at most ``latency_ms``, by bisection on FLOPs.
 
@@ -373,6 +402,8 @@ def find_latency_budget(
         resolution: Stop when the bisection interval is this narrow (FLOPs fraction).
         timer: Replaces the timing: models → latencies (ms), e.g. a deterministic model of
             latency for tests. Default: :func:`measure_interleaved`.
+        dtype: Time copies cast to ``torch.bfloat16``/``torch.float16`` (a deployment that casts
+            its subnet; torch only) instead of the float32 models ``build`` returns.
 
     Raises:
         LatencyTargetError: (a ``ValueError``) The dense model meets the target, or the target
@@ -392,6 +423,7 @@ def find_latency_budget(
     if threads is not None:
         threads = _check_int("threads", threads, 1)
     device = _check_device(device, backend)
+    dtype = _check_dtype(dtype, backend)
     start = time.perf_counter()
     load_average = _load_average()
     busy = None if timer is not None else busy_note(device)  # a timer of the caller's own reads no machine
@@ -402,7 +434,7 @@ def find_latency_budget(
         dense_model = build(1.0)
         dense_flops = count_flops(dense_model)["total"]
         size = _input_size(dense_model)
-        dense = _prepare(dense_model, backend, device, threads)
+        dense = _prepare(dense_model, backend, device, threads, dtype)
         del dense_model
         timer = timer or _timer(size, batch_size, device, backend, warmup, repeats)
 
@@ -415,7 +447,7 @@ def find_latency_budget(
             flops = count_flops(model)["total"]
             if flops in by_flops:
                 return by_flops[flops]
-            dense_ms, raw_ms = (float(v) for v in timer([dense, _prepare(model, backend, device, threads)]))
+            dense_ms, raw_ms = (float(v) for v in timer([dense, _prepare(model, backend, device, threads, dtype)]))
             if not reference:
                 reference.append(dense_ms)
             estimate = raw_ms * reference[0] / dense_ms
@@ -427,7 +459,7 @@ def find_latency_budget(
         smallest = trial(min_flops)
         dense_ms = reference[0]
         by_flops.setdefault(dense_flops, LatencyTrial(1.0, 1.0, dense_ms, dense_ms, dense_ms, dense_ms <= latency_ms))
-        where = f"batch {batch_size} on {_where(backend, device, threads)}"
+        where = f"batch {batch_size} on {_where(backend, device, threads)}, {dtype_name(dtype)}"
         if dense_ms <= latency_ms:
             raise LatencyTargetError(
                 f"the dense model already meets latency_ms={latency_ms:g}: it measured {dense_ms:.2f} ms per "
@@ -450,7 +482,7 @@ def find_latency_budget(
         target_ms=latency_ms, flops=lo, flops_fraction=best.flops_fraction, latency_ms=best.latency_ms,
         dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
         batch_size=batch_size, device=device, backend=backend, threads=threads,
-        seconds=time.perf_counter() - start, load_average=load_average,
+        seconds=time.perf_counter() - start, load_average=load_average, dtype=dtype_name(dtype),
     )
     if result.load_drift > LOAD_DRIFT_WARN:
         warnings.warn(_drift_note(result), stacklevel=2)

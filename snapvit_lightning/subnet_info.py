@@ -30,7 +30,8 @@ def _latency_line(m: dict[str, Any]) -> str:
            if isinstance(m.get("raw_ms"), float) and isinstance(m.get("dense_alongside_ms"), float) else "")
     return (f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
             f"{m.get('dense_ms', float('nan')):.2f} ms{raw}) per batch of {m.get('batch_size')} on {m.get('device')} "
-            f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}), "
+            f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}, "
+            f"{m.get('dtype', 'float32')}), "  # files before the dtype was recorded timed float32
             f"measured where it was sliced{unsteady}")
 
 

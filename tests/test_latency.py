@@ -335,7 +335,7 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     assert main(["info", str(out)]) == 0
     assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms; scaled from "
             f"{chosen.raw_ms:.2f} ms timed beside the dense model's {chosen.dense_alongside_ms:.2f} ms) per batch of 2 "
-            f"on cpu ({cpu_model()}; torch, 1 thread), measured where it was sliced\n") in capsys.readouterr().out
+            f"on cpu ({cpu_model()}; torch, 1 thread, float32), measured where it was sliced\n") in capsys.readouterr().out
     # a search whose dense timings drifted says so where the file's latency is read back
     budget = read_metadata(out)["budget"]
     budget["latency"]["load_drift"] = 3.64
@@ -343,6 +343,48 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     assert main(["info", str(tmp_path / "drifted.safetensors")]) == 0
     assert ("measured where it was sliced; the machine's load changed 3.6x during that search (each trial read relative "
             "to the dense model timed alongside it): measure it again on a quiet machine") in capsys.readouterr().out
+
+
+def test_latency_in_a_deployment_dtype_times_cast_copies(tmp_path: Path, capsys, monkeypatch, el: ElasticViT) -> None:
+    import snapvit_lightning.latency as latency
+    from snapvit_lightning.checkpoint import load_subnet, read_metadata
+    from snapvit_lightning.cli import main
+    from snapvit_lightning.cli_args import LATENCY_DTYPES
+
+    timed: list[torch.dtype] = []
+
+    def clock(models, **kwargs):
+        timed.extend(next(m.parameters()).dtype for m in models)
+        return flops_timer(models)
+
+    monkeypatch.setattr(latency, "measure_interleaved", clock)
+    assert latency.measure_models([el.model], dtype=torch.bfloat16) == flops_timer([el.model])
+    assert timed == [torch.bfloat16] and next(el.model.parameters()).dtype == torch.float32  # a copy was cast
+    found = el.latency_budget(_between(el, 0.5), dtype=torch.bfloat16)
+    assert set(timed) == {torch.bfloat16} and found.record()["dtype"] == "bfloat16"
+    assert ", bfloat16: dense" in found.describe()
+    with pytest.raises(ValueError, match=r"dtype=torch.bfloat16 needs backend='torch': the ONNX graphs are float32"):
+        latency.measure_models([el.model], dtype=torch.bfloat16, backend="onnx")
+    with pytest.raises(ValueError, match=r"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got torch.float64"):
+        latency.measure_models([el.model], dtype=torch.float64)
+    assert tuple(latency.DTYPES) == LATENCY_DTYPES  # the CLI's choices, named without importing torch
+
+    path, out = _saved(tmp_path), tmp_path / "bf.safetensors"
+    target = _between(ElasticViT.load(path), 0.5)
+    assert main(["slice", str(path), "--latency-ms", str(target), "--dtype", "bfloat16", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the file holds float32 weights; the latency above is of a bfloat16 copy" in printed
+    assert read_metadata(out)["budget"]["latency"]["dtype"] == "bfloat16"
+    assert next(load_subnet(out).parameters()).dtype == torch.float32
+    assert main(["info", str(out)]) == 0 and "torch, " in (said := capsys.readouterr().out) and "bfloat16), measured" in said
+    assert main(["info", str(path), "--latency", "--dtype", "float16", "--budgets", "0.5,0.5"]) == 0
+    assert "float16; dense model" in capsys.readouterr().out
+    for argv, said in ((["info", str(path), "--dtype", "bfloat16"], "--dtype say how --latency measures"),
+                       (["slice", str(path), "--latency-ms", "5", "--dtype", "bfloat16", "-o", str(tmp_path / "x.onnx")],
+                        "--dtype bfloat16: an .onnx output is timed in ONNX Runtime as its float32 graph")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
