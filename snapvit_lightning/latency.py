@@ -199,8 +199,9 @@ def _drift_note(budget: LatencyBudget) -> str:
 
 
 def _where(backend: str, device: str, threads: int | None) -> str:
-    """``cpu (torch, 2 threads)``: on a CPU the thread count timed with (torch's setting when ``threads`` is ``None``)."""
-    if threads is None and str(device).startswith("cpu"):
+    """``cpu (torch, 2 threads)``: on a CPU the thread count timed with (torch's setting when ``threads`` is ``None``;
+    ONNX Runtime's own default is not named)."""
+    if threads is None and backend == "torch" and str(device).startswith("cpu"):
         threads = torch.get_num_threads()
     return f"{device} ({backend}{'' if threads is None else f', {threads} thread' + 's' * (threads != 1)})"
 
