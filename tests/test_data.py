@@ -187,6 +187,29 @@ def test_resolve_input_config_non_square() -> None:
         resolve_input_config(model)
 
 
+def test_images_and_normalisation_off_the_unit_scale_are_refused() -> None:
+    img = torch.rand(3, 40, 48)
+    nan = img.clone()
+    nan[0, 0, 0] = float("nan")
+    for bad, said in ((img * 255, r"got range \[.*, 255\]"), (img - 0.5, r"got range \[-0\.5"),
+                      (nan, r"got range \[.*\] and NaN/inf"), (torch.full_like(img, float("nan")), "got only NaN/inf")):
+        for transform in (lambda x: eval_transform(x, 32), DINOMultiCrop(32), to_uint8_image):
+            with pytest.raises(ValueError, match=r"floating point images must hold values in \[0, 1\] \(unnormalised\); " + said):
+                transform(bad)  # was clamped to almost white or black without a word (to_uint8_image: NaN became 0)
+    with pytest.raises(ValueError, match=r"`mean` is on the \[0, 1\] scale .* got \(123.7, 116.3, 103.5\): divide 0..255"):
+        eval_transform(img, 32, mean=(123.7, 116.3, 103.5))
+    with pytest.raises(ValueError, match=r"`std` values must be > 0, got \(0, 0, 0\)"):
+        eval_transform(img, 32, std=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"`std` is on the \[0, 1\] scale"):
+        CalibrationDataModule(None, std=(58.4, 57.1, 57.4))
+    with pytest.raises(TypeError, match="`size` must be an int"):
+        eval_transform(img, (32, 32))
+    with pytest.raises(TypeError, match=r"model must be the timm model \(an nn.Module\) .* got 'vit_small_patch14_dinov2': "
+                                        "build one with timm.create_model"):
+        load_eval_images(None, "vit_small_patch14_dinov2")  # gave 224-px views with ImageNet's normalisation
+    assert eval_transform(img, 32).shape == (3, 32, 32) and to_uint8_image(img).dtype == torch.uint8
+
+
 def test_eval_transform() -> None:
     img = torch.full((3, 100, 50), 51, dtype=torch.uint8)
     out = eval_transform(img, 32, mean=(0.2, 0.2, 0.2), std=(0.5, 0.5, 0.5))

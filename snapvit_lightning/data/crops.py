@@ -99,9 +99,28 @@ def _check_triple(name: str, value: Any, positive: bool = False) -> tuple[float,
         raise TypeError(f"`{name}` must be 3 floats (one per RGB channel), got {value!r}") from None
     if len(out) != 3:
         raise ValueError(f"`{name}` must have 3 values (one per RGB channel), got {value!r}")
-    if positive and min(out) <= 0:
+    if positive and not min(out) > 0:
         raise ValueError(f"`{name}` values must be > 0, got {value!r}")
+    if not all(0.0 <= v <= 1.0 for v in out):  # NaN fails too
+        raise ValueError(f"`{name}` is on the [0, 1] scale of the images (ImageNet's: "
+                         f"{IMAGENET_DEFAULT_MEAN if name == 'mean' else IMAGENET_DEFAULT_STD}), got {value!r}"
+                         + (": divide 0..255 values by 255" if max(out) > 1 else ""))
     return out  # type: ignore[return-value]
+
+
+def float_image_to_uint8(img: Tensor) -> Tensor:
+    """A float image with values in [0, 1] as ``uint8`` (rounded).
+
+    Raises:
+        ValueError: for values outside [0, 1] (beyond rounding), or NaN/inf: e.g. an image already
+            normalised, or on the 0..255 scale, which would be clamped to almost black or white.
+    """
+    if img.numel() and not (bool(torch.isfinite(img).all()) and img.min() >= -1e-3 and img.max() <= 1 + 1e-3):
+        finite = img[torch.isfinite(img)]
+        got = f"range [{finite.min().item():.3g}, {finite.max().item():.3g}]" if finite.numel() else "only NaN/inf"
+        raise ValueError(f"floating point images must hold values in [0, 1] (unnormalised); got {got}"
+                         + ("" if finite.numel() in (0, img.numel()) else " and NaN/inf"))
+    return img.float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _mix_seed(*values: int) -> int:
@@ -133,10 +152,17 @@ def resolve_input_config(model: nn.Module) -> tuple[int, tuple[float, ...], tupl
         ``(size, mean, std)`` with ``size`` an int and ``mean``/``std`` 3-tuples of floats.
 
     Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` (a model name, ``None``, an ElasticViT).
         ValueError: if the model's input size is not square.
     """
     from timm.data import resolve_data_config
 
+    if not isinstance(model, nn.Module):
+        given = repr(model) if isinstance(model, (str, int, float, type(None))) else type(model).__name__
+        hint = ("pass its .model" if isinstance(getattr(model, "model", None), nn.Module)
+                else "build one with timm.create_model")
+        raise TypeError(f"model must be the timm model (an nn.Module) whose input size and normalisation the "
+                        f"images get, got {given}: {hint}")
     cfg = resolve_data_config({}, model=model)
     _, height, width = cfg["input_size"]
     patch_embed = getattr(model, "patch_embed", None)
@@ -162,7 +188,7 @@ def _as_uint8_chw(img: Tensor) -> Tensor:
     if img.dtype == torch.uint8:
         return img
     if img.is_floating_point():
-        return img.float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+        return float_image_to_uint8(img)
     raise TypeError(f"expected a uint8 or floating point image tensor, got {img.dtype}")
 
 
@@ -206,8 +232,12 @@ def eval_transform(
         Float tensor ``[3, size, size]``.
 
     Raises:
-        ValueError: for a bad image shape or ``crop_pct`` outside (0, 1].
+        ValueError: for a bad image shape or values (float outside [0, 1]), ``size`` < 1, ``mean``/``std``
+            off the [0, 1] scale or ``crop_pct`` outside (0, 1].
+        TypeError: for a non-int ``size`` or an image dtype other than uint8/float.
     """
+    size = _check_int("size", size, 1)
+    mean, std = _check_triple("mean", mean), _check_triple("std", std, positive=True)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"`crop_pct` must be in (0, 1], got {crop_pct!r}")
     x = _as_uint8_chw(img)
@@ -409,6 +439,7 @@ def stats_crops(
         Float ``[len(images) * count, 3, size, size]``: image 0's crops first.
     """
     count = _check_int("count", count, 0)
+    mean, std = _check_triple("mean", mean), _check_triple("std", std, positive=True)
     crop = DINOMultiCrop(size, num_local_crops=max(0, count - 2), global_scale=STATS_CROP_SCALE,
                          local_scale=STATS_CROP_SCALE, mean=mean, std=std, flip=flip, seed=seed)
     if not count or not len(images):

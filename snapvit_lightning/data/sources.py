@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 from typing_extensions import override
 
-from .crops import DEFAULT_STATS_VIEWS, eval_transform, resolve_input_config, stats_crops, stats_views_per_image
+from .crops import (
+    DEFAULT_STATS_VIEWS, eval_transform, float_image_to_uint8, resolve_input_config, stats_crops, stats_views_per_image,
+)
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -187,12 +189,7 @@ def to_uint8_image(image: Any, max_side: int | None = None) -> Tensor:
     if tensor.dtype == torch.bool:
         tensor = tensor.to(torch.uint8) * 255
     elif tensor.is_floating_point():
-        if tensor.numel() and (tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3):
-            raise ValueError(
-                "floating point images must hold values in [0, 1] (unnormalised); got range "
-                f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]"
-            )
-        tensor = (tensor.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+        tensor = float_image_to_uint8(tensor)
     elif tensor.dtype != torch.uint8:
         raise TypeError(f"integer images must be uint8, got {tensor.dtype}")
     if tensor.shape[0] == 1:
