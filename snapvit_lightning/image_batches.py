@@ -18,6 +18,22 @@ def check_image_batches(source: object, name: str = "images") -> None:
     if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
         raise ValueError(f"{name} must be a float tensor [N, 3, H, W] or an iterable of such batches "
                          f"(e.g. a DataLoader), got {type(source).__name__}")
+    if type(source).__module__ == "numpy":
+        raise ValueError(f"{name} must be a float tensor [N, 3, H, W] or an iterable of such batches, got a numpy "
+                         "array: pass torch.from_numpy(array)")
+    if isinstance(source, (list, tuple)):  # read again later at no cost: its batches are checked now
+        for batch in source:
+            _batch_tensor(batch, name)
+
+
+def _batch_tensor(batch: object, name: str) -> torch.Tensor:
+    """The images of one batch: ``batch`` or its first item, a ``[B, C, H, W]`` tensor."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = f"a {list(x.shape)} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        hint = " (single images: torch.stack them into one batch)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""
+        raise ValueError(f"{name}: batches must be [B, 3, H, W] tensors or (images, ...) tuples, got {got}{hint}")
+    return x
 
 
 def collect_images(source: object, name: str = "images") -> torch.Tensor:
@@ -36,11 +52,7 @@ def collect_images(source: object, name: str = "images") -> torch.Tensor:
     check_image_batches(source, name)
     batches = []
     for batch in source:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = f"a {list(x.shape)} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-            hint = " (single images: torch.stack them into one batch)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""
-            raise ValueError(f"{name}: batches must be [B, 3, H, W] tensors or (images, ...) tuples, got {got}{hint}")
+        x = _batch_tensor(batch, name)
         if batches and x.shape[1:] != batches[0].shape[1:]:
             raise ValueError(f"{name}: batches of {list(batches[0].shape[1:])} and {list(x.shape[1:])} images: "
                              "give images of one size (the model's input size)")

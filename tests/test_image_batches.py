@@ -32,3 +32,19 @@ def test_a_tensor_is_kept_and_batches_are_concatenated_in_order() -> None:
 def test_what_cannot_be_read_as_image_batches_is_named(source, match) -> None:
     with pytest.raises(ValueError, match=match):
         collect_images(source)
+
+
+def test_numpy_arrays_and_lists_of_single_images_are_refused_before_any_batch_is_read() -> None:
+    import numpy as np
+
+    from snapvit_lightning.search import EvolutionarySearch
+
+    x = torch.rand(6, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"got a numpy array: pass torch.from_numpy\(array\)"):
+        check_image_batches(np.zeros((6, 3, 32, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"got a \[3, 32, 32\] tensor \(single images: torch.stack them"):
+        check_image_batches([x[i] for i in range(6)])
+    check_image_batches([x[:3], (x[3:], torch.zeros(3))])  # batches and (images, labels) tuples
+    for images in (x.numpy(), [x[i] for i in range(6)]):  # were accepted, and refused after the scoring epoch
+        with pytest.raises(ValueError, match="images"):
+            EvolutionarySearch(images=images)
