@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snapvit_lightning.forward import embed
-from snapvit_lightning.structure import count_flops, count_params
+from snapvit_lightning.structure import check_input_size, check_model_images, count_flops, count_params
 from snapvit_lightning.values import all_finite, real_number
 
 __all__ = [
@@ -71,6 +71,8 @@ def _check_features_labels(features: object, labels: object, fname: str, lname: 
         raise ValueError(
             f"{lname} has {labels.shape[0]} entries but {fname} has {features.shape[0]} rows; they must match"
         )
+    if not all_finite(features):
+        raise ValueError(f"{fname} hold NaN or infinite values")
     return features, labels
 
 
@@ -117,6 +119,8 @@ def knn_accuracy(
     """
     k = _check_int("k", k, 1)
     temperature = _check_positive_float("temperature", temperature)
+    if not isinstance(weighted, bool):
+        raise ValueError(f"weighted must be a bool, got {weighted!r}")
     features, labels = _check_features_labels(features, labels, "features", "labels")
     if (test_features is None) != (test_labels is None):
         raise ValueError(
@@ -252,6 +256,9 @@ def model_cost(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     Raises:
         ValueError: If ``img_size`` is not accepted by the model (see ``count_flops``).
     """
+    if img_size is not None:
+        img_size = _input_size(model, img_size)
+        check_input_size(model, img_size, f"img_size={img_size[0] if img_size[0] == img_size[1] else list(img_size)}")
     return {
         "params": int(count_params(model)["total"]),
         "flops": int(count_flops(model, img_size)["total"]),
@@ -366,6 +373,8 @@ def measure_latency(
     repeats = _check_int("repeats", repeats, 1)
     dtype = _check_float_dtype("dtype", dtype)
     size = _input_size(model, img_size)
+    if img_size is not None:
+        check_input_size(model, size, f"img_size={img_size!r}")
     dev = _check_device(device)
 
     home = _model_device(model)
@@ -425,7 +434,8 @@ def extract_features(
         ``[M, D]`` float32 features on ``images``' device.
 
     Raises:
-        ValueError: If ``images`` is not a 4-D floating-point tensor, or ``batch_size`` or
+        ValueError: If ``images`` is not a 4-D floating-point tensor the model takes (its channels,
+            its input size or multiples of its patch size, finite values), or ``batch_size`` or
             ``autocast_dtype`` is invalid.
         TypeError: If the model lacks ``forward_features``/``forward_head``.
     """
@@ -435,6 +445,7 @@ def extract_features(
     autocast_dtype = _check_float_dtype("autocast_dtype", autocast_dtype)
     if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
         raise TypeError(f"model must have forward_features and forward_head (a timm model), got {type(model).__name__}")
+    check_model_images(model, images)  # the layout, size and values the model takes (not timm's assertion mid-way)
     dev = _model_device(model)
     param = next(model.parameters(), None)
     in_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

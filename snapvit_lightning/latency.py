@@ -304,7 +304,9 @@ def _prepare(model: nn.Module, backend: str, device: str, threads: int | None,
 
 
 def _input_size(model: nn.Module) -> tuple[int, int]:
-    size = model.patch_embed.img_size
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        raise TypeError(f"the latency tools time timm ViTs (with a patch_embed.img_size), got {type(model).__name__}")
     return int(size[0]), int(size[1])
 
 
@@ -346,6 +348,11 @@ def measure_models(
     """
     device = _check_device(device, backend)
     dtype = _check_dtype(dtype, backend)
+    if isinstance(models, nn.Module) or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError(f"models must be a sequence of timm ViTs, got {type(models).__name__}"
+                        + (": pass [model]" if isinstance(models, nn.Module) else ""))
+    batch_size, warmup, repeats = (_check_int(k, v, low) for k, v, low in
+                                   (("batch_size", batch_size, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)))
     if not models:
         return []
     busy = busy_note(device)

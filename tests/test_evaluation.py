@@ -103,6 +103,30 @@ def test_knn_errors() -> None:
         knn_accuracy(x, y, temperature=-1)
     with pytest.raises(ValueError, match="at least 2 samples"):
         knn_accuracy(x[:1], y[:1])
+    with pytest.raises(ValueError, match="features hold NaN or infinite values"):  # as fidelity refuses them (gave 0.5)
+        knn_accuracy(torch.full((5, 3), float("nan")), y)
+    with pytest.raises(ValueError, match="test_features hold NaN or infinite values"):
+        knn_accuracy(x, y, test_features=torch.full((2, 3), float("inf")), test_labels=y[:2])
+    with pytest.raises(ValueError, match="weighted must be a bool, got 'yes'"):
+        knn_accuracy(x, y, weighted="yes")
+
+
+def test_images_and_sizes_the_model_cannot_take_are_named(vit: torch.nn.Module) -> None:
+    """Were timm's assertions mid-forward, or (model_cost on a dynamic-size ViT) numbers for sizes no forward takes."""
+    with pytest.raises(ValueError, match=r"images must be a non-empty float tensor \[N, 3, H, W\] for this model, got \[2, 32, 32, 3\]"):
+        extract_features(vit, torch.randn(2, 32, 32, 3))  # HWC
+    with pytest.raises(ValueError, match="images: 40 x 40 px images do not cut into this model's 16 x 16 px patches"):
+        extract_features(vit, torch.randn(2, 3, 40, 40))
+    with pytest.raises(ValueError, match=r"images hold non-finite values"):
+        extract_features(vit, torch.full((2, 3, 32, 32), float("nan")))
+    for bad in (0, -16, (3, 32, 32), "32", 32.0):
+        with pytest.raises(ValueError, match="img_size must be None, a positive int or a pair of positive ints"):
+            model_cost(vit, bad)
+    with pytest.raises(ValueError, match="img_size=40: 40 x 40 px images do not cut into this model's 16 x 16 px patches"):
+        model_cost(vit, 40)
+    with pytest.raises(ValueError, match="img_size=40: 40 x 40 px images do not cut"):
+        measure_latency(vit, img_size=40)
+    assert model_cost(vit, 32)["flops"] == count_flops(vit, 32)["total"]
 
 
 # --------------------------------------------------------------------------- fidelity

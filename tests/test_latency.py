@@ -459,3 +459,12 @@ def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch)
     assert found.record()["load_average"] == cores + 1.5  # as the search began, with the subnet's record
     monkeypatch.setattr(latency, "_load_average", lambda: cores - 0.5)  # a quiet machine: nothing to say
     assert latency.busy_note("cpu") is None
+
+
+def test_measure_models_names_what_it_cannot_time(el: ElasticViT) -> None:
+    with pytest.raises(TypeError, match=r"models must be a sequence of timm ViTs, got VisionTransformer: pass \[model\]"):
+        measure_models(el.model)
+    with pytest.raises(TypeError, match="the latency tools time timm ViTs \\(with a patch_embed.img_size\\), got Linear"):
+        measure_models([torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):  # before it reads the machine's load
+        measure_models([el.model], batch_size=0)
