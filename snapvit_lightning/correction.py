@@ -477,10 +477,20 @@ def solve_layer(
         ``(weight [out, k] or None when unchanged, bias [out] or None)``.
 
     Raises:
-        ValueError: ``bias`` for a layer without a bias.
+        ValueError: ``bias`` for a layer without a bias; a ``method``, ``reference`` or ``damping``
+            outside the allowed, or shapes that do not fit together.
         SingularGramError: The damped Gram matrix is not positive definite.
     """
-    k = kept_weight.shape[1]
+    if method not in ("bias", "lstsq") or reference not in ("mean", "max"):
+        raise ValueError(f"{where}: method must be 'bias' or 'lstsq' and reference 'mean' or 'max', got "
+                         f"method={method!r}, reference={reference!r}")
+    if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"{where}: damping must be a finite number >= 0, got {damping!r}")
+    k = kept_weight.shape[1] if kept_weight.dim() == 2 else -1
+    if k < 0 or tuple(gram.shape) != (k + 1, k + 1) or target.dim() != 2 or target.shape[0] != kept_weight.shape[0] \
+            or target.shape[1] not in (1, k + 1) or (method == "lstsq" and target.shape[1] != k + 1):
+        raise ValueError(f"{where}: shapes do not fit together: target {list(target.shape)} ([out, k+1]), kept_weight "
+                         f"{list(kept_weight.shape)} ([out, k]), gram {list(gram.shape)} ([k+1, k+1])")
     if method == "bias":
         if not has_bias:
             raise ValueError(f"{where} has no bias to compensate into; use correct='lstsq'")

@@ -717,3 +717,24 @@ def test_corrected_subnets_are_trainable_and_follow_the_current_weights() -> Non
     torch.testing.assert_close(after, fresh.subnet(0.35, 0.2).eval()(x))
     el.ranked_view().attach_stats(None)  # the view is a cache of el's: changing it is undone, not inherited
     torch.testing.assert_close(el.subnet(0.35, 0.2).eval()(x), after)
+
+
+def test_solve_layer_refuses_what_it_would_solve_wrongly() -> None:
+    """Was: method 'lsq' solved as lstsq, reference 'min' as 'max', a 7 x 7 Gram with 3 kept columns solved."""
+    from snapvit_lightning.correction import solve_layer
+
+    g = torch.randn(40, 4, dtype=torch.float64)
+    gram = torch.cat([g, torch.ones(40, 1, dtype=torch.float64)], 1).T @ torch.cat([g, torch.ones(40, 1, dtype=torch.float64)], 1) / 40
+    kept, target = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    weight, bias = solve_layer(target, kept, gram, True, "lstsq", 0.01, "mean", "fc2")
+    assert weight.shape == (2, 4) and bias.shape == (2,)
+    for kwargs, said in (({"method": "lsq"}, "method must be 'bias' or 'lstsq' and reference 'mean' or 'max', got method='lsq'"),
+                         ({"reference": "min"}, "reference='min'"),
+                         ({"damping": float("nan")}, "damping must be a finite number >= 0, got nan"),
+                         ({"damping": -0.1}, "damping must be a finite number >= 0, got -0.1"),
+                         ({"kept_weight": kept[:, :3]}, r"shapes do not fit together: target \[2, 5\] \(\[out, k\+1\]\), kept_weight \[2, 3\]"),
+                         ({"gram": gram[:4, :4]}, r"gram \[4, 4\]")):
+        args = {"target": target, "kept_weight": kept, "gram": gram, "has_bias": True, "method": "lstsq",
+                "damping": 0.01, "reference": "mean", "where": "fc2", **kwargs}
+        with pytest.raises(ValueError, match=f"fc2: .*{said}"):
+            solve_layer(**args)
