@@ -197,6 +197,9 @@ def check_supported(model: nn.Module) -> None:
     Raises:
         UnsupportedModelError: Naming the first unsupported module and what is supported.
     """
+    if not isinstance(model, nn.Module):  # a model name, an ElasticViT: not an architecture to list refusals for
+        hint = "pass its .model" if isinstance(getattr(model, "model", None), nn.Module) else "build it with timm.create_model"
+        raise UnsupportedModelError(f"model must be a timm VisionTransformer (an nn.Module), got {type(model).__name__}: {hint}")
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
             f"model {_describe(model)} is not a timm VisionTransformer (not supported: Eva and RoPE ViTs such as DINOv3, "

@@ -174,6 +174,11 @@ def test_refuses_unsupported_models() -> None:
         check_supported(timm.create_model("beit_base_patch16_224", pretrained=False, depth=1, embed_dim=64, num_heads=2, img_size=32))
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
         check_supported(torch.nn.Linear(2, 2))
+    with pytest.raises(UnsupportedModelError, match=r"an nn.Module\), got str: build it with timm.create_model"):
+        check_supported("test_vit")
+    elastic_like = type("ElasticViT", (), {"model": torch.nn.Linear(2, 2)})()
+    with pytest.raises(UnsupportedModelError, match=r"an nn.Module\), got ElasticViT: pass its .model"):
+        check_supported(elastic_like)
     parallel = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1, img_size=32)
     with pytest.raises(UnsupportedModelError, match="block 0 is .*ParallelThingsBlock"):
         check_supported(parallel)
