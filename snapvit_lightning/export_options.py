@@ -107,6 +107,9 @@ def _check_name(name: Any) -> str | None:
         return None
     if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a non-empty file-name stem without path separators or a leading dot, got {name!r}")
+    if name.endswith((".safetensors", ".onnx")):  # the files get '<name>.elastic.safetensors' and the like
+        raise ValueError(f"name is the files' stem, without a suffix: got {name!r}, which would write "
+                         f"'{name}.elastic.safetensors'; give {name.split('.')[0]!r}")
     return name
 
 

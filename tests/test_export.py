@@ -239,6 +239,14 @@ def _header(path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
+@pytest.mark.parametrize("name", ["mine.elastic.safetensors", "mine.safetensors", "mine.onnx"])
+def test_a_name_with_a_file_suffix_is_refused(tmp_path, elastic, name) -> None:
+    with pytest.raises(ValueError, match=f"name is the files' stem, without a suffix: got '{name}', which would write "
+                                         f"'{name}.elastic.safetensors'; give 'mine'"):
+        export_elastic(elastic, tmp_path, name=name, correct="none")
+    assert not any(tmp_path.iterdir())
+
+
 def test_export_names_out_dir_when_it_is_a_file(tmp_path, elastic):
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(ValueError, match=r"out_dir must be a folder, but '.*report.json' is a file"):

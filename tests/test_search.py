@@ -546,6 +546,16 @@ def test_run_search_errors(kwargs, match) -> None:
         run_search(model, random_scores(model), images_for(model), **{"max_evals": 1, **kwargs})
 
 
+@pytest.mark.parametrize("hook", ["on_eval", "on_start"])
+def test_run_search_refuses_hooks_that_cannot_be_called_before_it_evaluates(hook, monkeypatch) -> None:
+    import snapvit_lightning.search.loop as loop
+
+    model, _, _ = small_vit()
+    monkeypatch.setattr(loop, "Fitness", None)  # nothing may be evaluated before the refusal
+    with pytest.raises(TypeError, match=f"{hook} must be a callable or None, got 5"):
+        run_search(model, random_scores(model), images_for(model), max_evals=1, **{hook: 5})
+
+
 @pytest.mark.parametrize(
     ("images", "match"),
     [

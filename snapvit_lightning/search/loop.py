@@ -262,6 +262,9 @@ def run_search(
     early_stop = _check_early_stop(early_stop)
     sigma = _check_sigma(sigma)
     popsize = _check_popsize(popsize)
+    for name, hook in (("on_eval", on_eval), ("on_start", on_start)):  # else they fail after the first evaluation
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name} must be a callable or None, got {hook!r}")
     if not isinstance(scores, ImportanceScores):
         raise TypeError(f"scores must be ImportanceScores, got {type(scores).__name__}")
     _check_start(scores.num_weights, initial_weights, initial_covariance)  # before the fitness embeds its images
