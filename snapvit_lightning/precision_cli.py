@@ -120,10 +120,9 @@ class AutoPrecisionCLI(LightningCLI):
 
     @override
     def _parse_ckpt_path(self) -> None:
-        """Refuse model and calibration data options that differ from the checkpoint's.
-
-        (The model's, Lightning would replace silently; the data's, it would take, and score other
-        images or crops after the batches it skips.)
+        """Refuse a ``--ckpt_path`` that is no readable Lightning checkpoint, and model options that differ
+        from the checkpoint's: Lightning would replace them silently (the calibration data's options are
+        :meth:`CalibrationDataModule.load_state_dict`'s to compare).
 
         LightningCLI reads the model's arguments from the ``--ckpt_path`` checkpoint over the command's,
         so a resume asking for another ``model.accumulation`` (criterion, weights, ...) continued the
@@ -132,12 +131,11 @@ class AutoPrecisionCLI(LightningCLI):
         asked = _plain(self.config.get(self.config.get("subcommand") or "", {}).get("model"))
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        checkpoint = _lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
+        _check_lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
         super()._parse_ckpt_path()
         saved = _plain(self.config[subcommand].get("model")) if ckpt_path else None
         differ = [] if not isinstance(asked, dict) or not isinstance(saved, dict) else [
             f"model.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked if k in saved and asked[k] != saved[k]]
-        differ += _changed_data_options(checkpoint, _plain(self.config[subcommand].get("data")) if ckpt_path else None)
         if differ:
             raise ValueError(
                 f"--ckpt_path {ckpt_path}: a resumed fit continues the checkpoint's scoring, which this command "
@@ -174,20 +172,18 @@ class AutoPrecisionCLI(LightningCLI):
         return isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
-#: Data options a resumed scoring may change (``num_workers`` may not: torchdata's loader state of one
-#: count of workers does not load into another).
-_RESUMABLE_DATA_OPTIONS = ("dataset",)
-
-
-def _lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
-    """The ``--ckpt_path`` file's contents (memory-mapped), or ``None`` for no file (Lightning names a
-    missing one, and takes ``last``/``best``).
+def _check_lightning_checkpoint(ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that is no readable Lightning checkpoint (``last``/``best``: Lightning's to find).
 
     Raises:
-        ValueError: A file torch cannot read (truncated, not a torch file) or that is no Lightning checkpoint.
+        ValueError: A missing file or a folder, a file torch cannot read (truncated, not a torch file)
+            or that is no Lightning checkpoint.
     """
-    if not ckpt_path or not os.path.isfile(ckpt_path):
-        return None
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return
+    if not os.path.isfile(ckpt_path):
+        what = "a folder" if os.path.isdir(ckpt_path) else "not found"
+        raise ValueError(f"--ckpt_path {ckpt_path}: {what}; give a .ckpt file a ModelCheckpoint saved")
     import pickle
 
     import torch
@@ -200,32 +196,12 @@ def _lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
                 raise
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        reason = (str(err).strip().splitlines() or [""])[0]
+        reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0]  # torch's bold
         raise ValueError(f"--ckpt_path {ckpt_path}: not a readable Lightning checkpoint (truncated, corrupt or not "
                          f"a torch file?): torch.load raised {type(err).__name__}: {reason}") from None
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ValueError(f"--ckpt_path {ckpt_path}: a torch file, but not a Lightning checkpoint (no "
                          "'pytorch-lightning_version'): give a .ckpt file a ModelCheckpoint saved")
-    return checkpoint
-
-
-def _changed_data_options(checkpoint: dict[str, Any] | None, asked: Any) -> list[str]:
-    """``data.<option>=...`` for each calibration data option (folder, seed, crops, batch size, holdout, ...)
-    this command sets otherwise than the datamodule that saved ``checkpoint``: the resumed scoring would skip
-    the batches already scored by their index and score other images or crops after them."""
-    if checkpoint is None or not isinstance(asked, dict):
-        return []
-    saved = _plain(checkpoint.get("datamodule_hyper_parameters"))
-    if not isinstance(saved, dict):  # a datamodule of the user's own that saves no hyperparameters
-        return []
-
-    def same(key: str, a: Any, b: Any) -> bool:
-        if key.endswith("data_dir") and isinstance(a, str) and isinstance(b, str):
-            return os.path.realpath(a) == os.path.realpath(b)  # one folder, given relative or absolute
-        return a == b
-
-    return [f"data.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked
-            if k in saved and k not in _RESUMABLE_DATA_OPTIONS and not same(k, asked[k], saved[k])]
 
 
 def _plain(value: Any) -> Any:

@@ -268,11 +268,14 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     for option, value, said in (("--data.seed", "5", "data.seed=5 (the checkpoint's: 0)"),
                                 ("--data.batch_size", "3", "data.batch_size=3 (the checkpoint's: 2)"),
                                 ("--data.num_workers", "1", "data.num_workers=1 (the checkpoint's: 0)"),  # torchdata's state
-                                ("--data.data_dir", str(tmp_path / "others"), f"data.data_dir='{tmp_path / 'others'}'")):
+                                ("--data.data_dir", str(tmp_path / "others"),
+                                 f"data.data_dir='{os.path.realpath(tmp_path / 'others')}' (the checkpoint's: "
+                                 f"'{os.path.realpath(tmp_path / 'images')}')")):
         with pytest.raises(SystemExit) as exc:
             fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), option, value)
-        assert exc.value.code == 2 and not (tmp_path / "changed").exists()
-        assert f"a resumed fit continues the checkpoint's scoring, which this command changes: {said}" in capsys.readouterr().err
+        assert exc.value.code == 2 and not (tmp_path / "changed").exists()  # the Lightning checkpoint's own data
+        assert f"a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: {said}" \
+            in capsys.readouterr().err
 
     resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt),
                   "--data.data_dir", os.path.relpath(tmp_path / "images"))  # the same folder
@@ -312,7 +315,9 @@ def test_a_bad_checkpoint_file_is_one_line_before_the_fit(tmp_path, capsys) -> N
     for name, said in (("truncated.ckpt", "not a readable Lightning checkpoint (truncated, corrupt or not a torch "
                                           "file?): torch.load raised RuntimeError: PytorchStreamReader failed"),
                        ("text.ckpt", "not a readable Lightning checkpoint (truncated, corrupt or not a torch file?)"),
-                       ("plain.pt", "a torch file, but not a Lightning checkpoint (no 'pytorch-lightning_version')")):
+                       ("plain.pt", "a torch file, but not a Lightning checkpoint (no 'pytorch-lightning_version')"),
+                       ("images", "a folder; give a .ckpt file a ModelCheckpoint saved"),
+                       ("missing.ckpt", "not found; give a .ckpt file a ModelCheckpoint saved")):
         with pytest.raises(SystemExit) as exc:
             main(["fit", "--config", str(config), "--ckpt_path", str(tmp_path / name)])
         err = capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -878,3 +880,21 @@ def test_a_view_size_a_fixed_size_model_does_not_take_is_refused_when_configured
     CalibrationDataModule(dataset=_NoiseDataset(2), img_size=64).configure_from_model(fixed)
     dynamic = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=True)
     CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(dynamic)
+
+
+def test_a_resume_with_other_calibration_data_options_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """The datamodule's state in a Lightning checkpoint: the options its crops depend on (any entry: CLI, last, Python)."""
+    for folder in ("a", "b"):
+        for i in range(3):
+            _write_image(tmp_path / folder / f"{i}.png", seed=i)
+    monkeypatch.chdir(tmp_path)
+    saved = CalibrationDataModule(tmp_path / "a", img_size=32).state_dict()
+    CalibrationDataModule("a", img_size=32).load_state_dict(saved)  # the same folder, given relative
+    CalibrationDataModule(tmp_path / "a", img_size=32, fitness_data_dir=tmp_path / "b").load_state_dict(saved)  # search only
+    for kwargs, said in (({"seed": 5}, "data.seed=5 (the checkpoint's: 0)"),
+                         ({"batch_size": 3}, "data.batch_size=3 (the checkpoint's: 16)"),
+                         ({"data_dir": "b"}, f"data.data_dir='{os.path.realpath(tmp_path / 'b')}'")):
+        dm = CalibrationDataModule(**{"data_dir": tmp_path / "a", "img_size": 32, **kwargs})
+        with pytest.raises(ValueError, match=re.escape(f"whose calibration data this one changes: {said}")):
+            dm.load_state_dict(saved)
+    CalibrationDataModule(tmp_path / "b", img_size=32).load_state_dict({})  # a checkpoint before the options were saved

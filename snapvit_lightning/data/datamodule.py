@@ -8,6 +8,7 @@ of dataloader workers, on the batch size, on the number of DDP ranks, or on iter
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -310,6 +311,39 @@ class CalibrationDataModule(LightningDataModule):
         self._train_dataset: MultiCropDataset | None = None
         self._eval_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._epoch = 0
+
+    # ---------------------------------------------------------------- resuming
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the scored crops depend on, saved in a Lightning checkpoint (:meth:`load_state_dict` compares)."""
+        mean, std = self.normalization
+        return {"scoring_options": {
+            "data_dir": None if self.data_dir is None else os.path.realpath(self.data_dir),
+            "dataset": None if self.dataset is None else type(self.dataset).__name__,
+            "batch_size": self.batch_size, "num_workers": self.num_workers, "num_local_crops": self.num_local_crops,
+            "global_scale": list(self.global_scale), "local_scale": list(self.local_scale),
+            "img_size": self.size if self.img_size is not None or self._model_cfg is not None else None,
+            "seed": self.seed, "holdout": self.holdout, "mean": list(mean), "std": list(std),
+            "max_side": self.max_side, "flip": self.flip, "independent_views": self.independent_views}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a fit whose checkpoint scored other crops (another folder, seed, batch size, ...).
+
+        A resumed fit skips the batches already scored by their index, so with other options it
+        would score other images or crops after them (``num_workers``: torchdata's loader state of
+        one count does not load into another). Checkpoints before 2026-12-07 hold no options.
+
+        Raises:
+            ValueError: Naming each option that differs and the checkpoint's value.
+        """
+        saved, now = state_dict.get("scoring_options"), self.state_dict()["scoring_options"]
+        differ = [f"{k}={now[k]!r} (the checkpoint's: {saved[k]!r})" for k in now
+                  if isinstance(saved, dict) and k in saved and saved[k] is not None and now[k] != saved[k]]
+        if differ:
+            raise ValueError(
+                "a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: data."
+                + "; data.".join(differ) + "; resume with the checkpoint's data options, or start a new fit without "
+                "the checkpoint (a moved data folder cannot be resumed from)")
 
     # ---------------------------------------------------------------- configuration
 
