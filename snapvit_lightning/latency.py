@@ -74,9 +74,9 @@ def busy_note(device: str) -> str | None:
     load = _load_average()
     if not str(device).startswith("cpu") or load is None or load <= _cores():
         return None
-    return (f"the machine is busy (1-minute load average {load:.1f} on {_cores()} cores) before this timing: "
-            "every model times slower than on a quiet machine, and a latency budget chosen now is smaller than "
-            "the one the quiet machine allows; measure where nothing else runs")
+    return (f"the machine is busy (1-minute load average {load:.2f} on {_cores()} cores) before this timing: "
+            "models time slower than on a quiet machine, and their ratios shift (a latency budget chosen now is "
+            "smaller than a quiet machine allows); measure where nothing else runs")
 
 
 class LatencyTargetError(ValueError):
@@ -279,6 +279,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _check_dtype(dtype: object, backend: str) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in DTYPES:  # the CLI's names
+        dtype = DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)} (or its name), got {dtype!r}")
     dtype = _check_float_dtype("dtype", dtype) or torch.float32
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype!r}")

@@ -28,6 +28,8 @@ def _latency_line(m: dict[str, Any]) -> str:
                 if isinstance(drift, float) and drift > LOAD_DRIFT_WARN else "")
     raw = (f"; scaled from {m['raw_ms']:.2f} ms timed beside the dense model's {m['dense_alongside_ms']:.2f} ms"
            if isinstance(m.get("raw_ms"), float) and isinstance(m.get("dense_alongside_ms"), float) else "")
+    load = m.get("load_average")
+    unsteady += f"; 1-minute load average {load:.2f} as it began" if isinstance(load, (int, float)) else ""
     return (f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
             f"{m.get('dense_ms', float('nan')):.2f} ms{raw}) per batch of {m.get('batch_size')} on {m.get('device')} "
             f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}, "

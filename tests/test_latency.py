@@ -338,11 +338,12 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
             f"on cpu ({cpu_model()}; torch, 1 thread, float32), measured where it was sliced\n") in capsys.readouterr().out
     # a search whose dense timings drifted says so where the file's latency is read back
     budget = read_metadata(out)["budget"]
-    budget["latency"]["load_drift"] = 3.64
+    budget["latency"]["load_drift"], budget["latency"]["load_average"] = 3.64, 3.2
     el.save_subnet(tmp_path / "drifted.safetensors", load_subnet(out), budget)
     assert main(["info", str(tmp_path / "drifted.safetensors")]) == 0
     assert ("measured where it was sliced; the machine's load changed 3.6x during that search (each trial read relative "
-            "to the dense model timed alongside it): measure it again on a quiet machine") in capsys.readouterr().out
+            "to the dense model timed alongside it): measure it again on a quiet machine; 1-minute load average 3.20 as "
+            "it began") in capsys.readouterr().out
 
 
 def test_latency_in_a_deployment_dtype_times_cast_copies(tmp_path: Path, capsys, monkeypatch, el: ElasticViT) -> None:
@@ -446,7 +447,7 @@ def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch)
 
     cores = latency._cores()
     monkeypatch.setattr(latency, "_load_average", lambda: cores + 1.5)
-    note = f"the machine is busy (1-minute load average {cores + 1.5:.1f} on {cores} cores) before this timing"
+    note = f"the machine is busy (1-minute load average {cores + 1.5:.2f} on {cores} cores) before this timing"
     assert latency.busy_note("cpu").startswith(note) and latency.busy_note("cuda") is None
     with pytest.warns(UserWarning, match=re.escape(note)):
         measure_models([el.model], repeats=1, warmup=0)
@@ -457,6 +458,7 @@ def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch)
         warnings.simplefilter("error")  # a timer of the caller's own reads no machine
         found = find_latency_budget(build, _between(el, 0.6), min_flops=min_flops, timer=CountingTimer())
     assert found.record()["load_average"] == cores + 1.5  # as the search began, with the subnet's record
+    assert latency.measure_models([el.model], repeats=1, warmup=0, dtype="bfloat16")  # the CLI's names too
     monkeypatch.setattr(latency, "_load_average", lambda: cores - 0.5)  # a quiet machine: nothing to say
     assert latency.busy_note("cpu") is None
 

@@ -429,3 +429,15 @@ def test_an_earlier_bench_is_kept_without_overwrite(result, setup, capsys) -> No
     assert (out / "bench.json").read_text() == before
     assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / "bench.json").read_text())["settings"]["command"].endswith("--overwrite")
+
+
+def test_a_busy_machine_is_named_before_bench_times(setup, tmp_path, monkeypatch, capsys) -> None:
+    import snapvit_lightning.latency as latency
+
+    path, data, _ = setup
+    monkeypatch.setattr(latency, "_load_average", lambda: latency._cores() + 2.0)
+    with pytest.warns(UserWarning, match=r"^the machine is busy \(1-minute load average"):
+        assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(tmp_path / "b")]) == 0
+    settings = json.loads((tmp_path / "b" / "bench.json").read_text())["settings"]
+    assert settings["load_average"] == latency._cores() + 2.0
+    assert f"float32, torch.inference_mode, 1-minute load average {latency._cores() + 2.0:.2f} before" in capsys.readouterr().out
