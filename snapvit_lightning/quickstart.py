@@ -77,7 +77,10 @@ def run(
 
     if not Path(config).is_file():
         raise FileNotFoundError(f"no config at {config}")
-    moved = [a for a in cli_args if a.split("=", 1)[0] in ("--trainer.callbacks.dirpath", "--trainer.callbacks.init_args.dirpath")]
+    keys = [a.split("=", 1)[0] for a in cli_args]
+    added = next((i for i, k in enumerate(keys) if k == "--trainer.callbacks+"), len(keys))  # later options go to it
+    moved = [a for a in cli_args[:added] if a.split("=", 1)[0] in ("--trainer.callbacks.dirpath",
+                                                                   "--trainer.callbacks.init_args.dirpath")]
     if moved:  # the export went there, its config.yaml to `out`, and the table was skipped
         raise ValueError(f"{moved[0].split('=', 1)[0]} moves the export away from --out; give --out DIR instead")
     if any(a in ("--config", "-c") or a.startswith("--config=") or (a.startswith("-c") and not a.startswith("--"))

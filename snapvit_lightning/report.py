@@ -51,7 +51,7 @@ def measured_on(report: dict[str, Any]) -> str:
     if n is None:
         return ""
     if (report.get("correction") or {}).get("fidelity_images_are_calibration_images") is True:
-        return f"on its {n} calibration images (in-sample: photos it never saw keep less; `snapvit bench` measures them)"
+        return f"on its {n} calibration images (in-sample: unseen photos keep less)"  # fits under a 6-inch title
     return f"on {n} images"
 
 

@@ -148,6 +148,11 @@ def test_moving_the_export_away_from_out_is_refused(tmp_path, capsys) -> None:
     assert ("--trainer.callbacks.dirpath moves the export away from --out; give --out DIR instead"
             in capsys.readouterr().err)
     assert not (tmp_path / "run").exists() and not (tmp_path / "elsewhere").exists()
+    # after --trainer.callbacks+= the option is the added callback's (docs/resume.md's ModelCheckpoint), not the export's
+    with pytest.raises(SystemExit) as exc:  # the next check's refusal: the dirpath passed
+        main(["--out", str(tmp_path / "run"), "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath",
+              str(tmp_path / "ckpts"), "-c", "my.yaml"])
+    assert "the main job runs configs/quickstart.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("given", [["-c", "my.yaml"], ["--config=my.yaml"], ["-cmy.yaml"]])
