@@ -419,8 +419,11 @@ def _rebuild(
             if expected != given:
                 differ = [f"{k}: {list(given.get(k, ())) or 'missing'}, rebuilt {list(expected.get(k, ())) or 'none'}"
                           for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k)]
+                head = [k for k in differ if k.startswith("head.")]
+                hint = ("; the model is headless: pass model_kwargs with num_classes=0" if head and all(
+                    k.split(":")[0] not in given for k in head) else "")
                 raise ValueError(f"state dict shapes differ from the rebuilt model ({'; '.join(differ[:3])}"
-                                 f"{'; ...' if len(differ) > 3 else ''})")
+                                 f"{'; ...' if len(differ) > 3 else ''}){hint}")
             return model
         model.load_state_dict(state, strict=True, assign=True)
     except (AssertionError, RuntimeError, ValueError, TypeError, KeyError) as err:  # timm asserts on bad kwargs

@@ -702,6 +702,10 @@ def test_a_model_resized_after_the_build_saves_and_loads_at_its_new_size(tmp_pat
                                          r"\[64, 3, 8, 8\], rebuilt \[64, 3, 16, 16\]"):
         elastic.save(tmp_path / "p8.elastic.safetensors")
     assert not (tmp_path / "p8.elastic.safetensors").exists()
+    headless = timm.create_model("test_vit", pretrained=False, num_classes=0)  # rebuilt with the default head: named
+    with pytest.raises(ValueError, match=r"head.bias: missing, rebuilt \[1000\].*\); the model is headless: pass "
+                                         r"model_kwargs with num_classes=0"):
+        save_subnet(headless, tmp_path / "h.safetensors", model_name="test_vit", model_kwargs={})
 
 
 def test_forward_hooks_on_the_model_are_named_in_a_warning() -> None:
