@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .evaluation import _check_device as _check_torch_device
-from .evaluation import _check_float_dtype, _check_int, _check_positive_float, _model_device, measure_latency
+from .evaluation import _check_int, _check_positive_float, _model_device, measure_latency
 from .structure import count_flops
 
 __all__ = [
@@ -66,7 +66,7 @@ def _cores() -> int:
 
 
 def busy_note(device: str) -> str | None:
-    """Why a CPU timing now would read slow: other work loads more cores than this process may use (else ``None``).
+    """Why a CPU timing now would read slow: the 1-minute load average exceeds the cores (else ``None``).
 
     Latencies taken on a busy CPU are longer than a quiet one's, so a latency budget chosen on one
     is smaller than needed and the models' ratios shift too.
@@ -281,11 +281,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _check_dtype(dtype: object, backend: str) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:  # the CLI's names
         dtype = DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)} (or its name), got {dtype!r}")
-    dtype = _check_float_dtype("dtype", dtype) or torch.float32
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype!r}")
     if backend != "torch" and dtype != torch.float32:
         raise ValueError(f"dtype={dtype} needs backend='torch': the ONNX graphs are float32")
     return dtype

@@ -366,7 +366,7 @@ def test_latency_in_a_deployment_dtype_times_cast_copies(tmp_path: Path, capsys,
     assert ", bfloat16: dense" in found.describe()
     with pytest.raises(ValueError, match=r"dtype=torch.bfloat16 needs backend='torch': the ONNX graphs are float32"):
         latency.measure_models([el.model], dtype=torch.bfloat16, backend="onnx")
-    with pytest.raises(ValueError, match=r"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got torch.float64"):
+    with pytest.raises(ValueError, match=r"dtype must be one of torch.float32, torch.bfloat16, torch.float16 \(or its name\), got torch.float64"):
         latency.measure_models([el.model], dtype=torch.float64)
     assert tuple(latency.DTYPES) == LATENCY_DTYPES  # the CLI's choices, named without importing torch
 
