@@ -439,7 +439,6 @@ def stats_crops(
         Float ``[len(images) * count, 3, size, size]``: image 0's crops first.
     """
     count = _check_int("count", count, 0)
-    mean, std = _check_triple("mean", mean), _check_triple("std", std, positive=True)
     crop = DINOMultiCrop(size, num_local_crops=max(0, count - 2), global_scale=STATS_CROP_SCALE,
                          local_scale=STATS_CROP_SCALE, mean=mean, std=std, flip=flip, seed=seed)
     if not count or not len(images):
