@@ -59,7 +59,7 @@ def _check_float_dtype(name: str, value: object) -> torch.dtype | None:
 
 
 def _shape(t: object) -> str:
-    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def _check_features_labels(features: object, labels: object, fname: str, lname: str) -> tuple[Tensor, Tensor]:

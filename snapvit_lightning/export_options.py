@@ -102,14 +102,21 @@ def _check_reachable(model: nn.Module, budgets: Any, min_mlp_keep: float, min_he
                              f"(every block at its minimum keep: min_mlp_keep={min_mlp_keep}, min_head_keep={min_head_keep})")
 
 
+#: What the export appends to its ``name`` (a name ending so would double it).
+_SUFFIXES = (".safetensors", ".onnx", ".elastic", ".stats")
+
+
 def _check_name(name: Any) -> str | None:
     if name is None:
         return None
     if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a non-empty file-name stem without path separators or a leading dot, got {name!r}")
-    if name.endswith((".safetensors", ".onnx")):  # the files get '<name>.elastic.safetensors' and the like
+    stem = name
+    while stem.endswith(_SUFFIXES):  # the files get '<name>.elastic.safetensors' and the like
+        stem = stem[: stem.rindex(".")]
+    if stem != name:
         raise ValueError(f"name is the files' stem, without a suffix: got {name!r}, which would write "
-                         f"'{name}.elastic.safetensors'; give {name.split('.')[0]!r}")
+                         f"'{name}.elastic.safetensors'; give {stem!r}")
     return name
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -265,20 +266,25 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     assert exc.value.code == 2 and not (tmp_path / "changed").exists()
     assert "changes: model.accumulation='fisher' (the checkpoint's: 'sum_then_square')" in capsys.readouterr().err
     _images(tmp_path / "others", 9)  # as many images as the checkpoint's, in another folder: other crops after the skip
+    Image.fromarray(np.zeros((50, 40, 3), dtype=np.uint8)).save(tmp_path / "others" / "a" / "0.png")  # one differs
     for option, value, said in (("--data.seed", "5", "data.seed=5 (the checkpoint's: 0)"),
                                 ("--data.batch_size", "3", "data.batch_size=3 (the checkpoint's: 2)"),
                                 ("--data.num_workers", "1", "data.num_workers=1 (the checkpoint's: 0)"),  # torchdata's state
-                                ("--data.data_dir", str(tmp_path / "others"),
-                                 f"data.data_dir='{os.path.realpath(tmp_path / 'others')}' (the checkpoint's: "
-                                 f"'{os.path.realpath(tmp_path / 'images')}')")):
+                                ("--data.data_dir", str(tmp_path / "others"), "data.images='")):
         with pytest.raises(SystemExit) as exc:
             fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), option, value)
         assert exc.value.code == 2 and not (tmp_path / "changed").exists()  # the Lightning checkpoint's own data
         assert f"a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: {said}" \
             in capsys.readouterr().err
 
+    old = {k: v for k, v in torch.load(ckpt, weights_only=True).items() if k != "CalibrationDataModule"}
+    torch.save(old, tmp_path / "old.ckpt")  # as saved before the datamodule compared: its options, as given
+    with pytest.raises(SystemExit) as exc:
+        fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.seed", "5")
+    assert exc.value.code == 2 and "which this command changes: data.seed=5 (the checkpoint's: 0)" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same images elsewhere (a re-mounted scratch folder)
     resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt),
-                  "--data.data_dir", os.path.relpath(tmp_path / "images"))  # the same folder
+                  "--data.data_dir", os.path.relpath(tmp_path / "moved"))
     assert RecordBatches.seen == [2, 3, 4]  # only the remaining batches, none counted twice
     assert RecordBatches.num_samples == 9
     assert set(resumed) == set(straight)

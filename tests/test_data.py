@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -882,19 +884,25 @@ def test_a_view_size_a_fixed_size_model_does_not_take_is_refused_when_configured
     CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(dynamic)
 
 
-def test_a_resume_with_other_calibration_data_options_is_refused(tmp_path: Path, monkeypatch) -> None:
-    """The datamodule's state in a Lightning checkpoint: the options its crops depend on (any entry: CLI, last, Python)."""
+def test_a_resume_with_other_calibration_data_options_is_refused(tmp_path: Path) -> None:
+    """The datamodule's state in a Lightning checkpoint: what its crops depend on (any entry: CLI, last, Python)."""
     for folder in ("a", "b"):
         for i in range(3):
-            _write_image(tmp_path / folder / f"{i}.png", seed=i)
-    monkeypatch.chdir(tmp_path)
-    saved = CalibrationDataModule(tmp_path / "a", img_size=32).state_dict()
-    CalibrationDataModule("a", img_size=32).load_state_dict(saved)  # the same folder, given relative
-    CalibrationDataModule(tmp_path / "a", img_size=32, fitness_data_dir=tmp_path / "b").load_state_dict(saved)  # search only
+            _write_image(tmp_path / folder / "x" / f"{i}.png", seed=i, size=(48, 40) if folder == "a" or i else (40, 40))
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+
+    def module(**kwargs: Any) -> CalibrationDataModule:
+        dm = CalibrationDataModule(**{"data_dir": tmp_path / "a", "img_size": 32, **kwargs})
+        dm.check_sources()
+        return dm
+
+    saved = module().state_dict()
+    module(data_dir=tmp_path / "a_copy").load_state_dict(saved)  # the same files elsewhere: a moved folder resumes
+    module(fitness_data_dir=tmp_path / "b").load_state_dict(saved)  # read by the search only
     for kwargs, said in (({"seed": 5}, "data.seed=5 (the checkpoint's: 0)"),
                          ({"batch_size": 3}, "data.batch_size=3 (the checkpoint's: 16)"),
-                         ({"data_dir": "b"}, f"data.data_dir='{os.path.realpath(tmp_path / 'b')}'")):
-        dm = CalibrationDataModule(**{"data_dir": tmp_path / "a", "img_size": 32, **kwargs})
+                         ({"data_dir": tmp_path / "b"}, "data.images='"),  # as many files, one of another size
+                         ({"data_dir": None}, "data.images='")):  # the built-in photos
         with pytest.raises(ValueError, match=re.escape(f"whose calibration data this one changes: {said}")):
-            dm.load_state_dict(saved)
-    CalibrationDataModule(tmp_path / "b", img_size=32).load_state_dict({})  # a checkpoint before the options were saved
+            module(**kwargs).load_state_dict(saved)
+    module(data_dir=tmp_path / "b").load_state_dict({})  # a checkpoint before the datamodule saved its state

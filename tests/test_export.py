@@ -239,10 +239,11 @@ def _header(path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
-@pytest.mark.parametrize("name", ["mine.elastic.safetensors", "mine.safetensors", "mine.onnx"])
+@pytest.mark.parametrize("name", ["mine-v1.2.elastic.safetensors", "mine-v1.2.safetensors", "mine-v1.2.onnx",
+                                  "mine-v1.2.elastic"])
 def test_a_name_with_a_file_suffix_is_refused(tmp_path, elastic, name) -> None:
     with pytest.raises(ValueError, match=f"name is the files' stem, without a suffix: got '{name}', which would write "
-                                         f"'{name}.elastic.safetensors'; give 'mine'"):
+                                         f"'{name}.elastic.safetensors'; give 'mine-v1.2'"):
         export_elastic(elastic, tmp_path, name=name, correct="none")
     assert not any(tmp_path.iterdir())
 

@@ -546,14 +546,16 @@ def test_run_search_errors(kwargs, match) -> None:
         run_search(model, random_scores(model), images_for(model), **{"max_evals": 1, **kwargs})
 
 
-@pytest.mark.parametrize("hook", ["on_eval", "on_start"])
-def test_run_search_refuses_hooks_that_cannot_be_called_before_it_evaluates(hook, monkeypatch) -> None:
+@pytest.mark.parametrize("hook, bad, said", [("on_eval", 5, "3 positional arguments, got 5"),
+                                             ("on_eval", lambda i: None, "3 positional arguments, got <function"),
+                                             ("on_start", lambda a, b: None, "1 positional argument, got <function")])
+def test_run_search_refuses_hooks_that_cannot_be_called_before_it_evaluates(hook, bad, said, monkeypatch) -> None:
     import snapvit_lightning.search.loop as loop
 
     model, _, _ = small_vit()
     monkeypatch.setattr(loop, "Fitness", None)  # nothing may be evaluated before the refusal
-    with pytest.raises(TypeError, match=f"{hook} must be a callable or None, got 5"):
-        run_search(model, random_scores(model), images_for(model), max_evals=1, **{hook: 5})
+    with pytest.raises(TypeError, match=f"{hook} must be None or a callable taking {said}"):
+        run_search(model, random_scores(model), images_for(model), max_evals=1, **{hook: bad})
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,8 @@ def _header_lines(settings: dict[str, Any]) -> list[str]:
     hw = settings["hardware"]
     lat = (f"latency: median of {settings['repeats']} forwards after {settings['warmup']} warm-up, "
            f"batch {settings['batch_size']}, {settings['device']}, float32, torch.inference_mode"
-           + ("" if settings.get("load_average") is None else f", 1-minute load average {settings['load_average']:.2f} before")
+           + ("" if settings.get("load_average") is None else f", 1-minute load average {settings['load_average']:.2f} before"
+              + (" (busy: above the cores, so the latencies read slow and their ratios shift)" if settings.get("busy") else ""))
            if settings["latency"] else "latency: not measured (--no-latency)")
     knn = (f"k-NN: leave-one-out on {settings['num_images']} images, {settings['num_classes']} classes "
            f"(1-NN; weighted {settings['knn_protocol']['k'][1]}-NN, T={KNN_TEMPERATURE}); "
@@ -521,10 +522,10 @@ def run_bench(args: argparse.Namespace) -> int:
     # Latency: warm every model up, then time them in interleaved rounds (one forward of each
     # model per round), so that load changes on the machine hit every row alike.
     times: list[list[float]] = [[] for _ in entries]
+    from ..latency import _cores, _load_average, busy_note
+
     load_average = None
     if not args.no_latency:
-        from ..latency import _load_average, busy_note
-
         load_average, busy = _load_average(), busy_note("cpu")
         if busy is not None:
             warnings.warn(busy, stacklevel=1)
@@ -587,6 +588,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "random_seeds": list(RANDOM_SEEDS) if getattr(args, "baselines", False) else [],
         "device": "cpu",
         "load_average": load_average,  # the machine's, as the timing began (None: not timed, or no such reading)
+        "busy": load_average is not None and load_average > _cores(),  # its latencies read slow (the warning's test)
+        "dtype": "float32",
         "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "
                             "interleaved rounds (one per model per round); median and p90 per batch",
         "hardware": {

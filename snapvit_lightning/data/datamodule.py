@@ -8,6 +8,7 @@ of dataloader workers, on the batch size, on the number of DDP ranks, or on iter
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -302,6 +303,7 @@ class CalibrationDataModule(LightningDataModule):
 
         self._model_cfg: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None
         self._source: ImageSource | None = None
+        self._digest: str | None = None  # of the calibration images, once listed (a checkpoint's state)
         self._fitness_source: ImageSource | None = None
         self._decoded_side: int | None = None
         self._cal_images: list[Tensor] = []
@@ -318,32 +320,49 @@ class CalibrationDataModule(LightningDataModule):
         """What the scored crops depend on, saved in a Lightning checkpoint (:meth:`load_state_dict` compares)."""
         mean, std = self.normalization
         return {"scoring_options": {
-            "data_dir": None if self.data_dir is None else os.path.realpath(self.data_dir),
-            "dataset": None if self.dataset is None else type(self.dataset).__name__,
+            "images": self._images_digest(),
             "batch_size": self.batch_size, "num_workers": self.num_workers, "num_local_crops": self.num_local_crops,
             "global_scale": list(self.global_scale), "local_scale": list(self.local_scale),
             "img_size": self.size if self.img_size is not None or self._model_cfg is not None else None,
             "seed": self.seed, "holdout": self.holdout, "mean": list(mean), "std": list(std),
             "max_side": self.max_side, "flip": self.flip, "independent_views": self.independent_views}}
 
+    def _images_digest(self) -> str | None:
+        """The calibration images by content, not path (a copied or re-mounted folder resumes): each file's
+        path below the folder and size; the built-in photos and a dataset by their kind and length."""
+        if self._digest is None and self._source is not None:
+            source, digest = self._source, hashlib.sha256()
+            if isinstance(source, ImageFolderSource):
+                for f in source.files:
+                    digest.update(f"{os.path.relpath(f, source.root) if source.root.is_dir() else Path(f).name}\0"
+                                  f"{os.path.getsize(f)}\n".encode())
+            else:
+                digest.update(f"{type(source).__name__}:{len(source)}".encode())
+            self._digest = digest.hexdigest()[:16]
+        return self._digest
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse to resume a fit whose checkpoint scored other crops (another folder, seed, batch size, ...).
+        """Refuse to resume a fit whose checkpoint scored other crops (other images, seed, batch size, ...).
 
         A resumed fit skips the batches already scored by their index, so with other options it
         would score other images or crops after them (``num_workers``: torchdata's loader state of
-        one count does not load into another). Checkpoints before 2026-12-07 hold no options.
+        one count does not load into another). The images are compared by their files' names (below
+        the folder) and sizes, so a copied or re-mounted folder resumes. (Checkpoints before 2026-12-07
+        hold no such state: ``snapvit fit`` compares their saved options as given.)
 
         Raises:
             ValueError: Naming each option that differs and the checkpoint's value.
         """
         saved, now = state_dict.get("scoring_options"), self.state_dict()["scoring_options"]
         differ = [f"{k}={now[k]!r} (the checkpoint's: {saved[k]!r})" for k in now
-                  if isinstance(saved, dict) and k in saved and saved[k] is not None and now[k] != saved[k]]
+                  if isinstance(saved, dict) and k in saved and now[k] != saved[k]]
         if differ:
+            images = " (images: a digest of the calibration files' names and sizes)" if any(
+                d.startswith("images=") for d in differ) else ""
             raise ValueError(
                 "a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: data."
-                + "; data.".join(differ) + "; resume with the checkpoint's data options, or start a new fit without "
-                "the checkpoint (a moved data folder cannot be resumed from)")
+                + "; data.".join(differ) + f"{images}; resume with the checkpoint's data options, or start a new fit "
+                "without the checkpoint")
 
     # ---------------------------------------------------------------- configuration
 

@@ -4,6 +4,8 @@ with :class:`~snapvit_lightning.search.EvolutionarySearch`.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from collections.abc import Callable, Iterable, Sequence
 from types import SimpleNamespace
@@ -262,9 +264,15 @@ def run_search(
     early_stop = _check_early_stop(early_stop)
     sigma = _check_sigma(sigma)
     popsize = _check_popsize(popsize)
-    for name, hook in (("on_eval", on_eval), ("on_start", on_start)):  # else they fail after the first evaluation
-        if hook is not None and not callable(hook):
-            raise TypeError(f"{name} must be a callable or None, got {hook!r}")
+    for name, hook, args in (("on_eval", on_eval, (0, 0.0, 0.0)), ("on_start", on_start, (0.0,))):
+        try:  # else they fail after the first evaluation
+            if hook is not None:
+                inspect.signature(hook).bind(*args)
+        except TypeError:
+            raise TypeError(f"{name} must be None or a callable taking {len(args)} positional argument"
+                            f"{'s' * (len(args) > 1)}, got {hook!r}") from None
+        except ValueError:  # a builtin without a signature: called as given
+            pass
     if not isinstance(scores, ImportanceScores):
         raise TypeError(f"scores must be ImportanceScores, got {type(scores).__name__}")
     _check_start(scores.num_weights, initial_weights, initial_covariance)  # before the fitness embeds its images

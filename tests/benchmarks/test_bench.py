@@ -439,5 +439,6 @@ def test_a_busy_machine_is_named_before_bench_times(setup, tmp_path, monkeypatch
     with pytest.warns(UserWarning, match=r"^the machine is busy \(1-minute load average"):
         assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(tmp_path / "b")]) == 0
     settings = json.loads((tmp_path / "b" / "bench.json").read_text())["settings"]
-    assert settings["load_average"] == latency._cores() + 2.0
+    assert settings["load_average"] == latency._cores() + 2.0 and settings["busy"] and settings["dtype"] == "float32"
+    assert "(busy: above the cores, so the latencies read slow" in (tmp_path / "b" / "bench.md").read_text()
     assert f"float32, torch.inference_mode, 1-minute load average {latency._cores() + 2.0:.2f} before" in capsys.readouterr().out
