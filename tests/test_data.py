@@ -678,6 +678,11 @@ def test_holdout_and_max_samples() -> None:
     dm = CalibrationDataModule(dataset=_PairDataset(30), holdout=4, max_samples=10, img_size=16)
     assert len(dm.fitness_labels()) == 4 and len(dm.calibration_labels()) == 10
     assert set(dm.fitness_labels().tolist()).isdisjoint(dm.calibration_labels().tolist())
+    short = CalibrationDataModule(dataset=_PairDataset(12), holdout=4, max_samples=10, img_size=16)
+    with pytest.warns(UserWarning, match=r"max_samples=10 asks for more calibration images than the 8 that `holdout`=4 "
+                                         r"leaves of the 12 in .*: the fit calibrates on 8 \(it needs holdout \+ max_samples"):
+        short.check_sources()  # the holdout is taken first: 8 calibration images, said (was silent)
+    assert len(short.calibration_labels()) == 8
 
 
 def test_fitness_defaults_to_calibration_images() -> None:

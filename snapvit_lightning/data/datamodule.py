@@ -460,6 +460,11 @@ class CalibrationDataModule(LightningDataModule):
                     f"`holdout`={self.holdout!r} leaves no calibration images out of {n} in {self._source.description}: "
                     f"give a holdout below {n} (a count or a fraction, 0: none; `--data.holdout N` in a config run)"
                 )
+            left = n - self._holdout_count(n)
+            if self.max_samples is not None and left < self.max_samples:  # the holdout is taken first
+                rank_zero_warn(f"max_samples={self.max_samples} asks for more calibration images than the {left} "
+                               f"that `holdout`={self.holdout!r} leaves of the {n} in {self._source.description}: "
+                               f"the fit calibrates on {left} (it needs holdout + max_samples images)")
         if self._fitness_source is None and self.fitness_data_dir is not None:
             self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
 
