@@ -347,8 +347,8 @@ def test_snapvit_refuses_a_vit_its_file_would_not_rebuild_before_the_users_fit(t
 def test_snapvit_refuses_images_and_a_start_the_vit_cannot_take_before_the_users_fit(tmp_path, kwargs, match):
     user = UserModule()
     before = {k: v.clone() for k, v in user.state_dict().items()}
-    plugin = SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, "search_evals": 2, **kwargs})
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # when the plug-in is built (a list of single images) or the fit starts
+        plugin = SnapViT(**{"datamodule": _multicrop_loader(), "dirpath": tmp_path, "search_evals": 2, **kwargs})
         _user_trainer(tmp_path, [plugin]).fit(user, train_dataloaders=_user_loader())
     assert all(torch.equal(before[k], v) for k, v in user.state_dict().items())  # refused before training
 
