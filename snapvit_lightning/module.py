@@ -673,8 +673,12 @@ class SnapViTModule(pl.LightningModule):
         The next ``fit`` continues accumulating from the restored sums.
 
         Raises:
-            ValueError: If the checkpoint was made with another criterion or accumulation.
+            ValueError: If the checkpoint was made with another criterion or accumulation, or (before the
+                datamodule saved its own state) other calibration data options.
         """
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if hasattr(datamodule, "check_saved_options"):  # a checkpoint older than the datamodule's own state
+            datamodule.check_saved_options(checkpoint)
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is None:
             return

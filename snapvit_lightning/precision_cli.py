@@ -131,13 +131,11 @@ class AutoPrecisionCLI(LightningCLI):
         asked = _plain(self.config.get(self.config.get("subcommand") or "", {}).get("model"))
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        checkpoint = _lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
+        _check_lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
         super()._parse_ckpt_path()
         saved = _plain(self.config[subcommand].get("model")) if ckpt_path else None
         differ = [] if not isinstance(asked, dict) or not isinstance(saved, dict) else [
             f"model.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked if k in saved and asked[k] != saved[k]]
-        if checkpoint is not None and "CalibrationDataModule" not in checkpoint:  # saved before the datamodule compared
-            differ += _changed_data_options(checkpoint, _plain(self.config[subcommand].get("data")))
         if differ:
             raise ValueError(
                 f"--ckpt_path {ckpt_path}: a resumed fit continues the checkpoint's scoring, which this command "
@@ -174,26 +172,15 @@ class AutoPrecisionCLI(LightningCLI):
         return isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
-def _changed_data_options(checkpoint: dict[str, Any], asked: Any) -> list[str]:
-    """``data.<option>=...`` for each data option set otherwise than the datamodule hyperparameters of a
-    checkpoint saved before :meth:`CalibrationDataModule.load_state_dict` compared them itself (as given)."""
-    saved = _plain(checkpoint.get("datamodule_hyper_parameters"))
-    if not isinstance(asked, dict) or not isinstance(saved, dict):  # a datamodule of the user's own
-        return []
-    return [f"data.{k}={asked[k]!r} (the checkpoint's: {saved[k]!r})" for k in asked
-            if k in saved and k not in ("dataset", "fitness_data_dir") and asked[k] != saved[k]]
-
-
-def _lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
-    """The ``--ckpt_path`` file's contents (memory-mapped), after refusing one that is no readable Lightning
-    checkpoint; ``None`` without a path or for ``last``/``best`` (Lightning's to find).
+def _check_lightning_checkpoint(ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that is no readable Lightning checkpoint (``last``/``best``: Lightning's to find).
 
     Raises:
         ValueError: A missing file or a folder, a file torch cannot read (truncated, not a torch file)
             or that is no Lightning checkpoint.
     """
     if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
-        return None
+        return
     if not os.path.isfile(ckpt_path):
         what = "a folder" if os.path.isdir(ckpt_path) else "not found"
         raise ValueError(f"--ckpt_path {ckpt_path}: {what}; give a .ckpt file a ModelCheckpoint saved")
@@ -215,7 +202,6 @@ def _lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ValueError(f"--ckpt_path {ckpt_path}: a torch file, but not a Lightning checkpoint (no "
                          "'pytorch-lightning_version'): give a .ckpt file a ModelCheckpoint saved")
-    return checkpoint
 
 
 def _plain(value: Any) -> Any:

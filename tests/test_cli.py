@@ -281,7 +281,8 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     torch.save(old, tmp_path / "old.ckpt")  # as saved before the datamodule compared: its options, as given
     with pytest.raises(SystemExit) as exc:
         fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.seed", "5")
-    assert exc.value.code == 2 and "which this command changes: data.seed=5 (the checkpoint's: 0)" in capsys.readouterr().err
+    assert exc.value.code == 2 and "whose calibration data this one changes: data.seed=5 (the checkpoint's: 0)" \
+        in capsys.readouterr().err
     shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same images elsewhere (a re-mounted scratch folder)
     resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt),
                   "--data.data_dir", os.path.relpath(tmp_path / "moved"))

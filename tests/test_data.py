@@ -911,3 +911,20 @@ def test_a_resume_with_other_calibration_data_options_is_refused(tmp_path: Path)
         with pytest.raises(ValueError, match=re.escape(f"whose calibration data this one changes: {said}")):
             module(**kwargs).load_state_dict(saved)
     module(data_dir=tmp_path / "b").load_state_dict({})  # a checkpoint before the datamodule saved its state
+    with pytest.raises(ValueError, match=r"the checkpoint's 3 images: data_dir='.*a', this fit's 3 images: data_dir='.*b'"):
+        module(data_dir=tmp_path / "b").load_state_dict(saved)  # the message says what the digests stand for
+
+    class Cats(_PairDataset):
+        pass
+
+    cats = CalibrationDataModule(dataset=Cats(6), img_size=16)
+    dogs = CalibrationDataModule(dataset=_PairDataset(6), img_size=16)
+    cats.check_sources(), dogs.check_sources()
+    with pytest.raises(ValueError, match="data.images="):  # the user's dataset class, not the wrapper's
+        dogs.load_state_dict(cats.state_dict())
+    # a checkpoint before the datamodule saved its own state: its saved options, the folder by its resolved path
+    old = {"datamodule_hyper_parameters": dict(module().hparams)}
+    module(data_dir=os.path.relpath(tmp_path / "a")).check_saved_options(old)  # the same folder, given relative
+    with pytest.raises(ValueError, match=r"changes: data.seed=5 \(the checkpoint's: 0\)"):
+        module(seed=5).check_saved_options(old)
+    module(seed=5).check_saved_options({**old, "CalibrationDataModule": {}})  # a newer one: load_state_dict's

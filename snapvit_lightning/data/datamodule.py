@@ -320,7 +320,8 @@ class CalibrationDataModule(LightningDataModule):
         """What the scored crops depend on, saved in a Lightning checkpoint (:meth:`load_state_dict` compares)."""
         mean, std = self.normalization
         return {"scoring_options": {
-            "images": self._images_digest(),
+            "images": self._images_digest(), "images_about": None if self._source is None else
+            f"{len(self._source)} images: {self._source.description}",  # said when the digests differ, not compared
             "batch_size": self.batch_size, "num_workers": self.num_workers, "num_local_crops": self.num_local_crops,
             "global_scale": list(self.global_scale), "local_scale": list(self.local_scale),
             "img_size": self.size if self.img_size is not None or self._model_cfg is not None else None,
@@ -336,8 +337,9 @@ class CalibrationDataModule(LightningDataModule):
                 for f in source.files:
                     digest.update(f"{os.path.relpath(f, source.root) if source.root.is_dir() else Path(f).name}\0"
                                   f"{os.path.getsize(f)}\n".encode())
-            else:
-                digest.update(f"{type(source).__name__}:{len(source)}".encode())
+            else:  # the user's dataset class (or the built-in photos) and its length
+                kind = type(self.dataset).__name__ if self.dataset is not None else type(source).__name__
+                digest.update(f"{kind}:{len(source)}".encode())
             self._digest = digest.hexdigest()[:16]
         return self._digest
 
@@ -355,14 +357,39 @@ class CalibrationDataModule(LightningDataModule):
         """
         saved, now = state_dict.get("scoring_options"), self.state_dict()["scoring_options"]
         differ = [f"{k}={now[k]!r} (the checkpoint's: {saved[k]!r})" for k in now
-                  if isinstance(saved, dict) and k in saved and now[k] != saved[k]]
+                  if isinstance(saved, dict) and k in saved and k != "images_about" and now[k] != saved[k]]
         if differ:
-            images = " (images: a digest of the calibration files' names and sizes)" if any(
-                d.startswith("images=") for d in differ) else ""
+            images = (f" (images: a digest of the calibration files' names and sizes; the checkpoint's "
+                      f"{saved.get('images_about')}, this fit's {now['images_about']})"
+                      if any(d.startswith("images=") for d in differ) else "")
             raise ValueError(
                 "a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: data."
                 + "; data.".join(differ) + f"{images}; resume with the checkpoint's data options, or start a new fit "
                 "without the checkpoint")
+
+    def check_saved_options(self, checkpoint: dict[str, Any]) -> None:
+        """Compare a checkpoint saved before :meth:`state_dict` existed (its datamodule's hyperparameters, as
+        given; the folders by their resolved paths) with this datamodule; a newer one is :meth:`load_state_dict`'s.
+
+        Raises:
+            ValueError: As :meth:`load_state_dict`, naming each option that differs.
+        """
+        saved = checkpoint.get("datamodule_hyper_parameters")
+        if type(self).__qualname__ in checkpoint or not isinstance(saved, dict):
+            return
+
+        def plain(key: str, value: Any) -> Any:
+            if key.endswith("data_dir") and isinstance(value, (str, Path)):
+                return os.path.realpath(value)
+            return list(value) if isinstance(value, tuple) else value
+
+        differ = [f"{k}={plain(k, v)!r} (the checkpoint's: {plain(k, saved[k])!r})" for k, v in self.hparams.items()
+                  if k in saved and k not in ("dataset", "fitness_data_dir", "_instantiator")
+                  and plain(k, v) != plain(k, saved[k])]
+        if differ:
+            raise ValueError("a resumed fit continues the checkpoint's scoring, whose calibration data this one "
+                             "changes: data." + "; data.".join(differ) + "; resume with the checkpoint's data "
+                             "options, or start a new fit without the checkpoint")
 
     # ---------------------------------------------------------------- configuration
 
