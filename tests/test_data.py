@@ -928,3 +928,4 @@ def test_a_resume_with_other_calibration_data_options_is_refused(tmp_path: Path)
     with pytest.raises(ValueError, match=r"changes: data.seed=5 \(the checkpoint's: 0\)"):
         module(seed=5).check_saved_options(old)
     module(seed=5).check_saved_options({**old, "CalibrationDataModule": {}})  # a newer one: load_state_dict's
+    module(seed=5).check_saved_options({"datamodule_hyper_parameters": {"batch_size": 64, "root": "x"}})  # not ours

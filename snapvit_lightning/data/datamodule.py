@@ -359,7 +359,8 @@ class CalibrationDataModule(LightningDataModule):
         differ = [f"{k}={now[k]!r} (the checkpoint's: {saved[k]!r})" for k in now
                   if isinstance(saved, dict) and k in saved and k != "images_about" and now[k] != saved[k]]
         if differ:
-            images = (f" (images: a digest of the calibration files' names and sizes; the checkpoint's "
+            images = (f" (images: a digest of the calibration files' names and sizes, or of a dataset's class and "
+                      f"length; the checkpoint's "
                       f"{saved.get('images_about')}, this fit's {now['images_about']})"
                       if any(d.startswith("images=") for d in differ) else "")
             raise ValueError(
@@ -375,7 +376,8 @@ class CalibrationDataModule(LightningDataModule):
             ValueError: As :meth:`load_state_dict`, naming each option that differs.
         """
         saved = checkpoint.get("datamodule_hyper_parameters")
-        if type(self).__qualname__ in checkpoint or not isinstance(saved, dict):
+        if type(self).__qualname__ in checkpoint or not isinstance(saved, dict) or not set(saved) <= set(self.hparams) | {
+                "_instantiator"}:  # a newer checkpoint (load_state_dict's), or another datamodule's options
             return
 
         def plain(key: str, value: Any) -> Any:
