@@ -122,7 +122,7 @@ class AutoPrecisionCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Refuse a ``--ckpt_path`` that is no readable Lightning checkpoint, and model options that differ
         from the checkpoint's: Lightning would replace them silently (the calibration data's options are
-        :meth:`CalibrationDataModule.load_state_dict`'s to compare).
+        ``CalibrationDataModule``'s to compare: ``load_state_dict``, ``check_saved_options``).
 
         LightningCLI reads the model's arguments from the ``--ckpt_path`` checkpoint over the command's,
         so a resume asking for another ``model.accumulation`` (criterion, weights, ...) continued the

@@ -522,9 +522,9 @@ def run_bench(args: argparse.Namespace) -> int:
     # Latency: warm every model up, then time them in interleaved rounds (one forward of each
     # model per round), so that load changes on the machine hit every row alike.
     times: list[list[float]] = [[] for _ in entries]
-    from ..latency import _cores, _load_average, busy_note
+    from ..latency import _load_average, busy_note
 
-    load_average = None
+    load_average, busy = None, None
     if not args.no_latency:
         load_average, busy = _load_average(), busy_note("cpu")
         if busy is not None:
@@ -588,7 +588,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "random_seeds": list(RANDOM_SEEDS) if getattr(args, "baselines", False) else [],
         "device": "cpu",
         "load_average": load_average,  # the machine's, as the timing began (None: not timed, or no such reading)
-        "busy": load_average is not None and load_average > _cores(),  # its latencies read slow (the warning's test)
+        "busy": busy is not None,  # its latencies read slow (the warning said so)
         "dtype": "float32",
         "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "
                             "interleaved rounds (one per model per round); median and p90 per batch",

@@ -169,6 +169,13 @@ class ResumableDataLoader(StatefulDataLoader):
         super().load_state_dict(state)
 
 
+def _refuse_resume(differ: list[str], about: str = "") -> None:
+    """The error of a resume whose calibration data options (``differ``: ``name=value (the checkpoint's: ...)``) changed."""
+    raise ValueError("a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: data."
+                     + "; data.".join(differ) + f"{about}; resume with the checkpoint's data options, or start a new "
+                     "fit without the checkpoint")
+
+
 class CalibrationDataModule(LightningDataModule):
     """Unlabeled calibration images as DINO multi-crops, plus fixed fitness images.
 
@@ -350,7 +357,7 @@ class CalibrationDataModule(LightningDataModule):
         would score other images or crops after them (``num_workers``: torchdata's loader state of
         one count does not load into another). The images are compared by their files' names (below
         the folder) and sizes, so a copied or re-mounted folder resumes. (Checkpoints before 2026-12-07
-        hold no such state: ``snapvit fit`` compares their saved options as given.)
+        hold no such state: :meth:`check_saved_options` compares their saved options.)
 
         Raises:
             ValueError: Naming each option that differs and the checkpoint's value.
@@ -360,13 +367,9 @@ class CalibrationDataModule(LightningDataModule):
                   if isinstance(saved, dict) and k in saved and k != "images_about" and now[k] != saved[k]]
         if differ:
             images = (f" (images: a digest of the calibration files' names and sizes, or of a dataset's class and "
-                      f"length; the checkpoint's "
-                      f"{saved.get('images_about')}, this fit's {now['images_about']})"
+                      f"length; the checkpoint's {saved.get('images_about')}, this fit's {now['images_about']})"
                       if any(d.startswith("images=") for d in differ) else "")
-            raise ValueError(
-                "a resumed fit continues the checkpoint's scoring, whose calibration data this one changes: data."
-                + "; data.".join(differ) + f"{images}; resume with the checkpoint's data options, or start a new fit "
-                "without the checkpoint")
+            _refuse_resume(differ, images)
 
     def check_saved_options(self, checkpoint: dict[str, Any]) -> None:
         """Compare a checkpoint saved before :meth:`state_dict` existed (its datamodule's hyperparameters, as
@@ -389,9 +392,7 @@ class CalibrationDataModule(LightningDataModule):
                   if k in saved and k not in ("dataset", "fitness_data_dir", "_instantiator")
                   and plain(k, v) != plain(k, saved[k])]
         if differ:
-            raise ValueError("a resumed fit continues the checkpoint's scoring, whose calibration data this one "
-                             "changes: data." + "; data.".join(differ) + "; resume with the checkpoint's data "
-                             "options, or start a new fit without the checkpoint")
+            _refuse_resume(differ)
 
     # ---------------------------------------------------------------- configuration
 
