@@ -257,10 +257,64 @@ def one_line_error_parser() -> type:
                 super().error(message, ex)
             parser: Any = getattr(ex, "subcommand_parser", None) or self
             prog = parser.prog.replace(" [options]", "")
-            sys.stderr.write(f"{prog}: error: {_callbacks_hint(message)}{one_line(message)} (see `{prog} --help`)\n")
+            sys.stderr.write(f"{prog}: error: {_parse_error_text(message)} (see `{prog} --help`)\n")
             self.exit(USER_ERROR_STATUS)
 
     return OneLineErrorParser
+
+
+#: What a callback's ``budgets`` takes, said when jsonargparse refused one (its report lists the union's types).
+_BUDGET_FORMS = ("each budget is [mlp_ratio, head_ratio], a FLOPs fraction in (0, 1], or {flops: F} / {params: P} "
+                 "/ {mlp_ratio: M, head_ratio: H}")
+
+_BASE_CALLBACKS = ("lightning.Callback", "lightning.pytorch.Callback", "lightning.pytorch.callbacks.Callback")
+
+
+def _parse_error_text(message: str) -> str:
+    """The one-line text of a parse error: the callback and option a bad value reached, else jsonargparse's words.
+
+    A callback option's value that its type refuses (``--trainer.callbacks.init_args.budgets '[[0.5]]'``,
+    or ``budgets: [[0.5]]`` in a config's callback list) reaches jsonargparse's union of callbacks, whose
+    report (1,500 characters on one line) also says that Lightning's base ``Callback`` takes no such option.
+    When a named callback class refused a value, only its refusal is said: ``ElasticExport: budgets: [0.5]
+    is not a budget (...)``; ``SNAPVIT_TRACEBACK=1`` shows jsonargparse's whole report.
+    """
+    refusal = _callback_value_refusal(message) if 'Parser key "trainer.callbacks"' in message else None
+    if refusal is None:
+        return f"{_callbacks_hint(message)}{one_line(message)}"
+    cls, key, reason = refusal
+    if key == "budgets":
+        given = re.search(r"Given value: (.*)$", reason)
+        not_list = re.search(r"Expected a <class 'collections.abc.Sequence'>. Got value: (.*)$", reason)
+        if given or not_list:
+            reason = f"{given.group(1)} is not a budget" if given else f"expected a list of budgets, got {not_list.group(1)}"
+        reason += f" ({_BUDGET_FORMS})"
+    return f"{cls}: {key}: {reason}"
+
+
+def _callback_value_refusal(message: str) -> tuple[str, str, str] | None:
+    """``(class name, option, jsonargparse's reason on one line)`` for the first named callback that refused a value.
+
+    Read from the indentation of jsonargparse's report: the lines under ``- Problem with given
+    class_path 'CLS':`` that start with ``Parser key "KEY":``.
+    """
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        head = re.match(r"(\s*)- Problem with given class_path '([\w.]+)':\s*$", line)
+        if not head or head.group(2) in _BASE_CALLBACKS:
+            continue
+        depth = len(head.group(1))
+        block = []
+        for below in lines[i + 1:]:
+            if below.strip() and len(below) - len(below.lstrip()) <= depth:
+                break
+            block.append(below)
+        key = re.match(r'\s*Parser key "([\w.]+)":\s*(.*)$', block[0]) if block else None
+        if key:
+            reason = one_line("\n".join([key.group(2), *block[1:]]))
+            reason = re.sub(r"\s*Given value type: <class '\w+'>", "", reason)
+            return head.group(2).rsplit(".", 1)[-1], key.group(1), reason
+    return None
 
 
 def _callbacks_hint(message: str) -> str:
@@ -275,7 +329,7 @@ def _callbacks_hint(message: str) -> str:
         return ""
     refusals = [(cls.rsplit(".", 1)[-1], option) for cls, option in re.findall(
         r"Problem with given class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message)
-        if cls not in ("lightning.Callback", "lightning.pytorch.Callback", "lightning.pytorch.callbacks.Callback")]
+        if cls not in _BASE_CALLBACKS]
     refused = f"{refusals[0][0]} takes no option '{refusals[0][1]}'" if refusals else "a callback takes no such option"
     if "NestedArg" in message:
         return (f"{refused}: --trainer.callbacks.init_args.NAME reaches only the last callback of the list (in the "

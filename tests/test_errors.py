@@ -105,6 +105,15 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         # ... while a misspelt key in a config's list was told the same, about the export and the command line
         (["fit", "--config", "{tmp}/typo_search.yaml"], "snapvit fit: error: EvolutionarySearch takes no option 'max_eval' "
          "(a misspelt or misplaced key in trainer.callbacks' init_args). jsonargparse: "),
+        # A value a callback's option refuses: that callback and option, not the union's 1,500-character report.
+        (["fit", "--config", "{repo}/configs/quickstart.yaml", "--trainer.callbacks.init_args.budgets", "[[0.35, 0.2], [0.5]]",
+          "--print_config"],
+         "snapvit fit: error: ElasticExport: budgets: [0.5] is not a budget (each budget is [mlp_ratio, head_ratio], a FLOPs "
+         "fraction in (0, 1], or {{flops: F}} / {{params: P}} / {{mlp_ratio: M, head_ratio: H}}) (see `snapvit fit --help`)"),
+        (["fit", "--config", "{repo}/configs/quickstart.yaml", "--trainer.callbacks.init_args.budgets", "0.35", "--print_config"],
+         "snapvit fit: error: ElasticExport: budgets: expected a list of budgets, got 0.35 (each budget is"),
+        (["fit", "--config", "{tmp}/badtype_search.yaml", "--print_config"],
+         "snapvit fit: error: EvolutionarySearch: max_evals: Expected a <class 'int'>. Got value: abc (see `snapvit fit --help`)"),
         (["fit", "--config", "{repo}/configs/quickstart.yaml", "--seed", "3"],  # was taken for --seed_everything
          "snapvit fit: error: unrecognized arguments: --seed 3"),
         # A callback's init argument refused: jsonargparse wraps the error; the message is ours, with the class.
@@ -166,6 +175,11 @@ def test_user_errors_are_one_line(argv, match, tmp_path, elastic_file, capsys, m
     (tmp_path / "typo_search.yaml").write_text(
         "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
         "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_eval: 4}\n"
+    )
+    (tmp_path / "badtype_search.yaml").write_text(
+        "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
+        "    - class_path: snapvit_lightning.search.EvolutionarySearch\n      init_args: {max_evals: abc}\n"
+        "    - class_path: snapvit_lightning.export.ElasticExport\n      init_args: {dirpath: out}\n"
     )
     (tmp_path / "bad_search.yaml").write_text(
         "model:\n  model: test_vit\ntrainer:\n  logger: false\n  callbacks:\n"
