@@ -26,6 +26,28 @@ from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve
 __all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "last_checkpoint", "lightning_cli", "lightning_interrupt"]
 
 
+def _config_sets(path: str, key: str) -> bool:
+    """Whether the YAML config at ``path`` sets the dotted ``key`` (``data.batch_size``); ``True`` when unsure.
+
+    Unsure: the file cannot be read as a mapping, or the key goes on inside a list (``trainer.callbacks.X``,
+    ``trainer.callbacks+``), which a config's list replaces whatever it holds.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            node: Any = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return True
+    for part in key.rstrip("+").split("."):
+        if not isinstance(node, dict):
+            return node is not None and not isinstance(node, (str, int, float, bool))
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 class AutoPrecisionTrainer(Trainer):
     """A ``Trainer`` whose ``precision`` type also admits ``"auto"``, so LightningCLI parses it.
 
@@ -67,16 +89,19 @@ class AutoPrecisionCLI(LightningCLI):
 
     @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Warn about options given before ``--config``: applied in order, the config replaces what it sets."""
+        """Warn about options given before a ``--config`` that sets them: applied in order, the config replaces them."""
         words = [w for w in (sys.argv[1:] if args is None else args) if isinstance(w, str)]
-        configs = [i for i, w in enumerate(words) if w in ("--config", "-c") or w.startswith("--config=")
+        configs = [(i, w.split("=", 1)[1] if w.startswith("--config=") else w[2:] if w.startswith("-c") and
+                    not w.startswith("--") and len(w) > 2 else words[i + 1] if i + 1 < len(words) else "")
+                   for i, w in enumerate(words) if w in ("--config", "-c") or w.startswith("--config=")
                    or (w.startswith("-c") and not w.startswith("--"))]  # -cFILE, argparse's attached form
-        before = [w.split("=", 1)[0] for w in words[: configs[-1]] if w.startswith("--")
-                  and not w.startswith(("--config", "--print_config", "--help"))] if configs else []
-        if before:  # the last config replaces what an option before it set (a config before it too)
+        before = [w.split("=", 1)[0] for i, w in enumerate(words) if w.startswith("--")
+                  and not w.startswith(("--config", "--print_config", "--help"))
+                  and any(_config_sets(path, w.split("=", 1)[0][2:]) for j, path in configs if j > i)]
+        if before:
             one = len(before) == 1
             rank_zero_warn(f"{', '.join(before)} come{'s' * one} before --config, whose values replace "
-                           f"{'it' if one else 'them'} where it sets the same keys: put --config first")
+                           f"{'it' if one else 'them'}: put --config first")
         super().parse_arguments(parser, args)
 
     @override

@@ -664,8 +664,8 @@ def test_fast_dev_run_checks_the_set_up_and_writes_nothing(tmp_path, monkeypatch
 def test_options_before_config_are_named(capsys) -> None:
     # jsonargparse applies them in order: the config's precision and batch size replaced them without a word
     with pytest.raises(SystemExit), pytest.warns(UserWarning, match=(
-            r"^--trainer.precision, --data.batch_size come before --config, whose values replace them where it sets the "
-            r"same keys: put --config first$")):
+            r"^--trainer.precision, --data.batch_size come before --config, whose values replace them: put --config "
+            r"first$")):
         main(["fit", "--trainer.precision", "32-true", "--data.batch_size=4", "--config", str(REPO / "configs" / "quickstart.yaml"),
               "--print_config"])
     assert "precision: auto" in capsys.readouterr().out
@@ -674,8 +674,24 @@ def test_options_before_config_are_named(capsys) -> None:
                  ["--data.batch_size", "4", f"-c{config}"],
                  ["--config", config, "--data.batch_size", "4", "--config", config]):  # the last config counts
         with pytest.raises(SystemExit), pytest.warns(UserWarning, match=r"^--data.batch_size comes before --config, "
-                                                                         r"whose values replace it where"):
+                                                                         r"whose values replace it: put"):
             main(["fit", *argv, "--print_config"])
+
+
+def test_options_before_a_config_that_does_not_set_them_are_not_warned_about(tmp_path, capsys) -> None:
+    # the warning named every option before --config, also those the config leaves alone (they stand)
+    import warnings
+
+    config = str(REPO / "configs" / "quickstart.yaml")
+    with pytest.raises(SystemExit), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*before --config")
+        main(["fit", "--data.holdout", "3", "--data.seed=4", "--config", config, "--print_config"])
+    out = capsys.readouterr().out
+    assert "holdout: 3" in out and "seed: 4" in out
+    (tmp_path / "list.yaml").write_text("trainer:\n  callbacks: []\n")  # a list replaces what was added to it
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match=r"^--trainer.callbacks\+ comes before --config"):
+        main(["fit", "--model.model", "test_vit", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--config", str(tmp_path / "list.yaml"), "--print_config"])
 
 
 def test_an_optimizer_is_refused(capsys) -> None:
