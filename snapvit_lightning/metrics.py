@@ -110,9 +110,9 @@ class FeatureFidelity(Metric):
         """Add a batch of features and their reference features (same shape ``[..., D]``).
 
         Raises:
-            ValueError: If the shapes differ.
+            ValueError: If either is not a tensor (a numpy array: ``torch.from_numpy``) or the shapes differ.
         """
-        cos = _cosines(features.detach(), reference.detach()).double()
+        cos = _cosines(features, reference).detach().double()
         self.total += cos.sum().to(self.total.device)
         self.count += cos.numel()
 

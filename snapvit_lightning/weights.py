@@ -250,11 +250,17 @@ def check_timm_state_dict(state: Mapping[str, torch.Tensor], model_name: str, **
         **model_kwargs: Further ``timm.create_model`` arguments, e.g. ``num_classes=0``.
 
     Raises:
-        ValueError: If keys are missing or unexpected, or a shape differs.
+        ValueError: If ``model_name`` is not a timm model, keys are missing or unexpected, or a shape differs.
     """
+    import difflib
+
     import timm
     import torch
 
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3) if isinstance(model_name, str) else []
+        raise ValueError(f"model_name {model_name!r} is not a registered timm model"
+                         + (f" (similar: {', '.join(close)})" if close else " (timm.list_models() lists them)"))
     with torch.device("meta"):  # names and shapes only: no memory, no slow initialisation
         model = timm.create_model(model_name, pretrained=False, **model_kwargs)
     try:

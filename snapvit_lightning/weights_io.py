@@ -75,7 +75,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        TypeError: ``path`` is not a path.
+        TypeError: ``path`` is not a path, a value of ``tensors`` is not a tensor (a numpy array:
+            ``torch.from_numpy``), or ``metadata`` is not string → string.
         ValueError: ``path`` does not end in ``.safetensors`` (the suffix says what the file is).
         IsADirectoryError: ``path`` is a folder.
         NotADirectoryError: A parent of ``path`` is a file.
@@ -91,6 +92,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
         raise ValueError(f"path: '{path}' must end in .safetensors (this writes a safetensors file{hint})")
     if path.is_dir():
         raise IsADirectoryError(f"'{path}' is a folder; give a .safetensors file name")
+    _check_contents(tensors, metadata)
     make_parent(path)
     tmp = hidden_beside(path, f".tmp-{os.getpid()}")
     umask = os.umask(0)
@@ -107,6 +109,18 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_contents(tensors: Any, metadata: Any) -> None:
+    """Refuse what safetensors would fail on deep inside, naming the entry."""
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            hint = " (a numpy array: torch.from_numpy(value))" if type(value).__module__ == "numpy" else ""
+            raise TypeError(f"tensors[{name!r}] must be a torch.Tensor under a str name, got {type(value).__name__}{hint}")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata[{key!r}] must be a str under a str key (safetensors stores strings; "
+                            f"json.dumps a value), got {type(value).__name__}")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,8 @@ def test_fidelity_metric_errors() -> None:
         FeatureFidelity().update(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="needs data"):
         FeatureFidelity().compute()
+    with pytest.raises(ValueError, match=r"must be tensors \[\.\.\., D\], got ndarray and ndarray"):  # was numpy's AttributeError
+        FeatureFidelity().update(np.ones((2, 4)), np.ones((2, 4)))
 
 
 def test_latency_and_slicing_do_not_import_torchmetrics() -> None:

@@ -151,6 +151,21 @@ def test_output_must_be_safetensors(tmp_path, name):
     assert not (tmp_path / name).exists()
 
 
+def test_what_safetensors_cannot_store_is_named(tmp_path):
+    # numpy values and non-string metadata failed inside safetensors with an AttributeError / its own TypeError
+    with pytest.raises(TypeError, match=r"tensors\['a'\] must be a torch.Tensor .* got ndarray \(a numpy array: torch.from_numpy"):
+        write_state_dict(tmp_path / "w.safetensors", {"a": np.ones(3)})
+    with pytest.raises(TypeError, match=r"metadata\['k'\] must be a str .* got int"):
+        write_state_dict(tmp_path / "w.safetensors", {"a": torch.ones(3)}, {"k": 3})
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unknown_model_name_is_named_with_close_names():
+    with pytest.raises(ValueError, match=r"'vit_small_patch14_dinov' is not a registered timm model \(similar: "
+                                         r"vit_small_patch14_dinov2"):  # was timm's RuntimeError: Unknown model
+        check_timm_state_dict({}, "vit_small_patch14_dinov")
+
+
 def test_output_must_not_be_a_folder(tmp_path):
     folder = tmp_path / "w.safetensors"
     folder.mkdir()

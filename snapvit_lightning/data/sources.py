@@ -125,9 +125,12 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        ValueError: if ``max_side`` is not ``None`` or an int >= 1.
         UnreadableImageError: (a ``ValueError``) if the file cannot be decoded or its pixels are
             32-bit; the message names the file.
     """
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be an int >= 1 (pixels of the shorter side) or None, got {max_side!r}")
     path = Path(path)
     if not path.exists() and path.is_symlink():  # listed in a folder, but nothing to read: skipped by name
         raise UnreadableImageError(f"cannot read image file '{path}': a broken link (to '{os.readlink(path)}')")
