@@ -357,10 +357,8 @@ def _slice(args: argparse.Namespace) -> int:
         share = head_share(args.head_ratio_scale, correction["correct"] != "none") if fractions else None
         mlp_ratio, head_ratio = elastic.resolve_budget(args.mlp_ratio, args.head_ratio, flops=flops, params=args.params,
                                                        head_ratio_scale=share)
-    for name, given, got in (("mlp-ratio", args.mlp_ratio, mlp_ratio), ("head-ratio", args.head_ratio, head_ratio)):
-        if given is not None and given != got:
-            print(f"--{name} {given:g} cuts as {got:.4f}: every block keeps its minimum (min_mlp_keep "
-                  f"{elastic.scores.min_mlp_keep:g}, min_head_keep {elastic.scores.min_head_keep:g}); a larger ratio cuts no more")
+    for note in elastic.scores.capped_notes((args.mlp_ratio, args.head_ratio), (mlp_ratio, head_ratio), flag="--"):
+        print(note)
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
     written = out
     asked = {k: getattr(args, k) for k in ("flops", "params", "latency_ms", "mlp_ratio", "head_ratio")

@@ -307,6 +307,8 @@ class ElasticViT:
         elif batch_size is not None:
             raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
+        for note in self.scores.capped_notes((mlp_ratio, head_ratio), ratios):  # as `snapvit slice` prints it
+            warnings.warn(note, stacklevel=2)
         if view is not None:
             return view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
         return self.slice(self.dims(*ratios), **correction)

@@ -235,6 +235,20 @@ class ImportanceScores:
         top = self.max_ratios
         return min(mlp_ratio, top[0]), min(head_ratio, top[1])
 
+    def capped_notes(self, given: tuple[float | None, float | None], got: tuple[float, float], flag: str = "") -> list[str]:
+        """What :meth:`reachable` changed, one sentence per ratio: ``"mlp_ratio=0.97 cuts as 0.9499: ..."``.
+
+        ``given``: the ratios asked for (``None``: not asked); ``got``: those cut; ``flag``: the
+        prefix of the names (``"--"`` with the CLI's dashes, else the keyword arguments' names).
+        """
+        notes = []
+        for name, asked, cut in zip(("mlp_ratio", "head_ratio"), given, got):
+            if asked is not None and asked != cut:
+                shown = f"{flag}{name.replace('_', '-')} {asked:g}" if flag else f"{name}={asked:g}"
+                notes.append(f"{shown} cuts as {cut:.4f}: every block keeps its minimum (min_mlp_keep "
+                             f"{self.min_mlp_keep:g}, min_head_keep {self.min_head_keep:g}); a larger ratio cuts no more")
+        return notes
+
     def weight_vector(self) -> torch.Tensor | None:
         """The search weights as one ``[B + B*H]`` vector, or ``None`` when there are none."""
         if self.block_weights is None:

@@ -215,7 +215,13 @@ def test_a_ratio_beyond_the_blocks_minimum_keep_is_named_by_the_cut_it_gives() -
     assert [b.mlp.fc1.out_features for b in largest.blocks] == [10] * len(largest.blocks)
     assert [b.attn.num_heads for b in largest.blocks] == [1] * len(largest.blocks)
     assert elastic.resolve_budget(0.99, 0.9) == top and elastic.resolve_budget(0.3, 0.9) == (0.3, 0.5)
-    assert [block_dims(b) for b in get_blocks(elastic.subnet(0.99, 0.9))] == [block_dims(b) for b in get_blocks(largest)]
+    with pytest.warns(UserWarning) as said:  # as `snapvit slice` prints it (subnet() cut it without a word)
+        capped = elastic.subnet(0.99, 0.9)
+    assert [str(w.message) for w in said] == [
+        f"mlp_ratio=0.99 cuts as {top[0]:.4f}: every block keeps its minimum (min_mlp_keep 0.05, min_head_keep 0.2); a "
+        "larger ratio cuts no more", "head_ratio=0.9 cuts as 0.5000: every block keeps its minimum (min_mlp_keep 0.05, "
+        "min_head_keep 0.2); a larger ratio cuts no more"] and said[0].filename == __file__
+    assert [block_dims(b) for b in get_blocks(capped)] == [block_dims(b) for b in get_blocks(largest)]
     # A FLOPs fraction resolves to reachable ratios: the same cut, and a valid ratio budget (as `slice` passes it on).
     for fraction in (0.4, 0.45, 0.5, 0.7, 0.95):
         ratios = elastic.resolve_budget(flops=fraction)
