@@ -140,6 +140,10 @@ class AutoPrecisionCLI(LightningCLI):
                 "config's): set the config's own callback options in a copy of the config"
             ) from None
         _check_restartable(trainer)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "best" and not trainer.checkpoint_callbacks:
+            raise ValueError("--ckpt_path best: the trainer has no ModelCheckpoint to find a best checkpoint in; give "
+                             "the .ckpt file (or `last` with the ModelCheckpoint that saved it: docs/resume.md)")
         AutoPrecisionCLI.last_trainer = trainer  # the CLI reads its state when the fit ends in sys.exit (Ctrl-C)
         return trainer
 

@@ -123,6 +123,9 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
          "snapvit fit: error: ElasticExport: budgets: invalid budget (2.0, 0.0): mlp_ratio must be a number in [0, 1), got 2.0"),
         (["fit", "--model.model", "test_vit", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
           "--trainer.callbacks.mode", "bad"], "snapvit fit: error: ModelCheckpoint: `mode` can be min, max but got bad"),
+        (["fit", "--model.model", "test_vit", "--trainer.precision", "32-true", "--trainer.logger", "false", "--ckpt_path",
+          "best"],  # Lightning's traceback, status 1
+         "snapvit fit: error: --ckpt_path best: the trainer has no ModelCheckpoint to find a best checkpoint in"),
         (["fit", "--model.model", "test_vit", "--trainer.strategy", "dpp", "--trainer.logger", "false"],
          "snapvit fit: error: You selected an invalid strategy name: `strategy='dpp'`"),
         pytest.param(["fit", "--model.model", "test_vit", "--trainer.accelerator", "gpu", "--trainer.logger", "false"],
