@@ -55,7 +55,8 @@ def save_subnet(
     """Write a (sliced) timm ViT with its per-block dims so :func:`load_subnet` rebuilds it.
 
     ``budget``: plain JSON values saying how it was cut (ratios, correction), stored as the
-    metadata ``budget`` (:func:`read_metadata` returns it; ``snapvit info`` prints it).
+    metadata ``budget`` (:func:`read_metadata` returns it; ``snapvit info`` prints it); ``None``
+    records the ratios and correction of a subnet :meth:`ElasticViT.subnet` gave.
 
     Raises:
         TypeError: ``model`` is a path (the arguments swapped: ``ElasticViT.save_subnet`` takes the path first).
@@ -255,10 +256,14 @@ def subnet_metadata(
 ) -> dict[str, str]:
     """The string metadata of a subnet file (:func:`save_subnet`; an ONNX subnet's ``metadata_props`` too).
 
+    ``budget=None`` records how :meth:`ElasticViT.subnet` cut ``model`` (its ratios and correction), if it did.
+
     Raises:
         TypeError: ``budget`` is not a dict (or ``None``).
         ValueError: ``budget`` holds values that are not JSON.
     """
+    if budget is None:
+        budget = getattr(model, "snapvit_cut", None)
     if budget is not None and not isinstance(budget, dict):
         raise TypeError(f"budget must be a dict of plain JSON values or None, got {budget!r}")
     meta = _metadata("subnet", model, model_name, model_kwargs)

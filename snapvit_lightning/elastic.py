@@ -120,7 +120,7 @@ class ElasticViT:
         structure = inspect_vit(model)
         if not structure.is_uniform:
             raise ValueError("model has blocks of different sizes; build the elastic model from the dense model")
-        _check_scores_match(scores, structure.blocks[0], structure.num_blocks)
+        scores.check_matches(structure.num_blocks, structure.blocks[0])
         hooked = [name or "the model" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
         if hooked:  # deep-copied with the model: into every subnet and every ONNX graph traced from one
             warnings.warn(f"model has forward hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}: "
@@ -288,6 +288,7 @@ class ElasticViT:
                 ``latency_ms`` with another budget, or ``batch_size`` without ``latency_ms``.
             SingularGramError: See :meth:`slice`.
         """
+        asked = {k: v for k, v in (("flops", flops), ("params", params), ("latency_ms", latency_ms)) if v is not None}
         correct, calibration = self._resolve_correction(correct, calibration)
         correction = dict(
             correct=correct, calibration=calibration, damping=damping,
@@ -310,8 +311,12 @@ class ElasticViT:
         for note in self.scores.capped_notes((mlp_ratio, head_ratio), ratios):  # as `snapvit slice` prints it
             warnings.warn(note, stacklevel=2)
         if view is not None:
-            return view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
-        return self.slice(self.dims(*ratios), **correction)
+            sub = view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
+        else:
+            sub = self.slice(self.dims(*ratios), **correction)
+        sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct,  # save_subnet records it
+                           **({"requested": asked} if asked else {})}
+        return sub
 
     def _ranked_cut(self, correct: Any, calibration: Any, sequential: bool = False) -> "ElasticViT | None":
         """The :meth:`ranked_view` a (resolved) correction cuts, or ``None`` for this model's own cut."""
@@ -639,7 +644,7 @@ class ElasticViT:
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"{path}: invalid scores in the elastic checkpoint: {err}") from err
         model = _rebuild(path, meta, tensors)
-        _check_scores_match(scores, block_dims(get_blocks(model)[0]), len(get_blocks(model)))
+        scores.check_matches(len(get_blocks(model)), block_dims(get_blocks(model)[0]))
         for name, order in (("order.mlp", mlp_order), ("order.heads", head_order)):
             size = scores.mlp.shape if name == "order.mlp" else scores.heads.shape
             if order.dtype != torch.int64 or tuple(order.shape) != tuple(size) or not torch.equal(
@@ -687,13 +692,4 @@ def _check_correction_args(
         raise ValueError(
             f"correct={correct!r} needs calibration=CorrectionStats or images [N, 3, H, W] "
             f"(or statistics attached with attach_stats / found by ElasticViT.load), got {type(calibration).__name__}"
-        )
-
-
-def _check_scores_match(scores: ImportanceScores, dims: BlockDims, num_blocks: int) -> None:
-    expected = (num_blocks, dims.mlp_hidden, dims.num_heads)
-    got = (scores.num_blocks, scores.mlp_hidden, scores.num_heads)
-    if got != expected:
-        raise ValueError(
-            f"scores (blocks, neurons, heads) = {got} do not match the model's {expected}"
         )

@@ -235,6 +235,17 @@ class ImportanceScores:
         top = self.max_ratios
         return min(mlp_ratio, top[0]), min(head_ratio, top[1])
 
+    def check_matches(self, num_blocks: int, dims: Any) -> None:
+        """Refuse a model of another shape: ``num_blocks`` blocks of ``dims`` (a ``BlockDims``).
+
+        Raises:
+            ValueError: Naming both (blocks, neurons, heads).
+        """
+        expected = (num_blocks, dims.mlp_hidden, dims.num_heads)
+        got = (self.num_blocks, self.mlp_hidden, self.num_heads)
+        if got != expected:
+            raise ValueError(f"scores (blocks, neurons, heads) = {got} do not match the model's {expected}")
+
     def capped_notes(self, given: tuple[float | None, float | None], got: tuple[float, float], flag: str = "") -> list[str]:
         """What :meth:`reachable` changed, one sentence per ratio: ``"mlp_ratio=0.97 cuts as 0.9499: ..."``.
 

@@ -53,11 +53,11 @@ def describe_subnet(path: str, meta: dict[str, Any]) -> list[str]:
     if not isinstance(budget, dict):  # files before 2026-12-06, or save_subnet without a budget
         return lines
     cut = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in budget.items()}
-    if "elastic" in cut:  # `snapvit slice` and the export
+    if "elastic" in cut or {"mlp_ratio", "head_ratio", "correction"} <= cut.keys():  # slice, the export, subnet()
         requested = cut.get("requested")
         asked = ", ".join(f"{k} {v}" for k, v in requested.items()) if isinstance(requested, dict) else ""
         split = head_split(budget.get("head_ratio_scale"), budget.get("head_share_knee"))
-        lines.append(f"cut from {cut['elastic']}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
+        lines.append(f"cut from {cut.get('elastic', 'an elastic model')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                      f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
     else:  # save_subnet(budget=...) from Python: its own keys
         given = ", ".join(f"{k} {v}" for k, v in cut.items() if k != "latency")

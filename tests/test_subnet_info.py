@@ -14,9 +14,14 @@ def test_a_budget_saved_from_python_is_shown_as_given(tmp_path) -> None:
     model, name, kwargs = tiny_model("test_vit")
     elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
     sub = elastic.subnet(flops=0.6)
-    for budget, line in (({"flops": 0.6}, "budget (as saved): flops 0.6000"), (None, None)):
-        path = tmp_path / f"{budget is None}.safetensors"
-        elastic.save_subnet(path, sub, budget=budget)
+    a, h = elastic.resolve_budget(flops=0.6)
+    cut = f"cut from an elastic model (asked: flops 0.6): mlp_ratio {a:.4f}, head_ratio {h:.4f}, correction none"
+    plain = elastic.slice(elastic.dims(a, h))  # not subnet()'s: nothing says how it was cut
+    for i, (module, budget, line) in enumerate(((sub, {"flops": 0.6}, "budget (as saved): flops 0.6000"),
+                                                (sub, None, cut),  # subnet() records its cut (it recorded nothing)
+                                                (plain, None, None))):
+        path = tmp_path / f"{i}.safetensors"
+        elastic.save_subnet(path, module, budget=budget)
         lines = describe_subnet(str(path), read_metadata(path))
         assert lines[0].startswith(f"{path}: subnet of {name}, block dims [heads, neurons] ")
         assert lines[2:] == ([] if line is None else [line])
