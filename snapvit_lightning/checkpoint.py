@@ -102,8 +102,39 @@ def load_subnet(path: str | os.PathLike) -> nn.Module:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed metadata of an elastic or subnet file, without reading its tensors."""
+    """The parsed metadata of an elastic or subnet file, without reading its tensors.
+
+    An ``.onnx`` subnet (``snapvit slice -o F.onnx``, the export's ``onnx=True``) has the same metadata in
+    its graph's ``metadata_props`` (reading them needs the ``onnx`` package).
+    """
+    if isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() == ".onnx" and Path(path).is_file():
+        return _parse_meta(path, _onnx_props(path))
     return _read(path, tensors=False)[1]
+
+
+def _onnx_props(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of the ONNX graph at ``path``, checked to be a snapvit subnet's."""
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"reading {path}'s metadata needs the onnx package: pip install onnx") from None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx's DecodeError and others: not a graph
+        raise ValueError(f"{path} is not a readable ONNX graph (corrupt or truncated?): {' '.join(str(err).split())}") from err
+    raw = {p.key: p.value for p in proto.metadata_props}
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is an ONNX graph without snapvit's subnet metadata (save_onnx without "
+                         "metadata=subnet_metadata(...)?); `snapvit info` reads the subnets `snapvit slice` writes")
+    if raw.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(f"{path} has format_version {raw.get('format_version')!r}; this snapvit_lightning "
+                         f"{__version__} reads version {FORMAT_VERSION}")
+    return raw
+
+
+def architecture(path: str | os.PathLike, meta: dict[str, Any]) -> nn.Module:
+    """The model a file's metadata describes, on the ``meta`` device (no weights): its shapes, for counts."""
+    return _rebuild(path, meta, {}, shapes_only=True)
 
 
 def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
@@ -340,6 +371,8 @@ def read_format(
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         with open(path, "rb") as f:
             head = f.read(4)
+        if head.lstrip()[:1] in (b"{", b"["):  # e.g. an export's report.json given for its checkpoint
+            raise ValueError(f"{path} is a JSON file (a report?), not safetensors; this reads {what} files") from err
         if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
             raise ValueError(f"{path} is a zip or pickle file (torch.save's formats), not safetensors; this reads "
                              f"{what} files and never unpickles (model weights in it: model.checkpoint_path)") from err
@@ -362,6 +395,11 @@ def read_format(
 
 def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     data, raw = read_format(path, FORMAT, FORMAT_VERSION, "elastic checkpoint or subnet", tensors)
+    return data, _parse_meta(path, raw)
+
+
+def _parse_meta(path: str | os.PathLike, raw: dict[str, str]) -> dict[str, Any]:
+    """A file's string metadata, checked, with its JSON values parsed."""
     missing = [k for k in _REQUIRED_META if k not in raw]
     if missing:
         raise ValueError(f"{path} lacks metadata {missing}")
@@ -376,7 +414,7 @@ def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torc
         raise ValueError(f"{path}: metadata 'budget' must be a JSON object, got {raw['budget'][:80]!r}")
     if meta["kind"] not in ("elastic", "subnet"):
         raise ValueError(f"{path}: unknown kind {meta['kind']!r}")
-    return data, meta
+    return meta
 
 
 def _check_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kwargs: dict, dims: list) -> None:
@@ -399,7 +437,8 @@ def _check_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kwar
 
 
 def _rebuild(
-    path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_only: bool = False
+    path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_only: bool = False,
+    shapes_only: bool = False,
 ) -> nn.Module:
     name, kwargs = meta["model_name"], meta["model_kwargs"]
     if not isinstance(name, str) or not timm.is_model(name):
@@ -418,6 +457,8 @@ def _rebuild(
         with torch.device("meta"):
             model = config_of_built_size(timm.create_model(name, pretrained=False, **kwargs))
         slice_model(model, dims)
+        if shapes_only:
+            return model.eval()
         if check_only:
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             given = {k: tuple(v.shape) for k, v in state.items()}

@@ -43,10 +43,11 @@ def describe_subnet(path: str, meta: dict[str, Any]) -> list[str]:
     A budget written by ``snapvit slice`` or the export names the checkpoint and the ratios it was cut
     at; one given to ``save_subnet(budget=...)`` from Python is shown as given.
     """
-    from .elastic import load_subnet
+    from .checkpoint import architecture, load_subnet
     from .evaluation import model_cost
 
-    cost, (h, w) = model_cost(load_subnet(path)), meta["input_size"]
+    model = architecture(path, meta) if str(path).lower().endswith(".onnx") else load_subnet(path)  # a graph: its shapes
+    cost, (h, w) = model_cost(model), meta["input_size"]
     lines = [f"{path}: {meta['kind']} of {meta['model_name']}, block dims [heads, neurons] {meta['block_dims']}",
              f"input {h} x {w} px, {cost['params']:,} params, {cost['flops']:,} FLOPs per image"]
     budget = meta.get("budget")

@@ -237,6 +237,30 @@ def test_cli_slice_writes_onnx_plain_and_corrected(tmp_path: Path, capsys, one_t
         assert (OnnxModel(fixed)(x) - OnnxModel(out)(x)).abs().max() > 1e-4
 
 
+def test_info_reads_an_onnx_subnets_metadata(tmp_path: Path, capsys, one_thread: None) -> None:
+    # `snapvit info x.onnx` was refused ("is an ONNX graph; this reads ... safetensors"), though the graph holds it all
+    from snapvit_lightning.cli import main
+
+    el, path = _saved_elastic(tmp_path)
+    for suffix in ("onnx", "safetensors"):
+        assert main(["slice", str(path), "--flops", "0.6", "--no-correct", "-o", str(tmp_path / f"s.{suffix}")]) == 0
+    capsys.readouterr()
+    said = {}
+    for suffix in ("onnx", "safetensors"):
+        assert main(["info", str(tmp_path / f"s.{suffix}")]) == 0
+        said[suffix] = capsys.readouterr().out.replace(str(tmp_path / f"s.{suffix}"), "FILE")
+    assert said["onnx"] == said["safetensors"] and "FLOPs per image" in said["onnx"] and "asked: flops 0.6" in said["onnx"]
+    save_onnx(el.model, tmp_path / "plain.onnx")  # no subnet metadata
+    (tmp_path / "cut.onnx").write_bytes((tmp_path / "s.onnx").read_bytes()[:300])
+    (tmp_path / "report.json").write_text('{"budgets": []}')
+    for name, match in (("plain.onnx", "is an ONNX graph without snapvit's subnet metadata"),
+                        ("cut.onnx", "is not a readable ONNX graph (corrupt or truncated?)"),
+                        ("report.json", "is a JSON file (a report?), not safetensors")):
+        with pytest.raises(SystemExit) as stop:
+            main(["info", str(tmp_path / name)])
+        assert stop.value.code == 2 and match in capsys.readouterr().err
+
+
 def _assert_described(path: Path, el, requested: dict) -> None:
     """The graph says what it is (the subnet file's metadata) and how to feed it; its output width is fixed."""
     import json
