@@ -58,6 +58,7 @@ from typing_extensions import override
 from .console import quiet_spawned_process
 from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, check_classifier_fits, check_labels, dino_loss
+from .precision_state import MODULE_STATE_KEY, check_resumed_precision, precision_state, saved_precision
 from .scores import ImportanceScores, check_fraction, lamp_scores
 from .structure import (
     UnsupportedModelError, check_model_images, check_supported, get_blocks, inspect_vit, mlp_input_layers,
@@ -93,7 +94,7 @@ ACCUMULATIONS = ("sum_then_square", "fisher")
 ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 
 
-_CHECKPOINT_KEY = "snapvit_scoring"
+_CHECKPOINT_KEY = MODULE_STATE_KEY
 
 
 _CHECKPOINT_VERSION = 1
@@ -664,6 +665,8 @@ class SnapViTModule(pl.LightningModule):
             "num_samples": int(samples),
             "grads": grads,
             "scores": None if self.scores is None else self.scores.state_dict(),
+            "precision": None if self._trainer is None else precision_state(
+                self.trainer.precision, self.explicit_attention, self.precision_probe),
         }
 
     @override
@@ -673,8 +676,8 @@ class SnapViTModule(pl.LightningModule):
         The next ``fit`` continues accumulating from the restored sums.
 
         Raises:
-            ValueError: If the checkpoint was made with another criterion or accumulation, or (before the
-                datamodule saved its own state) other calibration data options.
+            ValueError: If the checkpoint was made with another criterion, accumulation, precision or
+                attention kernel, or (before the datamodule saved its own state) other calibration data options.
         """
         datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
         if hasattr(datamodule, "check_saved_options"):  # a checkpoint older than the datamodule's own state
@@ -687,6 +690,8 @@ class SnapViTModule(pl.LightningModule):
                 raise ValueError(
                     f"checkpoint was scored with {name}={state[name]!r}, this module uses {getattr(self, name)!r}"
                 )
+        if self._trainer is not None:
+            check_resumed_precision(saved_precision(checkpoint), self.trainer.precision, self.explicit_attention)
         if state.get("scores") is not None:
             self.scores = ImportanceScores.from_state_dict(state["scores"])
         self.num_samples = int(state.get("num_samples", 0))

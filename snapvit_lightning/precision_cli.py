@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from .console import args_from_python
 from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
+from .precision_state import saved_precision
 
 __all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "last_checkpoint", "lightning_cli", "lightning_interrupt"]
 
@@ -120,9 +121,17 @@ class AutoPrecisionCLI(LightningCLI):
             check_sources()
         if requested == "auto":
             shared = _launched_with_choice()
+            resumed = getattr(self, "_resumed_precision", None)
             if shared is not None:  # a DDP process Lightning started: rank 0's choice, not a probe of its own
                 _apply_record(self.model, shared)
                 kwargs["precision"] = shared["trainer_precision"]
+            elif resumed is not None:  # the scoring goes on as it began (a new probe may choose otherwise)
+                kwargs["precision"] = resumed["trainer_precision"]
+                if resumed.get("probe") is not None:
+                    _apply_record(self.model, resumed["probe"])
+                    os.environ[CHOICE_ENV] = json.dumps({"pid": os.getpid(), "record": resumed["probe"]})
+                print(f"precision: {resumed['trainer_precision']}, as the resumed checkpoint's scoring began "
+                      "(trainer.precision auto probes no more on resume)")
             else:
                 views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
                 kwargs["precision"] = resolve_precision(
@@ -160,7 +169,8 @@ class AutoPrecisionCLI(LightningCLI):
         asked = _plain(self.config.get(self.config.get("subcommand") or "", {}).get("model"))
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        _check_lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
+        checkpoint = _check_lightning_checkpoint(ckpt_path)  # before Lightning's own reading, which has no words for a bad file
+        self._resumed_precision = None if checkpoint is None else saved_precision(checkpoint)
         super()._parse_ckpt_path()
         saved = _plain(self.config[subcommand].get("model")) if ckpt_path else None
         differ = [] if not isinstance(asked, dict) or not isinstance(saved, dict) else [
@@ -201,15 +211,15 @@ class AutoPrecisionCLI(LightningCLI):
         return isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
-def _check_lightning_checkpoint(ckpt_path: str | None) -> None:
-    """Refuse a ``--ckpt_path`` that is no readable Lightning checkpoint (``last``/``best``: Lightning's to find).
+def _check_lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
+    """The ``--ckpt_path`` file's checkpoint (``None`` for none or ``last``/``best``: Lightning's to find), or a refusal.
 
     Raises:
         ValueError: A missing file or a folder, a file torch cannot read (truncated, not a torch file)
             or that is no Lightning checkpoint.
     """
     if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
-        return
+        return None
     if not os.path.isfile(ckpt_path):
         what = "a folder" if os.path.isdir(ckpt_path) else "not found"
         raise ValueError(f"--ckpt_path {ckpt_path}: {what}; give a .ckpt file a ModelCheckpoint saved")
@@ -231,6 +241,7 @@ def _check_lightning_checkpoint(ckpt_path: str | None) -> None:
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ValueError(f"--ckpt_path {ckpt_path}: a torch file, but not a Lightning checkpoint (no "
                          "'pytorch-lightning_version'): give a .ckpt file a ModelCheckpoint saved")
+    return checkpoint
 
 
 def _plain(value: Any) -> Any:

@@ -283,14 +283,36 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
         fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.seed", "5")
     assert exc.value.code == 2 and "whose calibration data this one changes: data.seed=5 (the checkpoint's: 0)" \
         in capsys.readouterr().err
+    began = raw["snapvit_scoring"]["precision"]["trainer_precision"]
+    other = "bf16-mixed" if began == "32-true" else "32-true"
+    with pytest.raises(SystemExit) as exc:  # half the gradients in one precision, half in the other
+        fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), "--trainer.precision", other)
+    assert exc.value.code == 2 and f"the checkpoint's scoring ran with trainer_precision '{began}' (this fit: '{other}')" \
+        in capsys.readouterr().err
     shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same images elsewhere (a re-mounted scratch folder)
     resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt),
-                  "--data.data_dir", os.path.relpath(tmp_path / "moved"))
+                  "--data.data_dir", os.path.relpath(tmp_path / "moved"), "--trainer.precision", "auto")
+    # auto probed again (and could choose otherwise): it takes the checkpoint's choice
+    assert f"precision: {began}, as the resumed checkpoint's scoring began" in capsys.readouterr().out
     assert RecordBatches.seen == [2, 3, 4]  # only the remaining batches, none counted twice
     assert RecordBatches.num_samples == 9
     assert set(resumed) == set(straight)
     for key, value in straight.items():
         assert torch.equal(resumed[key], value), key
+    # a checkpoint whose scoring the probe chose: auto applies that record (attention kernel, search) with no new probe
+    record = {"trainer_precision": "32-true", "scoring": "fp32-explicit", "scoring_explicit_attention": True,
+              "search": "fp32-explicit", "search_autocast": None, "search_explicit_attention": True, "tf32": False}
+    probed = torch.load(ckpt, weights_only=True)
+    probed["snapvit_scoring"]["precision"] = {"trainer_precision": "32-true", "explicit_attention": True, "probe": record}
+    torch.save(probed, tmp_path / "probed.ckpt")
+    fit("probed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(tmp_path / "probed.ckpt"),
+        "--trainer.precision", "auto")
+    assert "precision probe" not in capsys.readouterr().out
+    from snapvit_lightning.checkpoint import read_metadata
+
+    meta = json.loads(read_metadata(tmp_path / "probed" / "test_vit.elastic.safetensors")["scores_meta"])
+    scoring = ("trainer_precision", "scoring", "scoring_explicit_attention")  # the config's search: autocast false
+    assert {k: meta["build_info"]["precision"][k] for k in scoring} == {k: record[k] for k in scoring}
 
     # A checkpoint saved at the epoch's end: the resumed fit runs nothing, which is an error, not status 0.
     end = ckpt_cb.replace('"every_n_train_steps": 2, ', "").replace('"save_on_train_epoch_end": false', '"save_on_train_epoch_end": true')
