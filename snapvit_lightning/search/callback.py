@@ -7,6 +7,7 @@ kept with the scores.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -484,11 +485,13 @@ class EvolutionarySearch(Callback):
             progress.update(idx, f, best, fitness.last_cosines)
             stop_if_terminated(trainer)
 
+        fitness.step_hook = functools.partial(stop_if_terminated, trainer)  # within a staged generation too
         try:
             _search_loop(
                 xnes, fitness, max_evals, self.history, on_eval, broadcast, self.initial_fitness, self.early_stop
             )
         finally:
+            fitness.step_hook = None
             progress.close()
         evaluated = [f for f in self.history[evals_before:] if not math.isnan(f)]
         if len(evaluated) > 1 and len(set(evaluated + [self.initial_fitness])) == 1:

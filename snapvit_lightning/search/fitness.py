@@ -351,6 +351,9 @@ class Fitness:
         self.num_stopped = 0
         self.num_skipped_pairs = 0
         self.eval_times: list[float] = []
+        #: Called after each ratio pair is evaluated (a staged generation reports its candidates only when it
+        #: ends: the search's SIGTERM check, which every process reaches at the same pair under data parallel).
+        self.step_hook: Callable[[], None] | None = None
         # Sparsest pair first (the largest expected loss): an early stop comes as soon as it can.
         self._pair_order = sorted(range(len(self.ratio_pairs)), key=lambda i: -sum(self.ratio_pairs[i]))
         self.last_cosines: list[float] | None = None
@@ -542,6 +545,8 @@ class Fitness:
         try:
             for _ in range(min(pairs, len(self.ratio_pairs) - state.pairs_done)):
                 self._step(state, *selections)
+                if self.step_hook is not None:
+                    self.step_hook()
         finally:
             self._restore()  # dense between stages
         if state.complete:
