@@ -148,6 +148,19 @@ def test_the_bar_shows_a_stopped_candidate_as_stopped(tmp_path: Path, capsys) ->
     assert "fitness=stopped" in out.out + out.err and "nan" not in out.out + out.err
 
 
+def test_a_pulse_redraws_the_bar_without_counting(tmp_path: Path, capsys) -> None:
+    # a staged generation reports its candidates when it ends: the bar sat at 0/17 for minutes, its clock stopped
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    progress = SearchProgress(trainer, total=3, done=0, ratio_pairs=PAIRS, log_every_n_evals=1)
+    capsys.readouterr()
+    progress.pulse()
+    out = capsys.readouterr()
+    assert "Search" in out.out + out.err and "0/3" in out.out + out.err and progress.bar.n == 0
+    progress.close()
+    progress.pulse()  # closed: nothing to redraw
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

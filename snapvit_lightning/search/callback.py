@@ -7,7 +7,6 @@ kept with the scores.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -485,7 +484,11 @@ class EvolutionarySearch(Callback):
             progress.update(idx, f, best, fitness.last_cosines)
             stop_if_terminated(trainer)
 
-        fitness.step_hook = functools.partial(stop_if_terminated, trainer)  # within a staged generation too
+        def step_hook() -> None:  # within a staged generation too, which reports its candidates when it ends
+            progress.pulse()
+            stop_if_terminated(trainer)
+
+        fitness.step_hook = step_hook
         try:
             _search_loop(
                 xnes, fitness, max_evals, self.history, on_eval, broadcast, self.initial_fitness, self.early_stop

@@ -119,6 +119,11 @@ class SearchProgress:
                 f"({time.perf_counter() - self._start:.1f} s)"
             )
 
+    def pulse(self) -> None:
+        """Redraw the bar (its elapsed time) while a staged generation runs: its candidates are reported when it ends."""
+        if self.bar is not None:
+            self.bar.refresh()
+
     def close(self) -> None:
         """Close the bar (it stays on screen)."""
         if self.bar is not None:
