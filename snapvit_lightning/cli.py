@@ -350,7 +350,9 @@ def _slice(args: argparse.Namespace) -> int:
                 calibration=correction.get("calibration"), sequential=correction.get("sequential", False),
                 dtype=DTYPES[args.dtype or "float32"],
             )
-        print(budget.describe())
+        print(budget.describe(warn=False))
+        if budget.drift_warning() is not None:
+            warnings.warn(budget.drift_warning(), stacklevel=1)  # `snapvit slice: warning: ...`, as the others
         flops = budget.flops
     with _naming(fraction):  # e.g. below the smallest reachable fraction
         fractions = flops is not None or args.params is not None  # their head share follows the correction

@@ -50,6 +50,7 @@ __all__ = [
     "sigterm_raises",
     "traceback_requested",
     "user_error_message",
+    "warn_at_caller",
 ]
 
 #: Set to ``1`` to get the full traceback of a user error.
@@ -188,6 +189,26 @@ def user_error_message(err: BaseException) -> str:
 def one_line(message: str) -> str:
     """``message`` with its lines joined by single spaces."""
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn(message)`` pointing at the first caller outside this package (its line, not ours).
+
+    A warning from deep inside (``subnet(latency_ms=)`` → ``latency_budget`` → the timing) then names
+    the user's line whichever way it was reached. The package's own commands (``snapvit_lightning.cli``,
+    the benchmarks) count as callers, so the CLI still shows it as ``snapvit CMD: warning: ...``.
+    """
+    import warnings
+
+    package = __name__.rsplit(".", 1)[0]
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function's own line
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if not module.startswith(package + ".") or module in (f"{package}.cli", f"{package}.quickstart") \
+                or module.startswith(f"{package}.benchmarks."):
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def process_rank() -> int:

@@ -19,7 +19,6 @@ import functools
 import os
 import statistics
 import time
-import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from .evaluation import _check_device as _check_torch_device
 from .evaluation import _check_int, _check_positive_float, _model_device, measure_latency
+from .errors import warn_at_caller
 from .structure import count_flops
 
 __all__ = [
@@ -122,6 +122,8 @@ class LatencyBudget:
         trials: Every timed candidate, in order (smallest budget first).
         batch_size, device, backend, threads: How it was measured.
         seconds: Wall time of the search.
+        chosen: The trial whose timing chose ``flops`` (its raw times; a cached trial of the same
+            FLOPs may have been asked for at another fraction).
     """
 
     target_ms: float
@@ -139,6 +141,7 @@ class LatencyBudget:
     seconds: float
     load_average: float | None = None
     dtype: str = "float32"
+    chosen: LatencyTrial | None = None
 
     @property
     def load_drift(self) -> float:
@@ -164,7 +167,7 @@ class LatencyBudget:
         from .machine import build_machine
 
         machine = build_machine(self.device)
-        chosen = next((t for t in self.trials if t.flops == self.flops and t.meets), None)
+        chosen = self._chosen_trial()
         return {"target_ms": self.target_ms, "measured_ms": self.latency_ms,
                 "raw_ms": None if chosen is None else chosen.raw_ms,
                 "dense_alongside_ms": None if chosen is None else chosen.dense_alongside_ms, "dense_ms": self.dense_ms,
@@ -172,8 +175,8 @@ class LatencyBudget:
                 "backend": self.backend, "threads": self.threads, "torch_threads": machine["torch_threads"],
                 "load_drift": self.load_drift, "load_average": self.load_average, "dtype": self.dtype}
 
-    def describe(self) -> str:
-        """What was measured and chosen, as lines of text."""
+    def describe(self, warn: bool = True) -> str:
+        """What was measured and chosen, as lines of text (``warn``: and a ``warning:`` line if the load drifted)."""
         where = _where(self.backend, self.device, self.threads)
         lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}, {self.dtype}: "
                  f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms (each trial's ms: its raw time "
@@ -182,12 +185,23 @@ class LatencyBudget:
             lines.append(f"  FLOPs {100 * t.flops_fraction:5.1f}%: {t.latency_ms:8.2f} ms "
                          f"(raw {t.raw_ms:.2f} ms, dense alongside {t.dense_alongside_ms:.2f} ms)  "
                          f"{'meets' if t.meets else 'too slow'}")
+        chosen = self._chosen_trial()
+        raw = "" if chosen is None else f"raw {chosen.raw_ms:.2f} ms beside the dense model's {chosen.dense_alongside_ms:.2f}; "
         lines.append(f"chose FLOPs {100 * self.flops_fraction:.1f}% at {self.latency_ms:.2f} ms "
-                     f"({100 * self.latency_ms / self.target_ms:.0f}% of the target; bisection step "
+                     f"({raw}{100 * self.latency_ms / self.target_ms:.0f}% of the target; bisection step "
                      f"{100 * self.step:.1f} FLOPs points), search {self.seconds:.1f} s")
-        if self.load_drift > LOAD_DRIFT_WARN:
-            lines.append(f"warning: {_drift_note(self)}")
+        if warn and self.drift_warning() is not None:
+            lines.append(f"warning: {self.drift_warning()}")
         return "\n".join(lines)
+
+    def drift_warning(self) -> str | None:
+        """What the load's drift during the search means, when the dense model's times spread beyond ``LOAD_DRIFT_WARN``."""
+        return _drift_note(self) if self.load_drift > LOAD_DRIFT_WARN else None
+
+    def _chosen_trial(self) -> Any:
+        """The trial that timed the chosen budget (``None`` when none is known)."""
+        return self.chosen if self.chosen is not None else next(
+            (t for t in self.trials if t.flops == self.flops and t.meets), None)
 
 
 def _drift_note(budget: LatencyBudget) -> str:
@@ -358,7 +372,7 @@ def measure_models(
         return []
     busy = busy_note(device)
     if busy is not None:
-        warnings.warn(busy, stacklevel=2)
+        warn_at_caller(busy)
     timer = _timer(_input_size(models[0]), batch_size, device, backend, warmup, repeats)
     homes = [_model_device(m) for m in models]
     with torch_threads(threads):
@@ -437,7 +451,7 @@ def find_latency_budget(
     load_average = _load_average()
     busy = None if timer is not None else busy_note(device)  # a timer of the caller's own reads no machine
     if busy is not None:
-        warnings.warn(busy, stacklevel=2)
+        warn_at_caller(busy)
 
     with torch_threads(threads):
         dense_model = build(1.0)
@@ -491,8 +505,8 @@ def find_latency_budget(
         target_ms=latency_ms, flops=lo, flops_fraction=best.flops_fraction, latency_ms=best.latency_ms,
         dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
         batch_size=batch_size, device=device, backend=backend, threads=threads,
-        seconds=time.perf_counter() - start, load_average=load_average, dtype=dtype_name(dtype),
+        seconds=time.perf_counter() - start, load_average=load_average, dtype=dtype_name(dtype), chosen=best,
     )
-    if result.load_drift > LOAD_DRIFT_WARN:
-        warnings.warn(_drift_note(result), stacklevel=2)
+    if result.drift_warning() is not None:
+        warn_at_caller(result.drift_warning())
     return result

@@ -138,6 +138,10 @@ def test_load_drift_is_read_relative_to_the_dense_model(el: ElasticViT) -> None:
     assert drifting.trials[-1].raw_ms > 2 * drifting.trials[-1].latency_ms  # raw times did drift
     # Flagged all the same: the correction assumes that the load slows every model alike.
     assert drifting.load_drift > LOAD_DRIFT_WARN and "measure again on a quiet machine" in drifting.describe()
+    # the CLI says the warning as its own (`snapvit slice: warning: ...`), and the chosen line what the timing read
+    assert "warning" not in drifting.describe(warn=False) and drifting.drift_warning() in drifting.describe()
+    chosen = drifting.chosen  # the trial that chose (one of the same FLOPs may have been asked at another fraction)
+    assert chosen in drifting.trials and chosen.latency_ms == drifting.latency_ms and f"(raw {chosen.raw_ms:.2f} ms beside the dense model's {chosen.dense_alongside_ms:.2f}; " in drifting.describe()
 
 
 @pytest.mark.parametrize(
@@ -449,8 +453,12 @@ def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch)
     monkeypatch.setattr(latency, "_load_average", lambda: cores + 1.5)
     note = f"the machine is busy (1-minute load average {cores + 1.5:.2f} on {cores} cores) before this timing"
     assert latency.busy_note("cpu").startswith(note) and latency.busy_note("cuda") is None
-    with pytest.warns(UserWarning, match=re.escape(note)):
+    with pytest.warns(UserWarning, match=re.escape(note)) as said:
         measure_models([el.model], repeats=1, warmup=0)
+    assert said[0].filename == __file__  # the caller's line, not the package's
+    with pytest.warns(UserWarning, match=re.escape(note)) as said, pytest.raises(LatencyTargetError):
+        el.subnet(latency_ms=1e9, correct="none")  # three calls deep: it pointed into elastic.py
+    assert said[0].filename == __file__
     build, min_flops = _builder(el)
     with pytest.warns(UserWarning, match=re.escape(note)), pytest.raises(LatencyTargetError, match="already meets"):
         find_latency_budget(build, 1e9, min_flops=min_flops, repeats=1, warmup=0)  # warned before it times
