@@ -34,7 +34,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -531,7 +531,7 @@ class ElasticExport(Callback):
         model_name: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         name: str | None = None,
-        images: Tensor | None = None,
+        images: Tensor | Iterable[Any] | None = None,
         batch_size: int = 64,
         correct: str = "lstsq",
         stats_views: int = DEFAULT_STATS_VIEWS,

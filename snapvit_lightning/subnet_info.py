@@ -10,7 +10,7 @@ __all__ = ["describe_subnet", "head_split"]
 def head_split(share: float | None, knee: float | None = None) -> str:
     """How a fraction budget split its cut between heads and neurons, in words (``""`` for a ratio budget)."""
     if share is None or share == 1:
-        return "" if share is None else " (heads pruned at the neurons' ratio)"
+        return "" if share is None else " (heads pruned at the neurons' ratio, down to every block's minimum)"
     from .scores import HEAD_SHARE_KNEE
 
     knee = HEAD_SHARE_KNEE if knee is None else knee

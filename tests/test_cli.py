@@ -851,7 +851,7 @@ def test_slice_splits_a_fraction_budget_by_the_head_share(tmp_path, capsys) -> N
         assert (budget["mlp_ratio"], budget["head_ratio"]) == elastic.resolve_budget(flops=0.6, head_ratio_scale=scale)
         assert budget["head_ratio"] == pytest.approx(budget_line(budget["mlp_ratio"], scale)[1])  # s * r, past the knee more
         assert (budget["head_ratio_scale"], budget["head_share_knee"]) == (scale, HEAD_SHARE_KNEE)  # how it was split
-        said = (" (heads pruned at the neurons' ratio)" if scale == 1 else f" (heads pruned at {scale:g} x the neurons' ratio "
+        said = (" (heads pruned at the neurons' ratio, down to every block's minimum)" if scale == 1 else f" (heads pruned at {scale:g} x the neurons' ratio "
                 f"until {HEAD_SHARE_KNEE:g} of the neurons go, then both to every block's minimum)")
         assert said in capsys.readouterr().out
         assert main(["info", str(out)]) == 0

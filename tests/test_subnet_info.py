@@ -29,6 +29,6 @@ def test_a_budget_saved_from_python_is_shown_as_given(tmp_path) -> None:
 
 
 def test_head_split_in_words() -> None:
-    assert head_split(None) == "" and head_split(1.0) == " (heads pruned at the neurons' ratio)"
+    assert head_split(None) == "" and head_split(1.0) == " (heads pruned at the neurons' ratio, down to every block's minimum)"
     assert head_split(0.25, 0.75) == (" (heads pruned at 0.25 x the neurons' ratio until 0.75 of the neurons go, then both "
                                       "to every block's minimum)")
