@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import warn_at_caller
 from .evaluation import _check_device as _check_torch_device
 from .evaluation import _check_int, _check_positive_float, _model_device, measure_latency
-from .errors import warn_at_caller
 from .structure import count_flops
 
 __all__ = [

@@ -119,9 +119,12 @@ class AutoPrecisionCLI(LightningCLI):
         check_sources = getattr(getattr(self, "datamodule", None), "check_sources", None)
         if callable(check_sources):  # a bad folder or holdout: before the probe's minute and DDP's start, not after
             check_sources()
+        resumed = getattr(self, "_resumed_precision", None)
+        if requested != "auto" and resumed is not None and resumed.get("probe") is not None and \
+                {"32": "32-true", "bf16": "bf16-mixed"}.get(str(requested), str(requested)) == resumed["trainer_precision"]:
+            _apply_record(self.model, resumed["probe"])  # the probe's attention kernel too: the scoring goes on as it began
         if requested == "auto":
             shared = _launched_with_choice()
-            resumed = getattr(self, "_resumed_precision", None)
             if shared is not None:  # a DDP process Lightning started: rank 0's choice, not a probe of its own
                 _apply_record(self.model, shared)
                 kwargs["precision"] = shared["trainer_precision"]

@@ -39,9 +39,13 @@ def check_resumed_precision(saved: dict[str, Any] | None, trainer_precision: Any
     now = precision_state(trainer_precision, explicit_attention, None)
     differ = [f"{key} {saved.get(key)!r} (this fit: {now[key]!r})" for key in ("trainer_precision", "explicit_attention")
               if saved.get(key) != now[key]]
-    if differ:
-        raise ValueError(
-            f"the checkpoint's scoring ran with {'; '.join(differ)}: a resumed scoring would sum gradients of both kinds; "
-            f"resume with --trainer.precision {saved['trainer_precision']} (Trainer(precision=...)), or in the snapvit "
-            "CLI with trainer.precision auto and --ckpt_path naming the .ckpt file, which takes the checkpoint's choice"
-        )
+    if not differ:
+        return
+    how = (f"resume with --trainer.precision {saved['trainer_precision']} (Trainer(precision=...))"
+           if saved.get("trainer_precision") != now["trainer_precision"] else
+           f"set the module's explicit_attention = {saved.get('explicit_attention')!r} before the fit")
+    raise ValueError(
+        f"the checkpoint's scoring ran with {'; '.join(differ)}: a resumed scoring would sum gradients of both kinds; "
+        f"{how}; or, in the snapvit CLI, resume with trainer.precision auto (or the checkpoint's) and --ckpt_path naming "
+        "the .ckpt file: it takes the checkpoint's choice"
+    )

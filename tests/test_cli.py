@@ -313,6 +313,11 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     meta = json.loads(read_metadata(tmp_path / "probed" / "test_vit.elastic.safetensors")["scores_meta"])
     scoring = ("trainer_precision", "scoring", "scoring_explicit_attention")  # the config's search: autocast false
     assert {k: meta["build_info"]["precision"][k] for k in scoring} == {k: record[k] for k in scoring}
+    # the checkpoint's precision given explicitly: its probe's attention kernel is taken too (it was refused)
+    fit("probed32", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(tmp_path / "probed.ckpt"),
+        "--trainer.precision", "32-true")
+    meta = json.loads(read_metadata(tmp_path / "probed32" / "test_vit.elastic.safetensors")["scores_meta"])
+    assert {k: meta["build_info"]["precision"][k] for k in scoring} == {k: record[k] for k in scoring}
 
     # A checkpoint saved at the epoch's end: the resumed fit runs nothing, which is an error, not status 0.
     end = ckpt_cb.replace('"every_n_train_steps": 2, ', "").replace('"save_on_train_epoch_end": false', '"save_on_train_epoch_end": true')

@@ -1,0 +1,27 @@
+"""snapvit_lightning.precision_state: the precision a scoring's checkpoints record, and the check on resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapvit_lightning.precision_state import MODULE_STATE_KEY, check_resumed_precision, precision_state, saved_precision
+
+
+def test_the_saved_state_is_read_back_and_older_checkpoints_hold_none() -> None:
+    state = precision_state("bf16-mixed", True, {"trainer_precision": "bf16-mixed"})
+    assert saved_precision({MODULE_STATE_KEY: {"precision": state}}) == state
+    for older in ({}, {MODULE_STATE_KEY: {"grads": None}}, {MODULE_STATE_KEY: {"precision": None}}, {MODULE_STATE_KEY: 3}):
+        assert saved_precision(older) is None
+        check_resumed_precision(saved_precision(older), "32-true", None)  # nothing to compare: resumes
+
+
+def test_a_resume_in_another_precision_or_kernel_is_refused_with_what_resumes_it() -> None:
+    saved = precision_state("bf16-mixed", True, None)
+    check_resumed_precision(saved, "bf16-mixed", True)
+    with pytest.raises(ValueError, match=r"^the checkpoint's scoring ran with trainer_precision 'bf16-mixed' \(this fit: "
+                                         r"'32-true'\); explicit_attention True \(this fit: None\): .* resume with "
+                                         r"--trainer.precision bf16-mixed \(Trainer\(precision=\.\.\.\)\); or, in the snapvit CLI"):
+        check_resumed_precision(saved, "32-true", None)
+    with pytest.raises(ValueError, match=r"explicit_attention True \(this fit: False\): .* set the module's "
+                                         r"explicit_attention = True before the fit"):
+        check_resumed_precision(saved, "bf16-mixed", False)
