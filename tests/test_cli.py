@@ -25,7 +25,7 @@ from snapvit_lightning.evaluation import model_cost
 from snapvit_lightning.scores import ImportanceScores
 from snapvit_lightning.search import DEFAULT_FITNESS_SAMPLES, DEFAULT_GUARD, DEFAULT_RATIO_PAIRS, PAPER_RATIO_PAIRS
 
-from conftest import REPO, tiny_model
+from conftest import REPO, random_scores, tiny_model
 
 
 def test_version_and_help() -> None:
@@ -883,3 +883,23 @@ def test_slice_of_a_bf16_checkpoint_to_onnx_writes_a_float32_graph(tmp_path, cap
     assert "the checkpoint is bfloat16, the graph float32" in capsys.readouterr().out
     graph = onnx.load(str(tmp_path / "x.onnx"))
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_a_fraction_far_below_its_budget_is_said(tmp_path, capsys) -> None:
+    # two heads per block: the corrected budget line drops a whole head in one step, and --flops 0.6 cut at 52 %
+    kwargs = dict(depth=2, embed_dim=64, num_heads=2, num_classes=0)  # 224 px: attention is a large share
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval()
+    elastic = ElasticViT(model, random_scores(model), model_name="vit_small_patch16_224", model_kwargs=kwargs)
+    elastic.attach_stats(elastic.collect_stats(torch.randn(8, 3, 224, 224), ranking=True))
+    elastic.save(tmp_path / "two.elastic.safetensors")
+    capsys.readouterr()
+    assert main(["slice", str(tmp_path / "two.elastic.safetensors"), "--flops", "0.6", "-o", str(tmp_path / "s.safetensors")]) == 0
+    got = ElasticViT.load(tmp_path / "two.elastic.safetensors").cost(elastic.dims(*elastic.resolve_budget(
+        flops=0.6, head_ratio_scale=0.25)))["flops_fraction"]
+    assert got < 0.58  # the test can fail
+    assert (f"--flops 0.6 cuts at {100 * got:.1f}%: the largest cut on the budget line within it (with few heads per "
+            "block, one head is a large step); --mlp-ratio/--head-ratio reach others") in capsys.readouterr().out
+    assert main(["slice", str(tmp_path / "two.elastic.safetensors"), "--flops", "0.6", "--no-correct",
+                 "-o", str(tmp_path / "p.safetensors")]) == 0
+    assert "cuts at" not in capsys.readouterr().out  # the plain line (heads at the neurons' ratio) reaches 60 %

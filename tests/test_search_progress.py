@@ -154,6 +154,9 @@ def test_a_pulse_redraws_the_bar_without_counting(tmp_path: Path, capsys) -> Non
                          enable_model_summary=False, default_root_dir=tmp_path)
     progress = SearchProgress(trainer, total=3, done=0, ratio_pairs=PAIRS, log_every_n_evals=1)
     capsys.readouterr()
+    progress.pulse()  # captured output is no terminal: each redraw would be another line of a log file
+    assert capsys.readouterr().out == ""
+    progress.bar.fp.isatty = lambda: True
     progress.pulse()
     out = capsys.readouterr()
     assert "Search" in out.out + out.err and "0/3" in out.out + out.err and progress.bar.n == 0

@@ -120,8 +120,11 @@ class SearchProgress:
             )
 
     def pulse(self) -> None:
-        """Redraw the bar (its elapsed time) while a staged generation runs: its candidates are reported when it ends."""
-        if self.bar is not None:
+        """Redraw the bar (its elapsed time) while a staged generation runs: its candidates are reported when it ends.
+
+        On a terminal only: in a log file each redraw is another line.
+        """
+        if self.bar is not None and getattr(self.bar.fp, "isatty", lambda: False)():
             self.bar.refresh()
 
     def close(self) -> None:
