@@ -95,8 +95,6 @@ ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 
 
 _CHECKPOINT_KEY = MODULE_STATE_KEY
-
-
 _CHECKPOINT_VERSION = 1
 
 
@@ -666,7 +664,7 @@ class SnapViTModule(pl.LightningModule):
             "grads": grads,
             "scores": None if self.scores is None else self.scores.state_dict(),
             "precision": None if self._trainer is None else precision_state(
-                self.trainer.precision, self.explicit_attention, self.precision_probe),
+                self.trainer.precision, self.explicit_attention, self.precision_probe, self.device.type),
         }
 
     @override
@@ -691,7 +689,8 @@ class SnapViTModule(pl.LightningModule):
                     f"checkpoint was scored with {name}={state[name]!r}, this module uses {getattr(self, name)!r}"
                 )
         if self._trainer is not None:
-            check_resumed_precision(saved_precision(checkpoint), self.trainer.precision, self.explicit_attention)
+            check_resumed_precision(saved_precision(checkpoint), self.trainer.precision, self.explicit_attention,
+                                    self.device.type)
         if state.get("scores") is not None:
             self.scores = ImportanceScores.from_state_dict(state["scores"])
         self.num_samples = int(state.get("num_samples", 0))

@@ -16,9 +16,17 @@ __all__ = ["check_resumed_precision", "precision_state", "saved_precision"]
 MODULE_STATE_KEY = "snapvit_scoring"
 
 
-def precision_state(trainer_precision: Any, explicit_attention: bool | None, probe: dict[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint records: the Trainer's precision, the attention kernel and the probe's record (plain values)."""
-    return {"trainer_precision": str(trainer_precision), "explicit_attention": explicit_attention, "probe": probe}
+def precision_state(
+    trainer_precision: Any, explicit_attention: bool | None, probe: dict[str, Any] | None, device_type: str = "cpu"
+) -> dict[str, Any]:
+    """What a checkpoint records: the Trainer's precision, the attention kernel and the probe's record (plain values).
+
+    ``explicit_attention=None`` (the module's default) is recorded as the kernel it runs: explicit where the
+    matmuls run in bf16 on a CPU (``forward.prefers_explicit_attention``), else the model's own.
+    """
+    if explicit_attention is None:
+        explicit_attention = str(trainer_precision).startswith("bf16") and device_type == "cpu"
+    return {"trainer_precision": str(trainer_precision), "explicit_attention": bool(explicit_attention), "probe": probe}
 
 
 def saved_precision(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -28,17 +36,19 @@ def saved_precision(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and "trainer_precision" in saved else None
 
 
-def check_resumed_precision(saved: dict[str, Any] | None, trainer_precision: Any, explicit_attention: bool | None) -> None:
-    """Refuse to resume a scoring in another precision or attention kernel than its checkpoint's.
+def check_resumed_precision(
+    saved: dict[str, Any] | None, trainer_precision: Any, explicit_attention: bool | None, device_type: str = "cpu"
+) -> None:
+    """Refuse to resume a scoring in another precision or attention kernel (as :func:`precision_state` reads it).
 
     Raises:
         ValueError: Naming both and the option that resumes it as it began.
     """
     if saved is None:
         return
-    now = precision_state(trainer_precision, explicit_attention, None)
+    now = precision_state(trainer_precision, explicit_attention, None, device_type)
     differ = [f"{key} {saved.get(key)!r} (this fit: {now[key]!r})" for key in ("trainer_precision", "explicit_attention")
-              if saved.get(key) != now[key]]
+              if saved.get(key) != now[key]][:1]  # another precision runs another kernel too: named once
     if not differ:
         return
     how = (f"resume with --trainer.precision {saved['trainer_precision']} (Trainer(precision=...))"

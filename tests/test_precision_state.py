@@ -15,11 +15,19 @@ def test_the_saved_state_is_read_back_and_older_checkpoints_hold_none() -> None:
         check_resumed_precision(saved_precision(older), "32-true", None)  # nothing to compare: resumes
 
 
+def test_a_kernel_left_unset_counts_as_the_one_it_runs() -> None:
+    # a fit set up by hand leaves explicit_attention None; a probed checkpoint recorded False: refused, same kernel
+    for precision, device, kernel in (("32-true", "cpu", False), ("bf16-mixed", "cpu", True), ("bf16-mixed", "cuda", False)):
+        assert precision_state(precision, None, None, device)["explicit_attention"] is kernel
+        check_resumed_precision(precision_state(precision, kernel, {"probed": True}, device), precision, None, device)
+
+
 def test_a_resume_in_another_precision_or_kernel_is_refused_with_what_resumes_it() -> None:
     saved = precision_state("bf16-mixed", True, None)
     check_resumed_precision(saved, "bf16-mixed", True)
+    check_resumed_precision(saved, "bf16-mixed", None)  # on a CPU, bf16 matmuls run the explicit kernel
     with pytest.raises(ValueError, match=r"^the checkpoint's scoring ran with trainer_precision 'bf16-mixed' \(this fit: "
-                                         r"'32-true'\); explicit_attention True \(this fit: None\): .* resume with "
+                                         r"'32-true'\): .* resume with "
                                          r"--trainer.precision bf16-mixed \(Trainer\(precision=\.\.\.\)\); or, in the snapvit CLI"):
         check_resumed_precision(saved, "32-true", None)
     with pytest.raises(ValueError, match=r"explicit_attention True \(this fit: False\): .* set the module's "
