@@ -123,6 +123,8 @@ def _onnx_props(path: str | os.PathLike) -> dict[str, str]:
     except Exception as err:  # onnx's DecodeError and others: not a graph
         raise ValueError(f"{path} is not a readable ONNX graph (corrupt or truncated?): {' '.join(str(err).split())}") from err
     raw = {p.key: p.value for p in proto.metadata_props}
+    if not proto.graph.node:  # onnx reads an empty file (and some other bytes) as an empty model
+        raise ValueError(f"{path} is not an ONNX graph (empty, or no nodes)")
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} is an ONNX graph without snapvit's subnet metadata (save_onnx without "
                          "metadata=subnet_metadata(...)?); `snapvit info` reads the subnets `snapvit slice` writes")

@@ -57,7 +57,7 @@ from .correction import (
     CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint, prepare_targets, stats_path_for,
     weights_version,
 )
-from .scores import DEFAULT_HEAD_RATIO_SCALE, ImportanceScores, budget_line, ceil4, check_ratio, head_share  # noqa: F401
+from .scores import DEFAULT_HEAD_RATIO_SCALE, HEAD_SHARE_KNEE, ImportanceScores, budget_line, ceil4, check_ratio, head_share  # noqa: F401
 from .structure import (
     BlockDims,
     block_dims,
@@ -288,7 +288,8 @@ class ElasticViT:
                 ``latency_ms`` with another budget, or ``batch_size`` without ``latency_ms``.
             SingularGramError: See :meth:`slice`.
         """
-        asked = {k: v for k, v in (("flops", flops), ("params", params), ("latency_ms", latency_ms)) if v is not None}
+        asked = {k: v for k, v in (("flops", flops), ("params", params), ("latency_ms", latency_ms), ("mlp_ratio", mlp_ratio),
+                                   ("head_ratio", head_ratio)) if v is not None}
         correct, calibration = self._resolve_correction(correct, calibration)
         correction = dict(
             correct=correct, calibration=calibration, damping=damping,
@@ -315,7 +316,8 @@ class ElasticViT:
         else:
             sub = self.slice(self.dims(*ratios), **correction)
         sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct,  # save_subnet records it
-                           **({"requested": asked} if asked else {})}
+                           "requested": asked, **({"head_ratio_scale": head_ratio_scale, "head_share_knee": HEAD_SHARE_KNEE}
+                                                  if latency_ms is not None or flops is not None or params is not None else {})}
         return sub
 
     def _ranked_cut(self, correct: Any, calibration: Any, sequential: bool = False) -> "ElasticViT | None":

@@ -238,6 +238,10 @@ def _check_lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
                 raise
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        with open(ckpt_path, "rb") as f:
+            if f.read(64).lstrip()[:1] in (b"{", b"["):
+                raise ValueError(f"--ckpt_path {ckpt_path}: a JSON file (a report?), not a Lightning checkpoint: give a .ckpt "
+                                 "file a ModelCheckpoint saved") from None
         reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0]  # torch's bold
         raise ValueError(f"--ckpt_path {ckpt_path}: not a readable Lightning checkpoint (truncated, corrupt or not "
                          f"a torch file?): torch.load raised {type(err).__name__}: {reason}") from None

@@ -258,7 +258,7 @@ def check_timm_state_dict(state: Mapping[str, torch.Tensor], model_name: str, **
     import torch
 
     if not isinstance(model_name, str) or not timm.is_model(model_name):
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=3) if isinstance(model_name, str) else []
+        close = difflib.get_close_matches(model_name.lower(), timm.list_models(), n=3) if isinstance(model_name, str) else []
         raise ValueError(f"model_name {model_name!r} is not a registered timm model"
                          + (f" (similar: {', '.join(close)})" if close else " (timm.list_models() lists them)"))
     with torch.device("meta"):  # names and shapes only: no memory, no slow initialisation
@@ -324,6 +324,8 @@ def write_state_dict(
     """
     from .weights_io import write_safetensors
 
+    if isinstance(path, Mapping) and isinstance(state, (str, os.PathLike)):
+        raise TypeError("write_state_dict(path, state) takes the path first, got a mapping as path and a path as state")
     return write_safetensors(_check_output_path(path), dict(state), metadata)
 
 

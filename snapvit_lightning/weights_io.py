@@ -115,7 +115,7 @@ def _check_contents(tensors: Any, metadata: Any) -> None:
     """Refuse what safetensors would fail on deep inside, naming the entry."""
     for name, value in tensors.items():
         if not isinstance(name, str) or not isinstance(value, Tensor):
-            hint = " (a numpy array: torch.from_numpy(value))" if type(value).__module__ == "numpy" else ""
+            hint = " (numpy: torch.as_tensor(value))" if type(value).__module__ == "numpy" else ""
             raise TypeError(f"tensors[{name!r}] must be a torch.Tensor under a str name, got {type(value).__name__}{hint}")
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

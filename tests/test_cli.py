@@ -345,10 +345,12 @@ def test_a_bad_checkpoint_file_is_one_line_before_the_fit(tmp_path, capsys) -> N
     torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"w": torch.ones(64)}}, good)
     (tmp_path / "truncated.ckpt").write_bytes(good.read_bytes()[:300])
     (tmp_path / "text.ckpt").write_text("hello\n")
+    (tmp_path / "report.json").write_text('{"budgets": []}\n')  # torch's 490-character pickle text before
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
     for name, said in (("truncated.ckpt", "not a readable Lightning checkpoint (truncated, corrupt or not a torch "
                                           "file?): torch.load raised RuntimeError: PytorchStreamReader failed"),
                        ("text.ckpt", "not a readable Lightning checkpoint (truncated, corrupt or not a torch file?)"),
+                       ("report.json", "a JSON file (a report?), not a Lightning checkpoint: give a .ckpt file"),
                        ("plain.pt", "a torch file, but not a Lightning checkpoint (no 'pytorch-lightning_version')"),
                        ("images", "a folder; give a .ckpt file a ModelCheckpoint saved"),
                        ("missing.ckpt", "not found; give a .ckpt file a ModelCheckpoint saved")):

@@ -278,6 +278,7 @@ def test_load_image(tmp_path: Path) -> None:
         load_image(_write_corrupt(tmp_path / "bad.jpg"))
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         load_image(tmp_path / "nope.jpg")
+    assert load_image(path, max_side=np.int64(40)).shape == load_image(path, max_side=40.0).shape == (3, 40, 80)
     for bad in (0, -3, 2.5, True):  # 0 was a ZeroDivisionError; -3 and 2.5 decoded 1- and 2-pixel images
         with pytest.raises(ValueError, match=rf"max_side must be an int >= 1 .* got {bad!r}"):
             load_image(path, max_side=bad)

@@ -253,7 +253,9 @@ def test_info_reads_an_onnx_subnets_metadata(tmp_path: Path, capsys, one_thread:
     save_onnx(el.model, tmp_path / "plain.onnx")  # no subnet metadata
     (tmp_path / "cut.onnx").write_bytes((tmp_path / "s.onnx").read_bytes()[:300])
     (tmp_path / "report.json").write_text('{"budgets": []}')
+    (tmp_path / "empty.onnx").write_bytes(b"")
     for name, match in (("plain.onnx", "is an ONNX graph without snapvit's subnet metadata"),
+                        ("empty.onnx", "is not an ONNX graph (empty, or no nodes)"),
                         ("cut.onnx", "is not a readable ONNX graph (corrupt or truncated?)"),
                         ("report.json", "is a JSON file (a report?), not safetensors")):
         with pytest.raises(SystemExit) as stop:

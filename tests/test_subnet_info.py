@@ -15,7 +15,8 @@ def test_a_budget_saved_from_python_is_shown_as_given(tmp_path) -> None:
     elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
     sub = elastic.subnet(flops=0.6)
     a, h = elastic.resolve_budget(flops=0.6)
-    cut = f"cut from an elastic model (asked: flops 0.6): mlp_ratio {a:.4f}, head_ratio {h:.4f}, correction none"
+    cut = (f"cut from an elastic model (asked: flops 0.6): mlp_ratio {a:.4f}, head_ratio {h:.4f} (heads pruned at the "
+           "neurons' ratio, down to every block's minimum), correction none")
     plain = elastic.slice(elastic.dims(a, h))  # not subnet()'s: nothing says how it was cut
     for i, (module, budget, line) in enumerate(((sub, {"flops": 0.6}, "budget (as saved): flops 0.6000"),
                                                 (sub, None, cut),  # subnet() records its cut (it recorded nothing)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 from typing_extensions import override
 
+from ..values import real_number
 from .crops import (
     DEFAULT_STATS_VIEWS, eval_transform, float_image_to_uint8, resolve_input_config, stats_crops, stats_views_per_image,
 )
@@ -129,8 +130,11 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
         UnreadableImageError: (a ``ValueError``) if the file cannot be decoded or its pixels are
             32-bit; the message names the file.
     """
-    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
-        raise ValueError(f"max_side must be an int >= 1 (pixels of the shorter side) or None, got {max_side!r}")
+    if max_side is not None:
+        number = real_number(max_side)  # numpy and 0-d tensor integers, whole floats (64.0) count
+        if number is None or not number.is_integer() or number < 1:
+            raise ValueError(f"max_side must be an int >= 1 (pixels of the shorter side) or None, got {max_side!r}")
+        max_side = int(number)
     path = Path(path)
     if not path.exists() and path.is_symlink():  # listed in a folder, but nothing to read: skipped by name
         raise UnreadableImageError(f"cannot read image file '{path}': a broken link (to '{os.readlink(path)}')")
