@@ -109,7 +109,7 @@ class AutoPrecisionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={}) or {}
         requested = kwargs.get("precision", config.get("precision"))
-        lightning_alias = {"bf16": "bf16-mixed"}  # Lightning's short name of an allowed precision
+        lightning_alias = {"bf16": "bf16-mixed", "32": "32-true"}  # Lightning's short names of allowed precisions
         if requested is not None and lightning_alias.get(str(requested), str(requested)) not in _allowed():
             # refused here: Lightning would turn 16-mixed into bf16-mixed on a CPU, unseen by the module
             raise ValueError(
@@ -121,7 +121,7 @@ class AutoPrecisionCLI(LightningCLI):
             check_sources()
         resumed = getattr(self, "_resumed_precision", None)
         if requested != "auto" and resumed is not None and resumed.get("probe") is not None and \
-                {"32": "32-true", "bf16": "bf16-mixed"}.get(str(requested), str(requested)) == resumed["trainer_precision"]:
+                lightning_alias.get(str(requested), str(requested)) == resumed["trainer_precision"]:
             _apply_record(self.model, resumed["probe"])  # the probe's attention kernel too: the scoring goes on as it began
         if requested == "auto":
             shared = _launched_with_choice()

@@ -75,8 +75,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        TypeError: ``path`` is not a path, a value of ``tensors`` is not a tensor (a numpy array:
-            ``torch.from_numpy``), or ``metadata`` is not string → string.
+        TypeError: ``path`` is not a path, a value of ``tensors`` is not a tensor (numpy:
+            ``torch.as_tensor``), or ``metadata`` is not string → string.
         ValueError: ``path`` does not end in ``.safetensors`` (the suffix says what the file is).
         IsADirectoryError: ``path`` is a folder.
         NotADirectoryError: A parent of ``path`` is a file.
