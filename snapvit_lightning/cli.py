@@ -302,7 +302,7 @@ def _naming(option: str | None, kind: type[Exception] = ValueError) -> Iterator[
 
 def _slice(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT, head_share
-    from .scores import HEAD_SHARE_KNEE
+    from .scores import HEAD_SHARE_KNEE, shortfall_note
 
     if (args.flops, args.params, args.mlp_ratio, args.head_ratio, args.latency_ms) == (None,) * 5:
         raise ValueError("give a budget: --flops F, --params P, --mlp-ratio M and/or --head-ratio H, or --latency-ms T "
@@ -391,10 +391,10 @@ def _slice(args: argparse.Namespace) -> int:
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}")
-    for name, given in (("flops", args.flops), ("params", args.params)):  # few heads per block: coarse steps
-        if given is not None and cost[f"{name}_fraction"] < given - 0.02:
-            print(f"--{name} {given:g} cuts at {100 * cost[f'{name}_fraction']:.1f}%: the largest cut on the budget line within "
-                  "it (with few heads per block, one head is a large step); --mlp-ratio/--head-ratio reach others")
+    for name, given in (("flops", args.flops), ("params", args.params)):
+        note = shortfall_note(name, given, cost[f"{name}_fraction"], flag="--")
+        if note is not None:
+            print(note)
     if args.dtype not in (None, "float32"):
         print(f"the file holds float32 weights; the latency above is of a {args.dtype} copy: cast the loaded subnet "
               f"(load_subnet(path).to(torch.{args.dtype})) and feed {args.dtype} images to run at that speed")

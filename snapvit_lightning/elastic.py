@@ -57,7 +57,9 @@ from .correction import (
     CorrectionStats, check_correction, collect_stats, correct_subnet, fingerprint, prepare_targets, stats_path_for,
     weights_version,
 )
-from .scores import DEFAULT_HEAD_RATIO_SCALE, HEAD_SHARE_KNEE, ImportanceScores, budget_line, ceil4, check_ratio, head_share  # noqa: F401
+from .scores import (  # noqa: F401
+    DEFAULT_HEAD_RATIO_SCALE, HEAD_SHARE_KNEE, ImportanceScores, budget_line, ceil4, check_ratio, head_share, shortfall_note,
+)
 from .structure import (
     BlockDims,
     block_dims,
@@ -309,15 +311,16 @@ class ElasticViT:
         elif batch_size is not None:
             raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
-        for note in self.scores.capped_notes((mlp_ratio, head_ratio), ratios):  # as `snapvit slice` prints it
-            warnings.warn(note, stacklevel=2)
+        cost = self.cost(self.dims(*ratios)) if flops is not None or params is not None else {}
+        for note in [*self.scores.capped_notes((mlp_ratio, head_ratio), ratios), *filter(None, (shortfall_note(
+                k, v, cost.get(f"{k}_fraction", 1.0)) for k, v in (("flops", flops), ("params", params))))]:
+            warnings.warn(note, stacklevel=2)  # as `snapvit slice` prints them
         if view is not None:
             sub = view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
         else:
             sub = self.slice(self.dims(*ratios), **correction)
-        sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct,  # save_subnet records it
-                           "requested": asked, **({"head_ratio_scale": head_ratio_scale, "head_share_knee": HEAD_SHARE_KNEE}
-                                                  if latency_ms is not None or flops is not None or params is not None else {})}
+        split = {} if head_ratio_scale is None else {"head_ratio_scale": head_ratio_scale, "head_share_knee": HEAD_SHARE_KNEE}
+        sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct, "requested": asked, **split}
         return sub
 
     def _ranked_cut(self, correct: Any, calibration: Any, sequential: bool = False) -> "ElasticViT | None":

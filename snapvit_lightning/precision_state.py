@@ -46,16 +46,17 @@ def check_resumed_precision(
     """
     if saved is None:
         return
+    saved = precision_state(saved["trainer_precision"], saved.get("explicit_attention"), None, device_type)  # None: as run
     now = precision_state(trainer_precision, explicit_attention, None, device_type)
-    differ = [f"{key} {saved.get(key)!r} (this fit: {now[key]!r})" for key in ("trainer_precision", "explicit_attention")
-              if saved.get(key) != now[key]][:1]  # another precision runs another kernel too: named once
-    if not differ:
-        return
-    how = (f"resume with --trainer.precision {saved['trainer_precision']} (Trainer(precision=...))"
-           if saved.get("trainer_precision") != now["trainer_precision"] else
-           f"set the module's explicit_attention = {saved.get('explicit_attention')!r} before the fit")
-    raise ValueError(
-        f"the checkpoint's scoring ran with {'; '.join(differ)}: a resumed scoring would sum gradients of both kinds; "
-        f"{how}; or, in the snapvit CLI, resume with trainer.precision auto (or the checkpoint's) and --ckpt_path naming "
-        "the .ckpt file: it takes the checkpoint's choice"
-    )
+    if saved["trainer_precision"] != now["trainer_precision"]:  # another precision runs another kernel too: named once
+        raise ValueError(
+            f"the checkpoint's scoring ran in {saved['trainer_precision']} (this fit: {now['trainer_precision']}): a resumed "
+            f"scoring would sum gradients of both kinds; resume in {saved['trainer_precision']} (--trainer.precision, "
+            "Trainer(precision=...)), or in the snapvit CLI with trainer.precision auto and --ckpt_path naming the .ckpt "
+            "file, which takes the checkpoint's choice")
+    if saved["explicit_attention"] != now["explicit_attention"]:
+        raise ValueError(
+            f"the checkpoint's scoring ran with explicit_attention {saved['explicit_attention']} (this fit: "
+            f"{now['explicit_attention']}): a resumed scoring would mix two attention kernels; in the snapvit CLI resume "
+            "with --ckpt_path naming the .ckpt file (not last), which takes the checkpoint's kernel; in Python set the "
+            f"module's explicit_attention = {saved['explicit_attention']} before the fit")

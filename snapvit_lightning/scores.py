@@ -114,6 +114,19 @@ def check_balance(value: object, name: str = "balance") -> float | tuple[float, 
     return (mlp_q, head_q) if isinstance(value, (tuple, list)) else mlp_q
 
 
+def shortfall_note(name: str, given: float | None, got: float, flag: str = "") -> str | None:
+    """A sentence when a ``flops``/``params`` budget cuts more than 2 points below ``given`` (``got``), else ``None``.
+
+    The budget line's largest cut within a fraction can fall far below it where blocks have few heads (one
+    head is a large step): ``--flops 0.6`` cut at 52.1 % of a two-head model's FLOPs.
+    """
+    if given is None or got >= given - 0.02:
+        return None
+    shown = f"{flag}{name} {given:g}" if flag else f"{name}={given:g}"
+    return (f"{shown} cuts at {100 * got:.1f}%: the largest cut on the budget line within it (with few heads per block, "
+            "one head is a large step); mlp_ratio/head_ratio reach others")
+
+
 @dataclass
 class ImportanceScores:
     """Per-block MLP-neuron and head scores, optional search weights, and the global ranking.

@@ -287,7 +287,7 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
     other = "bf16-mixed" if began == "32-true" else "32-true"
     with pytest.raises(SystemExit) as exc:  # half the gradients in one precision, half in the other
         fit("changed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt), "--trainer.precision", other)
-    assert exc.value.code == 2 and f"the checkpoint's scoring ran with trainer_precision '{began}' (this fit: '{other}')" \
+    assert exc.value.code == 2 and f"the checkpoint's scoring ran in {began} (this fit: {other})" \
         in capsys.readouterr().err
     shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same images elsewhere (a re-mounted scratch folder)
     resumed = fit("resumed", "--trainer.enable_checkpointing", "false", "--ckpt_path", str(ckpt),
@@ -901,7 +901,10 @@ def test_a_fraction_far_below_its_budget_is_said(tmp_path, capsys) -> None:
         flops=0.6, head_ratio_scale=0.25)))["flops_fraction"]
     assert got < 0.58  # the test can fail
     assert (f"--flops 0.6 cuts at {100 * got:.1f}%: the largest cut on the budget line within it (with few heads per "
-            "block, one head is a large step); --mlp-ratio/--head-ratio reach others") in capsys.readouterr().out
+            "block, one head is a large step); mlp_ratio/head_ratio reach others") in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=rf"^flops=0.6 cuts at {100 * got:.1f}%: the largest cut") as said:  # in Python too
+        ElasticViT.load(tmp_path / "two.elastic.safetensors").subnet(flops=0.6)
+    assert said[0].filename == __file__
     assert main(["slice", str(tmp_path / "two.elastic.safetensors"), "--flops", "0.6", "--no-correct",
                  "-o", str(tmp_path / "p.safetensors")]) == 0
     assert "cuts at" not in capsys.readouterr().out  # the plain line (heads at the neurons' ratio) reaches 60 %

@@ -589,8 +589,8 @@ def test_trainer_checkpoint_resume_mid_epoch(tmp_path: Path, weights: Path, one_
     assert raw["snapvit_scoring"]["num_samples"] == 2 and raw["snapvit_scoring"]["scores"] is None
     raw_precision = raw["snapvit_scoring"]["precision"]
     assert raw_precision == {"trainer_precision": "32-true", "explicit_attention": False, "probe": None}
-    with pytest.raises(ValueError, match=r"the checkpoint's scoring ran with trainer_precision '32-true' \(this fit: "
-                                         r"'bf16-mixed'\): a resumed scoring would sum gradients of both kinds"):
+    with pytest.raises(ValueError, match=r"the checkpoint's scoring ran in 32-true \(this fit: "
+                                         r"bf16-mixed\): a resumed scoring would sum gradients of both kinds"):
         trainer(precision="bf16-mixed").fit(scoring(weights), _ResumableLoader(data, batch_size=2), ckpt_path=ckpt)
     resumed = scoring(weights)
     trainer().fit(resumed, _ResumableLoader(data, batch_size=2), ckpt_path=ckpt)

@@ -26,10 +26,12 @@ def test_a_resume_in_another_precision_or_kernel_is_refused_with_what_resumes_it
     saved = precision_state("bf16-mixed", True, None)
     check_resumed_precision(saved, "bf16-mixed", True)
     check_resumed_precision(saved, "bf16-mixed", None)  # on a CPU, bf16 matmuls run the explicit kernel
-    with pytest.raises(ValueError, match=r"^the checkpoint's scoring ran with trainer_precision 'bf16-mixed' \(this fit: "
-                                         r"'32-true'\): .* resume with "
-                                         r"--trainer.precision bf16-mixed \(Trainer\(precision=\.\.\.\)\); or, in the snapvit CLI"):
+    check_resumed_precision({**saved, "explicit_attention": None}, "bf16-mixed", None)  # a kernel saved unset: as run
+    with pytest.raises(ValueError, match=r"^the checkpoint's scoring ran in bf16-mixed \(this fit: 32-true\): a resumed "
+                                         r"scoring would sum gradients of both kinds; resume in bf16-mixed \(--trainer"
+                                         r"\.precision, Trainer\(precision=\.\.\.\)\), or in the snapvit CLI"):
         check_resumed_precision(saved, "32-true", None)
-    with pytest.raises(ValueError, match=r"explicit_attention True \(this fit: False\): .* set the module's "
-                                         r"explicit_attention = True before the fit"):
+    with pytest.raises(ValueError, match=r"explicit_attention True \(this fit: False\): a resumed scoring would mix two "
+                                         r"attention kernels; in the snapvit CLI resume with --ckpt_path naming the \.ckpt "
+                                         r"file \(not last\).* set the module's explicit_attention = True before the fit"):
         check_resumed_precision(saved, "bf16-mixed", False)
