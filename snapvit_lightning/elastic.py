@@ -311,9 +311,9 @@ class ElasticViT:
         elif batch_size is not None:
             raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
-        cost = self.cost(self.dims(*ratios)) if flops is not None or params is not None else {}
+        cost = self.cost(self.dims(*ratios)) if "flops" in asked or "params" in asked else {}  # not a latency's own fraction
         for note in [*self.scores.capped_notes((mlp_ratio, head_ratio), ratios), *filter(None, (shortfall_note(
-                k, v, cost.get(f"{k}_fraction", 1.0)) for k, v in (("flops", flops), ("params", params))))]:
+                k, asked.get(k), cost.get(f"{k}_fraction", 1.0)) for k in ("flops", "params")))]:
             warnings.warn(note, stacklevel=2)  # as `snapvit slice` prints them
         if view is not None:
             sub = view.slice(view.dims(*ratios), correct=correct, damping=damping, damping_reference=damping_reference)
