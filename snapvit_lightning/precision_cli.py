@@ -27,6 +27,19 @@ from .precision_state import saved_precision
 __all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "last_checkpoint", "lightning_cli", "lightning_interrupt"]
 
 
+def _config_paths(words: list[str]) -> list[tuple[int, str]]:
+    """``(position, file)`` of each config in ``words``: ``--config F``, ``--config=F``, ``-c F`` or ``-cF``."""
+    found = []
+    for i, word in enumerate(words):
+        if word in ("--config", "-c"):
+            found.append((i, words[i + 1] if i + 1 < len(words) else ""))
+        elif word.startswith("--config="):
+            found.append((i, word.split("=", 1)[1]))
+        elif word.startswith("-c") and not word.startswith("--"):  # argparse's attached form
+            found.append((i, word[2:]))
+    return found
+
+
 def _config_sets(path: str, key: str) -> bool:
     """Whether the YAML config at ``path`` sets the dotted ``key`` (``data.batch_size``); ``True`` when unsure.
 
@@ -92,10 +105,7 @@ class AutoPrecisionCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Warn about options given before a ``--config`` that sets them: applied in order, the config replaces them."""
         words = [w for w in (sys.argv[1:] if args is None else args) if isinstance(w, str)]
-        configs = [(i, w.split("=", 1)[1] if w.startswith("--config=") else w[2:] if w.startswith("-c") and
-                    not w.startswith("--") and len(w) > 2 else words[i + 1] if i + 1 < len(words) else "")
-                   for i, w in enumerate(words) if w in ("--config", "-c") or w.startswith("--config=")
-                   or (w.startswith("-c") and not w.startswith("--"))]  # -cFILE, argparse's attached form
+        configs = _config_paths(words)
         before = [w.split("=", 1)[0] for i, w in enumerate(words) if w.startswith("--")
                   and not w.startswith(("--config", "--print_config", "--help"))
                   and any(_config_sets(path, w.split("=", 1)[0][2:]) for j, path in configs if j > i)]
