@@ -10,8 +10,11 @@ cut and measured on the images of a folder (plain eval views at the model's inpu
   of the features, which the shared direction of ViT features hides in the plain fidelity;
 * k-NN top-1 (leave-one-out 1-NN and DINO's weighted 20-NN, T=0.07) when the folder has
   ImageFolder class subfolders (at least 2 classes), else ``null``;
-* latency (median ms per batch on CPU under ``torch.inference_mode``) and the measured
-  speed-up over the dense model's latency measured in the same run.
+* latency (median ms per batch under ``torch.inference_mode``; on the CPU in float32 unless
+  ``--device``/``--dtype`` say otherwise: copies cast to ``--dtype`` on ``--device``, as a deployment
+  that casts its subnet runs) and the measured speed-up over the dense model's latency measured in
+  the same run. Features (fidelity, k-NN) are computed in float32 on the CPU whatever the latency's
+  device and dtype.
 
 ``--baselines`` adds, after the SnapViT rows (method ``snapvit``), rows at the same (non-dense)
 budgets for other unit rankings, each a new elastic model built from the checkpoint's weights:
@@ -77,8 +80,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli_args import budget_arg, int_at_least
-from ..machine import cpu_model
+from ..cli_args import LATENCY_DTYPES, budget_arg, device_arg, int_at_least
+from ..machine import build_machine, cpu_model
 from .bench_correction import check_calibration_options, make_calibrator
 
 __all__ = ["DEFAULT_BUDGETS", "add_bench_parser", "run_bench", "markdown_table", "main"]
@@ -88,8 +91,8 @@ DEFAULT_BUDGETS: tuple[tuple[float, float], ...] = (
 )
 KNN_K = 20
 _NO_KNN = "labels come from class subfolders alone, at least 2 of them: this folder is flat, mixed or of one class"
-DESCRIPTION = ("k-NN, feature fidelity, FLOPs/params and measured CPU latency of an elastic "
-               "checkpoint at several budgets, as a markdown table (and JSON with --out)")
+DESCRIPTION = ("k-NN, feature fidelity, FLOPs/params and measured latency (CPU or --device, float32 or --dtype) "
+               "of an elastic checkpoint at several budgets, as a markdown table (and JSON with --out)")
 KNN_TEMPERATURE = 0.07
 BASELINES = ("gradient-only", "snip-magnitude", "magnitude", "lamp", "random", "uniform")
 RANDOM_SEEDS = (0, 1, 2)
@@ -117,6 +120,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="untimed forwards before timing each model (default: 3)")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's own setting)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="device the latency is measured on, e.g. cuda (default: cpu); features are float32 on the CPU")
+    parser.add_argument("--dtype", choices=LATENCY_DTYPES, default="float32",
+                        help="time copies cast to this dtype, as a deployment that casts its subnets (default: float32)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write bench.json and bench.md into DIR (created if missing)")
     parser.add_argument("--overwrite", action="store_true", help="replace a bench.json/bench.md already in --out")
@@ -157,6 +164,9 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.threads is not None:
         words += ["--threads", str(args.threads)]
+    for option, default in (("device", "cpu"), ("dtype", "float32")):
+        if getattr(args, option, default) != default:
+            words += [f"--{option}", str(getattr(args, option))]
     if args.out is not None:
         words += ["--out", str(args.out)] + (["--overwrite"] if getattr(args, "overwrite", False) else [])
     if args.no_latency:
@@ -266,7 +276,7 @@ def _header_lines(settings: dict[str, Any]) -> list[str]:
     """What a table's numbers are: hardware, latency protocol, k-NN protocol and noise, fidelity, correction."""
     hw = settings["hardware"]
     lat = (f"latency: median of {settings['repeats']} forwards after {settings['warmup']} warm-up, "
-           f"batch {settings['batch_size']}, {settings['device']}, float32, torch.inference_mode"
+           f"batch {settings['batch_size']}, {settings['device']}, {settings['dtype']}, torch.inference_mode"
            + ("" if settings.get("load_average") is None else f", 1-minute load average {settings['load_average']:.2f} before"
               + (" (busy: above the cores, so the latencies read slow and their ratios shift)" if settings.get("busy") else ""))
            if settings["latency"] else "latency: not measured (--no-latency)")
@@ -451,6 +461,10 @@ def run_bench(args: argparse.Namespace) -> int:
             budget_arg(f"{m},{h}")
         except argparse.ArgumentTypeError as err:
             raise ValueError(str(err)) from None
+    from ..latency import _check_device, _check_dtype, dtype_name
+
+    device = _check_device(getattr(args, "device", "cpu"), "torch")  # a hand-made Namespace may lack them
+    dtype = _check_dtype(getattr(args, "dtype", "float32"), "torch")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
@@ -526,14 +540,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
     load_average, busy = None, None
     if not args.no_latency:
-        load_average, busy = _load_average(), busy_note("cpu")
+        load_average, busy = _load_average(), busy_note(device)
         if busy is not None:
             warnings.warn(busy, stacklevel=1)
-        for e in entries:
-            measure_latency(e["model"], batch_size=args.batch_size, device="cpu", warmup=args.warmup, repeats=1)
+        for e in entries:  # the features are taken: the models are cast and moved in place
+            e["model"].eval().to(device=device, dtype=dtype)
+            measure_latency(e["model"], batch_size=args.batch_size, device=device, warmup=args.warmup, repeats=1)
         for _ in range(args.repeats):
             for e, t in zip(entries, times):
-                t.append(measure_latency(e["model"], batch_size=args.batch_size, device="cpu",
+                t.append(measure_latency(e["model"], batch_size=args.batch_size, device=device,
                                          warmup=0, repeats=1)["median_ms"])
     dense_latency = statistics.median(times[0]) if times[0] else None
 
@@ -586,10 +601,11 @@ def run_bench(args: argparse.Namespace) -> int:
             "methods": corrections, "calibration": calibrate.description, "stats_s": calibrate.stats_s,
         },
         "random_seeds": list(RANDOM_SEEDS) if getattr(args, "baselines", False) else [],
-        "device": "cpu",
+        "device": device,
+        "device_name": build_machine(device)["device_name"],
         "load_average": load_average,  # the machine's, as the timing began (None: not timed, or no such reading)
         "busy": busy is not None,  # its latencies read slow (the warning said so)
-        "dtype": "float32",
+        "dtype": dtype_name(dtype),  # the latency's; features are float32 on the CPU
         "latency_protocol": "per model: --warmup untimed forwards, then --repeats timed forwards in "
                             "interleaved rounds (one per model per round); median and p90 per batch",
         "hardware": {

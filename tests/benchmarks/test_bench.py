@@ -148,6 +148,49 @@ def test_errors(setup, tmp_path, capsys) -> None:
         ))
 
 
+def test_latency_in_another_dtype_times_cast_copies_and_keeps_float32_features(result, setup, tmp_path,
+                                                                            monkeypatch) -> None:
+    import torch
+
+    from snapvit_lightning import evaluation
+
+    path, data, _ = setup
+    timed_dtypes = []
+    measure = evaluation.measure_latency
+
+    def spy(model, **kwargs):
+        timed_dtypes.append(next(model.parameters()).dtype)
+        return measure(model, **kwargs)
+
+    monkeypatch.setattr(evaluation, "measure_latency", spy)
+    out = tmp_path / "bf16"
+    assert bench.main([str(path), "--data", str(data), "--budgets", *BUDGETS, *FAST, "--dtype", "bfloat16",
+                       "--device", "cpu", "--out", str(out)]) == 0
+    js = json.loads((out / "bench.json").read_text())
+    settings = js["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["device"] == "cpu" and settings["device_name"]
+    assert "--dtype bfloat16" in settings["command"] and "--device" not in settings["command"]  # cpu: the default
+    assert timed_dtypes and set(timed_dtypes) == {torch.bfloat16}
+    assert all(r["latency_ms"] > 0 for r in js["rows"])
+    assert "batch 4, cpu, bfloat16, torch.inference_mode" in (out / "bench.md").read_text()
+    float32_rows = result[0]["rows"]  # the same checkpoint and images timed in float32
+    assert [r["fidelity"] for r in js["rows"]] == [r["fidelity"] for r in float32_rows]
+    assert result[0]["settings"]["dtype"] == "float32" and "--dtype" not in result[0]["settings"]["command"]
+
+
+def test_latency_device_and_dtype_are_checked(setup, capsys) -> None:
+    path, data, _ = setup
+    for bad, says in ((["--device", "nope"], "nope"), (["--dtype", "int8"], "invalid choice: 'int8'")):
+        with pytest.raises(SystemExit) as err:
+            bench.main([str(path), "--data", str(data), *bad])
+        assert err.value.code == 2 and says in capsys.readouterr().err
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bench.run_bench(argparse.Namespace(
+            path=str(path), data=str(data), budgets=[(0.1, 0.0)], batch_size=4, repeats=1, warmup=0,
+            threads=None, out=None, no_latency=True, dtype="int8",
+        ))
+
+
 def test_subcommand_registration() -> None:
     parser = argparse.ArgumentParser(prog="snapvit")
     sub = parser.add_subparsers(dest="command")
@@ -157,8 +200,9 @@ def test_subcommand_registration() -> None:
     assert args.batch_size == 32 and args.repeats == 10 and args.warmup == 3 and not args.no_latency
     help_text = sub.choices["bench"].format_help()
     assert not args.baselines
+    assert args.device == "cpu" and args.dtype == "float32"
     for option in ("--data", "--budgets", "--batch-size", "--repeats", "--warmup", "--out", "--no-latency",
-                   "--baselines"):
+                   "--baselines", "--device", "--dtype"):
         assert option in help_text
 
 
