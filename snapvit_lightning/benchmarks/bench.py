@@ -437,6 +437,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from ..data import load_eval_images
+    from ..correction_stats import stats_path_for
     from ..elastic import ElasticViT
     from ..evaluation import centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency
 
@@ -499,6 +500,10 @@ def run_bench(args: argparse.Namespace) -> int:
     entries: list[dict[str, Any]] = []
 
     corrections = list(dict.fromkeys(getattr(args, "correct", None) or []))
+    if not corrections and stats_path_for(path).is_file():  # slice's default is not what these rows measure
+        print(f"plain cuts only: `snapvit slice` and subnet() cut corrected subnets from {stats_path_for(path).name} by "
+              f"default; `--correct lstsq --calibration {shlex.quote(str(stats_path_for(path)))}` adds those rows "
+              "(held out only if --data holds none of their calibration images)")
     calibrate = make_calibrator(getattr(args, "calibration", None), images, args.batch_size, corrections)
 
     def add(method: str, source: Any, ratios: tuple[float, float], dims: Any, seed: int | None = None) -> None:

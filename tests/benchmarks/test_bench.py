@@ -462,6 +462,25 @@ def test_correction_argument_errors(setup, tmp_path, capsys, monkeypatch) -> Non
     assert corrected["fidelity"] == pytest.approx(feature_fidelity(extract_features(sub, images, batch_size=4), dense), abs=1e-6)
 
 
+def test_plain_rows_beside_statistics_say_how_to_measure_the_corrected_subnets(setup, tmp_path, capsys) -> None:
+    import shutil
+
+    path, data, _ = setup
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    argv = [str(copy), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4"]
+    assert bench.main(argv) == 0
+    assert "plain cuts only" not in capsys.readouterr().out  # no statistics: plain is what slice cuts too
+    elastic = ElasticViT.load(copy)
+    stats = tmp_path / "tiny.stats.safetensors"
+    elastic.collect_stats(load_eval_images(data, elastic.model)[0][:2]).save(stats)
+    assert bench.main(argv) == 0
+    assert (f"plain cuts only: `snapvit slice` and subnet() cut corrected subnets from tiny.stats.safetensors by default; "
+            f"`--correct lstsq --calibration {stats}` adds those rows") in capsys.readouterr().out
+    assert bench.main([*argv, "--correct", "lstsq", "--calibration", str(stats)]) == 0
+    assert "plain cuts only" not in capsys.readouterr().out
+
+
 def test_an_earlier_bench_is_kept_without_overwrite(result, setup, capsys) -> None:
     # A second bench into the same --out replaced bench.json/bench.md without a word (a 20-minute --baselines run).
     path, data, root = setup
