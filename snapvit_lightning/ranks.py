@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .errors import Terminated
 
 __all__ = [
-    "RankZeroFailed", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks",
+    "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks",
     "stops_on_sigterm",
 ]
 
@@ -28,6 +28,32 @@ TERMINATED_STATUS = 143
 
 class RankZeroFailed(ValueError):
     """Raised on the other ranks when the work on global rank 0 failed (rank 0 raises the error itself)."""
+
+
+class RankZeroTimeout(RuntimeError):
+    """Raised on a rank that waited for global rank 0's work longer than the process group's timeout."""
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a collective failed by the process group's timeout (gloo's and NCCL's texts)."""
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _wait_for_rank_zero(trainer: pl.Trainer, what: str) -> None:
+    try:
+        trainer.strategy.barrier(f"snapvit: {what}")
+    except RuntimeError as err:
+        if not _timed_out(err):
+            raise
+        limit = getattr(trainer.strategy, "_timeout", None)
+        raise RankZeroTimeout(
+            f"{what}: global rank {trainer.global_rank} waited for global rank 0 to finish it longer than the process "
+            f"group's timeout ({'its default' if limit is None else limit}), so the run stops and writes nothing. "
+            "Rank 0 does this work alone (on a CPU a big model takes long): give the strategy a longer timeout, "
+            "DDPStrategy(timeout=datetime.timedelta(hours=2)) in Python, or in a config `strategy: {class_path: "
+            "lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: '2:00:00'}}`"
+        ) from err
 
 
 def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what: str) -> None:
@@ -45,8 +71,9 @@ def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what:
         BaseException: ``error``, on rank 0.
         RankZeroFailed: On the other ranks when rank 0 failed.
         SIGTERMException: On the other ranks when a SIGTERM stopped rank 0 (``KeyboardInterrupt``: Ctrl-C).
+        RankZeroTimeout: On the other ranks when rank 0's work outlasted the process group's timeout.
     """
-    trainer.strategy.barrier(f"snapvit: {what}")
+    _wait_for_rank_zero(trainer, what)
     how = ("terminated" if isinstance(error, (SIGTERMException, Terminated)) else "interrupted"
            if isinstance(error, KeyboardInterrupt) else "failed" if error is not None else "")
     failed = trainer.strategy.broadcast(how, src=0)

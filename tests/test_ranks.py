@@ -76,6 +76,61 @@ def test_the_other_ranks_stop_as_rank_zero_did(error, raised) -> None:
         assert stop.value.code == 143
 
 
+def _wait_at_the_barrier(rank: int, port: int, queue) -> None:
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from snapvit_lightning.ranks import finish_on_every_rank
+
+    limit = datetime.timedelta(seconds=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=limit)
+    trainer = SimpleNamespace(global_rank=rank, strategy=SimpleNamespace(
+        barrier=lambda name: dist.barrier(), broadcast=lambda obj, src: obj, _timeout=limit))
+    if rank == 0:
+        time.sleep(4)  # rank 0's export outlasts the process group's timeout
+        return
+    try:
+        finish_on_every_rank(trainer, None, "the export")
+        queue.put("returned")
+    except Exception as err:  # noqa: BLE001 - the test reads what was raised
+        queue.put(f"{type(err).__name__}: {err}")
+
+
+def test_a_rank_that_waits_longer_than_the_timeout_says_why() -> None:
+    # Rank 1 waited at the export's barrier while rank 0 worked; at the process group's timeout gloo's
+    # "Timed out waiting 20000ms for recv operation" ended the run without naming what it waited for.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_wait_at_the_barrier, args=(rank, port, queue)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    said = queue.get(timeout=120)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert said.startswith("RankZeroTimeout: the export: global rank 1 waited for global rank 0"), said
+    assert "process group's timeout (0:00:02)" in said and "DDPStrategy(timeout=datetime.timedelta(hours=2))" in said
+
+
+def test_other_barrier_errors_pass_unchanged() -> None:
+    from snapvit_lightning.ranks import finish_on_every_rank
+
+    def broken(name):
+        raise RuntimeError("Connection closed by peer")
+
+    rank1 = SimpleNamespace(global_rank=1, strategy=SimpleNamespace(barrier=broken, broadcast=lambda obj, src: obj))
+    with pytest.raises(RuntimeError, match="^Connection closed by peer$"):
+        finish_on_every_rank(rank1, None, "the export")
+
+
 def test_a_launchers_started_ranks_are_stopped() -> None:
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
