@@ -93,12 +93,18 @@ def check_rebuilds(path: str | os.PathLike, meta: dict[str, str], tensors: dict[
 def load_subnet(path: str | os.PathLike) -> nn.Module:
     """Read a subnet written by :func:`save_subnet` (or the full model of an elastic file).
 
+    The budget a subnet file records (how it was cut) is kept on the model as ``snapvit_cut``, as
+    :meth:`ElasticViT.subnet` leaves it, so saving the model again without ``budget=`` records it again.
+
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: A corrupt file, another format or version, or mismatching contents.
     """
     tensors, meta = _read(path)
-    return _rebuild(path, meta, tensors)
+    model = _rebuild(path, meta, tensors)
+    if meta["kind"] == "subnet" and meta.get("budget") is not None:
+        model.snapvit_cut = meta["budget"]
+    return model
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -33,3 +33,23 @@ def test_head_split_in_words() -> None:
     assert head_split(None) == "" and head_split(1.0) == " (heads pruned at the neurons' ratio, down to every block's minimum)"
     assert head_split(0.25, 0.75) == (" (heads pruned at 0.25 x the neurons' ratio until 0.75 of the neurons go, then both "
                                       "to every block's minimum)")
+
+
+def test_a_loaded_subnet_saved_again_keeps_its_cut(tmp_path) -> None:
+    # load_subnet dropped the record: a deployer who fine-tuned a loaded subnet and saved it lost what the cut was
+    import torch
+
+    from snapvit_lightning.checkpoint import load_subnet
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    first, again, plain = tmp_path / "first.safetensors", tmp_path / "again.safetensors", tmp_path / "plain.safetensors"
+    elastic.save_subnet(first, elastic.subnet(flops=0.6))
+    loaded = load_subnet(first)
+    with torch.no_grad():
+        loaded.blocks[0].mlp.fc2.weight.add_(1.0)  # fine-tuned: the cut is the same, the weights are not
+    elastic.save_subnet(again, loaded)
+    assert read_metadata(again)["budget"] == read_metadata(first)["budget"]
+    assert read_metadata(first)["budget"]["requested"] == {"flops": 0.6}
+    elastic.save_subnet(plain, elastic.slice(elastic.dims(0.3, 0.2)))  # recorded nothing: loads with nothing
+    assert not hasattr(load_subnet(plain), "snapvit_cut")
