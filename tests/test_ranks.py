@@ -48,6 +48,35 @@ def test_rank_zeros_own_work_stops_at_once() -> None:
     assert reached == []
 
 
+def test_a_stopping_rank_other_than_zero_ends_quietly_at_the_launchers_sigterm() -> None:
+    # The launcher SIGTERMs the ranks it started once it stops; a rank already stopping ran Lightning's handler,
+    # which broadcast to the gone rank 0 and printed 111 lines of traceback after the command had ended.
+    before = signal.getsignal(signal.SIGTERM)
+    rank1 = SimpleNamespace(global_rank=1, world_size=2, received_sigterm=False,
+                            strategy=SimpleNamespace(broadcast=lambda obj, src: True))  # rank 0 saw a SIGTERM
+    try:
+        with pytest.raises(SIGTERMException), collective_safe_sigterm(rank1):
+            stop_if_terminated(rank1)  # the search's check: rank 0's flag stops this rank
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, before)
+        with pytest.raises(SIGTERMException), collective_safe_sigterm(rank1):
+            pass  # the block ends, then rank 0's flag (broadcast) stops every rank
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, before)
+        rank0 = SimpleNamespace(global_rank=0, world_size=2, received_sigterm=False,
+                                strategy=SimpleNamespace(broadcast=lambda obj, src: True))
+        with pytest.raises(SIGTERMException), collective_safe_sigterm(rank0):
+            stop_if_terminated(rank0)
+        assert signal.getsignal(signal.SIGTERM) is before  # rank 0's command handles the signal itself
+        quiet = SimpleNamespace(global_rank=1, world_size=2, received_sigterm=False,
+                                strategy=SimpleNamespace(broadcast=lambda obj, src: False))
+        with collective_safe_sigterm(quiet):
+            stop_if_terminated(quiet)
+        assert signal.getsignal(signal.SIGTERM) is before  # no signal: every handler as it was
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_one_process_keeps_its_handlers() -> None:
     before = signal.getsignal(signal.SIGTERM)
     one = SimpleNamespace(world_size=1, received_sigterm=False)
