@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .errors import Terminated
 
 __all__ = [
-    "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks",
-    "stops_on_sigterm",
+    "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated",
+    "stop_started_ranks", "stops_on_sigterm",
 ]
 
 #: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once

@@ -13,8 +13,9 @@ deployment uses on a plain timm module:
 * ``jit trace+freeze``: ``torch.jit.freeze(torch.jit.trace(model, x))``.
 
 Every form runs the model's pre-logits features (``forward_head(forward_features(x), pre_logits=True)``:
-a ``num_classes=0`` model's output, as the main job builds it). Latency: median ms per batch of ``--batch-size`` random images over ``--repeats`` interleaved rounds
-(one forward of every form per round) after 3 warm-up forwards each, under ``torch.inference_mode``.
+a ``num_classes=0`` model's output, as the main job builds it). Latency: median ms per batch of
+``--batch-size`` random images over ``--repeats`` interleaved rounds (one forward of every form per
+round) after 3 warm-up forwards each, under ``torch.inference_mode``.
 Fidelity: mean cosine of each form's features to the dense float32 model's on ``--images`` images of
 ``--data`` (evenly spaced over the sorted files), as ``snapvit bench`` measures it. ``torch.compile``
 is not timed: its first call compiles for tens of seconds per input shape on a small CPU.
