@@ -30,8 +30,8 @@ class RankZeroFailed(ValueError):
     """Raised on the other ranks when the work on global rank 0 failed (rank 0 raises the error itself)."""
 
 
-class RankZeroTimeout(RuntimeError):
-    """Raised on a rank that waited for global rank 0's work longer than the process group's timeout."""
+class RankZeroTimeout(ValueError):
+    """Raised on a rank that waited for global rank 0's work longer than the process group's timeout (a setting)."""
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -40,16 +40,25 @@ def _timed_out(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def _wait_for_rank_zero(trainer: pl.Trainer, what: str) -> None:
+def _wait_for_rank_zero(trainer: pl.Trainer, what: str, error: BaseException | None) -> None:
+    """The barrier of :func:`finish_on_every_rank`, its failures said for what they mean here."""
     try:
         trainer.strategy.barrier(f"snapvit: {what}")
     except RuntimeError as err:
+        limit = getattr(trainer.strategy, "_timeout", None)
+        limit = "its default" if limit is None else str(limit)
+        if error is not None:  # rank 0 failed or was stopped (Ctrl-C reaches every rank): its own error says why
+            raise error from None
+        if getattr(trainer, "global_rank", 0) == 0:
+            raise RuntimeError(
+                f"{what} is done on global rank 0 (its files are written and complete), but the other ranks had stopped "
+                f"waiting for it: one failed, or waited longer than the process group's timeout ({limit}), as its own "
+                f"error says; the run ends as failed ({err})") from err
         if not _timed_out(err):
             raise
-        limit = getattr(trainer.strategy, "_timeout", None)
         raise RankZeroTimeout(
             f"{what}: global rank {trainer.global_rank} waited for global rank 0 to finish it longer than the process "
-            f"group's timeout ({'its default' if limit is None else limit}), so the run stops and writes nothing. "
+            f"group's timeout ({limit}), so it stops, and the run fails (rank 0 writes its files if it finishes). "
             "Rank 0 does this work alone (on a CPU a big model takes long): give the strategy a longer timeout, "
             "DDPStrategy(timeout=datetime.timedelta(hours=2)) in Python, or in a config `strategy: {class_path: "
             "lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: '2:00:00'}}`"
@@ -73,7 +82,7 @@ def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what:
         SIGTERMException: On the other ranks when a SIGTERM stopped rank 0 (``KeyboardInterrupt``: Ctrl-C).
         RankZeroTimeout: On the other ranks when rank 0's work outlasted the process group's timeout.
     """
-    _wait_for_rank_zero(trainer, what)
+    _wait_for_rank_zero(trainer, what, error)
     how = ("terminated" if isinstance(error, (SIGTERMException, Terminated)) else "interrupted"
            if isinstance(error, KeyboardInterrupt) else "failed" if error is not None else "")
     failed = trainer.strategy.broadcast(how, src=0)

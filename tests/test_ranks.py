@@ -149,15 +149,26 @@ def test_a_rank_that_waits_longer_than_the_timeout_says_why() -> None:
     assert "process group's timeout (0:00:02)" in said and "DDPStrategy(timeout=datetime.timedelta(hours=2))" in said
 
 
-def test_other_barrier_errors_pass_unchanged() -> None:
+def test_a_barrier_that_fails_after_rank_zeros_work_says_what_happened() -> None:
     from snapvit_lightning.ranks import finish_on_every_rank
 
     def broken(name):
         raise RuntimeError("Connection closed by peer")
 
-    rank1 = SimpleNamespace(global_rank=1, strategy=SimpleNamespace(barrier=broken, broadcast=lambda obj, src: obj))
-    with pytest.raises(RuntimeError, match="^Connection closed by peer$"):
-        finish_on_every_rank(rank1, None, "the export")
+    def ranked(rank):
+        return SimpleNamespace(global_rank=rank, strategy=SimpleNamespace(barrier=broken, broadcast=lambda obj, src: obj))
+
+    with pytest.raises(RuntimeError, match="^Connection closed by peer$"):  # another rank gone: not a timeout
+        finish_on_every_rank(ranked(1), None, "the export")
+    # Ctrl-C reaches every rank: rank 0 printed the barrier's traceback instead of "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        finish_on_every_rank(ranked(0), KeyboardInterrupt(), "the export")
+    with pytest.raises(ValueError, match="^bad$"):
+        finish_on_every_rank(ranked(0), ValueError("bad"), "the export")
+    # rank 0 wrote its files, then found the others gone (one timed out at the barrier, or failed)
+    with pytest.raises(RuntimeError, match=r"^the export is done on global rank 0 \(its files are written and complete\), "
+                                           r"but the other ranks had stopped waiting for it: .*Connection closed by peer"):
+        finish_on_every_rank(ranked(0), None, "the export")
 
 
 def test_a_launchers_started_ranks_are_stopped() -> None:

@@ -470,15 +470,21 @@ def test_plain_rows_beside_statistics_say_how_to_measure_the_corrected_subnets(s
     shutil.copy(path, copy)
     argv = [str(copy), "--data", str(data), "--budgets", "0.35,0.2", "--no-latency", "--batch-size", "4"]
     assert bench.main(argv) == 0
-    assert "plain cuts only" not in capsys.readouterr().out  # no statistics: plain is what slice cuts too
+    assert "plain cuts only" not in capsys.readouterr().err  # no statistics: plain is what slice cuts too
     elastic = ElasticViT.load(copy)
     stats = tmp_path / "tiny.stats.safetensors"
     elastic.collect_stats(load_eval_images(data, elastic.model)[0][:2]).save(stats)
     assert bench.main(argv) == 0
+    printed = capsys.readouterr()
     assert (f"plain cuts only: `snapvit slice` and subnet() cut corrected subnets from tiny.stats.safetensors by default; "
-            f"`--correct lstsq --calibration {stats}` adds those rows") in capsys.readouterr().out
+            f"`--correct lstsq --calibration {stats}` adds those rows") in printed.err
+    assert "plain cuts only" not in printed.out  # advice, not a result: `> table.md` keeps the table alone
     assert bench.main([*argv, "--correct", "lstsq", "--calibration", str(stats)]) == 0
-    assert "plain cuts only" not in capsys.readouterr().out
+    assert "plain cuts only" not in capsys.readouterr().err
+    # --baselines takes no stats file (a baseline's units are not the checkpoint's): the advice names what it takes
+    assert bench.main([*argv, "--baselines"]) == 0
+    said = capsys.readouterr().err
+    assert "`--correct lstsq` adds corrected rows (refit on --data, cross-fit" in said and "--calibration" not in said
 
 
 def test_an_earlier_bench_is_kept_without_overwrite(result, setup, capsys) -> None:
