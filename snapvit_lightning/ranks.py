@@ -6,6 +6,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -40,29 +41,26 @@ def _timed_out(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def _wait_for_rank_zero(trainer: pl.Trainer, what: str, error: BaseException | None) -> None:
-    """The barrier of :func:`finish_on_every_rank`, its failures said for what they mean here."""
-    try:
-        trainer.strategy.barrier(f"snapvit: {what}")
-    except RuntimeError as err:
-        limit = getattr(trainer.strategy, "_timeout", None)
-        limit = "its default" if limit is None else str(limit)
-        if error is not None:  # rank 0 failed or was stopped (Ctrl-C reaches every rank): its own error says why
-            raise error from None
-        if getattr(trainer, "global_rank", 0) == 0:
-            raise RuntimeError(
-                f"{what} is done on global rank 0 (its files are written and complete), but the other ranks had stopped "
-                f"waiting for it: one failed, or waited longer than the process group's timeout ({limit}), as its own "
-                f"error says; the run ends as failed ({err})") from err
-        if not _timed_out(err):
-            raise
-        raise RankZeroTimeout(
-            f"{what}: global rank {trainer.global_rank} waited for global rank 0 to finish it longer than the process "
-            f"group's timeout ({limit}), so it stops, and the run fails (rank 0 writes its files if it finishes). "
-            "Rank 0 does this work alone (on a CPU a big model takes long): give the strategy a longer timeout, "
-            "DDPStrategy(timeout=datetime.timedelta(hours=2)) in Python, or in a config `strategy: {class_path: "
-            "lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: '2:00:00'}}`"
-        ) from err
+def _collective_failed(trainer: pl.Trainer, what: str, error: BaseException | None, err: RuntimeError) -> NoReturn:
+    """Raise what a failed barrier or broadcast of :func:`finish_on_every_rank` means here."""
+    limit = getattr(trainer.strategy, "_timeout", None)
+    limit = "its default" if limit is None else str(limit)
+    if error is not None:  # rank 0 failed or was stopped (Ctrl-C reaches every rank): its own error says why
+        raise error from None
+    if getattr(trainer, "global_rank", 0) == 0:
+        raise RuntimeError(
+            f"{what} is done on global rank 0 (its files are written and complete), but the other ranks had stopped "
+            f"waiting for it: one failed, or waited longer than the process group's timeout ({limit}), as its own "
+            f"error says; the run ends as failed ({err})") from err
+    if not _timed_out(err):
+        raise err
+    raise RankZeroTimeout(
+        f"{what}: global rank {trainer.global_rank} waited for global rank 0 to finish it longer than the process "
+        f"group's timeout ({limit}), so the run fails: Lightning stops rank 0 too, whose files are written only if "
+        "it finished first (never half-written). Rank 0 does this work alone (on a CPU a big model takes long): give "
+        "the strategy a longer timeout, DDPStrategy(timeout=datetime.timedelta(hours=2)) in Python, or in a config "
+        "`strategy: {class_path: lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: '2:00:00'}}`"
+    ) from err
 
 
 def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what: str) -> None:
@@ -77,15 +75,20 @@ def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what:
         what: The work, for the other ranks' message (e.g. ``"the export"``).
 
     Raises:
-        BaseException: ``error``, on rank 0.
-        RankZeroFailed: On the other ranks when rank 0 failed.
+        BaseException: ``error``, on rank 0 (also when the other ranks are gone, e.g. after a Ctrl-C).
+        RankZeroFailed: On the other ranks when rank 0 failed, with rank 0's error in its message (under
+            ``ddp_spawn`` the process that called ``fit`` may report any failed rank's error first).
         SIGTERMException: On the other ranks when a SIGTERM stopped rank 0 (``KeyboardInterrupt``: Ctrl-C).
         RankZeroTimeout: On the other ranks when rank 0's work outlasted the process group's timeout.
     """
-    _wait_for_rank_zero(trainer, what, error)
     how = ("terminated" if isinstance(error, (SIGTERMException, Terminated)) else "interrupted"
            if isinstance(error, KeyboardInterrupt) else "failed" if error is not None else "")
-    failed = trainer.strategy.broadcast(how, src=0)
+    cause = "" if how != "failed" else " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    try:
+        trainer.strategy.barrier(f"snapvit: {what}")
+        failed, said = trainer.strategy.broadcast((how, cause), src=0)
+    except RuntimeError as err:
+        _collective_failed(trainer, what, error, err)
     if error is not None:
         raise error
     if failed == "terminated":  # a signal, not a failure: every rank stops as rank 0 did
@@ -93,7 +96,7 @@ def finish_on_every_rank(trainer: pl.Trainer, error: BaseException | None, what:
     if failed == "interrupted":
         raise KeyboardInterrupt
     if failed:
-        raise RankZeroFailed(f"{what} failed on global rank 0 (its error is printed there); nothing was written")
+        raise RankZeroFailed(f"{what} failed on global rank 0, so nothing was written: {said}")
 
 
 def stop_if_terminated(trainer: pl.Trainer) -> None:

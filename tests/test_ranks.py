@@ -103,6 +103,8 @@ def test_the_other_ranks_stop_as_rank_zero_did(error, raised) -> None:
         finish_on_every_rank(rank1, None, "the export")
     if raised is SIGTERMException:  # a user's script ends with the status a shell gives a SIGTERM, not 0
         assert stop.value.code == 143
+    if raised is RankZeroFailed:  # rank 0's own error travels (a ddp_spawn parent may report this rank's first)
+        assert str(stop.value) == "the export failed on global rank 0, so nothing was written: ValueError: x"
 
 
 def _wait_at_the_barrier(rank: int, port: int, queue) -> None:
@@ -160,9 +162,13 @@ def test_a_barrier_that_fails_after_rank_zeros_work_says_what_happened() -> None
 
     with pytest.raises(RuntimeError, match="^Connection closed by peer$"):  # another rank gone: not a timeout
         finish_on_every_rank(ranked(1), None, "the export")
-    # Ctrl-C reaches every rank: rank 0 printed the barrier's traceback instead of "interrupted"
+    # Ctrl-C reaches every rank: rank 0 printed the barrier's (or the broadcast's) traceback instead of "interrupted"
     with pytest.raises(KeyboardInterrupt):
         finish_on_every_rank(ranked(0), KeyboardInterrupt(), "the export")
+    gone_after_barrier = SimpleNamespace(global_rank=0, strategy=SimpleNamespace(
+        barrier=lambda name: None, broadcast=lambda obj, src: broken(None)))
+    with pytest.raises(KeyboardInterrupt):
+        finish_on_every_rank(gone_after_barrier, KeyboardInterrupt(), "the export")
     with pytest.raises(ValueError, match="^bad$"):
         finish_on_every_rank(ranked(0), ValueError("bad"), "the export")
     # rank 0 wrote its files, then found the others gone (one timed out at the barrier, or failed)
