@@ -567,6 +567,7 @@ class SnapViTCLI:
         from .export import ExportCheck
         from .module import SnapViTModule
         from .precision_cli import lightning_cli, lightning_interrupt  # a LightningCLI that resolves precision: auto
+        from .ranks import DistributedSigterm
         from .run_config import SaveConfigAfterFit
 
         with quiet_lightning(), lightning_cli_args(args) as cli_args, lightning_interrupt():
@@ -578,7 +579,8 @@ class SnapViTCLI:
                 # the loss of every batch: an epoch of a few batches is all there is (Lightning warns otherwise)
                 trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
                                   "enable_model_summary": False, "log_every_n_steps": 1,
-                                  "callbacks": [ExportCheck()]},  # warns when nothing would be written
+                                  # ExportCheck warns when nothing would be written; DistributedSigterm: see ranks
+                                  "callbacks": [ExportCheck(), DistributedSigterm()]},
                 # not Lightning's, which writes config.yaml into the working folder (no logger): beside the export
                 save_config_callback=SaveConfigAfterFit, save_config_kwargs={"path": save_config},
                 parser_kwargs={"prog": "snapvit", "allow_abbrev": False, "fit": {"allow_abbrev": False}},  # `--seed 3` was seed_everything

@@ -9,13 +9,15 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from .errors import Terminated
 
 __all__ = [
-    "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "finish_on_every_rank", "stop_if_terminated",
-    "stop_started_ranks", "stops_on_sigterm",
+    "DistributedSigterm", "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "finish_on_every_rank",
+    "stop_if_terminated", "stop_started_ranks", "stops_on_sigterm",
 ]
 
 #: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once
@@ -200,3 +202,56 @@ def stop_started_ranks(trainer: object) -> None:
                 proc.send_signal(signal.SIGTERM)
     elif isinstance(launcher, _MultiProcessingLauncher):  # every rank notes it; rank 0's flag stops them together
         launcher.kill(signal.SIGTERM)
+
+
+class DistributedSigterm(Callback):
+    """Under DDP, a SIGTERM during the scoring stops every rank after the same step, never inside a collective.
+
+    Lightning's handler broadcasts from inside the signal handler and signals the other ranks, which
+    broadcast too: with a SIGTERM to every process (a scheduler's), their broadcasts met the training
+    loop's own per-step one and every rank waited forever (1 of 3 tries with a ViT). From the scoring's
+    start this handler only notes the signal; after every step (and at the epoch's end) all ranks read
+    rank 0's note (one broadcast) and, if it is set, stop together at Lightning's next check (the search
+    and the export: :func:`collective_safe_sigterm`). As there, a signal to another rank alone is
+    dropped. A rank other than 0 that stops ends quietly at a further SIGTERM: rank 0's command stops
+    the ranks it started (:func:`stop_started_ranks`), and Lightning's handler then printed that rank's
+    traceback after the command had ended. ``snapvit fit`` adds it; add it to a DDP Trainer of your own.
+    """
+
+    def __init__(self) -> None:
+        self._seen = False
+
+    @staticmethod
+    def _connector(trainer: pl.Trainer) -> object | None:
+        connector = getattr(trainer, "_signal_connector", None)  # Lightning's: holds received_sigterm
+        if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+            return None
+        return connector if hasattr(connector, "received_sigterm") else None
+
+    def _stop_with_rank_zero(self, trainer: pl.Trainer) -> None:
+        connector = self._connector(trainer)
+        if connector is not None and bool(trainer.strategy.broadcast(self._seen, src=0)):
+            connector.received_sigterm = True  # every rank: Lightning raises SIGTERMException after this step
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen = False
+        if self._connector(trainer) is not None:
+            def note(signum: int, frame: object) -> None:
+                self._seen = True
+
+            signal.signal(signal.SIGTERM, note)  # Lightning's connector restores the handlers after the fit
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._stop_with_rank_zero(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_with_rank_zero(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if (isinstance(exception, SIGTERMException) and trainer.global_rank != 0
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -77,6 +77,57 @@ def test_a_stopping_rank_other_than_zero_ends_quietly_at_the_launchers_sigterm()
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_rank_other_than_zero_stopped_by_a_sigterm_ends_quietly_at_the_next() -> None:
+    # During the scoring Lightning's own handler ran at the launcher's SIGTERM and printed a traceback after the end.
+    from snapvit_lightning.ranks import DistributedSigterm
+
+    def lightnings(signum, frame):  # stands for the handler Lightning installs during a fit
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for rank, exception, quiet in ((1, SIGTERMException(), True), (0, SIGTERMException(), False),
+                                       (1, ValueError("x"), False)):
+            signal.signal(signal.SIGTERM, lightnings)
+            DistributedSigterm().on_exception(SimpleNamespace(global_rank=rank), None, exception)
+            assert signal.getsignal(signal.SIGTERM) is (signal.SIG_DFL if quiet else lightnings), (rank, exception)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_sigterm_in_the_scoring_stops_every_rank_after_the_same_step() -> None:
+    # Lightning's handler broadcast from inside the signal handler; with every process signalled, all ranks hung.
+    from snapvit_lightning.ranks import DistributedSigterm
+
+    def rank(number, broadcast):
+        connector = SimpleNamespace(received_sigterm=False)
+        return SimpleNamespace(world_size=2, global_rank=number, _signal_connector=connector,
+                               strategy=SimpleNamespace(broadcast=broadcast))
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        callback, rank0 = DistributedSigterm(), rank(0, lambda obj, src: obj)
+        callback.on_train_start(rank0, None)
+        callback.on_train_batch_end(rank0, None)
+        assert not rank0._signal_connector.received_sigterm
+        os.kill(os.getpid(), signal.SIGTERM)  # noted only: nothing raised, no collective inside the handler
+        assert not rank0._signal_connector.received_sigterm
+        callback.on_train_batch_end(rank0, None)  # after the step: Lightning's check stops this rank
+        assert rank0._signal_connector.received_sigterm
+        for hook in ("on_train_batch_end", "on_train_epoch_end"):
+            rank1 = rank(1, lambda obj, src: True)  # rank 0 saw it: this rank stops after the same step
+            getattr(DistributedSigterm(), hook)(rank1, None)
+            assert rank1._signal_connector.received_sigterm, hook
+        alone = rank(1, lambda obj, src: False)  # this rank's own signal, not rank 0's: dropped
+        callback = DistributedSigterm()
+        callback.on_train_start(alone, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        callback.on_train_batch_end(alone, None)
+        assert not alone._signal_connector.received_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_one_process_keeps_its_handlers() -> None:
     before = signal.getsignal(signal.SIGTERM)
     one = SimpleNamespace(world_size=1, received_sigterm=False)
