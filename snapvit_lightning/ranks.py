@@ -220,6 +220,7 @@ class DistributedSigterm(Callback):
 
     def __init__(self) -> None:
         self._seen = False
+        self._scoring = False
 
     @staticmethod
     def _connector(trainer: pl.Trainer) -> object | None:
@@ -235,10 +236,15 @@ class DistributedSigterm(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen = False
-        if self._connector(trainer) is not None:
+        self._seen, self._scoring = False, True
+        connector = self._connector(trainer)
+        if connector is not None:
+            rank_zero = trainer.global_rank == 0
+
             def note(signum: int, frame: object) -> None:
                 self._seen = True
+                if rank_zero and not self._scoring:  # after the epoch: the search's first check reads rank 0's flag
+                    connector.received_sigterm = True
 
             signal.signal(signal.SIGTERM, note)  # Lightning's connector restores the handlers after the fit
 
@@ -249,6 +255,7 @@ class DistributedSigterm(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_with_rank_zero(trainer)
+        self._scoring = False
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

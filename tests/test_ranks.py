@@ -118,6 +118,12 @@ def test_a_sigterm_in_the_scoring_stops_every_rank_after_the_same_step() -> None
             rank1 = rank(1, lambda obj, src: True)  # rank 0 saw it: this rank stops after the same step
             getattr(DistributedSigterm(), hook)(rank1, None)
             assert rank1._signal_connector.received_sigterm, hook
+        late = rank(0, lambda obj, src: obj)  # after the epoch's end: the search's first check reads the flag
+        callback = DistributedSigterm()
+        callback.on_train_start(late, None)
+        callback.on_train_epoch_end(late, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert late._signal_connector.received_sigterm
         alone = rank(1, lambda obj, src: False)  # this rank's own signal, not rank 0's: dropped
         callback = DistributedSigterm()
         callback.on_train_start(alone, None)
