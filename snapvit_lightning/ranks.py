@@ -140,25 +140,15 @@ def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
             _SIGTERM["stop"] = False
             raise SIGTERMException(TERMINATED_STATUS)
 
-    # A rank other than 0 that stops for a SIGTERM gets the launcher's SIGTERM too (rank 0's command stops
-    # the ranks it started): Lightning's handler then broadcast to a rank 0 that had gone and printed this
-    # rank's traceback after the command ended. Stopping anyway, it ends quietly at that signal instead.
-    stopping_handler = signal.SIG_DFL if getattr(trainer, "global_rank", 0) != 0 else None
     previous = signal.signal(signal.SIGTERM, note)
     _SIGTERM.update(active=True, seen=False, stop=False)
-    stopped = False
     try:
         yield
-    except SIGTERMException:
-        stopped = True
-        raise
     finally:
-        signal.signal(signal.SIGTERM, stopping_handler if stopped and stopping_handler is not None else previous)
+        signal.signal(signal.SIGTERM, previous)
         seen = _SIGTERM["seen"]
         _SIGTERM.update(active=False, seen=False, stop=False)
     if bool(trainer.strategy.broadcast(seen, src=0)):  # every rank, when the block ended alike on all
-        if stopping_handler is not None:
-            signal.signal(signal.SIGTERM, stopping_handler)
         raise SIGTERMException(TERMINATED_STATUS)
 
 

@@ -48,35 +48,6 @@ def test_rank_zeros_own_work_stops_at_once() -> None:
     assert reached == []
 
 
-def test_a_stopping_rank_other_than_zero_ends_quietly_at_the_launchers_sigterm() -> None:
-    # The launcher SIGTERMs the ranks it started once it stops; a rank already stopping ran Lightning's handler,
-    # which broadcast to the gone rank 0 and printed 111 lines of traceback after the command had ended.
-    before = signal.getsignal(signal.SIGTERM)
-    rank1 = SimpleNamespace(global_rank=1, world_size=2, received_sigterm=False,
-                            strategy=SimpleNamespace(broadcast=lambda obj, src: True))  # rank 0 saw a SIGTERM
-    try:
-        with pytest.raises(SIGTERMException), collective_safe_sigterm(rank1):
-            stop_if_terminated(rank1)  # the search's check: rank 0's flag stops this rank
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        signal.signal(signal.SIGTERM, before)
-        with pytest.raises(SIGTERMException), collective_safe_sigterm(rank1):
-            pass  # the block ends, then rank 0's flag (broadcast) stops every rank
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        signal.signal(signal.SIGTERM, before)
-        rank0 = SimpleNamespace(global_rank=0, world_size=2, received_sigterm=False,
-                                strategy=SimpleNamespace(broadcast=lambda obj, src: True))
-        with pytest.raises(SIGTERMException), collective_safe_sigterm(rank0):
-            stop_if_terminated(rank0)
-        assert signal.getsignal(signal.SIGTERM) is before  # rank 0's command handles the signal itself
-        quiet = SimpleNamespace(global_rank=1, world_size=2, received_sigterm=False,
-                                strategy=SimpleNamespace(broadcast=lambda obj, src: False))
-        with collective_safe_sigterm(quiet):
-            stop_if_terminated(quiet)
-        assert signal.getsignal(signal.SIGTERM) is before  # no signal: every handler as it was
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
 def test_a_rank_other_than_zero_stopped_by_a_sigterm_ends_quietly_at_the_next() -> None:
     # During the scoring Lightning's own handler ran at the launcher's SIGTERM and printed a traceback after the end.
     from snapvit_lightning.ranks import DistributedSigterm
@@ -292,28 +263,48 @@ sys.exit(main())  # the command line, which the other rank re-runs
 """
 
 
-def test_sigterm_during_a_ddp_export_stops_every_rank(tmp_path) -> None:
-    # Lightning's SIGTERM handler broadcasts from rank 0 inside the handler; with the other rank at the
-    # export's barrier neither returned (each waited forever; `timeout` could not end them).
+_TERM_EVERY_RANK_WHILE_SCORING = """
+import os
+import signal
+import sys
+from pathlib import Path
+
+from snapvit_lightning.cli import main
+from snapvit_lightning.module import SnapViTModule
+
+Path(os.environ["PIDS"], f"rank{os.environ.get('LOCAL_RANK', '0')}.pid").write_text(str(os.getpid()))
+step = SnapViTModule.training_step
+
+
+def terminated_while_scoring(self, batch, batch_idx):  # a scheduler's SIGTERM reaches every process
+    if batch_idx == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(self, batch, batch_idx)
+
+
+SnapViTModule.training_step = terminated_while_scoring
+sys.exit(main())  # the command line, which the other rank re-runs
+"""
+
+
+def _run_two_ranks(tmp_path, script: str, images: int = 4) -> subprocess.CompletedProcess:
+    """``snapvit fit`` under ``ddp`` on 2 CPU processes through ``script``; it stopped every rank it started."""
     import numpy as np
     from PIL import Image
 
     from test_cli import _DDP_CONFIG
 
-    for i in range(4):
+    for i in range(images):
         folder = tmp_path / "images" / "ab"[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     config = tmp_path / "config.yaml"
     config.write_text(_DDP_CONFIG.format(images=tmp_path / "images", out=tmp_path / "out"))
-    script = tmp_path / "run.py"
-    script.write_text(_TERM_DURING_EXPORT)
-    cmd = [sys.executable, str(script), "fit", "--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    (tmp_path / "run.py").write_text(script)
+    cmd = [sys.executable, str(tmp_path / "run.py"), "fit", "--config", str(config), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIDS": str(tmp_path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
-    assert proc.returncode == 143, proc.stderr[-3000:]
-    assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
-    assert "failed on global rank 0" not in proc.stderr  # the other rank stops as terminated, not as failed
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     for rank in (0, 1):  # no rank is left behind
         pid = int((tmp_path / f"rank{rank}.pid").read_text())
@@ -321,3 +312,22 @@ def test_sigterm_during_a_ddp_export_stops_every_rank(tmp_path) -> None:
             for _ in range(100):
                 os.kill(pid, 0)
                 subprocess.run(["sleep", "0.1"])
+    return proc
+
+
+def test_sigterm_during_a_ddp_export_stops_every_rank(tmp_path) -> None:
+    # Lightning's SIGTERM handler broadcasts from rank 0 inside the handler; with the other rank at the
+    # export's barrier neither returned (each waited forever; `timeout` could not end them).
+    proc = _run_two_ranks(tmp_path, _TERM_DURING_EXPORT)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
+    assert "failed on global rank 0" not in proc.stderr  # the other rank stops as terminated, not as failed
+
+
+def test_sigterm_to_every_rank_during_the_scoring_stops_them_after_the_same_step(tmp_path) -> None:
+    # Lightning's handler broadcast inside the signal handler on every rank: all ranks hung (1 in 3), or the
+    # other rank printed a traceback after the command had ended.
+    proc = _run_two_ranks(tmp_path, _TERM_EVERY_RANK_WHILE_SCORING, images=8)  # 2 steps per rank
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "EvolutionarySearch:" not in proc.stdout + proc.stderr
