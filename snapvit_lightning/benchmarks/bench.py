@@ -500,12 +500,13 @@ def run_bench(args: argparse.Namespace) -> int:
     entries: list[dict[str, Any]] = []
 
     corrections = list(dict.fromkeys(getattr(args, "correct", None) or []))
-    if not corrections and stats_path_for(path).is_file():  # slice's default is not what these rows measure
+    beside = stats_path_for(path)
+    if not corrections and beside.is_file():  # slice's default is not what these rows measure
         option = ("`--correct lstsq` adds corrected rows (refit on --data, cross-fit: --baselines takes no stats file)"
                   if getattr(args, "baselines", False) else f"`--correct lstsq --calibration "
-                  f"{shlex.quote(str(stats_path_for(path)))}` adds those rows (held out only if --data holds none of "
+                  f"{shlex.quote(str(beside))}` adds those rows (held out only if --data holds none of "
                   "their calibration images)")
-        print(f"plain cuts only: `snapvit slice` and subnet() cut corrected subnets from {stats_path_for(path).name} by "
+        print(f"plain cuts only: `snapvit slice` and subnet() cut corrected subnets from {beside.name} by "
               f"default; {option}", file=sys.stderr)
     calibrate = make_calibrator(getattr(args, "calibration", None), images, args.batch_size, corrections)
 
