@@ -629,36 +629,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(prog, command)
 
 
-@contextlib.contextmanager
-def _own_warnings_as(prog: str) -> Iterator[None]:
-    """This package's warnings as ``PROG: warning: ...`` lines (not ``/path/to/module.py:545: ...``); others as before.
-
-    Replaces ``warnings.showwarning`` (Lightning replaces ``formatwarning`` when it is first imported);
-    while warnings are recorded (``catch_warnings(record=True)``, ``pytest.warns``) or shown by a
-    replaced ``showwarning``, they go there as before.
-    """
-    previous = warnings.showwarning
-    package = Path(__file__).resolve().parent
-
-    def recorded() -> bool:  # catch_warnings(record=True) swaps the writer for its list's append
-        return getattr(getattr(warnings, "_showwarnmsg_impl", None), "__name__", "") != "_showwarnmsg_impl"
-
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 (warnings' signature)
-        if (previous is not warnings._showwarning_orig or recorded()
-                or not Path(filename).resolve().is_relative_to(package)):
-            return previous(message, category, filename, lineno, file, line)
-        try:
-            (sys.stderr if file is None else file).write(f"{prog}: warning: {message}\n")
-        except OSError:  # as warnings' own: a closed stderr is not an error
-            pass
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = previous
-
-
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` as a console command named ``prog``; return its exit status.
 
@@ -667,10 +637,10 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     checkpoint of a ``ModelCheckpoint`` to resume from, if one was saved); a reader that went away
     (``| head``): 1. The files are staged and renamed into place at the end, so none is half-written.
     """
-    from .errors import Terminated, exit_on_user_error, process_rank, traceback_requested
+    from .errors import Terminated, exit_on_user_error, own_warnings_as, process_rank, traceback_requested
 
     try:
-        with exit_on_user_error(prog), _own_warnings_as(prog):
+        with exit_on_user_error(prog), own_warnings_as(prog):
             status = command()
             sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
             return status

@@ -33,6 +33,7 @@ import re
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "is_user_error",
     "one_line",
     "one_line_error_parser",
+    "own_warnings_as",
     "process_rank",
     "sigterm_raises",
     "traceback_requested",
@@ -198,8 +200,6 @@ def warn_at_caller(message: str) -> None:
     the user's line whichever way it was reached. The package's own commands (``snapvit_lightning.cli``,
     the benchmarks) count as callers, so the CLI still shows it as ``snapvit CMD: warning: ...``.
     """
-    import warnings
-
     package = __name__.rsplit(".", 1)[0]
     frame, level = sys._getframe(1), 2  # stacklevel 1 is this function's own line
     while frame is not None:
@@ -214,6 +214,36 @@ def warn_at_caller(message: str) -> None:
 def process_rank() -> int:
     """This process's rank in a DDP run that Lightning or torchrun started (``RANK``/``LOCAL_RANK``), else 0."""
     return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+
+
+@contextmanager
+def own_warnings_as(prog: str) -> Iterator[None]:
+    """This package's warnings as ``PROG: warning: ...`` lines (not ``/path/to/module.py:545: ...``); others as before.
+
+    Replaces ``warnings.showwarning`` (Lightning replaces ``formatwarning`` when it is first imported);
+    while warnings are recorded (``catch_warnings(record=True)``, ``pytest.warns``) or shown by a
+    replaced ``showwarning``, they go there as before.
+    """
+    previous = warnings.showwarning
+    package = Path(__file__).resolve().parent  # snapvit_lightning/
+
+    def recorded() -> bool:  # catch_warnings(record=True) swaps the writer for its list's append
+        return getattr(getattr(warnings, "_showwarnmsg_impl", None), "__name__", "") != "_showwarnmsg_impl"
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 (warnings' signature)
+        if (previous is not warnings._showwarning_orig or recorded()
+                or not Path(filename).resolve().is_relative_to(package)):
+            return previous(message, category, filename, lineno, file, line)
+        try:
+            (sys.stderr if file is None else file).write(f"{prog}: warning: {message}\n")
+        except OSError:  # as warnings' own: a closed stderr is not an error
+            pass
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 @contextmanager

@@ -22,7 +22,7 @@ __all__ = [
 
 #: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once
 #: SIGTERM came, ``stop`` while rank 0's own work (:func:`stops_on_sigterm`) may be stopped at once.
-_SIGTERM = {"active": False, "seen": False, "stop": False}
+_SIGTERM = {"active": False, "seen": False, "stop": False, "pending": False}
 
 #: The exit status of a process SIGTERM stopped (a shell's 128 + 15), carried by the ``SIGTERMException``
 #: raised here: Lightning's own carries none, so a user's script that a SIGTERM stopped ended with status 0.
@@ -127,7 +127,8 @@ def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
     broadcast meets another collective, or none, on the other ranks, and every rank waited forever.
     Here the handler only notes the signal: :func:`stop_if_terminated` (called by every rank at the
     same point) then stops all ranks together, and rank 0's own work inside :func:`stops_on_sigterm`
-    stops at once. On leaving, a SIGTERM noted meanwhile stops every rank (one broadcast). One
+    stops at once. A SIGTERM that :class:`DistributedSigterm` noted after the scoring's last step
+    counts as noted here. On leaving, a SIGTERM noted meanwhile stops every rank (one broadcast). One
     process, or outside the main thread: nothing changes.
     """
     if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread() or _SIGTERM["active"]:
@@ -141,7 +142,7 @@ def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
             raise SIGTERMException(TERMINATED_STATUS)
 
     previous = signal.signal(signal.SIGTERM, note)
-    _SIGTERM.update(active=True, seen=False, stop=False)
+    _SIGTERM.update(active=True, seen=_SIGTERM["pending"], stop=False, pending=False)
     try:
         yield
     finally:
@@ -164,9 +165,10 @@ def stops_on_sigterm() -> Iterator[None]:
     if not _SIGTERM["active"]:
         yield
         return
+    _SIGTERM["stop"] = True  # before the check: a signal between the two raises in the handler
     if _SIGTERM["seen"]:
+        _SIGTERM["stop"] = False
         raise SIGTERMException(TERMINATED_STATUS)
-    _SIGTERM["stop"] = True
     try:
         yield
     finally:
@@ -201,11 +203,13 @@ class DistributedSigterm(Callback):
     broadcast too: with a SIGTERM to every process (a scheduler's), their broadcasts met the training
     loop's own per-step one and every rank waited forever (1 of 3 tries with a ViT). From the scoring's
     start this handler only notes the signal; after every step (and at the epoch's end) all ranks read
-    rank 0's note (one broadcast) and, if it is set, stop together at Lightning's next check (the search
-    and the export: :func:`collective_safe_sigterm`). As there, a signal to another rank alone is
-    dropped. A rank other than 0 that stops ends quietly at a further SIGTERM: rank 0's command stops
-    the ranks it started (:func:`stop_started_ranks`), and Lightning's handler then printed that rank's
-    traceback after the command had ended. ``snapvit fit`` adds it; add it to a DDP Trainer of your own.
+    rank 0's note (one broadcast) and, if it is set, stop together at Lightning's next check. After the
+    last step it is kept for the search's first check (:func:`collective_safe_sigterm`): Lightning's own
+    check after the epoch is rank 0's alone, and rank 0 stopped there while the others searched. As there,
+    a signal to another rank alone is dropped. A rank other than 0 that stops ends quietly at the further
+    SIGTERM of rank 0's command (:func:`stop_started_ranks`): this handler only notes it (Lightning's
+    printed that rank's traceback after the command had ended). ``snapvit fit`` adds it; add it to a DDP
+    Trainer of your own.
     """
 
     def __init__(self) -> None:
@@ -227,14 +231,14 @@ class DistributedSigterm(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen, self._scoring = False, True
+        _SIGTERM["pending"] = False
         connector = self._connector(trainer)
         if connector is not None:
-            rank_zero = trainer.global_rank == 0
 
             def note(signum: int, frame: object) -> None:
                 self._seen = True
-                if rank_zero and not self._scoring:  # after the epoch: the search's first check reads rank 0's flag
-                    connector.received_sigterm = True
+                if not self._scoring:
+                    _SIGTERM["pending"] = True
 
             signal.signal(signal.SIGTERM, note)  # Lightning's connector restores the handlers after the fit
 
@@ -248,7 +252,5 @@ class DistributedSigterm(Callback):
         self._scoring = False
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if (isinstance(exception, SIGTERMException) and trainer.global_rank != 0
-                and threading.current_thread() is threading.main_thread()):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _SIGTERM["pending"] = False  # noted after the export, or with no search or export: not a next fit's

@@ -48,24 +48,6 @@ def test_rank_zeros_own_work_stops_at_once() -> None:
     assert reached == []
 
 
-def test_a_rank_other_than_zero_stopped_by_a_sigterm_ends_quietly_at_the_next() -> None:
-    # During the scoring Lightning's own handler ran at the launcher's SIGTERM and printed a traceback after the end.
-    from snapvit_lightning.ranks import DistributedSigterm
-
-    def lightnings(signum, frame):  # stands for the handler Lightning installs during a fit
-        pass
-
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        for rank, exception, quiet in ((1, SIGTERMException(), True), (0, SIGTERMException(), False),
-                                       (1, ValueError("x"), False)):
-            signal.signal(signal.SIGTERM, lightnings)
-            DistributedSigterm().on_exception(SimpleNamespace(global_rank=rank), None, exception)
-            assert signal.getsignal(signal.SIGTERM) is (signal.SIG_DFL if quiet else lightnings), (rank, exception)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
 def test_a_sigterm_in_the_scoring_stops_every_rank_after_the_same_step() -> None:
     # Lightning's handler broadcast from inside the signal handler; with every process signalled, all ranks hung.
     from snapvit_lightning.ranks import DistributedSigterm
@@ -89,12 +71,22 @@ def test_a_sigterm_in_the_scoring_stops_every_rank_after_the_same_step() -> None
             rank1 = rank(1, lambda obj, src: True)  # rank 0 saw it: this rank stops after the same step
             getattr(DistributedSigterm(), hook)(rank1, None)
             assert rank1._signal_connector.received_sigterm, hook
-        late = rank(0, lambda obj, src: obj)  # after the epoch's end: the search's first check reads the flag
+        # after the epoch's end: kept for the search's first check, not Lightning's flag (rank 0 alone stopped at
+        # Lightning's check after the epoch, and the other ranks waited in the search's first broadcast)
+        late = rank(0, lambda obj, src: obj)
         callback = DistributedSigterm()
         callback.on_train_start(late, None)
         callback.on_train_epoch_end(late, None)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert late._signal_connector.received_sigterm
+        assert not late._signal_connector.received_sigterm
+        with pytest.raises(SIGTERMException), collective_safe_sigterm(late):
+            stop_if_terminated(late)
+        with collective_safe_sigterm(late):  # read once
+            stop_if_terminated(late)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the export, or with none: not a next fit's
+        callback.teardown(late, None, "fit")
+        with collective_safe_sigterm(late):
+            stop_if_terminated(late)
         alone = rank(1, lambda obj, src: False)  # this rank's own signal, not rank 0's: dropped
         callback = DistributedSigterm()
         callback.on_train_start(alone, None)
@@ -287,6 +279,30 @@ sys.exit(main())  # the command line, which the other rank re-runs
 """
 
 
+_TERM_RANK_ZERO_AFTER_THE_SCORING = """
+import os
+import signal
+import sys
+from pathlib import Path
+
+from snapvit_lightning.cli import main
+from snapvit_lightning.module import SnapViTModule
+
+Path(os.environ["PIDS"], f"rank{os.environ.get('LOCAL_RANK', '0')}.pid").write_text(str(os.getpid()))
+end = SnapViTModule.on_train_epoch_end
+
+
+def terminated_after_the_last_step(self):  # rank 0, after the callbacks' epoch end, before the search
+    if self.trainer.global_rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return end(self)
+
+
+SnapViTModule.on_train_epoch_end = terminated_after_the_last_step
+sys.exit(main())  # the command line, which the other rank re-runs
+"""
+
+
 def _run_two_ranks(tmp_path, script: str, images: int = 4) -> subprocess.CompletedProcess:
     """``snapvit fit`` under ``ddp`` on 2 CPU processes through ``script``; it stopped every rank it started."""
     import numpy as np
@@ -331,3 +347,13 @@ def test_sigterm_to_every_rank_during_the_scoring_stops_them_after_the_same_step
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
     assert "Traceback" not in proc.stderr and "EvolutionarySearch:" not in proc.stdout + proc.stderr
+
+
+def test_sigterm_to_rank_zero_after_the_scoring_stops_every_rank_at_the_search(tmp_path) -> None:
+    # rank 0 stopped alone at Lightning's check after the epoch; the other rank, in the search's first
+    # broadcast, ended with gloo's "Connection closed by peer" traceback
+    proc = _run_two_ranks(tmp_path, _TERM_RANK_ZERO_AFTER_THE_SCORING)
+    (tmp_path / "stderr.txt").write_text(proc.stderr)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "snapvit fit: terminated (SIGTERM)" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

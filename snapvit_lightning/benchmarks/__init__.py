@@ -24,10 +24,12 @@ def run_as_script(main: Callable[[], int | None], module: str) -> NoReturn:
     """``python -m snapvit_lightning.benchmarks.<name>``: run ``main``; a user error is one line, status 2.
 
     As in ``snapvit``: a missing folder or a bad option prints ``python -m ...: error: <message>``, not
-    a traceback (``SNAPVIT_TRACEBACK=1`` shows it). ``main`` itself still raises, for Python callers.
+    a traceback (``SNAPVIT_TRACEBACK=1`` shows it), and this package's warnings print as
+    ``python -m ...: warning: <message>``. ``main`` itself still raises, for Python callers.
     """
-    from ..errors import exit_on_user_error
+    from ..errors import exit_on_user_error, own_warnings_as
 
-    with exit_on_user_error(f"python -m {module}"):
+    prog = f"python -m {module}"
+    with exit_on_user_error(prog), own_warnings_as(prog):
         code = main()
     raise SystemExit(code or 0)

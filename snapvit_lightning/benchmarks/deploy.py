@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -74,11 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int_at_least(2), default=32, help="images for the fidelity (default: 32)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=1, help="images per timed forward (default: 1)")
     parser.add_argument("--repeats", type=int_at_least(1), default=30, help="interleaved timed rounds (default: 30)")
-    args = parser.parse_args(argv)
-    from ..errors import exit_on_user_error
-
-    with exit_on_user_error(parser.prog):
-        return _run(args)
+    return _run(parser.parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -132,4 +127,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import run_as_script
+
+    run_as_script(main, __spec__.name)

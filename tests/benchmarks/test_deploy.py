@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +42,11 @@ def test_the_table_measures_the_checkpoint(tmp_path, capsys, one_thread) -> None
     assert len(rows) == 2 * len(deploy.FORMS) and "subnet: flops=0.6, plain (no statistics" in out
     assert rows[0][:2] == ["| dense", "eager float32"] and rows[0][3] == "1.00x" and rows[0][4] == "1.0000 |"
     assert "fidelity on 3 images of" in out
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(FileNotFoundError, match="elastic checkpoint not found"):  # raised, for Python callers
         deploy.main([str(tmp_path / "missing.elastic.safetensors"), "--data", str(tmp_path)])
-    assert err.value.code == 2 and "elastic checkpoint not found" in capsys.readouterr().err
+    # from the shell: one line, status 2 (run_as_script)
+    run = subprocess.run([sys.executable, "-m", "snapvit_lightning.benchmarks.deploy", str(tmp_path / "missing.elastic.safetensors"),
+                          "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        "python -m snapvit_lightning.benchmarks.deploy: error: ELASTIC: elastic checkpoint not found: "
+        f"'{tmp_path / 'missing.elastic.safetensors'}'"]

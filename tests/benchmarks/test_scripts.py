@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +49,18 @@ def test_every_option_says_what_it_does_and_its_default(name: str, monkeypatch: 
                     and a.default != argparse.SUPPRESS and not a.required]
     assert [a.option_strings for a in with_default if "default" not in a.help] == []
     assert not (parser.description or "").endswith(":")  # a docstring's "::" is not a sentence
+
+
+def test_a_scripts_own_warning_is_one_line_and_others_keep_their_form() -> None:
+    # a benchmark's warning printed as `/path/to/deploy.py:111: UserWarning: ...` (the `snapvit` commands' form is one line)
+    script = (
+        "import warnings, snapvit_lightning.benchmarks as b\n"
+        "def main():\n"
+        "    warnings.warn_explicit('the machine is busy', UserWarning, b.__file__, 1)\n"
+        "    warnings.warn_explicit('not ours', UserWarning, 'elsewhere.py', 7)\n"
+        "b.run_as_script(main, 'snapvit_lightning.benchmarks.x')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = run.stderr.splitlines()
+    assert run.returncode == 0 and lines[0] == "python -m snapvit_lightning.benchmarks.x: warning: the machine is busy"
+    assert lines[1] == "elsewhere.py:7: UserWarning: not ours"
