@@ -330,6 +330,11 @@ def _parse_error_text(message: str) -> str:
     When a named callback class refused a value, only its refusal is said: ``ElasticExport: budgets: [0.5]
     is not a budget (...)``; ``SNAPVIT_TRACEBACK=1`` shows jsonargparse's whole report.
     """
+    precision = re.search(r'Parser key "trainer\.precision":.*Given value: (.*)$', one_line(message))
+    if precision:  # jsonargparse's report lists 16-mixed and the others Lightning has, which the scoring refuses
+        from .precision_state import precision_refusal
+
+        return precision_refusal("trainer.precision", precision.group(1))
     refusal = _callback_value_refusal(message) if 'Parser key "trainer.callbacks"' in message else None
     if refusal is None:
         return f"{_callbacks_hint(message)}{one_line(message)}"

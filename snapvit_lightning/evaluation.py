@@ -26,6 +26,7 @@ __all__ = [
     "knn_accuracy",
     "feature_fidelity",
     "centered_fidelity",
+    "prediction_agreement",
     "model_cost",
     "measure_latency",
     "extract_features",
@@ -235,6 +236,27 @@ def centered_fidelity(features: Tensor, reference: Tensor) -> float:
         raise ValueError(f"features must be [N, D] with N >= 2 (the means), got {_shape(features)}")
     f, r = features.double(), reference.double().to(features.device)
     return float(F.cosine_similarity(f - f.mean(0), r - r.mean(0), dim=-1).clamp(-1.0, 1.0).mean())
+
+
+@torch.inference_mode()
+def prediction_agreement(features: Tensor, reference: Tensor, head: nn.Module) -> float:
+    """Share of images whose class from ``head`` (argmax of its logits) is the same for both feature sets.
+
+    For a classifier model: ``head`` is its classifier (``model.get_classifier()``), ``features`` a
+    subnet's pre-logits features and ``reference`` the dense model's. The subnets keep the head
+    unchanged, so this is how often the subnet predicts what the dense model predicts; no labels needed.
+
+    Raises:
+        ValueError: If the shapes differ, are not ``[N, D]`` with ``N >= 1``, or ``head`` is not a module.
+    """
+    _check_pair(features, reference)
+    if features.ndim != 2 or features.shape[0] < 1:
+        raise ValueError(f"features must be [N, D] with N >= 1, got {_shape(features)}")
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"head must be the model's classifier (an nn.Module), got {type(head).__name__}")
+    dtype = next(head.parameters(), reference).dtype
+    same = head(features.to(dtype)).argmax(-1) == head(reference.to(features.device, dtype)).argmax(-1)
+    return float(same.double().mean())
 
 
 # --------------------------------------------------------------------------- cost

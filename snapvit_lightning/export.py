@@ -62,7 +62,7 @@ from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import ONNX_OPSET, _check_fixed_grid, checked_onnx
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
-from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure, measured_on
+from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure, measured_on, stage_times
 from .scores import HEAD_SHARE_KNEE
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
@@ -162,7 +162,7 @@ def export_elastic(
     images): the corrected subnets (``fidelity_corrected``, saved, ONNX) are
     ``subnet(mlp_ratio, head_ratio, correct=correct)``, whose units that ranking chooses; a
     budget whose per-block counts then differ from the plain cut's also gets
-    ``kept_neurons_corrected``/``kept_heads_corrected``.
+    ``kept_neurons_corrected`` and ``kept_heads_corrected`` (both, when either differs).
 
     Args:
         elastic: The elastic model (left unchanged).
@@ -390,8 +390,9 @@ def export_elastic(
             **{k: (scores.build_info or {}).get(k) for k in ("scoring_s", "search_s", "search_evaluations", "machine", "precision")},
             "ranking_s": ranking_s,
             "export_s": None,
-            "export_s_covers": "export_elastic from its start to just before writing report.json: fidelity, "
-            "slicing, the elastic checkpoint, subnets and plots (not report.json itself nor the final renames)",
+            "export_s_covers": "export_elastic from its start to just before writing report.json: correction "
+            "statistics and ranking (ranking_s), fidelity, slicing, the elastic checkpoint, subnets and plots (not "
+            "report.json itself nor the final renames)",
             "export_machine": build_machine(device),
         },
     }
@@ -441,7 +442,8 @@ def export_elastic(
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-    rank_zero_info(f"export: wrote {len(targets)} files to {out_dir}")  # ElasticExport's, the plug-in's or a call's
+    times = stage_times(report["build_times"])  # the console's only word on where the minutes went
+    rank_zero_info(f"export: wrote {len(targets)} files to {out_dir} ({times})")  # ElasticExport's, the plug-in's or a call's
     if earlier_name is not None and earlier_name != name:
         rank_zero_info(f"export: replaced the export {earlier_name!r} in {out_dir} (overwrite) and removed its "
                        f"{len(removed)} files: {', '.join(removed) or 'none left'}")

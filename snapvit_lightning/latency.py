@@ -16,7 +16,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import os
 import statistics
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import warn_at_caller
+from . import machine
 from .evaluation import _check_device as _check_torch_device
 from .evaluation import _check_int, _check_positive_float, _model_device, measure_latency
 from .structure import count_flops
@@ -53,30 +53,22 @@ LOAD_DRIFT_WARN = 1.3
 """The dense model's slowest over fastest latency across trials above which a result is flagged."""
 
 
-def _load_average() -> float | None:
-    """The machine's 1-minute load average (``None`` where the OS has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+def busy_note(device: str, threads: int | None = None) -> str | None:
+    """Why a CPU timing now would read slow (else ``None``).
 
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def busy_note(device: str) -> str | None:
-    """Why a CPU timing now would read slow: the 1-minute load average exceeds the cores (else ``None``).
-
-    Latencies taken on a busy CPU are longer than a quiet one's, so a latency budget chosen on one
-    is smaller than needed and the models' ratios shift too.
+    The machine's 1-minute load average exceeds its cores, or ``threads`` (the timing's intra-op
+    threads) exceed the cores this process may use. Latencies taken so are longer than a quiet
+    machine's, so a latency budget chosen now is smaller than needed and the models' ratios shift too.
     """
-    load = _load_average()
-    if not str(device).startswith("cpu") or load is None or load <= _cores():
+    if not str(device).startswith("cpu"):
         return None
-    return (f"the machine is busy (1-minute load average {load:.2f} on {_cores()} cores) before this timing: "
-            "models time slower than on a quiet machine, and their ratios shift (a latency budget chosen now is "
-            "smaller than a quiet machine allows); measure where nothing else runs")
+    load, over = machine.busy_load(), None if threads is None else machine.oversubscribed(threads)
+    if load is None and over is None:
+        return None
+    said = [f"the machine is busy ({load})"] * (load is not None) + [f"the timing runs {over}"] * (over is not None)
+    return (f"{' and '.join(said)}: models time slower than on a quiet machine, and their ratios shift (a latency "
+            "budget chosen now is smaller than a quiet machine allows); measure where nothing else runs"
+            + (", with at most as many threads as cores" if over else ""))
 
 
 class LatencyTargetError(ValueError):
@@ -370,7 +362,7 @@ def measure_models(
                                    (("batch_size", batch_size, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)))
     if not models:
         return []
-    busy = busy_note(device)
+    busy = busy_note(device, threads)
     if busy is not None:
         warn_at_caller(busy)
     timer = _timer(_input_size(models[0]), batch_size, device, backend, warmup, repeats)
@@ -448,8 +440,8 @@ def find_latency_budget(
     device = _check_device(device, backend)
     dtype = _check_dtype(dtype, backend)
     start = time.perf_counter()
-    load_average = _load_average()
-    busy = None if timer is not None else busy_note(device)  # a timer of the caller's own reads no machine
+    load = machine.load_average()
+    busy = None if timer is not None else busy_note(device, threads)  # a timer of the caller's own reads no machine
     if busy is not None:
         warn_at_caller(busy)
 
@@ -505,7 +497,7 @@ def find_latency_budget(
         target_ms=latency_ms, flops=lo, flops_fraction=best.flops_fraction, latency_ms=best.latency_ms,
         dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
         batch_size=batch_size, device=device, backend=backend, threads=threads,
-        seconds=time.perf_counter() - start, load_average=load_average, dtype=dtype_name(dtype), chosen=best,
+        seconds=time.perf_counter() - start, load_average=load, dtype=dtype_name(dtype), chosen=best,
     )
     if result.drift_warning() is not None:
         warn_at_caller(result.drift_warning())

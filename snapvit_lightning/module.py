@@ -58,7 +58,9 @@ from typing_extensions import override
 from .console import quiet_spawned_process
 from .forward import embed
 from .loss import NUM_GLOBAL_VIEWS, _v_rows_weight_grads, check_classifier_fits, check_labels, dino_loss
-from .precision_state import MODULE_STATE_KEY, check_resumed_precision, precision_state, saved_precision
+from .precision_state import (
+    ALLOWED_PRECISIONS, MODULE_STATE_KEY, check_resumed_precision, precision_state, saved_precision,
+)
 from .scores import ImportanceScores, check_fraction, lamp_scores
 from .structure import (
     UnsupportedModelError, check_model_images, check_supported, get_blocks, inspect_vit, mlp_input_layers,
@@ -89,9 +91,6 @@ GRADIENT_CRITERIA = ("dino", "cross_entropy", "snip_magnitude")
 ACCUMULATIONS = ("sum_then_square", "fisher")
 
 
-#: Trainer precisions of the scoring: gradients unscaled (``16-mixed`` scales the loss) and inputs in the
-#: model's dtype (``64-true`` leaves the float32 crops as they are).
-ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
 
 
 _CHECKPOINT_KEY = MODULE_STATE_KEY

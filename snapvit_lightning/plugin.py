@@ -48,6 +48,7 @@ from .export import (
 from .loss import check_classifier_fits, check_labels
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
+from .precision_state import precision_refusal
 from .ranks import collective_safe_sigterm, finish_on_every_rank, stops_on_sigterm
 from .scores import ImportanceScores
 from .search import DEFAULT_RATIO_PAIRS, EvolutionarySearch
@@ -259,9 +260,7 @@ class SnapViT(Callback):
         self.search_evals = search_evals
         _set_export_options(self, budgets, save_subnets, overwrite, model_name, model_kwargs, name, correct, stats_views)
         if str(precision) not in ("auto", *ALLOWED_PRECISIONS):
-            raise ValueError(
-                f"precision must be one of {['auto', *ALLOWED_PRECISIONS]} (fp16 corrupts gradient scores), got {precision!r}"
-            )
+            raise ValueError(precision_refusal("precision", precision))
         self.precision = precision
         if accelerator is not None and not isinstance(accelerator, str):
             raise TypeError(f"accelerator must be a str or None, got {accelerator!r}")

@@ -47,7 +47,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import machine
+from .errors import warn_at_caller
 from .forward import embed
+from .precision_state import ALLOWED_PRECISIONS, precision_refusal
 from .values import real_number
 
 if TYPE_CHECKING:
@@ -167,6 +170,8 @@ class ProbeResult:
         batch: What one timed run processed (``step_images``, ``views``, ``fitness_images``,
             ``input_size``, ``repeats``).
         probe_s: Wall time of the whole probe.
+        busy: The machine's load above its cores as the probe began (``None``: quiet, not a CPU,
+            or a ``timer`` of the caller's); a busy machine's timings can choose another setting.
     """
 
     device: str
@@ -181,6 +186,7 @@ class ProbeResult:
     search: Setting
     batch: dict[str, Any]
     probe_s: float
+    busy: str | None = None
 
     @property
     def trainer_precision(self) -> str | None:
@@ -212,6 +218,7 @@ class ProbeResult:
             "margin": self.margin,
             "batch": dict(self.batch),
             "probe_s": round(self.probe_s, 2),
+            "busy": self.busy,
         }
 
     def summary(self) -> str:
@@ -220,10 +227,16 @@ class ProbeResult:
         def table(times: Mapping[str, float]) -> str:
             return " ".join(f"{k} {v:.3f}" for k, v in times.items())
 
-        parts = [f"precision probe on {self.device} ({self.probe_s:.1f} s):"]
+        def over(chosen: Setting, times: Mapping[str, float]) -> str:  # a slower one chosen: the margin's tie rule
+            fastest = min(times, key=times.__getitem__)
+            return "" if fastest in (chosen.name, *self.excluded) else f" (over {fastest}: within the {self.margin:.0%} margin)"
+
+        parts = [f"precision probe on {self.device} ({self.probe_s:.1f} s{', busy' if self.busy else ''}):"]
         if self.scoring is not None:
-            parts.append(f"scoring {self.scoring.name} -> {self.trainer_precision} [step s: {table(self.step_s)}];")
-        parts.append(f"search (where its autocast is auto) {self.search.name} [fitness s: {table(self.fitness_s)}]")
+            parts.append(f"scoring {self.scoring.name}{over(self.scoring, self.step_s)} -> {self.trainer_precision} "
+                         f"[step s: {table(self.step_s)}];")
+        parts.append(f"search (where its autocast is auto) {self.search.name}{over(self.search, self.fitness_s)} "
+                     f"[fitness s: {table(self.fitness_s)}]")
         if self.rank_correlation:
             corr = " ".join(f"{k} {v:.4f}" for k, v in self.rank_correlation.items())
             parts[-1] += (f"; rank corr vs fp32 {corr} (min {self.min_rank_correlation}"
@@ -410,7 +423,8 @@ def probe(
             Spearman correlation of the gradient scores.
 
     Returns:
-        The :class:`ProbeResult`.
+        The :class:`ProbeResult`. On a CPU whose load exceeds its cores it warns first: the
+        timings, and so the choice, may differ from a quiet machine's.
 
     Raises:
         ValueError: Bad ``settings``, sizes, counts, ``min_rank_correlation`` or ``margin``;
@@ -441,6 +455,12 @@ def probe(
     if margin is None or not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be a number in [0, 1), got {given_margin!r}")
 
+    busy = machine.busy_load() if device.type == "cpu" and timer is None else None
+    if busy is not None:
+        warn_at_caller(f"the precision probe runs on a busy machine ({busy}): its timings, and so its choice of "
+                       "precision and attention kernel (and with them the scores and plain cuts), may differ from a "
+                       "quiet machine's; a fixed precision (trainer.precision 32-true or bf16-mixed, the search's "
+                       "autocast false or true) chooses without timing")
     start = time.perf_counter()
     home = next(module.student.parameters()).device
     saved_explicit = module.explicit_attention
@@ -512,13 +532,12 @@ def probe(
         batch={"step_images": step_images, "views": views, "fitness_images": fitness_images,
                "input_size": [height, width], "repeats": repeats},
         probe_s=time.perf_counter() - start,
+        busy=busy,
     )
 
 
 #: What ``precision`` may be: ``"auto"`` or one of the module's allowed Trainer precisions.
 def _allowed() -> tuple[str, ...]:
-    from .module import ALLOWED_PRECISIONS
-
     return ("auto", *ALLOWED_PRECISIONS)
 
 
@@ -556,7 +575,7 @@ def resolve_precision(
             scales the loss and corrupts gradient scores), or a probe option is bad.
     """
     if str(precision) not in _allowed() or isinstance(precision, bool):
-        raise ValueError(f"precision must be one of {list(_allowed())}, got {precision!r}")
+        raise ValueError(precision_refusal("precision", precision))
     if str(precision) != "auto":
         return str(precision)
     result = probe(module, device=device, views=views, **probe_kwargs)

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from .console import args_from_python
 from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
-from .precision_state import saved_precision
+from .precision_state import precision_refusal, saved_precision
 
 __all__ = ["CHOICE_ENV", "AutoPrecisionTrainer", "AutoPrecisionCLI", "last_checkpoint", "lightning_cli", "lightning_interrupt"]
 
@@ -122,10 +122,7 @@ class AutoPrecisionCLI(LightningCLI):
         lightning_alias = {"bf16": "bf16-mixed", "32": "32-true"}  # Lightning's short names of allowed precisions
         if requested is not None and lightning_alias.get(str(requested), str(requested)) not in _allowed():
             # refused here: Lightning would turn 16-mixed into bf16-mixed on a CPU, unseen by the module
-            raise ValueError(
-                f"trainer.precision must be one of {list(_allowed())}, got {requested!r} (16-bit floats scale the "
-                "loss, which corrupts raw gradient scores; 64-bit is not supported)"
-            )
+            raise ValueError(precision_refusal("trainer.precision", requested))
         check_sources = getattr(getattr(self, "datamodule", None), "check_sources", None)
         if callable(check_sources):  # a bad folder or holdout: before the probe's minute and DDP's start, not after
             check_sources()

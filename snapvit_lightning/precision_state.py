@@ -1,4 +1,4 @@
-"""The precision a scoring epoch runs in, as its Lightning checkpoints record it, and the check on resume.
+"""The precisions the scoring takes; the one a scoring epoch runs in, as its Lightning checkpoints record it, and the check on resume.
 
 A scoring resumed in another precision sums gradients of two kinds (bf16 steps, then float32 ones)
 into one set of scores: a resumed ``trainer.precision: auto`` probes again and may choose otherwise.
@@ -10,7 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_resumed_precision", "precision_state", "saved_precision"]
+__all__ = ["ALLOWED_PRECISIONS", "check_resumed_precision", "precision_refusal", "precision_state", "saved_precision"]
+
+#: Trainer precisions of the scoring: gradients unscaled (``16-mixed`` scales the loss) and inputs in the
+#: model's dtype (``64-true`` leaves the float32 crops as they are).
+ALLOWED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
+
+
+def precision_refusal(name: str, value: object) -> str:
+    """``NAME must be one of ['auto', ...], got VALUE``, with why for a precision Lightning has and the scoring refuses."""
+    text = str(value)
+    if text.startswith("transformer-engine"):
+        why = "Transformer Engine's FP8 is not supported"
+    elif text.startswith("16"):
+        why = "16-bit floats need loss scaling, which corrupts raw gradient scores"
+    elif text.startswith("64"):
+        why = "64-bit is not supported"
+    else:
+        why = None
+    return f"{name} must be one of {['auto', *ALLOWED_PRECISIONS]}, got {value!r}" + (f" ({why})" if why else "")
 
 #: The key of the module's state in a Lightning checkpoint (``SnapViTModule.on_save_checkpoint``).
 MODULE_STATE_KEY = "snapvit_scoring"

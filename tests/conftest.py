@@ -58,9 +58,9 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, msg: str | N
 @pytest.fixture(autouse=True)
 def quiet_machine(monkeypatch):
     """Timings in tests read no load average: the suite's own work loads the machine it runs on."""
-    import snapvit_lightning.latency as latency
+    import snapvit_lightning.machine as machine
 
-    monkeypatch.setattr(latency, "_load_average", lambda: None)
+    monkeypatch.setattr(machine, "load_average", lambda: None)
 
 
 @pytest.fixture

@@ -92,7 +92,13 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["fit", "--model.model", "test_vit", "--data.batch_size", "0"], "`batch_size` must be >= 1, got 0"),
         (["fit", "--model.model", "test_vit", "--trainer.precision", "16-mixed"],
          "snapvit fit: error: trainer.precision must be one of ['auto', '32-true', '32', 'bf16-mixed', 'bf16-true'], got '16-mixed'"),
-        (["fit", "--model.model", "test_vit", "--trainer.precision", "64-true"], "got '64-true' (16-bit floats scale"),
+        (["fit", "--model.model", "test_vit", "--trainer.precision", "64-true"], "got '64-true' (64-bit is not supported)"),
+        (["fit", "--model.model", "test_vit", "--trainer.precision", "transformer-engine"],
+         "got 'transformer-engine' (Transformer Engine's FP8 is not supported)"),
+        # refused by jsonargparse, whose report listed every precision Lightning has (the refused ones too)
+        (["fit", "--model.model", "test_vit", "--trainer.precision", "nonsense"],
+         "snapvit fit: error: trainer.precision must be one of ['auto', '32-true', '32', 'bf16-mixed', 'bf16-true'], "
+         "got 'nonsense' (see `snapvit fit --help`)"),
         (["fit", "--model.model", "test_vit", "--data.data_dir", "{tmp}/missing", "--trainer.logger", "false"],
          "snapvit fit: error: data_dir: image folder not found"),
         (["fit", "--model.model", "test_vit", "--data.data_dir", "{tmp}/empty", "--trainer.logger", "false"],

@@ -13,6 +13,7 @@ from snapvit_lightning.evaluation import (
     knn_accuracy,
     measure_latency,
     model_cost,
+    prediction_agreement,
 )
 from snapvit_lightning.structure import count_flops, count_params
 
@@ -252,3 +253,19 @@ def test_fidelity_refuses_features_that_are_not_finite() -> None:
         feature_fidelity(broken, x)
     with pytest.raises(ValueError, match="reference hold NaN or infinite values"):
         centered_fidelity(x, broken)
+
+
+def test_prediction_agreement_counts_the_images_whose_class_is_kept() -> None:
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    reference = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5)  # classes 0 x5, 1 x5
+    features = reference.clone()
+    features[[0, 1, 9]] = features[[0, 1, 9]].flip(-1)  # three images change class
+    assert prediction_agreement(features, reference, head) == pytest.approx(0.7)
+    assert prediction_agreement(2.0 * reference, reference, head) == 1.0  # the class, not the logits
+    with pytest.raises(ValueError, match="head must be the model's classifier"):
+        prediction_agreement(reference, reference, None)
+    with pytest.raises(ValueError, match=r"features must be \[N, D\] with N >= 1"):
+        prediction_agreement(reference[0], reference[0], head)

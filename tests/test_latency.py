@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -448,10 +449,12 @@ def test_cli_info_latency_warns_when_a_smaller_budget_measured_slower(tmp_path: 
 
 def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch) -> None:
     import snapvit_lightning.latency as latency
+    import snapvit_lightning.machine as machine
 
-    cores = latency._cores()
-    monkeypatch.setattr(latency, "_load_average", lambda: cores + 1.5)
-    note = f"the machine is busy (1-minute load average {cores + 1.5:.2f} on {cores} cores) before this timing"
+    cores = os.cpu_count()  # the load average is the whole machine's: compared with all its cores
+    monkeypatch.setattr(machine, "load_average", lambda: cores + 1.5)
+    note = (f"the machine is busy (1-minute load average {cores + 1.5:.2f} on the machine's {cores} core"
+            f"{'s' * (cores != 1)}): models time slower")
     assert latency.busy_note("cpu").startswith(note) and latency.busy_note("cuda") is None
     with pytest.warns(UserWarning, match=re.escape(note)) as said:
         measure_models([el.model], repeats=1, warmup=0)
@@ -467,8 +470,17 @@ def test_a_busy_machine_is_named_before_it_is_timed(el: ElasticViT, monkeypatch)
         found = find_latency_budget(build, _between(el, 0.6), min_flops=min_flops, timer=CountingTimer())
     assert found.record()["load_average"] == cores + 1.5  # as the search began, with the subnet's record
     assert latency.measure_models([el.model], repeats=1, warmup=0, dtype="bfloat16")  # the CLI's names too
-    monkeypatch.setattr(latency, "_load_average", lambda: cores - 0.5)  # a quiet machine: nothing to say
-    assert latency.busy_note("cpu") is None
+    monkeypatch.setattr(machine, "load_average", lambda: cores - 0.5)  # a quiet machine: nothing to say
+    assert latency.busy_note("cpu") is None and latency.busy_note("cpu", threads=machine.usable_cores()) is None
+    # more threads than this process's cores: they wait for each other (64 threads: the smallest subnet timed
+    # slower than the dense model, and nothing was said)
+    many = machine.usable_cores() + 1
+    assert latency.busy_note("cpu", threads=many).startswith(
+        f"the timing runs {many} threads on the {many - 1} core{'s' * (many != 2)} this process may use: models time slower")
+    assert latency.busy_note("cpu", threads=many).endswith(", with at most as many threads as cores")
+    with pytest.warns(UserWarning, match=f"the timing runs {many} threads") as said:
+        measure_models([el.model], repeats=1, warmup=0, threads=many)
+    assert said[0].filename == __file__
 
 
 def test_measure_models_names_what_it_cannot_time(el: ElasticViT) -> None:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -83,6 +86,9 @@ def test_kernels_that_time_alike_keep_the_listed_order(one_thread) -> None:
                    rank_correlation=lambda s, g, r: 1.0)
     assert result.margin == DEFAULT_MARGIN == 0.15
     assert (result.scoring.name, result.search.name) == ("bf16-explicit", "bf16-fused")
+    # the console line said the slower kernel was chosen, and not why
+    assert "scoring bf16-explicit -> bf16-mixed [" in result.summary()
+    assert "search (where its autocast is auto) bf16-fused (over bf16-explicit: within the 15% margin) [" in result.summary()
 
 
 def test_bf16_excluded_when_its_ranking_disagrees(one_thread) -> None:
@@ -118,6 +124,25 @@ def test_probe_measures_and_leaves_the_module_unchanged(one_thread) -> None:
     assert all(p.grad is None for p in module.parameters())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert result.batch == {"step_images": 1, "views": 3, "fitness_images": 2, "input_size": [32, 32], "repeats": 1}
+
+
+def test_a_busy_machine_is_named_before_the_probe_times(one_thread, monkeypatch) -> None:
+    # under load a probe took 73 s instead of 4 and chose fp32 where a quiet one chose bf16, without a word
+    import snapvit_lightning.machine as machine
+
+    load = os.cpu_count() + 3.0
+    monkeypatch.setattr(machine, "load_average", lambda: load)
+    with pytest.warns(UserWarning, match=re.escape(f"the precision probe runs on a busy machine (1-minute load average "
+                                                   f"{load:.2f} on the machine's")) as said:
+        result = probe(_module(), input_size=32, views=3, step_images=1, fitness_images=2, repeats=1)
+    assert said[0].filename == __file__  # the caller's line
+    assert result.busy.startswith(f"1-minute load average {load:.2f}") and result.to_dict()["busy"] == result.busy
+    assert result.summary().startswith("precision probe on cpu (") and ", busy):" in result.summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a timer of the caller's own reads no machine
+        times = dict.fromkeys((s.name for s in CPU_SETTINGS), 1.0)
+        assert probe(_module(), views=3, timer=_fake_timer({"step": times, "fitness": times}), margin=0.05,
+                     rank_correlation=lambda s, g, r: 1.0).busy is None
 
 
 def test_spearman_and_timing_helpers() -> None:
@@ -176,9 +201,15 @@ def test_resolve_auto_applies_the_choice(one_thread) -> None:
 def test_search_autocast_argument_is_checked() -> None:
     from snapvit_lightning.search import EvolutionarySearch
 
-    with pytest.raises(ValueError, match="autocast must be a bool, a torch.dtype, None or 'auto', got 'fast'"):
+    with pytest.raises(ValueError, match=r"autocast must be a bool, a torch.dtype, None, 'auto' or a dtype's name \['bfloat16', 'float16', 'float32'\], got 'fast'"):
         EvolutionarySearch(autocast="fast")
     assert EvolutionarySearch(autocast="auto").autocast_dtype is None
+    # a config's `autocast: bfloat16` was refused although a dtype is allowed: a config cannot write a torch.dtype
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+        search = EvolutionarySearch(autocast=name)
+        assert search.autocast_dtype == EvolutionarySearch(autocast=dtype).autocast_dtype == dtype and search.autocast == name
+    with pytest.raises(ValueError, match=r"autocast must be a bool, None or one of torch.bfloat16, .*got \['bfloat16'\]"):
+        EvolutionarySearch(autocast=["bfloat16"])
 
 
 _AUTO_CONFIG = """

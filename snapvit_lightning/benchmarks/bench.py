@@ -8,6 +8,8 @@ cut and measured on the images of a folder (plain eval views at the model's inpu
 * centered fidelity: the same after removing each model's mean feature over the images
   (:func:`~snapvit_lightning.evaluation.centered_fidelity`): what is kept of the image-specific part
   of the features, which the shared direction of ViT features hides in the plain fidelity;
+* agreement, for a classifier model (``num_classes > 0``): the share of images whose class from its
+  head (unchanged in every subnet) is the dense model's (no labels needed);
 * k-NN top-1 (leave-one-out 1-NN and DINO's weighted 20-NN, T=0.07) when the folder has
   ImageFolder class subfolders (at least 2 classes), else ``null``;
 * latency (median ms per batch under ``torch.inference_mode``; on the CPU in float32 unless
@@ -69,6 +71,7 @@ command, hardware, threads, versions; and ``build_times``: ``scoring_s``, ``sear
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -248,9 +251,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K, batch_siz
     """The rows of :func:`run_bench` as a markdown table; ``knn_k``: the weighted k-NN's k (column ``knn_weighted``),
     ``batch_size``: the images per timed forward (named in the latency column)."""
     per = "" if batch_size is None else f" / batch of {batch_size}"
-    header = (f"| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | 1-NN | {knn_k}-NN "
-              f"| latency (ms{per}) | speed-up | FLOPs speed-up |")
-    lines = [header, "|:---|" + "---:|" * 11]
+    agreement = any(r.get("agreement") is not None for r in rows)  # a classifier model's column
+    header = (f"| method | mlp_ratio | head_ratio | params | FLOPs | fidelity | centered | {'agreement | ' * agreement}"
+              f"1-NN | {knn_k}-NN | latency (ms{per}) | speed-up | FLOPs speed-up |")
+    lines = [header, "|:---|" + "---:|" * (11 + agreement)]
     for r in rows:
         std = r.get("fidelity_std")
         fidelity = f"{r['fidelity']:.4f}" + ("" if std is None else f" ± {std:.4f}")
@@ -258,7 +262,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], knn_k: int = KNN_K, batch_siz
             f"| {r.get('method', 'snapvit')} "
             f"| {r['mlp_ratio']:.2f} | {r['head_ratio']:.2f} | {100 * r['params_fraction']:.1f}% "
             f"| {100 * r['flops_fraction']:.1f}% | {fidelity} | {_fmt(r.get('centered_fidelity'), '.4f')} "
-            f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_weighted'], '.1f', 100, '%')} "
+            + (f"| {_fmt(r.get('agreement'), '.1f', 100, '%')} " if agreement else "")
+            + f"| {_fmt(r['knn_1nn'], '.1f', 100, '%')} | {_fmt(r['knn_weighted'], '.1f', 100, '%')} "
             f"| {_fmt(r['latency_ms'], '.2f')} | {_fmt(r['speedup'], '.2f', suffix='x')} "
             f"| {1 / r['flops_fraction']:.2f}x |"
         )
@@ -287,7 +292,9 @@ def _header_lines(settings: dict[str, Any]) -> list[str]:
                 + (" (random: mean ± std over seeds)" if settings.get("baselines") else "") + " on the "
                 f"{settings['num_images']} images of {settings['data']}; centered: the same after subtracting each "
                 "model's mean feature over the images (the image-specific part). Held out only if neither the "
-                "checkpoint's calibration nor the correction statistics saw these images")
+                "checkpoint's calibration nor the correction statistics saw these images"
+                + ("; agreement: the share of images whose class from the model's classifier head (the argmax of "
+                   "its logits) is the dense model's, no labels needed" if settings.get("classifier") else ""))
     lines = [f"hardware: {hw['cpu']} ({hw['machine']}), {hw['torch_threads']} torch threads, {hw['platform']}",
              f"torch {settings['versions']['torch']}, timm {settings['versions']['timm']}, "
              f"snapvit_lightning {settings['versions']['snapvit_lightning']}", lat, knn, fidelity]
@@ -408,13 +415,14 @@ def _merge_seeds(rows: list[dict[str, Any]], batch_size: int, dense_latency: flo
             "fidelity_std": statistics.stdev(fidelities) if len(fidelities) > 1 else 0.0,
             "knn_1nn": _mean([g["knn_1nn"] for g in group]),
             "knn_weighted": _mean([g["knn_weighted"] for g in group]),
+            "agreement": _mean([g["agreement"] for g in group]),
             "latency_ms": latency,
             "p90_ms": _mean([g["p90_ms"] for g in group]),
             "throughput_img_s": None if not latency else batch_size / (latency / 1e3),
             "speedup": None if not latency or dense_latency is None else dense_latency / latency,
             "quality_wall_s": sum(g["quality_wall_s"] for g in group),
             "seeds": [g["seed"] for g in group],
-            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "centered_fidelity", "knn_1nn", "knn_weighted", "flops_fraction",
+            "per_seed": [{k: g[k] for k in ("seed", "fidelity", "centered_fidelity", "agreement", "knn_1nn", "knn_weighted", "flops_fraction",
                                             "params_fraction", "latency_ms", "kept_heads", "kept_neurons")}
                          for g in group],
         })
@@ -439,7 +447,9 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..data import load_eval_images
     from ..correction_stats import stats_path_for
     from ..elastic import ElasticViT
-    from ..evaluation import centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency
+    from ..evaluation import (
+        centered_fidelity, extract_features, feature_fidelity, knn_accuracy, measure_latency, prediction_agreement,
+    )
 
     path, data = Path(args.path).expanduser(), Path(args.data).expanduser()
     if not path.is_file():
@@ -482,6 +492,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--data: bench needs at least 2 images, got {len(images)} in '{data}'")
     knn = _has_labels(labels)
     knn_k = min(KNN_K, len(images) - 1)  # leave-one-out: at most the other images vote
+    # a classifier's head, float32 on the CPU as the features (the latency casts and moves the models in place)
+    classifier = copy.deepcopy(dense.get_classifier()).float().cpu() if getattr(dense, "num_classes", 0) else None
 
     def quality(model: Any, feats: Any = None) -> dict[str, Any]:
         feats = extract_features(model, images, batch_size=args.batch_size) if feats is None else feats
@@ -545,11 +557,12 @@ def run_bench(args: argparse.Namespace) -> int:
     # Latency: warm every model up, then time them in interleaved rounds (one forward of each
     # model per round), so that load changes on the machine hit every row alike.
     times: list[list[float]] = [[] for _ in entries]
-    from ..latency import _load_average, busy_note
+    from .. import machine
+    from ..latency import busy_note
 
     load_average, busy = None, None
     if not args.no_latency:
-        load_average, busy = _load_average(), busy_note(device)
+        load_average, busy = machine.load_average(), busy_note(device)
         if busy is not None:
             warnings.warn(busy, stacklevel=1)
         for e in entries:  # the features are taken: the models are cast and moved in place
@@ -576,6 +589,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "flops_fraction": float(cost["flops_fraction"]),
             "fidelity": feature_fidelity(e["features"], dense_feats),
             "centered_fidelity": centered_fidelity(e["features"], dense_feats),
+            "agreement": None if classifier is None else prediction_agreement(e["features"], dense_feats, classifier),
             "knn_1nn": e["knn_1nn"],
             "knn_weighted": e["knn_weighted"],
             "latency_ms": latency,
@@ -600,6 +614,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "num_images": int(images.shape[0]),
         "num_classes": len(classes),
         "knn": knn,
+        "classifier": classifier is not None,  # the agreement column
         "knn_protocol": {"split": "leave-one-out", "k": [1, knn_k], "temperature": KNN_TEMPERATURE},
         "batch_size": args.batch_size,
         "repeats": args.repeats,

@@ -49,6 +49,10 @@ from .loop import (
 from .progress import SearchProgress
 
 
+#: ``autocast`` given by a dtype's name (a config cannot write a ``torch.dtype``).
+_AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def _search_probe(trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device) -> dict[str, Any]:
     """The module's precision probe record, else a fitness-only probe's (rank 0's under DDP)."""
     from ..module import SnapViTModule
@@ -171,8 +175,8 @@ class EvolutionarySearch(Callback):
             (default :data:`DEFAULT_RATIO_PAIRS`; the paper's: :data:`PAPER_RATIO_PAIRS`).
         pca_components: PCA components of the fitness (``>= 1``; at most ``M - 1`` and ``D`` used).
         seed: xNES seed.
-        autocast: bfloat16 autocast for the fitness forwards (``True``), a dtype, ``False``,
-            or ``"auto"``: the autocast and attention kernel a precision probe chose
+        autocast: bfloat16 autocast for the fitness forwards (``True``), a dtype (or its name,
+            ``"bfloat16"``, ``"float16"``, ``"float32"``, as a config writes it), ``False``, or ``"auto"``: the autocast and attention kernel a precision probe chose
             (:mod:`snapvit_lightning.precision`): the module's (``precision_probe``, set by a
             ``precision: auto`` Trainer) or, when it has none, a fitness-only probe run here;
             the record lands in the scores' ``build_info["precision"]``.
@@ -316,10 +320,12 @@ class EvolutionarySearch(Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
-        if isinstance(autocast, str) and autocast != "auto":
-            raise ValueError(f"autocast must be a bool, a torch.dtype, None or 'auto', got {autocast!r}")
+        if isinstance(autocast, str) and autocast != "auto" and autocast not in _AUTOCAST_NAMES:
+            raise ValueError(f"autocast must be a bool, a torch.dtype, None, 'auto' or a dtype's name "
+                             f"{list(_AUTOCAST_NAMES)}, got {autocast!r}")
         self.autocast = autocast
-        self.autocast_dtype = None if autocast == "auto" else _resolve_autocast(autocast)
+        self.autocast_dtype = None if autocast == "auto" else _resolve_autocast(
+            _AUTOCAST_NAMES.get(autocast) if isinstance(autocast, str) else autocast)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         if isinstance(images, Tensor):
             _check_images(images)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import random_scores, tiny_model
@@ -63,6 +65,8 @@ def test_json_rows_and_settings(result, setup) -> None:
         assert r["latency_ms"] > 0 and r["speedup"] > 0
         assert len(r["kept_heads"]) == len(r["kept_neurons"]) == 6
     assert settings["num_images"] == 8 and settings["num_classes"] == 2 and settings["knn"]
+    # test_vit has a 1000-class head: how often each subnet predicts the dense model's class
+    assert settings["classifier"] and dense["agreement"] == 1.0 and all(0.0 <= r["agreement"] <= 1.0 for r in rows)
     assert settings["knn_protocol"]["k"] == [1, 7]  # 8 images, leave-one-out: 7 vote, not 20
     assert settings["batch_size"] == 4 and settings["repeats"] == 2
     assert settings["command"].startswith("snapvit bench ") and "--budgets 0.15,0 0.35,0.2 0.65,0.5" in settings["command"]
@@ -78,7 +82,31 @@ def test_markdown(result) -> None:
     assert "| 1-NN | 7-NN |" in lines[0]  # the column is named by the k it used (20 with enough images)
     assert f"| latency (ms / batch of {js['settings']['batch_size']}) |" in lines[0]
     assert len(lines) == 2 + len(js["rows"])
-    assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 |")
+    assert lines[2].startswith("| snapvit | 0.00 | 0.00 | 100.0% | 100.0% | 1.0000 | 1.0000 | 100.0% |")
+    assert "| centered | agreement | 1-NN |" in lines[0] and lines[1].count("---:|") == 12
+    assert "agreement: the share of images whose class from the model's classifier head" in md
+
+
+def test_agreement_is_the_share_of_the_dense_models_classes_kept(result, setup) -> None:
+    js, _ = result
+    path, data, _ = setup
+    elastic = ElasticViT.load(path)
+    images = load_eval_images(data, elastic.model)[0]
+    with torch.inference_mode():
+        dense = elastic.model(images).argmax(-1)
+        for r in js["rows"][1:]:
+            sub = elastic.subnet(mlp_ratio=r["mlp_ratio"], head_ratio=r["head_ratio"], correct="none")
+            assert r["agreement"] == pytest.approx(float((sub(images).argmax(-1) == dense).double().mean()), abs=1e-9)
+    # a model without a classifier head (num_classes=0) has no such column
+    model, name, _ = tiny_model("test_vit")
+    model.reset_classifier(0)
+    bare = setup[2] / "bare.elastic.safetensors"
+    ElasticViT(model, random_scores(model), model_name=name, model_kwargs={"num_classes": 0}).save(bare)
+    out = setup[2] / "bare_out"
+    assert bench.main([str(bare), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--no-latency", "--out", str(out)]) == 0
+    bare_js = json.loads((out / "bench.json").read_text())
+    assert not bare_js["settings"]["classifier"] and bare_js["rows"][1]["agreement"] is None
+    assert "agreement" not in (out / "bench.md").read_text()
 
 
 def test_printed_table_says_what_its_numbers_are(setup, capsys) -> None:
@@ -501,13 +529,14 @@ def test_an_earlier_bench_is_kept_without_overwrite(result, setup, capsys) -> No
 
 
 def test_a_busy_machine_is_named_before_bench_times(setup, tmp_path, monkeypatch, capsys) -> None:
-    import snapvit_lightning.latency as latency
+    import snapvit_lightning.machine as machine
 
     path, data, _ = setup
-    monkeypatch.setattr(latency, "_load_average", lambda: latency._cores() + 2.0)
+    load = os.cpu_count() + 2.0
+    monkeypatch.setattr(machine, "load_average", lambda: load)
     with pytest.warns(UserWarning, match=r"^the machine is busy \(1-minute load average"):
         assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(tmp_path / "b")]) == 0
     settings = json.loads((tmp_path / "b" / "bench.json").read_text())["settings"]
-    assert settings["load_average"] == latency._cores() + 2.0 and settings["busy"] and settings["dtype"] == "float32"
+    assert settings["load_average"] == load and settings["busy"] and settings["dtype"] == "float32"
     assert "(busy: above the cores, so the latencies read slow" in (tmp_path / "b" / "bench.md").read_text()
-    assert f"float32, torch.inference_mode, 1-minute load average {latency._cores() + 2.0:.2f} before" in capsys.readouterr().out
+    assert f"float32, torch.inference_mode, 1-minute load average {load:.2f} before" in capsys.readouterr().out
