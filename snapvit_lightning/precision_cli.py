@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .console import args_from_python
+from .errors import process_rank
 from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
 from .precision_state import precision_refusal, saved_precision
 
@@ -140,8 +141,9 @@ class AutoPrecisionCLI(LightningCLI):
                 if resumed.get("probe") is not None:
                     _apply_record(self.model, resumed["probe"])
                     os.environ[CHOICE_ENV] = json.dumps({"pid": os.getpid(), "record": resumed["probe"]})
-                print(f"precision: {resumed['trainer_precision']}, as the resumed checkpoint's scoring began "
-                      "(trainer.precision auto probes no more on resume)")
+                if process_rank() == 0:  # the DDP processes Lightning starts re-run this command
+                    print(f"precision: {resumed['trainer_precision']}, as the resumed checkpoint's scoring began "
+                          "(trainer.precision auto probes no more on resume)")
             else:
                 views = min(PROBE_VIEWS, int(getattr(getattr(self, "datamodule", None), "num_views", PROBE_VIEWS)))
                 kwargs["precision"] = resolve_precision(

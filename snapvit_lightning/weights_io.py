@@ -114,13 +114,17 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
 def _check_contents(tensors: Any, metadata: Any) -> None:
     """Refuse what safetensors would fail on deep inside, naming the entry."""
     for name, value in tensors.items():
-        if not isinstance(name, str) or not isinstance(value, Tensor):
+        if not isinstance(name, str):
+            raise TypeError(f"tensors: the name {name!r} must be a str, got {type(name).__name__}")
+        if not isinstance(value, Tensor):
             hint = " (numpy: torch.as_tensor(value))" if type(value).__module__ == "numpy" else ""
-            raise TypeError(f"tensors[{name!r}] must be a torch.Tensor under a str name, got {type(value).__name__}{hint}")
+            raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(value).__name__}{hint}")
     for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata[{key!r}] must be a str under a str key (safetensors stores strings; "
-                            f"json.dumps a value), got {type(value).__name__}")
+        if not isinstance(key, str):
+            raise TypeError(f"metadata: the key {key!r} must be a str, got {type(key).__name__}")
+        if not isinstance(value, str):
+            raise TypeError(f"metadata[{key!r}] must be a str (safetensors stores strings; json.dumps a value), "
+                            f"got {type(value).__name__}")
 
 
 @contextlib.contextmanager

@@ -310,3 +310,18 @@ def _saved_elastic(elastic, tmp_path: Path) -> Path:
     path = tmp_path / "e.elastic.safetensors"
     elastic.save(path)
     return path
+
+
+def test_what_safetensors_cannot_store_is_named_before_writing(tmp_path) -> None:
+    # a key of the wrong type was blamed on its value ("... under a str name, got Tensor")
+    path = tmp_path / "w.safetensors"
+    cases = [
+        (({1: torch.ones(1)},), "tensors: the name 1 must be a str, got int"),
+        (({"a": [1.0]},), r"tensors\['a'\] must be a torch.Tensor, got list"),
+        (({"a": torch.ones(1)}, {1: "x"}), "metadata: the key 1 must be a str, got int"),
+        (({"a": torch.ones(1)}, {"k": 3}), r"metadata\['k'\] must be a str \(safetensors stores strings; json.dumps a value\), got int"),
+    ]
+    for args, match in cases:
+        with pytest.raises(TypeError, match=match):
+            write_safetensors(path, *args)
+        assert not path.exists()
