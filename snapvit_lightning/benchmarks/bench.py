@@ -493,7 +493,11 @@ def run_bench(args: argparse.Namespace) -> int:
     knn = _has_labels(labels)
     knn_k = min(KNN_K, len(images) - 1)  # leave-one-out: at most the other images vote
     # a classifier's head, float32 on the CPU as the features (the latency casts and moves the models in place)
-    classifier = copy.deepcopy(dense.get_classifier()).float().cpu() if getattr(dense, "num_classes", 0) else None
+    classifier = dense.get_classifier() if getattr(dense, "num_classes", 0) else None
+    if classifier is not None and not isinstance(classifier, torch.nn.Module):
+        print("agreement: none for a distilled model (its two heads read two tokens, whose average the features are)")
+        classifier = None
+    classifier = None if classifier is None else copy.deepcopy(classifier).float().cpu()
 
     def quality(model: Any, feats: Any = None) -> dict[str, Any]:
         feats = extract_features(model, images, batch_size=args.batch_size) if feats is None else feats

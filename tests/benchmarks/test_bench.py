@@ -109,6 +109,17 @@ def test_agreement_is_the_share_of_the_dense_models_classes_kept(result, setup) 
     assert "agreement" not in (out / "bench.md").read_text()
 
 
+def test_a_distilled_models_agreement_is_said_to_be_missing(setup, capsys) -> None:
+    # its two heads read two tokens: the features (their average) do not give its logits
+    model, name, kwargs = tiny_model("distilled")
+    path = setup[2] / "distilled.elastic.safetensors"
+    ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
+    out = setup[2] / "distilled_out"
+    assert bench.main([str(path), "--data", str(setup[1]), "--budgets", "0.35,0.2", *FAST, "--no-latency", "--out", str(out)]) == 0
+    assert "agreement: none for a distilled model" in capsys.readouterr().out
+    assert json.loads((out / "bench.json").read_text())["rows"][1]["agreement"] is None
+
+
 def test_printed_table_says_what_its_numbers_are(setup, capsys) -> None:
     path, data, _ = setup
     assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--no-latency"]) == 0
