@@ -35,7 +35,6 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
-import timm
 import torch
 from torch import nn
 

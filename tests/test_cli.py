@@ -19,7 +19,7 @@ from PIL import Image
 
 from snapvit_lightning import __version__
 from snapvit_lightning.cli import INFO_BUDGETS, main
-from snapvit_lightning.data import load_calibration_views, load_eval_images
+from snapvit_lightning.data import load_calibration_views
 from snapvit_lightning.elastic import ElasticViT, load_subnet, read_metadata
 from snapvit_lightning.evaluation import model_cost
 from snapvit_lightning.scores import ImportanceScores

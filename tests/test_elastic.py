@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -552,7 +553,7 @@ def test_collect_stats_with_ranking_and_the_ranked_cut_round_trip(tmp_path) -> N
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _damaged(tmp_path, edit) -> "Path":
+def _damaged(tmp_path, edit) -> Path:
     """The tiny elastic checkpoint, its tensors and metadata changed by ``edit(tensors, meta)``."""
     el, _ = _elastic("test_vit")
     path = tmp_path / "m.elastic.safetensors"

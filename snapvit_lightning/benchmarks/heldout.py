@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(set(args.main_seeds)) != len(args.main_seeds):
         parser.error(f"--main-seeds: each seed once, got {args.main_seeds}")
-    from ..errors import Terminated, exit_on_user_error, traceback_requested
+    from ..errors import Terminated, traceback_requested
 
     try:
         return _run(parser.prog, args)
