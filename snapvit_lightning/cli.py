@@ -34,8 +34,11 @@ INFO_BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), 
 def _info(args: argparse.Namespace) -> int:
     from .elastic import ElasticViT, read_metadata
 
-    if not args.latency and (args.batch_size, args.threads, args.device, args.dtype) != (None,) * 4:
-        raise ValueError("--batch-size/--threads/--device/--dtype say how --latency measures; give --latency too")
+    if not args.latency and ((args.batch_size, args.threads, args.device, args.dtype) != (None,) * 4 or args.onnx):
+        raise ValueError("--batch-size/--threads/--device/--dtype/--onnx say how --latency measures; give --latency too")
+    if args.onnx and args.dtype not in (None, "float32"):
+        raise ValueError(f"--dtype {args.dtype}: --onnx times float32 graphs in ONNX Runtime, as `slice -o X.onnx` "
+                         "writes them; leave --dtype out")
     meta = read_metadata(args.path)
     if meta["kind"] != "elastic":
         if args.latency or args.no_correct:
@@ -87,8 +90,9 @@ def _info_latencies(
     unique = list(dict.fromkeys([dense, *rows]))  # a budget that equals another is timed once
     models = [elastic.model if d == dense else elastic.slice(d, correct="none") for d in unique]
     dtype = DTYPES[args.dtype or "float32"]
+    backend = "onnx" if args.onnx else "torch"
     measured = dict(zip(unique, measure_models(models, batch_size=batch_size, device=device, threads=args.threads,
-                                               dtype=dtype)))
+                                               dtype=dtype, backend=backend)))
     latencies = [measured[dense], *(measured[d] for d in rows)]
     flops = {d: elastic.cost(list(d))["flops"] for d in unique}
     # Latency falls with the FLOPs; a fixed overhead (a small model, a GPU at batch 1) flattens it, noise is a few %.
@@ -99,7 +103,7 @@ def _info_latencies(
                       f"than one of {100 * flops[b] / flops[dense]:.1f}% at {measured[b]:.2f} ms: the machine's load "
                       "changed while they were timed; measure again on a quiet machine", stacklevel=2)
     with torch_threads(args.threads):
-        where = _where("torch", device, args.threads)
+        where = _where(backend, device, args.threads)
     return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {where}, "
                        f"{args.dtype or 'float32'}; dense model {latencies[0]:.2f} ms")
 
@@ -475,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", type=device_arg, default=None, help="device for --latency (default: cpu)")
     info.add_argument("--dtype", choices=LATENCY_DTYPES, default=None,
                       help="time copies cast to this dtype for --latency, as a deployment that casts (default: float32)")
+    info.add_argument("--onnx", action="store_true", help="--latency of each budget as its float32 ONNX graph in "
+                      "ONNX Runtime, as `slice -o X.onnx` writes it (default: torch)")
     info.add_argument("--no-correct", action="store_true",
                       help="show the plain cut (default: the corrected subnets' cut when the statistics carry a ranking)")
     info.set_defaults(func=_info)

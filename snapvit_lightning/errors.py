@@ -194,18 +194,20 @@ def one_line(message: str) -> str:
 
 
 def warn_at_caller(message: str) -> None:
-    """``warnings.warn(message)`` pointing at the first caller outside this package (its line, not ours).
+    """``warnings.warn(message)`` pointing at the first caller outside this package and Lightning (its line, not ours).
 
     A warning from deep inside (``subnet(latency_ms=)`` → ``latency_budget`` → the timing) then names
-    the user's line whichever way it was reached. The package's own commands (``snapvit_lightning.cli``,
-    the benchmarks) count as callers, so the CLI still shows it as ``snapvit CMD: warning: ...``.
+    the user's line whichever way it was reached; one from a callback hook or LightningCLI's set-up
+    names the line that called Lightning (a user's ``trainer.fit``), not Lightning's. The package's own
+    commands (``snapvit_lightning.cli``, the benchmarks) count as callers, so the CLI still shows it as
+    ``snapvit CMD: warning: ...``.
     """
     package = __name__.rsplit(".", 1)[0]
     frame, level = sys._getframe(1), 2  # stacklevel 1 is this function's own line
     while frame is not None:
         module = str(frame.f_globals.get("__name__", ""))
-        if not module.startswith(package + ".") or module in (f"{package}.cli", f"{package}.quickstart") \
-                or module.startswith(f"{package}.benchmarks."):
+        inside = module.startswith((package + ".", "lightning.", "pytorch_lightning.", "jsonargparse."))
+        if not inside or module in (f"{package}.cli", f"{package}.quickstart") or module.startswith(f"{package}.benchmarks."):
             break
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)

@@ -61,7 +61,7 @@ from .export_options import (  # noqa: F401  (the plug-in imports some of these 
 from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import ONNX_OPSET, _check_fixed_grid, checked_onnx
-from .ranks import collective_safe_sigterm, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
+from .ranks import collective_safe_sigterm, files_placed, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure, measured_on, stage_times
 from .scores import HEAD_SHARE_KNEE
 from .search import EvolutionarySearch, scored_model
@@ -430,6 +430,7 @@ def export_elastic(
             for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
                 os.replace(staged[role], targets[role])
                 placed.append(targets[role])
+            files_placed()  # under DDP a SIGTERM from here on stops nothing: the export is complete
             removed: list[str] = []
             for path in sorted(earlier):  # the replaced export's files, which the new report does not list
                 with contextlib.suppress(OSError):  # the new export is in place: a folder by that name is left alone
@@ -443,7 +444,7 @@ def export_elastic(
         for path in staged.values():
             path.unlink(missing_ok=True)
     times = stage_times(report["build_times"])  # the console's only word on where the minutes went
-    rank_zero_info(f"export: wrote {len(targets)} files to {out_dir} ({times})")  # ElasticExport's, the plug-in's or a call's
+    rank_zero_info(f"export: wrote {len(targets)} files to {out_dir} {times}")  # ElasticExport's, the plug-in's or a call's
     if earlier_name is not None and earlier_name != name:
         rank_zero_info(f"export: replaced the export {earlier_name!r} in {out_dir} (overwrite) and removed its "
                        f"{len(removed)} files: {', '.join(removed) or 'none left'}")

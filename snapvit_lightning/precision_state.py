@@ -23,7 +23,7 @@ def precision_refusal(name: str, value: object) -> str:
     if text.startswith("transformer-engine"):
         why = "Transformer Engine's FP8 is not supported"
     elif text.startswith("16"):
-        why = "16-bit floats need loss scaling, which corrupts raw gradient scores"
+        why = "float16 gradients need loss scaling, which corrupts raw gradient scores, or overflow without it"
     elif text.startswith("64"):
         why = "64-bit is not supported"
     else:

@@ -16,13 +16,14 @@ from typing_extensions import override
 from .errors import Terminated
 
 __all__ = [
-    "DistributedSigterm", "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "finish_on_every_rank",
-    "stop_if_terminated", "stop_started_ranks", "stops_on_sigterm",
+    "DistributedSigterm", "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "files_placed",
+    "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks", "stops_on_sigterm",
 ]
 
 #: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once
-#: SIGTERM came, ``stop`` while rank 0's own work (:func:`stops_on_sigterm`) may be stopped at once.
-_SIGTERM = {"active": False, "seen": False, "stop": False, "pending": False}
+#: SIGTERM came, ``stop`` while rank 0's own work (:func:`stops_on_sigterm`) may be stopped at once, ``pending``
+#: a SIGTERM :class:`DistributedSigterm` noted after the scoring, ``done`` once rank 0's files are in place.
+_SIGTERM = {"active": False, "seen": False, "stop": False, "pending": False, "done": False}
 
 #: The exit status of a process SIGTERM stopped (a shell's 128 + 15), carried by the ``SIGTERMException``
 #: raised here: Lightning's own carries none, so a user's script that a SIGTERM stopped ended with status 0.
@@ -136,19 +137,21 @@ def collective_safe_sigterm(trainer: pl.Trainer) -> Iterator[None]:
         return
 
     def note(signum: int, frame: object) -> None:
+        if _SIGTERM["done"]:  # rank 0's files are in place: nothing is left to stop (as in one process)
+            return
         _SIGTERM["seen"] = True
         if _SIGTERM["stop"]:
             _SIGTERM["stop"] = False
             raise SIGTERMException(TERMINATED_STATUS)
 
     previous = signal.signal(signal.SIGTERM, note)
-    _SIGTERM.update(active=True, seen=_SIGTERM["pending"], stop=False, pending=False)
+    _SIGTERM.update(active=True, seen=_SIGTERM["pending"], stop=False, pending=False, done=False)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
         seen = _SIGTERM["seen"]
-        _SIGTERM.update(active=False, seen=False, stop=False)
+        _SIGTERM.update(active=False, seen=False, stop=False, done=False)
     if bool(trainer.strategy.broadcast(seen, src=0)):  # every rank, when the block ended alike on all
         raise SIGTERMException(TERMINATED_STATUS)
 
@@ -173,6 +176,16 @@ def stops_on_sigterm() -> Iterator[None]:
         yield
     finally:
         _SIGTERM["stop"] = False
+
+
+def files_placed() -> None:
+    """Inside :func:`collective_safe_sigterm`: rank 0's files are in place, so a SIGTERM from now on is dropped.
+
+    The work it would stop is done: the fit then ends as one process ends at a SIGTERM after its export
+    (status 0, every file), not with "terminated ... wrote none" beside the files. Outside it: nothing.
+    """
+    if _SIGTERM["active"]:
+        _SIGTERM.update(stop=False, done=True)
 
 
 def stop_started_ranks(trainer: object) -> None:

@@ -56,18 +56,22 @@ def measured_on(report: dict[str, Any]) -> str:
 
 
 def stage_times(build_times: dict[str, Any]) -> str:
-    """A report's stage times in words: ``scoring 6.5 s, search 22.9 s (50 evaluations), export 13.6 s (...)``.
+    """A report's times in words, for the export's last line.
 
-    Stages the report has no time for (a checkpoint scored elsewhere) are left out.
+    ``in 13.6 s (the corrected path's ranking 4.5 s of it; the checkpoint's scoring 6.5 s, search 22.9 s of
+    50 evaluations)``: the export's own time, and the times its checkpoint was built in (this fit's, at the
+    end of one; an earlier run's for an export of a loaded checkpoint). What the report lacks is left out.
     """
-    said = [f"{stage} {build_times[f'{stage}_s']:.1f} s" for stage in ("scoring", "search", "export")
-            if build_times.get(f"{stage}_s") is not None]
-    evaluations, ranking = build_times.get("search_evaluations"), build_times.get("ranking_s")
-    if evaluations is not None and build_times.get("search_s") is not None:
-        said[-1 - (build_times.get("export_s") is not None)] += f" ({evaluations} evaluations)"
-    if ranking is not None and build_times.get("export_s") is not None:
-        said[-1] += f" (the corrected path's ranking {ranking:.1f} s of it)"
-    return ", ".join(said)
+    export, ranking = build_times.get("export_s"), build_times.get("ranking_s")
+    parts = [] if ranking is None else [f"the corrected path's ranking {ranking:.1f} s of it"]
+    built = [f"{stage} {build_times[f'{stage}_s']:.1f} s" for stage in ("scoring", "search")
+             if build_times.get(f"{stage}_s") is not None]
+    if built and build_times.get("search_s") is not None and build_times.get("search_evaluations") is not None:
+        built[-1] += f" of {build_times['search_evaluations']} evaluations"
+    if built:
+        parts.append("the checkpoint's " + ", ".join(built))
+    head = "" if export is None else f"in {export:.1f} s"
+    return f"{head} ({'; '.join(parts)})".strip() if parts else head
 
 
 def _fidelity_figure(entries: list[dict[str, Any]], title: str, images: str = ""):

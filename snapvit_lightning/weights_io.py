@@ -213,6 +213,24 @@ def make_parent(path: Path) -> None:
         raise NotADirectoryError(f"cannot write '{path}': '{blocking}' is a file, not a folder") from err
 
 
+def _local_dir_weights(model_name: str) -> Path:
+    """The weights file of a ``local-dir:FOLDER`` (``model.safetensors``, else ``pytorch_model.bin``), as timm picks it.
+
+    They are loaded as ``checkpoint_path`` is (:func:`load_weights`), so a truncated, pickled or foreign
+    file is said in one line with what to do, as there (timm's own loader raised a traceback or listed
+    every key).
+
+    Raises:
+        FileNotFoundError: The folder holds neither.
+    """
+    folder = Path(model_name.split(":", 1)[1])
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"model {model_name!r}: with pretrained: true the folder '{folder}' must hold "
+                            "model.safetensors (or pytorch_model.bin), timm's local-dir layout; it holds neither")
+
+
 def _check_local_dir(model_name: str) -> None:
     """Refuse a ``local-dir:FOLDER`` timm cannot read (timm says only "Config file not found", or a traceback).
 
@@ -291,13 +309,16 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         )
     if file is not None and not Path(file).is_file():
         raise FileNotFoundError(f"model_kwargs pretrained_cfg_overlay file={str(file)!r} does not exist")
+    if source == "local-dir" and pretrained and file is None:  # the folder's weights, read as checkpoint_path is
+        file = _local_dir_weights(model_name)
     try:
         if file is not None:
             # timm loads a file with num_classes other than its config's non-strictly, so a file
             # missing whole blocks loaded silently: the same weights, through the strict loader.
             model = timm.create_model(model_name, pretrained=False, **kwargs)
+            argument = "model_kwargs pretrained_cfg_overlay file" if source != "local-dir" else "the file"
             try:
-                load_weights(model, file, classifier=classifier_layers(model), argument="model_kwargs pretrained_cfg_overlay file")
+                load_weights(model, file, classifier=classifier_layers(model), argument=argument)
             except ValueError as err:
                 raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}") from err
             return config_of_built_size(model)
@@ -361,8 +382,9 @@ def load_weights(
     Reads a safetensors file (known by its content, whatever its suffix) with safetensors,
     anything else with ``torch.load(weights_only=True)``. A Lightning checkpoint (a dict with
     ``state_dict``) or a training script's ``{"model": ...}`` is accepted; a common
-    ``student.``/``model.``/``module.`` key prefix is stripped (another, e.g. ``backbone.``, is
-    named in the error). If the keys
+    ``student.``/``model.``/``module.`` key prefix is stripped, and a file whose model sits under one
+    attribute (a LightningModule's ``net.``, beside a loss's or other tensors) gives that model's
+    tensors (two such models, e.g. ``net.`` and ``ema.net.``, are refused). If the keys
     do not match as they are, the timm model family's ``checkpoint_filter_fn`` is applied (as
     timm does for pretrained weights: original key layouts, position embeddings resampled to
     the model's ``img_size``) and the strict load is tried once more; a patch embedding that the
@@ -417,6 +439,15 @@ def load_weights(
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
             break
+    own = set(model.state_dict())
+    if sum(k in own for k in state) < len(own) // 2:  # e.g. a LightningModule's checkpoint: its ViT under `net.`
+        prefixes = _model_prefixes(state, own)
+        if len(prefixes) > 1:
+            raise ValueError(f"{argument} {str(path)!r} holds {len(prefixes)} models like this one (keys under "
+                             f"{', '.join(map(repr, prefixes))}): save the one to prune, e.g. "
+                             f"module.{prefixes[0].rstrip('.')}.state_dict()")
+        if prefixes:  # the module's other tensors (a loss's weights, ...) are not the ViT's
+            state = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
     try:
         _fresh_head_warning(_load_strict(model, state, classifier), path, argument, state, model)
         return
@@ -495,17 +526,17 @@ def _is_safetensors(path: Path) -> bool:
                                                      and 0 < int.from_bytes(head[:8], "little") < 100_000_000)
 
 
+def _model_prefixes(state: dict[str, Tensor], own: set[str]) -> list[str]:
+    """The key prefixes (``'net.'``) under which ``state`` holds at least half of the model's keys ``own``."""
+    found = {key[: -len(name)] for key in state for name in own if key.endswith("." + name)}
+    return sorted(p for p in found if sum(k.startswith(p) and k[len(p):] in own for k in state) >= len(own) // 2)
+
+
 def _prefix_hint(state: dict[str, Tensor], model: nn.Module) -> str:
     """`` (its keys start with 'backbone.')`` when the keys match the model's once a shared prefix is removed."""
-    own = set(model.state_dict())
-    for key in state:
-        for name in own:
-            if key.endswith("." + name):
-                prefix = key[: -len(name)]
-                if sum(k.startswith(prefix) and k[len(prefix):] in own for k in state) >= len(own) // 2:
-                    return f" (its keys start with {prefix!r}: save the ViT's own state_dict(), e.g. module.{prefix.rstrip('.')}.state_dict())"
-                break
-    return ""
+    prefixes = _model_prefixes(state, set(model.state_dict()))
+    return (f" (its keys start with {prefixes[0]!r}: save the ViT's own state_dict(), e.g. "
+            f"module.{prefixes[0].rstrip('.')}.state_dict())") if prefixes else ""
 
 
 def _short_error(error: BaseException) -> str:

@@ -569,18 +569,20 @@ def test_export_says_what_it_computes_before_its_longest_part(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export: ")]
     assert [re.sub(r"\d+\.\d s", "T s", line) for line in lines] == [
         "export: correction statistics and the corrected ranking from 5 inputs, then 2 budgets and their fidelity on 2 images (cpu)",
-        f"export: wrote 5 files to {tmp_path / 'a'} (export T s (the corrected path's ranking T s of it))",
-        "export: 1 budget (cpu)", f"export: wrote 4 files to {tmp_path / 'b'} (export T s)"]
+        f"export: wrote 5 files to {tmp_path / 'a'} in T s (the corrected path's ranking T s of it)",
+        "export: 1 budget (cpu)", f"export: wrote 4 files to {tmp_path / 'b'} in T s"]
 
 
 def test_the_stage_times_say_where_the_minutes_went() -> None:
     from snapvit_lightning.report import stage_times
 
     times = {"scoring_s": 6.51, "search_s": 22.86, "search_evaluations": 50, "ranking_s": 4.52, "export_s": 13.55}
-    assert stage_times(times) == ("scoring 6.5 s, search 22.9 s (50 evaluations), "
-                                  "export 13.6 s (the corrected path's ranking 4.5 s of it)")
-    assert stage_times({**times, "export_s": None, "ranking_s": None}) == "scoring 6.5 s, search 22.9 s (50 evaluations)"
-    assert stage_times({"scoring_s": None, "search_s": None, "search_evaluations": None, "export_s": 1.0}) == "export 1.0 s"
+    assert stage_times(times) == ("in 13.6 s (the corrected path's ranking 4.5 s of it; the checkpoint's scoring 6.5 s, "
+                                  "search 22.9 s of 50 evaluations)")
+    # an export of a loaded checkpoint: its scoring and search are an earlier run's, and said so
+    assert stage_times({**times, "ranking_s": None, "search_s": None}) == "in 13.6 s (the checkpoint's scoring 6.5 s)"
+    assert stage_times({"scoring_s": None, "search_s": None, "search_evaluations": None, "export_s": 1.0}) == "in 1.0 s"
+    assert stage_times({}) == ""
 
 
 def test_budgets_beyond_the_blocks_minimum_keep_are_named_by_the_cut_they_give(tmp_path, capsys, caplog):

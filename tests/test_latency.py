@@ -385,7 +385,7 @@ def test_latency_in_a_deployment_dtype_times_cast_copies(tmp_path: Path, capsys,
     assert main(["info", str(out)]) == 0 and "torch, " in (said := capsys.readouterr().out) and "bfloat16), measured" in said
     assert main(["info", str(path), "--latency", "--dtype", "float16", "--budgets", "0.5,0.5"]) == 0
     assert "float16; dense model" in capsys.readouterr().out
-    for argv, said in ((["info", str(path), "--dtype", "bfloat16"], "--dtype say how --latency measures"),
+    for argv, said in ((["info", str(path), "--dtype", "bfloat16"], "--dtype/--onnx say how --latency measures"),
                        (["slice", str(path), "--latency-ms", "5", "--dtype", "bfloat16", "-o", str(tmp_path / "x.onnx")],
                         "--dtype bfloat16: an .onnx output is timed in ONNX Runtime as its float32 graph")):
         with pytest.raises(SystemExit) as exc:
@@ -428,6 +428,27 @@ def test_cli_info_latency_column(tmp_path: Path, capsys, one_thread: None) -> No
     assert lines[2].split()[6:8] == ["ms", "speed-up"]
     dense, half = (float(line.split()[5]) for line in lines[3:5])
     assert dense > 0 and half > 0 and lines[3].split()[6] == "1.00x"  # the dense row is the reference itself
+
+
+def test_cli_info_latency_of_onnx_graphs(tmp_path: Path, capsys, one_thread: None, monkeypatch) -> None:
+    # info timed torch only, beside the README's ONNX commands (ONNX Runtime ran 1.5x faster than torch there)
+    import snapvit_lightning.latency as latency
+    from snapvit_lightning.cli import main
+
+    pytest.importorskip("onnxruntime")
+    path = _saved(tmp_path)
+    backends = []
+    prepare = latency._prepare
+    monkeypatch.setattr(latency, "_prepare", lambda m, backend, *a, **k: backends.append(backend) or prepare(m, backend, *a, **k))
+    assert main(["info", str(path), "--budgets", "0,0", "0.5,0.5", "--latency", "--onnx", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("latency: median of 10 interleaved runs, ms per batch of 1 on cpu (onnx, 1 thread), float32")
+    assert backends == ["onnx", "onnx"] and float(lines[4].split()[5]) > 0
+    for argv, said in ((["--onnx"], "--onnx say how --latency measures; give --latency too"),
+                       (["--latency", "--onnx", "--dtype", "bfloat16"], "--onnx times float32 graphs in ONNX Runtime")):
+        with pytest.raises(SystemExit) as exc:
+            main(["info", str(path), *argv])
+        assert exc.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_cli_info_latency_warns_when_a_smaller_budget_measured_slower(tmp_path: Path, capsys, monkeypatch) -> None:

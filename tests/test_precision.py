@@ -264,6 +264,23 @@ def test_cli_precision_auto_lands_in_report(precision, tmp_path, capsys, one_thr
     assert record["search"] in {s.name for s in CPU_SETTINGS}
 
 
+def test_a_busy_probe_is_the_commands_warning(tmp_path) -> None:
+    # snapvit fit printed it as `.../lightning/pytorch/cli.py:616: the precision probe runs on a busy machine ...`
+    import subprocess
+    import sys
+
+    _images(tmp_path / "images")
+    config = tmp_path / "config.yaml"
+    config.write_text(_AUTO_CONFIG.format(images=tmp_path / "images", out=tmp_path / "out", precision="auto"))
+    script = ("import sys, snapvit_lightning.machine as m\nm.load_average = lambda: 999.0\n"
+              "from snapvit_lightning.cli import main\nsys.exit(main(['fit', '--config', sys.argv[1]]))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = [line for line in run.stderr.splitlines() if "the precision probe runs on a busy machine" in line]
+    assert said and all(line.startswith("snapvit fit: warning: the precision probe runs") for line in said), said
+
+
 def test_cli_refuses_an_invalid_precision(tmp_path, capsys) -> None:
     from snapvit_lightning.cli import main
 

@@ -48,6 +48,21 @@ def test_rank_zeros_own_work_stops_at_once() -> None:
     assert reached == []
 
 
+def test_a_sigterm_after_rank_zeros_files_are_placed_stops_nothing() -> None:
+    # under DDP it ended with status 143 and "the export ... wrote none" beside the five files it had placed
+    from snapvit_lightning.ranks import files_placed
+
+    trainer = _two_ranks()
+    with collective_safe_sigterm(trainer):
+        with stops_on_sigterm():
+            files_placed()
+            os.kill(os.getpid(), signal.SIGTERM)  # dropped: nothing is left to stop
+        stop_if_terminated(trainer)
+    with pytest.raises(SIGTERMException), collective_safe_sigterm(trainer):  # the next fit: a SIGTERM counts again
+        os.kill(os.getpid(), signal.SIGTERM)
+    files_placed()  # outside: nothing
+
+
 def test_a_sigterm_in_the_scoring_stops_every_rank_after_the_same_step() -> None:
     # Lightning's handler broadcast from inside the signal handler; with every process signalled, all ranks hung.
     from snapvit_lightning.ranks import DistributedSigterm

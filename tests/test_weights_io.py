@@ -267,6 +267,28 @@ def test_a_local_dir_without_its_config_is_refused_with_the_layout(tmp_path) -> 
     assert create_timm_model(f"local-dir:{tmp_path}").num_classes == 0
 
 
+def test_a_local_dirs_weights_load_as_a_checkpoint_path_does(tmp_path) -> None:
+    # timm's loader raised a SafetensorError traceback (status 1) for a truncated file, and listed every key
+    # (24,000 characters) for another architecture's
+    (tmp_path / "config.json").write_text('{"architecture": "test_vit", "num_classes": 5, "pretrained_cfg": {}}')
+    with pytest.raises(FileNotFoundError, match=r"with pretrained: true the folder '.*' must hold model.safetensors"):
+        create_timm_model(f"local-dir:{tmp_path}", pretrained=True)
+    reference = timm.create_model("test_vit", num_classes=5)
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    loaded = create_timm_model(f"local-dir:{tmp_path}", pretrained=True)
+    timms = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)  # the same weights as timm's own loading
+    assert loaded.num_classes == 5 and all(torch.equal(loaded.state_dict()[k], v) for k, v in timms.state_dict().items())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.state_dict().items() if k != "pos_embed")
+    assert loaded.pretrained_cfg["architecture"] == "test_vit"  # what the elastic checkpoint records
+    with pytest.raises(ValueError, match=r"^pretrained=True: could not load weights for model 'local-dir:.*': the file "
+                                         r"'.*model.safetensors' does not match the model: .*weights of another architecture\?\)$"):
+        save_file(timm.create_model("test_vit2", num_classes=5).state_dict(), tmp_path / "model.safetensors")
+        create_timm_model(f"local-dir:{tmp_path}", pretrained=True)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match=r"the file '.*model.safetensors' is not a readable safetensors file"):
+        create_timm_model(f"local-dir:{tmp_path}", pretrained=True)
+
+
 def test_check_writable_writes_a_file_into_an_existing_folder(tmp_path, monkeypatch) -> None:
     # root passes os.access everywhere: `-o /proc/x` and `snapvit weights ... /proc/x.safetensors` failed at the write
     import tempfile

@@ -566,7 +566,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     load_average, busy = None, None
     if not args.no_latency:
-        load_average, busy = machine.load_average(), busy_note(device)
+        load_average, busy = machine.load_average(), busy_note(device, args.threads)
         if busy is not None:
             warnings.warn(busy, stacklevel=1)
         for e in entries:  # the features are taken: the models are cast and moved in place
@@ -668,9 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m snapvit_lightning.benchmarks.bench``), same options as ``snapvit bench``."""
     parser = _configure(argparse.ArgumentParser(prog="snapvit bench", description=DESCRIPTION))
     args = parser.parse_args(argv)
-    from ..errors import exit_on_user_error
+    from ..errors import exit_on_user_error, own_warnings_as
 
-    with exit_on_user_error(parser.prog):
+    with exit_on_user_error(parser.prog), own_warnings_as(parser.prog):
         return args.func(args)
 
 

@@ -273,10 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(set(args.main_seeds)) != len(args.main_seeds):
         parser.error(f"--main-seeds: each seed once, got {args.main_seeds}")
-    from ..errors import Terminated, traceback_requested
+    from ..errors import Terminated, own_warnings_as, traceback_requested
 
     try:
-        return _run(parser.prog, args)
+        with own_warnings_as(parser.prog):
+            return _run(parser.prog, args)
     except (KeyboardInterrupt, Terminated) as stop:  # a stopped main job raises one of them (not a traceback)
         if traceback_requested():
             raise

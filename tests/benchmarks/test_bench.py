@@ -551,3 +551,13 @@ def test_a_busy_machine_is_named_before_bench_times(setup, tmp_path, monkeypatch
     assert settings["load_average"] == load and settings["busy"] and settings["dtype"] == "float32"
     assert "(busy: above the cores, so the latencies read slow" in (tmp_path / "b" / "bench.md").read_text()
     assert f"float32, torch.inference_mode, 1-minute load average {load:.2f} before" in capsys.readouterr().out
+    # more --threads than the process's cores: said too (it was said by info and slice, not by bench)
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
+    many = machine.usable_cores() + 1
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match=f"^the timing runs {many} threads on the {many - 1} core"):
+            assert bench.main([str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--threads", str(many),
+                               "--out", str(tmp_path / "t")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # bench sets torch's threads for the process

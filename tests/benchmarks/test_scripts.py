@@ -51,6 +51,16 @@ def test_every_option_says_what_it_does_and_its_default(name: str, monkeypatch: 
     assert not (parser.description or "").endswith(":")  # a docstring's "::" is not a sentence
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_prints_this_packages_warnings_as_one_line(name: str) -> None:
+    # bench's and heldout's printed `/work/main/snapvit_lightning/benchmarks/bench.py:571: the machine is busy ...`
+    import inspect
+
+    source = inspect.getsource(importlib.import_module(f"{benchmarks.__name__}.{name}"))
+    main_block = source[source.index('if __name__ == "__main__":'):]
+    assert "run_as_script(" in main_block or "own_warnings_as(" in source, name
+
+
 def test_a_scripts_own_warning_is_one_line_and_others_keep_their_form() -> None:
     # a benchmark's warning printed as `/path/to/deploy.py:111: UserWarning: ...` (the `snapvit` commands' form is one line)
     script = (
