@@ -450,6 +450,7 @@ def load_weights(
             state = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
     try:
         _fresh_head_warning(_load_strict(model, state, classifier), path, argument, state, model)
+        _dropped_head_warning(state, model, classifier, path, argument)
         return
     except RuntimeError as err:
         error = err
@@ -469,6 +470,7 @@ def load_weights(
                 error = err
         if fresh is not None:
             _fresh_head_warning(fresh, path, argument, filtered, model)
+            _dropped_head_warning(state, model, classifier, path, argument)
             patch = state.get("patch_embed.proj.weight")
             own = model.patch_embed.proj.weight if hasattr(model, "patch_embed") else None
             if patch is not None and own is not None and patch.shape[-2:] != own.shape[-2:]:
@@ -566,6 +568,23 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], classifier: tuple[s
         raise RuntimeError(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                            f"unexpected keys {result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}")
     return [k for k in result.missing_keys if k in optional]
+
+
+def _dropped_head_warning(
+    state: dict[str, Tensor], model: nn.Module, classifier: tuple[str, ...], path: Path, argument: str
+) -> None:
+    """Warn when a headless model drops a file's classifier that is not its hub's (a fine-tuned one, likely).
+
+    A hub file's head for ``num_classes: 0`` (DeiT's 1000 classes) is dropped as timm drops it, silently;
+    a head of another size (a user's 8 classes under a config that says ``num_classes: 0``) was too.
+    """
+    weight = next((state[f"{name}.weight"] for name in classifier if f"{name}.weight" in state), None)
+    hub_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if weight is None or getattr(model, "num_classes", None) != 0 or weight.ndim != 2 or weight.shape[0] == hub_classes:
+        return
+    warnings.warn(f"{argument} {str(path)!r} holds a classifier of {weight.shape[0]} classes, which this model "
+                  f"(num_classes=0) drops; give model_kwargs num_classes: {weight.shape[0]} to keep it (the exported "
+                  "subnets then ship it)", stacklevel=3)
 
 
 def _fresh_head_warning(fresh: list[str], path: Path, argument: str, state: dict[str, Tensor], model: nn.Module) -> None:

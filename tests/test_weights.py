@@ -153,8 +153,13 @@ def test_output_must_be_safetensors(tmp_path, name):
 
 def test_what_safetensors_cannot_store_is_named(tmp_path):
     # numpy values and non-string metadata failed inside safetensors with an AttributeError / its own TypeError
-    with pytest.raises(TypeError, match=r"tensors\['a'\] must be a torch.Tensor .* got ndarray \(numpy: torch.as_tensor"):
+    with pytest.raises(TypeError, match=r"tensors\['a'\] must be a torch.Tensor, got ndarray \(numpy: torch.as_tensor"):
         write_state_dict(tmp_path / "w.safetensors", {"a": np.ones(3)})
+    # a key of the wrong type was blamed on its value ("... under a str name, got Tensor")
+    with pytest.raises(TypeError, match=r"tensors: the name 1 must be a str, got int"):
+        write_state_dict(tmp_path / "w.safetensors", {1: torch.ones(3)})
+    with pytest.raises(TypeError, match=r"metadata: the key 1 must be a str, got int"):
+        write_state_dict(tmp_path / "w.safetensors", {"a": torch.ones(3)}, {1: "x"})
     with pytest.raises(TypeError, match=r"metadata\['k'\] must be a str .* got int"):
         write_state_dict(tmp_path / "w.safetensors", {"a": torch.ones(3)}, {"k": 3})
     with pytest.raises(TypeError, match=r"write_state_dict\(path, state\) takes the path first"):

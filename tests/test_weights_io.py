@@ -8,6 +8,7 @@ stands in for a download: the same ``load_pretrained`` (with the model family's
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -334,16 +335,19 @@ def _saved_elastic(elastic, tmp_path: Path) -> Path:
     return path
 
 
-def test_what_safetensors_cannot_store_is_named_before_writing(tmp_path) -> None:
-    # a key of the wrong type was blamed on its value ("... under a str name, got Tensor")
-    path = tmp_path / "w.safetensors"
-    cases = [
-        (({1: torch.ones(1)},), "tensors: the name 1 must be a str, got int"),
-        (({"a": [1.0]},), r"tensors\['a'\] must be a torch.Tensor, got list"),
-        (({"a": torch.ones(1)}, {1: "x"}), "metadata: the key 1 must be a str, got int"),
-        (({"a": torch.ones(1)}, {"k": 3}), r"metadata\['k'\] must be a str \(safetensors stores strings; json.dumps a value\), got int"),
-    ]
-    for args, match in cases:
-        with pytest.raises(TypeError, match=match):
-            write_safetensors(path, *args)
-        assert not path.exists()
+def test_a_fine_tuned_head_dropped_by_a_headless_model_is_said(tmp_path) -> None:
+    # a user's 8-class checkpoint under a config with num_classes: 0 lost its head without a word
+    from snapvit_lightning.weights_io import classifier_layers, load_weights
+
+    for name, classes, said in (("test_vit", 8, True), ("test_vit", 1000, False)):  # 1000: the hub's own head
+        source = timm.create_model(name, num_classes=classes)
+        save_file(source.state_dict(), tmp_path / "w.safetensors")
+        headless = timm.create_model(name, num_classes=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_weights(headless, tmp_path / "w.safetensors", classifier=classifier_layers(headless))
+        messages = [str(w.message) for w in caught if "classifier of" in str(w.message)]
+        assert messages == ([f"checkpoint_path '{tmp_path / 'w.safetensors'}' holds a classifier of 8 classes, which this "
+                             "model (num_classes=0) drops; give model_kwargs num_classes: 8 to keep it (the exported "
+                             "subnets then ship it)"] if said else []), (classes, messages)
+
