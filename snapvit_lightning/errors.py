@@ -203,14 +203,16 @@ def warn_at_caller(message: str) -> None:
     ``snapvit CMD: warning: ...``.
     """
     package = __name__.rsplit(".", 1)[0]
+    passed = (package + ".", "lightning.", "pytorch_lightning.", "jsonargparse.", "torch.multiprocessing.", "multiprocessing.")
     frame, level = sys._getframe(1), 2  # stacklevel 1 is this function's own line
     while frame is not None:
         module = str(frame.f_globals.get("__name__", ""))
-        inside = module.startswith((package + ".", "lightning.", "pytorch_lightning.", "jsonargparse."))
-        if not inside or module in (f"{package}.cli", f"{package}.quickstart") or module.startswith(f"{package}.benchmarks."):
+        if not module.startswith(passed) or module in (f"{package}.cli", f"{package}.quickstart") \
+                or module.startswith(f"{package}.benchmarks."):
             break
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
+    # no caller of the user's (a rank that ddp_spawn started): the package's own line, not a library's
+    warnings.warn(message, stacklevel=level if frame is not None else 2)
 
 
 def process_rank() -> int:

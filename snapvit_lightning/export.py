@@ -61,7 +61,9 @@ from .export_options import (  # noqa: F401  (the plug-in imports some of these 
 from .machine import build_machine
 from .obs import with_ranking
 from .onnx_export import ONNX_OPSET, _check_fixed_grid, checked_onnx
-from .ranks import collective_safe_sigterm, files_placed, finish_on_every_rank, stop_if_terminated, stops_on_sigterm
+from .ranks import (
+    collective_safe_sigterm, files_placed, finish_on_every_rank, stop_if_terminated, stops_on_sigterm, uninterrupted,
+)
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure, measured_on, stage_times
 from .scores import HEAD_SHARE_KNEE
 from .search import EvolutionarySearch, scored_model
@@ -427,9 +429,10 @@ def export_elastic(
             earlier -= set(targets.values())
             if earlier_name is not None and _fit_config(out_dir / "config.yaml"):  # that fit's: not this export's
                 earlier.add(out_dir / "config.yaml")  # (a `snapvit fit` writes its own after the export)
-            for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
-                os.replace(staged[role], targets[role])
-                placed.append(targets[role])
+            with uninterrupted():  # under DDP a SIGTERM stops the export before the renames or after them all
+                for role in [r for r in staged if r != "report"] + ["report"]:  # the report last: it marks completion
+                    os.replace(staged[role], targets[role])
+                    placed.append(targets[role])
             files_placed()  # under DDP a SIGTERM from here on stops nothing: the export is complete
             removed: list[str] = []
             for path in sorted(earlier):  # the replaced export's files, which the new report does not list

@@ -17,7 +17,7 @@ from .errors import Terminated
 
 __all__ = [
     "DistributedSigterm", "RankZeroFailed", "RankZeroTimeout", "collective_safe_sigterm", "files_placed",
-    "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks", "stops_on_sigterm",
+    "finish_on_every_rank", "stop_if_terminated", "stop_started_ranks", "stops_on_sigterm", "uninterrupted",
 ]
 
 #: What :func:`collective_safe_sigterm`'s handler has seen: ``active`` while it is installed, ``seen`` once
@@ -176,6 +176,23 @@ def stops_on_sigterm() -> Iterator[None]:
         yield
     finally:
         _SIGTERM["stop"] = False
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Inside :func:`stops_on_sigterm`, a SIGTERM during the block is only noted and stops the work after it.
+
+    For steps that must happen all or not at all (the renames that place an export's files: a SIGTERM
+    between two renames left the report, the mark of a complete export, beside "wrote none").
+    """
+    stop = _SIGTERM["stop"]
+    _SIGTERM["stop"] = False
+    try:
+        yield
+    finally:
+        _SIGTERM["stop"] = stop
+    if stop and _SIGTERM["seen"]:
+        raise SIGTERMException(TERMINATED_STATUS)
 
 
 def files_placed() -> None:

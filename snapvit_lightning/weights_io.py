@@ -213,22 +213,34 @@ def make_parent(path: Path) -> None:
         raise NotADirectoryError(f"cannot write '{path}': '{blocking}' is a file, not a folder") from err
 
 
-def _local_dir_weights(model_name: str) -> Path:
-    """The weights file of a ``local-dir:FOLDER`` (``model.safetensors``, else ``pytorch_model.bin``), as timm picks it.
+#: timm's order of a local-dir's weights files (``timm.models._hub``'s, as of timm 1.0.31): these names, then
+#: the first file by name of each suffix in turn.
+_LOCAL_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+_LOCAL_DIR_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin")
 
-    They are loaded as ``checkpoint_path`` is (:func:`load_weights`), so a truncated, pickled or foreign
+
+def _local_dir_weights(model_name: str) -> Path:
+    """The weights file of a ``local-dir:FOLDER``, picked as timm picks it (:data:`_LOCAL_DIR_FILES`).
+
+    It is loaded as ``checkpoint_path`` is (:func:`load_weights`), so a truncated, pickled or foreign
     file is said in one line with what to do, as there (timm's own loader raised a traceback or listed
     every key).
 
     Raises:
-        FileNotFoundError: The folder holds neither.
+        FileNotFoundError: The folder holds no weights file.
     """
     folder = Path(model_name.split(":", 1)[1])
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in _LOCAL_DIR_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"model {model_name!r}: with pretrained: true the folder '{folder}' must hold "
-                            "model.safetensors (or pytorch_model.bin), timm's local-dir layout; it holds neither")
+    for suffix in _LOCAL_DIR_SUFFIXES:
+        found = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"model {model_name!r}: with pretrained: true the folder '{folder}' must hold its weights "
+                            f"(model.safetensors, pytorch_model.bin or another {'/'.join(_LOCAL_DIR_SUFFIXES)} file, "
+                            "timm's local-dir layout); it holds none")
 
 
 def _check_local_dir(model_name: str) -> None:
@@ -441,13 +453,14 @@ def load_weights(
             break
     own = set(model.state_dict())
     if sum(k in own for k in state) < len(own) // 2:  # e.g. a LightningModule's checkpoint: its ViT under `net.`
-        prefixes = _model_prefixes(state, own)
-        if len(prefixes) > 1:
-            raise ValueError(f"{argument} {str(path)!r} holds {len(prefixes)} models like this one (keys under "
-                             f"{', '.join(map(repr, prefixes))}): save the one to prune, e.g. "
-                             f"module.{prefixes[0].rstrip('.')}.state_dict()")
-        if prefixes:  # the module's other tensors (a loss's weights, ...) are not the ViT's
-            state = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
+        vits = sorted(k[: -len(_PATCH_KEY)] for k in state if k == _PATCH_KEY or k.endswith("." + _PATCH_KEY))
+        if len(vits) > 1:  # a teacher and a student, an EMA copy: which one is meant is the user's to say
+            where = ", ".join(repr(p) if p else "the top level" for p in vits)
+            named = next(p for p in vits if p).rstrip(".")
+            raise ValueError(f"{argument} {str(path)!r} holds {len(vits)} ViTs (patch embeddings under {where}): save "
+                             f"the one to prune, e.g. module.{named}.state_dict()")
+        if vits and vits[0]:  # the module's other tensors (a loss's weights, ...) are not the ViT's
+            state = {k[len(vits[0]):]: v for k, v in state.items() if k.startswith(vits[0])}
     try:
         _fresh_head_warning(_load_strict(model, state, classifier), path, argument, state, model)
         _dropped_head_warning(state, model, classifier, path, argument)
@@ -526,6 +539,10 @@ def _is_safetensors(path: Path) -> bool:
         head = f.read(9)
     return path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"
                                                      and 0 < int.from_bytes(head[:8], "little") < 100_000_000)
+
+
+#: The key of a timm ViT's patch embedding: where a file holds one ViT, whatever its other tensors.
+_PATCH_KEY = "patch_embed.proj.weight"
 
 
 def _model_prefixes(state: dict[str, Tensor], own: set[str]) -> list[str]:

@@ -502,9 +502,14 @@ def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:
         loaded = SnapViTModule(VIT, checkpoint_path=str(path), model_kwargs=VIT_KW).student.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items()), path
     torch.save({"state_dict": own | {f"ema.net.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "two.ckpt")
-    with pytest.raises(ValueError, match=r"two.ckpt' holds 2 models like this one \(keys under 'ema\.net\.', 'net\.'\): "
+    with pytest.raises(ValueError, match=r"two.ckpt' holds 2 ViTs \(patch embeddings under 'ema\.net\.', 'net\.'\): "
                                          r"save the one to prune, e.g. module.ema.net.state_dict\(\)"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "two.ckpt"), model_kwargs=VIT_KW)
+    # a teacher and a smaller student: the teacher alone matched the model, and loaded without a word
+    student = {f"student.{k}": v for k, v in vit(depth=2).state_dict().items()}
+    torch.save({"state_dict": {f"teacher.{k}": v for k, v in reference.state_dict().items()} | student}, tmp_path / "ts.ckpt")
+    with pytest.raises(ValueError, match=r"holds 2 ViTs \(patch embeddings under 'student\.', 'teacher\.'\)"):
+        SnapViTModule(VIT, checkpoint_path=str(tmp_path / "ts.ckpt"), model_kwargs=VIT_KW)
     torch.save(vit(patch_size=8).state_dict(), tmp_path / "p8.pt")  # resampled by timm's filter: said so
     with pytest.warns(UserWarning, match=r"its 8x8 patch embedding was resampled to the model's 16x16"):
         SnapViTModule(VIT, checkpoint_path=str(tmp_path / "p8.pt"), model_kwargs=VIT_KW)

@@ -63,6 +63,23 @@ def test_a_sigterm_after_rank_zeros_files_are_placed_stops_nothing() -> None:
     files_placed()  # outside: nothing
 
 
+def test_steps_that_must_all_happen_are_stopped_after_them() -> None:
+    # a SIGTERM between the export's renames left report.json beside "wrote none"
+    from snapvit_lightning.ranks import uninterrupted
+
+    trainer, done = _two_ranks(), []
+    with pytest.raises(SIGTERMException), collective_safe_sigterm(trainer), stops_on_sigterm():
+        with uninterrupted():
+            for step in range(3):
+                if step == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                done.append(step)
+        done.append("after")  # not reached: the block's end raised
+    assert done == [0, 1, 2]
+    with uninterrupted():  # outside collective_safe_sigterm: nothing changes
+        done.append("outside")
+
+
 def test_a_sigterm_in_the_scoring_stops_every_rank_after_the_same_step() -> None:
     # Lightning's handler broadcast from inside the signal handler; with every process signalled, all ranks hung.
     from snapvit_lightning.ranks import DistributedSigterm

@@ -272,8 +272,18 @@ def test_a_local_dirs_weights_load_as_a_checkpoint_path_does(tmp_path) -> None:
     # timm's loader raised a SafetensorError traceback (status 1) for a truncated file, and listed every key
     # (24,000 characters) for another architecture's
     (tmp_path / "config.json").write_text('{"architecture": "test_vit", "num_classes": 5, "pretrained_cfg": {}}')
-    with pytest.raises(FileNotFoundError, match=r"with pretrained: true the folder '.*' must hold model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"with pretrained: true the folder '.*' must hold its weights \(model"):
         create_timm_model(f"local-dir:{tmp_path}", pretrained=True)
+    for name in ("model.pth", "weights.safetensors"):  # timm takes them too (it found them, and this refused them)
+        state = timm.create_model("test_vit", num_classes=5).state_dict()
+        if name.endswith(".pth"):
+            torch.save(state, tmp_path / name)
+        else:
+            save_file(state, tmp_path / name)
+        theirs = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).state_dict()
+        ours = create_timm_model(f"local-dir:{tmp_path}", pretrained=True).state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in theirs.items()), name
+        (tmp_path / name).unlink()
     reference = timm.create_model("test_vit", num_classes=5)
     save_file(reference.state_dict(), tmp_path / "model.safetensors")
     loaded = create_timm_model(f"local-dir:{tmp_path}", pretrained=True)
