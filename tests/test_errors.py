@@ -68,7 +68,7 @@ def _fails_in_one_line(argv: list[str], capsys, match: str, run=main) -> str:
         (["info"], "snapvit info: error: the following arguments are required: path"),
         (["info", "{elastic}", "--budgets", "1,1"], "argument --budgets: MLP_RATIO must be in [0, 1), got 1.0 in '1,1'"),
         (["info", "{elastic}", "--latency", "--batch-size", "0"], "snapvit info: error: argument --batch-size: must be >= 1, got 0"),
-        (["info", "{elastic}", "--threads", "3"], "--batch-size/--threads/--device/--dtype say how --latency measures"),
+        (["info", "{elastic}", "--threads", "3"], "--batch-size/--threads/--device/--dtype/--onnx say how --latency measures"),
         (["slice", "{elastic}", "--flops", "0.5", "--format", "safetensors", "-o", "{tmp}/s.ONNX"],
          "--format safetensors would write safetensors into"),
         (["slice", "{elastic}", "-o", "{tmp}/s.safetensors"], "snapvit slice: error: give a budget: --flops F"),
