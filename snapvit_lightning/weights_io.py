@@ -451,8 +451,8 @@ def load_weights(
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
             break
-    own = set(model.state_dict())
-    if sum(k in own for k in state) < len(own) // 2:  # e.g. a LightningModule's checkpoint: its ViT under `net.`
+    model_keys = set(model.state_dict())
+    if sum(k in model_keys for k in state) < len(model_keys) // 2:  # e.g. a LightningModule's checkpoint: its ViT under `net.`
         vits = sorted(k[: -len(_PATCH_KEY)] for k in state if k == _PATCH_KEY or k.endswith("." + _PATCH_KEY))
         if len(vits) > 1:  # a teacher and a student, an EMA copy: which one is meant is the user's to say
             where = ", ".join(repr(p) if p else "the top level" for p in vits)

@@ -176,7 +176,8 @@ class EvolutionarySearch(Callback):
         pca_components: PCA components of the fitness (``>= 1``; at most ``M - 1`` and ``D`` used).
         seed: xNES seed.
         autocast: bfloat16 autocast for the fitness forwards (``True``), a dtype (or its name,
-            ``"bfloat16"``, ``"float16"``, ``"float32"``, as a config writes it), ``False``, or ``"auto"``: the autocast and attention kernel a precision probe chose
+            ``"bfloat16"``, ``"float16"``, ``"float32"``, as a config writes it), ``False``, or
+            ``"auto"``: the autocast and attention kernel a precision probe chose
             (:mod:`snapvit_lightning.precision`): the module's (``precision_probe``, set by a
             ``precision: auto`` Trainer) or, when it has none, a fitness-only probe run here;
             the record lands in the scores' ``build_info["precision"]``.
