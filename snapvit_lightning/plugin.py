@@ -8,9 +8,11 @@ elastic checkpoint with :func:`~snapvit_lightning.export.export_elastic`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from .export import (
     export_targets,
 )
 from .loss import check_classifier_fits, check_labels
+from .machine import build_machine
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .precision_state import precision_refusal
@@ -492,9 +495,14 @@ class SnapViT(Callback):
             data = {"datamodule": self.datamodule}
         else:  # a DataLoader, or the loader of a datamodule set up before the user's fit
             data = {"train_dataloaders": self._loader if self._loader is not None else self.datamodule}
+        scoring_start = time.perf_counter()
         fit(inner, module, **data)  # Ctrl-C: KeyboardInterrupt, not the inner fit's sys.exit(1)
         if module.scores is None:
             raise RuntimeError("calibration produced no scores (empty calibration data?)")
+        if (module.scores.build_info or {}).get("scoring_s") is None:  # no search recorded it (search_evals=0)
+            module.scores = dataclasses.replace(module.scores, build_info={
+                **(module.scores.build_info or {}), "scoring_s": time.perf_counter() - scoring_start,
+                "machine": {**build_machine(inner.strategy.root_device), "world_size": 1}})
         self.scores = module.scores
         if non_float32(module.student):  # precision="bf16-true" cast the copy
             module.student.float()

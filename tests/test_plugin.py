@@ -50,6 +50,8 @@ def test_export_measures_on_the_models_device(tmp_path, monkeypatch, plugin):
                                            train_dataloaders=_multicrop_loader())
     assert seen == [torch.device("cpu")]
     assert callback.report["build_times"]["export_machine"]["device"] == "cpu"
+    # the plug-in without a search recorded no scoring time (its export line said only the export's)
+    assert callback.report["build_times"]["scoring_s"] > 0 and callback.report["build_times"]["machine"]["device"] == "cpu"
 
 
 
