@@ -65,7 +65,7 @@ from .ranks import (
     collective_safe_sigterm, files_placed, finish_on_every_rank, stop_if_terminated, stops_on_sigterm, uninterrupted,
 )
 from .report import _features, _fidelity, _fidelity_figure, _kept_units_figure, measured_on, stage_times
-from .scores import HEAD_SHARE_KNEE
+from .scores import HEAD_SHARE_KNEE, ImportanceScores
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
 from .values import non_float32
@@ -625,11 +625,8 @@ class ElasticExport(Callback):
             return rank_zero_info(f"ElasticExport: fast_dev_run, so nothing is written to {self.dirpath}")
         student, scores = scored_model(pl_module, "ElasticExport")
         start_at = getattr(self, "_train_start", None)
-        if (scores.build_info or {}).get("scoring_s") is None and start_at is not None:  # no search before us
-            device = next(student.parameters()).device
-            scores = dataclasses.replace(scores, build_info={
-                **(scores.build_info or {}), "scoring_s": time.perf_counter() - start_at,
-                "machine": {**build_machine(device), "world_size": int(trainer.world_size)}})
+        if start_at is not None:
+            scores = with_scoring_time(scores, start_at, next(student.parameters()).device, int(trainer.world_size))
         error: BaseException | None = None
         if trainer.is_global_zero:  # no collectives in here
             try:
@@ -662,6 +659,16 @@ class ElasticExport(Callback):
             except BaseException as err:  # raised after the barrier, so no rank waits forever
                 error = err
         finish_on_every_rank(trainer, error, "ElasticExport")
+
+
+def with_scoring_time(scores: ImportanceScores, start_at: float, device: torch.device, world_size: int) -> ImportanceScores:
+    """``scores`` with ``build_info["scoring_s"]`` (since ``start_at``, a ``perf_counter``) and its machine, unless a
+    search recorded them (no search ran: ``ElasticExport`` right after the scoring, the plug-in with ``search_evals=0``)."""
+    if (scores.build_info or {}).get("scoring_s") is not None:
+        return scores
+    return dataclasses.replace(scores, build_info={
+        **(scores.build_info or {}), "scoring_s": time.perf_counter() - start_at,
+        "machine": {**build_machine(device), "world_size": world_size}})
 
 
 class ExportCheck(Callback):

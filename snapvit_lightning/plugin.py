@@ -8,7 +8,6 @@ elastic checkpoint with :func:`~snapvit_lightning.export.export_elastic`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import inspect
 import os
@@ -46,9 +45,9 @@ from .export import (
     _set_export_options,
     export_elastic,
     export_targets,
+    with_scoring_time,
 )
 from .loss import check_classifier_fits, check_labels
-from .machine import build_machine
 from .module import ALLOWED_PRECISIONS, CRITERIA, SnapViTModule
 from .precision import PROBE_VIEWS, cli_device, resolve_precision
 from .precision_state import precision_refusal
@@ -499,10 +498,7 @@ class SnapViT(Callback):
         fit(inner, module, **data)  # Ctrl-C: KeyboardInterrupt, not the inner fit's sys.exit(1)
         if module.scores is None:
             raise RuntimeError("calibration produced no scores (empty calibration data?)")
-        if (module.scores.build_info or {}).get("scoring_s") is None:  # no search recorded it (search_evals=0)
-            module.scores = dataclasses.replace(module.scores, build_info={
-                **(module.scores.build_info or {}), "scoring_s": time.perf_counter() - scoring_start,
-                "machine": {**build_machine(inner.strategy.root_device), "world_size": 1}})
+        module.scores = with_scoring_time(module.scores, scoring_start, inner.strategy.root_device, 1)
         self.scores = module.scores
         if non_float32(module.student):  # precision="bf16-true" cast the copy
             module.student.float()
