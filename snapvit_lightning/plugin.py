@@ -485,7 +485,8 @@ class SnapViT(Callback):
             precision=precision,
             logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False,
+            # The scoring takes minutes on a CPU: it shows its progress when the user's fit showed theirs.
+            enable_progress_bar=trainer.progress_bar_callback is not None,
             enable_model_summary=False,
             callbacks=callbacks,
             default_root_dir=str(self.dirpath),
