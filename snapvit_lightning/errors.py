@@ -53,6 +53,7 @@ __all__ = [
     "traceback_requested",
     "user_error_message",
     "warn_at_caller",
+    "warn_at_caller_on_rank_zero",
 ]
 
 #: Set to ``1`` to get the full traceback of a user error.
@@ -213,6 +214,18 @@ def warn_at_caller(message: str) -> None:
         frame, level = frame.f_back, level + 1
     # no caller of the user's (a rank that ddp_spawn started): the package's own line, not a library's
     warnings.warn(message, stacklevel=level if frame is not None else 2)
+
+
+def warn_at_caller_on_rank_zero(message: str) -> None:
+    """:func:`warn_at_caller` in the process of global rank 0 only, as Lightning's ``rank_zero_warn``.
+
+    ``rank_zero_warn`` points at a fixed depth of the stack: from a callback's hook, inside the package
+    or Lightning; this names the user's ``trainer.fit`` line as the package's other warnings do.
+    """
+    from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning sets its rank; light to import
+
+    if getattr(rank_zero_only, "rank", process_rank()) == 0:
+        warn_at_caller(message)
 
 
 def process_rank() -> int:

@@ -41,7 +41,7 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -49,6 +49,7 @@ from . import __version__
 from .checkpoint import resolve_rebuild, subnet_metadata
 from .correction import EXPORT_HINT, check_one_shot, collect_stats, stats_damping
 from .elastic import ElasticViT, head_share
+from .errors import warn_at_caller_on_rank_zero
 from .export_files import (  # noqa: F401  (the plug-in imports some of these from here)
     FIDELITY_PLOT_NAME, KEPT_UNITS_PLOT_NAME, REPORT_NAME, _earlier_files, _fit_config, _refuse_existing, _refuse_existing_before_fit,
     export_targets,
@@ -682,10 +683,12 @@ class ExportCheck(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         exports = [str(cb.dirpath) for cb in trainer.callbacks if isinstance(cb, ElasticExport)]
         if len(exports) > 1:  # --trainer.callbacks+=ElasticExport beside a config's: both ran, without a word
-            rank_zero_warn(f"this fit has {len(exports)} ElasticExport callbacks, so it exports {len(exports)} times "
-                           f"({', '.join(exports)}); --trainer.callbacks.dirpath DIR moves the config's own export")
+            warn_at_caller_on_rank_zero(
+                f"this fit has {len(exports)} ElasticExport callbacks, so it exports {len(exports)} times "
+                f"({', '.join(exports)}); --trainer.callbacks.dirpath DIR moves the config's own export"
+            )
         if not exports:
-            rank_zero_warn(
+            warn_at_caller_on_rank_zero(
                 "this fit has no ElasticExport callback, so it writes no elastic model (the scores are computed and dropped); "
                 "run it with --config configs/quickstart.yaml (a later --config that lists trainer.callbacks replaces the "
                 "whole list), or add --trainer.callbacks+=snapvit_lightning.export.ElasticExport --trainer.callbacks.dirpath DIR"

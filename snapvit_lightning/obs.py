@@ -8,9 +8,9 @@ diagonal this is the output error plus ``λ‖W' - W‖²``, the objective of th
 Removing one unit (neuron, or head: its ``head_dim`` columns) at a time, always the cheapest, and updating ``W`` and ``G⁻¹`` after each
 removal (ZipLM, Kurtic et al. 2023) gives a nested order; the cost of each step is the error it
 adds to the corrected layer's output. A unit's score is the largest step cost up to its removal
-(so scores never decrease along a block's order): the global ranking of these scores keeps, at
-every budget, the units whose removal would cost the most in corrected output error, and every
-budget stays a prefix of each block's order.
+(ties lifted by the least float64 step, so scores increase strictly along a block's order): the
+global ranking of these scores keeps, at every budget, the units whose removal would cost the most
+in corrected output error, and every budget stays a prefix of each block's order.
 
 Costs are in the units of the block's residual branch output (after LayerScale, when the block
 has one). ``scale`` divides each block's costs (e.g. by the energy of the residual stream there).
@@ -145,10 +145,19 @@ def _branch_scale(block: nn.Module, name: str) -> Tensor | None:
     return None if gamma is None else gamma.detach().double()
 
 
-def _unit_scores(order: Tensor, costs: Tensor) -> Tensor:
-    """Scores in unit order: the running maximum of the step costs (never decreasing along the order)."""
-    scores = torch.empty_like(costs)
-    scores[order] = torch.cummax(costs, 0).values
+def _unit_scores(order: Tensor, costs: Tensor, divisor: float = 1.0) -> Tensor:
+    """Scores in unit order: the running maximum of the step costs over ``divisor``, strictly increasing along the order.
+
+    A step cheaper than an earlier one would tie with it under the running maximum, and the ranking's
+    stable sort would then keep the unit of lower index, not the one removed later: each tie is
+    lifted by the least float64 step, so every budget keeps exactly the last units the greedy removed.
+    """
+    values = (torch.cummax(costs.double(), 0).values / divisor).tolist()
+    for i in range(1, len(values)):
+        if values[i] <= values[i - 1]:
+            values[i] = math.nextafter(values[i - 1], math.inf)
+    scores = torch.empty(len(values), dtype=torch.float64)
+    scores[order] = torch.tensor(values, dtype=torch.float64)
     return scores
 
 
@@ -205,7 +214,7 @@ def obs_scores(
                 weight = weight * gamma.to(device)[:, None]
             units = (gram.shape[0] - 1) // group
             order, costs = greedy_removal(weight, gram, group, damping, chunk=max(1, units // chunks), dtype=dtype)
-            per_branch.append(_unit_scores(order, costs) / divisors[b])
+            per_branch.append(_unit_scores(order, costs, float(divisors[b])))
         mlp.append(per_branch[0])
         heads.append(per_branch[1])
     return ImportanceScores(

@@ -17,11 +17,10 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .console import args_from_python
-from .errors import process_rank
+from .errors import process_rank, warn_at_caller_on_rank_zero
 from .precision import PROBE_VIEWS, _allowed, _apply_record, cli_device, resolve_precision
 from .precision_state import precision_refusal, saved_precision
 
@@ -112,8 +111,10 @@ class AutoPrecisionCLI(LightningCLI):
                   and any(_config_sets(path, w.split("=", 1)[0][2:]) for j, path in configs if j > i)]
         if before:
             one = len(before) == 1
-            rank_zero_warn(f"{', '.join(before)} come{'s' * one} before --config, whose values replace "
-                           f"{'it' if one else 'them'}: put --config first")
+            warn_at_caller_on_rank_zero(
+                f"{', '.join(before)} come{'s' * one} before --config, whose values replace "
+                f"{'it' if one else 'them'}: put --config first"
+            )
         super().parse_arguments(parser, args)
 
     @override

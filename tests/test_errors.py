@@ -526,3 +526,19 @@ def test_a_user_error_of_a_ddp_spawn_rank_is_one_line() -> None:
     assert not is_user_error(bug)
     moved = ProcessRaisedException("...\nFileExistsError: /x/config.yaml exists", 0, 1)  # a path error: wherever raised
     assert is_user_error(moved) and user_error_message(moved) == "/x/config.yaml exists"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_zero_warnings_name_the_callers_line_on_rank_zero_only(monkeypatch, rank) -> None:
+    # Lightning's rank_zero_warn pointed at a fixed depth of the stack: inside the package or Lightning.
+    import warnings
+
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    from snapvit_lightning.errors import warn_at_caller_on_rank_zero
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warn_at_caller_on_rank_zero("one line")
+    assert [(str(w.message), w.filename) for w in said] == ([("one line", __file__)] if rank == 0 else [])

@@ -453,16 +453,19 @@ def test_a_fit_that_would_score_forever_is_refused(weights: Path) -> None:
 
 def test_max_steps_within_the_epoch_warns(weights: Path) -> None:
     # the scores came from half the images without a word
-    with pytest.warns(UserWarning, match=r"max_steps=1 stops the scoring epoch after 1 of its 2 batches"):
+    with pytest.warns(UserWarning, match=r"max_steps=1 stops the scoring epoch after 1 of its 2 batches") as said:
         fit(scoring(weights), views(4), max_steps=1)
+    # the line that called trainer.fit, not Lightning's or the package's
+    assert [w.filename for w in said if "max_steps=1" in str(w.message)] == [__file__]
 
 
 def test_more_than_one_epoch_over_the_calibration_datamodule_warns(weights: Path) -> None:
     from snapvit_lightning.data import CalibrationDataModule
 
     dm = CalibrationDataModule(dataset=[torch.rand(3, 40, 40) for _ in range(2)], batch_size=2, num_local_crops=0)
-    with pytest.warns(UserWarning, match=r"max_epochs=2: the scoring is one epoch, and each further one scores the same"):
+    with pytest.warns(UserWarning, match=r"max_epochs=2: the scoring is one epoch, and each further one scores the same") as said:
         trainer(max_epochs=2).fit(scoring(weights), datamodule=dm)
+    assert [w.filename for w in said if "max_epochs=2" in str(w.message)] == [__file__]
 
 
 def test_checkpoint_path_formats(tmp_path: Path, weights: Path) -> None:

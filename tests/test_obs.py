@@ -56,22 +56,48 @@ def test_each_step_removes_the_cheapest_unit() -> None:
     assert int(order[0]) == first
 
 
-def test_obs_scores_rank_a_model_with_its_own_statistics() -> None:
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
-    stats = collect_stats(model, torch.randn(4, 3, *model.patch_embed.img_size))
-    scores = obs_scores(model, stats)
+@pytest.mark.parametrize("key", ["test_vit", "test_vit2"])  # test_vit2: LayerScale
+def test_obs_scores_rank_a_model_with_its_own_statistics(key: str) -> None:
+    from snapvit_lightning.correction import stats_damping
+    from snapvit_lightning.scores import _descending
+
+    model, _, stats = _tiny_with_stats(key)
+    scores = obs_scores(model, stats, chunks=4)
     blocks = len(model.blocks)
     assert scores.mlp.shape == (blocks, model.blocks[0].mlp.fc2.in_features)
     assert scores.heads.shape == (blocks, model.blocks[0].attn.num_heads)
     assert scores.criterion == "obs"
-    # The first neuron removed in block 0 scores lowest there.
-    weight = augmented_weight(model.blocks[0].mlp.fc2)
-    gamma = getattr(getattr(model.blocks[0], "ls2", None), "gamma", None)
-    if gamma is not None:
-        weight = weight * gamma.double()[:, None]
-    order, _ = greedy_removal(weight, stats.mlp[0], 1)
-    assert int(scores.mlp[0].argmin()) == int(order[0])
+    # Every block's ranking is the greedy's whole order, run as obs_scores runs it (its automatic
+    # damping, chunks, float32, the LayerScale gamma on the residual branch): the last removed first.
+    damping = stats_damping(None, stats)
+    for b, block in enumerate(model.blocks):
+        for layer, gram, group, ranked, ls in ((block.mlp.fc2, stats.mlp[b], 1, scores.mlp[b], "ls2"),
+                                               (block.attn.proj, stats.attn[b], block.attn.head_dim, scores.heads[b], "ls1")):
+            weight = augmented_weight(layer)
+            gamma = getattr(getattr(block, ls, None), "gamma", None)
+            assert (gamma is not None) == (key == "test_vit2")
+            if gamma is not None:
+                weight = weight * gamma.double()[:, None]
+            units = (gram.shape[0] - 1) // group
+            order, _ = greedy_removal(weight, gram, group, damping, chunk=max(1, units // 4), dtype=torch.float32)
+            assert torch.equal(_descending(ranked[None])[0], order.flip(0))
+
+
+def test_a_step_cheaper_than_an_earlier_one_still_keeps_the_later_removed_unit() -> None:
+    # The running maximum tied such steps, and the ranking's stable sort then kept the unit of lower
+    # index: at some widths the kept set was not the greedy's last removed units.
+    from snapvit_lightning.obs import _unit_scores
+    from snapvit_lightning.scores import ImportanceScores
+
+    order = torch.tensor([2, 0, 1, 4, 3, 5])
+    costs = torch.tensor([1.0, 3.0, 2.0, 2.5, 4.0, 0.0], dtype=torch.float64)
+    scores = _unit_scores(order, costs, divisor=2.0)
+    along = scores[order]
+    assert bool((along[1:] > along[:-1]).all())
+    assert float(along[1]) == 1.5 and float(along[2]) == pytest.approx(1.5, rel=1e-15)  # lifted, not moved
+    ranked = ImportanceScores(scores[None], torch.ones(1, 2), min_mlp_keep=0.0, min_head_keep=0.5)
+    for kept in range(1, 7):
+        assert set(ranked.block_orders()[0][0, :kept].tolist()) == set(order[-kept:].tolist())
 
 
 def test_bad_shapes_are_refused() -> None:

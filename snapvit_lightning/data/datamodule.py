@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
+from ..errors import warn_at_caller_on_rank_zero
 from ..structure import check_input_size
 from .crops import (
     DINOMultiCrop,
@@ -128,7 +129,7 @@ class ResumableDataLoader(StatefulDataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         with warnings.catch_warnings():
             # torchdata 0.11 calls torch.set_vital, which this torch deprecates: not the user's to act on.
-            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
@@ -492,9 +493,11 @@ class CalibrationDataModule(LightningDataModule):
                 )
             left = n - self._holdout_count(n)
             if self.max_samples is not None and left < self.max_samples:  # the holdout is taken first
-                rank_zero_warn(f"max_samples={self.max_samples} asks for more calibration images than the {left} "
-                               f"that `holdout`={self.holdout!r} leaves of the {n} in {self._source.description}: "
-                               f"the fit calibrates on {left} (it needs holdout + max_samples images)")
+                warn_at_caller_on_rank_zero(
+                    f"max_samples={self.max_samples} asks for more calibration images than the {left} "
+                    f"that `holdout`={self.holdout!r} leaves of the {n} in {self._source.description}: "
+                    f"the fit calibrates on {left} (it needs holdout + max_samples images)"
+                )
         if self._fitness_source is None and self.fitness_data_dir is not None:
             self._fitness_source = ImageFolderSource(self.fitness_data_dir, argument="fitness_data_dir")
 
@@ -529,7 +532,9 @@ class CalibrationDataModule(LightningDataModule):
                 f"`holdout`={self.holdout!r} leaves no readable calibration images in {source.description}"
             )
         if n_hold and len(fit_idx) < n_hold:
-            rank_zero_warn(f"only {len(fit_idx)} of the requested {n_hold} holdout images could be read")
+            warn_at_caller_on_rank_zero(
+                f"only {len(fit_idx)} of the requested {n_hold} holdout images could be read"
+            )
         self._cal_images, self._cal_labels = _sorted_by_index(cal_idx, cal_imgs, cal_lbls)
         if n_hold:
             self._fit_images, self._fit_labels = _sorted_by_index(fit_idx, fit_imgs, fit_lbls)

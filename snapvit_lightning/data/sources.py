@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 from typing_extensions import override
 
+from ..errors import warn_at_caller_on_rank_zero
 from ..values import real_number
 from .crops import (
     DEFAULT_STATS_VIEWS, eval_transform, float_image_to_uint8, resolve_input_config, stats_crops, stats_views_per_image,
@@ -557,9 +557,8 @@ def _report_skips(source: ImageSource, skipped: list[tuple[str, str]], attempted
     named = "; ".join(f"'{name}' ({reason})" for name, reason in skipped[:_MAX_NAMED_SKIPS])
     more = len(skipped) - _MAX_NAMED_SKIPS
     tail = f"; and {more} more" if more > 0 else ""
-    rank_zero_warn(
+    warn_at_caller_on_rank_zero(
         f"skipped {len(skipped)} of {attempted} images in {source.description} that could not be read: {named}{tail}",
-        category=UserWarning,
     )
 
 

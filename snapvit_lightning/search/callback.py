@@ -16,11 +16,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from ..correction import check_correction
+from ..errors import warn_at_caller_on_rank_zero
 from ..image_batches import check_image_batches, collect_images
 from ..machine import build_machine
 from ..precision import search_setting
@@ -475,7 +476,7 @@ class EvolutionarySearch(Callback):
         )
         max_evals = self.max_evals
         if xnes.evals == 0 and max_evals < xnes.popsize and not trainer.fast_dev_run:
-            rank_zero_warn(
+            warn_at_caller_on_rank_zero(
                 f"EvolutionarySearch: max_evals={max_evals} ends before one xNES generation (popsize {xnes.popsize}) "
                 f"completes, so the search distribution is never updated: it only samples {max_evals} candidates "
                 f"around its start (give max_evals >= {xnes.popsize}; the main job uses 50)"
@@ -505,7 +506,7 @@ class EvolutionarySearch(Callback):
             progress.close()
         evaluated = [f for f in self.history[evals_before:] if not math.isnan(f)]
         if len(evaluated) > 1 and len(set(evaluated + [self.initial_fitness])) == 1:
-            rank_zero_warn(
+            warn_at_caller_on_rank_zero(
                 f"EvolutionarySearch: all {len(evaluated)} candidates had the start's fitness {self.initial_fitness:.6f}: "
                 "nothing told them apart (constant scores, identical fitness images?); the start is kept"
             )
@@ -568,7 +569,7 @@ class EvolutionarySearch(Callback):
     def _check_saved_settings(self, saved: dict[str, Any] | None) -> None:
         ours = self._fitness_settings()
         if saved is None:
-            rank_zero_warn(
+            warn_at_caller_on_rank_zero(
                 "EvolutionarySearch.load_state_dict: the state does not record its fitness settings "
                 f"(saved by an older version); resuming assumes they equal this callback's {ours}"
             )
