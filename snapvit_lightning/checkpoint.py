@@ -189,9 +189,21 @@ def _architecture(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, Any
             for name, m in model.named_modules() if type(m).__name__ not in _EVAL_IDENTITY}
 
 
+#: The ``pretrained_cfg`` entries that say how to preprocess the model's images (timm's ``resolve_data_config``).
+DATA_CONFIG_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def _data_config(model: nn.Module) -> dict[str, Any]:
+    """The model's :data:`DATA_CONFIG_KEYS` entries of its ``pretrained_cfg`` (tuples as lists, as JSON stores them)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in DATA_CONFIG_KEYS if cfg.get(k) is not None}
+
+
 @functools.lru_cache(maxsize=16)
-def _rebuilt(model_name: str, model_kwargs_json: str) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]] | str:
-    """Parameter shapes and :func:`_architecture` of ``timm.create_model(model_name, **kwargs)`` (or timm's error).
+def _rebuilt(
+    model_name: str, model_kwargs_json: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict[str, Any]] | str:
+    """Parameter shapes, :func:`_architecture` and :func:`_data_config` of ``timm.create_model(model_name, **kwargs)`` (or timm's error).
 
     Built on the meta device; cached: even there timm's weight initialisation takes ~0.5 s for a
     ViT-S, and every ElasticViT (e.g. each ``ranked_view``) checks its rebuild.
@@ -201,7 +213,7 @@ def _rebuilt(model_name: str, model_kwargs_json: str) -> tuple[dict[str, tuple[i
             rebuilt = timm.create_model(model_name, pretrained=False, **json.loads(model_kwargs_json))
     except (AssertionError, TypeError, ValueError, RuntimeError) as err:
         return f"timm.create_model failed: {err}"
-    return {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}, _architecture(rebuilt)
+    return {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}, _architecture(rebuilt), _data_config(rebuilt)
 
 
 def _natural(name: str) -> tuple[Any, ...]:
@@ -287,7 +299,21 @@ def resolve_rebuild(
             "that rebuild it (JSON values: an option given as a class, e.g. block_fn or mlp_layer, needs a timm "
             "model name that sets it, timm.models.register_model)"
         )
-    return model_name, model_kwargs
+    return model_name, _with_data_config(model, model_kwargs, rebuilt[2])
+
+
+def _with_data_config(model: nn.Module, model_kwargs: dict[str, Any], rebuilt: dict[str, Any]) -> dict[str, Any]:
+    """``model_kwargs`` with a ``pretrained_cfg_overlay`` of the preprocessing the rebuild would not have.
+
+    A model from an ``hf-hub:`` or ``local-dir:`` config (CLIP's mean and std, another interpolation)
+    was rebuilt with its architecture's defaults, so its subnets, ONNX files and ``resolve_data_config``
+    normalised images differently from the calibration.
+    """
+    differ = {k: v for k, v in _data_config(model).items() if rebuilt.get(k) != v}
+    if not differ:
+        return model_kwargs
+    overlay = model_kwargs.get("pretrained_cfg_overlay")
+    return {**model_kwargs, "pretrained_cfg_overlay": {**(overlay if isinstance(overlay, dict) else {}), **differ}}
 
 
 def subnet_metadata(

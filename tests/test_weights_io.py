@@ -110,6 +110,40 @@ def test_prefixed_names_reach_timm(tiny_weights, tmp_path):
     assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
 
 
+def test_a_hub_configs_preprocessing_reaches_the_subnets_and_their_onnx_metadata(tiny_weights, tmp_path):
+    # A local-dir:/hf-hub: config with CLIP's mean and std was rebuilt with the architecture's
+    # defaults: its subnets, ONNX files and resolve_data_config normalised images another way.
+    from timm.data import resolve_data_config
+    from timm.models import save_for_hf
+
+    from snapvit_lightning.elastic import ElasticViT, load_subnet
+    from snapvit_lightning.export import _rebuild_info
+    from snapvit_lightning.scores import ImportanceScores
+
+    clip = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+            "interpolation": "bilinear"}
+    path, state = tiny_weights
+    model = timm.create_model("test_vit", img_size=IMG, pretrained_cfg_overlay=clip)
+    model.load_state_dict(state)
+    save_for_hf(model, str(tmp_path / "clip"), model_args={"img_size": IMG}, safe_serialization=True)
+    module = SnapViTModule(f"local-dir:{tmp_path / 'clip'}", pretrained=True)
+    name, kwargs = _rebuild_info(module, None, None)
+    scores = ImportanceScores(torch.rand(len(module.student.blocks), 192), torch.rand(len(module.student.blocks), 2))
+    elastic = ElasticViT(module.student, scores, model_name=name, model_kwargs=kwargs)
+    assert elastic.model_kwargs["pretrained_cfg_overlay"] == clip
+    elastic.save(tmp_path / "e.elastic.safetensors")
+    loaded = ElasticViT.load(tmp_path / "e.elastic.safetensors")
+    assert loaded.model_kwargs == elastic.model_kwargs  # the reloaded model records the same, once
+    sub = loaded.subnet(0.5, 0.0)
+    config = resolve_data_config({}, model=sub)
+    assert [list(config["mean"]), list(config["std"]), config["interpolation"]] == list(clip.values())
+    loaded.save_subnet(tmp_path / "s.safetensors", sub)
+    assert list(resolve_data_config({}, model=load_subnet(tmp_path / "s.safetensors"))["mean"]) == clip["mean"]
+    # A model with its architecture's own preprocessing records no overlay (files as before).
+    plain = ElasticViT(timm.create_model("test_vit", img_size=IMG), scores, model_name="test_vit")
+    assert "pretrained_cfg_overlay" not in plain.model_kwargs
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
