@@ -339,19 +339,77 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         detail = " ".join(str(err).split())
         if not pretrained:  # e.g. an unknown pretrained tag
             raise ValueError(f"model {model_name!r}: {detail}") from err
+        if len(detail) > _DETAIL_CHARS:  # every missing key and shape of another architecture's file: 24,000 characters
+            detail = f"{_load_state_dict_summary(detail)}: weights of another architecture in {_hub_place(model_name)}?"
         raise ValueError(f"pretrained=True: timm could not load weights for model {model_name!r}: {detail}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a damaged config.json in the cache
+        raise ValueError(_unreadable_hub_file(model_name, err)) from err
     except TypeError as err:  # a misspelt model_kwargs key: the model class's own message names it
         if "unexpected keyword argument" not in str(err):
             raise
         raise ValueError(f"model_kwargs {sorted(kwargs)}: {model_name!r} does not take one of them: {err}") from err
     except Exception as err:
+        if type(err).__name__ == "SafetensorError":  # a truncated or damaged weights file in the cache
+            raise ValueError(_unreadable_hub_file(model_name, err)) from err
         if not type(err).__module__.startswith("huggingface_hub"):
             raise
+        from huggingface_hub import constants
+
         detail = " ".join(str(err).split())[:300]
+        local = "give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay {file: PATH}"
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError(
+                f"model {model_name!r}: HF_HUB_OFFLINE=1 and {_hub_place(model_name)} holds no complete copy of "
+                f"its files ({detail}); fill that cache (HF_HOME or HF_HUB_CACHE name it), or {local}"
+            ) from err
         raise ValueError(
-            f"model {model_name!r}: the Hugging Face Hub could not provide its files (offline?): {detail}; "
-            "offline, give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay {file: PATH}"
+            f"model {model_name!r}: the Hugging Face Hub could not provide its files (offline?): {detail}; with "
+            f"its files in the cache ({_hub_place(model_name)}) set HF_HUB_OFFLINE=1, which reads them without "
+            f"network retries; else {local}"
         ) from err
+
+
+_DETAIL_CHARS = 400
+
+
+def _load_state_dict_summary(detail: str) -> str:
+    """torch's ``load_state_dict`` error as counts and first examples (it lists every key and shape)."""
+    import re
+
+    parts = []
+    for kind in ("Missing", "Unexpected"):
+        listed = re.search(rf'{kind} key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)', detail)
+        keys = re.findall(r'"([^"]+)"', listed.group(1)) if listed else []
+        if keys:
+            parts.append(f"{len(keys)} {kind.lower()} keys ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})")
+    shapes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", detail)
+    if shapes:
+        name, file, model = shapes[0]
+        parts.append(f"{len(shapes)} tensors of other shapes ({name}: file {file}, model {model}{', ...' if len(shapes) > 1 else ''})")
+    if not parts:
+        return f"{detail[:_DETAIL_CHARS]} ... ({len(detail):,} characters in all)"
+    return f"{detail.split(':', 1)[0]}: {'; '.join(parts)}"
+
+
+def _hub_place(model_name: str) -> str:
+    """Where the Hugging Face cache keeps ``model_name``'s files, for errors: ``the Hugging Face cache DIR (REPO)``."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg, parse_model_name
+
+    repo = None
+    with contextlib.suppress(Exception):  # only a name for a message: none when timm knows none
+        source, ident = parse_model_name(model_name)
+        repo = ident.split("@")[0] if source == "hf-hub" else getattr(get_pretrained_cfg(model_name), "hf_hub_id", None)
+    folder = f"{constants.HF_HUB_CACHE}/models--{repo.replace('/', '--')}" if repo else constants.HF_HUB_CACHE
+    return f"the Hugging Face cache {folder}" + (f" ({repo})" if repo else "")
+
+
+def _unreadable_hub_file(model_name: str, err: BaseException) -> str:
+    detail = " ".join(str(err).split())[:300]
+    return (f"pretrained=True: a file timm read for model {model_name!r} is damaged or truncated ({type(err).__name__}: "
+            f"{detail}); it comes from {_hub_place(model_name)}: delete that folder and download the model again, or "
+            "give local weights: checkpoint_path")
 
 
 def config_of_built_size(model: nn.Module) -> nn.Module:

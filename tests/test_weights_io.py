@@ -8,6 +8,8 @@ stands in for a download: the same ``load_pretrained`` (with the model family's
 from __future__ import annotations
 
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -395,3 +397,59 @@ def test_a_fine_tuned_head_dropped_by_a_headless_model_is_said(tmp_path) -> None
                              "model (num_classes=0) drops; give model_kwargs num_classes: 8 to keep it (the exported "
                              "subnets then ship it)"] if said else []), (classes, messages)
 
+
+
+def _hub_cache(home: Path, repo: str, files: dict[str, bytes]) -> None:
+    """A Hugging Face cache under ``home`` (HF_HOME) holding ``files`` of ``repo``, as a download leaves it."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    for name, data in files.items():
+        (folder / "snapshots" / revision / name).write_bytes(data)
+
+
+def _create_offline(home: Path, name: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    code = (f"from snapvit_lightning.weights_io import create_timm_model\n"
+            f"m = create_timm_model({name!r}, True, {{'img_size': {IMG}}})\nprint('SUM', float(m.cls_token.sum()))")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_damaged_or_missing_hub_cache_is_one_line_naming_the_cache(tiny_weights, tmp_path):
+    # A truncated cached file was an 80-line SafetensorError traceback, a config.json that is no JSON a
+    # JSONDecodeError one; another architecture's weights a 24,000-character line; an empty cache told
+    # an offline user to "check your connection" without naming the repository or the cache.
+    path, state = tiny_weights
+    repo, data = "timm/test_vit.r160_in1k", path.read_bytes()
+    config = json.dumps({"architecture": "test_vit", "model_args": {"img_size": IMG}, "pretrained_cfg": {}}).encode()
+    _hub_cache(tmp_path / "good", repo, {"model.safetensors": data, "config.json": config})
+    rc, out = _create_offline(tmp_path / "good", "test_vit.r160_in1k")
+    total = [line.split()[1] for line in out.splitlines() if line.startswith("SUM ")]
+    assert rc == 0 and float(total[0]) == pytest.approx(float(state["cls_token"].sum()), abs=1e-6), out
+    _hub_cache(tmp_path / "cut", repo, {"model.safetensors": data[: len(data) // 2]})
+    _hub_cache(tmp_path / "config", repo, {"model.safetensors": data, "config.json": b"{\n,"})
+    wide = timm.create_model("test_vit", img_size=IMG, embed_dim=96)
+    save_file(wide.state_dict(), str(tmp_path / "wide.safetensors"))
+    _hub_cache(tmp_path / "wide", repo, {"model.safetensors": (tmp_path / "wide.safetensors").read_bytes()})
+    for home, name, expected in [
+        ("cut", "test_vit.r160_in1k", r"a file timm read for model 'test_vit\.r160_in1k' is damaged or truncated "
+                                      r"\(SafetensorError: .*\); it comes from the Hugging Face cache .*cut/hub/"
+                                      r"models--timm--test_vit\.r160_in1k \(timm/test_vit\.r160_in1k\): delete that folder"),
+        ("config", f"hf-hub:{repo}", r"is damaged or truncated \(JSONDecodeError: "),
+        ("wide", "test_vit.r160_in1k", r"timm could not load weights for model 'test_vit\.r160_in1k': Error\(s\) in "
+                                       r"loading state_dict for VisionTransformer: \d+ tensors of other shapes \(\S+: file "
+                                       r"\[[^\]]*\], model \[[^\]]*\], \.\.\.\): weights of another architecture in the "
+                                       r"Hugging Face cache"),
+        ("empty", f"hf-hub:{repo}", r"model 'hf-hub:timm/test_vit\.r160_in1k': HF_HUB_OFFLINE=1 and the Hugging Face cache "
+                                    r".*empty/hub/models--timm--test_vit\.r160_in1k \(timm/test_vit\.r160_in1k\) holds no "
+                                    r"complete copy of its files"),
+    ]:
+        rc, out = _create_offline(tmp_path / home, name)
+        last = out.strip().splitlines()[-1]
+        assert rc == 1 and re.search(expected, last) and len(last) < 800, (home, out[-2000:])
