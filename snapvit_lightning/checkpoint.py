@@ -54,9 +54,10 @@ def save_subnet(
 ) -> None:
     """Write a (sliced) timm ViT with its per-block dims so :func:`load_subnet` rebuilds it.
 
-    ``budget``: plain JSON values saying how it was cut (ratios, correction), stored as the
-    metadata ``budget`` (:func:`read_metadata` returns it; ``snapvit info`` prints it); ``None``
-    records the ratios and correction of a subnet :meth:`ElasticViT.subnet` gave.
+    ``budget``: plain JSON values saying how it was cut or changed (e.g. ``{"finetuned": "distilled
+    2 epochs"}``), stored in the metadata ``budget`` (:func:`read_metadata` returns it; ``snapvit info``
+    prints it) beside the ratios and correction of a subnet :meth:`ElasticViT.subnet` gave. A model
+    compiled with ``torch.compile`` is saved as the model it compiled.
 
     Raises:
         TypeError: ``model`` is a path (the arguments swapped: ``ElasticViT.save_subnet`` takes the path first).
@@ -66,6 +67,9 @@ def save_subnet(
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(f"save_subnet(model, path, ...) takes the model first, got the path {str(model)!r} as model "
                         "(ElasticViT.save_subnet(path, subnet) is the method that takes the path first)")
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module):  # torch.compile's wrapper (its state_dict keys start with _orig_mod.)
+        model = compiled
     inspect_vit(model)
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -321,16 +325,19 @@ def subnet_metadata(
 ) -> dict[str, str]:
     """The string metadata of a subnet file (:func:`save_subnet`; an ONNX subnet's ``metadata_props`` too).
 
-    ``budget=None`` records how :meth:`ElasticViT.subnet` cut ``model`` (its ratios and correction), if it did.
+    The budget recorded is how :meth:`ElasticViT.subnet` (or :func:`load_subnet`'s file) cut ``model``
+    (``model.snapvit_cut``: its ratios and correction), if it did, with ``budget``'s keys added (they
+    replace the cut's keys of the same name).
 
     Raises:
         TypeError: ``budget`` is not a dict (or ``None``).
         ValueError: ``budget`` holds values that are not JSON.
     """
-    if budget is None:
-        budget = getattr(model, "snapvit_cut", None)
     if budget is not None and not isinstance(budget, dict):
         raise TypeError(f"budget must be a dict of plain JSON values or None, got {budget!r}")
+    cut = getattr(model, "snapvit_cut", None)
+    if isinstance(cut, dict):  # a budget of the user's (e.g. {"finetuned": ...}) adds to the cut, not replaces it
+        budget = {**cut, **(budget or {})}
     meta = _metadata("subnet", model, model_name, model_kwargs)
     if budget is not None:
         try:
@@ -409,7 +416,8 @@ def read_format(
             raise ValueError(f"{path} is a JSON file (a report?), not safetensors; this reads {what} files") from err
         if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
             raise ValueError(f"{path} is a zip or pickle file (torch.save's formats), not safetensors; this reads "
-                             f"{what} files and never unpickles (model weights in it: model.checkpoint_path)") from err
+                             f"{what} files and never unpickles (a full model's weights in it: model.checkpoint_path; a "
+                             "fine-tuned subnet's state_dict: load_subnet(its subnet file).load_state_dict(...))") from err
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     if raw.get("format") != fmt:
         kind = _KNOWN_FORMATS.get(raw.get("format"))

@@ -82,7 +82,7 @@ def _info_latencies(
     ``elastic`` is the model whose cut the table shows (the ranked view for corrected subnets): a
     correction changes weights, not shapes, so its plain slices time as the corrected subnets.
     """
-    from .latency import DTYPES, _where, measure_models, torch_threads
+    from .latency import DTYPES, _input_size, _where, measure_models, pixels, torch_threads
 
     batch_size = 1 if args.batch_size is None else args.batch_size
     device = args.device or "cpu"
@@ -104,7 +104,8 @@ def _info_latencies(
                       "changed while they were timed; measure again on a quiet machine", stacklevel=2)
     with torch_threads(args.threads):
         where = _where(backend, device, args.threads)
-    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size} on {where}, "
+    return latencies, (f"latency: median of 10 interleaved runs, ms per batch of {batch_size}"
+                       f"{pixels(_input_size(elastic.model))} on {where}, "
                        f"{args.dtype or 'float32'}; dense model {latencies[0]:.2f} ms")
 
 

@@ -219,7 +219,7 @@ def centered_fidelity(features: Tensor, reference: Tensor) -> float:
     feature has 0.82x the norm of a typical feature), so :func:`feature_fidelity` stays well above
     0 for a model that keeps only that direction and nothing that tells images apart; this one is
     about 0 for it, and 1 for features equal to the reference up to one common shift. It needs
-    the whole set (the means), so there is no streaming ``Metric`` of it.
+    the whole set (the means): its ``Metric``, :class:`~snapvit_lightning.metrics.CenteredFidelity`, gathers it.
 
     Args:
         features: ``[N, D]`` features, ``N >= 2``.

@@ -112,7 +112,7 @@ class LatencyBudget:
         step: Width of the last bisection interval: no budget more than ``step`` (FLOPs
             fraction) above ``flops`` was left untested.
         trials: Every timed candidate, in order (smallest budget first).
-        batch_size, device, backend, threads: How it was measured.
+        batch_size, device, backend, threads, input_size: How it was measured (``input_size``: ``(H, W)`` px).
         seconds: Wall time of the search.
         chosen: The trial whose timing chose ``flops`` (its raw times; a cached trial of the same
             FLOPs may have been asked for at another fraction).
@@ -134,6 +134,7 @@ class LatencyBudget:
     load_average: float | None = None
     dtype: str = "float32"
     chosen: LatencyTrial | None = None
+    input_size: tuple[int, int] | None = None
 
     @property
     def load_drift(self) -> float:
@@ -153,8 +154,8 @@ class LatencyBudget:
         ``dense_alongside_ms`` (what its timing read: the scaled figure holds only while the load slowed
         both alike), ``dense_ms``, ``batch_size``, ``device``, ``device_name`` (the GPU or CPU model),
         ``backend``, ``threads`` (``None``: torch's setting, ``torch_threads``), ``load_drift``,
-        ``load_average`` (the machine's 1-minute load average as the search began) and ``dtype`` (what
-        the models were timed in): a latency means nothing without them.
+        ``load_average`` (the machine's 1-minute load average as the search began), ``dtype`` (what
+        the models were timed in) and ``input_size``: a latency means nothing without them.
         """
         from .machine import build_machine
 
@@ -165,12 +166,13 @@ class LatencyBudget:
                 "dense_alongside_ms": None if chosen is None else chosen.dense_alongside_ms, "dense_ms": self.dense_ms,
                 "batch_size": self.batch_size, "device": self.device, "device_name": machine["device_name"],
                 "backend": self.backend, "threads": self.threads, "torch_threads": machine["torch_threads"],
-                "load_drift": self.load_drift, "load_average": self.load_average, "dtype": self.dtype}
+                "load_drift": self.load_drift, "load_average": self.load_average, "dtype": self.dtype,
+                "input_size": None if self.input_size is None else list(self.input_size)}
 
     def describe(self, warn: bool = True) -> str:
         """What was measured and chosen, as lines of text (``warn``: and a ``warning:`` line if the load drifted)."""
         where = _where(self.backend, self.device, self.threads)
-        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size} on {where}, {self.dtype}: "
+        lines = [f"latency target {self.target_ms:g} ms per batch of {self.batch_size}{pixels(self.input_size)} on {where}, {self.dtype}: "
                  f"dense {self.dense_ms:.2f} ms, smallest budget {self.smallest_ms:.2f} ms (each trial's ms: its raw time "
                  "scaled by the dense model's first time over its time alongside the trial, so load drift cancels)"]
         for t in self.trials:
@@ -308,6 +310,11 @@ def _prepare(model: nn.Module, backend: str, device: str, threads: int | None,
     from .onnx_export import OnnxModel, onnx_bytes
 
     return OnnxModel(onnx_bytes(model), threads=threads, device=torch.device(device).type)
+
+
+def pixels(size: Any) -> str:
+    """`` at H x W px`` for a latency line (``""`` when unknown, e.g. a record written before it was kept)."""
+    return f" at {size[0]} x {size[1]} px" if isinstance(size, (list, tuple)) and len(size) == 2 else ""
 
 
 def _input_size(model: nn.Module) -> tuple[int, int]:
@@ -498,6 +505,7 @@ def find_latency_budget(
         dense_ms=dense_ms, smallest_ms=smallest.latency_ms, step=hi - lo, trials=tuple(trials),
         batch_size=batch_size, device=device, backend=backend, threads=threads,
         seconds=time.perf_counter() - start, load_average=load, dtype=dtype_name(dtype), chosen=best,
+        input_size=size,
     )
     if result.drift_warning() is not None:
         warn_at_caller(result.drift_warning())

@@ -19,7 +19,7 @@ def head_split(share: float | None, knee: float | None = None) -> str:
 
 def _latency_line(m: dict[str, Any]) -> str:
     """A ``slice --latency-ms`` record in words: the scaled figure, what the timing read, where."""
-    from .latency import LOAD_DRIFT_WARN
+    from .latency import LOAD_DRIFT_WARN, pixels
 
     threads = m.get("threads") or m.get("torch_threads")
     drift = m.get("load_drift")
@@ -31,10 +31,16 @@ def _latency_line(m: dict[str, Any]) -> str:
     load = m.get("load_average")
     unsteady += f"; 1-minute load average {load:.2f} as it began" if isinstance(load, (int, float)) else ""
     return (f"latency {m.get('measured_ms', float('nan')):.2f} ms (target {m.get('target_ms')} ms, dense "
-            f"{m.get('dense_ms', float('nan')):.2f} ms{raw}) per batch of {m.get('batch_size')} on {m.get('device')} "
+            f"{m.get('dense_ms', float('nan')):.2f} ms{raw}) per batch of {m.get('batch_size')}{pixels(m.get('input_size'))} "
+            f"on {m.get('device')} "
             f"({m.get('device_name')}; {m.get('backend')}, {threads} thread{'s' * (threads != 1)}, "
             f"{m.get('dtype', 'float32')}), "  # files before the dtype was recorded timed float32
             f"measured where it was sliced{unsteady}")
+
+
+#: The keys of a cut's record (``ElasticViT.subnet``, ``snapvit slice``, the export).
+_CUT_KEYS = frozenset({"mlp_ratio", "head_ratio", "correction", "requested", "elastic", "head_ratio_scale",
+                       "head_share_knee", "latency"})
 
 
 def describe_subnet(path: str, meta: dict[str, Any]) -> list[str]:
@@ -60,6 +66,9 @@ def describe_subnet(path: str, meta: dict[str, Any]) -> list[str]:
         split = head_split(budget.get("head_ratio_scale"), budget.get("head_share_knee"))
         lines.append(f"cut from {cut.get('elastic', 'an elastic model')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                      f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
+        added = ", ".join(f"{k} {v}" for k, v in cut.items() if k not in _CUT_KEYS)
+        if added:  # save_subnet(budget=...) beside the cut, e.g. how it was fine-tuned
+            lines.append(f"budget (as saved): {added}")
     else:  # save_subnet(budget=...) from Python: its own keys
         given = ", ".join(f"{k} {v}" for k, v in cut.items() if k != "latency")
         lines.append(f"budget (as saved): {given}" if given else "budget (as saved): -")

@@ -444,6 +444,22 @@ def rebuild_spec(model_name: str, model_kwargs: dict[str, Any] | None) -> tuple[
     return architecture, {**(model_args or {}), **kwargs}
 
 
+def _refuse_a_subnet_file(path: Path, argument: str) -> None:
+    """A subnet file of this package (a cut model, narrower than the full one) given as the full model's weights."""
+    from safetensors import safe_open
+
+    from .checkpoint import FORMAT  # checkpoint imports this module
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") == FORMAT and meta.get("kind") == "subnet":
+        raise ValueError(
+            f"{argument} {str(path)!r} is a subnet file (a model cut to a budget, narrower than the full model), not "
+            "the full model's weights: load it with snapvit_lightning.load_subnet(path); to fine-tune it, train that "
+            "model and save it with ElasticViT.save_subnet (docs/usage.md)"
+        )
+
+
 def load_weights(
     model: nn.Module, path: str | os.PathLike[str], *, classifier: tuple[str, ...] = (), argument: str = "checkpoint_path"
 ) -> None:
@@ -486,6 +502,7 @@ def load_weights(
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{argument} {str(path)!r} is not a readable safetensors file ({err}): a damaged or "
                              "truncated file? save model.state_dict() with safetensors or torch.save") from err
+        _refuse_a_subnet_file(path, argument)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

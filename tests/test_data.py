@@ -870,7 +870,7 @@ def test_a_view_size_a_dynamic_size_model_cannot_cut_is_refused_when_configured(
     kwargs = dict(depth=1, embed_dim=32, num_heads=2, num_classes=0, dynamic_img_size=True, img_size=64)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
     dataset = [torch.rand(3, 64, 64) for _ in range(2)]
-    with pytest.raises(ValueError, match=r"^img_size=60: 60 x 60 px images do not cut into this model's 16 x 16 px "
+    with pytest.raises(ValueError, match=r"^data\.img_size=60: 60 x 60 px images do not cut into this model's 16 x 16 px "
                                          r"patches; give a size that is a multiple of 16 \(e.g. 48 or 64\)"):
         CalibrationDataModule(dataset=dataset, img_size=60).configure_from_model(model)
     for size in (None, 48):  # the model's own, or another it takes
@@ -884,7 +884,7 @@ def test_a_view_size_a_dynamic_size_model_cannot_cut_is_refused_when_configured(
 def test_a_view_size_a_fixed_size_model_does_not_take_is_refused_when_configured() -> None:
     # `snapvit fit --data.img_size 96` on a 64 px model: timm's assertion came in the scoring, a traceback
     fixed = timm.create_model("test_vit", pretrained=False, img_size=64, dynamic_img_size=False)
-    with pytest.raises(ValueError, match=r"img_size=96: this ViT takes 64 x 64 px images only \(give 64, or build"):
+    with pytest.raises(ValueError, match=r"^data\.img_size=96: this ViT takes 64 x 64 px images only \(give 64, or build"):
         CalibrationDataModule(dataset=_NoiseDataset(2), img_size=96).configure_from_model(fixed)
     with pytest.raises(ValueError, match=r"img_size=65: .*build the ViT with dynamic_img_size=True and give a multiple of 16\)"):
         CalibrationDataModule(dataset=_NoiseDataset(2), img_size=65).configure_from_model(fixed)

@@ -325,7 +325,9 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     assert main(["slice", str(path), "--latency-ms", str(target), "--batch-size", "2", "--threads", "1",
                  "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"latency target {target:g} ms per batch of 2 on cpu (torch, 1 thread)" in printed
+    h, w = el.input_size  # the size it was timed at: latency means nothing without it
+    assert f"latency target {target:g} ms per batch of 2 at {h} x {w} px on cpu (torch, 1 thread)" in printed
+    assert read_metadata(out)["budget"]["latency"]["input_size"] == [h, w]
     assert "chose FLOPs" in printed and f"wrote {out}" in printed
     found = el.latency_budget(target, timer=flops_timer)
     assert count_flops(load_subnet(out))["total"] == count_flops(el.subnet(flops=found.flops))["total"]
@@ -340,7 +342,7 @@ def test_cli_slice_latency_writes_the_largest_subnet_that_meets_it(tmp_path: Pat
     assert main(["info", str(out)]) == 0
     assert (f"latency {latency['measured_ms']:.2f} ms (target {target} ms, dense {found.dense_ms:.2f} ms; scaled from "
             f"{chosen.raw_ms:.2f} ms timed beside the dense model's {chosen.dense_alongside_ms:.2f} ms) per batch of 2 "
-            f"on cpu ({cpu_model()}; torch, 1 thread, float32), measured where it was sliced\n") in capsys.readouterr().out
+            f"at {h} x {w} px on cpu ({cpu_model()}; torch, 1 thread, float32), measured where it was sliced\n") in capsys.readouterr().out
     # a search whose dense timings drifted says so where the file's latency is read back
     budget = read_metadata(out)["budget"]
     budget["latency"]["load_drift"], budget["latency"]["load_average"] = 3.64, 3.2
@@ -424,7 +426,8 @@ def test_cli_info_latency_column(tmp_path: Path, capsys, one_thread: None) -> No
     path = _saved(tmp_path)
     assert main(["info", str(path), "--budgets", "0,0", "0.5,0.5", "--latency", "--batch-size", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("latency: median of 10 interleaved runs, ms per batch of 2 on cpu")
+    h, w = ElasticViT.load(path).input_size
+    assert lines[1].startswith(f"latency: median of 10 interleaved runs, ms per batch of 2 at {h} x {w} px on cpu")
     assert lines[2].split()[6:8] == ["ms", "speed-up"]
     dense, half = (float(line.split()[5]) for line in lines[3:5])
     assert dense > 0 and half > 0 and lines[3].split()[6] == "1.00x"  # the dense row is the reference itself
@@ -442,7 +445,8 @@ def test_cli_info_latency_of_onnx_graphs(tmp_path: Path, capsys, one_thread: Non
     monkeypatch.setattr(latency, "_prepare", lambda m, backend, *a, **k: backends.append(backend) or prepare(m, backend, *a, **k))
     assert main(["info", str(path), "--budgets", "0,0", "0.5,0.5", "--latency", "--onnx", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("latency: median of 10 interleaved runs, ms per batch of 1 on cpu (onnx, 1 thread), float32")
+    assert lines[1].startswith("latency: median of 10 interleaved runs, ms per batch of 1 at ")
+    assert " px on cpu (onnx, 1 thread), float32" in lines[1]
     assert backends == ["onnx", "onnx"] and float(lines[4].split()[5]) > 0
     for argv, said in ((["--onnx"], "--onnx say how --latency measures; give --latency too"),
                        (["--latency", "--onnx", "--dtype", "bfloat16"], "--onnx times float32 graphs in ONNX Runtime")):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from snapvit_lightning.evaluation import feature_fidelity, knn_accuracy
-from snapvit_lightning.metrics import FeatureFidelity, KNNAccuracy
+from snapvit_lightning.metrics import CenteredFidelity, FeatureFidelity, KNNAccuracy
 
 
 @pytest.mark.parametrize("k,weighted,split", [(1, True, False), (20, True, False), (20, False, True)])
@@ -85,6 +85,25 @@ def test_fidelity_metric_errors() -> None:
         FeatureFidelity().compute()
     with pytest.raises(ValueError, match=r"must be tensors \[\.\.\., D\], got ndarray and ndarray"):  # was numpy's AttributeError
         FeatureFidelity().update(np.ones((2, 4)), np.ones((2, 4)))
+
+
+def test_centered_fidelity_metric_sees_the_collapse_the_raw_one_rewards() -> None:
+    from snapvit_lightning.evaluation import centered_fidelity
+
+    g = torch.Generator().manual_seed(0)
+    shared = 3 * torch.randn(1, 16, generator=g)
+    dense = shared + torch.randn(20, 16, generator=g)
+    collapsed = shared.expand(20, 16) + 0.05 * torch.randn(20, 16, generator=g)  # only the shared direction kept
+    raw, centered = FeatureFidelity(), CenteredFidelity()
+    for a, b in zip(collapsed.split(6), dense.split(6)):  # batches: the means are the whole set's
+        raw.update(a, b)
+        centered.update(a, b)
+    assert centered.compute().item() == pytest.approx(centered_fidelity(collapsed, dense), abs=1e-12)
+    assert raw.compute().item() > 0.8 and abs(centered.compute().item()) < 0.3
+    with pytest.raises(ValueError, match=r"features must be \[B, D\], got \[2, 3, 4\]"):
+        CenteredFidelity().update(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="needs data"):
+        CenteredFidelity().compute()
 
 
 def test_latency_and_slicing_do_not_import_torchmetrics() -> None:

@@ -18,15 +18,35 @@ def test_a_budget_saved_from_python_is_shown_as_given(tmp_path) -> None:
     cut = (f"cut from an elastic model (asked: flops 0.6): mlp_ratio {a:.4f}, head_ratio {h:.4f} (heads pruned at the "
            "neurons' ratio, down to every block's minimum), correction none")
     plain = elastic.slice(elastic.dims(a, h))  # not subnet()'s: nothing says how it was cut
-    for i, (module, budget, line) in enumerate(((sub, {"flops": 0.6}, "budget (as saved): flops 0.6000"),
-                                                (sub, None, cut),  # subnet() records its cut (it recorded nothing)
-                                                (plain, None, None))):
+    for i, (module, budget, expected) in enumerate((
+        (plain, {"flops": 0.6}, ["budget (as saved): flops 0.6000"]),
+        (sub, None, [cut]),  # subnet() records its cut (it recorded nothing)
+        # a budget of the user's adds to the cut (it replaced it: the ratios and correction were lost)
+        (sub, {"finetuned": "distilled"}, [cut, "budget (as saved): finetuned distilled"]),
+        (plain, None, []),
+    )):
         path = tmp_path / f"{i}.safetensors"
         elastic.save_subnet(path, module, budget=budget)
         lines = describe_subnet(str(path), read_metadata(path))
         assert lines[0].startswith(f"{path}: subnet of {name}, block dims [heads, neurons] ")
-        assert lines[2:] == ([] if line is None else [line])
+        assert lines[2:] == expected
         assert not any("None" in text for text in lines)
+
+
+def test_a_compiled_subnet_is_saved_as_the_model_it_compiled(tmp_path) -> None:
+    # it was refused: "model torch._dynamo.eval_frame.OptimizedModule is not a timm VisionTransformer"
+    import torch
+
+    from snapvit_lightning.checkpoint import load_subnet
+
+    model, name, kwargs = tiny_model("test_vit")
+    elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
+    sub = elastic.subnet(flops=0.6)
+    elastic.save_subnet(tmp_path / "s.safetensors", torch.compile(sub))
+    loaded = load_subnet(tmp_path / "s.safetensors")
+    assert loaded.state_dict().keys() == sub.state_dict().keys()
+    assert all(torch.equal(v, sub.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert loaded.snapvit_cut == sub.snapvit_cut
 
 
 def test_head_split_in_words() -> None:

@@ -453,3 +453,19 @@ def test_a_damaged_or_missing_hub_cache_is_one_line_naming_the_cache(tiny_weight
         rc, out = _create_offline(tmp_path / home, name)
         last = out.strip().splitlines()[-1]
         assert rc == 1 and re.search(expected, last) and len(last) < 800, (home, out[-2000:])
+
+
+def test_a_subnet_file_given_as_the_full_models_weights_names_load_subnet(tmp_path):
+    # "63 of its 174 tensors have other shapes": it did not say the file is a subnet, nor how to load one
+    from snapvit_lightning.elastic import ElasticViT
+    from snapvit_lightning.scores import ImportanceScores
+    from snapvit_lightning.weights_io import load_weights
+
+    model = timm.create_model("test_vit", img_size=IMG)
+    elastic = ElasticViT(model, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name="test_vit")
+    elastic.save_subnet(tmp_path / "sub.safetensors", elastic.subnet(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"checkpoint_path '.*sub\.safetensors' is a subnet file \(a model cut to a "
+                                         r"budget.*load it with snapvit_lightning\.load_subnet\(path\)"):
+        load_weights(timm.create_model("test_vit", img_size=IMG), tmp_path / "sub.safetensors")
+    elastic.save(tmp_path / "e.elastic.safetensors")  # an elastic file's dense model still loads as weights
+    load_weights(timm.create_model("test_vit", img_size=IMG), tmp_path / "e.elastic.safetensors")

@@ -281,7 +281,8 @@ def _header_lines(settings: dict[str, Any]) -> list[str]:
     """What a table's numbers are: hardware, latency protocol, k-NN protocol and noise, fidelity, correction."""
     hw = settings["hardware"]
     lat = (f"latency: median of {settings['repeats']} forwards after {settings['warmup']} warm-up, "
-           f"batch {settings['batch_size']}, {settings['device']}, {settings['dtype']}, torch.inference_mode"
+           f"batch {settings['batch_size']} at {settings['img_size']} x {settings['img_size']} px, {settings['device']}, "
+           f"{settings['dtype']}, torch.inference_mode"
            + ("" if settings.get("load_average") is None else f", 1-minute load average {settings['load_average']:.2f} before"
               + (" (busy: above the cores, so the latencies read slow and their ratios shift)" if settings.get("busy") else ""))
            if settings["latency"] else "latency: not measured (--no-latency)")

@@ -409,8 +409,9 @@ class CalibrationDataModule(LightningDataModule):
         """
         cfg = resolve_input_config(model)
         size = self.img_size or cfg[0]
-        check_input_size(model, (size, size), f"img_size={self.img_size}" if self.img_size else
-                         f"img_size (not given: the model's {size})")
+        # "data.img_size" as a config names it: the model's model_kwargs img_size is the other size a run has
+        check_input_size(model, (size, size), f"data.img_size={self.img_size}" if self.img_size else
+                         f"data.img_size (not given: the model's {size})")
         self._model_cfg = cfg
         self._train_dataset = None
         self._eval_cache.clear()

@@ -211,7 +211,8 @@ def test_latency_in_another_dtype_times_cast_copies_and_keeps_float32_features(r
     assert "--dtype bfloat16" in settings["command"] and "--device" not in settings["command"]  # cpu: the default
     assert timed_dtypes and set(timed_dtypes) == {torch.bfloat16}
     assert all(r["latency_ms"] > 0 for r in js["rows"])
-    assert "batch 4, cpu, bfloat16, torch.inference_mode" in (out / "bench.md").read_text()
+    size = settings["img_size"]  # the size the latency was timed at (bench named none)
+    assert f"batch 4 at {size} x {size} px, cpu, bfloat16, torch.inference_mode" in (out / "bench.md").read_text()
     float32_rows = result[0]["rows"]  # the same checkpoint and images timed in float32
     assert [r["fidelity"] for r in js["rows"]] == [r["fidelity"] for r in float32_rows]
     assert result[0]["settings"]["dtype"] == "float32" and "--dtype" not in result[0]["settings"]["command"]
