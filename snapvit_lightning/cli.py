@@ -258,13 +258,14 @@ def _slice_correction(args: argparse.Namespace, elastic: object) -> tuple[dict, 
     options = dict(damping=args.damping, damping_reference=args.damping_reference or "mean", sequential=args.sequential)
     if args.correct is None and args.calibration is None and not args.sequential:
         if elastic.stats is None:
-            return {"correct": "none"}, f"none (no statistics at {stats_path_for(args.path)}: the plain cut)"
-        return {"correct": "lstsq", **options}, f"lstsq (default, statistics {stats_path_for(args.path)}{_solve_note(args)})"
+            return {"correct": "none"}, f"none (no statistics at {stats_path_for(args.path).name}: the plain cut)"
+        # names, not paths: the subnet file records this, and the slicing machine's folders mean nothing where it ships
+        return {"correct": "lstsq", **options}, f"lstsq (default, statistics {stats_path_for(args.path).name}{_solve_note(args)})"
     method = args.correct or "lstsq"
     source = args.calibration if args.calibration is not None else stats_path_for(args.path)
     calibration = _calibration(args, elastic)
     collected = args.calibration is not None and not args.sequential and _are_images(Path(source).expanduser())
-    how = (f"{method} (calibration {source}{': statistics and ranking collected there' * collected}"
+    how = (f"{method} (calibration {Path(source).name}{': statistics and ranking collected there' * collected}"
            f"{_solve_note(args) if method == 'lstsq' else ''}{', sequential' * args.sequential})")
     return {"correct": method, "calibration": calibration, **options}, how
 
