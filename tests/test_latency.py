@@ -145,6 +145,30 @@ def test_load_drift_is_read_relative_to_the_dense_model(el: ElasticViT) -> None:
     assert chosen in drifting.trials and chosen.latency_ms == drifting.latency_ms and f"(raw {chosen.raw_ms:.2f} ms beside the dense model's {chosen.dense_alongside_ms:.2f}; " in drifting.describe()
 
 
+def test_a_trial_timed_during_a_load_spike_is_timed_again(el: ElasticViT) -> None:
+    # a deployer's trial timed 242.81 ms beside a dense 556.83 ms (53 ms quiet) was scaled to meet 35 ms
+    from snapvit_lightning.latency import RETIMES
+
+    build, min_flops = _builder(el)
+    target = _between(el, 0.5)
+
+    class Spike(CountingTimer):  # the second measurement (the first bisection trial) runs under a spike
+        def __call__(self, models):
+            times = super().__call__(models)
+            if self.calls == 2:  # the dense model 10x slower, the subnet only 3x (a load that came and went)
+                return [10 * times[0], 3 * times[1]]
+            return times
+
+    steady = find_latency_budget(build, target, min_flops=min_flops, timer=CountingTimer())
+    timer = Spike()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # re-timed: the trials read steady, no drift warning
+        spiked = find_latency_budget(build, target, min_flops=min_flops, timer=timer)
+    assert (spiked.flops, spiked.latency_ms) == (steady.flops, pytest.approx(steady.latency_ms))
+    assert spiked.load_drift == 1.0 and timer.calls == len(steady.trials) + 1 <= len(steady.trials) + RETIMES
+    assert f"timed again, up to {RETIMES} times" in spiked.describe()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
