@@ -28,7 +28,7 @@ from torch import nn
 from . import __version__
 from .structure import BlockDims, block_dims, get_blocks, inspect_vit, slice_model
 from .values import all_finite
-from .weights_io import config_of_built_size, write_safetensors
+from .weights_io import FORMAT, config_of_built_size, write_safetensors
 
 __all__ = [
     "FORMAT",
@@ -41,9 +41,6 @@ __all__ = [
     "resolve_rebuild",
     "read_format",
 ]
-
-FORMAT = "snapvit-elastic"
-
 
 FORMAT_VERSION = 1
 

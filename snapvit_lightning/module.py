@@ -250,11 +250,9 @@ class SnapViTModule(pl.LightningModule):
         if checkpoint_path is not None:
             load_weights(student, checkpoint_path, classifier=classifier_layers(student))  # a head may differ, as in timm
         elif isinstance(model, str) and not pretrained:  # a config without its weights line scored noise in silence
-            warn_at_caller_on_rank_zero(
-                f"SnapViTModule: scoring random weights: {model!r} was built with pretrained=False and no "
-                "checkpoint_path, so its scores and elastic model mean nothing for a real task; give "
-                "checkpoint_path (local weights) or pretrained=True"
-            )
+            warn_at_caller_on_rank_zero(f"SnapViTModule: scoring random weights: {model!r} was built with "
+                                        "pretrained=False and no checkpoint_path, so its scores and elastic model mean "
+                                        "nothing for a real task; give checkpoint_path (local weights) or pretrained=True")
         if getattr(student, "grad_checkpointing", False):
             # Its recomputation in backward runs outside the explicit-attention context of the
             # forward, so the saved and recomputed tensors differ; the scores need one backward only.
@@ -360,10 +358,8 @@ class SnapViTModule(pl.LightningModule):
             raise ValueError("max_epochs=-1 (no limit; also Lightning's for max_epochs null with max_time) without "
                              "max_steps: this fit would score until stopped; the scoring is one epoch (max_epochs: 1)")
         if stage == "fit" and (trainer.max_epochs or 0) > 1 and hasattr(datamodule, "configure_from_model"):
-            warn_at_caller_on_rank_zero(
-                f"max_epochs={trainer.max_epochs}: the scoring is one epoch, and each further one scores "
-                "the same crops again (the same ranking, for that many times the time)"
-            )
+            warn_at_caller_on_rank_zero(f"max_epochs={trainer.max_epochs}: the scoring is one epoch, and each further "
+                                        "one scores the same crops again (the same ranking, for that many times the time)")
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
@@ -455,10 +451,8 @@ class SnapViTModule(pl.LightningModule):
         self._train_started = True
         batches, max_steps = self.trainer.num_training_batches, self.trainer.max_steps
         if 0 < max_steps < batches:  # Lightning ends the epoch there: the scores see part of the images
-            warn_at_caller_on_rank_zero(
-                f"max_steps={max_steps} stops the scoring epoch after {max_steps} of its {batches} batches: "
-                "the scores see only those images"
-            )
+            warn_at_caller_on_rank_zero(f"max_steps={max_steps} stops the scoring epoch after {max_steps} of its "
+                                        f"{batches} batches: the scores see only those images")
         progress = self.trainer.fit_loop.epoch_progress.current
         if self._resumed and progress.started > 0 and progress.processed == progress.started:
             self.scores = self.compute_scores()
@@ -468,14 +462,13 @@ class SnapViTModule(pl.LightningModule):
         """Warn when a resumed fit ran no training (so no ``on_train_end`` callback ran)."""
         ckpt_path = self.trainer.ckpt_path
         if ckpt_path is not None and not self._train_started and self._warn_unfinished_resume:
-            warn_at_caller_on_rank_zero(
-                f"trainer.fit(ckpt_path={str(ckpt_path)!r}) resumed a checkpoint saved after the scoring "
-                "epoch had ended (e.g. an end-of-epoch ModelCheckpoint, or one saved during the search or "
-                "export): Lightning considers that fit finished, so no on_train_end callback ran "
-                "(EvolutionarySearch, ElasticExport). The restored scores are in `module.scores`; to finish "
-                "the run, resume from a checkpoint saved during the scoring epoch (ModelCheckpoint("
-                "every_n_train_steps=k, save_on_train_epoch_end=False)) or start a new fit."
-            )
+            warn_at_caller_on_rank_zero(f"trainer.fit(ckpt_path={str(ckpt_path)!r}) resumed a checkpoint saved after "
+                                        "the scoring epoch had ended (e.g. an end-of-epoch ModelCheckpoint, or one saved "
+                                        "during the search or export): Lightning considers that fit finished, so no "
+                                        "on_train_end callback ran (EvolutionarySearch, ElasticExport). The restored scores "
+                                        "are in `module.scores`; to finish the run, resume from a checkpoint saved during "
+                                        "the scoring epoch (ModelCheckpoint(every_n_train_steps=k, "
+                                        "save_on_train_epoch_end=False)) or start a new fit.")
 
     @override
     def on_train_epoch_start(self) -> None:

@@ -34,6 +34,9 @@ __all__ = [
 #: The suffix of a file written under a hidden name beside its target, then renamed into place.
 STAGING_SUFFIX = ".partial"
 
+#: The ``format`` metadata of this package's elastic checkpoints and subnet files (:mod:`~snapvit_lightning.checkpoint`).
+FORMAT = "snapvit-elastic"
+
 
 def name_max(folder: Path) -> int:
     """The longest file name (bytes) ``folder``'s file system takes; 255 where it cannot say (a folder to be made)."""
@@ -447,8 +450,6 @@ def rebuild_spec(model_name: str, model_kwargs: dict[str, Any] | None) -> tuple[
 def _refuse_a_subnet_file(path: Path, argument: str) -> None:
     """A subnet file of this package (a cut model, narrower than the full one) given as the full model's weights."""
     from safetensors import safe_open
-
-    from .checkpoint import FORMAT  # checkpoint imports this module
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
