@@ -364,6 +364,7 @@ def export_elastic(
         "name": name,
         "model_name": elastic.model_name,
         "model_kwargs": elastic.model_kwargs,
+        "weights": (scores.build_info or {}).get("weights"),  # where the scored weights came from (SnapViTModule)
         "input_size": list(elastic.input_size),
         "num_blocks": num_blocks,
         "num_heads": num_heads,

@@ -66,7 +66,7 @@ from .structure import (
     UnsupportedModelError, check_model_images, check_supported, get_blocks, inspect_vit, mlp_input_layers,
 )
 from .values import real_number
-from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec
+from .weights_io import classifier_layers, create_timm_model, load_weights, rebuild_spec, weights_source
 
 __all__ = [
     "SnapViTModule",
@@ -253,6 +253,7 @@ class SnapViTModule(pl.LightningModule):
             warn_at_caller_on_rank_zero(f"SnapViTModule: scoring random weights: {model!r} was built with "
                                         "pretrained=False and no checkpoint_path, so its scores and elastic model mean "
                                         "nothing for a real task; give checkpoint_path (local weights) or pretrained=True")
+        self.weights_source = weights_source(model if isinstance(model, str) else None, pretrained, checkpoint_path, model_kwargs)
         if getattr(student, "grad_checkpointing", False):
             # Its recomputation in backward runs outside the explicit-attention context of the
             # forward, so the saved and recomputed tensors differ; the scores need one backward only.
@@ -626,7 +627,7 @@ class SnapViTModule(pl.LightningModule):
             min_mlp_keep=self.min_mlp_keep,
             min_head_keep=self.min_head_keep,
             criterion=self.criterion,
-            build_info=self._precision_info(),
+            build_info={**(self._precision_info() or {}), **({"weights": self.weights_source} if self.weights_source else {})} or None,
         )
 
     def _precision_info(self) -> dict[str, Any] | None:

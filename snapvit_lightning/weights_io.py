@@ -246,6 +246,48 @@ def _local_dir_weights(model_name: str) -> Path:
                             "timm's local-dir layout); it holds none")
 
 
+def weights_source(
+    model_name: str | None, pretrained: bool, checkpoint_path: str | os.PathLike | None, model_kwargs: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Where a model's weights came from, as plain values for the export's record (``None``: nothing known).
+
+    ``model`` as given (an ``hf-hub:``/``local-dir:`` name too, which the checkpoint records as its architecture),
+    ``pretrained``, the weights ``file`` read (``checkpoint_path``, a ``pretrained_cfg_overlay`` file, a
+    ``local-dir:`` folder's file, or the Hugging Face cache's copy of a hub model's) with the first 16
+    hex digits of its SHA-256, and a cached hub file's ``hub_revision``.
+    """
+    import hashlib
+
+    overlay = (model_kwargs or {}).get("pretrained_cfg_overlay")
+    file: str | os.PathLike | None = checkpoint_path or (overlay.get("file") if isinstance(overlay, dict) else None)
+    revision = None
+    with contextlib.suppress(Exception):  # a record, not a check: the load itself said what was wrong
+        if file is None and pretrained and model_name and model_name.startswith("local-dir:"):
+            file = _local_dir_weights(model_name)
+        elif file is None and pretrained and model_name:
+            from huggingface_hub import try_to_load_from_cache
+            from timm.models import get_pretrained_cfg, parse_model_name
+
+            source, ident = parse_model_name(model_name)
+            repo = ident.split("@")[0] if source == "hf-hub" else get_pretrained_cfg(model_name).hf_hub_id
+            for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+                cached = try_to_load_from_cache(repo, name)
+                if isinstance(cached, str):
+                    file, revision = cached, Path(cached).parent.name
+                    break
+    if model_name is None and file is None:
+        return None
+    digest = None
+    if file is not None and Path(file).is_file():
+        sha = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                sha.update(chunk)
+        digest = sha.hexdigest()[:16]
+    return {"model": model_name, "pretrained": bool(pretrained), "file": None if file is None else str(Path(file).absolute()),
+            "sha256": digest, "hub_revision": revision}
+
+
 def _check_local_dir(model_name: str) -> None:
     """Refuse a ``local-dir:FOLDER`` timm cannot read (timm says only "Config file not found", or a traceback).
 

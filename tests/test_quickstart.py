@@ -44,6 +44,12 @@ def test_main_job_on_real_model(real_weights, tmp_path) -> None:
     assert probe["probe_s"] > 0 and probe["trainer_precision"] in ("32-true", "bf16-mixed") and "precision probe" in console
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["budgets"]) == 5 and report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-4)
+    # where the scored weights came from, in the report and the checkpoint (the search kept the scoring's record)
+    import hashlib
+
+    assert report["weights"] == elastic.scores.build_info["weights"] == {
+        "model": "vit_small_patch14_dinov2", "pretrained": False, "file": str(real_weights.absolute()),
+        "sha256": hashlib.sha256(real_weights.read_bytes()).hexdigest()[:16], "hub_revision": None}
     assert (tmp_path / "fidelity_vs_flops.png").stat().st_size > 0
     import yaml
 

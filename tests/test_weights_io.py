@@ -469,3 +469,26 @@ def test_a_subnet_file_given_as_the_full_models_weights_names_load_subnet(tmp_pa
         load_weights(timm.create_model("test_vit", img_size=IMG), tmp_path / "sub.safetensors")
     elastic.save(tmp_path / "e.elastic.safetensors")  # an elastic file's dense model still loads as weights
     load_weights(timm.create_model("test_vit", img_size=IMG), tmp_path / "e.elastic.safetensors")
+
+
+def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, tmp_path, monkeypatch):
+    # nothing recorded which file, cached hub snapshot or local folder the scored weights came from
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from snapvit_lightning.weights_io import weights_source
+
+    path, _ = tiny_weights
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert weights_source("test_vit", False, path, {"img_size": IMG}) == {
+        "model": "test_vit", "pretrained": False, "file": str(path.absolute()), "sha256": digest, "hub_revision": None}
+    assert weights_source("test_vit", True, None, overlay(path))["sha256"] == digest
+    _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes()})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))
+    hub = weights_source("hf-hub:timm/test_vit.r160_in1k", True, None, None)
+    assert hub["sha256"] == digest and hub["hub_revision"] == "0123456789abcdef0123456789abcdef01234567"
+    assert hub["file"].startswith(str(tmp_path / "home" / "hub" / "models--timm--test_vit.r160_in1k" / "snapshots"))
+    assert weights_source("test_vit.r160_in1k", True, None, None)["sha256"] == digest
+    assert weights_source(None, False, None, None) is None  # a module instance: nothing known
+    assert weights_source("test_vit", False, None, None)["file"] is None  # random weights: the name only
