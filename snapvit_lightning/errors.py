@@ -205,15 +205,19 @@ def warn_at_caller(message: str) -> None:
     """
     package = __name__.rsplit(".", 1)[0]
     passed = (package + ".", "lightning.", "pytorch_lightning.", "jsonargparse.", "torch.multiprocessing.", "multiprocessing.")
-    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function's own line
+    frame, level, spawned, own = sys._getframe(1), 2, False, 0  # stacklevel 1 is this function's own line
     while frame is not None:
         module = str(frame.f_globals.get("__name__", ""))
+        own = own or (level if module != __name__ else 0)  # the package's line that warned (not this module's)
         if not module.startswith(passed) or module in (f"{package}.cli", f"{package}.quickstart") \
                 or module.startswith(f"{package}.benchmarks."):
             break
+        spawned = spawned or module.startswith(("multiprocessing.", "torch.multiprocessing."))
         frame, level = frame.f_back, level + 1
+    if spawned and frame is not None and frame.f_back is None:  # ddp_spawn's bootstrap: `python -c "...spawn_main..."`
+        frame = None
     # no caller of the user's (a rank that ddp_spawn started): the package's own line, not a library's
-    warnings.warn(message, stacklevel=level if frame is not None else 2)
+    warnings.warn(message, stacklevel=level if frame is not None else own or 2)
 
 
 def warn_at_caller_on_rank_zero(message: str) -> None:

@@ -542,3 +542,16 @@ def test_rank_zero_warnings_name_the_callers_line_on_rank_zero_only(monkeypatch,
         warnings.simplefilter("always")
         warn_at_caller_on_rank_zero("one line")
     assert [(str(w.message), w.filename) for w in said] == ([("one line", __file__)] if rank == 0 else [])
+
+
+def test_a_warning_in_a_spawned_process_never_names_the_spawn_bootstrap() -> None:
+    # under ddp_spawn the walk past multiprocessing stopped at `python -c "...spawn_main..."`: "<string>:1: UserWarning"
+    import subprocess
+    import sys
+
+    code = ("import multiprocessing as mp\nfrom snapvit_lightning.errors import warn_at_caller\n"
+            "if __name__ == '__main__':\n    p = mp.get_context('spawn').Process(target=warn_at_caller, args=('spawned warning',))\n"
+            "    p.start()\n    p.join()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    line = next(t for t in proc.stderr.splitlines() if "spawned warning" in t)
+    assert not line.startswith("<string>") and line.split(":")[0].endswith(".py"), proc.stderr
