@@ -195,9 +195,36 @@ class AutoPrecisionCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        """A resumed fit that runs nothing ends with :meth:`after_fit`'s error instead of the module's warning."""
+        """A resumed fit that runs nothing ends with :meth:`after_fit`'s error instead of the module's warning.
+
+        Lightning reads ``--ckpt_path`` (also ``last``, which it finds itself) with ``weights_only=None``, torch's
+        default: under torch < 2.6 that unpickles whatever the file holds. The command reads it with
+        ``weights_only=True`` (Lightning >= 2.6's ``fit`` option), and refuses ``--weights_only false``.
+
+        Raises:
+            ValueError: ``--weights_only false``.
+        """
+        config = self.config_init[self.subcommand]
+        if "weights_only" in self._subcommand_method_arguments.get(self.subcommand, ()):
+            if config["weights_only"] is False:
+                raise ValueError("--weights_only false would unpickle what the checkpoint holds (code, not only tensors); "
+                                 "this command reads checkpoints of tensors and plain values only (drop the option)")
+            config["weights_only"] = True
         if not self._spawned_fit():
             self.model._warn_unfinished_resume = False
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a checkpoint that holds pickled objects (``--ckpt_path last`` too) is one line, not torch's traceback."""
+        import pickle
+
+        try:
+            self.trainer.fit(**kwargs)
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err):
+                raise
+            raise ValueError(f"--ckpt_path {kwargs.get('ckpt_path')}: the checkpoint holds pickled objects besides tensors "
+                             "and plain values, which are never unpickled here; resume from a checkpoint a "
+                             "ModelCheckpoint of this command saved") from None
 
     def after_fit(self) -> None:
         """Refuse a resumed fit that ran nothing: nothing was searched or written."""
@@ -253,6 +280,10 @@ def _check_lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
                 raise ValueError(f"--ckpt_path {ckpt_path}: a JSON file (a report?), not a Lightning checkpoint: give a .ckpt "
                                  "file a ModelCheckpoint saved") from None
         reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0]  # torch's bold
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):  # torch's refusal
+            raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint holds pickled objects besides tensors and plain "
+                             "values, which are never unpickled here (e.g. a whole model or a class of its own); resume "
+                             "from a checkpoint a ModelCheckpoint of this command saved") from None
         raise ValueError(f"--ckpt_path {ckpt_path}: not a readable Lightning checkpoint (truncated, corrupt or not "
                          f"a torch file?): torch.load raised {type(err).__name__}: {reason}") from None
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:

@@ -337,6 +337,40 @@ def test_fit_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(tmp_pa
             "or written; resume without max_steps") in capsys.readouterr().err
 
 
+class _Canary:
+    """Unpickling it creates a file: a checkpoint that runs code when read without weights_only."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("given", ["file", "last"])
+def test_a_checkpoint_holding_pickled_objects_is_never_unpickled(tmp_path, capsys, monkeypatch, given) -> None:
+    # --ckpt_path last skipped the command's weights-only check, and Lightning read the file with torch's default:
+    # under torch < 2.6 (here forced by torch's own variable) that ran the pickle.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    _images(tmp_path / "images", 4)
+    config = tmp_path / "c.yaml"
+    config.write_text(_RESUME_CONFIG.format(images=tmp_path / "images", out=tmp_path / "out"))
+    (tmp_path / "ck").mkdir()
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {}, "x": _Canary(tmp_path / "ran")},
+               tmp_path / "ck" / "last.ckpt")
+    extra = (["--trainer.enable_checkpointing", "true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--trainer.callbacks.dirpath", str(tmp_path / "ck"), "--ckpt_path", "last"] if given == "last"
+             else ["--ckpt_path", str(tmp_path / "ck" / "last.ckpt")])
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--trainer.precision", "32-true", *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "holds pickled objects besides tensors and plain values, which are never unpickled" in err
+    assert "Traceback" not in err and not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--weights_only", "false"])
+    assert exc.value.code == 2 and "--weights_only false would unpickle what the checkpoint holds" in capsys.readouterr().err
+
+
 def test_a_bad_checkpoint_file_is_one_line_before_the_fit(tmp_path, capsys) -> None:
     _images(tmp_path / "images", 4)
     config = tmp_path / "c.yaml"
