@@ -427,7 +427,7 @@ class Terminated(BaseException):
 def sigterm_raises(unless_replaced: bool = False) -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` in the block, so a file being written is removed on the way out.
 
-    (Python's default ends the process at once, which could leave a staged ``.NAME.tmp-PID`` behind.)
+    (Python's default ends the process at once, which could leave a staged ``.NAME.RANDOM.partial`` behind.)
     ``unless_replaced``: only while this handler is the installed one, as around a fit: Lightning's
     own handler, installed for the fit, calls the one it found after its own, which then does nothing;
     before the fit (the DDP ranks starting) and after it, SIGTERM stops the command here.

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .evaluation import _check_int, _eval_mode, _model_device
 from .structure import check_model_images
 from .values import all_finite, real_number
-from .weights_io import hidden_beside, make_parent
+from .weights_io import make_parent, write_file_atomic
 
 __all__ = [
     "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME",
@@ -323,12 +323,7 @@ def save_onnx(
     if not diff <= atol:
         raise ValueError(f"ONNX Runtime's output differs from torch's by {diff:.3g} (max abs) > atol={atol}")
     make_parent(path)  # as the safetensors writer: a file in the way is named
-    tmp = hidden_beside(path, f".tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file_atomic(path, data)
     return diff
 
 

@@ -60,6 +60,22 @@ def staging_path(path: Path) -> Path:
     return hidden_beside(path, f".{secrets.token_hex(4)}{STAGING_SUFFIX}")
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: under a new :func:`staging_path`, created there and never through a link, then renamed.
+
+    A fixed temporary name (``.NAME.tmp-PID``) or writing ``path`` itself followed a symlink planted
+    there, writing outside the folder; the rename replaces a link at ``path`` instead of following it.
+    """
+    tmp = staging_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _target_suffix(path: Path) -> str:
     """The suffix of the file ``path`` is written for: its own, or its target's for a :func:`staging_path`."""
     if path.suffix == STAGING_SUFFIX and path.name.startswith("."):
@@ -97,7 +113,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
         raise IsADirectoryError(f"'{path}' is a folder; give a .safetensors file name")
     _check_contents(tensors, metadata)
     make_parent(path)
-    tmp = hidden_beside(path, f".tmp-{os.getpid()}")
+    tmp = staging_path(path)  # a new random name: nothing can be planted there (a link safetensors would follow)
     umask = os.umask(0)
     os.umask(umask)
     try:

@@ -492,3 +492,22 @@ def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, t
     assert weights_source("test_vit.r160_in1k", True, None, None)["sha256"] == digest
     assert weights_source(None, False, None, None) is None  # a module instance: nothing known
     assert weights_source("test_vit", False, None, None)["file"] is None  # random weights: the name only
+
+
+def test_files_are_written_under_a_new_name_never_through_a_link(tmp_path):
+    # the ONNX and safetensors writers staged at `.NAME.tmp-PID`: a link planted at that predictable name was followed
+    from snapvit_lightning.weights_io import write_file_atomic
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("mine\n")
+    (tmp_path / "out").mkdir()
+    for pid in range(os.getpid() - 2, os.getpid() + 3):  # the old predictable names
+        (tmp_path / "out" / f".g.onnx.tmp-{pid}").symlink_to(outside / "victim")
+    (tmp_path / "out" / "g.onnx").symlink_to(outside / "victim")
+    write_file_atomic(tmp_path / "out" / "g.onnx", b"graph")
+    write_safetensors(tmp_path / "out" / "w.safetensors", {"a": torch.zeros(1)})
+    assert (outside / "victim").read_text() == "mine\n" and (tmp_path / "out" / "g.onnx").read_bytes() == b"graph"
+    assert not (tmp_path / "out" / "g.onnx").is_symlink()
+    left = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.is_symlink())
+    assert left == ["g.onnx", "w.safetensors"]

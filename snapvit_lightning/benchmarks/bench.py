@@ -74,6 +74,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -464,7 +465,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from ..weights_io import check_writable  # torch and timm: not for `snapvit --help`
 
         check_writable(out, "--out")  # before the benchmark, not after it
-        earlier = next((out / n for n in ("bench.json", "bench.md") if (out / n).exists()), None)
+        earlier = next((out / n for n in ("bench.json", "bench.md") if os.path.lexists(out / n)), None)  # a link too
         if earlier is not None and not getattr(args, "overwrite", False):
             raise FileExistsError(f"--out: '{earlier}' exists (an earlier bench?); pass --overwrite to replace it")
     budgets = [(float(m), float(h)) for m, h in args.budgets]
@@ -659,8 +660,10 @@ def run_bench(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         result = {"settings": settings, "build_times": build_times,
                   "rows": [{k: _finite(v) for k, v in r.items()} for r in rows]}
-        (out / "bench.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        (out / "bench.md").write_text(_markdown_file(rows, settings) + _build_markdown(build_times))
+        from ..weights_io import write_file_atomic
+
+        write_file_atomic(out / "bench.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+        write_file_atomic(out / "bench.md", (_markdown_file(rows, settings) + _build_markdown(build_times)).encode())
         print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
 

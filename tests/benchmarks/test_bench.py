@@ -540,6 +540,25 @@ def test_an_earlier_bench_is_kept_without_overwrite(result, setup, capsys) -> No
     assert json.loads((out / "bench.json").read_text())["settings"]["command"].endswith("--overwrite")
 
 
+def test_bench_never_writes_through_a_link_in_its_out_folder(setup, tmp_path, capsys) -> None:
+    # bench.json was written with write_text: a (dangling) link planted there wrote a file outside --out
+    path, data, _ = setup
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "bench.json").symlink_to(outside / "created")  # dangling: exists() is False
+    (outside / "kept.md").write_text("mine\n")
+    (out / "bench.md").symlink_to(outside / "kept.md")
+    argv = [str(path), "--data", str(data), "--budgets", "0.35,0.2", *FAST, "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2 and "exists (an earlier bench?)" in capsys.readouterr().err
+    assert bench.main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in outside.iterdir()) == ["kept.md"] and (outside / "kept.md").read_text() == "mine\n"
+    assert not (out / "bench.json").is_symlink() and json.loads((out / "bench.json").read_text())["rows"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]  # no staged file left
+
+
 def test_a_busy_machine_is_named_before_bench_times(setup, tmp_path, monkeypatch, capsys) -> None:
     import snapvit_lightning.machine as machine
 
