@@ -44,6 +44,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
+#: More blocks than any ViT has (ViT-22B: 48): a file's metadata naming more is refused before anything is built.
+MAX_BLOCKS = 1024
+
 
 def save_subnet(
     model: nn.Module, path: str | os.PathLike, *, model_name: str, model_kwargs: dict[str, Any],
@@ -464,6 +467,11 @@ def _check_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kwar
     """
     if "depth" in kwargs and kwargs["depth"] != len(dims):
         raise ValueError(f"{path}: model_kwargs depth={kwargs['depth']!r} but block_dims lists {len(dims)} blocks")
+    if len(dims) > MAX_BLOCKS:  # an ONNX file's metadata has no weights to count them against
+        raise ValueError(f"{path}: block_dims lists {len(dims)} blocks, more than any ViT has (at most {MAX_BLOCKS})")
+    held = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    if state and held != {str(i) for i in range(len(dims))}:  # before building them: a forged depth built for minutes
+        raise ValueError(f"{path}: block_dims lists {len(dims)} blocks, but the file's weights hold {len(held)}")
     width = state.get("patch_embed.proj.weight")
     if "embed_dim" in kwargs and width is not None and kwargs["embed_dim"] != width.shape[0]:
         raise ValueError(f"{path}: model_kwargs embed_dim={kwargs['embed_dim']!r} but the patch embedding has {width.shape[0]}")

@@ -195,6 +195,25 @@ class CorrectionStats:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def check_fits(self, fingerprint: str, model: nn.Module) -> None:
+        """Refuse statistics of another elastic model (``fingerprint``) or of other layer sizes than ``model``'s.
+
+        A file of the right fingerprint with another size of matrices was attached and announced as
+        correcting by default; only the first ``subnet()`` refused it.
+
+        Raises:
+            ValueError: Naming what differs.
+        """
+        if self.fingerprint != fingerprint:
+            raise ValueError(f"the correction statistics belong to another elastic model (fingerprint {self.fingerprint!r}, "
+                             f"this model {fingerprint!r}); collect them again for this checkpoint")
+        blocks = get_blocks(model)
+        for branch, stored, layer in (("mlp", self.mlp, blocks[0].mlp.fc2), ("attn", self.attn, blocks[0].attn.proj)):
+            if tuple(stored.shape[:2]) != (len(blocks), layer.in_features + 1):
+                raise ValueError(f"the correction statistics' '{branch}' matrices are {tuple(stored.shape)}, this model "
+                                 f"needs [{len(blocks)}, {layer.in_features + 1}, {layer.in_features + 1}]; collect them "
+                                 "again for this checkpoint")
+
     def permuted(self, mlp_order: Tensor, head_order: Tensor, fingerprint: str) -> "CorrectionStats":
         """These statistics in another unit order, without a ranking (the new order is the ranking).
 

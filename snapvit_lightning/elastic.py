@@ -465,15 +465,12 @@ class ElasticViT:
 
         Raises:
             TypeError: ``stats`` is not :class:`CorrectionStats` or ``None``.
-            ValueError: Statistics of another elastic model (their fingerprint differs).
+            ValueError: Statistics of another elastic model (their fingerprint differs) or of other layer sizes.
         """
         if stats is not None and not isinstance(stats, CorrectionStats):
             raise TypeError(f"stats must be CorrectionStats or None, got {type(stats).__name__}")
-        if stats is not None and stats.fingerprint != self.fingerprint:
-            raise ValueError(
-                f"the correction statistics belong to another elastic model (fingerprint {stats.fingerprint!r}, "
-                f"this model {self.fingerprint!r}); collect them again for this checkpoint"
-            )
+        if stats is not None:
+            stats.check_fits(self.fingerprint, self.model)
         self.stats = stats
         self._prepared = None
         self._ranked = None

@@ -485,6 +485,13 @@ def test_load_attaches_stats_beside_and_checks_them(tmp_path: Path) -> None:
         el.attach_stats(CorrectionStats.load(tmp_path / "m.stats.safetensors"))
     with pytest.raises(TypeError, match="stats must be CorrectionStats or None"):
         el.attach_stats(tmp_path)
+    # the right fingerprint, matrices of another size: attached and announced, refused only by the first subnet()
+    small = dataclasses.replace(stats, attn=stats.attn[:, :33, :33].clone())
+    with pytest.raises(ValueError, match=r"'attn' matrices are \(6, 33, 33\), this model needs \[6, 65, 65\]"):
+        el.attach_stats(small)
+    small.save(tmp_path / "m.stats.safetensors")
+    with pytest.raises(ValueError, match=r"m\.stats\.safetensors \(beside .*\): the correction statistics' 'attn' matrices"):
+        ElasticViT.load(path)
 
 
 def test_save_writes_the_attached_stats_beside_the_checkpoint(tmp_path: Path) -> None:

@@ -582,6 +582,11 @@ def _set_kwargs(meta: dict, **kwargs) -> None:
         (lambda t, m: t.update({"order.heads": t["order.heads"].int()}), "order.heads must hold a permutation"),
         (lambda t, m: m.update(input_size=[1_000_000, 1_000_000]), r"input_size \[1000000, 1000000\] is not the model's"),
         (lambda t, m: _set_kwargs(m, checkpoint_path="/etc/passwd"), "model_kwargs holds checkpoint_path='/etc/passwd'"),
+        # a forged depth beside as many block_dims built that model for minutes (30000: 197 s, 2.5 GB) before refusing
+        (lambda t, m: (_set_kwargs(m, depth=300), m.update(block_dims=[[2, 192]] * 300)),
+         "block_dims lists 300 blocks, but the file's weights hold 6"),
+        (lambda t, m: (_set_kwargs(m, depth=30_000), m.update(block_dims=[[2, 192]] * 30_000)),
+         r"block_dims lists 30000 blocks, more than any ViT has \(at most 1024\)"),
     ],
 )
 def test_damaged_checkpoints_are_refused_on_load(tmp_path, edit, match) -> None:
