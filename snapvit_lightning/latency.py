@@ -499,7 +499,7 @@ def find_latency_budget(
         smallest = trial(min_flops)
         dense_ms = reference[0]
         by_flops.setdefault(dense_flops, LatencyTrial(1.0, 1.0, dense_ms, dense_ms, dense_ms, dense_ms <= latency_ms))
-        where = f"batch {batch_size} on {_where(backend, device, threads)}, {dtype_name(dtype)}"
+        where = f"batch {batch_size}{pixels(size)} on {_where(backend, device, threads)}, {dtype_name(dtype)}"
         if dense_ms <= latency_ms:
             raise LatencyTargetError(
                 f"the dense model already meets latency_ms={latency_ms:g}: it measured {dense_ms:.2f} ms per "

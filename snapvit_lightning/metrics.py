@@ -142,7 +142,8 @@ class CenteredFidelity(Metric):
     :class:`FeatureFidelity` rewards what all features share: a subnet fine-tuned towards the dense
     model can raise it while collapsing onto that shared direction (a new user's distillation: raw
     .793 → .810, centered .440 → .111). The states are lists gathered with ``dist_reduce_fx="cat"``
-    (the means need every image), so under DDP every rank computes over all images.
+    (the means need every image), so under DDP every rank computes over all images; every rank must
+    have added a batch (torchmetrics cannot gather an empty list state).
     """
 
     is_differentiable = False

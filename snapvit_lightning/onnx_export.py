@@ -282,7 +282,8 @@ def save_onnx(
 ) -> float:
     """Write ``model`` as an ONNX file once ONNX Runtime has been checked to match torch.
 
-    The file is written to a temporary name and renamed, so ``path`` is never left half written.
+    The file is written to a temporary name and renamed, so ``path`` is never left half written. A
+    ``torch.compile``d model is exported as the model it compiled.
 
     Args:
         model: A timm ViT (sliced or not).
@@ -306,6 +307,8 @@ def save_onnx(
         raise TypeError(f"save_onnx(model, path, ...) takes the model first, got the path {str(model)!r} as model")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the export traces the model
+        model = model._orig_mod
     _check_module(model)
     path = Path(path).expanduser()
     if path.suffix.lower() != ".onnx" and not path.is_dir():

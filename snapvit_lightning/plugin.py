@@ -486,7 +486,7 @@ class SnapViT(Callback):
             logger=False,
             enable_checkpointing=False,
             # The scoring takes minutes on a CPU: it shows its progress when the user's fit showed theirs.
-            enable_progress_bar=trainer.progress_bar_callback is not None,
+            enable_progress_bar=getattr(trainer.progress_bar_callback, "is_enabled", False),
             enable_model_summary=False,
             callbacks=callbacks,
             default_root_dir=str(self.dirpath),

@@ -418,10 +418,10 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
 
         detail = " ".join(str(err).split())[:300]
         local = "give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay {file: PATH}"
-        if constants.HF_HUB_OFFLINE:
+        if constants.HF_HUB_OFFLINE:  # the hub's own text ("check your connection") points the wrong way here
             raise ValueError(
                 f"model {model_name!r}: HF_HUB_OFFLINE=1 and {_hub_place(model_name)} holds no complete copy of "
-                f"its files ({detail}); fill that cache (HF_HOME or HF_HUB_CACHE name it), or {local}"
+                f"its files ({type(err).__name__}); fill that cache (HF_HOME or HF_HUB_CACHE name it), or {local}"
             ) from err
         raise ValueError(
             f"model {model_name!r}: the Hugging Face Hub could not provide its files (offline?): {detail}; with "

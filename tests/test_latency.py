@@ -103,8 +103,10 @@ def test_refuses_targets_outside_the_budgets(el: ElasticViT) -> None:
     dense_ms = _flops_ms(el.model)
     smallest_ms = _flops_ms(build(min_flops))
     meets = rf"dense model already meets latency_ms={dense_ms:g}: it measured {dense_ms:.2f}"
-    with pytest.raises(LatencyTargetError, match=meets):
+    with pytest.raises(LatencyTargetError, match=meets) as said:
         find_latency_budget(build, dense_ms, min_flops=min_flops, timer=flops_timer)
+    h, w = el.input_size
+    assert f" ms per batch 1 at {h} x {w} px on " in str(said.value)  # the size it was timed at, as every latency line
     with pytest.raises(LatencyTargetError, match=rf"below the smallest budget's {smallest_ms:.2f} ms \(FLOPs"):
         find_latency_budget(build, 0.99 * smallest_ms, min_flops=min_flops, timer=flops_timer)
     found = find_latency_budget(build, smallest_ms, min_flops=min_flops, timer=flops_timer)

@@ -49,6 +49,10 @@ def test_save_onnx_checks_and_writes_atomically(tmp_path: Path, one_thread: None
     assert onnx_max_abs_diff(sub, out, x) == pytest.approx(diff)
     assert [p.name for p in tmp_path.iterdir()] == ["sub.onnx"]
     assert save_onnx(sub, tmp_path / "random.onnx") < 1e-5  # checked on random images by default
+    # a torch.compile'd subnet: "Detected that you are using FX to torch.jit.trace a dynamo-optimized function"
+    assert save_onnx(torch.compile(sub), tmp_path / "compiled.onnx", check_images=x) == pytest.approx(diff)
+    (tmp_path / "compiled.onnx").unlink()
+    (tmp_path / "random.onnx").unlink()
 
     import snapvit_lightning.onnx_export as mod
 

@@ -157,7 +157,7 @@ def test_snapvit_plugin_leaves_the_users_run_alone(tmp_path):
     assert not [w for w in caught if "eval mode" in str(w.message)]
 
 
-@pytest.mark.parametrize("bar", [True, False])
+@pytest.mark.parametrize("bar", [True, False, "disabled"])
 def test_snapvit_scoring_shows_progress_when_the_users_fit_did(tmp_path, monkeypatch, bar):
     # The inner scoring fit had no progress bar: minutes of silence on a CPU after the user's own bar.
     inner_bars = []
@@ -169,11 +169,13 @@ def test_snapvit_scoring_shows_progress_when_the_users_fit_did(tmp_path, monkeyp
     fit = pg.fit
     monkeypatch.setattr(pg, "fit", spy)
     plugin = SnapViT(datamodule=_multicrop_loader(), dirpath=tmp_path / "e", search_evals=0, budgets=[(0.0, 0.0)])
+    # a bar the user turned off (refresh_rate=0) is a callback all the same
+    off = [pl.callbacks.TQDMProgressBar(refresh_rate=0)] if bar == "disabled" else []
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=bar, enable_model_summary=False, callbacks=[plugin],
+                         enable_progress_bar=bar is not False, enable_model_summary=False, callbacks=[plugin, *off],
                          default_root_dir=str(tmp_path))
     trainer.fit(UserModule(), train_dataloaders=_user_loader())
-    assert inner_bars == [bar] and plugin.export_paths["elastic"].is_file()
+    assert inner_bars == [bar is True] and plugin.export_paths["elastic"].is_file()
 
 
 def test_snapvit_plugin_skips_the_work_under_fast_dev_run(tmp_path, caplog):

@@ -453,6 +453,7 @@ def test_a_damaged_or_missing_hub_cache_is_one_line_naming_the_cache(tiny_weight
         rc, out = _create_offline(tmp_path / home, name)
         last = out.strip().splitlines()[-1]
         assert rc == 1 and re.search(expected, last) and len(last) < 800, (home, out[-2000:])
+        assert "check your connection" not in last
 
 
 def test_a_subnet_file_given_as_the_full_models_weights_names_load_subnet(tmp_path):
