@@ -385,15 +385,23 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
     if source == "local-dir" and pretrained and file is None:  # the folder's weights, read as checkpoint_path is
         file = _local_dir_weights(model_name)
     try:
-        if file is not None:
+        hub = pretrained and file is None and source != "local-dir"
+        if file is not None or hub:
             # timm loads a file with num_classes other than its config's non-strictly, so a file
             # missing whole blocks loaded silently: the same weights, through the strict loader.
             model = timm.create_model(model_name, pretrained=False, **kwargs)
-            argument = "model_kwargs pretrained_cfg_overlay file" if source != "local-dir" else "the file"
+            file = _hub_weights_file(model.pretrained_cfg) if hub else file  # a hub model's file, from the cache
+            if file is None:  # weights at a URL (no hub copy): timm's loader
+                return config_of_built_size(timm.create_model(model_name, pretrained=True, **kwargs))
+            argument = ("the Hugging Face cache's file" if hub else
+                        "model_kwargs pretrained_cfg_overlay file" if source != "local-dir" else "the file")
             try:
                 load_weights(model, file, classifier=classifier_layers(model), argument=argument)
             except ValueError as err:
-                raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}") from err
+                if hub and "is not a readable" in str(err):
+                    raise ValueError(_unreadable_hub_file(model_name, err.__cause__ or err)) from err
+                where = f"; it comes from {_hub_place(model_name)}" if hub else ""
+                raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}{where}") from err
             return config_of_built_size(model)
         return config_of_built_size(timm.create_model(model_name, pretrained=pretrained, **kwargs))
     except RuntimeError as err:
@@ -432,6 +440,37 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
 
 _DETAIL_CHARS = 400
 
+#: timm's safetensors copies of its hub files' torch pickles (``_get_safe_alternatives``).
+_SAFE_ALTERNATIVES = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+
+
+def _hub_weights_file(cfg: dict[str, Any]) -> Path | None:
+    """The Hugging Face Hub file timm would load for a pretrained config (downloaded, or the cache's copy offline).
+
+    ``None`` when the weights are not on the hub (a URL): timm loads those itself. A safetensors copy
+    is preferred, as timm does.
+
+    Raises:
+        huggingface_hub's errors: The hub and the cache cannot provide the file.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    hub_id = cfg.get("hf_hub_id")
+    if not hub_id or cfg.get("file") or cfg.get("state_dict"):
+        return None
+    repo, _, revision = hub_id.partition("@")
+    name = cfg.get("hf_hub_filename") or "pytorch_model.bin"
+    safe = _SAFE_ALTERNATIVES.get(name) or (name[: -len(".bin")] + ".safetensors" if name.endswith(".bin") else None)
+    names = [name] if name.endswith(".safetensors") else [safe, name] if safe else [name]
+    for i, candidate in enumerate(names):
+        try:
+            return Path(hf_hub_download(repo, candidate, revision=revision or None))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            if i == len(names) - 1:
+                raise
+    return None
+
 
 def _load_state_dict_summary(detail: str) -> str:
     """torch's ``load_state_dict`` error as counts and first examples (it lists every key and shape)."""
@@ -468,7 +507,7 @@ def _hub_place(model_name: str) -> str:
 
 def _unreadable_hub_file(model_name: str, err: BaseException) -> str:
     detail = " ".join(str(err).split())[:300]
-    return (f"pretrained=True: a file timm read for model {model_name!r} is damaged or truncated ({type(err).__name__}: "
+    return (f"pretrained=True: a file read for model {model_name!r} is damaged or truncated ({type(err).__name__}: "
             f"{detail}); it comes from {_hub_place(model_name)}: delete that folder and download the model again, or "
             "give local weights: checkpoint_path")
 
