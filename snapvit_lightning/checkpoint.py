@@ -28,7 +28,8 @@ from torch import nn
 from . import __version__
 from .structure import BlockDims, block_dims, get_blocks, inspect_vit, slice_model
 from .values import all_finite
-from .weights_io import FORMAT, config_of_built_size, write_safetensors
+from .file_io import FORMAT, write_safetensors
+from .weights_io import config_of_built_size
 
 __all__ = [
     "FORMAT",
@@ -372,7 +373,7 @@ def _metadata(kind: str, model: nn.Module, model_name: str, model_kwargs: dict[s
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write a safetensors file atomically (:func:`~snapvit_lightning.weights_io.write_safetensors`)."""
+    """Write a safetensors file atomically (:func:`~snapvit_lightning.file_io.write_safetensors`)."""
     write_safetensors(path, tensors, meta)
 
 

@@ -279,7 +279,7 @@ def _solve_note(args: argparse.Namespace) -> str:
 
 def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ()) -> Path:
     """``-o``: a file that may be written (not a folder, not a file this command ``reads``; replaced only with ``--overwrite``)."""
-    from .weights_io import check_writable, name_max
+    from .file_io import check_writable, name_max
 
     out = Path(output).expanduser()
     if len(out.name.encode()) > name_max(out.parent):  # else OSError from the first stat
@@ -446,7 +446,7 @@ def _weights(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from .weights import CONVERSIONS
-    from .weights_io import check_writable
+    from .file_io import check_writable
 
     try:
         check_writable(Path(args.path).expanduser().parent, "path")  # before the conversion's seconds, not at the write

@@ -23,7 +23,7 @@ Atomicity: every file is first written to a hidden staging name in the same dire
 when all of them are complete are they renamed (``os.replace``) to their final names. A
 failure before that leaves the directory as it was (an old export included); a failure while
 renaming removes the files this export already put in place. Two exports into one directory rename
-theirs one after the other (:func:`~snapvit_lightning.weights_io.folder_lock`), never interleaved.
+theirs one after the other (:func:`~snapvit_lightning.file_io.folder_lock`), never interleaved.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from .scores import HEAD_SHARE_KNEE, ImportanceScores
 from .search import EvolutionarySearch, scored_model
 from .structure import check_model_images
 from .values import non_float32
-from .weights_io import folder_lock, staging_path
+from .file_io import folder_lock, staging_path
 
 __all__ = [
     "DEFAULT_BUDGETS",

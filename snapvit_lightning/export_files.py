@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from .weights_io import check_writable
+from .file_io import check_writable
 
 __all__ = ["FIDELITY_PLOT_NAME", "KEPT_UNITS_PLOT_NAME", "REPORT_NAME", "export_targets"]
 

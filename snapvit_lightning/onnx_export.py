@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .evaluation import _check_int, _eval_mode, _model_device
 from .structure import check_model_images
 from .values import all_finite, real_number
-from .weights_io import make_parent, write_file_atomic
+from .file_io import make_parent, write_file_atomic
 
 __all__ = [
     "ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME",

@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from typing_extensions import override
 
 from .export_files import CONFIG_MARK
-from .weights_io import staging_path
+from .file_io import staging_path
 
 __all__ = ["CONFIG_MARK", "SaveConfigAfterFit"]
 

@@ -322,7 +322,7 @@ def write_state_dict(
         ValueError: If ``path`` does not end in ``.safetensors``.
         IsADirectoryError: If ``path`` is an existing folder.
     """
-    from .weights_io import write_safetensors
+    from .file_io import write_safetensors
 
     if isinstance(path, Mapping) and isinstance(state, (str, os.PathLike)):
         raise TypeError("write_state_dict(path, state) takes the path first, got a mapping as path and a path as state")

@@ -580,7 +580,7 @@ def test_slice_says_and_records_how_it_cut(tmp_path, capsys) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from snapvit_lightning.weights_io import write_safetensors
+    from snapvit_lightning.file_io import write_safetensors
 
     with safe_open(str(out), "pt") as f:  # save_subnet refuses a budget that is not a dict: crafted by hand
         meta = {**f.metadata(), "budget": "[0.5]"}

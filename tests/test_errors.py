@@ -369,7 +369,7 @@ def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch) -> None:
     import safetensors.torch
 
     from snapvit_lightning.errors import is_user_error
-    from snapvit_lightning.weights_io import write_safetensors
+    from snapvit_lightning.file_io import write_safetensors
 
     def read_only(*args, **kwargs):  # what safetensors raises in a read-only folder (root ignores chmod)
         raise RuntimeError("Error while serializing: I/O error: Operation not permitted (os error 1)")

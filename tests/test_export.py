@@ -370,7 +370,7 @@ def test_two_exports_into_one_folder_place_their_files_one_after_the_other(tmp_p
     import threading
     import time
 
-    from snapvit_lightning.weights_io import folder_lock
+    from snapvit_lightning.file_io import folder_lock
 
     errors = []
 
@@ -758,9 +758,9 @@ def test_report_fidelity_never_above_one(monkeypatch):
 def test_a_read_only_dirpath_is_refused_before_the_fit(tmp_path, monkeypatch):
     # The export hit it only after the scoring and the search. (Root passes chmod: os.access stands in.)
     module = SnapViTModule("test_vit", model_kwargs={"img_size": IMG})
-    from snapvit_lightning import weights_io
+    from snapvit_lightning import file_io
 
-    monkeypatch.setattr(weights_io.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(file_io.os, "access", lambda path, mode: False)
     with pytest.raises(PermissionError, match=f"dirpath: '{tmp_path}' is not writable"):  # the folder to create is in it
         _trainer(tmp_path, [ElasticExport(tmp_path / "new", correct="none")]).fit(module, train_dataloaders=_multicrop_loader())
     assert module.scores is None  # before the scoring

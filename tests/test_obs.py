@@ -1,7 +1,6 @@
 """OBS greedy removal: its step costs are the refit errors, its order is nested, its scores fit the model."""
 
 import pytest
-import timm
 import torch
 
 from snapvit_lightning.correction import augmented_weight, collect_stats

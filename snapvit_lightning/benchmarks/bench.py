@@ -462,7 +462,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder, but '{out}' is a file")
     if out is not None:
-        from ..weights_io import check_writable  # torch and timm: not for `snapvit --help`
+        from ..file_io import check_writable  # torch and timm: not for `snapvit --help`
 
         check_writable(out, "--out")  # before the benchmark, not after it
         earlier = next((out / n for n in ("bench.json", "bench.md") if os.path.lexists(out / n)), None)  # a link too
@@ -660,7 +660,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         result = {"settings": settings, "build_times": build_times,
                   "rows": [{k: _finite(v) for k, v in r.items()} for r in rows]}
-        from ..weights_io import write_file_atomic
+        from ..file_io import write_file_atomic
 
         write_file_atomic(out / "bench.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
         write_file_atomic(out / "bench.md", (_markdown_file(rows, settings) + _build_markdown(build_times)).encode())

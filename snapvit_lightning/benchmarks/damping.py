@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..elastic import ElasticViT
     from ..module import SnapViTModule, load_weights
     from ..quickstart import DEFAULT_WEIGHTS, MODEL_NAME, ensure_weights
-    from ..weights_io import check_writable
+    from ..file_io import check_writable
 
     import timm
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..search.fitness import DEFAULT_FITNESS_SAMPLES
-from ..weights_io import check_writable
+from ..file_io import check_writable
 
 __all__ = ["first_gains", "main"]
 

@@ -62,7 +62,7 @@ def split_links(data: Path, out: Path) -> dict[str, Path]:
         ``{"even": folder, "odd": folder}``.
     """
     from ..data.sources import find_images
-    from ..weights_io import check_writable
+    from ..file_io import check_writable
 
     data = Path(data).resolve()
     files, _, _ = find_images(data, argument="--data")

@@ -60,7 +60,7 @@ from ..data import find_images
 from ..machine import build_machine
 from ..quickstart import CONFIG, DEFAULT_WEIGHTS, run
 from ..search import PAPER_RATIO_PAIRS
-from ..weights_io import check_writable
+from ..file_io import check_writable
 
 __all__ = [
     "SETTINGS", "DEFAULT_SETTINGS", "PAPER_SEARCH", "paper_config", "uncorrected_config", "load_official", "compare",
