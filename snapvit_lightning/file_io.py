@@ -229,7 +229,3 @@ def make_parent(path: Path) -> None:
     except (FileExistsError, NotADirectoryError) as err:
         blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
         raise NotADirectoryError(f"cannot write '{path}': '{blocking}' is a file, not a folder") from err
-
-
-#: timm's order of a local-dir's weights files (``timm.models._hub``'s, as of timm 1.0.31): these names, then
-#: the first file by name of each suffix in turn.

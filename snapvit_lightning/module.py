@@ -253,7 +253,7 @@ class SnapViTModule(pl.LightningModule):
             warn_at_caller_on_rank_zero(f"SnapViTModule: scoring random weights: {model!r} was built with "
                                         "pretrained=False and no checkpoint_path, so its scores and elastic model mean "
                                         "nothing for a real task; give checkpoint_path (local weights) or pretrained=True")
-        self.weights_source = weights_source(model if isinstance(model, str) else None, pretrained, checkpoint_path, model_kwargs)
+        self.weights_source = weights_source(model if isinstance(model, str) else None, pretrained, checkpoint_path, student)
         if getattr(student, "grad_checkpointing", False):
             # Its recomputation in backward runs outside the explicit-attention context of the
             # forward, so the saved and recomputed tensors differ; the scores need one backward only.

@@ -28,6 +28,8 @@ __all__ = [
 ]
 
 
+#: timm's order of a local-dir's weights files (``timm.models._hub``'s, as of timm 1.0.31): these names, then
+#: the first file by name of each suffix in turn.
 _LOCAL_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "open_clip_model.safetensors",
                     "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 _LOCAL_DIR_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin")
@@ -57,45 +59,35 @@ def _local_dir_weights(model_name: str) -> Path:
 
 
 def weights_source(
-    model_name: str | None, pretrained: bool, checkpoint_path: str | os.PathLike | None, model_kwargs: dict[str, Any] | None
+    model_name: str | None, pretrained: bool, checkpoint_path: str | os.PathLike | None, model: nn.Module
 ) -> dict[str, Any] | None:
-    """Where a model's weights came from, as plain values for the export's record (``None``: nothing known).
+    """Where ``model``'s weights came from, as plain values for the export's record (``None``: nothing known).
 
-    ``model`` as given (an ``hf-hub:``/``local-dir:`` name too, which the checkpoint records as its architecture),
-    ``pretrained``, the weights ``file`` read (``checkpoint_path``, a ``pretrained_cfg_overlay`` file, a
-    ``local-dir:`` folder's file, or the Hugging Face cache's copy of a hub model's) with the first 16
-    hex digits of its SHA-256, and a cached hub file's ``hub_revision``.
+    ``model`` as given (an ``hf-hub:``/``local-dir:`` name too, which the checkpoint records as its
+    architecture), ``pretrained``, the weights ``file`` read (``checkpoint_path``, or the file
+    :func:`create_timm_model` loaded: a ``pretrained_cfg_overlay`` file, a ``local-dir:`` folder's, the
+    Hugging Face cache's copy of a hub model's) with the first 16 hex digits of its SHA-256, and the
+    ``hub_revision`` of a file from the Hugging Face cache (its snapshot folder).
     """
     import hashlib
 
-    overlay = (model_kwargs or {}).get("pretrained_cfg_overlay")
-    file: str | os.PathLike | None = checkpoint_path or (overlay.get("file") if isinstance(overlay, dict) else None)
-    revision = None
-    with contextlib.suppress(Exception):  # a record, not a check: the load itself said what was wrong
-        if file is None and pretrained and model_name and model_name.startswith("local-dir:"):
-            file = _local_dir_weights(model_name)
-        elif file is None and pretrained and model_name:
-            from huggingface_hub import try_to_load_from_cache
-            from timm.models import get_pretrained_cfg, parse_model_name
-
-            source, ident = parse_model_name(model_name)
-            repo = ident.split("@")[0] if source == "hf-hub" else get_pretrained_cfg(model_name).hf_hub_id
-            for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
-                cached = try_to_load_from_cache(repo, name)
-                if isinstance(cached, str):
-                    file, revision = cached, Path(cached).parent.name
-                    break
+    file = checkpoint_path or getattr(model, LOADED_FILE, None)
     if model_name is None and file is None:
         return None
-    digest = None
+    digest, revision = None, None
     if file is not None and Path(file).is_file():
         sha = hashlib.sha256()
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 sha.update(chunk)
         digest = sha.hexdigest()[:16]
+        revision = Path(file).parent.name if Path(file).parent.parent.name == "snapshots" else None
     return {"model": model_name, "pretrained": bool(pretrained), "file": None if file is None else str(Path(file).absolute()),
             "sha256": digest, "hub_revision": revision}
+
+
+#: The attribute :func:`create_timm_model` sets on a model to the weights file it loaded (:func:`weights_source`).
+LOADED_FILE = "_snapvit_weights_file"
 
 
 def _check_local_dir(model_name: str) -> None:
@@ -196,6 +188,7 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
                     raise ValueError(_unreadable_hub_file(model_name, err.__cause__ or err)) from err
                 where = f"; it comes from {_hub_place(model_name)}" if hub else ""
                 raise ValueError(f"pretrained=True: could not load weights for model {model_name!r}: {err}{where}") from err
+            setattr(model, LOADED_FILE, str(file))
             return config_of_built_size(model)
         return config_of_built_size(timm.create_model(model_name, pretrained=pretrained, **kwargs))
     except RuntimeError as err:

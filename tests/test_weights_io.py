@@ -7,9 +7,12 @@ stands in for a download: the same ``load_pretrained`` (with the model family's
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -326,9 +329,6 @@ def _hub_cache(home: Path, repo: str, files: dict[str, bytes]) -> None:
 
 
 def _create_offline(home: Path, name: str, **kwargs) -> tuple[int, str]:
-    import subprocess
-    import sys
-
     code = (f"from snapvit_lightning.weights_io import create_timm_model\n"
             f"m = create_timm_model({name!r}, True, {{'img_size': {IMG}, **{kwargs!r}}})\nprint('SUM', float(m.cls_token.sum()))")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
@@ -395,24 +395,24 @@ def test_a_subnet_file_given_as_the_full_models_weights_names_load_subnet(tmp_pa
     load_weights(timm.create_model("test_vit", img_size=IMG), tmp_path / "e.elastic.safetensors")
 
 
-def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, tmp_path, monkeypatch):
+def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, tmp_path):
     # nothing recorded which file, cached hub snapshot or local folder the scored weights came from
     import hashlib
 
-    from huggingface_hub import constants
-
-    from snapvit_lightning.weights_io import weights_source
-
-    path, _ = tiny_weights
+    path, state = tiny_weights
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    assert weights_source("test_vit", False, path, {"img_size": IMG}) == {
+    module = SnapViTModule("test_vit", checkpoint_path=path, model_kwargs={"img_size": IMG})
+    assert module.weights_source == {
         "model": "test_vit", "pretrained": False, "file": str(path.absolute()), "sha256": digest, "hub_revision": None}
-    assert weights_source("test_vit", True, None, overlay(path))["sha256"] == digest
+    assert SnapViTModule("test_vit", pretrained=True, model_kwargs=overlay(path)).weights_source["sha256"] == digest
     _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes()})
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))
-    hub = weights_source("hf-hub:timm/test_vit.r160_in1k", True, None, None)
-    assert hub["sha256"] == digest and hub["hub_revision"] == "0123456789abcdef0123456789abcdef01234567"
+    code = ("from snapvit_lightning.module import SnapViTModule\n"
+            "print('SOURCE', SnapViTModule('hf-hub:timm/test_vit.r160_in1k', pretrained=True).weights_source)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
+    hub = ast.literal_eval(proc.stdout.split("SOURCE ", 1)[1].strip())
+    assert hub["sha256"] == digest and hub["hub_revision"] == "0123456789abcdef0123456789abcdef01234567", proc.stderr
     assert hub["file"].startswith(str(tmp_path / "home" / "hub" / "models--timm--test_vit.r160_in1k" / "snapshots"))
-    assert weights_source("test_vit.r160_in1k", True, None, None)["sha256"] == digest
-    assert weights_source(None, False, None, None) is None  # a module instance: nothing known
-    assert weights_source("test_vit", False, None, None)["file"] is None  # random weights: the name only
+    assert SnapViTModule(timm.create_model("test_vit", img_size=IMG)).weights_source is None  # an instance: nothing known
+    with pytest.warns(UserWarning, match="scoring random weights"):
+        assert SnapViTModule("test_vit", model_kwargs={"img_size": IMG}).weights_source["file"] is None  # the name only
