@@ -405,7 +405,8 @@ def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, t
     assert module.weights_source == {
         "model": "test_vit", "pretrained": False, "file": str(path.absolute()), "sha256": digest, "hub_revision": None}
     assert SnapViTModule("test_vit", pretrained=True, model_kwargs=overlay(path)).weights_source["sha256"] == digest
-    _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes()})
+    config = json.dumps({"architecture": "test_vit", "model_args": {"img_size": IMG}, "pretrained_cfg": {}}).encode()
+    _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes(), "config.json": config})
     code = ("from snapvit_lightning.module import SnapViTModule\n"
             "print('SOURCE', SnapViTModule('hf-hub:timm/test_vit.r160_in1k', pretrained=True).weights_source)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
