@@ -290,7 +290,7 @@ def _output_file(output: str, overwrite: bool, reads: Sequence[str | None] = ())
     if any(r is not None and Path(r).expanduser().resolve() == out.resolve() for r in reads):
         raise ValueError(f"-o: '{out}' is a file this command reads; write to another file")
     check_writable(out.parent, "-o")  # before the work, not at the write
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:  # a dangling link too (the write would replace it)
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     return out
 

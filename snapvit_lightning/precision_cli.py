@@ -219,8 +219,9 @@ class AutoPrecisionCLI(LightningCLI):
 
         try:
             self.trainer.fit(**kwargs)
-        except pickle.UnpicklingError as err:
-            if "Weights only load failed" not in str(err):
+        except Exception as err:  # torch's refusal; under ddp_spawn wrapped in its ProcessRaisedException
+            if "Weights only load failed" not in str(err) or not isinstance(err, pickle.UnpicklingError) \
+                    and type(err).__name__ != "ProcessRaisedException":
                 raise
             raise ValueError(f"--ckpt_path {kwargs.get('ckpt_path')}: the checkpoint holds pickled objects besides tensors "
                              "and plain values, which are never unpickled here; resume from a checkpoint a "

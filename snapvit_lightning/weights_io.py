@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import sys
+import urllib.error
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -20,11 +21,12 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .file_io import FORMAT
+from .file_io import FORMAT, write_safetensors  # noqa: F401 (write_safetensors lived here: still importable)
 
 __all__ = [
     "create_timm_model",
     "load_weights",
+    "write_safetensors",
 ]
 
 
@@ -64,7 +66,7 @@ def weights_source(
     """Where ``model``'s weights came from, as plain values for the export's record (``None``: nothing known).
 
     ``model`` as given (an ``hf-hub:``/``local-dir:`` name too, which the checkpoint records as its
-    architecture), ``pretrained``, the weights ``file`` read (``checkpoint_path``, or the file
+    architecture), ``pretrained``, the name of the weights ``file`` read (``checkpoint_path``, or the file
     :func:`create_timm_model` loaded: a ``pretrained_cfg_overlay`` file, a ``local-dir:`` folder's, the
     Hugging Face cache's copy of a hub model's) with the first 16 hex digits of its SHA-256, and the
     ``hub_revision`` of a file from the Hugging Face cache (its snapshot folder).
@@ -82,7 +84,8 @@ def weights_source(
                 sha.update(chunk)
         digest = sha.hexdigest()[:16]
         revision = Path(file).parent.name if Path(file).parent.parent.name == "snapshots" else None
-    return {"model": model_name, "pretrained": bool(pretrained), "file": None if file is None else str(Path(file).absolute()),
+    # the file's name, not its path: a checkpoint is shared, the folders of the machine that built it are not
+    return {"model": model_name, "pretrained": bool(pretrained), "file": None if file is None else Path(file).name,
             "sha256": digest, "hub_revision": revision}
 
 
@@ -171,7 +174,8 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
     if source == "local-dir" and pretrained and file is None:  # the folder's weights, read as checkpoint_path is
         file = _local_dir_weights(model_name)
     try:
-        hub = pretrained and file is None and source != "local-dir"
+        # (another in_chans: timm's loader adapts the patch embedding to it, which the strict loader does not)
+        hub = pretrained and file is None and source != "local-dir" and kwargs.get("in_chans", 3) == 3
         if file is not None or hub:
             # timm loads a file with num_classes other than its config's non-strictly, so a file
             # missing whole blocks loaded silently: the same weights, through the strict loader.
@@ -200,6 +204,10 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         raise ValueError(f"pretrained=True: timm could not load weights for model {model_name!r}: {detail}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a damaged config.json in the cache
         raise ValueError(_unreadable_hub_file(model_name, err)) from err
+    except urllib.error.URLError as err:  # weights at a URL (no hub copy), offline: urllib's traceback
+        raise ValueError(f"pretrained=True: the weights of model {model_name!r} are at a URL that could not be read "
+                         f"({err.reason}); give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay "
+                         "{file: PATH}") from err
     except TypeError as err:  # a misspelt model_kwargs key: the model class's own message names it
         if "unexpected keyword argument" not in str(err):
             raise

@@ -371,6 +371,25 @@ def test_a_checkpoint_holding_pickled_objects_is_never_unpickled(tmp_path, capsy
     assert exc.value.code == 2 and "--weights_only false would unpickle what the checkpoint holds" in capsys.readouterr().err
 
 
+def test_a_spawned_ranks_refusal_of_a_pickled_checkpoint_is_the_same_line() -> None:
+    # under ddp_spawn torch wraps the rank's UnpicklingError in ProcessRaisedException: an 83-line traceback, status 1
+    from torch.multiprocessing import ProcessRaisedException
+
+    from snapvit_lightning.precision_cli import AutoPrecisionCLI
+
+    class Spawned:
+        def fit(self, **kwargs):
+            raise ProcessRaisedException("_pickle.UnpicklingError: Weights only load failed. ...", 1, 123)
+
+    cli = AutoPrecisionCLI.__new__(AutoPrecisionCLI)
+    cli.trainer = Spawned()
+    with pytest.raises(ValueError, match=r"^--ckpt_path last: the checkpoint holds pickled objects besides tensors"):
+        cli.fit(ckpt_path="last")
+    Spawned.fit = lambda self, **kwargs: (_ for _ in ()).throw(ProcessRaisedException("RuntimeError: other", 1, 123))
+    with pytest.raises(ProcessRaisedException, match="other"):  # any other failure of a rank passes unchanged
+        cli.fit(ckpt_path="last")
+
+
 def test_a_bad_checkpoint_file_is_one_line_before_the_fit(tmp_path, capsys) -> None:
     _images(tmp_path / "images", 4)
     config = tmp_path / "c.yaml"

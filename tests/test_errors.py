@@ -555,3 +555,14 @@ def test_a_warning_in_a_spawned_process_never_names_the_spawn_bootstrap() -> Non
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     line = next(t for t in proc.stderr.splitlines() if "spawned warning" in t)
     assert not line.startswith("<string>") and line.split(":")[0].endswith(".py"), proc.stderr
+
+
+def test_a_link_at_the_output_is_replaced_only_with_overwrite(elastic_file, tmp_path, capsys) -> None:
+    # exists() is False for a dangling link: slice wrote over it without --overwrite (bench already refused)
+    out = tmp_path / "d.safetensors"
+    out.symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(SystemExit) as exc:
+        main(["slice", str(elastic_file), "--flops", "0.6", "-o", str(out)])
+    assert exc.value.code == 2 and f"{out} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(["slice", str(elastic_file), "--flops", "0.6", "-o", str(out), "--overwrite"]) == 0
+    assert not out.is_symlink() and out.is_file() and not (tmp_path / "nowhere.txt").exists()

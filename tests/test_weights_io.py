@@ -402,8 +402,8 @@ def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, t
     path, state = tiny_weights
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     module = SnapViTModule("test_vit", checkpoint_path=path, model_kwargs={"img_size": IMG})
-    assert module.weights_source == {
-        "model": "test_vit", "pretrained": False, "file": str(path.absolute()), "sha256": digest, "hub_revision": None}
+    assert module.weights_source == {  # the file's name: the folders of the machine that built it are not shared
+        "model": "test_vit", "pretrained": False, "file": path.name, "sha256": digest, "hub_revision": None}
     assert SnapViTModule("test_vit", pretrained=True, model_kwargs=overlay(path)).weights_source["sha256"] == digest
     config = json.dumps({"architecture": "test_vit", "model_args": {"img_size": IMG}, "pretrained_cfg": {}}).encode()
     _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes(), "config.json": config})
@@ -413,7 +413,34 @@ def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, t
                           env={**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
     hub = ast.literal_eval(proc.stdout.split("SOURCE ", 1)[1].strip())
     assert hub["sha256"] == digest and hub["hub_revision"] == "0123456789abcdef0123456789abcdef01234567", proc.stderr
-    assert hub["file"].startswith(str(tmp_path / "home" / "hub" / "models--timm--test_vit.r160_in1k" / "snapshots"))
+    assert hub["file"] == "model.safetensors"
     assert SnapViTModule(timm.create_model("test_vit", img_size=IMG)).weights_source is None  # an instance: nothing known
     with pytest.warns(UserWarning, match="scoring random weights"):
         assert SnapViTModule("test_vit", model_kwargs={"img_size": IMG}).weights_source["file"] is None  # the name only
+
+
+def test_weights_at_a_url_that_cannot_be_read_are_one_line(monkeypatch):
+    # a model whose pretrained weights are at a URL only (no hub copy), offline: urllib's two tracebacks
+    import urllib.error
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", unreachable)
+    overlay_url = {"img_size": IMG, "pretrained_cfg_overlay": {"hf_hub_id": "", "url": "https://example.invalid/w.pth"}}
+    with pytest.raises(ValueError, match=r"pretrained=True: the weights of model 'test_vit' are at a URL that could not "
+                                         r"be read \(\[Errno -2\] Name or service not known\); give local weights"):
+        create_timm_model("test_vit", True, overlay_url)
+
+
+def test_another_in_chans_keeps_timms_adapted_patch_embedding(tiny_weights, tmp_path):
+    # the strict loader refused hub weights for in_chans=1 ("patch_embed.proj.weight: file [64, 3, 16, 16]"),
+    # which timm's loader adapts (adapt_input_conv)
+    path, state = tiny_weights
+    _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes()})
+    code = ("from snapvit_lightning.weights_io import create_timm_model\n"
+            f"m = create_timm_model('test_vit.r160_in1k', True, {{'img_size': {IMG}, 'in_chans': 1}})\n"
+            "print('SHAPE', list(m.patch_embed.proj.weight.shape))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "SHAPE [64, 1, 16, 16]" in proc.stdout, proc.stderr[-2000:]
