@@ -223,9 +223,7 @@ class AutoPrecisionCLI(LightningCLI):
             if "Weights only load failed" not in str(err) or not isinstance(err, pickle.UnpicklingError) \
                     and type(err).__name__ != "ProcessRaisedException":
                 raise
-            raise ValueError(f"--ckpt_path {kwargs.get('ckpt_path')}: the checkpoint holds pickled objects besides tensors "
-                             "and plain values, which are never unpickled here; resume from a checkpoint a "
-                             "ModelCheckpoint of this command saved") from None
+            raise ValueError(f"--ckpt_path {kwargs.get('ckpt_path')}: {_PICKLED}") from None
 
     def after_fit(self) -> None:
         """Refuse a resumed fit that ran nothing: nothing was searched or written."""
@@ -250,6 +248,11 @@ class AutoPrecisionCLI(LightningCLI):
         from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
         return isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+#: A checkpoint torch's weights-only reading refused, in words (before the fit, and from Lightning's own reading).
+_PICKLED = ("the checkpoint holds pickled objects besides tensors and plain values, which are never unpickled here "
+            "(e.g. a whole model or a class of its own); resume from a checkpoint a ModelCheckpoint of this command saved")
 
 
 def _check_lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
@@ -282,9 +285,7 @@ def _check_lightning_checkpoint(ckpt_path: str | None) -> dict[str, Any] | None:
                                  "file a ModelCheckpoint saved") from None
         reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0]  # torch's bold
         if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):  # torch's refusal
-            raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint holds pickled objects besides tensors and plain "
-                             "values, which are never unpickled here (e.g. a whole model or a class of its own); resume "
-                             "from a checkpoint a ModelCheckpoint of this command saved") from None
+            raise ValueError(f"--ckpt_path {ckpt_path}: {_PICKLED}") from None
         raise ValueError(f"--ckpt_path {ckpt_path}: not a readable Lightning checkpoint (truncated, corrupt or not "
                          f"a torch file?): torch.load raised {type(err).__name__}: {reason}") from None
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
