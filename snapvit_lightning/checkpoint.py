@@ -308,17 +308,20 @@ def resolve_rebuild(
 
 
 def _with_data_config(model: nn.Module, model_kwargs: dict[str, Any], rebuilt: dict[str, Any]) -> dict[str, Any]:
-    """``model_kwargs`` with a ``pretrained_cfg_overlay`` of the preprocessing the rebuild would not have.
+    """``model_kwargs`` with a ``pretrained_cfg_overlay`` of the preprocessing the rebuild would not have (no ``file``).
 
     A model from an ``hf-hub:`` or ``local-dir:`` config (CLIP's mean and std, another interpolation)
     was rebuilt with its architecture's defaults, so its subnets, ONNX files and ``resolve_data_config``
     normalised images differently from the calibration.
     """
     differ = {k: v for k, v in _data_config(model).items() if rebuilt.get(k) != v}
-    if not differ:
-        return model_kwargs
     overlay = model_kwargs.get("pretrained_cfg_overlay")
-    return {**model_kwargs, "pretrained_cfg_overlay": {**(overlay if isinstance(overlay, dict) else {}), **differ}}
+    # the weights file an overlay named is not kept: a rebuild never reads it, and its path is the building machine's
+    kept = {k: v for k, v in overlay.items() if k != "file"} if isinstance(overlay, dict) else {}
+    if kept == overlay and not differ:
+        return model_kwargs
+    rest = {k: v for k, v in model_kwargs.items() if k != "pretrained_cfg_overlay"}
+    return {**rest, "pretrained_cfg_overlay": {**kept, **differ}} if kept or differ else rest
 
 
 def subnet_metadata(

@@ -174,8 +174,7 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
     if source == "local-dir" and pretrained and file is None:  # the folder's weights, read as checkpoint_path is
         file = _local_dir_weights(model_name)
     try:
-        # (another in_chans: timm's loader adapts the patch embedding to it, which the strict loader does not)
-        hub = pretrained and file is None and source != "local-dir" and kwargs.get("in_chans", 3) == 3
+        hub = pretrained and file is None and source != "local-dir"
         if file is not None or hub:
             # timm loads a file with num_classes other than its config's non-strictly, so a file
             # missing whole blocks loaded silently: the same weights, through the strict loader.
@@ -368,6 +367,8 @@ def load_weights(
     timm does for pretrained weights: original key layouts, position embeddings resampled to
     the model's ``img_size``) and the strict load is tried once more; a patch embedding that the
     filter resampled to another patch size is warned about (the weights were trained for another).
+    A patch embedding of another number of input channels is adapted to the model's ``in_chans`` as
+    timm adapts its pretrained weights (``adapt_input_conv``).
 
     ``classifier`` names head layers (timm's ``pretrained_cfg["classifier"]``) whose weights are
     dropped where the model's head differs (another ``num_classes``), as timm does: that head
@@ -429,6 +430,12 @@ def load_weights(
                              f"the one to prune, e.g. module.{named}.state_dict()")
         if vits and vits[0]:  # the module's other tensors (a loss's weights, ...) are not the ViT's
             state = {k[len(vits[0]):]: v for k, v in state.items() if k.startswith(vits[0])}
+    patch, own = state.get(_PATCH_KEY), model.state_dict().get(_PATCH_KEY)
+    if patch is not None and own is not None and patch.ndim == 4 and patch.shape[1] != own.shape[1] \
+            and patch.shape[0] == own.shape[0]:  # another in_chans: adapted as timm's pretrained loading adapts it
+        from timm.models import adapt_input_conv
+
+        state = {**state, _PATCH_KEY: adapt_input_conv(own.shape[1], patch)}
     try:
         _fresh_head_warning(_load_strict(model, state, classifier), path, argument, state, model)
         _dropped_head_warning(state, model, classifier, path, argument)

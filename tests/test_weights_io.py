@@ -404,7 +404,17 @@ def test_the_weights_source_is_recorded_with_its_file_and_digest(tiny_weights, t
     module = SnapViTModule("test_vit", checkpoint_path=path, model_kwargs={"img_size": IMG})
     assert module.weights_source == {  # the file's name: the folders of the machine that built it are not shared
         "model": "test_vit", "pretrained": False, "file": path.name, "sha256": digest, "hub_revision": None}
-    assert SnapViTModule("test_vit", pretrained=True, model_kwargs=overlay(path)).weights_source["sha256"] == digest
+    overlaid = SnapViTModule("test_vit", pretrained=True, model_kwargs=overlay(path))
+    assert overlaid.weights_source["sha256"] == digest
+    # the overlay's file path is not kept in what rebuilds the model (a checkpoint and its subnets are shared)
+    from snapvit_lightning.elastic import ElasticViT
+    from snapvit_lightning.export import _rebuild_info
+    from snapvit_lightning.scores import ImportanceScores
+
+    name, kwargs = _rebuild_info(overlaid, None, None)
+    elastic = ElasticViT(overlaid.student, ImportanceScores(torch.rand(6, 192), torch.rand(6, 2)), model_name=name,
+                         model_kwargs=kwargs)
+    assert "pretrained_cfg_overlay" not in elastic.model_kwargs and str(path) not in json.dumps(elastic.model_kwargs)
     config = json.dumps({"architecture": "test_vit", "model_args": {"img_size": IMG}, "pretrained_cfg": {}}).encode()
     _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes(), "config.json": config})
     code = ("from snapvit_lightning.module import SnapViTModule\n"
@@ -438,9 +448,17 @@ def test_another_in_chans_keeps_timms_adapted_patch_embedding(tiny_weights, tmp_
     # which timm's loader adapts (adapt_input_conv)
     path, state = tiny_weights
     _hub_cache(tmp_path / "home", "timm/test_vit.r160_in1k", {"model.safetensors": path.read_bytes()})
-    code = ("from snapvit_lightning.weights_io import create_timm_model\n"
-            f"m = create_timm_model('test_vit.r160_in1k', True, {{'img_size': {IMG}, 'in_chans': 1}})\n"
-            "print('SHAPE', list(m.patch_embed.proj.weight.shape))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0 and "SHAPE [64, 1, 16, 16]" in proc.stdout, proc.stderr[-2000:]
+    # ... through the strict loader: the file recorded, and a file missing tensors refused as for in_chans 3
+    missing = {k: v for k, v in state.items() if k != "cls_token"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    _hub_cache(tmp_path / "lacks", "timm/test_vit.r160_in1k", {"model.safetensors": (tmp_path / "missing.safetensors").read_bytes()})
+    code = ("from snapvit_lightning.weights_io import LOADED_FILE, create_timm_model\n"
+            f"m = create_timm_model('test_vit.r160_in1k', True, {{'img_size': {IMG}, 'in_chans': 1, 'num_classes': 0}})\n"
+            "print('SHAPE', list(m.patch_embed.proj.weight.shape), getattr(m, LOADED_FILE).rsplit('/', 1)[1])")
+    for home, ok in (("home", True), ("lacks", False)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HOME": str(tmp_path / home), "HF_HUB_OFFLINE": "1"})
+        if ok:
+            assert proc.returncode == 0 and "SHAPE [64, 1, 16, 16] model.safetensors" in proc.stdout, proc.stderr[-2000:]
+        else:
+            assert proc.returncode == 1 and "could not load weights" in proc.stderr and "cls_token" in proc.stderr
