@@ -49,6 +49,12 @@ FORMAT_VERSION = 1
 MAX_BLOCKS = 1024
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiled (its ``_orig_mod``), or ``model`` itself."""
+    compiled = getattr(model, "_orig_mod", None)
+    return compiled if isinstance(compiled, nn.Module) else model
+
+
 def save_subnet(
     model: nn.Module, path: str | os.PathLike, *, model_name: str, model_kwargs: dict[str, Any],
     budget: dict[str, Any] | None = None,
@@ -68,9 +74,7 @@ def save_subnet(
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(f"save_subnet(model, path, ...) takes the model first, got the path {str(model)!r} as model "
                         "(ElasticViT.save_subnet(path, subnet) is the method that takes the path first)")
-    compiled = getattr(model, "_orig_mod", None)
-    if isinstance(compiled, nn.Module):  # torch.compile's wrapper (its state_dict keys start with _orig_mod.)
-        model = compiled
+    model = uncompiled(model)  # a torch.compile wrapper's state_dict keys start with _orig_mod.
     inspect_vit(model)
     check_model_kwargs(model_kwargs)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}

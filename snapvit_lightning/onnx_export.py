@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import uncompiled
 from .evaluation import _check_int, _eval_mode, _model_device
 from .structure import check_model_images
 from .values import all_finite, real_number
@@ -307,8 +308,7 @@ def save_onnx(
         raise TypeError(f"save_onnx(model, path, ...) takes the model first, got the path {str(model)!r} as model")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the export traces the model
-        model = model._orig_mod
+    model = uncompiled(model)  # torch.compile's wrapper: the export traces the model it compiled
     _check_module(model)
     path = Path(path).expanduser()
     if path.suffix.lower() != ".onnx" and not path.is_dir():

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .checkpoint import resolve_rebuild
+from .checkpoint import resolve_rebuild, uncompiled
 from .console import fit, internal_fit
 from .correction import EXPORT_HINT, check_one_shot
 from .data import CalibrationDataModule
@@ -134,8 +134,8 @@ def find_vit(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where} of {cls} must be an nn.Module (a timm ViT), got {type(model).__name__}")
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the model it compiled
-        model, where = model._orig_mod, (f"{where}._orig_mod" if model_attr is not None else where)
+    if uncompiled(model) is not model:  # torch.compile's wrapper: the model it compiled
+        model, where = uncompiled(model), (f"{where}._orig_mod" if model_attr is not None else where)
     try:
         check_supported(model)
     except UnsupportedModelError as err:
