@@ -578,26 +578,28 @@ class SnapViTCLI:
         from .ranks import DistributedSigterm
         from .run_config import SaveConfigAfterFit
 
-        with quiet_lightning(), lightning_cli_args(args) as cli_args, lightning_interrupt():
-            lightning_cli(
-                SnapViTModule,
-                CalibrationDataModule,
-                args=cli_args,
-                # no model summary: a scoring run trains nothing (and its size estimate warns under bf16);
-                # the loss of every batch: an epoch of a few batches is all there is (Lightning warns otherwise)
-                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-                                  "enable_model_summary": False, "log_every_n_steps": 1,
-                                  # ExportCheck warns when nothing would be written; DistributedSigterm: see ranks
-                                  "callbacks": [ExportCheck(), DistributedSigterm()]},
-                # not Lightning's, which writes config.yaml into the working folder (no logger): beside the export
-                save_config_callback=SaveConfigAfterFit, save_config_kwargs={"path": save_config},
-                parser_kwargs={"prog": "snapvit", "allow_abbrev": False, "fit": {"allow_abbrev": False}},  # `--seed 3` was seed_everything
-                parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
-            )
-        import torch.distributed as dist
+        try:
+            with quiet_lightning(), lightning_cli_args(args) as cli_args, lightning_interrupt():
+                lightning_cli(
+                    SnapViTModule,
+                    CalibrationDataModule,
+                    args=cli_args,
+                    # no model summary: a scoring run trains nothing (and its size estimate warns under bf16);
+                    # the loss of every batch: an epoch of a few batches is all there is (Lightning warns otherwise)
+                    trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+                                      "enable_model_summary": False, "log_every_n_steps": 1,
+                                      # ExportCheck warns when nothing would be written; DistributedSigterm: see ranks
+                                      "callbacks": [ExportCheck(), DistributedSigterm()]},
+                    # not Lightning's, which writes config.yaml into the working folder (no logger): beside the export
+                    save_config_callback=SaveConfigAfterFit, save_config_kwargs={"path": save_config},
+                    parser_kwargs={"prog": "snapvit", "allow_abbrev": False, "fit": {"allow_abbrev": False}},  # `--seed 3` was seed_everything
+                    parser_class=one_line_error_parser(),  # a bad key or value: one line, no 70-line usage
+                )
+        finally:  # also when SIGTERM or Ctrl-C stopped the fit: gloo's threads left running aborted the exit (status -6)
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():  # Lightning leaves it: its threads could abort the exit
-            dist.destroy_process_group()
+            if dist.is_available() and dist.is_initialized():  # Lightning leaves the process group initialized
+                dist.destroy_process_group()
 
 
 def _stopped(prog: str, how: str, resume_from: str | None) -> str:
