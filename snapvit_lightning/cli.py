@@ -41,19 +41,21 @@ def _info(args: argparse.Namespace) -> int:
                          "writes them; leave --dtype out")
     meta = read_metadata(args.path)
     if meta["kind"] != "elastic":
-        if args.latency or args.no_correct:
-            raise ValueError(f"{args.path} is a subnet: --latency/--no-correct apply to elastic checkpoints")
+        if args.latency or args.no_correct or args.img_size is not None:
+            raise ValueError(f"{args.path} is a subnet: --latency/--no-correct/--img-size apply to elastic checkpoints")
         from .subnet_info import describe_subnet
 
         print("\n".join(describe_subnet(args.path, meta)))
         return 0
     elastic = ElasticViT.load(args.path)
+    _deployment_size(elastic, args.img_size)
     budgets = list(dict.fromkeys(elastic.resolve_budget(*b) for b in args.budgets or INFO_BUDGETS))  # reachable ratios
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
     ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
     source = elastic if ranked is None else ranked
     latencies, how = _info_latencies(args, source, budgets) if args.latency else (None, None)  # bad options fail before any output
-    print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']} "
+    size = "" if args.img_size is None else f" (--img-size {args.img_size}: FLOPs and latency at {args.img_size} px)"
+    print(f"{args.path}: {meta['model_name']} {meta['model_kwargs']} input {meta['input_size']}{size} "
           f"(snapvit {meta['snapvit_version']}, timm {meta['timm_version']})")
     if how is not None:
         print(how)
@@ -72,6 +74,14 @@ def _info(args: argparse.Namespace) -> int:
               f"{100 * cost['flops_fraction']:>7.1f}%{ms}  {kept}")
     _info_correction(args, elastic)
     return 0
+
+
+def _deployment_size(elastic: object, img_size: int | None) -> None:
+    """``--img-size``: the elastic model takes ``img_size`` px inputs from here on (None: its own size)."""
+    if img_size is not None:
+        from .deploy_size import set_deployment_size
+
+        set_deployment_size(elastic.model, img_size)
 
 
 def _info_latencies(
@@ -338,6 +348,7 @@ def _slice(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx = suffix == ".onnx"
     elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
+    _deployment_size(elastic, args.img_size)
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
@@ -396,7 +407,7 @@ def _slice(args: argparse.Namespace) -> int:
     split = head_split(share)
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
-          f"correction {how}")
+          f"correction {how}{'' if args.img_size is None else f', for {args.img_size} x {args.img_size} px inputs'}")
     for name, given in (("flops", args.flops), ("params", args.params)):
         note = shortfall_note(name, given, cost[f"{name}_fraction"], flag="--")
         if note is not None:
@@ -475,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLP_RATIO,HEAD_RATIO pairs to list (default: 0,0 to 0.65,0.5); the report's fidelity "
         "table then shows those of them it measured",
     )
+    info.add_argument("--img-size", type=int_at_least(1), default=None, metavar="N",
+                      help="count FLOPs and time --latency at N x N px (default: the model's own size)")
     info.add_argument("--latency", action="store_true", help="also measure each budget's latency on this machine")
     info.add_argument("--batch-size", type=int_at_least(1), default=None, help="images per timed batch for --latency (default: 1)")
     info.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for --latency (default: as is)")
@@ -507,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--dtype", choices=LATENCY_DTYPES, default=None,
                      help="--latency-ms times copies cast to this dtype, as a deployment that casts; the file stays "
                           "float32 (default: float32; torch only, not with an .onnx output)")
+    cut.add_argument("--img-size", type=int_at_least(1), default=None, metavar="N",
+                     help="a subnet for N x N px inputs: the budget is counted and timed at N px and the subnet takes "
+                          "N px (default: the model's own size; the scores and statistics stay the calibration size's)")
     cut.add_argument("-o", "--output", required=True,
                      help="output .safetensors file (load with load_subnet), or .onnx (an ONNX graph)")
     cut.add_argument("--format", choices=("safetensors", "onnx"), default=None,

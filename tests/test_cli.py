@@ -962,3 +962,40 @@ def test_a_fraction_far_below_its_budget_is_said(tmp_path, capsys) -> None:
     assert main(["slice", str(tmp_path / "two.elastic.safetensors"), "--flops", "0.6", "--no-correct",
                  "-o", str(tmp_path / "p.safetensors")]) == 0
     assert "cuts at" not in capsys.readouterr().out  # the plain line (heads at the neurons' ratio) reaches 60 %
+
+
+def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, capsys) -> None:
+    # The CLI took the model's own size only (the Python route: set_input_size before subnet()).
+    _, path = _saved_tiny_elastic(tmp_path)  # test_vit: 160 px, patch 16
+    for out in (tmp_path / "s.safetensors", tmp_path / "s.onnx"):
+        assert main(["slice", str(path), "--flops", "0.6", "--img-size", "96", "-o", str(out)]) == 0
+        assert "for 96 x 96 px inputs" in capsys.readouterr().out
+        meta = read_metadata(out)
+        assert meta["input_size"] == [96, 96] and meta["model_kwargs"]["img_size"] == [96, 96]
+    python = ElasticViT.load(path)
+    python.model.set_input_size(img_size=96)
+    expected = python.subnet(flops=0.6)
+    sub, x = load_subnet(tmp_path / "s.safetensors"), torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(sub(x), expected(x))
+    assert model_cost(sub)["flops"] == model_cost(expected)["flops"] < model_cost(python.model)["flops"]
+    assert main(["info", str(path), "--img-size", "96", "--budgets", "0.3,0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "(--img-size 96: FLOPs and latency at 96 px)" in printed
+    row = next(r for r in printed.splitlines() if r.split()[:2] == ["0.30", "0.50"])
+    assert row.split()[3] == f"{python.cost(python.dims(0.3, 0.5))['flops']:,}"
+    photos = _image_folder(tmp_path / "photos", n=3)
+    assert main(["bench", str(path), "--data", str(photos), "--img-size", "96", "--budgets", "0.3,0.5", "--no-latency",
+                 "--out", str(tmp_path / "bench")]) == 0
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["settings"]["img_size"] == 96
+    capsys.readouterr()
+    for argv, message in (
+        (["slice", str(path), "--flops", "0.6", "--img-size", "90", "-o", str(tmp_path / "x.safetensors")],
+         "--img-size 90: the images would not cut into this model's 16 x 16 px patches; give a multiple of 16 (e.g. 80 or 96)"),
+        (["info", str(tmp_path / "s.safetensors"), "--img-size", "96"], "--latency/--no-correct/--img-size apply to elastic"),
+        (["info", str(path), "--img-size", "0"], "argument --img-size: must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -116,6 +116,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="MLP_RATIO,HEAD_RATIO pairs to prune (default: 0.15,0 0.25,0.1 0.35,0.2 0.45,0.3 "
              "0.55,0.4 0.65,0.5); the dense row 0,0 is always added",
     )
+    parser.add_argument("--img-size", type=int_at_least(1), default=None, metavar="N",
+                        help="measure at N x N px: the images, FLOPs and latency (default: the model's own size; "
+                             "the scores and statistics stay the calibration size's)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32,
                         help="images per forward for features and latency (default: 32)")
     parser.add_argument("--repeats", type=int_at_least(1), default=10,
@@ -487,6 +490,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     elastic = ElasticViT.load(path, stats=False)  # plain rows are plain cuts; --correct adds corrected ones
+    if getattr(args, "img_size", None) is not None:  # a hand-made Namespace may lack it
+        from ..deploy_size import set_deployment_size
+
+        set_deployment_size(elastic.model, args.img_size)
     build_times = _build_times(path, elastic.scores)
     dense = elastic.model
     images, labels, classes = load_eval_images(data, dense, argument="--data")
