@@ -303,10 +303,11 @@ class ElasticViT:
         if latency_ms is not None:
             if any(v is not None for v in (mlp_ratio, head_ratio, flops, params)):
                 raise ValueError("give either latency_ms or mlp_ratio/head_ratio/flops/params, not both")
-            flops = self.latency_budget(
+            timed = self.latency_budget(
                 latency_ms, batch_size=1 if batch_size is None else batch_size, head_ratio_scale=head_ratio_scale,
                 correct=correct, calibration=calibration, sequential=sequential,
-            ).flops
+            )
+            flops = timed.flops
         elif batch_size is not None:
             raise ValueError(f"batch_size={batch_size!r} is only used with latency_ms")
         ratios = self.resolve_budget(mlp_ratio, head_ratio, flops=flops, params=params, head_ratio_scale=head_ratio_scale)
@@ -319,7 +320,8 @@ class ElasticViT:
         else:
             sub = self.slice(self.dims(*ratios), **correction)
         split = {} if head_ratio_scale is None else {"head_ratio_scale": head_ratio_scale, "head_share_knee": HEAD_SHARE_KNEE}
-        sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct, "requested": asked, **split}
+        sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct, "requested": asked, **split,
+                           **({"latency": timed.record()} if latency_ms is not None else {})}  # as `slice --latency-ms`
         return sub
 
     def _ranked_cut(self, correct: Any, calibration: Any, sequential: bool = False) -> "ElasticViT | None":

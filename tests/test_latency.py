@@ -139,6 +139,8 @@ def test_load_drift_is_read_relative_to_the_dense_model(el: ElasticViT) -> None:
     assert drifting.flops == steady.flops
     assert drifting.latency_ms == pytest.approx(steady.latency_ms)
     assert drifting.trials[-1].raw_ms > 2 * drifting.trials[-1].latency_ms  # raw times did drift
+    assert drifting.chosen.raw_ms > target and f"the chosen budget's own timing read {drifting.chosen.raw_ms:.2f} ms, " \
+        f"over the {target:g} ms target: measure again" in drifting.drift_warning()  # "meets" only as read beside the dense
     # Flagged all the same: the correction assumes that the load slows every model alike.
     assert drifting.load_drift > LOAD_DRIFT_WARN and "measure again on a quiet machine" in drifting.describe()
     # the CLI says the warning as its own (`snapvit slice: warning: ...`), and the chosen line what the timing read
@@ -296,6 +298,11 @@ def test_subnet_latency_ms_passes_the_correction_through(el: ElasticViT, flops_c
     plain = el.subnet(latency_ms=target, batch_size=4, correct="none")
     expected = el.subnet(flops=flops, correct="none")
     assert [block_dims(b) for b in get_blocks(plain)] == [block_dims(b) for b in get_blocks(expected)]
+    # the cut records what was timed, as `snapvit slice --latency-ms` does (it kept only the target)
+    record = plain.snapvit_cut["latency"]
+    assert record["target_ms"] == target and record["batch_size"] == 4 and record["measured_ms"] <= target
+    assert record["input_size"] == list(el.input_size) and plain.snapvit_cut["requested"] == {"latency_ms": target}
+    assert "latency" not in expected.snapvit_cut
     stats = el.collect_stats(torch.randn(6, 3, *el.input_size, generator=torch.Generator().manual_seed(0)))
     fixed = el.subnet(latency_ms=target, correct="lstsq", calibration=stats)
     expected = el.subnet(flops=flops, correct="lstsq", calibration=stats)
