@@ -640,7 +640,8 @@ class ElasticViT:
         tensors, meta = _read(path)
         if meta["kind"] != "elastic":
             raise ValueError(f"{path} holds a {meta['kind']!r}, not an elastic model: load_subnet() reads it, `snapvit "
-                             "info` shows it; bench and slice take the elastic checkpoint it was cut from")
+                             "info` shows it, `snapvit slice SUBNET -o X.onnx` writes it as ONNX; other budgets, bench and "
+                             "--latency take the elastic checkpoint it was cut from")
         try:
             scores = ImportanceScores.from_tensors(tensors, json.loads(meta["scores_meta"]))
             mlp_order, head_order = tensors["order.mlp"], tensors["order.heads"]

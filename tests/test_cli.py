@@ -18,7 +18,8 @@ from lightning.pytorch import Callback
 from PIL import Image
 
 from snapvit_lightning import __version__
-from snapvit_lightning.cli import INFO_BUDGETS, main
+from snapvit_lightning.cli import main
+from snapvit_lightning.cli_info import INFO_BUDGETS
 from snapvit_lightning.data import load_calibration_views
 from snapvit_lightning.elastic import ElasticViT, load_subnet, read_metadata
 from snapvit_lightning.evaluation import model_cost
@@ -936,7 +937,7 @@ def test_slice_of_a_bf16_checkpoint_to_onnx_writes_a_float32_graph(tmp_path, cap
     path = tmp_path / "bf16.elastic.safetensors"
     ElasticViT(model.to(torch.bfloat16), random_scores(model), model_name=name, model_kwargs=kwargs).save(path)
     assert main(["slice", str(path), "--flops", "0.5", "-o", str(tmp_path / "x.onnx")]) == 0
-    assert "the checkpoint is bfloat16, the graph float32" in capsys.readouterr().out
+    assert "the weights are bfloat16, the graph float32" in capsys.readouterr().out
     graph = onnx.load(str(tmp_path / "x.onnx"))
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
@@ -999,3 +1000,34 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
             main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_subnet_file_is_written_as_onnx_with_its_record(tmp_path, capsys) -> None:
+    # A fine-tuned (or latency-chosen) subnet file had no command-line way to ONNX: slice refused it.
+    from snapvit_lightning.onnx_export import OnnxModel
+
+    elastic, path = _saved_tiny_elastic(tmp_path)
+    sub = elastic.subnet(flops=0.6, correct="none")
+    with torch.no_grad():  # "fine-tuned": weights no elastic cut gives
+        sub.blocks[0].mlp.fc2.weight.mul_(1.5)
+    elastic.save_subnet(tmp_path / "ft.safetensors", sub, budget={"finetuned": "2 epochs"})
+    out = tmp_path / "ft.onnx"
+    assert main(["slice", str(tmp_path / "ft.safetensors"), "-o", str(out)]) == 0
+    assert "the subnet of ft.safetensors as it is" in capsys.readouterr().out
+    saved, written = read_metadata(tmp_path / "ft.safetensors"), read_metadata(out)
+    assert written["budget"] == saved["budget"] and written["budget"]["finetuned"] == "2 epochs"
+    assert written["block_dims"] == saved["block_dims"] and written["model_kwargs"] == saved["model_kwargs"]
+    x = torch.randn(3, 3, *elastic.input_size)
+    with torch.no_grad():
+        expected = load_subnet(tmp_path / "ft.safetensors")(x)
+    assert torch.allclose(OnnxModel(str(out))(x), expected, atol=1e-4)
+    for argv, message in (
+        (["slice", str(tmp_path / "ft.safetensors"), "--flops", "0.5", "--no-correct", "-o", str(tmp_path / "y.onnx")],
+         "ft.safetensors is a subnet, already cut: --flops --no-correct cut elastic checkpoints"),
+        (["slice", str(tmp_path / "ft.safetensors"), "-o", str(tmp_path / "y.safetensors")],
+         "name an .onnx output to write it as an ONNX graph, got"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "y.onnx").exists() and not (tmp_path / "y.safetensors").exists()
