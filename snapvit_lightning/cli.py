@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from .cli_args import (
     LATENCY_DTYPES, budget_arg, device_arg, int_at_least, keep_fraction, non_negative_number, positive_number,
     prune_ratio, share,
 )
-from .cli_info import deployment_size, run_info
+from .cli_info import deployment_size, measured_at_note, run_info
 
 
 def _are_images(source: Path) -> bool:
@@ -226,7 +227,7 @@ def _slice(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx = suffix == ".onnx"
     elastic = ElasticViT.load(args.path, stats=not args.no_correct and args.correct is None and args.calibration is None)
-    deployment_size(elastic, args.img_size)
+    own_size = deployment_size(elastic, args.img_size)
     correction, how = _slice_correction(args, elastic)
     flops = args.flops
     if args.latency_ms is not None:
@@ -279,6 +280,10 @@ def _slice(args: argparse.Namespace) -> int:
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}{'' if args.img_size is None else f', for {args.img_size} x {args.img_size} px inputs'}")
+    used = None if correction["correct"] == "none" else correction.get("calibration", elastic.stats)
+    note = measured_at_note(args.img_size, own_size, used, shlex.quote(args.path))
+    if note is not None:
+        print(note)
     for name, given in (("flops", args.flops), ("params", args.params)):
         note = shortfall_note(name, given, cost[f"{name}_fraction"], flag="--")
         if note is not None:

@@ -7,7 +7,7 @@ import shlex
 import warnings
 from pathlib import Path
 
-__all__ = ["INFO_BUDGETS", "deployment_size", "run_info"]
+__all__ = ["INFO_BUDGETS", "deployment_size", "measured_at_note", "run_info"]
 
 #: The budgets ``snapvit info`` lists without ``--budgets``.
 INFO_BUDGETS = [(0.0, 0.0), (0.15, 0.0), (0.25, 0.1), (0.35, 0.2), (0.45, 0.3), (0.55, 0.4), (0.65, 0.5)]
@@ -58,12 +58,29 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def deployment_size(elastic: object, img_size: int | None) -> None:
-    """``--img-size``: the elastic model takes ``img_size`` px inputs from here on (None: its own size)."""
+def deployment_size(elastic: object, img_size: int | None) -> tuple[int, int]:
+    """``--img-size``: the elastic model takes ``img_size`` px inputs from here on (None: its own size).
+
+    Returns the input size it had (the size its scores and search were measured at).
+    """
+    own = elastic.input_size
     if img_size is not None:
         from .deploy_size import set_deployment_size
 
         set_deployment_size(elastic.model, img_size)
+    return own
+
+
+def measured_at_note(img_size: int | None, own: tuple[int, int], stats: object, command: str) -> str | None:
+    """What ``--img-size`` cuts were not measured at: the model's own size, and the statistics' (None: nothing to say)."""
+    at = getattr(stats, "image_size", None)
+    if img_size is None or own == (img_size, img_size) and at in (None, (img_size, img_size)):
+        return None
+    stats_at = "" if at is None else f", its correction statistics collected at {at[0]} x {at[1]} px"
+    corrected = "" if stats is None else " --correct lstsq --calibration STATS"
+    return (f"--img-size {img_size}: the elastic model was built for {own[0]} x {own[1]} px inputs{stats_at} (its "
+            f"scores, search and correction were measured at its calibration size); `snapvit bench {command} --data "
+            f"FOLDER --img-size {img_size}{corrected}` measures what its cuts keep at {img_size} px")
 
 
 def _info_latencies(
@@ -112,7 +129,10 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
     if stats is None:
         print(f"correction statistics: none at {beside} (subnets are plain cuts; `snapvit stats` writes them)")
     else:
-        print(f"correction statistics: {beside} ({stats.num_images} inputs, {stats.stored_bytes / 1e6:.1f} MB): "
+        from .latency import pixels
+
+        print(f"correction statistics: {beside} ({stats.num_images} inputs{pixels(stats.image_size)}, "
+              f"{stats.stored_bytes / 1e6:.1f} MB): "
               "subnet() and `snapvit slice` are lstsq-corrected by default (--no-correct: plain cut), "
               f"damping {stats_damping(None, stats):.3g} (automatic, from {stats.num_images} inputs, {stats.num_tokens} tokens)")
         if stats.has_ranking:

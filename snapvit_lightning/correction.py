@@ -359,7 +359,7 @@ def collect_stats(
         for i in range(1, len(blocks)):
             moments[i, b].augmented(out=stack[b][i])
     tokens = moments[0, "mlp"].count
-    stats = CorrectionStats(stack["attn"], stack["mlp"], int(images.shape[0]), int(tokens), fingerprint)
+    stats = CorrectionStats(stack["attn"], stack["mlp"], len(images), int(tokens), fingerprint, image_size=tuple(images.shape[-2:]))
     return (stats, energy / torch.tensor(energy_count, dtype=torch.float64)) if with_energy else stats
 
 

@@ -9,6 +9,7 @@ statistics can correct (:func:`check_one_shot`).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -98,13 +99,16 @@ class CorrectionStats:
         ranking_heads: ``[B, H]`` the same for the heads; given together with ``ranking_mlp``.
         views_per_image: Inputs per calibration image (its eval view and random crops), when known
             (``None``: not recorded, e.g. statistics collected from a tensor of images).
+        image_size: ``(H, W)`` of the inputs, in pixels (``None`` in files written before it was
+            recorded): the size the correction was measured at.
 
     Raises:
         ValueError: Matrices that are not ``[B, n, n]`` finite float second moments (non-negative on
             the diagonal, not all zero in a block) with one ``B``; counts that are not ints with
             ``1 <= num_images <= num_tokens``; a fingerprint that is no str; a ranking without the other
             half, of the wrong shape, or with values that are not finite and non-negative;
-            ``views_per_image`` that does not divide ``num_images``.
+            ``views_per_image`` that does not divide ``num_images``; an ``image_size`` that is not
+            two ints >= 1.
     """
 
     attn: Tensor
@@ -115,6 +119,7 @@ class CorrectionStats:
     ranking_mlp: Tensor | None = None
     ranking_heads: Tensor | None = None
     views_per_image: int | None = None
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name, t in (("attn", self.attn), ("mlp", self.mlp)):
@@ -141,6 +146,11 @@ class CorrectionStats:
                                   or self.num_images % views):
             raise ValueError(f"views_per_image must be None or an int >= 1 that divides num_images "
                              f"({self.num_images}), got {views!r}")
+        if self.image_size is not None:
+            size = [integer(v) for v in self.image_size] if isinstance(self.image_size, (tuple, list)) else [None]
+            if len(size) != 2 or None in size or min(size) < 1:
+                raise ValueError(f"image_size must be None or (H, W), two ints >= 1, got {self.image_size!r}")
+            self.image_size = (size[0], size[1])
         if (self.ranking_mlp is None) != (self.ranking_heads is None):
             raise ValueError("ranking_mlp and ranking_heads must be given together (or neither)")
         if self.ranking_mlp is None:
@@ -230,7 +240,7 @@ class CorrectionStats:
             index = torch.cat([order, last], 1).to(moment.device)
             out[name] = torch.stack([m.index_select(0, i).index_select(1, i) for m, i in zip(moment, index)])
         return CorrectionStats(out["attn"], out["mlp"], self.num_images, self.num_tokens, fingerprint,
-                               views_per_image=self.views_per_image)
+                               views_per_image=self.views_per_image, image_size=self.image_size)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file of the upper triangles (to a temporary file, then renamed).
@@ -251,6 +261,8 @@ class CorrectionStats:
         }
         if self.views_per_image is not None:
             meta["views_per_image"] = str(self.views_per_image)
+        if self.image_size is not None:
+            meta["image_size"] = json.dumps(list(self.image_size))
         tensors = {"attn_triu": _triu(self.attn.float()), "mlp_triu": _triu(self.mlp.float())}
         if self.has_ranking:
             tensors.update(ranking_mlp=self.ranking_mlp, ranking_heads=self.ranking_heads)
@@ -277,13 +289,14 @@ class CorrectionStats:
                 attn, mlp = (_unpack(path, name, tensors[f"{name}_triu"]) for name in ("attn", "mlp"))
             values = (int(meta["num_images"]), int(meta["num_tokens"]), str(meta["fingerprint"]))
             views = int(meta["views_per_image"]) if "views_per_image" in meta else None  # not in earlier files
+            size = json.loads(meta["image_size"]) if "image_size" in meta else None  # not in earlier files
         except (KeyError, ValueError) as err:
             raise ValueError(f"{path}: incomplete correction statistics: {err!r}") from err
         ranking = {}
         if meta["format_version"] not in ("1", "2"):  # older files carry no ranking
             ranking = {k: tensors[k] for k in ("ranking_mlp", "ranking_heads") if k in tensors}
         try:
-            return cls(attn, mlp, *values, **ranking, views_per_image=views)
+            return cls(attn, mlp, *values, **ranking, views_per_image=views, image_size=size)
         except ValueError as err:
             raise ValueError(f"{path}: invalid correction statistics: {err}") from err
 

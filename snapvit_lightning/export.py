@@ -384,6 +384,7 @@ def export_elastic(
             "calibration_images": None if stats.views_per_image is None else stats.num_images // stats.views_per_image,
             "calibration_views": stats.num_images,  # the statistics' inputs: eval views and crops
             "views_per_image": stats.views_per_image,  # None: attached statistics that do not record it
+            "calibration_size": None if stats.image_size is None else list(stats.image_size),  # [H, W] px
             "damping": stats_damping(None, stats) if correct == "lstsq" else None,  # automatic, from the statistics
             "ranking": stats.has_ranking,
             "fidelity_images_are_calibration_images": None if calibration is None  # attached statistics: unknown

@@ -970,7 +970,8 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
     _, path = _saved_tiny_elastic(tmp_path)  # test_vit: 160 px, patch 16
     for out in (tmp_path / "s.safetensors", tmp_path / "s.onnx"):
         assert main(["slice", str(path), "--flops", "0.6", "--img-size", "96", "-o", str(out)]) == 0
-        assert "for 96 x 96 px inputs" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "for 96 x 96 px inputs" in printed and "the elastic model was built for 160 x 160 px inputs (its " in printed
         meta = read_metadata(out)
         assert meta["input_size"] == [96, 96] and meta["model_kwargs"]["img_size"] == [96, 96]
     python = ElasticViT.load(path)
@@ -1000,6 +1001,15 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
             main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+    from snapvit_lightning.correction import stats_path_for
+
+    python.model.set_input_size(img_size=160)  # statistics at the model's own size, beside it: named by both commands
+    python.collect_stats(torch.rand(3, 3, 160, 160), ranking=True).save(stats_path_for(path))
+    assert main(["info", str(path)]) == 0
+    assert "(3 inputs at 160 x 160 px, " in capsys.readouterr().out
+    assert main(["slice", str(path), "--flops", "0.6", "--img-size", "96", "-o", str(tmp_path / "c.safetensors")]) == 0
+    assert ", its correction statistics collected at 160 x 160 px (its scores, search and correction were measured at " \
+        "its calibration size); `snapvit bench " in capsys.readouterr().out
 
 
 def test_a_subnet_file_is_written_as_onnx_with_its_record(tmp_path, capsys) -> None:

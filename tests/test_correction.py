@@ -227,6 +227,23 @@ def test_stats_round_trip_and_size(tmp_path: Path) -> None:
             dataclasses.replace(stats, views_per_image=bad)
 
 
+def test_stats_record_the_size_they_were_collected_at(tmp_path: Path) -> None:
+    # `slice --img-size` and `info` name it: statistics, scores and search are measured at one size
+    el = _elastic("test_vit")
+    h, w = el.input_size
+    stats = el.collect_stats(_images(el.model, n=3), ranking=True)
+    assert stats.image_size == (h, w)
+    path = tmp_path / "m.stats.safetensors"
+    stats.save(path)
+    assert CorrectionStats.load(path).image_size == (h, w)
+    assert stats.permuted(el.mlp_order, el.head_order, el.fingerprint).image_size == (h, w)
+    dataclasses.replace(stats, image_size=None).save(path)  # as files written before it was recorded
+    assert CorrectionStats.load(path).image_size is None
+    for bad in ((0, 32), (32,), (32.5, 32), "32", (True, 32)):
+        with pytest.raises(ValueError, match=r"image_size must be None or \(H, W\), two ints >= 1, got"):
+            dataclasses.replace(stats, image_size=bad)
+
+
 def _save(el: ElasticViT, tmp_path: Path) -> Path:
     path = tmp_path / "m.elastic.safetensors"
     el.save(path)

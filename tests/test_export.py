@@ -162,6 +162,7 @@ def test_export_with_weight_correction(tmp_path, elastic, images, method):
     assert report["correction"] == {
         "method": method, "stats_file": "test_vit.stats.safetensors", "stats_bytes": paths["stats"].stat().st_size - _header(paths["stats"]),
         "stats_digest": stats.digest, "calibration_images": 8, "calibration_views": 8, "views_per_image": 1,
+        "calibration_size": [160, 160],
         "damping": auto_damping(elastic.structure.blocks[0].mlp_hidden, stats.num_images, stats.num_tokens) if method == "lstsq" else None,
         "ranking": True, "fidelity_images_are_calibration_images": False,
     }
@@ -495,8 +496,9 @@ def test_elastic_export_with_calibration_datamodule(tmp_path):
     assert correction["fidelity_images_are_calibration_images"] is True  # no holdout: the eval views come first
     # A re-export of the loaded model from its attached statistics reports the same counts.
     again = export_elastic(ElasticViT.load(export.export_paths["elastic"]), tmp_path / "again", budgets=[0.7])
-    assert {k: again["report"]["correction"][k] for k in ("calibration_images", "calibration_views", "views_per_image")} \
-        == {"calibration_images": 4, "calibration_views": 32, "views_per_image": 8}
+    keys = ("calibration_images", "calibration_views", "views_per_image", "calibration_size")
+    assert {k: again["report"]["correction"][k] for k in keys} == {k: correction[k] for k in keys} \
+        == {"calibration_images": 4, "calibration_views": 32, "views_per_image": 8, "calibration_size": [IMG, IMG]}
     assert export.export_paths["stats"].is_file()
     assert export.report["budgets"][0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert export.report["scores"]["searched"] is False
