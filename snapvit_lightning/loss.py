@@ -145,7 +145,8 @@ def check_classifier_fits(model: nn.Module, criterion: str, datamodule: Any = No
     classes = list(datamodule.classes)
     if not classes:
         raise ValueError("criterion='cross_entropy' needs labelled images: one subfolder per class in the data "
-                         "folder (found none); use criterion='dino' for unlabelled images")
+                         "folder and no images directly in it (found none: a flat folder, or one with images beside "
+                         "its subfolders, is unlabelled); use criterion='dino' for unlabelled images")
     if len(classes) > num_classes:
         raise ValueError(f"criterion='cross_entropy': the data has {len(classes)} classes ({', '.join(classes[:5])}"
                          f"{', ...' if len(classes) > 5 else ''}) but the model's head has num_classes={num_classes}; "

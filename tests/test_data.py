@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,55 @@ def test_find_images_imagefolder_layout(tmp_path: Path) -> None:
     assert labels == [0, 0, 1, 2, 2]
 
 
+def test_a_folder_reached_through_links_has_the_same_name_on_every_machine(tmp_path: Path) -> None:
+    # os.walk's order is the file system's: the class took a link's name ('x6' on one machine, another elsewhere)
+    _write_image(tmp_path / "red" / "0.png")
+    _write_image(tmp_path / "z_real" / "1.png")
+    for i in range(8):
+        (tmp_path / f"x{i}").symlink_to(tmp_path / "red")
+    (tmp_path / "a_alias").symlink_to(tmp_path / "z_real")  # a link whose name sorts before its folder's
+    files, labels, classes = find_images(tmp_path)
+    assert classes == ["red", "z_real"] and [f.relative_to(tmp_path).as_posix() for f in files] == ["red/0.png", "z_real/1.png"]
+
+
+def test_a_very_large_image_is_named_by_the_package(tmp_path: Path, monkeypatch) -> None:
+    # Pillow's own DecompressionBombWarning went out raw (no command prefix, no hint)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    large, huge = _write_image(tmp_path / "large.png", size=(40, 40)), _write_image(tmp_path / "huge.png", size=(50, 50))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert load_image(large).shape == (3, 40, 40)
+    assert [type(w.message) for w in said] == [UserWarning]
+    assert str(said[0].message).startswith(f"'{large}': Image size (1600 pixels) exceeds limit of 1000 pixels")
+    assert str(said[0].message).endswith("; read all the same (Pillow refuses images twice that size; "
+                                         "PIL.Image.MAX_IMAGE_PIXELS sets its limit)")
+    with pytest.raises(UnreadableImageError, match=r"huge.png': Image size \(2500 pixels\) exceeds limit of 2000 "
+                                                   r"pixels.*; raise PIL.Image.MAX_IMAGE_PIXELS to read it\)"):
+        load_image(huge)
+
+
+def test_a_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
+    _write_image(tmp_path / "a_red" / "0.png")
+    _write_image(tmp_path / "b_blue" / "1.jpg")
+    (tmp_path / "a0_empty").mkdir()
+    (tmp_path / ".cache").mkdir()  # hidden: no class, nothing to say
+    for name in ("anim.gif", "photo.jfif", "x.GIF"):
+        (tmp_path / "b_blue" / name).write_bytes(b"x")
+    (tmp_path / ".hidden.gif").write_bytes(b"x")
+    with pytest.warns(UserWarning) as said:
+        source = ImageFolderSource(tmp_path, argument="data_dir")
+    assert source.classes == ["a_red", "b_blue"]
+    assert [str(w.message) for w in said] == [
+        f"data_dir: subfolder(s) 'a0_empty' of '{tmp_path}' hold no images: not classes, so the 2 classes are indexed "
+        "without them",
+        f"data_dir: 3 file(s) in '{tmp_path}' of image types that are not read (2 .gif, 1 .jfif); read: .jpg, .jpeg, "
+        ".png, .bmp, .webp, .tif, .tiff (convert them to include them)",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary class folder: no note
+        ImageFolderSource(tmp_path / "a_red")
+
+
 def test_find_images_flat(tmp_path: Path) -> None:
     for i, name in enumerate(["c.bmp", "a.jpg", "b.Png"]):
         _write_image(tmp_path / name, seed=i)
@@ -341,7 +391,9 @@ def test_find_images_flat(tmp_path: Path) -> None:
     files, labels, classes = find_images(tmp_path)
     assert [f.name for f in files] == ["a.jpg", "b.Png", "c.bmp", "d.jpg"]
     assert labels == [-1] * 4 and classes == []
-    source = ImageFolderSource(tmp_path)
+    with pytest.warns(UserWarning, match=r"3 image\(s\) directly in '.*' \('a.jpg', 'b.Png', 'c.bmp'\) beside 1 subfolders of images: the "
+                                         r"folder is read as unlabelled \(no classes\); move them into a class folder"):
+        source = ImageFolderSource(tmp_path)
     assert len(source) == 4
     img, label = source.load(1, max_side=16)
     assert img.shape[0] == 3 and min(img.shape[1:]) == 16 and label == -1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ __all__ = [
 ]
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+#: Image types a folder may hold that are not read (a warning counts them): animations, camera raw, other codecs.
+OTHER_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".tga", ".ico", ".dng",
+    ".cr2", ".nef", ".arw",
+)
 
 
 #: Real photographs shipped inside scikit-image (no download needed). Grayscale ones are
@@ -141,7 +148,16 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
     if not path.exists():
         raise FileNotFoundError(f"image file not found: '{path}'")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # said below, naming the file
+            try:
+                im = Image.open(path)
+            except Image.DecompressionBombWarning as big:
+                warn_at_caller_on_rank_zero(f"'{path}': {str(big).rstrip('.')}; read all the same (Pillow refuses "
+                                            "images twice that size; PIL.Image.MAX_IMAGE_PIXELS sets its limit)")
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+        with im:
             if max_side is not None and im.format == "JPEG":
                 w, h = im.size
                 short = min(w, h)
@@ -149,7 +165,10 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
                     im.draft("RGB", (math.ceil(w * max_side / short), math.ceil(h * max_side / short)))
             im.load()
             return _pil_to_uint8(im, max_side)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(f"cannot read image file '{path}': {err} (Pillow's check against decompression "
+                                   "bombs; raise PIL.Image.MAX_IMAGE_PIXELS to read it)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise UnreadableImageError(f"cannot read image file '{path}': {err}") from err
 
 
@@ -218,7 +237,11 @@ def check_exists(root: str | Path, argument: str = "") -> Path:
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    """Every file under ``root``, following linked folders (each real folder once: no cycles)."""
+    """Every file under ``root``, following linked folders (each real folder once: no cycles).
+
+    Subfolders are visited by name, real ones before links at each level, so a folder reached
+    twice is listed under the same path on every machine (the real one, where both are inside).
+    """
     seen: set[str] = set()
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -226,7 +249,45 @@ def _walk(root: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        dirs.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))  # os.walk's own order is the file system's
         yield from (Path(folder) / name for name in names)
+
+
+def _visible(root: Path, p: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str]) -> list[str]:
+    """What a user may not expect of how :func:`find_images` read the folder ``root`` (its ``files``, ``classes``).
+
+    Images directly in ``root`` beside class folders (every image is unlabelled then), subfolders
+    without images (no class: the classes after them take lower indices than a count of folders
+    gives) and files of image types that are not read.
+    """
+    notes = []
+    if root.is_file():
+        return notes
+    top = [p for p in files if p.parent == root]
+    below = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
+    if top and below:
+        names = ", ".join(f"'{p.name}'" for p in top[:3]) + (f" and {len(top) - 3} more" if len(top) > 3 else "")
+        notes.append(f"{len(top)} image(s) directly in '{root}' ({names}) beside {len(below)} subfolders of images: "
+                     "the folder is read as unlabelled (no classes); move them into a class folder for labels")
+    if classes:
+        empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+        if empty:
+            notes.append(f"subfolder(s) {', '.join(repr(d) for d in empty[:5])} of '{root}' hold no images: not "
+                         f"classes, so the {len(classes)} classes are indexed without them")
+    other: dict[str, int] = {}
+    for p in _walk(root):
+        ext = p.suffix.lower()
+        if ext in OTHER_IMAGE_EXTENSIONS and _visible(root, p):
+            other[ext] = other.get(ext, 0) + 1
+    if other:
+        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(other.items()))
+        notes.append(f"{sum(other.values())} file(s) in '{root}' of image types that are not read ({counts}); "
+                     f"read: {', '.join(IMG_EXTENSIONS)} (convert them to include them)")
+    return notes
 
 
 def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Path], list[int], list[str]]:
@@ -256,11 +317,8 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
     if root.is_file():
         return [root], [-1], []
 
-    def visible(p: Path) -> bool:
-        return not any(part.startswith(".") for part in p.relative_to(root).parts)
-
     def is_image(p: Path) -> bool:
-        return p.suffix.lower() in IMG_EXTENSIONS and (p.is_file() or p.is_symlink()) and visible(p)
+        return p.suffix.lower() in IMG_EXTENSIONS and (p.is_file() or p.is_symlink()) and _visible(root, p)
 
     files = sorted((p for p in _walk(root) if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
@@ -391,6 +449,8 @@ class ImageFolderSource(ImageSource):
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = find_images(self.root, argument)
         self.description = f"{argument}='{self.root}'" if argument else f"'{self.root}'"
+        for note in layout_notes(self.root, self.files, self.classes):
+            warn_at_caller_on_rank_zero(f"{argument + ': ' if argument else ''}{note}")
         # an explicitly named single file must be readable: no skipping, and it is decoded now (before a probe's minute)
         self.skippable = not self.root.is_file()
         if not self.skippable:
