@@ -176,12 +176,14 @@ def _subnet_as_onnx(args: argparse.Namespace) -> int:
     from .elastic import load_subnet, read_metadata
     from .evaluation import model_cost
 
-    given = [f"--{k.replace('_', '-')}" for k in _CUT_OPTIONS if getattr(args, k) not in (None, False)]
+    given = [f"--{k.replace('_', '-')}" for k in _CUT_OPTIONS if getattr(args, k) is not None and getattr(args, k) is not False]
     if given:
         raise ValueError(f"{args.path} is a subnet, already cut: {' '.join(given)} cut elastic checkpoints (a subnet "
                          "file is only written as ONNX: `snapvit slice SUBNET -o SUBNET.onnx`)")
+    if args.format == "safetensors":
+        raise ValueError(f"--format safetensors: {args.path} is a subnet file already; slice writes it only as ONNX")
     out = _output_file(args.output, args.overwrite, reads=[args.path])
-    if out.suffix.lower() != ".onnx" or args.format == "safetensors":
+    if out.suffix.lower() != ".onnx":
         raise ValueError(f"-o: {args.path} is a subnet file already; name an .onnx output to write it as an ONNX graph, "
                          f"got '{out}'")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +269,8 @@ def _slice(args: argparse.Namespace) -> int:
         cut["head_ratio_scale"], cut["head_share_knee"] = share, HEAD_SHARE_KNEE
     if args.latency_ms is not None:
         cut["latency"] = budget.record()
+    if args.img_size is not None and own_size != (args.img_size, args.img_size):  # where its scores were measured
+        cut["elastic_input_size"] = list(own_size)
     if onnx:
         from .checkpoint import subnet_metadata
 
@@ -281,7 +285,8 @@ def _slice(args: argparse.Namespace) -> int:
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}{'' if args.img_size is None else f', for {args.img_size} x {args.img_size} px inputs'}")
     used = None if correction["correct"] == "none" else correction.get("calibration", elastic.stats)
-    note = measured_at_note(args.img_size, own_size, used, shlex.quote(args.path))
+    calibration = shlex.quote(args.calibration if args.calibration is not None else str(stats_path_for(args.path)))
+    note = measured_at_note(args.img_size, own_size, used, shlex.quote(args.path), calibration)
     if note is not None:
         print(note)
     for name, given in (("flops", args.flops), ("params", args.params)):

@@ -30,7 +30,7 @@ def run_info(args: argparse.Namespace) -> int:
         print("\n".join(describe_subnet(args.path, meta)))
         return 0
     elastic = ElasticViT.load(args.path)
-    deployment_size(elastic, args.img_size)
+    own = deployment_size(elastic, args.img_size)
     budgets = list(dict.fromkeys(elastic.resolve_budget(*b) for b in args.budgets or INFO_BUDGETS))  # reachable ratios
     # The cut `slice`/`subnet()` give by default: the statistics' ranking when they carry one.
     ranked = None if args.no_correct else elastic.ranked_view()  # None without statistics or ranking
@@ -54,7 +54,7 @@ def run_info(args: argparse.Namespace) -> int:
         ms = "" if latencies is None else f" {latencies[row + 1]:>7.2f} {latencies[0] / latencies[row + 1]:>10.2f}x"
         print(f"{mlp_ratio:>9.2f} {head_ratio:>10.2f} {cost['params']:>12,} {cost['flops']:>14,} "
               f"{100 * cost['flops_fraction']:>7.1f}%{ms}  {kept}")
-    _info_correction(args, elastic)
+    _info_correction(args, elastic, own)
     return 0
 
 
@@ -71,16 +71,23 @@ def deployment_size(elastic: object, img_size: int | None) -> tuple[int, int]:
     return own
 
 
-def measured_at_note(img_size: int | None, own: tuple[int, int], stats: object, command: str) -> str | None:
-    """What ``--img-size`` cuts were not measured at: the model's own size, and the statistics' (None: nothing to say)."""
+def measured_at_note(
+    img_size: int | None, own: tuple[int, int], stats: object, command: str, calibration: str = "STATS"
+) -> str | None:
+    """What ``--img-size`` cuts were not measured at: the model's own size, and the statistics' (None: nothing to say).
+
+    ``command`` and ``calibration`` (quoted) complete the ``snapvit bench`` command it suggests.
+    """
     at = getattr(stats, "image_size", None)
     if img_size is None or own == (img_size, img_size) and at in (None, (img_size, img_size)):
         return None
-    stats_at = "" if at is None else f", its correction statistics collected at {at[0]} x {at[1]} px"
-    corrected = "" if stats is None else " --correct lstsq --calibration STATS"
-    return (f"--img-size {img_size}: the elastic model was built for {own[0]} x {own[1]} px inputs{stats_at} (its "
-            f"scores, search and correction were measured at its calibration size); `snapvit bench {command} --data "
-            f"FOLDER --img-size {img_size}{corrected}` measures what its cuts keep at {img_size} px")
+    new = (img_size, img_size)
+    stats_at = "" if at is None else "; its correction statistics were collected at " + (
+        f"{img_size} px too" if tuple(at) == new else f"{at[0]} x {at[1]} px")
+    corrected = "" if stats is None else f" --correct lstsq --calibration {calibration}"
+    return (f"--img-size {img_size}: the elastic model was built for {own[0]} x {own[1]} px inputs (its scores and "
+            f"search ran at its calibration size){stats_at}; `snapvit bench {command} --data FOLDER --img-size "
+            f"{img_size}{corrected}` measures what its cuts keep at {img_size} px")
 
 
 def _info_latencies(
@@ -118,8 +125,11 @@ def _info_latencies(
                        f"{args.dtype or 'float32'}; dense model {latencies[0]:.2f} ms")
 
 
-def _info_correction(args: argparse.Namespace, elastic: object) -> None:
-    """The statistics beside the checkpoint, and each budget's fidelity from ``report.json`` beside it."""
+def _info_correction(args: argparse.Namespace, elastic: object, own: tuple[int, int]) -> None:
+    """The statistics beside the checkpoint, and each budget's fidelity from ``report.json`` beside it.
+
+    ``own``: the model's size before ``--img-size``, at which the report measured its fidelity.
+    """
     import json
 
     from .correction import stats_damping, stats_path_for
@@ -148,6 +158,11 @@ def _info_correction(args: argparse.Namespace, elastic: object) -> None:
         return
     report = json.loads(report_path.read_text())
     if report.get("files", {}).get("elastic") != Path(args.path).name:
+        return
+    if own != elastic.input_size:  # its numbers are of the model's own size, not of the table's
+        print(f"fidelity: {report_path.name} measured it at {own[0]} x {own[1]} px; `snapvit bench {shlex.quote(args.path)} "
+              f"--data FOLDER --img-size {args.img_size}{' --correct lstsq' if stats is not None else ''}` measures it "
+              f"at {args.img_size} px")
         return
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
     if args.budgets is not None:  # those of the asked budgets the report measured (by their cut's ratios, or as asked)

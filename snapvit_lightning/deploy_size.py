@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["set_deployment_size"]
+__all__ = ["multiples_near", "set_deployment_size"]
+
+
+def multiples_near(size: int, patch: int) -> str:
+    """The multiples of ``patch`` next to ``size`` that an error suggests: ``"112 or 126"`` (``"14"`` below 14)."""
+    below, above = max(1, size // patch) * patch, (size // patch + 1) * patch
+    return str(above) if below == above else f"{below} or {above}"
 
 
 def set_deployment_size(model: nn.Module, img_size: int, option: str = "--img-size") -> None:
@@ -31,8 +37,7 @@ def set_deployment_size(model: nn.Module, img_size: int, option: str = "--img-si
         raise ValueError(f"{option}: {type(model).__name__} has no timm set_input_size to take another input size")
     patch = tuple(int(p) for p in pe.patch_size)
     if not getattr(pe, "dynamic_img_pad", False) and (img_size % patch[0] or img_size % patch[1]):
-        below, above = max(1, img_size // patch[0]) * patch[0], (img_size // patch[0] + 1) * patch[0]
         raise ValueError(f"{option} {img_size}: the images would not cut into this model's {patch[0]} x {patch[1]} "
-                         f"px patches; give a multiple of {patch[0]} (e.g. {below} or {above})")
+                         f"px patches; give a multiple of {patch[0]} (e.g. {multiples_near(img_size, patch[0])})")
     if tuple(int(s) for s in pe.img_size) != (img_size, img_size):
         model.set_input_size(img_size=(img_size, img_size))

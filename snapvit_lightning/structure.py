@@ -516,9 +516,10 @@ def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None
         return  # a fixed size (checked above), a padding patch embedding (any size), or no size to check
     if size[0] % patch[0] or size[1] % patch[1]:
         multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
-        below, above = max(1, size[0] // patch[0]) * patch[0], (size[0] // patch[0] + 1) * patch[0]
+        from .deploy_size import multiples_near
+
         raise ValueError(f"{name}: {size[0]} x {size[1]} px images do not cut into this model's {patch[0]} x "
-                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {below} or {above})")
+                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {multiples_near(size[0], patch[0])})")
 
 
 def check_model_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:

@@ -974,6 +974,7 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
         assert "for 96 x 96 px inputs" in printed and "the elastic model was built for 160 x 160 px inputs (its " in printed
         meta = read_metadata(out)
         assert meta["input_size"] == [96, 96] and meta["model_kwargs"]["img_size"] == [96, 96]
+        assert meta["budget"]["elastic_input_size"] == [160, 160]  # where its scores were measured
     python = ElasticViT.load(path)
     python.model.set_input_size(img_size=96)
     expected = python.subnet(flops=0.6)
@@ -989,11 +990,13 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
     photos = _image_folder(tmp_path / "photos", n=3)
     assert main(["bench", str(path), "--data", str(photos), "--img-size", "96", "--budgets", "0.3,0.5", "--no-latency",
                  "--out", str(tmp_path / "bench")]) == 0
-    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["settings"]["img_size"] == 96
+    benched = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert benched["settings"]["img_size"] == 96 and " --img-size 96 " in benched["settings"]["command"]
     capsys.readouterr()
     for argv, message in (
         (["slice", str(path), "--flops", "0.6", "--img-size", "90", "-o", str(tmp_path / "x.safetensors")],
          "--img-size 90: the images would not cut into this model's 16 x 16 px patches; give a multiple of 16 (e.g. 80 or 96)"),
+        (["info", str(path), "--img-size", "5"], "give a multiple of 16 (e.g. 16)"),
         (["info", str(tmp_path / "s.safetensors"), "--img-size", "96"], "--latency/--no-correct/--img-size apply to elastic"),
         (["info", str(path), "--img-size", "0"], "argument --img-size: must be >= 1, got 0"),
     ):
@@ -1008,8 +1011,15 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
     assert main(["info", str(path)]) == 0
     assert "(3 inputs at 160 x 160 px, " in capsys.readouterr().out
     assert main(["slice", str(path), "--flops", "0.6", "--img-size", "96", "-o", str(tmp_path / "c.safetensors")]) == 0
-    assert ", its correction statistics collected at 160 x 160 px (its scores, search and correction were measured at " \
-        "its calibration size); `snapvit bench " in capsys.readouterr().out
+    assert "(its scores and search ran at its calibration size); its correction statistics were collected at 160 x 160 " \
+        "px; `snapvit bench " in capsys.readouterr().out
+    (tmp_path / "report.json").write_text(json.dumps({"files": {"elastic": path.name}, "budgets": [
+        {"mlp_ratio": 0.3, "head_ratio": 0.5, "flops_fraction": 0.6, "fidelity": 0.9, "fidelity_corrected": 0.95}]}))
+    assert main(["info", str(path), "--img-size", "96"]) == 0  # the report's fidelity is of 160 px: not under a 96 px table
+    printed = capsys.readouterr().out
+    assert "fidelity: report.json measured it at 160 x 160 px; `snapvit bench " in printed and "0.9500" not in printed
+    assert main(["info", str(path)]) == 0
+    assert "0.9500" in capsys.readouterr().out
 
 
 def test_a_subnet_file_is_written_as_onnx_with_its_record(tmp_path, capsys) -> None:
@@ -1036,6 +1046,10 @@ def test_a_subnet_file_is_written_as_onnx_with_its_record(tmp_path, capsys) -> N
          "ft.safetensors is a subnet, already cut: --flops --no-correct cut elastic checkpoints"),
         (["slice", str(tmp_path / "ft.safetensors"), "-o", str(tmp_path / "y.safetensors")],
          "name an .onnx output to write it as an ONNX graph, got"),
+        (["slice", str(tmp_path / "ft.safetensors"), "--mlp-ratio", "0", "--damping", "0", "-o", str(tmp_path / "y.onnx")],
+         "ft.safetensors is a subnet, already cut: --mlp-ratio --damping cut elastic checkpoints"),  # 0 == False
+        (["slice", str(tmp_path / "ft.safetensors"), "--format", "safetensors", "-o", str(tmp_path / "y.onnx")],
+         "--format safetensors: "),
     ):
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -171,6 +171,8 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.threads is not None:
         words += ["--threads", str(args.threads)]
+    if getattr(args, "img_size", None) is not None:
+        words += ["--img-size", str(args.img_size)]
     for option, default in (("device", "cpu"), ("dtype", "float32")):
         if getattr(args, option, default) != default:
             words += [f"--{option}", str(getattr(args, option))]
