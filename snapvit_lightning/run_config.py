@@ -74,7 +74,21 @@ class SaveConfigAfterFit(SaveConfigCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         staged = staging_path(path)
         try:
-            staged.write_text(self.text, encoding="utf-8")
+            staged.write_text(self.text + _resolved_precision(trainer, pl_module), encoding="utf-8")
             os.replace(staged, path)
         finally:
             staged.unlink(missing_ok=True)
+
+
+def _resolved_precision(trainer: pl.Trainer, module: pl.LightningModule) -> str:
+    """A comment naming what ``precision: auto`` chose for this fit ("" when the precision was given)."""
+    from .search import EvolutionarySearch
+
+    probe = getattr(module, "precision_probe", None)
+    if not isinstance(probe, dict) or "trainer_precision" not in probe:
+        return ""
+    searches = [cb for cb in trainer.callbacks if isinstance(cb, EvolutionarySearch) and cb.autocast == "auto"]
+    search = f" and the search's autocast {probe.get('search_autocast') or 'false'}" if searches else ""
+    return (f"# precision: auto chose trainer.precision {probe['trainer_precision']}{search} on this machine "
+            "(report.json: build_times.precision); running this config again probes again: give them to repeat "
+            "this run's choice\n")

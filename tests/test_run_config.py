@@ -77,3 +77,28 @@ def test_an_overwriting_export_removes_an_earlier_fits_config_but_not_a_users(tm
         (tmp_path / "out" / "config.yaml").write_text(mine)
         export_elastic(elastic, tmp_path / "out", budgets=[0.5], fitness_images=images, correct="none", overwrite=True)
         assert (tmp_path / "out" / "config.yaml").read_text() == mine
+
+
+def test_the_config_names_what_precision_auto_chose(tmp_path) -> None:
+    # the saved config keeps `auto`, so a re-run probes again and may choose otherwise: the choice was nowhere in it
+    from types import SimpleNamespace
+
+    from snapvit_lightning.run_config import _resolved_precision
+    from snapvit_lightning.search import EvolutionarySearch
+
+    photos = _image_folder(tmp_path / "photos", n=4)
+    argv = _fit(photos, tmp_path / "out")
+    argv[argv.index("32-true")] = "auto"
+    assert main(argv) == 0
+    text = (tmp_path / "out" / "config.yaml").read_text()
+    chosen = yaml.safe_load((tmp_path / "out" / "report.json").read_text())["build_times"]["precision"]["trainer_precision"]
+    assert text.endswith(f"\n# precision: auto chose trainer.precision {chosen} on this machine (report.json: "
+                         "build_times.precision); running this config again probes again: give them to repeat this "
+                         "run's choice\n")
+    assert yaml.safe_load(text)["trainer"]["precision"] == "auto"
+    probe = {"trainer_precision": "bf16-mixed", "search_autocast": "bfloat16"}
+    module = SimpleNamespace(precision_probe=probe)
+    for autocast, said in (("auto", " and the search's autocast bfloat16 on"), (False, "bf16-mixed on")):
+        trainer = SimpleNamespace(callbacks=[EvolutionarySearch(autocast=autocast)])
+        assert said in _resolved_precision(trainer, module)
+    assert _resolved_precision(trainer, SimpleNamespace(precision_probe=None)) == ""  # a precision given: nothing to say
