@@ -107,11 +107,16 @@ def quiet_spawned_process() -> None:
     """In a process spawned by a fit inside :func:`quiet_lightning` (``ddp_spawn``), silence the same notices.
 
     A spawned process starts with Python's default filters; it runs the fit and ends, so the filters
-    are added for the rest of the process. Elsewhere (the CLI's own process, a user's Trainer, the
-    processes ``ddp`` starts, which run the command again) this does nothing.
+    are added for the rest of the process, and this package's warnings are ``PROG: warning: ...``
+    lines as in the command's own process (:func:`~snapvit_lightning.errors.own_warnings_in_spawned_process`).
+    Elsewhere (the CLI's own process, a user's Trainer, the processes ``ddp`` starts, which run the
+    command again) this does nothing.
     """
+    from .errors import own_warnings_in_spawned_process
+
     if os.environ.get(_QUIET_ENV) == "1" and multiprocessing.parent_process() is not None:
         _ignore_notices()
+    own_warnings_in_spawned_process()
 
 
 class _NoLightningInfo(logging.Filter):

@@ -48,6 +48,7 @@ __all__ = [
     "one_line",
     "one_line_error_parser",
     "own_warnings_as",
+    "own_warnings_in_spawned_process",
     "process_rank",
     "sigterm_raises",
     "traceback_requested",
@@ -58,6 +59,9 @@ __all__ = [
 
 #: Set to ``1`` to get the full traceback of a user error.
 TRACEBACK_ENV = "SNAPVIT_TRACEBACK"
+
+#: The command (``PROG``) while :func:`own_warnings_as` is in effect, for :func:`own_warnings_in_spawned_process`.
+_WARNINGS_AS_ENV = "SNAPVIT_WARNINGS_AS"
 
 #: Exit status of a user error (as argparse's usage errors).
 USER_ERROR_STATUS = 2
@@ -261,10 +265,34 @@ def own_warnings_as(prog: str) -> Iterator[None]:
             pass
 
     warnings.showwarning = show
+    outer = os.environ.get(_WARNINGS_AS_ENV)
+    os.environ[_WARNINGS_AS_ENV] = prog  # read by spawned processes (ddp_spawn), which start with Python's own
     try:
         yield
     finally:
         warnings.showwarning = previous
+        if outer is None:
+            os.environ.pop(_WARNINGS_AS_ENV, None)
+        else:
+            os.environ[_WARNINGS_AS_ENV] = outer
+
+
+def own_warnings_in_spawned_process() -> None:
+    """In a process spawned inside :func:`own_warnings_as` (``ddp_spawn``), its warnings as ``PROG: warning: ...`` too.
+
+    A spawned process runs the fit and ends, so the lines stay so for the rest of the process.
+    Elsewhere (the command's own process, a user's Trainer, the processes ``ddp`` starts, which
+    run the command again) this does nothing.
+    """
+    import multiprocessing
+
+    prog = os.environ.get(_WARNINGS_AS_ENV)
+    if prog and multiprocessing.parent_process() is not None and warnings.showwarning is warnings._showwarning_orig:
+        _SPAWNED_PROCESS_WARNINGS.append(own_warnings_as(prog))  # kept: a context collected would be left
+        _SPAWNED_PROCESS_WARNINGS[-1].__enter__()  # never left: the process ends with the fit
+
+
+_SPAWNED_PROCESS_WARNINGS: list = []
 
 
 @contextmanager

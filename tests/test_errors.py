@@ -305,7 +305,7 @@ def test_ctrl_c_ends_in_one_line(elastic_file, capsys, monkeypatch) -> None:
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_info", interrupted)  # build_parser binds the module's _info when main runs
+    monkeypatch.setattr(cli, "run_info", interrupted)  # build_parser binds the module's run_info when main runs
     assert main(["info", str(elastic_file)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "snapvit info: interrupted" and "Traceback" not in err
@@ -555,6 +555,33 @@ def test_a_warning_in_a_spawned_process_never_names_the_spawn_bootstrap() -> Non
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     line = next(t for t in proc.stderr.splitlines() if "spawned warning" in t)
     assert not line.startswith("<string>") and line.split(":")[0].endswith(".py"), proc.stderr
+
+
+def _warn_in_spawned_process() -> None:
+    import warnings
+
+    import snapvit_lightning.export
+    from snapvit_lightning.console import quiet_spawned_process
+
+    quiet_spawned_process()  # what SnapViTModule.setup calls in every process of a fit
+    warnings.warn_explicit("spawned warning", UserWarning, snapvit_lightning.export.__file__, 1)  # as the package warns
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_spawned_process_of_a_command_says_its_warnings_as_the_command(inside: bool, capfd) -> None:
+    # under ddp_spawn the package's warnings were `/path/to/module.py:545: UserWarning: ...`, not `snapvit fit: warning:`
+    import contextlib
+    import multiprocessing
+
+    from snapvit_lightning.errors import own_warnings_as
+
+    with own_warnings_as("snapvit fit") if inside else contextlib.nullcontext():
+        child = multiprocessing.get_context("spawn").Process(target=_warn_in_spawned_process)
+        child.start()
+        child.join(timeout=120)
+    line = next(t for t in capfd.readouterr().err.splitlines() if "spawned warning" in t)
+    assert child.exitcode == 0 and (line == "snapvit fit: warning: spawned warning") == inside
+    assert "SNAPVIT_WARNINGS_AS" not in __import__("os").environ  # the command's setting ends with it
 
 
 def test_a_link_at_the_output_is_replaced_only_with_overwrite(elastic_file, tmp_path, capsys) -> None:
