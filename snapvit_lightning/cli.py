@@ -271,6 +271,10 @@ def _slice(args: argparse.Namespace) -> int:
         cut["latency"] = budget.record()
     if args.img_size is not None and own_size != (args.img_size, args.img_size):  # where its scores were measured
         cut["elastic_input_size"] = list(own_size)
+        at = getattr(correction.get("calibration", elastic.stats if correction["correct"] != "none" else None),
+                     "image_size", None)
+        if at is not None:
+            cut["calibration_size"] = list(at)
     if onnx:
         from .checkpoint import subnet_metadata
 
@@ -286,7 +290,7 @@ def _slice(args: argparse.Namespace) -> int:
           f"correction {how}{'' if args.img_size is None else f', for {args.img_size} x {args.img_size} px inputs'}")
     used = None if correction["correct"] == "none" else correction.get("calibration", elastic.stats)
     calibration = shlex.quote(args.calibration if args.calibration is not None else str(stats_path_for(args.path)))
-    note = measured_at_note(args.img_size, own_size, used, shlex.quote(args.path), calibration)
+    note = measured_at_note(args.img_size, own_size, used, shlex.quote(args.path), calibration, correction["correct"])
     if note is not None:
         print(note)
     for name, given in (("flops", args.flops), ("params", args.params)):
@@ -320,6 +324,7 @@ def _stats(args: argparse.Namespace) -> int:
                          "and slice --calibration)")
     out = _output_file(out, args.overwrite, reads=[args.path, args.data])
     elastic = ElasticViT.load(args.path, stats=False)  # an old statistics file beside it is replaced, not read
+    deployment_size(elastic, args.img_size)  # statistics of inputs at that size
     check_one_shot(elastic.model, None, "snapvit slice --sequential --calibration DIR corrects its subnets block by "
                    "block from the images instead")
     inputs, views = load_calibration_views(data, elastic.model, args.stats_views, argument="--data")
@@ -327,7 +332,8 @@ def _stats(args: argparse.Namespace) -> int:
     stats.save(out)
     images = stats.num_images // views
     print(f"wrote {out}: correction statistics of {images} image{'s' * (images != 1)} ({views} view"
-          f"{'s' * (views > 1)} each: {stats.num_images} inputs, {stats.num_tokens:,} tokens) "
+          f"{'s' * (views > 1)} each: {stats.num_images} inputs at {inputs.shape[-2]} x {inputs.shape[-1]} px, "
+          f"{stats.num_tokens:,} tokens) "
           f"and the corrected path's ranking, {stats.stored_bytes / 1e6:.1f} MB")
     return 0
 
@@ -434,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("-o", "--output", default=None,
                        help="output file (default: <name>.stats.safetensors beside the checkpoint)")
     stats.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward (default: 32)")
+    stats.add_argument("--img-size", type=int_at_least(1), default=None, metavar="N",
+                       help="collect them on N x N px inputs, for subnets cut with slice --img-size N (default: the "
+                            "model's own size)")
     stats.add_argument("--stats-views", type=int, default=256, metavar="N",
                        help="inputs to aim for: each image gives N // images views (its eval view and random crops), "
                             "1 to 8 (default: 256; 1: the eval views alone), as the export")

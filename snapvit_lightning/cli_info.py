@@ -72,7 +72,8 @@ def deployment_size(elastic: object, img_size: int | None) -> tuple[int, int]:
 
 
 def measured_at_note(
-    img_size: int | None, own: tuple[int, int], stats: object, command: str, calibration: str = "STATS"
+    img_size: int | None, own: tuple[int, int], stats: object, command: str, calibration: str = "STATS",
+    method: str = "lstsq",
 ) -> str | None:
     """What ``--img-size`` cuts were not measured at: the model's own size, and the statistics' (None: nothing to say).
 
@@ -84,7 +85,7 @@ def measured_at_note(
     new = (img_size, img_size)
     stats_at = "" if at is None else "; its correction statistics were collected at " + (
         f"{img_size} px too" if tuple(at) == new else f"{at[0]} x {at[1]} px")
-    corrected = "" if stats is None else f" --correct lstsq --calibration {calibration}"
+    corrected = "" if stats is None else f" --correct {method} --calibration {calibration}"
     return (f"--img-size {img_size}: the elastic model was built for {own[0]} x {own[1]} px inputs (its scores and "
             f"search ran at its calibration size){stats_at}; `snapvit bench {command} --data FOLDER --img-size "
             f"{img_size}{corrected}` measures what its cuts keep at {img_size} px")
@@ -161,7 +162,8 @@ def _info_correction(args: argparse.Namespace, elastic: object, own: tuple[int, 
         return
     if own != elastic.input_size:  # its numbers are of the model's own size, not of the table's
         print(f"fidelity: {report_path.name} measured it at {own[0]} x {own[1]} px; `snapvit bench {shlex.quote(args.path)} "
-              f"--data FOLDER --img-size {args.img_size}{' --correct lstsq' if stats is not None else ''}` measures it "
+              f"--data FOLDER --img-size {args.img_size}"
+              f"{'' if stats is None or args.no_correct else ' --correct lstsq --calibration ' + shlex.quote(str(beside))}` measures it "
               f"at {args.img_size} px")
         return
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]

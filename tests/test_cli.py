@@ -1018,8 +1018,18 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
     assert main(["info", str(path), "--img-size", "96"]) == 0  # the report's fidelity is of 160 px: not under a 96 px table
     printed = capsys.readouterr().out
     assert "fidelity: report.json measured it at 160 x 160 px; `snapvit bench " in printed and "0.9500" not in printed
+    assert f"--img-size 96 --correct lstsq --calibration {stats_path_for(path)}` measures it at 96 px" in printed
     assert main(["info", str(path)]) == 0
     assert "0.9500" in capsys.readouterr().out
+    # statistics at the deployment size, for the subnets cut there (and recorded by them)
+    assert main(["stats", str(path), "--data", str(photos), "--img-size", "96", "--overwrite"]) == 0
+    assert "inputs at 96 x 96 px" in capsys.readouterr().out
+    assert main(["slice", str(path), "--flops", "0.6", "--img-size", "96", "--correct", "bias", "-o", str(tmp_path / "b.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "its correction statistics were collected at 96 px too; `snapvit bench " in printed
+    assert "--img-size 96 --correct bias --calibration " in printed  # the correction it cut with
+    record = read_metadata(tmp_path / "b.onnx")["budget"]
+    assert record["elastic_input_size"] == [160, 160] and record["calibration_size"] == [96, 96]
 
 
 def test_a_subnet_file_is_written_as_onnx_with_its_record(tmp_path, capsys) -> None:

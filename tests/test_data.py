@@ -355,11 +355,35 @@ def test_a_very_large_image_is_named_by_the_package(tmp_path: Path, monkeypatch)
         assert load_image(large).shape == (3, 40, 40)
     assert [type(w.message) for w in said] == [UserWarning]
     assert str(said[0].message).startswith(f"'{large}': Image size (1600 pixels) exceeds limit of 1000 pixels")
-    assert str(said[0].message).endswith("; read all the same (Pillow refuses images twice that size; "
+    assert str(said[0].message).endswith("; read all the same (Pillow refuses images twice that size; from Python "
                                          "PIL.Image.MAX_IMAGE_PIXELS sets its limit)")
-    with pytest.raises(UnreadableImageError, match=r"huge.png': Image size \(2500 pixels\) exceeds limit of 2000 "
-                                                   r"pixels.*; raise PIL.Image.MAX_IMAGE_PIXELS to read it\)"):
+    hint = r"Image size \(2500 pixels\) exceeds limit of 2000 pixels.*: from Python, raise PIL.Image.MAX_IMAGE_PIXELS to read it\)"
+    with pytest.raises(UnreadableImageError, match=r"huge.png': " + hint):
         load_image(huge)
+    with pytest.raises(UnreadableImageError, match=r"huge.png' \(--data='.*huge.png'\): " + hint):
+        ImageFolderSource(huge, argument="--data")  # one file named on its own: checked at once
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ImageFolderSource(large, argument="--data")
+    assert [type(w.message) for w in said] == [UserWarning] and "read all the same" in str(said[0].message)
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 images .*'.*huge.png' \(" + hint):  # the skip keeps the hint
+        load_eval_images(tmp_path, timm.create_model("test_vit", pretrained=False))
+
+
+def test_a_folder_inside_reached_through_a_link_is_read_under_its_real_path(tmp_path: Path) -> None:
+    # a link one level down was followed first: its images took the link's class, and their real class was "empty"
+    _write_image(tmp_path / "b" / "own" / "0.png")
+    _write_image(tmp_path / "c" / "deep" / "1.png")
+    (tmp_path / "b" / "inner").symlink_to(tmp_path / "c" / "deep")
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    _write_image(outside / "2.png")
+    (tmp_path / "d_link").symlink_to(outside)  # two links to one folder outside: read once, under the first name
+    (tmp_path / "e_link").symlink_to(outside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no folder "holds no images": each is read, once
+        source = ImageFolderSource(tmp_path)
+    assert source.classes == ["b", "c", "d_link"]
+    assert [f.relative_to(tmp_path).as_posix() for f in source.files] == ["b/own/0.png", "c/deep/1.png", "d_link/2.png"]
 
 
 def test_a_folder_says_what_it_leaves_out(tmp_path: Path) -> None:

@@ -148,16 +148,7 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
     if not path.exists():
         raise FileNotFoundError(f"image file not found: '{path}'")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # said below, naming the file
-            try:
-                im = Image.open(path)
-            except Image.DecompressionBombWarning as big:
-                warn_at_caller_on_rank_zero(f"'{path}': {str(big).rstrip('.')}; read all the same (Pillow refuses "
-                                            "images twice that size; PIL.Image.MAX_IMAGE_PIXELS sets its limit)")
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(path)
-        with im:
+        with _open_image(path) as im:
             if max_side is not None and im.format == "JPEG":
                 w, h = im.size
                 short = min(w, h)
@@ -165,11 +156,33 @@ def load_image(path: str | Path, max_side: int | None = None) -> Tensor:
                     im.draft("RGB", (math.ceil(w * max_side / short), math.ceil(h * max_side / short)))
             im.load()
             return _pil_to_uint8(im, max_side)
-    except Image.DecompressionBombError as err:
-        raise UnreadableImageError(f"cannot read image file '{path}': {err} (Pillow's check against decompression "
-                                   "bombs; raise PIL.Image.MAX_IMAGE_PIXELS to read it)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UnreadableImageError(f"cannot read image file '{path}': {err}") from err
+    except _UNREADABLE as err:
+        raise UnreadableImageError(f"cannot read image file '{path}': {unreadable_reason(err)}") from err
+
+
+#: What Pillow raises for a file it cannot decode.
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """Why Pillow could not read a file, as a skip or an error says it (with how to read a very large image)."""
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"{error} (Pillow's check against decompression bombs: from Python, raise PIL.Image.MAX_IMAGE_PIXELS "
+                "to read it)")
+    return str(error)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """``Image.open``, with Pillow's decompression-bomb warning said as this package's, naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombWarning as big:
+            warn_at_caller_on_rank_zero(f"'{path}': {str(big).rstrip('.')}; read all the same (Pillow refuses "
+                                        "images twice that size; from Python PIL.Image.MAX_IMAGE_PIXELS sets its limit)")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
 
 
 def to_uint8_image(image: Any, max_side: int | None = None) -> Tensor:
@@ -239,9 +252,11 @@ def check_exists(root: str | Path, argument: str = "") -> Path:
 def _walk(root: Path) -> Iterator[Path]:
     """Every file under ``root``, following linked folders (each real folder once: no cycles).
 
-    Subfolders are visited by name, real ones before links at each level, so a folder reached
-    twice is listed under the same path on every machine (the real one, where both are inside).
+    Subfolders are visited by name, and a link to a folder that is under ``root`` itself is not
+    followed: that folder is listed under its real path, and a folder outside reached by two links
+    under the first link's path in name order, on every machine.
     """
+    inside = _real_folders(root)  # read under these paths; a link to one of them is not followed
     seen: set[str] = set()
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -249,12 +264,29 @@ def _walk(root: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))  # os.walk's own order is the file system's
+        # by name (os.walk's own order is the file system's); links to folders outside in that order, each once
+        dirs[:] = sorted(d for d in dirs if not _link_into(os.path.join(folder, d), inside))
         yield from (Path(folder) / name for name in names)
+
+
+def _real_folders(root: Path) -> set[str]:
+    """The real paths of the folders under ``root`` that no link leads to (``root`` included)."""
+    return {os.path.realpath(folder) for folder, _, _ in os.walk(root)}
+
+
+def _link_into(path: str, inside: set[str]) -> bool:
+    """Whether ``path`` is a link to one of the folders ``inside`` (read there, under its own name)."""
+    return os.path.islink(path) and os.path.realpath(path) in inside
 
 
 def _visible(root: Path, p: Path) -> bool:
     return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _read_elsewhere(folder: Path, files: Sequence[Path]) -> bool:
+    """Whether a linked ``folder``'s images were listed under another path (a second link to one folder)."""
+    real = os.path.realpath(folder)
+    return folder.is_symlink() and any(os.path.realpath(f).startswith(real + os.sep) for f in files)
 
 
 def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str]) -> list[str]:
@@ -274,7 +306,9 @@ def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str]) -> l
         notes.append(f"{len(top)} image(s) directly in '{root}' ({names}) beside {len(below)} subfolders of images: "
                      "the folder is read as unlabelled (no classes); move them into a class folder for labels")
     if classes:
-        empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+        inside = _real_folders(root)
+        empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in classes
+                       and not _link_into(str(d), inside) and not _read_elsewhere(d, files))
         if empty:
             notes.append(f"subfolder(s) {', '.join(repr(d) for d in empty[:5])} of '{root}' hold no images: not "
                          f"classes, so the {len(classes)} classes are indexed without them")
@@ -455,10 +489,11 @@ class ImageFolderSource(ImageSource):
         self.skippable = not self.root.is_file()
         if not self.skippable:
             try:
-                with Image.open(self.root) as image:
+                with _open_image(self.root) as image:
                     image.load()
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-                raise UnreadableImageError(f"cannot read image file '{self.root}' ({self.description}): {err}") from err
+            except _UNREADABLE as err:
+                raise UnreadableImageError(f"cannot read image file '{self.root}' ({self.description}): "
+                                           f"{unreadable_reason(err)}") from err
 
     def __len__(self) -> int:
         return len(self.files)
@@ -595,7 +630,7 @@ def _decode(
         except UnreadableImageError as err:
             if not source.skippable:
                 raise
-            skipped.append((source.name(i), str(err.__cause__ or err)))
+            skipped.append((source.name(i), str(err) if err.__cause__ is None else unreadable_reason(err.__cause__)))
             continue
         indices.append(i)
         images.append(img)
