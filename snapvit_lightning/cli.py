@@ -260,6 +260,7 @@ def _slice(args: argparse.Namespace) -> int:
     for note in elastic.scores.capped_notes((args.mlp_ratio, args.head_ratio), (mlp_ratio, head_ratio), flag="--"):
         print(note)
     sub = elastic.subnet(mlp_ratio, head_ratio, **correction)  # corrected: by the statistics' ranking, if any
+    used = None if correction["correct"] == "none" else correction.get("calibration", elastic.stats)
     written = out
     asked = {k: getattr(args, k) for k in ("flops", "params", "latency_ms", "mlp_ratio", "head_ratio")
              if getattr(args, k) is not None}
@@ -271,8 +272,7 @@ def _slice(args: argparse.Namespace) -> int:
         cut["latency"] = budget.record()
     if args.img_size is not None and own_size != (args.img_size, args.img_size):  # where its scores were measured
         cut["elastic_input_size"] = list(own_size)
-        at = getattr(correction.get("calibration", elastic.stats if correction["correct"] != "none" else None),
-                     "image_size", None)
+        at = getattr(used, "image_size", None)
         if at is not None:
             cut["calibration_size"] = list(at)
     if onnx:
@@ -288,7 +288,6 @@ def _slice(args: argparse.Namespace) -> int:
     print(f"wrote {written}: mlp_ratio {mlp_ratio:.4f}, head_ratio {head_ratio:.4f}{split}, {cost['params']:,} params "
           f"({100 * cost['params_fraction']:.1f}%), {cost['flops']:,} FLOPs ({100 * cost['flops_fraction']:.1f}%), "
           f"correction {how}{'' if args.img_size is None else f', for {args.img_size} x {args.img_size} px inputs'}")
-    used = None if correction["correct"] == "none" else correction.get("calibration", elastic.stats)
     calibration = shlex.quote(args.calibration if args.calibration is not None else str(stats_path_for(args.path)))
     note = measured_at_note(args.img_size, own_size, used, shlex.quote(args.path), calibration, correction["correct"])
     if note is not None:
