@@ -379,11 +379,38 @@ def test_a_folder_inside_reached_through_a_link_is_read_under_its_real_path(tmp_
     _write_image(outside / "2.png")
     (tmp_path / "d_link").symlink_to(outside)  # two links to one folder outside: read once, under the first name
     (tmp_path / "e_link").symlink_to(outside)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no folder "holds no images": each is read, once
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")  # no folder "holds no images": each is read, once
         source = ImageFolderSource(tmp_path)
     assert source.classes == ["b", "c", "d_link"]
     assert [f.relative_to(tmp_path).as_posix() for f in source.files] == ["b/own/0.png", "c/deep/1.png", "d_link/2.png"]
+    assert [str(w.message) for w in said] == [
+        f"link(s) 'e_link' in '{tmp_path}' lead to folders already read under another link's name (each folder is "
+        "read once): not classes of their own"]
+
+
+def test_class_folders_that_are_links_into_a_hidden_store_are_classes(tmp_path: Path) -> None:
+    # a link into the folder was never followed: links into a '.store' inside gave no classes, or lost them silently
+    _write_image(tmp_path / "bird" / "0.png")
+    for name in ("cat", "dog"):
+        _write_image(tmp_path / ".store" / f"c_{name}" / f"{name}.png")
+        (tmp_path / name).symlink_to(tmp_path / ".store" / f"c_{name}")
+    files, labels, classes = find_images(tmp_path)
+    assert classes == ["bird", "cat", "dog"] and labels == [0, 1, 2]
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["bird/0.png", "cat/cat.png", "dog/dog.png"]
+
+
+def test_links_to_folders_read_under_their_own_path_are_named(tmp_path: Path) -> None:
+    for name in ("cat", "dog"):
+        _write_image(tmp_path / "raw" / name / "0.png")
+        (tmp_path / name).symlink_to(tmp_path / "raw" / name)
+    with pytest.warns(UserWarning) as said:
+        source = ImageFolderSource(tmp_path, argument="--data")
+    assert source.classes == ["raw"]  # read once, under their real path
+    assert [str(w.message) for w in said] == [
+        f"--data: link(s) 'cat' -> 'raw/cat', 'dog' -> 'raw/dog' in '{tmp_path}' lead to folders read under their own "
+        "path there, so they are not classes of their own; for classes made of links keep the folders they lead to "
+        "outside it or in a hidden folder (a name starting with '.')"]
 
 
 def test_a_folder_says_what_it_leaves_out(tmp_path: Path) -> None:

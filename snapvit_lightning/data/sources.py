@@ -249,14 +249,25 @@ def check_exists(root: str | Path, argument: str = "") -> Path:
     return root
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Every file under ``root``, following linked folders (each real folder once: no cycles).
+def _listing(root: Path) -> tuple[list[Path], list[Path]]:
+    """Every visible file under ``root``, and the links to folders that were not followed.
 
-    Subfolders are visited by name, and a link to a folder that is under ``root`` itself is not
-    followed: that folder is listed under its real path, and a folder outside reached by two links
-    under the first link's path in name order, on every machine.
+    Subfolders are visited by name, linked folders are followed and each real folder is read
+    once (no cycles), except that a link to a visible folder under ``root`` itself is not
+    followed: that folder is read under its own path (a link to a hidden one, e.g. a ``.store``
+    the classes link into, is followed). A folder outside reached by two links is read under the
+    first link's path in name order, on every machine. Hidden files and folders (names starting
+    with ``.``) are left out.
+
+    Returns:
+        ``(files, unfollowed)``: the files in walk order; the links not followed.
     """
-    inside = _real_folders(root)  # read under these paths; a link to one of them is not followed
+    own: set[str] = set()  # the visible folders read under their own paths
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        own.add(os.path.realpath(folder))
+    files: list[Path] = []
+    unfollowed: list[Path] = []
     seen: set[str] = set()
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -264,23 +275,16 @@ def _walk(root: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        # by name (os.walk's own order is the file system's); links to folders outside in that order, each once
-        dirs[:] = sorted(d for d in dirs if not _link_into(os.path.join(folder, d), inside))
-        yield from (Path(folder) / name for name in names)
-
-
-def _real_folders(root: Path) -> set[str]:
-    """The real paths of the folders under ``root`` that no link leads to (``root`` included)."""
-    return {os.path.realpath(folder) for folder, _, _ in os.walk(root)}
-
-
-def _link_into(path: str, inside: set[str]) -> bool:
-    """Whether ``path`` is a link to one of the folders ``inside`` (read there, under its own name)."""
-    return os.path.islink(path) and os.path.realpath(path) in inside
-
-
-def _visible(root: Path, p: Path) -> bool:
-    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):  # by name: os.walk's order is the file system's
+            path = os.path.join(folder, d)
+            if os.path.islink(path) and os.path.realpath(path) in own:
+                unfollowed.append(Path(path))
+            else:
+                kept.append(d)
+        dirs[:] = kept
+        files.extend(Path(folder) / name for name in sorted(names) if not name.startswith("."))
+    return files, unfollowed
 
 
 def _read_elsewhere(folder: Path, files: Sequence[Path]) -> bool:
@@ -289,33 +293,47 @@ def _read_elsewhere(folder: Path, files: Sequence[Path]) -> bool:
     return folder.is_symlink() and any(os.path.realpath(f).startswith(real + os.sep) for f in files)
 
 
-def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str]) -> list[str]:
+def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str],
+                 listing: tuple[list[Path], list[Path]] | None = None) -> list[str]:
     """What a user may not expect of how :func:`find_images` read the folder ``root`` (its ``files``, ``classes``).
 
     Images directly in ``root`` beside class folders (every image is unlabelled then), subfolders
     without images (no class: the classes after them take lower indices than a count of folders
-    gives) and files of image types that are not read.
+    gives), links in ``root`` to folders read under their own path (not classes of their own) and
+    files of image types that are not read. ``listing`` is the folder's walk, if already made.
     """
     notes = []
     if root.is_file():
         return notes
+    listed, unfollowed = _listing(root) if listing is None else listing
     top = [p for p in files if p.parent == root]
     below = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     if top and below:
         names = ", ".join(f"'{p.name}'" for p in top[:3]) + (f" and {len(top) - 3} more" if len(top) > 3 else "")
         notes.append(f"{len(top)} image(s) directly in '{root}' ({names}) beside {len(below)} subfolders of images: "
                      "the folder is read as unlabelled (no classes); move them into a class folder for labels")
+    links = [p for p in unfollowed if p.parent == root]
+    if classes and links:
+        shown = ", ".join(f"'{p.name}' -> '{Path(os.path.realpath(p)).relative_to(root.resolve()).as_posix()}'"
+                          for p in links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        notes.append(f"link(s) {shown} in '{root}' lead to folders read under their own path there, so they are not "
+                     "classes of their own; for classes made of links keep the folders they lead to outside "
+                     "it or in a hidden folder (a name starting with '.')")
     if classes:
-        inside = _real_folders(root)
-        empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in classes
-                       and not _link_into(str(d), inside) and not _read_elsewhere(d, files))
+        unread = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in classes
+                         and d not in links), key=lambda d: d.name)
+        twice = [d.name for d in unread if _read_elsewhere(d, files)]
+        if twice:
+            notes.append(f"link(s) {', '.join(repr(d) for d in twice[:5])} in '{root}' lead to folders already read "
+                         "under another link's name (each folder is read once): not classes of their own")
+        empty = [d.name for d in unread if d.name not in twice]
         if empty:
             notes.append(f"subfolder(s) {', '.join(repr(d) for d in empty[:5])} of '{root}' hold no images: not "
                          f"classes, so the {len(classes)} classes are indexed without them")
     other: dict[str, int] = {}
-    for p in _walk(root):
+    for p in listed:
         ext = p.suffix.lower()
-        if ext in OTHER_IMAGE_EXTENSIONS and _visible(root, p):
+        if ext in OTHER_IMAGE_EXTENSIONS:
             other[ext] = other.get(ext, 0) + 1
     if other:
         counts = ", ".join(f"{n} {ext}" for ext, n in sorted(other.items()))
@@ -332,8 +350,9 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
     by name and labels are their indices. Otherwise (flat or mixed folder) every image found
     recursively gets label -1. Files are matched by extension (``IMG_EXTENSIONS``, case
     insensitive); hidden files and folders (name starting with ``.``) are ignored; linked folders
-    are followed (a folder reached twice is listed once). ``root``
-    may also be a single image file (label -1).
+    are followed (a folder reached twice is listed once), but for a link to a visible folder
+    inside ``root``, which is read under its own path. ``root`` may also be a single image file
+    (label -1).
 
     Args:
         root: a folder, or one image file.
@@ -347,25 +366,30 @@ def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Pat
         FileNotFoundError: if ``root`` does not exist.
         ValueError: if ``root`` holds no image files.
     """
+    files, labels, classes, _ = _find(root, argument)
+    return files, labels, classes
+
+
+def _find(root: str | Path, argument: str | None
+          ) -> tuple[list[Path], list[int], list[str], tuple[list[Path], list[Path]] | None]:
+    """:func:`find_images`, and the folder's walk (:func:`_listing`; ``None`` for one file)."""
     root = check_exists(root, argument)
     if root.is_file():
-        return [root], [-1], []
-
-    def is_image(p: Path) -> bool:
-        return p.suffix.lower() in IMG_EXTENSIONS and (p.is_file() or p.is_symlink()) and _visible(root, p)
-
-    files = sorted((p for p in _walk(root) if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+        return [root], [-1], [], None
+    listing = _listing(root)
+    files = sorted((p for p in listing[0] if p.suffix.lower() in IMG_EXTENSIONS and (p.is_file() or p.is_symlink())),
+                   key=lambda p: p.relative_to(root).as_posix())
     if not files:
         named = f"{argument}: " if argument else ""
         raise ValueError(f"{named}no image files ({', '.join(IMG_EXTENSIONS)}) found in '{root}' (hidden files and "
                          "folders, whose names start with '.', are not read)")
     top_level = [p for p in files if p.parent == root]
     if top_level:
-        return files, [-1] * len(files), []
+        return files, [-1] * len(files), [], listing
     classes = sorted({p.relative_to(root).parts[0] for p in files})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.relative_to(root).parts[0]] for p in files]
-    return files, labels, classes
+    return files, labels, classes, listing
 
 
 def load_eval_images(
@@ -481,9 +505,9 @@ class ImageFolderSource(ImageSource):
 
     def __init__(self, root: str | Path, argument: str | None = None) -> None:
         self.root = Path(root).expanduser()
-        self.files, self.labels, self.classes = find_images(self.root, argument)
+        self.files, self.labels, self.classes, listing = _find(self.root, argument)
         self.description = f"{argument}='{self.root}'" if argument else f"'{self.root}'"
-        for note in layout_notes(self.root, self.files, self.classes):
+        for note in layout_notes(self.root, self.files, self.classes, listing):
             warn_at_caller_on_rank_zero(f"{argument + ': ' if argument else ''}{note}")
         # an explicitly named single file must be readable: no skipping, and it is decoded now (before a probe's minute)
         self.skippable = not self.root.is_file()
