@@ -270,11 +270,12 @@ def _slice(args: argparse.Namespace) -> int:
         cut["head_ratio_scale"], cut["head_share_knee"] = share, HEAD_SHARE_KNEE
     if args.latency_ms is not None:
         cut["latency"] = budget.record()
-    if args.img_size is not None and own_size != (args.img_size, args.img_size):  # where its scores were measured
+    size = own_size if args.img_size is None else (args.img_size, args.img_size)
+    if size != own_size:  # where its scores were measured
         cut["elastic_input_size"] = list(own_size)
-        at = getattr(used, "image_size", None)
-        if at is not None:
-            cut["calibration_size"] = list(at)
+    at = getattr(used, "image_size", None)
+    if at is not None and (tuple(at) != size or size != own_size):  # where the statistics that refit it were collected
+        cut["calibration_size"] = list(at)
     if onnx:
         from .checkpoint import subnet_metadata
 

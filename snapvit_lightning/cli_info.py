@@ -75,20 +75,25 @@ def measured_at_note(
     img_size: int | None, own: tuple[int, int], stats: object, command: str, calibration: str = "STATS",
     method: str = "lstsq",
 ) -> str | None:
-    """What ``--img-size`` cuts were not measured at: the model's own size, and the statistics' (None: nothing to say).
+    """What a cut was not measured at: the model's own size (``--img-size``) and the statistics' (None: nothing to say).
 
     ``command`` and ``calibration`` (quoted) complete the ``snapvit bench`` command it suggests.
     """
+    size = own if img_size is None else (img_size, img_size)
     at = getattr(stats, "image_size", None)
-    if img_size is None or own == (img_size, img_size) and at in (None, (img_size, img_size)):
+    at = None if at is None else tuple(at)
+    moved = size != own  # --img-size other than the elastic model's own
+    if not moved and at in (None, size):
         return None
-    new = (img_size, img_size)
-    stats_at = "" if at is None else "; its correction statistics were collected at " + (
-        f"{img_size} px too" if tuple(at) == new else f"{at[0]} x {at[1]} px")
+    px = f"{size[0]} px" if size[0] == size[1] else f"{size[0]} x {size[1]} px"
+    said = [f"the elastic model was built for {own[0]} x {own[1]} px inputs (its scores and search ran at its "
+            "calibration size)" if moved else f"the subnet takes {px} inputs, as the elastic model"]
+    if at is not None:
+        said.append("its correction statistics were collected at " + (f"{px} too" if at == size else f"{at[0]} x {at[1]} px"))
     corrected = "" if stats is None else f" --correct {method} --calibration {calibration}"
-    return (f"--img-size {img_size}: the elastic model was built for {own[0]} x {own[1]} px inputs (its scores and "
-            f"search ran at its calibration size){stats_at}; `snapvit bench {command} --data FOLDER --img-size "
-            f"{img_size}{corrected}` measures what its cuts keep at {img_size} px")
+    sized = "" if img_size is None else f" --img-size {img_size}"
+    return (f"{'' if img_size is None else f'--img-size {img_size}: '}{'; '.join(said)}; `snapvit bench {command} --data "
+            f"FOLDER{sized}{corrected}` measures what its cuts keep at {px}")
 
 
 def _info_latencies(

@@ -40,7 +40,7 @@ def _latency_line(m: dict[str, Any]) -> str:
 
 #: The keys of a cut's record (``ElasticViT.subnet``, ``snapvit slice``, the export).
 _CUT_KEYS = frozenset({"mlp_ratio", "head_ratio", "correction", "requested", "elastic", "head_ratio_scale",
-                       "head_share_knee", "latency"})
+                       "head_share_knee", "latency", "elastic_input_size", "calibration_size"})
 
 
 def describe_subnet(path: str, meta: dict[str, Any]) -> list[str]:
@@ -66,6 +66,12 @@ def describe_subnet(path: str, meta: dict[str, Any]) -> list[str]:
         split = head_split(budget.get("head_ratio_scale"), budget.get("head_share_knee"))
         lines.append(f"cut from {cut.get('elastic', 'an elastic model')}{f' (asked: {asked})' if asked else ''}: mlp_ratio "
                      f"{cut.get('mlp_ratio')}, head_ratio {cut.get('head_ratio')}{split}, correction {cut.get('correction')}")
+        sizes = [f"{what} {v[0]} x {v[1]} px" for key, what in (
+            ("elastic_input_size", "the elastic model's scores and search were measured at"),
+            ("calibration_size", "its correction statistics were collected at"))
+            if isinstance(v := budget.get(key), list) and len(v) == 2]
+        if sizes:  # slice --img-size, or statistics of another size
+            lines.append(f"cut for {h} x {w} px inputs: {'; '.join(sizes)}")
         added = ", ".join(f"{k} {v}" for k, v in cut.items() if k not in _CUT_KEYS)
         if added:  # save_subnet(budget=...) beside the cut, e.g. how it was fine-tuned
             lines.append(f"budget (as saved): {added}")

@@ -1030,6 +1030,18 @@ def test_img_size_cuts_counts_and_measures_at_the_deployment_size(tmp_path, caps
     assert "--img-size 96 --correct bias --calibration " in printed  # the correction it cut with
     record = read_metadata(tmp_path / "b.onnx")["budget"]
     assert record["elastic_input_size"] == [160, 160] and record["calibration_size"] == [96, 96]
+    # a cut at the model's own size from those 96 px statistics (beside it: every default cut uses them) says so
+    for size in ([], ["--img-size", "160"]):  # --img-size of its own size is no other size
+        assert main(["slice", str(path), "--flops", "0.6", *size, "-o", str(tmp_path / "own.safetensors"), "--overwrite"]) == 0
+        printed = capsys.readouterr().out
+        assert "the subnet takes 160 px inputs, as the elastic model; its correction statistics were collected at 96 x " \
+            "96 px; `snapvit bench " in printed and "built for" not in printed
+        record = read_metadata(tmp_path / "own.safetensors")["budget"]
+        assert record["calibration_size"] == [96, 96] and "elastic_input_size" not in record
+    assert main(["info", str(tmp_path / "b.onnx")]) == 0  # the sizes in words, not as keys
+    printed = capsys.readouterr().out
+    assert "cut for 96 x 96 px inputs: the elastic model's scores and search were measured at 160 x 160 px; its " \
+        "correction statistics were collected at 96 x 96 px" in printed and "calibration_size" not in printed
 
 
 def test_a_subnet_file_is_written_as_onnx_with_its_record(tmp_path, capsys) -> None:
