@@ -215,10 +215,10 @@ def check_supported(model: nn.Module) -> None:
         if own:
             check_input_size(model, own, f"model img_size={own[0] if len(set(own)) == 1 else list(own)}")
     except ValueError as err:  # timm's assertion would come at the first forward at that size
-        raise UnsupportedModelError(
-            f"{err}; a model with dynamic_img_size=True must take its own img_size (its files record it, and latency "
-            "and ONNX export use it): build it with such an img_size (views at another size: data.img_size)"
-        ) from None
+        why = ("; a model with dynamic_img_size=True must take its own img_size (its files record it, and latency and "
+               "ONNX export use it): build it with such an img_size (views at another size: data.img_size)"
+               if getattr(model, "dynamic_img_size", False) else "")
+        raise UnsupportedModelError(f"{err}{why}") from None
     if getattr(model, "global_pool", None) == "" and getattr(model, "attn_pool", None) is None:
         raise UnsupportedModelError(
             "model has global_pool='' (its features are all tokens, not one embedding per image, which the scores, "
@@ -511,15 +511,25 @@ def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None
             f"dynamic_img_size=True and give a multiple of {patch[0] if patch else 'the patch size'}"
         raise ValueError(f"{name}: this ViT takes {fixed[0]} x {fixed[1]} px images only (give {fixed[0]}, or build "
                          f"the ViT with {other})")
-    if len(patch) != 2 or getattr(pe, "img_size", None) is None or getattr(pe, "dynamic_img_pad", False) \
-            or getattr(pe, "strict_img_size", False):
+    pads = getattr(pe, "dynamic_img_pad", False)
+    if pads and not getattr(model, "dynamic_img_size", False) and len(patch) == 2 and (size[0] % patch[0] or size[1] % patch[1]):
+        grid = f"{fixed[0] // patch[0]} x {fixed[1] // patch[1]}" if len(fixed) == 2 else "fixed"
+        raise ValueError(f"{name}: {size[0]} x {size[1]} px images are padded to whole {patch[0]} x {patch[1]} px "
+                         f"patches (dynamic_img_pad), more than this ViT's {grid} position embeddings (no "
+                         f"dynamic_img_size), so timm's own forward fails; build it with dynamic_img_size=True, or "
+                         f"at a multiple of {patch[0]} (e.g. {_near(size[0], patch[0])})")
+    if len(patch) != 2 or getattr(pe, "img_size", None) is None or pads or getattr(pe, "strict_img_size", False):
         return  # a fixed size (checked above), a padding patch embedding (any size), or no size to check
     if size[0] % patch[0] or size[1] % patch[1]:
         multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
-        from .deploy_size import multiples_near
-
         raise ValueError(f"{name}: {size[0]} x {size[1]} px images do not cut into this model's {patch[0]} x "
-                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {multiples_near(size[0], patch[0])})")
+                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {_near(size[0], patch[0])})")
+
+
+def _near(size: int, patch: int) -> str:
+    from .deploy_size import multiples_near
+
+    return multiples_near(size, patch)
 
 
 def check_model_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:

@@ -207,6 +207,8 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         raise ValueError(f"pretrained=True: the weights of model {model_name!r} are at a URL that could not be read "
                          f"({err.reason}); give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay "
                          "{file: PATH}") from err
+    except AssertionError as err:  # model_kwargs the model class asserts against (e.g. num_heads not dividing the width)
+        raise ValueError(f"model_kwargs {kwargs}: timm refuses them for {model_name!r}: {err or 'an assertion failed'}") from err
     except TypeError as err:  # a misspelt model_kwargs key: the model class's own message names it
         if "unexpected keyword argument" not in str(err):
             raise

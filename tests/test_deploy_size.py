@@ -40,6 +40,16 @@ def test_an_elastic_model_cuts_budgets_and_corrected_subnets_at_the_new_size() -
         assert sub(torch.randn(1, 3, 128, 128)).shape == elastic.model(torch.randn(1, 3, 128, 128)).shape
 
 
+def test_the_models_own_size_is_taken_even_when_it_is_not_whole_patches() -> None:
+    # A model built at 100 px (timm leaves out the last 4 px) was cut by slice but refused by slice --img-size 100.
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=100, depth=1).eval()
+    before = model.pos_embed.clone()
+    set_deployment_size(model, 100)
+    assert torch.equal(model.pos_embed, before) and tuple(model.patch_embed.img_size) == (100, 100)
+    with pytest.raises(ValueError, match=r"--img-size 104: the images would not cut"):
+        set_deployment_size(model, 104)
+
+
 def test_a_padding_patch_embedding_takes_any_size() -> None:
     model = timm.create_model("test_vit", pretrained=False, dynamic_img_pad=True).eval()
     set_deployment_size(model, 50)

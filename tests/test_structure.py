@@ -242,6 +242,24 @@ def test_input_sizes_follow_timms_patch_embedding() -> None:
     padded(check_model_images(padded, torch.randn(1, 3, 40, 32), "images"))  # pads: any size
 
 
+def test_a_padding_model_without_dynamic_size_must_be_built_at_whole_patches() -> None:
+    # It passed the checks and failed in the scoring's first forward: 7 x 7 padded patches, 6 x 6 position embeddings.
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2, num_classes=0, dynamic_img_pad=True)
+    fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=100, **kwargs)
+    with pytest.raises(RuntimeError, match="must match"):
+        fixed(torch.randn(1, 3, 100, 100))  # what the check spares the user
+    with pytest.raises(UnsupportedModelError, match=r"^model img_size=100: 100 x 100 px images are padded to whole 16 x "
+                                                    r"16 px patches \(dynamic_img_pad\), more than this ViT's 6 x 6 position "
+                                                    r"embeddings \(no dynamic_img_size\), so timm's own forward fails; build "
+                                                    r"it with dynamic_img_size=True, or at a multiple of 16 \(e\.g\. 96 or "
+                                                    r"112\)$"):
+        check_supported(fixed)
+    for ok in (dict(img_size=96), dict(img_size=100, dynamic_img_size=True)):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs, **ok)
+        check_supported(model)
+        model(torch.randn(1, 3, *model.patch_embed.img_size))
+
+
 def test_a_dynamic_size_model_that_cannot_take_its_own_size_is_refused() -> None:
     # Built at 56 px with 16 px patches, it ran until its latency or ONNX export fed it 56 px images (timm's assertion).
     kwargs = dict(depth=1, embed_dim=32, num_heads=2, num_classes=0, img_size=56)

@@ -219,6 +219,16 @@ def test_a_misspelt_model_kwargs_key_is_a_value_error_naming_it():
         create_timm_model("test_vit", model_kwargs={"img_sz": 64})
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"class_token": False, "global_pool": "token"}, r"timm refuses them for 'test_vit': Token pooling needs the class token"),
+    ({"num_heads": 5}, r"timm refuses them for 'test_vit': dim should be divisible by num_heads"),
+])
+def test_model_kwargs_timm_asserts_against_are_a_value_error(kwargs, match) -> None:
+    # timm's AssertionError was a traceback (exit status 1) where a misspelt key was one line
+    with pytest.raises(ValueError, match=r"^model_kwargs \{.*\}: " + match):
+        create_timm_model("test_vit", model_kwargs=kwargs)
+
+
 def test_a_local_dir_without_its_config_is_refused_with_the_layout(tmp_path) -> None:
     # timm said only "Config file not found: FOLDER/config.json", for a missing folder too
     with pytest.raises(FileNotFoundError, match=r"the folder '.*nope' does not exist; timm's local-dir: reads FOLDER/config.json"):
