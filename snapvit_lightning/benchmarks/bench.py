@@ -553,6 +553,9 @@ def run_bench(args: argparse.Namespace) -> int:
                             "dims": kept, "model": model if keep_models else None, "cost": source.cost(kept),
                             **quality(model, feats), "wall_s": time.perf_counter() - t0 - (calibrate.stats_s - stats_s)})
 
+    fixes = f" and {', '.join(corrections)}-corrected" if corrections else ""
+    print(f"bench: the dense model and {len(todo) - 1} budget(s), plain{fixes}{' and baselines' if getattr(args, 'baselines', False) else ''}, "
+          f"on {images.shape[0]} images{'' if args.no_latency else ', then their latency'}", file=sys.stderr, flush=True)
     for ratios in todo:
         add("snapvit", elastic, ratios, elastic.dims(*ratios))
     if getattr(args, "baselines", False):
@@ -580,6 +583,8 @@ def run_bench(args: argparse.Namespace) -> int:
         load_average, busy = machine.load_average(), busy_note(device, args.threads)
         if busy is not None:
             warnings.warn(busy, stacklevel=1)
+        print(f"bench: timing {len(entries)} models ({args.repeats} interleaved rounds, batch {args.batch_size})",
+              file=sys.stderr, flush=True)
         for e in entries:  # the features are taken: the models are cast and moved in place
             e["model"].eval().to(device=device, dtype=dtype)
             measure_latency(e["model"], batch_size=args.batch_size, device=device, warmup=args.warmup, repeats=1)
