@@ -497,7 +497,8 @@ def _rebuild(
 ) -> nn.Module:
     name, kwargs = meta["model_name"], meta["model_kwargs"]
     if not isinstance(name, str) or not timm.is_model(name):
-        raise ValueError(f"{path}: model_name {name!r} is not a registered timm model")
+        raise ValueError(f"{path}: model_name {name!r} is not a registered timm model (one your own code registers "
+                         "with timm's @register_model: load the file from Python after importing that code)")
     if not isinstance(kwargs, dict):
         raise ValueError(f"{path}: model_kwargs must be a JSON object, got {kwargs!r}")
     if "checkpoint_path" in kwargs:  # timm.create_model would read that file: no file we write holds it

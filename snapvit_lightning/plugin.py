@@ -124,6 +124,14 @@ def find_vit(
         if len(supported) == 1:
             return supported[0]
         if not supported:
+            if not unsupported:  # other timm models (a Swin, a ConvNeXt): named, so it does not read as not found
+                others: list[str] = []
+                for name, module in pl_module.named_modules():
+                    if type(module).__module__.startswith("timm.models.") and not any(
+                            name.startswith(f"{n}.") for n in others):
+                        others.append(name)
+                unsupported = [f"{n or '(the module itself)'} ({type(pl_module.get_submodule(n)).__name__}: not a timm "
+                               "VisionTransformer)" for n in others]
             advice = ("SnapViT cannot prune these" if unsupported else "pass model_attr= or model_getter= if it is there")
             extra = f"; unsupported ones: {unsupported}" if unsupported else ""
             error = UnsupportedModelError if unsupported else ValueError  # the README's error for a refused model

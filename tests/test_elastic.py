@@ -341,7 +341,9 @@ def test_bad_files_raise_and_change_nothing(tmp_path) -> None:
         ElasticViT.load(variant("v99.safetensors", format_version="99"))
     with pytest.raises(ValueError, match="is a safetensors file without snapvit's metadata \\(model weights\\?\\); this reads elastic checkpoint or subnet files"):
         ElasticViT.load(variant("other.safetensors", format="something-else"))
-    with pytest.raises(ValueError, match="is not a registered timm model"):
+    with pytest.raises(ValueError, match=r"model_name 'os.system' is not a registered timm model \(one your own code "
+                                         r"registers with timm's @register_model: load the file from Python after "
+                                         r"importing that code\)$"):
         ElasticViT.load(variant("name.safetensors", model_name="os.system"))
     with pytest.raises(ValueError, match="the weights do not fit"):
         ElasticViT.load(variant("dims.safetensors", block_dims=json.dumps([[1, 5]] * 6)))

@@ -289,6 +289,16 @@ def test_find_vit_names_an_unsupported_vit_like_backbone():
             find_vit(user)
 
 
+def test_find_vit_names_other_timm_backbones():
+    # A ConvNeXt (or Swin) backbone read as "found no ... pass model_attr= if it is there", as if it were missing.
+    user = UserModule(num_vits=0)
+    user.backbone = timm.create_model("convnext_atto", pretrained=False, num_classes=0)
+    with pytest.raises(UnsupportedModelError, match=r"found no supported timm VisionTransformer in UserModule; unsupported "
+                                                    r"ones: \['backbone \(ConvNeXt: not a timm VisionTransformer\)'\]; "
+                                                    r"SnapViT cannot prune these$"):
+        find_vit(user)
+
+
 def test_snapvit_plugin_with_calibration_datamodule(tmp_path):
     dataset = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     dm = CalibrationDataModule(dataset=dataset, num_local_crops=2, batch_size=2)  # size from the model
