@@ -28,7 +28,7 @@ def set_deployment_size(model: nn.Module, img_size: int, option: str = "--img-si
 
     Raises:
         ValueError: ``img_size`` not an int >= 1, or, other than the model's own size, not a multiple of
-            the patch size (unless the patch embedding pads, ``dynamic_img_pad``); a model without timm's
+            the patch size (unless the patch embedding pads, ``dynamic_img_pad``, to a dynamic size); a model without timm's
             ``set_input_size``.
     """
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 1:
@@ -39,7 +39,8 @@ def set_deployment_size(model: nn.Module, img_size: int, option: str = "--img-si
     if tuple(int(s) for s in pe.img_size) == (img_size, img_size):
         return  # its own size, which it was built and checked at
     patch = tuple(int(p) for p in pe.patch_size)
-    if not getattr(pe, "dynamic_img_pad", False) and (img_size % patch[0] or img_size % patch[1]):
+    pads = getattr(pe, "dynamic_img_pad", False) and getattr(model, "dynamic_img_size", False)  # else a fixed grid
+    if not pads and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(f"{option} {img_size}: the images would not cut into this model's {patch[0]} x {patch[1]} "
                          f"px patches; give a multiple of {patch[0]} (e.g. {multiples_near(img_size, patch[0])})")
     model.set_input_size(img_size=(img_size, img_size))

@@ -292,10 +292,8 @@ class ElasticViT:
         asked = {k: v for k, v in (("flops", flops), ("params", params), ("latency_ms", latency_ms), ("mlp_ratio", mlp_ratio),
                                    ("head_ratio", head_ratio)) if v is not None}
         correct, calibration = self._resolve_correction(correct, calibration)
-        correction = dict(
-            correct=correct, calibration=calibration, damping=damping,
-            damping_reference=damping_reference, sequential=sequential,
-        )
+        correction = dict(correct=correct, calibration=calibration, damping=damping,
+                          damping_reference=damping_reference, sequential=sequential)
         _check_correction_args(**correction)
         view = self._ranked_cut(correct, calibration, sequential)
         if latency_ms is not None or flops is not None or params is not None:  # its default follows the correction
@@ -320,7 +318,9 @@ class ElasticViT:
         else:
             sub = self.slice(self.dims(*ratios), **correction)
         split = {} if head_ratio_scale is None else {"head_ratio_scale": head_ratio_scale, "head_share_knee": HEAD_SHARE_KNEE}
+        at = getattr(calibration, "image_size", None) if correct != "none" else None  # statistics of another size
         sub.snapvit_cut = {"mlp_ratio": ratios[0], "head_ratio": ratios[1], "correction": correct, "requested": asked, **split,
+                           **({"calibration_size": list(at)} if at is not None and tuple(at) != self.input_size else {}),
                            **({"latency": timed.record()} if latency_ms is not None else {})}  # as `slice --latency-ms`
         return sub
 

@@ -329,6 +329,8 @@ def export_elastic(
                "elastic": targets["elastic"].name, "requested": requested}  # a subnet file's (and ONNX graph's) metadata
         if "flops" in requested or "params" in requested:  # how the fraction was split, as `snapvit slice` records it
             cut.update(head_ratio_scale=head_share(None, correct != "none"), head_share_knee=HEAD_SHARE_KNEE)
+        if stats is not None and stats.image_size is not None and tuple(stats.image_size) != elastic.input_size:
+            cut["calibration_size"] = list(stats.image_size)  # statistics of another size than the subnet's inputs
         if save_subnets and label not in subnets:
             subnets[label] = (sub, cut)
         if onnx and label not in graphs:

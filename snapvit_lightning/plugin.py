@@ -72,9 +72,12 @@ def _is_timm_vit(module: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
 
     return isinstance(module, VisionTransformer) or (
-        any(c.__module__.startswith("timm.models.") for c in type(module).__mro__)  # a user's subclass too
-        and hasattr(module, "patch_embed") and hasattr(module, "blocks")
-    )
+        _from_timm_models(module) and hasattr(module, "patch_embed") and hasattr(module, "blocks"))
+
+
+def _from_timm_models(module: nn.Module) -> bool:
+    """Whether ``module``'s class is one of timm's models or their parts (a user's subclass too)."""
+    return any(c.__module__.startswith("timm.models.") for c in type(module).__mro__)
 
 
 def find_vit(
@@ -93,10 +96,11 @@ def find_vit(
         ``(where, model)``: the attribute path (``"<getter>"`` for a getter) and the model.
 
     Raises:
-        ValueError: No such attribute, no ViT at all, or several supported ViTs (listing their names).
+        ValueError: No such attribute, no timm model at all, or several supported ViTs (listing their names).
         TypeError: The attribute or getter result is not an ``nn.Module``.
         UnsupportedModelError: The chosen model is not supported (attr/getter), or auto-detection
-            found only ViT-like models that are not (listing them).
+            found only timm models that are not (ViT-like ones such as Eva, or a Swin or ConvNeXt;
+            listing them).
     """
     cls = type(pl_module).__name__
     if model_attr is not None:
@@ -126,9 +130,8 @@ def find_vit(
         if not supported:
             if not unsupported:  # other timm models (a Swin, a ConvNeXt): named, so it does not read as not found
                 others: list[str] = []
-                for name, module in pl_module.named_modules():
-                    if type(module).__module__.startswith("timm.models.") and not any(
-                            name.startswith(f"{n}.") for n in others):
+                for name, module in pl_module.named_modules():  # the outermost ones (a user's subclass too)
+                    if _from_timm_models(module) and not any(n == "" or name.startswith(f"{n}.") for n in others):
                         others.append(name)
                 unsupported = [f"{n or '(the module itself)'} ({type(pl_module.get_submodule(n)).__name__}: not a timm "
                                "VisionTransformer)" for n in others]

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import sys
+import traceback
 import urllib.error
 import warnings
 import zipfile
@@ -207,8 +208,14 @@ def create_timm_model(model_name: str, pretrained: bool = False, model_kwargs: d
         raise ValueError(f"pretrained=True: the weights of model {model_name!r} are at a URL that could not be read "
                          f"({err.reason}); give local weights: checkpoint_path, or model_kwargs pretrained_cfg_overlay "
                          "{file: PATH}") from err
-    except AssertionError as err:  # model_kwargs the model class asserts against (e.g. num_heads not dividing the width)
-        raise ValueError(f"model_kwargs {kwargs}: timm refuses them for {model_name!r}: {err or 'an assertion failed'}") from err
+    except (AssertionError, ZeroDivisionError, KeyError, IndexError, ValueError) as err:
+        # model_kwargs the model class fails on (num_heads not dividing the width, patch_size 0, an unknown act_layer)
+        frames = traceback.extract_tb(err.__traceback__)
+        if not isinstance(err, AssertionError) and (not frames or f"{os.sep}timm{os.sep}" not in frames[-1].filename):
+            raise  # ours (they name what to do), or not timm's
+        said = str(err) or "an assertion failed"
+        raise ValueError(f"model_kwargs {kwargs}: timm refuses them for {model_name!r}: "
+                         f"{said if isinstance(err, AssertionError) else f'{type(err).__name__}: {said}'}") from err
     except TypeError as err:  # a misspelt model_kwargs key: the model class's own message names it
         if "unexpected keyword argument" not in str(err):
             raise

@@ -400,6 +400,21 @@ def test_class_folders_that_are_links_into_a_hidden_store_are_classes(tmp_path: 
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["bird/0.png", "cat/cat.png", "dog/dog.png"]
 
 
+def test_a_link_to_a_folder_enclosing_the_root_is_not_followed(tmp_path: Path) -> None:
+    # `up -> ..` read the folders beside the root as one more class ('up'), and `cat/anc -> ../..` put them in 'cat'
+    _write_image(tmp_path / "beside" / "x" / "0.png")
+    root = tmp_path / "root"
+    _write_image(root / "cat" / "1.png")
+    _write_image(root / "dog" / "2.png")
+    (root / "up").symlink_to("..")
+    (root / "cat" / "anc").symlink_to("../..")
+    with pytest.warns(UserWarning, match=rf"link\(s\) 'up' -> '{tmp_path}' in '{root}' lead to folders read under their "
+                                         r"own path there, or enclosing it, so they are not classes"):
+        source = ImageFolderSource(root)
+    assert source.classes == ["cat", "dog"]
+    assert [f.relative_to(root).as_posix() for f in source.files] == ["cat/1.png", "dog/2.png"]
+
+
 def test_links_to_folders_read_under_their_own_path_are_named(tmp_path: Path) -> None:
     for name in ("cat", "dog"):
         _write_image(tmp_path / "raw" / name / "0.png")
@@ -409,8 +424,8 @@ def test_links_to_folders_read_under_their_own_path_are_named(tmp_path: Path) ->
     assert source.classes == ["raw"]  # read once, under their real path
     assert [str(w.message) for w in said] == [
         f"--data: link(s) 'cat' -> 'raw/cat', 'dog' -> 'raw/dog' in '{tmp_path}' lead to folders read under their own "
-        "path there, so they are not classes of their own; for classes made of links keep the folders they lead to "
-        "outside it or in a hidden folder (a name starting with '.')"]
+        "path there, or enclosing it, so they are not classes of their own; for classes made of links keep the folders "
+        "they lead to outside it or in a hidden folder (a name starting with '.')"]
 
 
 def test_a_folder_says_what_it_leaves_out(tmp_path: Path) -> None:

@@ -29,9 +29,13 @@ def test_an_elastic_model_cuts_budgets_and_corrected_subnets_at_the_new_size() -
     elastic = ElasticViT(model, random_scores(model), model_name=name, model_kwargs=kwargs)
     elastic.attach_stats(elastic.collect_stats(torch.randn(8, 3, 64, 64), ranking=True))  # at 64 px
     small = elastic.cost(elastic.dims(0.5, 0.5))
+    assert "calibration_size" not in elastic.subnet(0.5, 0.5).snapvit_cut  # statistics of its own size
     set_deployment_size(elastic.model, 128)
     assert elastic.input_size == (128, 128)
     sub = elastic.subnet(0.5, 0.5)
+    # the Python route records the statistics' other size as `snapvit slice` does (save_subnet writes it)
+    assert sub.snapvit_cut["calibration_size"] == [64, 64]
+    assert "calibration_size" not in elastic.subnet(0.5, 0.5, correct="none").snapvit_cut
     large = elastic.cost(elastic.dims(0.5, 0.5))
     assert model_cost(sub)["flops"] == large["flops"] > 3 * small["flops"]  # the FLOPs are counted at 128 px
     assert large["flops_fraction"] == pytest.approx(large["flops"] / model_cost(elastic.model)["flops"])  # of 128 px
@@ -55,6 +59,10 @@ def test_a_padding_patch_embedding_takes_any_size() -> None:
     set_deployment_size(model, 50)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 50, 50)).shape == (1, 1000)
+    # without dynamic_img_size its position grid is fixed: padded patches would outnumber it (timm's forward fails)
+    fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=160, dynamic_img_pad=True)
+    with pytest.raises(ValueError, match=r"^--img-size 150: the images would not cut into this model's 16 x 16 px patches"):
+        set_deployment_size(fixed, 150)
 
 
 @pytest.mark.parametrize("size, match", [

@@ -297,6 +297,16 @@ def test_find_vit_names_other_timm_backbones():
                                                     r"ones: \['backbone \(ConvNeXt: not a timm VisionTransformer\)'\]; "
                                                     r"SnapViT cannot prune these$"):
         find_vit(user)
+    from timm.models.convnext import ConvNeXt
+
+    class MyConvNeXt(ConvNeXt):  # a user's subclass: named as the backbone, not by its stages
+        pass
+
+    user.backbone = MyConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=0)
+    with pytest.raises(UnsupportedModelError, match=r"ones: \['backbone \(MyConvNeXt: not a timm VisionTransformer\)'\];"):
+        find_vit(user)
+    with pytest.raises(UnsupportedModelError, match=r"ones: \['\(the module itself\) \(MyConvNeXt: not a timm "):
+        find_vit(user.backbone)  # given the model itself: it alone, not its stages too
 
 
 def test_snapvit_plugin_with_calibration_datamodule(tmp_path):

@@ -222,6 +222,9 @@ def test_a_misspelt_model_kwargs_key_is_a_value_error_naming_it():
 @pytest.mark.parametrize("kwargs, match", [
     ({"class_token": False, "global_pool": "token"}, r"timm refuses them for 'test_vit': Token pooling needs the class token"),
     ({"num_heads": 5}, r"timm refuses them for 'test_vit': dim should be divisible by num_heads"),
+    ({"pos_embed": "bogus"}, r"timm refuses them for 'test_vit': an assertion failed$"),  # an assert without a message
+    ({"patch_size": 0}, r"timm refuses them for 'test_vit': ZeroDivisionError: "),  # were tracebacks too
+    ({"act_layer": "bogus"}, r"timm refuses them for 'test_vit': KeyError: 'bogus'$"),
 ])
 def test_model_kwargs_timm_asserts_against_are_a_value_error(kwargs, match) -> None:
     # timm's AssertionError was a traceback (exit status 1) where a misspelt key was one line

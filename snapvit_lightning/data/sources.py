@@ -255,7 +255,7 @@ def _listing(root: Path) -> tuple[list[Path], list[Path]]:
     Subfolders are visited by name, linked folders are followed and each real folder is read
     once (no cycles), except that a link to a visible folder under ``root`` itself is not
     followed: that folder is read under its own path (a link to a hidden one, e.g. a ``.store``
-    the classes link into, is followed). A folder outside reached by two links is read under the
+    the classes link into, is followed), nor is a link to ``root`` or a folder enclosing it. A folder outside reached by two links is read under the
     first link's path in name order, on every machine. Hidden files and folders (names starting
     with ``.``) are left out.
 
@@ -269,6 +269,8 @@ def _listing(root: Path) -> tuple[list[Path], list[Path]]:
     files: list[Path] = []
     unfollowed: list[Path] = []
     seen: set[str] = set()
+    top = os.path.realpath(root)
+    enclosing = {top, *map(str, Path(top).parents)}  # a link up (`up -> ..`) would read the folders beside ``root``
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -278,7 +280,7 @@ def _listing(root: Path) -> tuple[list[Path], list[Path]]:
         kept = []
         for d in sorted(d for d in dirs if not d.startswith(".")):  # by name: os.walk's order is the file system's
             path = os.path.join(folder, d)
-            if os.path.islink(path) and os.path.realpath(path) in own:
+            if os.path.islink(path) and (os.path.realpath(path) in own or os.path.realpath(path) in enclosing):
                 unfollowed.append(Path(path))
             else:
                 kept.append(d)
@@ -314,11 +316,11 @@ def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str],
                      "the folder is read as unlabelled (no classes); move them into a class folder for labels")
     links = [p for p in unfollowed if p.parent == root]
     if classes and links:
-        shown = ", ".join(f"'{p.name}' -> '{Path(os.path.realpath(p)).relative_to(root.resolve()).as_posix()}'"
-                          for p in links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
-        notes.append(f"link(s) {shown} in '{root}' lead to folders read under their own path there, so they are not "
-                     "classes of their own; for classes made of links keep the folders they lead to outside "
-                     "it or in a hidden folder (a name starting with '.')")
+        shown = ", ".join(f"'{p.name}' -> '{_inside_name(root, p)}'" for p in links[:5]) + (
+            f" and {len(links) - 5} more" if len(links) > 5 else "")
+        notes.append(f"link(s) {shown} in '{root}' lead to folders read under their own path there, or enclosing "
+                     "it, so they are not classes of their own; for classes made of links keep the folders they lead "
+                     "to outside it or in a hidden folder (a name starting with '.')")
     if classes:
         unread = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in classes
                          and d not in links), key=lambda d: d.name)
@@ -340,6 +342,12 @@ def layout_notes(root: Path, files: Sequence[Path], classes: Sequence[str],
         notes.append(f"{sum(other.values())} file(s) in '{root}' of image types that are not read ({counts}); "
                      f"read: {', '.join(IMG_EXTENSIONS)} (convert them to include them)")
     return notes
+
+
+def _inside_name(root: Path, link: Path) -> str:
+    """Where ``link`` leads: a path under ``root``, or the enclosing folder's own path."""
+    target = Path(os.path.realpath(link))
+    return target.relative_to(root.resolve()).as_posix() if target.is_relative_to(root.resolve()) else str(target)
 
 
 def find_images(root: str | Path, argument: str | None = None) -> tuple[list[Path], list[int], list[str]]:
