@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .deploy_size import multiples_near
 from .forward import explicit_attention
 from .values import all_finite, integer
 
@@ -154,9 +155,7 @@ def get_blocks(model: nn.Module) -> list[nn.Module]:
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        raise UnsupportedModelError(
-            f"model {_describe(model)} has no `blocks` Sequential/ModuleList; {_SUPPORTED_TEXT}"
-        )
+        raise UnsupportedModelError(f"model {_describe(model)} has no `blocks` Sequential/ModuleList; {_SUPPORTED_TEXT}")
     return list(blocks)
 
 
@@ -185,10 +184,8 @@ def _check_attention(attn: nn.Module) -> None:
             f"differential attention cut differently); {_SUPPORTED_TEXT}"
         )
     if attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:
-        raise UnsupportedModelError(
-            f"attention qkv has {attn.qkv.out_features} outputs, expected 3 * num_heads * head_dim = "
-            f"{3 * attn.num_heads * attn.head_dim}"
-        )
+        raise UnsupportedModelError(f"attention qkv has {attn.qkv.out_features} outputs, expected 3 * num_heads * head_dim "
+                                    f"= {3 * attn.num_heads * attn.head_dim}")
 
 
 def check_supported(model: nn.Module) -> None:
@@ -211,13 +208,12 @@ def check_supported(model: nn.Module) -> None:
             f"models with a CNN stem are not supported: their input and FLOPs are the stem's); {_SUPPORTED_TEXT}"
         )
     own = tuple(int(s) for s in getattr(model.patch_embed, "img_size", None) or ())
-    try:
-        if own:
-            check_input_size(model, own, f"model img_size={own[0] if len(set(own)) == 1 else list(own)}")
-    except ValueError as err:  # timm's assertion would come at the first forward at that size
-        why = ("; a model with dynamic_img_size=True must take its own img_size (its files record it, and latency and "
-               "ONNX export use it): build it with such an img_size (views at another size: data.img_size)"
-               if getattr(model, "dynamic_img_size", False) else "")
+    try:  # timm's assertion would come at the first forward at that size
+        check_input_size(model, own, f"model img_size={own[0] if len(set(own)) == 1 else list(own)}") if own else None
+    except ValueError as err:
+        why = "" if not getattr(model, "dynamic_img_size", False) else ("; a model with dynamic_img_size=True must take its own "
+              "img_size (its files record it, and latency and ONNX export use it): build it with such an img_size (views at "
+              "another size: data.img_size)")
         raise UnsupportedModelError(f"{err}{why}") from None
     if getattr(model, "global_pool", None) == "" and getattr(model, "attn_pool", None) is None:
         raise UnsupportedModelError(
@@ -505,31 +501,24 @@ def check_input_size(model: nn.Module, size: tuple[int, int], name: str) -> None
     pe = getattr(model, "patch_embed", None)
     patch = tuple(int(p) for p in getattr(pe, "patch_size", None) or ())
     fixed = tuple(int(s) for s in getattr(pe, "img_size", None) or ())
+    whole = len(patch) == 2 and not size[0] % patch[0] and not size[1] % patch[1]
+    near = multiples_near(size[0], patch[0]) if patch else ""
     if getattr(pe, "strict_img_size", False) and len(fixed) == 2 and tuple(size) != fixed:  # timm asserts in the forward
-        fits = len(patch) == 2 and not size[0] % patch[0] and not size[1] % patch[1]
-        other = f"img_size={size[0]} or dynamic_img_size=True" if fits else \
+        other = f"img_size={size[0]} or dynamic_img_size=True" if whole else \
             f"dynamic_img_size=True and give a multiple of {patch[0] if patch else 'the patch size'}"
         raise ValueError(f"{name}: this ViT takes {fixed[0]} x {fixed[1]} px images only (give {fixed[0]}, or build "
                          f"the ViT with {other})")
     pads = getattr(pe, "dynamic_img_pad", False)
-    if pads and not getattr(model, "dynamic_img_size", False) and len(patch) == 2 and (size[0] % patch[0] or size[1] % patch[1]):
-        grid = f"{fixed[0] // patch[0]} x {fixed[1] // patch[1]}" if len(fixed) == 2 else "fixed"
-        raise ValueError(f"{name}: {size[0]} x {size[1]} px images are padded to whole {patch[0]} x {patch[1]} px "
-                         f"patches (dynamic_img_pad), more than this ViT's {grid} position embeddings (no "
-                         f"dynamic_img_size), so timm's own forward fails; build it with dynamic_img_size=True, or "
-                         f"at a multiple of {patch[0]} (e.g. {_near(size[0], patch[0])})")
-    if len(patch) != 2 or getattr(pe, "img_size", None) is None or pads or getattr(pe, "strict_img_size", False):
-        return  # a fixed size (checked above), a padding patch embedding (any size), or no size to check
-    if size[0] % patch[0] or size[1] % patch[1]:
-        multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
-        raise ValueError(f"{name}: {size[0]} x {size[1]} px images do not cut into this model's {patch[0]} x "
-                         f"{patch[1]} px patches; give a size that is a multiple of {multiple} (e.g. {_near(size[0], patch[0])})")
-
-
-def _near(size: int, patch: int) -> str:
-    from .deploy_size import multiples_near
-
-    return multiples_near(size, patch)
+    if pads and not getattr(model, "dynamic_img_size", False) and len(patch) == len(fixed) == 2 and not whole:
+        raise ValueError(f"{name}: {size[0]} x {size[1]} px images are padded to whole {patch[0]} x {patch[1]} px patches "
+                         f"(dynamic_img_pad), more than this ViT's {fixed[0] // patch[0]} x {fixed[1] // patch[1]} position "
+                         f"embeddings (no dynamic_img_size), so timm's own forward fails; build it with dynamic_img_size=True, "
+                         f"or at a multiple of {patch[0]} (e.g. {near})")
+    if len(patch) != 2 or not fixed or pads or getattr(pe, "strict_img_size", False) or whole:
+        return  # a fixed size (checked above), a padding patch embedding (any size), whole patches, or no size to check
+    multiple = patch[0] if patch[0] == patch[1] else f"{patch[0]} x {patch[1]}"
+    raise ValueError(f"{name}: {size[0]} x {size[1]} px images do not cut into this model's {patch[0]} x {patch[1]} px "
+                     f"patches; give a size that is a multiple of {multiple} (e.g. {near})")
 
 
 def check_model_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
