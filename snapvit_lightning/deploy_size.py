@@ -28,8 +28,8 @@ def set_deployment_size(model: nn.Module, img_size: int, option: str = "--img-si
 
     Raises:
         ValueError: ``img_size`` not an int >= 1, or, other than the model's own size, not a multiple of
-            the patch size (unless the patch embedding pads, ``dynamic_img_pad``, to a dynamic size); a model without timm's
-            ``set_input_size``.
+            the patch size (unless the patch embedding pads, ``dynamic_img_pad``, to a dynamic size); a
+            model without timm's ``set_input_size``.
     """
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 1:
         raise ValueError(f"{option}: must be an int >= 1, got {img_size!r}")

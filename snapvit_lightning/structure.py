@@ -208,12 +208,13 @@ def check_supported(model: nn.Module) -> None:
             f"models with a CNN stem are not supported: their input and FLOPs are the stem's); {_SUPPORTED_TEXT}"
         )
     own = tuple(int(s) for s in getattr(model.patch_embed, "img_size", None) or ())
-    try:  # timm's assertion would come at the first forward at that size
-        check_input_size(model, own, f"model img_size={own[0] if len(set(own)) == 1 else list(own)}") if own else None
-    except ValueError as err:
-        why = "" if not getattr(model, "dynamic_img_size", False) else ("; a model with dynamic_img_size=True must take its own "
-              "img_size (its files record it, and latency and ONNX export use it): build it with such an img_size (views at "
-              "another size: data.img_size)")
+    try:
+        if own:
+            check_input_size(model, own, f"model img_size={own[0] if len(set(own)) == 1 else list(own)}")
+    except ValueError as err:  # timm's assertion would come at the first forward at that size
+        why = ("" if not getattr(model, "dynamic_img_size", False) else "; a model with dynamic_img_size=True must take its "
+               "own img_size (its files record it, and latency and ONNX export use it): build it with such an img_size "
+               "(views at another size: data.img_size)")
         raise UnsupportedModelError(f"{err}{why}") from None
     if getattr(model, "global_pool", None) == "" and getattr(model, "attn_pool", None) is None:
         raise UnsupportedModelError(

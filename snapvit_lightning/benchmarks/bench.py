@@ -553,9 +553,10 @@ def run_bench(args: argparse.Namespace) -> int:
                             "dims": kept, "model": model if keep_models else None, "cost": source.cost(kept),
                             **quality(model, feats), "wall_s": time.perf_counter() - t0 - (calibrate.stats_s - stats_s)})
 
-    fixes = f" and {', '.join(corrections)}-corrected" if corrections else ""
-    print(f"bench: the dense model and {len(todo) - 1} budget(s), plain{fixes}{' and baselines' if getattr(args, 'baselines', False) else ''}, "
-          f"on {images.shape[0]} images{'' if args.no_latency else ', then their latency'}", file=sys.stderr, flush=True)
+    fixes = (f" and {', '.join(corrections)}-corrected" if corrections else "") + (
+        " and baselines" if getattr(args, "baselines", False) else "")
+    print(f"bench: the dense model and {len(todo) - 1} budget(s), plain{fixes}, on {images.shape[0]} images"
+          f"{'' if args.no_latency else ', then their latency'}", file=sys.stderr, flush=True)
     for ratios in todo:
         add("snapvit", elastic, ratios, elastic.dims(*ratios))
     if getattr(args, "baselines", False):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +255,9 @@ def _listing(root: Path) -> tuple[list[Path], list[Path]]:
     Subfolders are visited by name, linked folders are followed and each real folder is read
     once (no cycles), except that a link to a visible folder under ``root`` itself is not
     followed: that folder is read under its own path (a link to a hidden one, e.g. a ``.store``
-    the classes link into, is followed), nor is a link to ``root`` or a folder enclosing it. A folder outside reached by two links is read under the
-    first link's path in name order, on every machine. Hidden files and folders (names starting
-    with ``.``) are left out.
+    the classes link into, is followed), nor is a link to ``root`` or a folder enclosing it. A
+    folder outside reached by two links is read under the first link's path in name order, on
+    every machine. Hidden files and folders (names starting with ``.``) are left out.
 
     Returns:
         ``(files, unfollowed)``: the files in walk order; the links not followed.
