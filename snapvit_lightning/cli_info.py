@@ -90,10 +90,14 @@ def measured_at_note(
             "calibration size)" if moved else f"the subnet takes {px} inputs, as the elastic model"]
     if at is not None:
         said.append("its correction statistics were collected at " + (f"{px} too" if at == size else f"{at[0]} x {at[1]} px"))
+    return (f"{'' if img_size is None else f'--img-size {img_size}: '}{'; '.join(said)}; "
+            f"{_bench_command(command, img_size, stats, calibration, method)} measures what its cuts keep at {px}")
+
+
+def _bench_command(command: str, img_size: int | None, stats: object, calibration: str, method: str = "lstsq") -> str:
+    """The ``snapvit bench`` command (quoted ``command`` and ``calibration``) that measures cuts at ``img_size``."""
     corrected = "" if stats is None else f" --correct {method} --calibration {calibration}"
-    sized = "" if img_size is None else f" --img-size {img_size}"
-    return (f"{'' if img_size is None else f'--img-size {img_size}: '}{'; '.join(said)}; `snapvit bench {command} --data "
-            f"FOLDER{sized}{corrected}` measures what its cuts keep at {px}")
+    return f"`snapvit bench {command} --data FOLDER{'' if img_size is None else f' --img-size {img_size}'}{corrected}`"
 
 
 def _info_latencies(
@@ -166,10 +170,9 @@ def _info_correction(args: argparse.Namespace, elastic: object, own: tuple[int, 
     if report.get("files", {}).get("elastic") != Path(args.path).name:
         return
     if own != elastic.input_size:  # its numbers are of the model's own size, not of the table's
-        print(f"fidelity: {report_path.name} measured it at {own[0]} x {own[1]} px; `snapvit bench {shlex.quote(args.path)} "
-              f"--data FOLDER --img-size {args.img_size}"
-              f"{'' if stats is None or args.no_correct else ' --correct lstsq --calibration ' + shlex.quote(str(beside))}` measures it "
-              f"at {args.img_size} px")
+        bench = _bench_command(shlex.quote(args.path), args.img_size, None if args.no_correct else stats,
+                               shlex.quote(str(beside)))
+        print(f"fidelity: {report_path.name} measured it at {own[0]} x {own[1]} px; {bench} measures it at {args.img_size} px")
         return
     rows = [b for b in report.get("budgets", []) if b.get("fidelity") is not None or b.get("fidelity_corrected") is not None]
     if args.budgets is not None:  # those of the asked budgets the report measured (by their cut's ratios, or as asked)
